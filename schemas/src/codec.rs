@@ -1,0 +1,424 @@
+//! Encoding and decoding of every record, framed as the Confluent wire format.
+//!
+//! A message is `0x00`, a 4-byte big-endian schema id, then one Avro datum. The ids are
+//! Meterflow's own ([`SchemaId`]) until a schema registry assigns others. A reader resolves
+//! from the writer's schema to its own, so a record written with an older version of a schema
+//! is read by the current code. Decoding never panics: every failure is a [`DecodeError`] whose
+//! variant names the cause, so the processor can send the input to the dead-letter topic.
+
+use std::sync::LazyLock;
+
+use apache_avro::Schema;
+use apache_avro::reader::datum::GenericDatumReader;
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::types::{Alert, BillingRecord, DeadLetter, SampleBatch, UsageUpdate};
+
+const MAGIC: u8 = 0;
+const HEADER_LEN: usize = 5;
+/// Largest single allocation a datum may ask for while decoding; a Kafka message is far smaller.
+const MAX_ALLOCATION_BYTES: usize = 64 * 1024 * 1024;
+
+/// The schemas Meterflow writes, by wire id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum SchemaId {
+    SampleBatchV1 = 1,
+    SampleBatchV2 = 2,
+    UsageUpdate = 3,
+    BillingRecord = 4,
+    Alert = 5,
+    DeadLetter = 6,
+}
+
+impl SchemaId {
+    const ALL: [SchemaId; 6] = [
+        SchemaId::SampleBatchV1,
+        SchemaId::SampleBatchV2,
+        SchemaId::UsageUpdate,
+        SchemaId::BillingRecord,
+        SchemaId::Alert,
+        SchemaId::DeadLetter,
+    ];
+
+    /// The schema id for a wire value, if Meterflow knows it.
+    pub fn from_wire(id: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| *s as u32 == id)
+    }
+
+    /// The `.avsc` text of this schema.
+    pub fn source(self) -> &'static str {
+        match self {
+            SchemaId::SampleBatchV1 => include_str!("../avro/sample_batch.v1.avsc"),
+            SchemaId::SampleBatchV2 => include_str!("../avro/sample_batch.avsc"),
+            SchemaId::UsageUpdate => include_str!("../avro/usage_update.avsc"),
+            SchemaId::BillingRecord => include_str!("../avro/billing_record.avsc"),
+            SchemaId::Alert => include_str!("../avro/alert.avsc"),
+            SchemaId::DeadLetter => include_str!("../avro/dead_letter.avsc"),
+        }
+    }
+
+    /// The parsed schema.
+    pub fn schema(self) -> &'static Schema {
+        &SCHEMAS[self as usize - 1]
+    }
+}
+
+static SCHEMAS: LazyLock<Vec<Schema>> = LazyLock::new(|| {
+    apache_avro::util::max_allocation_bytes(MAX_ALLOCATION_BYTES);
+    SchemaId::ALL
+        .iter()
+        .map(|id| {
+            Schema::parse_str(id.source())
+                .expect("the .avsc files are checked by the schemas crate's tests")
+        })
+        .collect()
+});
+
+/// Why bytes could not be read as a record.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message is {0} bytes, shorter than the 5-byte header")]
+    Truncated(usize),
+    #[error("message starts with byte {0:#04x}, not the wire format's magic byte 0x00")]
+    BadMagic(u8),
+    #[error("schema id {0} is not one Meterflow knows")]
+    UnknownSchema(u32),
+    #[error("schema id {found} holds a {found_name:?}, not the expected record")]
+    WrongSchema { found: u32, found_name: SchemaId },
+    #[error("Avro datum does not match its schema: {0}")]
+    Avro(String),
+    #[error("{0} bytes left over after the datum")]
+    TrailingBytes(usize),
+}
+
+impl DecodeError {
+    /// A short machine-readable reason, used on the dead-letter topic and in metric labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Truncated(_) | DecodeError::BadMagic(_) => "undecodable",
+            DecodeError::UnknownSchema(_) | DecodeError::WrongSchema { .. } => "unknown_schema",
+            DecodeError::Avro(_) | DecodeError::TrailingBytes(_) => "undecodable",
+        }
+    }
+}
+
+/// Why a record could not be written; only a bug (a type out of step with its schema) causes one.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot encode as schema {id:?}: {message}")]
+pub struct EncodeError {
+    pub id: SchemaId,
+    pub message: String,
+}
+
+/// A record type with its current schema and the older ones it can be read from.
+pub trait Record: Serialize + DeserializeOwned {
+    /// The schema this code writes.
+    const WRITES: SchemaId;
+    /// Writer schemas this type can be read from (the current one included).
+    const READS: &'static [SchemaId];
+
+    /// Encodes with the current schema.
+    fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        encode_as(Self::WRITES, self)
+    }
+
+    /// Decodes from any schema version in [`Record::READS`].
+    fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        decode(bytes)
+    }
+}
+
+impl Record for SampleBatch {
+    const WRITES: SchemaId = SchemaId::SampleBatchV2;
+    const READS: &'static [SchemaId] = &[SchemaId::SampleBatchV1, SchemaId::SampleBatchV2];
+}
+impl Record for UsageUpdate {
+    const WRITES: SchemaId = SchemaId::UsageUpdate;
+    const READS: &'static [SchemaId] = &[SchemaId::UsageUpdate];
+}
+impl Record for BillingRecord {
+    const WRITES: SchemaId = SchemaId::BillingRecord;
+    const READS: &'static [SchemaId] = &[SchemaId::BillingRecord];
+}
+impl Record for Alert {
+    const WRITES: SchemaId = SchemaId::Alert;
+    const READS: &'static [SchemaId] = &[SchemaId::Alert];
+}
+impl Record for DeadLetter {
+    const WRITES: SchemaId = SchemaId::DeadLetter;
+    const READS: &'static [SchemaId] = &[SchemaId::DeadLetter];
+}
+
+/// Encodes any serializable value with the schema `id` (older writers use this too).
+pub fn encode_as<T: Serialize>(id: SchemaId, value: &T) -> Result<Vec<u8>, EncodeError> {
+    let err = |e: apache_avro::Error| EncodeError {
+        id,
+        message: e.to_string(),
+    };
+    let writer = apache_avro::writer::datum::GenericDatumWriter::builder(id.schema())
+        .build()
+        .map_err(err)?;
+    let mut out = Vec::with_capacity(256);
+    out.push(MAGIC);
+    out.extend_from_slice(&(id as u32).to_be_bytes());
+    writer.write_ser(&mut out, value).map_err(err)?;
+    Ok(out)
+}
+
+fn decode<R: Record>(bytes: &[u8]) -> Result<R, DecodeError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(DecodeError::Truncated(bytes.len()));
+    }
+    if bytes[0] != MAGIC {
+        return Err(DecodeError::BadMagic(bytes[0]));
+    }
+    let wire = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+    let writer = SchemaId::from_wire(wire).ok_or(DecodeError::UnknownSchema(wire))?;
+    if !R::READS.contains(&writer) {
+        return Err(DecodeError::WrongSchema {
+            found: wire,
+            found_name: writer,
+        });
+    }
+    let mut body = &bytes[HEADER_LEN..];
+    let avro = |e: apache_avro::Error| DecodeError::Avro(e.to_string());
+    let builder = GenericDatumReader::builder(writer.schema());
+    let record = if writer == R::WRITES {
+        // Same schema: deserialize straight from the bytes, no intermediate value.
+        builder.build().and_then(|r| r.read_deser::<R>(&mut body)).map_err(avro)?
+    } else {
+        // Older schema: resolve the writer's value to the current schema, then convert.
+        let value = builder
+            .reader_schema(R::WRITES.schema())
+            .build()
+            .and_then(|r| r.read_value(&mut body))
+            .map_err(avro)?;
+        apache_avro::from_value(&value).map_err(avro)?
+    };
+    if !body.is_empty() {
+        return Err(DecodeError::TrailingBytes(body.len()));
+    }
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::*;
+    use proptest::prelude::*;
+
+    fn series(tenant: &str) -> SeriesId {
+        SeriesId {
+            tenant: tenant.into(),
+            lease: "4711.1.1".into(),
+            service: "web".into(),
+            replica: "0".into(),
+            node: "node-1".into(),
+            provider: "akash1prov".into(),
+            container_id: "c-1".into(),
+            gpu_uuid: "GPU-1".into(),
+            gpu_model: "NVIDIA A100-SXM4-80GB".into(),
+            gpu_class: "a100".into(),
+            mig_profile: "1g.10gb".into(),
+        }
+    }
+
+    fn batch() -> SampleBatch {
+        SampleBatch {
+            node: "node-1".into(),
+            agent_id: "agent-1".into(),
+            sequence: 42,
+            collected_at_ms: 1_700_000_000_000,
+            agent_version: "0.1.0".into(),
+            samples: vec![
+                Sample {
+                    series: series("t1"),
+                    kind: SampleKind::Allocation,
+                    metric: "gpu".into(),
+                    value: 1.0,
+                    timestamp_ms: 1_700_000_000_000,
+                    started_at_ms: Some(1_699_999_000_000),
+                    finished_at_ms: None,
+                },
+                Sample {
+                    series: series("t2"),
+                    kind: SampleKind::Counter,
+                    metric: "cpu_usage_seconds_total".into(),
+                    value: 12.5,
+                    timestamp_ms: 1_700_000_000_001,
+                    started_at_ms: None,
+                    finished_at_ms: Some(5),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn every_schema_parses() {
+        for id in SchemaId::ALL {
+            assert_eq!(SchemaId::from_wire(id as u32), Some(id));
+            let _ = id.schema();
+        }
+    }
+
+    #[test]
+    fn sample_batch_round_trips() {
+        let b = batch();
+        let bytes = b.encode().expect("encodes");
+        assert_eq!(&bytes[..5], &[0, 0, 0, 0, 2]);
+        assert_eq!(SampleBatch::decode(&bytes), Ok(b));
+    }
+
+    #[test]
+    fn output_records_round_trip() {
+        let u = UsageUpdate {
+            id: "00ff".into(),
+            tenant: "t".into(),
+            lease: "l".into(),
+            service: "s".into(),
+            metric: "gpu_seconds".into(),
+            gpu_class: "h100".into(),
+            mig_profile: "".into(),
+            window_start_ms: 60_000,
+            window_end_ms: 120_000,
+            amount: 59_999,
+            scale: 3,
+            coverage_ms: 60_000,
+        };
+        assert_eq!(UsageUpdate::decode(&u.encode().expect("encodes")), Ok(u));
+        let b = BillingRecord {
+            id: "1".into(),
+            kind: BillingKind::Adjustment,
+            tenant: "t".into(),
+            lease: "l".into(),
+            item: "gpu:h100:".into(),
+            window_start_ms: 0,
+            window_end_ms: 60_000,
+            revision: 1,
+            quantity: -1_000,
+            scale: 3,
+            price_book_version: "2026-11".into(),
+            cost_micros: -833,
+            currency: "USD".into(),
+        };
+        assert_eq!(BillingRecord::decode(&b.encode().expect("encodes")), Ok(b));
+        let a = Alert {
+            id: "a".into(),
+            tenant: "t".into(),
+            kind: "budget_threshold".into(),
+            period: "2026-11".into(),
+            threshold_percent: 90,
+            budget_micros: 100_000_000,
+            spent_micros: 90_000_001,
+            raised_at_ms: 1,
+            message: "90 % of the budget used".into(),
+        };
+        assert_eq!(Alert::decode(&a.encode().expect("encodes")), Ok(a));
+        let d = DeadLetter {
+            reason: "undecodable".into(),
+            detail: "x".into(),
+            source_topic: "meterflow.samples".into(),
+            source_partition: 3,
+            source_offset: 99,
+            payload: vec![0, 1, 2, 255],
+        };
+        assert_eq!(DeadLetter::decode(&d.encode().expect("encodes")), Ok(d));
+    }
+
+    /// What an agent of schema version 1 wrote: no `agent_version`.
+    #[derive(Serialize)]
+    struct SampleBatchV1<'a> {
+        node: &'a str,
+        agent_id: &'a str,
+        sequence: i64,
+        collected_at_ms: i64,
+        samples: &'a [Sample],
+    }
+
+    #[test]
+    fn a_version_1_batch_is_read_by_the_current_code() {
+        let b = batch();
+        let old = SampleBatchV1 {
+            node: &b.node,
+            agent_id: &b.agent_id,
+            sequence: b.sequence,
+            collected_at_ms: b.collected_at_ms,
+            samples: &b.samples,
+        };
+        let bytes = encode_as(SchemaId::SampleBatchV1, &old).expect("v1 encodes");
+        assert_eq!(&bytes[..5], &[0, 0, 0, 0, 1]);
+        let read = SampleBatch::decode(&bytes).expect("v1 resolves to v2");
+        assert_eq!(read.agent_version, "", "the new field takes its default");
+        assert_eq!(read.samples, b.samples);
+        assert_eq!(read.sequence, 42);
+    }
+
+    #[test]
+    fn typed_errors_for_bad_frames() {
+        assert_eq!(SampleBatch::decode(&[0, 0]), Err(DecodeError::Truncated(2)));
+        assert_eq!(
+            SampleBatch::decode(&[7, 0, 0, 0, 2]),
+            Err(DecodeError::BadMagic(7))
+        );
+        assert_eq!(
+            SampleBatch::decode(&[0, 0, 0, 0, 99]),
+            Err(DecodeError::UnknownSchema(99))
+        );
+        let usage_bytes = encode_as(
+            SchemaId::Alert,
+            &Alert {
+                id: String::new(),
+                tenant: String::new(),
+                kind: String::new(),
+                period: String::new(),
+                threshold_percent: 0,
+                budget_micros: 0,
+                spent_micros: 0,
+                raised_at_ms: 0,
+                message: String::new(),
+            },
+        )
+        .expect("encodes");
+        assert!(matches!(
+            SampleBatch::decode(&usage_bytes),
+            Err(DecodeError::WrongSchema { found: 5, .. })
+        ));
+        let mut trailing = batch().encode().expect("encodes");
+        trailing.push(0);
+        assert_eq!(
+            SampleBatch::decode(&trailing),
+            Err(DecodeError::TrailingBytes(1))
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Random bytes never panic the decoder: they decode or give a typed error.
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = SampleBatch::decode(&bytes);
+        }
+
+        /// A valid header followed by random bytes: the hardest case for the datum reader.
+        #[test]
+        fn garbage_datum_never_panics(
+            version in 1u8..=2,
+            body in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let mut bytes = vec![0, 0, 0, 0, version];
+            bytes.extend(body);
+            let _ = SampleBatch::decode(&bytes);
+        }
+
+        /// Mutating one byte of a valid record never panics either.
+        #[test]
+        fn corrupted_record_never_panics(pos in 0usize..10_000, byte in any::<u8>()) {
+            let mut bytes = batch().encode().expect("encodes");
+            let i = pos % bytes.len();
+            bytes[i] = byte;
+            let _ = SampleBatch::decode(&bytes);
+        }
+    }
+}

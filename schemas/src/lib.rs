@@ -1,0 +1,37 @@
+//! Meterflow's record formats.
+//!
+//! The `.avsc` files under `schemas/avro/` are the source of truth; this crate holds their Rust
+//! types and the one codec every stage uses. It knows nothing of Kafka beyond the topic names.
+//!
+//! - [`types`]: [`SampleBatch`] (agent → `meterflow.samples`), [`UsageUpdate`]
+//!   (processor → `meterflow.usage`), [`BillingRecord`], [`Alert`], [`DeadLetter`].
+//! - [`codec`]: Avro datums framed as the Confluent wire format (magic byte 0, a 4-byte schema
+//!   id, the datum), so a reader always knows which writer schema to resolve from; a record
+//!   written with an older schema version is read into the current type.
+//! - [`id`]: stable content hashes, used for deterministic output record ids.
+
+pub mod codec;
+pub mod id;
+pub mod types;
+
+pub use codec::{DecodeError, EncodeError, Record, SchemaId};
+pub use types::{
+    Alert, BillingKind, BillingRecord, DeadLetter, Sample, SampleBatch, SampleKind, SeriesId,
+    UsageUpdate,
+};
+
+/// Names of the Kafka topics the pipeline reads and writes.
+pub mod topics {
+    /// Agent → processor: [`crate::SampleBatch`], key = node.
+    pub const SAMPLES: &str = "meterflow.samples";
+    /// Processor → sink: [`crate::UsageUpdate`], compacted, key = record id.
+    pub const USAGE: &str = "meterflow.usage";
+    /// Processor → billing: [`crate::BillingRecord`].
+    pub const BILLING: &str = "meterflow.billing";
+    /// Processor → sink and operators: [`crate::Alert`].
+    pub const ALERTS: &str = "meterflow.alerts";
+    /// Anything the pipeline could not use: [`crate::DeadLetter`].
+    pub const DEADLETTER: &str = "meterflow.deadletter";
+    /// Every topic, in the order they are created.
+    pub const ALL: [&str; 5] = [SAMPLES, USAGE, BILLING, ALERTS, DEADLETTER];
+}
