@@ -1,0 +1,17 @@
+//! The node agent: collects samples on a node and delivers them to Kafka.
+//!
+//! Output: Avro [`meterflow_schemas::SampleBatch`] records on `meterflow.samples`, key = node,
+//! one batch per node per tick, each with a per-agent monotonic sequence number.
+//!
+//! - [`simulator`]: a deterministic, seeded fleet (nodes, GPU classes, MIG slices, containers
+//!   that start, stop and restart) for the demo, tests and benchmarks; pure, no I/O.
+//! - [`publisher`]: the idempotent Kafka producer that delivers batches in order.
+//! - [`agent`]: the run loop that ticks a source and publishes what it yields.
+
+pub mod agent;
+pub mod publisher;
+pub mod simulator;
+
+pub use agent::{SimulatedAgentConfig, run_simulated};
+pub use publisher::{PublishError, Publisher};
+pub use simulator::{Fleet, FleetConfig};

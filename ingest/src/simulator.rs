@@ -1,0 +1,442 @@
+//! A deterministic simulated fleet.
+//!
+//! Every node alternates between the GPU classes `h100` (eight whole GPUs) and `a100` (one GPU
+//! split into seven `1g.10gb` MIG instances plus seven whole GPUs). Each node runs a few
+//! workloads (leases of seeded tenants); a workload's container runs for a while, finishes,
+//! stays pending for a while (not billed), then restarts as a new container. Start and finish
+//! times fall between ticks, and a container may live less than one tick, as on a real node.
+//!
+//! [`Fleet::tick`] advances the fleet to a time and returns one [`SampleBatch`] per node.
+//! [`Fleet::gpu_milliseconds`] is the ground truth for everything the ticks have shown.
+
+use std::collections::BTreeMap;
+
+use meterflow_schemas::{Sample, SampleBatch, SampleKind, SeriesId};
+
+/// Shape of the simulated fleet.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Seed of every random choice; the same seed and tick times give the same samples.
+    pub seed: u64,
+    /// Number of tenants the workloads are spread over.
+    pub tenants: usize,
+    /// Shortest and longest run of a container, in milliseconds.
+    pub run_ms: (i64, i64),
+    /// Shortest and longest pending time between two containers of a workload, in milliseconds.
+    pub pending_ms: (i64, i64),
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            nodes: 4,
+            seed: 1,
+            tenants: 3,
+            run_ms: (20_000, 300_000),
+            pending_ms: (2_000, 30_000),
+        }
+    }
+}
+
+/// SplitMix64: small, fast and fully determined by its seed.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi`.
+    fn range(&mut self, lo: i64, hi: i64) -> i64 {
+        let span = (hi - lo).max(0) as u64 + 1;
+        lo + (self.next() % span) as i64
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Gpu {
+    uuid: String,
+    model: &'static str,
+    class: &'static str,
+    mig_profile: &'static str,
+}
+
+#[derive(Debug, Clone)]
+enum State {
+    Pending {
+        until_ms: i64,
+    },
+    Running {
+        container_id: String,
+        started_at_ms: i64,
+        finish_at_ms: i64,
+        /// GPU time up to here is already in the ground truth.
+        counted_until_ms: i64,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Workload {
+    tenant: String,
+    lease: String,
+    service: &'static str,
+    gpus: Vec<usize>,
+    /// CPU cores the container keeps busy.
+    cores: f64,
+    restarts: u32,
+    state: State,
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    name: String,
+    gpus: Vec<Gpu>,
+    workloads: Vec<Workload>,
+    sequence: i64,
+}
+
+/// Key of the ground truth: who used which kind of GPU.
+pub type GpuKey = (String, String, String, String);
+
+/// The simulated fleet and its ground truth.
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    config: FleetConfig,
+    rng: Rng,
+    nodes: Vec<Node>,
+    /// (tenant, lease, gpu_class, mig_profile) → GPU-milliseconds shown so far.
+    gpu_ms: BTreeMap<GpuKey, i64>,
+}
+
+const PROVIDER: &str = "sim-provider";
+
+impl Fleet {
+    /// Builds the fleet; containers start shortly after `start_ms`.
+    pub fn new(config: FleetConfig, start_ms: i64) -> Self {
+        let mut rng = Rng(config.seed);
+        let tenants = config.tenants.max(1);
+        let mut nodes = Vec::with_capacity(config.nodes);
+        for n in 0..config.nodes {
+            let name = format!("node-{n:03}");
+            let gpus = node_gpus(n);
+            // Workloads: a few GPU sets per node, leaving one GPU idle.
+            let sets: Vec<Vec<usize>> = if n % 2 == 0 {
+                vec![vec![0, 1, 2, 3], vec![4, 5], vec![6]]
+            } else {
+                vec![
+                    vec![0, 1],
+                    vec![2],
+                    vec![3],
+                    vec![7, 8, 9, 10],
+                    vec![11, 12],
+                ]
+            };
+            let workloads = sets
+                .into_iter()
+                .enumerate()
+                .map(|(w, gpus)| {
+                    let tenant = rng.range(0, tenants as i64 - 1);
+                    Workload {
+                        tenant: format!("tenant-{tenant}"),
+                        lease: format!("{}.1.{}", 1000 + n, w + 1),
+                        service: if w % 2 == 0 { "train" } else { "infer" },
+                        gpus,
+                        cores: 0.5 + rng.range(0, 30) as f64 / 10.0,
+                        restarts: 0,
+                        state: State::Pending {
+                            until_ms: start_ms + rng.range(0, 3_000),
+                        },
+                    }
+                })
+                .collect();
+            nodes.push(Node {
+                name,
+                gpus,
+                workloads,
+                sequence: 0,
+            });
+        }
+        Self {
+            config,
+            rng,
+            nodes,
+            gpu_ms: BTreeMap::new(),
+        }
+    }
+
+    /// Advances the fleet to `now_ms` and returns one batch per node with what it saw since the
+    /// previous tick: an allocation sample per held GPU (with the container's start, and its
+    /// finish once finished) and a CPU-seconds counter per container.
+    pub fn tick(&mut self, now_ms: i64) -> Vec<SampleBatch> {
+        let mut batches = Vec::with_capacity(self.nodes.len());
+        for node in &mut self.nodes {
+            let mut samples = Vec::new();
+            for w in &mut node.workloads {
+                advance(
+                    &self.config,
+                    &mut self.rng,
+                    &node.name,
+                    &node.gpus,
+                    w,
+                    now_ms,
+                    &mut samples,
+                    &mut self.gpu_ms,
+                );
+            }
+            node.sequence += 1;
+            batches.push(SampleBatch {
+                node: node.name.clone(),
+                agent_id: format!("sim-{}", node.name),
+                sequence: node.sequence,
+                collected_at_ms: now_ms,
+                agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                samples,
+            });
+        }
+        batches
+    }
+
+    /// Ground truth: GPU-milliseconds per (tenant, lease, gpu_class, mig_profile), counting every
+    /// container interval up to the latest tick (a running container up to that tick).
+    pub fn gpu_milliseconds(&self) -> &BTreeMap<GpuKey, i64> {
+        &self.gpu_ms
+    }
+
+    /// Tenants that hold at least one workload.
+    pub fn tenants(&self) -> Vec<String> {
+        let mut t: Vec<String> = self
+            .nodes
+            .iter()
+            .flat_map(|n| n.workloads.iter().map(|w| w.tenant.clone()))
+            .collect();
+        t.sort();
+        t.dedup();
+        t
+    }
+}
+
+fn node_gpus(n: usize) -> Vec<Gpu> {
+    if n % 2 == 0 {
+        (0..8)
+            .map(|g| Gpu {
+                uuid: format!("GPU-{n:03}-{g}"),
+                model: "NVIDIA H100 80GB HBM3",
+                class: "h100",
+                mig_profile: "",
+            })
+            .collect()
+    } else {
+        // GPU 0 split into seven 1g.10gb instances (indices 0..7), then whole GPUs 1..=7.
+        let mig = (0..7).map(|i| Gpu {
+            uuid: format!("MIG-{n:03}-0-{i}"),
+            model: "NVIDIA A100-SXM4-80GB",
+            class: "a100",
+            mig_profile: "1g.10gb",
+        });
+        let whole = (1..8).map(|g| Gpu {
+            uuid: format!("GPU-{n:03}-{g}"),
+            model: "NVIDIA A100-SXM4-80GB",
+            class: "a100",
+            mig_profile: "",
+        });
+        mig.chain(whole).collect()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn advance(
+    config: &FleetConfig,
+    rng: &mut Rng,
+    node: &str,
+    gpus: &[Gpu],
+    w: &mut Workload,
+    now_ms: i64,
+    samples: &mut Vec<Sample>,
+    truth: &mut BTreeMap<GpuKey, i64>,
+) {
+    // Walk state changes up to now: a container can start and finish within one tick.
+    loop {
+        match w.state.clone() {
+            State::Pending { until_ms } if until_ms <= now_ms => {
+                w.restarts += 1;
+                let run = rng.range(config.run_ms.0, config.run_ms.1);
+                w.state = State::Running {
+                    container_id: format!("{node}-{}-{}", w.lease, w.restarts),
+                    started_at_ms: until_ms,
+                    finish_at_ms: until_ms + run,
+                    counted_until_ms: until_ms,
+                };
+            }
+            State::Pending { .. } => return,
+            State::Running {
+                container_id,
+                started_at_ms,
+                finish_at_ms,
+                counted_until_ms,
+            } => {
+                let finished = finish_at_ms <= now_ms;
+                let seen_until = if finished { finish_at_ms } else { now_ms };
+                let seen_from = counted_until_ms;
+                if let State::Running {
+                    counted_until_ms, ..
+                } = &mut w.state
+                {
+                    *counted_until_ms = seen_until;
+                }
+                if seen_until > seen_from {
+                    for &g in &w.gpus {
+                        let gpu = &gpus[g];
+                        *truth
+                            .entry((
+                                w.tenant.clone(),
+                                w.lease.clone(),
+                                gpu.class.to_string(),
+                                gpu.mig_profile.to_string(),
+                            ))
+                            .or_default() += seen_until - seen_from;
+                    }
+                }
+                let series = |gpu: Option<&Gpu>| SeriesId {
+                    tenant: w.tenant.clone(),
+                    lease: w.lease.clone(),
+                    service: w.service.to_string(),
+                    replica: "0".into(),
+                    node: node.to_string(),
+                    provider: PROVIDER.into(),
+                    container_id: container_id.clone(),
+                    gpu_uuid: gpu.map(|g| g.uuid.clone()).unwrap_or_default(),
+                    gpu_model: gpu.map(|g| g.model.to_string()).unwrap_or_default(),
+                    gpu_class: gpu.map(|g| g.class.to_string()).unwrap_or_default(),
+                    mig_profile: gpu.map(|g| g.mig_profile.to_string()).unwrap_or_default(),
+                };
+                for &g in &w.gpus {
+                    samples.push(Sample {
+                        series: series(Some(&gpus[g])),
+                        kind: SampleKind::Allocation,
+                        metric: "gpu".into(),
+                        value: 1.0,
+                        timestamp_ms: seen_until,
+                        started_at_ms: Some(started_at_ms),
+                        finished_at_ms: finished.then_some(finish_at_ms),
+                    });
+                }
+                // Busy cores × elapsed seconds, at microsecond resolution like cgroup's usage_usec.
+                let cpu_us = (w.cores * (seen_until - started_at_ms) as f64 * 1_000.0).round();
+                samples.push(Sample {
+                    series: series(None),
+                    kind: SampleKind::Counter,
+                    metric: "cpu_usage_seconds_total".into(),
+                    value: cpu_us / 1e6,
+                    timestamp_ms: seen_until,
+                    started_at_ms: None,
+                    finished_at_ms: None,
+                });
+                if !finished {
+                    return;
+                }
+                let pending = rng.range(config.pending_ms.0, config.pending_ms.1);
+                w.state = State::Pending {
+                    until_ms: finish_at_ms + pending,
+                };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(seed: u64, ticks: i64, interval: i64) -> (Vec<SampleBatch>, BTreeMap<GpuKey, i64>) {
+        let cfg = FleetConfig {
+            nodes: 3,
+            seed,
+            run_ms: (2_000, 40_000),
+            pending_ms: (1_000, 8_000),
+            ..FleetConfig::default()
+        };
+        let mut fleet = Fleet::new(cfg, 0);
+        let batches = (1..=ticks).flat_map(|i| fleet.tick(i * interval)).collect();
+        (batches, fleet.gpu_milliseconds().clone())
+    }
+
+    #[test]
+    fn same_seed_same_samples() {
+        assert_eq!(run(7, 30, 5_000).0, run(7, 30, 5_000).0);
+        assert_ne!(run(7, 30, 5_000).0, run(8, 30, 5_000).0);
+    }
+
+    #[test]
+    fn sequences_are_monotonic_per_agent() {
+        let (batches, _) = run(1, 10, 5_000);
+        let mut last: BTreeMap<String, i64> = BTreeMap::new();
+        for b in &batches {
+            let prev = last.insert(b.agent_id.clone(), b.sequence).unwrap_or(0);
+            assert_eq!(b.sequence, prev + 1);
+        }
+    }
+
+    /// The truth equals the union of each container's [start, finish-or-last-seen] per GPU,
+    /// recomputed here from the allocation samples alone.
+    #[test]
+    fn truth_matches_the_allocation_samples() {
+        let (batches, truth) = run(3, 60, 5_000);
+        let mut intervals: BTreeMap<(String, String, String, String, String, String), (i64, i64)> =
+            BTreeMap::new();
+        for s in batches.iter().flat_map(|b| &b.samples) {
+            if s.kind != SampleKind::Allocation {
+                continue;
+            }
+            let start = s.started_at_ms.expect("allocations carry a start");
+            let end = s.finished_at_ms.unwrap_or(s.timestamp_ms);
+            let k = (
+                s.series.tenant.clone(),
+                s.series.lease.clone(),
+                s.series.gpu_class.clone(),
+                s.series.mig_profile.clone(),
+                s.series.container_id.clone(),
+                s.series.gpu_uuid.clone(),
+            );
+            let e = intervals.entry(k).or_insert((start, end));
+            e.1 = e.1.max(end);
+        }
+        let mut recomputed: BTreeMap<GpuKey, i64> = BTreeMap::new();
+        for ((t, l, c, m, _, _), (s, e)) in intervals {
+            *recomputed.entry((t, l, c, m)).or_default() += e - s;
+        }
+        recomputed.retain(|_, v| *v > 0);
+        assert_eq!(recomputed, truth);
+        assert!(
+            truth.keys().any(|k| k.3 == "1g.10gb"),
+            "a MIG slice is used"
+        );
+        assert!(truth.keys().any(|k| k.2 == "h100") && truth.keys().any(|k| k.2 == "a100"));
+    }
+
+    #[test]
+    fn containers_restart_with_new_ids_and_short_ones_are_seen() {
+        let (batches, _) = run(5, 120, 5_000);
+        let ids: std::collections::BTreeSet<_> = batches
+            .iter()
+            .flat_map(|b| &b.samples)
+            .map(|s| (s.series.lease.clone(), s.series.container_id.clone()))
+            .collect();
+        let leases: std::collections::BTreeSet<_> = ids.iter().map(|(l, _)| l.clone()).collect();
+        assert!(
+            ids.len() > leases.len(),
+            "some lease restarted its container"
+        );
+        // A container that started and finished between two ticks still shows up.
+        let short = batches.iter().flat_map(|b| &b.samples).any(|s| {
+            matches!((s.started_at_ms, s.finished_at_ms), (Some(a), Some(f)) if f - a < 5_000 && a % 5_000 != 0)
+        });
+        assert!(short, "a sub-interval container was observed");
+    }
+}
