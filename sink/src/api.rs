@@ -1,0 +1,296 @@
+//! The HTTP API (SPEC: HTTP API), served with axum.
+//!
+//! Routes so far: `GET /v1/tenants/{tenant}/usage`, `GET /v1/status`, `GET /metrics`,
+//! `GET /healthz`, `GET /readyz`, and `GET /` (a landing page listing tenants with data).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use meterflow_schemas::{UsageUpdate, topics};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::time::{format_rfc3339, month_start, next_month_start, parse_time};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<Store>,
+    pub metrics: Metrics,
+    /// Clock, so tests can pin "now".
+    pub now_ms: fn() -> i64,
+}
+
+/// The router with every route.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/v1/tenants/{tenant}/usage", get(tenant_usage))
+        .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// A JSON error: what was wrong and what to do.
+fn error(
+    state: &AppState,
+    route: &str,
+    status: StatusCode,
+    message: String,
+    hint: &str,
+) -> Response {
+    count(state, route, status);
+    (status, Json(json!({ "error": message, "hint": hint }))).into_response()
+}
+
+fn count(state: &AppState, route: &str, status: StatusCode) {
+    state
+        .metrics
+        .requests
+        .with_label_values(&[route, status.as_str()])
+        .inc();
+}
+
+/// Query of `GET /v1/tenants/{tenant}/usage`.
+#[derive(Debug, Deserialize)]
+pub struct UsageQuery {
+    /// Start (inclusive): RFC 3339 or milliseconds since the epoch. Default: start of this month.
+    pub from: Option<String>,
+    /// End (exclusive). Default: now.
+    pub to: Option<String>,
+    /// Bucket: minute, hour, day, month or total. Default: hour.
+    pub window: Option<String>,
+    /// Comma-separated: lease, service, gpu_class, mig_profile; `none` for one row per bucket.
+    /// Default: lease.
+    pub group_by: Option<String>,
+}
+
+const GROUPS: [&str; 4] = ["lease", "service", "gpu_class", "mig_profile"];
+const MAX_TENANT_LEN: usize = 256;
+
+#[derive(Default)]
+struct Sums {
+    /// metric → (amount, scale)
+    metrics: BTreeMap<String, (i128, i32)>,
+    /// (gpu_class, mig_profile) → GPU milliseconds
+    gpu_ms: BTreeMap<(String, String), i128>,
+}
+
+impl Sums {
+    fn add(&mut self, u: &UsageUpdate) {
+        let e = self.metrics.entry(u.metric.clone()).or_insert((0, u.scale));
+        e.0 += i128::from(u.amount);
+        if u.metric == "gpu_seconds" {
+            *self
+                .gpu_ms
+                .entry((u.gpu_class.clone(), u.mig_profile.clone()))
+                .or_default() += i128::from(u.amount);
+        }
+    }
+
+    fn write(&self, out: &mut Map<String, Value>) {
+        for metric in ["gpu_seconds", "cpu_core_seconds"] {
+            out.insert(metric.into(), json!(0.0));
+        }
+        for (metric, (amount, scale)) in &self.metrics {
+            out.insert(metric.clone(), json!(*amount as f64 / 10f64.powi(*scale)));
+        }
+        let gpu: Vec<Value> = self
+            .gpu_ms
+            .iter()
+            .map(|((class, mig), ms)| json!({"gpu_class": class, "mig_profile": mig, "gpu_seconds": *ms as f64 / 1000.0}))
+            .collect();
+        out.insert("gpu".into(), Value::Array(gpu));
+    }
+}
+
+async fn tenant_usage(
+    State(state): State<AppState>,
+    Path(tenant): Path<String>,
+    Query(q): Query<UsageQuery>,
+) -> Response {
+    const ROUTE: &str = "/v1/tenants/{tenant}/usage";
+    let bad = |msg: String, hint: &str| error(&state, ROUTE, StatusCode::BAD_REQUEST, msg, hint);
+    if tenant.is_empty() || tenant.len() > MAX_TENANT_LEN || tenant.contains('\0') {
+        return bad(
+            format!("tenant must be 1 to {MAX_TENANT_LEN} bytes without NUL"),
+            "use the tenant name exactly as the agent reports it",
+        );
+    }
+    let now = (state.now_ms)();
+    let time = |v: &Option<String>, default: i64, name: &str| match v {
+        None => Ok(default),
+        Some(s) => parse_time(s).ok_or_else(|| format!("{name}={s:?} is not a time")),
+    };
+    let (from, to) = match (
+        time(&q.from, month_start(now), "from"),
+        time(&q.to, now, "to"),
+    ) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(e), _) | (_, Err(e)) => {
+            return bad(
+                e,
+                "give RFC 3339 UTC (2026-11-23T10:00:00Z) or milliseconds since the epoch",
+            );
+        }
+    };
+    if from >= to {
+        return bad(
+            format!("from ({from}) must be before to ({to})"),
+            "swap them or widen the range",
+        );
+    }
+    let window = q.window.as_deref().unwrap_or("hour");
+    let bucket: Box<dyn Fn(i64) -> (i64, i64)> = match window {
+        "minute" => Box::new(|t| fixed(t, 60_000)),
+        "hour" => Box::new(|t| fixed(t, 3_600_000)),
+        "day" => Box::new(|t| fixed(t, 86_400_000)),
+        "month" => Box::new(|t| (month_start(t), next_month_start(t))),
+        "total" => Box::new(move |_| (from, to)),
+        other => {
+            return bad(
+                format!("window={other:?} is not one of minute, hour, day, month, total"),
+                "pick one of those",
+            );
+        }
+    };
+    let group_by: Vec<&str> = match q.group_by.as_deref().unwrap_or("lease") {
+        "" | "none" => Vec::new(),
+        list => list.split(',').map(str::trim).collect(),
+    };
+    if let Some(g) = group_by.iter().find(|g| !GROUPS.contains(g)) {
+        return bad(
+            format!("group_by={g:?} is not one of {}", GROUPS.join(", ")),
+            "or use group_by=none",
+        );
+    }
+
+    let updates = match state.store.usage(&tenant, from, to) {
+        Ok(u) => u,
+        Err(e) => {
+            return error(
+                &state,
+                ROUTE,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e.to_string(),
+                "see the sink's log",
+            );
+        }
+    };
+    let mut rows: BTreeMap<(i64, i64, Vec<String>), Sums> = BTreeMap::new();
+    let mut totals = Sums::default();
+    for u in &updates {
+        let (start, end) = bucket(u.window_start_ms);
+        let key: Vec<String> = group_by
+            .iter()
+            .map(|g| match *g {
+                "lease" => u.lease.clone(),
+                "service" => u.service.clone(),
+                "gpu_class" => u.gpu_class.clone(),
+                _ => u.mig_profile.clone(),
+            })
+            .collect();
+        rows.entry((start, end, key)).or_default().add(u);
+        totals.add(u);
+    }
+    let rows: Vec<Value> = rows
+        .into_iter()
+        .map(|((start, end, key), sums)| {
+            let mut row = Map::new();
+            row.insert("window_start".into(), json!(format_rfc3339(start)));
+            row.insert("window_end".into(), json!(format_rfc3339(end)));
+            for (g, v) in group_by.iter().zip(key) {
+                row.insert((*g).into(), json!(v));
+            }
+            sums.write(&mut row);
+            Value::Object(row)
+        })
+        .collect();
+    let mut total = Map::new();
+    totals.write(&mut total);
+    count(&state, ROUTE, StatusCode::OK);
+    Json(json!({
+        "tenant": tenant,
+        "from": format_rfc3339(from),
+        "to": format_rfc3339(to),
+        "window": window,
+        "group_by": group_by,
+        "rows": rows,
+        "totals": total,
+    }))
+    .into_response()
+}
+
+fn fixed(t: i64, len: i64) -> (i64, i64) {
+    let start = t.div_euclid(len) * len;
+    (start, start + len)
+}
+
+async fn status(State(state): State<AppState>) -> Response {
+    let watermark = state.store.watermark_ms().ok().flatten();
+    let offsets = state.store.offsets(topics::USAGE).unwrap_or_default();
+    count(&state, "/v1/status", StatusCode::OK);
+    Json(json!({
+        "service": "meterflow-sink",
+        "version": env!("CARGO_PKG_VERSION"),
+        "features": ["usage"],
+        "watermark": watermark.map(format_rfc3339),
+        "watermark_ms": watermark,
+        "consumed_offsets": { topics::USAGE: offsets },
+    }))
+    .into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let encoder = prometheus::TextEncoder::new();
+    match encoder.encode_to_string(&state.metrics.registry.gather()) {
+        Ok(body) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.metrics.ready.get() == 1 {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not yet consuming meterflow.usage\n",
+        )
+            .into_response()
+    }
+}
+
+async fn index(State(state): State<AppState>) -> Response {
+    let tenants = state.store.tenants().unwrap_or_default();
+    let items: String = tenants
+        .iter()
+        .map(|t| {
+            let t = html_escape(t);
+            format!("<li><a href=\"/v1/tenants/{t}/usage?window=total\">{t}</a></li>")
+        })
+        .collect();
+    count(&state, "/", StatusCode::OK);
+    Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Meterflow</title></head><body>\
+         <h1>Meterflow</h1><p>Usage this month, per tenant (JSON):</p><ul>{items}</ul>\
+         <p><a href=\"/v1/status\">status</a> · <a href=\"/metrics\">metrics</a></p></body></html>"
+    ))
+    .into_response()
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}

@@ -1,0 +1,131 @@
+//! Consumes `meterflow.usage` into the [`Store`], resuming from the offsets stored with the data.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meterflow_schemas::{Record, UsageUpdate, topics};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+use crate::store::{Consumed, Store, StoreError};
+
+/// Why the consumer stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error("Kafka client error ({context}): {source}")]
+    Kafka {
+        context: &'static str,
+        source: KafkaError,
+    },
+    #[error(
+        "topic {0} does not exist on the brokers; start the processor (it creates the topics) or create it"
+    )]
+    MissingTopic(&'static str),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Most records applied in one RocksDB write.
+const MAX_BATCH: usize = 1_000;
+
+/// Reads usage updates and applies them until `shutdown` is cancelled.
+pub async fn consume(
+    brokers: String,
+    store: Arc<Store>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), ConsumeError> {
+    let kafka =
+        |context: &'static str| move |source: KafkaError| ConsumeError::Kafka { context, source };
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        // Partitions are assigned explicitly; the group id only names the client.
+        .set("group.id", "meterflow-sink")
+        // Offsets live in RocksDB next to the data they produced, never in Kafka.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .create()
+        .map_err(kafka("create consumer"))?;
+
+    let partitions = loop {
+        let metadata = consumer
+            .fetch_metadata(Some(topics::USAGE), Duration::from_secs(5))
+            .map_err(kafka("fetch metadata"))?;
+        match metadata.topics().iter().find(|t| t.name() == topics::USAGE) {
+            Some(t) if !t.partitions().is_empty() => break t.partitions().len() as i32,
+            _ => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    };
+    let stored = store.offsets(topics::USAGE)?;
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions {
+        let offset = stored
+            .get(&p)
+            .map_or(Offset::Beginning, |o| Offset::Offset(*o));
+        assignment
+            .add_partition_offset(topics::USAGE, p, offset)
+            .map_err(kafka("assign"))?;
+    }
+    consumer.assign(&assignment).map_err(kafka("assign"))?;
+    metrics.ready.set(1);
+    info!(
+        partitions,
+        resumed = stored.len(),
+        "sink consuming {}",
+        topics::USAGE
+    );
+
+    let mut batch: Vec<Consumed> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        // Wait for one message, then take whatever else is ready, up to a batch.
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = consumer.recv() => m,
+        };
+        let mut next = Some(first);
+        while let Some(received) = next.take() {
+            match received {
+                Ok(m) => match UsageUpdate::decode(m.payload().unwrap_or_default()) {
+                    Ok(update) => batch.push(Consumed {
+                        topic: m.topic().to_string(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        update,
+                    }),
+                    Err(e) => {
+                        metrics.errors.with_label_values(&[e.reason()]).inc();
+                        warn!(partition = m.partition(), offset = m.offset(), error = %e, "undecodable usage record skipped");
+                    }
+                },
+                Err(e) => {
+                    metrics.errors.with_label_values(&["kafka"]).inc();
+                    warn!(error = %e, "consumer error");
+                }
+            }
+            if batch.len() < MAX_BATCH {
+                next = tokio::time::timeout(Duration::from_millis(5), consumer.recv())
+                    .await
+                    .ok();
+            }
+        }
+        if !batch.is_empty() {
+            store.apply(&batch)?;
+            metrics.applied.inc_by(batch.len() as u64);
+            if let Some(w) = store.watermark_ms()? {
+                metrics.watermark_seconds.set(w as f64 / 1000.0);
+            }
+            debug!(records = batch.len(), "usage updates applied");
+            batch.clear();
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,280 @@
+//! The sink's materialized views in RocksDB.
+//!
+//! Keys (all big-endian so that byte order is numeric order):
+//! - `u` 0x00 tenant 0x00 window_start (i64, sign bit flipped) id → the [`UsageUpdate`] (Avro);
+//!   an update with the same id overwrites the earlier one, so applying twice changes nothing.
+//! - `o` 0x00 topic 0x00 partition (i32) → the next offset to consume from that partition.
+//! - `m` 0x00 `watermark` → the latest window end seen.
+//!
+//! Data and the offsets that produced it are written in one `WriteBatch`: after a crash the
+//! sink resumes exactly after the last update it stored.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use meterflow_schemas::{Record, UsageUpdate};
+use rocksdb::{DB, Direction, IteratorMode, Options, WriteBatch};
+
+/// A failure of the view store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("RocksDB at {path}: {source}")]
+    Open {
+        path: String,
+        source: rocksdb::Error,
+    },
+    #[error("cannot create the data directory {path}: {source}")]
+    CreateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("RocksDB: {0}")]
+    Db(#[from] rocksdb::Error),
+    #[error("stored usage record is unreadable: {0}")]
+    Decode(#[from] meterflow_schemas::DecodeError),
+    #[error("usage record cannot be encoded: {0}")]
+    Encode(#[from] meterflow_schemas::EncodeError),
+}
+
+/// One consumed record: where it came from and what it said.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub update: UsageUpdate,
+}
+
+/// The view store.
+pub struct Store {
+    db: DB,
+}
+
+fn sortable(v: i64) -> [u8; 8] {
+    ((v as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn usage_prefix(tenant: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tenant.len() + 3);
+    k.extend_from_slice(b"u\0");
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k
+}
+
+fn usage_key(u: &UsageUpdate) -> Vec<u8> {
+    let mut k = usage_prefix(&u.tenant);
+    k.extend_from_slice(&sortable(u.window_start_ms));
+    k.extend_from_slice(u.id.as_bytes());
+    k
+}
+
+fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
+    let mut k = b"o\0".to_vec();
+    k.extend_from_slice(topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+const WATERMARK_KEY: &[u8] = b"m\0watermark";
+
+impl Store {
+    /// Opens (or creates) the store in `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(path).map_err(|source| StoreError::CreateDir {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        let db = DB::open(&opts, path).map_err(|source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Self { db })
+    }
+
+    /// Applies consumed updates, their offsets and the new watermark in one atomic write.
+    pub fn apply(&self, consumed: &[Consumed]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        let mut watermark = self.watermark_ms()?;
+        for c in consumed {
+            batch.put(usage_key(&c.update), c.update.encode()?);
+            let e = next.entry((&c.topic, c.partition)).or_insert(c.offset + 1);
+            *e = (*e).max(c.offset + 1);
+            watermark = Some(watermark.unwrap_or(i64::MIN).max(c.update.window_end_ms));
+        }
+        for ((topic, partition), offset) in next {
+            batch.put(offset_key(topic, partition), offset.to_be_bytes());
+        }
+        if let Some(w) = watermark {
+            batch.put(WATERMARK_KEY, w.to_be_bytes());
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// The next offset to consume per partition of `topic`, for partitions consumed before.
+    pub fn offsets(&self, topic: &str) -> Result<BTreeMap<i32, i64>, StoreError> {
+        let mut prefix = b"o\0".to_vec();
+        prefix.extend_from_slice(topic.as_bytes());
+        prefix.push(0);
+        let mut out = BTreeMap::new();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&prefix, Direction::Forward))
+        {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if let (Ok(p), Ok(o)) = (
+                <[u8; 4]>::try_from(&k[prefix.len()..]),
+                <[u8; 8]>::try_from(&v[..]),
+            ) {
+                out.insert(i32::from_be_bytes(p), i64::from_be_bytes(o));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The latest window end of any stored update.
+    pub fn watermark_ms(&self) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .db
+            .get(WATERMARK_KEY)?
+            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
+            .map(i64::from_be_bytes))
+    }
+
+    /// A tenant's usage updates with `from_ms <= window_start < to_ms`, in window order.
+    pub fn usage(
+        &self,
+        tenant: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<UsageUpdate>, StoreError> {
+        let prefix = usage_prefix(tenant);
+        let mut start = prefix.clone();
+        start.extend_from_slice(&sortable(from_ms));
+        let mut end = prefix.clone();
+        end.extend_from_slice(&sortable(to_ms));
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&start, Direction::Forward))
+        {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) || k[..] >= end[..] {
+                break;
+            }
+            out.push(UsageUpdate::decode(&v)?);
+        }
+        Ok(out)
+    }
+}
+
+impl Store {
+    /// Tenants with at least one stored usage update, in name order.
+    pub fn tenants(&self) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        let mut seek = b"u\0".to_vec();
+        loop {
+            let mut iter = self
+                .db
+                .iterator(IteratorMode::From(&seek, Direction::Forward));
+            let Some(item) = iter.next() else { break };
+            let (k, _) = item?;
+            if !k.starts_with(b"u\0") {
+                break;
+            }
+            let rest = &k[2..];
+            let Some(end) = rest.iter().position(|b| *b == 0) else {
+                break;
+            };
+            out.push(String::from_utf8_lossy(&rest[..end]).into_owned());
+            // Jump past this tenant: its keys all continue with 0x00, so 0x01 sorts after them.
+            seek = b"u\0".to_vec();
+            seek.extend_from_slice(&rest[..end]);
+            seek.push(1);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(tenant: &str, id: &str, window: i64, amount: i64) -> UsageUpdate {
+        UsageUpdate {
+            id: id.into(),
+            tenant: tenant.into(),
+            lease: "l".into(),
+            service: "s".into(),
+            metric: "gpu_seconds".into(),
+            gpu_class: "h100".into(),
+            mig_profile: String::new(),
+            window_start_ms: window,
+            window_end_ms: window + 60_000,
+            amount,
+            scale: 3,
+            coverage_ms: 60_000,
+        }
+    }
+
+    fn consumed(offset: i64, u: UsageUpdate) -> Consumed {
+        Consumed {
+            topic: "meterflow.usage".into(),
+            partition: 0,
+            offset,
+            update: u,
+        }
+    }
+
+    #[test]
+    fn updates_replace_by_id_and_offsets_travel_with_them() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("opens");
+        store
+            .apply(&[
+                consumed(0, update("t", "a", 0, 5)),
+                consumed(1, update("t", "b", 60_000, 7)),
+            ])
+            .expect("applies");
+        // The same id again (a re-emission or a new value): replaces, never adds.
+        store
+            .apply(&[consumed(2, update("t", "a", 0, 9))])
+            .expect("applies");
+        store
+            .apply(&[consumed(2, update("t", "a", 0, 9))])
+            .expect("applying twice is harmless");
+        // Another tenant, and a tenant whose name is a prefix of this one.
+        store
+            .apply(&[
+                consumed(3, update("u", "c", 0, 1)),
+                consumed(4, update("tt", "d", 0, 1)),
+            ])
+            .expect("applies");
+        drop(store);
+
+        let store = Store::open(dir.path()).expect("reopens");
+        let got: Vec<_> = store
+            .usage("t", 0, 120_000)
+            .expect("reads")
+            .into_iter()
+            .map(|u| (u.id, u.amount))
+            .collect();
+        assert_eq!(got, vec![("a".to_string(), 9), ("b".to_string(), 7)]);
+        assert_eq!(store.usage("t", 60_000, 120_000).expect("reads").len(), 1);
+        assert_eq!(store.usage("t", -120_000, 0).expect("reads").len(), 0);
+        assert_eq!(
+            store.offsets("meterflow.usage").expect("reads"),
+            BTreeMap::from([(0, 5)])
+        );
+        assert_eq!(store.watermark_ms().expect("reads"), Some(120_000));
+        assert_eq!(store.tenants().expect("reads"), vec!["t", "tt", "u"]);
+    }
+}
