@@ -127,7 +127,7 @@ impl Fleet {
             let name = format!("node-{n:03}");
             let gpus = node_gpus(n);
             // Workloads: a few GPU sets per node, leaving one GPU idle.
-            let sets: Vec<Vec<usize>> = if n % 2 == 0 {
+            let sets: Vec<Vec<usize>> = if n.is_multiple_of(2) {
                 vec![vec![0, 1, 2, 3], vec![4, 5], vec![6]]
             } else {
                 vec![
@@ -146,7 +146,11 @@ impl Fleet {
                     Workload {
                         tenant: format!("tenant-{tenant}"),
                         lease: format!("{}.1.{}", 1000 + n, w + 1),
-                        service: if w % 2 == 0 { "train" } else { "infer" },
+                        service: if w.is_multiple_of(2) {
+                            "train"
+                        } else {
+                            "infer"
+                        },
                         gpus,
                         cores: 0.5 + rng.range(0, 30) as f64 / 10.0,
                         restarts: 0,
@@ -223,7 +227,7 @@ impl Fleet {
 }
 
 fn node_gpus(n: usize) -> Vec<Gpu> {
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         (0..8)
             .map(|g| Gpu {
                 uuid: format!("GPU-{n:03}-{g}"),
@@ -388,8 +392,8 @@ mod tests {
     #[test]
     fn truth_matches_the_allocation_samples() {
         let (batches, truth) = run(3, 60, 5_000);
-        let mut intervals: BTreeMap<(String, String, String, String, String, String), (i64, i64)> =
-            BTreeMap::new();
+        // (truth key, container, GPU) → (start, end)
+        let mut intervals: BTreeMap<(GpuKey, String, String), (i64, i64)> = BTreeMap::new();
         for s in batches.iter().flat_map(|b| &b.samples) {
             if s.kind != SampleKind::Allocation {
                 continue;
@@ -397,10 +401,12 @@ mod tests {
             let start = s.started_at_ms.expect("allocations carry a start");
             let end = s.finished_at_ms.unwrap_or(s.timestamp_ms);
             let k = (
-                s.series.tenant.clone(),
-                s.series.lease.clone(),
-                s.series.gpu_class.clone(),
-                s.series.mig_profile.clone(),
+                (
+                    s.series.tenant.clone(),
+                    s.series.lease.clone(),
+                    s.series.gpu_class.clone(),
+                    s.series.mig_profile.clone(),
+                ),
                 s.series.container_id.clone(),
                 s.series.gpu_uuid.clone(),
             );
@@ -408,8 +414,8 @@ mod tests {
             e.1 = e.1.max(end);
         }
         let mut recomputed: BTreeMap<GpuKey, i64> = BTreeMap::new();
-        for ((t, l, c, m, _, _), (s, e)) in intervals {
-            *recomputed.entry((t, l, c, m)).or_default() += e - s;
+        for ((key, _, _), (s, e)) in intervals {
+            *recomputed.entry(key).or_default() += e - s;
         }
         recomputed.retain(|_, v| *v > 0);
         assert_eq!(recomputed, truth);
@@ -435,7 +441,7 @@ mod tests {
         );
         // A container that started and finished between two ticks still shows up.
         let short = batches.iter().flat_map(|b| &b.samples).any(|s| {
-            matches!((s.started_at_ms, s.finished_at_ms), (Some(a), Some(f)) if f - a < 5_000 && a % 5_000 != 0)
+            matches!((s.started_at_ms, s.finished_at_ms), (Some(a), Some(f)) if f - a < 5_000 && a.rem_euclid(5_000) != 0)
         });
         assert!(short, "a sub-interval container was observed");
     }

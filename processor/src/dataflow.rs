@@ -56,17 +56,20 @@ pub fn usage<'s>(
     window_totals(gpu.concat(cpu))
 }
 
+/// Changes of the usage collection, `((key, amount), time, diff)`, as captured from the dataflow.
+pub type Changes = Rc<RefCell<Vec<((UsageKey, isize), Time, isize)>>>;
+
 /// One worker's installed dataflow: its input, a probe to know when an epoch is done, and the
 /// changes of the usage collection (`((key, amount), time, diff)`) captured for the caller.
 pub struct Installed {
     pub input: InputSession<Time, Observation, isize>,
     pub probe: ProbeHandle<Time>,
-    pub changes: Rc<RefCell<Vec<((UsageKey, isize), Time, isize)>>>,
+    pub changes: Changes,
 }
 
 /// Builds [`usage`] in `worker` with an input and a capture of its changes.
 pub fn install(worker: &mut timely::worker::Worker, window_ms: i64) -> Installed {
-    let changes: Rc<RefCell<Vec<((UsageKey, isize), Time, isize)>>> = Rc::default();
+    let changes: Changes = Rc::default();
     let captured = changes.clone();
     let (input, probe) = worker.dataflow::<Time, _, _>(|scope| {
         let (input, observations) = scope.new_collection::<Observation, isize>();

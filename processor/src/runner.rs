@@ -339,11 +339,11 @@ fn send(
     key: Option<&str>,
     payload: &[u8],
 ) {
-    let mut record = BaseRecord::<str, [u8]>::to(topic).payload(payload);
-    if let Some(k) = key {
-        record = record.key(k);
-    }
-    let mut record = record;
+    let record = BaseRecord::<str, [u8]>::to(topic).payload(payload);
+    let mut record = match key {
+        Some(k) => record.key(k),
+        None => record,
+    };
     loop {
         match producer.send(record) {
             Ok(()) => return,

@@ -186,7 +186,10 @@ fn decode<R: Record>(bytes: &[u8]) -> Result<R, DecodeError> {
     let builder = GenericDatumReader::builder(writer.schema());
     let record = if writer == R::WRITES {
         // Same schema: deserialize straight from the bytes, no intermediate value.
-        builder.build().and_then(|r| r.read_deser::<R>(&mut body)).map_err(avro)?
+        builder
+            .build()
+            .and_then(|r| r.read_deser::<R>(&mut body))
+            .map_err(avro)?
     } else {
         // Older schema: resolve the writer's value to the current schema, then convert.
         let value = builder

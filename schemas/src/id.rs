@@ -26,7 +26,8 @@ impl StableId {
 
     /// Adds a string field (length-prefixed, so `("ab","c")` and `("a","bc")` differ).
     pub fn str(self, s: &str) -> Self {
-        self.bytes(&(s.len() as u64).to_le_bytes()).bytes(s.as_bytes())
+        self.bytes(&(s.len() as u64).to_le_bytes())
+            .bytes(s.as_bytes())
     }
 
     /// Adds an integer field.

@@ -1,0 +1,101 @@
+//! Processor throughput on one machine, without Kafka: simulated sample batches are encoded
+//! as on the wire, then decoded, validated and fed to the differential dataflow, one epoch
+//! per fleet tick, with 1 and 2 timely workers. A decode-only pass over the same bytes runs
+//! first in the same process as the baseline.
+//!
+//! `cargo bench --bench processor_throughput -- [NODES] [TICKS]` (defaults 200 nodes, 40
+//! ticks of 15 s).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use meterflow_ingest::{Fleet, FleetConfig};
+use meterflow_processor::dataflow::{Installed, install};
+use meterflow_processor::model::observe;
+use meterflow_schemas::{Record, SampleBatch};
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let nodes: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(200);
+    let ticks: i64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(40);
+
+    let mut fleet = Fleet::new(
+        FleetConfig {
+            nodes,
+            seed: 42,
+            ..FleetConfig::default()
+        },
+        0,
+    );
+    let ticks: Vec<Vec<Vec<u8>>> = (1..=ticks)
+        .map(|t| {
+            fleet
+                .tick(t * 15_000)
+                .iter()
+                .map(|b| b.encode().expect("simulated batches encode"))
+                .collect()
+        })
+        .collect();
+    let samples: usize = ticks
+        .iter()
+        .flatten()
+        .map(|b| SampleBatch::decode(b).expect("decodes").samples.len())
+        .sum();
+    let bytes: usize = ticks.iter().flatten().map(Vec::len).sum();
+    println!(
+        "input: {nodes} nodes x {} ticks = {} batches, {samples} samples, {bytes} bytes",
+        ticks.len(),
+        ticks.len() * nodes
+    );
+
+    let start = Instant::now();
+    let mut decoded = 0usize;
+    for b in ticks.iter().flatten() {
+        decoded += SampleBatch::decode(b).expect("decodes").samples.len();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "baseline decode only      : {:>10.0} samples/s ({secs:.3} s)",
+        decoded as f64 / secs
+    );
+
+    let ticks = Arc::new(ticks);
+    for workers in [1usize, 2] {
+        let data = ticks.clone();
+        let start = Instant::now();
+        let guards = timely::execute(timely::Config::process(workers), move |worker| {
+            let (index, peers) = (worker.index(), worker.peers());
+            let Installed {
+                mut input,
+                probe,
+                changes,
+            } = install(worker, 60_000);
+            let mut updates = 0usize;
+            for (epoch, batches) in data.iter().enumerate() {
+                for bytes in batches.iter().skip(index).step_by(peers) {
+                    let batch = SampleBatch::decode(bytes).expect("decodes");
+                    for s in &batch.samples {
+                        if let Ok(Some(o)) = observe(s) {
+                            input.insert(o);
+                        }
+                    }
+                }
+                input.advance_to(epoch as u64 + 1);
+                input.flush();
+                worker.step_while(|| probe.less_than(input.time()));
+                updates += changes.borrow_mut().drain(..).count();
+            }
+            updates
+        })
+        .expect("timely starts");
+        let updates: usize = guards.join().into_iter().map(|r| r.expect("worker")).sum();
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "dataflow, {workers} worker(s)      : {:>10.0} samples/s ({secs:.3} s, {updates} output changes)",
+            samples as f64 / secs
+        );
+    }
+}

@@ -1,0 +1,117 @@
+//! The embedded Kafka-protocol broker: `tansu-broker` run inside this process.
+//!
+//! Storage is `memory://` (gone when the process exits) or `sqlite://FILE` (survives a
+//! restart). The broker speaks the Kafka protocol on its listen address, so every other part
+//! of Meterflow reaches it with rdkafka exactly as it would reach a Kafka cluster. It has no
+//! transactions (EndTxn); Meterflow's exactly-once does not need them.
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tokio::task::JoinHandle;
+use tracing::info;
+use url::Url;
+
+/// Where the broker listens and keeps its data.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Listen address; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// `memory` or `sqlite://FILE`.
+    pub storage: String,
+}
+
+/// A running embedded broker.
+pub struct EmbeddedBroker {
+    /// The address clients connect to (`host:port`).
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl EmbeddedBroker {
+    /// The `bootstrap.servers` string for this broker.
+    pub fn bootstrap(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Stops the broker (its memory storage, if any, is gone).
+    pub fn stop(self) {
+        self.task.abort();
+    }
+
+    /// Waits until the broker task ends (it runs until the process ends or `stop`).
+    pub async fn wait(self) -> Result<()> {
+        self.task.await.context("the broker task failed")
+    }
+}
+
+/// The storage URL tansu understands for a `--storage` value.
+pub fn storage_url(storage: &str) -> Result<Url> {
+    let url = if storage == "memory" {
+        "memory://meterflow/"
+    } else {
+        storage
+    };
+    let parsed = Url::parse(url)
+        .with_context(|| format!("--storage {storage:?} is not `memory` or `sqlite://FILE`"))?;
+    match parsed.scheme() {
+        "memory" | "sqlite" => Ok(parsed),
+        other => bail!(
+            "--storage scheme {other:?} is not supported by the embedded broker: use `memory` or `sqlite://FILE`"
+        ),
+    }
+}
+
+/// Starts the broker and returns once it accepts connections.
+pub async fn start(config: BrokerConfig) -> Result<EmbeddedBroker> {
+    let storage = storage_url(&config.storage)?;
+    let addr = if config.listen.port() == 0 {
+        // tansu binds the port it is given; find a free one first.
+        let probe = TcpListener::bind(config.listen).context("no free port for the broker")?;
+        probe.local_addr()?
+    } else {
+        config.listen
+    };
+    let listener = Url::parse(&format!("tcp://{addr}"))?;
+    let mut broker = tansu_broker::broker::Broker::<
+        tansu_broker::coordinator::group::administrator::Controller<
+            tansu_storage::StorageContainer,
+        >,
+        tansu_storage::StorageContainer,
+    >::builder()
+    .node_id(tansu_broker::NODE_ID)
+    .cluster_id("meterflow")
+    .incarnation_id(uuid::Uuid::from_u128(
+        u128::from(std::process::id()) << 64 | addr.port() as u128,
+    ))
+    .advertised_listener(listener.clone())
+    .storage(storage.clone())
+    .listener(listener)
+    .silent(true)
+    .build()
+    .await
+    .map_err(|e| anyhow::anyhow!("{e:?}"))
+    .with_context(|| format!("cannot start the embedded broker with storage {storage}"))?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = broker.serve(tokio::time::Instant::now()).await {
+            tracing::error!(error = ?e, "embedded broker stopped");
+        }
+    });
+    // Wait until the listener accepts connections.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        if task.is_finished() || Instant::now() > deadline {
+            task.abort();
+            bail!(
+                "the embedded broker did not start listening on {addr} (is the port in use? pick another with --listen)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    info!(%addr, %storage, "embedded broker listening");
+    Ok(EmbeddedBroker { addr, task })
+}

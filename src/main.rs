@@ -1,0 +1,268 @@
+//! `meterflow`: one binary for every part of the pipeline. Each subcommand parses its flags
+//! and calls one library `run` function.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use meterflow::{broker, demo, parse_duration, topics};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "meterflow",
+    version,
+    about = "Exact, incremental metering of GPU clouds"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Everything in one process: embedded broker, simulated fleet, processor and sink.
+    Demo {
+        /// HTTP address of the sink (dashboard and API).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Stop after this long and exit 0 (e.g. 40s); without it, run until Ctrl-C.
+        #[arg(long, value_parser = parse_duration_or_seconds)]
+        exit_after: Option<Duration>,
+        /// Number of simulated nodes.
+        #[arg(long, default_value_t = 4)]
+        nodes: usize,
+        /// Seed of the simulation: the same seed gives the same fleet.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Time between two agent ticks.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        interval: Duration,
+        /// Processor worker threads.
+        #[arg(long, short = 'w', default_value_t = 1)]
+        workers: usize,
+    },
+    /// The embedded Kafka-protocol broker (tansu) on its own.
+    Broker {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        listen: SocketAddr,
+        /// `memory` (lost at exit) or `sqlite://FILE` (kept).
+        #[arg(long, default_value = "memory")]
+        storage: String,
+        #[command(flatten)]
+        topics: TopicArgs,
+    },
+    /// The node agent. Its source is the simulated fleet for now.
+    Agent {
+        /// Kafka bootstrap servers.
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        /// Number of simulated nodes.
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        /// Seed of the simulation.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Time between two ticks (SPEC: collection interval).
+        #[arg(long, default_value = "15s", value_parser = parse_duration)]
+        interval: Duration,
+        #[command(flatten)]
+        topics: TopicArgs,
+    },
+    /// The processor: timely + differential-dataflow workers from samples to usage.
+    Processor {
+        /// Kafka bootstrap servers.
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        /// Worker threads.
+        #[arg(long, short = 'w', default_value_t = 1)]
+        workers: usize,
+        /// Length of the base window.
+        #[arg(long, default_value = "1m", value_parser = parse_duration)]
+        window: Duration,
+        #[command(flatten)]
+        topics: TopicArgs,
+    },
+    /// The sink: usage views in RocksDB, served over HTTP.
+    Sink {
+        /// Kafka bootstrap servers.
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        /// HTTP listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Directory of the RocksDB view store.
+        #[arg(long, default_value = "meterflow-sink-data")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        topics: TopicArgs,
+    },
+}
+
+/// How topics are created when missing.
+#[derive(clap::Args)]
+struct TopicArgs {
+    /// Partitions of each topic created at start-up (existing topics are left alone).
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// Replication factor of each topic created at start-up.
+    #[arg(long, default_value_t = 1)]
+    replication: i32,
+}
+
+impl TopicArgs {
+    fn config(&self) -> topics::TopicsConfig {
+        topics::TopicsConfig {
+            partitions: self.partitions,
+            replication: self.replication,
+        }
+    }
+}
+
+/// `40` means 40 seconds; `40s`, `2m` and `500ms` work too.
+fn parse_duration_or_seconds(s: &str) -> Result<Duration, String> {
+    match s.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => parse_duration(s),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MF_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "warn,meterflow=info,meterflow_ingest=info,meterflow_processor=info,meterflow_sink=info",
+        )
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Cancels the token on Ctrl-C or SIGTERM.
+fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return,
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        token.cancel();
+    });
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    init_logging();
+    let cli = Cli::parse();
+    let shutdown = CancellationToken::new();
+    match cli.command {
+        Command::Demo {
+            listen,
+            exit_after,
+            nodes,
+            seed,
+            interval,
+            workers,
+        } => {
+            demo::run(demo::DemoConfig {
+                listen,
+                exit_after,
+                nodes,
+                seed,
+                interval,
+                workers,
+            })
+            .await
+        }
+        Command::Broker {
+            listen,
+            storage,
+            topics: t,
+        } => {
+            let b = broker::start(broker::BrokerConfig { listen, storage }).await?;
+            topics::ensure(&b.bootstrap(), &t.config()).await?;
+            println!("embedded Kafka broker listening on {}", b.addr);
+            cancel_on_signal(shutdown.clone());
+            shutdown.cancelled().await;
+            b.stop();
+            Ok(())
+        }
+        Command::Agent {
+            brokers,
+            nodes,
+            seed,
+            interval,
+            topics: t,
+        } => {
+            topics::ensure(&brokers, &t.config()).await?;
+            cancel_on_signal(shutdown.clone());
+            let config = meterflow_ingest::SimulatedAgentConfig {
+                brokers,
+                fleet: meterflow_ingest::FleetConfig {
+                    nodes,
+                    seed,
+                    ..Default::default()
+                },
+                interval,
+            };
+            meterflow_ingest::run_simulated(config, shutdown)
+                .await
+                .context("agent failed")
+        }
+        Command::Processor {
+            brokers,
+            workers,
+            window,
+            topics: t,
+        } => {
+            topics::ensure(&brokers, &t.config()).await?;
+            cancel_on_signal(shutdown.clone());
+            let config = meterflow_processor::ProcessorConfig {
+                workers,
+                window_ms: window.as_millis() as i64,
+                ..meterflow_processor::ProcessorConfig::new(brokers)
+            };
+            tokio::task::spawn_blocking(move || meterflow_processor::run(config, shutdown))
+                .await
+                .context("processor thread")?
+                .context("processor failed")
+        }
+        Command::Sink {
+            brokers,
+            listen,
+            data_dir,
+            topics: t,
+        } => {
+            topics::ensure(&brokers, &t.config()).await?;
+            cancel_on_signal(shutdown.clone());
+            let running = meterflow_sink::start(
+                meterflow_sink::SinkConfig {
+                    brokers,
+                    listen,
+                    data_dir,
+                },
+                shutdown,
+            )
+            .await?;
+            println!("sink listening on http://{}", running.addr);
+            running
+                .task
+                .await
+                .context("sink task")?
+                .context("sink failed")
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! Creates Meterflow's topics with rdkafka's admin client; existing topics are left alone.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use meterflow_schemas::topics;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+use tracing::info;
+
+/// How to create the topics.
+#[derive(Debug, Clone)]
+pub struct TopicsConfig {
+    /// Partitions of each topic; `meterflow.samples` partitions spread nodes over workers.
+    pub partitions: i32,
+    /// Replicas of each partition (1 for the embedded broker, 3 for a production cluster).
+    pub replication: i32,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        Self {
+            partitions: 4,
+            replication: 1,
+        }
+    }
+}
+
+/// Creates every topic in [`topics::ALL`] that does not exist yet.
+pub async fn ensure(brokers: &str, config: &TopicsConfig) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .with_context(|| format!("cannot create a Kafka admin client for {brokers}"))?;
+    let new: Vec<NewTopic> = topics::ALL
+        .iter()
+        .map(|name| {
+            let t = NewTopic::new(
+                name,
+                config.partitions,
+                TopicReplication::Fixed(config.replication),
+            );
+            // The usage topic holds the latest value per aggregate id: compaction keeps it small.
+            if *name == topics::USAGE {
+                t.set("cleanup.policy", "compact")
+            } else {
+                t
+            }
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(new.iter(), &options)
+        .await
+        .with_context(|| format!("cannot reach the Kafka brokers at {brokers} to create topics"))?;
+    for result in results {
+        match result {
+            Ok(name) => info!(topic = %name, partitions = config.partitions, "topic created"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => bail!("cannot create topic {name}: {code}"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! Starts the parts of the pipeline for a test, so each test reads as a scenario.
+
+use std::time::{Duration, Instant};
+
+use meterflow::broker::{self, BrokerConfig, EmbeddedBroker};
+use meterflow::topics::{self, TopicsConfig};
+use meterflow_processor::ProcessorConfig;
+use meterflow_sink::{RunningSink, SinkConfig};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+/// Broker, topics, sink and processor, all running; stopped on drop of `shutdown`'s holder.
+pub struct Pipeline {
+    pub broker: EmbeddedBroker,
+    pub sink: RunningSink,
+    pub shutdown: CancellationToken,
+    processor: Option<std::thread::JoinHandle<Result<(), meterflow_processor::ProcessorError>>>,
+    _data: tempfile::TempDir,
+}
+
+impl Pipeline {
+    /// Starts everything with `partitions` per topic and `workers` processor threads.
+    pub async fn start(partitions: i32, workers: usize) -> Self {
+        let broker = broker::start(BrokerConfig {
+            listen: "127.0.0.1:0".parse().expect("literal"),
+            storage: "memory".into(),
+        })
+        .await
+        .expect("embedded broker starts");
+        let brokers = broker.bootstrap();
+        topics::ensure(
+            &brokers,
+            &TopicsConfig {
+                partitions,
+                replication: 1,
+            },
+        )
+        .await
+        .expect("topics are created");
+        let data = tempfile::tempdir().expect("temp dir");
+        let shutdown = CancellationToken::new();
+        let sink = meterflow_sink::start(
+            SinkConfig {
+                brokers: brokers.clone(),
+                listen: "127.0.0.1:0".parse().expect("literal"),
+                data_dir: data.path().join("sink"),
+            },
+            shutdown.clone(),
+        )
+        .await
+        .expect("sink starts");
+        let cfg = ProcessorConfig {
+            workers,
+            ..ProcessorConfig::new(brokers)
+        };
+        let token = shutdown.clone();
+        let processor = std::thread::spawn(move || meterflow_processor::run(cfg, token));
+        Self {
+            broker,
+            sink,
+            shutdown,
+            processor: Some(processor),
+            _data: data,
+        }
+    }
+
+    /// `http://addr` of the sink.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.sink.addr)
+    }
+
+    /// Stops the processor and the sink, and checks that both stopped cleanly.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(p) = self.processor.take() {
+            let joined = tokio::task::spawn_blocking(move || p.join())
+                .await
+                .expect("join task");
+            joined
+                .expect("processor did not panic")
+                .expect("processor stopped cleanly");
+        }
+        let sink = self.sink.task;
+        sink.await
+            .expect("sink task")
+            .expect("sink stopped cleanly");
+        self.broker.stop();
+    }
+}
+
+/// GETs `url` until `done` accepts the JSON answer, or fails with the last answer.
+pub async fn poll_json(
+    url: &str,
+    timeout: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + timeout;
+    let mut last = serde_json::Value::Null;
+    while Instant::now() < deadline {
+        if let Ok(r) = client.get(url).send().await
+            && let Ok(v) = r.json::<serde_json::Value>().await
+        {
+            if done(&v) {
+                return v;
+            }
+            last = v;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("no expected answer from {url} within {timeout:?}; last answer: {last:#}");
+}
+
+/// Reads every message of `topic` that is there now (all partitions, from the beginning).
+pub fn read_topic(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    expect_at_least: usize,
+) -> Vec<Vec<u8>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "meterflow-test-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                out.push(m.payload().unwrap_or_default().to_vec());
+                quiet_since = Instant::now();
+            }
+            _ if out.len() >= expect_at_least && quiet_since.elapsed() > Duration::from_secs(1) => {
+                break;
+            }
+            _ => {}
+        }
+    }
+    out
+}

@@ -1,0 +1,67 @@
+//! `meterflow demo` as a user runs it: the real binary, its printed URL, its API, its exit.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::common::poll_json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serves_gpu_seconds_and_exits_cleanly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meterflow"))
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--exit-after",
+            "30",
+            "--nodes",
+            "2",
+            "--interval",
+            "1s",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the meterflow binary starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (url_tx, url_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.trim().strip_prefix("tenant usage:") {
+                let _ = url_tx.send(rest.trim().to_string());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let usage_url =
+        tokio::task::spawn_blocking(move || url_rx.recv_timeout(Duration::from_secs(60)))
+            .await
+            .expect("join")
+            .expect("the demo prints the tenant usage URL");
+    assert!(usage_url.starts_with("http://127.0.0.1:"), "{usage_url}");
+
+    let usage = poll_json(&usage_url, Duration::from_secs(25), |v| {
+        v["totals"]["gpu_seconds"].as_f64().is_some_and(|s| s > 0.0)
+    })
+    .await;
+    assert!(
+        usage["rows"].as_array().is_some_and(|r| !r.is_empty()),
+        "{usage}"
+    );
+
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(status.success(), "demo exit status: {status}");
+    let printed = reader.join().expect("reader");
+    assert!(
+        printed
+            .iter()
+            .any(|l| l.contains("Meterflow demo stopped.")),
+        "{printed:?}"
+    );
+}

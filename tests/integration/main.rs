@@ -1,0 +1,6 @@
+//! Integration tests: the real binary and library entry points against the embedded broker
+//! over TCP, real RocksDB in temporary directories, real HTTP on loopback.
+
+mod common;
+mod demo;
+mod pipeline;

@@ -1,0 +1,280 @@
+//! A scenario whose GPU-seconds are known by construction, through the whole pipeline:
+//! batches published with the agent's producer → embedded broker over TCP → processor (two
+//! timely workers) → `meterflow.usage` → sink (RocksDB) → HTTP.
+
+use std::time::Duration;
+
+use meterflow_ingest::Publisher;
+use meterflow_schemas::{DeadLetter, Record, Sample, SampleBatch, SampleKind, SeriesId, topics};
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::Value;
+
+use crate::common::{Pipeline, poll_json, read_topic};
+
+/// 2026-11-23T00:00:00Z, on a minute boundary.
+const T0: i64 = 1_795_392_000_000;
+
+fn series(
+    tenant: &str,
+    lease: &str,
+    container: &str,
+    gpu: &str,
+    class: &str,
+    mig: &str,
+) -> SeriesId {
+    SeriesId {
+        tenant: tenant.into(),
+        lease: lease.into(),
+        service: "svc".into(),
+        replica: "0".into(),
+        node: "node-a".into(),
+        provider: "prov".into(),
+        container_id: container.into(),
+        gpu_uuid: gpu.into(),
+        gpu_model: String::new(),
+        gpu_class: class.into(),
+        mig_profile: mig.into(),
+    }
+}
+
+fn gpu(s: SeriesId, at: i64, started: i64, finished: Option<i64>) -> Sample {
+    Sample {
+        series: s,
+        kind: SampleKind::Allocation,
+        metric: "gpu".into(),
+        value: 1.0,
+        timestamp_ms: T0 + at,
+        started_at_ms: Some(T0 + started),
+        finished_at_ms: finished.map(|f| T0 + f),
+    }
+}
+
+fn cpu(s: SeriesId, at: i64, seconds: f64) -> Sample {
+    Sample {
+        series: SeriesId {
+            gpu_uuid: String::new(),
+            gpu_class: String::new(),
+            mig_profile: String::new(),
+            ..s
+        },
+        kind: SampleKind::Counter,
+        metric: "cpu_usage_seconds_total".into(),
+        value: seconds,
+        timestamp_ms: T0 + at,
+        started_at_ms: None,
+        finished_at_ms: None,
+    }
+}
+
+/// The scenario, as the agent on `node-a` would send it: four ticks, 60 s apart.
+///
+/// - acme / 100.1.1: container c1 holds two H100s from 5 s to 125.5 s (finished):
+///   2 × 120.5 s = 241 GPU-s (minute 0: 110, minute 1: 120, minute 2: 11). Its CPU counter
+///   reads 10, 70, then 5 (a reset): 10 + 60 + 5 = 75 core-seconds.
+/// - acme / 100.1.2: one 1g.10gb MIG slice, container c2 from 30 s, last seen at 90 s, then
+///   restarted as c3 at 100 s (the 10 s between is pending, not billed), last seen at 160 s:
+///   60 + 60 = 120 GPU-s.
+/// - globex / 200.1.1: an A100 container that lived 2.5 s between two ticks (61 s → 63.5 s).
+fn batches() -> Vec<SampleBatch> {
+    let c1 = |g: &str| series("acme", "100.1.1", "c1", g, "h100", "");
+    let mig = |c: &str| series("acme", "100.1.2", c, "MIG-1", "a100", "1g.10gb");
+    let short = series("globex", "200.1.1", "c9", "GPU-9", "a100", "");
+    let ticks = vec![
+        vec![
+            gpu(c1("GPU-1"), 15_000, 5_000, None),
+            gpu(c1("GPU-2"), 15_000, 5_000, None),
+            cpu(c1(""), 15_000, 10.0),
+        ],
+        vec![
+            gpu(c1("GPU-1"), 75_000, 5_000, None),
+            gpu(c1("GPU-2"), 75_000, 5_000, None),
+            cpu(c1(""), 75_000, 70.0),
+            gpu(mig("c2"), 75_000, 30_000, None),
+            gpu(short, 75_000, 61_000, Some(63_500)),
+        ],
+        vec![
+            gpu(c1("GPU-1"), 130_000, 5_000, Some(125_500)),
+            gpu(c1("GPU-2"), 130_000, 5_000, Some(125_500)),
+            cpu(c1(""), 130_000, 5.0),
+            gpu(mig("c2"), 90_000, 30_000, None),
+            gpu(mig("c3"), 135_000, 100_000, None),
+        ],
+        vec![gpu(mig("c3"), 160_000, 100_000, None)],
+    ];
+    ticks
+        .into_iter()
+        .enumerate()
+        .map(|(i, samples)| SampleBatch {
+            node: "node-a".into(),
+            agent_id: "agent-node-a".into(),
+            sequence: i as i64 + 1,
+            collected_at_ms: T0 + 15_000 + 60_000 * i as i64,
+            agent_version: "test".into(),
+            samples,
+        })
+        .collect()
+}
+
+fn gpu_by_class(v: &Value) -> Vec<(String, String, f64)> {
+    v["gpu"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|g| {
+                    (
+                        g["gpu_class"].as_str().unwrap_or_default().to_string(),
+                        g["mig_profile"].as_str().unwrap_or_default().to_string(),
+                        g["gpu_seconds"].as_f64().unwrap_or(f64::NAN),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
+    let pipeline = Pipeline::start(2, 2).await;
+    let brokers = pipeline.broker.bootstrap();
+    let publisher = Publisher::new(&brokers).expect("producer");
+    let batches = batches();
+    for b in &batches {
+        publisher.publish(b).await.expect("batch delivered");
+    }
+    // A resent batch (same agent and sequence) and bytes that are no batch at all.
+    publisher
+        .publish(&batches[1])
+        .await
+        .expect("duplicate delivered");
+    let raw: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("producer");
+    raw.send(
+        FutureRecord::to(topics::SAMPLES)
+            .key("node-a")
+            .payload(&b"not avro"[..]),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("garbage delivered");
+
+    let from = T0;
+    let to = T0 + 3_600_000;
+    let url = pipeline.url(&format!(
+        "/v1/tenants/acme/usage?from={from}&to={to}&window=total"
+    ));
+    let acme = poll_json(&url, Duration::from_secs(90), |v| {
+        v["totals"]["gpu_seconds"].as_f64() == Some(361.0)
+            && v["totals"]["cpu_core_seconds"].as_f64() == Some(75.0)
+    })
+    .await;
+    assert_eq!(
+        gpu_by_class(&acme["totals"]),
+        vec![
+            ("a100".into(), "1g.10gb".into(), 120.0),
+            ("h100".into(), String::new(), 241.0)
+        ]
+    );
+    let rows = acme["rows"].as_array().expect("rows");
+    let per_lease: Vec<(&str, f64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["lease"].as_str().unwrap_or_default(),
+                r["gpu_seconds"].as_f64().unwrap_or(f64::NAN),
+            )
+        })
+        .collect();
+    assert_eq!(per_lease, vec![("100.1.1", 241.0), ("100.1.2", 120.0)]);
+
+    // Per minute, the first lease's GPU time splits exactly at the window boundaries.
+    let url = pipeline.url(&format!(
+        "/v1/tenants/acme/usage?from={}&to={to}&window=minute&group_by=lease,gpu_class",
+        "2026-11-23T00:00:00Z"
+    ));
+    let minutes = poll_json(&url, Duration::from_secs(10), |v| v["rows"].is_array()).await;
+    let h100: Vec<(String, f64)> = minutes["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r["gpu_class"] == "h100")
+        .map(|r| {
+            (
+                r["window_start"].as_str().unwrap_or_default().to_string(),
+                r["gpu_seconds"].as_f64().unwrap_or(f64::NAN),
+            )
+        })
+        .collect();
+    assert_eq!(
+        h100,
+        vec![
+            ("2026-11-23T00:00:00.000Z".into(), 110.0),
+            ("2026-11-23T00:01:00.000Z".into(), 120.0),
+            ("2026-11-23T00:02:00.000Z".into(), 11.0),
+        ]
+    );
+
+    let globex = poll_json(
+        &pipeline.url(&format!(
+            "/v1/tenants/globex/usage?from={from}&to={to}&window=total"
+        )),
+        Duration::from_secs(10),
+        |v| v["totals"]["gpu_seconds"].as_f64() == Some(2.5),
+    )
+    .await;
+    assert_eq!(globex["totals"]["cpu_core_seconds"].as_f64(), Some(0.0));
+
+    // A tenant with no data gets zeros, not an error; a bad parameter gets a 400 that says why.
+    let nobody = poll_json(
+        &pipeline.url("/v1/tenants/nobody/usage?window=day"),
+        Duration::from_secs(5),
+        |_| true,
+    )
+    .await;
+    assert_eq!(nobody["totals"]["gpu_seconds"].as_f64(), Some(0.0));
+    let bad = reqwest::get(pipeline.url("/v1/tenants/acme/usage?window=fortnight"))
+        .await
+        .expect("answer");
+    assert_eq!(bad.status(), 400);
+    let body: Value = bad.json().await.expect("json error");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("fortnight"),
+        "{body}"
+    );
+
+    // The garbage went to the dead-letter topic with its reason; nothing stopped.
+    let dead = read_topic(&brokers, topics::DEADLETTER, 2, 1);
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|bytes| {
+            DeadLetter::decode(bytes)
+                .expect("dead letters decode")
+                .reason
+        })
+        .collect();
+    assert_eq!(reasons, vec!["undecodable".to_string()]);
+
+    // Status and metrics tell the operator where the sink is.
+    let status = poll_json(&pipeline.url("/v1/status"), Duration::from_secs(5), |_| {
+        true
+    })
+    .await;
+    assert_eq!(status["watermark"], "2026-11-23T00:03:00.000Z");
+    let metrics = reqwest::get(pipeline.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("meterflow_sink_updates_applied_total"),
+        "{metrics}"
+    );
+
+    pipeline.stop().await;
+}
