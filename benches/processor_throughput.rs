@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use meterflow_ingest::{Fleet, FleetConfig};
-use meterflow_processor::dataflow::{Installed, install};
+use meterflow_processor::dataflow::{Feeder, Installed, install};
 use meterflow_processor::model::observe;
 use meterflow_schemas::{Record, SampleBatch};
 
@@ -73,13 +73,14 @@ fn main() {
                 probe,
                 changes,
             } = install(worker, 60_000);
+            let mut feeder = Feeder::default();
             let mut updates = 0usize;
             for (epoch, batches) in data.iter().enumerate() {
                 for bytes in batches.iter().skip(index).step_by(peers) {
                     let batch = SampleBatch::decode(bytes).expect("decodes");
                     for s in &batch.samples {
                         if let Ok(Some(o)) = observe(s) {
-                            input.insert(o);
+                            feeder.feed(&mut input, o);
                         }
                     }
                 }

@@ -163,6 +163,13 @@ fn cancel_on_signal(token: CancellationToken) {
     });
 }
 
+/// What every long-running component does first: create missing topics, stop on a signal.
+async fn prepare(brokers: &str, topics: &TopicArgs, shutdown: &CancellationToken) -> Result<()> {
+    topics::ensure(brokers, &topics.config()).await?;
+    cancel_on_signal(shutdown.clone());
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     init_logging();
@@ -193,9 +200,8 @@ async fn main() -> Result<()> {
             topics: t,
         } => {
             let b = broker::start(broker::BrokerConfig { listen, storage }).await?;
-            topics::ensure(&b.bootstrap(), &t.config()).await?;
+            prepare(&b.bootstrap(), &t, &shutdown).await?;
             println!("embedded Kafka broker listening on {}", b.addr);
-            cancel_on_signal(shutdown.clone());
             shutdown.cancelled().await;
             b.stop();
             Ok(())
@@ -207,8 +213,7 @@ async fn main() -> Result<()> {
             interval,
             topics: t,
         } => {
-            topics::ensure(&brokers, &t.config()).await?;
-            cancel_on_signal(shutdown.clone());
+            prepare(&brokers, &t, &shutdown).await?;
             let config = meterflow_ingest::SimulatedAgentConfig {
                 brokers,
                 fleet: meterflow_ingest::FleetConfig {
@@ -228,8 +233,7 @@ async fn main() -> Result<()> {
             window,
             topics: t,
         } => {
-            topics::ensure(&brokers, &t.config()).await?;
-            cancel_on_signal(shutdown.clone());
+            prepare(&brokers, &t, &shutdown).await?;
             let config = meterflow_processor::ProcessorConfig {
                 workers,
                 window_ms: window.as_millis() as i64,
@@ -246,8 +250,7 @@ async fn main() -> Result<()> {
             data_dir,
             topics: t,
         } => {
-            topics::ensure(&brokers, &t.config()).await?;
-            cancel_on_signal(shutdown.clone());
+            prepare(&brokers, &t, &shutdown).await?;
             let running = meterflow_sink::start(
                 meterflow_sink::SinkConfig {
                     brokers,

@@ -35,6 +35,22 @@ pub struct AllocationObs {
     pub count: i64,
 }
 
+impl AllocationObs {
+    /// Two observations of one series folded into one: the interval depends only on the
+    /// earliest start, the earliest finish, the latest observation and the largest count.
+    pub fn merge(self, other: Self) -> Self {
+        Self {
+            started_at_ms: self.started_at_ms.min(other.started_at_ms),
+            finished_at_ms: match (self.finished_at_ms, other.finished_at_ms) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+            observed_at_ms: self.observed_at_ms.max(other.observed_at_ms),
+            count: self.count.max(other.count),
+        }
+    }
+}
+
 /// One counter series.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct CounterKey {

@@ -20,7 +20,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::dataflow::{Installed, Time, install};
+use crate::dataflow::{Feeder, Installed, Time, install};
 use crate::model::{UsageKey, observe};
 
 /// Configuration of the processor.
@@ -155,6 +155,7 @@ fn run_worker(
     );
 
     let mut seen: HashMap<String, SeenSequences> = HashMap::new();
+    let mut feeder = Feeder::default();
     let mut epoch: Time = 0;
     while !shutdown.is_cancelled() {
         let mut fed = 0usize;
@@ -196,7 +197,7 @@ fn run_worker(
             }
             for sample in &batch.samples {
                 match observe(sample) {
-                    Ok(Some(o)) => input.insert(o),
+                    Ok(Some(o)) => feeder.feed(&mut input, o),
                     Ok(None) => {}
                     Err(rejection) => {
                         let single = SampleBatch {
