@@ -10,6 +10,7 @@ use std::sync::LazyLock;
 
 use apache_avro::Schema;
 use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::writer::datum::GenericDatumWriter;
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::types::{Alert, BillingRecord, DeadLetter, SampleBatch, UsageUpdate};
@@ -73,6 +74,33 @@ static SCHEMAS: LazyLock<Vec<Schema>> = LazyLock::new(|| {
                 .expect("the .avsc files are checked by the schemas crate's tests")
         })
         .collect()
+});
+
+/// Per schema, a writer and a same-schema reader, built once: resolving a schema's names is
+/// work that belongs at start-up, not on every message.
+struct Codecs {
+    writers: Vec<GenericDatumWriter<'static>>,
+    readers: Vec<GenericDatumReader<'static>>,
+}
+
+static CODECS: LazyLock<Codecs> = LazyLock::new(|| {
+    let schemas = || SchemaId::ALL.iter().map(|id| id.schema());
+    Codecs {
+        writers: schemas()
+            .map(|s| {
+                GenericDatumWriter::builder(s)
+                    .build()
+                    .expect("every schema resolves (tested)")
+            })
+            .collect(),
+        readers: schemas()
+            .map(|s| {
+                GenericDatumReader::builder(s)
+                    .build()
+                    .expect("every schema resolves (tested)")
+            })
+            .collect(),
+    }
 });
 
 /// Why bytes could not be read as a record.
@@ -156,9 +184,7 @@ pub fn encode_as<T: Serialize>(id: SchemaId, value: &T) -> Result<Vec<u8>, Encod
         id,
         message: e.to_string(),
     };
-    let writer = apache_avro::writer::datum::GenericDatumWriter::builder(id.schema())
-        .build()
-        .map_err(err)?;
+    let writer = &CODECS.writers[id as usize - 1];
     let mut out = Vec::with_capacity(256);
     out.push(MAGIC);
     out.extend_from_slice(&(id as u32).to_be_bytes());
@@ -183,16 +209,14 @@ fn decode<R: Record>(bytes: &[u8]) -> Result<R, DecodeError> {
     }
     let mut body = &bytes[HEADER_LEN..];
     let avro = |e: apache_avro::Error| DecodeError::Avro(e.to_string());
-    let builder = GenericDatumReader::builder(writer.schema());
     let record = if writer == R::WRITES {
         // Same schema: deserialize straight from the bytes, no intermediate value.
-        builder
-            .build()
-            .and_then(|r| r.read_deser::<R>(&mut body))
+        CODECS.readers[writer as usize - 1]
+            .read_deser::<R>(&mut body)
             .map_err(avro)?
     } else {
-        // Older schema: resolve the writer's value to the current schema, then convert.
-        let value = builder
+        // Older schema (rare): resolve the writer's value to the current schema, then convert.
+        let value = GenericDatumReader::builder(writer.schema())
             .reader_schema(R::WRITES.schema())
             .build()
             .and_then(|r| r.read_value(&mut body))
