@@ -39,11 +39,6 @@ impl EmbeddedBroker {
     pub fn stop(self) {
         self.task.abort();
     }
-
-    /// Waits until the broker task ends (it runs until the process ends or `stop`).
-    pub async fn wait(self) -> Result<()> {
-        self.task.await.context("the broker task failed")
-    }
 }
 
 /// The storage URL tansu understands for a `--storage` value.

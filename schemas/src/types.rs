@@ -74,13 +74,6 @@ pub struct UsageUpdate {
     pub coverage_ms: i64,
 }
 
-impl UsageUpdate {
-    /// The aggregate's value in its unit (e.g. seconds).
-    pub fn value(&self) -> f64 {
-        self.amount as f64 / 10f64.powi(self.scale)
-    }
-}
-
 /// Whether a billing record is a first charge or a correction of one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
