@@ -17,8 +17,18 @@ pub struct Pipeline {
     pub broker: EmbeddedBroker,
     pub sink: RunningSink,
     pub shutdown: CancellationToken,
+    /// Stops the sink alone (a child of `shutdown`).
+    sink_shutdown: CancellationToken,
     processor: Option<std::thread::JoinHandle<Result<(), meterflow_processor::ProcessorError>>>,
-    _data: tempfile::TempDir,
+    data: tempfile::TempDir,
+}
+
+fn sink_config(brokers: String, data: &tempfile::TempDir) -> SinkConfig {
+    SinkConfig {
+        brokers,
+        listen: "127.0.0.1:0".parse().expect("literal"),
+        data_dir: data.path().join("sink"),
+    }
 }
 
 impl Pipeline {
@@ -42,16 +52,11 @@ impl Pipeline {
         .expect("topics are created");
         let data = tempfile::tempdir().expect("temp dir");
         let shutdown = CancellationToken::new();
-        let sink = meterflow_sink::start(
-            SinkConfig {
-                brokers: brokers.clone(),
-                listen: "127.0.0.1:0".parse().expect("literal"),
-                data_dir: data.path().join("sink"),
-            },
-            shutdown.clone(),
-        )
-        .await
-        .expect("sink starts");
+        let sink_shutdown = shutdown.child_token();
+        let sink =
+            meterflow_sink::start(sink_config(brokers.clone(), &data), sink_shutdown.clone())
+                .await
+                .expect("sink starts");
         let cfg = ProcessorConfig {
             workers,
             ..ProcessorConfig::new(brokers)
@@ -62,9 +67,24 @@ impl Pipeline {
             broker,
             sink,
             shutdown,
+            sink_shutdown,
             processor: Some(processor),
-            _data: data,
+            data,
         }
+    }
+
+    /// Stops the sink and starts a new one on the same RocksDB directory (a new port).
+    pub async fn restart_sink(&mut self) {
+        self.sink_shutdown.cancel();
+        let old = std::mem::replace(&mut self.sink.task, tokio::spawn(async { Ok(()) }));
+        old.await.expect("sink task").expect("sink stopped cleanly");
+        self.sink_shutdown = self.shutdown.child_token();
+        self.sink = meterflow_sink::start(
+            sink_config(self.broker.bootstrap(), &self.data),
+            self.sink_shutdown.clone(),
+        )
+        .await
+        .expect("sink restarts");
     }
 
     /// `http://addr` of the sink.
