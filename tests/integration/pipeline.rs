@@ -10,7 +10,7 @@ use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 
-use crate::common::{Pipeline, poll_json, read_topic};
+use crate::common::{Pipeline, get_text, poll_json, read_topic};
 
 /// 2026-11-23T00:00:00Z, on a minute boundary.
 const T0: i64 = 1_795_392_000_000;
@@ -265,12 +265,7 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
     })
     .await;
     assert_eq!(status["watermark"], "2026-11-23T00:03:00.000Z");
-    let metrics = reqwest::get(pipeline.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = get_text(&pipeline.url("/metrics")).await;
     assert!(
         metrics.contains("meterflow_sink_updates_applied_total"),
         "{metrics}"
@@ -303,12 +298,7 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
     assert_eq!(after["totals"], before);
     // Give the consumer time to be assigned and read anything it would re-read.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let metrics = reqwest::get(pipeline.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = get_text(&pipeline.url("/metrics")).await;
     assert!(
         metrics
             .lines()

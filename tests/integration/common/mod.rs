@@ -134,6 +134,16 @@ pub async fn poll_json(
     panic!("no expected answer from {url} within {timeout:?}; last answer: {last:#}");
 }
 
+/// GETs `url` and returns the body as text.
+pub async fn get_text(url: &str) -> String {
+    reqwest::get(url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("body of {url}: {e}"))
+}
+
 /// Reads every message of `topic` that is there now (all partitions, from the beginning).
 pub fn read_topic(
     brokers: &str,
