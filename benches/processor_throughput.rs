@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use meterflow_ingest::{Fleet, FleetConfig};
-use meterflow_processor::dataflow::{Feeder, Installed, install};
+use meterflow_processor::dataflow::{Installed, install};
 use meterflow_processor::model::observe;
+use meterflow_processor::series::Feeder;
 use meterflow_schemas::{Record, SampleBatch};
 
 fn main() {
@@ -71,23 +72,25 @@ fn main() {
             let Installed {
                 mut input,
                 probe,
-                changes,
-            } = install(worker, 60_000);
-            let mut feeder = Feeder::default();
+                usage,
+                billing,
+            } = install(worker, 60_000, 3_600_000);
+            let mut feeder = Feeder::new(60_000);
             let mut updates = 0usize;
             for (epoch, batches) in data.iter().enumerate() {
                 for bytes in batches.iter().skip(index).step_by(peers) {
                     let batch = SampleBatch::decode(bytes).expect("decodes");
                     for s in &batch.samples {
                         if let Ok(Some(o)) = observe(s) {
-                            feeder.feed(&mut input, o);
+                            feeder.feed(&mut input, 0, o, i64::MIN);
                         }
                     }
                 }
                 input.advance_to(epoch as u64 + 1);
                 input.flush();
                 worker.step_while(|| probe.less_than(input.time()));
-                updates += changes.borrow_mut().drain(..).count();
+                updates += usage.borrow_mut().drain(..).count();
+                updates += billing.borrow_mut().drain(..).count();
             }
             updates
         })

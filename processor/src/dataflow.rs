@@ -1,19 +1,20 @@
 //! The processor's differential dataflow, read top to bottom as the SPEC's steps.
 //!
 //! ```text
-//! observations ─┬─ allocations ▸ allocation_intervals ▸ gpu_milliseconds ─┐
-//!               └─ counters    ▸ counter_deltas       ▸ counter_usage    ─┴▸ window_totals
+//! summaries ─┬─ allocations     ▸ allocation_intervals ▸ gpu_milliseconds ─┐
+//!            └─ counter windows ▸ counter_usage                          ─┴▸ amounts
+//! amounts ─┬─ window_totals   (per lease, service, item and base window → meterflow.usage)
+//!          └─ billing_totals  (per lease, item and billing window       → meterflow.billing)
 //! ```
 //!
 //! Each step is a function from collection to collection. Input order does not matter: a late
-//! or re-ordered observation changes an interval or a delta, and differential dataflow retracts
-//! the old windowed values and emits the new ones. Deduplication by (agent, sequence) happens
-//! before the dataflow, in [`crate::runner`], where one agent's batches arrive on one worker;
-//! there a [`Feeder`] also folds each allocation series' observations into one summary, so the
-//! dataflow keeps state per series rather than per sample.
+//! or re-ordered observation changes an interval or a counter delta, and differential dataflow
+//! retracts the old windowed values and emits the new ones. Deduplication by (agent, sequence)
+//! happens before the dataflow, in [`crate::runner`], where one agent's batches arrive on one
+//! worker; there a [`crate::series::Feeder`] also reduces each series' samples to what the
+//! dataflow needs, so its state grows per series and window rather than per sample.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
 use differential_dataflow::VecCollection;
@@ -21,7 +22,7 @@ use differential_dataflow::input::{Input, InputSession};
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 
 use crate::model::{
-    Aggregate, AllocationKey, AllocationObs, CounterKey, CounterObs, Observation, UsageKey,
+    Aggregate, AllocationKey, AllocationObs, BillingKey, CounterKey, Summary, UsageKey,
 };
 
 /// Timely time of the processor: one epoch per batch of Kafka messages.
@@ -40,90 +41,59 @@ pub struct Interval {
     pub count: i64,
 }
 
-/// All usage aggregates per window: `(key, amount)` with the amount at the key's scale.
-pub fn usage<'s>(
-    observations: Coll<'s, Observation>,
-    window_ms: i64,
-) -> Coll<'s, (UsageKey, isize)> {
-    let allocations = observations.clone().flat_map(|o| match o {
-        Observation::Allocation(k, v) => Some((k, v)),
-        Observation::Counter(..) => None,
+/// Usage amounts per (owner, metric, GPU class, MIG profile, base window), carried in the
+/// multiplicities so that every sum downstream is a plain addition.
+pub fn amounts<'s>(summaries: Coll<'s, Summary>, window_ms: i64) -> Coll<'s, UsageKey> {
+    let allocations = summaries.clone().flat_map(|s| match s {
+        Summary::Allocation(k, v) => Some((k, v)),
+        Summary::CounterWindow(..) => None,
     });
-    let counters = observations.flat_map(|o| match o {
-        Observation::Counter(k, v) => Some((k, v)),
-        Observation::Allocation(..) => None,
+    let counters = summaries.flat_map(|s| match s {
+        Summary::CounterWindow(k, w) => Some((k, w)),
+        Summary::Allocation(..) => None,
     });
     let gpu = gpu_milliseconds(allocation_intervals(allocations), window_ms);
-    let cpu = counter_usage(counter_deltas(counters, window_ms));
-    window_totals(gpu.concat(cpu))
+    gpu.concat(counter_usage(counters))
 }
 
-/// Changes of the usage collection, `((key, amount), time, diff)`, as captured from the dataflow.
-pub type Changes = Rc<RefCell<Vec<((UsageKey, isize), Time, isize)>>>;
+/// Changes of a collection of totals, `((key, total), time, diff)`, as captured from the dataflow.
+pub type Changes<K> = Rc<RefCell<Vec<((K, isize), Time, isize)>>>;
 
 /// One worker's installed dataflow: its input, a probe to know when an epoch is done, and the
-/// changes of the usage collection (`((key, amount), time, diff)`) captured for the caller.
+/// changes of the usage and billing totals captured for the caller.
 pub struct Installed {
-    pub input: InputSession<Time, Observation, isize>,
+    pub input: InputSession<Time, Summary, isize>,
     pub probe: ProbeHandle<Time>,
-    pub changes: Changes,
+    pub usage: Changes<UsageKey>,
+    pub billing: Changes<BillingKey>,
 }
 
-/// Builds [`usage`] in `worker` with an input and a capture of its changes.
-pub fn install(worker: &mut timely::worker::Worker, window_ms: i64) -> Installed {
-    let changes: Changes = Rc::default();
-    let captured = changes.clone();
+/// Builds the dataflow in `worker`: base windows of `window_ms`, billing windows of
+/// `billing_window_ms` (a multiple of the base window).
+pub fn install(
+    worker: &mut timely::worker::Worker,
+    window_ms: i64,
+    billing_window_ms: i64,
+) -> Installed {
+    let usage: Changes<UsageKey> = Rc::default();
+    let billing: Changes<BillingKey> = Rc::default();
+    let (usage_out, billing_out) = (usage.clone(), billing.clone());
     let (input, probe) = worker.dataflow::<Time, _, _>(|scope| {
-        let (input, observations) = scope.new_collection::<Observation, isize>();
-        let probe = usage(observations, window_ms)
-            .inspect(move |update| captured.borrow_mut().push(update.clone()))
-            .probe()
-            .0;
+        let (input, summaries) = scope.new_collection::<Summary, isize>();
+        let amounts = amounts(summaries, window_ms);
+        let (probe, _) = window_totals(amounts.clone())
+            .inspect(move |update| usage_out.borrow_mut().push(update.clone()))
+            .probe();
+        billing_totals(amounts, billing_window_ms)
+            .inspect(move |update| billing_out.borrow_mut().push(update.clone()))
+            .probe_with(&probe);
         (input, probe)
     });
     Installed {
         input,
         probe,
-        changes,
-    }
-}
-
-/// Feeds observations to a worker's input, keeping one summary per allocation series.
-///
-/// An allocation interval depends only on [`AllocationObs::merge`] of its observations, and
-/// the worker that owns a series sees all of them (one node's batches always reach the same
-/// worker), so it hands the dataflow a replacement summary only when the summary changes. The
-/// dataflow's state then grows with series, not with samples, and a repeated or older
-/// observation costs nothing downstream. Counter readings pass through unchanged.
-#[derive(Debug, Default)]
-pub struct Feeder {
-    allocations: HashMap<AllocationKey, AllocationObs>,
-}
-
-impl Feeder {
-    /// Feeds one observation.
-    pub fn feed(
-        &mut self,
-        input: &mut InputSession<Time, Observation, isize>,
-        observation: Observation,
-    ) {
-        match observation {
-            Observation::Allocation(key, obs) => match self.allocations.get_mut(&key) {
-                Some(summary) => {
-                    let merged = summary.merge(obs);
-                    if merged != *summary {
-                        input.remove(Observation::Allocation(key.clone(), *summary));
-                        input.insert(Observation::Allocation(key, merged));
-                        *summary = merged;
-                    }
-                }
-                None => {
-                    self.allocations.insert(key.clone(), obs);
-                    input.insert(Observation::Allocation(key, obs));
-                }
-            },
-            counter @ Observation::Counter(..) => input.insert(counter),
-        }
+        usage,
+        billing,
     }
 }
 
@@ -193,106 +163,88 @@ pub fn gpu_milliseconds<'s>(
     })
 }
 
-/// Counter readings → usage per window. Readings are taken in time order; each adds its
-/// difference from the previous one, and a lower reading is a reset that counts from zero
-/// (so does the first reading of a series: a new container starts at zero). A gap between
-/// readings loses nothing: the next reading carries all of it, into the window it was read in.
-pub fn counter_deltas<'s>(
-    readings: Coll<'s, (CounterKey, CounterObs)>,
-    window_ms: i64,
-) -> Coll<'s, (CounterKey, (i64, i64))> {
-    readings.reduce_named("CounterDeltas", move |_key, input, output| {
-        let mut previous = 0;
-        let mut per_window: BTreeMap<i64, i64> = BTreeMap::new();
-        for (reading, _) in input {
-            let delta = if reading.units >= previous {
-                reading.units - previous
-            } else {
-                reading.units
-            };
-            previous = reading.units;
-            *per_window
-                .entry(reading.timestamp_ms.div_euclid(window_ms) * window_ms)
-                .or_default() += delta;
-        }
-        output.extend(
-            per_window
-                .into_iter()
-                .filter(|(_, delta)| *delta != 0)
-                .map(|wd| (wd, 1)),
-        );
+/// Per-series window usage (amount in the multiplicity) → usage per (owner, metric, window).
+pub fn counter_usage<'s>(windows: Coll<'s, (CounterKey, i64)>) -> Coll<'s, UsageKey> {
+    windows.map(|(key, window_start_ms)| UsageKey {
+        owner: key.owner,
+        metric: key.metric,
+        gpu_class: String::new(),
+        mig_profile: String::new(),
+        window_start_ms,
     })
 }
 
-/// Per-series window deltas → amounts per (owner, metric, window) in the multiplicity.
-pub fn counter_usage<'s>(deltas: Coll<'s, (CounterKey, (i64, i64))>) -> Coll<'s, UsageKey> {
-    deltas.explode(|(key, (window_start_ms, delta))| {
-        Some((
-            UsageKey {
-                owner: key.owner,
-                metric: key.metric,
-                gpu_class: String::new(),
-                mig_profile: String::new(),
-                window_start_ms,
-            },
-            delta as isize,
-        ))
-    })
-}
-
-/// Amounts carried in multiplicities → one `(key, total)` record per window.
+/// Amounts carried in multiplicities → one `(key, total)` record per base window.
 pub fn window_totals<'s>(amounts: Coll<'s, UsageKey>) -> Coll<'s, (UsageKey, isize)> {
     amounts.count()
 }
 
+/// Amounts → one `(key, total)` record per lease, item and billing window (services summed).
+pub fn billing_totals<'s>(
+    amounts: Coll<'s, UsageKey>,
+    billing_window_ms: i64,
+) -> Coll<'s, (BillingKey, isize)> {
+    amounts
+        .map(move |k| BillingKey::of(&k, billing_window_ms))
+        .count()
+}
+
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use proptest::prelude::*;
 
     use super::*;
-    use crate::model::Owner;
+    use crate::model::{CounterObs, Observation, Owner};
+    use crate::series::Feeder;
 
     const MIN: i64 = 60_000;
+    const HOUR: i64 = 3_600_000;
 
-    /// Runs `usage` over epochs of updates and returns the final `key → amount`.
-    fn run(epochs: Vec<Vec<(Observation, isize)>>) -> BTreeMap<UsageKey, i64> {
-        run_with(epochs, false)
-    }
-
-    /// As `run`; with `feeder`, insertions go through a [`Feeder`] as in the processor.
-    fn run_with(epochs: Vec<Vec<(Observation, isize)>>, feeder: bool) -> BTreeMap<UsageKey, i64> {
+    /// Runs the dataflow over epochs of observations fed through a [`Feeder`], as the
+    /// processor does, and returns the final usage and billing totals.
+    fn run_all(
+        epochs: Vec<Vec<Observation>>,
+    ) -> (BTreeMap<UsageKey, i64>, BTreeMap<BillingKey, i64>) {
         timely::execute_directly(move |worker| {
             let Installed {
                 mut input,
                 probe,
-                changes,
-            } = install(worker, MIN);
-            let mut feed = Feeder::default();
-            for (epoch, updates) in epochs.into_iter().enumerate() {
+                usage,
+                billing,
+            } = install(worker, MIN, HOUR);
+            let mut feeder = Feeder::new(MIN);
+            for (epoch, observations) in epochs.into_iter().enumerate() {
                 input.advance_to(epoch as Time);
-                for (o, d) in updates {
-                    if feeder && d == 1 {
-                        feed.feed(&mut input, o);
-                    } else {
-                        input.update(o, d);
-                    }
+                for o in observations {
+                    feeder.feed(&mut input, 0, o, i64::MIN);
                 }
             }
             input.advance_to(u64::MAX - 1);
             input.flush();
             worker.step_while(|| probe.less_than(input.time()));
-            let mut acc: BTreeMap<(UsageKey, isize), isize> = BTreeMap::new();
-            for (rec, _t, d) in changes.borrow().iter() {
-                *acc.entry(rec.clone()).or_default() += d;
-            }
-            acc.into_iter()
-                .filter(|(_, d)| *d != 0)
-                .map(|((k, v), d)| {
-                    assert_eq!(d, 1, "one total per key");
-                    (k, v as i64)
-                })
-                .collect()
+            (totals(&usage), totals(&billing))
         })
+    }
+
+    fn run(epochs: Vec<Vec<Observation>>) -> BTreeMap<UsageKey, i64> {
+        run_all(epochs).0
+    }
+
+    /// Accumulates captured changes into the final `key → total`, checking there is one each.
+    fn totals<K: Ord + Clone>(changes: &Changes<K>) -> BTreeMap<K, i64> {
+        let mut acc: BTreeMap<(K, isize), isize> = BTreeMap::new();
+        for (rec, _t, d) in changes.borrow().iter() {
+            *acc.entry(rec.clone()).or_default() += d;
+        }
+        acc.into_iter()
+            .filter(|(_, d)| *d != 0)
+            .map(|((k, v), d)| {
+                assert_eq!(d, 1, "one total per key");
+                (k, v as i64)
+            })
+            .collect()
     }
 
     fn owner(lease: &str) -> Owner {
@@ -385,9 +337,9 @@ mod tests {
     fn an_allocation_is_billed_from_start_to_finish_whatever_the_sampling() {
         // Started 10 s into minute 0, sampled at 30 s and 90 s, finished at 100 s.
         let out = run(vec![
-            vec![(alloc("l", "c1", "g", 10_000, None, 30_000), 1)],
-            vec![(alloc("l", "c1", "g", 10_000, None, 90_000), 1)],
-            vec![(alloc("l", "c1", "g", 10_000, Some(100_000), 100_500), 1)],
+            vec![alloc("l", "c1", "g", 10_000, None, 30_000)],
+            vec![alloc("l", "c1", "g", 10_000, None, 90_000)],
+            vec![alloc("l", "c1", "g", 10_000, Some(100_000), 100_500)],
         ]);
         assert_eq!(
             out,
@@ -398,13 +350,13 @@ mod tests {
     #[test]
     fn an_open_allocation_runs_to_its_latest_observation_and_a_restart_skips_the_gap() {
         let out = run(vec![
-            vec![(alloc("l", "c1", "g", 0, Some(20_000), 25_000), 1)],
+            vec![alloc("l", "c1", "g", 0, Some(20_000), 25_000)],
             // Restarted as a new container at 40 s; last seen at 70 s.
-            vec![(alloc("l", "c2", "g", 40_000, None, 70_000), 1)],
+            vec![alloc("l", "c2", "g", 40_000, None, 70_000)],
             // Duplicate and out-of-order observations change nothing.
             vec![
-                (alloc("l", "c2", "g", 40_000, None, 50_000), 1),
-                (alloc("l", "c1", "g", 0, None, 10_000), 1),
+                alloc("l", "c2", "g", 40_000, None, 50_000),
+                alloc("l", "c1", "g", 0, None, 10_000),
             ],
         ]);
         assert_eq!(
@@ -417,16 +369,16 @@ mod tests {
     fn counters_take_differences_and_count_resets_from_zero() {
         let out = run(vec![
             vec![
-                (cpu("l", "c1", 10_000, 1_000_000), 1),
-                (cpu("l", "c1", 50_000, 3_000_000), 1),
+                cpu("l", "c1", 10_000, 1_000_000),
+                cpu("l", "c1", 50_000, 3_000_000),
             ],
             // Reset at 70 s (lower reading), then growth; a gap loses nothing.
             vec![
-                (cpu("l", "c1", 130_000, 9_000_000), 1),
-                (cpu("l", "c1", 70_000, 500_000), 1),
+                cpu("l", "c1", 130_000, 9_000_000),
+                cpu("l", "c1", 70_000, 500_000),
             ],
             // A new container counts from zero.
-            vec![(cpu("l", "c2", 75_000, 2_000_000), 1)],
+            vec![cpu("l", "c2", 75_000, 2_000_000)],
         ]);
         assert_eq!(
             out,
@@ -436,13 +388,6 @@ mod tests {
                 (cpu_key("l", 2 * MIN), 8_500_000),
             ])
         );
-    }
-
-    #[test]
-    fn a_retracted_observation_retracts_its_usage() {
-        let a = alloc("l", "c1", "g", 0, None, 30_000);
-        let out = run(vec![vec![(a.clone(), 1)], vec![(a, -1)]]);
-        assert!(out.is_empty());
     }
 
     /// The obviously-correct oracle: per series, sort and fold the plain list.
@@ -485,9 +430,17 @@ mod tests {
                 t = next;
             }
         }
-        for (k, mut vs) in counters {
-            vs.sort();
-            vs.dedup();
+        for (k, vs) in counters {
+            // Two readings at one time: the larger is the reading.
+            let mut by_time: BTreeMap<i64, i64> = BTreeMap::new();
+            for v in vs {
+                let u = by_time.entry(v.timestamp_ms).or_insert(v.units);
+                *u = (*u).max(v.units);
+            }
+            let vs = by_time.into_iter().map(|(timestamp_ms, units)| CounterObs {
+                timestamp_ms,
+                units,
+            });
             let mut prev = 0;
             for v in vs {
                 let d = if v.units >= prev {
@@ -580,10 +533,17 @@ mod tests {
             let mut epochs = vec![Vec::new()];
             for (i, o) in arrival.into_iter().enumerate() {
                 if cuts.contains(&i) { epochs.push(Vec::new()); }
-                epochs.last_mut().expect("non-empty").push((o, 1));
+                epochs.last_mut().expect("non-empty").push(o);
             }
-            prop_assert_eq!(run(epochs.clone()), expected.clone());
-            prop_assert_eq!(run_with(epochs, true), expected);
+            let (usage, billing) = run_all(epochs);
+            // Billing totals are the usage totals summed per lease, item and hour.
+            let mut billed: BTreeMap<BillingKey, i64> = BTreeMap::new();
+            for (k, v) in &expected {
+                *billed.entry(BillingKey::of(k, HOUR)).or_default() += v;
+            }
+            billed.retain(|_, v| *v != 0);
+            prop_assert_eq!(usage, expected);
+            prop_assert_eq!(billing, billed);
         }
     }
 }

@@ -1,18 +1,38 @@
-//! The processor: turns sample batches into exact, incremental usage aggregates.
+//! The processor: turns sample batches into exact, incremental usage and billing aggregates.
 //!
-//! Input: [`meterflow_schemas::SampleBatch`] from `meterflow.samples`. Output: one
+//! Input: [`meterflow_schemas::SampleBatch`] from `meterflow.samples`. Outputs: one
 //! [`meterflow_schemas::UsageUpdate`] per changed (lease, service, metric, GPU class, MIG
-//! profile, window) on `meterflow.usage`; input it cannot use goes to `meterflow.deadletter`.
+//! profile, base window) on `meterflow.usage`; [`meterflow_schemas::BillingRecord`]s (a charge
+//! per lease, item and closed billing window, then adjustments) on `meterflow.billing`; input it
+//! cannot use goes to `meterflow.deadletter`. State: a RocksDB checkpoint (`--state-dir`).
 //!
 //! - [`model`]: the dataflow's records and the validation of a sample into one (pure).
+//! - [`agents`]: per-agent deduplication by sequence and event-time watermark (pure).
+//! - [`series`]: per-series state that samples reduce to before the dataflow (pure).
 //! - [`dataflow`]: the differential dataflow, one named step per SPEC step (pure, tested on
-//!   small collections): allocation intervals → GPU-milliseconds per window; counter readings
-//!   → deltas with resets → CPU core-microseconds per window; sums per window.
-//! - [`runner`]: timely workers fed from Kafka through rdkafka, deduplication by
-//!   (agent, sequence), and the producers of the output topics.
+//!   small collections): allocation intervals → GPU-milliseconds per window; counter usage
+//!   per window; totals per base window and per billing window.
+//! - [`billing`]: the ledger of what was billed, charges and adjustments (pure).
+//! - [`prices`]: the versioned price book (TOML) and costs on integers (pure).
+//! - [`checkpoint`]: input offsets and state written together to RocksDB.
+//! - [`runner`]: timely workers fed from Kafka through rdkafka, checkpoints, and the producers
+//!   of the output topics; exactly-once billing without Kafka transactions.
 
+pub mod agents;
+pub mod billing;
+pub mod checkpoint;
 pub mod dataflow;
 pub mod model;
+pub mod prices;
 pub mod runner;
+pub mod series;
 
+pub use prices::PriceBook;
 pub use runner::{ProcessorConfig, ProcessorError, run};
+
+/// Milliseconds since the Unix epoch by this machine's clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

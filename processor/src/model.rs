@@ -101,6 +101,17 @@ impl Aggregate {
     }
 }
 
+/// What the dataflow is fed: one summary per allocation series, and per counter series its
+/// usage per window (the amount travels in the update's multiplicity). Both come from a
+/// [`crate::series::Feeder`], which keeps the per-series state that the raw samples reduce to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Summary {
+    /// The merged observations of one allocation series.
+    Allocation(AllocationKey, AllocationObs),
+    /// A counter series' usage in the window starting at the given millisecond.
+    CounterWindow(CounterKey, i64),
+}
+
 /// The key of one windowed aggregate.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct UsageKey {
@@ -109,6 +120,59 @@ pub struct UsageKey {
     pub gpu_class: String,
     pub mig_profile: String,
     pub window_start_ms: i64,
+}
+
+/// The key of one billed quantity: what a lease used of one item in one billing window.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct BillingKey {
+    pub tenant: String,
+    pub lease: String,
+    pub metric: Aggregate,
+    pub gpu_class: String,
+    pub mig_profile: String,
+    pub window_start_ms: i64,
+}
+
+impl BillingKey {
+    /// The billing key a usage key adds to, for billing windows of `billing_window_ms`.
+    pub fn of(usage: &UsageKey, billing_window_ms: i64) -> Self {
+        Self {
+            tenant: usage.owner.tenant.clone(),
+            lease: usage.owner.lease.clone(),
+            metric: usage.metric,
+            gpu_class: usage.gpu_class.clone(),
+            mig_profile: usage.mig_profile.clone(),
+            window_start_ms: usage.window_start_ms.div_euclid(billing_window_ms)
+                * billing_window_ms,
+        }
+    }
+
+    /// The key of a billing record read back from the billing topic; `None` for an item this
+    /// version does not bill.
+    pub fn from_record(record: &meterflow_schemas::BillingRecord) -> Option<Self> {
+        let (metric, gpu_class, mig_profile) = match record.item.split(':').collect::<Vec<_>>()[..]
+        {
+            ["gpu", class, mig] => (Aggregate::GpuSeconds, class, mig),
+            ["cpu"] => (Aggregate::CpuCoreSeconds, "", ""),
+            _ => return None,
+        };
+        Some(Self {
+            tenant: record.tenant.clone(),
+            lease: record.lease.clone(),
+            metric,
+            gpu_class: gpu_class.to_string(),
+            mig_profile: mig_profile.to_string(),
+            window_start_ms: record.window_start_ms,
+        })
+    }
+
+    /// What is billed, as the billing record names it: `gpu:<class>:<mig_profile>` or `cpu`.
+    pub fn item(&self) -> String {
+        match self.metric {
+            Aggregate::GpuSeconds => format!("gpu:{}:{}", self.gpu_class, self.mig_profile),
+            Aggregate::CpuCoreSeconds => "cpu".to_string(),
+        }
+    }
 }
 
 /// Why a sample was refused; it goes to the dead-letter topic with this reason.

@@ -1,27 +1,45 @@
-//! Timely workers fed from Kafka, and the producers of the output topics.
+//! Timely workers fed from Kafka, their checkpoints, and the producers of the output topics.
 //!
 //! Each worker owns the `meterflow.samples` partitions whose number is its index modulo the
 //! worker count, so one node's batches (keyed by node) always reach the same worker, which
-//! drops repeats of an (agent, sequence) it has already fed. A worker polls a bounded number of
-//! messages, feeds their observations at the next epoch, steps the dataflow until that epoch is
-//! complete, and sends one [`UsageUpdate`] per aggregate that changed, keyed by its stable id.
+//! drops repeats of an (agent, sequence) it has already fed and samples older than the allowed
+//! lateness behind their agent's watermark. A worker polls a bounded number of messages, feeds
+//! them at the next epoch, steps the dataflow until that epoch is complete, and then:
+//! - sends one [`UsageUpdate`] per aggregate that changed, keyed by its stable id;
+//! - sends the [`meterflow_schemas::BillingRecord`]s its [`Ledger`] says are due;
+//! - once the broker has acknowledged them, and at most every `checkpoint_interval`, writes a
+//!   [`Checkpoint`] of its input offsets and changed state.
+//!
+//! Exactly once without Kafka transactions: on start, the billing records written after the
+//! last checkpoint are read back from `meterflow.billing` into the store ([`read_back_billing`]);
+//! each worker restores its partitions' state, resumes from their offsets, and bills nothing
+//! until every worker has caught up with what its partitions held at start-up. Recomputed totals
+//! that equal what was billed produce nothing; a difference produces the next revision.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use meterflow_schemas::id::StableId;
-use meterflow_schemas::{DeadLetter, Record, SampleBatch, UsageUpdate, topics};
-use rdkafka::ClientConfig;
+use meterflow_schemas::{BillingRecord, DeadLetter, Record, SampleBatch, UsageUpdate, topics};
+use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::dataflow::{Feeder, Installed, Time, install};
-use crate::model::{UsageKey, observe};
+use crate::agents::AgentState;
+use crate::billing::{Billed, Ledger, partition_key};
+use crate::checkpoint::{Checkpoint, Store, StoreError};
+use crate::dataflow::{Installed, Time, install};
+use crate::model::{BillingKey, Summary, UsageKey, observe};
+use crate::prices::PriceBook;
+use crate::series::Feeder;
 
 /// Configuration of the processor.
 #[derive(Debug, Clone)]
@@ -32,8 +50,21 @@ pub struct ProcessorConfig {
     pub workers: usize,
     /// Length of the base window, in milliseconds (SPEC: 1 minute).
     pub window_ms: i64,
+    /// Length of a billing window, in milliseconds (a multiple of the base window).
+    pub billing_window_ms: i64,
+    /// How far behind its agent's watermark a sample is still accepted, in milliseconds.
+    pub allowed_lateness_ms: i64,
+    /// How far ahead of this machine's clock a sample is still accepted, in milliseconds.
+    pub max_future_ms: i64,
     /// Most messages a worker feeds in one epoch.
     pub max_batch: usize,
+    /// Directory of the RocksDB checkpoint; `None` keeps state in memory and replays the
+    /// input from the beginning at every start.
+    pub state_dir: Option<PathBuf>,
+    /// Least time between two checkpoints of a worker.
+    pub checkpoint_interval: Duration,
+    /// Prices of the billing records.
+    pub prices: PriceBook,
 }
 
 impl ProcessorConfig {
@@ -43,7 +74,13 @@ impl ProcessorConfig {
             brokers: brokers.into(),
             workers: 1,
             window_ms: 60_000,
+            billing_window_ms: 3_600_000,
+            allowed_lateness_ms: 10 * 60_000,
+            max_future_ms: 24 * 3_600_000,
             max_batch: 1_000,
+            state_dir: None,
+            checkpoint_interval: Duration::from_secs(1),
+            prices: PriceBook::default(),
         }
     }
 }
@@ -60,6 +97,16 @@ pub enum ProcessorError {
         "topic {0} does not exist on the brokers; create it first (meterflow creates its topics at start-up)"
     )]
     MissingTopic(String),
+    #[error(
+        "{0} output records were not acknowledged by the broker; stopping so that a restart re-emits them from the last checkpoint"
+    )]
+    Delivery(u64),
+    #[error(
+        "billing window {billing_ms} ms is not a positive multiple of the base window {window_ms} ms"
+    )]
+    Windows { window_ms: i64, billing_ms: i64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("timely dataflow: {0}")]
     Timely(String),
 }
@@ -68,11 +115,65 @@ fn kafka(context: &'static str) -> impl FnOnce(KafkaError) -> ProcessorError {
     move |source| ProcessorError::Kafka { context, source }
 }
 
+/// What the workers of one process share.
+struct Shared {
+    /// The latest watermark of any agent, in ms.
+    watermark_ms: AtomicI64,
+    /// Workers that have read what their partitions held at start-up.
+    caught_up: AtomicUsize,
+}
+
+/// Counts the output records the broker did not acknowledge.
+#[derive(Default)]
+struct Deliveries {
+    failed: AtomicU64,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, m)) = result {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+            warn!(topic = m.topic(), error = %e, "output record not delivered");
+        }
+    }
+}
+
+type OutputProducer = ThreadedProducer<Deliveries>;
+
 /// Runs the processor's workers until `shutdown` is cancelled.
 pub fn run(config: ProcessorConfig, shutdown: CancellationToken) -> Result<(), ProcessorError> {
+    if config.billing_window_ms <= 0
+        || config.window_ms <= 0
+        || config.billing_window_ms % config.window_ms != 0
+    {
+        return Err(ProcessorError::Windows {
+            window_ms: config.window_ms,
+            billing_ms: config.billing_window_ms,
+        });
+    }
+    let store = match &config.state_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+                path: dir.clone(),
+                source,
+            })?;
+            let store = Arc::new(Store::open(dir)?);
+            read_back_billing(&config.brokers, &store, &shutdown)?;
+            Some(store)
+        }
+        None => None,
+    };
+    let shared = Arc::new(Shared {
+        watermark_ms: AtomicI64::new(i64::MIN),
+        caught_up: AtomicUsize::new(0),
+    });
     let workers = config.workers.max(1);
     let guards = timely::execute(timely::Config::process(workers), move |worker| {
-        run_worker(worker, &config, &shutdown)
+        run_worker(worker, &config, store.as_deref(), &shared, &shutdown)
     })
     .map_err(ProcessorError::Timely)?;
     for result in guards.join() {
@@ -81,86 +182,179 @@ pub fn run(config: ProcessorConfig, shutdown: CancellationToken) -> Result<(), P
     Ok(())
 }
 
-/// The sequence numbers seen from one agent: everything up to `floor`, plus those above it.
-#[derive(Debug, Default)]
-struct SeenSequences {
-    floor: i64,
-    above: BTreeSet<i64>,
+/// Reads the billing records written after the last checkpoint back into the store, so that
+/// what was billed before a crash is billed once.
+fn read_back_billing(
+    brokers: &str,
+    store: &Store,
+    shutdown: &CancellationToken,
+) -> Result<(), ProcessorError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        // Assigned by hand; the id only names this client to the broker.
+        .set("group.id", "meterflow-processor-billing-readback")
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(kafka("create billing reader"))?;
+    let partitions = topic_partitions(&consumer, topics::BILLING, shutdown)?;
+    let from = store.billing_offsets()?;
+    let mut assignment = TopicPartitionList::new();
+    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+    for p in 0..partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topics::BILLING, p, Duration::from_secs(10))
+            .map_err(kafka("billing offsets"))?;
+        let start = from.get(&p).copied().unwrap_or(low).max(low);
+        if start < high {
+            ends.insert(p, high);
+            assignment
+                .add_partition_offset(topics::BILLING, p, Offset::Offset(start))
+                .map_err(kafka("assign billing"))?;
+        }
+    }
+    if ends.is_empty() {
+        return Ok(());
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(kafka("assign billing"))?;
+    let mut read = 0usize;
+    while !ends.is_empty() && !shutdown.is_cancelled() {
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = message.map_err(kafka("read billing"))?;
+        if ends
+            .get(&message.partition())
+            .is_some_and(|end| message.offset() + 1 >= *end)
+        {
+            ends.remove(&message.partition());
+        }
+        let Ok(record) = BillingRecord::decode(message.payload().unwrap_or_default()) else {
+            warn!(
+                partition = message.partition(),
+                offset = message.offset(),
+                "undecodable billing record skipped"
+            );
+            continue;
+        };
+        let Some(key) = BillingKey::from_record(&record) else {
+            warn!(item = %record.item, "billing record of an unknown item skipped");
+            continue;
+        };
+        if let Some(billed) = Billed::apply(store.billed(&key)?, &record) {
+            store.put_billed(&key, billed)?;
+        }
+        read += 1;
+    }
+    info!(
+        records = read,
+        "billing records read back since the last checkpoint"
+    );
+    Ok(())
 }
 
-impl SeenSequences {
-    /// Whether `seq` is new; records it. An agent sends in order on one partition, so the
-    /// first sequence seen sets the floor and anything below it is a resend.
-    fn insert(&mut self, seq: i64) -> bool {
-        if self.floor == 0 && self.above.is_empty() {
-            self.floor = seq - 1;
-        }
-        if seq <= self.floor || !self.above.insert(seq) {
-            return false;
-        }
-        while self.above.remove(&(self.floor + 1)) {
-            self.floor += 1;
-        }
-        true
-    }
+/// One worker's view of its input partitions.
+struct Inputs {
+    /// Next offset to read, per owned partition.
+    next: BTreeMap<i32, i64>,
+    /// The end of each partition at start-up; removed once reached.
+    catching_up: BTreeMap<i32, i64>,
 }
 
 fn run_worker(
     worker: &mut timely::worker::Worker,
     config: &ProcessorConfig,
+    store: Option<&Store>,
+    shared: &Shared,
     shutdown: &CancellationToken,
 ) -> Result<(), ProcessorError> {
     let index = worker.index();
     let peers = worker.peers();
     let window_ms = config.window_ms;
+    let lateness_ms = config.allowed_lateness_ms;
 
     let Installed {
         mut input,
         probe,
-        changes,
-    } = install(worker, window_ms);
+        usage,
+        billing,
+    } = install(worker, window_ms, config.billing_window_ms);
 
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
         // Partitions are assigned by worker index, not by the group protocol; the id only
         // names this client to the broker.
         .set("group.id", "meterflow-processor")
-        // Offsets are not committed to Kafka: the input is replayed from the start until
-        // checkpoints (state and offsets together in RocksDB) exist.
+        // Offsets are never committed to Kafka: they live in the checkpoint, with the state
+        // they produced.
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .create()
         .map_err(kafka("create consumer"))?;
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+    let producer: OutputProducer = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
-        // A retried send must not duplicate an update.
+        // A retried send must not duplicate a record.
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
-        .create()
+        .create_with_context(Deliveries::default())
         .map_err(kafka("create producer"))?;
 
-    let partitions = samples_partitions(&consumer, shutdown)?;
+    let partitions = topic_partitions(&consumer, topics::SAMPLES, shutdown)?;
+    let billing_partitions = topic_partitions(&consumer, topics::BILLING, shutdown)?;
+    let mut feeder = Feeder::new(window_ms);
+    let mut agents: HashMap<String, (i32, AgentState)> = HashMap::new();
+    let mut inputs = Inputs {
+        next: BTreeMap::new(),
+        catching_up: BTreeMap::new(),
+    };
     let mut assignment = TopicPartitionList::new();
     for p in (0..partitions).filter(|p| *p as usize % peers == index) {
+        let restored = match store {
+            Some(s) => restore_partition(s, p, &mut input, &mut feeder, &mut agents, shared)?,
+            None => None,
+        };
+        let (low, high) = consumer
+            .fetch_watermarks(topics::SAMPLES, p, Duration::from_secs(10))
+            .map_err(kafka("input offsets"))?;
+        let next = restored.unwrap_or(low).max(low);
+        inputs.next.insert(p, next);
+        if next < high {
+            inputs.catching_up.insert(p, high);
+        }
         assignment
-            .add_partition_offset(topics::SAMPLES, p, Offset::Beginning)
+            .add_partition_offset(topics::SAMPLES, p, Offset::Offset(next))
             .map_err(kafka("assign"))?;
     }
     consumer.assign(&assignment).map_err(kafka("assign"))?;
+    let (series_a, series_c) = feeder.series();
     info!(
         worker = index,
         partitions = assignment.count(),
+        restored_allocation_series = series_a,
+        restored_counter_series = series_c,
         "processor worker started"
     );
 
-    let mut seen: HashMap<String, SeenSequences> = HashMap::new();
-    let mut feeder = Feeder::default();
-    let mut epoch: Time = 0;
-    while !shutdown.is_cancelled() {
+    // The restored state is the dataflow's first epoch. Its usage updates were sent before the
+    // checkpoint was written; its billing totals go to the ledger with the next epoch's.
+    let mut epoch: Time = 1;
+    input.advance_to(epoch);
+    input.flush();
+    worker.step_while(|| probe.less_than(input.time()));
+    usage.borrow_mut().clear();
+
+    let mut ledger = Ledger::new(config.billing_window_ms);
+    let mut dirty_agents: HashSet<String> = HashSet::new();
+    let mut counted_caught_up = false;
+    let mut last_checkpoint = Instant::now();
+    let mut changed_since_checkpoint = false;
+    loop {
+        let stopping = shutdown.is_cancelled();
         let mut fed = 0usize;
         let mut timeout = Duration::from_millis(50);
-        while fed < config.max_batch {
+        while fed < config.max_batch && !stopping {
             let Some(message) = consumer.poll(timeout) else {
                 break;
             };
@@ -173,6 +367,16 @@ fn run_worker(
                 }
             };
             fed += 1;
+            let partition = message.partition();
+            let offset = message.offset();
+            inputs.next.insert(partition, offset + 1);
+            if inputs
+                .catching_up
+                .get(&partition)
+                .is_some_and(|end| offset + 1 >= *end)
+            {
+                inputs.catching_up.remove(&partition);
+            }
             let payload = message.payload().unwrap_or_default();
             let batch = match SampleBatch::decode(payload) {
                 Ok(b) => b,
@@ -181,61 +385,204 @@ fn run_worker(
                         &producer,
                         e.reason(),
                         e.to_string(),
-                        (message.partition(), message.offset()),
+                        (partition, offset),
                         payload.to_vec(),
                     );
                     continue;
                 }
             };
-            if !seen
+            let (_, agent) = agents
                 .entry(batch.agent_id.clone())
-                .or_default()
-                .insert(batch.sequence)
-            {
+                .or_insert_with(|| (partition, AgentState::new()));
+            if !agent.first_time(batch.sequence) {
                 debug!(agent = %batch.agent_id, sequence = batch.sequence, "duplicate batch dropped");
                 continue;
             }
+            dirty_agents.insert(batch.agent_id.clone());
+            let horizon_ms = agent.horizon_ms(lateness_ms);
+            let latest_ms = crate::now_ms().saturating_add(config.max_future_ms);
+            let mut watermark_ms = agent.watermark_ms;
+            if batch.collected_at_ms <= latest_ms {
+                watermark_ms = watermark_ms.max(batch.collected_at_ms);
+            }
             for sample in &batch.samples {
-                match observe(sample) {
-                    Ok(Some(o)) => feeder.feed(&mut input, o),
-                    Ok(None) => {}
-                    Err(rejection) => {
-                        let single = SampleBatch {
-                            samples: vec![sample.clone()],
-                            ..batch.clone()
-                        };
-                        dead_letter(
-                            &producer,
-                            rejection.reason,
-                            rejection.detail,
-                            (message.partition(), message.offset()),
-                            single.encode().unwrap_or_default(),
-                        );
+                let refused = if sample.timestamp_ms > latest_ms {
+                    Some((
+                        "far_future",
+                        format!(
+                            "timestamp {} ms is more than {} ms ahead of this processor's clock",
+                            sample.timestamp_ms, config.max_future_ms
+                        ),
+                    ))
+                } else if sample.timestamp_ms < horizon_ms {
+                    Some((
+                        "too_late",
+                        format!(
+                            "timestamp {} ms is more than the allowed lateness ({} ms) behind agent {}'s watermark",
+                            sample.timestamp_ms, lateness_ms, batch.agent_id
+                        ),
+                    ))
+                } else {
+                    match observe(sample) {
+                        Ok(Some(o)) => {
+                            watermark_ms = watermark_ms.max(sample.timestamp_ms);
+                            feeder.feed(&mut input, partition, o, horizon_ms);
+                            None
+                        }
+                        Ok(None) => None,
+                        Err(rejection) => Some((rejection.reason, rejection.detail)),
                     }
+                };
+                if let Some((reason, detail)) = refused {
+                    let single = SampleBatch {
+                        samples: vec![sample.clone()],
+                        ..batch.clone()
+                    };
+                    dead_letter(
+                        &producer,
+                        reason,
+                        detail,
+                        (partition, offset),
+                        single.encode().unwrap_or_default(),
+                    );
                 }
             }
+            agent.watermark_ms = watermark_ms;
+            shared
+                .watermark_ms
+                .fetch_max(watermark_ms, Ordering::SeqCst);
         }
+        changed_since_checkpoint |= fed > 0;
+        if !counted_caught_up && inputs.catching_up.is_empty() {
+            counted_caught_up = true;
+            shared.caught_up.fetch_add(1, Ordering::SeqCst);
+            info!(worker = index, "caught up with the input");
+        }
+
         epoch += 1;
         input.advance_to(epoch);
         input.flush();
         worker.step_while(|| probe.less_than(input.time()));
 
-        let drained: Vec<_> = changes.borrow_mut().drain(..).collect();
-        if !drained.is_empty() {
-            let sent = emit_usage(&producer, drained, window_ms);
+        let usage_changes: Vec<_> = usage.borrow_mut().drain(..).collect();
+        let sent = emit_usage(&producer, usage_changes, window_ms);
+        let billing_changes: Vec<_> = billing.borrow_mut().drain(..).collect();
+        for (key, total) in latest_totals(billing_changes) {
+            let known = if ledger.knows(&key) {
+                None
+            } else {
+                match store {
+                    Some(s) => s.billed(&key)?,
+                    None => None,
+                }
+            };
+            ledger.set_total(key, total, |_| known);
+        }
+        let mut billed = 0usize;
+        if shared.caught_up.load(Ordering::SeqCst) >= peers {
+            let frontier_ms = shared
+                .watermark_ms
+                .load(Ordering::SeqCst)
+                .saturating_sub(lateness_ms);
+            for due in ledger.due(frontier_ms) {
+                let record = due.record(config.billing_window_ms, &config.prices);
+                match record.encode() {
+                    Ok(bytes) => send(
+                        &producer,
+                        topics::BILLING,
+                        Some(&partition_key(&due.key)),
+                        &bytes,
+                    ),
+                    Err(e) => warn!(error = %e, "billing record not encodable"),
+                }
+                billed += 1;
+            }
+        }
+        if sent + billed > 0 || fed > 0 {
             producer
                 .flush(Duration::from_secs(30))
-                .map_err(kafka("flush usage"))?;
-            debug!(worker = index, epoch, sent, "usage updates sent");
+                .map_err(kafka("flush outputs"))?;
+            let failed = producer.context().failed.swap(0, Ordering::SeqCst);
+            if failed > 0 {
+                return Err(ProcessorError::Delivery(failed));
+            }
+            debug!(worker = index, epoch, fed, sent, billed, "epoch done");
+        }
+        changed_since_checkpoint |= billed > 0;
+
+        if let Some(store) = store
+            && changed_since_checkpoint
+            && (stopping || last_checkpoint.elapsed() >= config.checkpoint_interval)
+        {
+            let mut billing_offsets = Vec::new();
+            for p in 0..billing_partitions {
+                let (_, high) = consumer
+                    .fetch_watermarks(topics::BILLING, p, Duration::from_secs(10))
+                    .map_err(kafka("billing offsets"))?;
+                billing_offsets.push((p, high));
+            }
+            store.write(Checkpoint {
+                worker: index as u32,
+                offsets: inputs.next.iter().map(|(p, o)| (*p, *o)).collect(),
+                agents: dirty_agents
+                    .drain()
+                    .filter_map(|a| {
+                        let (p, state) = agents.get(&a)?.clone();
+                        Some((p, a, state))
+                    })
+                    .collect(),
+                series: feeder.take_dirty(),
+                billed: ledger.take_dirty(),
+                billing_offsets,
+            })?;
+            last_checkpoint = Instant::now();
+            changed_since_checkpoint = false;
+            debug!(worker = index, epoch, "checkpoint written");
+        }
+        if stopping {
+            break;
         }
     }
-    info!(worker = index, "processor worker stopped");
+    info!(
+        worker = index,
+        unbilled = ledger.pending(),
+        "processor worker stopped"
+    );
     Ok(())
 }
 
-/// Waits for `meterflow.samples` to exist and returns its partition count.
-fn samples_partitions(
+/// Feeds a partition's checkpoint into the dataflow's first epoch; returns its next offset.
+fn restore_partition(
+    store: &Store,
+    partition: i32,
+    input: &mut differential_dataflow::input::InputSession<Time, Summary, isize>,
+    feeder: &mut Feeder,
+    agents: &mut HashMap<String, (i32, AgentState)>,
+    shared: &Shared,
+) -> Result<Option<i64>, ProcessorError> {
+    let state = store.load_partition(partition)?;
+    for (agent, s) in state.agents {
+        shared
+            .watermark_ms
+            .fetch_max(s.watermark_ms, Ordering::SeqCst);
+        agents.insert(agent, (partition, s));
+    }
+    for (key, obs) in state.allocations {
+        feeder.restore_allocation(input, partition, key, obs);
+    }
+    for (key, series) in state.counters {
+        feeder.restore_counter(partition, key, series);
+    }
+    for (key, window, amount) in state.windows {
+        input.update(Summary::CounterWindow(key, window), amount as isize);
+    }
+    Ok(state.offset)
+}
+
+/// Waits for `topic` to exist and returns its partition count.
+fn topic_partitions(
     consumer: &BaseConsumer,
+    topic: &str,
     shutdown: &CancellationToken,
 ) -> Result<i32, ProcessorError> {
     for _ in 0..60 {
@@ -243,29 +590,22 @@ fn samples_partitions(
             break;
         }
         let metadata = consumer
-            .fetch_metadata(Some(topics::SAMPLES), Duration::from_secs(5))
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
             .map_err(kafka("fetch metadata"))?;
-        if let Some(t) = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topics::SAMPLES)
+        if let Some(t) = metadata.topics().iter().find(|t| t.name() == topic)
             && !t.partitions().is_empty()
         {
             return Ok(t.partitions().len() as i32);
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    Err(ProcessorError::MissingTopic(topics::SAMPLES.into()))
+    Err(ProcessorError::MissingTopic(topic.into()))
 }
 
-/// Turns one epoch's changes into the latest value per key (zero where a value was retracted
-/// without a replacement) and sends them; returns how many were sent.
-fn emit_usage(
-    producer: &ThreadedProducer<DefaultProducerContext>,
-    changes: Vec<((UsageKey, isize), Time, isize)>,
-    window_ms: i64,
-) -> usize {
-    let mut latest: BTreeMap<UsageKey, i64> = BTreeMap::new();
+/// The latest total per key in one epoch's changes (zero where a total was retracted without
+/// a replacement).
+fn latest_totals<K: Ord>(changes: Vec<((K, isize), Time, isize)>) -> BTreeMap<K, i64> {
+    let mut latest: BTreeMap<K, i64> = BTreeMap::new();
     for ((key, amount), _time, diff) in changes {
         if diff > 0 {
             latest.insert(key, amount as i64);
@@ -273,6 +613,16 @@ fn emit_usage(
             latest.entry(key).or_insert(0);
         }
     }
+    latest
+}
+
+/// Sends the latest value of every usage aggregate that changed; returns how many were sent.
+fn emit_usage(
+    producer: &OutputProducer,
+    changes: Vec<((UsageKey, isize), Time, isize)>,
+    window_ms: i64,
+) -> usize {
+    let latest = latest_totals(changes);
     let sent = latest.len();
     for (key, amount) in latest {
         let update = usage_update(&key, amount, window_ms);
@@ -312,7 +662,7 @@ pub fn usage_update(key: &UsageKey, amount: i64, window_ms: i64) -> UsageUpdate 
 }
 
 fn dead_letter(
-    producer: &ThreadedProducer<DefaultProducerContext>,
+    producer: &OutputProducer,
     reason: &str,
     detail: String,
     (partition, offset): (i32, i64),
@@ -334,12 +684,7 @@ fn dead_letter(
 }
 
 /// Enqueues a record, waiting for room when the producer's queue is full.
-fn send(
-    producer: &ThreadedProducer<DefaultProducerContext>,
-    topic: &str,
-    key: Option<&str>,
-    payload: &[u8],
-) {
+fn send(producer: &OutputProducer, topic: &str, key: Option<&str>, payload: &[u8]) {
     let record = BaseRecord::<str, [u8]>::to(topic).payload(payload);
     let mut record = match key {
         Some(k) => record.key(k),
@@ -356,30 +701,11 @@ fn send(
                 std::thread::sleep(Duration::from_millis(10));
             }
             Err((e, _)) => {
+                // Counted as a failed delivery: the epoch's flush turns it into a stop.
+                producer.context().failed.fetch_add(1, Ordering::SeqCst);
                 warn!(topic, error = %e, "record could not be enqueued");
                 return;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::SeenSequences;
-
-    #[test]
-    fn sequences_are_seen_once() {
-        let mut s = SeenSequences::default();
-        assert!(s.insert(5));
-        assert!(!s.insert(5));
-        assert!(s.insert(7));
-        assert!(s.insert(6));
-        assert!(!s.insert(7));
-        assert!(!s.insert(3), "below the first sequence seen: a resend");
-        assert_eq!(
-            (s.floor, s.above.len()),
-            (7, 0),
-            "contiguous sequences compact"
-        );
     }
 }

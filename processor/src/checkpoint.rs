@@ -1,0 +1,357 @@
+//! The processor's checkpoint: input offsets and the state they produced, in one RocksDB write.
+//!
+//! State is stored per input partition (a partition's agents, series and window usage), so a
+//! restart with another number of workers still finds each partition's state whole. A worker
+//! writes a checkpoint after its outputs up to that point are acknowledged by the broker, in one
+//! `WriteBatch`: the next offset of each of its partitions, what changed in its agents, series
+//! and ledger since the previous checkpoint, and the billing topic's end offsets as it saw them
+//! (so a restart knows from where to read back the records written after the checkpoint).
+//!
+//! Keys (`P` a partition as big-endian `i32`, `W` a worker as big-endian `u32`; series and
+//! billing keys as JSON, which serde writes deterministically):
+//!
+//! ```text
+//! o P            → next input offset (i64 BE)
+//! a P agent      → AgentState (JSON)
+//! s P series     → AllocationObs (JSON)
+//! c P series     → CounterSeries (JSON)
+//! w P series T   → usage of the counter series in the window starting at T (i64 LE, merged by
+//!                  addition; T big-endian with the sign bit flipped)
+//! b key          → Billed (JSON)
+//! k W P          → billing topic offset below which this worker's records are all in `b`
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rocksdb::{DB, Direction, IteratorMode, MergeOperands, Options, WriteBatch, WriteOptions};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::agents::AgentState;
+use crate::billing::Billed;
+use crate::model::{AllocationKey, AllocationObs, BillingKey, CounterKey};
+use crate::series::{CounterSeries, Dirty};
+
+/// Why the state store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the processor state in {path}: {source} (is another processor using it?)")]
+    Open {
+        path: PathBuf,
+        source: rocksdb::Error,
+    },
+    #[error("cannot create the processor state directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("processor state: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("processor state: unreadable entry {key:?}: {message}")]
+    Corrupt { key: Vec<u8>, message: String },
+}
+
+/// What one partition's checkpoint holds.
+#[derive(Debug, Default)]
+pub struct PartitionState {
+    /// The next offset to read, if a checkpoint was written.
+    pub offset: Option<i64>,
+    pub agents: Vec<(String, AgentState)>,
+    pub allocations: Vec<(AllocationKey, AllocationObs)>,
+    pub counters: Vec<(CounterKey, CounterSeries)>,
+    /// `(series, window_start_ms, usage)`.
+    pub windows: Vec<(CounterKey, i64, i64)>,
+}
+
+/// One worker's checkpoint.
+#[derive(Debug, Default)]
+pub struct Checkpoint {
+    pub worker: u32,
+    /// `(partition, next offset)` of every partition the worker reads.
+    pub offsets: Vec<(i32, i64)>,
+    /// Agents changed since the previous checkpoint, with their partition.
+    pub agents: Vec<(i32, String, AgentState)>,
+    pub series: Dirty,
+    pub billed: Vec<(BillingKey, Billed)>,
+    /// `(billing partition, end offset)` after this worker's records were acknowledged.
+    pub billing_offsets: Vec<(i32, i64)>,
+}
+
+/// The processor's RocksDB, shared by the workers of one process.
+pub struct Store {
+    db: DB,
+}
+
+fn add_i64(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
+    let read = |b: &[u8]| b.try_into().map(i64::from_le_bytes).unwrap_or(0);
+    let mut sum = existing.map_or(0, read);
+    for op in operands {
+        sum = sum.wrapping_add(read(op));
+    }
+    Some(sum.to_le_bytes().to_vec())
+}
+
+fn key(tag: u8, partition: i32, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + rest.len());
+    k.push(tag);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k.extend_from_slice(rest);
+    k
+}
+
+fn json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("state types serialize to JSON")
+}
+
+fn window_bytes(window_start_ms: i64) -> [u8; 8] {
+    ((window_start_ms as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn parse<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_vec(),
+        message: e.to_string(),
+    })
+}
+
+fn be_i64(key: &[u8], bytes: &[u8]) -> Result<i64, StoreError> {
+    bytes
+        .try_into()
+        .map(i64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt {
+            key: key.to_vec(),
+            message: format!("{} bytes where an offset has 8", bytes.len()),
+        })
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.set_merge_operator_associative("add_i64", add_i64);
+        let db = DB::open(&opts, dir).map_err(|source| StoreError::Open {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Ok(Self { db })
+    }
+
+    fn scan(
+        &self,
+        prefix: &[u8],
+        mut each: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        for item in self
+            .db
+            .iterator(IteratorMode::From(prefix, Direction::Forward))
+        {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            each(&k, &v)?;
+        }
+        Ok(())
+    }
+
+    /// Everything checkpointed for input `partition`.
+    pub fn load_partition(&self, partition: i32) -> Result<PartitionState, StoreError> {
+        let mut state = PartitionState::default();
+        let offset_key = key(b'o', partition, &[]);
+        if let Some(v) = self.db.get(&offset_key)? {
+            state.offset = Some(be_i64(&offset_key, &v)?);
+        }
+        self.scan(&key(b'a', partition, &[]), |k, v| {
+            let agent = String::from_utf8_lossy(&k[5..]).into_owned();
+            state.agents.push((agent, parse(k, v)?));
+            Ok(())
+        })?;
+        self.scan(&key(b's', partition, &[]), |k, v| {
+            state.allocations.push((parse(k, &k[5..])?, parse(k, v)?));
+            Ok(())
+        })?;
+        self.scan(&key(b'c', partition, &[]), |k, v| {
+            state.counters.push((parse(k, &k[5..])?, parse(k, v)?));
+            Ok(())
+        })?;
+        self.scan(&key(b'w', partition, &[]), |k, v| {
+            let (series, window) = k[5..].split_at(k.len().saturating_sub(13));
+            let window = window
+                .try_into()
+                .map(|w| (u64::from_be_bytes(w) ^ (1 << 63)) as i64)
+                .map_err(|_| StoreError::Corrupt {
+                    key: k.to_vec(),
+                    message: "short window key".into(),
+                })?;
+            let usage = v.try_into().map(i64::from_le_bytes).unwrap_or(0);
+            if usage != 0 {
+                state.windows.push((parse(k, series)?, window, usage));
+            }
+            Ok(())
+        })?;
+        Ok(state)
+    }
+
+    /// What was billed for `key`, as of the checkpoints and the records read back since.
+    pub fn billed(&self, key: &BillingKey) -> Result<Option<Billed>, StoreError> {
+        let k = [&[b'b'][..], &json(key)].concat();
+        self.db.get(&k)?.map(|v| parse(&k, &v)).transpose()
+    }
+
+    /// Stores what was billed for `key` (used when reading back the billing topic).
+    pub fn put_billed(&self, key: &BillingKey, billed: Billed) -> Result<(), StoreError> {
+        let k = [&[b'b'][..], &json(key)].concat();
+        self.db.put(k, json(&billed))?;
+        Ok(())
+    }
+
+    /// Per billing partition, the offset from which records may be missing from `b`: the
+    /// lowest that any worker stored.
+    pub fn billing_offsets(&self) -> Result<BTreeMap<i32, i64>, StoreError> {
+        let mut out: BTreeMap<i32, i64> = BTreeMap::new();
+        self.scan(b"k", |k, v| {
+            let partition = k
+                .get(5..9)
+                .and_then(|p| p.try_into().ok())
+                .map(i32::from_be_bytes)
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: k.to_vec(),
+                    message: "short billing offset key".into(),
+                })?;
+            let offset = be_i64(k, v)?;
+            let e = out.entry(partition).or_insert(offset);
+            *e = (*e).min(offset);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Writes one worker's checkpoint atomically and durably.
+    pub fn write(&self, cp: Checkpoint) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for (p, offset) in cp.offsets {
+            batch.put(key(b'o', p, &[]), offset.to_be_bytes());
+        }
+        for (p, agent, state) in cp.agents {
+            batch.put(key(b'a', p, agent.as_bytes()), json(&state));
+        }
+        for (p, k, obs) in cp.series.allocations {
+            batch.put(key(b's', p, &json(&k)), json(&obs));
+        }
+        for (p, k, series) in cp.series.counters {
+            batch.put(key(b'c', p, &json(&k)), json(&series));
+        }
+        for (p, k, window, change) in cp.series.windows {
+            let mut rest = json(&k);
+            rest.extend_from_slice(&window_bytes(window));
+            batch.merge(key(b'w', p, &rest), change.to_le_bytes());
+        }
+        for (k, billed) in cp.billed {
+            batch.put([&[b'b'][..], &json(&k)].concat(), json(&billed));
+        }
+        for (p, offset) in cp.billing_offsets {
+            let mut k = vec![b'k'];
+            k.extend_from_slice(&cp.worker.to_be_bytes());
+            k.extend_from_slice(&p.to_be_bytes());
+            batch.put(k, offset.to_be_bytes());
+        }
+        let mut opts = WriteOptions::default();
+        // The checkpoint is what a restart trusts: it must survive the machine, not only the
+        // process.
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Aggregate, Owner};
+
+    fn counter_key() -> CounterKey {
+        CounterKey {
+            owner: Owner {
+                tenant: "t".into(),
+                lease: "l".into(),
+                service: "s".into(),
+            },
+            node: "n".into(),
+            container_id: "c".into(),
+            metric: Aggregate::CpuCoreSeconds,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_reads_back_per_partition_and_window_usage_adds_up() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let mut agent = AgentState::new();
+        agent.first_time(3);
+        let write = |windows: Vec<(i32, CounterKey, i64, i64)>, offset| {
+            store.write(Checkpoint {
+                worker: 0,
+                offsets: vec![(2, offset)],
+                agents: vec![(2, "agent-a".into(), agent.clone())],
+                series: Dirty {
+                    windows,
+                    ..Dirty::default()
+                },
+                billed: vec![],
+                billing_offsets: vec![(0, offset * 10)],
+            })
+        };
+        write(
+            vec![(2, counter_key(), -60_000, 5), (2, counter_key(), 0, 7)],
+            10,
+        )
+        .expect("first");
+        write(vec![(2, counter_key(), 0, -2)], 12).expect("second");
+        store
+            .write(Checkpoint {
+                worker: 1,
+                billing_offsets: vec![(0, 50)],
+                ..Checkpoint::default()
+            })
+            .expect("another worker");
+        drop(store);
+
+        let store = Store::open(dir.path()).expect("reopen");
+        let p = store.load_partition(2).expect("load");
+        assert_eq!(p.offset, Some(12));
+        assert_eq!(p.agents, vec![("agent-a".to_string(), agent)]);
+        assert_eq!(
+            p.windows,
+            vec![(counter_key(), -60_000, 5), (counter_key(), 0, 5)]
+        );
+        assert_eq!(store.load_partition(3).expect("load").offset, None);
+        assert_eq!(
+            store.billing_offsets().expect("offsets"),
+            BTreeMap::from([(0, 50)]),
+            "the lowest any worker stored"
+        );
+    }
+
+    #[test]
+    fn billed_entries_round_trip() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let k = BillingKey {
+            tenant: "t".into(),
+            lease: "l".into(),
+            metric: Aggregate::GpuSeconds,
+            gpu_class: "h100".into(),
+            mig_profile: String::new(),
+            window_start_ms: 0,
+        };
+        assert_eq!(store.billed(&k).expect("read"), None);
+        let b = Billed {
+            revision: 1,
+            quantity: 9,
+        };
+        store.put_billed(&k, b).expect("put");
+        assert_eq!(store.billed(&k).expect("read"), Some(b));
+    }
+}

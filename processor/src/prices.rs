@@ -1,0 +1,242 @@
+//! The versioned price book, and the cost of a billed quantity.
+//!
+//! A price book is a TOML file:
+//!
+//! ```toml
+//! version = "2026-11"          # stamped on every billing record priced with it
+//! currency = "USD"
+//! cpu_core_hour = 0.04         # per core-hour
+//!
+//! [gpu_hour]                   # per GPU class, per hour of a whole GPU
+//! h100 = 2.49
+//! a100 = 1.29
+//!
+//! [mig_fraction]               # optional: a MIG profile's share of a whole GPU
+//! "1g.10gb" = [1, 7]
+//! ```
+//!
+//! A MIG profile not listed is priced by its compute slices, `<n>g.*` as n/7 of its class.
+//! Prices are held in millionths of the currency unit and costs are computed on integers, so
+//! the same quantity always costs the same.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::model::{Aggregate, BillingKey};
+
+/// Prices in millionths of the currency unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PriceBook {
+    pub version: String,
+    pub currency: String,
+    /// Per GPU class, per hour of one whole GPU.
+    pub gpu_hour_micros: BTreeMap<String, i64>,
+    /// A MIG profile's share of a whole GPU, `(numerator, denominator)`.
+    pub mig_fraction: BTreeMap<String, (i64, i64)>,
+    pub cpu_core_hour_micros: i64,
+}
+
+impl Default for PriceBook {
+    /// The demo's prices.
+    fn default() -> Self {
+        Self {
+            version: "demo-2026-11".into(),
+            currency: "USD".into(),
+            gpu_hour_micros: BTreeMap::from([
+                ("h100".into(), 2_490_000),
+                ("a100".into(), 1_290_000),
+                ("l40s".into(), 990_000),
+            ]),
+            mig_fraction: BTreeMap::new(),
+            cpu_core_hour_micros: 40_000,
+        }
+    }
+}
+
+/// Why a price book was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PriceBookError {
+    #[error("cannot read the price book {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("price book {path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PriceBookFile {
+    /// Stamped on every billing record priced with this book.
+    version: String,
+    /// ISO 4217 code of the prices.
+    #[serde(default = "usd")]
+    currency: String,
+    /// Per core-hour of CPU time.
+    #[serde(default)]
+    cpu_core_hour: f64,
+    /// Per GPU class, per hour of a whole GPU.
+    #[serde(default)]
+    gpu_hour: BTreeMap<String, f64>,
+    /// A MIG profile's share of a whole GPU, as `[numerator, denominator]`.
+    #[serde(default)]
+    mig_fraction: BTreeMap<String, (i64, i64)>,
+}
+
+fn usd() -> String {
+    "USD".into()
+}
+
+fn micros(key: &str, price: f64) -> Result<i64, String> {
+    if !price.is_finite() || !(0.0..1e9).contains(&price) {
+        return Err(format!(
+            "{key} = {price}: a price is a non-negative number below 1e9"
+        ));
+    }
+    Ok((price * 1e6).round() as i64)
+}
+
+impl PriceBook {
+    /// Parses a price book from TOML; errors name the key.
+    pub fn parse(text: &str, path: &str) -> Result<Self, PriceBookError> {
+        let invalid = |message: String| PriceBookError::Invalid {
+            path: path.to_string(),
+            message,
+        };
+        let file: PriceBookFile = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        if file.version.trim().is_empty() {
+            return Err(invalid("`version` must not be empty".into()));
+        }
+        let mut gpu_hour_micros = BTreeMap::new();
+        for (class, price) in &file.gpu_hour {
+            gpu_hour_micros.insert(
+                class.clone(),
+                micros(&format!("gpu_hour.{class}"), *price).map_err(invalid)?,
+            );
+        }
+        for (profile, (n, d)) in &file.mig_fraction {
+            if *n <= 0 || *d <= 0 || n > d {
+                return Err(invalid(format!(
+                    "mig_fraction.\"{profile}\" = [{n}, {d}]: a share is [n, d] with 0 < n <= d"
+                )));
+            }
+        }
+        Ok(Self {
+            version: file.version,
+            currency: file.currency,
+            gpu_hour_micros,
+            mig_fraction: file.mig_fraction,
+            cpu_core_hour_micros: micros("cpu_core_hour", file.cpu_core_hour).map_err(invalid)?,
+        })
+    }
+
+    /// Reads and parses a price book file.
+    pub fn load(path: &Path) -> Result<Self, PriceBookError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| PriceBookError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::parse(&text, &shown)
+    }
+
+    /// A MIG profile's share of a whole GPU: listed, else `<n>g.*` as n/7, else whole.
+    pub fn fraction(&self, mig_profile: &str) -> (i64, i64) {
+        if mig_profile.is_empty() {
+            return (1, 1);
+        }
+        if let Some(f) = self.mig_fraction.get(mig_profile) {
+            return *f;
+        }
+        mig_profile
+            .split_once("g.")
+            .and_then(|(n, _)| n.parse::<i64>().ok())
+            .filter(|n| (1..=7).contains(n))
+            .map_or((1, 1), |n| (n, 7))
+    }
+
+    /// The cost in micros of `quantity` of the key's item (at the aggregate's scale), rounded
+    /// to the nearest micro. A GPU class without a price costs nothing.
+    pub fn cost_micros(&self, key: &BillingKey, quantity: i64) -> i64 {
+        let (price_per_hour, units_per_hour, (num, den)) = match key.metric {
+            Aggregate::GpuSeconds => (
+                self.gpu_hour_micros
+                    .get(&key.gpu_class)
+                    .copied()
+                    .unwrap_or(0),
+                3_600_000i128,
+                self.fraction(&key.mig_profile),
+            ),
+            Aggregate::CpuCoreSeconds => (self.cpu_core_hour_micros, 3_600_000_000, (1, 1)),
+        };
+        let n = quantity as i128 * price_per_hour as i128 * num as i128;
+        let d = units_per_hour * den as i128;
+        let rounded = (n + n.signum() * d / 2) / d;
+        rounded as i64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpu(class: &str, mig: &str) -> BillingKey {
+        BillingKey {
+            tenant: "t".into(),
+            lease: "l".into(),
+            metric: Aggregate::GpuSeconds,
+            gpu_class: class.into(),
+            mig_profile: mig.into(),
+            window_start_ms: 0,
+        }
+    }
+
+    #[test]
+    fn an_hour_of_a_whole_gpu_costs_its_price_and_a_mig_slice_its_share() {
+        let book = PriceBook::default();
+        assert_eq!(book.cost_micros(&gpu("h100", ""), 3_600_000), 2_490_000);
+        assert_eq!(
+            book.cost_micros(&gpu("a100", "1g.10gb"), 7 * 3_600_000),
+            1_290_000
+        );
+        assert_eq!(
+            book.cost_micros(&gpu("a100", "3g.40gb"), 3_600_000),
+            552_857
+        );
+        assert_eq!(book.cost_micros(&gpu("unknown", ""), 3_600_000), 0);
+        let cpu = BillingKey {
+            metric: Aggregate::CpuCoreSeconds,
+            ..gpu("", "")
+        };
+        assert_eq!(book.cost_micros(&cpu, 3_600_000_000), 40_000);
+    }
+
+    #[test]
+    fn a_price_book_file_is_read_and_bad_keys_are_named() {
+        let book = PriceBook::parse(
+            r#"
+                version = "2026-11"
+                cpu_core_hour = 0.05
+                [gpu_hour]
+                h100 = 3.10
+                [mig_fraction]
+                "1g.10gb" = [1, 8]
+            "#,
+            "prices.toml",
+        )
+        .expect("valid");
+        assert_eq!(book.gpu_hour_micros["h100"], 3_100_000);
+        assert_eq!(book.fraction("1g.10gb"), (1, 8));
+        assert_eq!(book.fraction("2g.20gb"), (2, 7));
+        assert_eq!(book.currency, "USD");
+
+        let err = PriceBook::parse("version = \"v\"\n[gpu_hour]\nh100 = -1.0\n", "p.toml")
+            .expect_err("negative");
+        assert!(err.to_string().contains("gpu_hour.h100"), "{err}");
+        let err = PriceBook::parse("version = \"v\"\ncolour = 1\n", "p.toml").expect_err("unknown");
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+}
