@@ -83,6 +83,30 @@ enum Command {
         /// Length of the base window.
         #[arg(long, default_value = "1m", value_parser = parse_duration)]
         window: Duration,
+        /// Length of a billing window (a multiple of the base window).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        billing_window: Duration,
+        /// How far behind its agent's latest sample a sample is still accepted; older ones go
+        /// to the dead-letter topic as `too_late`.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        lateness: Duration,
+        /// Directory of the RocksDB checkpoint (input offsets and state). A restart resumes from
+        /// it; one directory per processor process.
+        #[arg(long, default_value = "meterflow-processor-state")]
+        state_dir: PathBuf,
+        /// Least time between two checkpoints of a worker.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        checkpoint_interval: Duration,
+        /// Most input messages a worker feeds in one epoch.
+        #[arg(long, default_value_t = 1000)]
+        max_batch: usize,
+        /// Price book (TOML) for the billing records; without it, the demo prices.
+        #[arg(long)]
+        price_book: Option<PathBuf>,
+        /// At start-up, how long the billing topic must hold still before the processor trusts
+        /// that a killed predecessor's last records have landed.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        restart_grace: Duration,
         #[command(flatten)]
         topics: TopicArgs,
     },
@@ -231,12 +255,30 @@ async fn main() -> Result<()> {
             brokers,
             workers,
             window,
+            billing_window,
+            lateness,
+            state_dir,
+            checkpoint_interval,
+            max_batch,
+            price_book,
+            restart_grace,
             topics: t,
         } => {
+            let prices = match price_book {
+                Some(path) => meterflow_processor::PriceBook::load(&path)?,
+                None => meterflow_processor::PriceBook::default(),
+            };
             prepare(&brokers, &t, &shutdown).await?;
             let config = meterflow_processor::ProcessorConfig {
                 workers,
                 window_ms: window.as_millis() as i64,
+                billing_window_ms: billing_window.as_millis() as i64,
+                allowed_lateness_ms: lateness.as_millis() as i64,
+                state_dir: Some(state_dir),
+                checkpoint_interval,
+                max_batch: max_batch.max(1),
+                prices,
+                restart_grace,
                 ..meterflow_processor::ProcessorConfig::new(brokers)
             };
             tokio::task::spawn_blocking(move || meterflow_processor::run(config, shutdown))

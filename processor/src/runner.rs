@@ -65,6 +65,9 @@ pub struct ProcessorConfig {
     pub checkpoint_interval: Duration,
     /// Prices of the billing records.
     pub prices: PriceBook,
+    /// How long the billing topic's ends must hold still at start-up before the processor
+    /// trusts that a killed predecessor's last records have all landed.
+    pub restart_grace: Duration,
 }
 
 impl ProcessorConfig {
@@ -81,6 +84,7 @@ impl ProcessorConfig {
             state_dir: None,
             checkpoint_interval: Duration::from_secs(1),
             prices: PriceBook::default(),
+            restart_grace: Duration::from_secs(1),
         }
     }
 }
@@ -123,10 +127,12 @@ struct Shared {
     caught_up: AtomicUsize,
 }
 
-/// Counts the output records the broker did not acknowledge.
+/// Counts the output records the broker did not acknowledge, and notes the offset of the last
+/// billing record acknowledged per partition.
 #[derive(Default)]
 struct Deliveries {
     failed: AtomicU64,
+    billing_offsets: std::sync::Mutex<BTreeMap<i32, i64>>,
 }
 
 impl ClientContext for Deliveries {}
@@ -135,9 +141,20 @@ impl ProducerContext for Deliveries {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((e, m)) = result {
-            self.failed.fetch_add(1, Ordering::SeqCst);
-            warn!(topic = m.topic(), error = %e, "output record not delivered");
+        match result {
+            Ok(m) if m.topic() == topics::BILLING => {
+                let mut offsets = self
+                    .billing_offsets
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                let last = offsets.entry(m.partition()).or_insert(m.offset());
+                *last = (*last).max(m.offset());
+            }
+            Ok(_) => {}
+            Err((e, m)) => {
+                self.failed.fetch_add(1, Ordering::SeqCst);
+                warn!(topic = m.topic(), error = %e, "output record not delivered");
+            }
         }
     }
 }
@@ -161,97 +178,169 @@ pub fn run(config: ProcessorConfig, shutdown: CancellationToken) -> Result<(), P
                 path: dir.clone(),
                 source,
             })?;
-            let store = Arc::new(Store::open(dir)?);
-            read_back_billing(&config.brokers, &store, &shutdown)?;
-            Some(store)
+            Some(Arc::new(Store::open(dir)?))
         }
         None => None,
+    };
+    loop {
+        match run_once(&config, store.clone(), &shutdown) {
+            // Outputs the broker did not take: start again from the checkpoint, as after a
+            // crash, rather than ask an operator to restart the process.
+            Err(ProcessorError::Delivery(n)) if !shutdown.is_cancelled() => {
+                warn!(
+                    records = n,
+                    "output records not acknowledged; resuming from the last checkpoint"
+                );
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            result => return result,
+        }
+    }
+}
+
+/// One run of the workers, from the checkpoint until `shutdown` or a worker's error.
+fn run_once(
+    config: &ProcessorConfig,
+    store: Option<Arc<Store>>,
+    shutdown: &CancellationToken,
+) -> Result<(), ProcessorError> {
+    let reflected = match &store {
+        Some(s) => read_back_billing(&config.brokers, s, config.restart_grace, shutdown)?,
+        None => BTreeMap::new(),
     };
     let shared = Arc::new(Shared {
         watermark_ms: AtomicI64::new(i64::MIN),
         caught_up: AtomicUsize::new(0),
     });
-    let workers = config.workers.max(1);
-    let guards = timely::execute(timely::Config::process(workers), move |worker| {
-        run_worker(worker, &config, store.as_deref(), &shared, &shutdown)
-    })
+    // A worker that fails stops the others.
+    let stop = shutdown.child_token();
+    let config = config.clone();
+    let guards = timely::execute(
+        timely::Config::process(config.workers.max(1)),
+        move |worker| {
+            let result = run_worker(
+                worker,
+                &config,
+                store.as_deref(),
+                reflected.clone(),
+                &shared,
+                &stop,
+            );
+            if result.is_err() {
+                stop.cancel();
+            }
+            result
+        },
+    )
     .map_err(ProcessorError::Timely)?;
+    let mut first_error = None;
     for result in guards.join() {
-        result.map_err(ProcessorError::Timely)??;
+        if let Err(e) = result.map_err(ProcessorError::Timely).and_then(|r| r) {
+            first_error.get_or_insert(e);
+        }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Reads the billing records written after the last checkpoint back into the store, so that
-/// what was billed before a crash is billed once.
+/// what was billed before a crash is billed once. Returns each billing partition's end: every
+/// record below it is now reflected in the store.
+///
+/// A killed processor's last produce requests may still be appended by the broker after it
+/// died, so the partitions' ends are taken again after `grace`, and reading goes on until they
+/// hold still for that long.
 fn read_back_billing(
     brokers: &str,
     store: &Store,
+    grace: Duration,
     shutdown: &CancellationToken,
-) -> Result<(), ProcessorError> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        // Assigned by hand; the id only names this client to the broker.
-        .set("group.id", "meterflow-processor-billing-readback")
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(kafka("create billing reader"))?;
-    let partitions = topic_partitions(&consumer, topics::BILLING, shutdown)?;
+) -> Result<BTreeMap<i32, i64>, ProcessorError> {
+    let client = || {
+        ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            // Assigned by hand; the id only names this client to the broker.
+            .set("group.id", "meterflow-processor-billing-readback")
+            .set("enable.auto.commit", "false")
+            .create::<BaseConsumer>()
+            .map_err(kafka("create billing reader"))
+    };
+    // Ends are asked of a client without an assignment: a request queued behind the reader's
+    // long-polling fetch would wait for it.
+    let (reader, watcher) = (client()?, client()?);
+    let partitions = topic_partitions(&watcher, topics::BILLING, shutdown)?;
+    let ends = || -> Result<BTreeMap<i32, (i64, i64)>, ProcessorError> {
+        (0..partitions)
+            .map(|p| {
+                watcher
+                    .fetch_watermarks(topics::BILLING, p, Duration::from_secs(10))
+                    .map(|w| (p, w))
+                    .map_err(kafka("billing offsets"))
+            })
+            .collect()
+    };
     let from = store.billing_offsets()?;
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
     let mut assignment = TopicPartitionList::new();
-    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
-    for p in 0..partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topics::BILLING, p, Duration::from_secs(10))
-            .map_err(kafka("billing offsets"))?;
-        let start = from.get(&p).copied().unwrap_or(low).max(low);
-        if start < high {
-            ends.insert(p, high);
-            assignment
-                .add_partition_offset(topics::BILLING, p, Offset::Offset(start))
-                .map_err(kafka("assign billing"))?;
-        }
+    let mut target = ends()?;
+    for (p, (low, _)) in &target {
+        let start = from.get(p).copied().unwrap_or(*low).max(*low);
+        next.insert(*p, start);
+        // Records below `start` are read again too: applying one twice changes nothing.
+        assignment
+            .add_partition_offset(
+                topics::BILLING,
+                *p,
+                Offset::Offset(topics::resume_from(start, *low)),
+            )
+            .map_err(kafka("assign billing"))?;
     }
-    if ends.is_empty() {
-        return Ok(());
-    }
-    consumer
+    reader
         .assign(&assignment)
         .map_err(kafka("assign billing"))?;
     let mut read = 0usize;
-    while !ends.is_empty() && !shutdown.is_cancelled() {
-        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let message = message.map_err(kafka("read billing"))?;
-        if ends
-            .get(&message.partition())
-            .is_some_and(|end| message.offset() + 1 >= *end)
-        {
-            ends.remove(&message.partition());
+    loop {
+        while target.iter().any(|(p, (_, high))| next[p] < *high) {
+            if shutdown.is_cancelled() {
+                // Stopped before the end: only the checkpoint's offsets are known to hold.
+                return Ok(from);
+            }
+            let Some(message) = reader.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let message = message.map_err(kafka("read billing"))?;
+            let seen = next.entry(message.partition()).or_insert(0);
+            *seen = (*seen).max(message.offset() + 1);
+            let Ok(record) = BillingRecord::decode(message.payload().unwrap_or_default()) else {
+                warn!(
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    "undecodable billing record skipped"
+                );
+                continue;
+            };
+            let Some(key) = BillingKey::from_record(&record) else {
+                warn!(item = %record.item, "billing record of an unknown item skipped");
+                continue;
+            };
+            if let Some(billed) = Billed::apply(store.billed(&key)?, &record) {
+                store.put_billed(&key, billed)?;
+            }
+            read += 1;
         }
-        let Ok(record) = BillingRecord::decode(message.payload().unwrap_or_default()) else {
-            warn!(
-                partition = message.partition(),
-                offset = message.offset(),
-                "undecodable billing record skipped"
-            );
-            continue;
-        };
-        let Some(key) = BillingKey::from_record(&record) else {
-            warn!(item = %record.item, "billing record of an unknown item skipped");
-            continue;
-        };
-        if let Some(billed) = Billed::apply(store.billed(&key)?, &record) {
-            store.put_billed(&key, billed)?;
+        std::thread::sleep(grace);
+        let later = ends()?;
+        if later == target {
+            break;
         }
-        read += 1;
+        target = later;
     }
     info!(
         records = read,
+        from = ?from,
+        to = ?next,
         "billing records read back since the last checkpoint"
     );
-    Ok(())
+    Ok(next)
 }
 
 /// One worker's view of its input partitions.
@@ -266,6 +355,7 @@ fn run_worker(
     worker: &mut timely::worker::Worker,
     config: &ProcessorConfig,
     store: Option<&Store>,
+    mut billing_reflected: BTreeMap<i32, i64>,
     shared: &Shared,
     shutdown: &CancellationToken,
 ) -> Result<(), ProcessorError> {
@@ -300,9 +390,22 @@ fn run_worker(
         .set("linger.ms", "5")
         .create_with_context(Deliveries::default())
         .map_err(kafka("create producer"))?;
+    let billing_producer: OutputProducer = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        // Billing records are never retried by the client: a send that fails stops this run,
+        // and the next one reads back what landed (`read_back_billing`) before billing again.
+        // Broker-side idempotence is not relied on: the embedded broker's was seen to append a
+        // retried batch twice.
+        .set("enable.idempotence", "false")
+        .set("retries", "0")
+        // One request at a time keeps each key's revisions in order even when one fails.
+        .set("max.in.flight.requests.per.connection", "1")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create_with_context(Deliveries::default())
+        .map_err(kafka("create billing producer"))?;
 
     let partitions = topic_partitions(&consumer, topics::SAMPLES, shutdown)?;
-    let billing_partitions = topic_partitions(&consumer, topics::BILLING, shutdown)?;
     let mut feeder = Feeder::new(window_ms);
     let mut agents: HashMap<String, (i32, AgentState)> = HashMap::new();
     let mut inputs = Inputs {
@@ -324,7 +427,11 @@ fn run_worker(
             inputs.catching_up.insert(p, high);
         }
         assignment
-            .add_partition_offset(topics::SAMPLES, p, Offset::Offset(next))
+            .add_partition_offset(
+                topics::SAMPLES,
+                p,
+                Offset::Offset(topics::resume_from(next, low)),
+            )
             .map_err(kafka("assign"))?;
     }
     consumer.assign(&assignment).map_err(kafka("assign"))?;
@@ -366,9 +473,17 @@ fn run_worker(
                     break;
                 }
             };
-            fed += 1;
             let partition = message.partition();
             let offset = message.offset();
+            if inputs
+                .next
+                .get(&partition)
+                .is_some_and(|next| offset < *next)
+            {
+                // Fetched again on resuming (see `topics::RESUME_REWIND`): already in the state.
+                continue;
+            }
+            fed += 1;
             inputs.next.insert(partition, offset + 1);
             if inputs
                 .catching_up
@@ -488,7 +603,7 @@ fn run_worker(
                 let record = due.record(config.billing_window_ms, &config.prices);
                 match record.encode() {
                     Ok(bytes) => send(
-                        &producer,
+                        &billing_producer,
                         topics::BILLING,
                         Some(&partition_key(&due.key)),
                         &bytes,
@@ -499,28 +614,48 @@ fn run_worker(
             }
         }
         if sent + billed > 0 || fed > 0 {
-            producer
-                .flush(Duration::from_secs(30))
-                .map_err(kafka("flush outputs"))?;
-            let failed = producer.context().failed.swap(0, Ordering::SeqCst);
-            if failed > 0 {
-                return Err(ProcessorError::Delivery(failed));
-            }
             debug!(worker = index, epoch, fed, sent, billed, "epoch done");
         }
         changed_since_checkpoint |= billed > 0;
+        let failed = producer.context().failed.swap(0, Ordering::SeqCst)
+            + billing_producer.context().failed.swap(0, Ordering::SeqCst);
+        if failed > 0 {
+            return Err(ProcessorError::Delivery(failed));
+        }
 
-        if let Some(store) = store
-            && changed_since_checkpoint
-            && (stopping || last_checkpoint.elapsed() >= config.checkpoint_interval)
-        {
-            let mut billing_offsets = Vec::new();
-            for p in 0..billing_partitions {
-                let (_, high) = consumer
-                    .fetch_watermarks(topics::BILLING, p, Duration::from_secs(10))
-                    .map_err(kafka("billing offsets"))?;
-                billing_offsets.push((p, high));
+        let checkpoint_due = changed_since_checkpoint
+            && (stopping || last_checkpoint.elapsed() >= config.checkpoint_interval);
+        if stopping || (store.is_some() && checkpoint_due) {
+            // Outputs are not awaited epoch by epoch; a checkpoint (or a stop) waits until
+            // everything sent so far is acknowledged, so its offsets never run ahead of them.
+            for p in [&producer, &billing_producer] {
+                p.flush(Duration::from_secs(30))
+                    .map_err(kafka("flush outputs"))?;
             }
+            let failed = producer.context().failed.swap(0, Ordering::SeqCst)
+                + billing_producer.context().failed.swap(0, Ordering::SeqCst);
+            if failed > 0 {
+                return Err(ProcessorError::Delivery(failed));
+            }
+        }
+        if let Some(store) = store
+            && checkpoint_due
+        {
+            // Every record this worker sent is acknowledged and in its ledger, so none of its
+            // later records can land below the offset after its last acknowledged one. (Asking
+            // the broker for the partitions' ends instead would queue behind the consumer's
+            // long-polling fetch.)
+            for (p, last) in billing_producer
+                .context()
+                .billing_offsets
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .iter()
+            {
+                let floor = billing_reflected.entry(*p).or_insert(0);
+                *floor = (*floor).max(last + 1);
+            }
+            let billing_offsets = billing_reflected.iter().map(|(p, o)| (*p, *o)).collect();
             store.write(Checkpoint {
                 worker: index as u32,
                 offsets: inputs.next.iter().map(|(p, o)| (*p, *o)).collect(),

@@ -34,4 +34,17 @@ pub mod topics {
     pub const DEADLETTER: &str = "meterflow.deadletter";
     /// Every topic, in the order they are created.
     pub const ALL: [&str; 5] = [SAMPLES, USAGE, BILLING, ALERTS, DEADLETTER];
+
+    /// How many offsets before a stored position a resuming reader starts fetching, skipping
+    /// what it already has. Some Kafka-protocol brokers (tansu 0.6, the embedded broker) answer
+    /// a fetch from inside a record batch with the *next* batch, which would silently skip the
+    /// rest of the batch the position falls in; librdkafka's producers never put more than
+    /// `batch.num.messages` (default 10,000) records in one batch, so starting this far back
+    /// always includes that batch's first record.
+    pub const RESUME_REWIND: i64 = 10_000;
+
+    /// Where a reader resuming at `next` (the first offset it has not read) starts fetching.
+    pub fn resume_from(next: i64, low: i64) -> i64 {
+        next.saturating_sub(RESUME_REWIND).max(low)
+    }
 }

@@ -49,6 +49,8 @@ pub async fn consume(
         // Offsets live in RocksDB next to the data they produced, never in Kafka.
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
+        // A resume position below the log's start (retention) means: from the start.
+        .set("auto.offset.reset", "earliest")
         .create()
         .map_err(kafka("create consumer"))?;
 
@@ -68,9 +70,10 @@ pub async fn consume(
     let stored = store.offsets(topics::USAGE)?;
     let mut assignment = TopicPartitionList::new();
     for p in 0..partitions {
-        let offset = stored
-            .get(&p)
-            .map_or(Offset::Beginning, |o| Offset::Offset(*o));
+        // Started early and skipped below (see `topics::RESUME_REWIND`).
+        let offset = stored.get(&p).map_or(Offset::Beginning, |o| {
+            Offset::Offset(topics::resume_from(*o, 0))
+        });
         assignment
             .add_partition_offset(topics::USAGE, p, offset)
             .map_err(kafka("assign"))?;
@@ -94,6 +97,10 @@ pub async fn consume(
         let mut next = Some(first);
         while let Some(received) = next.take() {
             match received {
+                Ok(m)
+                    if stored
+                        .get(&m.partition())
+                        .is_some_and(|next| m.offset() < *next) => {}
                 Ok(m) => match UsageUpdate::decode(m.payload().unwrap_or_default()) {
                     Ok(update) => batch.push(Consumed {
                         topic: m.topic().to_string(),

@@ -2,5 +2,6 @@
 //! over TCP, real RocksDB in temporary directories, real HTTP on loopback.
 
 mod common;
+mod crash;
 mod demo;
 mod pipeline;

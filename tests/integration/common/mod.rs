@@ -151,6 +151,19 @@ pub fn read_topic(
     partitions: i32,
     expect_at_least: usize,
 ) -> Vec<Vec<u8>> {
+    read_topic_at(brokers, topic, partitions, expect_at_least)
+        .into_iter()
+        .map(|(_, _, payload)| payload)
+        .collect()
+}
+
+/// As [`read_topic`], with each message's partition and offset.
+pub fn read_topic_at(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    expect_at_least: usize,
+) -> Vec<(i32, i64, Vec<u8>)> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "meterflow-test-reader")
@@ -169,7 +182,11 @@ pub fn read_topic(
     while Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
-                out.push(m.payload().unwrap_or_default().to_vec());
+                out.push((
+                    m.partition(),
+                    m.offset(),
+                    m.payload().unwrap_or_default().to_vec(),
+                ));
                 quiet_since = Instant::now();
             }
             _ if out.len() >= expect_at_least && quiet_since.elapsed() > Duration::from_secs(1) => {

@@ -1,0 +1,253 @@
+//! The processor killed with SIGKILL at random points, again and again, while a simulated fleet
+//! publishes: afterwards every billing record id is in `meterflow.billing` exactly once, each
+//! key's revisions run 0, 1, 2, … without a gap, and the billed GPU time equals the fleet's
+//! ground truth to the millisecond.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use meterflow::broker::{self, BrokerConfig};
+use meterflow::topics::{self, TopicsConfig};
+use meterflow_ingest::{Fleet, FleetConfig, Publisher};
+use meterflow_processor::PriceBook;
+use meterflow_processor::model::BillingKey;
+use meterflow_schemas::{BillingKind, BillingRecord, Record, SampleBatch, topics as names};
+
+use crate::common::read_topic_at;
+
+/// 2026-01-01T00:00:00Z: event time of the scenario, well in the past.
+const T0: i64 = 1_767_225_600_000;
+const TICK_MS: i64 = 15_000;
+const TICKS: i64 = 240;
+const PARTITIONS: i32 = 4;
+const KILLS: usize = 20;
+/// How many ticks node-000's batches lag behind the rest of the fleet's.
+const LAG_TICKS: i64 = 40;
+
+fn start_processor(brokers: &str, state: &Path, workers: usize) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_meterflow"))
+        .args(["processor", "--brokers", brokers, "--state-dir"])
+        .arg(state)
+        .args([
+            "-w",
+            &workers.to_string(),
+            "--billing-window",
+            "5m",
+            "--lateness",
+            "1m",
+            "--max-batch",
+            "20",
+            "--checkpoint-interval",
+            "150ms",
+            "--partitions",
+            &PARTITIONS.to_string(),
+        ])
+        .env(
+            "MF_LOG",
+            std::env::var("MF_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the meterflow binary starts")
+}
+
+/// A billing record and where it was found (partition, offset).
+type Found = (i32, i64, BillingRecord);
+
+/// GPU-ms per (tenant, lease, class, MIG profile).
+type GpuMs = BTreeMap<(String, String, String, String), i64>;
+
+/// What the billing topic says: billed GPU-ms and every record.
+fn billed(brokers: &str) -> (GpuMs, Vec<Found>) {
+    let found: Vec<Found> = read_topic_at(brokers, names::BILLING, PARTITIONS, 0)
+        .into_iter()
+        .map(|(p, o, bytes)| {
+            let r = BillingRecord::decode(&bytes).expect("billing records decode");
+            (p, o, r)
+        })
+        .collect();
+    let mut gpu_ms = BTreeMap::new();
+    for (_, _, r) in &found {
+        let key = BillingKey::from_record(r).expect("a known item");
+        if key.gpu_class.is_empty() {
+            continue;
+        }
+        *gpu_ms
+            .entry((key.tenant, key.lease, key.gpu_class, key.mig_profile))
+            .or_insert(0) += r.quantity;
+    }
+    gpu_ms.retain(|_, ms| *ms != 0);
+    (gpu_ms, found)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn billing_is_exactly_once_across_twenty_sigkills() {
+    let broker = broker::start(BrokerConfig {
+        listen: "127.0.0.1:0".parse().expect("literal"),
+        storage: "memory".into(),
+    })
+    .await
+    .expect("embedded broker starts");
+    let brokers = broker.bootstrap();
+    topics::ensure(
+        &brokers,
+        &TopicsConfig {
+            partitions: PARTITIONS,
+            replication: 1,
+        },
+    )
+    .await
+    .expect("topics are created");
+    let state = tempfile::tempdir().expect("temp dir");
+
+    // The fleet publishes an hour of event time over about ten seconds of wall time.
+    let publisher_brokers = brokers.clone();
+    let publisher = tokio::spawn(async move {
+        let publisher = std::sync::Arc::new(Publisher::new(&publisher_brokers).expect("publisher"));
+        let mut fleet = Fleet::new(
+            FleetConfig {
+                nodes: 12,
+                seed: 7,
+                ..FleetConfig::default()
+            },
+            T0,
+        );
+        // node-000's batches arrive ten minutes of event time behind the others': within its
+        // own agent's lateness, but after the others have closed the windows it falls in, so
+        // its usage is charged late and then adjusted as its intervals grow.
+        let mut lagging: std::collections::VecDeque<SampleBatch> = Default::default();
+        for tick in 1..=TICKS + LAG_TICKS {
+            let mut due = if tick <= TICKS {
+                fleet.tick(T0 + tick * TICK_MS)
+            } else {
+                Vec::new()
+            };
+            lagging.extend(due.extract_if(.., |b| b.node == "node-000"));
+            if tick > LAG_TICKS {
+                due.extend(lagging.pop_front());
+            }
+            // One tick's batches (one per node) in flight together; each node's stay in order.
+            let mut sends = tokio::task::JoinSet::new();
+            for batch in due {
+                let publisher = publisher.clone();
+                sends.spawn(async move { publisher.publish(&batch).await.expect("published") });
+            }
+            sends.join_all().await;
+            tokio::time::sleep(Duration::from_millis(80)).await;
+        }
+        assert!(lagging.is_empty(), "every lagging batch published");
+        // A clock far enough ahead to close every billing window of the run.
+        let end = T0 + TICKS * TICK_MS;
+        let clock = SampleBatch {
+            node: "clock".into(),
+            agent_id: "clock".into(),
+            sequence: 1,
+            collected_at_ms: end + 20 * 60_000,
+            agent_version: "test".into(),
+            samples: vec![],
+        };
+        publisher.publish(&clock).await.expect("published");
+        fleet.gpu_milliseconds().clone()
+    });
+
+    // Kill the processor at random points while the fleet publishes, alternating one and two
+    // workers so partitions change hands between runs.
+    let mut rng: u64 = 0x5eed;
+    for kill in 0..KILLS {
+        let mut child = start_processor(&brokers, state.path(), 1 + kill % 2);
+        rng = rng
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let lifetime = Duration::from_millis(1_500 + (rng >> 33) % 2_500);
+        tokio::time::sleep(lifetime).await;
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaped");
+    }
+    let truth = publisher.await.expect("publisher task");
+    assert!(
+        truth.len() > 10 && truth.values().all(|ms| *ms > 0),
+        "the scenario bills several leases"
+    );
+
+    // The last run finishes the stream.
+    let mut child = start_processor(&brokers, state.path(), 2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (gpu_ms, found) = loop {
+        let (gpu_ms, found) = tokio::task::spawn_blocking({
+            let brokers = brokers.clone();
+            move || billed(&brokers)
+        })
+        .await
+        .expect("reader");
+        if gpu_ms == truth || Instant::now() > deadline {
+            break (gpu_ms, found);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    broker.stop();
+
+    let records: Vec<&BillingRecord> = found.iter().map(|(_, _, r)| r).collect();
+    let adjustments = records.iter().filter(|r| r.revision > 0).count();
+    println!(
+        "{} billing records ({adjustments} adjustments) after {KILLS} kills",
+        records.len()
+    );
+    let mut seen: BTreeMap<&str, &Found> = BTreeMap::new();
+    for f in &found {
+        if let Some(first) = seen.insert(f.2.id.as_str(), f) {
+            eprintln!("duplicate id:\n  {first:?}\n  {f:?}");
+        }
+    }
+    let ids: BTreeSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(
+        ids.len(),
+        records.len(),
+        "every billing record id exactly once"
+    );
+    let mut revisions: BTreeMap<BillingKey, Vec<i64>> = BTreeMap::new();
+    for r in &records {
+        let key = BillingKey::from_record(r).expect("a known item");
+        revisions.entry(key).or_default().push(r.revision);
+        assert_eq!(
+            r.kind == BillingKind::Charge,
+            r.revision == 0,
+            "revision 0 is the charge"
+        );
+    }
+    for (key, mut revs) in revisions {
+        revs.sort();
+        let expected: Vec<i64> = (0..revs.len() as i64).collect();
+        assert_eq!(revs, expected, "revisions of {key:?} without gap or repeat");
+    }
+    for (k, want) in &truth {
+        let got = gpu_ms.get(k).copied().unwrap_or(0);
+        if got != *want {
+            eprintln!("{k:?}: billed {got} ms, truth {want} ms");
+        }
+    }
+    for k in gpu_ms.keys().filter(|k| !truth.contains_key(*k)) {
+        eprintln!("{k:?}: billed {} ms, not in the truth", gpu_ms[k]);
+    }
+    assert_eq!(
+        gpu_ms, truth,
+        "billed GPU-ms per tenant, lease, class and MIG profile equal the ground truth"
+    );
+    // Costs add up to the cost of each key's total: no rounding drift across adjustments.
+    let prices = PriceBook::default();
+    let mut totals: BTreeMap<BillingKey, (i64, i64)> = BTreeMap::new();
+    for r in &records {
+        let t = totals
+            .entry(BillingKey::from_record(r).expect("known"))
+            .or_default();
+        t.0 += r.quantity;
+        t.1 += r.cost_micros;
+    }
+    for (key, (quantity, cost)) in totals {
+        assert_eq!(cost, prices.cost_micros(&key, quantity), "cost of {key:?}");
+    }
+}
