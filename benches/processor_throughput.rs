@@ -12,6 +12,7 @@ use std::time::Instant;
 use meterflow_ingest::{Fleet, FleetConfig};
 use meterflow_processor::dataflow::{Installed, install};
 use meterflow_processor::model::observe;
+use meterflow_processor::names::Names;
 use meterflow_processor::series::Feeder;
 use meterflow_schemas::{Record, SampleBatch};
 
@@ -66,6 +67,8 @@ fn main() {
     let ticks = Arc::new(ticks);
     for workers in [1usize, 2] {
         let data = ticks.clone();
+        // One interner for the process, as in the processor.
+        let names = Arc::new(Names::default());
         let start = Instant::now();
         let guards = timely::execute(timely::Config::process(workers), move |worker| {
             let (index, peers) = (worker.index(), worker.peers());
@@ -75,7 +78,7 @@ fn main() {
                 usage,
                 billing,
             } = install(worker, 60_000, 3_600_000);
-            let mut feeder = Feeder::new(60_000);
+            let mut feeder = Feeder::new(60_000, names.clone(), index);
             let mut updates = 0usize;
             for (epoch, batches) in data.iter().enumerate() {
                 for bytes in batches.iter().skip(index).step_by(peers) {

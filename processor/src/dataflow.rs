@@ -21,9 +21,8 @@ use differential_dataflow::VecCollection;
 use differential_dataflow::input::{Input, InputSession};
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 
-use crate::model::{
-    Aggregate, AllocationKey, AllocationObs, BillingKey, CounterKey, Summary, UsageKey,
-};
+use crate::model::{AllocationObs, SeriesRef, Summary};
+use crate::names::{BillingIdx, UsageIdx};
 
 /// Timely time of the processor: one epoch per batch of Kafka messages.
 pub type Time = u64;
@@ -41,9 +40,9 @@ pub struct Interval {
     pub count: i64,
 }
 
-/// Usage amounts per (owner, metric, GPU class, MIG profile, base window), carried in the
-/// multiplicities so that every sum downstream is a plain addition.
-pub fn amounts<'s>(summaries: Coll<'s, Summary>, window_ms: i64) -> Coll<'s, UsageKey> {
+/// Usage amounts per (owner, item, base window), carried in the multiplicities so that every
+/// sum downstream is a plain addition.
+pub fn amounts<'s>(summaries: Coll<'s, Summary>, window_ms: i64) -> Coll<'s, UsageIdx> {
     let allocations = summaries.clone().flat_map(|s| match s {
         Summary::Allocation(k, v) => Some((k, v)),
         Summary::CounterWindow(..) => None,
@@ -64,8 +63,8 @@ pub type Changes<K> = Rc<RefCell<Vec<((K, isize), Time, isize)>>>;
 pub struct Installed {
     pub input: InputSession<Time, Summary, isize>,
     pub probe: ProbeHandle<Time>,
-    pub usage: Changes<UsageKey>,
-    pub billing: Changes<BillingKey>,
+    pub usage: Changes<UsageIdx>,
+    pub billing: Changes<BillingIdx>,
 }
 
 /// Builds the dataflow in `worker`: base windows of `window_ms`, billing windows of
@@ -75,17 +74,17 @@ pub fn install(
     window_ms: i64,
     billing_window_ms: i64,
 ) -> Installed {
-    let usage: Changes<UsageKey> = Rc::default();
-    let billing: Changes<BillingKey> = Rc::default();
+    let usage: Changes<UsageIdx> = Rc::default();
+    let billing: Changes<BillingIdx> = Rc::default();
     let (usage_out, billing_out) = (usage.clone(), billing.clone());
     let (input, probe) = worker.dataflow::<Time, _, _>(|scope| {
         let (input, summaries) = scope.new_collection::<Summary, isize>();
         let amounts = amounts(summaries, window_ms);
         let (probe, _) = window_totals(amounts.clone())
-            .inspect(move |update| usage_out.borrow_mut().push(update.clone()))
+            .inspect(move |update| usage_out.borrow_mut().push(*update))
             .probe();
         billing_totals(amounts, billing_window_ms)
-            .inspect(move |update| billing_out.borrow_mut().push(update.clone()))
+            .inspect(move |update| billing_out.borrow_mut().push(*update))
             .probe_with(&probe);
         (input, probe)
     });
@@ -102,8 +101,8 @@ pub fn install(
 /// arrive). Time before the start (pending) and between two containers (a restart is a new
 /// series) is never inside an interval.
 pub fn allocation_intervals<'s>(
-    observations: Coll<'s, (AllocationKey, AllocationObs)>,
-) -> Coll<'s, (AllocationKey, Interval)> {
+    observations: Coll<'s, (SeriesRef, AllocationObs)>,
+) -> Coll<'s, (SeriesRef, Interval)> {
     observations.reduce_named("AllocationIntervals", |_key, input, output| {
         let start_ms = input.iter().map(|(o, _)| o.started_at_ms).min();
         let finish_ms = input.iter().filter_map(|(o, _)| o.finished_at_ms).min();
@@ -139,21 +138,20 @@ pub fn split_by_window(
         .filter(|(_, overlap_ms)| *overlap_ms > 0)
 }
 
-/// Intervals → GPU-milliseconds per (owner, GPU class, MIG profile, window), carried in the
-/// multiplicity so that the sums downstream are plain additions.
+/// Intervals → GPU-milliseconds per (owner, item, window), carried in the multiplicity so that
+/// the sums downstream are plain additions.
 pub fn gpu_milliseconds<'s>(
-    intervals: Coll<'s, (AllocationKey, Interval)>,
+    intervals: Coll<'s, (SeriesRef, Interval)>,
     window_ms: i64,
-) -> Coll<'s, UsageKey> {
-    intervals.explode(move |(key, iv)| {
+) -> Coll<'s, UsageIdx> {
+    intervals.explode(move |(s, iv)| {
         split_by_window(iv.start_ms, iv.end_ms, window_ms)
             .map(|(window_start_ms, ms)| {
                 (
-                    UsageKey {
-                        owner: key.owner.clone(),
-                        metric: Aggregate::GpuSeconds,
-                        gpu_class: key.gpu_class.clone(),
-                        mig_profile: key.mig_profile.clone(),
+                    UsageIdx {
+                        owner: s.owner,
+                        lease: s.lease,
+                        item: s.item,
                         window_start_ms,
                     },
                     (ms * iv.count) as isize,
@@ -163,47 +161,50 @@ pub fn gpu_milliseconds<'s>(
     })
 }
 
-/// Per-series window usage (amount in the multiplicity) → usage per (owner, metric, window).
-pub fn counter_usage<'s>(windows: Coll<'s, (CounterKey, i64)>) -> Coll<'s, UsageKey> {
-    windows.map(|(key, window_start_ms)| UsageKey {
-        owner: key.owner,
-        metric: key.metric,
-        gpu_class: String::new(),
-        mig_profile: String::new(),
+/// Per-series window usage (amount in the multiplicity) → usage per (owner, item, window).
+pub fn counter_usage<'s>(windows: Coll<'s, (SeriesRef, i64)>) -> Coll<'s, UsageIdx> {
+    windows.map(|(s, window_start_ms)| UsageIdx {
+        owner: s.owner,
+        lease: s.lease,
+        item: s.item,
         window_start_ms,
     })
 }
 
 /// Amounts carried in multiplicities → one `(key, total)` record per base window.
-pub fn window_totals<'s>(amounts: Coll<'s, UsageKey>) -> Coll<'s, (UsageKey, isize)> {
+pub fn window_totals<'s>(amounts: Coll<'s, UsageIdx>) -> Coll<'s, (UsageIdx, isize)> {
     amounts.count()
 }
 
 /// Amounts → one `(key, total)` record per lease, item and billing window (services summed).
 pub fn billing_totals<'s>(
-    amounts: Coll<'s, UsageKey>,
+    amounts: Coll<'s, UsageIdx>,
     billing_window_ms: i64,
-) -> Coll<'s, (BillingKey, isize)> {
+) -> Coll<'s, (BillingIdx, isize)> {
     amounts
-        .map(move |k| BillingKey::of(&k, billing_window_ms))
+        .map(move |k| BillingIdx::of(&k, billing_window_ms))
         .count()
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+    use std::sync::Arc;
 
     use proptest::prelude::*;
 
     use super::*;
-    use crate::model::{CounterObs, Observation, Owner};
+    use crate::model::{
+        Aggregate, AllocationKey, BillingKey, CounterKey, CounterObs, Observation, Owner, UsageKey,
+    };
+    use crate::names::Names;
     use crate::series::Feeder;
 
     const MIN: i64 = 60_000;
     const HOUR: i64 = 3_600_000;
 
     /// Runs the dataflow over epochs of observations fed through a [`Feeder`], as the
-    /// processor does, and returns the final usage and billing totals.
+    /// processor does, and returns the final usage and billing totals, named.
     fn run_all(
         epochs: Vec<Vec<Observation>>,
     ) -> (BTreeMap<UsageKey, i64>, BTreeMap<BillingKey, i64>) {
@@ -214,7 +215,8 @@ mod tests {
                 usage,
                 billing,
             } = install(worker, MIN, HOUR);
-            let mut feeder = Feeder::new(MIN);
+            let names = Arc::new(Names::default());
+            let mut feeder = Feeder::new(MIN, names.clone(), 0);
             for (epoch, observations) in epochs.into_iter().enumerate() {
                 input.advance_to(epoch as Time);
                 for o in observations {
@@ -224,7 +226,10 @@ mod tests {
             input.advance_to(u64::MAX - 1);
             input.flush();
             worker.step_while(|| probe.less_than(input.time()));
-            (totals(&usage), totals(&billing))
+            (
+                totals(&usage, |k| names.usage_key(k)),
+                totals(&billing, |k| names.billing_key(k)),
+            )
         })
     }
 
@@ -233,7 +238,10 @@ mod tests {
     }
 
     /// Accumulates captured changes into the final `key → total`, checking there is one each.
-    fn totals<K: Ord + Clone>(changes: &Changes<K>) -> BTreeMap<K, i64> {
+    fn totals<K: Ord + Clone, N: Ord>(
+        changes: &Changes<K>,
+        name: impl Fn(&K) -> N,
+    ) -> BTreeMap<N, i64> {
         let mut acc: BTreeMap<(K, isize), isize> = BTreeMap::new();
         for (rec, _t, d) in changes.borrow().iter() {
             *acc.entry(rec.clone()).or_default() += d;
@@ -242,7 +250,7 @@ mod tests {
             .filter(|(_, d)| *d != 0)
             .map(|((k, v), d)| {
                 assert_eq!(d, 1, "one total per key");
-                (k, v as i64)
+                (name(&k), v as i64)
             })
             .collect()
     }

@@ -8,6 +8,7 @@
 //!
 //! - [`model`]: the dataflow's records and the validation of a sample into one (pure).
 //! - [`agents`]: per-agent deduplication by sequence and event-time watermark (pure).
+//! - [`names`]: owners, leases and items interned to integers for the dataflow.
 //! - [`series`]: per-series state that samples reduce to before the dataflow (pure).
 //! - [`dataflow`]: the differential dataflow, one named step per SPEC step (pure, tested on
 //!   small collections): allocation intervals → GPU-milliseconds per window; counter usage
@@ -23,6 +24,7 @@ pub mod billing;
 pub mod checkpoint;
 pub mod dataflow;
 pub mod model;
+pub mod names;
 pub mod prices;
 pub mod runner;
 pub mod series;

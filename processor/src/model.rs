@@ -6,6 +6,8 @@
 use meterflow_schemas::{Sample, SampleKind};
 use serde::{Deserialize, Serialize};
 
+use crate::names::{ItemId, LeaseId, OwnerId};
+
 /// Whose usage an aggregate is.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Owner {
@@ -101,15 +103,25 @@ impl Aggregate {
     }
 }
 
+/// One series as the dataflow knows it: a number unique within the process, and the interned
+/// owner, lease and item it adds to (see [`crate::names`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SeriesRef {
+    pub series: u64,
+    pub owner: OwnerId,
+    pub lease: LeaseId,
+    pub item: ItemId,
+}
+
 /// What the dataflow is fed: one summary per allocation series, and per counter series its
 /// usage per window (the amount travels in the update's multiplicity). Both come from a
 /// [`crate::series::Feeder`], which keeps the per-series state that the raw samples reduce to.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Summary {
     /// The merged observations of one allocation series.
-    Allocation(AllocationKey, AllocationObs),
+    Allocation(SeriesRef, AllocationObs),
     /// A counter series' usage in the window starting at the given millisecond.
-    CounterWindow(CounterKey, i64),
+    CounterWindow(SeriesRef, i64),
 }
 
 /// The key of one windowed aggregate.

@@ -16,7 +16,7 @@
 //! until every worker has caught up with what its partitions held at start-up. Recomputed totals
 //! that equal what was billed produce nothing; a difference produces the next revision.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -38,6 +38,7 @@ use crate::billing::{Billed, Ledger, partition_key};
 use crate::checkpoint::{Checkpoint, Store, StoreError};
 use crate::dataflow::{Installed, Time, install};
 use crate::model::{BillingKey, Summary, UsageKey, observe};
+use crate::names::{Names, UsageIdx};
 use crate::prices::PriceBook;
 use crate::series::Feeder;
 
@@ -212,6 +213,7 @@ fn run_once(
         watermark_ms: AtomicI64::new(i64::MIN),
         caught_up: AtomicUsize::new(0),
     });
+    let names = Arc::new(Names::default());
     // A worker that fails stops the others.
     let stop = shutdown.child_token();
     let config = config.clone();
@@ -223,7 +225,7 @@ fn run_once(
                 &config,
                 store.as_deref(),
                 reflected.clone(),
-                &shared,
+                (&shared, &names),
                 &stop,
             );
             if result.is_err() {
@@ -261,28 +263,40 @@ fn read_back_billing(
             // Assigned by hand; the id only names this client to the broker.
             .set("group.id", "meterflow-processor-billing-readback")
             .set("enable.auto.commit", "false")
+            // The read-back ends where the fetches say each partition ends.
+            .set("enable.partition.eof", "true")
             .create::<BaseConsumer>()
             .map_err(kafka("create billing reader"))
     };
     // Ends are asked of a client without an assignment: a request queued behind the reader's
     // long-polling fetch would wait for it.
     let (reader, watcher) = (client()?, client()?);
-    let partitions = topic_partitions(&watcher, topics::BILLING, shutdown)?;
-    let ends = || -> Result<BTreeMap<i32, (i64, i64)>, ProcessorError> {
+    let billing_partitions = topic_partitions(&watcher, topics::BILLING, shutdown)?;
+    let usage_partitions = topic_partitions(&watcher, topics::USAGE, shutdown)?;
+    let ends = |topic: &'static str| -> Result<BTreeMap<i32, (i64, i64)>, ProcessorError> {
+        let partitions = if topic == topics::USAGE {
+            usage_partitions
+        } else {
+            billing_partitions
+        };
         (0..partitions)
             .map(|p| {
                 watcher
-                    .fetch_watermarks(topics::BILLING, p, Duration::from_secs(10))
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))
                     .map(|w| (p, w))
-                    .map_err(kafka("billing offsets"))
+                    .map_err(kafka("output topic offsets"))
             })
             .collect()
     };
+    // The usage topic is only written by processors: while it still grows, a killed
+    // predecessor's queued requests are still being appended, billing ones among them.
+    let quiet =
+        || -> Result<_, ProcessorError> { Ok((ends(topics::BILLING)?, ends(topics::USAGE)?)) };
     let from = store.billing_offsets()?;
     let mut next: BTreeMap<i32, i64> = BTreeMap::new();
     let mut assignment = TopicPartitionList::new();
-    let mut target = ends()?;
-    for (p, (low, _)) in &target {
+    let mut snapshot = quiet()?;
+    for (p, (low, _)) in &snapshot.0 {
         let start = from.get(p).copied().unwrap_or(*low).max(*low);
         next.insert(*p, start);
         // Records below `start` are read again too: applying one twice changes nothing.
@@ -298,41 +312,51 @@ fn read_back_billing(
         .assign(&assignment)
         .map_err(kafka("assign billing"))?;
     let mut read = 0usize;
+    // Until every partition reported its end (from the fetch responses: the brokers' offset
+    // listing can fall short of the log's end), then until nothing arrives for `grace`.
+    let mut at_end: BTreeSet<i32> = BTreeSet::new();
+    let mut quiet_since = Instant::now();
     loop {
-        while target.iter().any(|(p, (_, high))| next[p] < *high) {
-            if shutdown.is_cancelled() {
-                // Stopped before the end: only the checkpoint's offsets are known to hold.
-                return Ok(from);
-            }
-            let Some(message) = reader.poll(Duration::from_millis(200)) else {
-                continue;
-            };
-            let message = message.map_err(kafka("read billing"))?;
-            let seen = next.entry(message.partition()).or_insert(0);
-            *seen = (*seen).max(message.offset() + 1);
-            let Ok(record) = BillingRecord::decode(message.payload().unwrap_or_default()) else {
-                warn!(
-                    partition = message.partition(),
-                    offset = message.offset(),
-                    "undecodable billing record skipped"
-                );
-                continue;
-            };
-            let Some(key) = BillingKey::from_record(&record) else {
-                warn!(item = %record.item, "billing record of an unknown item skipped");
-                continue;
-            };
-            if let Some(billed) = Billed::apply(store.billed(&key)?, &record) {
-                store.put_billed(&key, billed)?;
-            }
-            read += 1;
+        if shutdown.is_cancelled() {
+            // Stopped before the end: only the checkpoint's offsets are known to hold.
+            return Ok(from);
         }
-        std::thread::sleep(grace);
-        let later = ends()?;
-        if later == target {
-            break;
+        if at_end.len() >= billing_partitions as usize && quiet_since.elapsed() >= grace {
+            let later = quiet()?;
+            if later == snapshot {
+                break;
+            }
+            snapshot = later;
+            quiet_since = Instant::now();
         }
-        target = later;
+        let message = match reader.poll(Duration::from_millis(100)) {
+            None => continue,
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+                continue;
+            }
+            Some(Err(e)) => return Err(kafka("read billing")(e)),
+            Some(Ok(m)) => m,
+        };
+        quiet_since = Instant::now();
+        let seen = next.entry(message.partition()).or_insert(0);
+        *seen = (*seen).max(message.offset() + 1);
+        let Ok(record) = BillingRecord::decode(message.payload().unwrap_or_default()) else {
+            warn!(
+                partition = message.partition(),
+                offset = message.offset(),
+                "undecodable billing record skipped"
+            );
+            continue;
+        };
+        let Some(key) = BillingKey::from_record(&record) else {
+            warn!(item = %record.item, "billing record of an unknown item skipped");
+            continue;
+        };
+        if let Some(billed) = Billed::apply(store.billed(&key)?, &record) {
+            store.put_billed(&key, billed)?;
+        }
+        read += 1;
     }
     info!(
         records = read,
@@ -356,7 +380,7 @@ fn run_worker(
     config: &ProcessorConfig,
     store: Option<&Store>,
     mut billing_reflected: BTreeMap<i32, i64>,
-    shared: &Shared,
+    (shared, names): (&Shared, &Arc<Names>),
     shutdown: &CancellationToken,
 ) -> Result<(), ProcessorError> {
     let index = worker.index();
@@ -406,7 +430,7 @@ fn run_worker(
         .map_err(kafka("create billing producer"))?;
 
     let partitions = topic_partitions(&consumer, topics::SAMPLES, shutdown)?;
-    let mut feeder = Feeder::new(window_ms);
+    let mut feeder = Feeder::new(window_ms, names.clone(), index);
     let mut agents: HashMap<String, (i32, AgentState)> = HashMap::new();
     let mut inputs = Inputs {
         next: BTreeMap::new(),
@@ -580,9 +604,10 @@ fn run_worker(
         worker.step_while(|| probe.less_than(input.time()));
 
         let usage_changes: Vec<_> = usage.borrow_mut().drain(..).collect();
-        let sent = emit_usage(&producer, usage_changes, window_ms);
+        let sent = emit_usage(&producer, names, usage_changes, window_ms);
         let billing_changes: Vec<_> = billing.borrow_mut().drain(..).collect();
         for (key, total) in latest_totals(billing_changes) {
+            let key = names.billing_key(&key);
             let known = if ledger.knows(&key) {
                 None
             } else {
@@ -709,7 +734,7 @@ fn restore_partition(
         feeder.restore_counter(partition, key, series);
     }
     for (key, window, amount) in state.windows {
-        input.update(Summary::CounterWindow(key, window), amount as isize);
+        feeder.restore_counter_window(input, partition, key, window, amount);
     }
     Ok(state.offset)
 }
@@ -754,13 +779,14 @@ fn latest_totals<K: Ord>(changes: Vec<((K, isize), Time, isize)>) -> BTreeMap<K,
 /// Sends the latest value of every usage aggregate that changed; returns how many were sent.
 fn emit_usage(
     producer: &OutputProducer,
-    changes: Vec<((UsageKey, isize), Time, isize)>,
+    names: &Names,
+    changes: Vec<((UsageIdx, isize), Time, isize)>,
     window_ms: i64,
 ) -> usize {
     let latest = latest_totals(changes);
     let sent = latest.len();
     for (key, amount) in latest {
-        let update = usage_update(&key, amount, window_ms);
+        let update = usage_update(&names.usage_key(&key), amount, window_ms);
         match update.encode() {
             Ok(bytes) => send(producer, topics::USAGE, Some(&update.id), &bytes),
             Err(e) => warn!(error = %e, "usage update not encodable"),

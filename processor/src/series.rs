@@ -14,12 +14,17 @@
 //! as "dirty" so a checkpoint writes only that ([`Feeder::take_dirty`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use differential_dataflow::input::InputSession;
 use serde::{Deserialize, Serialize};
 
 use crate::dataflow::Time;
-use crate::model::{AllocationKey, AllocationObs, CounterKey, CounterObs, Observation, Summary};
+use crate::model::{
+    Aggregate, AllocationKey, AllocationObs, CounterKey, CounterObs, Observation, Owner, SeriesRef,
+    Summary,
+};
+use crate::names::{Item, Names};
 
 /// Usage between two readings of a counter: the difference, or the whole reading after a reset
 /// (a lower reading) or with no earlier reading (a new container counts from zero).
@@ -122,28 +127,114 @@ pub struct Dirty {
     pub windows: Vec<(i32, CounterKey, i64, i64)>,
 }
 
+/// One allocation series' state.
+#[derive(Debug)]
+struct AllocationState {
+    partition: i32,
+    series: SeriesRef,
+    summary: AllocationObs,
+}
+
+/// One counter series' state.
+#[derive(Debug)]
+struct CounterState {
+    partition: i32,
+    series: SeriesRef,
+    readings: CounterSeries,
+}
+
 /// Feeds one worker's dataflow input with per-series summaries (see the module's doc).
 #[derive(Debug)]
 pub struct Feeder {
     window_ms: i64,
-    allocations: HashMap<AllocationKey, (i32, AllocationObs)>,
-    counters: HashMap<CounterKey, (i32, CounterSeries)>,
-    dirty_allocations: HashSet<AllocationKey>,
-    dirty_counters: HashSet<CounterKey>,
-    dirty_windows: HashMap<(CounterKey, i64), (i32, i64)>,
+    names: Arc<Names>,
+    /// The next series number; the worker's index is in the high bits, so numbers are unique
+    /// across the workers of a process.
+    next_series: u64,
+    allocations: HashMap<AllocationKey, AllocationState>,
+    counters: HashMap<CounterKey, CounterState>,
+    allocation_keys: HashMap<u64, AllocationKey>,
+    counter_keys: HashMap<u64, CounterKey>,
+    dirty_allocations: HashSet<u64>,
+    dirty_counters: HashSet<u64>,
+    dirty_windows: HashMap<(u64, i64), i64>,
 }
 
 impl Feeder {
-    /// A feeder for base windows of `window_ms`.
-    pub fn new(window_ms: i64) -> Self {
+    /// A feeder for base windows of `window_ms`, for worker `worker` of a process whose
+    /// workers share `names`.
+    pub fn new(window_ms: i64, names: Arc<Names>, worker: usize) -> Self {
         Self {
             window_ms,
+            names,
+            next_series: (worker as u64) << 40,
             allocations: HashMap::new(),
             counters: HashMap::new(),
+            allocation_keys: HashMap::new(),
+            counter_keys: HashMap::new(),
             dirty_allocations: HashSet::new(),
             dirty_counters: HashSet::new(),
             dirty_windows: HashMap::new(),
         }
+    }
+
+    fn series_ref(&mut self, owner: &Owner, item: Item) -> SeriesRef {
+        let (owner, lease) = self.names.owner(owner);
+        let item = self.names.item(&item);
+        self.next_series += 1;
+        SeriesRef {
+            series: self.next_series,
+            owner,
+            lease,
+            item,
+        }
+    }
+
+    fn new_allocation(
+        &mut self,
+        partition: i32,
+        key: AllocationKey,
+        obs: AllocationObs,
+    ) -> SeriesRef {
+        let item = Item {
+            metric: Aggregate::GpuSeconds,
+            gpu_class: key.gpu_class.clone(),
+            mig_profile: key.mig_profile.clone(),
+        };
+        let series = self.series_ref(&key.owner, item);
+        self.allocation_keys.insert(series.series, key.clone());
+        self.allocations.insert(
+            key,
+            AllocationState {
+                partition,
+                series,
+                summary: obs,
+            },
+        );
+        series
+    }
+
+    fn counter(&mut self, partition: i32, key: CounterKey) -> &mut CounterState {
+        if !self.counters.contains_key(&key) {
+            let item = Item {
+                metric: key.metric,
+                gpu_class: String::new(),
+                mig_profile: String::new(),
+            };
+            let series = self.series_ref(&key.owner, item);
+            self.counter_keys.insert(series.series, key.clone());
+            self.counters.insert(
+                key.clone(),
+                CounterState {
+                    partition,
+                    series,
+                    readings: CounterSeries::default(),
+                },
+            );
+        }
+        self.counters
+            .get_mut(&key)
+            .expect("inserted above when missing")
     }
 
     /// Feeds one observation from input `partition`. Counter readings before `horizon_ms`
@@ -157,19 +248,19 @@ impl Feeder {
     ) {
         match observation {
             Observation::Allocation(key, obs) => match self.allocations.get_mut(&key) {
-                Some((_, summary)) => {
-                    let merged = summary.merge(obs);
-                    if merged != *summary {
-                        input.remove(Summary::Allocation(key.clone(), *summary));
-                        input.insert(Summary::Allocation(key.clone(), merged));
-                        *summary = merged;
-                        self.dirty_allocations.insert(key);
+                Some(state) => {
+                    let merged = state.summary.merge(obs);
+                    if merged != state.summary {
+                        input.remove(Summary::Allocation(state.series, state.summary));
+                        input.insert(Summary::Allocation(state.series, merged));
+                        state.summary = merged;
+                        self.dirty_allocations.insert(state.series.series);
                     }
                 }
                 None => {
-                    input.insert(Summary::Allocation(key.clone(), obs));
-                    self.allocations.insert(key.clone(), (partition, obs));
-                    self.dirty_allocations.insert(key);
+                    let series = self.new_allocation(partition, key, obs);
+                    input.insert(Summary::Allocation(series, obs));
+                    self.dirty_allocations.insert(series.series);
                 }
             },
             Observation::Counter(
@@ -179,20 +270,21 @@ impl Feeder {
                     units,
                 },
             ) => {
-                let (_, series) = self
-                    .counters
-                    .entry(key.clone())
-                    .or_insert_with(|| (partition, CounterSeries::default()));
-                series.compact(horizon_ms);
-                let changes = series.insert(timestamp_ms, units, self.window_ms);
-                for (window, change) in changes {
-                    input.update(Summary::CounterWindow(key.clone(), window), change as isize);
-                    self.dirty_windows
-                        .entry((key.clone(), window))
-                        .or_insert((partition, 0))
-                        .1 += change;
+                let window_ms = self.window_ms;
+                let state = match self.counters.get_mut(&key) {
+                    Some(state) => state,
+                    None => self.counter(partition, key),
+                };
+                state.readings.compact(horizon_ms);
+                let series = state.series;
+                for (window, change) in state.readings.insert(timestamp_ms, units, window_ms) {
+                    input.update(Summary::CounterWindow(series, window), change as isize);
+                    *self
+                        .dirty_windows
+                        .entry((series.series, window))
+                        .or_insert(0) += change;
                 }
-                self.dirty_counters.insert(key);
+                self.dirty_counters.insert(series.series);
             }
         }
     }
@@ -205,14 +297,29 @@ impl Feeder {
         key: AllocationKey,
         obs: AllocationObs,
     ) {
-        input.insert(Summary::Allocation(key.clone(), obs));
-        self.allocations.insert(key, (partition, obs));
+        let series = self.new_allocation(partition, key, obs);
+        input.insert(Summary::Allocation(series, obs));
     }
 
-    /// Restores a counter series' readings from a checkpoint; its window usage is restored
-    /// separately, straight into the input.
+    /// Restores a counter series' readings from a checkpoint.
     pub fn restore_counter(&mut self, partition: i32, key: CounterKey, series: CounterSeries) {
-        self.counters.insert(key, (partition, series));
+        self.counter(partition, key).readings = series;
+    }
+
+    /// Restores a counter series' usage in one window from a checkpoint and feeds it.
+    pub fn restore_counter_window(
+        &mut self,
+        input: &mut InputSession<Time, Summary, isize>,
+        partition: i32,
+        key: CounterKey,
+        window_start_ms: i64,
+        usage: i64,
+    ) {
+        let series = self.counter(partition, key).series;
+        input.update(
+            Summary::CounterWindow(series, window_start_ms),
+            usage as isize,
+        );
     }
 
     /// Series alive in this feeder: `(allocation series, counter series)`.
@@ -225,24 +332,30 @@ impl Feeder {
         let allocations = self
             .dirty_allocations
             .drain()
-            .filter_map(|k| {
-                let (p, obs) = *self.allocations.get(&k)?;
-                Some((p, k, obs))
+            .filter_map(|id| {
+                let key = self.allocation_keys.get(&id)?;
+                let state = self.allocations.get(key)?;
+                Some((state.partition, key.clone(), state.summary))
             })
             .collect();
         let counters = self
             .dirty_counters
             .drain()
-            .filter_map(|k| {
-                let (p, series) = self.counters.get(&k)?.clone();
-                Some((p, k, series))
+            .filter_map(|id| {
+                let key = self.counter_keys.get(&id)?;
+                let state = self.counters.get(key)?;
+                Some((state.partition, key.clone(), state.readings.clone()))
             })
             .collect();
         let windows = self
             .dirty_windows
             .drain()
-            .filter(|(_, (_, change))| *change != 0)
-            .map(|((k, w), (p, change))| (p, k, w, change))
+            .filter(|(_, change)| *change != 0)
+            .filter_map(|((id, w), change)| {
+                let key = self.counter_keys.get(&id)?;
+                let state = self.counters.get(key)?;
+                Some((state.partition, key.clone(), w, change))
+            })
             .collect();
         Dirty {
             allocations,
