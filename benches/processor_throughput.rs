@@ -13,7 +13,7 @@ use meterflow_ingest::{Fleet, FleetConfig};
 use meterflow_processor::dataflow::{Installed, install};
 use meterflow_processor::model::observe;
 use meterflow_processor::names::Names;
-use meterflow_processor::series::Feeder;
+use meterflow_processor::series::{Feeder, Rules};
 use meterflow_schemas::{Record, SampleBatch};
 
 fn main() {
@@ -77,8 +77,9 @@ fn main() {
                 probe,
                 usage,
                 billing,
+                fleet,
             } = install(worker, 60_000, 3_600_000);
-            let mut feeder = Feeder::new(60_000, names.clone(), index);
+            let mut feeder = Feeder::new(Rules::new(60_000), names.clone(), index);
             let mut updates = 0usize;
             for (epoch, batches) in data.iter().enumerate() {
                 for bytes in batches.iter().skip(index).step_by(peers) {
@@ -94,6 +95,7 @@ fn main() {
                 worker.step_while(|| probe.less_than(input.time()));
                 updates += usage.borrow_mut().drain(..).count();
                 updates += billing.borrow_mut().drain(..).count();
+                updates += fleet.borrow_mut().drain(..).count();
             }
             updates
         })

@@ -66,6 +66,8 @@ async fn run_in(config: &DemoConfig, data_dir: &Path, shutdown: CancellationToke
     let processor = {
         let cfg = ProcessorConfig {
             workers: config.workers,
+            // SPEC: max_staleness is twice the collection interval.
+            max_staleness_ms: 2 * config.interval.as_millis() as i64,
             ..ProcessorConfig::new(brokers.clone())
         };
         let token = shutdown.clone();

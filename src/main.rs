@@ -90,6 +90,10 @@ enum Command {
         /// to the dead-letter topic as `too_late`.
         #[arg(long, default_value = "10m", value_parser = parse_duration)]
         lateness: Duration,
+        /// The longest gap across which a gauge reading (memory, VRAM, utilization) is held;
+        /// a longer gap is reported as not observed, never filled. Twice the agents' interval.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        max_staleness: Duration,
         /// Directory of the RocksDB checkpoint (input offsets and state). A restart resumes from
         /// it; one directory per processor process.
         #[arg(long, default_value = "meterflow-processor-state")]
@@ -257,6 +261,7 @@ async fn main() -> Result<()> {
             window,
             billing_window,
             lateness,
+            max_staleness,
             state_dir,
             checkpoint_interval,
             max_batch,
@@ -274,6 +279,7 @@ async fn main() -> Result<()> {
                 window_ms: window.as_millis() as i64,
                 billing_window_ms: billing_window.as_millis() as i64,
                 allowed_lateness_ms: lateness.as_millis() as i64,
+                max_staleness_ms: max_staleness.as_millis() as i64,
                 state_dir: Some(state_dir),
                 checkpoint_interval,
                 max_batch: max_batch.max(1),

@@ -342,6 +342,14 @@ fn advance(
                     started_at_ms: None,
                     finished_at_ms: None,
                 });
+                samples.extend(usage_samples(
+                    w.cores,
+                    &container_id,
+                    started_at_ms,
+                    seen_until,
+                    &w.gpus.iter().map(|&g| &gpus[g]).collect::<Vec<_>>(),
+                    series,
+                ));
                 if !finished {
                     return;
                 }
@@ -352,6 +360,79 @@ fn advance(
             }
         }
     }
+}
+
+/// A number in `0..1000` determined by its inputs: how the simulated levels wobble.
+fn wobble(a: &str, t: i64) -> i64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in a.bytes().chain(t.to_le_bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % 1000) as i64
+}
+
+/// The container's other metrics at `now_ms`: memory working set (gauge), network bytes
+/// (counters), and per GPU its utilization and memory used (gauges) and energy (counter).
+fn usage_samples(
+    cores: f64,
+    container_id: &str,
+    started_at_ms: i64,
+    now_ms: i64,
+    gpus: &[&Gpu],
+    series: impl Fn(Option<&Gpu>) -> SeriesId,
+) -> Vec<Sample> {
+    use meterflow_schemas::metrics as m;
+    let elapsed_s = (now_ms - started_at_ms) as f64 / 1_000.0;
+    let sample = |gpu: Option<&Gpu>, kind, metric: &str, value: f64| Sample {
+        series: series(gpu),
+        kind,
+        metric: metric.into(),
+        value,
+        timestamp_ms: now_ms,
+        started_at_ms: None,
+        finished_at_ms: None,
+    };
+    // About 4 GiB per busy core, ± 10 %.
+    let memory = (cores * 4.0 * (1u64 << 30) as f64) as i64 / 1000
+        * (950 + wobble(container_id, now_ms) / 10);
+    let mut out = vec![
+        sample(None, SampleKind::Gauge, m::MEMORY_BYTES, memory as f64),
+        sample(
+            None,
+            SampleKind::Counter,
+            m::NETWORK_RECEIVE_BYTES,
+            (elapsed_s * 2_000_000.0).round(),
+        ),
+        sample(
+            None,
+            SampleKind::Counter,
+            m::NETWORK_TRANSMIT_BYTES,
+            (elapsed_s * 500_000.0).round(),
+        ),
+    ];
+    for gpu in gpus {
+        let utilization = wobble(&gpu.uuid, now_ms) as f64 / 1000.0;
+        out.push(sample(
+            Some(gpu),
+            SampleKind::Gauge,
+            m::GPU_UTILIZATION,
+            utilization,
+        ));
+        out.push(sample(
+            Some(gpu),
+            SampleKind::Gauge,
+            m::VRAM_BYTES,
+            ((10u64 << 30) as f64 * (0.5 + utilization / 2.0)).round(),
+        ));
+        // About 300 W while the container runs, in joules since it started.
+        out.push(sample(
+            Some(gpu),
+            SampleKind::Counter,
+            m::ENERGY_JOULES,
+            (elapsed_s * 300.0 * 1_000.0).round() / 1_000.0,
+        ));
+    }
+    out
 }
 
 #[cfg(test)]

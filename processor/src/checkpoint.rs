@@ -14,9 +14,11 @@
 //! o P            → next input offset (i64 BE)
 //! a P agent      → AgentState (JSON)
 //! s P series     → AllocationObs (JSON)
-//! c P series     → CounterSeries (JSON)
-//! w P series T   → usage of the counter series in the window starting at T (i64 LE, merged by
+//! c P series     → Readings of a counter or gauge series (JSON)
+//! w P series T   → parts of the series' usage in the window starting at T: total, observed ms,
+//!                  present ms (i64 LE each, trailing zeros left out; merged by element-wise
 //!                  addition; T big-endian with the sign bit flipped)
+//! n P T node     → (empty): the node sent a sample in the hour starting at T
 //! b key          → Billed (JSON)
 //! k W P          → billing topic offset below which this worker's records are all in `b`
 //! ```
@@ -30,8 +32,8 @@ use serde::de::DeserializeOwned;
 
 use crate::agents::AgentState;
 use crate::billing::Billed;
-use crate::model::{AllocationKey, AllocationObs, BillingKey, CounterKey};
-use crate::series::{CounterSeries, Dirty};
+use crate::model::{AllocationKey, AllocationObs, BillingKey, ReadingKey};
+use crate::series::{Dirty, Parts, Readings};
 
 /// Why the state store failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,9 +61,11 @@ pub struct PartitionState {
     pub offset: Option<i64>,
     pub agents: Vec<(String, AgentState)>,
     pub allocations: Vec<(AllocationKey, AllocationObs)>,
-    pub counters: Vec<(CounterKey, CounterSeries)>,
-    /// `(series, window_start_ms, usage)`.
-    pub windows: Vec<(CounterKey, i64, i64)>,
+    pub readings: Vec<(ReadingKey, Readings)>,
+    /// `(series, window_start_ms, parts)`.
+    pub windows: Vec<(ReadingKey, i64, Parts)>,
+    /// `(node, hour_start_ms)` in which the node was active.
+    pub node_hours: Vec<(String, i64)>,
 }
 
 /// One worker's checkpoint.
@@ -83,13 +87,30 @@ pub struct Store {
     db: DB,
 }
 
-fn add_i64(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
-    let read = |b: &[u8]| b.try_into().map(i64::from_le_bytes).unwrap_or(0);
-    let mut sum = existing.map_or(0, read);
-    for op in operands {
-        sum = sum.wrapping_add(read(op));
+/// Reads little-endian `i64`s; a shorter value has zeros after its end.
+fn read_parts(bytes: &[u8]) -> Parts {
+    let mut parts = [0; 3];
+    for (part, chunk) in parts.iter_mut().zip(bytes.chunks_exact(8)) {
+        *part = i64::from_le_bytes(chunk.try_into().expect("chunks of 8"));
     }
-    Some(sum.to_le_bytes().to_vec())
+    parts
+}
+
+/// Writes parts as little-endian `i64`s, leaving out trailing zeros (a counter's window is one
+/// `i64`, as before gauges existed).
+fn write_parts(parts: Parts) -> Vec<u8> {
+    let len = parts.iter().rposition(|p| *p != 0).map_or(1, |i| i + 1);
+    parts[..len].iter().flat_map(|p| p.to_le_bytes()).collect()
+}
+
+fn add_parts(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
+    let mut sum = existing.map_or([0; 3], read_parts);
+    for op in operands {
+        for (s, o) in sum.iter_mut().zip(read_parts(op)) {
+            *s = s.wrapping_add(o);
+        }
+    }
+    Some(write_parts(sum))
 }
 
 fn key(tag: u8, partition: i32, rest: &[u8]) -> Vec<u8> {
@@ -130,7 +151,8 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
-        opts.set_merge_operator_associative("add_i64", add_i64);
+        // The operator's name is stored with the data: it stays "add_i64", which it extends.
+        opts.set_merge_operator_associative("add_i64", add_parts);
         let db = DB::open(&opts, dir).map_err(|source| StoreError::Open {
             path: dir.to_path_buf(),
             source,
@@ -173,7 +195,7 @@ impl Store {
             Ok(())
         })?;
         self.scan(&key(b'c', partition, &[]), |k, v| {
-            state.counters.push((parse(k, &k[5..])?, parse(k, v)?));
+            state.readings.push((parse(k, &k[5..])?, parse(k, v)?));
             Ok(())
         })?;
         self.scan(&key(b'w', partition, &[]), |k, v| {
@@ -185,10 +207,23 @@ impl Store {
                     key: k.to_vec(),
                     message: "short window key".into(),
                 })?;
-            let usage = v.try_into().map(i64::from_le_bytes).unwrap_or(0);
-            if usage != 0 {
-                state.windows.push((parse(k, series)?, window, usage));
+            let parts = read_parts(v);
+            if parts != [0; 3] {
+                state.windows.push((parse(k, series)?, window, parts));
             }
+            Ok(())
+        })?;
+        self.scan(&key(b'n', partition, &[]), |k, _| {
+            let hour = k
+                .get(5..13)
+                .and_then(|w| w.try_into().ok())
+                .map(|w| (u64::from_be_bytes(w) ^ (1 << 63)) as i64)
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: k.to_vec(),
+                    message: "short node-hour key".into(),
+                })?;
+            let node = String::from_utf8_lossy(&k[13..]).into_owned();
+            state.node_hours.push((node, hour));
             Ok(())
         })?;
         Ok(state)
@@ -240,13 +275,18 @@ impl Store {
         for (p, k, obs) in cp.series.allocations {
             batch.put(key(b's', p, &json(&k)), json(&obs));
         }
-        for (p, k, series) in cp.series.counters {
+        for (p, k, series) in cp.series.readings {
             batch.put(key(b'c', p, &json(&k)), json(&series));
         }
         for (p, k, window, change) in cp.series.windows {
             let mut rest = json(&k);
             rest.extend_from_slice(&window_bytes(window));
-            batch.merge(key(b'w', p, &rest), change.to_le_bytes());
+            batch.merge(key(b'w', p, &rest), write_parts(change));
+        }
+        for (p, node, hour) in cp.series.node_hours {
+            let mut rest = window_bytes(hour).to_vec();
+            rest.extend_from_slice(node.as_bytes());
+            batch.put(key(b'n', p, &rest), []);
         }
         for (k, billed) in cp.billed {
             batch.put([&[b'b'][..], &json(&k)].concat(), json(&billed));
@@ -271,8 +311,8 @@ mod tests {
     use super::*;
     use crate::model::{Aggregate, Owner};
 
-    fn counter_key() -> CounterKey {
-        CounterKey {
+    fn counter_key() -> ReadingKey {
+        ReadingKey {
             owner: Owner {
                 tenant: "t".into(),
                 lease: "l".into(),
@@ -281,6 +321,16 @@ mod tests {
             node: "n".into(),
             container_id: "c".into(),
             metric: Aggregate::CpuCoreSeconds,
+            gpu_uuid: String::new(),
+            gpu_class: String::new(),
+            mig_profile: String::new(),
+        }
+    }
+
+    fn gauge_key() -> ReadingKey {
+        ReadingKey {
+            metric: Aggregate::MemoryByteSeconds,
+            ..counter_key()
         }
     }
 
@@ -290,13 +340,14 @@ mod tests {
         let store = Store::open(dir.path()).expect("open");
         let mut agent = AgentState::new();
         agent.first_time(3);
-        let write = |windows: Vec<(i32, CounterKey, i64, i64)>, offset| {
+        let write = |windows: Vec<(i32, ReadingKey, i64, Parts)>, offset| {
             store.write(Checkpoint {
                 worker: 0,
                 offsets: vec![(2, offset)],
                 agents: vec![(2, "agent-a".into(), agent.clone())],
                 series: Dirty {
                     windows,
+                    node_hours: vec![(2, "node-a".into(), 3_600_000)],
                     ..Dirty::default()
                 },
                 billed: vec![],
@@ -304,11 +355,22 @@ mod tests {
             })
         };
         write(
-            vec![(2, counter_key(), -60_000, 5), (2, counter_key(), 0, 7)],
+            vec![
+                (2, counter_key(), -60_000, [5, 0, 0]),
+                (2, counter_key(), 0, [7, 0, 0]),
+                (2, gauge_key(), 0, [100, 0, 60_000]),
+            ],
             10,
         )
         .expect("first");
-        write(vec![(2, counter_key(), 0, -2)], 12).expect("second");
+        write(
+            vec![
+                (2, counter_key(), 0, [-2, 0, 0]),
+                (2, gauge_key(), 0, [30, 10_000, 0]),
+            ],
+            12,
+        )
+        .expect("second");
         store
             .write(Checkpoint {
                 worker: 1,
@@ -324,14 +386,27 @@ mod tests {
         assert_eq!(p.agents, vec![("agent-a".to_string(), agent)]);
         assert_eq!(
             p.windows,
-            vec![(counter_key(), -60_000, 5), (counter_key(), 0, 5)]
+            vec![
+                (counter_key(), -60_000, [5, 0, 0]),
+                (counter_key(), 0, [5, 0, 0]),
+                (gauge_key(), 0, [130, 10_000, 60_000]),
+            ]
         );
+        assert_eq!(p.node_hours, vec![("node-a".to_string(), 3_600_000)]);
         assert_eq!(store.load_partition(3).expect("load").offset, None);
         assert_eq!(
             store.billing_offsets().expect("offsets"),
             BTreeMap::from([(0, 50)]),
             "the lowest any worker stored"
         );
+    }
+
+    #[test]
+    fn a_counter_window_is_one_i64_as_before_gauges_existed() {
+        assert_eq!(write_parts([7, 0, 0]), 7i64.to_le_bytes().to_vec());
+        assert_eq!(read_parts(&7i64.to_le_bytes()), [7, 0, 0]);
+        assert_eq!(write_parts([0, 0, 0]).len(), 8);
+        assert_eq!(read_parts(&write_parts([1, -2, 3])), [1, -2, 3]);
     }
 
     #[test]

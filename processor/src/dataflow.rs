@@ -1,14 +1,15 @@
 //! The processor's differential dataflow, read top to bottom as the SPEC's steps.
 //!
 //! ```text
-//! summaries ─┬─ allocations     ▸ allocation_intervals ▸ gpu_milliseconds ─┐
-//!            └─ counter windows ▸ counter_usage                          ─┴▸ amounts
-//! amounts ─┬─ window_totals   (per lease, service, item and base window → meterflow.usage)
-//!          └─ billing_totals  (per lease, item and billing window       → meterflow.billing)
+//! summaries ─┬─ allocations ▸ allocation_intervals ▸ gpu_milliseconds ─┐
+//!            └─ reading windows (counters, gauges) ▸ reading_usage    ─┴▸ amounts
+//! amounts ─┬─ window_totals ▸ measured (per lease, service, item and base window → meterflow.usage)
+//!          └─ billing_totals           (per lease, item and billing window       → meterflow.billing)
+//! node hours, allocation intervals ▸ fleet_hourly (per node and per fleet, hourly → meterflow.usage)
 //! ```
 //!
 //! Each step is a function from collection to collection. Input order does not matter: a late
-//! or re-ordered observation changes an interval or a counter delta, and differential dataflow
+//! or re-ordered observation changes an interval or a reading pair, and differential dataflow
 //! retracts the old windowed values and emits the new ones. Deduplication by (agent, sequence)
 //! happens before the dataflow, in [`crate::runner`], where one agent's batches arrive on one
 //! worker; there a [`crate::series::Feeder`] also reduces each series' samples to what the
@@ -21,8 +22,9 @@ use differential_dataflow::VecCollection;
 use differential_dataflow::input::{Input, InputSession};
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 
-use crate::model::{AllocationObs, SeriesRef, Summary};
-use crate::names::{BillingIdx, UsageIdx};
+use crate::model::{AllocationObs, Kind, Part, SeriesRef, Summary};
+use crate::names::{BillingIdx, NodeId, UsageIdx};
+use crate::series::HOUR_MS;
 
 /// Timely time of the processor: one epoch per batch of Kafka messages.
 pub type Time = u64;
@@ -40,31 +42,80 @@ pub struct Interval {
     pub count: i64,
 }
 
-/// Usage amounts per (owner, item, base window), carried in the multiplicities so that every
-/// sum downstream is a plain addition.
-pub fn amounts<'s>(summaries: Coll<'s, Summary>, window_ms: i64) -> Coll<'s, UsageIdx> {
-    let allocations = summaries.clone().flat_map(|s| match s {
-        Summary::Allocation(k, v) => Some((k, v)),
-        Summary::CounterWindow(..) => None,
-    });
-    let counters = summaries.flat_map(|s| match s {
-        Summary::CounterWindow(k, w) => Some((k, w)),
-        Summary::Allocation(..) => None,
-    });
-    let gpu = gpu_milliseconds(allocation_intervals(allocations), window_ms);
-    gpu.concat(counter_usage(counters))
+/// One windowed aggregate's value: its total, and how much of the window it was observed.
+/// For exact aggregates (allocations, counters) both times are the window's length; for a gauge
+/// they are summed over its series, and `observed_ms / present_ms` is its coverage.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct Measured {
+    pub total: i64,
+    pub observed_ms: i64,
+    pub present_ms: i64,
 }
 
-/// Changes of a collection of totals, `((key, total), time, diff)`, as captured from the dataflow.
-pub type Changes<K> = Rc<RefCell<Vec<((K, isize), Time, isize)>>>;
+/// The key of one node or fleet aggregate per hour (SPEC: per node and hour, per fleet and
+/// hour); its value travels with it as an `isize`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum FleetIdx {
+    /// The node sent at least one sample in the hour (value 1).
+    NodeActive(NodeId, i64),
+    /// The most GPUs (or MIG instances) allocated on the node at any instant of the hour.
+    NodeMaxGpus(NodeId, i64),
+    /// Nodes active in the hour.
+    ActiveNodes(i64),
+    /// The per-node maxima of the hour, summed over the fleet.
+    FleetMaxGpus(i64),
+}
+
+/// The allocation summaries, the reading windows and the node-hours in the input.
+#[allow(clippy::type_complexity)]
+fn split<'s>(
+    summaries: Coll<'s, Summary>,
+) -> (
+    Coll<'s, (SeriesRef, AllocationObs)>,
+    Coll<'s, (SeriesRef, Part, i64)>,
+    Coll<'s, (NodeId, i64)>,
+) {
+    let allocations = summaries.clone().flat_map(|s| match s {
+        Summary::Allocation(k, v) => Some((k, v)),
+        _ => None,
+    });
+    let readings = summaries.clone().flat_map(|s| match s {
+        Summary::Window(k, p, w) => Some((k, p, w)),
+        _ => None,
+    });
+    let node_hours = summaries.flat_map(|s| match s {
+        Summary::NodeHour(n, h) => Some((n, h)),
+        _ => None,
+    });
+    (allocations, readings, node_hours)
+}
+
+/// Usage amounts per (owner, item, base window) and part, carried in the multiplicities so
+/// that every sum downstream is a plain addition.
+pub fn amounts<'s>(
+    intervals: Coll<'s, (SeriesRef, Interval)>,
+    readings: Coll<'s, (SeriesRef, Part, i64)>,
+    window_ms: i64,
+) -> Coll<'s, (UsageIdx, Part)> {
+    gpu_milliseconds(intervals, window_ms).concat(reading_usage(readings))
+}
+
+/// Changes of a collection of `(key, value)`, with their time and diff, as captured from the
+/// dataflow.
+pub type Changes<K, V> = Rc<RefCell<Vec<((K, V), Time, isize)>>>;
 
 /// One worker's installed dataflow: its input, a probe to know when an epoch is done, and the
-/// changes of the usage and billing totals captured for the caller.
+/// changes of the usage, billing and fleet aggregates captured for the caller.
 pub struct Installed {
     pub input: InputSession<Time, Summary, isize>,
     pub probe: ProbeHandle<Time>,
-    pub usage: Changes<UsageIdx>,
-    pub billing: Changes<BillingIdx>,
+    pub usage: Changes<UsageIdx, Measured>,
+    pub billing: Changes<BillingIdx, isize>,
+    pub fleet: Changes<FleetIdx, isize>,
 }
 
 /// Builds the dataflow in `worker`: base windows of `window_ms`, billing windows of
@@ -74,17 +125,23 @@ pub fn install(
     window_ms: i64,
     billing_window_ms: i64,
 ) -> Installed {
-    let usage: Changes<UsageIdx> = Rc::default();
-    let billing: Changes<BillingIdx> = Rc::default();
-    let (usage_out, billing_out) = (usage.clone(), billing.clone());
+    let usage: Changes<UsageIdx, Measured> = Rc::default();
+    let billing: Changes<BillingIdx, isize> = Rc::default();
+    let fleet: Changes<FleetIdx, isize> = Rc::default();
+    let (usage_out, billing_out, fleet_out) = (usage.clone(), billing.clone(), fleet.clone());
     let (input, probe) = worker.dataflow::<Time, _, _>(|scope| {
         let (input, summaries) = scope.new_collection::<Summary, isize>();
-        let amounts = amounts(summaries, window_ms);
-        let (probe, _) = window_totals(amounts.clone())
+        let (allocations, readings, node_hours) = split(summaries);
+        let intervals = allocation_intervals(allocations);
+        let amounts = amounts(intervals.clone(), readings, window_ms);
+        let (probe, _) = measured(window_totals(amounts.clone()), window_ms)
             .inspect(move |update| usage_out.borrow_mut().push(*update))
             .probe();
         billing_totals(amounts, billing_window_ms)
             .inspect(move |update| billing_out.borrow_mut().push(*update))
+            .probe_with(&probe);
+        fleet_hourly(node_hours, max_gpus_allocated(intervals))
+            .inspect(move |update| fleet_out.borrow_mut().push(*update))
             .probe_with(&probe);
         (input, probe)
     });
@@ -93,6 +150,7 @@ pub fn install(
         probe,
         usage,
         billing,
+        fleet,
     }
 }
 
@@ -143,17 +201,12 @@ pub fn split_by_window(
 pub fn gpu_milliseconds<'s>(
     intervals: Coll<'s, (SeriesRef, Interval)>,
     window_ms: i64,
-) -> Coll<'s, UsageIdx> {
+) -> Coll<'s, (UsageIdx, Part)> {
     intervals.explode(move |(s, iv)| {
         split_by_window(iv.start_ms, iv.end_ms, window_ms)
             .map(|(window_start_ms, ms)| {
                 (
-                    UsageIdx {
-                        owner: s.owner,
-                        lease: s.lease,
-                        item: s.item,
-                        window_start_ms,
-                    },
+                    (UsageIdx::of(&s, window_start_ms), Part::Total),
                     (ms * iv.count) as isize,
                 )
             })
@@ -161,28 +214,128 @@ pub fn gpu_milliseconds<'s>(
     })
 }
 
-/// Per-series window usage (amount in the multiplicity) → usage per (owner, item, window).
-pub fn counter_usage<'s>(windows: Coll<'s, (SeriesRef, i64)>) -> Coll<'s, UsageIdx> {
-    windows.map(|(s, window_start_ms)| UsageIdx {
-        owner: s.owner,
-        lease: s.lease,
-        item: s.item,
-        window_start_ms,
-    })
+/// Per-series window parts (amount in the multiplicity) → parts per (owner, item, window).
+pub fn reading_usage<'s>(windows: Coll<'s, (SeriesRef, Part, i64)>) -> Coll<'s, (UsageIdx, Part)> {
+    windows.map(|(s, part, window_start_ms)| (UsageIdx::of(&s, window_start_ms), part))
 }
 
-/// Amounts carried in multiplicities → one `(key, total)` record per base window.
-pub fn window_totals<'s>(amounts: Coll<'s, UsageIdx>) -> Coll<'s, (UsageIdx, isize)> {
+/// Amounts carried in multiplicities → one `((key, part), total)` record per base window.
+pub fn window_totals<'s>(
+    amounts: Coll<'s, (UsageIdx, Part)>,
+) -> Coll<'s, ((UsageIdx, Part), isize)> {
     amounts.count()
 }
 
-/// Amounts → one `(key, total)` record per lease, item and billing window (services summed).
+/// Totals by part → one [`Measured`] per key. Exact aggregates pass straight through; a
+/// gauge's three parts are gathered by key.
+pub fn measured<'s>(
+    totals: Coll<'s, ((UsageIdx, Part), isize)>,
+    window_ms: i64,
+) -> Coll<'s, (UsageIdx, Measured)> {
+    let exact = totals
+        .clone()
+        .filter(|((k, _), _)| k.metric.kind() != Kind::Gauge)
+        .map(move |((k, _), total)| {
+            (
+                k,
+                Measured {
+                    total: total as i64,
+                    observed_ms: window_ms,
+                    present_ms: window_ms,
+                },
+            )
+        });
+    let gauges = totals
+        .filter(|((k, _), _)| k.metric.kind() == Kind::Gauge)
+        .map(|((k, part), amount)| (k, (part, amount)))
+        .reduce_named("GaugeParts", |_key, input, output| {
+            let mut m = Measured {
+                total: 0,
+                observed_ms: 0,
+                present_ms: 0,
+            };
+            for ((part, amount), diff) in input {
+                let amount = (*amount * *diff) as i64;
+                match part {
+                    Part::Total => m.total += amount,
+                    Part::Observed => m.observed_ms += amount,
+                    Part::Present => m.present_ms += amount,
+                }
+            }
+            output.push((m, 1));
+        });
+    exact.concat(gauges)
+}
+
+/// Allocation intervals → per node and hour, the most GPUs held at any instant: a sweep over
+/// the intervals' starts and ends within the hour (an end sorts before a start at the same
+/// millisecond, so a container replaced by another is not counted twice).
+pub fn max_gpus_allocated<'s>(
+    intervals: Coll<'s, (SeriesRef, Interval)>,
+) -> Coll<'s, ((NodeId, i64), isize)> {
+    intervals
+        .flat_map(|(s, iv)| {
+            split_by_window(iv.start_ms, iv.end_ms, HOUR_MS)
+                .map(|(hour, _)| {
+                    (
+                        (s.node, hour),
+                        (
+                            iv.start_ms.max(hour),
+                            iv.end_ms.min(hour + HOUR_MS),
+                            iv.count,
+                        ),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .reduce_named("MaxGpusAllocated", |_key, input, output| {
+            let mut events: Vec<(i64, i64)> = Vec::with_capacity(2 * input.len());
+            for ((start, end, count), diff) in input {
+                let held = *count * *diff as i64;
+                events.push((*start, held));
+                events.push((*end, -held));
+            }
+            events.sort_unstable();
+            let (mut now, mut most) = (0i64, 0i64);
+            for (_, change) in events {
+                now += change;
+                most = most.max(now);
+            }
+            output.push((most as isize, 1));
+        })
+}
+
+/// Node-hours and per-node maxima → the node and fleet aggregates per hour.
+pub fn fleet_hourly<'s>(
+    node_hours: Coll<'s, (NodeId, i64)>,
+    node_max: Coll<'s, ((NodeId, i64), isize)>,
+) -> Coll<'s, (FleetIdx, isize)> {
+    let active = node_hours
+        .clone()
+        .map(|(n, h)| (FleetIdx::NodeActive(n, h), 1));
+    let maxima = node_max
+        .clone()
+        .map(|((n, h), most)| (FleetIdx::NodeMaxGpus(n, h), most));
+    let active_nodes = node_hours
+        .map(|(_, h)| h)
+        .count()
+        .map(|(h, n)| (FleetIdx::ActiveNodes(h), n));
+    let fleet_max = node_max
+        .explode(|((_, h), most)| Some((h, most)))
+        .count()
+        .map(|(h, sum)| (FleetIdx::FleetMaxGpus(h), sum));
+    active.concat(maxima).concat(active_nodes).concat(fleet_max)
+}
+
+/// Amounts → one `(key, total)` record per lease, item and billing window (services summed),
+/// for the aggregates that are billed.
 pub fn billing_totals<'s>(
-    amounts: Coll<'s, UsageIdx>,
+    amounts: Coll<'s, (UsageIdx, Part)>,
     billing_window_ms: i64,
 ) -> Coll<'s, (BillingIdx, isize)> {
     amounts
-        .map(move |k| BillingIdx::of(&k, billing_window_ms))
+        .filter(|(k, part)| *part == Part::Total && k.metric.billed())
+        .map(move |(k, _)| BillingIdx::of(&k, billing_window_ms))
         .count()
 }
 
@@ -195,28 +348,37 @@ mod tests {
 
     use super::*;
     use crate::model::{
-        Aggregate, AllocationKey, BillingKey, CounterKey, CounterObs, Observation, Owner, UsageKey,
+        Aggregate, AllocationKey, BillingKey, Observation, Owner, ReadingKey, ReadingObs, UsageKey,
     };
     use crate::names::Names;
-    use crate::series::Feeder;
+    use crate::series::{Feeder, Rules};
 
     const MIN: i64 = 60_000;
     const HOUR: i64 = 3_600_000;
 
+    /// A node or fleet aggregate, named: `(metric, node, hour)`.
+    type FleetKey = (&'static str, String, i64);
+
     /// Runs the dataflow over epochs of observations fed through a [`Feeder`], as the
-    /// processor does, and returns the final usage and billing totals, named.
+    /// processor does, and returns the final usage, billing and fleet totals, named.
+    #[allow(clippy::type_complexity)]
     fn run_all(
         epochs: Vec<Vec<Observation>>,
-    ) -> (BTreeMap<UsageKey, i64>, BTreeMap<BillingKey, i64>) {
+    ) -> (
+        BTreeMap<UsageKey, Measured>,
+        BTreeMap<BillingKey, i64>,
+        BTreeMap<FleetKey, i64>,
+    ) {
         timely::execute_directly(move |worker| {
             let Installed {
                 mut input,
                 probe,
                 usage,
                 billing,
+                fleet,
             } = install(worker, MIN, HOUR);
             let names = Arc::new(Names::default());
-            let mut feeder = Feeder::new(MIN, names.clone(), 0);
+            let mut feeder = Feeder::new(rules(), names.clone(), 0);
             for (epoch, observations) in epochs.into_iter().enumerate() {
                 input.advance_to(epoch as Time);
                 for o in observations {
@@ -227,22 +389,49 @@ mod tests {
             input.flush();
             worker.step_while(|| probe.less_than(input.time()));
             (
-                totals(&usage, |k| names.usage_key(k)),
-                totals(&billing, |k| names.billing_key(k)),
+                totals(&usage, |k| names.usage_key(k), |m| m),
+                totals(&billing, |k| names.billing_key(k), |v| v as i64),
+                totals(
+                    &fleet,
+                    |k| match *k {
+                        FleetIdx::NodeActive(n, h) => ("node_active", names.node_name(n), h),
+                        FleetIdx::NodeMaxGpus(n, h) => ("max_gpus", names.node_name(n), h),
+                        FleetIdx::ActiveNodes(h) => ("active_nodes", String::new(), h),
+                        FleetIdx::FleetMaxGpus(h) => ("max_gpus", String::new(), h),
+                    },
+                    |v| v as i64,
+                ),
             )
         })
     }
 
-    fn run(epochs: Vec<Vec<Observation>>) -> BTreeMap<UsageKey, i64> {
-        run_all(epochs).0
+    fn rules() -> Rules {
+        Rules {
+            window_ms: MIN,
+            max_staleness_ms: 30_000,
+            max_gap_ms: 600_000,
+        }
     }
 
-    /// Accumulates captured changes into the final `key → total`, checking there is one each.
-    fn totals<K: Ord + Clone, N: Ord>(
-        changes: &Changes<K>,
+    /// The totals of the exact aggregates (their coverage is always the whole window).
+    fn run(epochs: Vec<Vec<Observation>>) -> BTreeMap<UsageKey, i64> {
+        run_all(epochs)
+            .0
+            .into_iter()
+            .map(|(k, m)| {
+                assert_eq!((m.observed_ms, m.present_ms), (MIN, MIN), "{k:?}");
+                (k, m.total)
+            })
+            .collect()
+    }
+
+    /// Accumulates captured changes into the final `key → value`, checking there is one each.
+    fn totals<K: Ord + Clone, V: Ord + Clone, N: Ord, W>(
+        changes: &Changes<K, V>,
         name: impl Fn(&K) -> N,
-    ) -> BTreeMap<N, i64> {
-        let mut acc: BTreeMap<(K, isize), isize> = BTreeMap::new();
+        value: impl Fn(V) -> W,
+    ) -> BTreeMap<N, W> {
+        let mut acc: BTreeMap<(K, V), isize> = BTreeMap::new();
         for (rec, _t, d) in changes.borrow().iter() {
             *acc.entry(rec.clone()).or_default() += d;
         }
@@ -250,7 +439,7 @@ mod tests {
             .filter(|(_, d)| *d != 0)
             .map(|((k, v), d)| {
                 assert_eq!(d, 1, "one total per key");
-                (name(&k), v as i64)
+                (name(&k), value(v))
             })
             .collect()
     }
@@ -289,19 +478,36 @@ mod tests {
         )
     }
 
-    fn cpu(lease: &str, container: &str, ts: i64, units: i64) -> Observation {
-        Observation::Counter(
-            CounterKey {
+    fn reading(
+        metric: Aggregate,
+        lease: &str,
+        container: &str,
+        ts: i64,
+        units: i64,
+    ) -> Observation {
+        Observation::Reading(
+            ReadingKey {
                 owner: owner(lease),
                 node: "n".into(),
                 container_id: container.into(),
-                metric: Aggregate::CpuCoreSeconds,
+                metric,
+                gpu_uuid: String::new(),
+                gpu_class: String::new(),
+                mig_profile: String::new(),
             },
-            CounterObs {
+            ReadingObs {
                 timestamp_ms: ts,
                 units,
             },
         )
+    }
+
+    fn cpu(lease: &str, container: &str, ts: i64, units: i64) -> Observation {
+        reading(Aggregate::CpuCoreSeconds, lease, container, ts, units)
+    }
+
+    fn memory(lease: &str, container: &str, ts: i64, bytes: i64) -> Observation {
+        reading(Aggregate::MemoryByteSeconds, lease, container, ts, bytes)
     }
 
     fn gpu_key(lease: &str, window: i64) -> UsageKey {
@@ -398,17 +604,68 @@ mod tests {
         );
     }
 
+    fn measured_total(total: i64) -> Measured {
+        Measured {
+            total,
+            observed_ms: MIN,
+            present_ms: MIN,
+        }
+    }
+
+    #[test]
+    fn nodes_report_their_most_gpus_held_at_once_and_the_fleet_sums_them() {
+        let on = |node: &str, o: Observation| match o {
+            Observation::Allocation(mut k, v) => {
+                k.node = node.into();
+                Observation::Allocation(k, v)
+            }
+            other => other,
+        };
+        let (_, _, fleet) = run_all(vec![vec![
+            // n1: c1 ends at 100 s exactly when c2 starts on the same GPU (1 at a time), and
+            // c3 overlaps both on another GPU: at most 2.
+            on("n1", alloc("l", "c1", "g1", 0, Some(100_000), 100_000)),
+            on(
+                "n1",
+                alloc("l", "c2", "g1", 100_000, Some(200_000), 200_000),
+            ),
+            on("n1", alloc("l", "c3", "g2", 50_000, None, 150_000)),
+            // n2: one GPU across the hour boundary, first sampled in the second hour: held in
+            // the first hour (from its start), but the node is active only in the second.
+            on(
+                "n2",
+                alloc("m", "c4", "g1", HOUR - 1_000, None, HOUR + 1_000),
+            ),
+        ]]);
+        let n = |s: &str| s.to_string();
+        assert_eq!(
+            fleet,
+            BTreeMap::from([
+                (("active_nodes", n(""), 0), 1),
+                (("active_nodes", n(""), HOUR), 1),
+                (("max_gpus", n(""), 0), 3),
+                (("max_gpus", n(""), HOUR), 1),
+                (("max_gpus", n("n1"), 0), 2),
+                (("max_gpus", n("n2"), 0), 1),
+                (("max_gpus", n("n2"), HOUR), 1),
+                (("node_active", n("n1"), 0), 1),
+                (("node_active", n("n2"), HOUR), 1),
+            ])
+        );
+    }
+
     /// The obviously-correct oracle: per series, sort and fold the plain list.
-    fn oracle(obs: &[Observation]) -> BTreeMap<UsageKey, i64> {
+    fn oracle(obs: &[Observation]) -> BTreeMap<UsageKey, Measured> {
         let mut intervals: BTreeMap<AllocationKey, Vec<AllocationObs>> = BTreeMap::new();
-        let mut counters: BTreeMap<CounterKey, Vec<CounterObs>> = BTreeMap::new();
+        let mut series: BTreeMap<ReadingKey, Vec<ReadingObs>> = BTreeMap::new();
         for o in obs {
             match o {
                 Observation::Allocation(k, v) => intervals.entry(k.clone()).or_default().push(*v),
-                Observation::Counter(k, v) => counters.entry(k.clone()).or_default().push(*v),
+                Observation::Reading(k, v) => series.entry(k.clone()).or_default().push(*v),
             }
         }
-        let mut out: BTreeMap<UsageKey, i64> = BTreeMap::new();
+        let mut exact: BTreeMap<UsageKey, i64> = BTreeMap::new();
+        let mut gauges: BTreeMap<UsageKey, Measured> = BTreeMap::new();
         for (k, vs) in intervals {
             let start = vs.iter().map(|v| v.started_at_ms).min().expect("non-empty");
             let end = vs
@@ -427,47 +684,143 @@ mod tests {
             while t < end {
                 let w = t.div_euclid(MIN) * MIN;
                 let next = (w + MIN).min(end);
-                *out.entry(UsageKey {
-                    owner: k.owner.clone(),
-                    metric: Aggregate::GpuSeconds,
-                    gpu_class: k.gpu_class.clone(),
-                    mig_profile: k.mig_profile.clone(),
-                    window_start_ms: w,
-                })
-                .or_default() += next - t;
+                *exact
+                    .entry(UsageKey {
+                        owner: k.owner.clone(),
+                        metric: Aggregate::GpuSeconds,
+                        gpu_class: k.gpu_class.clone(),
+                        mig_profile: k.mig_profile.clone(),
+                        window_start_ms: w,
+                    })
+                    .or_default() += next - t;
                 t = next;
             }
         }
-        for (k, vs) in counters {
+        let rules = rules();
+        for (k, vs) in series {
             // Two readings at one time: the larger is the reading.
             let mut by_time: BTreeMap<i64, i64> = BTreeMap::new();
             for v in vs {
                 let u = by_time.entry(v.timestamp_ms).or_insert(v.units);
                 *u = (*u).max(v.units);
             }
-            let vs = by_time.into_iter().map(|(timestamp_ms, units)| CounterObs {
-                timestamp_ms,
-                units,
-            });
-            let mut prev = 0;
-            for v in vs {
-                let d = if v.units >= prev {
-                    v.units - prev
-                } else {
-                    v.units
-                };
-                prev = v.units;
-                *out.entry(UsageKey {
-                    owner: k.owner.clone(),
-                    metric: k.metric,
-                    gpu_class: String::new(),
-                    mig_profile: String::new(),
-                    window_start_ms: v.timestamp_ms.div_euclid(MIN) * MIN,
-                })
-                .or_default() += d;
+            let key = |w: i64| UsageKey {
+                owner: k.owner.clone(),
+                metric: k.metric,
+                gpu_class: k.gpu_class.clone(),
+                mig_profile: k.mig_profile.clone(),
+                window_start_ms: w,
+            };
+            let readings: Vec<(i64, i64)> = by_time.into_iter().collect();
+            if k.metric.kind() == Kind::Counter {
+                let mut prev = 0;
+                for (t, units) in readings {
+                    let d = if units >= prev { units - prev } else { units };
+                    prev = units;
+                    *exact.entry(key(t.div_euclid(MIN) * MIN)).or_default() += d;
+                }
+                continue;
+            }
+            // A gauge: walk each gap a window at a time.
+            for pair in readings.windows(2) {
+                let ((t0, level), (t1, _)) = (pair[0], pair[1]);
+                let gap = t1 - t0;
+                if gap > rules.max_gap_ms {
+                    continue;
+                }
+                let mut t = t0;
+                while t < t1 {
+                    let w = t.div_euclid(MIN) * MIN;
+                    let next = (w + MIN).min(t1);
+                    let ms = next - t;
+                    let m = gauges.entry(key(w)).or_insert(Measured {
+                        total: 0,
+                        observed_ms: 0,
+                        present_ms: 0,
+                    });
+                    m.present_ms += ms;
+                    if gap <= rules.max_staleness_ms {
+                        m.observed_ms += ms;
+                        let divisor = k.metric.gauge_divisor() as i128;
+                        m.total += ((level as i128 * ms as i128 + divisor / 2) / divisor) as i64;
+                    }
+                    t = next;
+                }
             }
         }
-        out.retain(|_, v| *v != 0);
+        exact.retain(|_, v| *v != 0);
+        let mut out: BTreeMap<UsageKey, Measured> = exact
+            .into_iter()
+            .map(|(k, v)| (k, measured_total(v)))
+            .collect();
+        out.extend(gauges);
+        out
+    }
+
+    /// The node and fleet oracle: a node is active in every hour it has an observation in; its
+    /// GPUs held at an instant are the allocations whose interval contains it, tried at every
+    /// interval start (where the count can rise).
+    fn fleet_oracle(obs: &[Observation]) -> BTreeMap<FleetKey, i64> {
+        let mut out: BTreeMap<FleetKey, i64> = BTreeMap::new();
+        let mut intervals: BTreeMap<AllocationKey, (i64, Option<i64>, i64, i64)> = BTreeMap::new();
+        for o in obs {
+            let (node, at) = match o {
+                Observation::Allocation(k, v) => {
+                    let e = intervals.entry(k.clone()).or_insert((
+                        v.started_at_ms,
+                        v.finished_at_ms,
+                        v.observed_at_ms,
+                        v.count,
+                    ));
+                    e.0 = e.0.min(v.started_at_ms);
+                    e.1 = match (e.1, v.finished_at_ms) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    e.2 = e.2.max(v.observed_at_ms);
+                    e.3 = e.3.max(v.count);
+                    (k.node.clone(), v.observed_at_ms)
+                }
+                Observation::Reading(k, v) => (k.node.clone(), v.timestamp_ms),
+            };
+            out.insert(("node_active", node, at.div_euclid(HOUR) * HOUR), 1);
+        }
+        let held: Vec<(String, i64, i64, i64)> = intervals
+            .into_iter()
+            .map(|(k, (start, finish, seen, count))| (k.node, start, finish.unwrap_or(seen), count))
+            .filter(|(_, s, e, c)| e > s && *c > 0)
+            .collect();
+        let mut node_max: BTreeMap<(String, i64), i64> = BTreeMap::new();
+        for (node, start, end, _) in &held {
+            // Every hour the interval touches, at the interval's own start within it.
+            let mut hour = start.div_euclid(HOUR) * HOUR;
+            while hour < *end {
+                let t = (*start).max(hour);
+                let at_t: i64 = held
+                    .iter()
+                    .filter(|(n, s, e, _)| n == node && *s <= t && t < *e)
+                    .map(|(_, _, _, c)| c)
+                    .sum();
+                let m = node_max.entry((node.clone(), hour)).or_insert(0);
+                *m = (*m).max(at_t);
+                hour += HOUR;
+            }
+        }
+        let mut fleet_active: BTreeMap<i64, i64> = BTreeMap::new();
+        for (_, _, h) in out.keys() {
+            *fleet_active.entry(*h).or_default() += 1;
+        }
+        let mut fleet_max: BTreeMap<i64, i64> = BTreeMap::new();
+        for ((node, h), m) in node_max {
+            *fleet_max.entry(h).or_default() += m;
+            out.insert(("max_gpus", node, h), m);
+        }
+        for (h, n) in fleet_active {
+            out.insert(("active_nodes", String::new(), h), n);
+        }
+        for (h, m) in fleet_max {
+            out.insert(("max_gpus", String::new(), h), m);
+        }
         out
     }
 
@@ -484,17 +837,45 @@ mod tests {
                 .prop_map(|(l, c, start, len, finished, seen)| {
                     let lease = format!("l{l}");
                     let container = format!("c{c}");
-                    alloc(
+                    let mut o = alloc(
                         &lease,
                         &container,
                         "g",
                         start,
                         finished.then_some(start + len),
                         start + seen,
-                    )
+                    );
+                    if let Observation::Allocation(k, _) = &mut o {
+                        // Two nodes; allocations up to ~3 hours apart.
+                        k.node = format!("n{}", l % 2);
+                    }
+                    o
                 }),
+            // Long allocations across hour boundaries.
+            (0..3usize, 0..3usize, 0..4 * HOUR, 0..2 * HOUR, 0..2 * HOUR).prop_map(
+                |(l, c, start, len, seen)| {
+                    let mut o = alloc(
+                        &format!("l{l}"),
+                        &format!("c{c}"),
+                        "g",
+                        start,
+                        Some(start + len),
+                        start + seen,
+                    );
+                    if let Observation::Allocation(k, _) = &mut o {
+                        k.node = format!("n{}", c % 2);
+                    }
+                    o
+                }
+            ),
             (0..3usize, 0..3usize, 0..400_000i64, 0..50_000_000i64)
                 .prop_map(|(l, c, ts, units)| cpu(&format!("l{l}"), &format!("c{c}"), ts, units)),
+            // Gauge readings close enough together that some gaps are held and some are not.
+            (0..3usize, 0..2usize, 0..40i64, 0..8_000_000_000i64).prop_map(
+                |(l, c, tick, bytes)| {
+                    memory(&format!("l{l}"), &format!("c{c}"), tick * 7_919, bytes)
+                }
+            ),
         ]
     }
 
@@ -543,11 +924,12 @@ mod tests {
                 if cuts.contains(&i) { epochs.push(Vec::new()); }
                 epochs.last_mut().expect("non-empty").push(o);
             }
-            let (usage, billing) = run_all(epochs);
+            let (usage, billing, fleet) = run_all(epochs);
+            prop_assert_eq!(fleet, fleet_oracle(&distinct));
             // Billing totals are the usage totals summed per lease, item and hour.
             let mut billed: BTreeMap<BillingKey, i64> = BTreeMap::new();
             for (k, v) in &expected {
-                *billed.entry(BillingKey::of(k, HOUR)).or_default() += v;
+                *billed.entry(BillingKey::of(k, HOUR)).or_default() += v.total;
             }
             billed.retain(|_, v| *v != 0);
             prop_assert_eq!(usage, expected);

@@ -11,8 +11,9 @@
 //! - [`names`]: owners, leases and items interned to integers for the dataflow.
 //! - [`series`]: per-series state that samples reduce to before the dataflow (pure).
 //! - [`dataflow`]: the differential dataflow, one named step per SPEC step (pure, tested on
-//!   small collections): allocation intervals → GPU-milliseconds per window; counter usage
-//!   per window; totals per base window and per billing window.
+//!   small collections): allocation intervals → GPU-milliseconds per window; counter and
+//!   gauge usage per window (gauges with observed and present time, for coverage); totals per
+//!   base window and per billing window.
 //! - [`billing`]: the ledger of what was billed, charges and adjustments (pure).
 //! - [`prices`]: the versioned price book (TOML) and costs on integers (pure).
 //! - [`checkpoint`]: input offsets and state written together to RocksDB.

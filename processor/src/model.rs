@@ -6,7 +6,7 @@
 use meterflow_schemas::{Sample, SampleKind};
 use serde::{Deserialize, Serialize};
 
-use crate::names::{ItemId, LeaseId, OwnerId};
+use crate::names::{ItemId, LeaseId, NodeId, OwnerId};
 
 /// Whose usage an aggregate is.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -53,18 +53,28 @@ impl AllocationObs {
     }
 }
 
-/// One counter series.
+/// One series of readings: a counter or a gauge of one container (and, for GPU metrics, one
+/// GPU or MIG instance).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct CounterKey {
+pub struct ReadingKey {
     pub owner: Owner,
     pub node: String,
     pub container_id: String,
     pub metric: Aggregate,
+    // Empty for container-level metrics, and then left out of the JSON, so checkpoint keys
+    // written before GPU metrics existed still name the same series.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub gpu_uuid: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub gpu_class: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mig_profile: String,
 }
 
-/// One counter reading, as an integer at the aggregate's scale.
+/// One reading, as an integer: a counter at its aggregate's scale, a gauge in
+/// [`Aggregate::reading_units`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct CounterObs {
+pub struct ReadingObs {
     pub timestamp_ms: i64,
     pub units: i64,
 }
@@ -73,7 +83,18 @@ pub struct CounterObs {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Observation {
     Allocation(AllocationKey, AllocationObs),
-    Counter(CounterKey, CounterObs),
+    Reading(ReadingKey, ReadingObs),
+}
+
+/// How an aggregate is measured (SPEC: the three kinds of sample).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Overlap of allocation intervals with a window: exact.
+    Allocation,
+    /// Differences of cumulative readings: exact, a gap loses nothing.
+    Counter,
+    /// Each reading held until the next within `max_staleness`: reported with coverage.
+    Gauge,
 }
 
 /// The aggregates the processor keeps.
@@ -83,24 +104,140 @@ pub enum Aggregate {
     GpuSeconds,
     /// CPU time from the `cpu_usage_seconds_total` counter, in microseconds.
     CpuCoreSeconds,
+    /// Energy from `energy_joules_total`, in millijoules.
+    EnergyJoules,
+    /// Network and storage bytes, from their counters.
+    NetworkReceiveBytes,
+    NetworkTransmitBytes,
+    StorageReadBytes,
+    StorageWriteBytes,
+    /// Memory working set held over time, in byte-seconds.
+    MemoryByteSeconds,
+    /// GPU memory held over time, in byte-seconds.
+    VramByteSeconds,
+    /// GPU engine-active ratio integrated over time, in milliseconds of full activity; the mean
+    /// utilization is this over the observed time.
+    GpuUtilizationSeconds,
 }
 
 impl Aggregate {
+    /// Every aggregate, in order.
+    pub const ALL: [Aggregate; 10] = [
+        Aggregate::GpuSeconds,
+        Aggregate::CpuCoreSeconds,
+        Aggregate::EnergyJoules,
+        Aggregate::NetworkReceiveBytes,
+        Aggregate::NetworkTransmitBytes,
+        Aggregate::StorageReadBytes,
+        Aggregate::StorageWriteBytes,
+        Aggregate::MemoryByteSeconds,
+        Aggregate::VramByteSeconds,
+        Aggregate::GpuUtilizationSeconds,
+    ];
+
     /// The name on the wire and in the API.
     pub fn name(self) -> &'static str {
         match self {
             Aggregate::GpuSeconds => "gpu_seconds",
             Aggregate::CpuCoreSeconds => "cpu_core_seconds",
+            Aggregate::EnergyJoules => "energy_joules",
+            Aggregate::NetworkReceiveBytes => "network_receive_bytes",
+            Aggregate::NetworkTransmitBytes => "network_transmit_bytes",
+            Aggregate::StorageReadBytes => "storage_read_bytes",
+            Aggregate::StorageWriteBytes => "storage_write_bytes",
+            Aggregate::MemoryByteSeconds => "memory_byte_seconds",
+            Aggregate::VramByteSeconds => "vram_byte_seconds",
+            Aggregate::GpuUtilizationSeconds => "gpu_utilization_seconds",
+        }
+    }
+
+    /// The aggregate of a sample's metric name and kind; `None` for what is not aggregated.
+    pub fn of_metric(kind: SampleKind, metric: &str) -> Option<Self> {
+        use meterflow_schemas::metrics as m;
+        Some(match (kind, metric) {
+            (SampleKind::Allocation, m::GPU) => Aggregate::GpuSeconds,
+            (SampleKind::Counter, m::CPU_SECONDS) => Aggregate::CpuCoreSeconds,
+            (SampleKind::Counter, m::ENERGY_JOULES) => Aggregate::EnergyJoules,
+            (SampleKind::Counter, m::NETWORK_RECEIVE_BYTES) => Aggregate::NetworkReceiveBytes,
+            (SampleKind::Counter, m::NETWORK_TRANSMIT_BYTES) => Aggregate::NetworkTransmitBytes,
+            (SampleKind::Counter, m::STORAGE_READ_BYTES) => Aggregate::StorageReadBytes,
+            (SampleKind::Counter, m::STORAGE_WRITE_BYTES) => Aggregate::StorageWriteBytes,
+            (SampleKind::Gauge, m::MEMORY_BYTES) => Aggregate::MemoryByteSeconds,
+            (SampleKind::Gauge, m::VRAM_BYTES) => Aggregate::VramByteSeconds,
+            (SampleKind::Gauge, m::GPU_UTILIZATION) => Aggregate::GpuUtilizationSeconds,
+            _ => return None,
+        })
+    }
+
+    /// How the aggregate is measured.
+    pub fn kind(self) -> Kind {
+        match self {
+            Aggregate::GpuSeconds => Kind::Allocation,
+            Aggregate::MemoryByteSeconds
+            | Aggregate::VramByteSeconds
+            | Aggregate::GpuUtilizationSeconds => Kind::Gauge,
+            _ => Kind::Counter,
         }
     }
 
     /// Decimal places of the integer amount.
     pub fn scale(self) -> i32 {
         match self {
-            Aggregate::GpuSeconds => 3,
+            Aggregate::GpuSeconds | Aggregate::EnergyJoules => 3,
             Aggregate::CpuCoreSeconds => 6,
+            Aggregate::GpuUtilizationSeconds => 3,
+            _ => 0,
         }
     }
+
+    /// Integer units per unit of a sample's value: a counter's reading at the aggregate's
+    /// scale; a gauge's level in bytes, or in millionths for a ratio.
+    pub fn reading_units(self) -> f64 {
+        match self {
+            Aggregate::GpuSeconds => 1.0,
+            Aggregate::GpuUtilizationSeconds => 1e6,
+            a if a.kind() == Kind::Counter => 10f64.powi(a.scale()),
+            _ => 1.0,
+        }
+    }
+
+    /// For a gauge, what a level held for one millisecond is divided by to give the amount:
+    /// bytes × ms / 1000 = byte-seconds; millionths × ms / 1e6 = milliseconds of activity.
+    pub fn gauge_divisor(self) -> i64 {
+        match self {
+            Aggregate::GpuUtilizationSeconds => 1_000_000,
+            _ => 1_000,
+        }
+    }
+
+    /// Whether the aggregate goes on the billing stream (the price book prices it).
+    pub fn billed(self) -> bool {
+        matches!(
+            self,
+            Aggregate::GpuSeconds
+                | Aggregate::CpuCoreSeconds
+                | Aggregate::MemoryByteSeconds
+                | Aggregate::EnergyJoules
+        )
+    }
+
+    /// Whether the item is per GPU (so its usage is by GPU class and MIG profile).
+    pub fn per_gpu(self) -> bool {
+        matches!(
+            self,
+            Aggregate::GpuSeconds | Aggregate::VramByteSeconds | Aggregate::GpuUtilizationSeconds
+        )
+    }
+}
+
+/// Which part of a windowed aggregate an amount adds to. Exact aggregates have only a
+/// [`Part::Total`]; a gauge's total comes with the milliseconds it was observed and present
+/// (from each series' first to last reading), whose ratio is its coverage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Part {
+    Total,
+    Observed,
+    Present,
 }
 
 /// One series as the dataflow knows it: a number unique within the process, and the interned
@@ -108,20 +245,24 @@ impl Aggregate {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct SeriesRef {
     pub series: u64,
+    pub metric: Aggregate,
     pub owner: OwnerId,
     pub lease: LeaseId,
     pub item: ItemId,
+    pub node: NodeId,
 }
 
 /// What the dataflow is fed: one summary per allocation series, and per counter series its
-/// usage per window (the amount travels in the update's multiplicity). Both come from a
+/// usage per window and part (the amount travels in the update's multiplicity). Both come from a
 /// [`crate::series::Feeder`], which keeps the per-series state that the raw samples reduce to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Summary {
     /// The merged observations of one allocation series.
     Allocation(SeriesRef, AllocationObs),
-    /// A counter series' usage in the window starting at the given millisecond.
-    CounterWindow(SeriesRef, i64),
+    /// A part of a reading series' usage in the window starting at the given millisecond.
+    Window(SeriesRef, Part, i64),
+    /// A node sent at least one sample in the hour starting at the given millisecond.
+    NodeHour(NodeId, i64),
 }
 
 /// The key of one windowed aggregate.
@@ -166,6 +307,8 @@ impl BillingKey {
         {
             ["gpu", class, mig] => (Aggregate::GpuSeconds, class, mig),
             ["cpu"] => (Aggregate::CpuCoreSeconds, "", ""),
+            ["memory"] => (Aggregate::MemoryByteSeconds, "", ""),
+            ["energy"] => (Aggregate::EnergyJoules, "", ""),
             _ => return None,
         };
         Some(Self {
@@ -178,11 +321,15 @@ impl BillingKey {
         })
     }
 
-    /// What is billed, as the billing record names it: `gpu:<class>:<mig_profile>` or `cpu`.
+    /// What is billed, as the billing record names it: `gpu:<class>:<mig_profile>`, `cpu`,
+    /// `memory`, `energy`.
     pub fn item(&self) -> String {
         match self.metric {
             Aggregate::GpuSeconds => format!("gpu:{}:{}", self.gpu_class, self.mig_profile),
             Aggregate::CpuCoreSeconds => "cpu".to_string(),
+            Aggregate::MemoryByteSeconds => "memory".to_string(),
+            Aggregate::EnergyJoules => "energy".to_string(),
+            other => other.name().to_string(),
         }
     }
 }
@@ -218,8 +365,11 @@ pub fn observe(s: &Sample) -> Result<Option<Observation>, Rejection> {
         lease: s.series.lease.clone(),
         service: s.series.service.clone(),
     };
-    match (s.kind, s.metric.as_str()) {
-        (SampleKind::Allocation, "gpu") => {
+    let Some(metric) = Aggregate::of_metric(s.kind, &s.metric) else {
+        return Ok(None);
+    };
+    match metric.kind() {
+        Kind::Allocation => {
             let Some(started_at_ms) = s.started_at_ms else {
                 return reject(
                     "missing_start",
@@ -260,32 +410,50 @@ pub fn observe(s: &Sample) -> Result<Option<Observation>, Rejection> {
                 },
             )))
         }
-        (SampleKind::Counter, "cpu_usage_seconds_total") => {
+        kind @ (Kind::Counter | Kind::Gauge) => {
             if s.value < 0.0 {
+                let what = if kind == Kind::Counter {
+                    "negative_counter"
+                } else {
+                    "negative_gauge"
+                };
+                return reject(what, format!("{} = {} is negative", s.metric, s.value));
+            }
+            if metric == Aggregate::GpuUtilizationSeconds && s.value > 1.0 {
                 return reject(
-                    "negative_counter",
-                    format!("counter {} = {} is negative", s.metric, s.value),
+                    "ratio_out_of_range",
+                    format!("{} = {} is not a ratio in 0..1", s.metric, s.value),
                 );
             }
-            let metric = Aggregate::CpuCoreSeconds;
-            let units = (s.value * 10f64.powi(metric.scale())).round();
-            if units >= i64::MAX as f64 {
+            let units = (s.value * metric.reading_units()).round();
+            // Gauges are multiplied by up to a window's milliseconds: keep them far from i64's
+            // end (2^52 bytes is 4 PiB).
+            if units >= (1u64 << 52) as f64 {
                 return reject("value_too_large", format!("{} = {}", s.metric, s.value));
             }
-            Ok(Some(Observation::Counter(
-                CounterKey {
+            let gpu = |v: &String| {
+                if metric.per_gpu() {
+                    v.clone()
+                } else {
+                    String::new()
+                }
+            };
+            Ok(Some(Observation::Reading(
+                ReadingKey {
                     owner: owner(),
                     node: s.series.node.clone(),
                     container_id: s.series.container_id.clone(),
                     metric,
+                    gpu_uuid: s.series.gpu_uuid.clone(),
+                    gpu_class: gpu(&s.series.gpu_class),
+                    mig_profile: gpu(&s.series.mig_profile),
                 },
-                CounterObs {
+                ReadingObs {
                     timestamp_ms: s.timestamp_ms,
                     units: units as i64,
                 },
             )))
         }
-        _ => Ok(None),
     }
 }
 
@@ -335,6 +503,48 @@ mod tests {
         s.started_at_ms = Some(10);
         s.finished_at_ms = Some(5);
         assert_eq!(r(s), "bad_interval");
+        assert_eq!(
+            r(sample(SampleKind::Gauge, "memory_working_set_bytes", -1.0)),
+            "negative_gauge"
+        );
+        assert_eq!(
+            r(sample(SampleKind::Gauge, "gpu_utilization", 1.5)),
+            "ratio_out_of_range"
+        );
+        assert_eq!(
+            r(sample(SampleKind::Gauge, "memory_working_set_bytes", 1e300)),
+            "value_too_large"
+        );
+    }
+
+    #[test]
+    fn every_aggregate_has_a_metric_and_a_distinct_name() {
+        use std::collections::BTreeSet;
+        let names: BTreeSet<_> = Aggregate::ALL.iter().map(|a| a.name()).collect();
+        assert_eq!(names.len(), Aggregate::ALL.len());
+        let kinds = [
+            SampleKind::Allocation,
+            SampleKind::Counter,
+            SampleKind::Gauge,
+        ];
+        let metrics = [
+            "gpu",
+            "cpu_usage_seconds_total",
+            "energy_joules_total",
+            "network_receive_bytes_total",
+            "network_transmit_bytes_total",
+            "fs_read_bytes_total",
+            "fs_write_bytes_total",
+            "memory_working_set_bytes",
+            "gpu_memory_used_bytes",
+            "gpu_utilization",
+        ];
+        let found: BTreeSet<_> = kinds
+            .iter()
+            .flat_map(|k| metrics.iter().filter_map(|m| Aggregate::of_metric(*k, m)))
+            .collect();
+        assert_eq!(found.len(), Aggregate::ALL.len());
+        assert_eq!(Aggregate::of_metric(SampleKind::Gauge, "gpu"), None);
     }
 
     #[test]
@@ -346,7 +556,7 @@ mod tests {
         ))
         .expect("valid")
         .expect("aggregated");
-        let Observation::Counter(_, obs) = o else {
+        let Observation::Reading(_, obs) = o else {
             panic!("a counter")
         };
         assert_eq!(obs.units, 1_000_001);

@@ -14,7 +14,7 @@ use std::sync::RwLock;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Aggregate, BillingKey, Owner, UsageKey};
+use crate::model::{Aggregate, BillingKey, Owner, SeriesRef, UsageKey};
 
 /// An interned [`Owner`] (tenant, lease, service).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -23,6 +23,10 @@ pub struct OwnerId(pub u32);
 /// An interned (tenant, lease): what billing is per.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct LeaseId(pub u32);
+
+/// An interned node name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NodeId(pub u32);
 
 /// An interned [`Item`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -42,7 +46,22 @@ pub struct UsageIdx {
     pub owner: OwnerId,
     pub lease: LeaseId,
     pub item: ItemId,
+    /// The item's aggregate, so the dataflow can tell how it is measured without a lookup.
+    pub metric: Aggregate,
     pub window_start_ms: i64,
+}
+
+impl UsageIdx {
+    /// The usage key a series adds to in the window starting at `window_start_ms`.
+    pub fn of(series: &SeriesRef, window_start_ms: i64) -> Self {
+        Self {
+            owner: series.owner,
+            lease: series.lease,
+            item: series.item,
+            metric: series.metric,
+            window_start_ms,
+        }
+    }
 }
 
 /// The key of one billing total inside the dataflow.
@@ -73,6 +92,8 @@ struct Tables {
     lease_ids: HashMap<(String, String), LeaseId>,
     items: Vec<Item>,
     item_ids: HashMap<Item, ItemId>,
+    nodes: Vec<String>,
+    node_ids: HashMap<String, NodeId>,
 }
 
 /// The interner shared by the workers of one process.
@@ -128,6 +149,26 @@ impl Names {
         t.items.push(item.clone());
         t.item_ids.insert(item.clone(), id);
         id
+    }
+
+    /// The id of a node.
+    pub fn node(&self, node: &str) -> NodeId {
+        if let Some(id) = self.read().node_ids.get(node) {
+            return *id;
+        }
+        let mut t = self.write();
+        if let Some(id) = t.node_ids.get(node) {
+            return *id;
+        }
+        let id = NodeId(t.nodes.len() as u32);
+        t.nodes.push(node.to_string());
+        t.node_ids.insert(node.to_string(), id);
+        id
+    }
+
+    /// The name of a node.
+    pub fn node_name(&self, id: NodeId) -> String {
+        self.read().nodes[id.0 as usize].clone()
     }
 
     /// The named key of a usage total.
@@ -189,10 +230,15 @@ mod tests {
         };
         let item = names.item(&gpu);
         assert_eq!(names.item(&gpu), item);
+        let n = names.node("node-7");
+        assert_eq!(names.node("node-7"), n);
+        assert_ne!(names.node("node-8"), n);
+        assert_eq!(names.node_name(n), "node-7");
         let usage = UsageIdx {
             owner: b,
             lease: lb,
             item,
+            metric: Aggregate::GpuSeconds,
             window_start_ms: 7_200_000,
         };
         let key = names.usage_key(&usage);

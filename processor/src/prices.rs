@@ -6,6 +6,8 @@
 //! version = "2026-11"          # stamped on every billing record priced with it
 //! currency = "USD"
 //! cpu_core_hour = 0.04         # per core-hour
+//! memory_gib_hour = 0.005      # per GiB-hour of memory working set (observed time only)
+//! kwh = 0.12                   # per kWh of GPU energy
 //!
 //! [gpu_hour]                   # per GPU class, per hour of a whole GPU
 //! h100 = 2.49
@@ -36,6 +38,10 @@ pub struct PriceBook {
     /// A MIG profile's share of a whole GPU, `(numerator, denominator)`.
     pub mig_fraction: BTreeMap<String, (i64, i64)>,
     pub cpu_core_hour_micros: i64,
+    /// Per GiB-hour of memory.
+    pub memory_gib_hour_micros: i64,
+    /// Per kilowatt-hour of energy.
+    pub kwh_micros: i64,
 }
 
 impl Default for PriceBook {
@@ -51,6 +57,8 @@ impl Default for PriceBook {
             ]),
             mig_fraction: BTreeMap::new(),
             cpu_core_hour_micros: 40_000,
+            memory_gib_hour_micros: 5_000,
+            kwh_micros: 120_000,
         }
     }
 }
@@ -78,6 +86,12 @@ struct PriceBookFile {
     /// Per core-hour of CPU time.
     #[serde(default)]
     cpu_core_hour: f64,
+    /// Per GiB-hour of memory.
+    #[serde(default)]
+    memory_gib_hour: f64,
+    /// Per kilowatt-hour of energy.
+    #[serde(default)]
+    kwh: f64,
     /// Per GPU class, per hour of a whole GPU.
     #[serde(default)]
     gpu_hour: BTreeMap<String, f64>,
@@ -130,6 +144,9 @@ impl PriceBook {
             gpu_hour_micros,
             mig_fraction: file.mig_fraction,
             cpu_core_hour_micros: micros("cpu_core_hour", file.cpu_core_hour).map_err(invalid)?,
+            memory_gib_hour_micros: micros("memory_gib_hour", file.memory_gib_hour)
+                .map_err(invalid)?,
+            kwh_micros: micros("kwh", file.kwh).map_err(invalid)?,
         })
     }
 
@@ -159,7 +176,8 @@ impl PriceBook {
     }
 
     /// The cost in micros of `quantity` of the key's item (at the aggregate's scale), rounded
-    /// to the nearest micro. A GPU class without a price costs nothing.
+    /// to the nearest micro. A GPU class without a price, and an aggregate that is not billed,
+    /// cost nothing.
     pub fn cost_micros(&self, key: &BillingKey, quantity: i64) -> i64 {
         let (price_per_hour, units_per_hour, (num, den)) = match key.metric {
             Aggregate::GpuSeconds => (
@@ -171,6 +189,11 @@ impl PriceBook {
                 self.fraction(&key.mig_profile),
             ),
             Aggregate::CpuCoreSeconds => (self.cpu_core_hour_micros, 3_600_000_000, (1, 1)),
+            // Byte-seconds per GiB-hour.
+            Aggregate::MemoryByteSeconds => (self.memory_gib_hour_micros, 3_600 << 30, (1, 1)),
+            // Millijoules per kWh.
+            Aggregate::EnergyJoules => (self.kwh_micros, 3_600_000_000, (1, 1)),
+            _ => (0, 1, (1, 1)),
         };
         let n = quantity as i128 * price_per_hour as i128 * num as i128;
         let d = units_per_hour * den as i128;
@@ -212,6 +235,23 @@ mod tests {
             ..gpu("", "")
         };
         assert_eq!(book.cost_micros(&cpu, 3_600_000_000), 40_000);
+        let memory = BillingKey {
+            metric: Aggregate::MemoryByteSeconds,
+            ..gpu("", "")
+        };
+        // 2 GiB for half an hour is one GiB-hour.
+        assert_eq!(book.cost_micros(&memory, (2 << 30) * 1_800), 5_000);
+        let energy = BillingKey {
+            metric: Aggregate::EnergyJoules,
+            ..gpu("", "")
+        };
+        // 3.6 MJ (in mJ) is one kWh.
+        assert_eq!(book.cost_micros(&energy, 3_600_000_000), 120_000);
+        let unpriced = BillingKey {
+            metric: Aggregate::VramByteSeconds,
+            ..gpu("", "")
+        };
+        assert_eq!(book.cost_micros(&unpriced, 1 << 40), 0);
     }
 
     #[test]

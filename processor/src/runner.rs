@@ -36,11 +36,11 @@ use tracing::{debug, info, warn};
 use crate::agents::AgentState;
 use crate::billing::{Billed, Ledger, partition_key};
 use crate::checkpoint::{Checkpoint, Store, StoreError};
-use crate::dataflow::{Installed, Time, install};
-use crate::model::{BillingKey, Summary, UsageKey, observe};
+use crate::dataflow::{FleetIdx, Installed, Measured, Time, install};
+use crate::model::{BillingKey, Kind, Summary, UsageKey, observe};
 use crate::names::{Names, UsageIdx};
 use crate::prices::PriceBook;
-use crate::series::Feeder;
+use crate::series::{Feeder, HOUR_MS, Rules};
 
 /// Configuration of the processor.
 #[derive(Debug, Clone)]
@@ -57,6 +57,9 @@ pub struct ProcessorConfig {
     pub allowed_lateness_ms: i64,
     /// How far ahead of this machine's clock a sample is still accepted, in milliseconds.
     pub max_future_ms: i64,
+    /// The longest gap across which a gauge reading is held, in milliseconds (SPEC:
+    /// `max_staleness`, 2 × the collection interval).
+    pub max_staleness_ms: i64,
     /// Most messages a worker feeds in one epoch.
     pub max_batch: usize,
     /// Directory of the RocksDB checkpoint; `None` keeps state in memory and replays the
@@ -81,6 +84,7 @@ impl ProcessorConfig {
             billing_window_ms: 3_600_000,
             allowed_lateness_ms: 10 * 60_000,
             max_future_ms: 24 * 3_600_000,
+            max_staleness_ms: 30_000,
             max_batch: 1_000,
             state_dir: None,
             checkpoint_interval: Duration::from_secs(1),
@@ -393,6 +397,7 @@ fn run_worker(
         probe,
         usage,
         billing,
+        fleet,
     } = install(worker, window_ms, config.billing_window_ms);
 
     let consumer: BaseConsumer = ClientConfig::new()
@@ -430,7 +435,11 @@ fn run_worker(
         .map_err(kafka("create billing producer"))?;
 
     let partitions = topic_partitions(&consumer, topics::SAMPLES, shutdown)?;
-    let mut feeder = Feeder::new(window_ms, names.clone(), index);
+    let rules = Rules {
+        max_staleness_ms: config.max_staleness_ms,
+        ..Rules::new(window_ms)
+    };
+    let mut feeder = Feeder::new(rules, names.clone(), index);
     let mut agents: HashMap<String, (i32, AgentState)> = HashMap::new();
     let mut inputs = Inputs {
         next: BTreeMap::new(),
@@ -475,6 +484,7 @@ fn run_worker(
     input.flush();
     worker.step_while(|| probe.less_than(input.time()));
     usage.borrow_mut().clear();
+    fleet.borrow_mut().clear();
 
     let mut ledger = Ledger::new(config.billing_window_ms);
     let mut dirty_agents: HashSet<String> = HashSet::new();
@@ -604,9 +614,11 @@ fn run_worker(
         worker.step_while(|| probe.less_than(input.time()));
 
         let usage_changes: Vec<_> = usage.borrow_mut().drain(..).collect();
-        let sent = emit_usage(&producer, names, usage_changes, window_ms);
+        let sent = emit_usage(&producer, names, usage_changes, window_ms)
+            + emit_fleet(&producer, names, fleet.borrow_mut().drain(..).collect());
         let billing_changes: Vec<_> = billing.borrow_mut().drain(..).collect();
-        for (key, total) in latest_totals(billing_changes) {
+        for (key, total) in latest_values(billing_changes) {
+            let total = total.unwrap_or(0) as i64;
             let key = names.billing_key(&key);
             let known = if ledger.knows(&key) {
                 None
@@ -730,11 +742,14 @@ fn restore_partition(
     for (key, obs) in state.allocations {
         feeder.restore_allocation(input, partition, key, obs);
     }
-    for (key, series) in state.counters {
-        feeder.restore_counter(partition, key, series);
+    for (key, readings) in state.readings {
+        feeder.restore_readings(partition, key, readings);
     }
-    for (key, window, amount) in state.windows {
-        feeder.restore_counter_window(input, partition, key, window, amount);
+    for (key, window, parts) in state.windows {
+        feeder.restore_window(input, partition, key, window, parts);
+    }
+    for (node, hour) in state.node_hours {
+        feeder.restore_node_hour(input, &node, hour);
     }
     Ok(state.offset)
 }
@@ -762,15 +777,15 @@ fn topic_partitions(
     Err(ProcessorError::MissingTopic(topic.into()))
 }
 
-/// The latest total per key in one epoch's changes (zero where a total was retracted without
-/// a replacement).
-fn latest_totals<K: Ord>(changes: Vec<((K, isize), Time, isize)>) -> BTreeMap<K, i64> {
-    let mut latest: BTreeMap<K, i64> = BTreeMap::new();
-    for ((key, amount), _time, diff) in changes {
+/// The latest value per key in one epoch's changes (`None` where a value was retracted
+/// without a replacement).
+fn latest_values<K: Ord, V>(changes: Vec<((K, V), Time, isize)>) -> BTreeMap<K, Option<V>> {
+    let mut latest: BTreeMap<K, Option<V>> = BTreeMap::new();
+    for ((key, value), _time, diff) in changes {
         if diff > 0 {
-            latest.insert(key, amount as i64);
+            latest.insert(key, Some(value));
         } else {
-            latest.entry(key).or_insert(0);
+            latest.entry(key).or_insert(None);
         }
     }
     latest
@@ -780,13 +795,27 @@ fn latest_totals<K: Ord>(changes: Vec<((K, isize), Time, isize)>) -> BTreeMap<K,
 fn emit_usage(
     producer: &OutputProducer,
     names: &Names,
-    changes: Vec<((UsageIdx, isize), Time, isize)>,
+    changes: Vec<((UsageIdx, Measured), Time, isize)>,
     window_ms: i64,
 ) -> usize {
-    let latest = latest_totals(changes);
+    let latest = latest_values(changes);
     let sent = latest.len();
-    for (key, amount) in latest {
-        let update = usage_update(&names.usage_key(&key), amount, window_ms);
+    for (key, value) in latest {
+        // Retracted: nothing is left of it in the window. An exact aggregate still covers the
+        // whole window (it is known to be zero); a gauge was not observed at all.
+        let value = value.unwrap_or(match key.metric.kind() {
+            Kind::Gauge => Measured {
+                total: 0,
+                observed_ms: 0,
+                present_ms: 0,
+            },
+            _ => Measured {
+                total: 0,
+                observed_ms: window_ms,
+                present_ms: window_ms,
+            },
+        });
+        let update = usage_update(&names.usage_key(&key), value, window_ms);
         match update.encode() {
             Ok(bytes) => send(producer, topics::USAGE, Some(&update.id), &bytes),
             Err(e) => warn!(error = %e, "usage update not encodable"),
@@ -795,8 +824,56 @@ fn emit_usage(
     sent
 }
 
+/// Sends the latest value of every node and fleet aggregate that changed; returns how many.
+fn emit_fleet(
+    producer: &OutputProducer,
+    names: &Names,
+    changes: Vec<((FleetIdx, isize), Time, isize)>,
+) -> usize {
+    let latest = latest_values(changes);
+    let sent = latest.len();
+    for (key, value) in latest {
+        let update = fleet_update(names, key, value.unwrap_or(0) as i64);
+        match update.encode() {
+            Ok(bytes) => send(producer, topics::USAGE, Some(&update.id), &bytes),
+            Err(e) => warn!(error = %e, "fleet update not encodable"),
+        }
+    }
+    sent
+}
+
+/// The wire record of one node or fleet aggregate per hour.
+pub fn fleet_update(names: &Names, key: FleetIdx, amount: i64) -> UsageUpdate {
+    let (node, metric, hour) = match key {
+        FleetIdx::NodeActive(n, h) => (names.node_name(n), "node_active", h),
+        FleetIdx::NodeMaxGpus(n, h) => (names.node_name(n), "max_gpus_allocated", h),
+        FleetIdx::ActiveNodes(h) => (String::new(), "active_nodes", h),
+        FleetIdx::FleetMaxGpus(h) => (String::new(), "max_gpus_allocated", h),
+    };
+    UsageUpdate {
+        id: StableId::new("fleet")
+            .str(&node)
+            .str(metric)
+            .int(hour)
+            .hex(),
+        tenant: String::new(),
+        lease: String::new(),
+        service: String::new(),
+        node,
+        metric: metric.to_string(),
+        gpu_class: String::new(),
+        mig_profile: String::new(),
+        window_start_ms: hour,
+        window_end_ms: hour + HOUR_MS,
+        amount,
+        scale: 0,
+        coverage_ms: HOUR_MS,
+        present_ms: HOUR_MS,
+    }
+}
+
 /// The wire record of one aggregate's value.
-pub fn usage_update(key: &UsageKey, amount: i64, window_ms: i64) -> UsageUpdate {
+pub fn usage_update(key: &UsageKey, value: Measured, window_ms: i64) -> UsageUpdate {
     let id = StableId::new("usage")
         .str(&key.owner.tenant)
         .str(&key.owner.lease)
@@ -811,14 +888,16 @@ pub fn usage_update(key: &UsageKey, amount: i64, window_ms: i64) -> UsageUpdate 
         tenant: key.owner.tenant.clone(),
         lease: key.owner.lease.clone(),
         service: key.owner.service.clone(),
+        node: String::new(),
         metric: key.metric.name().to_string(),
         gpu_class: key.gpu_class.clone(),
         mig_profile: key.mig_profile.clone(),
         window_start_ms: key.window_start_ms,
         window_end_ms: key.window_start_ms + window_ms,
-        amount,
+        amount: value.total,
         scale: key.metric.scale(),
-        coverage_ms: window_ms,
+        coverage_ms: value.observed_ms,
+        present_ms: value.present_ms,
     }
 }
 

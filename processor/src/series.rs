@@ -5,9 +5,20 @@
 //! - an allocation series reduces to [`AllocationObs::merge`] of its observations (earliest
 //!   start and finish, latest observation), and the dataflow is handed a replacement summary
 //!   only when that changes;
-//! - a counter series reduces to its readings inside the allowed lateness (plus the last one
-//!   before it), from which [`CounterSeries::insert`] derives how each new reading changes the
-//!   usage of its window and of its successor's window.
+//! - a counter or gauge series reduces to its readings inside the allowed lateness (plus the
+//!   last one before it), from which [`Readings::insert`] derives how each new reading changes
+//!   the windows around it.
+//!
+//! Both reading kinds are sums over consecutive pairs of readings, which is what makes a late
+//! reading cheap: it replaces one pair (its predecessor, its successor) with two.
+//! - counter: a reading adds its difference from its predecessor (all of it after a reset, or
+//!   with no predecessor) to its own window;
+//! - gauge: a reading is held from its timestamp to its successor's. If they are at most
+//!   `max_staleness` apart, each window they span gets the level × the overlap (`Total`) and
+//!   the overlap as observed time (`Observed`); a longer gap is not observed and adds nothing
+//!   to either: no interpolation, no averaging. Every gap up to `max_gap` adds its overlap as
+//!   present time (`Present`), so coverage = observed / present; a longer silence is taken as
+//!   the series gone and back.
 //!
 //! The dataflow's state then grows with series and windows, not with samples; a repeated or
 //! older observation costs nothing downstream. What changed since the last checkpoint is kept
@@ -19,12 +30,45 @@ use std::sync::Arc;
 use differential_dataflow::input::InputSession;
 use serde::{Deserialize, Serialize};
 
-use crate::dataflow::Time;
+use crate::dataflow::{Time, split_by_window};
 use crate::model::{
-    Aggregate, AllocationKey, AllocationObs, CounterKey, CounterObs, Observation, Owner, SeriesRef,
-    Summary,
+    Aggregate, AllocationKey, AllocationObs, Kind, Observation, Owner, Part, ReadingKey,
+    ReadingObs, SeriesRef, Summary,
 };
-use crate::names::{Item, Names};
+use crate::names::{Item, Names, NodeId};
+
+/// Length of the node and fleet windows (SPEC: per node and hour).
+pub const HOUR_MS: i64 = 3_600_000;
+
+/// How readings become windowed amounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rules {
+    /// Length of a base window.
+    pub window_ms: i64,
+    /// The longest gap across which a gauge reading is held (SPEC: `max_staleness`).
+    pub max_staleness_ms: i64,
+    /// The longest gap a gauge series counts as present (unobserved) rather than gone.
+    pub max_gap_ms: i64,
+}
+
+impl Rules {
+    /// Base windows of `window_ms`, `max_staleness` of 30 s (twice the agent's default
+    /// interval), gaps of up to an hour counted as present.
+    pub fn new(window_ms: i64) -> Self {
+        Self {
+            window_ms,
+            max_staleness_ms: 30_000,
+            max_gap_ms: 3_600_000,
+        }
+    }
+
+    fn window(&self, t: i64) -> i64 {
+        t.div_euclid(self.window_ms) * self.window_ms
+    }
+}
+
+/// A change of one part of one window: `(window_start_ms, part, change)`.
+pub type WindowChange = (i64, Part, i64);
 
 /// Usage between two readings of a counter: the difference, or the whole reading after a reset
 /// (a lower reading) or with no earlier reading (a new container counts from zero).
@@ -35,22 +79,68 @@ fn delta(previous: Option<i64>, units: i64) -> i64 {
     }
 }
 
-/// The readings of one counter series that a late reading could still fall between.
+/// `n / d` rounded half up, for `n >= 0`.
+fn round_div(n: i128, d: i128) -> i64 {
+    ((n + d / 2) / d) as i64
+}
+
+/// What the pair (`previous`, `reading`) adds to windows, times `sign`, appended to `out`.
+fn pair(
+    metric: Aggregate,
+    rules: &Rules,
+    previous: Option<(i64, i64)>,
+    (t, units): (i64, i64),
+    sign: i64,
+    out: &mut Vec<WindowChange>,
+) {
+    match metric.kind() {
+        Kind::Counter => out.push((
+            rules.window(t),
+            Part::Total,
+            sign * delta(previous.map(|(_, u)| u), units),
+        )),
+        Kind::Gauge => {
+            let Some((pt, level)) = previous else {
+                return;
+            };
+            let gap = t - pt;
+            if gap > rules.max_gap_ms {
+                return;
+            }
+            let observed = gap <= rules.max_staleness_ms;
+            let divisor = metric.gauge_divisor() as i128;
+            for (w, ms) in split_by_window(pt, t, rules.window_ms) {
+                if observed {
+                    out.push((
+                        w,
+                        Part::Total,
+                        sign * round_div(level as i128 * ms as i128, divisor),
+                    ));
+                    out.push((w, Part::Observed, sign * ms));
+                }
+                out.push((w, Part::Present, sign * ms));
+            }
+        }
+        Kind::Allocation => {}
+    }
+}
+
+/// The readings of one counter or gauge series that a late reading could still fall between.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CounterSeries {
-    /// The latest reading folded away by [`CounterSeries::compact`], `(timestamp, units)`.
+pub struct Readings {
+    /// The latest reading folded away by [`Readings::compact`], `(timestamp, units)`.
     pub base: Option<(i64, i64)>,
     /// Readings by timestamp.
     pub readings: BTreeMap<i64, i64>,
 }
 
-impl CounterSeries {
-    fn previous(&self, timestamp_ms: i64) -> Option<i64> {
+impl Readings {
+    fn previous(&self, timestamp_ms: i64) -> Option<(i64, i64)> {
         self.readings
             .range(..timestamp_ms)
             .next_back()
-            .map(|(_, u)| *u)
-            .or(self.base.map(|(_, u)| u))
+            .map(|(t, u)| (*t, *u))
+            .or(self.base)
     }
 
     fn next(&self, timestamp_ms: i64) -> Option<(i64, i64)> {
@@ -60,47 +150,59 @@ impl CounterSeries {
             .map(|(t, u)| (*t, *u))
     }
 
-    /// Adds a reading and returns how the usage of windows changes, `(window_start_ms, change)`:
-    /// the reading's own delta lands in its window, and its successor's delta is now taken from
-    /// it. Two readings at one timestamp keep the larger (so the order they arrive in does not
-    /// matter); a reading at or before the folded-away base is ignored.
-    pub fn insert(&mut self, timestamp_ms: i64, units: i64, window_ms: i64) -> Vec<(i64, i64)> {
+    /// Adds a reading of `metric` and returns how windows change: the pair it closes with its
+    /// predecessor is added, and the pair (predecessor, successor) it splits is replaced by
+    /// (it, successor). Two readings at one timestamp keep the larger (so the order they arrive
+    /// in does not matter); a reading at or before the folded-away base is ignored.
+    pub fn insert(
+        &mut self,
+        timestamp_ms: i64,
+        units: i64,
+        metric: Aggregate,
+        rules: &Rules,
+    ) -> Vec<WindowChange> {
         if self.base.is_some_and(|(t, _)| timestamp_ms <= t) {
             return Vec::new();
         }
-        let window = |t: i64| t.div_euclid(window_ms) * window_ms;
-        let mut changes = Vec::with_capacity(4);
+        let mut changes = Vec::with_capacity(8);
         if let Some(&existing) = self.readings.get(&timestamp_ms) {
             if units <= existing {
                 return Vec::new();
             }
-            changes.extend(self.remove(timestamp_ms, window_ms));
+            self.remove(timestamp_ms, metric, rules, &mut changes);
         }
         let previous = self.previous(timestamp_ms);
-        changes.push((window(timestamp_ms), delta(previous, units)));
-        if let Some((t, u)) = self.next(timestamp_ms) {
-            changes.push((window(t), delta(Some(units), u) - delta(previous, u)));
+        let reading = (timestamp_ms, units);
+        pair(metric, rules, previous, reading, 1, &mut changes);
+        if let Some(next) = self.next(timestamp_ms) {
+            pair(metric, rules, Some(reading), next, 1, &mut changes);
+            pair(metric, rules, previous, next, -1, &mut changes);
         }
         self.readings.insert(timestamp_ms, units);
-        changes.retain(|(_, c)| *c != 0);
-        changes
+        consolidate(changes)
     }
 
-    /// Removes the reading at `timestamp_ms` and returns the usage changes.
-    fn remove(&mut self, timestamp_ms: i64, window_ms: i64) -> Vec<(i64, i64)> {
-        let window = |t: i64| t.div_euclid(window_ms) * window_ms;
+    /// Removes the reading at `timestamp_ms`, appending the changes to `out`.
+    fn remove(
+        &mut self,
+        timestamp_ms: i64,
+        metric: Aggregate,
+        rules: &Rules,
+        out: &mut Vec<WindowChange>,
+    ) {
         let Some(units) = self.readings.remove(&timestamp_ms) else {
-            return Vec::new();
+            return;
         };
         let previous = self.previous(timestamp_ms);
-        let mut changes = vec![(window(timestamp_ms), -delta(previous, units))];
-        if let Some((t, u)) = self.next(timestamp_ms) {
-            changes.push((window(t), delta(previous, u) - delta(Some(units), u)));
+        let reading = (timestamp_ms, units);
+        pair(metric, rules, previous, reading, -1, out);
+        if let Some(next) = self.next(timestamp_ms) {
+            pair(metric, rules, Some(reading), next, -1, out);
+            pair(metric, rules, previous, next, 1, out);
         }
-        changes
     }
 
-    /// Folds readings before `horizon_ms` into [`CounterSeries::base`]: no accepted reading can
+    /// Folds readings before `horizon_ms` into [`Readings::base`]: no accepted reading can
     /// arrive before the horizon, so only the latest of them can still be a predecessor.
     pub fn compact(&mut self, horizon_ms: i64) {
         if self
@@ -118,13 +220,41 @@ impl CounterSeries {
     }
 }
 
+/// Sums changes of the same window and part, dropping zeros, in a deterministic order.
+fn consolidate(mut changes: Vec<WindowChange>) -> Vec<WindowChange> {
+    changes.sort_unstable_by_key(|(w, p, _)| (*w, *p));
+    let mut out: Vec<WindowChange> = Vec::with_capacity(changes.len());
+    for (w, p, c) in changes {
+        match out.last_mut() {
+            Some((lw, lp, lc)) if *lw == w && *lp == p => *lc += c,
+            _ => out.push((w, p, c)),
+        }
+    }
+    out.retain(|(_, _, c)| *c != 0);
+    out
+}
+
+/// The three parts of one window's amount, indexed by [`part_index`].
+pub type Parts = [i64; 3];
+
+/// Where a part is kept in [`Parts`].
+pub fn part_index(part: Part) -> usize {
+    match part {
+        Part::Total => 0,
+        Part::Observed => 1,
+        Part::Present => 2,
+    }
+}
+
 /// What changed since the last checkpoint, with the input partition each series came from.
 #[derive(Debug, Default)]
 pub struct Dirty {
     pub allocations: Vec<(i32, AllocationKey, AllocationObs)>,
-    pub counters: Vec<(i32, CounterKey, CounterSeries)>,
-    /// `(partition, series, window_start_ms, change)`: to be added to the stored window usage.
-    pub windows: Vec<(i32, CounterKey, i64, i64)>,
+    pub readings: Vec<(i32, ReadingKey, Readings)>,
+    /// `(partition, series, window_start_ms, change)`: to be added to the stored window parts.
+    pub windows: Vec<(i32, ReadingKey, i64, Parts)>,
+    /// `(partition, node, hour_start_ms)`: hours in which a node was first seen.
+    pub node_hours: Vec<(i32, String, i64)>,
 }
 
 /// One allocation series' state.
@@ -135,58 +265,95 @@ struct AllocationState {
     summary: AllocationObs,
 }
 
-/// One counter series' state.
+/// One counter or gauge series' state.
 #[derive(Debug)]
-struct CounterState {
+struct ReadingState {
     partition: i32,
     series: SeriesRef,
-    readings: CounterSeries,
+    readings: Readings,
 }
 
 /// Feeds one worker's dataflow input with per-series summaries (see the module's doc).
 #[derive(Debug)]
 pub struct Feeder {
-    window_ms: i64,
+    rules: Rules,
     names: Arc<Names>,
     /// The next series number; the worker's index is in the high bits, so numbers are unique
     /// across the workers of a process.
     next_series: u64,
     allocations: HashMap<AllocationKey, AllocationState>,
-    counters: HashMap<CounterKey, CounterState>,
+    readings: HashMap<ReadingKey, ReadingState>,
     allocation_keys: HashMap<u64, AllocationKey>,
-    counter_keys: HashMap<u64, CounterKey>,
+    reading_keys: HashMap<u64, ReadingKey>,
     dirty_allocations: HashSet<u64>,
-    dirty_counters: HashSet<u64>,
-    dirty_windows: HashMap<(u64, i64), i64>,
+    dirty_readings: HashSet<u64>,
+    dirty_windows: HashMap<(u64, i64), Parts>,
+    /// Hours in which each node has sent a sample.
+    node_hours: HashSet<(NodeId, i64)>,
+    dirty_node_hours: Vec<(i32, NodeId, i64)>,
 }
 
 impl Feeder {
-    /// A feeder for base windows of `window_ms`, for worker `worker` of a process whose
-    /// workers share `names`.
-    pub fn new(window_ms: i64, names: Arc<Names>, worker: usize) -> Self {
+    /// A feeder following `rules`, for worker `worker` of a process whose workers share
+    /// `names`.
+    pub fn new(rules: Rules, names: Arc<Names>, worker: usize) -> Self {
         Self {
-            window_ms,
+            rules,
             names,
             next_series: (worker as u64) << 40,
             allocations: HashMap::new(),
-            counters: HashMap::new(),
+            readings: HashMap::new(),
             allocation_keys: HashMap::new(),
-            counter_keys: HashMap::new(),
+            reading_keys: HashMap::new(),
             dirty_allocations: HashSet::new(),
-            dirty_counters: HashSet::new(),
+            dirty_readings: HashSet::new(),
             dirty_windows: HashMap::new(),
+            node_hours: HashSet::new(),
+            dirty_node_hours: Vec::new(),
         }
     }
 
-    fn series_ref(&mut self, owner: &Owner, item: Item) -> SeriesRef {
+    /// Marks `node` active in the hour of `timestamp_ms`; feeds the node-hour the first time.
+    fn active(
+        &mut self,
+        input: &mut InputSession<Time, Summary, isize>,
+        partition: i32,
+        node: NodeId,
+        timestamp_ms: i64,
+    ) {
+        let hour = timestamp_ms.div_euclid(HOUR_MS) * HOUR_MS;
+        if self.node_hours.insert((node, hour)) {
+            input.insert(Summary::NodeHour(node, hour));
+            self.dirty_node_hours.push((partition, node, hour));
+        }
+    }
+
+    /// Restores an hour in which a node was active from a checkpoint and feeds it.
+    pub fn restore_node_hour(
+        &mut self,
+        input: &mut InputSession<Time, Summary, isize>,
+        node: &str,
+        hour_start_ms: i64,
+    ) {
+        let node = self.names.node(node);
+        if self.node_hours.insert((node, hour_start_ms)) {
+            input.insert(Summary::NodeHour(node, hour_start_ms));
+        }
+    }
+
+    fn series_ref(&mut self, owner: &Owner, item: Item, node: &str) -> SeriesRef {
         let (owner, lease) = self.names.owner(owner);
+        let metric = item.metric;
         let item = self.names.item(&item);
+        let node = self.names.node(node);
         self.next_series += 1;
         SeriesRef {
             series: self.next_series,
+            metric,
             owner,
             lease,
             item,
+            node,
         }
     }
 
@@ -201,7 +368,7 @@ impl Feeder {
             gpu_class: key.gpu_class.clone(),
             mig_profile: key.mig_profile.clone(),
         };
-        let series = self.series_ref(&key.owner, item);
+        let series = self.series_ref(&key.owner, item, &key.node);
         self.allocation_keys.insert(series.series, key.clone());
         self.allocations.insert(
             key,
@@ -214,31 +381,31 @@ impl Feeder {
         series
     }
 
-    fn counter(&mut self, partition: i32, key: CounterKey) -> &mut CounterState {
-        if !self.counters.contains_key(&key) {
+    fn reading(&mut self, partition: i32, key: ReadingKey) -> &mut ReadingState {
+        if !self.readings.contains_key(&key) {
             let item = Item {
                 metric: key.metric,
-                gpu_class: String::new(),
-                mig_profile: String::new(),
+                gpu_class: key.gpu_class.clone(),
+                mig_profile: key.mig_profile.clone(),
             };
-            let series = self.series_ref(&key.owner, item);
-            self.counter_keys.insert(series.series, key.clone());
-            self.counters.insert(
+            let series = self.series_ref(&key.owner, item, &key.node);
+            self.reading_keys.insert(series.series, key.clone());
+            self.readings.insert(
                 key.clone(),
-                CounterState {
+                ReadingState {
                     partition,
                     series,
-                    readings: CounterSeries::default(),
+                    readings: Readings::default(),
                 },
             );
         }
-        self.counters
+        self.readings
             .get_mut(&key)
             .expect("inserted above when missing")
     }
 
-    /// Feeds one observation from input `partition`. Counter readings before `horizon_ms`
-    /// (the allowed lateness behind their agent's watermark) are folded away first.
+    /// Feeds one observation from input `partition`. Readings before `horizon_ms` (the allowed
+    /// lateness behind their agent's watermark) are folded away first.
     pub fn feed(
         &mut self,
         input: &mut InputSession<Time, Summary, isize>,
@@ -247,44 +414,52 @@ impl Feeder {
         horizon_ms: i64,
     ) {
         match observation {
-            Observation::Allocation(key, obs) => match self.allocations.get_mut(&key) {
-                Some(state) => {
-                    let merged = state.summary.merge(obs);
-                    if merged != state.summary {
-                        input.remove(Summary::Allocation(state.series, state.summary));
-                        input.insert(Summary::Allocation(state.series, merged));
-                        state.summary = merged;
-                        self.dirty_allocations.insert(state.series.series);
+            Observation::Allocation(key, obs) => {
+                let node = match self.allocations.get_mut(&key) {
+                    Some(state) => {
+                        let merged = state.summary.merge(obs);
+                        if merged != state.summary {
+                            input.remove(Summary::Allocation(state.series, state.summary));
+                            input.insert(Summary::Allocation(state.series, merged));
+                            state.summary = merged;
+                            self.dirty_allocations.insert(state.series.series);
+                        }
+                        state.series.node
                     }
-                }
-                None => {
-                    let series = self.new_allocation(partition, key, obs);
-                    input.insert(Summary::Allocation(series, obs));
-                    self.dirty_allocations.insert(series.series);
-                }
-            },
-            Observation::Counter(
+                    None => {
+                        let series = self.new_allocation(partition, key, obs);
+                        input.insert(Summary::Allocation(series, obs));
+                        self.dirty_allocations.insert(series.series);
+                        series.node
+                    }
+                };
+                self.active(input, partition, node, obs.observed_at_ms);
+            }
+            Observation::Reading(
                 key,
-                CounterObs {
+                ReadingObs {
                     timestamp_ms,
                     units,
                 },
             ) => {
-                let window_ms = self.window_ms;
-                let state = match self.counters.get_mut(&key) {
+                let rules = self.rules;
+                let state = match self.readings.get_mut(&key) {
                     Some(state) => state,
-                    None => self.counter(partition, key),
+                    None => self.reading(partition, key),
                 };
                 state.readings.compact(horizon_ms);
                 let series = state.series;
-                for (window, change) in state.readings.insert(timestamp_ms, units, window_ms) {
-                    input.update(Summary::CounterWindow(series, window), change as isize);
-                    *self
-                        .dirty_windows
+                let changes = state
+                    .readings
+                    .insert(timestamp_ms, units, series.metric, &rules);
+                for (window, part, change) in changes {
+                    input.update(Summary::Window(series, part, window), change as isize);
+                    self.dirty_windows
                         .entry((series.series, window))
-                        .or_insert(0) += change;
+                        .or_insert([0; 3])[part_index(part)] += change;
                 }
-                self.dirty_counters.insert(series.series);
+                self.dirty_readings.insert(series.series);
+                self.active(input, partition, series.node, timestamp_ms);
             }
         }
     }
@@ -301,30 +476,35 @@ impl Feeder {
         input.insert(Summary::Allocation(series, obs));
     }
 
-    /// Restores a counter series' readings from a checkpoint.
-    pub fn restore_counter(&mut self, partition: i32, key: CounterKey, series: CounterSeries) {
-        self.counter(partition, key).readings = series;
+    /// Restores a counter or gauge series' readings from a checkpoint.
+    pub fn restore_readings(&mut self, partition: i32, key: ReadingKey, readings: Readings) {
+        self.reading(partition, key).readings = readings;
     }
 
-    /// Restores a counter series' usage in one window from a checkpoint and feeds it.
-    pub fn restore_counter_window(
+    /// Restores a reading series' parts in one window from a checkpoint and feeds them.
+    pub fn restore_window(
         &mut self,
         input: &mut InputSession<Time, Summary, isize>,
         partition: i32,
-        key: CounterKey,
+        key: ReadingKey,
         window_start_ms: i64,
-        usage: i64,
+        parts: Parts,
     ) {
-        let series = self.counter(partition, key).series;
-        input.update(
-            Summary::CounterWindow(series, window_start_ms),
-            usage as isize,
-        );
+        let series = self.reading(partition, key).series;
+        for part in [Part::Total, Part::Observed, Part::Present] {
+            let amount = parts[part_index(part)];
+            if amount != 0 {
+                input.update(
+                    Summary::Window(series, part, window_start_ms),
+                    amount as isize,
+                );
+            }
+        }
     }
 
-    /// Series alive in this feeder: `(allocation series, counter series)`.
+    /// Series alive in this feeder: `(allocation series, counter and gauge series)`.
     pub fn series(&self) -> (usize, usize) {
-        (self.allocations.len(), self.counters.len())
+        (self.allocations.len(), self.readings.len())
     }
 
     /// Takes what changed since the last call.
@@ -338,29 +518,35 @@ impl Feeder {
                 Some((state.partition, key.clone(), state.summary))
             })
             .collect();
-        let counters = self
-            .dirty_counters
+        let readings = self
+            .dirty_readings
             .drain()
             .filter_map(|id| {
-                let key = self.counter_keys.get(&id)?;
-                let state = self.counters.get(key)?;
+                let key = self.reading_keys.get(&id)?;
+                let state = self.readings.get(key)?;
                 Some((state.partition, key.clone(), state.readings.clone()))
             })
             .collect();
         let windows = self
             .dirty_windows
             .drain()
-            .filter(|(_, change)| *change != 0)
+            .filter(|(_, change)| *change != [0; 3])
             .filter_map(|((id, w), change)| {
-                let key = self.counter_keys.get(&id)?;
-                let state = self.counters.get(key)?;
+                let key = self.reading_keys.get(&id)?;
+                let state = self.readings.get(key)?;
                 Some((state.partition, key.clone(), w, change))
             })
             .collect();
+        let node_hours = self
+            .dirty_node_hours
+            .drain(..)
+            .map(|(p, node, hour)| (p, self.names.node_name(node), hour))
+            .collect();
         Dirty {
             allocations,
-            counters,
+            readings,
             windows,
+            node_hours,
         }
     }
 }
@@ -371,20 +557,43 @@ mod tests {
 
     const MIN: i64 = 60_000;
 
-    fn apply(series: &mut CounterSeries, readings: &[(i64, i64)]) -> BTreeMap<i64, i64> {
+    fn rules() -> Rules {
+        Rules {
+            window_ms: MIN,
+            max_staleness_ms: 30_000,
+            max_gap_ms: 600_000,
+        }
+    }
+
+    /// Inserts readings of `metric` and returns the resulting `(window, part) → amount`.
+    fn apply_parts(
+        series: &mut Readings,
+        metric: Aggregate,
+        readings: &[(i64, i64)],
+    ) -> BTreeMap<(i64, Part), i64> {
         let mut usage = BTreeMap::new();
         for (t, u) in readings {
-            for (w, c) in series.insert(*t, *u, MIN) {
-                *usage.entry(w).or_insert(0) += c;
+            for (w, p, c) in series.insert(*t, *u, metric, &rules()) {
+                *usage.entry((w, p)).or_insert(0) += c;
             }
         }
         usage.retain(|_, v| *v != 0);
         usage
     }
 
+    fn apply(series: &mut Readings, readings: &[(i64, i64)]) -> BTreeMap<i64, i64> {
+        apply_parts(series, Aggregate::CpuCoreSeconds, readings)
+            .into_iter()
+            .map(|((w, p), v)| {
+                assert_eq!(p, Part::Total, "a counter has totals only");
+                (w, v)
+            })
+            .collect()
+    }
+
     #[test]
     fn in_order_readings_give_differences_and_a_reset_counts_from_zero() {
-        let mut s = CounterSeries::default();
+        let mut s = Readings::default();
         let usage = apply(
             &mut s,
             &[(10_000, 100), (50_000, 300), (70_000, 50), (130_000, 900)],
@@ -394,11 +603,11 @@ mod tests {
 
     #[test]
     fn a_late_reading_moves_usage_between_windows() {
-        let mut s = CounterSeries::default();
+        let mut s = Readings::default();
         let mut usage = apply(&mut s, &[(10_000, 100), (130_000, 900)]);
         assert_eq!(usage, BTreeMap::from([(0, 100), (2 * MIN, 800)]));
         // A reading at 70 s arrives late: 500 of the 800 happened in minute 1.
-        for (w, c) in s.insert(70_000, 600, MIN) {
+        for (w, _, c) in s.insert(70_000, 600, Aggregate::CpuCoreSeconds, &rules()) {
             *usage.entry(w).or_insert(0) += c;
         }
         usage.retain(|_, v| *v != 0);
@@ -411,11 +620,11 @@ mod tests {
     #[test]
     fn the_larger_of_two_readings_at_one_time_wins_in_either_order() {
         let a = apply(
-            &mut CounterSeries::default(),
+            &mut Readings::default(),
             &[(0, 10), (1_000, 20), (1_000, 30), (2_000, 40)],
         );
         let b = apply(
-            &mut CounterSeries::default(),
+            &mut Readings::default(),
             &[(2_000, 40), (1_000, 30), (0, 10), (1_000, 20)],
         );
         assert_eq!(a, BTreeMap::from([(0, 40)]));
@@ -424,13 +633,85 @@ mod tests {
 
     #[test]
     fn compaction_keeps_the_predecessor_and_ignores_older_readings() {
-        let mut s = CounterSeries::default();
-        apply(&mut s, &[(10_000, 100), (20_000, 200), (30_000, 300)]);
+        let mut s = Readings::default();
+        apply(&mut s, &[(10_000, 100), (20_000, 200), (90_000, 300)]);
         s.compact(25_000);
         assert_eq!(s.base, Some((20_000, 200)));
         assert_eq!(s.readings.len(), 1);
-        assert!(s.insert(15_000, 150, MIN).is_empty(), "behind the horizon");
-        // A reading between the base and the kept one takes its delta from the base.
-        assert_eq!(s.insert(26_000, 260, MIN), vec![(0, 60), (0, -60)]);
+        let cpu = Aggregate::CpuCoreSeconds;
+        assert!(
+            s.insert(15_000, 150, cpu, &rules()).is_empty(),
+            "behind the horizon"
+        );
+        // A reading between the base and the kept one takes its delta from the base, and moves
+        // the kept one's delta from window 1 to window 0.
+        assert_eq!(
+            s.insert(26_000, 260, cpu, &rules()),
+            vec![(0, Part::Total, 60), (MIN, Part::Total, -60)]
+        );
+    }
+
+    #[test]
+    fn a_gauge_is_held_until_the_next_reading_within_max_staleness_and_never_across_a_gap() {
+        let mut s = Readings::default();
+        // 1,000 bytes from 0 s, 3,000 bytes from 20 s, next reading at 50 s (30 s later:
+        // still held), then a 70 s gap (over max_staleness: not observed), then 2 more.
+        let usage = apply_parts(
+            &mut s,
+            Aggregate::MemoryByteSeconds,
+            &[
+                (0, 1_000),
+                (20_000, 3_000),
+                (50_000, 5_000),
+                (120_000, 7_000),
+                (135_000, 9_000),
+            ],
+        );
+        assert_eq!(
+            usage,
+            BTreeMap::from([
+                // 1,000 B × 20 s + 3,000 B × 30 s = 110,000 byte-seconds in minute 0.
+                ((0, Part::Total), 110_000),
+                ((0, Part::Observed), 50_000),
+                ((0, Part::Present), 60_000),
+                ((MIN, Part::Present), 60_000),
+                // 7,000 B × 15 s in minute 2.
+                ((2 * MIN, Part::Total), 105_000),
+                ((2 * MIN, Part::Observed), 15_000),
+                ((2 * MIN, Part::Present), 15_000),
+            ])
+        );
+        // The same readings in another order give the same windows.
+        let mut shuffled = Readings::default();
+        let again = apply_parts(
+            &mut shuffled,
+            Aggregate::MemoryByteSeconds,
+            &[
+                (135_000, 9_000),
+                (20_000, 3_000),
+                (120_000, 7_000),
+                (0, 1_000),
+                (50_000, 5_000),
+            ],
+        );
+        assert_eq!(usage, again);
+    }
+
+    #[test]
+    fn a_long_silence_is_neither_observed_nor_present_and_utilization_keeps_its_fraction() {
+        let usage = apply_parts(
+            &mut Readings::default(),
+            Aggregate::GpuUtilizationSeconds,
+            // 0.5 (in millionths) for 10 s, then silence for 20 minutes.
+            &[(0, 500_000), (10_000, 250_000), (1_210_000, 0)],
+        );
+        assert_eq!(
+            usage,
+            BTreeMap::from([
+                ((0, Part::Total), 5_000),
+                ((0, Part::Observed), 10_000),
+                ((0, Part::Present), 10_000),
+            ])
+        );
     }
 }

@@ -26,20 +26,24 @@ const MAX_ALLOCATION_BYTES: usize = 64 * 1024 * 1024;
 pub enum SchemaId {
     SampleBatchV1 = 1,
     SampleBatchV2 = 2,
-    UsageUpdate = 3,
+    UsageUpdateV1 = 3,
     BillingRecord = 4,
     Alert = 5,
     DeadLetter = 6,
+    /// Adds `present_ms`, for gauge coverage, and `node`, for node and fleet aggregates.
+    UsageUpdateV2 = 7,
 }
 
 impl SchemaId {
-    const ALL: [SchemaId; 6] = [
+    /// In wire id order (the id is the position plus one).
+    const ALL: [SchemaId; 7] = [
         SchemaId::SampleBatchV1,
         SchemaId::SampleBatchV2,
-        SchemaId::UsageUpdate,
+        SchemaId::UsageUpdateV1,
         SchemaId::BillingRecord,
         SchemaId::Alert,
         SchemaId::DeadLetter,
+        SchemaId::UsageUpdateV2,
     ];
 
     /// The schema id for a wire value, if Meterflow knows it.
@@ -52,7 +56,8 @@ impl SchemaId {
         match self {
             SchemaId::SampleBatchV1 => include_str!("../avro/sample_batch.v1.avsc"),
             SchemaId::SampleBatchV2 => include_str!("../avro/sample_batch.avsc"),
-            SchemaId::UsageUpdate => include_str!("../avro/usage_update.avsc"),
+            SchemaId::UsageUpdateV1 => include_str!("../avro/usage_update.v1.avsc"),
+            SchemaId::UsageUpdateV2 => include_str!("../avro/usage_update.avsc"),
             SchemaId::BillingRecord => include_str!("../avro/billing_record.avsc"),
             SchemaId::Alert => include_str!("../avro/alert.avsc"),
             SchemaId::DeadLetter => include_str!("../avro/dead_letter.avsc"),
@@ -162,8 +167,8 @@ impl Record for SampleBatch {
     const READS: &'static [SchemaId] = &[SchemaId::SampleBatchV1, SchemaId::SampleBatchV2];
 }
 impl Record for UsageUpdate {
-    const WRITES: SchemaId = SchemaId::UsageUpdate;
-    const READS: &'static [SchemaId] = &[SchemaId::UsageUpdate];
+    const WRITES: SchemaId = SchemaId::UsageUpdateV2;
+    const READS: &'static [SchemaId] = &[SchemaId::UsageUpdateV1, SchemaId::UsageUpdateV2];
 }
 impl Record for BillingRecord {
     const WRITES: SchemaId = SchemaId::BillingRecord;
@@ -304,6 +309,7 @@ mod tests {
             tenant: "t".into(),
             lease: "l".into(),
             service: "s".into(),
+            node: String::new(),
             metric: "gpu_seconds".into(),
             gpu_class: "h100".into(),
             mig_profile: "".into(),
@@ -312,8 +318,47 @@ mod tests {
             amount: 59_999,
             scale: 3,
             coverage_ms: 60_000,
+            present_ms: 60_000,
         };
-        assert_eq!(UsageUpdate::decode(&u.encode().expect("encodes")), Ok(u));
+        assert_eq!(
+            UsageUpdate::decode(&u.encode().expect("encodes")),
+            Ok(u.clone())
+        );
+        // A version-1 record (no present_ms) is still read.
+        #[derive(serde::Serialize)]
+        struct V1<'a> {
+            id: &'a str,
+            tenant: &'a str,
+            lease: &'a str,
+            service: &'a str,
+            metric: &'a str,
+            gpu_class: &'a str,
+            mig_profile: &'a str,
+            window_start_ms: i64,
+            window_end_ms: i64,
+            amount: i64,
+            scale: i32,
+            coverage_ms: i64,
+        }
+        let old = V1 {
+            id: &u.id,
+            tenant: &u.tenant,
+            lease: &u.lease,
+            service: &u.service,
+            metric: &u.metric,
+            gpu_class: &u.gpu_class,
+            mig_profile: &u.mig_profile,
+            window_start_ms: u.window_start_ms,
+            window_end_ms: u.window_end_ms,
+            amount: u.amount,
+            scale: u.scale,
+            coverage_ms: u.coverage_ms,
+        };
+        let bytes = encode_as(SchemaId::UsageUpdateV1, &old).expect("v1 encodes");
+        assert_eq!(
+            UsageUpdate::decode(&bytes),
+            Ok(UsageUpdate { present_ms: 0, ..u })
+        );
         let b = BillingRecord {
             id: "1".into(),
             kind: BillingKind::Adjustment,

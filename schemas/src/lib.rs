@@ -20,6 +20,32 @@ pub use types::{
     UsageUpdate,
 };
 
+/// The metric names the processor aggregates (a sample's `metric`), by kind. Sources map what
+/// they read (cgroup files, NVML, exporters) onto these; any other name is carried but not
+/// aggregated.
+pub mod metrics {
+    /// Allocation: GPUs held by a container (value = number of GPUs or MIG instances).
+    pub const GPU: &str = "gpu";
+    /// Counter: CPU time in seconds (cgroup `cpu.stat` `usage_usec` / 1e6).
+    pub const CPU_SECONDS: &str = "cpu_usage_seconds_total";
+    /// Counter: energy in joules (NVML total energy, board-level; DCGM reports mJ).
+    pub const ENERGY_JOULES: &str = "energy_joules_total";
+    /// Counter: bytes received by the container's network namespace.
+    pub const NETWORK_RECEIVE_BYTES: &str = "network_receive_bytes_total";
+    /// Counter: bytes sent by the container's network namespace.
+    pub const NETWORK_TRANSMIT_BYTES: &str = "network_transmit_bytes_total";
+    /// Counter: bytes read from block devices (cgroup `io.stat` `rbytes`).
+    pub const STORAGE_READ_BYTES: &str = "fs_read_bytes_total";
+    /// Counter: bytes written to block devices (cgroup `io.stat` `wbytes`).
+    pub const STORAGE_WRITE_BYTES: &str = "fs_write_bytes_total";
+    /// Gauge: memory working set in bytes.
+    pub const MEMORY_BYTES: &str = "memory_working_set_bytes";
+    /// Gauge: GPU memory used in bytes, per GPU or MIG instance.
+    pub const VRAM_BYTES: &str = "gpu_memory_used_bytes";
+    /// Gauge: GPU engine-active ratio, 0..1, per GPU or MIG instance.
+    pub const GPU_UTILIZATION: &str = "gpu_utilization";
+}
+
 /// Names of the Kafka topics the pipeline reads and writes.
 pub mod topics {
     /// Agent → processor: [`crate::SampleBatch`], key = node.

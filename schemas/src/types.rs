@@ -63,6 +63,10 @@ pub struct UsageUpdate {
     pub tenant: String,
     pub lease: String,
     pub service: String,
+    /// For node and fleet aggregates: the node, or empty for the fleet; empty from schema
+    /// version 1.
+    #[serde(default)]
+    pub node: String,
     pub metric: String,
     pub gpu_class: String,
     pub mig_profile: String,
@@ -71,7 +75,11 @@ pub struct UsageUpdate {
     /// value = amount / 10^scale.
     pub amount: i64,
     pub scale: i32,
+    /// Observed milliseconds (see the schema); the window length for exact aggregates.
     pub coverage_ms: i64,
+    /// Present milliseconds: coverage = `coverage_ms / present_ms`; 0 from schema version 1.
+    #[serde(default)]
+    pub present_ms: i64,
 }
 
 /// Whether a billing record is a first charge or a correction of one.

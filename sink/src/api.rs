@@ -1,6 +1,7 @@
 //! The HTTP API (SPEC: HTTP API), served with axum.
 //!
-//! Routes so far: `GET /v1/tenants/{tenant}/usage`, `GET /v1/status`, `GET /metrics`,
+//! Routes so far: `GET /v1/tenants/{tenant}/usage`, `GET /v1/fleet/hourly`, `GET /v1/status`,
+//! `GET /metrics`,
 //! `GET /healthz`, `GET /readyz`, and `GET /` (a landing page listing tenants with data).
 
 use std::collections::BTreeMap;
@@ -33,6 +34,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/v1/tenants/{tenant}/usage", get(tenant_usage))
+        .route("/v1/fleet/hourly", get(fleet_hourly))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -83,12 +85,17 @@ struct Sums {
     metrics: BTreeMap<String, (i128, i32)>,
     /// (gpu_class, mig_profile) → GPU milliseconds
     gpu_ms: BTreeMap<(String, String), i128>,
+    /// metric → (observed ms, present ms), summed over windows and series
+    seen_ms: BTreeMap<String, (i128, i128)>,
 }
 
 impl Sums {
     fn add(&mut self, u: &UsageUpdate) {
         let e = self.metrics.entry(u.metric.clone()).or_insert((0, u.scale));
         e.0 += i128::from(u.amount);
+        let seen = self.seen_ms.entry(u.metric.clone()).or_default();
+        seen.0 += i128::from(u.coverage_ms);
+        seen.1 += i128::from(u.present_ms);
         if u.metric == "gpu_seconds" {
             *self
                 .gpu_ms
@@ -110,6 +117,16 @@ impl Sums {
             .map(|((class, mig), ms)| json!({"gpu_class": class, "mig_profile": mig, "gpu_seconds": *ms as f64 / 1000.0}))
             .collect();
         out.insert("gpu".into(), Value::Array(gpu));
+        // Observed over present time: 1 for exact aggregates, below 1 where a gauge had gaps.
+        let coverage: Map<String, Value> = self
+            .seen_ms
+            .iter()
+            .filter(|(_, (_, present))| *present > 0)
+            .map(|(metric, (observed, present))| {
+                (metric.clone(), json!(*observed as f64 / *present as f64))
+            })
+            .collect();
+        out.insert("coverage".into(), Value::Object(coverage));
     }
 }
 
@@ -226,6 +243,106 @@ async fn tenant_usage(
         "group_by": group_by,
         "rows": rows,
         "totals": total,
+    }))
+    .into_response()
+}
+
+/// Query of `GET /v1/fleet/hourly`.
+#[derive(Debug, Deserialize)]
+pub struct RangeQuery {
+    /// Start (inclusive): RFC 3339 or milliseconds since the epoch. Default: 24 hours ago.
+    pub from: Option<String>,
+    /// End (exclusive). Default: now.
+    pub to: Option<String>,
+}
+
+/// Per hour: active nodes and the sum of the per-node maxima of GPUs allocated, then each node.
+async fn fleet_hourly(State(state): State<AppState>, Query(q): Query<RangeQuery>) -> Response {
+    const ROUTE: &str = "/v1/fleet/hourly";
+    const HOUR: i64 = 3_600_000;
+    let now = (state.now_ms)();
+    let time = |v: &Option<String>, default: i64, name: &str| match v {
+        None => Ok(default),
+        Some(s) => parse_time(s).ok_or_else(|| format!("{name}={s:?} is not a time")),
+    };
+    let (from, to) = match (
+        time(&q.from, now - 24 * HOUR, "from"),
+        time(&q.to, now, "to"),
+    ) {
+        (Ok(f), Ok(t)) if f < t => (f, t),
+        (Ok(f), Ok(t)) => {
+            return error(
+                &state,
+                ROUTE,
+                StatusCode::BAD_REQUEST,
+                format!("from ({f}) must be before to ({t})"),
+                "swap them or widen the range",
+            );
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            return error(
+                &state,
+                ROUTE,
+                StatusCode::BAD_REQUEST,
+                e,
+                "give RFC 3339 UTC (2026-11-23T10:00:00Z) or milliseconds since the epoch",
+            );
+        }
+    };
+    // Node and fleet records are stored under the empty tenant.
+    let updates = match state.store.usage("", from.div_euclid(HOUR) * HOUR, to) {
+        Ok(u) => u,
+        Err(e) => {
+            return error(
+                &state,
+                ROUTE,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e.to_string(),
+                "see the sink's log",
+            );
+        }
+    };
+    // hour → (fleet metric → amount, node → metric → amount)
+    type Hour = (
+        BTreeMap<String, i64>,
+        BTreeMap<String, BTreeMap<String, i64>>,
+    );
+    let mut hours: BTreeMap<i64, Hour> = BTreeMap::new();
+    for u in updates {
+        let (fleet, nodes) = hours.entry(u.window_start_ms).or_default();
+        if u.node.is_empty() {
+            fleet.insert(u.metric, u.amount);
+        } else {
+            nodes.entry(u.node).or_default().insert(u.metric, u.amount);
+        }
+    }
+    let rows: Vec<Value> = hours
+        .into_iter()
+        .map(|(hour, (fleet, nodes))| {
+            let get = |m: &BTreeMap<String, i64>, k: &str| m.get(k).copied().unwrap_or(0);
+            let nodes: Vec<Value> = nodes
+                .iter()
+                .map(|(node, m)| {
+                    json!({
+                        "node": node,
+                        "active": get(m, "node_active") > 0,
+                        "max_gpus_allocated": get(m, "max_gpus_allocated"),
+                    })
+                })
+                .collect();
+            json!({
+                "hour": format_rfc3339(hour),
+                "active_nodes": get(&fleet, "active_nodes"),
+                "max_gpus_allocated": get(&fleet, "max_gpus_allocated"),
+                "nodes": nodes,
+            })
+        })
+        .collect();
+    count(&state, ROUTE, StatusCode::OK);
+    Json(json!({
+        "from": format_rfc3339(from),
+        "to": format_rfc3339(to),
+        "hours": rows,
     }))
     .into_response()
 }

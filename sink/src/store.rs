@@ -104,7 +104,11 @@ impl Store {
             batch.put(usage_key(&c.update), c.update.encode()?);
             let e = next.entry((&c.topic, c.partition)).or_insert(c.offset + 1);
             *e = (*e).max(c.offset + 1);
-            watermark = Some(watermark.unwrap_or(i64::MIN).max(c.update.window_end_ms));
+            // Node and fleet records (no tenant) are hourly: their window's end is not how far
+            // the data has come.
+            if !c.update.tenant.is_empty() {
+                watermark = Some(watermark.unwrap_or(i64::MIN).max(c.update.window_end_ms));
+            }
         }
         for ((topic, partition), offset) in next {
             batch.put(offset_key(topic, partition), offset.to_be_bytes());
@@ -194,7 +198,10 @@ impl Store {
             let Some(end) = rest.iter().position(|b| *b == 0) else {
                 break;
             };
-            out.push(String::from_utf8_lossy(&rest[..end]).into_owned());
+            if end > 0 {
+                // The empty tenant holds the node and fleet records.
+                out.push(String::from_utf8_lossy(&rest[..end]).into_owned());
+            }
             // Jump past this tenant: its keys all continue with 0x00, so 0x01 sorts after them.
             seek = b"u\0".to_vec();
             seek.extend_from_slice(&rest[..end]);
@@ -222,6 +229,8 @@ mod tests {
             amount,
             scale: 3,
             coverage_ms: 60_000,
+            present_ms: 60_000,
+            node: String::new(),
         }
     }
 

@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use meterflow_ingest::Publisher;
-use meterflow_schemas::{DeadLetter, Record, Sample, SampleBatch, SampleKind, SeriesId, topics};
+use meterflow_schemas::{
+    DeadLetter, Record, Sample, SampleBatch, SampleKind, SeriesId, UsageUpdate, topics,
+};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
@@ -67,11 +69,24 @@ fn cpu(s: SeriesId, at: i64, seconds: f64) -> Sample {
     }
 }
 
+fn memory(s: SeriesId, at: i64, bytes: f64) -> Sample {
+    Sample {
+        kind: SampleKind::Gauge,
+        metric: "memory_working_set_bytes".into(),
+        value: bytes,
+        ..cpu(s, at, 0.0)
+    }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
 /// The scenario, as the agent on `node-a` would send it: four ticks, 60 s apart.
 ///
 /// - acme / 100.1.1: container c1 holds two H100s from 5 s to 125.5 s (finished):
 ///   2 × 120.5 s = 241 GPU-s (minute 0: 110, minute 1: 120, minute 2: 11). Its CPU counter
-///   reads 10, 70, then 5 (a reset): 10 + 60 + 5 = 75 core-seconds.
+///   reads 10, 70, then 5 (a reset): 10 + 60 + 5 = 75 core-seconds. Its memory reads 1 GiB at
+///   15 s, 2 GiB at 35 s (held 20 s: 20 GiB-s), then 75 s and 130 s: gaps over the 30 s
+///   max_staleness, not observed: coverage 20 s of 115 s present.
 /// - acme / 100.1.2: one 1g.10gb MIG slice, container c2 from 30 s, last seen at 90 s, then
 ///   restarted as c3 at 100 s (the 10 s between is pending, not billed), last seen at 160 s:
 ///   60 + 60 = 120 GPU-s.
@@ -85,11 +100,14 @@ fn batches() -> Vec<SampleBatch> {
             gpu(c1("GPU-1"), 15_000, 5_000, None),
             gpu(c1("GPU-2"), 15_000, 5_000, None),
             cpu(c1(""), 15_000, 10.0),
+            memory(c1(""), 15_000, GIB),
+            memory(c1(""), 35_000, 2.0 * GIB),
         ],
         vec![
             gpu(c1("GPU-1"), 75_000, 5_000, None),
             gpu(c1("GPU-2"), 75_000, 5_000, None),
             cpu(c1(""), 75_000, 70.0),
+            memory(c1(""), 75_000, 2.0 * GIB),
             gpu(mig("c2"), 75_000, 30_000, None),
             gpu(short, 75_000, 61_000, Some(63_500)),
         ],
@@ -97,6 +115,7 @@ fn batches() -> Vec<SampleBatch> {
             gpu(c1("GPU-1"), 130_000, 5_000, Some(125_500)),
             gpu(c1("GPU-2"), 130_000, 5_000, Some(125_500)),
             cpu(c1(""), 130_000, 5.0),
+            memory(c1(""), 130_000, 3.0 * GIB),
             gpu(mig("c2"), 90_000, 30_000, None),
             gpu(mig("c3"), 135_000, 100_000, None),
         ],
@@ -168,8 +187,22 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
     let acme = poll_json(&url, Duration::from_secs(90), |v| {
         v["totals"]["gpu_seconds"].as_f64() == Some(361.0)
             && v["totals"]["cpu_core_seconds"].as_f64() == Some(75.0)
+            && v["totals"]["coverage"]["memory_byte_seconds"].is_number()
     })
     .await;
+    // The gauge: only what was observed, with the coverage that says how much that was.
+    assert_eq!(
+        acme["totals"]["memory_byte_seconds"].as_f64(),
+        Some(20.0 * GIB)
+    );
+    assert_eq!(
+        acme["totals"]["coverage"]["memory_byte_seconds"].as_f64(),
+        Some(20.0 / 115.0)
+    );
+    assert_eq!(
+        acme["totals"]["coverage"]["gpu_seconds"].as_f64(),
+        Some(1.0)
+    );
     assert_eq!(
         gpu_by_class(&acme["totals"]),
         vec![
@@ -258,6 +291,39 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
         })
         .collect();
     assert_eq!(reasons, vec!["undecodable".to_string()]);
+
+    // Per node and per fleet and hour: node-a held at most 4 GPUs at once (at 61-63.5 s: two
+    // H100s of c1, the MIG slice of c2 and the short A100), and was the fleet's one node.
+    let mut fleet: std::collections::BTreeMap<(String, String), i64> = Default::default();
+    for bytes in read_topic(&brokers, topics::USAGE, 2, 1) {
+        let u = UsageUpdate::decode(&bytes).expect("usage updates decode");
+        if u.tenant.is_empty() && u.window_start_ms == T0 {
+            // Later records of one id replace earlier ones (one id, one partition, in order).
+            fleet.insert((u.node, u.metric), u.amount);
+        }
+    }
+    let f = |node: &str, metric: &str| fleet.get(&(node.to_string(), metric.to_string())).copied();
+    assert_eq!(f("node-a", "max_gpus_allocated"), Some(4), "{fleet:?}");
+    assert_eq!(f("node-a", "node_active"), Some(1), "{fleet:?}");
+    assert_eq!(f("", "active_nodes"), Some(1), "{fleet:?}");
+    assert_eq!(f("", "max_gpus_allocated"), Some(4), "{fleet:?}");
+
+    // The operator's view of the same hour, through the API.
+    let hourly = poll_json(
+        &pipeline.url(&format!("/v1/fleet/hourly?from={from}&to={to}")),
+        Duration::from_secs(10),
+        |v| v["hours"][0]["max_gpus_allocated"] == 4,
+    )
+    .await;
+    assert_eq!(
+        hourly["hours"],
+        serde_json::json!([{
+            "hour": "2026-11-23T00:00:00.000Z",
+            "active_nodes": 1,
+            "max_gpus_allocated": 4,
+            "nodes": [{"node": "node-a", "active": true, "max_gpus_allocated": 4}],
+        }])
+    );
 
     // Status and metrics tell the operator where the sink is.
     let status = poll_json(&pipeline.url("/v1/status"), Duration::from_secs(5), |_| {
