@@ -6,7 +6,7 @@
 //! `cargo bench --bench processor_throughput -- [NODES] [TICKS]` (defaults 200 nodes, 40
 //! ticks of 15 s).
 
-use std::sync::Arc;
+use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
 use meterflow_ingest::{Fleet, FleetConfig};
@@ -69,6 +69,9 @@ fn main() {
         let data = ticks.clone();
         // One interner for the process, as in the processor.
         let names = Arc::new(Names::default());
+        let before = resident_bytes();
+        // All workers hold their state until worker 0 has measured it.
+        let barrier = Arc::new(Barrier::new(workers));
         let start = Instant::now();
         let guards = timely::execute(timely::Config::process(workers), move |worker| {
             let (index, peers) = (worker.index(), worker.peers());
@@ -86,7 +89,9 @@ fn main() {
                     let batch = SampleBatch::decode(bytes).expect("decodes");
                     for s in &batch.samples {
                         if let Ok(Some(o)) = observe(s) {
-                            feeder.feed(&mut input, 0, o, i64::MIN);
+                            // As the processor: readings older than 10 minutes of lateness
+                            // behind the tick are folded away.
+                            feeder.feed(&mut input, 0, o, (epoch as i64 + 1) * 15_000 - 600_000);
                         }
                     }
                 }
@@ -97,14 +102,46 @@ fn main() {
                 updates += billing.borrow_mut().drain(..).count();
                 updates += fleet.borrow_mut().drain(..).count();
             }
-            updates
+            let elapsed = start.elapsed();
+            let (allocations, readings) = feeder.series();
+            barrier.wait();
+            let resident = (worker.index() == 0).then(resident_bytes);
+            barrier.wait();
+            (updates, allocations + readings, resident, elapsed)
         })
         .expect("timely starts");
-        let updates: usize = guards.join().into_iter().map(|r| r.expect("worker")).sum();
-        let secs = start.elapsed().as_secs_f64();
+        let results: Vec<_> = guards
+            .join()
+            .into_iter()
+            .map(|r| r.expect("worker"))
+            .collect();
+        let updates: usize = results.iter().map(|r| r.0).sum();
+        let series: usize = results.iter().map(|r| r.1).sum();
+        let resident = results.iter().find_map(|r| r.2).unwrap_or(0);
+        let secs = results
+            .iter()
+            .map(|r| r.3.as_secs_f64())
+            .fold(0.0, f64::max);
         println!(
             "dataflow, {workers} worker(s)      : {:>10.0} samples/s ({secs:.3} s, {updates} output changes)",
             samples as f64 / secs
         );
+        println!(
+            "  state: {series} series; resident memory grew {} bytes = {:.0} bytes per active series (feeder, interner and arrangements, all windows kept)",
+            resident.saturating_sub(before),
+            resident.saturating_sub(before) as f64 / series.max(1) as f64
+        );
     }
+}
+
+/// This process's resident set size, from `/proc/self/status` (0 where there is none).
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
 }

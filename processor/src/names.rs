@@ -113,8 +113,12 @@ impl Names {
 
     /// The ids of an owner and of its (tenant, lease).
     pub fn owner(&self, owner: &Owner) -> (OwnerId, LeaseId) {
-        if let Some(id) = self.read().owner_ids.get(owner) {
-            return (*id, self.read().owners[id.0 as usize].1);
+        {
+            // One read guard: taking a second one while a writer waits deadlocks.
+            let t = self.read();
+            if let Some(id) = t.owner_ids.get(owner) {
+                return (*id, t.owners[id.0 as usize].1);
+            }
         }
         let mut t = self.write();
         if let Some(id) = t.owner_ids.get(owner).copied() {
@@ -210,6 +214,35 @@ mod tests {
             lease: lease.into(),
             service: service.into(),
         }
+    }
+
+    #[test]
+    fn workers_interning_at_once_agree_and_never_block_each_other() {
+        let names = std::sync::Arc::new(Names::default());
+        let threads: Vec<_> = (0..4)
+            .map(|w| {
+                let names = names.clone();
+                std::thread::spawn(move || {
+                    (0..5_000)
+                        .map(|i| {
+                            // Each thread walks the same owners in its own order.
+                            let n = (i * 7 + w * 1_250) % 5_000;
+                            (
+                                n,
+                                names.owner(&owner(&format!("l{}", n / 2), &format!("s{n}"))),
+                            )
+                        })
+                        .collect::<std::collections::BTreeMap<_, _>>()
+                })
+            })
+            .collect();
+        let seen: Vec<_> = threads
+            .into_iter()
+            .map(|t| t.join().expect("no panic"))
+            .collect();
+        assert!(seen.windows(2).all(|w| w[0] == w[1]), "one id per owner");
+        let ids: std::collections::BTreeSet<_> = seen[0].values().map(|(o, _)| *o).collect();
+        assert_eq!(ids.len(), 5_000);
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub struct ProcessorConfig {
     /// How long the billing topic's ends must hold still at start-up before the processor
     /// trusts that a killed predecessor's last records have all landed.
     pub restart_grace: Duration,
+    /// Stop (with a checkpoint) once every worker has read its partitions up to where they
+    /// ended at start-up: a replay or catch-up run rather than a service.
+    pub exit_when_caught_up: bool,
 }
 
 impl ProcessorConfig {
@@ -90,6 +93,7 @@ impl ProcessorConfig {
             checkpoint_interval: Duration::from_secs(1),
             prices: PriceBook::default(),
             restart_grace: Duration::from_secs(1),
+            exit_when_caught_up: false,
         }
     }
 }
@@ -492,7 +496,8 @@ fn run_worker(
     let mut last_checkpoint = Instant::now();
     let mut changed_since_checkpoint = false;
     loop {
-        let stopping = shutdown.is_cancelled();
+        let stopping = shutdown.is_cancelled()
+            || (config.exit_when_caught_up && shared.caught_up.load(Ordering::SeqCst) >= peers);
         let mut fed = 0usize;
         let mut timeout = Duration::from_millis(50);
         while fed < config.max_batch && !stopping {
