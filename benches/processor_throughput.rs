@@ -10,7 +10,8 @@ use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
 use meterflow_ingest::{Fleet, FleetConfig};
-use meterflow_processor::dataflow::{Installed, install};
+use meterflow_processor::PriceBook;
+use meterflow_processor::dataflow::{Costing, Installed, install};
 use meterflow_processor::model::observe;
 use meterflow_processor::names::Names;
 use meterflow_processor::series::{Feeder, Rules};
@@ -81,7 +82,17 @@ fn main() {
                 usage,
                 billing,
                 fleet,
-            } = install(worker, 60_000, 3_600_000);
+                costs,
+                periods,
+            } = install(
+                worker,
+                60_000,
+                3_600_000,
+                Costing {
+                    names: names.clone(),
+                    prices: Arc::new(PriceBook::default()),
+                },
+            );
             let mut feeder = Feeder::new(Rules::new(60_000), names.clone(), index);
             let mut updates = 0usize;
             for (epoch, batches) in data.iter().enumerate() {
@@ -101,6 +112,8 @@ fn main() {
                 updates += usage.borrow_mut().drain(..).count();
                 updates += billing.borrow_mut().drain(..).count();
                 updates += fleet.borrow_mut().drain(..).count();
+                updates += costs.borrow_mut().drain(..).count();
+                updates += periods.borrow_mut().drain(..).count();
             }
             let elapsed = start.elapsed();
             let (allocations, readings) = feeder.series();

@@ -107,6 +107,10 @@ enum Command {
         /// Price book (TOML) for the billing records; without it, the demo prices.
         #[arg(long)]
         price_book: Option<PathBuf>,
+        /// Budgets per tenant (TOML: `[tenants.NAME] monthly = 1000.0, thresholds = [50, 90,
+        /// 100]`); crossing a threshold raises one alert per period on meterflow.alerts.
+        #[arg(long)]
+        budgets: Option<PathBuf>,
         /// At start-up, how long the billing topic must hold still before the processor trusts
         /// that a killed predecessor's last records have landed.
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
@@ -266,6 +270,7 @@ async fn main() -> Result<()> {
             checkpoint_interval,
             max_batch,
             price_book,
+            budgets,
             restart_grace,
             topics: t,
         } => {
@@ -273,8 +278,13 @@ async fn main() -> Result<()> {
                 Some(path) => meterflow_processor::PriceBook::load(&path)?,
                 None => meterflow_processor::PriceBook::default(),
             };
+            let budgets = match budgets {
+                Some(path) => meterflow_processor::budgets::Budgets::load(&path)?,
+                None => meterflow_processor::budgets::Budgets::default(),
+            };
             prepare(&brokers, &t, &shutdown).await?;
             let config = meterflow_processor::ProcessorConfig {
+                budgets,
                 workers,
                 window_ms: window.as_millis() as i64,
                 billing_window_ms: billing_window.as_millis() as i64,

@@ -6,6 +6,8 @@
 //! amounts ─┬─ window_totals ▸ measured (per lease, service, item and base window → meterflow.usage)
 //!          └─ billing_totals           (per lease, item and billing window       → meterflow.billing)
 //! node hours, allocation intervals ▸ fleet_hourly (per node and per fleet, hourly → meterflow.usage)
+//! measured    ▸ window_costs  (per lease and service and base window, for burn rates → meterflow.usage)
+//! billing     ▸ period_costs  (per tenant and month, for budgets → meterflow.usage, meterflow.alerts)
 //! ```
 //!
 //! Each step is a function from collection to collection. Input order does not matter: a late
@@ -22,9 +24,27 @@ use differential_dataflow::VecCollection;
 use differential_dataflow::input::{Input, InputSession};
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 
+use crate::budgets::month_start_ms;
 use crate::model::{AllocationObs, Kind, Part, SeriesRef, Summary};
-use crate::names::{BillingIdx, NodeId, UsageIdx};
+use crate::names::{BillingIdx, LeaseId, Names, NodeId, OwnerId, TenantId, UsageIdx};
+use crate::prices::PriceBook;
 use crate::series::HOUR_MS;
+
+/// The key of a window's cost: (owner, its lease, base window start).
+pub type CostIdx = (OwnerId, LeaseId, i64);
+
+/// What costs are computed with inside the dataflow: the names of items, and their prices.
+#[derive(Clone)]
+pub struct Costing {
+    pub names: std::sync::Arc<Names>,
+    pub prices: std::sync::Arc<PriceBook>,
+}
+
+impl Costing {
+    fn cost(&self, item: crate::names::ItemId, quantity: i64) -> i64 {
+        self.names.cost_micros(item, quantity, &self.prices)
+    }
+}
 
 /// Timely time of the processor: one epoch per batch of Kafka messages.
 pub type Time = u64;
@@ -116,29 +136,47 @@ pub struct Installed {
     pub usage: Changes<UsageIdx, Measured>,
     pub billing: Changes<BillingIdx, isize>,
     pub fleet: Changes<FleetIdx, isize>,
+    /// Cost in micros per (owner, lease, base window).
+    pub costs: Changes<CostIdx, isize>,
+    /// Cost in micros per (tenant, month start), from the billed quantities.
+    pub periods: Changes<(TenantId, i64), isize>,
 }
 
 /// Builds the dataflow in `worker`: base windows of `window_ms`, billing windows of
-/// `billing_window_ms` (a multiple of the base window).
+/// `billing_window_ms` (a multiple of the base window), costs from `costing`.
 pub fn install(
     worker: &mut timely::worker::Worker,
     window_ms: i64,
     billing_window_ms: i64,
+    costing: Costing,
 ) -> Installed {
     let usage: Changes<UsageIdx, Measured> = Rc::default();
     let billing: Changes<BillingIdx, isize> = Rc::default();
     let fleet: Changes<FleetIdx, isize> = Rc::default();
     let (usage_out, billing_out, fleet_out) = (usage.clone(), billing.clone(), fleet.clone());
+    let costs: Changes<CostIdx, isize> = Rc::default();
+    let periods: Changes<(TenantId, i64), isize> = Rc::default();
+    let (costs_out, periods_out) = (costs.clone(), periods.clone());
     let (input, probe) = worker.dataflow::<Time, _, _>(|scope| {
         let (input, summaries) = scope.new_collection::<Summary, isize>();
         let (allocations, readings, node_hours) = split(summaries);
         let intervals = allocation_intervals(allocations);
         let amounts = amounts(intervals.clone(), readings, window_ms);
-        let (probe, _) = measured(window_totals(amounts.clone()), window_ms)
+        let measured = measured(window_totals(amounts.clone()), window_ms);
+        let (probe, _) = measured
+            .clone()
             .inspect(move |update| usage_out.borrow_mut().push(*update))
             .probe();
-        billing_totals(amounts, billing_window_ms)
+        window_costs(measured, costing.clone())
+            .inspect(move |update| costs_out.borrow_mut().push(*update))
+            .probe_with(&probe);
+        let billed = billing_totals(amounts, billing_window_ms);
+        billed
+            .clone()
             .inspect(move |update| billing_out.borrow_mut().push(*update))
+            .probe_with(&probe);
+        period_costs(billed, costing)
+            .inspect(move |update| periods_out.borrow_mut().push(*update))
             .probe_with(&probe);
         fleet_hourly(node_hours, max_gpus_allocated(intervals))
             .inspect(move |update| fleet_out.borrow_mut().push(*update))
@@ -151,7 +189,38 @@ pub fn install(
         usage,
         billing,
         fleet,
+        costs,
+        periods,
     }
+}
+
+/// Windowed totals → cost in micros per (owner, lease, base window): what burn rates are made
+/// of. Each total is priced on its own, rounded to the micro.
+pub fn window_costs<'s>(
+    measured: Coll<'s, (UsageIdx, Measured)>,
+    costing: Costing,
+) -> Coll<'s, (CostIdx, isize)> {
+    measured
+        .explode(move |(k, m)| {
+            let cost = costing.cost(k.item, m.total);
+            (cost != 0).then_some(((k.owner, k.lease, k.window_start_ms), cost as isize))
+        })
+        .count()
+}
+
+/// Billing totals → what each tenant has spent per calendar month, in micros: the sum of the
+/// costs its billing records carry once every window is billed.
+pub fn period_costs<'s>(
+    billed: Coll<'s, (BillingIdx, isize)>,
+    costing: Costing,
+) -> Coll<'s, ((TenantId, i64), isize)> {
+    billed
+        .explode(move |(b, quantity)| {
+            let cost = costing.cost(b.item, quantity as i64);
+            let tenant = costing.names.tenant_of(b.lease);
+            (cost != 0).then_some(((tenant, month_start_ms(b.window_start_ms)), cost as isize))
+        })
+        .count()
 }
 
 /// Allocation series → the interval its GPUs were held: from the runtime's `started_at` to its
@@ -351,6 +420,7 @@ mod tests {
         Aggregate, AllocationKey, BillingKey, Observation, Owner, ReadingKey, ReadingObs, UsageKey,
     };
     use crate::names::Names;
+    use crate::prices::PriceBook;
     use crate::series::{Feeder, Rules};
 
     const MIN: i64 = 60_000;
@@ -368,16 +438,28 @@ mod tests {
         BTreeMap<UsageKey, Measured>,
         BTreeMap<BillingKey, i64>,
         BTreeMap<FleetKey, i64>,
+        BTreeMap<(Owner, i64), i64>,
+        BTreeMap<(String, i64), i64>,
     ) {
         timely::execute_directly(move |worker| {
+            let names = Arc::new(Names::default());
             let Installed {
                 mut input,
                 probe,
                 usage,
                 billing,
                 fleet,
-            } = install(worker, MIN, HOUR);
-            let names = Arc::new(Names::default());
+                costs,
+                periods,
+            } = install(
+                worker,
+                MIN,
+                HOUR,
+                Costing {
+                    names: names.clone(),
+                    prices: Arc::new(PriceBook::default()),
+                },
+            );
             let mut feeder = Feeder::new(rules(), names.clone(), 0);
             for (epoch, observations) in epochs.into_iter().enumerate() {
                 input.advance_to(epoch as Time);
@@ -399,6 +481,16 @@ mod tests {
                         FleetIdx::ActiveNodes(h) => ("active_nodes", String::new(), h),
                         FleetIdx::FleetMaxGpus(h) => ("max_gpus", String::new(), h),
                     },
+                    |v| v as i64,
+                ),
+                totals(
+                    &costs,
+                    |(o, _, w)| (names.owner_named(*o), *w),
+                    |v| v as i64,
+                ),
+                totals(
+                    &periods,
+                    |(t, month)| (names.tenant_name(*t), *month),
                     |v| v as i64,
                 ),
             )
@@ -621,7 +713,7 @@ mod tests {
             }
             other => other,
         };
-        let (_, _, fleet) = run_all(vec![vec![
+        let (_, _, fleet, _, _) = run_all(vec![vec![
             // n1: c1 ends at 100 s exactly when c2 starts on the same GPU (1 at a time), and
             // c3 overlaps both on another GPU: at most 2.
             on("n1", alloc("l", "c1", "g1", 0, Some(100_000), 100_000)),
@@ -924,14 +1016,33 @@ mod tests {
                 if cuts.contains(&i) { epochs.push(Vec::new()); }
                 epochs.last_mut().expect("non-empty").push(o);
             }
-            let (usage, billing, fleet) = run_all(epochs);
+            let (usage, billing, fleet, costs, periods) = run_all(epochs);
             prop_assert_eq!(fleet, fleet_oracle(&distinct));
+            // Costs: each window total priced on its own; each tenant's month, the billed
+            // totals priced on their own.
+            let prices = PriceBook::default();
+            let mut expected_costs: BTreeMap<(Owner, i64), i64> = BTreeMap::new();
+            for (k, v) in &expected {
+                let c = prices.cost_of(k.metric, &k.gpu_class, &k.mig_profile, v.total);
+                *expected_costs.entry((k.owner.clone(), k.window_start_ms)).or_default() += c;
+            }
+            expected_costs.retain(|_, c| *c != 0);
+            prop_assert_eq!(costs, expected_costs);
+
             // Billing totals are the usage totals summed per lease, item and hour.
             let mut billed: BTreeMap<BillingKey, i64> = BTreeMap::new();
             for (k, v) in &expected {
                 *billed.entry(BillingKey::of(k, HOUR)).or_default() += v.total;
             }
             billed.retain(|_, v| *v != 0);
+            let mut expected_periods: BTreeMap<(String, i64), i64> = BTreeMap::new();
+            for (k, v) in &billed {
+                let month = crate::budgets::month_start_ms(k.window_start_ms);
+                *expected_periods.entry((k.tenant.clone(), month)).or_default() +=
+                    prices.cost_micros(k, *v);
+            }
+            expected_periods.retain(|_, c| *c != 0);
+            prop_assert_eq!(periods, expected_periods);
             prop_assert_eq!(usage, expected);
             prop_assert_eq!(billing, billed);
         }

@@ -16,12 +16,14 @@
 //!   base window and per billing window.
 //! - [`billing`]: the ledger of what was billed, charges and adjustments (pure).
 //! - [`prices`]: the versioned price book (TOML) and costs on integers (pure).
+//! - [`budgets`]: budgets per tenant (TOML), the alerts they raise, calendar months (pure).
 //! - [`checkpoint`]: input offsets and state written together to RocksDB.
 //! - [`runner`]: timely workers fed from Kafka through rdkafka, checkpoints, and the producers
 //!   of the output topics; exactly-once billing without Kafka transactions.
 
 pub mod agents;
 pub mod billing;
+pub mod budgets;
 pub mod checkpoint;
 pub mod dataflow;
 pub mod model;

@@ -15,6 +15,7 @@ use std::sync::RwLock;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Aggregate, BillingKey, Owner, SeriesRef, UsageKey};
+use crate::prices::PriceBook;
 
 /// An interned [`Owner`] (tenant, lease, service).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -23,6 +24,10 @@ pub struct OwnerId(pub u32);
 /// An interned (tenant, lease): what billing is per.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct LeaseId(pub u32);
+
+/// An interned tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TenantId(pub u32);
 
 /// An interned node name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -89,6 +94,10 @@ struct Tables {
     owners: Vec<(Owner, LeaseId)>,
     owner_ids: HashMap<Owner, OwnerId>,
     leases: Vec<(String, String)>,
+    /// The tenant of each lease, by lease id.
+    lease_tenants: Vec<TenantId>,
+    tenants: Vec<String>,
+    tenant_ids: HashMap<String, TenantId>,
     lease_ids: HashMap<(String, String), LeaseId>,
     items: Vec<Item>,
     item_ids: HashMap<Item, ItemId>,
@@ -129,6 +138,16 @@ impl Names {
             Some(l) => *l,
             None => {
                 let l = LeaseId(t.leases.len() as u32);
+                let tenant = match t.tenant_ids.get(&owner.tenant) {
+                    Some(id) => *id,
+                    None => {
+                        let id = TenantId(t.tenants.len() as u32);
+                        t.tenants.push(owner.tenant.clone());
+                        t.tenant_ids.insert(owner.tenant.clone(), id);
+                        id
+                    }
+                };
+                t.lease_tenants.push(tenant);
                 t.leases.push(lease_key.clone());
                 t.lease_ids.insert(lease_key, l);
                 l
@@ -168,6 +187,28 @@ impl Names {
         t.nodes.push(node.to_string());
         t.node_ids.insert(node.to_string(), id);
         id
+    }
+
+    /// The tenant a lease belongs to.
+    pub fn tenant_of(&self, lease: LeaseId) -> TenantId {
+        self.read().lease_tenants[lease.0 as usize]
+    }
+
+    /// The name of a tenant.
+    pub fn tenant_name(&self, id: TenantId) -> String {
+        self.read().tenants[id.0 as usize].clone()
+    }
+
+    /// The owner (tenant, lease, service) an id stands for.
+    pub fn owner_named(&self, id: OwnerId) -> Owner {
+        self.read().owners[id.0 as usize].0.clone()
+    }
+
+    /// The cost in micros of `quantity` of an item, as [`PriceBook::cost_micros`] prices it.
+    pub fn cost_micros(&self, item: ItemId, quantity: i64, prices: &PriceBook) -> i64 {
+        let t = self.read();
+        let item = &t.items[item.0 as usize];
+        prices.cost_of(item.metric, &item.gpu_class, &item.mig_profile, quantity)
     }
 
     /// The name of a node.
@@ -254,6 +295,9 @@ mod tests {
         assert_ne!(c, a);
         assert_ne!(a, b);
         assert_eq!(la, lb, "two services of one lease bill to one lease");
+        assert_eq!(names.tenant_name(names.tenant_of(lc)), "t");
+        assert_eq!(names.tenant_of(la), names.tenant_of(lc));
+        assert_eq!(names.owner_named(b), owner("l1", "infer"));
         assert_ne!(la, lc);
         assert_eq!(names.owner(&owner("l1", "train")), (a, la));
         let gpu = Item {

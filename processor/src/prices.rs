@@ -179,14 +179,22 @@ impl PriceBook {
     /// to the nearest micro. A GPU class without a price, and an aggregate that is not billed,
     /// cost nothing.
     pub fn cost_micros(&self, key: &BillingKey, quantity: i64) -> i64 {
-        let (price_per_hour, units_per_hour, (num, den)) = match key.metric {
+        self.cost_of(key.metric, &key.gpu_class, &key.mig_profile, quantity)
+    }
+
+    /// The cost in micros of `quantity` of an aggregate (of a GPU class and MIG profile).
+    pub fn cost_of(
+        &self,
+        metric: Aggregate,
+        gpu_class: &str,
+        mig_profile: &str,
+        quantity: i64,
+    ) -> i64 {
+        let (price_per_hour, units_per_hour, (num, den)) = match metric {
             Aggregate::GpuSeconds => (
-                self.gpu_hour_micros
-                    .get(&key.gpu_class)
-                    .copied()
-                    .unwrap_or(0),
+                self.gpu_hour_micros.get(gpu_class).copied().unwrap_or(0),
                 3_600_000i128,
-                self.fraction(&key.mig_profile),
+                self.fraction(mig_profile),
             ),
             Aggregate::CpuCoreSeconds => (self.cpu_core_hour_micros, 3_600_000_000, (1, 1)),
             // Byte-seconds per GiB-hour.
@@ -195,6 +203,9 @@ impl PriceBook {
             Aggregate::EnergyJoules => (self.kwh_micros, 3_600_000_000, (1, 1)),
             _ => (0, 1, (1, 1)),
         };
+        if price_per_hour == 0 {
+            return 0;
+        }
         let n = quantity as i128 * price_per_hour as i128 * num as i128;
         let d = units_per_hour * den as i128;
         let rounded = (n + n.signum() * d / 2) / d;

@@ -23,7 +23,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use meterflow_schemas::id::StableId;
-use meterflow_schemas::{BillingRecord, DeadLetter, Record, SampleBatch, UsageUpdate, topics};
+use meterflow_schemas::{
+    Alert, BillingRecord, DeadLetter, Record, SampleBatch, UsageUpdate, topics,
+};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -35,10 +37,11 @@ use tracing::{debug, info, warn};
 
 use crate::agents::AgentState;
 use crate::billing::{Billed, Ledger, partition_key};
+use crate::budgets::{Budgets, next_month_start_ms};
 use crate::checkpoint::{Checkpoint, Store, StoreError};
-use crate::dataflow::{FleetIdx, Installed, Measured, Time, install};
-use crate::model::{BillingKey, Kind, Summary, UsageKey, observe};
-use crate::names::{Names, UsageIdx};
+use crate::dataflow::{CostIdx, Costing, FleetIdx, Installed, Measured, Time, install};
+use crate::model::{BillingKey, Kind, Owner, Summary, UsageKey, observe};
+use crate::names::{Names, TenantId, UsageIdx};
 use crate::prices::PriceBook;
 use crate::series::{Feeder, HOUR_MS, Rules};
 
@@ -75,6 +78,8 @@ pub struct ProcessorConfig {
     /// Stop (with a checkpoint) once every worker has read its partitions up to where they
     /// ended at start-up: a replay or catch-up run rather than a service.
     pub exit_when_caught_up: bool,
+    /// Budgets per tenant; their thresholds raise alerts on `meterflow.alerts`.
+    pub budgets: Budgets,
 }
 
 impl ProcessorConfig {
@@ -94,6 +99,7 @@ impl ProcessorConfig {
             prices: PriceBook::default(),
             restart_grace: Duration::from_secs(1),
             exit_when_caught_up: false,
+            budgets: Budgets::default(),
         }
     }
 }
@@ -134,6 +140,8 @@ struct Shared {
     watermark_ms: AtomicI64,
     /// Workers that have read what their partitions held at start-up.
     caught_up: AtomicUsize,
+    /// Ids of the alerts on the alerts topic or sent since start-up.
+    raised: std::sync::Mutex<HashSet<String>>,
 }
 
 /// Counts the output records the broker did not acknowledge, and notes the offset of the last
@@ -217,9 +225,15 @@ fn run_once(
         Some(s) => read_back_billing(&config.brokers, s, config.restart_grace, shutdown)?,
         None => BTreeMap::new(),
     };
+    let raised = if config.budgets.tenants.is_empty() {
+        HashSet::new()
+    } else {
+        read_alert_ids(&config.brokers, shutdown)?
+    };
     let shared = Arc::new(Shared {
         watermark_ms: AtomicI64::new(i64::MIN),
         caught_up: AtomicUsize::new(0),
+        raised: std::sync::Mutex::new(raised),
     });
     let names = Arc::new(Names::default());
     // A worker that fails stops the others.
@@ -402,7 +416,17 @@ fn run_worker(
         usage,
         billing,
         fleet,
-    } = install(worker, window_ms, config.billing_window_ms);
+        costs,
+        periods,
+    } = install(
+        worker,
+        window_ms,
+        config.billing_window_ms,
+        Costing {
+            names: names.clone(),
+            prices: Arc::new(config.prices.clone()),
+        },
+    );
 
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
@@ -489,6 +513,15 @@ fn run_worker(
     worker.step_while(|| probe.less_than(input.time()));
     usage.borrow_mut().clear();
     fleet.borrow_mut().clear();
+    costs.borrow_mut().clear();
+    // A tenant's spend per month, for the budgets: kept from the first epoch on, as the
+    // restored totals are what the alerts are checked against.
+    let mut spent: HashMap<(TenantId, i64), i64> = HashMap::new();
+    let mut unchecked: HashSet<(TenantId, i64)> = HashSet::new();
+    for (key, value) in latest_values(periods.borrow_mut().drain(..).collect()) {
+        spent.insert(key, value.unwrap_or(0) as i64);
+        unchecked.insert(key);
+    }
 
     let mut ledger = Ledger::new(config.billing_window_ms);
     let mut dirty_agents: HashSet<String> = HashSet::new();
@@ -619,8 +652,20 @@ fn run_worker(
         worker.step_while(|| probe.less_than(input.time()));
 
         let usage_changes: Vec<_> = usage.borrow_mut().drain(..).collect();
+        let period_changes = latest_values(periods.borrow_mut().drain(..).collect());
         let sent = emit_usage(&producer, names, usage_changes, window_ms)
-            + emit_fleet(&producer, names, fleet.borrow_mut().drain(..).collect());
+            + emit_fleet(&producer, names, fleet.borrow_mut().drain(..).collect())
+            + emit_costs(
+                &producer,
+                names,
+                costs.borrow_mut().drain(..).collect(),
+                window_ms,
+            )
+            + emit_periods(&producer, names, &period_changes);
+        for (key, value) in period_changes {
+            spent.insert(key, value.unwrap_or(0) as i64);
+            unchecked.insert(key);
+        }
         let billing_changes: Vec<_> = billing.borrow_mut().drain(..).collect();
         for (key, total) in latest_values(billing_changes) {
             let total = total.unwrap_or(0) as i64;
@@ -636,6 +681,33 @@ fn run_worker(
             ledger.set_total(key, total, |_| known);
         }
         let mut billed = 0usize;
+        if shared.caught_up.load(Ordering::SeqCst) >= peers && !unchecked.is_empty() {
+            // Alerts, like billing, wait until the backlog is read: a threshold is judged on
+            // the whole of what was spent.
+            let mut raised = shared
+                .raised
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for key in unchecked.drain() {
+                let tenant = names.tenant_name(key.0);
+                let total = spent.get(&key).copied().unwrap_or(0);
+                for alert in config.budgets.alerts(
+                    &tenant,
+                    key.1,
+                    total,
+                    &raised,
+                    crate::now_ms(),
+                    &config.prices.currency,
+                ) {
+                    info!(tenant = %alert.tenant, period = %alert.period, threshold = alert.threshold_percent, "budget alert raised");
+                    match alert.encode() {
+                        Ok(bytes) => send(&producer, topics::ALERTS, Some(&alert.tenant), &bytes),
+                        Err(e) => warn!(error = %e, "alert not encodable"),
+                    }
+                    raised.insert(alert.id);
+                }
+            }
+        }
         if shared.caught_up.load(Ordering::SeqCst) >= peers {
             let frontier_ms = shared
                 .watermark_ms
@@ -827,6 +899,133 @@ fn emit_usage(
         }
     }
     sent
+}
+
+/// Sends the cost of every (owner, base window) that changed, as `cost` usage records in
+/// micros (scale 6); returns how many.
+fn emit_costs(
+    producer: &OutputProducer,
+    names: &Names,
+    changes: Vec<((CostIdx, isize), Time, isize)>,
+    window_ms: i64,
+) -> usize {
+    let latest = latest_values(changes);
+    let sent = latest.len();
+    for ((owner, _, window_start_ms), value) in latest {
+        let owner = names.owner_named(owner);
+        let update = money_update(
+            &owner,
+            "cost",
+            (window_start_ms, window_start_ms + window_ms),
+            value.unwrap_or(0) as i64,
+        );
+        match update.encode() {
+            Ok(bytes) => send(producer, topics::USAGE, Some(&update.id), &bytes),
+            Err(e) => warn!(error = %e, "cost update not encodable"),
+        }
+    }
+    sent
+}
+
+/// Sends each changed tenant's spend in a calendar month as a `period_cost` record (lease
+/// empty) in micros; returns how many.
+fn emit_periods(
+    producer: &OutputProducer,
+    names: &Names,
+    changes: &BTreeMap<(TenantId, i64), Option<isize>>,
+) -> usize {
+    for ((tenant, month), value) in changes {
+        let owner = Owner {
+            tenant: names.tenant_name(*tenant),
+            lease: String::new(),
+            service: String::new(),
+        };
+        let update = money_update(
+            &owner,
+            "period_cost",
+            (*month, next_month_start_ms(*month)),
+            value.unwrap_or(0) as i64,
+        );
+        match update.encode() {
+            Ok(bytes) => send(producer, topics::USAGE, Some(&update.id), &bytes),
+            Err(e) => warn!(error = %e, "period cost update not encodable"),
+        }
+    }
+    changes.len()
+}
+
+/// A usage record of an amount of money in micros of the price book's currency.
+pub fn money_update(
+    owner: &Owner,
+    metric: &str,
+    (start, end): (i64, i64),
+    micros: i64,
+) -> UsageUpdate {
+    UsageUpdate {
+        id: StableId::new("usage")
+            .str(&owner.tenant)
+            .str(&owner.lease)
+            .str(&owner.service)
+            .str(metric)
+            .str("")
+            .str("")
+            .int(start)
+            .hex(),
+        tenant: owner.tenant.clone(),
+        lease: owner.lease.clone(),
+        service: owner.service.clone(),
+        node: String::new(),
+        metric: metric.to_string(),
+        gpu_class: String::new(),
+        mig_profile: String::new(),
+        window_start_ms: start,
+        window_end_ms: end,
+        amount: micros,
+        scale: 6,
+        coverage_ms: end - start,
+        present_ms: end - start,
+    }
+}
+
+/// The ids of every alert on the alerts topic, read to the end of each partition.
+fn read_alert_ids(
+    brokers: &str,
+    shutdown: &CancellationToken,
+) -> Result<HashSet<String>, ProcessorError> {
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "meterflow-processor-alerts-readback")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .map_err(kafka("create alerts reader"))?;
+    let partitions = topic_partitions(&reader, topics::ALERTS, shutdown)?;
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment
+            .add_partition_offset(topics::ALERTS, p, Offset::Beginning)
+            .map_err(kafka("assign alerts"))?;
+    }
+    reader.assign(&assignment).map_err(kafka("assign alerts"))?;
+    let mut at_end: BTreeSet<i32> = BTreeSet::new();
+    let mut ids = HashSet::new();
+    while at_end.len() < partitions as usize && !shutdown.is_cancelled() {
+        match reader.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => return Err(kafka("read alerts")(e)),
+            Some(Ok(m)) => match Alert::decode(m.payload().unwrap_or_default()) {
+                Ok(alert) => {
+                    ids.insert(alert.id);
+                }
+                Err(e) => warn!(error = %e, offset = m.offset(), "undecodable alert skipped"),
+            },
+        }
+    }
+    info!(alerts = ids.len(), "alerts already raised read back");
+    Ok(ids)
 }
 
 /// Sends the latest value of every node and fleet aggregate that changed; returns how many.

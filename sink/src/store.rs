@@ -104,9 +104,9 @@ impl Store {
             batch.put(usage_key(&c.update), c.update.encode()?);
             let e = next.entry((&c.topic, c.partition)).or_insert(c.offset + 1);
             *e = (*e).max(c.offset + 1);
-            // Node and fleet records (no tenant) are hourly: their window's end is not how far
-            // the data has come.
-            if !c.update.tenant.is_empty() {
+            // Only per-lease records (base windows) say how far the data has come: node and
+            // fleet records are hourly and a tenant's period cost spans its month.
+            if !c.update.lease.is_empty() {
                 watermark = Some(watermark.unwrap_or(i64::MIN).max(c.update.window_end_ms));
             }
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use meterflow_ingest::Publisher;
 use meterflow_schemas::{
-    DeadLetter, Record, Sample, SampleBatch, SampleKind, SeriesId, UsageUpdate, topics,
+    Alert, DeadLetter, Record, Sample, SampleBatch, SampleKind, SeriesId, UsageUpdate, topics,
 };
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -181,10 +181,10 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
 
     let from = T0;
     let to = T0 + 3_600_000;
-    let url = pipeline.url(&format!(
+    let url_total = pipeline.url(&format!(
         "/v1/tenants/acme/usage?from={from}&to={to}&window=total"
     ));
-    let acme = poll_json(&url, Duration::from_secs(90), |v| {
+    let acme = poll_json(&url_total, Duration::from_secs(90), |v| {
         v["totals"]["gpu_seconds"].as_f64() == Some(361.0)
             && v["totals"]["cpu_core_seconds"].as_f64() == Some(75.0)
             && v["totals"]["coverage"]["memory_byte_seconds"].is_number()
@@ -291,6 +291,30 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
         })
         .collect();
     assert_eq!(reasons, vec!["undecodable".to_string()]);
+
+    // Costs: every (lease, service, minute) priced on its own and summed: h100 76,083 +
+    // 83,000 + 7,608; CPU 111 + 667 + 56; memory 28; the MIG slice 1,536 + 2,560 + 2,048.
+    let priced = poll_json(&url_total, Duration::from_secs(10), |v| {
+        v["totals"]["cost"].as_f64() == Some(0.173_697)
+    })
+    .await;
+    assert_eq!(priced["totals"]["cost"].as_f64(), Some(0.173_697));
+    // The budget (0.30 USD a month) is half spent: one alert, raised once, for 50 %.
+    let alerts: Vec<Alert> = read_topic(&brokers, topics::ALERTS, 2, 1)
+        .iter()
+        .map(|bytes| Alert::decode(bytes).expect("alerts decode"))
+        .collect();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(
+        (
+            alerts[0].tenant.as_str(),
+            alerts[0].period.as_str(),
+            alerts[0].threshold_percent,
+            alerts[0].budget_micros
+        ),
+        ("acme", "2026-11", 50, 300_000)
+    );
+    assert!(alerts[0].spent_micros >= 150_000, "{alerts:?}");
 
     // Per node and per fleet and hour: node-a held at most 4 GPUs at once (at 61-63.5 s: two
     // H100s of c1, the MIG slice of c2 and the short A100), and was the fleet's one node.

@@ -59,6 +59,12 @@ impl Pipeline {
                 .expect("sink starts");
         let cfg = ProcessorConfig {
             workers,
+            // A budget the pipeline scenario's tenant `acme` crosses half of.
+            budgets: meterflow_processor::budgets::Budgets::parse(
+                "[tenants.acme]\nmonthly = 0.30\n",
+                "test budgets",
+            )
+            .expect("test budgets parse"),
             ..ProcessorConfig::new(brokers)
         };
         let token = shutdown.clone();
