@@ -84,6 +84,8 @@ fn main() {
                 fleet,
                 costs,
                 periods,
+                // The names and progress inputs are closed: one process needs neither.
+                ..
             } = install(
                 worker,
                 60_000,

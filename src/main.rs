@@ -77,9 +77,23 @@ enum Command {
         /// Kafka bootstrap servers.
         #[arg(long, default_value = "127.0.0.1:9092")]
         brokers: String,
-        /// Worker threads.
+        /// Worker threads (per process).
         #[arg(long, short = 'w', default_value_t = 1)]
         workers: usize,
+        /// Processes of the timely cluster (each runs `-w` workers; all use the same flags but
+        /// `--process` and `--state-dir`).
+        #[arg(long, short = 'n', default_value_t = 1)]
+        processes: usize,
+        /// This process's index in the cluster, 0 to `--processes` - 1.
+        #[arg(long, short = 'p', default_value_t = 0)]
+        process: usize,
+        /// File with one `host:port` per process, in process order (timely's host file);
+        /// required with more than one process.
+        #[arg(long)]
+        hostfile: Option<PathBuf>,
+        /// Stop, with a checkpoint, once the input has been read up to where it ended at start-up.
+        #[arg(long)]
+        exit_when_caught_up: bool,
         /// Length of the base window.
         #[arg(long, default_value = "1m", value_parser = parse_duration)]
         window: Duration,
@@ -262,6 +276,10 @@ async fn main() -> Result<()> {
         Command::Processor {
             brokers,
             workers,
+            processes,
+            process,
+            hostfile,
+            exit_when_caught_up,
             window,
             billing_window,
             lateness,
@@ -278,6 +296,7 @@ async fn main() -> Result<()> {
                 Some(path) => meterflow_processor::PriceBook::load(&path)?,
                 None => meterflow_processor::PriceBook::default(),
             };
+            let cluster = cluster(processes, process, hostfile.as_deref())?;
             let budgets = match budgets {
                 Some(path) => meterflow_processor::budgets::Budgets::load(&path)?,
                 None => meterflow_processor::budgets::Budgets::default(),
@@ -285,6 +304,8 @@ async fn main() -> Result<()> {
             prepare(&brokers, &t, &shutdown).await?;
             let config = meterflow_processor::ProcessorConfig {
                 budgets,
+                cluster,
+                exit_when_caught_up,
                 workers,
                 window_ms: window.as_millis() as i64,
                 billing_window_ms: billing_window.as_millis() as i64,
@@ -326,4 +347,39 @@ async fn main() -> Result<()> {
                 .context("sink failed")
         }
     }
+}
+
+/// The timely cluster of `--processes`, `--process` and `--hostfile`; `None` for one process.
+fn cluster(
+    processes: usize,
+    process: usize,
+    hostfile: Option<&std::path::Path>,
+) -> anyhow::Result<Option<(usize, Vec<String>)>> {
+    if processes <= 1 {
+        return Ok(None);
+    }
+    anyhow::ensure!(
+        process < processes,
+        "--process {process} is not below --processes {processes}: number processes from 0"
+    );
+    let path = hostfile.ok_or_else(|| {
+        anyhow::anyhow!(
+            "--processes {processes} needs --hostfile FILE with one host:port per process"
+        )
+    })?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the host file {}", path.display()))?;
+    let addresses: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect();
+    anyhow::ensure!(
+        addresses.len() == processes,
+        "the host file {} lists {} addresses for --processes {processes}",
+        path.display(),
+        addresses.len()
+    );
+    Ok(Some((process, addresses)))
 }

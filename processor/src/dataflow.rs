@@ -23,10 +23,12 @@ use std::rc::Rc;
 use differential_dataflow::VecCollection;
 use differential_dataflow::input::{Input, InputSession};
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
+use timely::dataflow::operators::vec::Broadcast;
+use timely::dataflow::operators::{Inspect, Probe};
 
 use crate::budgets::month_start_ms;
 use crate::model::{AllocationObs, Kind, Part, SeriesRef, Summary};
-use crate::names::{BillingIdx, LeaseId, Names, NodeId, OwnerId, TenantId, UsageIdx};
+use crate::names::{BillingIdx, LeaseId, Name, Names, NodeId, OwnerId, TenantId, UsageIdx};
 use crate::prices::PriceBook;
 use crate::series::HOUR_MS;
 
@@ -128,10 +130,46 @@ pub fn amounts<'s>(
 /// dataflow.
 pub type Changes<K, V> = Rc<RefCell<Vec<((K, V), Time, isize)>>>;
 
-/// One worker's installed dataflow: its input, a probe to know when an epoch is done, and the
+/// One worker's progress, which every worker learns of (see [`Installed::progress`]).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+pub struct Progress {
+    /// The latest watermark of the worker's agents, in ms.
+    pub watermark_ms: i64,
+    /// Whether the worker has read what its partitions held when it started.
+    pub caught_up: bool,
+}
+
+/// The progress of every worker of every process, as of the last completed epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClusterProgress {
+    /// The latest watermark of any worker.
+    pub watermark_ms: i64,
+    /// How many workers have caught up.
+    pub caught_up: usize,
+}
+
+/// One worker's installed dataflow: its inputs, a probe to know when an epoch is done, and the
 /// changes of the usage, billing and fleet aggregates captured for the caller.
 pub struct Installed {
     pub input: InputSession<Time, Summary, isize>,
+    /// Names first seen in this process, for every worker of every process to learn.
+    pub names: timely::dataflow::operators::vec::input::Handle<Time, Name>,
+    /// `(worker index, its progress)`: a worker replaces its own record when it changes.
+    pub progress_in: InputSession<Time, (usize, Progress), isize>,
+    /// The cluster's progress, updated as epochs complete.
+    pub progress: Rc<RefCell<ClusterProgress>>,
     pub probe: ProbeHandle<Time>,
     pub usage: Changes<UsageIdx, Measured>,
     pub billing: Changes<BillingIdx, isize>,
@@ -157,8 +195,12 @@ pub fn install(
     let costs: Changes<CostIdx, isize> = Rc::default();
     let periods: Changes<(TenantId, i64), isize> = Rc::default();
     let (costs_out, periods_out) = (costs.clone(), periods.clone());
-    let (input, probe) = worker.dataflow::<Time, _, _>(|scope| {
+    let progress: Rc<RefCell<ClusterProgress>> = Rc::default();
+    let progress_out = progress.clone();
+    let (input, names_in, progress_in, probe) = worker.dataflow::<Time, _, _>(|scope| {
         let (input, summaries) = scope.new_collection::<Summary, isize>();
+        let (names_in, names) = timely::dataflow::operators::vec::Input::new_input::<Name>(&scope);
+        let (progress_in, progress) = scope.new_collection::<(usize, Progress), isize>();
         let (allocations, readings, node_hours) = split(summaries);
         let intervals = allocation_intervals(allocations);
         let amounts = amounts(intervals.clone(), readings, window_ms);
@@ -175,16 +217,36 @@ pub fn install(
             .clone()
             .inspect(move |update| billing_out.borrow_mut().push(*update))
             .probe_with(&probe);
+        let registry = costing.names.clone();
         period_costs(billed, costing)
             .inspect(move |update| periods_out.borrow_mut().push(*update))
+            .probe_with(&probe);
+        names
+            .broadcast()
+            .inspect(move |name| registry.register(name))
+            .probe_with(&probe);
+        cluster_progress(progress)
+            .inner
+            .broadcast()
+            .inspect(move |((_, (watermark_ms, caught_up)), _time, diff)| {
+                if *diff > 0 {
+                    *progress_out.borrow_mut() = ClusterProgress {
+                        watermark_ms: *watermark_ms,
+                        caught_up: *caught_up as usize,
+                    };
+                }
+            })
             .probe_with(&probe);
         fleet_hourly(node_hours, max_gpus_allocated(intervals))
             .inspect(move |update| fleet_out.borrow_mut().push(*update))
             .probe_with(&probe);
-        (input, probe)
+        (input, names_in, progress_in, probe)
     });
     Installed {
         input,
+        names: names_in,
+        progress_in,
+        progress,
         probe,
         usage,
         billing,
@@ -192,6 +254,25 @@ pub fn install(
         costs,
         periods,
     }
+}
+
+/// Every worker's progress → the latest watermark of any, and how many have caught up.
+pub fn cluster_progress<'s>(progress: Coll<'s, (usize, Progress)>) -> Coll<'s, ((), (i64, i64))> {
+    progress
+        .map(|(_, p)| ((), p))
+        .reduce_named("ClusterProgress", |_key, input, output| {
+            let watermark_ms = input
+                .iter()
+                .map(|(p, _)| p.watermark_ms)
+                .max()
+                .unwrap_or(i64::MIN);
+            let caught_up: isize = input
+                .iter()
+                .filter(|(p, _)| p.caught_up)
+                .map(|(_, diff)| *diff)
+                .sum();
+            output.push(((watermark_ms, caught_up as i64), 1));
+        })
 }
 
 /// Windowed totals → cost in micros per (owner, lease, base window): what burn rates are made
@@ -451,6 +532,8 @@ mod tests {
                 fleet,
                 costs,
                 periods,
+                // The names and progress inputs are closed: one process needs neither.
+                ..
             } = install(
                 worker,
                 MIN,

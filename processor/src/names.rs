@@ -1,4 +1,4 @@
-//! Names interned to small integers, so the dataflow sorts and compares integers, not strings.
+//! Names interned to integers, so the dataflow sorts and compares integers, not strings.
 //!
 //! Differential dataflow sorts, compares and clones its records in every arrangement; with the
 //! owners' and items' strings inside them, most of its time went to `memcmp` and the allocator.
@@ -6,12 +6,14 @@
 //! series first appears, and the dataflow carries only [`OwnerId`], [`LeaseId`] and [`ItemId`];
 //! the runner turns results back into named keys before they leave the process.
 //!
-//! Ids are given in order of first appearance and are valid within one process only; they are
-//! never written to a checkpoint or a topic.
+//! Ids are stable 64-bit hashes of the names, the same in every process, so workers of several
+//! processes agree on them; each process learns every name through the dataflow (see
+//! [`Name`]). Ids are never written to a checkpoint or a topic.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
 
+use meterflow_schemas::id::StableId;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Aggregate, BillingKey, Owner, SeriesRef, UsageKey};
@@ -19,23 +21,23 @@ use crate::prices::PriceBook;
 
 /// An interned [`Owner`] (tenant, lease, service).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct OwnerId(pub u32);
+pub struct OwnerId(pub u64);
 
 /// An interned (tenant, lease): what billing is per.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct LeaseId(pub u32);
+pub struct LeaseId(pub u64);
 
 /// An interned tenant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct TenantId(pub u32);
+pub struct TenantId(pub u64);
 
 /// An interned node name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct NodeId(pub u32);
+pub struct NodeId(pub u64);
 
 /// An interned [`Item`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct ItemId(pub u32);
+pub struct ItemId(pub u64);
 
 /// What is measured: the aggregate, and for GPU time the class and MIG profile.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -89,26 +91,89 @@ impl BillingIdx {
     }
 }
 
-#[derive(Debug, Default)]
-struct Tables {
-    owners: Vec<(Owner, LeaseId)>,
-    owner_ids: HashMap<Owner, OwnerId>,
-    leases: Vec<(String, String)>,
-    /// The tenant of each lease, by lease id.
-    lease_tenants: Vec<TenantId>,
-    tenants: Vec<String>,
-    tenant_ids: HashMap<String, TenantId>,
-    lease_ids: HashMap<(String, String), LeaseId>,
-    items: Vec<Item>,
-    item_ids: HashMap<Item, ItemId>,
-    nodes: Vec<String>,
-    node_ids: HashMap<String, NodeId>,
+/// A name as the workers tell each other about it: every process learns every name, so that
+/// any worker can name the totals the dataflow routes to it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Name {
+    Owner(Owner),
+    Item(Item),
+    Node(String),
 }
 
-/// The interner shared by the workers of one process.
+#[derive(Debug, Default)]
+struct Tables {
+    owners: HashMap<OwnerId, (Owner, LeaseId)>,
+    /// (tenant, lease) and the tenant's id, by lease id.
+    leases: HashMap<LeaseId, (String, String, TenantId)>,
+    tenants: HashMap<TenantId, String>,
+    items: HashMap<ItemId, Item>,
+    nodes: HashMap<NodeId, String>,
+    /// Names registered here first, not yet handed to [`Names::take_fresh`].
+    fresh: Vec<Name>,
+}
+
+/// The names of one process. Ids are stable hashes of the names (64-bit FNV-1a, domain
+/// separated), the same in every process and every run; two names with one id are reported as
+/// an error when the second is registered.
 #[derive(Debug, Default)]
 pub struct Names {
     tables: RwLock<Tables>,
+}
+
+fn owner_id(o: &Owner) -> OwnerId {
+    OwnerId(
+        StableId::new("owner")
+            .str(&o.tenant)
+            .str(&o.lease)
+            .str(&o.service)
+            .value(),
+    )
+}
+
+fn lease_id(tenant: &str, lease: &str) -> LeaseId {
+    LeaseId(StableId::new("lease").str(tenant).str(lease).value())
+}
+
+fn tenant_id(tenant: &str) -> TenantId {
+    TenantId(StableId::new("tenant").str(tenant).value())
+}
+
+fn item_id(i: &Item) -> ItemId {
+    ItemId(
+        StableId::new("item")
+            .str(i.metric.name())
+            .str(&i.gpu_class)
+            .str(&i.mig_profile)
+            .value(),
+    )
+}
+
+fn node_id(node: &str) -> NodeId {
+    NodeId(StableId::new("node").str(node).value())
+}
+
+/// Inserts `name` under `id` unless present; reports a different name under the same id.
+fn insert<K: std::hash::Hash + Eq + Copy + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
+    map: &mut HashMap<K, V>,
+    id: K,
+    name: V,
+) -> bool {
+    match map.get(&id) {
+        Some(existing) if *existing == name => false,
+        Some(existing) => {
+            tracing::error!(
+                ?id,
+                ?existing,
+                ?name,
+                "two names hash to one id; the second is ignored"
+            );
+            false
+        }
+        None => {
+            map.insert(id, name);
+            true
+        }
+    }
 }
 
 impl Names {
@@ -122,106 +187,148 @@ impl Names {
 
     /// The ids of an owner and of its (tenant, lease).
     pub fn owner(&self, owner: &Owner) -> (OwnerId, LeaseId) {
-        {
-            // One read guard: taking a second one while a writer waits deadlocks.
-            let t = self.read();
-            if let Some(id) = t.owner_ids.get(owner) {
-                return (*id, t.owners[id.0 as usize].1);
-            }
+        self.intern_owner(owner, true)
+    }
+
+    /// `tell`: whether a name new here goes to [`Names::take_fresh`].
+    fn intern_owner(&self, owner: &Owner, tell: bool) -> (OwnerId, LeaseId) {
+        let id = owner_id(owner);
+        let lease = lease_id(&owner.tenant, &owner.lease);
+        if self.read().owners.contains_key(&id) {
+            return (id, lease);
         }
         let mut t = self.write();
-        if let Some(id) = t.owner_ids.get(owner).copied() {
-            return (id, t.owners[id.0 as usize].1);
-        }
-        let lease_key = (owner.tenant.clone(), owner.lease.clone());
-        let lease = match t.lease_ids.get(&lease_key) {
-            Some(l) => *l,
-            None => {
-                let l = LeaseId(t.leases.len() as u32);
-                let tenant = match t.tenant_ids.get(&owner.tenant) {
-                    Some(id) => *id,
-                    None => {
-                        let id = TenantId(t.tenants.len() as u32);
-                        t.tenants.push(owner.tenant.clone());
-                        t.tenant_ids.insert(owner.tenant.clone(), id);
-                        id
-                    }
-                };
-                t.lease_tenants.push(tenant);
-                t.leases.push(lease_key.clone());
-                t.lease_ids.insert(lease_key, l);
-                l
+        if insert(&mut t.owners, id, (owner.clone(), lease)) {
+            let tenant = tenant_id(&owner.tenant);
+            insert(&mut t.tenants, tenant, owner.tenant.clone());
+            insert(
+                &mut t.leases,
+                lease,
+                (owner.tenant.clone(), owner.lease.clone(), tenant),
+            );
+            if tell {
+                t.fresh.push(Name::Owner(owner.clone()));
             }
-        };
-        let id = OwnerId(t.owners.len() as u32);
-        t.owners.push((owner.clone(), lease));
-        t.owner_ids.insert(owner.clone(), id);
+        }
         (id, lease)
     }
 
     /// The id of an item.
     pub fn item(&self, item: &Item) -> ItemId {
-        if let Some(id) = self.read().item_ids.get(item) {
-            return *id;
+        self.intern_item(item, true)
+    }
+
+    fn intern_item(&self, item: &Item, tell: bool) -> ItemId {
+        let id = item_id(item);
+        if self.read().items.contains_key(&id) {
+            return id;
         }
         let mut t = self.write();
-        if let Some(id) = t.item_ids.get(item) {
-            return *id;
+        if insert(&mut t.items, id, item.clone()) && tell {
+            t.fresh.push(Name::Item(item.clone()));
         }
-        let id = ItemId(t.items.len() as u32);
-        t.items.push(item.clone());
-        t.item_ids.insert(item.clone(), id);
         id
     }
 
     /// The id of a node.
     pub fn node(&self, node: &str) -> NodeId {
-        if let Some(id) = self.read().node_ids.get(node) {
-            return *id;
+        self.intern_node(node, true)
+    }
+
+    fn intern_node(&self, node: &str, tell: bool) -> NodeId {
+        let id = node_id(node);
+        if self.read().nodes.contains_key(&id) {
+            return id;
         }
         let mut t = self.write();
-        if let Some(id) = t.node_ids.get(node) {
-            return *id;
+        if insert(&mut t.nodes, id, node.to_string()) && tell {
+            t.fresh.push(Name::Node(node.to_string()));
         }
-        let id = NodeId(t.nodes.len() as u32);
-        t.nodes.push(node.to_string());
-        t.node_ids.insert(node.to_string(), id);
         id
+    }
+
+    /// Registers a name another worker told of (registering one already known does nothing).
+    pub fn register(&self, name: &Name) {
+        match name {
+            Name::Owner(o) => {
+                self.intern_owner(o, false);
+            }
+            Name::Item(i) => {
+                self.intern_item(i, false);
+            }
+            Name::Node(n) => {
+                self.intern_node(n, false);
+            }
+        }
+    }
+
+    /// The names registered in this process first since the last call, to tell the others.
+    pub fn take_fresh(&self) -> Vec<Name> {
+        if self.read().fresh.is_empty() {
+            return Vec::new();
+        }
+        std::mem::take(&mut self.write().fresh)
     }
 
     /// The tenant a lease belongs to.
     pub fn tenant_of(&self, lease: LeaseId) -> TenantId {
-        self.read().lease_tenants[lease.0 as usize]
+        self.read()
+            .leases
+            .get(&lease)
+            .map(|l| l.2)
+            .expect("every lease id is registered before the dataflow sees it")
     }
 
     /// The name of a tenant.
     pub fn tenant_name(&self, id: TenantId) -> String {
-        self.read().tenants[id.0 as usize].clone()
+        self.read()
+            .tenants
+            .get(&id)
+            .cloned()
+            .expect("every tenant id is registered before the dataflow sees it")
     }
 
     /// The owner (tenant, lease, service) an id stands for.
     pub fn owner_named(&self, id: OwnerId) -> Owner {
-        self.read().owners[id.0 as usize].0.clone()
+        self.read()
+            .owners
+            .get(&id)
+            .map(|o| o.0.clone())
+            .expect("every owner id is registered before the dataflow sees it")
+    }
+
+    fn item_named(t: &Tables, id: ItemId) -> &Item {
+        t.items
+            .get(&id)
+            .expect("every item id is registered before the dataflow sees it")
     }
 
     /// The cost in micros of `quantity` of an item, as [`PriceBook::cost_micros`] prices it.
     pub fn cost_micros(&self, item: ItemId, quantity: i64, prices: &PriceBook) -> i64 {
         let t = self.read();
-        let item = &t.items[item.0 as usize];
+        let item = Self::item_named(&t, item);
         prices.cost_of(item.metric, &item.gpu_class, &item.mig_profile, quantity)
     }
 
     /// The name of a node.
     pub fn node_name(&self, id: NodeId) -> String {
-        self.read().nodes[id.0 as usize].clone()
+        self.read()
+            .nodes
+            .get(&id)
+            .cloned()
+            .expect("every node id is registered before the dataflow sees it")
     }
 
     /// The named key of a usage total.
     pub fn usage_key(&self, k: &UsageIdx) -> UsageKey {
         let t = self.read();
-        let item = &t.items[k.item.0 as usize];
+        let item = Self::item_named(&t, k.item);
         UsageKey {
-            owner: t.owners[k.owner.0 as usize].0.clone(),
+            owner: t
+                .owners
+                .get(&k.owner)
+                .map(|o| o.0.clone())
+                .expect("every owner id is registered before the dataflow sees it"),
             metric: item.metric,
             gpu_class: item.gpu_class.clone(),
             mig_profile: item.mig_profile.clone(),
@@ -232,8 +339,11 @@ impl Names {
     /// The named key of a billing total.
     pub fn billing_key(&self, k: &BillingIdx) -> BillingKey {
         let t = self.read();
-        let item = &t.items[k.item.0 as usize];
-        let (tenant, lease) = &t.leases[k.lease.0 as usize];
+        let item = Self::item_named(&t, k.item);
+        let (tenant, lease, _) = t
+            .leases
+            .get(&k.lease)
+            .expect("every lease id is registered before the dataflow sees it");
         BillingKey {
             tenant: tenant.clone(),
             lease: lease.clone(),
@@ -311,6 +421,30 @@ mod tests {
         assert_eq!(names.node("node-7"), n);
         assert_ne!(names.node("node-8"), n);
         assert_eq!(names.node_name(n), "node-7");
+        // Another process learns the names it is told of, under the same ids.
+        let other = Names::default();
+        for name in names.take_fresh() {
+            other.register(&name);
+        }
+        assert!(names.take_fresh().is_empty(), "each name is told once");
+        assert_eq!(other.owner_named(b), owner("l1", "infer"));
+        assert_eq!(other.node_name(n), "node-7");
+        assert_eq!(
+            other
+                .usage_key(&UsageIdx {
+                    owner: a,
+                    lease: la,
+                    item,
+                    metric: Aggregate::GpuSeconds,
+                    window_start_ms: 0
+                })
+                .owner,
+            owner("l1", "train")
+        );
+        assert!(
+            other.take_fresh().is_empty(),
+            "told names are not told again"
+        );
         let usage = UsageIdx {
             owner: b,
             lease: lb,

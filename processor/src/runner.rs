@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use meterflow_schemas::id::StableId;
@@ -39,7 +39,7 @@ use crate::agents::AgentState;
 use crate::billing::{Billed, Ledger, partition_key};
 use crate::budgets::{Budgets, next_month_start_ms};
 use crate::checkpoint::{Checkpoint, Store, StoreError};
-use crate::dataflow::{CostIdx, Costing, FleetIdx, Installed, Measured, Time, install};
+use crate::dataflow::{CostIdx, Costing, FleetIdx, Installed, Measured, Progress, Time, install};
 use crate::model::{BillingKey, Kind, Owner, Summary, UsageKey, observe};
 use crate::names::{Names, TenantId, UsageIdx};
 use crate::prices::PriceBook;
@@ -52,6 +52,9 @@ pub struct ProcessorConfig {
     pub brokers: String,
     /// Timely worker threads in this process.
     pub workers: usize,
+    /// This process's index and the addresses (`host:port`) of every process of the timely
+    /// cluster, this one's included; `None` for a single process.
+    pub cluster: Option<(usize, Vec<String>)>,
     /// Length of the base window, in milliseconds (SPEC: 1 minute).
     pub window_ms: i64,
     /// Length of a billing window, in milliseconds (a multiple of the base window).
@@ -88,6 +91,7 @@ impl ProcessorConfig {
         Self {
             brokers: brokers.into(),
             workers: 1,
+            cluster: None,
             window_ms: 60_000,
             billing_window_ms: 3_600_000,
             allowed_lateness_ms: 10 * 60_000,
@@ -136,10 +140,6 @@ fn kafka(context: &'static str) -> impl FnOnce(KafkaError) -> ProcessorError {
 
 /// What the workers of one process share.
 struct Shared {
-    /// The latest watermark of any agent, in ms.
-    watermark_ms: AtomicI64,
-    /// Workers that have read what their partitions held at start-up.
-    caught_up: AtomicUsize,
     /// Ids of the alerts on the alerts topic or sent since start-up.
     raised: std::sync::Mutex<HashSet<String>>,
 }
@@ -153,6 +153,23 @@ struct Deliveries {
 }
 
 impl ClientContext for Deliveries {}
+
+/// The context of the read-back consumers: the end of a partition is what they read up to, not
+/// an error to log (librdkafka reports it as one when `enable.partition.eof` is on).
+#[derive(Default)]
+struct ReadToEnd;
+
+impl ClientContext for ReadToEnd {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) {
+            debug!(%reason, "end of partition");
+        } else {
+            warn!(%error, %reason, "Kafka client error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ReadToEnd {}
 
 impl ProducerContext for Deliveries {
     type DeliveryOpaque = ();
@@ -203,7 +220,11 @@ pub fn run(config: ProcessorConfig, shutdown: CancellationToken) -> Result<(), P
         match run_once(&config, store.clone(), &shutdown) {
             // Outputs the broker did not take: start again from the checkpoint, as after a
             // crash, rather than ask an operator to restart the process.
-            Err(ProcessorError::Delivery(n)) if !shutdown.is_cancelled() => {
+            // Processes of a cluster restart together (their supervisor restarts each), so only a
+            // single process restarts itself.
+            Err(ProcessorError::Delivery(n))
+                if !shutdown.is_cancelled() && config.cluster.is_none() =>
+            {
                 warn!(
                     records = n,
                     "output records not acknowledged; resuming from the last checkpoint"
@@ -231,31 +252,39 @@ fn run_once(
         read_alert_ids(&config.brokers, shutdown)?
     };
     let shared = Arc::new(Shared {
-        watermark_ms: AtomicI64::new(i64::MIN),
-        caught_up: AtomicUsize::new(0),
         raised: std::sync::Mutex::new(raised),
     });
     let names = Arc::new(Names::default());
     // A worker that fails stops the others.
     let stop = shutdown.child_token();
     let config = config.clone();
-    let guards = timely::execute(
-        timely::Config::process(config.workers.max(1)),
-        move |worker| {
-            let result = run_worker(
-                worker,
-                &config,
-                store.as_deref(),
-                reflected.clone(),
-                (&shared, &names),
-                &stop,
-            );
-            if result.is_err() {
-                stop.cancel();
-            }
-            result
+    let timely_config = match &config.cluster {
+        None => timely::Config::process(config.workers.max(1)),
+        Some((process, addresses)) => timely::Config {
+            communication: timely::CommunicationConfig::Cluster {
+                threads: config.workers.max(1),
+                process: *process,
+                addresses: addresses.clone(),
+                report: false,
+                zerocopy: false,
+            },
+            worker: timely::WorkerConfig::default(),
         },
-    )
+    };
+    let guards = timely::execute(timely_config, move |worker| {
+        let result = run_worker(
+            worker,
+            &config,
+            store.as_deref(),
+            reflected.clone(),
+            (&shared, &names),
+            &stop,
+        );
+        if result.is_err() {
+            stop.cancel();
+        }
+        result
+    })
     .map_err(ProcessorError::Timely)?;
     let mut first_error = None;
     for result in guards.join() {
@@ -287,7 +316,7 @@ fn read_back_billing(
             .set("enable.auto.commit", "false")
             // The read-back ends where the fetches say each partition ends.
             .set("enable.partition.eof", "true")
-            .create::<BaseConsumer>()
+            .create_with_context::<_, BaseConsumer<ReadToEnd>>(ReadToEnd)
             .map_err(kafka("create billing reader"))
     };
     // Ends are asked of a client without an assignment: a request queued behind the reader's
@@ -412,6 +441,9 @@ fn run_worker(
 
     let Installed {
         mut input,
+        names: mut names_in,
+        mut progress_in,
+        progress,
         probe,
         usage,
         billing,
@@ -476,7 +508,7 @@ fn run_worker(
     let mut assignment = TopicPartitionList::new();
     for p in (0..partitions).filter(|p| *p as usize % peers == index) {
         let restored = match store {
-            Some(s) => restore_partition(s, p, &mut input, &mut feeder, &mut agents, shared)?,
+            Some(s) => restore_partition(s, p, &mut input, &mut feeder, &mut agents)?,
             None => None,
         };
         let (low, high) = consumer
@@ -505,12 +537,42 @@ fn run_worker(
         "processor worker started"
     );
 
+    // What this worker tells the others of its progress; the first record is sent with the
+    // restored state.
+    let mut worker_watermark_ms = agents
+        .values()
+        .map(|(_, a)| a.watermark_ms)
+        .max()
+        .unwrap_or(i64::MIN);
+    let mut told = Progress {
+        watermark_ms: worker_watermark_ms,
+        caught_up: inputs.catching_up.is_empty(),
+    };
+    progress_in.insert((index, told));
+
     // The restored state is the dataflow's first epoch. Its usage updates were sent before the
     // checkpoint was written; its billing totals go to the ledger with the next epoch's.
     let mut epoch: Time = 1;
-    input.advance_to(epoch);
-    input.flush();
-    worker.step_while(|| probe.less_than(input.time()));
+    let mut advance =
+        |epoch: Time,
+         worker: &mut timely::worker::Worker,
+         input: &mut differential_dataflow::input::InputSession<Time, Summary, isize>,
+         progress_in: &mut differential_dataflow::input::InputSession<
+            Time,
+            (usize, Progress),
+            isize,
+        >| {
+            for name in names.take_fresh() {
+                names_in.send(name);
+            }
+            input.advance_to(epoch);
+            names_in.advance_to(epoch);
+            progress_in.advance_to(epoch);
+            input.flush();
+            progress_in.flush();
+            worker.step_while(|| probe.less_than(input.time()));
+        };
+    advance(epoch, worker, &mut input, &mut progress_in);
     usage.borrow_mut().clear();
     fleet.borrow_mut().clear();
     costs.borrow_mut().clear();
@@ -530,7 +592,7 @@ fn run_worker(
     let mut changed_since_checkpoint = false;
     loop {
         let stopping = shutdown.is_cancelled()
-            || (config.exit_when_caught_up && shared.caught_up.load(Ordering::SeqCst) >= peers);
+            || (config.exit_when_caught_up && progress.borrow().caught_up >= peers);
         let mut fed = 0usize;
         let mut timeout = Duration::from_millis(50);
         while fed < config.max_batch && !stopping {
@@ -635,21 +697,26 @@ fn run_worker(
                 }
             }
             agent.watermark_ms = watermark_ms;
-            shared
-                .watermark_ms
-                .fetch_max(watermark_ms, Ordering::SeqCst);
+            worker_watermark_ms = worker_watermark_ms.max(watermark_ms);
         }
         changed_since_checkpoint |= fed > 0;
         if !counted_caught_up && inputs.catching_up.is_empty() {
             counted_caught_up = true;
-            shared.caught_up.fetch_add(1, Ordering::SeqCst);
             info!(worker = index, "caught up with the input");
+        }
+        let now = Progress {
+            watermark_ms: worker_watermark_ms,
+            caught_up: counted_caught_up,
+        };
+        if now != told {
+            progress_in.remove((index, told));
+            progress_in.insert((index, now));
+            told = now;
         }
 
         epoch += 1;
-        input.advance_to(epoch);
-        input.flush();
-        worker.step_while(|| probe.less_than(input.time()));
+        advance(epoch, worker, &mut input, &mut progress_in);
+        let cluster = *progress.borrow();
 
         let usage_changes: Vec<_> = usage.borrow_mut().drain(..).collect();
         let period_changes = latest_values(periods.borrow_mut().drain(..).collect());
@@ -681,7 +748,7 @@ fn run_worker(
             ledger.set_total(key, total, |_| known);
         }
         let mut billed = 0usize;
-        if shared.caught_up.load(Ordering::SeqCst) >= peers && !unchecked.is_empty() {
+        if cluster.caught_up >= peers && !unchecked.is_empty() {
             // Alerts, like billing, wait until the backlog is read: a threshold is judged on
             // the whole of what was spent.
             let mut raised = shared
@@ -708,11 +775,8 @@ fn run_worker(
                 }
             }
         }
-        if shared.caught_up.load(Ordering::SeqCst) >= peers {
-            let frontier_ms = shared
-                .watermark_ms
-                .load(Ordering::SeqCst)
-                .saturating_sub(lateness_ms);
+        if cluster.caught_up >= peers {
+            let frontier_ms = cluster.watermark_ms.saturating_sub(lateness_ms);
             for due in ledger.due(frontier_ms) {
                 let record = due.record(config.billing_window_ms, &config.prices);
                 match record.encode() {
@@ -807,13 +871,9 @@ fn restore_partition(
     input: &mut differential_dataflow::input::InputSession<Time, Summary, isize>,
     feeder: &mut Feeder,
     agents: &mut HashMap<String, (i32, AgentState)>,
-    shared: &Shared,
 ) -> Result<Option<i64>, ProcessorError> {
     let state = store.load_partition(partition)?;
     for (agent, s) in state.agents {
-        shared
-            .watermark_ms
-            .fetch_max(s.watermark_ms, Ordering::SeqCst);
         agents.insert(agent, (partition, s));
     }
     for (key, obs) in state.allocations {
@@ -832,8 +892,8 @@ fn restore_partition(
 }
 
 /// Waits for `topic` to exist and returns its partition count.
-fn topic_partitions(
-    consumer: &BaseConsumer,
+fn topic_partitions<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
     topic: &str,
     shutdown: &CancellationToken,
 ) -> Result<i32, ProcessorError> {
@@ -992,12 +1052,12 @@ fn read_alert_ids(
     brokers: &str,
     shutdown: &CancellationToken,
 ) -> Result<HashSet<String>, ProcessorError> {
-    let reader: BaseConsumer = ClientConfig::new()
+    let reader: BaseConsumer<ReadToEnd> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "meterflow-processor-alerts-readback")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
-        .create()
+        .create_with_context(ReadToEnd)
         .map_err(kafka("create alerts reader"))?;
     let partitions = topic_partitions(&reader, topics::ALERTS, shutdown)?;
     let mut assignment = TopicPartitionList::new();

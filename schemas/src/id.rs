@@ -43,6 +43,11 @@ impl StableId {
         self
     }
 
+    /// The id as a number.
+    pub fn value(&self) -> u64 {
+        self.0
+    }
+
     /// The id as 16 lowercase hex digits.
     pub fn hex(&self) -> String {
         format!("{:016x}", self.0)

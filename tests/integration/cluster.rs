@@ -1,0 +1,208 @@
+//! Two processor processes on loopback (a timely cluster: `-n 2 -p 0/1 --hostfile`) give the
+//! same results as one process: the same final value for every usage record id, the same net
+//! billed quantity per billing key, and GPU time equal to the fleet's ground truth.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use meterflow::broker::{self, BrokerConfig, EmbeddedBroker};
+use meterflow::topics::{self, TopicsConfig};
+use meterflow_ingest::{Fleet, FleetConfig, Publisher};
+use meterflow_schemas::{BillingRecord, Record, UsageUpdate, topics as names};
+
+use crate::common::read_topic_at;
+
+/// 2026-01-01T00:00:00Z.
+const T0: i64 = 1_767_225_600_000;
+const TICK_MS: i64 = 15_000;
+const TICKS: i64 = 80;
+const PARTITIONS: i32 = 4;
+
+async fn broker_with_fleet() -> (
+    EmbeddedBroker,
+    BTreeMap<(String, String, String, String), i64>,
+) {
+    let broker = broker::start(BrokerConfig {
+        listen: "127.0.0.1:0".parse().expect("literal"),
+        storage: "memory".into(),
+    })
+    .await
+    .expect("embedded broker starts");
+    topics::ensure(
+        &broker.bootstrap(),
+        &TopicsConfig {
+            partitions: PARTITIONS,
+            replication: 1,
+        },
+    )
+    .await
+    .expect("topics are created");
+    let publisher = std::sync::Arc::new(Publisher::new(&broker.bootstrap()).expect("publisher"));
+    let mut fleet = Fleet::new(
+        FleetConfig {
+            nodes: 8,
+            seed: 11,
+            ..FleetConfig::default()
+        },
+        T0,
+    );
+    for tick in 1..=TICKS {
+        let mut sends = tokio::task::JoinSet::new();
+        for batch in fleet.tick(T0 + tick * TICK_MS) {
+            let publisher = publisher.clone();
+            sends.spawn(async move { publisher.publish(&batch).await.expect("published") });
+        }
+        sends.join_all().await;
+    }
+    let truth = fleet.gpu_milliseconds().clone();
+    (broker, truth)
+}
+
+fn processor(brokers: &str, state: &Path, extra: &[String]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_meterflow"))
+        .args(["processor", "--brokers", brokers, "--state-dir"])
+        .arg(state)
+        .args([
+            "--billing-window",
+            "5m",
+            "--lateness",
+            "1m",
+            "--exit-when-caught-up",
+            "--partitions",
+            &PARTITIONS.to_string(),
+        ])
+        .args(extra)
+        .env(
+            "MF_LOG",
+            std::env::var("MF_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the meterflow binary starts")
+}
+
+/// Waits for every child to exit successfully.
+fn wait_all(mut children: Vec<Child>) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !children.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "processors still running after 180 s"
+        );
+        children.retain_mut(|c| match c.try_wait().expect("child status") {
+            Some(status) => {
+                assert!(status.success(), "a processor failed: {status}");
+                false
+            }
+            None => true,
+        });
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The final value of every usage record id, and the net billed quantity per billing key.
+#[allow(clippy::type_complexity)]
+fn outputs(
+    brokers: &str,
+) -> (
+    BTreeMap<String, (i64, i64, i64)>,
+    BTreeMap<(String, String, String, i64), i64>,
+) {
+    let mut usage = BTreeMap::new();
+    // Records of one id are on one partition, in order.
+    for (_, _, bytes) in read_topic_at(brokers, names::USAGE, PARTITIONS, 1) {
+        let u = UsageUpdate::decode(&bytes).expect("usage updates decode");
+        usage.insert(u.id, (u.amount, u.coverage_ms, u.present_ms));
+    }
+    let mut billed = BTreeMap::new();
+    for (_, _, bytes) in read_topic_at(brokers, names::BILLING, PARTITIONS, 1) {
+        let r = BillingRecord::decode(&bytes).expect("billing records decode");
+        *billed
+            .entry((r.tenant, r.lease, r.item, r.window_start_ms))
+            .or_insert(0) += r.quantity;
+    }
+    billed.retain(|_, q| *q != 0);
+    (usage, billed)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_give_the_same_results_as_one() {
+    let (one, truth) = broker_with_fleet().await;
+    let (two, truth_again) = broker_with_fleet().await;
+    assert_eq!(truth, truth_again, "the simulated fleet is deterministic");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    // One process, two workers.
+    wait_all(vec![processor(
+        &one.bootstrap(),
+        &dir.path().join("single"),
+        &["-w".into(), "2".into()],
+    )]);
+    // Two processes of one worker each: the same four partitions, spread over the cluster.
+    let hostfile = dir.path().join("hosts");
+    std::fs::write(
+        &hostfile,
+        format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port()),
+    )
+    .expect("host file");
+    let cluster: Vec<Child> = (0..2)
+        .map(|p| {
+            processor(
+                &two.bootstrap(),
+                &dir.path().join(format!("process-{p}")),
+                &[
+                    "-w".into(),
+                    "1".into(),
+                    "-n".into(),
+                    "2".into(),
+                    "-p".into(),
+                    p.to_string(),
+                    "--hostfile".into(),
+                    hostfile.display().to_string(),
+                ],
+            )
+        })
+        .collect();
+    wait_all(cluster);
+
+    let (usage_one, billed_one) = outputs(&one.bootstrap());
+    let (usage_two, billed_two) = outputs(&two.bootstrap());
+    assert!(usage_one.len() > 100, "{} usage records", usage_one.len());
+    assert!(!billed_one.is_empty(), "closed windows were billed");
+    assert_eq!(usage_one, usage_two, "the same final usage per record id");
+    assert_eq!(
+        billed_one, billed_two,
+        "the same net billed quantity per key"
+    );
+
+    // And both are the truth: GPU time per (tenant, lease, class, MIG profile), from the
+    // last value of each usage record.
+    let mut latest: BTreeMap<String, UsageUpdate> = BTreeMap::new();
+    for (_, _, bytes) in read_topic_at(&two.bootstrap(), names::USAGE, PARTITIONS, 1) {
+        let u = UsageUpdate::decode(&bytes).expect("usage updates decode");
+        if u.metric == "gpu_seconds" {
+            latest.insert(u.id.clone(), u);
+        }
+    }
+    let mut gpu_ms: BTreeMap<(String, String, String, String), i64> = BTreeMap::new();
+    for u in latest.into_values() {
+        *gpu_ms
+            .entry((u.tenant, u.lease, u.gpu_class, u.mig_profile))
+            .or_insert(0) += u.amount;
+    }
+    gpu_ms.retain(|_, ms| *ms != 0);
+    assert_eq!(gpu_ms, truth, "GPU-ms equal the fleet's ground truth");
+    one.stop();
+    two.stop();
+}
