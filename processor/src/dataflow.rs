@@ -18,6 +18,7 @@
 //! dataflow needs, so its state grows per series and window rather than per sample.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use differential_dataflow::VecCollection;
@@ -28,8 +29,8 @@ use timely::dataflow::operators::{Inspect, Probe};
 
 use crate::budgets::month_start_ms;
 use crate::model::{AllocationObs, Kind, Part, SeriesRef, Summary};
-use crate::names::{BillingIdx, LeaseId, Name, Names, NodeId, OwnerId, TenantId, UsageIdx};
-use crate::prices::PriceBook;
+use crate::names::{BillingIdx, ItemId, LeaseId, Name, Names, NodeId, OwnerId, TenantId, UsageIdx};
+use crate::prices::{PriceBook, Rate};
 use crate::series::HOUR_MS;
 
 /// The key of a window's cost: (owner, its lease, base window start).
@@ -43,8 +44,17 @@ pub struct Costing {
 }
 
 impl Costing {
-    fn cost(&self, item: crate::names::ItemId, quantity: i64) -> i64 {
-        self.names.cost_micros(item, quantity, &self.prices)
+    /// A pricer for one worker's operators, remembering each item's rate.
+    fn pricer(&self) -> impl Fn(ItemId, i64) -> i64 + 'static {
+        let (names, prices) = (self.names.clone(), self.prices.clone());
+        let rates: RefCell<HashMap<ItemId, Rate>> = RefCell::default();
+        move |item, quantity| {
+            let rate = *rates
+                .borrow_mut()
+                .entry(item)
+                .or_insert_with(|| names.rate(item, &prices));
+            rate.cost(quantity)
+        }
     }
 }
 
@@ -281,9 +291,10 @@ pub fn window_costs<'s>(
     measured: Coll<'s, (UsageIdx, Measured)>,
     costing: Costing,
 ) -> Coll<'s, (CostIdx, isize)> {
+    let cost_of = costing.pricer();
     measured
         .explode(move |(k, m)| {
-            let cost = costing.cost(k.item, m.total);
+            let cost = cost_of(k.item, m.total);
             (cost != 0).then_some(((k.owner, k.lease, k.window_start_ms), cost as isize))
         })
         .count()
@@ -295,9 +306,10 @@ pub fn period_costs<'s>(
     billed: Coll<'s, (BillingIdx, isize)>,
     costing: Costing,
 ) -> Coll<'s, ((TenantId, i64), isize)> {
+    let cost_of = costing.pricer();
     billed
         .explode(move |(b, quantity)| {
-            let cost = costing.cost(b.item, quantity as i64);
+            let cost = cost_of(b.item, quantity as i64);
             let tenant = costing.names.tenant_of(b.lease);
             (cost != 0).then_some(((tenant, month_start_ms(b.window_start_ms)), cost as isize))
         })

@@ -17,7 +17,7 @@ use meterflow_schemas::id::StableId;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Aggregate, BillingKey, Owner, SeriesRef, UsageKey};
-use crate::prices::PriceBook;
+use crate::prices::{PriceBook, Rate};
 
 /// An interned [`Owner`] (tenant, lease, service).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -303,11 +303,11 @@ impl Names {
             .expect("every item id is registered before the dataflow sees it")
     }
 
-    /// The cost in micros of `quantity` of an item, as [`PriceBook::cost_micros`] prices it.
-    pub fn cost_micros(&self, item: ItemId, quantity: i64, prices: &PriceBook) -> i64 {
+    /// The price of an item, as [`PriceBook::rate`] gives it.
+    pub fn rate(&self, item: ItemId, prices: &PriceBook) -> Rate {
         let t = self.read();
         let item = Self::item_named(&t, item);
-        prices.cost_of(item.metric, &item.gpu_class, &item.mig_profile, quantity)
+        prices.rate(item.metric, &item.gpu_class, &item.mig_profile)
     }
 
     /// The name of a node.

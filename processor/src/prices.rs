@@ -63,6 +63,25 @@ impl Default for PriceBook {
     }
 }
 
+/// Micros per unit of quantity, as a fraction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    numerator: i128,
+    denominator: i128,
+}
+
+impl Rate {
+    /// The cost in micros of `quantity`, rounded half away from zero.
+    pub fn cost(&self, quantity: i64) -> i64 {
+        if self.numerator == 0 {
+            return 0;
+        }
+        let n = quantity as i128 * self.numerator;
+        let d = self.denominator;
+        ((n + n.signum() * d / 2) / d) as i64
+    }
+}
+
 /// Why a price book was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PriceBookError {
@@ -190,6 +209,12 @@ impl PriceBook {
         mig_profile: &str,
         quantity: i64,
     ) -> i64 {
+        self.rate(metric, gpu_class, mig_profile).cost(quantity)
+    }
+
+    /// The price of one unit of an aggregate (of a GPU class and MIG profile), to apply to
+    /// many quantities.
+    pub fn rate(&self, metric: Aggregate, gpu_class: &str, mig_profile: &str) -> Rate {
         let (price_per_hour, units_per_hour, (num, den)) = match metric {
             Aggregate::GpuSeconds => (
                 self.gpu_hour_micros.get(gpu_class).copied().unwrap_or(0),
@@ -203,13 +228,10 @@ impl PriceBook {
             Aggregate::EnergyJoules => (self.kwh_micros, 3_600_000_000, (1, 1)),
             _ => (0, 1, (1, 1)),
         };
-        if price_per_hour == 0 {
-            return 0;
+        Rate {
+            numerator: price_per_hour as i128 * num as i128,
+            denominator: units_per_hour * den as i128,
         }
-        let n = quantity as i128 * price_per_hour as i128 * num as i128;
-        let d = units_per_hour * den as i128;
-        let rounded = (n + n.signum() * d / 2) / d;
-        rounded as i64
     }
 }
 
