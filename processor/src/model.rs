@@ -210,6 +210,28 @@ impl Aggregate {
         }
     }
 
+    /// The sample metric the aggregate is made from (see [`meterflow_schemas::metrics`]).
+    pub fn sample_metric(self) -> &'static str {
+        use meterflow_schemas::metrics as m;
+        match self {
+            Aggregate::GpuSeconds => m::GPU,
+            Aggregate::CpuCoreSeconds => m::CPU_SECONDS,
+            Aggregate::EnergyJoules => m::ENERGY_JOULES,
+            Aggregate::NetworkReceiveBytes => m::NETWORK_RECEIVE_BYTES,
+            Aggregate::NetworkTransmitBytes => m::NETWORK_TRANSMIT_BYTES,
+            Aggregate::StorageReadBytes => m::STORAGE_READ_BYTES,
+            Aggregate::StorageWriteBytes => m::STORAGE_WRITE_BYTES,
+            Aggregate::MemoryByteSeconds => m::MEMORY_BYTES,
+            Aggregate::VramByteSeconds => m::VRAM_BYTES,
+            Aggregate::GpuUtilizationSeconds => m::GPU_UTILIZATION,
+        }
+    }
+
+    /// Decimal places of a reading in [`Aggregate::reading_units`].
+    pub fn reading_scale(self) -> i32 {
+        self.reading_units().log10().round() as i32
+    }
+
     /// Whether the aggregate goes on the billing stream (the price book prices it).
     pub fn billed(self) -> bool {
         matches!(

@@ -43,7 +43,7 @@ use crate::dataflow::{CostIdx, Costing, FleetIdx, Installed, Measured, Progress,
 use crate::model::{BillingKey, Kind, Owner, Summary, UsageKey, observe};
 use crate::names::{Names, TenantId, UsageIdx};
 use crate::prices::PriceBook;
-use crate::series::{Feeder, HOUR_MS, Rules};
+use crate::series::{Feeder, HOUR_MS, LiveValue, Rules};
 
 /// Configuration of the processor.
 #[derive(Debug, Clone)]
@@ -719,8 +719,11 @@ fn run_worker(
         let cluster = *progress.borrow();
 
         let usage_changes: Vec<_> = usage.borrow_mut().drain(..).collect();
+        let live = feeder.take_live();
+        let live_sent = emit_live(&producer, names, &live);
         let period_changes = latest_values(periods.borrow_mut().drain(..).collect());
-        let sent = emit_usage(&producer, names, usage_changes, window_ms)
+        let sent = live_sent
+            + emit_usage(&producer, names, usage_changes, window_ms)
             + emit_fleet(&producer, names, fleet.borrow_mut().drain(..).collect())
             + emit_costs(
                 &producer,
@@ -959,6 +962,48 @@ fn emit_usage(
         }
     }
     sent
+}
+
+/// Sends the live values of the groups with a new latest reading: per lease, service, node and
+/// metric three records, `live.<metric>.gauge`, `.diff` and `.rate`, in the metric's units
+/// (scale as for its readings). Their window starts at 0, so each id keeps one record in every
+/// store (they are not usage of any window), and ends at the newest reading's time.
+fn emit_live(producer: &OutputProducer, names: &Names, live: &[LiveValue]) -> usize {
+    for v in live {
+        let (owner, node, metric) = v.group;
+        let owner = names.owner_named(owner);
+        let node = names.node_name(node);
+        for (kind, amount) in [("gauge", v.gauge), ("diff", v.diff), ("rate", v.rate_per_s)] {
+            let name = format!("live.{}.{kind}", metric.sample_metric());
+            let update = UsageUpdate {
+                id: StableId::new("live")
+                    .str(&owner.tenant)
+                    .str(&owner.lease)
+                    .str(&owner.service)
+                    .str(&node)
+                    .str(&name)
+                    .hex(),
+                tenant: owner.tenant.clone(),
+                lease: owner.lease.clone(),
+                service: owner.service.clone(),
+                node: node.clone(),
+                metric: name,
+                gpu_class: String::new(),
+                mig_profile: String::new(),
+                window_start_ms: 0,
+                window_end_ms: v.at_ms,
+                amount,
+                scale: metric.reading_scale(),
+                coverage_ms: 0,
+                present_ms: 0,
+            };
+            match update.encode() {
+                Ok(bytes) => send(producer, topics::USAGE, Some(&update.id), &bytes),
+                Err(e) => warn!(error = %e, "live update not encodable"),
+            }
+        }
+    }
+    3 * live.len()
 }
 
 /// Sends the cost of every (owner, base window) that changed, as `cost` usage records in

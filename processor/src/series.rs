@@ -35,7 +35,7 @@ use crate::model::{
     Aggregate, AllocationKey, AllocationObs, Kind, Observation, Owner, Part, ReadingKey,
     ReadingObs, SeriesRef, Summary,
 };
-use crate::names::{Item, Names, NodeId};
+use crate::names::{Item, Names, NodeId, OwnerId};
 
 /// Length of the node and fleet windows (SPEC: per node and hour).
 pub const HOUR_MS: i64 = 3_600_000;
@@ -234,6 +234,29 @@ fn consolidate(mut changes: Vec<WindowChange>) -> Vec<WindowChange> {
     out
 }
 
+/// The series of one lease's service on one node that measure one metric.
+pub type LiveGroup = (OwnerId, NodeId, Aggregate);
+
+/// The live value of a group: for each metric its latest level (`gauge`), the change over the
+/// last interval (`diff`) and that change per second (`rate_per_s`), summed over the group's
+/// series, in the metric's reading units (see [`Aggregate::reading_units`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveValue {
+    pub group: LiveGroup,
+    /// The newest reading's timestamp.
+    pub at_ms: i64,
+    pub gauge: i64,
+    pub diff: i64,
+    pub rate_per_s: i64,
+    /// How many series the value sums.
+    pub series: usize,
+}
+
+/// `n / d` rounded half away from zero, for `d > 0`.
+fn round_div_signed(n: i128, d: i128) -> i64 {
+    ((n + n.signum() * d / 2) / d) as i64
+}
+
 /// The three parts of one window's amount, indexed by [`part_index`].
 pub type Parts = [i64; 3];
 
@@ -285,6 +308,9 @@ pub struct Feeder {
     readings: HashMap<ReadingKey, ReadingState>,
     allocation_keys: HashMap<u64, AllocationKey>,
     reading_keys: HashMap<u64, ReadingKey>,
+    /// Series by live group (owner, node, metric), and the groups with a new latest reading.
+    live_groups: HashMap<LiveGroup, Vec<u64>>,
+    live_dirty: HashSet<LiveGroup>,
     dirty_allocations: HashSet<u64>,
     dirty_readings: HashSet<u64>,
     dirty_windows: HashMap<(u64, i64), Parts>,
@@ -310,6 +336,8 @@ impl Feeder {
             dirty_windows: HashMap::new(),
             node_hours: HashSet::new(),
             dirty_node_hours: Vec::new(),
+            live_groups: HashMap::new(),
+            live_dirty: HashSet::new(),
         }
     }
 
@@ -390,6 +418,10 @@ impl Feeder {
             };
             let series = self.series_ref(&key.owner, item, &key.node);
             self.reading_keys.insert(series.series, key.clone());
+            self.live_groups
+                .entry((series.owner, series.node, series.metric))
+                .or_default()
+                .push(series.series);
             self.readings.insert(
                 key.clone(),
                 ReadingState {
@@ -449,6 +481,11 @@ impl Feeder {
                 };
                 state.readings.compact(horizon_ms);
                 let series = state.series;
+                let newest = state
+                    .readings
+                    .readings
+                    .last_key_value()
+                    .is_none_or(|(t, _)| timestamp_ms >= *t);
                 let changes = state
                     .readings
                     .insert(timestamp_ms, units, series.metric, &rules);
@@ -459,6 +496,10 @@ impl Feeder {
                         .or_insert([0; 3])[part_index(part)] += change;
                 }
                 self.dirty_readings.insert(series.series);
+                if newest {
+                    self.live_dirty
+                        .insert((series.owner, series.node, series.metric));
+                }
                 self.active(input, partition, series.node, timestamp_ms);
             }
         }
@@ -500,6 +541,64 @@ impl Feeder {
                 );
             }
         }
+    }
+
+    /// The live values of every group with a new latest reading since the last call. A series
+    /// counts while its latest reading is within `max_staleness` of its group's newest, so a
+    /// finished container drops out once the others report without it.
+    pub fn take_live(&mut self) -> Vec<LiveValue> {
+        let staleness = self.rules.max_staleness_ms;
+        let mut out = Vec::with_capacity(self.live_dirty.len());
+        for group in std::mem::take(&mut self.live_dirty) {
+            let Some(members) = self.live_groups.get_mut(&group) else {
+                continue;
+            };
+            let latest = |id: &u64| {
+                let key = self.reading_keys.get(id)?;
+                let r = &self.readings.get(key)?.readings;
+                let (t, u) = r.readings.last_key_value().map(|(t, u)| (*t, *u))?;
+                Some(((t, u), r.previous(t)))
+            };
+            let newest = members
+                .iter()
+                .filter_map(|id| latest(id).map(|((t, _), _)| t))
+                .max();
+            let Some(newest) = newest else { continue };
+            let mut live = LiveValue {
+                group,
+                at_ms: newest,
+                gauge: 0,
+                diff: 0,
+                rate_per_s: 0,
+                series: 0,
+            };
+            let mut kept = Vec::with_capacity(members.len());
+            for id in members.iter() {
+                let Some(((t, units), previous)) = latest(id) else {
+                    continue;
+                };
+                if t < newest - staleness {
+                    // Gone quiet: no longer part of the live value (its windows stay).
+                    continue;
+                }
+                kept.push(*id);
+                live.series += 1;
+                live.gauge += units;
+                if let Some((pt, pu)) = previous {
+                    let diff = match group.2.kind() {
+                        Kind::Counter => delta(Some(pu), units),
+                        _ => units - pu,
+                    };
+                    live.diff += diff;
+                    if t > pt {
+                        live.rate_per_s += round_div_signed(diff as i128 * 1000, (t - pt) as i128);
+                    }
+                }
+            }
+            *members = kept;
+            out.push(live);
+        }
+        out
     }
 
     /// Series alive in this feeder: `(allocation series, counter and gauge series)`.
@@ -695,6 +794,78 @@ mod tests {
             ],
         );
         assert_eq!(usage, again);
+    }
+
+    #[test]
+    fn live_values_sum_the_latest_readings_and_drop_a_container_gone_quiet() {
+        use differential_dataflow::input::InputSession;
+        let names = Arc::new(Names::default());
+        let mut feeder = Feeder::new(rules(), names, 0);
+        let mut input: InputSession<Time, Summary, isize> = InputSession::new();
+        let key = |container: &str, metric| ReadingKey {
+            owner: Owner {
+                tenant: "t".into(),
+                lease: "l".into(),
+                service: "s".into(),
+            },
+            node: "n".into(),
+            container_id: container.into(),
+            metric,
+            gpu_uuid: String::new(),
+            gpu_class: String::new(),
+            mig_profile: String::new(),
+        };
+        let feed = |feeder: &mut Feeder,
+                    input: &mut InputSession<Time, Summary, isize>,
+                    container: &str,
+                    t: i64,
+                    units: i64| {
+            feeder.feed(
+                input,
+                0,
+                Observation::Reading(
+                    key(container, Aggregate::CpuCoreSeconds),
+                    ReadingObs {
+                        timestamp_ms: t,
+                        units,
+                    },
+                ),
+                i64::MIN,
+            );
+        };
+        // Two containers' CPU counters (microseconds), 15 s apart.
+        feed(&mut feeder, &mut input, "a", 0, 1_000_000);
+        feed(&mut feeder, &mut input, "b", 0, 0);
+        feed(&mut feeder, &mut input, "a", 15_000, 16_000_000);
+        feed(&mut feeder, &mut input, "b", 15_000, 7_500_000);
+        let live = feeder.take_live();
+        assert_eq!(live.len(), 1, "{live:?}");
+        // 1 + 0.5 cores busy.
+        assert_eq!(
+            (
+                live[0].gauge,
+                live[0].diff,
+                live[0].rate_per_s,
+                live[0].series
+            ),
+            (23_500_000, 22_500_000, 1_500_000, 2)
+        );
+        assert!(feeder.take_live().is_empty(), "nothing new");
+        // Container a finished; b goes on for a minute: a drops out.
+        feed(&mut feeder, &mut input, "b", 75_000, 37_500_000);
+        let live = feeder.take_live();
+        assert_eq!(
+            (
+                live[0].gauge,
+                live[0].diff,
+                live[0].rate_per_s,
+                live[0].series
+            ),
+            (37_500_000, 30_000_000, 500_000, 1)
+        );
+        // An older reading arriving late changes no live value.
+        feed(&mut feeder, &mut input, "b", 30_000, 15_000_000);
+        assert!(feeder.take_live().is_empty());
     }
 
     #[test]

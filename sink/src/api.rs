@@ -205,7 +205,8 @@ async fn tenant_usage(
     };
     let mut rows: BTreeMap<(i64, i64, Vec<String>), Sums> = BTreeMap::new();
     let mut totals = Sums::default();
-    for u in &updates {
+    // Live values (`live.*`) are not usage of a window.
+    for u in updates.iter().filter(|u| !u.metric.starts_with("live.")) {
         let (start, end) = bucket(u.window_start_ms);
         let key: Vec<String> = group_by
             .iter()

@@ -316,6 +316,42 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
     );
     assert!(alerts[0].spent_micros >= 150_000, "{alerts:?}");
 
+    // Live values of lease 100.1.1 on node-a: memory 3 GiB now, up 1 GiB over the last 55 s;
+    // the CPU counter reset to 5 s, so its change is those 5 s.
+    let mut live: std::collections::BTreeMap<String, i64> = Default::default();
+    for bytes in read_topic(&brokers, topics::USAGE, 2, 1) {
+        let u = UsageUpdate::decode(&bytes).expect("usage updates decode");
+        if u.lease == "100.1.1" && u.metric.starts_with("live.") {
+            live.insert(u.metric, u.amount);
+        }
+    }
+    let l = |m: &str| live.get(m).copied();
+    assert_eq!(
+        l("live.memory_working_set_bytes.gauge"),
+        Some(3 << 30),
+        "{live:?}"
+    );
+    assert_eq!(
+        l("live.memory_working_set_bytes.diff"),
+        Some(1 << 30),
+        "{live:?}"
+    );
+    assert_eq!(
+        l("live.memory_working_set_bytes.rate"),
+        Some(19_522_579),
+        "{live:?}"
+    );
+    assert_eq!(
+        l("live.cpu_usage_seconds_total.diff"),
+        Some(5_000_000),
+        "{live:?}"
+    );
+    assert_eq!(
+        l("live.cpu_usage_seconds_total.rate"),
+        Some(90_909),
+        "{live:?}"
+    );
+
     // Per node and per fleet and hour: node-a held at most 4 GPUs at once (at 61-63.5 s: two
     // H100s of c1, the MIG slice of c2 and the short A100), and was the fleet's one node.
     let mut fleet: std::collections::BTreeMap<(String, String), i64> = Default::default();
