@@ -184,6 +184,8 @@ pub struct Installed {
     pub usage: Changes<UsageIdx, Measured>,
     pub billing: Changes<BillingIdx, isize>,
     pub fleet: Changes<FleetIdx, isize>,
+    /// Roll-ups of the usage totals to hours, days and months.
+    pub rollups: Changes<RollupIdx, Measured>,
     /// Cost in micros per (owner, lease, base window).
     pub costs: Changes<CostIdx, isize>,
     /// Cost in micros per (tenant, month start), from the billed quantities.
@@ -203,6 +205,7 @@ pub fn install(
     let fleet: Changes<FleetIdx, isize> = Rc::default();
     let (usage_out, billing_out, fleet_out) = (usage.clone(), billing.clone(), fleet.clone());
     let costs: Changes<CostIdx, isize> = Rc::default();
+    let rollups: Changes<RollupIdx, Measured> = Rc::default();
     let periods: Changes<(TenantId, i64), isize> = Rc::default();
     let (costs_out, periods_out) = (costs.clone(), periods.clone());
     let progress: Rc<RefCell<ClusterProgress>> = Rc::default();
@@ -214,11 +217,23 @@ pub fn install(
         let (allocations, readings, node_hours) = split(summaries);
         let intervals = allocation_intervals(allocations);
         let amounts = amounts(intervals.clone(), readings, window_ms);
-        let measured = measured(window_totals(amounts.clone()), window_ms);
+        let totals = window_totals(amounts.clone());
+        let measured = measured(totals.clone(), window_ms);
         let (probe, _) = measured
             .clone()
             .inspect(move |update| usage_out.borrow_mut().push(*update))
             .probe();
+        let rollups_out = rollups.clone();
+        let mut finer = totals;
+        for to in Resolution::ALL {
+            let coarser = roll_up(finer, to);
+            let out = rollups_out.clone();
+            measured_by(coarser.clone(), move |start| to.end(start) - start)
+                .map(move |(k, m)| ((k, to), m))
+                .inspect(move |update| out.borrow_mut().push(*update))
+                .probe_with(&probe);
+            finer = coarser;
+        }
         window_costs(measured, costing.clone())
             .inspect(move |update| costs_out.borrow_mut().push(*update))
             .probe_with(&probe);
@@ -261,9 +276,77 @@ pub fn install(
         usage,
         billing,
         fleet,
+        rollups,
         costs,
         periods,
     }
+}
+
+/// The key of a roll-up: the usage key (its window starting the roll-up's) and the resolution.
+pub type RollupIdx = (UsageIdx, Resolution);
+
+/// A coarser window base windows roll up into (SPEC: hour, day and billing period).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum Resolution {
+    Hour,
+    Day,
+    /// The calendar month (UTC): the billing period.
+    Month,
+}
+
+impl Resolution {
+    /// Every roll-up, finest first.
+    pub const ALL: [Resolution; 3] = [Resolution::Hour, Resolution::Day, Resolution::Month];
+
+    /// The name on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            Resolution::Hour => "hour",
+            Resolution::Day => "day",
+            Resolution::Month => "month",
+        }
+    }
+
+    /// The start of the window holding `t_ms`.
+    pub fn start(self, t_ms: i64) -> i64 {
+        match self {
+            Resolution::Hour => t_ms.div_euclid(HOUR_MS) * HOUR_MS,
+            Resolution::Day => t_ms.div_euclid(24 * HOUR_MS) * 24 * HOUR_MS,
+            Resolution::Month => month_start_ms(t_ms),
+        }
+    }
+
+    /// The end of the window starting at `start_ms`.
+    pub fn end(self, start_ms: i64) -> i64 {
+        match self {
+            Resolution::Hour => start_ms + HOUR_MS,
+            Resolution::Day => start_ms + 24 * HOUR_MS,
+            Resolution::Month => crate::budgets::next_month_start_ms(start_ms),
+        }
+    }
+}
+
+/// Totals by part in finer windows → totals by part in the windows of `to`.
+pub fn roll_up<'s>(
+    totals: Coll<'s, ((UsageIdx, Part), isize)>,
+    to: Resolution,
+) -> Coll<'s, ((UsageIdx, Part), isize)> {
+    totals
+        .explode(move |((k, part), total)| {
+            Some((
+                (
+                    UsageIdx {
+                        window_start_ms: to.start(k.window_start_ms),
+                        ..k
+                    },
+                    part,
+                ),
+                total,
+            ))
+        })
+        .count()
 }
 
 /// Every worker's progress → the latest watermark of any, and how many have caught up.
@@ -394,16 +477,25 @@ pub fn measured<'s>(
     totals: Coll<'s, ((UsageIdx, Part), isize)>,
     window_ms: i64,
 ) -> Coll<'s, (UsageIdx, Measured)> {
+    measured_by(totals, move |_| window_ms)
+}
+
+/// [`measured`] for windows whose length depends on their start (months).
+pub fn measured_by<'s>(
+    totals: Coll<'s, ((UsageIdx, Part), isize)>,
+    length_ms: impl Fn(i64) -> i64 + 'static,
+) -> Coll<'s, (UsageIdx, Measured)> {
     let exact = totals
         .clone()
         .filter(|((k, _), _)| k.metric.kind() != Kind::Gauge)
         .map(move |((k, _), total)| {
+            let len = length_ms(k.window_start_ms);
             (
                 k,
                 Measured {
                     total: total as i64,
-                    observed_ms: window_ms,
-                    present_ms: window_ms,
+                    observed_ms: len,
+                    present_ms: len,
                 },
             )
         });
@@ -533,6 +625,7 @@ mod tests {
         BTreeMap<FleetKey, i64>,
         BTreeMap<(Owner, i64), i64>,
         BTreeMap<(String, i64), i64>,
+        BTreeMap<(UsageKey, Resolution), Measured>,
     ) {
         timely::execute_directly(move |worker| {
             let names = Arc::new(Names::default());
@@ -542,6 +635,7 @@ mod tests {
                 usage,
                 billing,
                 fleet,
+                rollups,
                 costs,
                 periods,
                 // The names and progress inputs are closed: one process needs neither.
@@ -588,6 +682,7 @@ mod tests {
                     |(t, month)| (names.tenant_name(*t), *month),
                     |v| v as i64,
                 ),
+                totals(&rollups, |(k, r)| (names.usage_key(k), *r), |m| m),
             )
         })
     }
@@ -808,7 +903,7 @@ mod tests {
             }
             other => other,
         };
-        let (_, _, fleet, _, _) = run_all(vec![vec![
+        let (_, _, fleet, _, _, _) = run_all(vec![vec![
             // n1: c1 ends at 100 s exactly when c2 starts on the same GPU (1 at a time), and
             // c3 overlaps both on another GPU: at most 2.
             on("n1", alloc("l", "c1", "g1", 0, Some(100_000), 100_000)),
@@ -1111,7 +1206,31 @@ mod tests {
                 if cuts.contains(&i) { epochs.push(Vec::new()); }
                 epochs.last_mut().expect("non-empty").push(o);
             }
-            let (usage, billing, fleet, costs, periods) = run_all(epochs);
+            let (usage, billing, fleet, costs, periods, rollups) = run_all(epochs);
+            // Roll-ups: the base windows summed into hours, days and months.
+            let mut expected_rollups: BTreeMap<(UsageKey, Resolution), Measured> = BTreeMap::new();
+            for (k, m) in &expected {
+                for r in Resolution::ALL {
+                    let start = r.start(k.window_start_ms);
+                    let len = r.end(start) - start;
+                    let key = (UsageKey { window_start_ms: start, ..k.clone() }, r);
+                    let e = expected_rollups.entry(key).or_insert(Measured {
+                        total: 0,
+                        observed_ms: 0,
+                        present_ms: 0,
+                    });
+                    e.total += m.total;
+                    if k.metric.kind() == Kind::Gauge {
+                        e.observed_ms += m.observed_ms;
+                        e.present_ms += m.present_ms;
+                    } else {
+                        e.observed_ms = len;
+                        e.present_ms = len;
+                    }
+                }
+            }
+            expected_rollups.retain(|(k, _), m| k.metric.kind() == Kind::Gauge || m.total != 0);
+            prop_assert_eq!(rollups, expected_rollups);
             prop_assert_eq!(fleet, fleet_oracle(&distinct));
             // Costs: each window total priced on its own; each tenant's month, the billed
             // totals priced on their own.

@@ -39,7 +39,9 @@ use crate::agents::AgentState;
 use crate::billing::{Billed, Ledger, partition_key};
 use crate::budgets::{Budgets, next_month_start_ms};
 use crate::checkpoint::{Checkpoint, Store, StoreError};
-use crate::dataflow::{CostIdx, Costing, FleetIdx, Installed, Measured, Progress, Time, install};
+use crate::dataflow::{
+    CostIdx, Costing, FleetIdx, Installed, Measured, Progress, Resolution, RollupIdx, Time, install,
+};
 use crate::model::{BillingKey, Kind, Owner, Summary, UsageKey, observe};
 use crate::names::{Names, TenantId, UsageIdx};
 use crate::prices::PriceBook;
@@ -448,6 +450,7 @@ fn run_worker(
         usage,
         billing,
         fleet,
+        rollups,
         costs,
         periods,
     } = install(
@@ -574,6 +577,7 @@ fn run_worker(
         };
     advance(epoch, worker, &mut input, &mut progress_in);
     usage.borrow_mut().clear();
+    rollups.borrow_mut().clear();
     fleet.borrow_mut().clear();
     costs.borrow_mut().clear();
     // A tenant's spend per month, for the budgets: kept from the first epoch on, as the
@@ -724,6 +728,7 @@ fn run_worker(
         let period_changes = latest_values(periods.borrow_mut().drain(..).collect());
         let sent = live_sent
             + emit_usage(&producer, names, usage_changes, window_ms)
+            + emit_rollups(&producer, names, rollups.borrow_mut().drain(..).collect())
             + emit_fleet(&producer, names, fleet.borrow_mut().drain(..).collect())
             + emit_costs(
                 &producer,
@@ -992,6 +997,7 @@ fn emit_live(producer: &OutputProducer, names: &Names, live: &[LiveValue]) -> us
                 mig_profile: String::new(),
                 window_start_ms: 0,
                 window_end_ms: v.at_ms,
+                resolution: String::new(),
                 amount,
                 scale: metric.reading_scale(),
                 coverage_ms: 0,
@@ -1085,6 +1091,7 @@ pub fn money_update(
         mig_profile: String::new(),
         window_start_ms: start,
         window_end_ms: end,
+        resolution: String::new(),
         amount: micros,
         scale: 6,
         coverage_ms: end - start,
@@ -1133,6 +1140,30 @@ fn read_alert_ids(
     Ok(ids)
 }
 
+/// Sends the latest value of every roll-up that changed; returns how many.
+fn emit_rollups(
+    producer: &OutputProducer,
+    names: &Names,
+    changes: Vec<((RollupIdx, Measured), Time, isize)>,
+) -> usize {
+    let latest = latest_values(changes);
+    let sent = latest.len();
+    for ((key, resolution), value) in latest {
+        let end = resolution.end(key.window_start_ms);
+        let value = value.unwrap_or(Measured {
+            total: 0,
+            observed_ms: 0,
+            present_ms: 0,
+        });
+        let update = usage_record(&names.usage_key(&key), value, end, Some(resolution));
+        match update.encode() {
+            Ok(bytes) => send(producer, topics::USAGE, Some(&update.id), &bytes),
+            Err(e) => warn!(error = %e, "roll-up not encodable"),
+        }
+    }
+    sent
+}
+
 /// Sends the latest value of every node and fleet aggregate that changed; returns how many.
 fn emit_fleet(
     producer: &OutputProducer,
@@ -1174,6 +1205,7 @@ pub fn fleet_update(names: &Names, key: FleetIdx, amount: i64) -> UsageUpdate {
         mig_profile: String::new(),
         window_start_ms: hour,
         window_end_ms: hour + HOUR_MS,
+        resolution: String::new(),
         amount,
         scale: 0,
         coverage_ms: HOUR_MS,
@@ -1183,17 +1215,31 @@ pub fn fleet_update(names: &Names, key: FleetIdx, amount: i64) -> UsageUpdate {
 
 /// The wire record of one aggregate's value.
 pub fn usage_update(key: &UsageKey, value: Measured, window_ms: i64) -> UsageUpdate {
-    let id = StableId::new("usage")
+    usage_record(key, value, key.window_start_ms + window_ms, None)
+}
+
+/// The wire record of one aggregate's value in a base window (`resolution` `None`) or a
+/// roll-up ending at `window_end_ms`.
+pub fn usage_record(
+    key: &UsageKey,
+    value: Measured,
+    window_end_ms: i64,
+    resolution: Option<Resolution>,
+) -> UsageUpdate {
+    let mut id = StableId::new("usage")
         .str(&key.owner.tenant)
         .str(&key.owner.lease)
         .str(&key.owner.service)
         .str(key.metric.name())
         .str(&key.gpu_class)
         .str(&key.mig_profile)
-        .int(key.window_start_ms)
-        .hex();
+        .int(key.window_start_ms);
+    if let Some(r) = resolution {
+        // A roll-up starts where its first base window does: the resolution tells them apart.
+        id = id.str(r.name());
+    }
     UsageUpdate {
-        id,
+        id: id.hex(),
         tenant: key.owner.tenant.clone(),
         lease: key.owner.lease.clone(),
         service: key.owner.service.clone(),
@@ -1202,7 +1248,8 @@ pub fn usage_update(key: &UsageKey, value: Measured, window_ms: i64) -> UsageUpd
         gpu_class: key.gpu_class.clone(),
         mig_profile: key.mig_profile.clone(),
         window_start_ms: key.window_start_ms,
-        window_end_ms: key.window_start_ms + window_ms,
+        window_end_ms,
+        resolution: resolution.map_or_else(String::new, |r| r.name().to_string()),
         amount: value.total,
         scale: key.metric.scale(),
         coverage_ms: value.observed_ms,

@@ -315,6 +315,7 @@ mod tests {
             mig_profile: "".into(),
             window_start_ms: 60_000,
             window_end_ms: 120_000,
+            resolution: String::new(),
             amount: 59_999,
             scale: 3,
             coverage_ms: 60_000,

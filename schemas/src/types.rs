@@ -72,6 +72,10 @@ pub struct UsageUpdate {
     pub mig_profile: String,
     pub window_start_ms: i64,
     pub window_end_ms: i64,
+    /// Empty for a base window; `hour`, `day` or `month` for a roll-up. Empty from schema
+    /// version 1.
+    #[serde(default)]
+    pub resolution: String,
     /// value = amount / 10^scale.
     pub amount: i64,
     pub scale: i32,

@@ -205,8 +205,12 @@ async fn tenant_usage(
     };
     let mut rows: BTreeMap<(i64, i64, Vec<String>), Sums> = BTreeMap::new();
     let mut totals = Sums::default();
-    // Live values (`live.*`) are not usage of a window.
-    for u in updates.iter().filter(|u| !u.metric.starts_with("live.")) {
+    // Base windows only: live values (`live.*`) are not usage of a window, and roll-ups
+    // (`resolution` hour, day, month) repeat what base windows hold.
+    for u in updates
+        .iter()
+        .filter(|u| !u.metric.starts_with("live.") && u.resolution.is_empty())
+    {
         let (start, end) = bucket(u.window_start_ms);
         let key: Vec<String> = group_by
             .iter()

@@ -104,9 +104,11 @@ impl Store {
             batch.put(usage_key(&c.update), c.update.encode()?);
             let e = next.entry((&c.topic, c.partition)).or_insert(c.offset + 1);
             *e = (*e).max(c.offset + 1);
-            // Only per-lease records (base windows) say how far the data has come: node and
-            // fleet records are hourly and a tenant's period cost spans its month.
-            if !c.update.lease.is_empty() {
+            // Only per-lease base windows say how far the data has come: node and fleet
+            // records are hourly, a tenant's period cost and the roll-ups span longer windows,
+            // and live values are not windows.
+            let u = &c.update;
+            if !u.lease.is_empty() && u.resolution.is_empty() && !u.metric.starts_with("live.") {
                 watermark = Some(watermark.unwrap_or(i64::MIN).max(c.update.window_end_ms));
             }
         }
@@ -226,6 +228,7 @@ mod tests {
             mig_profile: String::new(),
             window_start_ms: window,
             window_end_ms: window + 60_000,
+            resolution: String::new(),
             amount,
             scale: 3,
             coverage_ms: 60_000,

@@ -325,6 +325,26 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
             live.insert(u.metric, u.amount);
         }
     }
+    // Roll-ups of lease 100.1.1's H100 time: the hour, the day and the month hold its 241 s.
+    let mut rollups: std::collections::BTreeMap<String, (i64, i64, i64)> = Default::default();
+    for bytes in read_topic(&brokers, topics::USAGE, 2, 1) {
+        let u = UsageUpdate::decode(&bytes).expect("usage updates decode");
+        if u.lease == "100.1.1" && u.metric == "gpu_seconds" && !u.resolution.is_empty() {
+            rollups.insert(u.resolution, (u.window_start_ms, u.window_end_ms, u.amount));
+        }
+    }
+    assert_eq!(
+        rollups,
+        std::collections::BTreeMap::from([
+            ("hour".to_string(), (T0, T0 + 3_600_000, 241_000)),
+            ("day".to_string(), (T0, T0 + 86_400_000, 241_000)),
+            // November 2026.
+            (
+                "month".to_string(),
+                (1_793_491_200_000, 1_796_083_200_000, 241_000)
+            ),
+        ])
+    );
     let l = |m: &str| live.get(m).copied();
     assert_eq!(
         l("live.memory_working_set_bytes.gauge"),
