@@ -3,15 +3,15 @@
 //! per fleet tick, with 1 and 2 timely workers. A decode-only pass over the same bytes runs
 //! first in the same process as the baseline.
 //!
-//! `cargo bench --bench processor_throughput -- [NODES] [TICKS]` (defaults 200 nodes, 40
-//! ticks of 15 s).
+//! `cargo bench --bench processor_throughput -- [NODES] [TICKS] [none]` (defaults 200 nodes,
+//! 40 ticks of 15 s, with the hour, day and month roll-ups; `none` leaves them out).
 
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
 use meterflow_ingest::{Fleet, FleetConfig};
 use meterflow_processor::PriceBook;
-use meterflow_processor::dataflow::{Costing, Installed, install};
+use meterflow_processor::dataflow::{Costing, Installed, Resolution, install};
 use meterflow_processor::model::observe;
 use meterflow_processor::names::Names;
 use meterflow_processor::series::{Feeder, Rules};
@@ -24,6 +24,12 @@ fn main() {
         .collect();
     let nodes: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(200);
     let ticks: i64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(40);
+    // Third argument `none`: without the hour, day and month roll-ups.
+    let rollups_wanted: Vec<Resolution> = match args.get(2).map(String::as_str) {
+        Some("none") => Vec::new(),
+        _ => Resolution::ALL.to_vec(),
+    };
+    println!("roll-ups: {rollups_wanted:?}");
 
     let mut fleet = Fleet::new(
         FleetConfig {
@@ -68,6 +74,7 @@ fn main() {
     let ticks = Arc::new(ticks);
     for workers in [1usize, 2] {
         let data = ticks.clone();
+        let rollups_wanted = rollups_wanted.clone();
         // One interner for the process, as in the processor.
         let names = Arc::new(Names::default());
         let before = resident_bytes();
@@ -82,6 +89,7 @@ fn main() {
                 usage,
                 billing,
                 fleet,
+                rollups,
                 costs,
                 periods,
                 // The names and progress inputs are closed: one process needs neither.
@@ -94,6 +102,7 @@ fn main() {
                     names: names.clone(),
                     prices: Arc::new(PriceBook::default()),
                 },
+                &rollups_wanted,
             );
             let mut feeder = Feeder::new(Rules::new(60_000), names.clone(), index);
             let mut updates = 0usize;
@@ -114,6 +123,7 @@ fn main() {
                 updates += usage.borrow_mut().drain(..).count();
                 updates += billing.borrow_mut().drain(..).count();
                 updates += fleet.borrow_mut().drain(..).count();
+                updates += rollups.borrow_mut().drain(..).count();
                 updates += costs.borrow_mut().drain(..).count();
                 updates += periods.borrow_mut().drain(..).count();
             }

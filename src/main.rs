@@ -94,6 +94,10 @@ enum Command {
         /// Stop, with a checkpoint, once the input has been read up to where it ended at start-up.
         #[arg(long)]
         exit_when_caught_up: bool,
+        /// Roll-ups of the base windows to keep: a comma-separated list of hour, day, month, or
+        /// `none`. Each level costs about as much processing as the base windows.
+        #[arg(long, default_value = "hour,day,month", value_parser = parse_rollups)]
+        rollups: Rollups,
         /// Length of the base window.
         #[arg(long, default_value = "1m", value_parser = parse_duration)]
         window: Duration,
@@ -280,6 +284,7 @@ async fn main() -> Result<()> {
             process,
             hostfile,
             exit_when_caught_up,
+            rollups,
             window,
             billing_window,
             lateness,
@@ -306,6 +311,7 @@ async fn main() -> Result<()> {
                 budgets,
                 cluster,
                 exit_when_caught_up,
+                rollups: rollups.0,
                 workers,
                 window_ms: window.as_millis() as i64,
                 billing_window_ms: billing_window.as_millis() as i64,
@@ -382,4 +388,27 @@ fn cluster(
         addresses.len()
     );
     Ok(Some((process, addresses)))
+}
+
+/// The `--rollups` list.
+#[derive(Debug, Clone)]
+struct Rollups(Vec<meterflow_processor::dataflow::Resolution>);
+
+fn parse_rollups(s: &str) -> Result<Rollups, String> {
+    use meterflow_processor::dataflow::Resolution;
+    if s == "none" {
+        return Ok(Rollups(Vec::new()));
+    }
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        let r = Resolution::ALL
+            .into_iter()
+            .find(|r| r.name() == part)
+            .ok_or_else(|| format!("{part:?} is not one of hour, day, month (or use none)"))?;
+        out.push(r);
+    }
+    // Each level is counted from the one before: finest first, each once.
+    out.sort();
+    out.dedup();
+    Ok(Rollups(out))
 }

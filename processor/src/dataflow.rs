@@ -193,13 +193,16 @@ pub struct Installed {
 }
 
 /// Builds the dataflow in `worker`: base windows of `window_ms`, billing windows of
-/// `billing_window_ms` (a multiple of the base window), costs from `costing`.
+/// `billing_window_ms` (a multiple of the base window), costs from `costing`, roll-ups to
+/// `rollups` (finest first, each counted from the one before).
 pub fn install(
     worker: &mut timely::worker::Worker,
     window_ms: i64,
     billing_window_ms: i64,
     costing: Costing,
+    rollups: &[Resolution],
 ) -> Installed {
+    let levels = rollups.to_vec();
     let usage: Changes<UsageIdx, Measured> = Rc::default();
     let billing: Changes<BillingIdx, isize> = Rc::default();
     let fleet: Changes<FleetIdx, isize> = Rc::default();
@@ -225,7 +228,7 @@ pub fn install(
             .probe();
         let rollups_out = rollups.clone();
         let mut finer = totals;
-        for to in Resolution::ALL {
+        for to in levels {
             let coarser = roll_up(finer, to);
             let out = rollups_out.clone();
             measured_by(coarser.clone(), move |start| to.end(start) - start)
@@ -648,6 +651,7 @@ mod tests {
                     names: names.clone(),
                     prices: Arc::new(PriceBook::default()),
                 },
+                &Resolution::ALL,
             );
             let mut feeder = Feeder::new(rules(), names.clone(), 0);
             for (epoch, observations) in epochs.into_iter().enumerate() {

@@ -85,6 +85,8 @@ pub struct ProcessorConfig {
     pub exit_when_caught_up: bool,
     /// Budgets per tenant; their thresholds raise alerts on `meterflow.alerts`.
     pub budgets: Budgets,
+    /// The roll-ups of base windows to keep (each costs about as much as the base windows).
+    pub rollups: Vec<Resolution>,
 }
 
 impl ProcessorConfig {
@@ -106,6 +108,7 @@ impl ProcessorConfig {
             restart_grace: Duration::from_secs(1),
             exit_when_caught_up: false,
             budgets: Budgets::default(),
+            rollups: Resolution::ALL.to_vec(),
         }
     }
 }
@@ -461,6 +464,7 @@ fn run_worker(
             names: names.clone(),
             prices: Arc::new(config.prices.clone()),
         },
+        &config.rollups,
     );
 
     let consumer: BaseConsumer = ClientConfig::new()
