@@ -21,6 +21,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Everything in one process: embedded broker, simulated fleet, processor and sink.
@@ -94,6 +96,10 @@ enum Command {
         /// Stop, with a checkpoint, once the input has been read up to where it ended at start-up.
         #[arg(long)]
         exit_when_caught_up: bool,
+        /// Serve the processor's counters (dead letters by reason, batches, duplicates,
+        /// billing records, alerts, checkpoints) at http://ADDR/metrics.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
         /// Roll-ups of the base windows to keep: a comma-separated list of hour, day, month, or
         /// `none`. Each level costs about as much processing as the base windows.
         #[arg(long, default_value = "hour,day,month", value_parser = parse_rollups)]
@@ -284,6 +290,7 @@ async fn main() -> Result<()> {
             process,
             hostfile,
             exit_when_caught_up,
+            metrics_listen,
             rollups,
             window,
             billing_window,
@@ -302,6 +309,17 @@ async fn main() -> Result<()> {
                 None => meterflow_processor::PriceBook::default(),
             };
             let cluster = cluster(processes, process, hostfile.as_deref())?;
+            if let Some(addr) = metrics_listen {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} for --metrics-listen"))?;
+                let app = axum::Router::new().route(
+                    "/metrics",
+                    axum::routing::get(|| async { meterflow_processor::metrics::render() }),
+                );
+                tracing::info!(%addr, "processor metrics at /metrics");
+                tokio::spawn(async move { axum::serve(listener, app).await });
+            }
             let budgets = match budgets {
                 Some(path) => meterflow_processor::budgets::Budgets::load(&path)?,
                 None => meterflow_processor::budgets::Budgets::default(),

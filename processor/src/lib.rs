@@ -18,6 +18,7 @@
 //! - [`prices`]: the versioned price book (TOML) and costs on integers (pure).
 //! - [`budgets`]: budgets per tenant (TOML), the alerts they raise, calendar months (pure).
 //! - [`checkpoint`]: input offsets and state written together to RocksDB.
+//! - [`metrics`]: the processor's counters (dead letters by reason, batches, duplicates, ...).
 //! - [`runner`]: timely workers fed from Kafka through rdkafka, checkpoints, and the producers
 //!   of the output topics; exactly-once billing without Kafka transactions.
 
@@ -26,6 +27,7 @@ pub mod billing;
 pub mod budgets;
 pub mod checkpoint;
 pub mod dataflow;
+pub mod metrics;
 pub mod model;
 pub mod names;
 pub mod prices;

@@ -42,6 +42,7 @@ use crate::checkpoint::{Checkpoint, Store, StoreError};
 use crate::dataflow::{
     CostIdx, Costing, FleetIdx, Installed, Measured, Progress, Resolution, RollupIdx, Time, install,
 };
+use crate::metrics::METRICS;
 use crate::model::{BillingKey, Kind, Owner, Summary, UsageKey, observe};
 use crate::names::{Names, TenantId, UsageIdx};
 use crate::prices::PriceBook;
@@ -653,9 +654,11 @@ fn run_worker(
                 .or_insert_with(|| (partition, AgentState::new()));
             if !agent.first_time(batch.sequence) {
                 debug!(agent = %batch.agent_id, sequence = batch.sequence, "duplicate batch dropped");
+                METRICS.duplicates.inc();
                 continue;
             }
             dirty_agents.insert(batch.agent_id.clone());
+            METRICS.batches.inc();
             let horizon_ms = agent.horizon_ms(lateness_ms);
             let latest_ms = crate::now_ms().saturating_add(config.max_future_ms);
             let mut watermark_ms = agent.watermark_ms;
@@ -784,6 +787,7 @@ fn run_worker(
                         Err(e) => warn!(error = %e, "alert not encodable"),
                     }
                     raised.insert(alert.id);
+                    METRICS.alerts.inc();
                 }
             }
         }
@@ -801,6 +805,7 @@ fn run_worker(
                     Err(e) => warn!(error = %e, "billing record not encodable"),
                 }
                 billed += 1;
+                METRICS.billing_records.inc();
             }
         }
         if sent + billed > 0 || fed > 0 {
@@ -861,6 +866,7 @@ fn run_worker(
                 billing_offsets,
             })?;
             last_checkpoint = Instant::now();
+            METRICS.checkpoints.inc();
             changed_since_checkpoint = false;
             debug!(worker = index, epoch, "checkpoint written");
         }
@@ -1269,6 +1275,7 @@ fn dead_letter(
     payload: Vec<u8>,
 ) {
     warn!(reason, %detail, partition, offset, "input sent to the dead-letter topic");
+    METRICS.dead_letters.with_label_values(&[reason]).inc();
     let record = DeadLetter {
         reason: reason.to_string(),
         detail,

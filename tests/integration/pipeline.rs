@@ -280,7 +280,24 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
         "{body}"
     );
 
-    // The garbage went to the dead-letter topic with its reason; nothing stopped.
+    // The garbage went to the dead-letter topic with its reason, and was counted; the resent
+    // batch was counted as a duplicate; nothing stopped.
+    // (The counters are the process's: other tests in this binary may add to them.)
+    let counters = meterflow_processor::metrics::render();
+    let value = |series: &str| -> f64 {
+        counters
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        value("meterflow_processor_dead_letters_total{reason=\"undecodable\"}") >= 1.0,
+        "{counters}"
+    );
+    assert!(
+        value("meterflow_processor_duplicate_batches_total") >= 1.0,
+        "{counters}"
+    );
     let dead = read_topic(&brokers, topics::DEADLETTER, 2, 1);
     let reasons: Vec<String> = dead
         .iter()

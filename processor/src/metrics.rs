@@ -1,0 +1,85 @@
+//! The processor's own counters, in the Prometheus text format (`meterflow processor
+//! --metrics-listen ADDR` serves them at `/metrics`).
+//!
+//! One registry per process: the workers of a process add to the same counters.
+
+use std::sync::LazyLock;
+
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
+
+/// The processor's counters.
+pub struct Metrics {
+    pub registry: Registry,
+    /// Input sent to `meterflow.deadletter`, by reason.
+    pub dead_letters: IntCounterVec,
+    /// Sample batches fed to the dataflow (duplicates not counted).
+    pub batches: IntCounter,
+    /// Batches dropped as a repeat of an (agent, sequence) already seen.
+    pub duplicates: IntCounter,
+    /// Billing records sent.
+    pub billing_records: IntCounter,
+    /// Budget alerts raised.
+    pub alerts: IntCounter,
+    /// Checkpoints written.
+    pub checkpoints: IntCounter,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("a valid counter");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("registered once");
+    c
+}
+
+/// The process's counters.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let registry = Registry::new();
+    let dead_letters = IntCounterVec::new(
+        Opts::new(
+            "meterflow_processor_dead_letters_total",
+            "Input sent to meterflow.deadletter, by reason",
+        ),
+        &["reason"],
+    )
+    .expect("a valid counter");
+    registry
+        .register(Box::new(dead_letters.clone()))
+        .expect("registered once");
+    Metrics {
+        batches: counter(
+            &registry,
+            "meterflow_processor_batches_total",
+            "Sample batches fed to the dataflow",
+        ),
+        duplicates: counter(
+            &registry,
+            "meterflow_processor_duplicate_batches_total",
+            "Batches dropped as a repeat of an (agent, sequence) already seen",
+        ),
+        billing_records: counter(
+            &registry,
+            "meterflow_processor_billing_records_total",
+            "Billing records sent",
+        ),
+        alerts: counter(
+            &registry,
+            "meterflow_processor_alerts_total",
+            "Budget alerts raised",
+        ),
+        checkpoints: counter(
+            &registry,
+            "meterflow_processor_checkpoints_total",
+            "Checkpoints written",
+        ),
+        dead_letters,
+        registry,
+    }
+});
+
+/// Every counter in the Prometheus text format.
+pub fn render() -> String {
+    TextEncoder::new()
+        .encode_to_string(&METRICS.registry.gather())
+        .unwrap_or_default()
+}
