@@ -214,18 +214,26 @@ pub fn install(
     let progress: Rc<RefCell<ClusterProgress>> = Rc::default();
     let progress_out = progress.clone();
     let (input, names_in, progress_in, probe) = worker.dataflow::<Time, _, _>(|scope| {
-        let (input, summaries) = scope.new_collection::<Summary, isize>();
+        // Names first: operators built earlier run earlier in a step, so a name another
+        // process sent is registered before the totals that need it are named or priced here.
         let (names_in, names) = timely::dataflow::operators::vec::Input::new_input::<Name>(&scope);
+        let probe = ProbeHandle::new();
+        let registry = costing.names.clone();
+        names
+            .broadcast()
+            .inspect(move |name| registry.register(name))
+            .probe_with(&probe);
+        let (input, summaries) = scope.new_collection::<Summary, isize>();
         let (progress_in, progress) = scope.new_collection::<(usize, Progress), isize>();
         let (allocations, readings, node_hours) = split(summaries);
         let intervals = allocation_intervals(allocations);
         let amounts = amounts(intervals.clone(), readings, window_ms);
         let totals = window_totals(amounts.clone());
         let measured = measured(totals.clone(), window_ms);
-        let (probe, _) = measured
+        measured
             .clone()
             .inspect(move |update| usage_out.borrow_mut().push(*update))
-            .probe();
+            .probe_with(&probe);
         let rollups_out = rollups.clone();
         let mut finer = totals;
         for to in levels {
@@ -245,13 +253,8 @@ pub fn install(
             .clone()
             .inspect(move |update| billing_out.borrow_mut().push(*update))
             .probe_with(&probe);
-        let registry = costing.names.clone();
         period_costs(billed, costing)
             .inspect(move |update| periods_out.borrow_mut().push(*update))
-            .probe_with(&probe);
-        names
-            .broadcast()
-            .inspect(move |name| registry.register(name))
             .probe_with(&probe);
         cluster_progress(progress)
             .inner
