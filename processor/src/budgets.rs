@@ -19,6 +19,7 @@ use std::path::Path;
 
 use meterflow_schemas::Alert;
 use meterflow_schemas::id::StableId;
+use meterflow_schemas::time;
 use serde::Deserialize;
 
 /// One tenant's budget.
@@ -161,49 +162,19 @@ pub fn alert_id(tenant: &str, budget_micros: i64, threshold: i32, period: &str) 
         .hex()
 }
 
-/// Days since 1970-01-01 of a civil date (proleptic Gregorian; Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The civil (year, month) of a day count since 1970-01-01.
-fn civil_from_days(z: i64) -> (i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m)
-}
-
-const DAY_MS: i64 = 86_400_000;
-
 /// The start of the calendar month (UTC) holding `t_ms`.
 pub fn month_start_ms(t_ms: i64) -> i64 {
-    let (y, m) = civil_from_days(t_ms.div_euclid(DAY_MS));
-    days_from_civil(y, m, 1) * DAY_MS
+    time::month_start(t_ms)
 }
 
 /// The start of the calendar month after the one holding `t_ms`.
 pub fn next_month_start_ms(t_ms: i64) -> i64 {
-    let (y, m) = civil_from_days(t_ms.div_euclid(DAY_MS));
-    let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
-    days_from_civil(y, m, 1) * DAY_MS
+    time::next_month_start(t_ms)
 }
 
 /// `YYYY-MM` of the month holding `t_ms`.
 pub fn period_name(t_ms: i64) -> String {
-    let (y, m) = civil_from_days(t_ms.div_euclid(DAY_MS));
-    format!("{y:04}-{m:02}")
+    time::month_name(t_ms)
 }
 
 #[cfg(test)]
@@ -231,7 +202,7 @@ mod tests {
         for _ in 0..48 {
             let next = next_month_start_ms(t);
             assert_eq!(month_start_ms(next - 1), t);
-            assert!((28 * DAY_MS..=31 * DAY_MS).contains(&(next - t)));
+            assert!((28 * 86_400_000..=31 * 86_400_000).contains(&(next - t)));
             t = next;
         }
     }

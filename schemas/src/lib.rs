@@ -9,9 +9,12 @@
 //!   id, the datum), so a reader always knows which writer schema to resolve from; a record
 //!   written with an older schema version is read into the current type.
 //! - [`id`]: stable content hashes, used for deterministic output record ids.
+//! - [`time`]: UTC timestamps (RFC 3339) and calendar months, shared by the processor's billing
+//!   periods and the sink's buckets.
 
 pub mod codec;
 pub mod id;
+pub mod time;
 pub mod types;
 
 pub use codec::{DecodeError, EncodeError, Record, SchemaId};

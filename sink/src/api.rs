@@ -144,28 +144,10 @@ async fn tenant_usage(
         );
     }
     let now = (state.now_ms)();
-    let time = |v: &Option<String>, default: i64, name: &str| match v {
-        None => Ok(default),
-        Some(s) => parse_time(s).ok_or_else(|| format!("{name}={s:?} is not a time")),
+    let (from, to) = match time_range(&q.from, &q.to, month_start(now), now) {
+        Ok(range) => range,
+        Err((message, hint)) => return bad(message, hint),
     };
-    let (from, to) = match (
-        time(&q.from, month_start(now), "from"),
-        time(&q.to, now, "to"),
-    ) {
-        (Ok(f), Ok(t)) => (f, t),
-        (Err(e), _) | (_, Err(e)) => {
-            return bad(
-                e,
-                "give RFC 3339 UTC (2026-11-23T10:00:00Z) or milliseconds since the epoch",
-            );
-        }
-    };
-    if from >= to {
-        return bad(
-            format!("from ({from}) must be before to ({to})"),
-            "swap them or widen the range",
-        );
-    }
     let window = q.window.as_deref().unwrap_or("hour");
     let bucket: Box<dyn Fn(i64) -> (i64, i64)> = match window {
         "minute" => Box::new(|t| fixed(t, 60_000)),
@@ -266,32 +248,10 @@ async fn fleet_hourly(State(state): State<AppState>, Query(q): Query<RangeQuery>
     const ROUTE: &str = "/v1/fleet/hourly";
     const HOUR: i64 = 3_600_000;
     let now = (state.now_ms)();
-    let time = |v: &Option<String>, default: i64, name: &str| match v {
-        None => Ok(default),
-        Some(s) => parse_time(s).ok_or_else(|| format!("{name}={s:?} is not a time")),
-    };
-    let (from, to) = match (
-        time(&q.from, now - 24 * HOUR, "from"),
-        time(&q.to, now, "to"),
-    ) {
-        (Ok(f), Ok(t)) if f < t => (f, t),
-        (Ok(f), Ok(t)) => {
-            return error(
-                &state,
-                ROUTE,
-                StatusCode::BAD_REQUEST,
-                format!("from ({f}) must be before to ({t})"),
-                "swap them or widen the range",
-            );
-        }
-        (Err(e), _) | (_, Err(e)) => {
-            return error(
-                &state,
-                ROUTE,
-                StatusCode::BAD_REQUEST,
-                e,
-                "give RFC 3339 UTC (2026-11-23T10:00:00Z) or milliseconds since the epoch",
-            );
+    let (from, to) = match time_range(&q.from, &q.to, now - 24 * HOUR, now) {
+        Ok(range) => range,
+        Err((message, hint)) => {
+            return error(&state, ROUTE, StatusCode::BAD_REQUEST, message, hint);
         }
     };
     // Node and fleet records are stored under the empty tenant.
@@ -350,6 +310,36 @@ async fn fleet_hourly(State(state): State<AppState>, Query(q): Query<RangeQuery>
         "hours": rows,
     }))
     .into_response()
+}
+
+/// The `from` and `to` query parameters (RFC 3339 UTC or milliseconds since the epoch), with
+/// their defaults; on error, what is wrong and what to do.
+fn time_range(
+    from: &Option<String>,
+    to: &Option<String>,
+    default_from: i64,
+    default_to: i64,
+) -> Result<(i64, i64), (String, &'static str)> {
+    let time = |v: &Option<String>, default: i64, name: &str| match v {
+        None => Ok(default),
+        Some(s) => parse_time(s).ok_or_else(|| {
+            (
+                format!("{name}={s:?} is not a time"),
+                "give RFC 3339 UTC (2026-11-23T10:00:00Z) or milliseconds since the epoch",
+            )
+        }),
+    };
+    let (from, to) = (
+        time(from, default_from, "from")?,
+        time(to, default_to, "to")?,
+    );
+    if from >= to {
+        return Err((
+            format!("from ({from}) must be before to ({to})"),
+            "swap them or widen the range",
+        ));
+    }
+    Ok((from, to))
 }
 
 fn fixed(t: i64, len: i64) -> (i64, i64) {

@@ -14,7 +14,7 @@ pub mod api;
 pub mod consumer;
 pub mod metrics;
 pub mod store;
-pub mod time;
+pub use meterflow_schemas::time;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use meterflow::broker::{self, BrokerConfig, EmbeddedBroker};
@@ -13,7 +13,7 @@ use meterflow::topics::{self, TopicsConfig};
 use meterflow_ingest::{Fleet, FleetConfig, Publisher};
 use meterflow_schemas::{BillingRecord, Record, UsageUpdate, topics as names};
 
-use crate::common::read_topic_at;
+use crate::common::{read_topic_at, spawn_processor};
 
 /// 2026-01-01T00:00:00Z.
 const T0: i64 = 1_767_225_600_000;
@@ -62,27 +62,19 @@ async fn broker_with_fleet() -> (
 }
 
 fn processor(brokers: &str, state: &Path, extra: &[String]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_meterflow"))
-        .args(["processor", "--brokers", brokers, "--state-dir"])
-        .arg(state)
-        .args([
-            "--billing-window",
-            "5m",
-            "--lateness",
-            "1m",
-            "--exit-when-caught-up",
-            "--partitions",
-            &PARTITIONS.to_string(),
-        ])
-        .args(extra)
-        .env(
-            "MF_LOG",
-            std::env::var("MF_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the meterflow binary starts")
+    let mut flags: Vec<String> = [
+        "--billing-window",
+        "5m",
+        "--lateness",
+        "1m",
+        "--exit-when-caught-up",
+        "--partitions",
+    ]
+    .map(String::from)
+    .to_vec();
+    flags.push(PARTITIONS.to_string());
+    flags.extend_from_slice(extra);
+    spawn_processor(brokers, state, &flags)
 }
 
 /// Waits for every child to exit successfully.

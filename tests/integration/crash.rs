@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use meterflow::broker::{self, BrokerConfig};
@@ -15,7 +15,7 @@ use meterflow_processor::PriceBook;
 use meterflow_processor::model::BillingKey;
 use meterflow_schemas::{BillingKind, BillingRecord, Record, SampleBatch, topics as names};
 
-use crate::common::read_topic_at;
+use crate::common::{read_topic_at, spawn_processor};
 
 /// 2026-01-01T00:00:00Z: event time of the scenario, well in the past.
 const T0: i64 = 1_767_225_600_000;
@@ -27,10 +27,10 @@ const KILLS: usize = 20;
 const LAG_TICKS: i64 = 40;
 
 fn start_processor(brokers: &str, state: &Path, workers: usize) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_meterflow"))
-        .args(["processor", "--brokers", brokers, "--state-dir"])
-        .arg(state)
-        .args([
+    spawn_processor(
+        brokers,
+        state,
+        &[
             "-w",
             &workers.to_string(),
             "--billing-window",
@@ -43,15 +43,8 @@ fn start_processor(brokers: &str, state: &Path, workers: usize) -> Child {
             "150ms",
             "--partitions",
             &PARTITIONS.to_string(),
-        ])
-        .env(
-            "MF_LOG",
-            std::env::var("MF_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the meterflow binary starts")
+        ],
+    )
 }
 
 /// A billing record and where it was found (partition, offset).

@@ -203,3 +203,24 @@ pub fn read_topic_at(
     }
     out
 }
+
+/// Starts the `meterflow processor` binary on `brokers` with its state in `state` and the
+/// given extra flags; its log level is `MF_TEST_LOG` (default `warn`).
+pub fn spawn_processor<S: AsRef<std::ffi::OsStr>>(
+    brokers: &str,
+    state: &std::path::Path,
+    flags: &[S],
+) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
+        .args(["processor", "--brokers", brokers, "--state-dir"])
+        .arg(state)
+        .args(flags)
+        .env(
+            "MF_LOG",
+            std::env::var("MF_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("the meterflow binary starts")
+}

@@ -100,6 +100,12 @@ pub fn month_start(ms: i64) -> i64 {
     days_from_civil(y, m, 1) * DAY_MS
 }
 
+/// `YYYY-MM` of the calendar month (UTC) that contains `ms`.
+pub fn month_name(ms: i64) -> String {
+    let (y, m, _) = civil_from_days(ms.div_euclid(DAY_MS));
+    format!("{y:04}-{m:02}")
+}
+
 /// Start of the calendar month after the one that contains `ms`.
 pub fn next_month_start(ms: i64) -> i64 {
     let (y, m, _) = civil_from_days(ms.div_euclid(DAY_MS));
