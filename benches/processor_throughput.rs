@@ -3,8 +3,10 @@
 //! per fleet tick, with 1 and 2 timely workers. A decode-only pass over the same bytes runs
 //! first in the same process as the baseline.
 //!
-//! `cargo bench --bench processor_throughput -- [NODES] [TICKS] [none]` (defaults 200 nodes,
-//! 40 ticks of 15 s, with the hour, day and month roll-ups; `none` leaves them out).
+//! `cargo bench --bench processor_throughput -- [NODES] [TICKS] [none|all] [RUN_MINUTES]`
+//! (defaults 200 nodes, 40 ticks of 15 s, with the hour, day and month roll-ups; `none` leaves
+//! them out; RUN_MINUTES makes every container run between that many minutes and twice as
+//! long instead of the simulator's 20 s to 5 min, as long-lived leases do).
 
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
@@ -30,11 +32,21 @@ fn main() {
         _ => Resolution::ALL.to_vec(),
     };
     println!("roll-ups: {rollups_wanted:?}");
+    let run_ms = match args.get(3).and_then(|a| a.parse::<i64>().ok()) {
+        Some(minutes) => (minutes * 60_000, 2 * minutes * 60_000),
+        None => FleetConfig::default().run_ms,
+    };
+    println!(
+        "containers run {} to {} s",
+        run_ms.0 / 1000,
+        run_ms.1 / 1000
+    );
 
     let mut fleet = Fleet::new(
         FleetConfig {
             nodes,
             seed: 42,
+            run_ms,
             ..FleetConfig::default()
         },
         0,

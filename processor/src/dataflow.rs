@@ -1,7 +1,7 @@
 //! The processor's differential dataflow, read top to bottom as the SPEC's steps.
 //!
 //! ```text
-//! summaries ─┬─ allocations ▸ allocation_intervals ▸ gpu_milliseconds ─┐
+//! summaries ─┬─ allocation pieces ▸ gpu_milliseconds                    ─┐
 //!            └─ reading windows (counters, gauges) ▸ reading_usage    ─┴▸ amounts
 //! amounts ─┬─ window_totals ▸ measured (per lease, service, item and base window → meterflow.usage)
 //!          └─ billing_totals           (per lease, item and billing window       → meterflow.billing)
@@ -28,7 +28,8 @@ use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Inspect, Probe};
 
 use crate::budgets::month_start_ms;
-use crate::model::{AllocationObs, Kind, Part, SeriesRef, Summary};
+pub use crate::model::Interval;
+use crate::model::{Kind, Part, SeriesRef, Summary};
 use crate::names::{BillingIdx, ItemId, LeaseId, Name, Names, NodeId, OwnerId, TenantId, UsageIdx};
 use crate::prices::{PriceBook, Rate};
 use crate::series::HOUR_MS;
@@ -64,16 +65,6 @@ pub type Time = u64;
 /// A collection at processor time with `isize` multiplicities (or quantities, for sums).
 pub type Coll<'s, D> = VecCollection<'s, Time, D>;
 
-/// The interval during which an allocation series held its GPUs.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
-pub struct Interval {
-    pub start_ms: i64,
-    pub end_ms: i64,
-    pub count: i64,
-}
-
 /// One windowed aggregate's value: its total, and how much of the window it was observed.
 /// For exact aggregates (allocations, counters) both times are the window's length; for a gauge
 /// they are summed over its series, and `observed_ms / present_ms` is its coverage.
@@ -102,17 +93,17 @@ pub enum FleetIdx {
     FleetMaxGpus(i64),
 }
 
-/// The allocation summaries, the reading windows and the node-hours in the input.
+/// The allocation pieces, the reading windows and the node-hours in the input.
 #[allow(clippy::type_complexity)]
 fn split<'s>(
     summaries: Coll<'s, Summary>,
 ) -> (
-    Coll<'s, (SeriesRef, AllocationObs)>,
+    Coll<'s, (SeriesRef, Interval)>,
     Coll<'s, (SeriesRef, Part, i64)>,
     Coll<'s, (NodeId, i64)>,
 ) {
     let allocations = summaries.clone().flat_map(|s| match s {
-        Summary::Allocation(k, v) => Some((k, v)),
+        Summary::Held(k, v) => Some((k, v)),
         _ => None,
     });
     let readings = summaries.clone().flat_map(|s| match s {
@@ -225,8 +216,7 @@ pub fn install(
             .probe_with(&probe);
         let (input, summaries) = scope.new_collection::<Summary, isize>();
         let (progress_in, progress) = scope.new_collection::<(usize, Progress), isize>();
-        let (allocations, readings, node_hours) = split(summaries);
-        let intervals = allocation_intervals(allocations);
+        let (intervals, readings, node_hours) = split(summaries);
         let amounts = amounts(intervals.clone(), readings, window_ms);
         let totals = window_totals(amounts.clone());
         let measured = measured(totals.clone(), window_ms);
@@ -405,34 +395,6 @@ pub fn period_costs<'s>(
         .count()
 }
 
-/// Allocation series → the interval its GPUs were held: from the runtime's `started_at` to its
-/// `finished_at` once seen, else to the latest observation (an open interval grows as samples
-/// arrive). Time before the start (pending) and between two containers (a restart is a new
-/// series) is never inside an interval.
-pub fn allocation_intervals<'s>(
-    observations: Coll<'s, (SeriesRef, AllocationObs)>,
-) -> Coll<'s, (SeriesRef, Interval)> {
-    observations.reduce_named("AllocationIntervals", |_key, input, output| {
-        let start_ms = input.iter().map(|(o, _)| o.started_at_ms).min();
-        let finish_ms = input.iter().filter_map(|(o, _)| o.finished_at_ms).min();
-        let last_seen_ms = input.iter().map(|(o, _)| o.observed_at_ms).max();
-        let count = input.iter().map(|(o, _)| o.count).max().unwrap_or(0);
-        if let (Some(start_ms), Some(last_seen_ms)) = (start_ms, last_seen_ms) {
-            let end_ms = finish_ms.unwrap_or(last_seen_ms);
-            if end_ms > start_ms && count > 0 {
-                output.push((
-                    Interval {
-                        start_ms,
-                        end_ms,
-                        count,
-                    },
-                    1,
-                ));
-            }
-        }
-    })
-}
-
 /// Splits `[start_ms, end_ms)` at window boundaries: `(window_start_ms, overlap_ms)` pairs.
 pub fn split_by_window(
     start_ms: i64,
@@ -447,8 +409,8 @@ pub fn split_by_window(
         .filter(|(_, overlap_ms)| *overlap_ms > 0)
 }
 
-/// Intervals → GPU-milliseconds per (owner, item, window), carried in the multiplicity so that
-/// the sums downstream are plain additions.
+/// Allocation pieces (each inside one base window) → GPU-milliseconds per (owner, item,
+/// window), carried in the multiplicity so that the sums downstream are plain additions.
 pub fn gpu_milliseconds<'s>(
     intervals: Coll<'s, (SeriesRef, Interval)>,
     window_ms: i64,
@@ -527,9 +489,10 @@ pub fn measured_by<'s>(
     exact.concat(gauges)
 }
 
-/// Allocation intervals → per node and hour, the most GPUs held at any instant: a sweep over
-/// the intervals' starts and ends within the hour (an end sorts before a start at the same
-/// millisecond, so a container replaced by another is not counted twice).
+/// Allocation pieces → per node and hour, the most GPUs held at any instant: a sweep over the
+/// pieces' starts and ends within the hour (an end sorts before a start at the same
+/// millisecond, so neither a container replaced by another nor one series' consecutive pieces
+/// are counted twice).
 pub fn max_gpus_allocated<'s>(
     intervals: Coll<'s, (SeriesRef, Interval)>,
 ) -> Coll<'s, ((NodeId, i64), isize)> {
@@ -608,7 +571,8 @@ mod tests {
 
     use super::*;
     use crate::model::{
-        Aggregate, AllocationKey, BillingKey, Observation, Owner, ReadingKey, ReadingObs, UsageKey,
+        Aggregate, AllocationKey, AllocationObs, BillingKey, Observation, Owner, ReadingKey,
+        ReadingObs, UsageKey,
     };
     use crate::names::Names;
     use crate::prices::PriceBook;

@@ -51,6 +51,73 @@ impl AllocationObs {
             count: self.count.max(other.count),
         }
     }
+
+    /// The interval the series held its GPUs: from the runtime's `started_at` to its
+    /// `finished_at` once seen, else to the latest observation (an open interval grows as
+    /// samples arrive); `None` while it is empty. Time before the start (pending) and between
+    /// two containers (a restart is a new series) is never inside an interval.
+    pub fn interval(&self) -> Option<Interval> {
+        let end_ms = self.finished_at_ms.unwrap_or(self.observed_at_ms);
+        (end_ms > self.started_at_ms && self.count > 0).then_some(Interval {
+            start_ms: self.started_at_ms,
+            end_ms,
+            count: self.count,
+        })
+    }
+}
+
+/// `count` GPUs held from `start_ms` to `end_ms`; what the dataflow is fed is such an interval
+/// cut at base-window boundaries, one piece per window (see [`held_changes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Interval {
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub count: i64,
+}
+
+impl Interval {
+    /// The pieces of the interval in each window of `window_ms`, from the window starting at
+    /// `from_ms` (a window boundary) on.
+    pub fn pieces(self, window_ms: i64, from_ms: i64) -> impl Iterator<Item = Interval> {
+        let start_ms = self.start_ms.max(from_ms);
+        crate::dataflow::split_by_window(start_ms, self.end_ms, window_ms).map(move |(w, ms)| {
+            let start_ms = start_ms.max(w);
+            Interval {
+                start_ms,
+                end_ms: start_ms + ms,
+                count: self.count,
+            }
+        })
+    }
+}
+
+/// The window pieces to remove and to add when an allocation series' merged observations go
+/// from `old` to `new`. Usually only the end moves, and only the pieces from the window of the
+/// earlier end on change: an allocation held for a month costs one piece per new observation,
+/// not one per window it has run.
+pub fn held_changes(
+    old: Option<Interval>,
+    new: Option<Interval>,
+    window_ms: i64,
+) -> (Vec<Interval>, Vec<Interval>) {
+    let from_ms = match (old, new) {
+        (Some(o), Some(n)) if o.start_ms == n.start_ms && o.count == n.count => {
+            (o.end_ms.min(n.end_ms) - 1).div_euclid(window_ms) * window_ms
+        }
+        _ => i64::MIN,
+    };
+    let pieces = |iv: Option<Interval>| -> Vec<Interval> {
+        iv.map(|iv| iv.pieces(window_ms, from_ms).collect())
+            .unwrap_or_default()
+    };
+    let (mut removed, mut added) = (pieces(old), pieces(new));
+    // Pieces in both stay as they are.
+    let same: std::collections::HashSet<Interval> = removed.iter().copied().collect();
+    let same: std::collections::HashSet<Interval> =
+        added.iter().copied().filter(|p| same.contains(p)).collect();
+    removed.retain(|p| !same.contains(p));
+    added.retain(|p| !same.contains(p));
+    (removed, added)
 }
 
 /// One series of readings: a counter or a gauge of one container (and, for GPU metrics, one
@@ -274,13 +341,14 @@ pub struct SeriesRef {
     pub node: NodeId,
 }
 
-/// What the dataflow is fed: one summary per allocation series, and per counter series its
+/// What the dataflow is fed: per allocation series the pieces of its interval by window, per
+/// counter and gauge series its
 /// usage per window and part (the amount travels in the update's multiplicity). Both come from a
 /// [`crate::series::Feeder`], which keeps the per-series state that the raw samples reduce to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Summary {
-    /// The merged observations of one allocation series.
-    Allocation(SeriesRef, AllocationObs),
+    /// A piece of one allocation series' interval, inside one base window.
+    Held(SeriesRef, Interval),
     /// A part of a reading series' usage in the window starting at the given millisecond.
     Window(SeriesRef, Part, i64),
     /// A node sent at least one sample in the hour starting at the given millisecond.
@@ -582,5 +650,89 @@ mod tests {
             panic!("a counter")
         };
         assert_eq!(obs.units, 1_000_001);
+    }
+
+    const MIN: i64 = 60_000;
+
+    fn obs(start: i64, finish: Option<i64>, seen: i64, count: i64) -> AllocationObs {
+        AllocationObs {
+            started_at_ms: start,
+            finished_at_ms: finish,
+            observed_at_ms: seen,
+            count,
+        }
+    }
+
+    #[test]
+    fn a_long_allocation_observed_again_changes_only_its_last_pieces() {
+        // Held for 30 days; seen 15 s later: only the piece of the last window grows.
+        let day = 24 * 60 * MIN;
+        let old = obs(0, None, 30 * day - 30_000, 1).interval();
+        let new = obs(0, None, 30 * day - 15_000, 1).interval();
+        let (removed, added) = held_changes(old, new, MIN);
+        let last = 30 * day - MIN;
+        assert_eq!(
+            (removed, added),
+            (
+                vec![Interval {
+                    start_ms: last,
+                    end_ms: last + 30_000,
+                    count: 1
+                }],
+                vec![Interval {
+                    start_ms: last,
+                    end_ms: last + 45_000,
+                    count: 1
+                }]
+            )
+        );
+        // Crossing into the next window adds a piece there too.
+        let next = obs(0, None, 30 * day + 5_000, 1).interval();
+        let (removed, added) = held_changes(new, next, MIN);
+        assert_eq!(removed.len(), 1);
+        assert_eq!(added.len(), 2);
+        assert_eq!(
+            added.iter().map(|p| p.end_ms - p.start_ms).sum::<i64>(),
+            65_000
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever order a series' observations come in, the pieces fed (added minus removed)
+        /// are exactly the final interval's pieces, and they add up to its length.
+        #[test]
+        fn pieces_fed_are_the_final_interval(
+            seen in proptest::collection::vec(
+                (0i64..50, proptest::option::of(0i64..400_000), 1i64..400_000, 1i64..3),
+                1..12,
+            ),
+        ) {
+            let mut fed: std::collections::BTreeMap<Interval, i64> = Default::default();
+            let mut state: Option<AllocationObs> = None;
+            for (start, finish, seen, count) in seen {
+                let o = obs(start * 1_000, finish, seen, count);
+                let merged = state.map_or(o, |s| s.merge(o));
+                let (removed, added) =
+                    held_changes(state.and_then(|s| s.interval()), merged.interval(), MIN);
+                for p in removed {
+                    *fed.entry(p).or_default() -= 1;
+                }
+                for p in added {
+                    *fed.entry(p).or_default() += 1;
+                }
+                state = Some(merged);
+            }
+            fed.retain(|_, n| *n != 0);
+            let last = state.expect("one observation at least").interval();
+            let expected: std::collections::BTreeMap<Interval, i64> = last
+                .map(|iv| iv.pieces(MIN, i64::MIN).map(|p| (p, 1)).collect())
+                .unwrap_or_default();
+            proptest::prop_assert_eq!(&fed, &expected);
+            let total: i64 = fed.keys().map(|p| (p.end_ms - p.start_ms) * p.count).sum();
+            proptest::prop_assert_eq!(
+                total,
+                last.map_or(0, |iv| (iv.end_ms - iv.start_ms) * iv.count)
+            );
+        }
     }
 }

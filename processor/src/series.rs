@@ -3,8 +3,8 @@
 //! One node's batches always reach the same worker, so the worker that owns a series sees every
 //! observation of it and can keep what they reduce to:
 //! - an allocation series reduces to [`AllocationObs::merge`] of its observations (earliest
-//!   start and finish, latest observation), and the dataflow is handed a replacement summary
-//!   only when that changes;
+//!   start and finish, latest observation), and the dataflow is handed the pieces of its
+//!   interval per base window that change when that changes (see [`held_changes`]);
 //! - a counter or gauge series reduces to its readings inside the allowed lateness (plus the
 //!   last one before it), from which [`Readings::insert`] derives how each new reading changes
 //!   the windows around it.
@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::dataflow::{Time, split_by_window};
 use crate::model::{
     Aggregate, AllocationKey, AllocationObs, Kind, Observation, Owner, Part, ReadingKey,
-    ReadingObs, SeriesRef, Summary,
+    ReadingObs, SeriesRef, Summary, held_changes,
 };
 use crate::names::{Item, Names, NodeId, OwnerId};
 
@@ -451,8 +451,17 @@ impl Feeder {
                     Some(state) => {
                         let merged = state.summary.merge(obs);
                         if merged != state.summary {
-                            input.remove(Summary::Allocation(state.series, state.summary));
-                            input.insert(Summary::Allocation(state.series, merged));
+                            let (removed, added) = held_changes(
+                                state.summary.interval(),
+                                merged.interval(),
+                                self.rules.window_ms,
+                            );
+                            for piece in removed {
+                                input.remove(Summary::Held(state.series, piece));
+                            }
+                            for piece in added {
+                                input.insert(Summary::Held(state.series, piece));
+                            }
                             state.summary = merged;
                             self.dirty_allocations.insert(state.series.series);
                         }
@@ -460,7 +469,7 @@ impl Feeder {
                     }
                     None => {
                         let series = self.new_allocation(partition, key, obs);
-                        input.insert(Summary::Allocation(series, obs));
+                        self.hold(input, series, obs);
                         self.dirty_allocations.insert(series.series);
                         series.node
                     }
@@ -514,7 +523,19 @@ impl Feeder {
         obs: AllocationObs,
     ) {
         let series = self.new_allocation(partition, key, obs);
-        input.insert(Summary::Allocation(series, obs));
+        self.hold(input, series, obs);
+    }
+
+    /// Feeds every piece of a new allocation series' interval.
+    fn hold(
+        &self,
+        input: &mut InputSession<Time, Summary, isize>,
+        series: SeriesRef,
+        obs: AllocationObs,
+    ) {
+        for piece in held_changes(None, obs.interval(), self.rules.window_ms).1 {
+            input.insert(Summary::Held(series, piece));
+        }
     }
 
     /// Restores a counter or gauge series' readings from a checkpoint.
