@@ -29,7 +29,7 @@ use timely::dataflow::operators::{Inspect, Probe};
 
 use crate::budgets::month_start_ms;
 pub use crate::model::Interval;
-use crate::model::{Kind, Part, SeriesRef, Summary};
+use crate::model::{Aggregate, Kind, Part, SeriesRef, Summary};
 use crate::names::{BillingIdx, ItemId, LeaseId, Name, Names, NodeId, OwnerId, TenantId, UsageIdx};
 use crate::prices::{PriceBook, Rate};
 use crate::series::HOUR_MS;
@@ -497,6 +497,7 @@ pub fn max_gpus_allocated<'s>(
     intervals: Coll<'s, (SeriesRef, Interval)>,
 ) -> Coll<'s, ((NodeId, i64), isize)> {
     intervals
+        .filter(|(s, _)| s.metric == Aggregate::GpuSeconds)
         .flat_map(|(s, iv)| {
             split_by_window(iv.start_ms, iv.end_ms, HOUR_MS)
                 .map(|(hour, _)| {
@@ -826,9 +827,19 @@ mod tests {
                 alloc("l", "c1", "g", 0, None, 10_000),
             ],
         ]);
+        let unfinished = |w| UsageKey {
+            metric: Aggregate::GpuSecondsUnfinished,
+            ..gpu_key("l", w)
+        };
         assert_eq!(
             out,
-            BTreeMap::from([(gpu_key("l", 0), 40_000), (gpu_key("l", MIN), 10_000)])
+            BTreeMap::from([
+                (gpu_key("l", 0), 40_000),
+                (gpu_key("l", MIN), 10_000),
+                // c2's end is not seen: its 30 s are flagged.
+                (unfinished(0), 20_000),
+                (unfinished(MIN), 10_000),
+            ])
         );
     }
 
@@ -931,21 +942,28 @@ mod tests {
                         .max()
                         .expect("non-empty")
                 });
+            // An end never seen: the same time again, flagged as unfinished.
+            let mut metrics = vec![Aggregate::GpuSeconds];
+            if vs.iter().all(|v| v.finished_at_ms.is_none()) {
+                metrics.push(Aggregate::GpuSecondsUnfinished);
+            }
             // Millisecond by millisecond would be the most obvious; window arithmetic on
             // integers is the same thing without the loop.
             let mut t = start;
             while t < end {
                 let w = t.div_euclid(MIN) * MIN;
                 let next = (w + MIN).min(end);
-                *exact
-                    .entry(UsageKey {
-                        owner: k.owner.clone(),
-                        metric: Aggregate::GpuSeconds,
-                        gpu_class: k.gpu_class.clone(),
-                        mig_profile: k.mig_profile.clone(),
-                        window_start_ms: w,
-                    })
-                    .or_default() += next - t;
+                for metric in &metrics {
+                    *exact
+                        .entry(UsageKey {
+                            owner: k.owner.clone(),
+                            metric: *metric,
+                            gpu_class: k.gpu_class.clone(),
+                            mig_profile: k.mig_profile.clone(),
+                            window_start_ms: w,
+                        })
+                        .or_default() += next - t;
+                }
                 t = next;
             }
         }
@@ -1214,9 +1232,18 @@ mod tests {
             expected_costs.retain(|_, c| *c != 0);
             prop_assert_eq!(costs, expected_costs);
 
-            // Billing totals are the usage totals summed per lease, item and hour.
+            // Billing totals are the priced usage totals summed per lease, item and hour.
             let mut billed: BTreeMap<BillingKey, i64> = BTreeMap::new();
-            for (k, v) in &expected {
+            let priced = |m: Aggregate| {
+                matches!(
+                    m,
+                    Aggregate::GpuSeconds
+                        | Aggregate::CpuCoreSeconds
+                        | Aggregate::MemoryByteSeconds
+                        | Aggregate::EnergyJoules
+                )
+            };
+            for (k, v) in expected.iter().filter(|(k, _)| priced(k.metric)) {
                 *billed.entry(BillingKey::of(k, HOUR)).or_default() += v.total;
             }
             billed.retain(|_, v| *v != 0);

@@ -285,7 +285,18 @@ pub struct Dirty {
 struct AllocationState {
     partition: i32,
     series: SeriesRef,
+    /// The same series, flagged while its `finished_at` is not seen
+    /// ([`Aggregate::GpuSecondsUnfinished`]).
+    unfinished: SeriesRef,
     summary: AllocationObs,
+}
+
+/// The interval of an allocation while its end has not been seen.
+fn unfinished(obs: AllocationObs) -> Option<crate::model::Interval> {
+    obs.finished_at_ms
+        .is_none()
+        .then(|| obs.interval())
+        .flatten()
 }
 
 /// One counter or gauge series' state.
@@ -396,13 +407,19 @@ impl Feeder {
             gpu_class: key.gpu_class.clone(),
             mig_profile: key.mig_profile.clone(),
         };
+        let flag = Item {
+            metric: Aggregate::GpuSecondsUnfinished,
+            ..item.clone()
+        };
         let series = self.series_ref(&key.owner, item, &key.node);
+        let unfinished = self.series_ref(&key.owner, flag, &key.node);
         self.allocation_keys.insert(series.series, key.clone());
         self.allocations.insert(
             key,
             AllocationState {
                 partition,
                 series,
+                unfinished,
                 summary: obs,
             },
         );
@@ -451,16 +468,22 @@ impl Feeder {
                     Some(state) => {
                         let merged = state.summary.merge(obs);
                         if merged != state.summary {
-                            let (removed, added) = held_changes(
-                                state.summary.interval(),
-                                merged.interval(),
-                                self.rules.window_ms,
-                            );
-                            for piece in removed {
-                                input.remove(Summary::Held(state.series, piece));
-                            }
-                            for piece in added {
-                                input.insert(Summary::Held(state.series, piece));
+                            let window_ms = self.rules.window_ms;
+                            for (series, old, new) in [
+                                (state.series, state.summary.interval(), merged.interval()),
+                                (
+                                    state.unfinished,
+                                    unfinished(state.summary),
+                                    unfinished(merged),
+                                ),
+                            ] {
+                                let (removed, added) = held_changes(old, new, window_ms);
+                                for piece in removed {
+                                    input.remove(Summary::Held(series, piece));
+                                }
+                                for piece in added {
+                                    input.insert(Summary::Held(series, piece));
+                                }
                             }
                             state.summary = merged;
                             self.dirty_allocations.insert(state.series.series);
@@ -468,8 +491,8 @@ impl Feeder {
                         state.series.node
                     }
                     None => {
-                        let series = self.new_allocation(partition, key, obs);
-                        self.hold(input, series, obs);
+                        let series = self.new_allocation(partition, key.clone(), obs);
+                        self.hold(input, &key, obs);
                         self.dirty_allocations.insert(series.series);
                         series.node
                     }
@@ -522,19 +545,26 @@ impl Feeder {
         key: AllocationKey,
         obs: AllocationObs,
     ) {
-        let series = self.new_allocation(partition, key, obs);
-        self.hold(input, series, obs);
+        self.new_allocation(partition, key.clone(), obs);
+        self.hold(input, &key, obs);
     }
 
-    /// Feeds every piece of a new allocation series' interval.
+    /// Feeds every piece of a new allocation series' interval (and flags them while its end is
+    /// not seen).
     fn hold(
         &self,
         input: &mut InputSession<Time, Summary, isize>,
-        series: SeriesRef,
+        key: &AllocationKey,
         obs: AllocationObs,
     ) {
-        for piece in held_changes(None, obs.interval(), self.rules.window_ms).1 {
-            input.insert(Summary::Held(series, piece));
+        let state = &self.allocations[key];
+        for (series, interval) in [
+            (state.series, obs.interval()),
+            (state.unfinished, unfinished(obs)),
+        ] {
+            for piece in held_changes(None, interval, self.rules.window_ms).1 {
+                input.insert(Summary::Held(series, piece));
+            }
         }
     }
 
