@@ -743,7 +743,7 @@ fn run_worker(
                 costs.borrow_mut().drain(..).collect(),
                 window_ms,
             )
-            + emit_periods(&producer, names, &period_changes);
+            + emit_periods(&producer, names, &period_changes, &config.budgets);
         for (key, value) in period_changes {
             spent.insert(key, value.unwrap_or(0) as i64);
             unchecked.insert(key);
@@ -1049,30 +1049,36 @@ fn emit_costs(
 }
 
 /// Sends each changed tenant's spend in a calendar month as a `period_cost` record (lease
-/// empty) in micros; returns how many.
+/// empty) in micros, and beside it the tenant's monthly budget as a `budget` record where it
+/// has one, so readers judge spend against the budget the alerts used; returns how many.
 fn emit_periods(
     producer: &OutputProducer,
     names: &Names,
     changes: &BTreeMap<(TenantId, i64), Option<isize>>,
+    budgets: &Budgets,
 ) -> usize {
+    let mut sent = 0;
     for ((tenant, month), value) in changes {
         let owner = Owner {
             tenant: names.tenant_name(*tenant),
             lease: String::new(),
             service: String::new(),
         };
-        let update = money_update(
-            &owner,
-            "period_cost",
-            (*month, next_month_start_ms(*month)),
-            value.unwrap_or(0) as i64,
-        );
-        match update.encode() {
-            Ok(bytes) => send(producer, topics::USAGE, Some(&update.id), &bytes),
-            Err(e) => warn!(error = %e, "period cost update not encodable"),
+        let period = (*month, next_month_start_ms(*month));
+        let budget = budgets
+            .tenants
+            .get(&owner.tenant)
+            .map(|b| money_update(&owner, "budget", period, b.monthly_micros));
+        let spent = money_update(&owner, "period_cost", period, value.unwrap_or(0) as i64);
+        for update in std::iter::once(spent).chain(budget) {
+            match update.encode() {
+                Ok(bytes) => send(producer, topics::USAGE, Some(&update.id), &bytes),
+                Err(e) => warn!(error = %e, "period cost update not encodable"),
+            }
+            sent += 1;
         }
     }
-    changes.len()
+    sent
 }
 
 /// A usage record of an amount of money in micros of the price book's currency.

@@ -1,6 +1,7 @@
 //! The HTTP API (SPEC: HTTP API), served with axum.
 //!
-//! Routes so far: `GET /v1/tenants/{tenant}/usage`, `GET /v1/fleet/hourly`, `GET /v1/status`,
+//! Routes so far: `GET /v1/tenants/{tenant}/usage`, `GET /v1/tenants/{tenant}/burn-rate`,
+//! `GET /v1/fleet/hourly`, `GET /v1/status`,
 //! `GET /metrics`,
 //! `GET /healthz`, `GET /readyz`, and `GET /` (a landing page listing tenants with data).
 
@@ -34,6 +35,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/v1/tenants/{tenant}/usage", get(tenant_usage))
+        .route("/v1/tenants/{tenant}/burn-rate", get(burn_rate))
         .route("/v1/fleet/hourly", get(fleet_hourly))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
@@ -77,6 +79,8 @@ pub struct UsageQuery {
 }
 
 const GROUPS: [&str; 4] = ["lease", "service", "gpu_class", "mig_profile"];
+/// Records per tenant and calendar month: spend as billed, and the budget it is judged by.
+const PERIOD_METRICS: [&str; 2] = ["period_cost", "budget"];
 const MAX_TENANT_LEN: usize = 256;
 
 #[derive(Default)]
@@ -187,12 +191,14 @@ async fn tenant_usage(
     };
     let mut rows: BTreeMap<(i64, i64, Vec<String>), Sums> = BTreeMap::new();
     let mut totals = Sums::default();
-    // Base windows only: live values (`live.*`) are not usage of a window, and roll-ups
-    // (`resolution` hour, day, month) repeat what base windows hold.
-    for u in updates
-        .iter()
-        .filter(|u| !u.metric.starts_with("live.") && u.resolution.is_empty())
-    {
+    // Base windows only: live values (`live.*`) are not usage of a window, roll-ups
+    // (`resolution` hour, day, month) repeat what base windows hold, and a month's spend and
+    // budget are the burn-rate route's.
+    for u in updates.iter().filter(|u| {
+        !u.metric.starts_with("live.")
+            && u.resolution.is_empty()
+            && !PERIOD_METRICS.contains(&u.metric.as_str())
+    }) {
         let (start, end) = bucket(u.window_start_ms);
         let key: Vec<String> = group_by
             .iter()
@@ -230,6 +236,144 @@ async fn tenant_usage(
         "group_by": group_by,
         "rows": rows,
         "totals": total,
+    }))
+    .into_response()
+}
+
+/// Query of `GET /v1/tenants/{tenant}/burn-rate`.
+#[derive(Debug, Deserialize)]
+pub struct BurnRateQuery {
+    /// How far back the rate looks from the watermark: `90s`, `5m`, `1h`, or milliseconds.
+    /// Default 5m; from 1 minute to 24 hours.
+    pub over: Option<String>,
+}
+
+/// A duration such as `90s`, `5m`, `1h` or plain milliseconds.
+fn parse_duration_ms(s: &str) -> Option<i64> {
+    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "ms"),
+    };
+    let n: i64 = number.parse().ok()?;
+    let unit_ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return None,
+    };
+    n.checked_mul(unit_ms)
+}
+
+fn money(micros: i128) -> f64 {
+    micros as f64 / 1e6
+}
+
+/// Cost per hour now (over the last `over` before the watermark), per lease and service and in
+/// total; the month's cost to date, what is billed of it, its projection to the month's end at
+/// the current rate, and the budget used.
+async fn burn_rate(
+    State(state): State<AppState>,
+    Path(tenant): Path<String>,
+    Query(q): Query<BurnRateQuery>,
+) -> Response {
+    const ROUTE: &str = "/v1/tenants/{tenant}/burn-rate";
+    const HOUR: f64 = 3_600_000.0;
+    let bad = |msg: String, hint: &str| error(&state, ROUTE, StatusCode::BAD_REQUEST, msg, hint);
+    if tenant.is_empty() || tenant.len() > MAX_TENANT_LEN || tenant.contains('\0') {
+        return bad(
+            format!("tenant must be 1 to {MAX_TENANT_LEN} bytes without NUL"),
+            "use the tenant name exactly as the agent reports it",
+        );
+    }
+    let over_ms = match q.over.as_deref().map(parse_duration_ms) {
+        None => 300_000,
+        Some(Some(ms)) if (60_000..=86_400_000).contains(&ms) => ms,
+        Some(_) => {
+            return bad(
+                format!(
+                    "over={:?} is not a duration from 1m to 24h",
+                    q.over.unwrap_or_default()
+                ),
+                "write it as 90s, 5m, 1h or milliseconds",
+            );
+        }
+    };
+    let internal = |e: crate::store::StoreError| {
+        error(
+            &state,
+            ROUTE,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+            "see the sink's log",
+        )
+    };
+    // "Now" is as far as the data has come, not the wall clock: a stalled pipeline shows an
+    // old `as_of`, never a rate of zero.
+    let as_of = match state.store.watermark_ms() {
+        Ok(w) => w.unwrap_or_else(|| (state.now_ms)()),
+        Err(e) => return internal(e),
+    };
+    let (month, month_end) = (month_start(as_of - 1), next_month_start(as_of - 1));
+    let recent = match state.store.usage(&tenant, as_of - over_ms, as_of) {
+        Ok(u) => u,
+        Err(e) => return internal(e),
+    };
+    let mut by_lease: BTreeMap<(String, String), i128> = BTreeMap::new();
+    for u in recent
+        .iter()
+        .filter(|u| u.metric == "cost" && u.resolution.is_empty())
+    {
+        *by_lease
+            .entry((u.lease.clone(), u.service.clone()))
+            .or_default() += i128::from(u.amount);
+    }
+    let per_hour = |micros: i128| money(micros) * HOUR / over_ms as f64;
+    let total_recent: i128 = by_lease.values().sum();
+    let to_date = match state.store.month_cost(&tenant, month) {
+        Ok(c) => i128::from(c),
+        Err(e) => return internal(e),
+    };
+    let period = match state.store.usage(&tenant, month, month + 1) {
+        Ok(u) => u,
+        Err(e) => return internal(e),
+    };
+    let of_period = |metric: &str| {
+        period
+            .iter()
+            .find(|u| u.metric == metric && u.lease.is_empty())
+            .map(|u| i128::from(u.amount))
+    };
+    let rate = per_hour(total_recent);
+    let projection = money(to_date) + rate * (month_end - as_of) as f64 / HOUR;
+    let budget = of_period("budget").map(|b| {
+        json!({
+            "monthly": money(b),
+            "used": if b > 0 { money(to_date) / money(b) } else { 0.0 },
+            "projected_used": if b > 0 { projection / money(b) } else { 0.0 },
+        })
+    });
+    let leases: Vec<Value> = by_lease
+        .iter()
+        .map(|((lease, service), micros)| {
+            json!({"lease": lease, "service": service, "burn_rate": per_hour(*micros)})
+        })
+        .collect();
+    count(&state, ROUTE, StatusCode::OK);
+    Json(json!({
+        "tenant": tenant,
+        "as_of": format_rfc3339(as_of),
+        "over_seconds": over_ms / 1000,
+        "burn_rate": rate,
+        "leases": leases,
+        "period": {
+            "start": format_rfc3339(month),
+            "end": format_rfc3339(month_end),
+            "to_date": money(to_date),
+            "billed": of_period("period_cost").map(money).unwrap_or(0.0),
+            "projection": projection,
+        },
+        "budget": budget,
     }))
     .into_response()
 }

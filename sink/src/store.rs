@@ -5,6 +5,9 @@
 //!   an update with the same id overwrites the earlier one, so applying twice changes nothing.
 //! - `o` 0x00 topic 0x00 partition (i32) → the next offset to consume from that partition.
 //! - `m` 0x00 `watermark` → the latest window end seen.
+//! - `c` 0x00 tenant 0x00 month_start → the sum of the tenant's `cost` records (base windows)
+//!   in that calendar month, in micros: kept as records arrive (a replaced record adds the
+//!   difference), so the period to date is one read however long the month has run.
 //!
 //! Data and the offsets that produced it are written in one `WriteBatch`: after a crash the
 //! sink resumes exactly after the last update it stored.
@@ -12,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use meterflow_schemas::time::month_start;
 use meterflow_schemas::{Record, UsageUpdate};
 use rocksdb::{DB, Direction, IteratorMode, Options, WriteBatch};
 
@@ -69,6 +73,24 @@ fn usage_key(u: &UsageUpdate) -> Vec<u8> {
     k
 }
 
+fn month_cost_key(tenant: &str, month_start_ms: i64) -> Vec<u8> {
+    let mut k = b"c\0".to_vec();
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&sortable(month_start_ms));
+    k
+}
+
+/// Whether a record is a base window's cost (what the month sums add up).
+fn is_window_cost(u: &UsageUpdate) -> bool {
+    u.metric == "cost" && u.resolution.is_empty()
+}
+
+fn read_i64(v: Option<Vec<u8>>) -> Option<i64> {
+    v.and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
+        .map(i64::from_be_bytes)
+}
+
 fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
     let mut k = b"o\0".to_vec();
     k.extend_from_slice(topic.as_bytes());
@@ -100,8 +122,28 @@ impl Store {
         let mut batch = WriteBatch::default();
         let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
         let mut watermark = self.watermark_ms()?;
+        // Cost records replaced in this batch: their latest amount, and the month sums changed.
+        let mut costs: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
+        let mut month_costs: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
         for c in consumed {
-            batch.put(usage_key(&c.update), c.update.encode()?);
+            let key = usage_key(&c.update);
+            if is_window_cost(&c.update) {
+                let before = match costs.get(&key) {
+                    Some(amount) => *amount,
+                    None => match self.db.get(&key)? {
+                        Some(v) => UsageUpdate::decode(&v)?.amount,
+                        None => 0,
+                    },
+                };
+                costs.insert(key.clone(), c.update.amount);
+                let month = month_cost_key(&c.update.tenant, month_start(c.update.window_start_ms));
+                let sum = match month_costs.get(&month) {
+                    Some(sum) => *sum,
+                    None => read_i64(self.db.get(&month)?).unwrap_or(0),
+                };
+                month_costs.insert(month, sum + c.update.amount - before);
+            }
+            batch.put(key, c.update.encode()?);
             let e = next.entry((&c.topic, c.partition)).or_insert(c.offset + 1);
             *e = (*e).max(c.offset + 1);
             // Only per-lease base windows say how far the data has come: node and fleet
@@ -111,6 +153,9 @@ impl Store {
             if !u.lease.is_empty() && u.resolution.is_empty() && !u.metric.starts_with("live.") {
                 watermark = Some(watermark.unwrap_or(i64::MIN).max(c.update.window_end_ms));
             }
+        }
+        for (month, sum) in month_costs {
+            batch.put(month, sum.to_be_bytes());
         }
         for ((topic, partition), offset) in next {
             batch.put(offset_key(topic, partition), offset.to_be_bytes());
@@ -148,11 +193,13 @@ impl Store {
 
     /// The latest window end of any stored update.
     pub fn watermark_ms(&self) -> Result<Option<i64>, StoreError> {
-        Ok(self
-            .db
-            .get(WATERMARK_KEY)?
-            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
-            .map(i64::from_be_bytes))
+        Ok(read_i64(self.db.get(WATERMARK_KEY)?))
+    }
+
+    /// The sum of a tenant's base-window costs in the calendar month starting at
+    /// `month_start_ms`, in micros.
+    pub fn month_cost(&self, tenant: &str, month_start_ms: i64) -> Result<i64, StoreError> {
+        Ok(read_i64(self.db.get(month_cost_key(tenant, month_start_ms))?).unwrap_or(0))
     }
 
     /// A tenant's usage updates with `from_ms <= window_start < to_ms`, in window order.
@@ -288,5 +335,36 @@ mod tests {
         );
         assert_eq!(store.watermark_ms().expect("reads"), Some(120_000));
         assert_eq!(store.tenants().expect("reads"), vec!["t", "tt", "u"]);
+    }
+
+    #[test]
+    fn month_costs_follow_replacements_within_and_across_batches() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("opens");
+        let cost = |id: &str, window: i64, micros: i64| UsageUpdate {
+            metric: "cost".into(),
+            scale: 6,
+            ..update("t", id, window, micros)
+        };
+        // 2026-11-30T23:59Z and 2026-12-01T00:00Z: two months.
+        let (nov, dec) = (1_796_083_140_000, 1_796_083_200_000);
+        store
+            .apply(&[
+                consumed(0, cost("a", nov, 100)),
+                consumed(1, cost("a", nov, 150)),
+                consumed(2, cost("b", dec, 7)),
+                // Not a base window's cost: left out of the sums.
+                consumed(3, update("t", "g", nov, 1_000)),
+            ])
+            .expect("applies");
+        store
+            .apply(&[consumed(4, cost("a", nov, 120))])
+            .expect("applies");
+        store
+            .apply(&[consumed(4, cost("a", nov, 120))])
+            .expect("applying twice is harmless");
+        let month = |t| store.month_cost("t", month_start(t)).expect("reads");
+        assert_eq!((month(nov), month(dec)), (120, 7));
+        assert_eq!(store.month_cost("u", month_start(nov)).expect("reads"), 0);
     }
 }

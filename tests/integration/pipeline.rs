@@ -333,6 +333,45 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
     );
     assert!(alerts[0].spent_micros >= 150_000, "{alerts:?}");
 
+    // Burn rate, as of the watermark (00:03): over the last minute, minute 2 cost h100 7,608 +
+    // CPU 56 (lease 100.1.1) and MIG 2,048 (100.1.2) micros, so 60 x 9,712 = 0.58272 an hour;
+    // the month to date is every minute's cost; at that rate the 191.95 hours left in November
+    // add 111.853104.
+    let burn = poll_json(
+        &pipeline.url("/v1/tenants/acme/burn-rate?over=1m"),
+        Duration::from_secs(10),
+        |v| v["period"]["to_date"].as_f64() == Some(0.173_697),
+    )
+    .await;
+    let near = |v: &Value, want: f64| {
+        let got = v.as_f64().unwrap_or(f64::NAN);
+        assert!((got - want).abs() < 1e-9, "{got} != {want}: {burn}");
+    };
+    assert_eq!(burn["as_of"], "2026-11-23T00:03:00.000Z", "{burn}");
+    near(&burn["burn_rate"], 0.582_72);
+    assert_eq!(burn["leases"].as_array().map(Vec::len), Some(2), "{burn}");
+    near(&burn["leases"][0]["burn_rate"], 0.459_84);
+    near(&burn["leases"][1]["burn_rate"], 0.122_88);
+    assert_eq!(burn["period"]["end"], "2026-12-01T00:00:00.000Z");
+    near(&burn["period"]["projection"], 0.173_697 + 0.582_72 * 191.95);
+    near(&burn["budget"]["monthly"], 0.30);
+    near(&burn["budget"]["used"], 0.173_697 / 0.30);
+    // What is billed is the same usage priced per billing hour: equal up to rounding.
+    let billed = burn["period"]["billed"].as_f64().unwrap_or(0.0);
+    assert!((billed - 0.173_697).abs() < 1e-5, "{burn}");
+    // Five minutes back from 00:03 holds every minute: 12 x the whole cost.
+    let burn5 = poll_json(
+        &pipeline.url("/v1/tenants/acme/burn-rate"),
+        Duration::from_secs(5),
+        |_| true,
+    )
+    .await;
+    near(&burn5["burn_rate"], 12.0 * 0.173_697);
+    let wrong = reqwest::get(pipeline.url("/v1/tenants/acme/burn-rate?over=5x"))
+        .await
+        .expect("sink answers");
+    assert_eq!(wrong.status(), 400);
+
     // Live values of lease 100.1.1 on node-a: memory 3 GiB now, up 1 GiB over the last 55 s;
     // the CPU counter reset to 5 s, so its change is those 5 s.
     let mut live: std::collections::BTreeMap<String, i64> = Default::default();
