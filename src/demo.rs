@@ -12,6 +12,7 @@ use anyhow::{Context, Result, anyhow};
 use meterflow_ingest::{FleetConfig, SimulatedAgentConfig};
 use meterflow_processor::ProcessorConfig;
 use meterflow_sink::SinkConfig;
+use meterflow_sink::auth::{Auth, Claims, SigningKey, mint, now_s};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, BrokerConfig};
@@ -53,11 +54,19 @@ async fn run_in(config: &DemoConfig, data_dir: &Path, shutdown: CancellationToke
     let brokers = broker.bootstrap();
     topics::ensure(&brokers, &TopicsConfig::default()).await?;
 
+    // A secret of this run only: the tokens printed below die with the demo.
+    let mut secret = [0u8; 32];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").context("cannot open /dev/urandom")?,
+        &mut secret,
+    )
+    .context("cannot read a random secret from /dev/urandom")?;
     let sink = meterflow_sink::start(
         SinkConfig {
             brokers: brokers.clone(),
             listen: config.listen,
             data_dir: data_dir.join("sink"),
+            auth: Auth::new(vec![Auth::hs256(&secret)]),
         },
         shutdown.clone(),
     )
@@ -101,11 +110,29 @@ async fn run_in(config: &DemoConfig, data_dir: &Path, shutdown: CancellationToke
         .into_iter()
         .next()
         .unwrap_or_default();
+    let token = |tenant: &str, scope: &str| {
+        mint(
+            &SigningKey::Hs256(secret.to_vec()),
+            &Claims {
+                sub: "demo".into(),
+                tenant: tenant.into(),
+                scope: scope.into(),
+                exp: now_s() + 7 * 24 * 3600,
+            },
+        )
+    };
+    let (tenant_token, operator_token) = (token(&tenant, "metrics")?, token("", "operator")?);
     println!("Meterflow demo is running.");
-    println!("  dashboard:     {url}/");
+    println!("  dashboard ({tenant}): {url}/#token={tenant_token}");
+    println!("  dashboard (operator): {url}/#token={operator_token}");
     println!("  tenant usage:  {url}/v1/tenants/{tenant}/usage?window=total");
+    println!("  burn rate:     {url}/v1/tenants/{tenant}/burn-rate");
+    println!("  fleet:         {url}/v1/fleet/hourly (operator token)");
     println!("  status:        {url}/v1/status");
     println!("  metrics:       {url}/metrics");
+    println!("  tenant token:   {tenant_token}");
+    println!("  operator token: {operator_token}");
+    println!("  e.g. curl -H \"Authorization: Bearer $TOKEN\" {url}/v1/tenants/{tenant}/burn-rate");
     println!("  Kafka broker:  {brokers} (embedded, memory storage)");
     println!(
         "Simulating {} nodes (seed {}), one batch per node every {}.",

@@ -9,9 +9,11 @@
 //!   the tests; production points `--brokers` at a Kafka cluster instead.
 //! - [`topics`]: creates the pipeline's topics with rdkafka's admin client.
 //! - [`demo`]: broker, simulated agent, processor and sink in one process.
+//! - [`client`]: `meterflow lease-metrics`, a client of the sink's API.
 //! - [`parse_duration`]: human durations (`500ms`, `15s`, `2m`) for flags.
 
 pub mod broker;
+pub mod client;
 pub mod demo;
 pub mod topics;
 

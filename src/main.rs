@@ -153,8 +153,75 @@ enum Command {
         /// Directory of the RocksDB view store.
         #[arg(long, default_value = "meterflow-sink-data")]
         data_dir: PathBuf,
+        /// File holding the HS256 secret bearer tokens are signed with (32 bytes or more).
+        #[arg(long, env = "MF_JWT_SECRET_FILE")]
+        jwt_secret_file: Option<PathBuf>,
+        /// PEM file of a public key (Ed25519 for EdDSA tokens, RSA for RS256); repeat for
+        /// several.
+        #[arg(long)]
+        jwt_public_key: Vec<PathBuf>,
         #[command(flatten)]
         topics: TopicArgs,
+    },
+    /// Prints one lease's usage as a table, from the sink's API.
+    LeaseMetrics {
+        /// The sink's URL.
+        #[arg(long, env = "MF_SINK_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// A bearer token (see `meterflow token`).
+        #[arg(long, env = "MF_TOKEN")]
+        token: String,
+        /// The lease.
+        #[arg(long)]
+        lease: String,
+        /// Start: RFC 3339 UTC or epoch ms (default: an hour before --to).
+        #[arg(long)]
+        from: Option<String>,
+        /// End (default: now).
+        #[arg(long)]
+        to: Option<String>,
+        /// Step, e.g. 1m or 15m (default: the finest the range allows).
+        #[arg(long)]
+        step: Option<String>,
+        /// Comma-separated aggregates (default: all).
+        #[arg(long)]
+        metric: Option<String>,
+        /// The tenant, when an operator asks for a lease id several tenants use.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Print the sink's JSON answer instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mints a bearer token for the sink's API from the sink's key.
+    Token {
+        /// The HS256 secret file the sink is given with --jwt-secret-file.
+        #[arg(
+            long,
+            env = "MF_JWT_SECRET_FILE",
+            conflicts_with = "private_key",
+            required_unless_present = "private_key"
+        )]
+        secret_file: Option<PathBuf>,
+        /// A PEM private key (Ed25519 or RSA) whose public key the sink is given.
+        #[arg(long)]
+        private_key: Option<PathBuf>,
+        /// The tenant whose data the token reaches (scope `metrics`).
+        #[arg(
+            long,
+            conflicts_with = "operator",
+            required_unless_present = "operator"
+        )]
+        tenant: Option<String>,
+        /// An operator token: the fleet and every tenant (scope `operator`).
+        #[arg(long)]
+        operator: bool,
+        /// Who the token is for (the `sub` claim).
+        #[arg(long, default_value = "meterflow-cli")]
+        sub: String,
+        /// How long the token is valid.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
     },
 }
 
@@ -249,6 +316,62 @@ async fn main() -> Result<()> {
                 workers,
             })
             .await
+        }
+        Command::LeaseMetrics {
+            url,
+            token,
+            lease,
+            from,
+            to,
+            step,
+            metric,
+            tenant,
+            json,
+        } => {
+            let answer =
+                meterflow::client::fetch_lease_metrics(&meterflow::client::LeaseMetricsRequest {
+                    url,
+                    token,
+                    lease,
+                    from,
+                    to,
+                    step,
+                    metric,
+                    tenant,
+                })
+                .await?;
+            if json {
+                println!("{answer:#}");
+            } else {
+                print!("{}", meterflow::client::table(&answer));
+            }
+            Ok(())
+        }
+        Command::Token {
+            secret_file,
+            private_key,
+            tenant,
+            operator,
+            sub,
+            ttl,
+        } => {
+            use meterflow_sink::auth::{Auth, Claims, SigningKey, mint, now_s};
+            let key = match (secret_file, private_key) {
+                (Some(path), _) => SigningKey::Hs256(Auth::secret_file(&path)?),
+                (None, Some(path)) => SigningKey::Pem(
+                    std::fs::read(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                ),
+                (None, None) => anyhow::bail!("give --secret-file or --private-key"),
+            };
+            let claims = Claims {
+                sub,
+                scope: if operator { "operator" } else { "metrics" }.into(),
+                tenant: tenant.unwrap_or_default(),
+                exp: now_s() + ttl.as_secs(),
+            };
+            println!("{}", mint(&key, &claims)?);
+            Ok(())
         }
         Command::Broker {
             listen,
@@ -351,14 +474,32 @@ async fn main() -> Result<()> {
             brokers,
             listen,
             data_dir,
+            jwt_secret_file,
+            jwt_public_key,
             topics: t,
         } => {
+            use meterflow_sink::auth::Auth;
+            let mut keys = Vec::new();
+            if let Some(path) = &jwt_secret_file {
+                keys.push(Auth::hs256(&Auth::secret_file(path)?));
+            }
+            for path in &jwt_public_key {
+                keys.push(Auth::public_key_file(path)?);
+            }
+            if keys.is_empty() {
+                anyhow::bail!(
+                    "the sink needs a key to check bearer tokens: give --jwt-secret-file FILE \
+                     (32 random bytes or more, e.g. `head -c 32 /dev/urandom | base64 > FILE`) \
+                     or --jwt-public-key PEM; then mint tokens with `meterflow token`"
+                );
+            }
             prepare(&brokers, &t, &shutdown).await?;
             let running = meterflow_sink::start(
                 meterflow_sink::SinkConfig {
                     brokers,
                     listen,
                     data_dir,
+                    auth: Auth::new(keys),
                 },
                 shutdown,
             )

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -17,6 +17,7 @@ use meterflow_schemas::{UsageUpdate, topics};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use crate::auth::{Auth, Claims};
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::time::{format_rfc3339, month_start, next_month_start, parse_time};
@@ -28,6 +29,70 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Clock, so tests can pin "now".
     pub now_ms: fn() -> i64,
+    /// How bearer tokens are checked.
+    pub auth: Auth,
+}
+
+/// What a route needs of the caller's token.
+enum Need<'a> {
+    /// Any valid token.
+    Any,
+    /// A token that reaches this tenant's data (its own `metrics` token, or an operator's).
+    Tenant(&'a str),
+    /// The `operator` scope.
+    Operator,
+}
+
+/// The caller's claims when its token is valid and enough for `need`; otherwise the answer:
+/// 401 without a valid token, 404 for another tenant's data (whether it exists is not told),
+/// 403 for a tenant token on an operator route.
+fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    route: &str,
+    need: Need<'_>,
+) -> Result<Claims, Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(claims) = token.and_then(|t| state.auth.check(t)) else {
+        count(state, route, StatusCode::UNAUTHORIZED);
+        let message = if token.is_some() {
+            "the bearer token is not valid: expired, not signed with a key this sink trusts, or malformed"
+        } else {
+            "this route needs a bearer token"
+        };
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            Json(json!({
+                "error": message,
+                "hint": "send Authorization: Bearer <token>; `meterflow token` mints one from the sink's key",
+            })),
+        )
+            .into_response());
+    };
+    match need {
+        Need::Any => Ok(claims),
+        Need::Tenant(tenant) if claims.reaches(tenant) => Ok(claims),
+        Need::Tenant(tenant) => Err(error(
+            state,
+            route,
+            StatusCode::NOT_FOUND,
+            format!("no tenant {tenant:?} for this token"),
+            "a tenant token reaches its own tenant only",
+        )),
+        Need::Operator if claims.has_scope("operator") => Ok(claims),
+        Need::Operator => Err(error(
+            state,
+            route,
+            StatusCode::FORBIDDEN,
+            "this route needs the operator scope".into(),
+            "ask the operator for a token with scope \"operator\"",
+        )),
+    }
 }
 
 /// The router with every route.
@@ -36,6 +101,8 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(index))
         .route("/v1/tenants/{tenant}/usage", get(tenant_usage))
         .route("/v1/tenants/{tenant}/burn-rate", get(burn_rate))
+        .route("/v1/leases/{lease}/metrics", get(lease_metrics))
+        .route("/v1/leases/{lease}/live", get(lease_live))
         .route("/v1/fleet/hourly", get(fleet_hourly))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
@@ -136,10 +203,14 @@ impl Sums {
 
 async fn tenant_usage(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Path(tenant): Path<String>,
     Query(q): Query<UsageQuery>,
 ) -> Response {
     const ROUTE: &str = "/v1/tenants/{tenant}/usage";
+    if let Err(denied) = authorize(&state, &headers, ROUTE, Need::Tenant(&tenant)) {
+        return denied;
+    }
     let bad = |msg: String, hint: &str| error(&state, ROUTE, StatusCode::BAD_REQUEST, msg, hint);
     if tenant.is_empty() || tenant.len() > MAX_TENANT_LEN || tenant.contains('\0') {
         return bad(
@@ -274,10 +345,14 @@ fn money(micros: i128) -> f64 {
 /// the current rate, and the budget used.
 async fn burn_rate(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Path(tenant): Path<String>,
     Query(q): Query<BurnRateQuery>,
 ) -> Response {
     const ROUTE: &str = "/v1/tenants/{tenant}/burn-rate";
+    if let Err(denied) = authorize(&state, &headers, ROUTE, Need::Tenant(&tenant)) {
+        return denied;
+    }
     const HOUR: f64 = 3_600_000.0;
     let bad = |msg: String, hint: &str| error(&state, ROUTE, StatusCode::BAD_REQUEST, msg, hint);
     if tenant.is_empty() || tenant.len() > MAX_TENANT_LEN || tenant.contains('\0') {
@@ -378,6 +453,300 @@ async fn burn_rate(
     .into_response()
 }
 
+/// Query of the lease routes: the tenant, for an operator when a lease id is used by several.
+#[derive(Debug, Deserialize)]
+pub struct LeaseQuery {
+    pub tenant: Option<String>,
+}
+
+/// Query of `GET /v1/leases/{lease}/metrics`.
+#[derive(Debug, Deserialize)]
+pub struct LeaseMetricsQuery {
+    /// Start (inclusive): RFC 3339 or epoch ms. Default: one hour before `end`.
+    pub start: Option<String>,
+    /// End (exclusive). Default: now.
+    pub end: Option<String>,
+    /// Step: `15s`, `1m`, `15m`, … or ms. Default: the finest the resolution table allows.
+    pub step: Option<String>,
+    /// Comma-separated aggregates (`gpu_seconds`, `cpu_core_seconds`, …). Default: all.
+    pub metric: Option<String>,
+    pub tenant: Option<String>,
+}
+
+/// The finest step for a range (SPEC: 15 s for ranges up to an hour … 15 m up to 30 days);
+/// `None` past 30 days.
+pub fn finest_step_ms(range_ms: i64) -> Option<i64> {
+    const S: i64 = 1_000;
+    const H: i64 = 3_600 * S;
+    [
+        (H, 15 * S),
+        (6 * H, 60 * S),
+        (24 * H, 5 * 60 * S),
+        (7 * 24 * H, 10 * 60 * S),
+        (30 * 24 * H, 15 * 60 * S),
+    ]
+    .into_iter()
+    .find(|(range, _)| range_ms <= *range)
+    .map(|(_, step)| step)
+}
+
+/// The tenant whose lease `lease` the caller asks for, or the answer: 404 when the caller
+/// reaches no tenant with that lease (the same answer whether it exists or not), 400 when an
+/// operator must say which of several tenants.
+fn lease_owner(
+    state: &AppState,
+    headers: &HeaderMap,
+    route: &str,
+    lease: &str,
+    tenant: Option<&str>,
+) -> Result<String, Response> {
+    let claims = authorize(state, headers, route, Need::Any)?;
+    if lease.is_empty() || lease.len() > MAX_TENANT_LEN || lease.contains('\0') {
+        return Err(error(
+            state,
+            route,
+            StatusCode::BAD_REQUEST,
+            format!("lease must be 1 to {MAX_TENANT_LEN} bytes without NUL"),
+            "use the lease id exactly as the agent reports it",
+        ));
+    }
+    let tenants = state.store.lease_tenants(lease).map_err(|e| {
+        error(
+            state,
+            route,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+            "see the sink's log",
+        )
+    })?;
+    let reachable: Vec<&String> = tenants
+        .iter()
+        .filter(|t| claims.reaches(t) && tenant.is_none_or(|want| want == t.as_str()))
+        .collect();
+    match reachable.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(error(
+            state,
+            route,
+            StatusCode::NOT_FOUND,
+            format!("no lease {lease:?} for this token"),
+            "a tenant token reaches its own tenant's leases only",
+        )),
+        several => Err(error(
+            state,
+            route,
+            StatusCode::BAD_REQUEST,
+            format!(
+                "lease {lease:?} exists for {} tenants: {}",
+                several.len(),
+                several
+                    .iter()
+                    .map(|t| t.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            "add ?tenant=NAME",
+        )),
+    }
+}
+
+/// One lease's aggregates as time series: per step, the sum of the base windows starting in
+/// it, with coverage.
+async fn lease_metrics(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(lease): Path<String>,
+    Query(q): Query<LeaseMetricsQuery>,
+) -> Response {
+    const ROUTE: &str = "/v1/leases/{lease}/metrics";
+    let tenant = match lease_owner(&state, &headers, ROUTE, &lease, q.tenant.as_deref()) {
+        Ok(t) => t,
+        Err(denied) => return denied,
+    };
+    let bad = |msg: String, hint: &str| error(&state, ROUTE, StatusCode::BAD_REQUEST, msg, hint);
+    let now = (state.now_ms)();
+    let end_default = q.end.as_deref().and_then(parse_time).unwrap_or(now);
+    let (start, end) = match time_range(&q.start, &q.end, end_default - 3_600_000, now) {
+        Ok(range) => range,
+        Err((message, hint)) => return bad(message, hint),
+    };
+    let Some(finest) = finest_step_ms(end - start) else {
+        return bad(
+            format!(
+                "the range is {} days; at most 30",
+                (end - start) / 86_400_000
+            ),
+            "narrow it, or use /v1/tenants/{tenant}/usage?window=day",
+        );
+    };
+    let updates = match state.store.lease_usage(&tenant, &lease, start, end) {
+        Ok(u) => u,
+        Err(e) => {
+            return error(
+                &state,
+                ROUTE,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e.to_string(),
+                "see the sink's log",
+            );
+        }
+    };
+    // Series come in base windows: no step is finer than one.
+    let base = updates
+        .iter()
+        .filter(|u| !u.metric.starts_with("live."))
+        .map(|u| u.window_end_ms - u.window_start_ms)
+        .max()
+        .unwrap_or(0);
+    let allowed = finest.max(base);
+    let step = match q.step.as_deref() {
+        None => allowed,
+        Some(text) => match parse_duration_ms(text) {
+            Some(step) if step >= allowed && step % allowed.max(1) == 0 => step,
+            Some(_) => {
+                return bad(
+                    format!(
+                        "step={text} is finer than this range allows, or not a multiple of it; the allowed step is {}s",
+                        allowed / 1000
+                    ),
+                    "use that step or a multiple of it",
+                );
+            }
+            None => {
+                return bad(
+                    format!("step={text:?} is not a duration"),
+                    "write it as 15s, 1m, 15m or milliseconds",
+                );
+            }
+        },
+    };
+    let wanted: Option<Vec<&str>> = q.metric.as_deref().map(|m| {
+        m.split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .collect()
+    });
+    // metric → step start → sums
+    let mut series: BTreeMap<String, BTreeMap<i64, Sums>> = BTreeMap::new();
+    for u in updates.iter().filter(|u| {
+        !u.metric.starts_with("live.")
+            && wanted
+                .as_ref()
+                .is_none_or(|w| w.contains(&u.metric.as_str()))
+    }) {
+        let at = start + (u.window_start_ms - start).div_euclid(step) * step;
+        series
+            .entry(u.metric.clone())
+            .or_default()
+            .entry(at)
+            .or_default()
+            .add(u);
+    }
+    let series: Vec<Value> = series
+        .into_iter()
+        .map(|(metric, points)| {
+            let points: Vec<Value> = points
+                .into_iter()
+                .map(|(at, sums)| {
+                    let mut row = Map::new();
+                    sums.write(&mut row);
+                    json!({
+                        "t": format_rfc3339(at),
+                        "value": row.get(&metric).cloned().unwrap_or(json!(0.0)),
+                        "coverage": row["coverage"].get(&metric).cloned().unwrap_or(json!(null)),
+                    })
+                })
+                .collect();
+            json!({"metric": metric, "points": points})
+        })
+        .collect();
+    count(&state, ROUTE, StatusCode::OK);
+    Json(json!({
+        "lease": lease,
+        "tenant": tenant,
+        "start": format_rfc3339(start),
+        "end": format_rfc3339(end),
+        "step_seconds": step / 1000,
+        "series": series,
+    }))
+    .into_response()
+}
+
+/// The lease's live values: per metric the gauge (latest), diff (change over the last
+/// interval) and rate (per second), summed over its services and nodes, and per service.
+async fn lease_live(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(lease): Path<String>,
+    Query(q): Query<LeaseQuery>,
+) -> Response {
+    const ROUTE: &str = "/v1/leases/{lease}/live";
+    let tenant = match lease_owner(&state, &headers, ROUTE, &lease, q.tenant.as_deref()) {
+        Ok(t) => t,
+        Err(denied) => return denied,
+    };
+    // Live values carry window start 0 and end at their newest reading.
+    let updates = match state.store.lease_usage(&tenant, &lease, 0, 1) {
+        Ok(u) => u,
+        Err(e) => {
+            return error(
+                &state,
+                ROUTE,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e.to_string(),
+                "see the sink's log",
+            );
+        }
+    };
+    // metric → kind → (total, per service); and the newest reading.
+    let mut metrics: BTreeMap<String, BTreeMap<String, (f64, BTreeMap<String, f64>)>> =
+        BTreeMap::new();
+    let mut at = None::<i64>;
+    for u in &updates {
+        let Some(rest) = u.metric.strip_prefix("live.") else {
+            continue;
+        };
+        let Some((metric, kind)) = rest.rsplit_once('.') else {
+            continue;
+        };
+        let value = u.amount as f64 / 10f64.powi(u.scale);
+        let e = metrics
+            .entry(metric.to_string())
+            .or_default()
+            .entry(kind.to_string())
+            .or_default();
+        e.0 += value;
+        *e.1.entry(u.service.clone()).or_default() += value;
+        at = Some(at.unwrap_or(i64::MIN).max(u.window_end_ms));
+    }
+    let metrics: Map<String, Value> = metrics
+        .into_iter()
+        .map(|(metric, kinds)| {
+            let mut out = Map::new();
+            let mut services: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
+            for (kind, (total, by_service)) in kinds {
+                out.insert(kind.clone(), json!(total));
+                for (service, v) in by_service {
+                    services
+                        .entry(service)
+                        .or_default()
+                        .insert(kind.clone(), json!(v));
+                }
+            }
+            out.insert("services".into(), json!(services));
+            (metric, Value::Object(out))
+        })
+        .collect();
+    count(&state, ROUTE, StatusCode::OK);
+    Json(json!({
+        "lease": lease,
+        "tenant": tenant,
+        "at": at.map(format_rfc3339),
+        "metrics": metrics,
+    }))
+    .into_response()
+}
+
 /// Query of `GET /v1/fleet/hourly`.
 #[derive(Debug, Deserialize)]
 pub struct RangeQuery {
@@ -388,8 +757,15 @@ pub struct RangeQuery {
 }
 
 /// Per hour: active nodes and the sum of the per-node maxima of GPUs allocated, then each node.
-async fn fleet_hourly(State(state): State<AppState>, Query(q): Query<RangeQuery>) -> Response {
+async fn fleet_hourly(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<RangeQuery>,
+) -> Response {
     const ROUTE: &str = "/v1/fleet/hourly";
+    if let Err(denied) = authorize(&state, &headers, ROUTE, Need::Operator) {
+        return denied;
+    }
     const HOUR: i64 = 3_600_000;
     let now = (state.now_ms)();
     let (from, to) = match time_range(&q.from, &q.to, now - 24 * HOUR, now) {
@@ -491,14 +867,17 @@ fn fixed(t: i64, len: i64) -> (i64, i64) {
     (start, start + len)
 }
 
-async fn status(State(state): State<AppState>) -> Response {
+async fn status(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(denied) = authorize(&state, &headers, "/v1/status", Need::Any) {
+        return denied;
+    }
     let watermark = state.store.watermark_ms().ok().flatten();
     let offsets = state.store.offsets(topics::USAGE).unwrap_or_default();
     count(&state, "/v1/status", StatusCode::OK);
     Json(json!({
         "service": "meterflow-sink",
         "version": env!("CARGO_PKG_VERSION"),
-        "features": ["usage"],
+        "features": ["usage", "burn-rate", "metrics", "live", "fleet"],
         "watermark": watermark.map(format_rfc3339),
         "watermark_ms": watermark,
         "consumed_offsets": { topics::USAGE: offsets },
@@ -527,26 +906,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn index(State(state): State<AppState>) -> Response {
-    let tenants = state.store.tenants().unwrap_or_default();
-    let items: String = tenants
-        .iter()
-        .map(|t| {
-            let t = html_escape(t);
-            format!("<li><a href=\"/v1/tenants/{t}/usage?window=total\">{t}</a></li>")
-        })
-        .collect();
+    // The page holds no data: what it shows, it fetches with the token it is given.
     count(&state, "/", StatusCode::OK);
-    Html(format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Meterflow</title></head><body>\
-         <h1>Meterflow</h1><p>Usage this month, per tenant (JSON):</p><ul>{items}</ul>\
-         <p><a href=\"/v1/status\">status</a> · <a href=\"/metrics\">metrics</a></p></body></html>"
-    ))
-    .into_response()
+    Html(INDEX_HTML).into_response()
 }
 
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
+/// The landing page: asks for a token (or takes one from the URL's `#token=` fragment, which
+/// the browser never sends to the server) and shows what it reaches.
+const INDEX_HTML: &str = include_str!("index.html");

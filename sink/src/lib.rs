@@ -7,10 +7,12 @@
 //! - [`store`]: the RocksDB views; idempotent updates, offsets in the same write batch.
 //! - [`consumer`]: Kafka → store, resuming from the stored offsets.
 //! - [`api`]: the axum routes.
+//! - [`auth`]: bearer tokens (JWT) and what each reaches.
 //! - [`metrics`]: the sink's own Prometheus metrics.
 //! - [`time`]: RFC 3339 and calendar months without a calendar dependency.
 
 pub mod api;
+pub mod auth;
 pub mod consumer;
 pub mod metrics;
 pub mod store;
@@ -35,6 +37,8 @@ pub struct SinkConfig {
     pub listen: SocketAddr,
     /// Directory of the RocksDB view store.
     pub data_dir: PathBuf,
+    /// How bearer tokens are checked.
+    pub auth: auth::Auth,
 }
 
 /// Why the sink stopped.
@@ -84,6 +88,7 @@ pub async fn start(
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(0)
         },
+        auth: config.auth.clone(),
     };
     let consuming = {
         let shutdown = shutdown.clone();

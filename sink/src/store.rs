@@ -5,6 +5,11 @@
 //!   an update with the same id overwrites the earlier one, so applying twice changes nothing.
 //! - `o` 0x00 topic 0x00 partition (i32) → the next offset to consume from that partition.
 //! - `m` 0x00 `watermark` → the latest window end seen.
+//! - `l` 0x00 lease 0x00 tenant 0x00 window_start id → the same record again, for a lease's
+//!   series and live values (base windows and `live.*` records of leases only). A lease id is
+//!   unique only within its tenant (Akash's dseq is a block height), so the tenant is part of
+//!   the key;
+//! - `t` 0x00 lease 0x00 tenant → nothing: the tenants a lease id belongs to;
 //! - `c` 0x00 tenant 0x00 month_start → the sum of the tenant's `cost` records (base windows)
 //!   in that calendar month, in micros: kept as records arrive (a replaced record adds the
 //!   difference), so the period to date is one read however long the month has run.
@@ -71,6 +76,35 @@ fn usage_key(u: &UsageUpdate) -> Vec<u8> {
     k.extend_from_slice(&sortable(u.window_start_ms));
     k.extend_from_slice(u.id.as_bytes());
     k
+}
+
+fn lease_prefix(lease: &str, tenant: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(lease.len() + tenant.len() + 4);
+    k.extend_from_slice(b"l\0");
+    k.extend_from_slice(lease.as_bytes());
+    k.push(0);
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k
+}
+
+fn lease_key(u: &UsageUpdate) -> Vec<u8> {
+    let mut k = lease_prefix(&u.lease, &u.tenant);
+    k.extend_from_slice(&sortable(u.window_start_ms));
+    k.extend_from_slice(u.id.as_bytes());
+    k
+}
+
+fn lease_tenants_prefix(lease: &str) -> Vec<u8> {
+    let mut k = b"t\0".to_vec();
+    k.extend_from_slice(lease.as_bytes());
+    k.push(0);
+    k
+}
+
+/// Whether a record belongs in its lease's index: a base window or a live value of a lease.
+fn indexed_by_lease(u: &UsageUpdate) -> bool {
+    !u.lease.is_empty() && u.resolution.is_empty()
 }
 
 fn month_cost_key(tenant: &str, month_start_ms: i64) -> Vec<u8> {
@@ -143,7 +177,14 @@ impl Store {
                 };
                 month_costs.insert(month, sum + c.update.amount - before);
             }
-            batch.put(key, c.update.encode()?);
+            let encoded = c.update.encode()?;
+            if indexed_by_lease(&c.update) {
+                batch.put(lease_key(&c.update), &encoded);
+                let mut tenant = lease_tenants_prefix(&c.update.lease);
+                tenant.extend_from_slice(c.update.tenant.as_bytes());
+                batch.put(tenant, b"");
+            }
+            batch.put(key, encoded);
             let e = next.entry((&c.topic, c.partition)).or_insert(c.offset + 1);
             *e = (*e).max(c.offset + 1);
             // Only per-lease base windows say how far the data has come: node and fleet
@@ -202,6 +243,35 @@ impl Store {
         Ok(read_i64(self.db.get(month_cost_key(tenant, month_start_ms))?).unwrap_or(0))
     }
 
+    /// The tenants with a lease of this id, in name order (empty for a lease never seen).
+    pub fn lease_tenants(&self, lease: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = lease_tenants_prefix(lease);
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&prefix, Direction::Forward))
+        {
+            let (k, _) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+        }
+        Ok(out)
+    }
+
+    /// A tenant's lease's base-window and live records with `from_ms <= window_start < to_ms`,
+    /// in window order (live values have window start 0).
+    pub fn lease_usage(
+        &self,
+        tenant: &str,
+        lease: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<UsageUpdate>, StoreError> {
+        self.range(lease_prefix(lease, tenant), from_ms, to_ms)
+    }
+
     /// A tenant's usage updates with `from_ms <= window_start < to_ms`, in window order.
     pub fn usage(
         &self,
@@ -209,7 +279,16 @@ impl Store {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<UsageUpdate>, StoreError> {
-        let prefix = usage_prefix(tenant);
+        self.range(usage_prefix(tenant), from_ms, to_ms)
+    }
+
+    /// The records under `prefix` whose window start is in `[from_ms, to_ms)`.
+    fn range(
+        &self,
+        prefix: Vec<u8>,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<UsageUpdate>, StoreError> {
         let mut start = prefix.clone();
         start.extend_from_slice(&sortable(from_ms));
         let mut end = prefix.clone();
@@ -335,6 +414,26 @@ mod tests {
         );
         assert_eq!(store.watermark_ms().expect("reads"), Some(120_000));
         assert_eq!(store.tenants().expect("reads"), vec!["t", "tt", "u"]);
+        // A lease id is one per tenant: each tenant's records, and the tenants holding it.
+        assert_eq!(
+            store
+                .lease_usage("t", "l", 0, 120_000)
+                .expect("reads")
+                .len(),
+            2
+        );
+        assert_eq!(
+            store
+                .lease_usage("tt", "l", 0, 120_000)
+                .expect("reads")
+                .len(),
+            1
+        );
+        assert_eq!(
+            store.lease_tenants("l").expect("reads"),
+            vec!["t", "tt", "u"]
+        );
+        assert!(store.lease_tenants("nope").expect("reads").is_empty());
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::common::poll_json;
+use crate::common::{get_as, poll_json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_gpu_seconds_and_exits_cleanly() {
@@ -28,22 +28,32 @@ async fn demo_serves_gpu_seconds_and_exits_cleanly() {
     let (url_tx, url_rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
         let mut lines = Vec::new();
+        let (mut url, mut token) = (None, None);
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(rest) = line.trim().strip_prefix("tenant usage:") {
-                let _ = url_tx.send(rest.trim().to_string());
+                url = Some(rest.trim().to_string());
+            }
+            if let Some(rest) = line.trim().strip_prefix("tenant token:") {
+                token = Some(rest.trim().to_string());
+            }
+            if let (Some(u), Some(t)) = (url.take_if(|_| token.is_some()), &token) {
+                let _ = url_tx.send((u, t.clone()));
             }
             lines.push(line);
         }
         lines
     });
-    let usage_url =
+    let (usage_url, token) =
         tokio::task::spawn_blocking(move || url_rx.recv_timeout(Duration::from_secs(60)))
             .await
             .expect("join")
-            .expect("the demo prints the tenant usage URL");
+            .expect("the demo prints the tenant usage URL and a tenant token");
     assert!(usage_url.starts_with("http://127.0.0.1:"), "{usage_url}");
 
-    let usage = poll_json(&usage_url, Duration::from_secs(25), |v| {
+    // The printed URL needs the printed token: without it, 401.
+    let (status, _) = get_as(&usage_url, "").await;
+    assert_eq!(status, 401);
+    let usage = poll_json(&usage_url, &token, Duration::from_secs(25), |v| {
         v["totals"]["gpu_seconds"].as_f64().is_some_and(|s| s > 0.0)
     })
     .await;

@@ -12,7 +12,7 @@ use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 
-use crate::common::{Pipeline, get_text, poll_json, read_topic};
+use crate::common::{Pipeline, get_as, get_text, poll_json, read_topic, token};
 
 /// 2026-11-23T00:00:00Z, on a minute boundary.
 const T0: i64 = 1_795_392_000_000;
@@ -91,7 +91,7 @@ const GIB: f64 = (1u64 << 30) as f64;
 ///   restarted as c3 at 100 s (the 10 s between is pending, not billed), last seen at 160 s:
 ///   60 + 60 = 120 GPU-s.
 /// - globex / 200.1.1: an A100 container that lived 2.5 s between two ticks (61 s → 63.5 s).
-fn batches() -> Vec<SampleBatch> {
+pub(crate) fn batches() -> Vec<SampleBatch> {
     let c1 = |g: &str| series("acme", "100.1.1", "c1", g, "h100", "");
     let mig = |c: &str| series("acme", "100.1.2", c, "MIG-1", "a100", "1g.10gb");
     let short = series("globex", "200.1.1", "c9", "GPU-9", "a100", "");
@@ -181,10 +181,11 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
 
     let from = T0;
     let to = T0 + 3_600_000;
+    let acme_token = token("acme");
     let url_total = pipeline.url(&format!(
         "/v1/tenants/acme/usage?from={from}&to={to}&window=total"
     ));
-    let acme = poll_json(&url_total, Duration::from_secs(90), |v| {
+    let acme = poll_json(&url_total, &acme_token, Duration::from_secs(90), |v| {
         v["totals"]["gpu_seconds"].as_f64() == Some(361.0)
             && v["totals"]["cpu_core_seconds"].as_f64() == Some(75.0)
             && v["totals"]["coverage"]["memory_byte_seconds"].is_number()
@@ -227,7 +228,10 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
         "/v1/tenants/acme/usage?from={}&to={to}&window=minute&group_by=lease,gpu_class",
         "2026-11-23T00:00:00Z"
     ));
-    let minutes = poll_json(&url, Duration::from_secs(10), |v| v["rows"].is_array()).await;
+    let minutes = poll_json(&url, &acme_token, Duration::from_secs(10), |v| {
+        v["rows"].is_array()
+    })
+    .await;
     let h100: Vec<(String, f64)> = minutes["rows"]
         .as_array()
         .expect("rows")
@@ -253,6 +257,7 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
         &pipeline.url(&format!(
             "/v1/tenants/globex/usage?from={from}&to={to}&window=total"
         )),
+        &token("globex"),
         Duration::from_secs(10),
         |v| v["totals"]["gpu_seconds"].as_f64() == Some(2.5),
     )
@@ -262,12 +267,16 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
     // A tenant with no data gets zeros, not an error; a bad parameter gets a 400 that says why.
     let nobody = poll_json(
         &pipeline.url("/v1/tenants/nobody/usage?window=day"),
+        &token("nobody"),
         Duration::from_secs(5),
         |_| true,
     )
     .await;
     assert_eq!(nobody["totals"]["gpu_seconds"].as_f64(), Some(0.0));
-    let bad = reqwest::get(pipeline.url("/v1/tenants/acme/usage?window=fortnight"))
+    let bad = reqwest::Client::new()
+        .get(pipeline.url("/v1/tenants/acme/usage?window=fortnight"))
+        .bearer_auth(&acme_token)
+        .send()
         .await
         .expect("answer");
     assert_eq!(bad.status(), 400);
@@ -311,7 +320,7 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
 
     // Costs: every (lease, service, minute) priced on its own and summed: h100 76,083 +
     // 83,000 + 7,608; CPU 111 + 667 + 56; memory 28; the MIG slice 1,536 + 2,560 + 2,048.
-    let priced = poll_json(&url_total, Duration::from_secs(10), |v| {
+    let priced = poll_json(&url_total, &acme_token, Duration::from_secs(10), |v| {
         v["totals"]["cost"].as_f64() == Some(0.173_697)
     })
     .await;
@@ -339,6 +348,7 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
     // add 111.853104.
     let burn = poll_json(
         &pipeline.url("/v1/tenants/acme/burn-rate?over=1m"),
+        &acme_token,
         Duration::from_secs(10),
         |v| v["period"]["to_date"].as_f64() == Some(0.173_697),
     )
@@ -362,12 +372,16 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
     // Five minutes back from 00:03 holds every minute: 12 x the whole cost.
     let burn5 = poll_json(
         &pipeline.url("/v1/tenants/acme/burn-rate"),
+        &acme_token,
         Duration::from_secs(5),
         |_| true,
     )
     .await;
     near(&burn5["burn_rate"], 12.0 * 0.173_697);
-    let wrong = reqwest::get(pipeline.url("/v1/tenants/acme/burn-rate?over=5x"))
+    let wrong = reqwest::Client::new()
+        .get(pipeline.url("/v1/tenants/acme/burn-rate?over=5x"))
+        .bearer_auth(&acme_token)
+        .send()
         .await
         .expect("sink answers");
     assert_eq!(wrong.status(), 400);
@@ -428,6 +442,114 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
         "{live:?}"
     );
 
+    // The same live values in one call through the API, for an autoscaler.
+    let api_live = poll_json(
+        &pipeline.url("/v1/leases/100.1.1/live"),
+        &acme_token,
+        Duration::from_secs(10),
+        |v| v["metrics"]["memory_working_set_bytes"]["gauge"].is_number(),
+    )
+    .await;
+    let memory = &api_live["metrics"]["memory_working_set_bytes"];
+    assert_eq!(memory["gauge"].as_f64(), Some(3.0 * GIB), "{api_live}");
+    assert_eq!(memory["diff"].as_f64(), Some(GIB), "{api_live}");
+    assert_eq!(
+        api_live["metrics"]["cpu_usage_seconds_total"]["diff"].as_f64(),
+        Some(5.0),
+        "{api_live}"
+    );
+    assert_eq!(api_live["tenant"], "acme");
+
+    // Lease 100.1.1's GPU time as a series: an hour's range allows 15 s steps, but the data
+    // comes in 1-minute windows, so 60 s is the finest; a finer step is refused with it.
+    let series = poll_json(
+        &pipeline.url(&format!(
+            "/v1/leases/100.1.1/metrics?start={from}&end={to}&metric=gpu_seconds"
+        )),
+        &acme_token,
+        Duration::from_secs(10),
+        |v| v["series"].is_array(),
+    )
+    .await;
+    assert_eq!(series["step_seconds"], 60, "{series}");
+    let points: Vec<(String, f64)> = series["series"][0]["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .map(|p| {
+            (
+                p["t"].as_str().unwrap_or_default().to_string(),
+                p["value"].as_f64().unwrap_or(f64::NAN),
+            )
+        })
+        .collect();
+    assert_eq!(
+        points,
+        vec![
+            ("2026-11-23T00:00:00.000Z".into(), 110.0),
+            ("2026-11-23T00:01:00.000Z".into(), 120.0),
+            ("2026-11-23T00:02:00.000Z".into(), 11.0),
+        ]
+    );
+    let (status, body) = get_as(
+        &pipeline.url(&format!(
+            "/v1/leases/100.1.1/metrics?start={from}&end={to}&step=15s"
+        )),
+        &acme_token,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("60s"), "{body}");
+    let hourly_series = poll_json(
+        &pipeline.url(&format!(
+            "/v1/leases/100.1.1/metrics?start={from}&end={to}&step=1h&metric=gpu_seconds"
+        )),
+        &acme_token,
+        Duration::from_secs(5),
+        |_| true,
+    )
+    .await;
+    assert_eq!(
+        hourly_series["series"][0]["points"][0]["value"].as_f64(),
+        Some(241.0),
+        "{hourly_series}"
+    );
+    // The same series through `meterflow lease-metrics`, as a person reads it.
+    let sink_url = pipeline.url("");
+    let printed = tokio::task::spawn_blocking({
+        let token = acme_token.clone();
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
+                .args(["lease-metrics", "--url", &sink_url, "--token", &token])
+                .args(["--lease", "100.1.1", "--metric", "gpu_seconds"])
+                .args(["--from", &from.to_string(), "--to", &to.to_string()])
+                .output()
+                .expect("meterflow lease-metrics runs")
+        }
+    })
+    .await
+    .expect("join");
+    let table = String::from_utf8_lossy(&printed.stdout);
+    assert!(
+        printed.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&printed.stderr)
+    );
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .skip(2)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            vec!["2026-11-23T00:00:00.000Z", "110"],
+            vec!["2026-11-23T00:01:00.000Z", "120"],
+            vec!["2026-11-23T00:02:00.000Z", "11"],
+        ],
+        "{table}"
+    );
+
     // Per node and per fleet and hour: node-a held at most 4 GPUs at once (at 61-63.5 s: two
     // H100s of c1, the MIG slice of c2 and the short A100), and was the fleet's one node.
     let mut fleet: std::collections::BTreeMap<(String, String), i64> = Default::default();
@@ -447,6 +569,7 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
     // The operator's view of the same hour, through the API.
     let hourly = poll_json(
         &pipeline.url(&format!("/v1/fleet/hourly?from={from}&to={to}")),
+        &token(""),
         Duration::from_secs(10),
         |v| v["hours"][0]["max_gpus_allocated"] == 4,
     )
@@ -462,9 +585,12 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
     );
 
     // Status and metrics tell the operator where the sink is.
-    let status = poll_json(&pipeline.url("/v1/status"), Duration::from_secs(5), |_| {
-        true
-    })
+    let status = poll_json(
+        &pipeline.url("/v1/status"),
+        &acme_token,
+        Duration::from_secs(5),
+        |_| true,
+    )
     .await;
     assert_eq!(status["watermark"], "2026-11-23T00:03:00.000Z");
     let metrics = get_text(&pipeline.url("/metrics")).await;
@@ -493,6 +619,7 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
         &pipeline.url(&format!(
             "/v1/tenants/acme/usage?from={from}&to={to}&window=total"
         )),
+        &acme_token,
         Duration::from_secs(10),
         |_| true,
     )

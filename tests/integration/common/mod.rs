@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use meterflow::broker::{self, BrokerConfig, EmbeddedBroker};
 use meterflow::topics::{self, TopicsConfig};
 use meterflow_processor::ProcessorConfig;
+use meterflow_sink::auth::{Auth, Claims, SigningKey, mint, now_s};
 use meterflow_sink::{RunningSink, SinkConfig};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -23,12 +24,47 @@ pub struct Pipeline {
     data: tempfile::TempDir,
 }
 
+/// The HS256 secret of the tests' sinks.
+pub const SECRET: &[u8] = b"meterflow integration test secret, 32+ bytes";
+
+/// The Ed25519 key pair the sinks also trust (`tests/fixtures`).
+pub const ED25519_PRIVATE: &[u8] = include_bytes!("../../fixtures/ed25519-private.pem");
+pub const ED25519_PUBLIC: &[u8] = include_bytes!("../../fixtures/ed25519-public.pem");
+
 fn sink_config(brokers: String, data: &tempfile::TempDir) -> SinkConfig {
     SinkConfig {
         brokers,
         listen: "127.0.0.1:0".parse().expect("literal"),
         data_dir: data.path().join("sink"),
+        auth: Auth::new(vec![
+            Auth::hs256(SECRET),
+            Auth::public_key_pem(ED25519_PUBLIC, "fixture").expect("the fixture key"),
+        ]),
     }
+}
+
+/// A token for `tenant` with `scope`, valid for `ttl_s` seconds from now (negative: expired).
+pub fn token_with(key: &SigningKey, tenant: &str, scope: &str, ttl_s: i64) -> String {
+    mint(
+        key,
+        &Claims {
+            sub: "integration-test".into(),
+            tenant: tenant.into(),
+            scope: scope.into(),
+            exp: now_s().saturating_add_signed(ttl_s),
+        },
+    )
+    .expect("a token is minted")
+}
+
+/// A valid HS256 token for `tenant` (scope `metrics`), or an operator's for `""`.
+pub fn token(tenant: &str) -> String {
+    let scope = if tenant.is_empty() {
+        "operator"
+    } else {
+        "metrics"
+    };
+    token_with(&SigningKey::Hs256(SECRET.to_vec()), tenant, scope, 600)
 }
 
 impl Pipeline {
@@ -117,9 +153,11 @@ impl Pipeline {
     }
 }
 
-/// GETs `url` until `done` accepts the JSON answer, or fails with the last answer.
+/// GETs `url` with the bearer `token` until `done` accepts the JSON answer, or fails with the
+/// last answer.
 pub async fn poll_json(
     url: &str,
+    token: &str,
     timeout: Duration,
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
@@ -127,7 +165,7 @@ pub async fn poll_json(
     let deadline = Instant::now() + timeout;
     let mut last = serde_json::Value::Null;
     while Instant::now() < deadline {
-        if let Ok(r) = client.get(url).send().await
+        if let Ok(r) = client.get(url).bearer_auth(token).send().await
             && let Ok(v) = r.json::<serde_json::Value>().await
         {
             if done(&v) {
@@ -138,6 +176,24 @@ pub async fn poll_json(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     panic!("no expected answer from {url} within {timeout:?}; last answer: {last:#}");
+}
+
+/// GETs `url` (with the bearer `token` unless empty) and returns the status and the body.
+pub async fn get_as(url: &str, token: &str) -> (u16, String) {
+    let mut request = reqwest::Client::new().get(url);
+    if !token.is_empty() {
+        request = request.bearer_auth(token);
+    }
+    let r = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = r.status().as_u16();
+    let body = r
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("body of {url}: {e}"));
+    (status, body)
 }
 
 /// GETs `url` and returns the body as text.

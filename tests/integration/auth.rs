@@ -1,0 +1,133 @@
+//! Who reaches what: every route of the sink, with no token, an expired token, a wrongly
+//! signed one, an unsigned (`alg: none`) one, another tenant's, a tenant token without the
+//! `metrics` scope, the right tenant's, and operator tokens signed with HS256 and with the
+//! Ed25519 key.
+
+use std::time::Duration;
+
+use meterflow_ingest::Publisher;
+use meterflow_sink::auth::SigningKey;
+
+use crate::common::{ED25519_PRIVATE, Pipeline, SECRET, get_as, poll_json, token_with};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_answers_each_kind_of_caller_as_it_should() {
+    let pipeline = Pipeline::start(1, 1).await;
+    // The pipeline scenario's data, so that lease routes have a lease to answer for.
+    let publisher = Publisher::new(&pipeline.broker.bootstrap()).expect("producer");
+    for b in &crate::pipeline::batches() {
+        publisher.publish(b).await.expect("batch delivered");
+    }
+    poll_json(
+        &pipeline.url("/v1/leases/100.1.1/live"),
+        &crate::common::token(""),
+        Duration::from_secs(60),
+        |v| v["metrics"]["memory_working_set_bytes"]["gauge"].is_number(),
+    )
+    .await;
+    let hs = SigningKey::Hs256(SECRET.to_vec());
+    let unsigned = {
+        // The right tenant's claims, `alg: none`, no signature.
+        let real = token_with(&hs, "acme", "metrics", 600);
+        let claims = real.split('.').nth(1).expect("a JWT has three parts");
+        // {"alg":"none","typ":"JWT"}
+        format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{claims}.")
+    };
+    let callers: [(&str, String); 9] = [
+        ("none", String::new()),
+        ("expired", token_with(&hs, "acme", "metrics", -3_600)),
+        (
+            "wrongly signed",
+            token_with(
+                &SigningKey::Hs256(b"not the sink's secret, but 32+ bytes".to_vec()),
+                "acme",
+                "metrics",
+                600,
+            ),
+        ),
+        ("alg none", unsigned),
+        ("other tenant", token_with(&hs, "globex", "metrics", 600)),
+        ("no metrics scope", token_with(&hs, "acme", "billing", 600)),
+        ("tenant", token_with(&hs, "acme", "metrics", 600)),
+        ("operator", token_with(&hs, "", "operator", 600)),
+        (
+            "operator ed25519",
+            token_with(
+                &SigningKey::Pem(ED25519_PRIVATE.to_vec()),
+                "",
+                "operator",
+                600,
+            ),
+        ),
+    ];
+    // Expected status per caller, in the order above.
+    let routes: [(&str, [u16; 9]); 11] = [
+        (
+            "/v1/leases/100.1.1/metrics",
+            [401, 401, 401, 401, 404, 404, 200, 200, 200],
+        ),
+        (
+            "/v1/leases/100.1.1/live",
+            [401, 401, 401, 401, 404, 404, 200, 200, 200],
+        ),
+        // A lease no one has: the same 404 a lease of another tenant gets.
+        (
+            "/v1/leases/100.9.9/live",
+            [401, 401, 401, 401, 404, 404, 404, 404, 404],
+        ),
+        (
+            "/v1/tenants/acme/usage",
+            [401, 401, 401, 401, 404, 404, 200, 200, 200],
+        ),
+        (
+            "/v1/tenants/acme/burn-rate",
+            [401, 401, 401, 401, 404, 404, 200, 200, 200],
+        ),
+        (
+            "/v1/fleet/hourly",
+            [401, 401, 401, 401, 403, 403, 403, 200, 200],
+        ),
+        ("/v1/status", [401, 401, 401, 401, 200, 200, 200, 200, 200]),
+        ("/metrics", [200; 9]),
+        ("/healthz", [200; 9]),
+        ("/readyz", [200; 9]),
+        // The page holds no data; it fetches with the token the user gives it.
+        ("/", [200; 9]),
+    ];
+    // Ready first, so /readyz answers 200 to everyone.
+    for _ in 0..100 {
+        if get_as(&pipeline.url("/readyz"), "").await.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut wrong = Vec::new();
+    for (route, expected) in &routes {
+        for ((caller, token), want) in callers.iter().zip(expected) {
+            let (status, body) = get_as(&pipeline.url(route), token).await;
+            if status != *want {
+                wrong.push(format!(
+                    "{route} as {caller}: {status}, expected {want}: {body}"
+                ));
+            }
+            if status == 401 {
+                // A refusal says what to do and leaks nothing of the tenant's data.
+                assert!(body.contains("meterflow token"), "{body}");
+                assert!(!body.contains("gpu_seconds"), "{body}");
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+
+    // A 401 names the scheme, as RFC 6750 asks.
+    let r = reqwest::get(pipeline.url("/v1/status"))
+        .await
+        .expect("sink answers");
+    assert_eq!(
+        r.headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer")
+    );
+    pipeline.stop().await;
+}
