@@ -1,9 +1,7 @@
 //! The HTTP API (SPEC: HTTP API), served with axum.
 //!
-//! Routes so far: `GET /v1/tenants/{tenant}/usage`, `GET /v1/tenants/{tenant}/burn-rate`,
-//! `GET /v1/fleet/hourly`, `GET /v1/status`,
-//! `GET /metrics`,
-//! `GET /healthz`, `GET /readyz`, and `GET /` (a landing page listing tenants with data).
+//! The routes are the table in `routes()`; `/openapi.json` documents them (a test keeps the two
+//! equal). Every `/v1` route checks the caller's bearer token first (see [`crate::auth`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,6 +31,9 @@ pub struct AppState {
     pub auth: Auth,
 }
 
+/// The answer to a caller who may not have what it asked for.
+type Denied = Box<Response>;
+
 /// What a route needs of the caller's token.
 enum Need<'a> {
     /// Any valid token.
@@ -51,7 +52,7 @@ fn authorize(
     headers: &HeaderMap,
     route: &str,
     need: Need<'_>,
-) -> Result<Claims, Response> {
+) -> Result<Claims, Denied> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -64,7 +65,8 @@ fn authorize(
         } else {
             "this route needs a bearer token"
         };
-        return Err((
+        return Err(Box::new(
+            (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],
             Json(json!({
@@ -72,42 +74,67 @@ fn authorize(
                 "hint": "send Authorization: Bearer <token>; `meterflow token` mints one from the sink's key",
             })),
         )
-            .into_response());
+            .into_response(),
+        ));
     };
     match need {
         Need::Any => Ok(claims),
         Need::Tenant(tenant) if claims.reaches(tenant) => Ok(claims),
-        Need::Tenant(tenant) => Err(error(
+        Need::Tenant(tenant) => Err(Box::new(error(
             state,
             route,
             StatusCode::NOT_FOUND,
             format!("no tenant {tenant:?} for this token"),
             "a tenant token reaches its own tenant only",
-        )),
+        ))),
         Need::Operator if claims.has_scope("operator") => Ok(claims),
-        Need::Operator => Err(error(
+        Need::Operator => Err(Box::new(error(
             state,
             route,
             StatusCode::FORBIDDEN,
             "this route needs the operator scope".into(),
             "ask the operator for a token with scope \"operator\"",
-        )),
+        ))),
     }
+}
+
+/// Every route and its handler: the router is built from this table, and the OpenAPI
+/// document is checked against it.
+fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<AppState>)> {
+    vec![
+        ("/", get(index)),
+        ("/v1/tenants/{tenant}/usage", get(tenant_usage)),
+        ("/v1/tenants/{tenant}/burn-rate", get(burn_rate)),
+        ("/v1/leases/{lease}/metrics", get(lease_metrics)),
+        ("/v1/leases/{lease}/live", get(lease_live)),
+        ("/v1/fleet/hourly", get(fleet_hourly)),
+        ("/v1/status", get(status)),
+        ("/metrics", get(metrics)),
+        ("/healthz", get(|| async { "ok\n" })),
+        ("/readyz", get(readyz)),
+        ("/openapi.json", get(openapi)),
+    ]
+}
+
+/// The paths the router serves.
+pub fn paths() -> Vec<&'static str> {
+    routes().into_iter().map(|(path, _)| path).collect()
+}
+
+/// The OpenAPI 3 document of this API.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 /// The router with every route.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/", get(index))
-        .route("/v1/tenants/{tenant}/usage", get(tenant_usage))
-        .route("/v1/tenants/{tenant}/burn-rate", get(burn_rate))
-        .route("/v1/leases/{lease}/metrics", get(lease_metrics))
-        .route("/v1/leases/{lease}/live", get(lease_live))
-        .route("/v1/fleet/hourly", get(fleet_hourly))
-        .route("/v1/status", get(status))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+    routes()
+        .into_iter()
+        .fold(Router::new(), |router, (path, handler)| {
+            router.route(path, handler)
+        })
         .with_state(state)
 }
 
@@ -209,7 +236,7 @@ async fn tenant_usage(
 ) -> Response {
     const ROUTE: &str = "/v1/tenants/{tenant}/usage";
     if let Err(denied) = authorize(&state, &headers, ROUTE, Need::Tenant(&tenant)) {
-        return denied;
+        return *denied;
     }
     let bad = |msg: String, hint: &str| error(&state, ROUTE, StatusCode::BAD_REQUEST, msg, hint);
     if tenant.is_empty() || tenant.len() > MAX_TENANT_LEN || tenant.contains('\0') {
@@ -351,7 +378,7 @@ async fn burn_rate(
 ) -> Response {
     const ROUTE: &str = "/v1/tenants/{tenant}/burn-rate";
     if let Err(denied) = authorize(&state, &headers, ROUTE, Need::Tenant(&tenant)) {
-        return denied;
+        return *denied;
     }
     const HOUR: f64 = 3_600_000.0;
     let bad = |msg: String, hint: &str| error(&state, ROUTE, StatusCode::BAD_REQUEST, msg, hint);
@@ -499,25 +526,25 @@ fn lease_owner(
     route: &str,
     lease: &str,
     tenant: Option<&str>,
-) -> Result<String, Response> {
+) -> Result<String, Denied> {
     let claims = authorize(state, headers, route, Need::Any)?;
     if lease.is_empty() || lease.len() > MAX_TENANT_LEN || lease.contains('\0') {
-        return Err(error(
+        return Err(Box::new(error(
             state,
             route,
             StatusCode::BAD_REQUEST,
             format!("lease must be 1 to {MAX_TENANT_LEN} bytes without NUL"),
             "use the lease id exactly as the agent reports it",
-        ));
+        )));
     }
     let tenants = state.store.lease_tenants(lease).map_err(|e| {
-        error(
+        Box::new(error(
             state,
             route,
             StatusCode::INTERNAL_SERVER_ERROR,
             e.to_string(),
             "see the sink's log",
-        )
+        ))
     })?;
     let reachable: Vec<&String> = tenants
         .iter()
@@ -525,14 +552,14 @@ fn lease_owner(
         .collect();
     match reachable.as_slice() {
         [one] => Ok((*one).clone()),
-        [] => Err(error(
+        [] => Err(Box::new(error(
             state,
             route,
             StatusCode::NOT_FOUND,
             format!("no lease {lease:?} for this token"),
             "a tenant token reaches its own tenant's leases only",
-        )),
-        several => Err(error(
+        ))),
+        several => Err(Box::new(error(
             state,
             route,
             StatusCode::BAD_REQUEST,
@@ -546,7 +573,7 @@ fn lease_owner(
                     .join(", ")
             ),
             "add ?tenant=NAME",
-        )),
+        ))),
     }
 }
 
@@ -561,7 +588,7 @@ async fn lease_metrics(
     const ROUTE: &str = "/v1/leases/{lease}/metrics";
     let tenant = match lease_owner(&state, &headers, ROUTE, &lease, q.tenant.as_deref()) {
         Ok(t) => t,
-        Err(denied) => return denied,
+        Err(denied) => return *denied,
     };
     let bad = |msg: String, hint: &str| error(&state, ROUTE, StatusCode::BAD_REQUEST, msg, hint);
     let now = (state.now_ms)();
@@ -683,7 +710,7 @@ async fn lease_live(
     const ROUTE: &str = "/v1/leases/{lease}/live";
     let tenant = match lease_owner(&state, &headers, ROUTE, &lease, q.tenant.as_deref()) {
         Ok(t) => t,
-        Err(denied) => return denied,
+        Err(denied) => return *denied,
     };
     // Live values carry window start 0 and end at their newest reading.
     let updates = match state.store.lease_usage(&tenant, &lease, 0, 1) {
@@ -698,9 +725,10 @@ async fn lease_live(
             );
         }
     };
-    // metric → kind → (total, per service); and the newest reading.
-    let mut metrics: BTreeMap<String, BTreeMap<String, (f64, BTreeMap<String, f64>)>> =
-        BTreeMap::new();
+    // And the newest reading.
+    // metric → kind → (sum, per service)
+    type Kinds = BTreeMap<String, (f64, BTreeMap<String, f64>)>;
+    let mut metrics: BTreeMap<String, Kinds> = BTreeMap::new();
     let mut at = None::<i64>;
     for u in &updates {
         let Some(rest) = u.metric.strip_prefix("live.") else {
@@ -764,7 +792,7 @@ async fn fleet_hourly(
 ) -> Response {
     const ROUTE: &str = "/v1/fleet/hourly";
     if let Err(denied) = authorize(&state, &headers, ROUTE, Need::Operator) {
-        return denied;
+        return *denied;
     }
     const HOUR: i64 = 3_600_000;
     let now = (state.now_ms)();
@@ -869,7 +897,7 @@ fn fixed(t: i64, len: i64) -> (i64, i64) {
 
 async fn status(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if let Err(denied) = authorize(&state, &headers, "/v1/status", Need::Any) {
-        return denied;
+        return *denied;
     }
     let watermark = state.store.watermark_ms().ok().flatten();
     let offsets = state.store.offsets(topics::USAGE).unwrap_or_default();
@@ -914,3 +942,31 @@ async fn index(State(state): State<AppState>) -> Response {
 /// The landing page: asks for a token (or takes one from the URL's `#token=` fragment, which
 /// the browser never sends to the server) and shows what it reaches.
 const INDEX_HTML: &str = include_str!("index.html");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_describes_exactly_the_routes_served() {
+        let doc: Value = serde_json::from_str(OPENAPI).expect("the OpenAPI document is JSON");
+        let documented: std::collections::BTreeSet<&str> = doc["paths"]
+            .as_object()
+            .expect("paths")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let served: std::collections::BTreeSet<&str> = paths().into_iter().collect();
+        assert_eq!(documented, served);
+        assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
+    }
+
+    #[test]
+    fn the_resolution_table_widens_the_step_with_the_range() {
+        const M: i64 = 60_000;
+        assert_eq!(finest_step_ms(60 * M), Some(15_000));
+        assert_eq!(finest_step_ms(60 * M + 1), Some(M));
+        assert_eq!(finest_step_ms(30 * 24 * 60 * M), Some(15 * M));
+        assert_eq!(finest_step_ms(30 * 24 * 60 * M + 1), None);
+    }
+}

@@ -61,7 +61,8 @@ async fn every_route_answers_each_kind_of_caller_as_it_should() {
         ),
     ];
     // Expected status per caller, in the order above.
-    let routes: [(&str, [u16; 9]); 11] = [
+    let routes: [(&str, [u16; 9]); 12] = [
+        ("/openapi.json", [200; 9]),
         (
             "/v1/leases/100.1.1/metrics",
             [401, 401, 401, 401, 404, 404, 200, 200, 200],
@@ -94,6 +95,16 @@ async fn every_route_answers_each_kind_of_caller_as_it_should() {
         // The page holds no data; it fetches with the token the user gives it.
         ("/", [200; 9]),
     ];
+    // The matrix covers every route the sink serves.
+    for path in meterflow_sink::api::paths() {
+        let concrete = path
+            .replace("{tenant}", "acme")
+            .replace("{lease}", "100.1.1");
+        assert!(
+            routes.iter().any(|(r, _)| *r == concrete),
+            "route {path} is not in the authorization matrix"
+        );
+    }
     // Ready first, so /readyz answers 200 to everyone.
     for _ in 0..100 {
         if get_as(&pipeline.url("/readyz"), "").await.0 == 200 {
