@@ -67,6 +67,7 @@ async fn run_in(config: &DemoConfig, data_dir: &Path, shutdown: CancellationToke
             listen: config.listen,
             data_dir: data_dir.join("sink"),
             auth: Auth::new(vec![Auth::hs256(&secret)]),
+            limits: Default::default(),
         },
         shutdown.clone(),
     )

@@ -160,6 +160,12 @@ enum Command {
         /// several.
         #[arg(long)]
         jwt_public_key: Vec<PathBuf>,
+        /// Requests per second each tenant (or operator) may make, sustained.
+        #[arg(long, default_value_t = 20.0)]
+        rate_limit: f64,
+        /// Requests each tenant may make at once after a quiet period.
+        #[arg(long, default_value_t = 100.0)]
+        rate_burst: f64,
         #[command(flatten)]
         topics: TopicArgs,
     },
@@ -476,8 +482,15 @@ async fn main() -> Result<()> {
             data_dir,
             jwt_secret_file,
             jwt_public_key,
+            rate_limit,
+            rate_burst,
             topics: t,
         } => {
+            if !(rate_limit > 0.0 && rate_burst >= 1.0) {
+                anyhow::bail!(
+                    "--rate-limit must be above 0 and --rate-burst at least 1 (got {rate_limit} and {rate_burst})"
+                );
+            }
             use meterflow_sink::auth::Auth;
             let mut keys = Vec::new();
             if let Some(path) = &jwt_secret_file {
@@ -500,6 +513,10 @@ async fn main() -> Result<()> {
                     listen,
                     data_dir,
                     auth: Auth::new(keys),
+                    limits: meterflow_sink::limits::Limits {
+                        requests_per_s: rate_limit,
+                        burst: rate_burst,
+                    },
                 },
                 shutdown,
             )

@@ -126,6 +126,9 @@ pub enum ProcessorError {
         "topic {0} does not exist on the brokers; create it first (meterflow creates its topics at start-up)"
     )]
     MissingTopic(String),
+    /// Asked to stop before it had started (not a failure; `run` returns `Ok`).
+    #[error("stopped while starting")]
+    StoppedWhileStarting,
     #[error(
         "{0} output records were not acknowledged by the broker; stopping so that a restart re-emits them from the last checkpoint"
     )]
@@ -237,6 +240,8 @@ pub fn run(config: ProcessorConfig, shutdown: CancellationToken) -> Result<(), P
                 );
                 std::thread::sleep(Duration::from_secs(1));
             }
+            // A stop asked for while waiting for the topics is a clean stop, not a missing topic.
+            Err(ProcessorError::StoppedWhileStarting) => return Ok(()),
             result => return result,
         }
     }
@@ -917,7 +922,7 @@ fn topic_partitions<C: rdkafka::consumer::ConsumerContext>(
 ) -> Result<i32, ProcessorError> {
     for _ in 0..60 {
         if shutdown.is_cancelled() {
-            break;
+            return Err(ProcessorError::StoppedWhileStarting);
         }
         let metadata = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(5))

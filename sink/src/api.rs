@@ -29,6 +29,8 @@ pub struct AppState {
     pub now_ms: fn() -> i64,
     /// How bearer tokens are checked.
     pub auth: Auth,
+    /// Request-rate limits per tenant.
+    pub limiter: Arc<crate::limits::RateLimiter>,
 }
 
 /// The answer to a caller who may not have what it asked for.
@@ -77,6 +79,27 @@ fn authorize(
             .into_response(),
         ));
     };
+    // The bucket is the tenant's for a tenant token, the subject's for an operator's.
+    let caller = if claims.tenant.is_empty() {
+        format!("sub:{}", claims.sub)
+    } else {
+        format!("tenant:{}", claims.tenant)
+    };
+    if let Err(wait) = state.limiter.take(&caller, std::time::Instant::now()) {
+        count(state, route, StatusCode::TOO_MANY_REQUESTS);
+        let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+        return Err(Box::new(
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, seconds.to_string())],
+                Json(json!({
+                    "error": "too many requests for this tenant",
+                    "hint": format!("retry after {seconds} s; the sink's --rate-limit sets the rate"),
+                })),
+            )
+                .into_response(),
+        ));
+    }
     match need {
         Need::Any => Ok(claims),
         Need::Tenant(tenant) if claims.reaches(tenant) => Ok(claims),

@@ -8,12 +8,14 @@
 //! - [`consumer`]: Kafka → store, resuming from the stored offsets.
 //! - [`api`]: the axum routes.
 //! - [`auth`]: bearer tokens (JWT) and what each reaches.
+//! - [`limits`]: per-tenant request-rate limits.
 //! - [`metrics`]: the sink's own Prometheus metrics.
 //! - [`time`]: RFC 3339 and calendar months without a calendar dependency.
 
 pub mod api;
 pub mod auth;
 pub mod consumer;
+pub mod limits;
 pub mod metrics;
 pub mod store;
 pub use meterflow_schemas::time;
@@ -39,6 +41,8 @@ pub struct SinkConfig {
     pub data_dir: PathBuf,
     /// How bearer tokens are checked.
     pub auth: auth::Auth,
+    /// Request-rate limits per tenant.
+    pub limits: limits::Limits,
 }
 
 /// Why the sink stopped.
@@ -89,6 +93,7 @@ pub async fn start(
                 .unwrap_or(0)
         },
         auth: config.auth.clone(),
+        limiter: Arc::new(limits::RateLimiter::new(config.limits)),
     };
     let consuming = {
         let shutdown = shutdown.clone();

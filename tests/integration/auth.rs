@@ -142,3 +142,42 @@ async fn every_route_answers_each_kind_of_caller_as_it_should() {
     );
     pipeline.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
+    let pipeline = Pipeline::start_limited(
+        1,
+        1,
+        meterflow_sink::limits::Limits {
+            requests_per_s: 0.5,
+            burst: 5.0,
+        },
+    )
+    .await;
+    let acme = crate::common::token("acme");
+    let url = pipeline.url("/v1/tenants/acme/usage");
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(get_as(&url, &acme).await.0);
+    }
+    assert_eq!(statuses, vec![200, 200, 200, 200, 200, 429]);
+    let r = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(&acme)
+        .send()
+        .await
+        .expect("sink answers");
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("a Retry-After in seconds");
+    assert!((1..=2).contains(&retry), "{retry}");
+    // Another tenant's bucket is its own.
+    let globex = crate::common::token("globex");
+    let (status, _) = get_as(&pipeline.url("/v1/tenants/globex/usage"), &globex).await;
+    assert_eq!(status, 200);
+    pipeline.stop().await;
+}

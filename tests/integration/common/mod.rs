@@ -6,6 +6,7 @@ use meterflow::broker::{self, BrokerConfig, EmbeddedBroker};
 use meterflow::topics::{self, TopicsConfig};
 use meterflow_processor::ProcessorConfig;
 use meterflow_sink::auth::{Auth, Claims, SigningKey, mint, now_s};
+use meterflow_sink::limits::Limits;
 use meterflow_sink::{RunningSink, SinkConfig};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -22,6 +23,7 @@ pub struct Pipeline {
     sink_shutdown: CancellationToken,
     processor: Option<std::thread::JoinHandle<Result<(), meterflow_processor::ProcessorError>>>,
     data: tempfile::TempDir,
+    limits: Limits,
 }
 
 /// The HS256 secret of the tests' sinks.
@@ -31,8 +33,9 @@ pub const SECRET: &[u8] = b"meterflow integration test secret, 32+ bytes";
 pub const ED25519_PRIVATE: &[u8] = include_bytes!("../../fixtures/ed25519-private.pem");
 pub const ED25519_PUBLIC: &[u8] = include_bytes!("../../fixtures/ed25519-public.pem");
 
-fn sink_config(brokers: String, data: &tempfile::TempDir) -> SinkConfig {
+fn sink_config(brokers: String, data: &tempfile::TempDir, limits: Limits) -> SinkConfig {
     SinkConfig {
+        limits,
         brokers,
         listen: "127.0.0.1:0".parse().expect("literal"),
         data_dir: data.path().join("sink"),
@@ -70,6 +73,11 @@ pub fn token(tenant: &str) -> String {
 impl Pipeline {
     /// Starts everything with `partitions` per topic and `workers` processor threads.
     pub async fn start(partitions: i32, workers: usize) -> Self {
+        Self::start_limited(partitions, workers, Limits::default()).await
+    }
+
+    /// [`Pipeline::start`] with the sink's request-rate `limits`.
+    pub async fn start_limited(partitions: i32, workers: usize, limits: Limits) -> Self {
         let broker = broker::start(BrokerConfig {
             listen: "127.0.0.1:0".parse().expect("literal"),
             storage: "memory".into(),
@@ -89,10 +97,12 @@ impl Pipeline {
         let data = tempfile::tempdir().expect("temp dir");
         let shutdown = CancellationToken::new();
         let sink_shutdown = shutdown.child_token();
-        let sink =
-            meterflow_sink::start(sink_config(brokers.clone(), &data), sink_shutdown.clone())
-                .await
-                .expect("sink starts");
+        let sink = meterflow_sink::start(
+            sink_config(brokers.clone(), &data, limits),
+            sink_shutdown.clone(),
+        )
+        .await
+        .expect("sink starts");
         let cfg = ProcessorConfig {
             workers,
             // A budget the pipeline scenario's tenant `acme` crosses half of.
@@ -112,6 +122,7 @@ impl Pipeline {
             sink_shutdown,
             processor: Some(processor),
             data,
+            limits,
         }
     }
 
@@ -122,7 +133,7 @@ impl Pipeline {
         old.await.expect("sink task").expect("sink stopped cleanly");
         self.sink_shutdown = self.shutdown.child_token();
         self.sink = meterflow_sink::start(
-            sink_config(self.broker.bootstrap(), &self.data),
+            sink_config(self.broker.bootstrap(), &self.data, self.limits),
             self.sink_shutdown.clone(),
         )
         .await
