@@ -5,17 +5,32 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-/// What to ask the sink.
-#[derive(Debug, Clone)]
+/// What to ask the sink (the flags of `meterflow lease-metrics`).
+#[derive(Debug, Clone, clap::Args)]
 pub struct LeaseMetricsRequest {
-    /// The sink's base URL, e.g. `http://127.0.0.1:8080`.
+    /// The sink's URL.
+    #[arg(long, env = "MF_SINK_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// A bearer token (see `meterflow token`).
+    #[arg(long, env = "MF_TOKEN")]
     pub token: String,
+    /// The lease.
+    #[arg(long)]
     pub lease: String,
+    /// Start: RFC 3339 UTC or epoch ms (default: an hour before --to).
+    #[arg(long)]
     pub from: Option<String>,
+    /// End (default: now).
+    #[arg(long)]
     pub to: Option<String>,
+    /// Step, e.g. 1m or 15m (default: the finest the range allows).
+    #[arg(long)]
     pub step: Option<String>,
+    /// Comma-separated aggregates (default: all).
+    #[arg(long)]
     pub metric: Option<String>,
+    /// The tenant, when an operator asks for a lease id several tenants use.
+    #[arg(long)]
     pub tenant: Option<String>,
 }
 

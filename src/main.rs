@@ -171,30 +171,8 @@ enum Command {
     },
     /// Prints one lease's usage as a table, from the sink's API.
     LeaseMetrics {
-        /// The sink's URL.
-        #[arg(long, env = "MF_SINK_URL", default_value = "http://127.0.0.1:8080")]
-        url: String,
-        /// A bearer token (see `meterflow token`).
-        #[arg(long, env = "MF_TOKEN")]
-        token: String,
-        /// The lease.
-        #[arg(long)]
-        lease: String,
-        /// Start: RFC 3339 UTC or epoch ms (default: an hour before --to).
-        #[arg(long)]
-        from: Option<String>,
-        /// End (default: now).
-        #[arg(long)]
-        to: Option<String>,
-        /// Step, e.g. 1m or 15m (default: the finest the range allows).
-        #[arg(long)]
-        step: Option<String>,
-        /// Comma-separated aggregates (default: all).
-        #[arg(long)]
-        metric: Option<String>,
-        /// The tenant, when an operator asks for a lease id several tenants use.
-        #[arg(long)]
-        tenant: Option<String>,
+        #[command(flatten)]
+        request: meterflow::client::LeaseMetricsRequest,
         /// Print the sink's JSON answer instead of a table.
         #[arg(long)]
         json: bool,
@@ -323,29 +301,8 @@ async fn main() -> Result<()> {
             })
             .await
         }
-        Command::LeaseMetrics {
-            url,
-            token,
-            lease,
-            from,
-            to,
-            step,
-            metric,
-            tenant,
-            json,
-        } => {
-            let answer =
-                meterflow::client::fetch_lease_metrics(&meterflow::client::LeaseMetricsRequest {
-                    url,
-                    token,
-                    lease,
-                    from,
-                    to,
-                    step,
-                    metric,
-                    tenant,
-                })
-                .await?;
+        Command::LeaseMetrics { request, json } => {
+            let answer = meterflow::client::fetch_lease_metrics(&request).await?;
             if json {
                 println!("{answer:#}");
             } else {

@@ -181,6 +181,32 @@ fn count(state: &AppState, route: &str, status: StatusCode) {
         .inc();
 }
 
+/// A store failure: 500, and where to look.
+fn internal(state: &AppState, route: &str, e: crate::store::StoreError) -> Response {
+    error(
+        state,
+        route,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        e.to_string(),
+        "see the sink's log",
+    )
+}
+
+/// A tenant or lease name from a path: 1 to [`MAX_TENANT_LEN`] bytes without NUL (the store's
+/// key separator).
+fn check_name(state: &AppState, route: &str, what: &str, value: &str) -> Result<(), Denied> {
+    if value.is_empty() || value.len() > MAX_TENANT_LEN || value.contains('\0') {
+        return Err(Box::new(error(
+            state,
+            route,
+            StatusCode::BAD_REQUEST,
+            format!("{what} must be 1 to {MAX_TENANT_LEN} bytes without NUL"),
+            "use it exactly as the agent reports it",
+        )));
+    }
+    Ok(())
+}
+
 /// Query of `GET /v1/tenants/{tenant}/usage`.
 #[derive(Debug, Deserialize)]
 pub struct UsageQuery {
@@ -262,11 +288,8 @@ async fn tenant_usage(
         return *denied;
     }
     let bad = |msg: String, hint: &str| error(&state, ROUTE, StatusCode::BAD_REQUEST, msg, hint);
-    if tenant.is_empty() || tenant.len() > MAX_TENANT_LEN || tenant.contains('\0') {
-        return bad(
-            format!("tenant must be 1 to {MAX_TENANT_LEN} bytes without NUL"),
-            "use the tenant name exactly as the agent reports it",
-        );
+    if let Err(denied) = check_name(&state, ROUTE, "tenant", &tenant) {
+        return *denied;
     }
     let now = (state.now_ms)();
     let (from, to) = match time_range(&q.from, &q.to, month_start(now), now) {
@@ -300,15 +323,7 @@ async fn tenant_usage(
 
     let updates = match state.store.usage(&tenant, from, to) {
         Ok(u) => u,
-        Err(e) => {
-            return error(
-                &state,
-                ROUTE,
-                StatusCode::INTERNAL_SERVER_ERROR,
-                e.to_string(),
-                "see the sink's log",
-            );
-        }
+        Err(e) => return internal(&state, ROUTE, e),
     };
     let mut rows: BTreeMap<(i64, i64, Vec<String>), Sums> = BTreeMap::new();
     let mut totals = Sums::default();
@@ -405,11 +420,8 @@ async fn burn_rate(
     }
     const HOUR: f64 = 3_600_000.0;
     let bad = |msg: String, hint: &str| error(&state, ROUTE, StatusCode::BAD_REQUEST, msg, hint);
-    if tenant.is_empty() || tenant.len() > MAX_TENANT_LEN || tenant.contains('\0') {
-        return bad(
-            format!("tenant must be 1 to {MAX_TENANT_LEN} bytes without NUL"),
-            "use the tenant name exactly as the agent reports it",
-        );
+    if let Err(denied) = check_name(&state, ROUTE, "tenant", &tenant) {
+        return *denied;
     }
     let over_ms = match q.over.as_deref().map(parse_duration_ms) {
         None => 300_000,
@@ -424,15 +436,7 @@ async fn burn_rate(
             );
         }
     };
-    let internal = |e: crate::store::StoreError| {
-        error(
-            &state,
-            ROUTE,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            e.to_string(),
-            "see the sink's log",
-        )
-    };
+    let internal = |e| internal(&state, ROUTE, e);
     // "Now" is as far as the data has come, not the wall clock: a stalled pipeline shows an
     // old `as_of`, never a rate of zero.
     let as_of = match state.store.watermark_ms() {
@@ -445,10 +449,7 @@ async fn burn_rate(
         Err(e) => return internal(e),
     };
     let mut by_lease: BTreeMap<(String, String), i128> = BTreeMap::new();
-    for u in recent
-        .iter()
-        .filter(|u| u.metric == "cost" && u.resolution.is_empty())
-    {
+    for u in recent.iter().filter(|u| crate::store::is_window_cost(u)) {
         *by_lease
             .entry((u.lease.clone(), u.service.clone()))
             .or_default() += i128::from(u.amount);
@@ -551,24 +552,11 @@ fn lease_owner(
     tenant: Option<&str>,
 ) -> Result<String, Denied> {
     let claims = authorize(state, headers, route, Need::Any)?;
-    if lease.is_empty() || lease.len() > MAX_TENANT_LEN || lease.contains('\0') {
-        return Err(Box::new(error(
-            state,
-            route,
-            StatusCode::BAD_REQUEST,
-            format!("lease must be 1 to {MAX_TENANT_LEN} bytes without NUL"),
-            "use the lease id exactly as the agent reports it",
-        )));
-    }
-    let tenants = state.store.lease_tenants(lease).map_err(|e| {
-        Box::new(error(
-            state,
-            route,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            e.to_string(),
-            "see the sink's log",
-        ))
-    })?;
+    check_name(state, route, "lease", lease)?;
+    let tenants = state
+        .store
+        .lease_tenants(lease)
+        .map_err(|e| Box::new(internal(state, route, e)))?;
     let reachable: Vec<&String> = tenants
         .iter()
         .filter(|t| claims.reaches(t) && tenant.is_none_or(|want| want == t.as_str()))
@@ -631,15 +619,7 @@ async fn lease_metrics(
     };
     let updates = match state.store.lease_usage(&tenant, &lease, start, end) {
         Ok(u) => u,
-        Err(e) => {
-            return error(
-                &state,
-                ROUTE,
-                StatusCode::INTERNAL_SERVER_ERROR,
-                e.to_string(),
-                "see the sink's log",
-            );
-        }
+        Err(e) => return internal(&state, ROUTE, e),
     };
     // Series come in base windows: no step is finer than one.
     let base = updates
@@ -738,15 +718,7 @@ async fn lease_live(
     // Live values carry window start 0 and end at their newest reading.
     let updates = match state.store.lease_usage(&tenant, &lease, 0, 1) {
         Ok(u) => u,
-        Err(e) => {
-            return error(
-                &state,
-                ROUTE,
-                StatusCode::INTERNAL_SERVER_ERROR,
-                e.to_string(),
-                "see the sink's log",
-            );
-        }
+        Err(e) => return internal(&state, ROUTE, e),
     };
     // And the newest reading.
     // metric → kind → (sum, per service)
@@ -828,15 +800,7 @@ async fn fleet_hourly(
     // Node and fleet records are stored under the empty tenant.
     let updates = match state.store.usage("", from.div_euclid(HOUR) * HOUR, to) {
         Ok(u) => u,
-        Err(e) => {
-            return error(
-                &state,
-                ROUTE,
-                StatusCode::INTERNAL_SERVER_ERROR,
-                e.to_string(),
-                "see the sink's log",
-            );
-        }
+        Err(e) => return internal(&state, ROUTE, e),
     };
     // hour → (fleet metric → amount, node → metric → amount)
     type Hour = (

@@ -43,11 +43,26 @@ impl Claims {
     }
 }
 
-/// A key a token is checked with.
+/// A key a token is checked with, and the checks (built once, at start-up).
 #[derive(Clone)]
 pub struct VerifyingKey {
     pub algorithm: Algorithm,
     pub key: DecodingKey,
+    validation: Validation,
+}
+
+impl VerifyingKey {
+    fn new(algorithm: Algorithm, key: DecodingKey) -> Self {
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = LEEWAY_S;
+        validation.validate_aud = false;
+        validation.set_required_spec_claims(&["exp"]);
+        Self {
+            algorithm,
+            key,
+            validation,
+        }
+    }
 }
 
 /// Why a key or a token was refused.
@@ -96,10 +111,7 @@ impl Auth {
 
     /// Accepts HS256 tokens made with `secret`.
     pub fn hs256(secret: &[u8]) -> VerifyingKey {
-        VerifyingKey {
-            algorithm: Algorithm::HS256,
-            key: DecodingKey::from_secret(secret),
-        }
+        VerifyingKey::new(Algorithm::HS256, DecodingKey::from_secret(secret))
     }
 
     /// Reads an HS256 secret file (its bytes, a trailing newline dropped).
@@ -123,16 +135,10 @@ impl Auth {
     /// A public key in PEM: Ed25519 (tokens with `alg: EdDSA`) or RSA (`alg: RS256`).
     pub fn public_key_pem(pem: &[u8], path: &str) -> Result<VerifyingKey, AuthError> {
         if let Ok(key) = DecodingKey::from_ed_pem(pem) {
-            return Ok(VerifyingKey {
-                algorithm: Algorithm::EdDSA,
-                key,
-            });
+            return Ok(VerifyingKey::new(Algorithm::EdDSA, key));
         }
         if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
-            return Ok(VerifyingKey {
-                algorithm: Algorithm::RS256,
-                key,
-            });
+            return Ok(VerifyingKey::new(Algorithm::RS256, key));
         }
         Err(AuthError::UnknownKey {
             path: path.to_string(),
@@ -156,11 +162,7 @@ impl Auth {
             .iter()
             .filter(|k| k.algorithm == header.alg)
             .find_map(|k| {
-                let mut validation = Validation::new(k.algorithm);
-                validation.leeway = LEEWAY_S;
-                validation.validate_aud = false;
-                validation.set_required_spec_claims(&["exp"]);
-                jsonwebtoken::decode::<Claims>(token, &k.key, &validation)
+                jsonwebtoken::decode::<Claims>(token, &k.key, &k.validation)
                     .ok()
                     .map(|data| data.claims)
             })

@@ -116,7 +116,7 @@ fn month_cost_key(tenant: &str, month_start_ms: i64) -> Vec<u8> {
 }
 
 /// Whether a record is a base window's cost (what the month sums add up).
-fn is_window_cost(u: &UsageUpdate) -> bool {
+pub fn is_window_cost(u: &UsageUpdate) -> bool {
     u.metric == "cost" && u.resolution.is_empty()
 }
 
