@@ -68,6 +68,7 @@ async fn run_in(config: &DemoConfig, data_dir: &Path, shutdown: CancellationToke
             data_dir: data_dir.join("sink"),
             auth: Auth::new(vec![Auth::hs256(&secret)]),
             limits: Default::default(),
+            keep_alive: std::time::Duration::from_secs(15),
         },
         shutdown.clone(),
     )

@@ -166,6 +166,17 @@ enum Command {
         /// Requests each tenant may make at once after a quiet period.
         #[arg(long, default_value_t = 100.0)]
         rate_burst: f64,
+        /// Series each tenant may read per second, sustained, summed over answers: a usage
+        /// answer grouped by lease has a series per lease, a lease's metrics one per metric.
+        #[arg(long, default_value_t = 2_000.0)]
+        series_limit: f64,
+        /// Series each tenant may read at once after a quiet period; an answer with more waits
+        /// (429, Retry-After) until the bucket is full again.
+        #[arg(long, default_value_t = 20_000.0)]
+        series_burst: f64,
+        /// How often an idle Server-Sent Events feed sends a keep-alive comment.
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        keep_alive: Duration,
         #[command(flatten)]
         topics: TopicArgs,
     },
@@ -441,12 +452,23 @@ async fn main() -> Result<()> {
             jwt_public_key,
             rate_limit,
             rate_burst,
+            series_limit,
+            series_burst,
+            keep_alive,
             topics: t,
         } => {
             if !(rate_limit > 0.0 && rate_burst >= 1.0) {
                 anyhow::bail!(
                     "--rate-limit must be above 0 and --rate-burst at least 1 (got {rate_limit} and {rate_burst})"
                 );
+            }
+            if !(series_limit > 0.0 && series_burst >= 1.0) {
+                anyhow::bail!(
+                    "--series-limit must be above 0 and --series-burst at least 1 (got {series_limit} and {series_burst})"
+                );
+            }
+            if keep_alive.is_zero() {
+                anyhow::bail!("--keep-alive must be longer than 0 (e.g. 15s)");
             }
             use meterflow_sink::auth::Auth;
             let mut keys = Vec::new();
@@ -473,7 +495,10 @@ async fn main() -> Result<()> {
                     limits: meterflow_sink::limits::Limits {
                         requests_per_s: rate_limit,
                         burst: rate_burst,
+                        series_per_s: series_limit,
+                        series_burst,
                     },
+                    keep_alive,
                 },
                 shutdown,
             )

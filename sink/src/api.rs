@@ -6,8 +6,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{MatchedPath, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -17,7 +18,7 @@ use serde_json::{Map, Value, json};
 
 use crate::auth::{Auth, Claims};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{Cell, HOUR_MS, Store, is_usage};
 use crate::time::{format_rfc3339, month_start, next_month_start, parse_time};
 
 /// What every handler shares.
@@ -31,6 +32,14 @@ pub struct AppState {
     pub auth: Auth,
     /// Request-rate limits per tenant.
     pub limiter: Arc<crate::limits::RateLimiter>,
+    /// Series-cardinality limits per tenant: series read per second.
+    pub series_limiter: Arc<crate::limits::RateLimiter>,
+    /// Bumped after every write to the store: what the feeds wait on.
+    pub updates: tokio::sync::watch::Receiver<u64>,
+    /// How often an idle feed sends a keep-alive comment.
+    pub keep_alive: std::time::Duration,
+    /// Cancelled when the sink stops: open feeds end with it.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// The answer to a caller who may not have what it asked for.
@@ -79,26 +88,15 @@ fn authorize(
             .into_response(),
         ));
     };
-    // The bucket is the tenant's for a tenant token, the subject's for an operator's.
-    let caller = if claims.tenant.is_empty() {
-        format!("sub:{}", claims.sub)
-    } else {
-        format!("tenant:{}", claims.tenant)
-    };
-    if let Err(wait) = state.limiter.take(&caller, std::time::Instant::now()) {
-        count(state, route, StatusCode::TOO_MANY_REQUESTS);
-        let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
-        return Err(Box::new(
-            (
-                StatusCode::TOO_MANY_REQUESTS,
-                [(header::RETRY_AFTER, seconds.to_string())],
-                Json(json!({
-                    "error": "too many requests for this tenant",
-                    "hint": format!("retry after {seconds} s; the sink's --rate-limit sets the rate"),
-                })),
-            )
-                .into_response(),
-        ));
+    if let Err(wait) = state.limiter.take(&caller(&claims), 1, std::time::Instant::now()) {
+        return Err(Box::new(too_many(
+            state,
+            route,
+            "requests",
+            wait,
+            "too many requests for this tenant".into(),
+            "the sink's --rate-limit sets the rate",
+        )));
     }
     match need {
         Need::Any => Ok(claims),
@@ -121,6 +119,57 @@ fn authorize(
     }
 }
 
+/// Whose buckets a request draws from: the tenant's for a tenant token, the subject's for an
+/// operator's.
+fn caller(claims: &Claims) -> String {
+    if claims.tenant.is_empty() {
+        format!("sub:{}", claims.sub)
+    } else {
+        format!("tenant:{}", claims.tenant)
+    }
+}
+
+/// 429 with `Retry-After`, counted by which limit it was.
+fn too_many(
+    state: &AppState,
+    route: &str,
+    limit: &str,
+    wait: std::time::Duration,
+    message: String,
+    setting: &str,
+) -> Response {
+    count(state, route, StatusCode::TOO_MANY_REQUESTS);
+    state.metrics.limited.with_label_values(&[limit]).inc();
+    let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(header::RETRY_AFTER, seconds.to_string())],
+        Json(json!({
+            "error": message,
+            "hint": format!("retry after {seconds} s; {setting}"),
+        })),
+    )
+        .into_response()
+}
+
+/// Takes an answer's series from the caller's series bucket (SPEC: series-cardinality limits):
+/// a caller may read `--series-limit` series per second, `--series-burst` at once.
+fn take_series(state: &AppState, route: &str, claims: &Claims, series: usize) -> Result<(), Denied> {
+    state
+        .series_limiter
+        .take(&caller(claims), series as u64, std::time::Instant::now())
+        .map_err(|wait| {
+            Box::new(too_many(
+                state,
+                route,
+                "series",
+                wait,
+                format!("this answer has {series} series, more than this tenant may read now"),
+                "narrow group_by or the range, or raise the sink's --series-limit",
+            ))
+        })
+}
+
 /// Every route and its handler: the router is built from this table, and the OpenAPI
 /// document is checked against it.
 fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<AppState>)> {
@@ -131,6 +180,8 @@ fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<AppState>)> {
         ("/v1/leases/{lease}/metrics", get(lease_metrics)),
         ("/v1/leases/{lease}/live", get(lease_live)),
         ("/v1/fleet/hourly", get(fleet_hourly)),
+        ("/v1/feeds/tenants/{tenant}", get(tenant_feed)),
+        ("/v1/feeds/leases/{lease}", get(lease_feed)),
         ("/v1/status", get(status)),
         ("/metrics", get(metrics)),
         ("/healthz", get(|| async { "ok\n" })),
@@ -151,14 +202,33 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
-/// The router with every route.
+/// The router with every route, each answer timed by route.
 pub fn router(state: AppState) -> Router {
     routes()
         .into_iter()
         .fold(Router::new(), |router, (path, handler)| {
             router.route(path, handler)
         })
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), timed))
         .with_state(state)
+}
+
+/// Observes how long a route took to answer (for a feed: until its headers were sent).
+async fn timed(
+    State(state): State<AppState>,
+    route: Option<MatchedPath>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    state
+        .metrics
+        .request_seconds
+        .with_label_values(&[route])
+        .observe(started.elapsed().as_secs_f64());
+    response
 }
 
 /// A JSON error: what was wrong and what to do.
@@ -222,8 +292,6 @@ pub struct UsageQuery {
 }
 
 const GROUPS: [&str; 4] = ["lease", "service", "gpu_class", "mig_profile"];
-/// Records per tenant and calendar month: spend as billed, and the budget it is judged by.
-const PERIOD_METRICS: [&str; 2] = ["period_cost", "budget"];
 const MAX_TENANT_LEN: usize = 256;
 
 #[derive(Default)]
@@ -238,16 +306,29 @@ struct Sums {
 
 impl Sums {
     fn add(&mut self, u: &UsageUpdate) {
-        let e = self.metrics.entry(u.metric.clone()).or_insert((0, u.scale));
-        e.0 += i128::from(u.amount);
-        let seen = self.seen_ms.entry(u.metric.clone()).or_default();
-        seen.0 += i128::from(u.coverage_ms);
-        seen.1 += i128::from(u.present_ms);
-        if u.metric == "gpu_seconds" {
+        self.add_cell(&Cell {
+            hour_start_ms: u.window_start_ms,
+            metric: u.metric.clone(),
+            gpu_class: u.gpu_class.clone(),
+            mig_profile: u.mig_profile.clone(),
+            amount: u.amount,
+            scale: u.scale,
+            coverage_ms: u.coverage_ms,
+            present_ms: u.present_ms,
+        });
+    }
+
+    fn add_cell(&mut self, c: &Cell) {
+        let e = self.metrics.entry(c.metric.clone()).or_insert((0, c.scale));
+        e.0 += i128::from(c.amount);
+        let seen = self.seen_ms.entry(c.metric.clone()).or_default();
+        seen.0 += i128::from(c.coverage_ms);
+        seen.1 += i128::from(c.present_ms);
+        if c.metric == "gpu_seconds" {
             *self
                 .gpu_ms
-                .entry((u.gpu_class.clone(), u.mig_profile.clone()))
-                .or_default() += i128::from(u.amount);
+                .entry((c.gpu_class.clone(), c.mig_profile.clone()))
+                .or_default() += i128::from(c.amount);
         }
     }
 
@@ -284,9 +365,10 @@ async fn tenant_usage(
     Query(q): Query<UsageQuery>,
 ) -> Response {
     const ROUTE: &str = "/v1/tenants/{tenant}/usage";
-    if let Err(denied) = authorize(&state, &headers, ROUTE, Need::Tenant(&tenant)) {
-        return *denied;
-    }
+    let claims = match authorize(&state, &headers, ROUTE, Need::Tenant(&tenant)) {
+        Ok(claims) => claims,
+        Err(denied) => return *denied,
+    };
     let bad = |msg: String, hint: &str| error(&state, ROUTE, StatusCode::BAD_REQUEST, msg, hint);
     if let Err(denied) = check_name(&state, ROUTE, "tenant", &tenant) {
         return *denied;
@@ -321,20 +403,35 @@ async fn tenant_usage(
         );
     }
 
-    let updates = match state.store.usage(&tenant, from, to) {
-        Ok(u) => u,
-        Err(e) => return internal(&state, ROUTE, e),
+    // Whole hours come from the tenant's hour cells when the buckets are hours or longer and
+    // the grouping is one the cells keep; the partial hours at either end, and everything
+    // else, from the base windows.
+    let by_cells = window != "minute"
+        && group_by
+            .iter()
+            .all(|g| matches!(*g, "gpu_class" | "mig_profile"));
+    let (first_hour, last_hour) = (
+        (from + HOUR_MS - 1).div_euclid(HOUR_MS) * HOUR_MS,
+        to.div_euclid(HOUR_MS) * HOUR_MS,
+    );
+    let (cells, base_ranges) = if by_cells && first_hour < last_hour {
+        match state.store.hourly(&tenant, first_hour, last_hour) {
+            Ok(cells) => (cells, vec![(from, first_hour), (last_hour, to)]),
+            Err(e) => return internal(&state, ROUTE, e),
+        }
+    } else {
+        (Vec::new(), vec![(from, to)])
     };
+    let mut updates = Vec::new();
+    for (start, end) in base_ranges.into_iter().filter(|(s, e)| s < e) {
+        match state.store.usage(&tenant, start, end) {
+            Ok(u) => updates.extend(u.into_iter().filter(is_usage)),
+            Err(e) => return internal(&state, ROUTE, e),
+        }
+    }
     let mut rows: BTreeMap<(i64, i64, Vec<String>), Sums> = BTreeMap::new();
     let mut totals = Sums::default();
-    // Base windows only: live values (`live.*`) are not usage of a window, roll-ups
-    // (`resolution` hour, day, month) repeat what base windows hold, and a month's spend and
-    // budget are the burn-rate route's.
-    for u in updates.iter().filter(|u| {
-        !u.metric.starts_with("live.")
-            && u.resolution.is_empty()
-            && !PERIOD_METRICS.contains(&u.metric.as_str())
-    }) {
+    for u in &updates {
         let (start, end) = bucket(u.window_start_ms);
         let key: Vec<String> = group_by
             .iter()
@@ -347,6 +444,22 @@ async fn tenant_usage(
             .collect();
         rows.entry((start, end, key)).or_default().add(u);
         totals.add(u);
+    }
+    for c in &cells {
+        let (start, end) = bucket(c.hour_start_ms);
+        let key: Vec<String> = group_by
+            .iter()
+            .map(|g| match *g {
+                "gpu_class" => c.gpu_class.clone(),
+                _ => c.mig_profile.clone(),
+            })
+            .collect();
+        rows.entry((start, end, key)).or_default().add_cell(c);
+        totals.add_cell(c);
+    }
+    let series: std::collections::BTreeSet<&Vec<String>> = rows.keys().map(|(_, _, k)| k).collect();
+    if let Err(denied) = take_series(&state, ROUTE, &claims, series.len()) {
+        return *denied;
     }
     let rows: Vec<Value> = rows
         .into_iter()
@@ -418,36 +531,50 @@ async fn burn_rate(
     if let Err(denied) = authorize(&state, &headers, ROUTE, Need::Tenant(&tenant)) {
         return *denied;
     }
-    const HOUR: f64 = 3_600_000.0;
     let bad = |msg: String, hint: &str| error(&state, ROUTE, StatusCode::BAD_REQUEST, msg, hint);
     if let Err(denied) = check_name(&state, ROUTE, "tenant", &tenant) {
         return *denied;
     }
-    let over_ms = match q.over.as_deref().map(parse_duration_ms) {
-        None => 300_000,
-        Some(Some(ms)) if (60_000..=86_400_000).contains(&ms) => ms,
-        Some(_) => {
-            return bad(
-                format!(
-                    "over={:?} is not a duration from 1m to 24h",
-                    q.over.unwrap_or_default()
-                ),
-                "write it as 90s, 5m, 1h or milliseconds",
-            );
-        }
+    let over_ms = match over_ms(q.over.as_deref()) {
+        Ok(ms) => ms,
+        Err(message) => return bad(message, "write it as 90s, 5m, 1h or milliseconds"),
     };
-    let internal = |e| internal(&state, ROUTE, e);
+    match burn_rate_json(&state, &tenant, over_ms) {
+        Ok((answer, _)) => {
+            count(&state, ROUTE, StatusCode::OK);
+            Json(answer).into_response()
+        }
+        Err(e) => internal(&state, ROUTE, e),
+    }
+}
+
+/// The `over` of a burn rate: 5 minutes when not given, from 1 minute to 24 hours.
+fn over_ms(over: Option<&str>) -> Result<i64, String> {
+    match over.map(parse_duration_ms) {
+        None => Ok(300_000),
+        Some(Some(ms)) if (60_000..=86_400_000).contains(&ms) => Ok(ms),
+        Some(_) => Err(format!(
+            "over={:?} is not a duration from 1m to 24h",
+            over.unwrap_or_default()
+        )),
+    }
+}
+
+/// The burn-rate answer of `tenant` over the last `over_ms` before the watermark.
+fn burn_rate_json(
+    state: &AppState,
+    tenant: &str,
+    over_ms: i64,
+) -> Result<(Value, i64), crate::store::StoreError> {
+    const HOUR: f64 = 3_600_000.0;
     // "Now" is as far as the data has come, not the wall clock: a stalled pipeline shows an
     // old `as_of`, never a rate of zero.
-    let as_of = match state.store.watermark_ms() {
-        Ok(w) => w.unwrap_or_else(|| (state.now_ms)()),
-        Err(e) => return internal(e),
-    };
+    let as_of = state
+        .store
+        .watermark_ms()?
+        .unwrap_or_else(|| (state.now_ms)());
     let (month, month_end) = (month_start(as_of - 1), next_month_start(as_of - 1));
-    let recent = match state.store.usage(&tenant, as_of - over_ms, as_of) {
-        Ok(u) => u,
-        Err(e) => return internal(e),
-    };
+    let recent = state.store.usage(tenant, as_of - over_ms, as_of)?;
     let mut by_lease: BTreeMap<(String, String), i128> = BTreeMap::new();
     for u in recent.iter().filter(|u| crate::store::is_window_cost(u)) {
         *by_lease
@@ -456,14 +583,8 @@ async fn burn_rate(
     }
     let per_hour = |micros: i128| money(micros) * HOUR / over_ms as f64;
     let total_recent: i128 = by_lease.values().sum();
-    let to_date = match state.store.month_cost(&tenant, month) {
-        Ok(c) => i128::from(c),
-        Err(e) => return internal(e),
-    };
-    let period = match state.store.usage(&tenant, month, month + 1) {
-        Ok(u) => u,
-        Err(e) => return internal(e),
-    };
+    let to_date = i128::from(state.store.month_cost(tenant, month)?);
+    let period = state.store.usage(tenant, month, month + 1)?;
     let of_period = |metric: &str| {
         period
             .iter()
@@ -485,8 +606,7 @@ async fn burn_rate(
             json!({"lease": lease, "service": service, "burn_rate": per_hour(*micros)})
         })
         .collect();
-    count(&state, ROUTE, StatusCode::OK);
-    Json(json!({
+    let answer = json!({
         "tenant": tenant,
         "as_of": format_rfc3339(as_of),
         "over_seconds": over_ms / 1000,
@@ -500,8 +620,8 @@ async fn burn_rate(
             "projection": projection,
         },
         "budget": budget,
-    }))
-    .into_response()
+    });
+    Ok((answer, as_of))
 }
 
 /// Query of the lease routes: the tenant, for an operator when a lease id is used by several.
@@ -550,7 +670,7 @@ fn lease_owner(
     route: &str,
     lease: &str,
     tenant: Option<&str>,
-) -> Result<String, Denied> {
+) -> Result<(String, Claims), Denied> {
     let claims = authorize(state, headers, route, Need::Any)?;
     check_name(state, route, "lease", lease)?;
     let tenants = state
@@ -562,7 +682,7 @@ fn lease_owner(
         .filter(|t| claims.reaches(t) && tenant.is_none_or(|want| want == t.as_str()))
         .collect();
     match reachable.as_slice() {
-        [one] => Ok((*one).clone()),
+        [one] => Ok(((*one).clone(), claims)),
         [] => Err(Box::new(error(
             state,
             route,
@@ -597,8 +717,8 @@ async fn lease_metrics(
     Query(q): Query<LeaseMetricsQuery>,
 ) -> Response {
     const ROUTE: &str = "/v1/leases/{lease}/metrics";
-    let tenant = match lease_owner(&state, &headers, ROUTE, &lease, q.tenant.as_deref()) {
-        Ok(t) => t,
+    let (tenant, claims) = match lease_owner(&state, &headers, ROUTE, &lease, q.tenant.as_deref()) {
+        Ok(owner) => owner,
         Err(denied) => return *denied,
     };
     let bad = |msg: String, hint: &str| error(&state, ROUTE, StatusCode::BAD_REQUEST, msg, hint);
@@ -672,6 +792,9 @@ async fn lease_metrics(
             .or_default()
             .add(u);
     }
+    if let Err(denied) = take_series(&state, ROUTE, &claims, series.len()) {
+        return *denied;
+    }
     let series: Vec<Value> = series
         .into_iter()
         .map(|(metric, points)| {
@@ -711,16 +834,27 @@ async fn lease_live(
     Query(q): Query<LeaseQuery>,
 ) -> Response {
     const ROUTE: &str = "/v1/leases/{lease}/live";
-    let tenant = match lease_owner(&state, &headers, ROUTE, &lease, q.tenant.as_deref()) {
-        Ok(t) => t,
+    let (tenant, _) = match lease_owner(&state, &headers, ROUTE, &lease, q.tenant.as_deref()) {
+        Ok(owner) => owner,
         Err(denied) => return *denied,
     };
+    match live_json(&state, &tenant, &lease) {
+        Ok((answer, _)) => {
+            count(&state, ROUTE, StatusCode::OK);
+            Json(answer).into_response()
+        }
+        Err(e) => internal(&state, ROUTE, e),
+    }
+}
+
+/// A lease's live answer, and the time of its newest reading.
+fn live_json(
+    state: &AppState,
+    tenant: &str,
+    lease: &str,
+) -> Result<(Value, Option<i64>), crate::store::StoreError> {
     // Live values carry window start 0 and end at their newest reading.
-    let updates = match state.store.lease_usage(&tenant, &lease, 0, 1) {
-        Ok(u) => u,
-        Err(e) => return internal(&state, ROUTE, e),
-    };
-    // And the newest reading.
+    let updates = state.store.lease_usage(tenant, lease, 0, 1)?;
     // metric → kind → (sum, per service)
     type Kinds = BTreeMap<String, (f64, BTreeMap<String, f64>)>;
     let mut metrics: BTreeMap<String, Kinds> = BTreeMap::new();
@@ -760,14 +894,155 @@ async fn lease_live(
             (metric, Value::Object(out))
         })
         .collect();
+    Ok((
+        json!({
+            "lease": lease,
+            "tenant": tenant,
+            "at": at.map(format_rfc3339),
+            "metrics": metrics,
+        }),
+        at,
+    ))
+}
+
+/// Query of `GET /v1/feeds/tenants/{tenant}`.
+#[derive(Debug, Deserialize)]
+pub struct TenantFeedQuery {
+    /// As for the burn-rate route: how far back the rate looks. Default 5m.
+    pub over: Option<String>,
+}
+
+/// A tenant's burn rate and budget as Server-Sent Events: the burn-rate answer now, then again
+/// each time it changes (event `burn-rate`). Event ids name the answer (`as_of` in ms and a
+/// hash of its content): a client that reconnects with `Last-Event-ID` gets the current answer
+/// only when it differs from the last one it saw.
+async fn tenant_feed(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    Query(q): Query<TenantFeedQuery>,
+) -> Response {
+    const ROUTE: &str = "/v1/feeds/tenants/{tenant}";
+    if let Err(denied) = authorize(&state, &headers, ROUTE, Need::Tenant(&tenant)) {
+        return *denied;
+    }
+    if let Err(denied) = check_name(&state, ROUTE, "tenant", &tenant) {
+        return *denied;
+    }
+    let over_ms = match over_ms(q.over.as_deref()) {
+        Ok(ms) => ms,
+        Err(message) => {
+            let hint = "write it as 90s, 5m, 1h or milliseconds";
+            return error(&state, ROUTE, StatusCode::BAD_REQUEST, message, hint);
+        }
+    };
     count(&state, ROUTE, StatusCode::OK);
-    Json(json!({
-        "lease": lease,
-        "tenant": tenant,
-        "at": at.map(format_rfc3339),
-        "metrics": metrics,
-    }))
-    .into_response()
+    feed(&state, &headers, "tenant", "burn-rate", move |state| {
+        burn_rate_json(state, &tenant, over_ms).map(Some)
+    })
+}
+
+/// A lease's live values as Server-Sent Events, for autoscalers: the live answer now, then
+/// each time a newer reading arrives (event `utilization`); ids and `Last-Event-ID` as for the
+/// tenant feed.
+async fn lease_feed(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(lease): Path<String>,
+    Query(q): Query<LeaseQuery>,
+) -> Response {
+    const ROUTE: &str = "/v1/feeds/leases/{lease}";
+    let (tenant, _) = match lease_owner(&state, &headers, ROUTE, &lease, q.tenant.as_deref()) {
+        Ok(owner) => owner,
+        Err(denied) => return *denied,
+    };
+    count(&state, ROUTE, StatusCode::OK);
+    feed(&state, &headers, "lease", "utilization", move |state| {
+        // Nothing to say until the lease has a reading.
+        live_json(state, &tenant, &lease).map(|(answer, at)| at.map(|at| (answer, at)))
+    })
+}
+
+/// An event id that names an answer: its time and a hash (FNV-1a) of its content.
+fn event_id(at_ms: i64, body: &str) -> String {
+    let hash = body.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{at_ms}-{hash:016x}")
+}
+
+/// Counts a feed while it is open.
+struct OpenFeed(prometheus::IntGauge);
+
+impl OpenFeed {
+    fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for OpenFeed {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A Server-Sent Events answer: `answer` now and after every store write, sent when its id
+/// differs from the last one sent (or the client's `Last-Event-ID`); keep-alive comments while
+/// idle; the stream ends when the sink stops.
+fn feed<F>(
+    state: &AppState,
+    headers: &HeaderMap,
+    kind: &'static str,
+    event: &'static str,
+    answer: F,
+) -> Response
+where
+    F: Fn(&AppState) -> Result<Option<(Value, i64)>, crate::store::StoreError> + Send + 'static,
+{
+    let last_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut updates = state.updates.clone();
+    // The first turn answers at once.
+    updates.mark_changed();
+    let open = OpenFeed::new(state.metrics.feeds_open.with_label_values(&[kind]));
+    let start = (state.clone(), updates, last_id, answer, open);
+    let events = futures_util::stream::unfold(
+        start,
+        move |(state, mut updates, mut last_id, answer, open)| async move {
+            loop {
+                tokio::select! {
+                    _ = state.shutdown.cancelled() => return None,
+                    changed = updates.changed() => changed.ok()?,
+                }
+                let (value, at) = match answer(&state) {
+                    Ok(Some(next)) => next,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, kind, "feed could not read the store");
+                        continue;
+                    }
+                };
+                let body = value.to_string();
+                let id = event_id(at, &body);
+                if last_id.as_deref() == Some(id.as_str()) {
+                    continue;
+                }
+                state.metrics.feed_events.with_label_values(&[kind]).inc();
+                let sent = Event::default().event(event).id(id.clone()).data(body);
+                last_id = Some(id);
+                return Some((
+                    Ok::<Event, std::convert::Infallible>(sent),
+                    (state, updates, last_id, answer, open),
+                ));
+            }
+        },
+    );
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(state.keep_alive).text("keep-alive"))
+        .into_response()
 }
 
 /// Query of `GET /v1/fleet/hourly`.
@@ -786,9 +1061,10 @@ async fn fleet_hourly(
     Query(q): Query<RangeQuery>,
 ) -> Response {
     const ROUTE: &str = "/v1/fleet/hourly";
-    if let Err(denied) = authorize(&state, &headers, ROUTE, Need::Operator) {
-        return *denied;
-    }
+    let claims = match authorize(&state, &headers, ROUTE, Need::Operator) {
+        Ok(claims) => claims,
+        Err(denied) => return *denied,
+    };
     const HOUR: i64 = 3_600_000;
     let now = (state.now_ms)();
     let (from, to) = match time_range(&q.from, &q.to, now - 24 * HOUR, now) {
@@ -816,8 +1092,14 @@ async fn fleet_hourly(
             nodes.entry(u.node).or_default().insert(u.metric, u.amount);
         }
     }
+    // A series per node, and the fleet's.
+    let nodes: std::collections::BTreeSet<&String> =
+        hours.values().flat_map(|(_, nodes)| nodes.keys()).collect();
+    if let Err(denied) = take_series(&state, ROUTE, &claims, nodes.len() + 1) {
+        return *denied;
+    }
     let rows: Vec<Value> = hours
-        .into_iter()
+        .iter()
         .map(|(hour, (fleet, nodes))| {
             let get = |m: &BTreeMap<String, i64>, k: &str| m.get(k).copied().unwrap_or(0);
             let nodes: Vec<Value> = nodes
@@ -831,9 +1113,9 @@ async fn fleet_hourly(
                 })
                 .collect();
             json!({
-                "hour": format_rfc3339(hour),
-                "active_nodes": get(&fleet, "active_nodes"),
-                "max_gpus_allocated": get(&fleet, "max_gpus_allocated"),
+                "hour": format_rfc3339(*hour),
+                "active_nodes": get(fleet, "active_nodes"),
+                "max_gpus_allocated": get(fleet, "max_gpus_allocated"),
                 "nodes": nodes,
             })
         })
@@ -892,7 +1174,7 @@ async fn status(State(state): State<AppState>, headers: HeaderMap) -> Response {
     Json(json!({
         "service": "meterflow-sink",
         "version": env!("CARGO_PKG_VERSION"),
-        "features": ["usage", "burn-rate", "metrics", "live", "fleet"],
+        "features": ["usage", "burn-rate", "metrics", "live", "fleet", "feeds"],
         "watermark": watermark.map(format_rfc3339),
         "watermark_ms": watermark,
         "consumed_offsets": { topics::USAGE: offsets },

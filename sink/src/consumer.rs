@@ -38,6 +38,7 @@ pub async fn consume(
     brokers: String,
     store: Arc<Store>,
     metrics: Metrics,
+    updated: Arc<tokio::sync::watch::Sender<u64>>,
     shutdown: CancellationToken,
 ) -> Result<(), ConsumeError> {
     let kafka =
@@ -125,8 +126,14 @@ pub async fn consume(
             }
         }
         if !batch.is_empty() {
+            let started = std::time::Instant::now();
             store.apply(&batch)?;
+            metrics
+                .apply_seconds
+                .observe(started.elapsed().as_secs_f64());
+            metrics.apply_batch_records.observe(batch.len() as f64);
             metrics.applied.inc_by(batch.len() as u64);
+            updated.send_modify(|n| *n += 1);
             if let Some(w) = store.watermark_ms()? {
                 metrics.watermark_seconds.set(w as f64 / 1000.0);
             }

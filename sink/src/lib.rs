@@ -41,8 +41,10 @@ pub struct SinkConfig {
     pub data_dir: PathBuf,
     /// How bearer tokens are checked.
     pub auth: auth::Auth,
-    /// Request-rate limits per tenant.
+    /// Request-rate and series-cardinality limits per tenant.
     pub limits: limits::Limits,
+    /// How often an idle Server-Sent Events feed sends a keep-alive comment.
+    pub keep_alive: std::time::Duration,
 }
 
 /// Why the sink stopped.
@@ -76,6 +78,7 @@ pub async fn start(
 ) -> Result<RunningSink, SinkError> {
     let store = Arc::new(Store::open(&config.data_dir)?);
     let metrics = metrics::Metrics::new();
+    let updated = Arc::new(tokio::sync::watch::Sender::new(0u64));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| SinkError::Listen {
@@ -93,13 +96,17 @@ pub async fn start(
                 .unwrap_or(0)
         },
         auth: config.auth.clone(),
-        limiter: Arc::new(limits::RateLimiter::new(config.limits)),
+        limiter: Arc::new(limits::RateLimiter::requests(&config.limits)),
+        series_limiter: Arc::new(limits::RateLimiter::series(&config.limits)),
+        updates: updated.subscribe(),
+        keep_alive: config.keep_alive,
+        shutdown: shutdown.clone(),
     };
     let consuming = {
         let shutdown = shutdown.clone();
         let brokers = config.brokers.clone();
         tokio::spawn(async move {
-            let consumed = consumer::consume(brokers, store, metrics, shutdown.clone()).await;
+            let consumed = consumer::consume(brokers, store, metrics, updated, shutdown.clone()).await;
             if let Err(e) = &consumed {
                 // Serving views that no longer advance would mislead: stop the whole sink.
                 tracing::error!(error = %e, "sink consumer failed; stopping the sink");

@@ -1,18 +1,23 @@
-//! Per-tenant request-rate limits (SPEC: HTTP API): a token bucket per caller — the tenant of a
-//! tenant token, the subject of an operator token — refilled at `requests_per_s` up to
-//! `burst`. An empty bucket answers 429 with `Retry-After`.
+//! Per-tenant limits (SPEC: HTTP API): token buckets per caller — the tenant of a tenant token,
+//! the subject of an operator token — one for requests, one for series read
+//! (series-cardinality). An empty bucket answers 429 with `Retry-After`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// How many requests a caller may make.
+/// How much a caller may ask for.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
     /// Sustained requests per second.
     pub requests_per_s: f64,
     /// Requests allowed at once after a quiet period.
     pub burst: f64,
+    /// Sustained series per second, summed over answers (a usage answer grouped by lease has a
+    /// series per lease; a lease's metrics, one per metric).
+    pub series_per_s: f64,
+    /// Series allowed at once after a quiet period; a larger answer waits for a full bucket.
+    pub series_burst: f64,
 }
 
 impl Default for Limits {
@@ -20,47 +25,61 @@ impl Default for Limits {
         Self {
             requests_per_s: 20.0,
             burst: 100.0,
+            series_per_s: 2_000.0,
+            series_burst: 20_000.0,
         }
     }
 }
 
-/// The buckets of every caller seen.
-#[derive(Debug, Default)]
+/// The buckets of every caller seen, for one kind of limit.
+#[derive(Debug)]
 pub struct RateLimiter {
-    limits: Limits,
+    per_s: f64,
+    burst: f64,
     buckets: Mutex<HashMap<String, (f64, Instant)>>,
 }
 
 impl RateLimiter {
-    pub fn new(limits: Limits) -> Self {
+    /// A limit of `per_s` refilled up to `burst`.
+    pub fn new(per_s: f64, burst: f64) -> Self {
         Self {
-            limits,
+            per_s,
+            burst: burst.max(1.0),
             buckets: Mutex::default(),
         }
     }
 
-    /// Takes one request from `caller`'s bucket at `now`; when it is empty, how long until
-    /// one is there.
-    pub fn take(&self, caller: &str, now: Instant) -> Result<(), Duration> {
-        let Limits {
-            requests_per_s,
-            burst,
-        } = self.limits;
+    /// The request-rate limit of `limits`.
+    pub fn requests(limits: &Limits) -> Self {
+        Self::new(limits.requests_per_s, limits.burst)
+    }
+
+    /// The series-cardinality limit of `limits`.
+    pub fn series(limits: &Limits) -> Self {
+        Self::new(limits.series_per_s, limits.series_burst)
+    }
+
+    /// Takes `n` from `caller`'s bucket at `now` (at most a full bucket: a larger `n` passes
+    /// when the bucket is full and empties it); when there is not enough, how long until there
+    /// is.
+    pub fn take(&self, caller: &str, n: u64, now: Instant) -> Result<(), Duration> {
+        let need = (n as f64).min(self.burst);
         let mut buckets = self
             .buckets
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (tokens, last) = buckets.entry(caller.to_string()).or_insert((burst, now));
-        let refilled =
-            *tokens + now.saturating_duration_since(*last).as_secs_f64() * requests_per_s;
-        *tokens = refilled.min(burst);
+        let (tokens, last) = buckets
+            .entry(caller.to_string())
+            .or_insert((self.burst, now));
+        let refilled = *tokens + now.saturating_duration_since(*last).as_secs_f64() * self.per_s;
+        *tokens = refilled.min(self.burst);
         *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
+        if *tokens >= need {
+            *tokens -= need;
             Ok(())
         } else {
             Err(Duration::from_secs_f64(
-                (1.0 - *tokens) / requests_per_s.max(1e-9),
+                (need - *tokens) / self.per_s.max(1e-9),
             ))
         }
     }
@@ -72,21 +91,33 @@ mod tests {
 
     #[test]
     fn a_bucket_allows_the_burst_then_the_rate_and_callers_do_not_share() {
-        let limiter = RateLimiter::new(Limits {
-            requests_per_s: 2.0,
-            burst: 3.0,
-        });
+        let limiter = RateLimiter::new(2.0, 3.0);
         let t0 = Instant::now();
         for _ in 0..3 {
-            assert!(limiter.take("acme", t0).is_ok());
+            assert!(limiter.take("acme", 1, t0).is_ok());
         }
-        let wait = limiter.take("acme", t0).expect_err("the burst is spent");
+        let wait = limiter.take("acme", 1, t0).expect_err("the burst is spent");
         assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
         // Another tenant has its own bucket.
-        assert!(limiter.take("globex", t0).is_ok());
+        assert!(limiter.take("globex", 1, t0).is_ok());
         // Half a second later one request is back, and only one.
         let later = t0 + Duration::from_millis(500);
-        assert!(limiter.take("acme", later).is_ok());
-        assert!(limiter.take("acme", later).is_err());
+        assert!(limiter.take("acme", 1, later).is_ok());
+        assert!(limiter.take("acme", 1, later).is_err());
+    }
+
+    #[test]
+    fn series_are_taken_by_the_answer_and_a_huge_answer_waits_for_a_full_bucket() {
+        let limiter = RateLimiter::new(100.0, 1_000.0);
+        let t0 = Instant::now();
+        assert!(limiter.take("acme", 600, t0).is_ok());
+        // 400 left: 500 more must wait a second for the missing 100.
+        let wait = limiter.take("acme", 500, t0).expect_err("not enough left");
+        assert!((wait.as_secs_f64() - 1.0).abs() < 1e-6, "{wait:?}");
+        // An answer larger than the bucket costs the whole bucket: it passes when full.
+        let full = t0 + Duration::from_secs(10);
+        assert!(limiter.take("acme", 5_000, full).is_ok());
+        let wait = limiter.take("acme", 1, full).expect_err("emptied");
+        assert!((wait.as_secs_f64() - 0.01).abs() < 1e-6, "{wait:?}");
     }
 }

@@ -1,6 +1,9 @@
 //! The sink's own Prometheus metrics, named `meterflow_sink_<thing>_<unit>`.
 
-use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
+};
 
 /// Every metric the sink exports, registered in one registry served at `/metrics`.
 #[derive(Clone)]
@@ -16,6 +19,18 @@ pub struct Metrics {
     pub watermark_seconds: Gauge,
     /// 1 once the consumer is assigned and reading.
     pub ready: IntGauge,
+    /// Time to answer, by route (the route's template, not the path asked for).
+    pub request_seconds: HistogramVec,
+    /// Time to write one batch of consumed updates to the store.
+    pub apply_seconds: Histogram,
+    /// Updates per store write.
+    pub apply_batch_records: Histogram,
+    /// Requests refused with 429, by limit (`requests`, `series`).
+    pub limited: IntCounterVec,
+    /// Server-Sent Events feeds open, by kind (`tenant`, `lease`).
+    pub feeds_open: IntGaugeVec,
+    /// Events sent on feeds, by kind.
+    pub feed_events: IntCounterVec,
 }
 
 impl Metrics {
@@ -52,12 +67,69 @@ impl Metrics {
             "1 once the sink is consuming its input topic",
         )
         .expect("static metric definition");
+        let request_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "meterflow_sink_http_request_duration_seconds",
+                "Time to answer an HTTP request, by route",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            &["route"],
+        )
+        .expect("static metric definition");
+        let apply_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "meterflow_sink_apply_duration_seconds",
+                "Time to write one batch of consumed updates to the view store",
+            )
+            .buckets(prometheus::exponential_buckets(0.0005, 2.0, 14).expect("static buckets")),
+        )
+        .expect("static metric definition");
+        let apply_batch_records = Histogram::with_opts(
+            HistogramOpts::new(
+                "meterflow_sink_apply_batch_records",
+                "Usage updates per view-store write",
+            )
+            .buckets(vec![1.0, 10.0, 100.0, 500.0, 1000.0]),
+        )
+        .expect("static metric definition");
+        let limited = IntCounterVec::new(
+            Opts::new(
+                "meterflow_sink_limited_total",
+                "Requests refused with 429, by limit (requests, series)",
+            ),
+            &["limit"],
+        )
+        .expect("static metric definition");
+        let feeds_open = IntGaugeVec::new(
+            Opts::new(
+                "meterflow_sink_feeds_open",
+                "Server-Sent Events feeds open, by kind (tenant, lease)",
+            ),
+            &["kind"],
+        )
+        .expect("static metric definition");
+        let feed_events = IntCounterVec::new(
+            Opts::new(
+                "meterflow_sink_feed_events_total",
+                "Events sent on Server-Sent Events feeds, by kind",
+            ),
+            &["kind"],
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(applied.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
             Box::new(requests.clone()),
             Box::new(watermark_seconds.clone()),
             Box::new(ready.clone()),
+            Box::new(request_seconds.clone()),
+            Box::new(apply_seconds.clone()),
+            Box::new(apply_batch_records.clone()),
+            Box::new(limited.clone()),
+            Box::new(feeds_open.clone()),
+            Box::new(feed_events.clone()),
         ] {
             registry.register(c).expect("names are unique");
         }
@@ -68,6 +140,12 @@ impl Metrics {
             requests,
             watermark_seconds,
             ready,
+            request_seconds,
+            apply_seconds,
+            apply_batch_records,
+            limited,
+            feeds_open,
+            feed_events,
         }
     }
 }

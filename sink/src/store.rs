@@ -13,11 +13,15 @@
 //! - `c` 0x00 tenant 0x00 month_start → the sum of the tenant's `cost` records (base windows)
 //!   in that calendar month, in micros: kept as records arrive (a replaced record adds the
 //!   difference), so the period to date is one read however long the month has run.
+//! - `h` 0x00 tenant 0x00 hour_start metric 0x00 gpu_class 0x00 mig_profile → a [`Cell`]: the
+//!   tenant's usage records ([`is_usage`]) whose window starts in that hour, summed over
+//!   leases and services. Kept like the month sums (a replaced record adds the difference), so
+//!   a tenant's 30 days by the hour is 720 cells per metric however many leases it runs.
 //!
 //! Data and the offsets that produced it are written in one `WriteBatch`: after a crash the
 //! sink resumes exactly after the last update it stored.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use meterflow_schemas::time::month_start;
@@ -115,6 +119,73 @@ fn month_cost_key(tenant: &str, month_start_ms: i64) -> Vec<u8> {
     k
 }
 
+/// Records per tenant and calendar month: spend as billed, and the budget it is judged by.
+pub const PERIOD_METRICS: [&str; 2] = ["period_cost", "budget"];
+
+/// Whether a record is a tenant's usage in a base window: what usage answers add up. Live
+/// values (`live.*`) are not usage of a window, roll-ups (`resolution` hour, day, month)
+/// repeat what base windows hold, and a month's spend and budget are the burn-rate route's.
+pub fn is_usage(u: &UsageUpdate) -> bool {
+    !u.tenant.is_empty()
+        && u.resolution.is_empty()
+        && !u.metric.starts_with("live.")
+        && !PERIOD_METRICS.contains(&u.metric.as_str())
+}
+
+/// One hour of one tenant's usage of one metric on one GPU class and MIG profile, summed over
+/// its leases and services.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cell {
+    pub hour_start_ms: i64,
+    pub metric: String,
+    pub gpu_class: String,
+    pub mig_profile: String,
+    pub amount: i64,
+    pub scale: i32,
+    pub coverage_ms: i64,
+    pub present_ms: i64,
+}
+
+pub const HOUR_MS: i64 = 3_600_000;
+
+fn hour_prefix(tenant: &str) -> Vec<u8> {
+    let mut k = b"h\0".to_vec();
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k
+}
+
+fn hour_key(u: &UsageUpdate) -> Vec<u8> {
+    let mut k = hour_prefix(&u.tenant);
+    k.extend_from_slice(&sortable(u.window_start_ms.div_euclid(HOUR_MS) * HOUR_MS));
+    for part in [&u.metric, &u.gpu_class, &u.mig_profile] {
+        k.extend_from_slice(part.as_bytes());
+        k.push(0);
+    }
+    k
+}
+
+/// A cell's value: amount, scale, coverage, present.
+fn encode_cell(amount: i64, scale: i32, coverage_ms: i64, present_ms: i64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(28);
+    v.extend_from_slice(&amount.to_be_bytes());
+    v.extend_from_slice(&scale.to_be_bytes());
+    v.extend_from_slice(&coverage_ms.to_be_bytes());
+    v.extend_from_slice(&present_ms.to_be_bytes());
+    v
+}
+
+fn decode_cell(v: &[u8]) -> Option<(i64, i32, i64, i64)> {
+    let v: &[u8; 28] = v.try_into().ok()?;
+    let i64_at = |at: usize| i64::from_be_bytes(v[at..at + 8].try_into().unwrap_or_default());
+    Some((
+        i64_at(0),
+        i32::from_be_bytes(v[8..12].try_into().unwrap_or_default()),
+        i64_at(12),
+        i64_at(20),
+    ))
+}
+
 /// Whether a record is a base window's cost (what the month sums add up).
 pub fn is_window_cost(u: &UsageUpdate) -> bool {
     u.metric == "cost" && u.resolution.is_empty()
@@ -156,32 +227,58 @@ impl Store {
         let mut batch = WriteBatch::default();
         let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
         let mut watermark = self.watermark_ms()?;
-        // Cost records replaced in this batch: their latest amount, and the month sums changed.
-        let mut costs: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
+        // Usage records replaced in this batch (their latest amount, coverage and presence),
+        // and the month sums and hour cells they changed.
+        let mut latest: HashMap<Vec<u8>, (i64, i64, i64)> = HashMap::new();
         let mut month_costs: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
+        let mut cells: BTreeMap<Vec<u8>, (i64, i32, i64, i64)> = BTreeMap::new();
         for c in consumed {
-            let key = usage_key(&c.update);
-            if is_window_cost(&c.update) {
-                let before = match costs.get(&key) {
-                    Some(amount) => *amount,
+            let u = &c.update;
+            let key = usage_key(u);
+            if is_usage(u) {
+                let before = match latest.get(&key) {
+                    Some(before) => *before,
                     None => match self.db.get(&key)? {
-                        Some(v) => UsageUpdate::decode(&v)?.amount,
-                        None => 0,
+                        Some(v) => {
+                            let b = UsageUpdate::decode(&v)?;
+                            (b.amount, b.coverage_ms, b.present_ms)
+                        }
+                        None => (0, 0, 0),
                     },
                 };
-                costs.insert(key.clone(), c.update.amount);
-                let month = month_cost_key(&c.update.tenant, month_start(c.update.window_start_ms));
-                let sum = match month_costs.get(&month) {
-                    Some(sum) => *sum,
-                    None => read_i64(self.db.get(&month)?).unwrap_or(0),
+                latest.insert(key.clone(), (u.amount, u.coverage_ms, u.present_ms));
+                let hour = hour_key(u);
+                let cell = match cells.get(&hour) {
+                    Some(cell) => *cell,
+                    None => self
+                        .db
+                        .get(&hour)?
+                        .and_then(|v| decode_cell(&v))
+                        .unwrap_or((0, u.scale, 0, 0)),
                 };
-                month_costs.insert(month, sum + c.update.amount - before);
+                cells.insert(
+                    hour,
+                    (
+                        cell.0 + u.amount - before.0,
+                        u.scale,
+                        cell.2 + u.coverage_ms - before.1,
+                        cell.3 + u.present_ms - before.2,
+                    ),
+                );
+                if is_window_cost(u) {
+                    let month = month_cost_key(&u.tenant, month_start(u.window_start_ms));
+                    let sum = match month_costs.get(&month) {
+                        Some(sum) => *sum,
+                        None => read_i64(self.db.get(&month)?).unwrap_or(0),
+                    };
+                    month_costs.insert(month, sum + u.amount - before.0);
+                }
             }
-            let encoded = c.update.encode()?;
-            if indexed_by_lease(&c.update) {
-                batch.put(lease_key(&c.update), &encoded);
-                let mut tenant = lease_tenants_prefix(&c.update.lease);
-                tenant.extend_from_slice(c.update.tenant.as_bytes());
+            let encoded = u.encode()?;
+            if indexed_by_lease(u) {
+                batch.put(lease_key(u), &encoded);
+                let mut tenant = lease_tenants_prefix(&u.lease);
+                tenant.extend_from_slice(u.tenant.as_bytes());
                 batch.put(tenant, b"");
             }
             batch.put(key, encoded);
@@ -190,13 +287,15 @@ impl Store {
             // Only per-lease base windows say how far the data has come: node and fleet
             // records are hourly, a tenant's period cost and the roll-ups span longer windows,
             // and live values are not windows.
-            let u = &c.update;
             if !u.lease.is_empty() && u.resolution.is_empty() && !u.metric.starts_with("live.") {
-                watermark = Some(watermark.unwrap_or(i64::MIN).max(c.update.window_end_ms));
+                watermark = Some(watermark.unwrap_or(i64::MIN).max(u.window_end_ms));
             }
         }
         for (month, sum) in month_costs {
             batch.put(month, sum.to_be_bytes());
+        }
+        for (hour, (amount, scale, coverage, present)) in cells {
+            batch.put(hour, encode_cell(amount, scale, coverage, present));
         }
         for ((topic, partition), offset) in next {
             batch.put(offset_key(topic, partition), offset.to_be_bytes());
@@ -206,6 +305,49 @@ impl Store {
         }
         self.db.write(batch)?;
         Ok(())
+    }
+
+    /// A tenant's hour cells with `from_ms <= hour_start < to_ms`, in hour order.
+    pub fn hourly(&self, tenant: &str, from_ms: i64, to_ms: i64) -> Result<Vec<Cell>, StoreError> {
+        let prefix = hour_prefix(tenant);
+        let mut start = prefix.clone();
+        start.extend_from_slice(&sortable(from_ms));
+        let mut end = prefix.clone();
+        end.extend_from_slice(&sortable(to_ms));
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&start, Direction::Forward))
+        {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) || k[..] >= end[..] {
+                break;
+            }
+            let rest = &k[prefix.len()..];
+            let (Some(hour), Some((amount, scale, coverage_ms, present_ms))) = (
+                rest.get(..8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(|b| (u64::from_be_bytes(b) ^ (1 << 63)) as i64),
+                decode_cell(&v),
+            ) else {
+                continue;
+            };
+            let mut parts = rest[8..].split(|b| *b == 0).map(|p| String::from_utf8_lossy(p).into_owned());
+            let (Some(metric), Some(gpu_class), Some(mig_profile)) = (parts.next(), parts.next(), parts.next()) else {
+                continue;
+            };
+            out.push(Cell {
+                hour_start_ms: hour,
+                metric,
+                gpu_class,
+                mig_profile,
+                amount,
+                scale,
+                coverage_ms,
+                present_ms,
+            });
+        }
+        Ok(out)
     }
 
     /// The next offset to consume per partition of `topic`, for partitions consumed before.
@@ -465,5 +607,49 @@ mod tests {
         let month = |t| store.month_cost("t", month_start(t)).expect("reads");
         assert_eq!((month(nov), month(dec)), (120, 7));
         assert_eq!(store.month_cost("u", month_start(nov)).expect("reads"), 0);
+    }
+
+    #[test]
+    fn hour_cells_sum_leases_and_follow_replacements() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("opens");
+        let h = 1_796_083_200_000; // an hour start
+        let on = |lease: &str, id: &str, window: i64, amount: i64| UsageUpdate {
+            lease: lease.into(),
+            coverage_ms: 30_000,
+            ..update("t", id, window, amount)
+        };
+        store
+            .apply(&[
+                consumed(0, on("l1", "a", h, 100)),
+                consumed(1, on("l2", "b", h + 59 * 60_000, 50)),
+                consumed(2, on("l1", "c", h + 3_600_000, 7)),
+                // Replaced in the same batch: counts once, with its latest value.
+                consumed(3, on("l1", "a", h, 120)),
+                // Not usage of a window: left out.
+                consumed(4, UsageUpdate { metric: "live.gpu_util.gauge".into(), ..on("l1", "d", 0, 5) }),
+                consumed(5, UsageUpdate { resolution: "hour".into(), ..on("l1", "e", h, 999) }),
+            ])
+            .expect("applies");
+        // Replaced in a later batch, and applied twice.
+        for _ in 0..2 {
+            store
+                .apply(&[consumed(6, on("l2", "b", h + 59 * 60_000, 40))])
+                .expect("applies");
+        }
+        let cells = store.hourly("t", h, h + 2 * 3_600_000).expect("reads");
+        let got: Vec<_> = cells
+            .iter()
+            .map(|c| (c.hour_start_ms, c.metric.as_str(), c.gpu_class.as_str(), c.amount, c.coverage_ms, c.present_ms))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (h, "gpu_seconds", "h100", 160, 60_000, 120_000),
+                (h + 3_600_000, "gpu_seconds", "h100", 7, 30_000, 60_000),
+            ]
+        );
+        assert_eq!(store.hourly("t", h + 1, h + 3_600_000).expect("reads"), vec![]);
+        assert_eq!(store.hourly("tt", h, h + 2 * 3_600_000).expect("reads"), vec![]);
     }
 }

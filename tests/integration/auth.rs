@@ -61,7 +61,7 @@ async fn every_route_answers_each_kind_of_caller_as_it_should() {
         ),
     ];
     // Expected status per caller, in the order above.
-    let routes: [(&str, [u16; 9]); 12] = [
+    let routes: [(&str, [u16; 9]); 14] = [
         ("/openapi.json", [200; 9]),
         (
             "/v1/leases/100.1.1/metrics",
@@ -82,6 +82,15 @@ async fn every_route_answers_each_kind_of_caller_as_it_should() {
         ),
         (
             "/v1/tenants/acme/burn-rate",
+            [401, 401, 401, 401, 404, 404, 200, 200, 200],
+        ),
+        // A feed's first event stands for its body.
+        (
+            "/v1/feeds/tenants/acme",
+            [401, 401, 401, 401, 404, 404, 200, 200, 200],
+        ),
+        (
+            "/v1/feeds/leases/100.1.1",
             [401, 401, 401, 401, 404, 404, 200, 200, 200],
         ),
         (
@@ -151,6 +160,7 @@ async fn a_tenant_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
         meterflow_sink::limits::Limits {
             requests_per_s: 0.5,
             burst: 5.0,
+            ..Default::default()
         },
     )
     .await;
@@ -179,5 +189,66 @@ async fn a_tenant_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
     let globex = crate::common::token("globex");
     let (status, _) = get_as(&pipeline.url("/v1/tenants/globex/usage"), &globex).await;
     assert_eq!(status, 200);
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_reading_too_many_series_gets_429_with_retry_after() {
+    let pipeline = Pipeline::start_limited(
+        1,
+        1,
+        meterflow_sink::limits::Limits {
+            series_per_s: 0.5,
+            series_burst: 3.0,
+            ..Default::default()
+        },
+    )
+    .await;
+    let publisher = Publisher::new(&pipeline.broker.bootstrap()).expect("producer");
+    for b in &crate::pipeline::batches() {
+        publisher.publish(b).await.expect("batch delivered");
+    }
+    let acme = crate::common::token("acme");
+    // The burn-rate route has no series to count: wait on it for the whole scenario.
+    poll_json(
+        &pipeline.url("/v1/tenants/acme/burn-rate"),
+        &acme,
+        Duration::from_secs(60),
+        |v| v["period"]["to_date"].as_f64() == Some(0.173_697),
+    )
+    .await;
+    // Grouped by lease, acme's hour has two series: the first answer takes 2 of 3, the second
+    // needs 2 with 1 left, and waits 2 s at 0.5 series per second.
+    let url = pipeline.url("/v1/tenants/acme/usage?from=2026-11-23T00:00:00Z&to=2026-11-23T01:00:00Z");
+    let (status, body) = get_as(&url, &acme).await;
+    assert_eq!(status, 200, "{body}");
+    let rows: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(rows["rows"].as_array().map(Vec::len), Some(2), "{rows}");
+    let r = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(&acme)
+        .send()
+        .await
+        .expect("sink answers");
+    assert_eq!(r.status(), 429);
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    assert_eq!(retry.as_deref(), Some("2"));
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert!(
+        body["error"].as_str().unwrap_or_default().contains("2 series"),
+        "{body}"
+    );
+    // Other tenants are not affected, and the refusal is counted by limit.
+    let (status, _) = get_as(&pipeline.url("/v1/tenants/globex/usage"), &crate::common::token("globex")).await;
+    assert_eq!(status, 200);
+    let metrics = crate::common::get_text(&pipeline.url("/metrics")).await;
+    assert!(
+        metrics.contains("meterflow_sink_limited_total{limit=\"series\"} 1"),
+        "{metrics}"
+    );
     pipeline.stop().await;
 }

@@ -6,4 +6,5 @@ mod cluster;
 mod common;
 mod crash;
 mod demo;
+mod feeds;
 mod pipeline;

@@ -223,6 +223,31 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
         .collect();
     assert_eq!(per_lease, vec![("100.1.1", 241.0), ("100.1.2", 120.0)]);
 
+    // Without a per-lease grouping, whole hours come from the sink's hourly view: the same
+    // totals, to the millisecond, and the same coverage.
+    let by_hour = poll_json(
+        &pipeline.url(&format!(
+            "/v1/tenants/acme/usage?from={from}&to={to}&window=hour&group_by=gpu_class"
+        )),
+        &acme_token,
+        Duration::from_secs(10),
+        |v| v["rows"].is_array(),
+    )
+    .await;
+    assert_eq!(by_hour["totals"], acme["totals"], "{by_hour:#}");
+    let per_class: Vec<(&str, f64)> = by_hour["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            (
+                r["gpu_class"].as_str().unwrap_or_default(),
+                r["gpu_seconds"].as_f64().unwrap_or(f64::NAN),
+            )
+        })
+        .collect();
+    assert_eq!(per_class, vec![("", 0.0), ("a100", 120.0), ("h100", 241.0)]);
+
     // Per minute, the first lease's GPU time splits exactly at the window boundaries.
     let url = pipeline.url(&format!(
         "/v1/tenants/acme/usage?from={}&to={to}&window=minute&group_by=lease,gpu_class",

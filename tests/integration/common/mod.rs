@@ -36,6 +36,8 @@ pub const ED25519_PUBLIC: &[u8] = include_bytes!("../../fixtures/ed25519-public.
 fn sink_config(brokers: String, data: &tempfile::TempDir, limits: Limits) -> SinkConfig {
     SinkConfig {
         limits,
+        // Short, so that a test sees a keep-alive without waiting long.
+        keep_alive: Duration::from_secs(1),
         brokers,
         listen: "127.0.0.1:0".parse().expect("literal"),
         data_dir: data.path().join("sink"),
@@ -200,11 +202,132 @@ pub async fn get_as(url: &str, token: &str) -> (u16, String) {
         .await
         .unwrap_or_else(|e| panic!("GET {url}: {e}"));
     let status = r.status().as_u16();
+    let is_feed = r
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if is_feed {
+        // A feed does not end: its first frame stands for the body.
+        let mut feed = Feed { response: r, buffer: String::new() };
+        let first = feed.next_frame(Duration::from_secs(30)).await;
+        return (status, first.unwrap_or_default());
+    }
     let body = r
         .text()
         .await
         .unwrap_or_else(|e| panic!("body of {url}: {e}"));
     (status, body)
+}
+
+/// A Server-Sent Events feed being read.
+pub struct Feed {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+/// One frame of a feed: an event (`event`, `id`, `data` fields) or a comment.
+#[derive(Debug, Clone, Default)]
+pub struct Frame {
+    pub event: String,
+    pub id: String,
+    pub data: String,
+    pub comment: String,
+}
+
+impl Frame {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.data)
+            .unwrap_or_else(|e| panic!("event data is not JSON ({e}): {}", self.data))
+    }
+}
+
+impl Feed {
+    /// Opens `url` with `token` (and `Last-Event-ID` when given); panics unless it answers 200
+    /// with an event stream.
+    pub async fn open(url: &str, token: &str, last_event_id: Option<&str>) -> Self {
+        let mut request = reqwest::Client::new().get(url).bearer_auth(token);
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        assert_eq!(response.status(), 200, "{url}");
+        assert_eq!(
+            response
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok()),
+            Some("text/event-stream"),
+            "{url}"
+        );
+        Self {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next raw frame (the text up to a blank line), or `None` when none came in time or
+    /// the stream ended.
+    pub async fn next_frame(&mut self, timeout: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let frame = self.buffer[..end].to_string();
+                self.buffer.drain(..end + 2);
+                return Some(frame);
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.response.chunk()).await;
+            match chunk {
+                Ok(Ok(Some(bytes))) => self.buffer.push_str(&String::from_utf8_lossy(&bytes)),
+                _ => return None,
+            }
+        }
+    }
+
+    /// The next frame, parsed.
+    pub async fn next(&mut self, timeout: Duration) -> Option<Frame> {
+        let raw = self.next_frame(timeout).await?;
+        let mut frame = Frame::default();
+        for line in raw.lines() {
+            let (field, value) = line.split_once(':').unwrap_or((line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match field {
+                "" => frame.comment.push_str(value),
+                "event" => frame.event = value.to_string(),
+                "id" => frame.id = value.to_string(),
+                "data" => {
+                    if !frame.data.is_empty() {
+                        frame.data.push('\n');
+                    }
+                    frame.data.push_str(value);
+                }
+                _ => {}
+            }
+        }
+        Some(frame)
+    }
+
+    /// Frames until one is an event for which `done` holds; panics when none comes in time.
+    pub async fn event_until(
+        &mut self,
+        timeout: Duration,
+        done: impl Fn(&Frame) -> bool,
+    ) -> (Frame, Vec<Frame>) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Some(frame) = self.next(left).await else {
+                panic!("no such event within {timeout:?}; frames seen: {seen:#?}");
+            };
+            if !frame.event.is_empty() && done(&frame) {
+                return (frame, seen);
+            }
+            seen.push(frame);
+        }
+    }
 }
 
 /// GETs `url` and returns the body as text.
