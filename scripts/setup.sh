@@ -3,12 +3,13 @@
 #   libclang-dev  bindgen (rocksdb, libsql) needs libclang
 #   cmake         aws-lc-sys (TLS in the embedded broker's dependencies) builds with it
 #   pkg-config, zlib1g-dev, g++, make   librdkafka's bundled build
+#   chromium      the dashboard test renders the page in headless Chromium
 # Debian/Ubuntu only (apt-get); elsewhere it prints what to install and carries on.
 set -euo pipefail
 
 missing=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for pkg in libclang-dev cmake pkg-config zlib1g-dev g++ make; do
+for pkg in libclang-dev cmake pkg-config zlib1g-dev g++ make chromium; do
   have_pkg "$pkg" || missing+=("$pkg")
 done
 

@@ -88,7 +88,10 @@ fn authorize(
             .into_response(),
         ));
     };
-    if let Err(wait) = state.limiter.take(&caller(&claims), 1, std::time::Instant::now()) {
+    if let Err(wait) = state
+        .limiter
+        .take(&caller(&claims), 1, std::time::Instant::now())
+    {
         return Err(Box::new(too_many(
             state,
             route,
@@ -154,7 +157,12 @@ fn too_many(
 
 /// Takes an answer's series from the caller's series bucket (SPEC: series-cardinality limits):
 /// a caller may read `--series-limit` series per second, `--series-burst` at once.
-fn take_series(state: &AppState, route: &str, claims: &Claims, series: usize) -> Result<(), Denied> {
+fn take_series(
+    state: &AppState,
+    route: &str,
+    claims: &Claims,
+    series: usize,
+) -> Result<(), Denied> {
     state
         .series_limiter
         .take(&caller(claims), series as u64, std::time::Instant::now())
@@ -1041,7 +1049,11 @@ where
         },
     );
     Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(state.keep_alive).text("keep-alive"))
+        .keep_alive(
+            KeepAlive::new()
+                .interval(state.keep_alive)
+                .text("keep-alive"),
+        )
         .into_response()
 }
 

@@ -106,7 +106,8 @@ pub async fn start(
         let shutdown = shutdown.clone();
         let brokers = config.brokers.clone();
         tokio::spawn(async move {
-            let consumed = consumer::consume(brokers, store, metrics, updated, shutdown.clone()).await;
+            let consumed =
+                consumer::consume(brokers, store, metrics, updated, shutdown.clone()).await;
             if let Err(e) = &consumed {
                 // Serving views that no longer advance would mislead: stop the whole sink.
                 tracing::error!(error = %e, "sink consumer failed; stopping the sink");

@@ -1,8 +1,8 @@
 //! The sink's own Prometheus metrics, named `meterflow_sink_<thing>_<unit>`.
 
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 /// Every metric the sink exports, registered in one registry served at `/metrics`.

@@ -332,8 +332,12 @@ impl Store {
             ) else {
                 continue;
             };
-            let mut parts = rest[8..].split(|b| *b == 0).map(|p| String::from_utf8_lossy(p).into_owned());
-            let (Some(metric), Some(gpu_class), Some(mig_profile)) = (parts.next(), parts.next(), parts.next()) else {
+            let mut parts = rest[8..]
+                .split(|b| *b == 0)
+                .map(|p| String::from_utf8_lossy(p).into_owned());
+            let (Some(metric), Some(gpu_class), Some(mig_profile)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
                 continue;
             };
             out.push(Cell {
@@ -627,8 +631,20 @@ mod tests {
                 // Replaced in the same batch: counts once, with its latest value.
                 consumed(3, on("l1", "a", h, 120)),
                 // Not usage of a window: left out.
-                consumed(4, UsageUpdate { metric: "live.gpu_util.gauge".into(), ..on("l1", "d", 0, 5) }),
-                consumed(5, UsageUpdate { resolution: "hour".into(), ..on("l1", "e", h, 999) }),
+                consumed(
+                    4,
+                    UsageUpdate {
+                        metric: "live.gpu_util.gauge".into(),
+                        ..on("l1", "d", 0, 5)
+                    },
+                ),
+                consumed(
+                    5,
+                    UsageUpdate {
+                        resolution: "hour".into(),
+                        ..on("l1", "e", h, 999)
+                    },
+                ),
             ])
             .expect("applies");
         // Replaced in a later batch, and applied twice.
@@ -640,7 +656,16 @@ mod tests {
         let cells = store.hourly("t", h, h + 2 * 3_600_000).expect("reads");
         let got: Vec<_> = cells
             .iter()
-            .map(|c| (c.hour_start_ms, c.metric.as_str(), c.gpu_class.as_str(), c.amount, c.coverage_ms, c.present_ms))
+            .map(|c| {
+                (
+                    c.hour_start_ms,
+                    c.metric.as_str(),
+                    c.gpu_class.as_str(),
+                    c.amount,
+                    c.coverage_ms,
+                    c.present_ms,
+                )
+            })
             .collect();
         assert_eq!(
             got,
@@ -649,7 +674,13 @@ mod tests {
                 (h + 3_600_000, "gpu_seconds", "h100", 7, 30_000, 60_000),
             ]
         );
-        assert_eq!(store.hourly("t", h + 1, h + 3_600_000).expect("reads"), vec![]);
-        assert_eq!(store.hourly("tt", h, h + 2 * 3_600_000).expect("reads"), vec![]);
+        assert_eq!(
+            store.hourly("t", h + 1, h + 3_600_000).expect("reads"),
+            vec![]
+        );
+        assert_eq!(
+            store.hourly("tt", h, h + 2 * 3_600_000).expect("reads"),
+            vec![]
+        );
     }
 }

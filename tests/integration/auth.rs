@@ -219,7 +219,8 @@ async fn a_tenant_reading_too_many_series_gets_429_with_retry_after() {
     .await;
     // Grouped by lease, acme's hour has two series: the first answer takes 2 of 3, the second
     // needs 2 with 1 left, and waits 2 s at 0.5 series per second.
-    let url = pipeline.url("/v1/tenants/acme/usage?from=2026-11-23T00:00:00Z&to=2026-11-23T01:00:00Z");
+    let url =
+        pipeline.url("/v1/tenants/acme/usage?from=2026-11-23T00:00:00Z&to=2026-11-23T01:00:00Z");
     let (status, body) = get_as(&url, &acme).await;
     assert_eq!(status, 200, "{body}");
     let rows: serde_json::Value = serde_json::from_str(&body).expect("json");
@@ -239,11 +240,18 @@ async fn a_tenant_reading_too_many_series_gets_429_with_retry_after() {
     assert_eq!(retry.as_deref(), Some("2"));
     let body: serde_json::Value = r.json().await.expect("json");
     assert!(
-        body["error"].as_str().unwrap_or_default().contains("2 series"),
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("2 series"),
         "{body}"
     );
     // Other tenants are not affected, and the refusal is counted by limit.
-    let (status, _) = get_as(&pipeline.url("/v1/tenants/globex/usage"), &crate::common::token("globex")).await;
+    let (status, _) = get_as(
+        &pipeline.url("/v1/tenants/globex/usage"),
+        &crate::common::token("globex"),
+    )
+    .await;
     assert_eq!(status, 200);
     let metrics = crate::common::get_text(&pipeline.url("/metrics")).await;
     assert!(

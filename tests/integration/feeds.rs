@@ -35,12 +35,21 @@ async fn a_tenant_feed_follows_the_burn_rate_keeps_alive_and_resumes() {
         })
         .await;
     let mut ids: Vec<&str> = std::iter::once(first.id.as_str())
-        .chain(between.iter().filter(|f| !f.event.is_empty()).map(|f| f.id.as_str()))
+        .chain(
+            between
+                .iter()
+                .filter(|f| !f.event.is_empty())
+                .map(|f| f.id.as_str()),
+        )
         .chain(std::iter::once(last.id.as_str()))
         .collect();
     let events = ids.len();
     ids.dedup();
-    assert_eq!(ids.len(), events, "an event repeats the one before: {ids:?}");
+    assert_eq!(
+        ids.len(),
+        events,
+        "an event repeats the one before: {ids:?}"
+    );
     // What the feed says is what the route says.
     let (status, body) = get_as(&format!("{url}?over=1m"), &acme).await;
     assert_eq!(status, 200);
@@ -50,8 +59,14 @@ async fn a_tenant_feed_follows_the_burn_rate_keeps_alive_and_resumes() {
     );
 
     // Idle: keep-alive comments (the test sink sends one a second), no events.
-    let quiet = feed.next(Duration::from_secs(5)).await.expect("a keep-alive");
-    assert_eq!((quiet.event.as_str(), quiet.comment.as_str()), ("", "keep-alive"));
+    let quiet = feed
+        .next(Duration::from_secs(5))
+        .await
+        .expect("a keep-alive");
+    assert_eq!(
+        (quiet.event.as_str(), quiet.comment.as_str()),
+        ("", "keep-alive")
+    );
     drop(feed);
 
     // Resuming at the last event: nothing to send but keep-alives.
@@ -62,7 +77,10 @@ async fn a_tenant_feed_follows_the_burn_rate_keeps_alive_and_resumes() {
     // Resuming from an older event: the current answer at once.
     let mut behind = Feed::open(&feed_url, &acme, Some(&first.id)).await;
     let caught_up = behind.next(Duration::from_secs(5)).await.expect("an event");
-    assert_eq!((caught_up.event.as_str(), caught_up.id.as_str()), ("burn-rate", last.id.as_str()));
+    assert_eq!(
+        (caught_up.event.as_str(), caught_up.id.as_str()),
+        ("burn-rate", last.id.as_str())
+    );
 
     // The lease feed: the live values of the lease, for autoscalers.
     let mut lease = Feed::open(&pipeline.url("/v1/feeds/leases/100.1.1"), &acme, None).await;
@@ -70,7 +88,10 @@ async fn a_tenant_feed_follows_the_burn_rate_keeps_alive_and_resumes() {
         .event_until(Duration::from_secs(30), |f| f.event == "utilization")
         .await;
     let live = live.json();
-    assert_eq!((live["lease"].as_str(), live["tenant"].as_str()), (Some("100.1.1"), Some("acme")));
+    assert_eq!(
+        (live["lease"].as_str(), live["tenant"].as_str()),
+        (Some("100.1.1"), Some("acme"))
+    );
     assert_eq!(
         live["metrics"]["memory_working_set_bytes"]["gauge"].as_f64(),
         Some(3.0 * (1u64 << 30) as f64)
@@ -89,14 +110,26 @@ async fn a_tenant_feed_follows_the_burn_rate_keeps_alive_and_resumes() {
             .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
             .unwrap_or(0.0)
     };
-    assert_eq!(value("meterflow_sink_feeds_open{kind=\"lease\"}"), 1.0, "{metrics}");
-    assert!(value("meterflow_sink_feed_events_total{kind=\"tenant\"}") >= 3.0, "{metrics}");
+    assert_eq!(
+        value("meterflow_sink_feeds_open{kind=\"lease\"}"),
+        1.0,
+        "{metrics}"
+    );
+    assert!(
+        value("meterflow_sink_feed_events_total{kind=\"tenant\"}") >= 3.0,
+        "{metrics}"
+    );
     drop((resumed, behind, lease));
     // Open feeds end with the sink: stopping does not wait for their clients.
     let mut open = Feed::open(&feed_url, &acme, None).await;
-    open.next(Duration::from_secs(5)).await.expect("the first event");
+    open.next(Duration::from_secs(5))
+        .await
+        .expect("the first event");
     tokio::time::timeout(Duration::from_secs(30), pipeline.stop())
         .await
         .expect("the pipeline stops with a feed open");
-    assert!(open.next(Duration::from_secs(5)).await.is_none(), "the feed ended");
+    assert!(
+        open.next(Duration::from_secs(5)).await.is_none(),
+        "the feed ended"
+    );
 }

@@ -5,6 +5,7 @@ mod auth;
 mod cluster;
 mod common;
 mod crash;
+mod dashboard;
 mod demo;
 mod feeds;
 mod pipeline;

@@ -208,7 +208,10 @@ pub async fn get_as(url: &str, token: &str) -> (u16, String) {
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     if is_feed {
         // A feed does not end: its first frame stands for the body.
-        let mut feed = Feed { response: r, buffer: String::new() };
+        let mut feed = Feed {
+            response: r,
+            buffer: String::new(),
+        };
         let first = feed.next_frame(Duration::from_secs(30)).await;
         return (status, first.unwrap_or_default());
     }

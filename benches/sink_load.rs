@@ -1,0 +1,273 @@
+//! The sink under query load, from a second process on loopback.
+//!
+//! 1. A view store is filled through `Store::apply` (the consumer's own write path) with 30 days
+//!    of hourly usage for LEASES leases spread over TENANTS tenants: per lease and hour,
+//!    `gpu_seconds`, `cpu_core_seconds` and `cost`. Reported: records applied per second.
+//! 2. The real sink (`meterflow_sink::start`) serves that store on 127.0.0.1, next to the
+//!    embedded broker it consumes from (idle here).
+//! 3. This binary runs again as a client process: CONCURRENCY connections ask, for a random
+//!    tenant each time, for its usage over the 30 days at hourly resolution, for SECONDS
+//!    seconds; first summed over the tenant (`group_by=none`), then per lease
+//!    (`group_by=lease`). Reported: requests per second and latency percentiles.
+//!
+//! `cargo bench --bench sink_load -- [LEASES] [TENANTS] [CONCURRENCY] [SECONDS]`
+//! (defaults 10000 100 8 20). Both processes share the machine's cores.
+
+use std::time::{Duration, Instant};
+
+use meterflow::broker::{self, BrokerConfig};
+use meterflow_schemas::UsageUpdate;
+use meterflow_sink::auth::{Auth, Claims, SigningKey, mint, now_s};
+use meterflow_sink::store::{Consumed, Store};
+use meterflow_sink::{SinkConfig, limits::Limits};
+use tokio_util::sync::CancellationToken;
+
+const HOUR_MS: i64 = 3_600_000;
+const DAYS: i64 = 30;
+/// 2026-10-01T00:00:00Z.
+const T0: i64 = 1_790_812_800_000;
+const SECRET: &[u8] = b"meterflow sink load bench secret, 32+ bytes";
+
+fn arg(i: usize, default: u64) -> u64 {
+    std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .nth(i)
+        .map(|a| {
+            a.parse()
+                .unwrap_or_else(|_| panic!("argument {i}: {a} is not a number"))
+        })
+        .unwrap_or(default)
+}
+
+fn record(
+    tenant: &str,
+    lease: &str,
+    metric: &str,
+    hour: i64,
+    amount: i64,
+    scale: i32,
+) -> UsageUpdate {
+    UsageUpdate {
+        id: format!("{tenant}/{lease}/{metric}/{hour}"),
+        tenant: tenant.into(),
+        lease: lease.into(),
+        service: "web".into(),
+        node: String::new(),
+        metric: metric.into(),
+        gpu_class: if metric == "gpu_seconds" {
+            "h100".into()
+        } else {
+            String::new()
+        },
+        mig_profile: String::new(),
+        window_start_ms: hour,
+        window_end_ms: hour + HOUR_MS,
+        resolution: String::new(),
+        amount,
+        scale,
+        coverage_ms: HOUR_MS,
+        present_ms: HOUR_MS,
+    }
+}
+
+/// Fills the store; returns the records applied.
+fn fill(store: &Store, leases: u64, tenants: u64) -> u64 {
+    let mut batch = Vec::with_capacity(1_000);
+    let mut offset = 0i64;
+    for lease in 0..leases {
+        let tenant = format!("tenant-{}", lease % tenants);
+        let lease_id = format!("{}.1.1", 100_000 + lease);
+        for h in 0..DAYS * 24 {
+            let hour = T0 + h * HOUR_MS;
+            // A GPU busy 45 of every 60 minutes, 2 cores, $2.50 per GPU-hour.
+            for (metric, amount, scale) in [
+                ("gpu_seconds", 2_700_000, 3),
+                ("cpu_core_seconds", 7_200_000, 3),
+                ("cost", 1_875_000, 6),
+            ] {
+                batch.push(Consumed {
+                    topic: "meterflow.usage".into(),
+                    partition: (lease % 4) as i32,
+                    offset,
+                    update: record(&tenant, &lease_id, metric, hour, amount, scale),
+                });
+                offset += 1;
+                if batch.len() == 1_000 {
+                    store.apply(&batch).expect("store applies");
+                    batch.clear();
+                }
+            }
+        }
+    }
+    store.apply(&batch).expect("store applies");
+    offset as u64
+}
+
+/// The client process: asks, prints one line `requests errors seconds p50 p90 p99 max` (ms).
+async fn client(
+    base: String,
+    token: String,
+    tenants: u64,
+    concurrency: u64,
+    seconds: u64,
+    group_by: String,
+) {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for worker in 0..concurrency {
+        let (http, base, token, group_by) =
+            (http.clone(), base.clone(), token.clone(), group_by.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut latencies, mut errors) = (Vec::new(), 0u64);
+            let mut n = worker;
+            while Instant::now() < deadline {
+                n = n.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                let tenant = (n >> 33) % tenants;
+                let url = format!(
+                    "{base}/v1/tenants/tenant-{tenant}/usage?from={T0}&to={}&window=hour&group_by={group_by}",
+                    T0 + DAYS * 24 * HOUR_MS
+                );
+                let started = Instant::now();
+                let ok = match http.get(&url).bearer_auth(&token).send().await {
+                    Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+                    _ => false,
+                };
+                if ok {
+                    latencies.push(started.elapsed());
+                } else {
+                    errors += 1;
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let (mut all, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        let (l, e) = t.await.expect("client task");
+        all.extend(l);
+        errors += e;
+    }
+    all.sort();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p).ceil() as usize).saturating_sub(1))
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    };
+    println!(
+        "{} {} {} {:.3} {:.3} {:.3} {:.3}",
+        all.len(),
+        errors,
+        seconds,
+        pct(0.50),
+        pct(0.90),
+        pct(0.99),
+        pct(1.0)
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    if let Some(at) = args.iter().position(|a| a == "--client") {
+        let a = &args[at + 1..];
+        let num = |i: usize| a[i].parse::<u64>().expect("client argument");
+        runtime.block_on(client(
+            a[0].clone(),
+            a[1].clone(),
+            num(2),
+            num(3),
+            num(4),
+            a[5].clone(),
+        ));
+        return;
+    }
+    let (leases, tenants, concurrency, seconds) =
+        (arg(0, 10_000), arg(1, 100), arg(2, 8), arg(3, 20));
+    let tenants = tenants.clamp(1, leases.max(1));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let started = Instant::now();
+    let records = {
+        let store = Store::open(&dir.path().join("sink")).expect("store opens");
+        fill(&store, leases, tenants)
+    };
+    let fill_s = started.elapsed().as_secs_f64();
+    println!(
+        "fill: {records} records ({leases} leases x {tenants} tenants x {DAYS} days hourly x 3 metrics) in {fill_s:.1} s: {:.0} records/s through Store::apply",
+        records as f64 / fill_s
+    );
+
+    let shutdown = CancellationToken::new();
+    let (broker, sink) = runtime.block_on(async {
+        let broker = broker::start(BrokerConfig {
+            listen: "127.0.0.1:0".parse().expect("literal"),
+            storage: "memory".into(),
+        })
+        .await
+        .expect("embedded broker starts");
+        let sink = meterflow_sink::start(
+            SinkConfig {
+                brokers: broker.bootstrap(),
+                listen: "127.0.0.1:0".parse().expect("literal"),
+                data_dir: dir.path().join("sink"),
+                auth: Auth::new(vec![Auth::hs256(SECRET)]),
+                // The load is the point: limits out of the way.
+                limits: Limits {
+                    requests_per_s: 1e9,
+                    burst: 1e9,
+                    series_per_s: 1e12,
+                    series_burst: 1e12,
+                },
+                keep_alive: Duration::from_secs(15),
+            },
+            shutdown.clone(),
+        )
+        .await
+        .expect("sink starts");
+        (broker, sink)
+    });
+    let token = mint(
+        &SigningKey::Hs256(SECRET.to_vec()),
+        &Claims {
+            sub: "bench".into(),
+            tenant: String::new(),
+            scope: "operator".into(),
+            exp: now_s() + 3_600,
+        },
+    )
+    .expect("token");
+    let base = format!("http://{}", sink.addr);
+    let exe = std::env::current_exe().expect("this binary");
+    for group_by in ["none", "lease"] {
+        let out = std::process::Command::new(&exe)
+            .args(["--client", &base, &token])
+            .args([tenants, concurrency, seconds].map(|n| n.to_string()))
+            .arg(group_by)
+            .output()
+            .expect("client process runs");
+        assert!(
+            out.status.success(),
+            "client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = String::from_utf8_lossy(&out.stdout);
+        let f: Vec<f64> = line
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(f64::NAN))
+            .collect();
+        let [requests, errors, secs, p50, p90, p99, max] = f[..] else {
+            panic!("client printed {line:?}");
+        };
+        println!(
+            "tenant usage, {DAYS} days hourly, group_by={group_by} ({} leases per tenant): {:.0} requests/s, latency p50 {p50:.2} ms, p90 {p90:.2} ms, p99 {p99:.2} ms, max {max:.2} ms ({requests} requests, {errors} errors, {concurrency} connections, {secs} s)",
+            leases / tenants,
+            requests / secs,
+        );
+    }
+    shutdown.cancel();
+    runtime
+        .block_on(sink.task)
+        .expect("sink task")
+        .expect("sink stopped cleanly");
+    broker.stop();
+}

@@ -1,0 +1,192 @@
+//! The dashboard in a real browser: headless Chromium loads `/` from a running sink with a
+//! token in the URL's fragment, runs the page's script against the API, and what it shows is
+//! checked in the rendered DOM; a screenshot of each view is saved for people to look at.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use meterflow_ingest::Publisher;
+
+use crate::common::{Pipeline, poll_json, token};
+
+/// The browser: `$CHROMIUM`, or Debian's `chromium` (installed by `scripts/setup.sh`).
+fn chromium() -> PathBuf {
+    if let Some(path) = std::env::var_os("CHROMIUM") {
+        return PathBuf::from(path);
+    }
+    for name in ["chromium", "chromium-browser", "google-chrome"] {
+        if let Some(dir) = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .find(|dir| dir.join(name).is_file())
+        {
+            return dir.join(name);
+        }
+    }
+    panic!(
+        "no Chromium found: the dashboard test needs a headless browser. `make test` installs \
+         Debian's chromium (scripts/setup.sh); or set CHROMIUM=/path/to/chrome"
+    );
+}
+
+/// Runs headless Chromium on `url` with `action` (`--dump-dom` or `--screenshot=FILE`);
+/// returns its standard output.
+fn browse(profile: &Path, action: &str, url: &str) -> String {
+    let mut child = Command::new(chromium())
+        .args([
+            "--headless",
+            // Tests often run as root in a container, where Chromium's sandbox cannot start.
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            "--window-size=1100,1300",
+            // Run the page's timers and fetches to completion (virtual time waits for the network).
+            "--virtual-time-budget=15000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(action)
+        .arg(url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromium starts");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        match child.try_wait().expect("chromium status") {
+            Some(status) => {
+                let out = child.wait_with_output().expect("chromium output");
+                assert!(status.success(), "chromium {action} {url}: {status}");
+                return String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            None if Instant::now() > deadline => {
+                let _ = child.kill();
+                panic!("chromium {action} {url} did not finish in 90 s");
+            }
+            None => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// The text inside the element with this id (up to the first tag inside it).
+fn text_of<'a>(dom: &'a str, id: &str) -> &'a str {
+    let marker = format!("id=\"{id}\"");
+    let at = dom
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no #{id} in the page: {dom}"));
+    let rest = &dom[at..];
+    let start = rest.find('>').map_or(rest.len(), |i| i + 1);
+    let end = rest[start..].find('<').map_or(rest.len(), |i| start + i);
+    &rest[start..end]
+}
+
+/// The element with this id, whole (up to its closing tag).
+fn element<'a>(dom: &'a str, id: &str, tag: &str) -> &'a str {
+    let at = dom
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no #{id} in the page: {dom}"));
+    let end = dom[at..]
+        .find(&format!("</{tag}>"))
+        .unwrap_or_else(|| panic!("#{id} is not closed"));
+    &dom[at..at + end]
+}
+
+/// Saves a screenshot of `url`; returns where, after checking it is a PNG.
+fn screenshot(profile: &Path, url: &str, name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_file(&path);
+    browse(profile, &format!("--screenshot={}", path.display()), url);
+    let png = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{}",
+        path.display()
+    );
+    println!("dashboard screenshot: {}", path.display());
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_a_tenant_its_spend_and_the_operator_its_fleet_in_a_browser() {
+    let pipeline = Pipeline::start(1, 1).await;
+    let publisher = Publisher::new(&pipeline.broker.bootstrap()).expect("producer");
+    for b in &crate::pipeline::batches() {
+        publisher.publish(b).await.expect("batch delivered");
+    }
+    let acme = token("acme");
+    poll_json(
+        &pipeline.url("/v1/tenants/acme/burn-rate"),
+        &acme,
+        Duration::from_secs(90),
+        |v| v["period"]["to_date"].as_f64() == Some(0.173_697),
+    )
+    .await;
+    let operator = token("");
+    poll_json(
+        &pipeline.url("/v1/fleet/hourly?from=2026-11-23T00:00:00Z&to=2026-11-23T01:00:00Z"),
+        &operator,
+        Duration::from_secs(30),
+        |v| v["hours"][0]["active_nodes"].as_i64() == Some(1),
+    )
+    .await;
+
+    let profile = tempfile::tempdir().expect("browser profile");
+    let tenant_url = pipeline.url(&format!("/#token={acme}"));
+    let operator_url = pipeline.url(&format!("/#token={operator}"));
+    let (tenant_dom, operator_dom, tenant_png, operator_png) =
+        tokio::task::spawn_blocking(move || {
+            let dir = profile.path();
+            (
+                browse(dir, "--dump-dom", &tenant_url),
+                browse(dir, "--dump-dom", &operator_url),
+                screenshot(dir, &tenant_url, "dashboard-tenant.png"),
+                screenshot(dir, &operator_url, "dashboard-operator.png"),
+            )
+        })
+        .await
+        .expect("browser task");
+
+    // The tenant: who, the month's spend, the day's bar, the per-lease breakdown.
+    let dom = &tenant_dom;
+    assert_eq!(text_of(dom, "error"), "", "the page reported an error");
+    assert_eq!(text_of(dom, "who"), "Tenant acme");
+    assert_eq!(text_of(dom, "to_date"), "0.17");
+    assert_eq!(text_of(dom, "as_of"), "2026-11-23T00:03:00.000Z");
+    let daily = element(dom, "daily", "svg");
+    // November has 30 days; the day the data reached is marked.
+    assert_eq!(daily.matches("<rect").count(), 30, "{daily}");
+    assert_eq!(daily.matches("class=\"today\"").count(), 1, "{daily}");
+    assert!(
+        daily.contains("<title>2026-11-23: 0.173697</title>"),
+        "{daily}"
+    );
+    let leases = element(dom, "leases", "tbody");
+    // 241 and 120 GPU-seconds: 0.07 and 0.03 GPU-hours.
+    assert!(
+        leases.contains("<td>100.1.1</td><td>0.07</td><td>0.02</td>"),
+        "{leases}"
+    );
+    assert!(leases.contains("<td>100.1.2</td><td>0.03</td>"), "{leases}");
+    assert!(
+        !dom.contains("id=\"tenant\" hidden"),
+        "the tenant view is shown"
+    );
+
+    // The operator: the fleet's hours.
+    let dom = &operator_dom;
+    assert_eq!(text_of(dom, "error"), "", "the page reported an error");
+    assert_eq!(text_of(dom, "who"), "Operator view");
+    let fleet = element(dom, "fleet", "tbody");
+    assert!(
+        fleet.contains("<td>2026-11-23T00:00:00.000Z</td><td>1</td>"),
+        "{fleet}"
+    );
+    // 24 hourly bars ending at the data's hour; the last holds the 4 GPUs.
+    let chart = element(dom, "fleet_chart", "svg");
+    assert_eq!(chart.matches("<rect").count(), 24, "{chart}");
+    assert!(
+        chart.contains("<title>2026-11-23T00:00:00.000Z: 4</title>"),
+        "{chart}"
+    );
+    assert!(tenant_png.exists() && operator_png.exists());
+    pipeline.stop().await;
+}
