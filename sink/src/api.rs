@@ -18,7 +18,7 @@ use serde_json::{Map, Value, json};
 
 use crate::auth::{Auth, Claims};
 use crate::metrics::Metrics;
-use crate::store::{Cell, HOUR_MS, Store, is_usage};
+use crate::store::{Cell, HOUR_MS, Hourly, Store, is_usage};
 use crate::time::{format_rfc3339, month_start, next_month_start, parse_time};
 
 /// What every handler shares.
@@ -316,6 +316,8 @@ impl Sums {
     fn add(&mut self, u: &UsageUpdate) {
         self.add_cell(&Cell {
             hour_start_ms: u.window_start_ms,
+            lease: String::new(),
+            service: String::new(),
             metric: u.metric.clone(),
             gpu_class: u.gpu_class.clone(),
             mig_profile: u.mig_profile.clone(),
@@ -411,19 +413,21 @@ async fn tenant_usage(
         );
     }
 
-    // Whole hours come from the tenant's hour cells when the buckets are hours or longer and
-    // the grouping is one the cells keep; the partial hours at either end, and everything
-    // else, from the base windows.
-    let by_cells = window != "minute"
-        && group_by
-            .iter()
-            .all(|g| matches!(*g, "gpu_class" | "mig_profile"));
+    // Whole hours come from the tenant's hour cells when the buckets are hours or longer (per
+    // lease and service when the grouping needs them); the partial hours at either end, and
+    // minutes, from the base windows.
+    let by_cells = window != "minute";
+    let view = if group_by.iter().any(|g| matches!(*g, "lease" | "service")) {
+        Hourly::Lease
+    } else {
+        Hourly::Tenant
+    };
     let (first_hour, last_hour) = (
         (from + HOUR_MS - 1).div_euclid(HOUR_MS) * HOUR_MS,
         to.div_euclid(HOUR_MS) * HOUR_MS,
     );
     let (cells, base_ranges) = if by_cells && first_hour < last_hour {
-        match state.store.hourly(&tenant, first_hour, last_hour) {
+        match state.store.hourly(view, &tenant, first_hour, last_hour) {
             Ok(cells) => (cells, vec![(from, first_hour), (last_hour, to)]),
             Err(e) => return internal(&state, ROUTE, e),
         }
@@ -458,6 +462,8 @@ async fn tenant_usage(
         let key: Vec<String> = group_by
             .iter()
             .map(|g| match *g {
+                "lease" => c.lease.clone(),
+                "service" => c.service.clone(),
                 "gpu_class" => c.gpu_class.clone(),
                 _ => c.mig_profile.clone(),
             })

@@ -13,10 +13,13 @@
 //! - `c` 0x00 tenant 0x00 month_start → the sum of the tenant's `cost` records (base windows)
 //!   in that calendar month, in micros: kept as records arrive (a replaced record adds the
 //!   difference), so the period to date is one read however long the month has run.
-//! - `h` 0x00 tenant 0x00 hour_start metric 0x00 gpu_class 0x00 mig_profile → a [`Cell`]: the
-//!   tenant's usage records ([`is_usage`]) whose window starts in that hour, summed over
+//! - `h` 0x00 tenant 0x00 hour_start metric 0x00 gpu_class 0x00 mig_profile 0x00 → a [`Cell`]:
+//!   the tenant's usage records ([`is_usage`]) whose window starts in that hour, summed over
 //!   leases and services. Kept like the month sums (a replaced record adds the difference), so
 //!   a tenant's 30 days by the hour is 720 cells per metric however many leases it runs.
+//! - `g` 0x00 tenant 0x00 hour_start lease 0x00 service 0x00 metric 0x00 gpu_class 0x00
+//!   mig_profile 0x00 → the same per lease and service: an hour of a lease is one cell, not
+//!   sixty minute records to decode.
 //!
 //! Data and the offsets that produced it are written in one `WriteBatch`: after a crash the
 //! sink resumes exactly after the last update it stored.
@@ -133,10 +136,12 @@ pub fn is_usage(u: &UsageUpdate) -> bool {
 }
 
 /// One hour of one tenant's usage of one metric on one GPU class and MIG profile, summed over
-/// its leases and services.
+/// its leases and services (`lease` and `service` empty) or of one lease and service.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cell {
     pub hour_start_ms: i64,
+    pub lease: String,
+    pub service: String,
     pub metric: String,
     pub gpu_class: String,
     pub mig_profile: String,
@@ -148,16 +153,32 @@ pub struct Cell {
 
 pub const HOUR_MS: i64 = 3_600_000;
 
-fn hour_prefix(tenant: &str) -> Vec<u8> {
-    let mut k = b"h\0".to_vec();
+/// The two hour views: summed over leases (`h`), or per lease and service (`g`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hourly {
+    Tenant,
+    Lease,
+}
+
+fn hour_prefix(view: Hourly, tenant: &str) -> Vec<u8> {
+    let mut k = match view {
+        Hourly::Tenant => b"h\0".to_vec(),
+        Hourly::Lease => b"g\0".to_vec(),
+    };
     k.extend_from_slice(tenant.as_bytes());
     k.push(0);
     k
 }
 
-fn hour_key(u: &UsageUpdate) -> Vec<u8> {
-    let mut k = hour_prefix(&u.tenant);
+fn hour_key(view: Hourly, u: &UsageUpdate) -> Vec<u8> {
+    let mut k = hour_prefix(view, &u.tenant);
     k.extend_from_slice(&sortable(u.window_start_ms.div_euclid(HOUR_MS) * HOUR_MS));
+    if view == Hourly::Lease {
+        for part in [&u.lease, &u.service] {
+            k.extend_from_slice(part.as_bytes());
+            k.push(0);
+        }
+    }
     for part in [&u.metric, &u.gpu_class, &u.mig_profile] {
         k.extend_from_slice(part.as_bytes());
         k.push(0);
@@ -247,24 +268,26 @@ impl Store {
                     },
                 };
                 latest.insert(key.clone(), (u.amount, u.coverage_ms, u.present_ms));
-                let hour = hour_key(u);
-                let cell = match cells.get(&hour) {
-                    Some(cell) => *cell,
-                    None => self
-                        .db
-                        .get(&hour)?
-                        .and_then(|v| decode_cell(&v))
-                        .unwrap_or((0, u.scale, 0, 0)),
-                };
-                cells.insert(
-                    hour,
-                    (
-                        cell.0 + u.amount - before.0,
-                        u.scale,
-                        cell.2 + u.coverage_ms - before.1,
-                        cell.3 + u.present_ms - before.2,
-                    ),
-                );
+                for view in [Hourly::Tenant, Hourly::Lease] {
+                    let hour = hour_key(view, u);
+                    let cell = match cells.get(&hour) {
+                        Some(cell) => *cell,
+                        None => self
+                            .db
+                            .get(&hour)?
+                            .and_then(|v| decode_cell(&v))
+                            .unwrap_or((0, u.scale, 0, 0)),
+                    };
+                    cells.insert(
+                        hour,
+                        (
+                            cell.0 + u.amount - before.0,
+                            u.scale,
+                            cell.2 + u.coverage_ms - before.1,
+                            cell.3 + u.present_ms - before.2,
+                        ),
+                    );
+                }
                 if is_window_cost(u) {
                     let month = month_cost_key(&u.tenant, month_start(u.window_start_ms));
                     let sum = match month_costs.get(&month) {
@@ -307,9 +330,15 @@ impl Store {
         Ok(())
     }
 
-    /// A tenant's hour cells with `from_ms <= hour_start < to_ms`, in hour order.
-    pub fn hourly(&self, tenant: &str, from_ms: i64, to_ms: i64) -> Result<Vec<Cell>, StoreError> {
-        let prefix = hour_prefix(tenant);
+    /// A tenant's hour cells of `view` with `from_ms <= hour_start < to_ms`, in hour order.
+    pub fn hourly(
+        &self,
+        view: Hourly,
+        tenant: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<Cell>, StoreError> {
+        let prefix = hour_prefix(view, tenant);
         let mut start = prefix.clone();
         start.extend_from_slice(&sortable(from_ms));
         let mut end = prefix.clone();
@@ -335,16 +364,18 @@ impl Store {
             let mut parts = rest[8..]
                 .split(|b| *b == 0)
                 .map(|p| String::from_utf8_lossy(p).into_owned());
-            let (Some(metric), Some(gpu_class), Some(mig_profile)) =
-                (parts.next(), parts.next(), parts.next())
-            else {
-                continue;
+            let mut next = || parts.next().unwrap_or_default();
+            let (lease, service) = match view {
+                Hourly::Tenant => (String::new(), String::new()),
+                Hourly::Lease => (next(), next()),
             };
             out.push(Cell {
                 hour_start_ms: hour,
-                metric,
-                gpu_class,
-                mig_profile,
+                lease,
+                service,
+                metric: next(),
+                gpu_class: next(),
+                mig_profile: next(),
                 amount,
                 scale,
                 coverage_ms,
@@ -653,7 +684,9 @@ mod tests {
                 .apply(&[consumed(6, on("l2", "b", h + 59 * 60_000, 40))])
                 .expect("applies");
         }
-        let cells = store.hourly("t", h, h + 2 * 3_600_000).expect("reads");
+        let cells = store
+            .hourly(Hourly::Tenant, "t", h, h + 2 * 3_600_000)
+            .expect("reads");
         let got: Vec<_> = cells
             .iter()
             .map(|c| {
@@ -675,12 +708,50 @@ mod tests {
             ]
         );
         assert_eq!(
-            store.hourly("t", h + 1, h + 3_600_000).expect("reads"),
+            store
+                .hourly(Hourly::Tenant, "t", h + 1, h + 3_600_000)
+                .expect("reads"),
             vec![]
         );
         assert_eq!(
-            store.hourly("tt", h, h + 2 * 3_600_000).expect("reads"),
+            store
+                .hourly(Hourly::Tenant, "tt", h, h + 2 * 3_600_000)
+                .expect("reads"),
             vec![]
+        );
+        // Per lease: the same hours, each lease on its own.
+        let by_lease: Vec<_> = store
+            .hourly(Hourly::Lease, "t", h, h + 2 * 3_600_000)
+            .expect("reads")
+            .into_iter()
+            .map(|c| {
+                (
+                    c.hour_start_ms,
+                    c.lease,
+                    c.service,
+                    c.metric,
+                    c.amount,
+                    c.present_ms,
+                )
+            })
+            .collect();
+        let row = |hour, lease: &str, amount| {
+            (
+                hour,
+                lease.to_string(),
+                "s".to_string(),
+                "gpu_seconds".to_string(),
+                amount,
+                60_000,
+            )
+        };
+        assert_eq!(
+            by_lease,
+            vec![
+                row(h, "l1", 120),
+                row(h, "l2", 40),
+                row(h + 3_600_000, "l1", 7)
+            ]
         );
     }
 }
