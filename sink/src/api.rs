@@ -302,70 +302,174 @@ pub struct UsageQuery {
 const GROUPS: [&str; 4] = ["lease", "service", "gpu_class", "mig_profile"];
 const MAX_TENANT_LEN: usize = 256;
 
+/// What one metric added up to.
+struct Sum {
+    metric: String,
+    amount: i128,
+    scale: i32,
+    /// Milliseconds observed and present, summed over windows and series.
+    observed_ms: i128,
+    present_ms: i128,
+}
+
+/// The sums of one row of an answer. Few metrics and GPU classes per row: vectors searched
+/// by name, so adding a record allocates only the first time a name is seen.
 #[derive(Default)]
 struct Sums {
-    /// metric → (amount, scale)
-    metrics: BTreeMap<String, (i128, i32)>,
-    /// (gpu_class, mig_profile) → GPU milliseconds
-    gpu_ms: BTreeMap<(String, String), i128>,
-    /// metric → (observed ms, present ms), summed over windows and series
-    seen_ms: BTreeMap<String, (i128, i128)>,
+    metrics: Vec<Sum>,
+    /// (gpu_class, mig_profile, GPU milliseconds)
+    gpu_ms: Vec<(String, String, i128)>,
 }
 
 impl Sums {
     fn add(&mut self, u: &UsageUpdate) {
-        self.add_cell(&Cell {
-            hour_start_ms: u.window_start_ms,
-            lease: String::new(),
-            service: String::new(),
-            metric: u.metric.clone(),
-            gpu_class: u.gpu_class.clone(),
-            mig_profile: u.mig_profile.clone(),
-            amount: u.amount,
-            scale: u.scale,
-            coverage_ms: u.coverage_ms,
-            present_ms: u.present_ms,
-        });
+        self.add_parts(
+            (&u.metric, &u.gpu_class, &u.mig_profile),
+            u.amount,
+            u.scale,
+            (u.coverage_ms, u.present_ms),
+        );
     }
 
     fn add_cell(&mut self, c: &Cell) {
-        let e = self.metrics.entry(c.metric.clone()).or_insert((0, c.scale));
-        e.0 += i128::from(c.amount);
-        let seen = self.seen_ms.entry(c.metric.clone()).or_default();
-        seen.0 += i128::from(c.coverage_ms);
-        seen.1 += i128::from(c.present_ms);
-        if c.metric == "gpu_seconds" {
-            *self
+        self.add_parts(
+            (&c.metric, &c.gpu_class, &c.mig_profile),
+            c.amount,
+            c.scale,
+            (c.coverage_ms, c.present_ms),
+        );
+    }
+
+    fn add_parts(
+        &mut self,
+        (metric, gpu_class, mig_profile): (&str, &str, &str),
+        amount: i64,
+        scale: i32,
+        (observed_ms, present_ms): (i64, i64),
+    ) {
+        let at = match self.metrics.iter().position(|s| s.metric == metric) {
+            Some(at) => at,
+            None => {
+                self.metrics.push(Sum {
+                    metric: metric.to_string(),
+                    amount: 0,
+                    scale,
+                    observed_ms: 0,
+                    present_ms: 0,
+                });
+                self.metrics.len() - 1
+            }
+        };
+        let sum = &mut self.metrics[at];
+        sum.amount += i128::from(amount);
+        sum.observed_ms += i128::from(observed_ms);
+        sum.present_ms += i128::from(present_ms);
+        if metric == "gpu_seconds" {
+            match self
                 .gpu_ms
-                .entry((c.gpu_class.clone(), c.mig_profile.clone()))
-                .or_default() += i128::from(c.amount);
+                .iter_mut()
+                .find(|(c, m, _)| c == gpu_class && m == mig_profile)
+            {
+                Some((_, _, ms)) => *ms += i128::from(amount),
+                None => self.gpu_ms.push((
+                    gpu_class.to_string(),
+                    mig_profile.to_string(),
+                    i128::from(amount),
+                )),
+            }
         }
     }
 
-    fn write(&self, out: &mut Map<String, Value>) {
-        for metric in ["gpu_seconds", "cpu_core_seconds"] {
-            out.insert(metric.into(), json!(0.0));
-        }
-        for (metric, (amount, scale)) in &self.metrics {
-            out.insert(metric.clone(), json!(*amount as f64 / 10f64.powi(*scale)));
-        }
-        let gpu: Vec<Value> = self
-            .gpu_ms
+    /// A metric's amount in its unit (0 when absent).
+    fn value(&self, metric: &str) -> f64 {
+        self.metrics
             .iter()
-            .map(|((class, mig), ms)| json!({"gpu_class": class, "mig_profile": mig, "gpu_seconds": *ms as f64 / 1000.0}))
-            .collect();
-        out.insert("gpu".into(), Value::Array(gpu));
-        // Observed over present time: 1 for exact aggregates, below 1 where a gauge had gaps.
-        let coverage: Map<String, Value> = self
-            .seen_ms
-            .iter()
-            .filter(|(_, (_, present))| *present > 0)
-            .map(|(metric, (observed, present))| {
-                (metric.clone(), json!(*observed as f64 / *present as f64))
-            })
-            .collect();
-        out.insert("coverage".into(), Value::Object(coverage));
+            .find(|s| s.metric == metric)
+            .map_or(0.0, |s| s.amount as f64 / 10f64.powi(s.scale))
     }
+
+    /// Observed over present time: 1 for exact aggregates, below 1 where a gauge had gaps;
+    /// `None` when the metric was never present.
+    fn coverage(&self, metric: &str) -> Option<f64> {
+        self.metrics
+            .iter()
+            .find(|s| s.metric == metric && s.present_ms > 0)
+            .map(|s| s.observed_ms as f64 / s.present_ms as f64)
+    }
+
+    /// Writes the row's fields: every metric (`gpu_seconds` and `cpu_core_seconds` always),
+    /// `gpu` (GPU-seconds per class and MIG profile) and `coverage` per metric.
+    fn serialize_fields<M: serde::ser::SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        for metric in ["gpu_seconds", "cpu_core_seconds"] {
+            if !self.metrics.iter().any(|s| s.metric == metric) {
+                map.serialize_entry(metric, &0.0)?;
+            }
+        }
+        for s in &self.metrics {
+            map.serialize_entry(&s.metric, &(s.amount as f64 / 10f64.powi(s.scale)))?;
+        }
+        let mut gpu: Vec<&(String, String, i128)> = self.gpu_ms.iter().collect();
+        gpu.sort();
+        let gpu: Vec<Value> = gpu
+            .into_iter()
+            .map(|(class, mig, ms)| json!({"gpu_class": class, "mig_profile": mig, "gpu_seconds": *ms as f64 / 1000.0}))
+            .collect();
+        map.serialize_entry("gpu", &gpu)?;
+        let coverage: BTreeMap<&str, f64> = self
+            .metrics
+            .iter()
+            .filter_map(|s| Some((s.metric.as_str(), self.coverage(&s.metric)?)))
+            .collect();
+        map.serialize_entry("coverage", &coverage)
+    }
+}
+
+/// The fields of [`Sums`] as a JSON object.
+struct Fields<'a>(&'a Sums);
+
+impl serde::Serialize for Fields<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        self.0.serialize_fields(&mut map)?;
+        map.end()
+    }
+}
+
+/// One row of a usage answer: its bucket, its group, its sums; serialized straight to the
+/// answer's bytes (a month of hours per lease is tens of thousands of rows).
+struct Row<'a> {
+    start: i64,
+    end: i64,
+    group_by: &'a [&'a str],
+    key: &'a [&'a str],
+    sums: &'a Sums,
+}
+
+impl serde::Serialize for Row<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("window_start", &format_rfc3339(self.start))?;
+        map.serialize_entry("window_end", &format_rfc3339(self.end))?;
+        for (g, v) in self.group_by.iter().zip(self.key) {
+            map.serialize_entry(g, v)?;
+        }
+        self.sums.serialize_fields(&mut map)?;
+        map.end()
+    }
+}
+
+/// The answer of `GET /v1/tenants/{tenant}/usage`.
+#[derive(serde::Serialize)]
+struct UsageAnswer<'a> {
+    tenant: &'a str,
+    from: String,
+    to: String,
+    window: &'a str,
+    group_by: &'a [&'a str],
+    rows: Vec<Row<'a>>,
+    totals: Fields<'a>,
 }
 
 async fn tenant_usage(
@@ -441,17 +545,17 @@ async fn tenant_usage(
             Err(e) => return internal(&state, ROUTE, e),
         }
     }
-    let mut rows: BTreeMap<(i64, i64, Vec<String>), Sums> = BTreeMap::new();
+    let mut rows: BTreeMap<(i64, i64, Vec<&str>), Sums> = BTreeMap::new();
     let mut totals = Sums::default();
     for u in &updates {
         let (start, end) = bucket(u.window_start_ms);
-        let key: Vec<String> = group_by
+        let key: Vec<&str> = group_by
             .iter()
             .map(|g| match *g {
-                "lease" => u.lease.clone(),
-                "service" => u.service.clone(),
-                "gpu_class" => u.gpu_class.clone(),
-                _ => u.mig_profile.clone(),
+                "lease" => u.lease.as_str(),
+                "service" => u.service.as_str(),
+                "gpu_class" => u.gpu_class.as_str(),
+                _ => u.mig_profile.as_str(),
             })
             .collect();
         rows.entry((start, end, key)).or_default().add(u);
@@ -459,48 +563,42 @@ async fn tenant_usage(
     }
     for c in &cells {
         let (start, end) = bucket(c.hour_start_ms);
-        let key: Vec<String> = group_by
+        let key: Vec<&str> = group_by
             .iter()
             .map(|g| match *g {
-                "lease" => c.lease.clone(),
-                "service" => c.service.clone(),
-                "gpu_class" => c.gpu_class.clone(),
-                _ => c.mig_profile.clone(),
+                "lease" => c.lease.as_str(),
+                "service" => c.service.as_str(),
+                "gpu_class" => c.gpu_class.as_str(),
+                _ => c.mig_profile.as_str(),
             })
             .collect();
         rows.entry((start, end, key)).or_default().add_cell(c);
         totals.add_cell(c);
     }
-    let series: std::collections::BTreeSet<&Vec<String>> = rows.keys().map(|(_, _, k)| k).collect();
+    let series: std::collections::BTreeSet<&Vec<&str>> = rows.keys().map(|(_, _, k)| k).collect();
     if let Err(denied) = take_series(&state, ROUTE, &claims, series.len()) {
         return *denied;
     }
-    let rows: Vec<Value> = rows
-        .into_iter()
-        .map(|((start, end, key), sums)| {
-            let mut row = Map::new();
-            row.insert("window_start".into(), json!(format_rfc3339(start)));
-            row.insert("window_end".into(), json!(format_rfc3339(end)));
-            for (g, v) in group_by.iter().zip(key) {
-                row.insert((*g).into(), json!(v));
-            }
-            sums.write(&mut row);
-            Value::Object(row)
-        })
-        .collect();
-    let mut total = Map::new();
-    totals.write(&mut total);
+    let answer = UsageAnswer {
+        tenant: &tenant,
+        from: format_rfc3339(from),
+        to: format_rfc3339(to),
+        window,
+        group_by: &group_by,
+        rows: rows
+            .iter()
+            .map(|((start, end, key), sums)| Row {
+                start: *start,
+                end: *end,
+                group_by: &group_by,
+                key,
+                sums,
+            })
+            .collect(),
+        totals: Fields(&totals),
+    };
     count(&state, ROUTE, StatusCode::OK);
-    Json(json!({
-        "tenant": tenant,
-        "from": format_rfc3339(from),
-        "to": format_rfc3339(to),
-        "window": window,
-        "group_by": group_by,
-        "rows": rows,
-        "totals": total,
-    }))
-    .into_response()
+    Json(answer).into_response()
 }
 
 /// Query of `GET /v1/tenants/{tenant}/burn-rate`.
@@ -815,12 +913,10 @@ async fn lease_metrics(
             let points: Vec<Value> = points
                 .into_iter()
                 .map(|(at, sums)| {
-                    let mut row = Map::new();
-                    sums.write(&mut row);
                     json!({
                         "t": format_rfc3339(at),
-                        "value": row.get(&metric).cloned().unwrap_or(json!(0.0)),
-                        "coverage": row["coverage"].get(&metric).cloned().unwrap_or(json!(null)),
+                        "value": sums.value(&metric),
+                        "coverage": sums.coverage(&metric),
                     })
                 })
                 .collect();
