@@ -96,6 +96,9 @@ fn fill(store: &Store, leases: u64, tenants: u64) -> u64 {
                 if batch.len() == 1_000 {
                     store.apply(&batch).expect("store applies");
                     batch.clear();
+                    if offset % 2_000_000 == 0 {
+                        eprintln!("fill: {offset} records");
+                    }
                 }
             }
         }

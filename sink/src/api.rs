@@ -1291,6 +1291,11 @@ async fn status(State(state): State<AppState>, headers: HeaderMap) -> Response {
         "features": ["usage", "burn-rate", "metrics", "live", "fleet", "feeds"],
         "watermark": watermark.map(format_rfc3339),
         "watermark_ms": watermark,
+        // How far behind: records not yet stored, and the data's age by the wall clock.
+        "lag": {
+            "records": Some(state.metrics.consumer_lag.get()).filter(|l| *l >= 0),
+            "seconds": watermark.map(|w| ((state.now_ms)() - w) as f64 / 1000.0),
+        },
         "consumed_offsets": { topics::USAGE: offsets },
     }))
     .into_response()

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meterflow_schemas::{Record, UsageUpdate, topics};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -81,6 +81,17 @@ pub async fn consume(
     }
     consumer.assign(&assignment).map_err(kafka("assign"))?;
     metrics.ready.set(1);
+    let lag = {
+        let (brokers, store, metrics, shutdown) = (
+            brokers.clone(),
+            store.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            watch_lag(&brokers, partitions, &store, &metrics, &shutdown)
+        })
+    };
     info!(
         partitions,
         resumed = stored.len(),
@@ -141,5 +152,55 @@ pub async fn consume(
             batch.clear();
         }
     }
+    let _ = lag.await;
     Ok(())
+}
+
+/// How often the consumer lag is measured.
+const LAG_EVERY: Duration = Duration::from_secs(2);
+
+/// Until `shutdown`: every [`LAG_EVERY`], the records on `meterflow.usage` not yet stored (the
+/// log end of each partition less the next offset the store holds), into
+/// `meterflow_sink_consumer_lag_records`. Its own client, so the blocking calls never hold up
+/// the consumer.
+fn watch_lag(
+    brokers: &str,
+    partitions: i32,
+    store: &Store,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) {
+    let client: Result<BaseConsumer, _> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "meterflow-sink-lag")
+        .set("enable.auto.commit", "false")
+        .create();
+    let client = match client {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "cannot measure the consumer lag");
+            return;
+        }
+    };
+    while !shutdown.is_cancelled() {
+        let stored = store.offsets(topics::USAGE).unwrap_or_default();
+        let mut lag = 0;
+        let mut known = true;
+        for p in 0..partitions {
+            match client.fetch_watermarks(topics::USAGE, p, Duration::from_secs(2)) {
+                Ok((low, high)) => lag += (high - stored.get(&p).copied().unwrap_or(low)).max(0),
+                Err(e) => {
+                    debug!(error = %e, partition = p, "log end not known");
+                    known = false;
+                }
+            }
+        }
+        if known {
+            metrics.consumer_lag.set(lag);
+        }
+        let next = std::time::Instant::now() + LAG_EVERY;
+        while std::time::Instant::now() < next && !shutdown.is_cancelled() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }

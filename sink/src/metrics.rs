@@ -31,6 +31,8 @@ pub struct Metrics {
     pub feeds_open: IntGaugeVec,
     /// Events sent on feeds, by kind.
     pub feed_events: IntCounterVec,
+    /// Records on the usage topic not yet stored (-1 until measured).
+    pub consumer_lag: IntGauge,
 }
 
 impl Metrics {
@@ -118,6 +120,12 @@ impl Metrics {
             &["kind"],
         )
         .expect("static metric definition");
+        let consumer_lag = IntGauge::new(
+            "meterflow_sink_consumer_lag_records",
+            "Records on meterflow.usage not yet stored (-1 until measured)",
+        )
+        .expect("static metric definition");
+        consumer_lag.set(-1);
         for c in [
             Box::new(applied.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -130,6 +138,7 @@ impl Metrics {
             Box::new(limited.clone()),
             Box::new(feeds_open.clone()),
             Box::new(feed_events.clone()),
+            Box::new(consumer_lag.clone()),
         ] {
             registry.register(c).expect("names are unique");
         }
@@ -146,6 +155,7 @@ impl Metrics {
             limited,
             feeds_open,
             feed_events,
+            consumer_lag,
         }
     }
 }

@@ -613,11 +613,16 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
     let status = poll_json(
         &pipeline.url("/v1/status"),
         &acme_token,
-        Duration::from_secs(5),
-        |_| true,
+        Duration::from_secs(10),
+        // Everything the processor wrote is stored: no records of lag.
+        |v| v["lag"]["records"].as_i64() == Some(0),
     )
     .await;
     assert_eq!(status["watermark"], "2026-11-23T00:03:00.000Z");
+    assert!(
+        status["lag"]["seconds"].as_f64().is_some_and(|s| s > 0.0),
+        "{status}"
+    );
     let metrics = get_text(&pipeline.url("/metrics")).await;
     assert!(
         metrics.contains("meterflow_sink_updates_applied_total"),
