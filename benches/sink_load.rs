@@ -7,8 +7,9 @@
 //!    embedded broker it consumes from (idle here).
 //! 3. This binary runs again as a client process: CONCURRENCY connections ask, for a random
 //!    tenant each time, for its usage over the 30 days at hourly resolution, for SECONDS
-//!    seconds; first summed over the tenant (`group_by=none`), then per lease
-//!    (`group_by=lease`). Reported: requests per second and latency percentiles.
+//!    seconds: summed over the tenant (`group_by=none`) over one connection, then over
+//!    CONCURRENCY, then per lease (`group_by=lease`). Reported: requests per second and
+//!    latency percentiles.
 //!
 //! `cargo bench --bench sink_load -- [LEASES] [TENANTS] [CONCURRENCY] [SECONDS]`
 //! (defaults 10000 100 8 20). Both processes share the machine's cores.
@@ -241,7 +242,8 @@ fn main() {
     .expect("token");
     let base = format!("http://{}", sink.addr);
     let exe = std::env::current_exe().expect("this binary");
-    for group_by in ["none", "lease"] {
+    // One connection: latency unloaded; then CONCURRENCY connections: throughput.
+    for (group_by, concurrency) in [("none", 1), ("none", concurrency), ("lease", concurrency)] {
         let out = std::process::Command::new(&exe)
             .args(["--client", &base, &token])
             .args([tenants, concurrency, seconds].map(|n| n.to_string()))

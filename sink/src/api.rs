@@ -1073,6 +1073,9 @@ async fn lease_feed(
     })
 }
 
+/// The shortest time between two looks of a feed at the store.
+const FEED_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// An event id that names an answer: its time and a hash (FNV-1a) of its content.
 fn event_id(at_ms: i64, body: &str) -> String {
     let hash = body.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
@@ -1118,15 +1121,29 @@ where
     // The first turn answers at once.
     updates.mark_changed();
     let open = OpenFeed::new(state.metrics.feeds_open.with_label_values(&[kind]));
-    let start = (state.clone(), updates, last_id, answer, open);
+    let start = (
+        state.clone(),
+        updates,
+        last_id,
+        answer,
+        open,
+        tokio::time::Instant::now(),
+    );
     let events = futures_util::stream::unfold(
         start,
-        move |(state, mut updates, mut last_id, answer, open)| async move {
+        move |(state, mut updates, mut last_id, answer, open, mut next_at)| async move {
             loop {
                 tokio::select! {
                     _ = state.shutdown.cancelled() => return None,
                     changed = updates.changed() => changed.ok()?,
                 }
+                // A busy sink writes many times a second: a feed looks at most every
+                // FEED_MIN_INTERVAL, and then at everything written meanwhile.
+                tokio::select! {
+                    _ = state.shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep_until(next_at) => {}
+                }
+                next_at = tokio::time::Instant::now() + FEED_MIN_INTERVAL;
                 let (value, at) = match answer(&state) {
                     Ok(Some(next)) => next,
                     Ok(None) => continue,
@@ -1145,7 +1162,7 @@ where
                 last_id = Some(id);
                 return Some((
                     Ok::<Event, std::convert::Infallible>(sent),
-                    (state, updates, last_id, answer, open),
+                    (state, updates, last_id, answer, open, next_at),
                 ));
             }
         },
