@@ -17,6 +17,7 @@
 use std::time::{Duration, Instant};
 
 use meterflow::broker::{self, BrokerConfig};
+use meterflow::topics::{self, TopicsConfig};
 use meterflow_schemas::UsageUpdate;
 use meterflow_sink::auth::{Auth, Claims, SigningKey, mint, now_s};
 use meterflow_sink::store::{Consumed, Store};
@@ -209,6 +210,10 @@ fn main() {
         })
         .await
         .expect("embedded broker starts");
+        // The sink consumes an idle topic, as it would between the processor's writes.
+        topics::ensure(&broker.bootstrap(), &TopicsConfig::default())
+            .await
+            .expect("topics created");
         let sink = meterflow_sink::start(
             SinkConfig {
                 brokers: broker.bootstrap(),

@@ -22,10 +22,6 @@ pub enum ConsumeError {
         context: &'static str,
         source: KafkaError,
     },
-    #[error(
-        "topic {0} does not exist on the brokers; start the processor (it creates the topics) or create it"
-    )]
-    MissingTopic(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -56,12 +52,17 @@ pub async fn consume(
         .map_err(kafka("create consumer"))?;
 
     let partitions = loop {
-        let metadata = consumer
-            .fetch_metadata(Some(topics::USAGE), Duration::from_secs(5))
-            .map_err(kafka("fetch metadata"))?;
-        match metadata.topics().iter().find(|t| t.name() == topics::USAGE) {
-            Some(t) if !t.partitions().is_empty() => break t.partitions().len() as i32,
-            _ => {}
+        // The brokers may be away or slow to answer (starting, overloaded): keep serving the
+        // views there are, not ready, and ask again.
+        match consumer.fetch_metadata(Some(topics::USAGE), Duration::from_secs(5)) {
+            Ok(metadata) => match metadata.topics().iter().find(|t| t.name() == topics::USAGE) {
+                Some(t) if !t.partitions().is_empty() => break t.partitions().len() as i32,
+                _ => {}
+            },
+            Err(e) => {
+                metrics.errors.with_label_values(&["kafka"]).inc();
+                warn!(error = %e, "cannot read the topics from the brokers yet; asking again");
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),

@@ -244,3 +244,49 @@ async fn billing_is_exactly_once_across_twenty_sigkills() {
         assert_eq!(cost, prices.cost_micros(&key, quantity), "cost of {key:?}");
     }
 }
+
+/// Brokers that do not answer do not stop the sink: it keeps serving what it has, says it is
+/// not ready, counts the failures, and stops cleanly when told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_whose_brokers_do_not_answer_waits_not_ready_and_stops_cleanly() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let data = tempfile::tempdir().expect("temp dir");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let sink = meterflow_sink::start(
+        crate::common::sink_config(format!("127.0.0.1:{port}"), &data, Default::default()),
+        shutdown.clone(),
+    )
+    .await
+    .expect("the sink starts without brokers");
+    let url = |path: &str| format!("http://{}{path}", sink.addr);
+    // Longer than one metadata request's timeout (5 s): the first failure is behind us.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = crate::common::get_text(&url("/metrics")).await;
+        if metrics.contains("meterflow_sink_errors_total{reason=\"kafka\"}") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no Kafka error counted: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        !sink.task.is_finished(),
+        "the sink stopped on a broker failure"
+    );
+    let (health, _) = crate::common::get_as(&url("/healthz"), "").await;
+    let (ready, _) = crate::common::get_as(&url("/readyz"), "").await;
+    assert_eq!((health, ready), (200, 503));
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(30), sink.task)
+        .await
+        .expect("stops in time")
+        .expect("sink task")
+        .expect("a clean stop");
+}

@@ -33,7 +33,7 @@ pub const SECRET: &[u8] = b"meterflow integration test secret, 32+ bytes";
 pub const ED25519_PRIVATE: &[u8] = include_bytes!("../../fixtures/ed25519-private.pem");
 pub const ED25519_PUBLIC: &[u8] = include_bytes!("../../fixtures/ed25519-public.pem");
 
-fn sink_config(brokers: String, data: &tempfile::TempDir, limits: Limits) -> SinkConfig {
+pub fn sink_config(brokers: String, data: &tempfile::TempDir, limits: Limits) -> SinkConfig {
     SinkConfig {
         limits,
         // Short, so that a test sees a keep-alive without waiting long.
