@@ -212,6 +212,9 @@ async fn openapi() -> Response {
 
 /// The router with every route, each answer timed by route.
 pub fn router(state: AppState) -> Router {
+    for path in paths() {
+        state.metrics.request_seconds.with_label_values(&[path]);
+    }
     routes()
         .into_iter()
         .fold(Router::new(), |router, (path, handler)| {

@@ -142,6 +142,16 @@ impl Metrics {
         ] {
             registry.register(c).expect("names are unique");
         }
+        // Every label value known in advance is exported from the start, at zero, so that
+        // dashboards and alerts see the series before the first event.
+        errors.with_label_values(&["kafka"]);
+        for limit in ["requests", "series"] {
+            limited.with_label_values(&[limit]);
+        }
+        for kind in ["tenant", "lease"] {
+            feeds_open.with_label_values(&[kind]);
+            feed_events.with_label_values(&[kind]);
+        }
         Self {
             registry,
             applied,

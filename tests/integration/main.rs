@@ -7,5 +7,6 @@ mod common;
 mod crash;
 mod dashboard;
 mod demo;
+mod deploy;
 mod feeds;
 mod pipeline;
