@@ -226,6 +226,9 @@ fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
 }
 
 const WATERMARK_KEY: &[u8] = b"m\0watermark";
+/// Present once the hour views (`h`, `g`) hold every stored record: a store written before
+/// they existed gets them built from its records when opened.
+const HOUR_VIEWS_KEY: &[u8] = b"m\0hour-views";
 
 impl Store {
     /// Opens (or creates) the store in `path`.
@@ -249,7 +252,65 @@ impl Store {
             path: path.display().to_string(),
             source,
         })?;
-        Ok(Self { db })
+        let store = Self { db };
+        if store.db.get(HOUR_VIEWS_KEY)?.is_none() {
+            store.build_hour_views()?;
+        }
+        Ok(store)
+    }
+
+    /// Builds the hour views from the stored records (a store from before they existed), then
+    /// marks them built. Records are stored by tenant and window start, so the cells of one
+    /// tenant's hour are complete when the scan leaves that hour: memory stays one hour's.
+    fn build_hour_views(&self) -> Result<(), StoreError> {
+        let mut cells: BTreeMap<Vec<u8>, (i64, i32, i64, i64)> = BTreeMap::new();
+        let mut current: Option<(String, i64)> = None;
+        let mut built = 0usize;
+        for item in self
+            .db
+            .iterator(IteratorMode::From(b"u\0", Direction::Forward))
+        {
+            let (k, v) = item?;
+            if !k.starts_with(b"u\0") {
+                break;
+            }
+            let u = UsageUpdate::decode(&v)?;
+            if !is_usage(&u) {
+                continue;
+            }
+            let hour = (u.tenant.clone(), u.window_start_ms.div_euclid(HOUR_MS));
+            if current.as_ref() != Some(&hour) {
+                built += self.write_cells(std::mem::take(&mut cells))?;
+                current = Some(hour);
+            }
+            for view in [Hourly::Tenant, Hourly::Lease] {
+                let cell = cells
+                    .entry(hour_key(view, &u))
+                    .or_insert((0, u.scale, 0, 0));
+                cell.0 += u.amount;
+                cell.2 += u.coverage_ms;
+                cell.3 += u.present_ms;
+            }
+        }
+        built += self.write_cells(cells)?;
+        self.db.put(HOUR_VIEWS_KEY, b"1")?;
+        if built > 0 {
+            tracing::info!(cells = built, "hour views built from the stored records");
+        }
+        Ok(())
+    }
+
+    fn write_cells(
+        &self,
+        cells: BTreeMap<Vec<u8>, (i64, i32, i64, i64)>,
+    ) -> Result<usize, StoreError> {
+        let mut batch = WriteBatch::default();
+        let n = cells.len();
+        for (key, (amount, scale, coverage, present)) in cells {
+            batch.put(key, encode_cell(amount, scale, coverage, present));
+        }
+        self.db.write(batch)?;
+        Ok(n)
     }
 
     /// Applies consumed updates, their offsets and the new watermark in one atomic write.
@@ -762,5 +823,63 @@ mod tests {
                 row(h + 3_600_000, "l1", 7)
             ]
         );
+    }
+
+    #[test]
+    fn a_store_from_before_the_hour_views_gets_them_when_opened() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let h = 1_796_083_200_000;
+        let on = |lease: &str, id: &str, window: i64, amount: i64| UsageUpdate {
+            lease: lease.into(),
+            ..update("t", id, window, amount)
+        };
+        let views = |store: &Store| {
+            [Hourly::Tenant, Hourly::Lease].map(|view| {
+                ["t", "u"].map(|tenant| {
+                    store
+                        .hourly(view, tenant, h - 3_600_000, h + 3 * 3_600_000)
+                        .expect("reads")
+                })
+            })
+        };
+        let expected = {
+            let store = Store::open(dir.path()).expect("opens");
+            store
+                .apply(&[
+                    consumed(0, on("l1", "a", h, 100)),
+                    consumed(1, on("l2", "b", h + 60_000, 50)),
+                    consumed(2, on("l1", "c", h + 3_600_000, 7)),
+                    consumed(3, on("l1", "d", h - 60_000, 3)),
+                    consumed(
+                        4,
+                        UsageUpdate {
+                            tenant: "u".into(),
+                            ..on("l9", "e", h, 11)
+                        },
+                    ),
+                ])
+                .expect("applies");
+            let expected = views(&store);
+            // As a store written before the views existed: records only.
+            for prefix in [&b"h\0"[..], b"g\0"] {
+                let keys: Vec<Box<[u8]>> = store
+                    .db
+                    .iterator(IteratorMode::From(prefix, Direction::Forward))
+                    .map(|item| item.expect("reads").0)
+                    .take_while(|k| k.starts_with(prefix))
+                    .collect();
+                assert!(!keys.is_empty());
+                for k in keys {
+                    store.db.delete(k).expect("deletes");
+                }
+            }
+            store.db.delete(HOUR_VIEWS_KEY).expect("deletes");
+            assert!(views(&store).iter().flatten().all(Vec::is_empty));
+            expected
+        };
+        let store = Store::open(dir.path()).expect("reopens");
+        assert_eq!(views(&store), expected);
+        assert_eq!(expected[0][0].len(), 3, "{expected:?}");
+        assert_eq!(expected[1][0].len(), 4, "{expected:?}");
     }
 }
