@@ -7,8 +7,10 @@
 //!   that start, stop and restart) for the demo, tests and benchmarks; pure, no I/O.
 //! - [`publisher`]: the idempotent Kafka producer that delivers batches in order.
 //! - [`agent`]: the run loop that ticks a source and publishes what it yields.
+//! - [`cgroup`]: per-container CPU, memory and block-I/O readings from cgroup v2.
 
 pub mod agent;
+pub mod cgroup;
 pub mod publisher;
 pub mod simulator;
 
