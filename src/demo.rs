@@ -102,6 +102,8 @@ async fn run_in(config: &DemoConfig, data_dir: &Path, shutdown: CancellationToke
             brokers: brokers.clone(),
             fleet: fleet.clone(),
             interval: config.interval,
+            // The demo's broker is in memory too: nothing to keep across runs.
+            spool: None,
         },
         shutdown.clone(),
     ));

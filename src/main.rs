@@ -71,6 +71,14 @@ enum Command {
         /// Time between two ticks (SPEC: collection interval).
         #[arg(long, default_value = "15s", value_parser = parse_duration)]
         interval: Duration,
+        /// Directory of the durable spool: every batch is stored here before it is sent and
+        /// removed once the broker acknowledged it; one directory per agent.
+        #[arg(long, default_value = "meterflow-agent-spool")]
+        spool_dir: PathBuf,
+        /// Most bytes of batches the spool holds while the broker is away; past it, the oldest
+        /// batches are dropped, counted and logged.
+        #[arg(long, default_value_t = 256 << 20)]
+        spool_max_bytes: u64,
         #[command(flatten)]
         topics: TopicArgs,
     },
@@ -364,6 +372,8 @@ async fn main() -> Result<()> {
             nodes,
             seed,
             interval,
+            spool_dir,
+            spool_max_bytes,
             topics: t,
         } => {
             prepare(&brokers, &t, &shutdown).await?;
@@ -375,6 +385,10 @@ async fn main() -> Result<()> {
                     ..Default::default()
                 },
                 interval,
+                spool: Some(meterflow_ingest::SpoolConfig {
+                    dir: spool_dir,
+                    max_bytes: spool_max_bytes,
+                }),
             };
             meterflow_ingest::run_simulated(config, shutdown)
                 .await

@@ -1,9 +1,9 @@
 //! The agent's run loop: tick a source every interval and publish what it yields, in order.
 //!
-//! A batch the broker did not acknowledge stays at the head of an in-memory queue and is sent
-//! again before anything newer, so a broker hiccup delays batches but never reorders or drops
-//! them while the process lives. (The durable RocksDB spool that survives restarts is the
-//! agent's next step, SPEC: delivery guarantees.)
+//! With a spool ([`crate::spool`]) every batch is stored before it is sent and removed once the
+//! broker acknowledged it; a batch not acknowledged stays at the head and is sent again before
+//! anything newer, across broker outages and agent restarts. Without one (the demo), the same
+//! order is kept in memory while the process lives.
 
 use std::collections::VecDeque;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::publisher::{PublishError, Publisher};
 use crate::simulator::{Fleet, FleetConfig};
+use crate::spool::Spool;
 
 /// Configuration of an agent whose source is the simulated fleet.
 #[derive(Debug, Clone)]
@@ -24,6 +25,24 @@ pub struct SimulatedAgentConfig {
     pub fleet: FleetConfig,
     /// Time between two ticks.
     pub interval: Duration,
+    /// The durable spool, when there is one.
+    pub spool: Option<SpoolConfig>,
+}
+
+/// Where the spool lives and how much it may hold.
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    pub dir: std::path::PathBuf,
+    pub max_bytes: u64,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error(transparent)]
+    Spool(#[from] crate::spool::SpoolError),
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -38,9 +57,17 @@ pub fn now_ms() -> i64 {
 pub async fn run_simulated(
     config: SimulatedAgentConfig,
     shutdown: CancellationToken,
-) -> Result<(), PublishError> {
+) -> Result<(), AgentError> {
     let publisher = Publisher::new(&config.brokers)?;
     let mut fleet = Fleet::new(config.fleet.clone(), now_ms());
+    let mut spool = match &config.spool {
+        Some(s) => {
+            let spool = Spool::open(&s.dir, s.max_bytes)?;
+            info!(dir = %s.dir.display(), held = spool.len(), "spool opened; held batches go first");
+            Some(spool)
+        }
+        None => None,
+    };
     let mut queue: VecDeque<SampleBatch> = VecDeque::new();
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -54,24 +81,44 @@ pub async fn run_simulated(
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        queue.extend(fleet.tick(now_ms()));
-        while let Some(batch) = queue.front() {
+        for mut batch in fleet.tick(now_ms()) {
+            match spool.as_mut() {
+                // The spool numbers the batch: sequences keep rising across restarts.
+                Some(spool) => {
+                    spool.push(&mut batch)?;
+                }
+                None => queue.push_back(batch),
+            }
+        }
+        loop {
+            let next = match spool.as_ref() {
+                Some(spool) => spool.front()?,
+                None => queue.front().cloned().map(|b| (0, b)),
+            };
+            let Some((position, batch)) = next else { break };
             let sent = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                sent = publisher.publish(batch) => sent,
+                sent = publisher.publish(&batch) => sent,
             };
             match sent {
                 Ok((partition, offset)) => {
                     debug!(node = %batch.node, sequence = batch.sequence, partition, offset, "batch delivered");
-                    queue.pop_front();
+                    match spool.as_mut() {
+                        Some(spool) => spool.remove(position)?,
+                        None => {
+                            queue.pop_front();
+                        }
+                    }
                 }
                 Err(e) => {
-                    warn!(error = %e, queued = queue.len(), "delivery failed; will retry in order");
+                    let held = spool.as_ref().map_or(queue.len(), Spool::len);
+                    warn!(error = %e, held, "delivery failed; will retry in order");
                     break;
                 }
             }
         }
     }
-    info!(unsent = queue.len(), "simulated agent stopped");
+    let unsent = spool.as_ref().map_or(queue.len(), Spool::len);
+    info!(unsent, "simulated agent stopped");
     Ok(())
 }

@@ -8,12 +8,14 @@
 //! - [`publisher`]: the idempotent Kafka producer that delivers batches in order.
 //! - [`agent`]: the run loop that ticks a source and publishes what it yields.
 //! - [`cgroup`]: per-container CPU, memory and block-I/O readings from cgroup v2.
+//! - [`spool`]: the durable RocksDB spool every batch goes through before it is sent.
 
 pub mod agent;
 pub mod cgroup;
 pub mod publisher;
 pub mod simulator;
+pub mod spool;
 
-pub use agent::{SimulatedAgentConfig, run_simulated};
+pub use agent::{AgentError, SimulatedAgentConfig, SpoolConfig, run_simulated};
 pub use publisher::{PublishError, Publisher};
 pub use simulator::{Fleet, FleetConfig};

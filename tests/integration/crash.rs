@@ -290,3 +290,117 @@ async fn a_sink_whose_brokers_do_not_answer_waits_not_ready_and_stops_cleanly() 
         .expect("sink task")
         .expect("a clean stop");
 }
+
+/// The agent killed with SIGKILL again and again while it publishes, then stopped with SIGTERM:
+/// every batch it made is either in `meterflow.samples` or still in its spool, its sequence
+/// numbers run 1, 2, 3, … per agent without a gap across all the restarts, and a sequence that
+/// appears twice is the same batch sent again (acknowledged, then killed before the spool
+/// forgot it), never a new batch reusing an old number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_again_and_again_loses_nothing_and_never_reuses_a_sequence() {
+    let broker = broker::start(BrokerConfig {
+        listen: "127.0.0.1:0".parse().expect("literal"),
+        storage: "memory".into(),
+    })
+    .await
+    .expect("embedded broker starts");
+    let brokers = broker.bootstrap();
+    topics::ensure(
+        &brokers,
+        &TopicsConfig {
+            partitions: PARTITIONS,
+            replication: 1,
+        },
+    )
+    .await
+    .expect("topics");
+    let spool = tempfile::tempdir().expect("spool dir");
+    let (spool_dir, agent_brokers) = (spool.path().to_path_buf(), brokers.clone());
+    let run = move |ms: u64| {
+        let agent = std::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
+            .args([
+                "agent",
+                "--brokers",
+                &agent_brokers,
+                "--nodes",
+                "2",
+                "--interval",
+                "50ms",
+            ])
+            .arg("--spool-dir")
+            .arg(&spool_dir)
+            .env("MF_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("the meterflow binary starts");
+        std::thread::sleep(Duration::from_millis(ms));
+        agent
+    };
+    let rounds = tokio::task::spawn_blocking({
+        move || {
+            for round in 0..4u64 {
+                let mut agent = run(1_200 + 170 * round);
+                agent.kill().expect("SIGKILL");
+                agent.wait().expect("reaped");
+            }
+            // Last, a clean stop.
+            let agent = run(1_500);
+            let pid = agent.id().to_string();
+            let stopped = std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .expect("kill runs");
+            assert!(stopped.success());
+            agent
+        }
+    });
+    let mut last = rounds.await.expect("rounds");
+    let status = last.wait().expect("the agent exits");
+    assert!(status.success(), "a SIGTERM is a clean stop: {status}");
+
+    // What the broker has, and what the spool still holds.
+    let mut seen: BTreeMap<String, BTreeMap<i64, Vec<i64>>> = BTreeMap::new();
+    for payload in crate::common::read_topic(&brokers, names::SAMPLES, PARTITIONS, 1) {
+        let b = SampleBatch::decode(&payload).expect("a batch");
+        seen.entry(b.agent_id)
+            .or_default()
+            .entry(b.sequence)
+            .or_default()
+            .push(b.collected_at_ms);
+    }
+    let mut held = meterflow_ingest::spool::Spool::open(spool.path(), u64::MAX).expect("spool");
+    let mut in_spool = 0;
+    while let Some((position, b)) = held.front().expect("reads") {
+        seen.entry(b.agent_id)
+            .or_default()
+            .entry(b.sequence)
+            .or_default()
+            .push(b.collected_at_ms);
+        held.remove(position).expect("removes");
+        in_spool += 1;
+    }
+    assert_eq!(seen.len(), 2, "two agents: {:?}", seen.keys());
+    for (agent, sequences) in &seen {
+        let numbers: Vec<i64> = sequences.keys().copied().collect();
+        let expected: Vec<i64> = (1..=numbers.len() as i64).collect();
+        assert_eq!(
+            numbers, expected,
+            "{agent}: a gap (a lost batch) or not from 1"
+        );
+        assert!(
+            numbers.len() >= 10,
+            "{agent}: only {} batches",
+            numbers.len()
+        );
+        // Had a restart begun again at 1, its batch 1 would sit beside the first run's batch
+        // 1 with another time: each sequence names one batch.
+        for (sequence, made_at) in sequences {
+            assert!(
+                made_at.iter().all(|t| *t == made_at[0]),
+                "{agent} sequence {sequence} names different batches: {made_at:?}"
+            );
+        }
+    }
+    println!("batches in the spool at the end: {in_spool}");
+    broker.stop();
+}
