@@ -79,6 +79,10 @@ enum Command {
         /// batches are dropped, counted and logged.
         #[arg(long, default_value_t = 256 << 20)]
         spool_max_bytes: u64,
+        /// Serve the agent's metrics at http://ADDR/metrics and its health (sources, spool
+        /// depth, send lag) at http://ADDR/healthz.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
         #[command(flatten)]
         topics: TopicArgs,
     },
@@ -374,8 +378,30 @@ async fn main() -> Result<()> {
             interval,
             spool_dir,
             spool_max_bytes,
+            metrics_listen,
             topics: t,
         } => {
+            if let Some(addr) = metrics_listen {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} for --metrics-listen"))?;
+                let app = axum::Router::new()
+                    .route(
+                        "/metrics",
+                        axum::routing::get(|| async { meterflow_ingest::metrics::render() }),
+                    )
+                    .route(
+                        "/healthz",
+                        axum::routing::get(|| async {
+                            (
+                                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                                meterflow_ingest::metrics::health(),
+                            )
+                        }),
+                    );
+                tracing::info!(%addr, "agent metrics at /metrics, health at /healthz");
+                tokio::spawn(async move { axum::serve(listener, app).await });
+            }
             prepare(&brokers, &t, &shutdown).await?;
             let config = meterflow_ingest::SimulatedAgentConfig {
                 brokers,

@@ -12,6 +12,7 @@ use meterflow_schemas::SampleBatch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::metrics::{self, METRICS};
 use crate::publisher::{PublishError, Publisher};
 use crate::simulator::{Fleet, FleetConfig};
 use crate::spool::Spool;
@@ -85,17 +86,26 @@ pub async fn run_simulated(
             match spool.as_mut() {
                 // The spool numbers the batch: sequences keep rising across restarts.
                 Some(spool) => {
+                    let dropped = spool.dropped();
                     spool.push(&mut batch)?;
+                    METRICS.spool_dropped.inc_by(spool.dropped() - dropped);
                 }
                 None => queue.push_back(batch),
             }
         }
+        metrics::set_source("simulator", true);
         loop {
             let next = match spool.as_ref() {
                 Some(spool) => spool.front()?,
                 None => queue.front().cloned().map(|b| (0, b)),
             };
-            let Some((position, batch)) = next else { break };
+            let Some((position, batch)) = next else {
+                METRICS.send_lag_seconds.set(0.0);
+                break;
+            };
+            METRICS
+                .send_lag_seconds
+                .set((now_ms() - batch.collected_at_ms).max(0) as f64 / 1000.0);
             let sent = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 sent = publisher.publish(&batch) => sent,
@@ -103,6 +113,7 @@ pub async fn run_simulated(
             match sent {
                 Ok((partition, offset)) => {
                     debug!(node = %batch.node, sequence = batch.sequence, partition, offset, "batch delivered");
+                    METRICS.sent.inc();
                     match spool.as_mut() {
                         Some(spool) => spool.remove(position)?,
                         None => {
@@ -111,12 +122,18 @@ pub async fn run_simulated(
                     }
                 }
                 Err(e) => {
+                    METRICS.send_failures.inc();
                     let held = spool.as_ref().map_or(queue.len(), Spool::len);
                     warn!(error = %e, held, "delivery failed; will retry in order");
                     break;
                 }
             }
         }
+        let (batches, bytes) = spool
+            .as_ref()
+            .map_or((queue.len(), 0), |s| (s.len(), s.bytes()));
+        METRICS.spool_batches.set(batches as i64);
+        METRICS.spool_bytes.set(bytes as i64);
     }
     let unsent = spool.as_ref().map_or(queue.len(), Spool::len);
     info!(unsent, "simulated agent stopped");

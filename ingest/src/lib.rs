@@ -9,9 +9,11 @@
 //! - [`agent`]: the run loop that ticks a source and publishes what it yields.
 //! - [`cgroup`]: per-container CPU, memory and block-I/O readings from cgroup v2.
 //! - [`spool`]: the durable RocksDB spool every batch goes through before it is sent.
+//! - [`metrics`]: the agent's own metrics and health answer.
 
 pub mod agent;
 pub mod cgroup;
+pub mod metrics;
 pub mod publisher;
 pub mod simulator;
 pub mod spool;

@@ -316,7 +316,7 @@ async fn an_agent_killed_again_and_again_loses_nothing_and_never_reuses_a_sequen
     .expect("topics");
     let spool = tempfile::tempdir().expect("spool dir");
     let (spool_dir, agent_brokers) = (spool.path().to_path_buf(), brokers.clone());
-    let run = move |ms: u64| {
+    let run = move |ms: u64, extra: &[String]| {
         let agent = std::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
             .args([
                 "agent",
@@ -329,6 +329,7 @@ async fn an_agent_killed_again_and_again_loses_nothing_and_never_reuses_a_sequen
             ])
             .arg("--spool-dir")
             .arg(&spool_dir)
+            .args(extra)
             .env("MF_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -336,15 +337,43 @@ async fn an_agent_killed_again_and_again_loses_nothing_and_never_reuses_a_sequen
         std::thread::sleep(Duration::from_millis(ms));
         agent
     };
+    // The last run serves its metrics and health.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let runtime = tokio::runtime::Handle::current();
     let rounds = tokio::task::spawn_blocking({
         move || {
             for round in 0..4u64 {
-                let mut agent = run(1_200 + 170 * round);
+                let mut agent = run(1_200 + 170 * round, &[]);
                 agent.kill().expect("SIGKILL");
                 agent.wait().expect("reaped");
             }
             // Last, a clean stop.
-            let agent = run(1_500);
+            let listen = format!("127.0.0.1:{port}");
+            let agent = run(1_500, &["--metrics-listen".into(), listen.clone()]);
+            let (health, metrics) = runtime.block_on(async {
+                let base = format!("http://{listen}");
+                (
+                    crate::common::get_text(&format!("{base}/healthz")).await,
+                    crate::common::get_text(&format!("{base}/metrics")).await,
+                )
+            });
+            let health: serde_json::Value = serde_json::from_str(&health).expect("health is JSON");
+            assert_eq!(health["sources"]["simulator"], "up", "{health}");
+            assert!(health["spool_batches"].is_u64(), "{health}");
+            assert!(
+                health["send_lag_seconds"].as_f64().is_some_and(|s| s < 5.0),
+                "{health}"
+            );
+            let sent = metrics.lines().find_map(|l| {
+                l.strip_prefix("meterflow_agent_batches_sent_total ")?
+                    .parse::<f64>()
+                    .ok()
+            });
+            assert!(sent.is_some_and(|n| n > 0.0), "{metrics}");
+            assert!(metrics.contains("meterflow_agent_spool_bytes"), "{metrics}");
             let pid = agent.id().to_string();
             let stopped = std::process::Command::new("kill")
                 .args(["-TERM", &pid])

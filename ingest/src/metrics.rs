@@ -1,0 +1,123 @@
+//! The agent's own Prometheus metrics (`meterflow_agent_*`) and its health answer: each
+//! source's state, the spool's depth and the send lag (issue 3: robustness).
+
+use std::sync::LazyLock;
+
+use prometheus::{Gauge, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+
+/// Every metric the agent exports.
+pub struct AgentMetrics {
+    pub registry: Registry,
+    /// Batches held by the spool (made, not yet acknowledged).
+    pub spool_batches: IntGauge,
+    /// Bytes of batches held by the spool.
+    pub spool_bytes: IntGauge,
+    /// Batches the spool dropped at its size limit.
+    pub spool_dropped: IntCounter,
+    /// Batches the broker acknowledged.
+    pub sent: IntCounter,
+    /// Sends that failed (each retried in order later).
+    pub send_failures: IntCounter,
+    /// Age of the oldest batch not yet acknowledged; 0 when all are.
+    pub send_lag_seconds: Gauge,
+    /// 1 while a source yields readings, 0 while it fails, by source.
+    pub source_up: IntGaugeVec,
+}
+
+fn build() -> AgentMetrics {
+    let registry = Registry::new();
+    let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("static metric");
+    let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("static metric");
+    let m = AgentMetrics {
+        spool_batches: gauge("meterflow_agent_spool_batches", "Batches held by the spool"),
+        spool_bytes: gauge(
+            "meterflow_agent_spool_bytes",
+            "Bytes of batches held by the spool",
+        ),
+        spool_dropped: counter(
+            "meterflow_agent_spool_dropped_total",
+            "Batches the spool dropped at its size limit",
+        ),
+        sent: counter(
+            "meterflow_agent_batches_sent_total",
+            "Batches the broker acknowledged",
+        ),
+        send_failures: counter(
+            "meterflow_agent_send_failures_total",
+            "Sends that failed and will be retried in order",
+        ),
+        send_lag_seconds: Gauge::new(
+            "meterflow_agent_send_lag_seconds",
+            "Age of the oldest batch not yet acknowledged (0 when all are)",
+        )
+        .expect("static metric"),
+        source_up: IntGaugeVec::new(
+            Opts::new(
+                "meterflow_agent_source_up",
+                "1 while a source yields readings, 0 while it fails",
+            ),
+            &["source"],
+        )
+        .expect("static metric"),
+        registry,
+    };
+    for c in [
+        Box::new(m.spool_batches.clone()) as Box<dyn prometheus::core::Collector>,
+        Box::new(m.spool_bytes.clone()),
+        Box::new(m.spool_dropped.clone()),
+        Box::new(m.sent.clone()),
+        Box::new(m.send_failures.clone()),
+        Box::new(m.send_lag_seconds.clone()),
+        Box::new(m.source_up.clone()),
+    ] {
+        m.registry.register(c).expect("names are unique");
+    }
+    m
+}
+
+/// The agent's metrics (one agent per process).
+pub static METRICS: LazyLock<AgentMetrics> = LazyLock::new(build);
+
+/// The Prometheus text exposition of [`METRICS`].
+pub fn render() -> String {
+    prometheus::TextEncoder::new()
+        .encode_to_string(&METRICS.registry.gather())
+        .unwrap_or_else(|e| format!("# metrics could not be encoded: {e}\n"))
+}
+
+/// The sources seen, in the order they reported.
+static SOURCES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Records whether `source` yields readings now.
+pub fn set_source(source: &str, up: bool) {
+    METRICS
+        .source_up
+        .with_label_values(&[source])
+        .set(i64::from(up));
+    let mut sources = SOURCES.lock().unwrap_or_else(|p| p.into_inner());
+    if !sources.iter().any(|s| s == source) {
+        sources.push(source.to_string());
+    }
+}
+
+/// The health answer (JSON): each source's state, the spool's depth and the send lag.
+pub fn health() -> String {
+    let m = &*METRICS;
+    let sources: Vec<String> = SOURCES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|source| {
+            let up = m.source_up.with_label_values(&[source]).get() == 1;
+            format!("{source:?}: {:?}", if up { "up" } else { "down" })
+        })
+        .collect();
+    format!(
+        "{{\"sources\": {{{}}}, \"spool_batches\": {}, \"spool_bytes\": {}, \"spool_dropped\": {}, \"send_lag_seconds\": {}}}\n",
+        sources.join(", "),
+        m.spool_batches.get(),
+        m.spool_bytes.get(),
+        m.spool_dropped.get(),
+        m.send_lag_seconds.get(),
+    )
+}
