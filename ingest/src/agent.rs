@@ -77,55 +77,79 @@ pub async fn run_simulated(
         seed = config.fleet.seed,
         "simulated agent started"
     );
+    // Collecting never waits for the broker: each tick's batches go into the spool whatever the
+    // send in flight is doing (a broker that is away holds a send for up to its timeout). One
+    // batch is in flight at a time, the oldest held; after a failure the next try waits for
+    // the next tick.
+    let publisher = std::sync::Arc::new(publisher);
+    type Sending = tokio::task::JoinHandle<Result<(i32, i64), PublishError>>;
+    let mut inflight: Option<(u64, SampleBatch, Sending)> = None;
+    let mut paused = false;
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
-        for mut batch in fleet.tick(now_ms()) {
-            match spool.as_mut() {
-                // The spool numbers the batch: sequences keep rising across restarts.
-                Some(spool) => {
-                    let dropped = spool.dropped();
-                    spool.push(&mut batch)?;
-                    METRICS.spool_dropped.inc_by(spool.dropped() - dropped);
-                }
-                None => queue.push_back(batch),
-            }
-        }
-        metrics::set_source("simulator", true);
-        loop {
+        if inflight.is_none() && !paused {
             let next = match spool.as_ref() {
                 Some(spool) => spool.front()?,
                 None => queue.front().cloned().map(|b| (0, b)),
             };
-            let Some((position, batch)) = next else {
-                METRICS.send_lag_seconds.set(0.0);
-                break;
-            };
-            METRICS
-                .send_lag_seconds
-                .set((now_ms() - batch.collected_at_ms).max(0) as f64 / 1000.0);
-            let sent = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                sent = publisher.publish(&batch) => sent,
-            };
-            match sent {
-                Ok((partition, offset)) => {
-                    debug!(node = %batch.node, sequence = batch.sequence, partition, offset, "batch delivered");
-                    METRICS.sent.inc();
+            match next {
+                Some((position, batch)) => {
+                    METRICS
+                        .send_lag_seconds
+                        .set((now_ms() - batch.collected_at_ms).max(0) as f64 / 1000.0);
+                    let (publisher, sent) = (publisher.clone(), batch.clone());
+                    let sending = tokio::spawn(async move { publisher.publish(&sent).await });
+                    inflight = Some((position, batch, sending));
+                }
+                None => METRICS.send_lag_seconds.set(0.0),
+            }
+        }
+        let delivered = async {
+            match inflight.as_mut() {
+                Some((_, _, sending)) => Some(sending.await),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = ticker.tick() => {
+                paused = false;
+                for mut batch in fleet.tick(now_ms()) {
                     match spool.as_mut() {
-                        Some(spool) => spool.remove(position)?,
-                        None => {
-                            queue.pop_front();
+                        // The spool numbers the batch: sequences keep rising across restarts.
+                        Some(spool) => {
+                            let dropped = spool.dropped();
+                            spool.push(&mut batch)?;
+                            METRICS.spool_dropped.inc_by(spool.dropped() - dropped);
                         }
+                        None => queue.push_back(batch),
                     }
                 }
-                Err(e) => {
-                    METRICS.send_failures.inc();
-                    let held = spool.as_ref().map_or(queue.len(), Spool::len);
-                    warn!(error = %e, held, "delivery failed; will retry in order");
-                    break;
+                metrics::set_source("simulator", true);
+            }
+            Some(sent) = delivered => {
+                let Some((position, batch, _)) = inflight.take() else { continue };
+                match sent {
+                    Ok(Ok((partition, offset))) => {
+                        debug!(node = %batch.node, sequence = batch.sequence, partition, offset, "batch delivered");
+                        METRICS.sent.inc();
+                        match spool.as_mut() {
+                            Some(spool) => spool.remove(position)?,
+                            None => {
+                                queue.pop_front();
+                            }
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        METRICS.send_failures.inc();
+                        let held = spool.as_ref().map_or(queue.len(), Spool::len);
+                        warn!(error = %e, held, "delivery failed; will retry in order");
+                        paused = true;
+                    }
+                    Err(e) => {
+                        METRICS.send_failures.inc();
+                        warn!(error = %e, "the send task failed; will retry in order");
+                        paused = true;
+                    }
                 }
             }
         }
@@ -134,6 +158,10 @@ pub async fn run_simulated(
             .map_or((queue.len(), 0), |s| (s.len(), s.bytes()));
         METRICS.spool_batches.set(batches as i64);
         METRICS.spool_bytes.set(bytes as i64);
+    }
+    if let Some((_, _, sending)) = inflight {
+        // Delivered or not, the batch stays in the spool until acknowledged.
+        sending.abort();
     }
     let unsent = spool.as_ref().map_or(queue.len(), Spool::len);
     info!(unsent, "simulated agent stopped");
