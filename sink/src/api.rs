@@ -552,29 +552,19 @@ async fn tenant_usage(
     let mut totals = Sums::default();
     for u in &updates {
         let (start, end) = bucket(u.window_start_ms);
-        let key: Vec<&str> = group_by
-            .iter()
-            .map(|g| match *g {
-                "lease" => u.lease.as_str(),
-                "service" => u.service.as_str(),
-                "gpu_class" => u.gpu_class.as_str(),
-                _ => u.mig_profile.as_str(),
-            })
-            .collect();
+        let key = group_key(
+            &group_by,
+            [&u.lease, &u.service, &u.gpu_class, &u.mig_profile],
+        );
         rows.entry((start, end, key)).or_default().add(u);
         totals.add(u);
     }
     for c in &cells {
         let (start, end) = bucket(c.hour_start_ms);
-        let key: Vec<&str> = group_by
-            .iter()
-            .map(|g| match *g {
-                "lease" => c.lease.as_str(),
-                "service" => c.service.as_str(),
-                "gpu_class" => c.gpu_class.as_str(),
-                _ => c.mig_profile.as_str(),
-            })
-            .collect();
+        let key = group_key(
+            &group_by,
+            [&c.lease, &c.service, &c.gpu_class, &c.mig_profile],
+        );
         rows.entry((start, end, key)).or_default().add_cell(c);
         totals.add_cell(c);
     }
@@ -602,6 +592,18 @@ async fn tenant_usage(
     };
     count(&state, ROUTE, StatusCode::OK);
     Json(answer).into_response()
+}
+
+/// A row's group: for each of `group_by`, its value among (lease, service, gpu_class,
+/// mig_profile), in the order of [`GROUPS`].
+fn group_key<'a>(group_by: &[&str], values: [&'a String; 4]) -> Vec<&'a str> {
+    group_by
+        .iter()
+        .map(|g| {
+            let at = GROUPS.iter().position(|known| known == g).unwrap_or(3);
+            values[at].as_str()
+        })
+        .collect()
 }
 
 /// Query of `GET /v1/tenants/{tenant}/burn-rate`.

@@ -408,28 +408,15 @@ impl Store {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<Cell>, StoreError> {
-        let prefix = hour_prefix(view, tenant);
-        let mut start = prefix.clone();
-        start.extend_from_slice(&sortable(from_ms));
-        let mut end = prefix.clone();
-        end.extend_from_slice(&sortable(to_ms));
         let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator(IteratorMode::From(&start, Direction::Forward))
-        {
-            let (k, v) = item?;
-            if !k.starts_with(&prefix) || k[..] >= end[..] {
-                break;
-            }
-            let rest = &k[prefix.len()..];
+        self.scan(hour_prefix(view, tenant), from_ms, to_ms, |rest, v| {
             let (Some(hour), Some((amount, scale, coverage_ms, present_ms))) = (
                 rest.get(..8)
                     .and_then(|b| <[u8; 8]>::try_from(b).ok())
                     .map(|b| (u64::from_be_bytes(b) ^ (1 << 63)) as i64),
-                decode_cell(&v),
+                decode_cell(v),
             ) else {
-                continue;
+                return Ok(());
             };
             let mut parts = rest[8..]
                 .split(|b| *b == 0)
@@ -451,7 +438,8 @@ impl Store {
                 coverage_ms,
                 present_ms,
             });
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -536,11 +524,27 @@ impl Store {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<UsageUpdate>, StoreError> {
+        let mut out = Vec::new();
+        self.scan(prefix, from_ms, to_ms, |_, v| {
+            out.push(UsageUpdate::decode(v)?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `each` with the rest of the key (from the time on) and the value of every entry
+    /// under `prefix` whose time (the 8 bytes after the prefix) is in `[from_ms, to_ms)`.
+    fn scan(
+        &self,
+        prefix: Vec<u8>,
+        from_ms: i64,
+        to_ms: i64,
+        mut each: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let mut start = prefix.clone();
         start.extend_from_slice(&sortable(from_ms));
         let mut end = prefix.clone();
         end.extend_from_slice(&sortable(to_ms));
-        let mut out = Vec::new();
         for item in self
             .db
             .iterator(IteratorMode::From(&start, Direction::Forward))
@@ -549,9 +553,9 @@ impl Store {
             if !k.starts_with(&prefix) || k[..] >= end[..] {
                 break;
             }
-            out.push(UsageUpdate::decode(&v)?);
+            each(&k[prefix.len()..], &v)?;
         }
-        Ok(out)
+        Ok(())
     }
 }
 

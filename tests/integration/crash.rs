@@ -76,8 +76,8 @@ fn billed(brokers: &str) -> (GpuMs, Vec<Found>) {
     (gpu_ms, found)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn billing_is_exactly_once_across_twenty_sigkills() {
+/// The embedded broker in memory, with the topics at [`PARTITIONS`] partitions.
+async fn broker_with_topics() -> (broker::EmbeddedBroker, String) {
     let broker = broker::start(BrokerConfig {
         listen: "127.0.0.1:0".parse().expect("literal"),
         storage: "memory".into(),
@@ -94,6 +94,12 @@ async fn billing_is_exactly_once_across_twenty_sigkills() {
     )
     .await
     .expect("topics are created");
+    (broker, brokers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn billing_is_exactly_once_across_twenty_sigkills() {
+    let (broker, brokers) = broker_with_topics().await;
     let state = tempfile::tempdir().expect("temp dir");
 
     // The fleet publishes an hour of event time over about ten seconds of wall time.
@@ -298,22 +304,7 @@ async fn a_sink_whose_brokers_do_not_answer_waits_not_ready_and_stops_cleanly() 
 /// forgot it), never a new batch reusing an old number.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_killed_again_and_again_loses_nothing_and_never_reuses_a_sequence() {
-    let broker = broker::start(BrokerConfig {
-        listen: "127.0.0.1:0".parse().expect("literal"),
-        storage: "memory".into(),
-    })
-    .await
-    .expect("embedded broker starts");
-    let brokers = broker.bootstrap();
-    topics::ensure(
-        &brokers,
-        &TopicsConfig {
-            partitions: PARTITIONS,
-            replication: 1,
-        },
-    )
-    .await
-    .expect("topics");
+    let (broker, brokers) = broker_with_topics().await;
     let spool = tempfile::tempdir().expect("spool dir");
     let (spool_dir, agent_brokers) = (spool.path().to_path_buf(), brokers.clone());
     let run = move |ms: u64, extra: &[String]| {
