@@ -57,30 +57,39 @@ enum Command {
         #[command(flatten)]
         topics: TopicArgs,
     },
-    /// The node agent. Its source is the simulated fleet for now.
+    /// The node agent: this node's sources from a config file (`--config`), or a simulated
+    /// fleet from the flags.
     Agent {
-        /// Kafka bootstrap servers.
-        #[arg(long, default_value = "127.0.0.1:9092")]
-        brokers: String,
+        /// The agent's TOML config: sources, attribution, spool (see `ingest/src/config.rs`
+        /// and `deploy/agent.toml`). Without it, the agent runs a simulated fleet.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Kafka bootstrap servers (overrides the config's `brokers`).
+        #[arg(long)]
+        brokers: Option<String>,
         /// Number of simulated nodes.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, conflicts_with = "config")]
         nodes: usize,
         /// Seed of the simulation.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, conflicts_with = "config")]
         seed: u64,
         /// Time between two ticks (SPEC: collection interval).
-        #[arg(long, default_value = "15s", value_parser = parse_duration)]
+        #[arg(long, default_value = "15s", value_parser = parse_duration, conflicts_with = "config")]
         interval: Duration,
         /// Directory of the durable spool: every batch is stored here before it is sent and
         /// removed once the broker acknowledged it; one directory per agent.
-        #[arg(long, default_value = "meterflow-agent-spool")]
+        #[arg(
+            long,
+            default_value = "meterflow-agent-spool",
+            conflicts_with = "config"
+        )]
         spool_dir: PathBuf,
         /// Most bytes of batches the spool holds while the broker is away; past it, the oldest
         /// batches are dropped, counted and logged.
-        #[arg(long, default_value_t = 256 << 20)]
+        #[arg(long, default_value_t = 256 << 20, conflicts_with = "config")]
         spool_max_bytes: u64,
         /// Serve the agent's metrics at http://ADDR/metrics and its health (sources, spool
-        /// depth, send lag) at http://ADDR/healthz.
+        /// depth, send lag) at http://ADDR/healthz (overrides the config's `metrics_listen`).
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
         #[command(flatten)]
@@ -294,6 +303,30 @@ fn cancel_on_signal(token: CancellationToken) {
 }
 
 /// What every long-running component does first: create missing topics, stop on a signal.
+/// Serves the agent's `/metrics` and `/healthz` on `addr`.
+async fn serve_agent_metrics(addr: SocketAddr) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for the agent's metrics"))?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(|| async { meterflow_ingest::metrics::render() }),
+        )
+        .route(
+            "/healthz",
+            axum::routing::get(|| async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    meterflow_ingest::metrics::health(),
+                )
+            }),
+        );
+    tracing::info!(%addr, "agent metrics at /metrics, health at /healthz");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(())
+}
+
 async fn prepare(brokers: &str, topics: &TopicArgs, shutdown: &CancellationToken) -> Result<()> {
     topics::ensure(brokers, &topics.config()).await?;
     cancel_on_signal(shutdown.clone());
@@ -372,6 +405,7 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Agent {
+            config,
             brokers,
             nodes,
             seed,
@@ -381,44 +415,60 @@ async fn main() -> Result<()> {
             metrics_listen,
             topics: t,
         } => {
-            if let Some(addr) = metrics_listen {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen on {addr} for --metrics-listen"))?;
-                let app = axum::Router::new()
-                    .route(
-                        "/metrics",
-                        axum::routing::get(|| async { meterflow_ingest::metrics::render() }),
-                    )
-                    .route(
-                        "/healthz",
-                        axum::routing::get(|| async {
-                            (
-                                [(axum::http::header::CONTENT_TYPE, "application/json")],
-                                meterflow_ingest::metrics::health(),
-                            )
-                        }),
-                    );
-                tracing::info!(%addr, "agent metrics at /metrics, health at /healthz");
-                tokio::spawn(async move { axum::serve(listener, app).await });
+            let file = match &config {
+                Some(path) => Some(meterflow_ingest::AgentConfig::load(path)?),
+                None => None,
+            };
+            let brokers = brokers
+                .or_else(|| file.as_ref().and_then(|f| f.brokers.clone()))
+                .unwrap_or_else(|| "127.0.0.1:9092".into());
+            if let Some(addr) = metrics_listen.or(file.as_ref().and_then(|f| f.metrics_listen)) {
+                serve_agent_metrics(addr).await?;
             }
             prepare(&brokers, &t, &shutdown).await?;
-            let config = meterflow_ingest::SimulatedAgentConfig {
+            let Some(file) = file else {
+                let config = meterflow_ingest::SimulatedAgentConfig {
+                    brokers,
+                    fleet: meterflow_ingest::FleetConfig {
+                        nodes,
+                        seed,
+                        ..Default::default()
+                    },
+                    interval,
+                    spool: Some(meterflow_ingest::SpoolConfig {
+                        dir: spool_dir,
+                        max_bytes: spool_max_bytes,
+                    }),
+                };
+                return meterflow_ingest::run_simulated(config, shutdown)
+                    .await
+                    .context("agent failed");
+            };
+            let run = meterflow_ingest::RunConfig {
                 brokers,
-                fleet: meterflow_ingest::FleetConfig {
-                    nodes,
-                    seed,
-                    ..Default::default()
-                },
-                interval,
+                interval: file.interval,
                 spool: Some(meterflow_ingest::SpoolConfig {
-                    dir: spool_dir,
-                    max_bytes: spool_max_bytes,
+                    dir: file.spool.dir.clone(),
+                    max_bytes: file.spool.max_bytes,
                 }),
             };
-            meterflow_ingest::run_simulated(config, shutdown)
-                .await
-                .context("agent failed")
+            let sim = &file.sources.simulator;
+            if sim.enabled {
+                let fleet = meterflow_ingest::Fleet::new(
+                    meterflow_ingest::FleetConfig {
+                        nodes: sim.nodes,
+                        seed: sim.seed,
+                        ..Default::default()
+                    },
+                    meterflow_ingest::agent::now_ms(),
+                );
+                meterflow_ingest::run(run, fleet, shutdown).await
+            } else {
+                let collector = file.collector()?;
+                tracing::info!(node = %file.node_name(), "node agent started");
+                meterflow_ingest::run(run, collector, shutdown).await
+            }
+            .context("agent failed")
         }
         Command::Processor {
             brokers,

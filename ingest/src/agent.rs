@@ -1,4 +1,5 @@
-//! The agent's run loop: tick a source every interval and publish what it yields, in order.
+//! The agent's run loop: tick a collector (the simulated fleet, or this node's sources) every
+//! interval and publish what it yields, in order.
 //!
 //! With a spool ([`crate::spool`]) every batch is stored before it is sent and removed once the
 //! broker acknowledged it; a batch not acknowledged stays at the head and is sent again before
@@ -13,9 +14,41 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::metrics::{self, METRICS};
+use crate::node::NodeCollector;
 use crate::publisher::{PublishError, Publisher};
 use crate::simulator::{Fleet, FleetConfig};
+use crate::sources::BoxFuture;
 use crate::spool::Spool;
+
+/// What the run loop ticks: makes the batches of one tick.
+pub trait Collect: Send {
+    fn tick(&mut self, now_ms: i64) -> BoxFuture<'_, Vec<SampleBatch>>;
+}
+
+impl Collect for Fleet {
+    fn tick(&mut self, now_ms: i64) -> BoxFuture<'_, Vec<SampleBatch>> {
+        let batches = Fleet::tick(self, now_ms);
+        metrics::set_source("simulator", true);
+        Box::pin(async move { batches })
+    }
+}
+
+impl Collect for NodeCollector {
+    fn tick(&mut self, now_ms: i64) -> BoxFuture<'_, Vec<SampleBatch>> {
+        Box::pin(async move { vec![NodeCollector::tick(self, now_ms).await] })
+    }
+}
+
+/// How the run loop delivers.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Kafka bootstrap servers.
+    pub brokers: String,
+    /// Time between two ticks.
+    pub interval: Duration,
+    /// The durable spool, when there is one.
+    pub spool: Option<SpoolConfig>,
+}
 
 /// Configuration of an agent whose source is the simulated fleet.
 #[derive(Debug, Clone)]
@@ -59,8 +92,28 @@ pub async fn run_simulated(
     config: SimulatedAgentConfig,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
+    info!(
+        nodes = config.fleet.nodes,
+        seed = config.fleet.seed,
+        "simulated agent started"
+    );
+    let fleet = Fleet::new(config.fleet.clone(), now_ms());
+    let run = RunConfig {
+        brokers: config.brokers,
+        interval: config.interval,
+        spool: config.spool,
+    };
+    self::run(run, fleet, shutdown).await
+}
+
+/// Ticks `collector` every interval until `shutdown` is cancelled, delivering every batch in
+/// order through the spool.
+pub async fn run(
+    config: RunConfig,
+    mut collector: impl Collect,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     let publisher = Publisher::new(&config.brokers)?;
-    let mut fleet = Fleet::new(config.fleet.clone(), now_ms());
     let mut spool = match &config.spool {
         Some(s) => {
             let spool = Spool::open(&s.dir, s.max_bytes)?;
@@ -72,11 +125,6 @@ pub async fn run_simulated(
     let mut queue: VecDeque<SampleBatch> = VecDeque::new();
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    info!(
-        nodes = config.fleet.nodes,
-        seed = config.fleet.seed,
-        "simulated agent started"
-    );
     // Collecting never waits for the broker: each tick's batches go into the spool whatever the
     // send in flight is doing (a broker that is away holds a send for up to its timeout). One
     // batch is in flight at a time, the oldest held; after a failure the next try waits for
@@ -113,7 +161,7 @@ pub async fn run_simulated(
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {
                 paused = false;
-                for mut batch in fleet.tick(now_ms()) {
+                for mut batch in collector.tick(now_ms()).await {
                     match spool.as_mut() {
                         // The spool numbers the batch: sequences keep rising across restarts.
                         Some(spool) => {
@@ -124,7 +172,6 @@ pub async fn run_simulated(
                         None => queue.push_back(batch),
                     }
                 }
-                metrics::set_source("simulator", true);
             }
             Some(sent) = delivered => {
                 let Some((position, batch, _)) = inflight.take() else { continue };
@@ -164,6 +211,6 @@ pub async fn run_simulated(
         sending.abort();
     }
     let unsent = spool.as_ref().map_or(queue.len(), Spool::len);
-    info!(unsent, "simulated agent stopped");
+    info!(unsent, "agent stopped");
     Ok(())
 }

@@ -3,21 +3,32 @@
 //! Output: Avro [`meterflow_schemas::SampleBatch`] records on `meterflow.samples`, key = node,
 //! one batch per node per tick, each with a per-agent monotonic sequence number.
 //!
-//! - [`simulator`]: a deterministic, seeded fleet (nodes, GPU classes, MIG slices, containers
-//!   that start, stop and restart) for the demo, tests and benchmarks; pure, no I/O.
-//! - [`publisher`]: the idempotent Kafka producer that delivers batches in order.
-//! - [`agent`]: the run loop that ticks a source and publishes what it yields.
-//! - [`cgroup`]: per-container CPU, memory and block-I/O readings from cgroup v2.
+//! - [`config`]: the agent's TOML file (`--config`): sources on and off, allow-lists,
+//!   attribution rules; errors that name the key.
+//! - [`sources`]: one module per source behind one trait — `cgroup`, `nvml`, `kubelet`,
+//!   `pod_resources`, `prometheus_scrape`, and the `simulator` (a deterministic, seeded fleet
+//!   for the demo, tests and benchmarks; pure, no I/O).
+//! - [`attribution`]: pod namespace, owner, labels → tenant, lease, service, replica; presets
+//!   for Akash and namespace-as-tenant; GPU price classes.
+//! - [`node`]: the node collector — reads the sources, attributes readings and GPU
+//!   allocations to containers, makes the node's batch; sources fail and recover alone.
+//! - [`agent`]: the run loop that ticks a collector and publishes what it yields, in order.
 //! - [`spool`]: the durable RocksDB spool every batch goes through before it is sent.
+//! - [`publisher`]: the idempotent Kafka producer that delivers batches in order.
 //! - [`metrics`]: the agent's own metrics and health answer.
 
 pub mod agent;
-pub mod cgroup;
+pub mod attribution;
+pub mod config;
 pub mod metrics;
+pub mod node;
 pub mod publisher;
-pub mod simulator;
+pub mod sources;
 pub mod spool;
 
-pub use agent::{AgentError, SimulatedAgentConfig, SpoolConfig, run_simulated};
+pub use sources::{cgroup, simulator};
+
+pub use agent::{AgentError, RunConfig, SimulatedAgentConfig, SpoolConfig, run, run_simulated};
+pub use config::AgentConfig;
 pub use publisher::{PublishError, Publisher};
 pub use simulator::{Fleet, FleetConfig};

@@ -3,7 +3,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{Gauge, IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Every metric the agent exports.
 pub struct AgentMetrics {
@@ -22,6 +22,11 @@ pub struct AgentMetrics {
     pub send_lag_seconds: Gauge,
     /// 1 while a source yields readings, 0 while it fails, by source.
     pub source_up: IntGaugeVec,
+    /// Failed reads, by source (each retried with backoff).
+    pub source_errors: IntCounterVec,
+    /// Readings no container of the node could be found for (dropped, never billed to an
+    /// empty tenant), by source.
+    pub unattributed: IntCounterVec,
 }
 
 fn build() -> AgentMetrics {
@@ -59,6 +64,22 @@ fn build() -> AgentMetrics {
             &["source"],
         )
         .expect("static metric"),
+        source_errors: IntCounterVec::new(
+            Opts::new(
+                "meterflow_agent_source_errors_total",
+                "Failed reads by source (each retried with backoff)",
+            ),
+            &["source"],
+        )
+        .expect("static metric"),
+        unattributed: IntCounterVec::new(
+            Opts::new(
+                "meterflow_agent_unattributed_readings_total",
+                "Readings no container of the node could be found for, dropped",
+            ),
+            &["source"],
+        )
+        .expect("static metric"),
         registry,
     };
     for c in [
@@ -69,6 +90,8 @@ fn build() -> AgentMetrics {
         Box::new(m.send_failures.clone()),
         Box::new(m.send_lag_seconds.clone()),
         Box::new(m.source_up.clone()),
+        Box::new(m.source_errors.clone()),
+        Box::new(m.unattributed.clone()),
     ] {
         m.registry.register(c).expect("names are unique");
     }

@@ -7,7 +7,10 @@
 //! - `memory.current` less `memory.stat` `inactive_file` → `memory_working_set_bytes` (gauge,
 //!   the kubelet's definition);
 //! - `io.stat` `rbytes`/`wbytes` summed over devices → `fs_read_bytes_total` /
-//!   `fs_write_bytes_total` (counters).
+//!   `fs_write_bytes_total` (counters);
+//! - with the host's `/proc`, the pod's network namespace (`/proc/PID/net/dev`, all interfaces
+//!   but `lo`) → `network_receive_bytes_total` / `network_transmit_bytes_total` (counters),
+//!   once per pod ([`add_network`]).
 //!
 //! Both layouts of the kubelet are understood: the systemd driver
 //! (`kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice/cri-containerd-<id>.scope`)
@@ -17,7 +20,11 @@
 
 use std::path::{Path, PathBuf};
 
-use meterflow_schemas::{Sample, SampleKind, SeriesId};
+use meterflow_schemas::SampleKind;
+use meterflow_schemas::metrics as m;
+use serde::Deserialize;
+
+use super::{BoxFuture, Collected, Reading, Source, SourceError, Target};
 
 /// One container's readings; `None` where the file was missing or unreadable.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -32,6 +39,9 @@ pub struct ContainerReading {
     pub memory_working_set_bytes: Option<f64>,
     pub fs_read_bytes: Option<f64>,
     pub fs_write_bytes: Option<f64>,
+    /// Bytes of the pod's network namespace, on one container of the pod ([`add_network`]).
+    pub network_receive_bytes: Option<f64>,
+    pub network_transmit_bytes: Option<f64>,
 }
 
 /// What one walk found.
@@ -191,6 +201,8 @@ fn read_container(dir: &Path, pod: &str, id: String, out: &mut Scan) -> Containe
         memory_working_set_bytes: memory,
         fs_read_bytes: read_bytes,
         fs_write_bytes: write_bytes,
+        network_receive_bytes: None,
+        network_transmit_bytes: None,
     }
 }
 
@@ -207,44 +219,210 @@ fn field(text: &str, key: &str) -> Option<f64> {
 }
 
 impl ContainerReading {
-    /// The readings as samples of `series` (from the attribution of this container) at
-    /// `at_ms`: counters and a gauge, only for what was read.
-    pub fn samples(&self, series: &SeriesId, at_ms: i64) -> Vec<Sample> {
+    /// The readings of this container: counters and a gauge, only for what was read.
+    pub fn readings(&self) -> Vec<Reading> {
         [
-            (
-                SampleKind::Counter,
-                "cpu_usage_seconds_total",
-                self.cpu_usage_seconds,
-            ),
+            (SampleKind::Counter, m::CPU_SECONDS, self.cpu_usage_seconds),
             (
                 SampleKind::Gauge,
-                "memory_working_set_bytes",
+                m::MEMORY_BYTES,
                 self.memory_working_set_bytes,
             ),
             (
                 SampleKind::Counter,
-                "fs_read_bytes_total",
+                m::STORAGE_READ_BYTES,
                 self.fs_read_bytes,
             ),
             (
                 SampleKind::Counter,
-                "fs_write_bytes_total",
+                m::STORAGE_WRITE_BYTES,
                 self.fs_write_bytes,
+            ),
+            (
+                SampleKind::Counter,
+                m::NETWORK_RECEIVE_BYTES,
+                self.network_receive_bytes,
+            ),
+            (
+                SampleKind::Counter,
+                m::NETWORK_TRANSMIT_BYTES,
+                self.network_transmit_bytes,
             ),
         ]
         .into_iter()
         .filter_map(|(kind, metric, value)| {
-            Some(Sample {
-                series: series.clone(),
+            Some(Reading {
+                target: Target::Container(self.container_id.clone()),
+                gpu: None,
                 kind,
                 metric: metric.to_string(),
                 value: value?,
-                timestamp_ms: at_ms,
-                started_at_ms: None,
-                finished_at_ms: None,
             })
         })
         .collect()
+    }
+}
+
+/// Bytes received and sent on every interface but `lo` in a `/proc/PID/net/dev` text.
+pub fn net_dev(text: &str) -> Option<(f64, f64)> {
+    let mut sums = None;
+    for line in text.lines().skip(2) {
+        let (name, counters) = line.split_once(':')?;
+        if name.trim() == "lo" {
+            continue;
+        }
+        let fields: Vec<f64> = counters
+            .split_whitespace()
+            .map(|f| f.parse().ok())
+            .collect::<Option<_>>()?;
+        // receive: bytes packets errs drop fifo frame compressed multicast; transmit: bytes …
+        let (rx, tx) = (*fields.first()?, *fields.get(8)?);
+        let (r, t) = sums.get_or_insert((0.0, 0.0));
+        *r += rx;
+        *t += tx;
+    }
+    Some(sums.unwrap_or((0.0, 0.0)))
+}
+
+/// Adds network bytes to the containers of `scan`: each pod's network namespace is read once,
+/// through the first process of its first container (by id), and given to that container; a
+/// container in the host's network namespace (`hostNetwork`) gets none — the node's traffic is
+/// not a tenant's. Needs the host's `/proc` (`hostPID`).
+pub fn add_network(scan: &mut Scan, proc_root: &Path) {
+    let netns = |pid: &str| {
+        std::fs::read_link(proc_root.join(pid).join("ns/net"))
+            .ok()
+            .map(|l| l.to_string_lossy().into_owned())
+    };
+    let host = netns("1");
+    let mut seen = std::collections::BTreeSet::new();
+    for c in &mut scan.containers {
+        let Some(pid) = std::fs::read_to_string(c.path.join("cgroup.procs"))
+            .ok()
+            .and_then(|procs| procs.lines().next().map(str::to_string))
+        else {
+            continue;
+        };
+        let Some(ns) = netns(&pid) else { continue };
+        if Some(&ns) == host.as_ref() || !seen.insert(ns) {
+            continue;
+        }
+        match std::fs::read_to_string(proc_root.join(&pid).join("net/dev")) {
+            Ok(text) => match net_dev(&text) {
+                Some((rx, tx)) => {
+                    c.network_receive_bytes = Some(rx);
+                    c.network_transmit_bytes = Some(tx);
+                }
+                None => scan
+                    .problems
+                    .push((proc_root.join(&pid).join("net/dev"), "unparseable".into())),
+            },
+            Err(e) => scan
+                .problems
+                .push((proc_root.join(&pid).join("net/dev"), e.to_string())),
+        }
+    }
+}
+
+/// `[sources.cgroup]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CgroupConfig {
+    pub enabled: bool,
+    /// The cgroup v2 mount (on hybrid nodes, `/sys/fs/cgroup/unified`).
+    pub root: PathBuf,
+    /// The host's `/proc`, for network bytes; none read when absent.
+    pub proc_root: Option<PathBuf>,
+    /// Only these metrics are kept (empty: all).
+    pub metrics: Vec<String>,
+}
+
+impl Default for CgroupConfig {
+    fn default() -> Self {
+        CgroupConfig {
+            enabled: false,
+            root: "/sys/fs/cgroup".into(),
+            proc_root: Some("/proc".into()),
+            metrics: Vec::new(),
+        }
+    }
+}
+
+/// Every metric this source can yield.
+pub const METRICS: [&str; 6] = [
+    m::CPU_SECONDS,
+    m::MEMORY_BYTES,
+    m::STORAGE_READ_BYTES,
+    m::STORAGE_WRITE_BYTES,
+    m::NETWORK_RECEIVE_BYTES,
+    m::NETWORK_TRANSMIT_BYTES,
+];
+
+/// The cgroup source.
+pub struct CgroupSource {
+    config: CgroupConfig,
+    /// Files seen failing, so each is logged once, not every tick.
+    reported: std::collections::BTreeSet<PathBuf>,
+}
+
+impl CgroupSource {
+    pub fn new(config: CgroupConfig) -> Result<Self, SourceError> {
+        for metric in &config.metrics {
+            if !METRICS.contains(&metric.as_str()) {
+                return Err(SourceError::Config(format!(
+                    "sources.cgroup.metrics: `{metric}` is not a cgroup metric (known: {})",
+                    METRICS.join(", ")
+                )));
+            }
+        }
+        Ok(CgroupSource {
+            config,
+            reported: Default::default(),
+        })
+    }
+
+    fn read(&mut self) -> Result<Collected, SourceError> {
+        let mut scan = scan(&self.config.root).map_err(|e| SourceError::Failed(e.to_string()))?;
+        if let Some(proc_root) = &self.config.proc_root {
+            add_network(&mut scan, proc_root);
+        }
+        for (path, why) in &scan.problems {
+            if self.reported.insert(path.clone()) {
+                tracing::warn!(path = %path.display(), why, "a cgroup file could not be read; that reading is absent");
+            }
+        }
+        let allowed = &self.config.metrics;
+        let readings = scan
+            .containers
+            .iter()
+            .flat_map(ContainerReading::readings)
+            .filter(|r| allowed.is_empty() || allowed.contains(&r.metric))
+            .collect();
+        Ok(Collected {
+            readings,
+            ..Default::default()
+        })
+    }
+}
+
+impl Source for CgroupSource {
+    fn name(&self) -> &str {
+        "cgroup"
+    }
+
+    fn metrics(&self) -> Vec<String> {
+        METRICS
+            .iter()
+            .filter(|m| {
+                self.config.metrics.is_empty() || self.config.metrics.iter().any(|a| a == *m)
+            })
+            .map(|m| m.to_string())
+            .collect()
+    }
+
+    fn collect(&mut self) -> BoxFuture<'_, Result<Collected, SourceError>> {
+        let result = self.read();
+        Box::pin(async move { result })
     }
 }
 
@@ -405,12 +583,110 @@ mod tests {
             .collect();
         assert_eq!(files, vec!["memory.current", "io.stat"]);
         // Absent readings are no samples at all, never zeros.
-        let samples = c.samples(&SeriesId::default(), 42);
-        let metrics: Vec<&str> = samples.iter().map(|s| s.metric.as_str()).collect();
+        let readings = c.readings();
+        let metrics: Vec<&str> = readings.iter().map(|s| s.metric.as_str()).collect();
         assert_eq!(metrics, vec!["cpu_usage_seconds_total"]);
         assert_eq!(
-            (samples[0].kind, samples[0].value),
+            (readings[0].kind, readings[0].value),
             (SampleKind::Counter, 1.0)
+        );
+    }
+
+    const NET_DEV: &str = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo: 999999     100    0    0    0     0          0         0   999999     100    0    0    0     0       0          0
+  eth0: 6000        50    0    0    0     0          0         0     3000      40    0    0    0     0       0          0
+  net1: 1000        10    0    0    0     0          0         0      500       5    0    0    0     0       0          0
+";
+
+    #[test]
+    fn net_dev_sums_every_interface_but_loopback() {
+        assert_eq!(net_dev(NET_DEV), Some((7000.0, 3500.0)));
+        assert_eq!(net_dev("a\nb\n  eth0: 1 2 x\n"), None);
+    }
+
+    #[test]
+    fn network_is_read_once_per_pod_and_never_for_the_hosts_namespace() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let r = root.path().join("cgroup");
+        let proc_root = root.path().join("proc");
+        write(&r, "cgroup.controllers", "cpu memory io\n");
+        let pod = r.join("kubepods/burstable/podaaaa1111-2222");
+        // Two containers of one pod (one network namespace), one hostNetwork pod.
+        let host_pod = r.join("kubepods/burstable/podcccc3333-4444");
+        let id_c = "c".repeat(64);
+        for (dir, pid) in [
+            (pod.join(ID_A), "100"),
+            (pod.join(ID_B), "200"),
+            (host_pod.join(&id_c), "300"),
+        ] {
+            container(&dir, 1_000_000, 10, 0);
+            write(&dir, "cgroup.procs", &format!("{pid}\n"));
+        }
+        for (pid, ns) in [
+            ("1", "net:[1]"),
+            ("100", "net:[7]"),
+            ("200", "net:[7]"),
+            ("300", "net:[1]"),
+        ] {
+            let dir = proc_root.join(pid);
+            std::fs::create_dir_all(dir.join("ns")).expect("dir");
+            std::os::unix::fs::symlink(ns, dir.join("ns/net")).expect("link");
+            write(&dir.join("net"), "dev", NET_DEV);
+        }
+        let mut scan = scan(&r).expect("v2");
+        add_network(&mut scan, &proc_root);
+        let net: Vec<_> = scan
+            .containers
+            .iter()
+            .map(|c| {
+                (
+                    &c.container_id[..4],
+                    c.network_receive_bytes,
+                    c.network_transmit_bytes,
+                )
+            })
+            .collect();
+        assert_eq!(
+            net,
+            vec![
+                ("0123", Some(7000.0), Some(3500.0)),
+                ("fedc", None, None),
+                ("cccc", None, None),
+            ]
+        );
+        let mut source = CgroupSource::new(CgroupConfig {
+            enabled: true,
+            root: r.clone(),
+            proc_root: Some(proc_root.clone()),
+            metrics: vec![m::NETWORK_RECEIVE_BYTES.into(), m::CPU_SECONDS.into()],
+        })
+        .expect("valid");
+        let collected = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(source.collect())
+            .expect("read");
+        // Three CPU counters and one network counter; the allow-list left out the rest.
+        assert_eq!(collected.readings.len(), 4);
+        assert_eq!(
+            collected
+                .readings
+                .iter()
+                .filter(|r| r.metric == m::NETWORK_RECEIVE_BYTES)
+                .map(|r| &r.target)
+                .collect::<Vec<_>>(),
+            [&Target::Container(ID_A.into())]
+        );
+        let e = CgroupSource::new(CgroupConfig {
+            metrics: vec!["gpu_utilization".into()],
+            ..Default::default()
+        })
+        .err()
+        .expect("not a cgroup metric");
+        assert!(
+            e.to_string()
+                .starts_with("sources.cgroup.metrics: `gpu_utilization`")
         );
     }
 

@@ -1,0 +1,122 @@
+//! The agent's sources, one module each behind one small trait ([`Source`]).
+//!
+//! - [`cgroup`]: per-container CPU, memory, block I/O and network from cgroup v2 and `/proc`;
+//! - [`nvml`]: per-GPU and per-MIG-instance readings and GPU processes through NVML;
+//! - [`kubelet`]: the node's pods (labels, owners, container runs) from the kubelet;
+//! - [`pod_resources`]: which GPUs each container holds, from the kubelet's gRPC socket;
+//! - [`prometheus_scrape`]: readings from dcgm-exporter, Kepler, cAdvisor through a mapping
+//!   table;
+//! - [`simulator`]: a deterministic fleet for the demo, tests and benchmarks.
+//!
+//! A source yields a [`Collected`]: readings addressed to a [`Target`] (a container by id or
+//! by name, a pod, a GPU) and, for the inventory sources, the pods, device assignments and
+//! GPUs that let [`crate::node`] turn targets into identities. A source that fails is retried
+//! with backoff on its own; its last inventory stays in use for a bounded time.
+
+pub mod cgroup;
+pub mod kubelet;
+pub mod nvml;
+pub mod pod_resources;
+pub mod prometheus_scrape;
+pub mod simulator;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use meterflow_schemas::SampleKind;
+
+/// Who a reading belongs to, before attribution.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Target {
+    /// A container by its runtime id (cgroup, NVML processes).
+    Container(String),
+    /// A container by namespace, pod and container name (exporters).
+    Named {
+        namespace: String,
+        pod: String,
+        container: String,
+    },
+    /// A pod as a whole (its network namespace): given to its first container.
+    Pod { namespace: String, pod: String },
+    /// A GPU or MIG instance by UUID: given to the container that holds it.
+    Gpu(String),
+}
+
+/// What is known of a GPU or MIG instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GpuInfo {
+    /// The GPU's (or MIG instance's) UUID.
+    pub uuid: String,
+    pub model: String,
+    /// Empty for a whole GPU.
+    pub mig_profile: String,
+}
+
+/// One reading of one metric.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    pub target: Target,
+    /// The GPU the reading is of, for GPU metrics.
+    pub gpu: Option<GpuInfo>,
+    pub kind: SampleKind,
+    pub metric: String,
+    pub value: f64,
+}
+
+/// What one source yields in one tick.
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub readings: Vec<Reading>,
+    /// The node's pods (kubelet).
+    pub pods: Option<Vec<kubelet::Pod>>,
+    /// Devices held per container (pod resources).
+    pub assignments: Option<Vec<pod_resources::Assignment>>,
+    /// GPUs and MIG instances present (NVML).
+    pub gpus: Option<Vec<GpuInfo>>,
+    /// GPU → container id of a process using it (NVML).
+    pub gpu_processes: Option<Vec<(String, String)>>,
+}
+
+/// Why a source yielded nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The configuration cannot work; the agent does not start.
+    #[error("{0}")]
+    Config(String),
+    /// The source cannot exist on this node (no NVML library): said once, then off.
+    #[error("{0}")]
+    Unavailable(String),
+    /// This tick failed; retried with backoff.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A boxed future, so sources can sit side by side in one list.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One source of readings.
+pub trait Source: Send {
+    /// Its name in logs, `/metrics` and `/healthz`.
+    fn name(&self) -> &str;
+    /// The sample metrics it can yield (checked against the other sources at start: one
+    /// metric from two sources would be counted twice).
+    fn metrics(&self) -> Vec<String>;
+    /// Reads once.
+    fn collect(&mut self) -> BoxFuture<'_, Result<Collected, SourceError>>;
+}
+
+/// `humantime` durations (`15s`, `2m`) in the config.
+pub(crate) mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{text}` is not a duration ({e}); write e.g. \"15s\" or \"2m\""
+            ))
+        })
+    }
+}

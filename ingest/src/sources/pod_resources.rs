@@ -1,0 +1,393 @@
+//! The pod-resources source: which devices (GPUs, MIG instances) each container holds, from
+//! the kubelet's pod-resources API — gRPC `v1.PodResourcesLister/List` over the unix socket
+//! `/var/lib/kubelet/pod-resources/kubelet.sock`.
+//!
+//! The call is one unary gRPC request over HTTP/2 (the `h2` crate), the messages declared here
+//! with `prost` (only the fields read; unknown fields are skipped by protobuf itself), so no
+//! code generation and no `protoc` at build time. NVIDIA's device plugin reports GPUs as
+//! `nvidia.com/gpu` and, with the mixed MIG strategy, MIG instances as
+//! `nvidia.com/mig-<profile>`; device ids are the GPU or MIG UUIDs.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+
+use super::SourceError;
+
+/// Where the kubelet's pod-resources socket is.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PodResourcesConfig {
+    pub enabled: bool,
+    pub socket: PathBuf,
+    /// Resource names counted as GPUs: exact names, or prefixes ending in `*`.
+    pub gpu_resources: Vec<String>,
+}
+
+impl Default for PodResourcesConfig {
+    fn default() -> Self {
+        PodResourcesConfig {
+            enabled: false,
+            socket: "/var/lib/kubelet/pod-resources/kubelet.sock".into(),
+            gpu_resources: vec!["nvidia.com/gpu".into(), "nvidia.com/mig-*".into()],
+        }
+    }
+}
+
+/// The devices one container holds of one resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    pub resource: String,
+    pub device_ids: Vec<String>,
+}
+
+impl Assignment {
+    /// The MIG profile named by the resource (`nvidia.com/mig-1g.10gb` → `1g.10gb`); empty
+    /// for whole GPUs and for the single MIG strategy (where NVML names the profile).
+    pub fn mig_profile(&self) -> &str {
+        self.resource
+            .rsplit_once("/mig-")
+            .map(|(_, profile)| profile)
+            .unwrap_or("")
+    }
+}
+
+/// Whether `resource` is one of the configured GPU resources.
+pub fn is_gpu(patterns: &[String], resource: &str) -> bool {
+    patterns.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => resource.starts_with(prefix),
+        None => resource == p,
+    })
+}
+
+/// The protobuf messages of `k8s.io/kubelet/pkg/apis/podresources/v1/api.proto`, as read.
+pub mod proto {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ListPodResourcesResponse {
+        #[prost(message, repeated, tag = "1")]
+        pub pod_resources: Vec<PodResources>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PodResources {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(string, tag = "2")]
+        pub namespace: String,
+        #[prost(message, repeated, tag = "3")]
+        pub containers: Vec<ContainerResources>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ContainerResources {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(message, repeated, tag = "2")]
+        pub devices: Vec<ContainerDevices>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ContainerDevices {
+        #[prost(string, tag = "1")]
+        pub resource_name: String,
+        #[prost(string, repeated, tag = "2")]
+        pub device_ids: Vec<String>,
+    }
+}
+
+/// The gRPC method called.
+pub const LIST: &str = "/v1.PodResourcesLister/List";
+
+/// A gRPC message frame: uncompressed flag, big-endian length, the message.
+pub fn frame(message: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(5 + message.len());
+    out.put_u8(0);
+    out.put_u32(message.len() as u32);
+    out.put_slice(message);
+    out.freeze()
+}
+
+/// The message of the one frame in `body`.
+fn unframe(mut body: Bytes) -> Result<Bytes, String> {
+    if body.len() < 5 {
+        return Err(format!(
+            "a gRPC answer of {} bytes has no frame",
+            body.len()
+        ));
+    }
+    if body.get_u8() != 0 {
+        return Err("a compressed gRPC answer (none was asked for)".into());
+    }
+    let len = body.get_u32() as usize;
+    if body.len() < len {
+        return Err(format!(
+            "a gRPC frame of {len} bytes with {} received",
+            body.len()
+        ));
+    }
+    Ok(body.split_to(len))
+}
+
+/// Asks the kubelet at `socket` which devices every container holds.
+pub async fn list(socket: &Path) -> Result<Vec<Assignment>, SourceError> {
+    let failed = |what: String| SourceError::Failed(format!("{}: {what}", socket.display()));
+    let call = async {
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|e| failed(format!("cannot connect ({e}); is the kubelet's pod-resources socket mounted into the agent?")))?;
+        let (client, connection) = h2::client::handshake(stream)
+            .await
+            .map_err(|e| failed(format!("HTTP/2 handshake: {e}")))?;
+        let driver = tokio::spawn(connection);
+        let mut client = client
+            .ready()
+            .await
+            .map_err(|e| failed(format!("HTTP/2: {e}")))?;
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://localhost{LIST}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .map_err(|e| failed(e.to_string()))?;
+        let (answer, mut send) = client
+            .send_request(request, false)
+            .map_err(|e| failed(format!("HTTP/2: {e}")))?;
+        send.send_data(frame(&[]), true)
+            .map_err(|e| failed(format!("HTTP/2: {e}")))?;
+        let answer = answer.await.map_err(|e| failed(format!("HTTP/2: {e}")))?;
+        let (head, mut body) = answer.into_parts();
+        let mut received = BytesMut::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.map_err(|e| failed(format!("HTTP/2: {e}")))?;
+            let _ = body.flow_control().release_capacity(chunk.len());
+            received.extend_from_slice(&chunk);
+        }
+        // gRPC puts its status in the trailers, or in the head of a trailers-only answer.
+        let trailers = body
+            .trailers()
+            .await
+            .map_err(|e| failed(format!("HTTP/2: {e}")))?;
+        driver.abort();
+        let status = trailers
+            .as_ref()
+            .and_then(|t| t.get("grpc-status"))
+            .or(head.headers.get("grpc-status"))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("missing");
+        if status != "0" {
+            let message = trailers
+                .as_ref()
+                .and_then(|t| t.get("grpc-message"))
+                .or(head.headers.get("grpc-message"))
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            return Err(failed(format!(
+                "{LIST} answered gRPC status {status} {message}"
+            )));
+        }
+        let message = unframe(received.freeze()).map_err(failed)?;
+        let response = <proto::ListPodResourcesResponse as prost::Message>::decode(message)
+            .map_err(|e| failed(format!("undecodable answer: {e}")))?;
+        Ok(assignments(response))
+    };
+    tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .map_err(|_| failed("no answer in 5 s".into()))?
+}
+
+/// The pod-resources API as a source: yields the GPU assignments, no readings.
+pub struct PodResourcesSource {
+    config: PodResourcesConfig,
+}
+
+impl PodResourcesSource {
+    pub fn new(config: PodResourcesConfig) -> Self {
+        PodResourcesSource { config }
+    }
+}
+
+impl super::Source for PodResourcesSource {
+    fn name(&self) -> &str {
+        "pod_resources"
+    }
+
+    fn metrics(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn collect(&mut self) -> super::BoxFuture<'_, Result<super::Collected, SourceError>> {
+        Box::pin(async move {
+            let mut rows = list(&self.config.socket).await?;
+            rows.retain(|r| is_gpu(&self.config.gpu_resources, &r.resource));
+            Ok(super::Collected {
+                assignments: Some(rows),
+                ..Default::default()
+            })
+        })
+    }
+}
+
+/// Flattens a List answer into one row per container and resource.
+pub fn assignments(response: proto::ListPodResourcesResponse) -> Vec<Assignment> {
+    let mut out = Vec::new();
+    for pod in response.pod_resources {
+        for container in pod.containers {
+            for devices in container.devices {
+                out.push(Assignment {
+                    namespace: pod.namespace.clone(),
+                    pod: pod.name.clone(),
+                    container: container.name.clone(),
+                    resource: devices.resource_name,
+                    device_ids: devices.device_ids,
+                });
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::proto::*;
+    use super::*;
+
+    /// A kubelet's answer: one pod with two whole H100s, one with a MIG instance, one with
+    /// only CPUs.
+    pub fn fixture() -> ListPodResourcesResponse {
+        let devices = |resource: &str, ids: &[&str]| ContainerDevices {
+            resource_name: resource.into(),
+            device_ids: ids.iter().map(|s| s.to_string()).collect(),
+        };
+        ListPodResourcesResponse {
+            pod_resources: vec![
+                PodResources {
+                    name: "web-6d4cf56db6-x7k2p".into(),
+                    namespace: "4pv7q2k0dl8r1ls3r1hmp7n0uc0fh0b5q4dqm0m4vq8c6".into(),
+                    containers: vec![ContainerResources {
+                        name: "web".into(),
+                        devices: vec![devices(
+                            "nvidia.com/gpu",
+                            &["GPU-11111111-aaaa", "GPU-22222222-bbbb"],
+                        )],
+                    }],
+                },
+                PodResources {
+                    name: "train-42-8xq4d".into(),
+                    namespace: "research".into(),
+                    containers: vec![ContainerResources {
+                        name: "trainer".into(),
+                        devices: vec![devices("nvidia.com/mig-1g.10gb", &["MIG-33333333-cccc"])],
+                    }],
+                },
+                PodResources {
+                    name: "lonely".into(),
+                    namespace: "research".into(),
+                    containers: vec![ContainerResources {
+                        name: "main".into(),
+                        devices: vec![],
+                    }],
+                },
+            ],
+        }
+    }
+
+    /// Serves `List` on a unix socket like the kubelet: each connection gets `answer` (a
+    /// response message, or a gRPC status code and message).
+    pub async fn serve(
+        socket: PathBuf,
+        answer: Result<ListPodResourcesResponse, (u32, &'static str)>,
+    ) -> tokio::task::JoinHandle<()> {
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind the fixture socket");
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut conn = h2::server::handshake(stream).await.expect("handshake");
+                    while let Some(Ok((request, mut respond))) = conn.accept().await {
+                        assert_eq!(request.uri().path(), LIST);
+                        let mut body = request.into_body();
+                        while let Some(chunk) = body.data().await {
+                            let _ = chunk.expect("request body");
+                        }
+                        let head = http::Response::builder()
+                            .status(200)
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .expect("head");
+                        let mut send = respond.send_response(head, false).expect("respond");
+                        let mut trailers = http::HeaderMap::new();
+                        match &answer {
+                            Ok(response) => {
+                                let bytes = prost::Message::encode_to_vec(response);
+                                send.send_data(frame(&bytes), false).expect("data");
+                                trailers.insert("grpc-status", "0".parse().expect("value"));
+                            }
+                            Err((code, message)) => {
+                                trailers.insert(
+                                    "grpc-status",
+                                    code.to_string().parse().expect("value"),
+                                );
+                                trailers.insert("grpc-message", message.parse().expect("value"));
+                            }
+                        }
+                        send.send_trailers(trailers).expect("trailers");
+                    }
+                });
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn the_list_call_reads_every_containers_devices_over_the_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("kubelet.sock");
+        let server = serve(socket.clone(), Ok(fixture())).await;
+        let rows = list(&socket).await.expect("answered");
+        assert_eq!(rows.len(), 2, "the CPU-only container holds no devices");
+        assert_eq!(rows[0].container, "web");
+        assert_eq!(
+            rows[0].device_ids,
+            ["GPU-11111111-aaaa", "GPU-22222222-bbbb"]
+        );
+        assert_eq!(rows[0].mig_profile(), "");
+        assert_eq!(rows[1].namespace, "research");
+        assert_eq!(rows[1].mig_profile(), "1g.10gb");
+        let patterns = PodResourcesConfig::default().gpu_resources;
+        assert!(rows.iter().all(|r| is_gpu(&patterns, &r.resource)));
+        assert!(!is_gpu(&patterns, "amd.com/gpu"));
+        assert!(!is_gpu(&patterns, "nvidia.com/gpu.shared"));
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn errors_say_where_and_what() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("kubelet.sock");
+        let e = list(&socket).await.expect_err("no socket").to_string();
+        assert!(e.contains("kubelet.sock: cannot connect"), "{e}");
+        assert!(e.contains("mounted into the agent"), "{e}");
+
+        let server = serve(socket.clone(), Err((12, "unknown service"))).await;
+        let e = list(&socket).await.expect_err("unimplemented").to_string();
+        assert!(e.contains("gRPC status 12 unknown service"), "{e}");
+        server.abort();
+    }
+
+    #[test]
+    fn frames_round_trip_and_short_frames_are_errors() {
+        let f = frame(b"abc");
+        assert_eq!(&f[..], &[0, 0, 0, 0, 3, b'a', b'b', b'c']);
+        assert_eq!(&unframe(f.clone()).expect("whole")[..], b"abc");
+        assert!(unframe(f.slice(..6)).is_err());
+        assert!(unframe(Bytes::from_static(&[1, 0, 0, 0, 0])).is_err());
+    }
+}

@@ -1,0 +1,693 @@
+//! The Prometheus scrape source: readings from exporters a provider already runs —
+//! dcgm-exporter, Kepler, cAdvisor — turned into samples by a mapping table.
+//!
+//! Each row of the table names an exporter metric, the sample metric it becomes, its kind
+//! (counter, gauge) and the factor to our unit (DCGM's framebuffer MiB × 1,048,576 = bytes,
+//! its energy mJ × 0.001 = joules). Rows with the same target (container or GPU) and metric
+//! are summed (cAdvisor's per-device and per-interface series). Which exporter labels name the
+//! namespace, pod, container and GPU is part of the preset; a custom exporter gives its own.
+//! A series whose labels name no container and no GPU is skipped: it is the node's, not a
+//! tenant's.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use meterflow_schemas::SampleKind;
+use meterflow_schemas::metrics as m;
+use serde::Deserialize;
+
+use super::{GpuInfo, Reading, SourceError, Target};
+
+/// One exporter to scrape (`[[sources.prometheus_scrape]]`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ScrapeConfig {
+    /// A name for logs, metrics and health (`dcgm`, `kepler`, …).
+    pub name: String,
+    /// The exporter's metrics URL.
+    pub url: String,
+    /// `dcgm`, `kepler`, `cadvisor` or `none`: the mapping rows and labels to start from.
+    #[serde(default = "none")]
+    pub preset: String,
+    /// More rows, after the preset's.
+    #[serde(default)]
+    pub map: Vec<MapRow>,
+    /// Label names, replacing the preset's where given.
+    #[serde(default)]
+    pub labels: LabelNames,
+    /// Only these sample metrics are kept (empty: all the rows yield).
+    #[serde(default)]
+    pub metrics: Vec<String>,
+}
+
+fn none() -> String {
+    "none".into()
+}
+
+/// One mapping row.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MapRow {
+    /// The exporter's metric name.
+    pub from: String,
+    /// The sample metric.
+    pub to: String,
+    pub kind: RowKind,
+    /// Multiplier to the sample's unit.
+    #[serde(default = "one")]
+    pub scale: f64,
+    /// A pod-level series (network of the pod's namespace): attributed to the pod's first
+    /// container, so it is counted once per pod.
+    #[serde(default)]
+    pub pod_level: bool,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// What an exporter's metric becomes.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum RowKind {
+    Counter,
+    Gauge,
+}
+
+/// Which labels carry the identity (empty: not carried).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LabelNames {
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub container: Option<String>,
+    pub gpu_uuid: Option<String>,
+    pub gpu_model: Option<String>,
+    pub mig_profile: Option<String>,
+}
+
+fn row(from: &str, to: &str, kind: RowKind, scale: f64, pod_level: bool) -> MapRow {
+    MapRow {
+        from: from.into(),
+        to: to.into(),
+        kind,
+        scale,
+        pod_level,
+    }
+}
+
+/// The rows and labels of a preset.
+pub fn preset(name: &str) -> Option<(Vec<MapRow>, LabelNames)> {
+    use RowKind::{Counter, Gauge};
+    let names = |ns: &str, pod: &str, container: &str| LabelNames {
+        namespace: Some(ns.into()),
+        pod: Some(pod.into()),
+        container: Some(container.into()),
+        ..Default::default()
+    };
+    Some(match name {
+        "none" => (Vec::new(), LabelNames::default()),
+        "dcgm" => (
+            vec![
+                row(
+                    "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
+                    m::GPU_UTILIZATION,
+                    Gauge,
+                    1.0,
+                    false,
+                ),
+                row(
+                    "DCGM_FI_DEV_FB_USED",
+                    m::VRAM_BYTES,
+                    Gauge,
+                    1_048_576.0,
+                    false,
+                ),
+                row(
+                    "DCGM_FI_DEV_POWER_USAGE",
+                    "gpu_power_watts",
+                    Gauge,
+                    1.0,
+                    false,
+                ),
+                row(
+                    "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+                    m::ENERGY_JOULES,
+                    Counter,
+                    0.001,
+                    false,
+                ),
+            ],
+            LabelNames {
+                gpu_uuid: Some("UUID".into()),
+                gpu_model: Some("modelName".into()),
+                mig_profile: Some("GPU_I_PROFILE".into()),
+                ..names("namespace", "pod", "container")
+            },
+        ),
+        "kepler" => (
+            vec![
+                row(
+                    "kepler_container_joules_total",
+                    "container_energy_joules_total",
+                    Counter,
+                    1.0,
+                    false,
+                ),
+                row(
+                    "kepler_container_package_joules_total",
+                    "cpu_package_energy_joules_total",
+                    Counter,
+                    1.0,
+                    false,
+                ),
+                row(
+                    "kepler_container_dram_joules_total",
+                    "dram_energy_joules_total",
+                    Counter,
+                    1.0,
+                    false,
+                ),
+                row(
+                    "kepler_container_gpu_joules_total",
+                    "gpu_energy_joules_total",
+                    Counter,
+                    1.0,
+                    false,
+                ),
+            ],
+            names("container_namespace", "pod_name", "container_name"),
+        ),
+        "cadvisor" => (
+            vec![
+                row(
+                    "container_cpu_usage_seconds_total",
+                    m::CPU_SECONDS,
+                    Counter,
+                    1.0,
+                    false,
+                ),
+                row(
+                    "container_memory_working_set_bytes",
+                    m::MEMORY_BYTES,
+                    Gauge,
+                    1.0,
+                    false,
+                ),
+                row(
+                    "container_fs_reads_bytes_total",
+                    m::STORAGE_READ_BYTES,
+                    Counter,
+                    1.0,
+                    false,
+                ),
+                row(
+                    "container_fs_writes_bytes_total",
+                    m::STORAGE_WRITE_BYTES,
+                    Counter,
+                    1.0,
+                    false,
+                ),
+                row(
+                    "container_network_receive_bytes_total",
+                    m::NETWORK_RECEIVE_BYTES,
+                    Counter,
+                    1.0,
+                    true,
+                ),
+                row(
+                    "container_network_transmit_bytes_total",
+                    m::NETWORK_TRANSMIT_BYTES,
+                    Counter,
+                    1.0,
+                    true,
+                ),
+            ],
+            names("namespace", "pod", "container"),
+        ),
+        _ => return None,
+    })
+}
+
+/// One exporter, ready to scrape.
+#[derive(Debug, Clone)]
+pub struct Scraper {
+    pub name: String,
+    url: String,
+    rows: BTreeMap<String, MapRow>,
+    labels: LabelNames,
+    http: reqwest::Client,
+}
+
+impl Scraper {
+    /// Checks `config` (errors name the key under `sources.prometheus_scrape`).
+    pub fn new(config: &ScrapeConfig) -> Result<Scraper, SourceError> {
+        let key = format!("sources.prometheus_scrape[{}]", config.name);
+        let (mut rows, mut labels) = preset(&config.preset).ok_or_else(|| {
+            SourceError::Config(format!(
+                "{key}.preset: unknown preset `{}` (known: dcgm, kepler, cadvisor, none)",
+                config.preset
+            ))
+        })?;
+        rows.extend(config.map.iter().cloned());
+        if !config.metrics.is_empty() {
+            for wanted in &config.metrics {
+                if !rows.iter().any(|r| &r.to == wanted) {
+                    return Err(SourceError::Config(format!(
+                        "{key}.metrics: no row yields `{wanted}` (rows yield: {})",
+                        rows.iter()
+                            .map(|r| r.to.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+            }
+            rows.retain(|r| config.metrics.contains(&r.to));
+        }
+        for r in &rows {
+            if !(r.scale.is_finite() && r.scale > 0.0) {
+                return Err(SourceError::Config(format!(
+                    "{key}.map: scale of `{}` must be a positive number, not {}",
+                    r.from, r.scale
+                )));
+            }
+        }
+        let l = &config.labels;
+        for (mine, given) in [
+            (&mut labels.namespace, &l.namespace),
+            (&mut labels.pod, &l.pod),
+            (&mut labels.container, &l.container),
+            (&mut labels.gpu_uuid, &l.gpu_uuid),
+            (&mut labels.gpu_model, &l.gpu_model),
+            (&mut labels.mig_profile, &l.mig_profile),
+        ] {
+            if given.is_some() {
+                mine.clone_from(given);
+            }
+        }
+        if reqwest::Url::parse(&config.url).is_err() {
+            return Err(SourceError::Config(format!(
+                "{key}.url: `{}` is not a URL (e.g. http://127.0.0.1:9400/metrics)",
+                config.url
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| SourceError::Config(format!("{key}: {e}")))?;
+        Ok(Scraper {
+            name: config.name.clone(),
+            url: config.url.clone(),
+            rows: rows.into_iter().map(|r| (r.from.clone(), r)).collect(),
+            labels,
+            http,
+        })
+    }
+
+    /// The sample metrics this scraper can yield.
+    pub fn metrics(&self) -> Vec<String> {
+        self.rows.values().map(|r| r.to.clone()).collect()
+    }
+
+    /// Scrapes the exporter once.
+    pub async fn scrape(&self) -> Result<Vec<Reading>, SourceError> {
+        let failed = |e: String| SourceError::Failed(format!("GET {}: {e}", self.url));
+        let response = self
+            .http
+            .get(&self.url)
+            .send()
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(failed(format!("answered {status}")));
+        }
+        let text = response.text().await.map_err(|e| failed(e.to_string()))?;
+        let lines = parse_text(&text).map_err(failed)?;
+        Ok(self.readings(&lines))
+    }
+
+    /// The readings of a parsed exposition.
+    pub fn readings(&self, lines: &[Line]) -> Vec<Reading> {
+        let mut sums: BTreeMap<(Target, Option<GpuInfo>, String), (RowKind, f64)> = BTreeMap::new();
+        let label = |line: &Line, name: &Option<String>| -> String {
+            name.as_ref()
+                .and_then(|n| line.labels.get(n))
+                .cloned()
+                .unwrap_or_default()
+        };
+        for line in lines {
+            let Some(row) = self.rows.get(&line.name) else {
+                continue;
+            };
+            if !line.value.is_finite() {
+                continue;
+            }
+            let (ns, pod, container) = (
+                label(line, &self.labels.namespace),
+                label(line, &self.labels.pod),
+                label(line, &self.labels.container),
+            );
+            let uuid = label(line, &self.labels.gpu_uuid);
+            let gpu = (!uuid.is_empty()).then(|| GpuInfo {
+                uuid: uuid.clone(),
+                model: label(line, &self.labels.gpu_model),
+                mig_profile: label(line, &self.labels.mig_profile),
+            });
+            // Board-level energy repeated on every MIG instance's line would be counted once per
+            // instance: it is never attributed to an instance's holder.
+            if row.to == m::ENERGY_JOULES && gpu.as_ref().is_some_and(|g| !g.mig_profile.is_empty())
+            {
+                continue;
+            }
+            let pod_container = container.is_empty() || container == "POD";
+            let target = if !pod.is_empty() && row.pod_level {
+                Target::Pod { namespace: ns, pod }
+            } else if !pod.is_empty() && !pod_container {
+                Target::Named {
+                    namespace: ns,
+                    pod,
+                    container,
+                }
+            } else if !pod.is_empty() || gpu.is_none() {
+                // The pod's own cgroup (cAdvisor's container="") or no identity at all.
+                continue;
+            } else {
+                Target::Gpu(uuid)
+            };
+            let entry = sums
+                .entry((target, gpu, row.to.clone()))
+                .or_insert((row.kind, 0.0));
+            entry.1 += line.value * row.scale;
+        }
+        sums.into_iter()
+            .map(|((target, gpu, metric), (kind, value))| Reading {
+                target,
+                gpu,
+                kind: match kind {
+                    RowKind::Counter => SampleKind::Counter,
+                    RowKind::Gauge => SampleKind::Gauge,
+                },
+                metric,
+                value,
+            })
+            .collect()
+    }
+}
+
+impl super::Source for Scraper {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn metrics(&self) -> Vec<String> {
+        Scraper::metrics(self)
+    }
+
+    fn collect(&mut self) -> super::BoxFuture<'_, Result<super::Collected, SourceError>> {
+        Box::pin(async move {
+            Ok(super::Collected {
+                readings: self.scrape().await?,
+                ..Default::default()
+            })
+        })
+    }
+}
+
+/// One sample line of the Prometheus text format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Line {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses the Prometheus text exposition format (comments, labels with escapes, optional
+/// timestamps). An unparseable line is an error naming its number.
+pub fn parse_text(text: &str) -> Result<Vec<Line>, String> {
+    let mut out = Vec::new();
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        out.push(parse_line(line).map_err(|why| format!("line {}: {why}: {raw}", n + 1))?);
+    }
+    Ok(out)
+}
+
+fn parse_line(line: &str) -> Result<Line, String> {
+    let name_end = line
+        .find(|c: char| c == '{' || c.is_whitespace())
+        .ok_or("no value")?;
+    let name = line[..name_end].to_string();
+    let mut rest = &line[name_end..];
+    let mut labels = BTreeMap::new();
+    if let Some(inner) = rest.strip_prefix('{') {
+        let mut chars = inner.char_indices().peekable();
+        let end;
+        loop {
+            // Skip separators, find the label name or the closing brace.
+            while let Some(&(_, c)) = chars.peek() {
+                if c == ',' || c.is_whitespace() {
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            let Some(&(start, c)) = chars.peek() else {
+                return Err("unclosed `{`".into());
+            };
+            if c == '}' {
+                end = start + 1;
+                break;
+            }
+            let eq = inner[start..].find('=').ok_or("a label without `=`")? + start;
+            let key = inner[start..eq].trim().to_string();
+            while chars.peek().is_some_and(|&(i, _)| i <= eq) {
+                chars.next();
+            }
+            if chars.next().map(|(_, c)| c) != Some('"') {
+                return Err(format!("label {key} has no quoted value"));
+            }
+            let mut value = String::new();
+            loop {
+                match chars.next() {
+                    Some((_, '\\')) => match chars.next() {
+                        Some((_, 'n')) => value.push('\n'),
+                        Some((_, c)) => value.push(c),
+                        None => return Err("unfinished escape".into()),
+                    },
+                    Some((_, '"')) => break,
+                    Some((_, c)) => value.push(c),
+                    None => return Err(format!("label {key} has an unclosed value")),
+                }
+            }
+            labels.insert(key, value);
+        }
+        rest = &inner[end..];
+    }
+    let value = rest.split_whitespace().next().ok_or("no value")?;
+    let value = match value {
+        "+Inf" | "Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v
+            .parse::<f64>()
+            .map_err(|_| format!("`{v}` is not a number"))?,
+    };
+    Ok(Line {
+        name,
+        labels,
+        value,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scraper(preset: &str) -> Scraper {
+        Scraper::new(&ScrapeConfig {
+            name: preset.into(),
+            url: "http://127.0.0.1:1/metrics".into(),
+            preset: preset.into(),
+            map: vec![],
+            labels: LabelNames::default(),
+            metrics: vec![],
+        })
+        .expect("valid")
+    }
+
+    fn value(readings: &[Reading], target: &Target, metric: &str) -> f64 {
+        readings
+            .iter()
+            .find(|r| &r.target == target && r.metric == metric)
+            .unwrap_or_else(|| panic!("no {metric} for {target:?} in {readings:#?}"))
+            .value
+    }
+
+    #[test]
+    fn the_text_format_is_parsed_with_escapes_and_timestamps() {
+        let lines = parse_text(
+            "# HELP x y\n# TYPE x gauge\nx 1\ny{a=\"1\",b=\"q\\\"uo\\\\te\\n\"} 2.5 1700000000000\nz{a=\"x\",} NaN\n",
+        )
+        .expect("parses");
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0].value, 1.0);
+        assert_eq!(lines[1].labels["b"], "q\"uo\\te\n");
+        assert_eq!(lines[1].value, 2.5);
+        assert!(lines[2].value.is_nan());
+        let e = parse_text("ok 1\nbad{a=\"1\" 2\n").expect_err("unclosed");
+        assert!(e.starts_with("line 2: "), "{e}");
+        assert!(
+            parse_text("x abc")
+                .expect_err("nan")
+                .contains("`abc` is not a number")
+        );
+    }
+
+    #[test]
+    fn dcgm_exporter_maps_units_and_attributes_by_pod_or_gpu() {
+        let readings = scraper("dcgm")
+            .readings(&parse_text(include_str!("fixtures/dcgm-exporter.txt")).expect("fixture"));
+        let web = Target::Named {
+            namespace: "4pv7q2k0dl8r1ls3r1hmp7n0uc0fh0b5q4dqm0m4vq8c6".into(),
+            pod: "web-6d4cf56db6-x7k2p".into(),
+            container: "web".into(),
+        };
+        let held: Vec<&Reading> = readings.iter().filter(|r| r.target == web).collect();
+        // Two GPUs, four metrics each.
+        assert_eq!(held.len(), 8);
+        let gpu0 = held
+            .iter()
+            .find(|r| {
+                r.metric == m::VRAM_BYTES
+                    && r.gpu
+                        .as_ref()
+                        .is_some_and(|g| g.uuid == "GPU-11111111-aaaa")
+            })
+            .expect("vram of GPU 0");
+        assert_eq!(gpu0.value, 40_000.0 * 1_048_576.0);
+        assert_eq!(gpu0.kind, SampleKind::Gauge);
+        assert_eq!(
+            gpu0.gpu.as_ref().expect("gpu").model,
+            "NVIDIA H100 80GB HBM3"
+        );
+        let energy = held
+            .iter()
+            .find(|r| {
+                r.metric == m::ENERGY_JOULES
+                    && r.gpu
+                        .as_ref()
+                        .is_some_and(|g| g.uuid == "GPU-11111111-aaaa")
+            })
+            .expect("energy");
+        assert_eq!(energy.kind, SampleKind::Counter);
+        assert_eq!(energy.value, 123_456_789.0 * 0.001);
+        // A GPU no pod holds right now is known by its UUID only.
+        let idle = Target::Gpu("GPU-44444444-dddd".into());
+        assert_eq!(value(&readings, &idle, m::GPU_UTILIZATION), 0.0);
+        // A MIG instance carries its profile.
+        let mig = readings
+            .iter()
+            .find(|r| r.gpu.as_ref().is_some_and(|g| g.mig_profile == "1g.10gb"))
+            .expect("mig instance");
+        assert_eq!(
+            mig.target,
+            Target::Named {
+                namespace: "research".into(),
+                pod: "train-42-8xq4d".into(),
+                container: "trainer".into()
+            }
+        );
+        assert!(
+            !readings.iter().any(|r| r.metric == m::ENERGY_JOULES
+                && r.gpu.as_ref().is_some_and(|g| !g.mig_profile.is_empty())),
+            "board energy is not given to a MIG instance's holder"
+        );
+    }
+
+    #[test]
+    fn cadvisor_sums_devices_skips_pod_cgroups_and_puts_network_on_the_pod() {
+        let readings = scraper("cadvisor")
+            .readings(&parse_text(include_str!("fixtures/cadvisor.txt")).expect("fixture"));
+        let trainer = Target::Named {
+            namespace: "research".into(),
+            pod: "train-42-8xq4d".into(),
+            container: "trainer".into(),
+        };
+        assert_eq!(value(&readings, &trainer, m::CPU_SECONDS), 1234.5);
+        assert_eq!(value(&readings, &trainer, m::MEMORY_BYTES), 2_147_483_648.0);
+        // Two block devices, summed.
+        assert_eq!(value(&readings, &trainer, m::STORAGE_READ_BYTES), 3000.0);
+        let pod = Target::Pod {
+            namespace: "research".into(),
+            pod: "train-42-8xq4d".into(),
+        };
+        // Two interfaces of the pod's network namespace, summed, once.
+        assert_eq!(value(&readings, &pod, m::NETWORK_RECEIVE_BYTES), 7000.0);
+        // The pod-level cgroup (container="") and the node's root cgroup are not tenants'.
+        assert!(readings.iter().all(|r| match &r.target {
+            Target::Named { container, .. } => container == "trainer",
+            Target::Pod { .. } => true,
+            _ => false,
+        }));
+        assert_eq!(readings.len(), 6);
+    }
+
+    #[test]
+    fn kepler_rows_keep_their_own_names() {
+        let text = "kepler_container_joules_total{container_namespace=\"research\",pod_name=\"train-42-8xq4d\",container_name=\"trainer\",mode=\"dynamic\"} 10\n\
+                    kepler_container_joules_total{container_namespace=\"research\",pod_name=\"train-42-8xq4d\",container_name=\"trainer\",mode=\"idle\"} 5\n\
+                    kepler_container_gpu_joules_total{container_namespace=\"research\",pod_name=\"train-42-8xq4d\",container_name=\"trainer\",mode=\"dynamic\"} 2\n";
+        let readings = scraper("kepler").readings(&parse_text(text).expect("parses"));
+        let trainer = Target::Named {
+            namespace: "research".into(),
+            pod: "train-42-8xq4d".into(),
+            container: "trainer".into(),
+        };
+        assert_eq!(
+            value(&readings, &trainer, "container_energy_joules_total"),
+            15.0
+        );
+        assert_eq!(value(&readings, &trainer, "gpu_energy_joules_total"), 2.0);
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let config = |preset: &str, metrics: Vec<String>| ScrapeConfig {
+            name: "x".into(),
+            url: "http://127.0.0.1:9400/metrics".into(),
+            preset: preset.into(),
+            map: vec![],
+            labels: LabelNames::default(),
+            metrics,
+        };
+        let e = Scraper::new(&config("dcgmx", vec![]))
+            .expect_err("preset")
+            .to_string();
+        assert!(
+            e.contains("sources.prometheus_scrape[x].preset: unknown preset `dcgmx`"),
+            "{e}"
+        );
+        let e = Scraper::new(&config("dcgm", vec!["cpu_usage_seconds_total".into()]))
+            .expect_err("metric")
+            .to_string();
+        assert!(
+            e.contains(
+                "sources.prometheus_scrape[x].metrics: no row yields `cpu_usage_seconds_total`"
+            ),
+            "{e}"
+        );
+        let kept = Scraper::new(&config("dcgm", vec![m::GPU_UTILIZATION.into()])).expect("ok");
+        assert_eq!(kept.metrics(), [m::GPU_UTILIZATION]);
+        let mut bad_url = config("dcgm", vec![]);
+        bad_url.url = "9400".into();
+        assert!(
+            Scraper::new(&bad_url)
+                .expect_err("url")
+                .to_string()
+                .contains(".url: `9400` is not a URL")
+        );
+    }
+}
