@@ -108,19 +108,29 @@ pub fn render() -> String {
         .unwrap_or_else(|e| format!("# metrics could not be encoded: {e}\n"))
 }
 
-/// The sources seen, in the order they reported.
-static SOURCES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+/// Each source seen and its state (`up`, `down`, `off`), in the order they reported.
+static SOURCES: std::sync::Mutex<Vec<(String, &'static str)>> = std::sync::Mutex::new(Vec::new());
 
-/// Records whether `source` yields readings now.
-pub fn set_source(source: &str, up: bool) {
+fn set_state(source: &str, state: &'static str) {
     METRICS
         .source_up
         .with_label_values(&[source])
-        .set(i64::from(up));
+        .set(i64::from(state == "up"));
     let mut sources = SOURCES.lock().unwrap_or_else(|p| p.into_inner());
-    if !sources.iter().any(|s| s == source) {
-        sources.push(source.to_string());
+    match sources.iter_mut().find(|(s, _)| s == source) {
+        Some((_, st)) => *st = state,
+        None => sources.push((source.to_string(), state)),
     }
+}
+
+/// Records whether `source` yields readings now.
+pub fn set_source(source: &str, up: bool) {
+    set_state(source, if up { "up" } else { "down" });
+}
+
+/// Records that `source` cannot run on this node (no NVML library) and is off for good.
+pub fn set_source_off(source: &str) {
+    set_state(source, "off");
 }
 
 /// The health answer (JSON): each source's state, the spool's depth and the send lag.
@@ -130,10 +140,7 @@ pub fn health() -> String {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
-        .map(|source| {
-            let up = m.source_up.with_label_values(&[source]).get() == 1;
-            format!("{source:?}: {:?}", if up { "up" } else { "down" })
-        })
+        .map(|(source, state)| format!("{source:?}: {state:?}"))
         .collect();
     format!(
         "{{\"sources\": {{{}}}, \"spool_batches\": {}, \"spool_bytes\": {}, \"spool_dropped\": {}, \"send_lag_seconds\": {}}}\n",

@@ -180,7 +180,7 @@ impl NodeCollector {
                 Err(SourceError::Unavailable(why)) | Err(SourceError::Config(why)) => {
                     warn!(source = %name, %why, "source off for the life of this agent");
                     g.off = true;
-                    metrics::set_source(&name, false);
+                    metrics::set_source_off(&name);
                 }
                 Err(SourceError::Failed(why)) => {
                     g.failures += 1;

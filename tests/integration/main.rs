@@ -1,6 +1,7 @@
 //! Integration tests: the real binary and library entry points against the embedded broker
 //! over TCP, real RocksDB in temporary directories, real HTTP on loopback.
 
+mod agent;
 mod auth;
 mod cluster;
 mod common;

@@ -1,0 +1,237 @@
+//! The node agent as a provider runs it: `meterflow agent --config FILE` with the kubelet
+//! source (a kubelet's `/pods` answer served over HTTP on loopback), the cgroup source (a
+//! kubepods tree in a temporary directory) and NVML switched on where no NVIDIA library
+//! exists. Its batches reach the embedded broker attributed to the Akash lease of the pod,
+//! NVML says once that it is off, and the agent runs on.
+
+use std::time::{Duration, Instant};
+
+use meterflow::broker::{self, BrokerConfig};
+use meterflow_schemas::{Record, SampleBatch, SampleKind, metrics as m, topics as names};
+
+const PODS: &str = include_str!("../../ingest/src/sources/fixtures/kubelet-pods.json");
+const WEB: &str = "aaaa456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+const STRANGER: &str = "eeee456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+fn write(dir: &std::path::Path, file: &str, text: &str) {
+    std::fs::create_dir_all(dir).expect("dir");
+    std::fs::write(dir.join(file), text).expect("file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_agent_from_its_config_file_sends_attributed_batches() {
+    let broker = broker::start(BrokerConfig {
+        listen: "127.0.0.1:0".parse().expect("literal"),
+        storage: "memory".into(),
+    })
+    .await
+    .expect("embedded broker starts");
+    let brokers = broker.bootstrap();
+
+    // The kubelet.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let kubelet = listener.local_addr().expect("addr");
+    let app = axum::Router::new().route("/pods", axum::routing::get(|| async { PODS }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    // The node's cgroups: the web pod's running container and one no pod lists.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("cgroup");
+    write(&root, "cgroup.controllers", "cpu memory io\n");
+    for (pod, id, usec) in [
+        ("kubepods-pod7f1c2a3b_1111.slice", WEB, 42_000_000u64),
+        ("kubepods-pod00000000_9999.slice", STRANGER, 1_000_000),
+    ] {
+        let c = root
+            .join("kubepods.slice")
+            .join(pod)
+            .join(format!("cri-containerd-{id}.scope"));
+        write(&c, "cpu.stat", &format!("usage_usec {usec}\n"));
+        write(&c, "memory.current", "5000\n");
+        write(&c, "memory.stat", "inactive_file 1000\n");
+        write(&c, "io.stat", "259:0 rbytes=100 wbytes=200\n");
+    }
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+brokers = "{brokers}"
+node = "gpu-node-7"
+provider = "akash1provider"
+interval = "100ms"
+metrics_listen = "{metrics}"
+
+[spool]
+dir = "{spool}"
+
+[attribution]
+preset = "akash"
+
+[sources.kubelet]
+enabled = true
+pods_url = "http://{kubelet}/pods"
+
+[sources.cgroup]
+enabled = true
+root = "{root}"
+
+[sources.nvml]
+enabled = true
+library = "/nonexistent/libnvidia-ml.so.1"
+"#,
+            spool = dir.path().join("spool").display(),
+            root = root.display(),
+        ),
+    )
+    .expect("config");
+
+    let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
+        .arg("agent")
+        .arg("--config")
+        .arg(&config)
+        .env("MF_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("the agent starts");
+
+    // Its health says what each source is doing.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let health = loop {
+        let answer = reqwest::get(format!("http://{metrics}/healthz")).await;
+        if let Ok(answer) = answer {
+            let health: serde_json::Value = answer.json().await.expect("health is JSON");
+            if health["sources"]["cgroup"] == "up" && health["sources"]["nvml"] == "off" {
+                break health;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent's sources never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(health["sources"]["kubelet"], "up", "{health}");
+    let exposition = crate::common::get_text(&format!("http://{metrics}/metrics")).await;
+    assert!(
+        exposition.contains("meterflow_agent_source_up{source=\"nvml\"} 0"),
+        "{exposition}"
+    );
+    let unattributed = exposition.lines().find_map(|l| {
+        l.strip_prefix("meterflow_agent_unattributed_readings_total{source=\"cgroup\"} ")?
+            .parse::<f64>()
+            .ok()
+    });
+    assert!(
+        unattributed.is_some_and(|n| n > 0.0),
+        "the stranger's readings are counted: {exposition}"
+    );
+
+    // Its batches in the topic, once three were acknowledged and it stopped.
+    let sent = || async {
+        let exposition = crate::common::get_text(&format!("http://{metrics}/metrics")).await;
+        exposition.lines().find_map(|l| {
+            l.strip_prefix("meterflow_agent_batches_sent_total ")?
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    while !sent().await.is_some_and(|n| n >= 3.0) {
+        assert!(Instant::now() < deadline, "no batch acknowledged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(stopped.success());
+    assert!(agent.wait().expect("exits").success(), "a clean stop");
+    let brokers2 = brokers.clone();
+    let payloads = tokio::task::spawn_blocking(move || {
+        crate::common::read_topic(&brokers2, names::SAMPLES, 4, 3)
+    })
+    .await
+    .expect("read");
+    let batches: Vec<SampleBatch> = payloads
+        .iter()
+        .map(|p| SampleBatch::decode(p).expect("a batch"))
+        .collect();
+    assert!(batches.len() >= 3, "{} batches", batches.len());
+    let sequences: Vec<i64> = batches.iter().map(|b| b.sequence).collect();
+    assert_eq!(
+        sequences,
+        (1..=batches.len() as i64).collect::<Vec<_>>(),
+        "one node, one partition, in order"
+    );
+    for b in &batches {
+        assert_eq!(
+            (b.node.as_str(), b.agent_id.as_str()),
+            ("gpu-node-7", "gpu-node-7")
+        );
+        // Exactly the web container's four cgroup readings; the stranger's are not sent.
+        assert_eq!(b.samples.len(), 4, "{:#?}", b.samples);
+        for s in &b.samples {
+            assert_eq!(
+                s.series.tenant,
+                "akash1tenantaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+            );
+            assert_eq!(s.series.lease, "18231234.1.1");
+            assert_eq!(s.series.service, "web");
+            assert_eq!(s.series.provider, "akash1provider");
+            assert_eq!(s.series.container_id, WEB);
+        }
+        let cpu = b
+            .samples
+            .iter()
+            .find(|s| s.metric == m::CPU_SECONDS)
+            .expect("cpu");
+        assert_eq!((cpu.kind, cpu.value), (SampleKind::Counter, 42.0));
+        let memory = b
+            .samples
+            .iter()
+            .find(|s| s.metric == m::MEMORY_BYTES)
+            .expect("memory");
+        assert_eq!(memory.value, 4000.0);
+    }
+
+    broker.stop();
+}
+
+/// A config with a mistake is refused at start, naming the key.
+#[test]
+fn a_bad_config_is_refused_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "[sources.kubelet]\nenabled = true\n[attribution]\npreset = \"akash\"\nlease = \"{label:x\"\n",
+    )
+    .expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
+        .arg("agent")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("attribution.lease: `{label:x` has a `{` without its `}`"),
+        "{stderr}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
+        .args(["agent", "--config"])
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot read the agent config") && stderr.contains("missing.toml"),
+        "{stderr}"
+    );
+}
