@@ -151,13 +151,23 @@ impl NodeCollector {
 
     /// Reads every source that is due and makes the node's batch for `now_ms`.
     pub async fn tick(&mut self, now_ms: i64) -> SampleBatch {
+        // The sources due are read side by side: one slow source delays the tick by its own
+        // time (each has a timeout), not by the sum of all.
+        let results = futures_util::future::join_all(self.sources.iter_mut().map(|g| async move {
+            let due = !g.off && now_ms >= g.retry_at_ms;
+            let result = if due {
+                Some(g.source.collect().await)
+            } else {
+                None
+            };
+            (g, result)
+        }))
+        .await;
         let mut readings = Vec::new();
-        for g in &mut self.sources {
-            if g.off || now_ms < g.retry_at_ms {
-                continue;
-            }
+        for (g, result) in results {
+            let Some(result) = result else { continue };
             let name = g.source.name().to_string();
-            match g.source.collect().await {
+            match result {
                 Ok(collected) => {
                     if g.failures > 0 {
                         info!(source = %name, after = g.failures, "source recovered");
@@ -519,8 +529,9 @@ mod tests {
         let cgroup_root = dir.path().join("cgroup");
         cgroups(&cgroup_root);
         let socket = dir.path().join("kubelet.sock");
-        let grpc =
-            pod_resources::tests::serve(socket.clone(), Ok(pod_resources::tests::fixture())).await;
+        let grpc = pod_resources::fake::serve(socket.clone(), Ok(pod_resources::tests::fixture()))
+            .await
+            .expect("fake socket");
         let kubelet = Arc::new(Mutex::new((200, PODS.to_string())));
         let kubelet_url = http(kubelet.clone()).await;
         let dcgm = Arc::new(Mutex::new((

@@ -20,8 +20,10 @@ use super::SourceError;
 #[serde(deny_unknown_fields, default)]
 pub struct KubeletConfig {
     pub enabled: bool,
-    /// The kubelet's pod list: `https://NODE_IP:10250/pods` (the agent's DaemonSet passes
-    /// the node's IP), or the read-only `http://…:10255/pods` where that port is open.
+    /// The kubelet's pod list: `https://127.0.0.1:10250/pods` on the host network, the
+    /// read-only `http://…:10255/pods` where that port is open, or the API server's list of
+    /// this node's pods (`https://kubernetes.default.svc/api/v1/pods?fieldSelector=spec.nodeName=${NODE_NAME}`;
+    /// `${NODE_NAME}` is replaced by the environment variable).
     pub pods_url: String,
     /// A bearer token file (the service account's token) sent to the kubelet.
     pub token_file: Option<PathBuf>,
@@ -140,7 +142,10 @@ impl KubeletClient {
             .map_err(|e| SourceError::Config(format!("sources.kubelet: {e}")))?;
         Ok(KubeletClient {
             http,
-            url: config.pods_url.clone(),
+            url: config.pods_url.replace(
+                "${NODE_NAME}",
+                &std::env::var("NODE_NAME").unwrap_or_default(),
+            ),
             token_file: config.token_file.clone(),
         })
     }

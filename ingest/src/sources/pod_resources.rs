@@ -140,7 +140,11 @@ pub async fn list(socket: &Path) -> Result<Vec<Assignment>, SourceError> {
         let stream = tokio::net::UnixStream::connect(socket)
             .await
             .map_err(|e| failed(format!("cannot connect ({e}); is the kubelet's pod-resources socket mounted into the agent?")))?;
-        let (client, connection) = h2::client::handshake(stream)
+        // Windows large enough for a dense node's whole answer in one go.
+        let (client, connection) = h2::client::Builder::new()
+            .initial_window_size(4 << 20)
+            .initial_connection_window_size(4 << 20)
+            .handshake::<_, Bytes>(stream)
             .await
             .map_err(|e| failed(format!("HTTP/2 handshake: {e}")))?;
         let driver = tokio::spawn(connection);
@@ -252,8 +256,78 @@ pub fn assignments(response: proto::ListPodResourcesResponse) -> Vec<Assignment>
     out
 }
 
+/// A stand-in for the kubelet's pod-resources socket, for tests and benchmarks.
+pub mod fake {
+    use std::path::PathBuf;
+
+    use super::{LIST, frame, proto::ListPodResourcesResponse};
+
+    /// Serves `List` on a unix socket like the kubelet: each call gets `answer` (a response
+    /// message, or a gRPC status code and message).
+    pub async fn serve(
+        socket: PathBuf,
+        answer: Result<ListPodResourcesResponse, (u32, &'static str)>,
+    ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        let listener = tokio::net::UnixListener::bind(&socket)?;
+        Ok(tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(stream).await else {
+                        return;
+                    };
+                    // Each call answered in its own task while this one drives the connection.
+                    while let Some(Ok((request, respond))) = conn.accept().await {
+                        if request.uri().path() == LIST {
+                            let answer = answer.clone();
+                            tokio::spawn(async move {
+                                let _ = reply(request, respond, &answer).await;
+                            });
+                        }
+                    }
+                });
+            }
+        }))
+    }
+
+    async fn reply(
+        request: http::Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<bytes::Bytes>,
+        answer: &Result<ListPodResourcesResponse, (u32, &'static str)>,
+    ) -> Result<(), h2::Error> {
+        let mut body = request.into_body();
+        while let Some(chunk) = body.data().await {
+            chunk?;
+        }
+        let head = http::Response::builder()
+            .status(200)
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap_or_default();
+        let mut send = respond.send_response(head, false)?;
+        let mut trailers = http::HeaderMap::new();
+        let status = match answer {
+            Ok(response) => {
+                send.send_data(frame(&prost::Message::encode_to_vec(response)), false)?;
+                "0".to_string()
+            }
+            Err((code, message)) => {
+                if let Ok(message) = message.parse() {
+                    trailers.insert("grpc-message", message);
+                }
+                code.to_string()
+            }
+        };
+        if let Ok(status) = status.parse() {
+            trailers.insert("grpc-status", status);
+        }
+        send.send_trailers(trailers)
+    }
+}
+
 #[cfg(test)]
 pub mod tests {
+    use super::fake::serve;
     use super::proto::*;
     use super::*;
 
@@ -297,60 +371,13 @@ pub mod tests {
         }
     }
 
-    /// Serves `List` on a unix socket like the kubelet: each connection gets `answer` (a
-    /// response message, or a gRPC status code and message).
-    pub async fn serve(
-        socket: PathBuf,
-        answer: Result<ListPodResourcesResponse, (u32, &'static str)>,
-    ) -> tokio::task::JoinHandle<()> {
-        let listener = tokio::net::UnixListener::bind(&socket).expect("bind the fixture socket");
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let answer = answer.clone();
-                tokio::spawn(async move {
-                    let mut conn = h2::server::handshake(stream).await.expect("handshake");
-                    while let Some(Ok((request, mut respond))) = conn.accept().await {
-                        assert_eq!(request.uri().path(), LIST);
-                        let mut body = request.into_body();
-                        while let Some(chunk) = body.data().await {
-                            let _ = chunk.expect("request body");
-                        }
-                        let head = http::Response::builder()
-                            .status(200)
-                            .header("content-type", "application/grpc")
-                            .body(())
-                            .expect("head");
-                        let mut send = respond.send_response(head, false).expect("respond");
-                        let mut trailers = http::HeaderMap::new();
-                        match &answer {
-                            Ok(response) => {
-                                let bytes = prost::Message::encode_to_vec(response);
-                                send.send_data(frame(&bytes), false).expect("data");
-                                trailers.insert("grpc-status", "0".parse().expect("value"));
-                            }
-                            Err((code, message)) => {
-                                trailers.insert(
-                                    "grpc-status",
-                                    code.to_string().parse().expect("value"),
-                                );
-                                trailers.insert("grpc-message", message.parse().expect("value"));
-                            }
-                        }
-                        send.send_trailers(trailers).expect("trailers");
-                    }
-                });
-            }
-        })
-    }
-
     #[tokio::test]
     async fn the_list_call_reads_every_containers_devices_over_the_socket() {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("kubelet.sock");
-        let server = serve(socket.clone(), Ok(fixture())).await;
+        let server = serve(socket.clone(), Ok(fixture()))
+            .await
+            .expect("fake socket");
         let rows = list(&socket).await.expect("answered");
         assert_eq!(rows.len(), 2, "the CPU-only container holds no devices");
         assert_eq!(rows[0].container, "web");
@@ -376,7 +403,9 @@ pub mod tests {
         assert!(e.contains("kubelet.sock: cannot connect"), "{e}");
         assert!(e.contains("mounted into the agent"), "{e}");
 
-        let server = serve(socket.clone(), Err((12, "unknown service"))).await;
+        let server = serve(socket.clone(), Err((12, "unknown service")))
+            .await
+            .expect("fake socket");
         let e = list(&socket).await.expect_err("unimplemented").to_string();
         assert!(e.contains("gRPC status 12 unknown service"), "{e}");
         server.abort();
