@@ -61,7 +61,7 @@ enum Command {
     /// fleet from the flags.
     Agent {
         /// The agent's TOML config: sources, attribution, spool (see `ingest/src/config.rs`
-        /// and `deploy/agent.toml`). Without it, the agent runs a simulated fleet.
+        /// and `deploy/kubernetes/agent.toml`). Without it, the agent runs a simulated fleet.
         #[arg(long)]
         config: Option<PathBuf>,
         /// Kafka bootstrap servers (overrides the config's `brokers`).
@@ -118,7 +118,8 @@ enum Command {
         #[arg(long)]
         exit_when_caught_up: bool,
         /// Serve the processor's counters (dead letters by reason, batches, duplicates,
-        /// billing records, alerts, checkpoints) at http://ADDR/metrics.
+        /// billing records, alerts, checkpoints) at http://ADDR/metrics, and `ok` at
+        /// http://ADDR/healthz while it runs.
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
         /// Roll-ups of the base windows to keep: a comma-separated list of hour, day, month, or
@@ -500,11 +501,13 @@ async fn main() -> Result<()> {
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("cannot listen on {addr} for --metrics-listen"))?;
-                let app = axum::Router::new().route(
-                    "/metrics",
-                    axum::routing::get(|| async { meterflow_processor::metrics::render() }),
-                );
-                tracing::info!(%addr, "processor metrics at /metrics");
+                let app = axum::Router::new()
+                    .route(
+                        "/metrics",
+                        axum::routing::get(|| async { meterflow_processor::metrics::render() }),
+                    )
+                    .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+                tracing::info!(%addr, "processor metrics at /metrics, liveness at /healthz");
                 tokio::spawn(async move { axum::serve(listener, app).await });
             }
             let budgets = match budgets {

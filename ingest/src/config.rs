@@ -315,8 +315,8 @@ mod tests {
 
     #[test]
     fn the_shipped_daemonset_config_is_valid() {
-        let c = AgentConfig::parse(include_str!("../../deploy/agent/agent.toml"))
-            .expect("deploy/agent/agent.toml parses");
+        let c = AgentConfig::parse(include_str!("../../deploy/kubernetes/agent.toml"))
+            .expect("deploy/kubernetes/agent.toml parses");
         c.check().expect("and is valid");
         assert!(c.sources.nvml.enabled && c.sources.cgroup.enabled);
         assert_eq!(c.metrics_listen.map(|a| a.port()), Some(9469));

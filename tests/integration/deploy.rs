@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::common::{Pipeline, get_as, get_text, token};
@@ -100,4 +101,435 @@ async fn the_operator_dashboard_queries_only_what_the_sink_exports() {
         );
     }
     pipeline.stop().await;
+}
+
+/// Secrets the operator creates by hand (deploy/README.md says how); every other reference
+/// must name a resource of the kustomization.
+const EXTERNAL_SECRETS: [&str; 1] = ["meterflow-sink-jwt"];
+
+/// Every document of the kustomization in `deploy/kubernetes/`, as JSON, with the ConfigMaps
+/// its generator makes.
+fn manifests() -> Vec<Value> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let read = |file: &str| {
+        std::fs::read_to_string(dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"))
+    };
+    let yaml = |file: &str| -> Vec<Value> {
+        let text = read(file);
+        serde_yaml::Deserializer::from_str(&text)
+            .map(|doc| {
+                let v =
+                    serde_yaml::Value::deserialize(doc).unwrap_or_else(|e| panic!("{file}: {e}"));
+                serde_json::to_value(v).expect("YAML as JSON")
+            })
+            .filter(|v| !v.is_null())
+            .collect()
+    };
+    let kustomization = yaml("kustomization.yaml").remove(0);
+    let resources: Vec<&str> = kustomization["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    // Every manifest in the folder is listed, and every listed file exists.
+    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+        .expect("deploy/kubernetes")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|f| f.ends_with(".yaml") && f != "kustomization.yaml")
+        .collect();
+    on_disk.sort();
+    let mut listed: Vec<String> = resources.iter().map(|s| s.to_string()).collect();
+    listed.sort();
+    assert_eq!(listed, on_disk, "kustomization.yaml lists every manifest");
+    let mut docs: Vec<Value> = resources.iter().flat_map(|f| yaml(f)).collect();
+    for generator in kustomization["configMapGenerator"]
+        .as_array()
+        .expect("generator")
+    {
+        let mut data = serde_json::Map::new();
+        for file in generator["files"].as_array().expect("files") {
+            let file = file.as_str().expect("file name");
+            data.insert(file.to_string(), Value::String(read(file)));
+        }
+        docs.push(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": generator["name"]},
+            "data": data,
+        }));
+    }
+    assert_eq!(
+        kustomization["generatorOptions"]["disableNameSuffixHash"], true,
+        "generated names are the names the workloads mount"
+    );
+    docs
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+}
+
+/// Whether every pair of `selector` is in `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| &labels[k] == v))
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_kubernetes_manifests_hold_together() {
+    let docs = manifests();
+    let workloads: Vec<&Value> = docs
+        .iter()
+        .filter(|d| {
+            matches!(
+                d["kind"].as_str(),
+                Some("Deployment" | "StatefulSet" | "DaemonSet")
+            )
+        })
+        .collect();
+    assert_eq!(workloads.len(), 3, "agent, processor, sink");
+    let mut brokers = BTreeSet::new();
+
+    for d in &docs {
+        let name = d["metadata"]["name"]
+            .as_str()
+            .expect("every resource has a name");
+        assert!(
+            name.len() <= 63
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !name.starts_with('-')
+                && !name.ends_with('-'),
+            "{name}: a DNS label of at most 63 characters"
+        );
+    }
+
+    for w in &workloads {
+        let name = w["metadata"]["name"].as_str().expect("name");
+        let pod = &w["spec"]["template"];
+        assert!(
+            selects(
+                &w["spec"]["selector"]["matchLabels"],
+                &pod["metadata"]["labels"]
+            ),
+            "{name}: its selector matches its pods"
+        );
+        if let Some(account) = pod["spec"]["serviceAccountName"].as_str() {
+            assert!(
+                find(&docs, "ServiceAccount", account).is_some(),
+                "{name}: {account}"
+            );
+        }
+        let volumes = pod["spec"]["volumes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let mut volume_names: Vec<String> = volumes
+            .iter()
+            .map(|v| v["name"].as_str().expect("volume name").to_string())
+            .collect();
+        volume_names.extend(
+            w["spec"]["volumeClaimTemplates"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| t["metadata"]["name"].as_str().expect("claim").to_string()),
+        );
+        for v in &volumes {
+            if let Some(map) = v["configMap"]["name"].as_str() {
+                assert!(
+                    find(&docs, "ConfigMap", map).is_some(),
+                    "{name}: ConfigMap {map}"
+                );
+            }
+            if let Some(secret) = v["secret"]["secretName"].as_str() {
+                assert!(
+                    EXTERNAL_SECRETS.contains(&secret),
+                    "{name}: Secret {secret}"
+                );
+            }
+        }
+        for c in pod["spec"]["containers"].as_array().expect("containers") {
+            let requests = &c["resources"]["requests"];
+            assert!(
+                requests["cpu"].is_string() && requests["memory"].is_string(),
+                "{name}: CPU and memory requests"
+            );
+            assert!(
+                c["resources"]["limits"]["memory"].is_string(),
+                "{name}: a memory limit"
+            );
+            let ports: Vec<(String, u64)> = c["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| {
+                    (
+                        p["name"].as_str().unwrap_or_default().to_string(),
+                        p["containerPort"].as_u64().expect("port"),
+                    )
+                })
+                .collect();
+            for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+                let http = &c[probe]["httpGet"];
+                if probe == "livenessProbe" {
+                    assert!(http.is_object(), "{name}: a liveness probe");
+                }
+                if http.is_object() {
+                    assert_eq!(http["path"], path, "{name}: {probe}");
+                    let port = &http["port"];
+                    assert!(
+                        ports
+                            .iter()
+                            .any(|(n, p)| port == n.as_str() || port.as_u64() == Some(*p)),
+                        "{name}: {probe} port {port} is a container port"
+                    );
+                }
+            }
+            let env: Vec<String> = c["env"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| e["name"].as_str().expect("env name").to_string())
+                .collect();
+            for e in c["env"].as_array().into_iter().flatten() {
+                if e["name"] == "KAFKA_BROKERS" {
+                    brokers.insert(e["value"].as_str().expect("brokers").to_string());
+                }
+            }
+            let mounts: Vec<(String, String)> = c["volumeMounts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|m| {
+                    let volume = m["name"].as_str().expect("mount name").to_string();
+                    assert!(volume_names.contains(&volume), "{name}: volume {volume}");
+                    (volume, m["mountPath"].as_str().expect("path").to_string())
+                })
+                .collect();
+            // The arguments: flags the binary knows, variables the container defines, files
+            // its ConfigMaps hold.
+            let args = strings(&c["args"]);
+            let sub = args.first().expect("a subcommand");
+            let help = std::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
+                .args([sub.as_str(), "--help"])
+                .output()
+                .expect("meterflow --help");
+            let help = String::from_utf8_lossy(&help.stdout);
+            for a in &args {
+                if a.starts_with("--") {
+                    assert!(
+                        help.contains(&format!("{a} "))
+                            || help.contains(&format!("{a}\n"))
+                            || help.contains(&format!("{a} <")),
+                        "{name}: `meterflow {sub}` has no flag {a}"
+                    );
+                }
+                if let Some(var) = a.strip_prefix("$(").and_then(|v| v.strip_suffix(')')) {
+                    assert!(
+                        env.iter().any(|e| e == var),
+                        "{name}: $({var}) is not defined"
+                    );
+                }
+                for (volume, path) in &mounts {
+                    let Some(file) = a
+                        .strip_prefix(path.as_str())
+                        .and_then(|f| f.strip_prefix('/'))
+                    else {
+                        continue;
+                    };
+                    let source = volumes.iter().find(|v| v["name"] == volume.as_str());
+                    if let Some(map) = source.and_then(|v| v["configMap"]["name"].as_str()) {
+                        let map = find(&docs, "ConfigMap", map).expect("checked above");
+                        assert!(
+                            map["data"][file].is_string(),
+                            "{name}: {a} is not in ConfigMap {}",
+                            map["metadata"]["name"]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    // The processor: one pod per timely process, each in the host file.
+    let processor = find(&docs, "StatefulSet", "meterflow-processor").expect("processor");
+    let replicas = processor["spec"]["replicas"].as_u64().expect("replicas");
+    let service = processor["spec"]["serviceName"]
+        .as_str()
+        .expect("serviceName");
+    assert_eq!(
+        find(&docs, "Service", service).expect("its Service")["spec"]["clusterIP"],
+        "None",
+        "a headless Service names the pods"
+    );
+    let args = strings(&processor["spec"]["template"]["spec"]["containers"][0]["args"]);
+    let after = |flag: &str| args.iter().skip_while(|a| *a != flag).nth(1).cloned();
+    assert_eq!(after("--processes"), Some(replicas.to_string()));
+    let hosts = find(&docs, "ConfigMap", "meterflow-processor-hosts").expect("host file");
+    let lines: Vec<&str> = hosts["data"]["hosts"]
+        .as_str()
+        .expect("hosts")
+        .lines()
+        .collect();
+    assert_eq!(lines.len() as u64, replicas, "one host per process");
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(*line, format!("meterflow-processor-{i}.{service}:2101"));
+    }
+
+    // Services select pods and name their ports; monitors select Services and pods.
+    for s in docs.iter().filter(|d| d["kind"] == "Service") {
+        let name = s["metadata"]["name"].as_str().expect("name");
+        let pods = workloads
+            .iter()
+            .find(|w| {
+                selects(
+                    &s["spec"]["selector"],
+                    &w["spec"]["template"]["metadata"]["labels"],
+                )
+            })
+            .unwrap_or_else(|| panic!("Service {name} selects no pods"));
+        let container_ports: Vec<Value> = pods["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .expect("containers")
+            .iter()
+            .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+            .collect();
+        for p in s["spec"]["ports"].as_array().expect("ports") {
+            let target = if p["targetPort"].is_null() {
+                &p["port"]
+            } else {
+                &p["targetPort"]
+            };
+            assert!(
+                container_ports
+                    .iter()
+                    .any(|c| &c["name"] == target || &c["containerPort"] == target),
+                "Service {name}: port {target} is no container port"
+            );
+        }
+    }
+    for m in docs.iter().filter(|d| d["kind"] == "ServiceMonitor") {
+        let name = m["metadata"]["name"].as_str().expect("name");
+        let service = docs
+            .iter()
+            .filter(|d| d["kind"] == "Service")
+            .find(|s| {
+                selects(
+                    &m["spec"]["selector"]["matchLabels"],
+                    &s["metadata"]["labels"],
+                )
+            })
+            .unwrap_or_else(|| panic!("ServiceMonitor {name} selects no Service"));
+        for e in m["spec"]["endpoints"].as_array().expect("endpoints") {
+            assert!(
+                service["spec"]["ports"]
+                    .as_array()
+                    .expect("ports")
+                    .iter()
+                    .any(|p| p["name"] == e["port"]),
+                "ServiceMonitor {name}: port {} is not the Service's",
+                e["port"]
+            );
+        }
+    }
+    for m in docs.iter().filter(|d| d["kind"] == "PodMonitor") {
+        let name = m["metadata"]["name"].as_str().expect("name");
+        assert!(
+            workloads.iter().any(|w| selects(
+                &m["spec"]["selector"]["matchLabels"],
+                &w["spec"]["template"]["metadata"]["labels"]
+            )),
+            "PodMonitor {name} selects no pods"
+        );
+    }
+    for h in docs
+        .iter()
+        .filter(|d| d["kind"] == "HorizontalPodAutoscaler")
+    {
+        let target = &h["spec"]["scaleTargetRef"];
+        let t = find(
+            &docs,
+            target["kind"].as_str().expect("kind"),
+            target["name"].as_str().expect("name"),
+        );
+        assert!(t.is_some(), "the autoscaler's target exists");
+    }
+    for b in docs.iter().filter(|d| d["kind"] == "ClusterRoleBinding") {
+        assert!(
+            find(
+                &docs,
+                "ClusterRole",
+                b["roleRef"]["name"].as_str().expect("role")
+            )
+            .is_some()
+        );
+        for s in b["subjects"].as_array().expect("subjects") {
+            assert!(
+                find(
+                    &docs,
+                    "ServiceAccount",
+                    s["name"].as_str().expect("subject")
+                )
+                .is_some()
+            );
+        }
+    }
+
+    // The topics are exactly the pipeline's, on one Strimzi cluster, usage compacted.
+    let topics: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "KafkaTopic").collect();
+    let names: BTreeSet<&str> = topics
+        .iter()
+        .map(|t| t["spec"]["topicName"].as_str().expect("topicName"))
+        .collect();
+    assert_eq!(
+        names,
+        meterflow_schemas::topics::ALL
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+    );
+    let clusters: BTreeSet<String> = topics
+        .iter()
+        .map(|t| t["metadata"]["labels"]["strimzi.io/cluster"].to_string())
+        .collect();
+    assert_eq!(clusters.len(), 1);
+    let usage = topics
+        .iter()
+        .find(|t| t["spec"]["topicName"] == meterflow_schemas::topics::USAGE)
+        .expect("usage");
+    assert_eq!(usage["spec"]["config"]["cleanup.policy"], "compact");
+
+    // Every component reaches the same Kafka.
+    let agent = meterflow_ingest::AgentConfig::parse(
+        find(&docs, "ConfigMap", "meterflow-agent").expect("agent config")["data"]["agent.toml"]
+            .as_str()
+            .expect("agent.toml"),
+    )
+    .expect("agent.toml parses");
+    brokers.insert(agent.brokers.expect("agent.toml names the brokers"));
+    assert_eq!(brokers.len(), 1, "one Kafka for all: {brokers:?}");
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/README.md"),
+    )
+    .expect("deploy/README.md");
+    for secret in EXTERNAL_SECRETS {
+        assert!(
+            readme.contains(secret),
+            "deploy/README.md says how to make {secret}"
+        );
+    }
 }
