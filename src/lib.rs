@@ -10,11 +10,13 @@
 //! - [`topics`]: creates the pipeline's topics with rdkafka's admin client.
 //! - [`demo`]: broker, simulated agent, processor and sink in one process.
 //! - [`client`]: `meterflow lease-metrics`, a client of the sink's API.
+//! - [`registry`]: `meterflow schemas`: list, print, check and register the Avro schemas.
 //! - [`parse_duration`]: human durations (`500ms`, `15s`, `2m`) for flags.
 
 pub mod broker;
 pub mod client;
 pub mod demo;
+pub mod registry;
 pub mod topics;
 
 /// Parses a human duration such as `500ms`, `15s` or `2m` (for clap).

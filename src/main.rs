@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use meterflow::{broker, demo, parse_duration, topics};
+use meterflow::{broker, demo, parse_duration, registry, topics};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -210,6 +210,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The Avro schemas: list them, print one, check compatibility between versions,
+    /// register them in a Confluent Schema Registry.
+    Schemas {
+        #[command(subcommand)]
+        action: SchemasAction,
+    },
+    /// Prints a shell completion script: `meterflow completions bash > /etc/bash_completion.d/meterflow`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Mints a bearer token for the sink's API from the sink's key.
     Token {
         /// The HS256 secret file the sink is given with --jwt-secret-file.
@@ -239,6 +250,26 @@ enum Command {
         /// How long the token is valid.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum SchemasAction {
+    /// Every schema version: wire id, registry subject, file.
+    List,
+    /// One schema's `.avsc` text (e.g. `sample_batch`, `usage_update.v1`).
+    Print {
+        /// The schema's file name, with or without `.avsc`.
+        name: String,
+    },
+    /// Checks that each newer version reads records of the older ones.
+    Check,
+    /// Registers every version, oldest first, after asking the registry whether each is
+    /// compatible with its latest.
+    Register {
+        /// The registry's URL (e.g. http://schema-registry:8081).
+        #[arg(long, env = "MF_SCHEMA_REGISTRY")]
+        registry: String,
     },
 }
 
@@ -357,6 +388,33 @@ async fn main() -> Result<()> {
                 workers,
             })
             .await
+        }
+        Command::Schemas { action } => {
+            match action {
+                SchemasAction::List => print!("{}", registry::table()),
+                SchemasAction::Print { name } => print!("{}", registry::source(&name)?),
+                SchemasAction::Check => {
+                    for line in registry::check()? {
+                        println!("{line}");
+                    }
+                }
+                SchemasAction::Register { registry: url } => {
+                    for (subject, file, id) in registry::register(&url).await? {
+                        println!("{subject}: {file} registered as id {id}");
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "meterflow",
+                &mut std::io::stdout(),
+            );
+            Ok(())
         }
         Command::LeaseMetrics { request, json } => {
             let answer = meterflow::client::fetch_lease_metrics(&request).await?;

@@ -3,6 +3,7 @@
 
 mod agent;
 mod auth;
+mod cli;
 mod cluster;
 mod common;
 mod crash;

@@ -1,0 +1,197 @@
+//! `meterflow schemas`: the Avro schemas the pipeline writes, their compatibility across
+//! versions, and their registration in a Confluent Schema Registry (REST API, subjects named
+//! after the topic: `meterflow.samples-value`, …).
+//!
+//! Every version is registered oldest first, so the registry keeps the history a reader of
+//! old records needs; before each, the registry is asked whether the version is compatible
+//! with its latest under the subject's compatibility level, and a refusal stops the command
+//! naming the subject. Records on the wire still carry Meterflow's own schema ids; the ids the
+//! registry assigns are printed.
+
+use anyhow::{Context, Result, bail};
+use apache_avro::schema_compatibility::SchemaCompatibility;
+use meterflow_schemas::SchemaId;
+use meterflow_schemas::topics;
+
+/// One schema version: its wire id, the subject it belongs to, its file.
+pub struct Version {
+    pub id: SchemaId,
+    pub subject: String,
+    pub file: &'static str,
+}
+
+/// Every version, oldest first within each subject.
+pub fn versions() -> Vec<Version> {
+    let v = |id, topic: &str, file| Version {
+        id,
+        subject: format!("{topic}-value"),
+        file,
+    };
+    vec![
+        v(
+            SchemaId::SampleBatchV1,
+            topics::SAMPLES,
+            "sample_batch.v1.avsc",
+        ),
+        v(
+            SchemaId::SampleBatchV2,
+            topics::SAMPLES,
+            "sample_batch.avsc",
+        ),
+        v(
+            SchemaId::UsageUpdateV1,
+            topics::USAGE,
+            "usage_update.v1.avsc",
+        ),
+        v(SchemaId::UsageUpdateV2, topics::USAGE, "usage_update.avsc"),
+        v(
+            SchemaId::BillingRecord,
+            topics::BILLING,
+            "billing_record.avsc",
+        ),
+        v(SchemaId::Alert, topics::ALERTS, "alert.avsc"),
+        v(SchemaId::DeadLetter, topics::DEADLETTER, "dead_letter.avsc"),
+    ]
+}
+
+/// A table of the versions.
+pub fn table() -> String {
+    let mut out = format!("{:>2}  {:<28} {}\n", "id", "subject", "file");
+    for v in versions() {
+        out.push_str(&format!(
+            "{:>2}  {:<28} schemas/avro/{}\n",
+            v.id as u32, v.subject, v.file
+        ));
+    }
+    out
+}
+
+/// The `.avsc` text of a file name (`sample_batch`, `sample_batch.v1.avsc`, …).
+pub fn source(name: &str) -> Result<&'static str> {
+    let wanted = name.trim_end_matches(".avsc");
+    versions()
+        .into_iter()
+        .find(|v| v.file.trim_end_matches(".avsc") == wanted)
+        .map(|v| v.id.source())
+        .with_context(|| {
+            format!(
+                "no schema `{name}`; known: {}",
+                versions()
+                    .iter()
+                    .map(|v| v.file.trim_end_matches(".avsc"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
+
+/// Checks that each newer version of a subject reads records of every older one (backward
+/// compatibility: readers upgrade first) and that the older reads the newer (forward: an old
+/// reader skips the new fields). One line per pair; an error names the first pair that fails.
+pub fn check() -> Result<Vec<String>> {
+    let all = versions();
+    let mut lines = Vec::new();
+    for (i, newer) in all.iter().enumerate() {
+        for older in all[..i].iter().filter(|o| o.subject == newer.subject) {
+            let (new, old) = (newer.id.schema(), older.id.schema());
+            SchemaCompatibility::can_read(old, new).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: {} cannot read records written with {}: {e}",
+                    newer.subject,
+                    newer.file,
+                    older.file
+                )
+            })?;
+            let forward = SchemaCompatibility::can_read(new, old).is_ok();
+            lines.push(format!(
+                "{}: {} reads {} (backward){}",
+                newer.subject,
+                newer.file,
+                older.file,
+                if forward {
+                    ", and the other way (forward)"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+    Ok(lines)
+}
+
+/// Registers every version in the registry at `url`; returns (subject, file, registry id).
+pub async fn register(url: &str) -> Result<Vec<(String, &'static str, i64)>> {
+    let base = url.trim_end_matches('/');
+    let http = reqwest::Client::new();
+    let mut out = Vec::new();
+    for v in versions() {
+        let body = serde_json::json!({"schema": v.id.source(), "schemaType": "AVRO"});
+        let compatibility = http
+            .post(format!(
+                "{base}/compatibility/subjects/{}/versions/latest",
+                v.subject
+            ))
+            .header("content-type", "application/vnd.schemaregistry.v1+json")
+            .json(&body)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the schema registry at {base}"))?;
+        match compatibility.status().as_u16() {
+            // No version under the subject yet: nothing to be compatible with.
+            404 => {}
+            200 => {
+                let answer: serde_json::Value = compatibility.json().await?;
+                if answer["is_compatible"] != true {
+                    bail!(
+                        "the registry refuses {} under {}: not compatible with its latest version ({answer})",
+                        v.file,
+                        v.subject
+                    );
+                }
+            }
+            status => bail!(
+                "the registry answered {status} to the compatibility check of {}: {}",
+                v.subject,
+                compatibility.text().await.unwrap_or_default()
+            ),
+        }
+        let registered = http
+            .post(format!("{base}/subjects/{}/versions", v.subject))
+            .header("content-type", "application/vnd.schemaregistry.v1+json")
+            .json(&body)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the schema registry at {base}"))?;
+        let status = registered.status();
+        let answer: serde_json::Value = registered.json().await.unwrap_or_default();
+        let Some(id) = answer["id"].as_i64().filter(|_| status.is_success()) else {
+            bail!(
+                "the registry answered {status} to registering {} under {}: {answer}",
+                v.file,
+                v.subject
+            );
+        };
+        out.push((v.subject, v.file, id));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_version_is_listed_once_and_newer_versions_read_older_ones() {
+        let all = versions();
+        assert_eq!(all.len(), 7);
+        for v in &all {
+            assert_eq!(source(v.file).expect("known"), v.id.source(), "{}", v.file);
+        }
+        let lines = check().expect("compatible");
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].starts_with(
+            "meterflow.samples-value: sample_batch.avsc reads sample_batch.v1.avsc (backward)"
+        ));
+        assert!(source("nope").is_err());
+    }
+}
