@@ -378,7 +378,10 @@ impl NodeCollector {
                     kind: SampleKind::Allocation,
                     metric: m::GPU.into(),
                     value: 1.0,
-                    timestamp_ms: finished.map_or(now_ms, |f| f.min(now_ms)),
+                    // When it was observed, not when it ended: a run seen finished long after
+                    // (a Job pod the kubelet still lists) must not look late to the processor;
+                    // the interval itself is in started_at/finished_at.
+                    timestamp_ms: now_ms,
                     started_at_ms: Some(held.started_at_ms),
                     finished_at_ms: finished,
                 });
@@ -718,6 +721,13 @@ mod tests {
                 .count(),
             2,
             "{allocations:?}"
+        );
+        // Stamped with the tick that observed them, the finished run too: a run seen ended
+        // long after its end must not look late to the processor.
+        assert!(
+            batch.samples.iter().all(|s| s.timestamp_ms == t0 + 5_000),
+            "{:#?}",
+            batch.samples
         );
         assert_eq!(METRICS.source_up.with_label_values(&["kubelet"]).get(), 1);
         grpc.abort();
