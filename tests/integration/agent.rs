@@ -122,11 +122,10 @@ library = "/nonexistent/libnvidia-ml.so.1"
         exposition.contains("meterflow_agent_source_up{source=\"nvml\"} 0"),
         "{exposition}"
     );
-    let unattributed = exposition.lines().find_map(|l| {
-        l.strip_prefix("meterflow_agent_unattributed_readings_total{source=\"cgroup\"} ")?
-            .parse::<f64>()
-            .ok()
-    });
+    let unattributed = crate::common::metric_value(
+        &exposition,
+        "meterflow_agent_unattributed_readings_total{source=\"cgroup\"}",
+    );
     assert!(
         unattributed.is_some_and(|n| n > 0.0),
         "the stranger's readings are counted: {exposition}"
@@ -135,21 +134,13 @@ library = "/nonexistent/libnvidia-ml.so.1"
     // Its batches in the topic, once three were acknowledged and it stopped.
     let sent = || async {
         let exposition = crate::common::get_text(&format!("http://{metrics}/metrics")).await;
-        exposition.lines().find_map(|l| {
-            l.strip_prefix("meterflow_agent_batches_sent_total ")?
-                .parse::<f64>()
-                .ok()
-        })
+        crate::common::metric_value(&exposition, "meterflow_agent_batches_sent_total")
     };
     while !sent().await.is_some_and(|n| n >= 3.0) {
         assert!(Instant::now() < deadline, "no batch acknowledged");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let stopped = std::process::Command::new("kill")
-        .args(["-TERM", &agent.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(stopped.success());
+    crate::common::terminate(&agent);
     assert!(agent.wait().expect("exits").success(), "a clean stop");
     let brokers2 = brokers.clone();
     let payloads = tokio::task::spawn_blocking(move || {

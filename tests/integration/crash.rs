@@ -358,19 +358,10 @@ async fn an_agent_killed_again_and_again_loses_nothing_and_never_reuses_a_sequen
                 health["send_lag_seconds"].as_f64().is_some_and(|s| s < 5.0),
                 "{health}"
             );
-            let sent = metrics.lines().find_map(|l| {
-                l.strip_prefix("meterflow_agent_batches_sent_total ")?
-                    .parse::<f64>()
-                    .ok()
-            });
+            let sent = crate::common::metric_value(&metrics, "meterflow_agent_batches_sent_total");
             assert!(sent.is_some_and(|n| n > 0.0), "{metrics}");
             assert!(metrics.contains("meterflow_agent_spool_bytes"), "{metrics}");
-            let pid = agent.id().to_string();
-            let stopped = std::process::Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .expect("kill runs");
-            assert!(stopped.success());
+            crate::common::terminate(&agent);
             agent
         }
     });
@@ -541,12 +532,7 @@ async fn a_broker_killed_and_restarted_mid_stream_loses_no_batch() {
             "caught up {:?} after the broker came back",
             restarted.elapsed()
         );
-        let pid = agent.id().to_string();
-        let stopped = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill runs");
-        assert!(stopped.success());
+        crate::common::terminate(&agent);
         assert!(agent.wait().expect("the agent exits").success());
         broker
     })

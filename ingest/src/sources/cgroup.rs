@@ -367,14 +367,12 @@ pub struct CgroupSource {
 
 impl CgroupSource {
     pub fn new(config: CgroupConfig) -> Result<Self, SourceError> {
-        for metric in &config.metrics {
-            if !METRICS.contains(&metric.as_str()) {
-                return Err(SourceError::Config(format!(
-                    "sources.cgroup.metrics: `{metric}` is not a cgroup metric (known: {})",
-                    METRICS.join(", ")
-                )));
-            }
-        }
+        super::check_allow_list(
+            "sources.cgroup.metrics",
+            "a cgroup metric",
+            &METRICS,
+            &config.metrics,
+        )?;
         Ok(CgroupSource {
             config,
             reported: Default::default(),
@@ -391,12 +389,11 @@ impl CgroupSource {
                 tracing::warn!(path = %path.display(), why, "a cgroup file could not be read; that reading is absent");
             }
         }
-        let allowed = &self.config.metrics;
         let readings = scan
             .containers
             .iter()
             .flat_map(ContainerReading::readings)
-            .filter(|r| allowed.is_empty() || allowed.contains(&r.metric))
+            .filter(|r| super::allows(&self.config.metrics, &r.metric))
             .collect();
         Ok(Collected {
             readings,
@@ -411,13 +408,7 @@ impl Source for CgroupSource {
     }
 
     fn metrics(&self) -> Vec<String> {
-        METRICS
-            .iter()
-            .filter(|m| {
-                self.config.metrics.is_empty() || self.config.metrics.iter().any(|a| a == *m)
-            })
-            .map(|m| m.to_string())
-            .collect()
+        super::allowed(&METRICS, &self.config.metrics)
     }
 
     fn collect(&mut self) -> BoxFuture<'_, Result<Collected, SourceError>> {

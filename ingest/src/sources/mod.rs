@@ -105,6 +105,37 @@ pub trait Source: Send {
     fn collect(&mut self) -> BoxFuture<'_, Result<Collected, SourceError>>;
 }
 
+/// Checks a source's `metrics` allow-list against what it can yield; `what` names a metric of
+/// the source in the error (`a cgroup metric`).
+pub(crate) fn check_allow_list(
+    key: &str,
+    what: &str,
+    known: &[&str],
+    allow: &[String],
+) -> Result<(), SourceError> {
+    match allow.iter().find(|m| !known.contains(&m.as_str())) {
+        Some(metric) => Err(SourceError::Config(format!(
+            "{key}: `{metric}` is not {what} (known: {})",
+            known.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Whether an allow-list keeps `metric`; an empty one keeps every metric.
+pub(crate) fn allows(allow: &[String], metric: &str) -> bool {
+    allow.is_empty() || allow.iter().any(|a| a == metric)
+}
+
+/// The metrics of `known` an allow-list keeps.
+pub(crate) fn allowed(known: &[&str], allow: &[String]) -> Vec<String> {
+    known
+        .iter()
+        .filter(|m| allows(allow, m))
+        .map(|m| m.to_string())
+        .collect()
+}
+
 /// `humantime` durations (`15s`, `2m`) in the config.
 pub(crate) mod duration {
     use std::time::Duration;

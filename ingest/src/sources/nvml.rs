@@ -106,7 +106,7 @@ pub fn readings(snapshots: &[Snapshot], allowed: &[String]) -> Vec<Reading> {
             let (Some(value), true) = (value, applies) else {
                 continue;
             };
-            if !allowed.is_empty() && !allowed.iter().any(|a| a == metric) {
+            if !super::allows(allowed, metric) {
                 continue;
             }
             out.push(Reading {
@@ -146,14 +146,12 @@ pub struct NvmlSource {
 
 impl NvmlSource {
     pub fn new(config: NvmlConfig) -> Result<Self, SourceError> {
-        for metric in &config.metrics {
-            if !METRICS.contains(&metric.as_str()) {
-                return Err(SourceError::Config(format!(
-                    "sources.nvml.metrics: `{metric}` is not an NVML metric (known: {})",
-                    METRICS.join(", ")
-                )));
-            }
-        }
+        super::check_allow_list(
+            "sources.nvml.metrics",
+            "an NVML metric",
+            &METRICS,
+            &config.metrics,
+        )?;
         Ok(NvmlSource { config, nvml: None })
     }
 
@@ -265,13 +263,7 @@ impl Source for NvmlSource {
     }
 
     fn metrics(&self) -> Vec<String> {
-        METRICS
-            .iter()
-            .filter(|m| {
-                self.config.metrics.is_empty() || self.config.metrics.iter().any(|a| a == *m)
-            })
-            .map(|m| m.to_string())
-            .collect()
+        super::allowed(&METRICS, &self.config.metrics)
     }
 
     fn collect(&mut self) -> BoxFuture<'_, Result<Collected, SourceError>> {

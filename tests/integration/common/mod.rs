@@ -343,6 +343,22 @@ pub async fn get_text(url: &str) -> String {
         .unwrap_or_else(|e| panic!("body of {url}: {e}"))
 }
 
+/// The value of the series `series` (name and labels as exposed) in a Prometheus exposition.
+pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Sends SIGTERM to `child` (a clean stop; `Child::kill` is SIGKILL).
+pub fn terminate(child: &std::process::Child) {
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(stopped.success(), "SIGTERM to {}", child.id());
+}
+
 /// Reads every message of `topic` that is there now (all partitions, from the beginning).
 pub fn read_topic(
     brokers: &str,
