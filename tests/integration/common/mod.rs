@@ -391,23 +391,50 @@ pub fn read_topic_at(
             .expect("partition");
     }
     consumer.assign(&tpl).expect("assign");
+    // Read up to each partition's end offset (asked again once reached, in case more landed
+    // meanwhile) and then until half a second passes with nothing new: the embedded broker
+    // sometimes reports an end one short of its last message (a partition of 160 messages,
+    // offsets 0 to 159, with an end offset of 159), and a quiet second alone once stopped a read
+    // mid-topic on a loaded machine. The ends are asked of a client of their own, not queued
+    // behind the reader's fetches.
+    let asker: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("consumer");
+    let watermarks = || -> Vec<(i64, i64)> {
+        (0..partitions)
+            .map(|p| {
+                asker
+                    .fetch_watermarks(topic, p, Duration::from_secs(5))
+                    .expect("the partition's offsets")
+            })
+            .collect()
+    };
+    let first = watermarks();
+    let mut ends: Vec<i64> = first.iter().map(|(_, high)| *high).collect();
+    let mut next: Vec<i64> = first.iter().map(|(low, _)| *low).collect();
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut quiet_since = Instant::now();
     while Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                out.push((
-                    m.partition(),
-                    m.offset(),
-                    m.payload().unwrap_or_default().to_vec(),
-                ));
-                quiet_since = Instant::now();
-            }
-            _ if out.len() >= expect_at_least && quiet_since.elapsed() > Duration::from_secs(1) => {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            quiet_since = Instant::now();
+            next[m.partition() as usize] = m.offset() + 1;
+            out.push((
+                m.partition(),
+                m.offset(),
+                m.payload().unwrap_or_default().to_vec(),
+            ));
+        }
+        if out.len() >= expect_at_least
+            && next.iter().zip(&ends).all(|(n, e)| n >= e)
+            && quiet_since.elapsed() > Duration::from_millis(500)
+        {
+            let now: Vec<i64> = watermarks().into_iter().map(|(_, high)| high).collect();
+            if now == ends {
                 break;
             }
-            _ => {}
+            ends = now;
         }
     }
     out
