@@ -238,25 +238,26 @@ async fn main() {
         &config,
         format!(
             r#"
+[agent]
 brokers = "{brokers}"
 node = "bench-node"
 interval = "{interval_ms}ms"
 metrics_listen = "{metrics}"
-[spool]
+[agent.spool]
 dir = "{spool}"
-[attribution]
+[agent.attribution]
 preset = "akash"
 gpu_classes = [["H100", "h100"]]
-[sources.kubelet]
+[agent.sources.kubelet]
 enabled = true
 pods_url = "http://{http}/pods"
-[sources.pod_resources]
+[agent.sources.pod_resources]
 enabled = true
 socket = "{socket}"
-[sources.cgroup]
+[agent.sources.cgroup]
 enabled = true
 root = "{root}"
-[[sources.prometheus_scrape]]
+[[agent.sources.prometheus_scrape]]
 name = "dcgm"
 url = "http://{http}/metrics"
 preset = "dcgm"

@@ -9,14 +9,18 @@
 //!   the tests; production points `--brokers` at a Kafka cluster instead.
 //! - [`topics`]: creates the pipeline's topics with rdkafka's admin client.
 //! - [`demo`]: broker, simulated agent, processor and sink in one process.
+//! - [`config`]: one TOML file for every component, with `MF_*` environment overrides.
 //! - [`client`]: `meterflow lease-metrics`, a client of the sink's API.
+//! - [`replay`]: `meterflow replay`, the processor once over the samples topic from offsets.
 //! - [`registry`]: `meterflow schemas`: list, print, check and register the Avro schemas.
 //! - [`parse_duration`]: human durations (`500ms`, `15s`, `2m`) for flags.
 
 pub mod broker;
 pub mod client;
+pub mod config;
 pub mod demo;
 pub mod registry;
+pub mod replay;
 pub mod topics;
 
 /// Parses a human duration such as `500ms`, `15s` or `2m` (for clap).

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
-use meterflow::{broker, demo, parse_duration, registry, topics};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use meterflow::{broker, config, demo, parse_duration, registry, replay, topics};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -17,6 +17,12 @@ use tokio_util::sync::CancellationToken;
     about = "Exact, incremental metering of GPU clouds"
 )]
 struct Cli {
+    /// One TOML file configuring every component: top-level `brokers`, `partitions`,
+    /// `replication`; a table per component with its flags (`[processor] state_dir = ...`);
+    /// `[agent]` for the node agent's sources. Flags and `MF_*` variables override it; see
+    /// `meterflow.example.toml` and `meterflow config COMPONENT`.
+    #[arg(long, global = true, env = config::CONFIG_ENV)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,39 +63,32 @@ enum Command {
         #[command(flatten)]
         topics: TopicArgs,
     },
-    /// The node agent: this node's sources from a config file (`--config`), or a simulated
-    /// fleet from the flags.
+    /// The node agent: this node's sources from the `[agent]` table of `--config`, or a
+    /// simulated fleet from the flags.
     Agent {
-        /// The agent's TOML config: sources, attribution, spool (see `ingest/src/config.rs`
-        /// and `deploy/kubernetes/agent.toml`). Without it, the agent runs a simulated fleet.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Kafka bootstrap servers (overrides the config's `brokers`).
+        /// Kafka bootstrap servers (overrides the `[agent]` table's `brokers`).
         #[arg(long)]
         brokers: Option<String>,
-        /// Number of simulated nodes.
-        #[arg(long, default_value_t = 1, conflicts_with = "config")]
+        /// Number of simulated nodes (simulated fleet only, as are the next four).
+        #[arg(long, default_value_t = 1)]
         nodes: usize,
         /// Seed of the simulation.
-        #[arg(long, default_value_t = 1, conflicts_with = "config")]
+        #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Time between two ticks (SPEC: collection interval).
-        #[arg(long, default_value = "15s", value_parser = parse_duration, conflicts_with = "config")]
+        #[arg(long, default_value = "15s", value_parser = parse_duration)]
         interval: Duration,
         /// Directory of the durable spool: every batch is stored here before it is sent and
         /// removed once the broker acknowledged it; one directory per agent.
-        #[arg(
-            long,
-            default_value = "meterflow-agent-spool",
-            conflicts_with = "config"
-        )]
+        #[arg(long, default_value = "meterflow-agent-spool")]
         spool_dir: PathBuf,
         /// Most bytes of batches the spool holds while the broker is away; past it, the oldest
         /// batches are dropped, counted and logged.
-        #[arg(long, default_value_t = 256 << 20, conflicts_with = "config")]
+        #[arg(long, default_value_t = 256 << 20)]
         spool_max_bytes: u64,
         /// Serve the agent's metrics at http://ADDR/metrics and its health (sources, spool
-        /// depth, send lag) at http://ADDR/healthz (overrides the config's `metrics_listen`).
+        /// depth, send lag) at http://ADDR/healthz (overrides the `[agent]` table's
+        /// `metrics_listen`).
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
         #[command(flatten)]
@@ -122,45 +121,42 @@ enum Command {
         /// http://ADDR/healthz while it runs.
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
-        /// Roll-ups of the base windows to keep: a comma-separated list of hour, day, month, or
-        /// `none`. Each level costs about as much processing as the base windows.
-        #[arg(long, default_value = "hour,day,month", value_parser = parse_rollups)]
-        rollups: Rollups,
-        /// Length of the base window.
-        #[arg(long, default_value = "1m", value_parser = parse_duration)]
-        window: Duration,
-        /// Length of a billing window (a multiple of the base window).
-        #[arg(long, default_value = "1h", value_parser = parse_duration)]
-        billing_window: Duration,
-        /// How far behind its agent's latest sample a sample is still accepted; older ones go
-        /// to the dead-letter topic as `too_late`.
-        #[arg(long, default_value = "10m", value_parser = parse_duration)]
-        lateness: Duration,
-        /// The longest gap across which a gauge reading (memory, VRAM, utilization) is held;
-        /// a longer gap is reported as not observed, never filled. Twice the agents' interval.
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
-        max_staleness: Duration,
         /// Directory of the RocksDB checkpoint (input offsets and state). A restart resumes from
         /// it; one directory per processor process.
         #[arg(long, default_value = "meterflow-processor-state")]
         state_dir: PathBuf,
-        /// Least time between two checkpoints of a worker.
-        #[arg(long, default_value = "1s", value_parser = parse_duration)]
-        checkpoint_interval: Duration,
-        /// Most input messages a worker feeds in one epoch.
-        #[arg(long, default_value_t = 1000)]
-        max_batch: usize,
-        /// Price book (TOML) for the billing records; without it, the demo prices.
-        #[arg(long)]
-        price_book: Option<PathBuf>,
-        /// Budgets per tenant (TOML: `[tenants.NAME] monthly = 1000.0, thresholds = [50, 90,
-        /// 100]`); crossing a threshold raises one alert per period on meterflow.alerts.
-        #[arg(long)]
-        budgets: Option<PathBuf>,
+        #[command(flatten)]
+        processing: Processing,
         /// At start-up, how long the billing topic must hold still before the processor trusts
         /// that a killed predecessor's last records have landed.
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
         restart_grace: Duration,
+        #[command(flatten)]
+        topics: TopicArgs,
+    },
+    /// Reprocesses the samples topic from the given offsets into a new state directory, with a
+    /// progress bar, and stops once it has read what the topic held at its start. Outputs are
+    /// the processor's (ids from content, billing only what is not yet billed); afterwards
+    /// `meterflow processor --state-dir DIR` continues from the state it built.
+    Replay {
+        /// Kafka bootstrap servers.
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        /// Worker threads.
+        #[arg(long, short = 'w', default_value_t = 1)]
+        workers: usize,
+        /// Where the rebuilt state goes: a directory that does not exist or is empty.
+        #[arg(long, default_value = "meterflow-replay-state")]
+        state_dir: PathBuf,
+        /// Where to start: `beginning`, or `PARTITION:OFFSET` pairs, comma-separated
+        /// (`0:1500,3:0`); partitions not named start at their beginning.
+        #[arg(long, default_value = "beginning", value_parser = replay::parse_offsets)]
+        from: replay::Offsets,
+        /// Serve the processor's counters at http://ADDR/metrics while it runs.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
+        #[command(flatten)]
+        processing: Processing,
         #[command(flatten)]
         topics: TopicArgs,
     },
@@ -221,6 +217,15 @@ enum Command {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+    /// Prints what a component would run with: each flag's value and where it came from
+    /// (command line, environment, config file, default).
+    Config {
+        /// The component: agent, processor, sink, demo, broker, replay, lease-metrics, token.
+        component: String,
+        /// The component's flags, as they would be given to it (`config processor -w 4`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        flags: Vec<String>,
+    },
     /// Mints a bearer token for the sink's API from the sink's key.
     Token {
         /// The HS256 secret file the sink is given with --jwt-secret-file.
@@ -271,6 +276,69 @@ enum SchemasAction {
         #[arg(long, env = "MF_SCHEMA_REGISTRY")]
         registry: String,
     },
+}
+
+/// How samples become usage and billing: shared by the processor and the replay, which must
+/// agree (a replay with other windows or prices computes other numbers).
+#[derive(clap::Args)]
+struct Processing {
+    /// Roll-ups of the base windows to keep: a comma-separated list of hour, day, month, or
+    /// `none`. Each level costs about as much processing as the base windows.
+    #[arg(long, default_value = "hour,day,month", value_parser = parse_rollups)]
+    rollups: Rollups,
+    /// Length of the base window.
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    window: Duration,
+    /// Length of a billing window (a multiple of the base window).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    billing_window: Duration,
+    /// How far behind its agent's latest sample a sample is still accepted; older ones go
+    /// to the dead-letter topic as `too_late`.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    lateness: Duration,
+    /// The longest gap across which a gauge reading (memory, VRAM, utilization) is held;
+    /// a longer gap is reported as not observed, never filled. Twice the agents' interval.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    max_staleness: Duration,
+    /// Least time between two checkpoints of a worker.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    checkpoint_interval: Duration,
+    /// Most input messages a worker feeds in one epoch.
+    #[arg(long, default_value_t = 1000)]
+    max_batch: usize,
+    /// Price book (TOML) for the billing records; without it, the demo prices.
+    #[arg(long)]
+    price_book: Option<PathBuf>,
+    /// Budgets per tenant (TOML: `[tenants.NAME] monthly = 1000.0, thresholds = [50, 90,
+    /// 100]`); crossing a threshold raises one alert per period on meterflow.alerts.
+    #[arg(long)]
+    budgets: Option<PathBuf>,
+}
+
+impl Processing {
+    /// The processor's configuration with these settings.
+    fn config(self, brokers: String) -> Result<meterflow_processor::ProcessorConfig> {
+        let prices = match self.price_book {
+            Some(path) => meterflow_processor::PriceBook::load(&path)?,
+            None => meterflow_processor::PriceBook::default(),
+        };
+        let budgets = match self.budgets {
+            Some(path) => meterflow_processor::budgets::Budgets::load(&path)?,
+            None => meterflow_processor::budgets::Budgets::default(),
+        };
+        Ok(meterflow_processor::ProcessorConfig {
+            budgets,
+            rollups: self.rollups.0,
+            window_ms: self.window.as_millis() as i64,
+            billing_window_ms: self.billing_window.as_millis() as i64,
+            allowed_lateness_ms: self.lateness.as_millis() as i64,
+            max_staleness_ms: self.max_staleness.as_millis() as i64,
+            checkpoint_interval: self.checkpoint_interval,
+            max_batch: self.max_batch.max(1),
+            prices,
+            ..meterflow_processor::ProcessorConfig::new(brokers)
+        })
+    }
 }
 
 /// How topics are created when missing.
@@ -359,6 +427,22 @@ async fn serve_agent_metrics(addr: SocketAddr) -> Result<()> {
     Ok(())
 }
 
+/// Serves the processor's counters at `/metrics` and `ok` at `/healthz`.
+async fn serve_processor_metrics(addr: SocketAddr) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for --metrics-listen"))?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(|| async { meterflow_processor::metrics::render() }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    tracing::info!(%addr, "processor metrics at /metrics, liveness at /healthz");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(())
+}
+
 async fn prepare(brokers: &str, topics: &TopicArgs, shutdown: &CancellationToken) -> Result<()> {
     topics::ensure(brokers, &topics.config()).await?;
     cancel_on_signal(shutdown.clone());
@@ -368,7 +452,14 @@ async fn prepare(brokers: &str, topics: &TopicArgs, shutdown: &CancellationToken
 #[tokio::main]
 async fn main() -> Result<()> {
     init_logging();
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let file = match config::config_path(&args) {
+        Some(path) => Some(config::ConfigFile::load(&path, &Cli::command())?),
+        None => None,
+    };
+    let command = config::apply(Cli::command(), file.as_ref());
+    let matches = command.clone().get_matches_from(&args);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let shutdown = CancellationToken::new();
     match cli.command {
         Command::Demo {
@@ -407,7 +498,6 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Completions { shell } => {
-            use clap::CommandFactory;
             clap_complete::generate(
                 shell,
                 &mut Cli::command(),
@@ -463,8 +553,42 @@ async fn main() -> Result<()> {
             b.stop();
             Ok(())
         }
+        Command::Config { component, flags } => {
+            let Some(sub) = command.find_subcommand(&component) else {
+                anyhow::bail!(
+                    "no component `{component}`; one of: agent, processor, sink, demo, broker, replay, lease-metrics, token"
+                );
+            };
+            let resolved = sub
+                .clone()
+                .ignore_errors(true)
+                .try_get_matches_from(std::iter::once(&component).chain(&flags))?;
+            if let Some(path) = &cli.config {
+                println!("# meterflow {component} with {}", path.display());
+            }
+            for line in config::describe(sub, &resolved, file.as_ref()) {
+                println!("{line}");
+            }
+            if component == "agent" {
+                match file.as_ref().and_then(|f| f.agent.as_ref()) {
+                    Some(agent) => {
+                        println!(
+                            "# [agent]: this node ({}), sources: {}",
+                            agent.node_name(),
+                            agent.enabled_sources().join(", ")
+                        );
+                        if let Some(b) = &agent.brokers {
+                            println!(
+                                "# [agent] brokers = {b:?} (unless a flag or MF_BROKERS says otherwise)"
+                            );
+                        }
+                    }
+                    None => println!("# no [agent] table: a simulated fleet from the flags above"),
+                }
+            }
+            Ok(())
+        }
         Command::Agent {
-            config,
             brokers,
             nodes,
             seed,
@@ -474,13 +598,34 @@ async fn main() -> Result<()> {
             metrics_listen,
             topics: t,
         } => {
-            let file = match &config {
-                Some(path) => Some(meterflow_ingest::AgentConfig::load(path)?),
-                None => None,
+            let file = file.and_then(|f| f.agent);
+            let agent = matches.subcommand_matches("agent").expect("the agent's");
+            let given = |id: &str| {
+                matches!(
+                    agent.value_source(id),
+                    Some(
+                        clap::parser::ValueSource::CommandLine
+                            | clap::parser::ValueSource::EnvVariable
+                    )
+                )
             };
-            let brokers = brokers
-                .or_else(|| file.as_ref().and_then(|f| f.brokers.clone()))
-                .unwrap_or_else(|| "127.0.0.1:9092".into());
+            if file.is_some() {
+                let simulated = ["nodes", "seed", "interval", "spool_dir", "spool_max_bytes"];
+                if let Some(id) = simulated.into_iter().find(|id| given(id)) {
+                    anyhow::bail!(
+                        "--{} is for a simulated fleet; the config's [agent] table runs this node's sources (set `interval` and `[agent.spool]` there)",
+                        id.replace('_', "-")
+                    );
+                }
+            }
+            // The [agent] table's own `brokers` beats the file's top level, not a flag.
+            let own = file.as_ref().and_then(|f| f.brokers.clone());
+            let brokers = if given("brokers") {
+                brokers
+            } else {
+                own.or(brokers)
+            }
+            .unwrap_or_else(|| "127.0.0.1:9092".into());
             if let Some(addr) = metrics_listen.or(file.as_ref().and_then(|f| f.metrics_listen)) {
                 serve_agent_metrics(addr).await?;
             }
@@ -537,63 +682,47 @@ async fn main() -> Result<()> {
             hostfile,
             exit_when_caught_up,
             metrics_listen,
-            rollups,
-            window,
-            billing_window,
-            lateness,
-            max_staleness,
             state_dir,
-            checkpoint_interval,
-            max_batch,
-            price_book,
-            budgets,
+            processing,
             restart_grace,
             topics: t,
         } => {
-            let prices = match price_book {
-                Some(path) => meterflow_processor::PriceBook::load(&path)?,
-                None => meterflow_processor::PriceBook::default(),
-            };
             let cluster = cluster(processes, process, hostfile.as_deref())?;
             if let Some(addr) = metrics_listen {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen on {addr} for --metrics-listen"))?;
-                let app = axum::Router::new()
-                    .route(
-                        "/metrics",
-                        axum::routing::get(|| async { meterflow_processor::metrics::render() }),
-                    )
-                    .route("/healthz", axum::routing::get(|| async { "ok\n" }));
-                tracing::info!(%addr, "processor metrics at /metrics, liveness at /healthz");
-                tokio::spawn(async move { axum::serve(listener, app).await });
+                serve_processor_metrics(addr).await?;
             }
-            let budgets = match budgets {
-                Some(path) => meterflow_processor::budgets::Budgets::load(&path)?,
-                None => meterflow_processor::budgets::Budgets::default(),
-            };
             prepare(&brokers, &t, &shutdown).await?;
             let config = meterflow_processor::ProcessorConfig {
-                budgets,
                 cluster,
                 exit_when_caught_up,
-                rollups: rollups.0,
                 workers,
-                window_ms: window.as_millis() as i64,
-                billing_window_ms: billing_window.as_millis() as i64,
-                allowed_lateness_ms: lateness.as_millis() as i64,
-                max_staleness_ms: max_staleness.as_millis() as i64,
                 state_dir: Some(state_dir),
-                checkpoint_interval,
-                max_batch: max_batch.max(1),
-                prices,
                 restart_grace,
-                ..meterflow_processor::ProcessorConfig::new(brokers)
+                ..processing.config(brokers)?
             };
             tokio::task::spawn_blocking(move || meterflow_processor::run(config, shutdown))
                 .await
                 .context("processor thread")?
                 .context("processor failed")
+        }
+        Command::Replay {
+            brokers,
+            workers,
+            state_dir,
+            from,
+            metrics_listen,
+            processing,
+            topics: t,
+        } => {
+            if let Some(addr) = metrics_listen {
+                serve_processor_metrics(addr).await?;
+            }
+            prepare(&brokers, &t, &shutdown).await?;
+            let config = meterflow_processor::ProcessorConfig {
+                workers,
+                ..processing.config(brokers)?
+            };
+            replay::run(config, &state_dir, &from, shutdown).await
         }
         Command::Sink {
             brokers,

@@ -224,6 +224,24 @@ impl AgentConfig {
         Ok(())
     }
 
+    /// The names of the enabled sources.
+    pub fn enabled_sources(&self) -> Vec<String> {
+        let s = &self.sources;
+        let mut names: Vec<String> = [
+            ("simulator", s.simulator.enabled),
+            ("kubelet", s.kubelet.enabled),
+            ("pod_resources", s.pod_resources.enabled),
+            ("cgroup", s.cgroup.enabled),
+            ("nvml", s.nvml.enabled),
+        ]
+        .into_iter()
+        .filter(|(_, on)| *on)
+        .map(|(name, _)| name.to_string())
+        .collect();
+        names.extend(s.prometheus_scrape.iter().map(|p| p.name.clone()));
+        names
+    }
+
     /// This node's name.
     pub fn node_name(&self) -> String {
         self.node

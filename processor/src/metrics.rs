@@ -12,6 +12,8 @@ pub struct Metrics {
     pub registry: Registry,
     /// Input sent to `meterflow.deadletter`, by reason.
     pub dead_letters: IntCounterVec,
+    /// Messages read from the samples topic (batches, duplicates and undecodable alike).
+    pub input_messages: IntCounter,
     /// Sample batches fed to the dataflow (duplicates not counted).
     pub batches: IntCounter,
     /// Batches dropped as a repeat of an (agent, sequence) already seen.
@@ -47,6 +49,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         .register(Box::new(dead_letters.clone()))
         .expect("registered once");
     Metrics {
+        input_messages: counter(
+            &registry,
+            "meterflow_processor_input_messages_total",
+            "Messages read from meterflow.samples",
+        ),
         batches: counter(
             &registry,
             "meterflow_processor_batches_total",
@@ -82,4 +89,16 @@ pub fn render() -> String {
     TextEncoder::new()
         .encode_to_string(&METRICS.registry.gather())
         .unwrap_or_default()
+}
+
+/// Dead letters sent since start-up, every reason together.
+pub fn dead_letters_total() -> u64 {
+    use prometheus::core::Collector;
+    METRICS
+        .dead_letters
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
 }

@@ -88,6 +88,9 @@ pub struct ProcessorConfig {
     pub budgets: Budgets,
     /// The roll-ups of base windows to keep (each costs about as much as the base windows).
     pub rollups: Vec<Resolution>,
+    /// Where to start reading a partition of the samples topic that the checkpoint has no
+    /// offset for (a replay from offsets); absent partitions start at their beginning.
+    pub start_offsets: BTreeMap<i32, i64>,
 }
 
 impl ProcessorConfig {
@@ -110,6 +113,7 @@ impl ProcessorConfig {
             exit_when_caught_up: false,
             budgets: Budgets::default(),
             rollups: Resolution::ALL.to_vec(),
+            start_offsets: BTreeMap::new(),
         }
     }
 }
@@ -527,7 +531,8 @@ fn run_worker(
         let (low, high) = consumer
             .fetch_watermarks(topics::SAMPLES, p, Duration::from_secs(10))
             .map_err(kafka("input offsets"))?;
-        let next = restored.unwrap_or(low).max(low);
+        let first = config.start_offsets.get(&p).copied().unwrap_or(low);
+        let next = restored.unwrap_or(first).max(low);
         inputs.next.insert(p, next);
         if next < high {
             inputs.catching_up.insert(p, high);
@@ -632,6 +637,7 @@ fn run_worker(
                 continue;
             }
             fed += 1;
+            METRICS.input_messages.inc();
             inputs.next.insert(partition, offset + 1);
             if inputs
                 .catching_up

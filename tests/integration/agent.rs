@@ -61,27 +61,28 @@ async fn a_node_agent_from_its_config_file_sends_attributed_batches() {
         &config,
         format!(
             r#"
+[agent]
 brokers = "{brokers}"
 node = "gpu-node-7"
 provider = "akash1provider"
 interval = "100ms"
 metrics_listen = "{metrics}"
 
-[spool]
+[agent.spool]
 dir = "{spool}"
 
-[attribution]
+[agent.attribution]
 preset = "akash"
 
-[sources.kubelet]
+[agent.sources.kubelet]
 enabled = true
 pods_url = "http://{kubelet}/pods"
 
-[sources.cgroup]
+[agent.sources.cgroup]
 enabled = true
 root = "{root}"
 
-[sources.nvml]
+[agent.sources.nvml]
 enabled = true
 library = "/nonexistent/libnvidia-ml.so.1"
 "#,
@@ -200,7 +201,7 @@ fn a_bad_config_is_refused_naming_the_key() {
     let config = dir.path().join("agent.toml");
     std::fs::write(
         &config,
-        "[sources.kubelet]\nenabled = true\n[attribution]\npreset = \"akash\"\nlease = \"{label:x\"\n",
+        "[agent.sources.kubelet]\nenabled = true\n[agent.attribution]\npreset = \"akash\"\nlease = \"{label:x\"\n",
     )
     .expect("config");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
@@ -212,7 +213,7 @@ fn a_bad_config_is_refused_naming_the_key() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("attribution.lease: `{label:x` has a `{` without its `}`"),
+        stderr.contains("agent.attribution.lease: `{label:x` has a `{` without its `}`"),
         "{stderr}"
     );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
@@ -222,7 +223,7 @@ fn a_bad_config_is_refused_naming_the_key() {
         .expect("runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("cannot read the agent config") && stderr.contains("missing.toml"),
+        stderr.contains("cannot read the config file") && stderr.contains("missing.toml"),
         "{stderr}"
     );
 }

@@ -514,12 +514,17 @@ fn the_kubernetes_manifests_hold_together() {
     assert_eq!(usage["spec"]["config"]["cleanup.policy"], "compact");
 
     // Every component reaches the same Kafka.
-    let agent = meterflow_ingest::AgentConfig::parse(
+    let text =
         find(&docs, "ConfigMap", "meterflow-agent").expect("agent config")["data"]["agent.toml"]
             .as_str()
-            .expect("agent.toml"),
-    )
-    .expect("agent.toml parses");
+            .expect("agent.toml");
+    let mut file: toml::Table = toml::from_str(text).expect("agent.toml parses");
+    let agent: meterflow_ingest::AgentConfig = file
+        .remove("agent")
+        .expect("agent.toml has an [agent] table")
+        .try_into()
+        .expect("its [agent] table is an agent config");
+    agent.check().expect("a valid agent config");
     brokers.insert(agent.brokers.expect("agent.toml names the brokers"));
     assert_eq!(brokers.len(), 1, "one Kafka for all: {brokers:?}");
     let readme = std::fs::read_to_string(

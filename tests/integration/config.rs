@@ -1,0 +1,246 @@
+//! One config file for every component (`meterflow --config FILE`), with `MF_*` overrides:
+//! the example file loads for every component, the precedence is command line, environment,
+//! table, top level, default; mistakes are refused naming the key; a real sink runs from a file.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use meterflow::broker::{self, BrokerConfig};
+
+use crate::common::terminate;
+
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/meterflow.example.toml");
+
+fn meterflow(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meterflow"));
+    cmd.args(args).env_remove("MF_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("meterflow runs")
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn refused(out: &Output) -> String {
+    assert!(!out.status.success(), "accepted");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn the_example_file_configures_every_component() {
+    for component in [
+        "agent",
+        "processor",
+        "sink",
+        "replay",
+        "demo",
+        "broker",
+        "lease-metrics",
+        "token",
+    ] {
+        let text = stdout(&meterflow(&["--config", EXAMPLE, "config", component], &[]));
+        assert!(text.contains("# config"), "{component}: {text}");
+    }
+    let processor = stdout(&meterflow(
+        &["--config", EXAMPLE, "config", "processor"],
+        &[],
+    ));
+    for line in [
+        "brokers = \"127.0.0.1:9092\"  # config, top level",
+        "state_dir = \"/var/lib/meterflow/processor\"  # config [processor]",
+        "rollups = \"hour,day,month\"  # config [processor]",
+        "metrics_listen = \"0.0.0.0:9470\"  # config [processor]",
+        "partitions = 4  # config, top level",
+    ] {
+        assert!(processor.contains(line), "{line} in {processor}");
+    }
+    // A replay takes the processor's settings unless [replay] has its own.
+    let replay = stdout(&meterflow(&["--config", EXAMPLE, "config", "replay"], &[]));
+    assert!(replay.contains("billing_window = \"1h\"  # config [processor]"));
+    assert!(replay.contains("state_dir = \"/var/lib/meterflow/replay\"  # config [replay]"));
+    let agent = stdout(&meterflow(&["--config", EXAMPLE, "config", "agent"], &[]));
+    assert!(
+        agent.contains("# [agent]: this node")
+            && agent.contains("kubelet, pod_resources, cgroup, nvml"),
+        "{agent}"
+    );
+    // The Kubernetes agent's file is a config file with an [agent] table too.
+    let k8s = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes/agent.toml");
+    assert!(stdout(&meterflow(&["--config", k8s, "config", "agent"], &[])).contains("# [agent]"));
+}
+
+#[test]
+fn the_command_line_beats_the_environment_beats_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("meterflow.toml");
+    std::fs::write(
+        &file,
+        "brokers = \"top:9092\"\n[processor]\nworkers = 3\n[sink]\nbrokers = \"sink-only:9092\"\n",
+    )
+    .expect("file");
+    let path = file.to_str().expect("utf-8 path");
+    let line = |text: &str, key: &str| -> String {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("{key} in {text}"))
+            .to_string()
+    };
+    let from_file = stdout(&meterflow(&["--config", path, "config", "processor"], &[]));
+    assert_eq!(
+        line(&from_file, "workers"),
+        "workers = 3  # config [processor]"
+    );
+    assert_eq!(
+        line(&from_file, "brokers"),
+        "brokers = \"top:9092\"  # config, top level"
+    );
+    assert_eq!(line(&from_file, "window"), "window = \"1m\"  # default");
+    // A component's table beats the top level.
+    let sink = stdout(&meterflow(&["--config", path, "config", "sink"], &[]));
+    assert_eq!(
+        line(&sink, "brokers"),
+        "brokers = \"sink-only:9092\"  # config [sink]"
+    );
+    // MF_CONFIG names the file as --config does; MF_WORKERS beats the file.
+    let env = stdout(&meterflow(
+        &["config", "processor"],
+        &[("MF_CONFIG", path), ("MF_WORKERS", "5")],
+    ));
+    assert_eq!(
+        line(&env, "workers"),
+        "workers = 5  # environment MF_WORKERS"
+    );
+    let cli = stdout(&meterflow(
+        &["--config", path, "config", "processor", "--workers", "7"],
+        &[("MF_WORKERS", "5")],
+    ));
+    assert_eq!(line(&cli, "workers"), "workers = 7  # command line");
+    let help = stdout(&meterflow(&["--config", path, "processor", "--help"], &[]));
+    assert!(
+        help.contains("[env: MF_WORKERS=]") && help.contains("[default: 3]"),
+        "{help}"
+    );
+}
+
+#[test]
+fn mistakes_in_the_file_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("meterflow.toml");
+    let path = file.to_str().expect("utf-8 path").to_string();
+    let try_file = |text: &str| {
+        std::fs::write(&file, text).expect("file");
+        refused(&meterflow(&["--config", &path, "sink"], &[]))
+    };
+    let e = try_file("[processor]\nworker = 2\n");
+    assert!(
+        e.contains("[processor] worker: `meterflow processor` has no flag --worker; its flags: brokers, workers"),
+        "{e}"
+    );
+    let e = try_file("[processor]\nwindow = \"a minute\"\n");
+    assert!(
+        e.contains(
+            "[processor] window = \"a minute\": invalid value 'a minute' for '--window <WINDOW>'"
+        ),
+        "{e}"
+    );
+    let e = try_file("[sink]\nrate_limit = [1, 2]\n");
+    assert!(e.contains("[sink] rate_limit"), "{e}");
+    let e = try_file("brokerz = \"x\"\n");
+    assert!(
+        e.contains("unknown key `brokerz`; the top level takes brokers"),
+        "{e}"
+    );
+    let e = try_file("broker = \"kafka:9092\"\n");
+    assert!(e.contains("did you mean `brokers`?"), "{e}");
+    let e = try_file("provider = \"p\"\n[sources.kubelet]\nenabled = true\n");
+    assert!(e.contains("write it under [agent]"), "{e}");
+    let e = try_file(
+        "[agent]\ninterval = \"15s\"\n[agent.sources.kubelet]\nenabled = true\nmax_stale = 3\n",
+    );
+    assert!(e.contains("max_stale"), "{e}");
+    let e = try_file("[processor\n");
+    assert!(e.contains("line 1"), "{e}");
+    // Sim flags with an [agent] table: one or the other.
+    std::fs::write(
+        &file,
+        "[agent.sources.kubelet]\nenabled = true\npods_url = \"http://127.0.0.1:1/pods\"\n",
+    )
+    .expect("file");
+    let e = refused(&meterflow(
+        &["--config", &path, "agent", "--nodes", "3"],
+        &[],
+    ));
+    assert!(e.contains("--nodes is for a simulated fleet"), "{e}");
+    let e = refused(&meterflow(
+        &["--config", "/nonexistent/meterflow.toml", "sink"],
+        &[],
+    ));
+    assert!(
+        e.contains("cannot read the config file /nonexistent/meterflow.toml"),
+        "{e}"
+    );
+}
+
+/// A sink started from a file alone (and one variable) serves on the file's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_runs_from_the_config_file() {
+    let broker = broker::start(BrokerConfig {
+        listen: "127.0.0.1:0".parse().expect("literal"),
+        storage: "memory".into(),
+    })
+    .await
+    .expect("embedded broker starts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let secret = dir.path().join("jwt-secret");
+    std::fs::write(&secret, [7u8; 48]).expect("secret");
+    let file = dir.path().join("meterflow.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "brokers = \"{}\"\npartitions = 2\n[sink]\nlisten = \"127.0.0.1:{port}\"\njwt_secret_file = \"{}\"\n",
+            broker.bootstrap(),
+            secret.display()
+        ),
+    )
+    .expect("file");
+    let data = dir.path().join("views");
+    let mut sink = Command::new(env!("CARGO_BIN_EXE_meterflow"))
+        .arg("sink")
+        .env("MF_CONFIG", &file)
+        .env("MF_DATA_DIR", &data)
+        .env("MF_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("sink starts");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ready = loop {
+        let answer = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await;
+        if let Ok(r) = answer
+            && r.status().is_success()
+        {
+            break true;
+        }
+        if Instant::now() > deadline || sink.try_wait().expect("status").is_some() {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    terminate(&sink);
+    let status = sink.wait().expect("sink exits");
+    assert!(ready, "the sink answered on the file's address");
+    assert!(status.success(), "{status}");
+    assert!(data.is_dir(), "its views are where MF_DATA_DIR says");
+    broker.stop();
+}
