@@ -1,13 +1,15 @@
 //! One configuration file for every component, with environment overrides.
 //!
 //! `meterflow --config meterflow.toml COMPONENT` (or `MF_CONFIG=meterflow.toml`) reads one TOML
-//! file. Its top-level keys (`brokers`, `partitions`, `replication`) apply to every component
-//! that has that flag; a table per component (`[processor]`, `[sink]`, `[demo]`, `[broker]`,
+//! file. Its top-level keys (`brokers`, `partitions`, `replication`, `schema_registry`) apply to
+//! every component that has that flag; a table per component (`[processor]`, `[sink]`, `[demo]`, `[broker]`,
 //! `[replay]`, `[lease_metrics]`, `[token]`) sets that component's flags by their long names,
 //! `-` written `_` (`state_dir = "/var/lib/meterflow"`, `rollups = ["hour", "day"]`). `[agent]`
 //! is the node agent's own configuration (sources, attribution, spool; see
 //! `meterflow_ingest::AgentConfig`): with it, the agent meters this node instead of a
-//! simulated fleet.
+//! simulated fleet. `[kafka]` holds librdkafka properties every Kafka client of every
+//! component starts from (`"security.protocol" = "SASL_SSL"`; see
+//! `meterflow_schemas::kafka`).
 //!
 //! Every flag can also be set by the environment variable `MF_` + its long name in upper case,
 //! `-` written `_` (`MF_BROKERS`, `MF_STATE_DIR`, `MF_WORKERS`). What wins, first to last: the
@@ -32,8 +34,9 @@ use serde::Deserialize;
 /// The environment variable naming the config file, as `--config` does.
 pub const CONFIG_ENV: &str = "MF_CONFIG";
 
-/// Top-level keys: shared by every component that has the flag.
-const SHARED: [&str; 3] = ["brokers", "partitions", "replication"];
+/// Top-level keys: shared by every component that has the flag (`schema_registry` is a flag
+/// of the program, before the component).
+const SHARED: [&str; 4] = ["brokers", "partitions", "replication", "schema_registry"];
 
 /// The components whose table holds their flags (the agent's table is its own config).
 const FLAG_TABLES: [&str; 7] = [
@@ -69,6 +72,8 @@ pub struct ConfigFile {
     tables: BTreeMap<String, BTreeMap<String, Vec<String>>>,
     /// `[agent]`, checked.
     pub agent: Option<AgentConfig>,
+    /// `[kafka]`: librdkafka properties for every client.
+    pub kafka: Vec<(String, String)>,
 }
 
 /// Why the configuration cannot be used.
@@ -112,14 +117,34 @@ impl ConfigFile {
             shared: BTreeMap::new(),
             tables: BTreeMap::new(),
             agent: None,
+            kafka: Vec::new(),
         };
         for (key, value) in &doc {
             if key == "agent" {
                 continue;
             }
+            if key == "kafka" {
+                let toml::Value::Table(properties) = value else {
+                    return Err(invalid(
+                        "`kafka` is a table of librdkafka properties: [kafka] \"security.protocol\" = \"SASL_SSL\"".into(),
+                    ));
+                };
+                for (name, value) in properties {
+                    let text = match flag_values(value) {
+                        Ok(v) if !value.is_array() => v.concat(),
+                        _ => {
+                            return Err(invalid(format!(
+                                "[kafka] {name}: a librdkafka property is a string, number or boolean"
+                            )));
+                        }
+                    };
+                    file.kafka.push((name.clone(), text));
+                }
+                continue;
+            }
             if SHARED.contains(&key.as_str()) {
                 let values = flag_values(value).map_err(|m| invalid(format!("{key}: {m}")))?;
-                for sub in cli.get_subcommands() {
+                for sub in std::iter::once(cli).chain(cli.get_subcommands()) {
                     if let Some(arg) = flag(sub, key) {
                         check_values(arg, &values)
                             .map_err(|m| invalid(format!("{key} = {value}: {m}")))?;
@@ -135,7 +160,7 @@ impl ConfigFile {
             }
             let Some(table) = FLAG_TABLES.iter().find(|t| *t == key) else {
                 return Err(invalid(format!(
-                    "unknown key `{key}`; the top level takes {}, and the tables [agent], [{}]",
+                    "unknown key `{key}`; the top level takes {}, and the tables [agent], [kafka], [{}]",
                     SHARED.join(", "),
                     FLAG_TABLES.join("], [")
                 )));
@@ -233,6 +258,13 @@ pub fn env_name(long: &str) -> String {
 /// The command with every flag of every component readable from its environment variable and,
 /// given a file, defaulting to the file's value.
 pub fn apply(cli: Command, file: Option<&ConfigFile>) -> Command {
+    let cli = cli.mut_args(|arg| match file.and_then(|f| f.shared.get(&key_of(&arg))) {
+        Some(values) => {
+            let values = as_given(&arg, values);
+            arg.default_values(values)
+        }
+        None => arg,
+    });
     cli.mut_subcommands(|sub| {
         let name = sub.get_name().to_string();
         sub.mut_args(|arg| {
@@ -309,6 +341,11 @@ fn toml_value(raw: &str) -> String {
     } else {
         format!("{raw:?}")
     }
+}
+
+/// The file key of a flag (`state_dir` for `--state-dir`).
+fn key_of(arg: &Arg) -> String {
+    arg.get_long().unwrap_or_default().replace('-', "_")
 }
 
 /// A component's flag by its file key (`state_dir` for `--state-dir`).

@@ -23,6 +23,11 @@ struct Cli {
     /// `meterflow.example.toml` and `meterflow config COMPONENT`.
     #[arg(long, global = true, env = config::CONFIG_ENV)]
     config: Option<PathBuf>,
+    /// A Confluent Schema Registry (e.g. http://schema-registry:8081): records carry its
+    /// schema ids, looked up at start-up, instead of Meterflow's own. Give every component the
+    /// same one; register the schemas first with `meterflow schemas register`.
+    #[arg(long, global = true, env = "MF_SCHEMA_REGISTRY")]
+    schema_registry: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -457,10 +462,32 @@ async fn main() -> Result<()> {
         Some(path) => Some(config::ConfigFile::load(&path, &Cli::command())?),
         None => None,
     };
+    if let Some(f) = &file {
+        meterflow_schemas::kafka::set_file_properties(f.kafka.clone());
+    }
     let command = config::apply(Cli::command(), file.as_ref());
     let matches = command.clone().get_matches_from(&args);
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let shutdown = CancellationToken::new();
+    let pipeline = matches!(
+        cli.command,
+        Command::Demo { .. }
+            | Command::Broker { .. }
+            | Command::Agent { .. }
+            | Command::Processor { .. }
+            | Command::Replay { .. }
+            | Command::Sink { .. }
+    );
+    if let (Some(url), true) = (&cli.schema_registry, pipeline) {
+        let ids = registry::lookup_ids(url).await?;
+        for (own, mine, theirs) in ids.shadowed() {
+            tracing::warn!(
+                "records written before the registry with Meterflow's id {own} ({mine:?}) will be read as the registry's {theirs:?}"
+            );
+        }
+        meterflow_schemas::use_registry_ids(ids).map_err(anyhow::Error::msg)?;
+        tracing::info!(registry = %url, "records carry the schema registry's ids");
+    }
     match cli.command {
         Command::Demo {
             listen,

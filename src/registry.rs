@@ -5,8 +5,13 @@
 //! Every version is registered oldest first, so the registry keeps the history a reader of
 //! old records needs; before each, the registry is asked whether the version is compatible
 //! with its latest under the subject's compatibility level, and a refusal stops the command
-//! naming the subject. Records on the wire still carry Meterflow's own schema ids; the ids the
-//! registry assigns are printed.
+//! naming the subject; the ids the registry assigns are printed.
+//!
+//! With `--schema-registry URL` (or `MF_SCHEMA_REGISTRY`, or `schema_registry` in the config
+//! file) a component looks up the registry's id of every version at start-up ([`lookup_ids`])
+//! and writes those ids on the wire, in the Confluent format any registry-aware consumer
+//! reads; it reads them back, and Meterflow's own ids still, for records written before.
+//! Every component of a pipeline must be given the same registry.
 
 use anyhow::{Context, Result, bail};
 use apache_avro::schema_compatibility::SchemaCompatibility;
@@ -117,6 +122,50 @@ pub fn check() -> Result<Vec<String>> {
         }
     }
     Ok(lines)
+}
+
+/// The registry's id of every version, each looked up under its subject (`POST
+/// /subjects/{subject}` with the schema). A version not registered is an error that says to
+/// run `meterflow schemas register` first.
+pub async fn lookup_ids(url: &str) -> Result<meterflow_schemas::RegistryIds> {
+    let base = url.trim_end_matches('/');
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()?;
+    let mut ids = Vec::new();
+    for v in versions() {
+        let body = serde_json::json!({"schema": v.id.source(), "schemaType": "AVRO"});
+        let answer = http
+            .post(format!("{base}/subjects/{}", v.subject))
+            .header("content-type", "application/vnd.schemaregistry.v1+json")
+            .json(&body)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the schema registry at {base}"))?;
+        let status = answer.status();
+        let json: serde_json::Value = answer.json().await.unwrap_or_default();
+        if status.as_u16() == 404 {
+            bail!(
+                "{} is not registered under {} in {base}; run `meterflow schemas register --registry {base}` first",
+                v.file,
+                v.subject
+            );
+        }
+        let Some(id) = json["id"]
+            .as_u64()
+            .and_then(|id| u32::try_from(id).ok())
+            .filter(|_| status.is_success())
+        else {
+            bail!(
+                "the registry answered {status} to looking up {} under {}: {json}",
+                v.file,
+                v.subject
+            );
+        };
+        ids.push((v.id, id));
+    }
+    meterflow_schemas::RegistryIds::new(&ids)
+        .map_err(|e| anyhow::anyhow!("the registry's ids cannot be used: {e}"))
 }
 
 /// Registers every version in the registry at `url`; returns (subject, file, registry id).

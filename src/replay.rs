@@ -95,7 +95,7 @@ impl Plan {
 
 /// Low and high offsets of every partition of the samples topic.
 fn watermarks(brokers: &str) -> Result<BTreeMap<i32, (i64, i64)>> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    let consumer: BaseConsumer = ClientConfig::from_iter(meterflow_schemas::kafka::properties())
         .set("bootstrap.servers", brokers)
         .create()
         .context("cannot create a Kafka client")?;

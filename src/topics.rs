@@ -30,10 +30,11 @@ impl Default for TopicsConfig {
 
 /// Creates every topic in [`topics::ALL`] that does not exist yet.
 pub async fn ensure(brokers: &str, config: &TopicsConfig) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .with_context(|| format!("cannot create a Kafka admin client for {brokers}"))?;
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::from_iter(meterflow_schemas::kafka::properties())
+            .set("bootstrap.servers", brokers)
+            .create()
+            .with_context(|| format!("cannot create a Kafka admin client for {brokers}"))?;
     let new: Vec<NewTopic> = topics::ALL
         .iter()
         .map(|name| {

@@ -32,7 +32,7 @@ pub struct Publisher {
 impl Publisher {
     /// Connects to `brokers` (a comma-separated `host:port` list).
     pub fn new(brokers: &str) -> Result<Self, PublishError> {
-        let producer = ClientConfig::new()
+        let producer = ClientConfig::from_iter(meterflow_schemas::kafka::properties())
             .set("bootstrap.servers", brokers)
             // Retries after a lost acknowledgement must not write a batch twice.
             .set("enable.idempotence", "true")

@@ -324,7 +324,7 @@ fn read_back_billing(
     shutdown: &CancellationToken,
 ) -> Result<BTreeMap<i32, i64>, ProcessorError> {
     let client = || {
-        ClientConfig::new()
+        ClientConfig::from_iter(meterflow_schemas::kafka::properties())
             .set("bootstrap.servers", brokers)
             // Assigned by hand; the id only names this client to the broker.
             .set("group.id", "meterflow-processor-billing-readback")
@@ -477,7 +477,7 @@ fn run_worker(
         &config.rollups,
     );
 
-    let consumer: BaseConsumer = ClientConfig::new()
+    let consumer: BaseConsumer = ClientConfig::from_iter(meterflow_schemas::kafka::properties())
         .set("bootstrap.servers", &config.brokers)
         // Partitions are assigned by worker index, not by the group protocol; the id only
         // names this client to the broker.
@@ -488,7 +488,7 @@ fn run_worker(
         .set("enable.partition.eof", "false")
         .create()
         .map_err(kafka("create consumer"))?;
-    let producer: OutputProducer = ClientConfig::new()
+    let producer: OutputProducer = ClientConfig::from_iter(meterflow_schemas::kafka::properties())
         .set("bootstrap.servers", &config.brokers)
         // A retried send must not duplicate a record.
         .set("enable.idempotence", "true")
@@ -496,20 +496,21 @@ fn run_worker(
         .set("linger.ms", "5")
         .create_with_context(Deliveries::default())
         .map_err(kafka("create producer"))?;
-    let billing_producer: OutputProducer = ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
-        // Billing records are never retried by the client: a send that fails stops this run,
-        // and the next one reads back what landed (`read_back_billing`) before billing again.
-        // Broker-side idempotence is not relied on: the embedded broker's was seen to append a
-        // retried batch twice.
-        .set("enable.idempotence", "false")
-        .set("retries", "0")
-        // One request at a time keeps each key's revisions in order even when one fails.
-        .set("max.in.flight.requests.per.connection", "1")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .create_with_context(Deliveries::default())
-        .map_err(kafka("create billing producer"))?;
+    let billing_producer: OutputProducer =
+        ClientConfig::from_iter(meterflow_schemas::kafka::properties())
+            .set("bootstrap.servers", &config.brokers)
+            // Billing records are never retried by the client: a send that fails stops this run,
+            // and the next one reads back what landed (`read_back_billing`) before billing again.
+            // Broker-side idempotence is not relied on: the embedded broker's was seen to append a
+            // retried batch twice.
+            .set("enable.idempotence", "false")
+            .set("retries", "0")
+            // One request at a time keeps each key's revisions in order even when one fails.
+            .set("max.in.flight.requests.per.connection", "1")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .create_with_context(Deliveries::default())
+            .map_err(kafka("create billing producer"))?;
 
     let partitions = topic_partitions(&consumer, topics::SAMPLES, shutdown)?;
     let rules = Rules {
@@ -1131,13 +1132,14 @@ fn read_alert_ids(
     brokers: &str,
     shutdown: &CancellationToken,
 ) -> Result<HashSet<String>, ProcessorError> {
-    let reader: BaseConsumer<ReadToEnd> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "meterflow-processor-alerts-readback")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create_with_context(ReadToEnd)
-        .map_err(kafka("create alerts reader"))?;
+    let reader: BaseConsumer<ReadToEnd> =
+        ClientConfig::from_iter(meterflow_schemas::kafka::properties())
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "meterflow-processor-alerts-readback")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .create_with_context(ReadToEnd)
+            .map_err(kafka("create alerts reader"))?;
     let partitions = topic_partitions(&reader, topics::ALERTS, shutdown)?;
     let mut assignment = TopicPartitionList::new();
     for p in 0..partitions {

@@ -6,7 +6,8 @@
 //! is read by the current code. Decoding never panics: every failure is a [`DecodeError`] whose
 //! variant names the cause, so the processor can send the input to the dead-letter topic.
 
-use std::sync::LazyLock;
+use std::collections::HashMap;
+use std::sync::{LazyLock, OnceLock};
 
 use apache_avro::Schema;
 use apache_avro::reader::datum::GenericDatumReader;
@@ -36,7 +37,7 @@ pub enum SchemaId {
 
 impl SchemaId {
     /// In wire id order (the id is the position plus one).
-    const ALL: [SchemaId; 7] = [
+    pub const ALL: [SchemaId; 7] = [
         SchemaId::SampleBatchV1,
         SchemaId::SampleBatchV2,
         SchemaId::UsageUpdateV1,
@@ -80,6 +81,92 @@ static SCHEMAS: LazyLock<Vec<Schema>> = LazyLock::new(|| {
         })
         .collect()
 });
+
+/// The ids a schema registry assigned to Meterflow's schemas, for the wire.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistryIds {
+    /// By Meterflow's id, less one.
+    by_schema: Vec<u32>,
+    by_wire: HashMap<u32, SchemaId>,
+}
+
+impl RegistryIds {
+    /// The registry's id of every schema: each schema once, no id twice.
+    pub fn new(ids: &[(SchemaId, u32)]) -> Result<RegistryIds, String> {
+        let mut by_schema = vec![None; SchemaId::ALL.len()];
+        let mut by_wire = HashMap::new();
+        for (schema, id) in ids {
+            if by_schema[*schema as usize - 1].replace(*id).is_some() {
+                return Err(format!("{schema:?} is given two registry ids"));
+            }
+            if let Some(other) = by_wire.insert(*id, *schema) {
+                return Err(format!(
+                    "registry id {id} is given to {other:?} and {schema:?}"
+                ));
+            }
+        }
+        let by_schema = by_schema
+            .into_iter()
+            .zip(SchemaId::ALL)
+            .map(|(id, schema)| id.ok_or_else(|| format!("{schema:?} has no registry id")))
+            .collect::<Result<_, _>>()?;
+        Ok(RegistryIds { by_schema, by_wire })
+    }
+
+    /// The id written for a schema.
+    pub fn wire_id(&self, schema: SchemaId) -> u32 {
+        self.by_schema[schema as usize - 1]
+    }
+
+    /// The schema a wire id names: the registry's ids first, then Meterflow's own (records
+    /// written before the registry was configured).
+    pub fn schema(&self, wire: u32) -> Option<SchemaId> {
+        self.by_wire
+            .get(&wire)
+            .copied()
+            .or_else(|| SchemaId::from_wire(wire))
+    }
+
+    /// Meterflow's own ids that the registry gives to another schema: a record written with
+    /// one of them before the switch would be read as that other schema (and most likely
+    /// fail to decode, landing in the dead-letter topic).
+    pub fn shadowed(&self) -> Vec<(u32, SchemaId, SchemaId)> {
+        SchemaId::ALL
+            .into_iter()
+            .filter_map(|own| {
+                let theirs = *self.by_wire.get(&(own as u32))?;
+                (theirs != own).then_some((own as u32, own, theirs))
+            })
+            .collect()
+    }
+}
+
+/// Set once per process by [`use_registry_ids`]; unset, Meterflow's own ids are on the wire.
+static REGISTRY_IDS: OnceLock<RegistryIds> = OnceLock::new();
+
+/// From now on this process writes the registry's ids and reads them (besides its own).
+/// Called once at start-up, before any record is written; a second call with other ids fails.
+pub fn use_registry_ids(ids: RegistryIds) -> Result<(), String> {
+    let set = REGISTRY_IDS.get_or_init(|| ids.clone());
+    if *set == ids {
+        Ok(())
+    } else {
+        Err("this process already uses other registry ids".into())
+    }
+}
+
+fn wire_id(schema: SchemaId) -> u32 {
+    REGISTRY_IDS
+        .get()
+        .map_or(schema as u32, |ids| ids.wire_id(schema))
+}
+
+fn schema_of(wire: u32) -> Option<SchemaId> {
+    match REGISTRY_IDS.get() {
+        Some(ids) => ids.schema(wire),
+        None => SchemaId::from_wire(wire),
+    }
+}
 
 /// Per schema, a writer and a same-schema reader, built once: resolving a schema's names is
 /// work that belongs at start-up, not on every message.
@@ -192,7 +279,7 @@ pub fn encode_as<T: Serialize>(id: SchemaId, value: &T) -> Result<Vec<u8>, Encod
     let writer = &CODECS.writers[id as usize - 1];
     let mut out = Vec::with_capacity(256);
     out.push(MAGIC);
-    out.extend_from_slice(&(id as u32).to_be_bytes());
+    out.extend_from_slice(&wire_id(id).to_be_bytes());
     writer.write_ser(&mut out, value).map_err(err)?;
     Ok(out)
 }
@@ -205,7 +292,7 @@ fn decode<R: Record>(bytes: &[u8]) -> Result<R, DecodeError> {
         return Err(DecodeError::BadMagic(bytes[0]));
     }
     let wire = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
-    let writer = SchemaId::from_wire(wire).ok_or(DecodeError::UnknownSchema(wire))?;
+    let writer = schema_of(wire).ok_or(DecodeError::UnknownSchema(wire))?;
     if !R::READS.contains(&writer) {
         return Err(DecodeError::WrongSchema {
             found: wire,
@@ -238,6 +325,45 @@ fn decode<R: Record>(bytes: &[u8]) -> Result<R, DecodeError> {
 mod tests {
     use super::*;
     use crate::types::*;
+
+    #[test]
+    fn registry_ids_map_both_ways_and_refuse_a_muddle() {
+        let ids: Vec<(SchemaId, u32)> = SchemaId::ALL
+            .into_iter()
+            .map(|s| (s, 100 + s as u32))
+            .collect();
+        let map = RegistryIds::new(&ids).expect("a map");
+        assert_eq!(map.wire_id(SchemaId::UsageUpdateV2), 107);
+        assert_eq!(map.schema(102), Some(SchemaId::SampleBatchV2));
+        // Records written before the switch carry Meterflow's own ids.
+        assert_eq!(map.schema(4), Some(SchemaId::BillingRecord));
+        assert_eq!(map.schema(99), None);
+        assert!(map.shadowed().is_empty());
+        // A fresh registry numbering from 1 in another order shadows own ids.
+        let mut swapped = ids.clone();
+        swapped[0].1 = 2;
+        swapped[1].1 = 1;
+        let map = RegistryIds::new(&swapped).expect("a map");
+        assert_eq!(
+            map.shadowed(),
+            vec![
+                (1, SchemaId::SampleBatchV1, SchemaId::SampleBatchV2),
+                (2, SchemaId::SampleBatchV2, SchemaId::SampleBatchV1)
+            ]
+        );
+        let mut twice = ids.clone();
+        twice[1].1 = 101;
+        assert!(
+            RegistryIds::new(&twice)
+                .expect_err("refused")
+                .contains("registry id 101")
+        );
+        assert!(
+            RegistryIds::new(&ids[1..])
+                .expect_err("refused")
+                .contains("SampleBatchV1 has no")
+        );
+    }
     use proptest::prelude::*;
 
     fn series(tenant: &str) -> SeriesId {

@@ -1,23 +1,27 @@
 //! Meterflow's record formats.
 //!
 //! The `.avsc` files under `schemas/avro/` are the source of truth; this crate holds their Rust
-//! types and the one codec every stage uses. It knows nothing of Kafka beyond the topic names.
+//! types and the one codec every stage uses. It knows nothing of Kafka beyond the topic names and
+//! the client properties every component shares.
 //!
 //! - [`types`]: [`SampleBatch`] (agent → `meterflow.samples`), [`UsageUpdate`]
 //!   (processor → `meterflow.usage`), [`BillingRecord`], [`Alert`], [`DeadLetter`].
 //! - [`codec`]: Avro datums framed as the Confluent wire format (magic byte 0, a 4-byte schema
 //!   id, the datum), so a reader always knows which writer schema to resolve from; a record
 //!   written with an older schema version is read into the current type.
+//! - [`kafka`]: client properties for an existing cluster (SASL, TLS) from `[kafka]` and
+//!   `MF_KAFKA_*`, which every component's Kafka clients start from.
 //! - [`id`]: stable content hashes, used for deterministic output record ids.
 //! - [`time`]: UTC timestamps (RFC 3339) and calendar months, shared by the processor's billing
 //!   periods and the sink's buckets.
 
 pub mod codec;
 pub mod id;
+pub mod kafka;
 pub mod time;
 pub mod types;
 
-pub use codec::{DecodeError, EncodeError, Record, SchemaId};
+pub use codec::{DecodeError, EncodeError, Record, RegistryIds, SchemaId, use_registry_ids};
 pub use types::{
     Alert, BillingKind, BillingRecord, DeadLetter, Sample, SampleBatch, SampleKind, SeriesId,
     UsageUpdate,

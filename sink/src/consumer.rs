@@ -39,7 +39,7 @@ pub async fn consume(
 ) -> Result<(), ConsumeError> {
     let kafka =
         |context: &'static str| move |source: KafkaError| ConsumeError::Kafka { context, source };
-    let consumer: StreamConsumer = ClientConfig::new()
+    let consumer: StreamConsumer = ClientConfig::from_iter(meterflow_schemas::kafka::properties())
         .set("bootstrap.servers", &brokers)
         // Partitions are assigned explicitly; the group id only names the client.
         .set("group.id", "meterflow-sink")
@@ -171,11 +171,12 @@ fn watch_lag(
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) {
-    let client: Result<BaseConsumer, _> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "meterflow-sink-lag")
-        .set("enable.auto.commit", "false")
-        .create();
+    let client: Result<BaseConsumer, _> =
+        ClientConfig::from_iter(meterflow_schemas::kafka::properties())
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "meterflow-sink-lag")
+            .set("enable.auto.commit", "false")
+            .create();
     let client = match client {
         Ok(c) => c,
         Err(e) => {

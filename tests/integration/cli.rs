@@ -1,5 +1,6 @@
 //! The CLI as a user meets it: `meterflow schemas` against a stand-in Schema Registry on
-//! loopback (its REST API: compatibility checks, then registrations), and shell completions.
+//! loopback (its REST API: compatibility checks, registrations, lookups), records carrying the
+//! registry's ids on the wire, and shell completions.
 
 use std::sync::{Arc, Mutex};
 
@@ -52,8 +53,37 @@ async fn register(
     format!("{{\"id\":{}}}", 100 + r.subjects.len())
 }
 
+/// `POST /subjects/{subject}`: the id of a schema registered under the subject.
+async fn lookup(
+    State(registry): State<Shared>,
+    Path(subject): Path<String>,
+    body: String,
+) -> impl IntoResponse {
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    let schema = body["schema"].as_str().expect("a schema");
+    let r = registry.lock().expect("registry");
+    match r
+        .subjects
+        .iter()
+        .position(|(s, text)| *s == subject && text == schema)
+    {
+        Some(i) => (
+            StatusCode::OK,
+            format!(
+                "{{\"subject\":\"{subject}\",\"id\":{},\"version\":1}}",
+                101 + i
+            ),
+        ),
+        None => (
+            StatusCode::NOT_FOUND,
+            r#"{"error_code":40403,"message":"Schema not found"}"#.to_string(),
+        ),
+    }
+}
+
 async fn serve(registry: Shared) -> String {
     let app = axum::Router::new()
+        .route("/subjects/{subject}", axum::routing::post(lookup))
         .route(
             "/compatibility/subjects/{subject}/versions/latest",
             axum::routing::post(compatibility),
@@ -207,4 +237,122 @@ async fn completions_cover_every_subcommand() {
     let out = meterflow(&["completions", "tcsh"]).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("possible values: bash"));
+}
+
+/// With `--schema-registry`, the agent writes the registry's id of its schema in every
+/// record's header and the processor reads those records (no dead letters) and writes its own
+/// outputs with the registry's ids; before the schemas are registered, a component refuses to
+/// start, saying how to register them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_carry_the_registry_ids_on_the_wire() {
+    use meterflow::broker::{self, BrokerConfig};
+    use meterflow_schemas::{Record, SampleBatch, UsageUpdate, topics};
+
+    use crate::common::{KillOnDrop, read_topic, spawn_processor, terminate};
+
+    let registry = serve(Shared::default()).await;
+    let broker = broker::start(BrokerConfig {
+        listen: "127.0.0.1:0".parse().expect("literal"),
+        storage: "memory".into(),
+    })
+    .await
+    .expect("embedded broker starts");
+    let brokers = broker.bootstrap();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = dir.path().join("spool");
+    let agent_args = [
+        "--schema-registry",
+        &registry,
+        "agent",
+        "--brokers",
+        &brokers,
+        "--partitions",
+        "2",
+        "--interval",
+        "100ms",
+        "--spool-dir",
+        spool.to_str().expect("utf-8"),
+    ];
+    let refused = meterflow(&agent_args).await;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("sample_batch.v1.avsc is not registered under meterflow.samples-value")
+            && stderr.contains("meterflow schemas register --registry"),
+        "{stderr}"
+    );
+    assert!(
+        meterflow(&["schemas", "register", "--registry", &registry])
+            .await
+            .status
+            .success()
+    );
+
+    let agent = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
+            .args(agent_args)
+            .env("MF_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("agent starts"),
+    );
+    let samples = tokio::task::spawn_blocking({
+        let brokers = brokers.clone();
+        move || read_topic(&brokers, topics::SAMPLES, 2, 5)
+    })
+    .await
+    .expect("read");
+    terminate(&agent.0);
+    assert!(samples.len() >= 5, "{} batches", samples.len());
+    // Registered oldest first: sample_batch.v1 got 101, sample_batch (v2) 102.
+    for bytes in &samples {
+        assert_eq!(
+            bytes[..5],
+            [0, 0, 0, 0, 102],
+            "the registry's id in the header"
+        );
+        // With Meterflow's own id (2) in its place, the same bytes are a sample batch.
+        let mut own = bytes.clone();
+        own[1..5].copy_from_slice(&2u32.to_be_bytes());
+        SampleBatch::decode(&own).expect("a sample batch");
+    }
+
+    let state = dir.path().join("state");
+    let status = tokio::task::spawn_blocking({
+        let brokers = brokers.clone();
+        let registry = registry.clone();
+        move || {
+            let flags = [
+                "--exit-when-caught-up",
+                "--partitions",
+                "2",
+                "--schema-registry",
+                &registry,
+            ];
+            spawn_processor(&brokers, &state, &flags)
+                .wait()
+                .expect("processor exits")
+        }
+    })
+    .await
+    .expect("joined");
+    assert!(status.success(), "{status}");
+    let (usage, dead) = tokio::task::spawn_blocking(move || {
+        (
+            read_topic(&brokers, topics::USAGE, 2, 1),
+            read_topic(&brokers, topics::DEADLETTER, 2, 0),
+        )
+    })
+    .await
+    .expect("read");
+    assert!(dead.is_empty(), "{} dead letters", dead.len());
+    assert!(!usage.is_empty());
+    for bytes in &usage {
+        // usage_update (v2) was registered fourth.
+        assert_eq!(bytes[..5], [0, 0, 0, 0, 104]);
+        let mut own = bytes.clone();
+        own[1..5].copy_from_slice(&7u32.to_be_bytes());
+        UsageUpdate::decode(&own).expect("a usage update");
+    }
+    broker.stop();
 }

@@ -189,6 +189,37 @@ fn mistakes_in_the_file_are_refused_naming_the_key() {
     );
 }
 
+/// `[kafka]` and `MF_KAFKA_*` reach the Kafka clients: a property librdkafka refuses stops the
+/// component with librdkafka's own words, naming the property.
+#[test]
+fn kafka_properties_reach_every_client() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("meterflow.toml");
+    std::fs::write(
+        &file,
+        "brokers = \"127.0.0.1:1\"\n[kafka]\n\"security.protocol\" = \"carrier-pigeon\"\n",
+    )
+    .expect("file");
+    let path = file.to_str().expect("utf-8 path");
+    let e = refused(&meterflow(
+        &["--config", path, "broker", "--listen", "127.0.0.1:0"],
+        &[],
+    ));
+    assert!(
+        e.contains("security.protocol") && e.contains("carrier-pigeon"),
+        "{e}"
+    );
+    // The variable wins over the file.
+    let e = refused(&meterflow(
+        &["--config", path, "processor"],
+        &[("MF_KAFKA_SECURITY_PROTOCOL", "smoke-signals")],
+    ));
+    assert!(e.contains("smoke-signals"), "{e}");
+    std::fs::write(&file, "[kafka]\nretries = [1]\n").expect("file");
+    let e = refused(&meterflow(&["--config", path, "processor"], &[]));
+    assert!(e.contains("[kafka] retries"), "{e}");
+}
+
 /// A sink started from a file alone (and one variable) serves on the file's address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_runs_from_the_config_file() {

@@ -15,7 +15,7 @@ use meterflow_processor::PriceBook;
 use meterflow_processor::model::BillingKey;
 use meterflow_schemas::{BillingKind, BillingRecord, Record, SampleBatch, topics as names};
 
-use crate::common::{read_topic_at, spawn_processor};
+use crate::common::{KillOnDrop, read_topic_at, spawn_processor};
 
 /// 2026-01-01T00:00:00Z: event time of the scenario, well in the past.
 const T0: i64 = 1_767_225_600_000;
@@ -561,14 +561,4 @@ async fn a_broker_killed_and_restarted_mid_stream_loses_no_batch() {
     // ticks before the stop made, far less than the 2 s outage's ~80 batches.
     assert!(in_spool < 20, "{in_spool} batches still in the spool");
     drop(broker);
-}
-
-/// A child process killed when the test lets go of it, even on a failed assertion.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

@@ -359,6 +359,17 @@ pub fn terminate(child: &std::process::Child) {
     assert!(stopped.success(), "SIGTERM to {}", child.id());
 }
 
+/// A child process killed when the test lets go of it, even on a failed assertion (a child
+/// left running holds the test's stderr, and a piped `cargo test` waits on it).
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Reads every message of `topic` that is there now (all partitions, from the beginning).
 pub fn read_topic(
     brokers: &str,
@@ -401,20 +412,24 @@ pub fn read_topic_at(
         .set("bootstrap.servers", brokers)
         .create()
         .expect("consumer");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // A topic a component is still creating has no partitions yet: asked again until then.
     let watermarks = || -> Vec<(i64, i64)> {
-        (0..partitions)
-            .map(|p| {
-                asker
-                    .fetch_watermarks(topic, p, Duration::from_secs(5))
-                    .expect("the partition's offsets")
-            })
-            .collect()
+        loop {
+            let asked: Result<Vec<(i64, i64)>, _> = (0..partitions)
+                .map(|p| asker.fetch_watermarks(topic, p, Duration::from_secs(5)))
+                .collect();
+            match asked {
+                Ok(w) => return w,
+                Err(e) if Instant::now() > deadline => panic!("the offsets of {topic}: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
     };
     let first = watermarks();
     let mut ends: Vec<i64> = first.iter().map(|(_, high)| *high).collect();
     let mut next: Vec<i64> = first.iter().map(|(low, _)| *low).collect();
     let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
     let mut quiet_since = Instant::now();
     while Instant::now() < deadline {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
