@@ -2,12 +2,13 @@
 //! with a progress bar.
 //!
 //! A replay is the processor run once over what the topic holds (SPEC: reprocess from
-//! offsets): it rebuilds state after a state volume is lost, or recomputes with a corrected
-//! price book. It starts where `--from` says, reads up to the topic's end at its start and
-//! stops with a checkpoint; `meterflow processor --state-dir` on the same directory then
-//! continues live. Its outputs are the processor's: usage updates have ids from their content,
-//! so the sink applies a repeated one as a no-op, and billing emits only what the billing topic
-//! does not hold yet (corrections as adjustments).
+//! offsets): it rebuilds state after a state volume is lost, or before a processor version
+//! whose checkpoint format changed. It starts where `--from` says, reads up to the topic's end
+//! at its start and stops with a checkpoint; `meterflow processor --state-dir` on the same
+//! directory then continues live. Its outputs are the processor's: usage updates have ids from
+//! their content, so the sink applies a repeated one as a no-op, and billing emits only what the
+//! billing topic does not hold yet. The live processor must be stopped meanwhile: both would
+//! write billing records.
 //!
 //! The bar counts messages read against the messages between the start offsets and the ends
 //! (grown if more are read: the embedded broker can report an end one short);

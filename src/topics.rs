@@ -56,11 +56,40 @@ pub async fn ensure(brokers: &str, config: &TopicsConfig) -> Result<()> {
         .create_topics(new.iter(), &options)
         .await
         .with_context(|| format!("cannot reach the Kafka brokers at {brokers} to create topics"))?;
+    let mut not_allowed = Vec::new();
     for result in results {
         match result {
             Ok(name) => info!(topic = %name, partitions = config.partitions, "topic created"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            // A cluster that keeps topic creation to its operators answers this even for a
+            // topic that exists: whether it does is asked next.
+            Err((
+                name,
+                RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::PolicyViolation,
+            )) => not_allowed.push(name),
             Err((name, code)) => bail!("cannot create topic {name}: {code}"),
+        }
+    }
+    if !not_allowed.is_empty() {
+        let metadata = admin
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(10))
+            .with_context(|| format!("cannot read the topics of {brokers}"))?;
+        let missing: Vec<&String> = not_allowed
+            .iter()
+            .filter(|name| {
+                !metadata
+                    .topics()
+                    .iter()
+                    .any(|t| t.name() == name.as_str() && !t.partitions().is_empty())
+            })
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "topics {missing:?} do not exist and this client may not create them: create them on the cluster (docs/existing-kafka.md lists their settings) or grant CREATE"
+            );
         }
     }
     Ok(())

@@ -1,5 +1,7 @@
-//! The agent's configuration file (`meterflow agent --config FILE`, TOML; in Kubernetes a
-//! ConfigMap). Every section has defaults; each source is switched on with `enabled = true`
+//! The agent's configuration: the `[agent]` table of Meterflow's config file (`meterflow
+//! --config FILE agent`, TOML; in Kubernetes a ConfigMap), shown here as the table's own
+//! contents (in the file: `[agent]`, `[agent.spool]`, `[agent.sources.cgroup]`, ...). Every
+//! section has defaults; each source is switched on with `enabled = true`
 //! and most keep an allow-list of the metrics they yield (`metrics = [...]`). An unknown key,
 //! a value of the wrong type or a rule that cannot work is refused at start with the key's
 //! name and what is wrong.

@@ -3,7 +3,7 @@
 //! Output: Avro [`meterflow_schemas::SampleBatch`] records on `meterflow.samples`, key = node,
 //! one batch per node per tick, each with a per-agent monotonic sequence number.
 //!
-//! - [`config`]: the agent's TOML file (`--config`): sources on and off, allow-lists,
+//! - [`config`]: the `[agent]` table of the config file (`--config`): sources on and off, allow-lists,
 //!   attribution rules; errors that name the key.
 //! - [`sources`]: one module per source behind one trait — `cgroup`, `nvml`, `kubelet`,
 //!   `pod_resources`, `prometheus_scrape`, and the `simulator` (a deterministic, seeded fleet

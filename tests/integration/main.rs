@@ -11,5 +11,6 @@ mod crash;
 mod dashboard;
 mod demo;
 mod deploy;
+mod docs;
 mod feeds;
 mod pipeline;
