@@ -2,6 +2,7 @@
 //! queries is one a running sink exports, and every API a panel reads is a route it serves.
 
 use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -105,64 +106,187 @@ async fn the_operator_dashboard_queries_only_what_the_sink_exports() {
 
 /// Secrets the operator creates by hand (deploy/README.md says how); every other reference
 /// must name a resource of the kustomization.
-const EXTERNAL_SECRETS: [&str; 1] = ["meterflow-sink-jwt"];
+const EXTERNAL_SECRETS: [&str; 2] = ["meterflow-sink-jwt", "meterflow-kafka"];
 
-/// Every document of the kustomization in `deploy/kubernetes/`, as JSON, with the ConfigMaps
-/// its generator makes.
-fn manifests() -> Vec<Value> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
-    let read = |file: &str| {
-        std::fs::read_to_string(dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"))
-    };
-    let yaml = |file: &str| -> Vec<Value> {
-        let text = read(file);
-        serde_yaml::Deserializer::from_str(&text)
-            .map(|doc| {
-                let v =
-                    serde_yaml::Value::deserialize(doc).unwrap_or_else(|e| panic!("{file}: {e}"));
-                serde_json::to_value(v).expect("YAML as JSON")
-            })
-            .filter(|v| !v.is_null())
-            .collect()
-    };
-    let kustomization = yaml("kustomization.yaml").remove(0);
-    let resources: Vec<&str> = kustomization["resources"]
-        .as_array()
-        .expect("resources")
-        .iter()
-        .filter_map(Value::as_str)
+/// Cluster roles a binding may name without defining them: OpenShift makes one per security
+/// context constraint.
+const BUILT_IN_ROLES: &str = "system:openshift:scc:";
+
+/// The YAML documents of a file, as JSON.
+fn yaml_docs(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| {
+            let v = serde_yaml::Value::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            serde_json::to_value(v).expect("YAML as JSON")
+        })
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// The files of a kustomization folder other than `kustomization.yaml`: each must be used.
+fn files_in(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .expect("a kustomization folder")
+        .filter_map(|e| {
+            let e = e.ok()?;
+            e.file_type().ok()?.is_file().then_some(())?;
+            e.file_name().into_string().ok()
+        })
+        .filter(|f| f != "kustomization.yaml")
+        .collect()
+}
+
+/// A JSON pointer's parent and last step, `-` meaning the end of an array.
+fn apply_op(doc: &mut Value, op: &Value) {
+    let path = op["path"].as_str().expect("an op's path");
+    let steps: Vec<String> = path
+        .split('/')
+        .skip(1)
+        .map(|s| s.replace("~1", "/").replace("~0", "~"))
         .collect();
-    // Every manifest in the folder is listed, and every listed file exists.
-    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
-        .expect("deploy/kubernetes")
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|f| f.ends_with(".yaml") && f != "kustomization.yaml")
-        .collect();
-    on_disk.sort();
-    let mut listed: Vec<String> = resources.iter().map(|s| s.to_string()).collect();
-    listed.sort();
-    assert_eq!(listed, on_disk, "kustomization.yaml lists every manifest");
-    let mut docs: Vec<Value> = resources.iter().flat_map(|f| yaml(f)).collect();
+    let (last, parents) = steps.split_last().expect("a path below the root");
+    let mut at = &mut *doc;
+    for step in parents {
+        at = match at {
+            Value::Array(a) => a
+                .get_mut(step.parse::<usize>().expect("an index"))
+                .unwrap_or_else(|| panic!("{path}: no {step}")),
+            Value::Object(o) => o
+                .get_mut(step)
+                .unwrap_or_else(|| panic!("{path}: no {step}")),
+            _ => panic!("{path}: {step} is not in an array or object"),
+        };
+    }
+    let value = op["value"].clone();
+    match (op["op"].as_str(), at) {
+        (Some("add"), Value::Array(a)) if last == "-" => a.push(value),
+        (Some("add"), Value::Array(a)) => a.insert(last.parse().expect("index"), value),
+        (Some("replace"), Value::Array(a)) => {
+            let i: usize = last.parse().expect("index");
+            assert!(i < a.len(), "{path}: replaces nothing");
+            a[i] = value;
+        }
+        (Some("remove"), Value::Array(a)) => {
+            a.remove(last.parse().expect("index"));
+        }
+        (Some("add"), Value::Object(o)) => {
+            o.insert(last.clone(), value);
+        }
+        (Some("replace"), Value::Object(o)) => {
+            assert!(o.contains_key(last), "{path}: replaces nothing");
+            o.insert(last.clone(), value);
+        }
+        (Some("remove"), Value::Object(o)) => {
+            assert!(o.remove(last).is_some(), "{path}: removes nothing");
+        }
+        (op, _) => panic!("{path}: op {op:?} is not one this renderer knows"),
+    }
+}
+
+/// Renders a kustomization as `kubectl apply -k` would, for the subset Meterflow's use:
+/// resources (files and other kustomizations), `configMapGenerator` (create and replace, no
+/// name hash), and `patches` with a target: JSON 6902 operations, or a strategic merge patch
+/// that is `$patch: delete`. Anything else fails the test, so an overlay cannot use what the
+/// test does not check. Every file in the folder is used.
+fn render(dir: &Path) -> Vec<Value> {
+    let kustomization = yaml_docs(&dir.join("kustomization.yaml")).remove(0);
+    let mut used = BTreeSet::new();
+    let mut docs = Vec::new();
+    for r in strings(&kustomization["resources"]) {
+        let path = dir.join(&r);
+        if path.is_dir() {
+            docs.extend(render(&path));
+        } else {
+            docs.extend(yaml_docs(&path));
+            used.insert(r);
+        }
+    }
     for generator in kustomization["configMapGenerator"]
         .as_array()
-        .expect("generator")
+        .into_iter()
+        .flatten()
     {
         let mut data = serde_json::Map::new();
-        for file in generator["files"].as_array().expect("files") {
-            let file = file.as_str().expect("file name");
-            data.insert(file.to_string(), Value::String(read(file)));
+        for file in strings(&generator["files"]) {
+            let text = std::fs::read_to_string(dir.join(&file)).expect("generator file");
+            data.insert(file.clone(), Value::String(text));
+            used.insert(file);
         }
-        docs.push(serde_json::json!({
+        let name = generator["name"].as_str().expect("a name");
+        let map = serde_json::json!({
             "apiVersion": "v1",
             "kind": "ConfigMap",
-            "metadata": {"name": generator["name"]},
+            "metadata": {"name": name},
             "data": data,
-        }));
+        });
+        let existing = docs
+            .iter()
+            .position(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == name);
+        match (generator["behavior"].as_str(), existing) {
+            (None | Some("create"), None) => docs.push(map),
+            (Some("replace"), Some(i)) => docs[i] = map,
+            (behavior, existing) => panic!(
+                "{}: ConfigMap {name}: behavior {behavior:?} with {existing:?}",
+                dir.display()
+            ),
+        }
     }
-    assert_eq!(
-        kustomization["generatorOptions"]["disableNameSuffixHash"], true,
-        "generated names are the names the workloads mount"
+    if let Some(options) = kustomization.get("generatorOptions") {
+        assert_eq!(
+            options["disableNameSuffixHash"], true,
+            "generated names are the names the workloads mount"
+        );
+    }
+    for patch in kustomization["patches"].as_array().into_iter().flatten() {
+        let target = &patch["target"];
+        let body: Vec<Value> = match (patch["patch"].as_str(), patch["path"].as_str()) {
+            (Some(inline), None) => serde_yaml::from_str::<serde_yaml::Value>(inline)
+                .map(|v| serde_json::to_value(v).expect("JSON"))
+                .map(|v| vec![v])
+                .expect("a patch"),
+            (None, Some(file)) => {
+                used.insert(file.to_string());
+                yaml_docs(&dir.join(file))
+            }
+            _ => panic!("{}: a patch is inline or a file", dir.display()),
+        };
+        let selected = |d: &Value| {
+            d["kind"] == target["kind"]
+                && (target["name"].is_null() || d["metadata"]["name"] == target["name"])
+        };
+        let before = docs.len();
+        let matched = docs.iter().filter(|d| selected(d)).count();
+        assert!(
+            matched > 0,
+            "{}: a patch selects nothing: {target}",
+            dir.display()
+        );
+        match body.as_slice() {
+            [Value::Array(ops)] => {
+                for doc in docs.iter_mut().filter(|d| selected(d)) {
+                    for op in ops {
+                        apply_op(doc, op);
+                    }
+                }
+            }
+            [delete] if delete["$patch"] == "delete" => docs.retain(|d| !selected(d)),
+            _ => panic!("{}: a patch this renderer does not know", dir.display()),
+        }
+        assert!(docs.len() <= before);
+    }
+    let unused: Vec<String> = files_in(dir).difference(&used).cloned().collect();
+    assert!(
+        unused.is_empty(),
+        "{}: files not used: {unused:?}",
+        dir.display()
     );
+    if let Some(namespace) = kustomization["namespace"].as_str() {
+        for d in docs.iter_mut().filter(|d| d["kind"] != "Namespace") {
+            d["metadata"]["namespace"] = Value::String(namespace.into());
+        }
+    }
     docs
 }
 
@@ -190,7 +314,33 @@ fn strings(v: &Value) -> Vec<String> {
 
 #[test]
 fn the_kubernetes_manifests_hold_together() {
-    let docs = manifests();
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let rendered = render(&base);
+    // The base has the topics; an overlay may leave them to the cluster.
+    assert_eq!(
+        rendered
+            .iter()
+            .filter(|d| d["kind"] == "KafkaTopic")
+            .count(),
+        meterflow_schemas::topics::ALL.len()
+    );
+    check(&rendered);
+    let mut overlays: Vec<PathBuf> = std::fs::read_dir(base.join("overlays"))
+        .expect("overlays")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    overlays.sort();
+    assert!(overlays.len() >= 2, "{overlays:?}");
+    for overlay in overlays {
+        eprintln!("checking {}", overlay.display());
+        let docs = render(&overlay);
+        check(&docs);
+    }
+}
+
+/// What every rendering must hold.
+fn check(docs: &[Value]) {
+    let docs = docs.to_vec();
     let workloads: Vec<&Value> = docs
         .iter()
         .filter(|d| {
@@ -310,7 +460,25 @@ fn the_kubernetes_manifests_hold_together() {
                 if e["name"] == "KAFKA_BROKERS" {
                     brokers.insert(e["value"].as_str().expect("brokers").to_string());
                 }
+                if let Some(secret) = e["valueFrom"]["secretKeyRef"]["name"].as_str() {
+                    assert!(
+                        EXTERNAL_SECRETS.contains(&secret),
+                        "{name}: Secret {secret} in {}",
+                        e["name"]
+                    );
+                }
             }
+            let names: BTreeSet<&str> = c["env"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e["name"].as_str())
+                .collect();
+            assert_eq!(
+                names.len(),
+                c["env"].as_array().map_or(0, Vec::len),
+                "{name}: a variable set twice"
+            );
             let mounts: Vec<(String, String)> = c["volumeMounts"]
                 .as_array()
                 .into_iter()
@@ -469,14 +637,17 @@ fn the_kubernetes_manifests_hold_together() {
         );
         assert!(t.is_some(), "the autoscaler's target exists");
     }
-    for b in docs.iter().filter(|d| d["kind"] == "ClusterRoleBinding") {
+    for b in docs.iter().filter(|d| {
+        matches!(
+            d["kind"].as_str(),
+            Some("ClusterRoleBinding" | "RoleBinding")
+        )
+    }) {
+        let role = b["roleRef"]["name"].as_str().expect("role");
         assert!(
-            find(
-                &docs,
-                "ClusterRole",
-                b["roleRef"]["name"].as_str().expect("role")
-            )
-            .is_some()
+            find(&docs, b["roleRef"]["kind"].as_str().expect("kind"), role).is_some()
+                || role.starts_with(BUILT_IN_ROLES),
+            "role {role}"
         );
         for s in b["subjects"].as_array().expect("subjects") {
             assert!(
@@ -490,8 +661,12 @@ fn the_kubernetes_manifests_hold_together() {
         }
     }
 
-    // The topics are exactly the pipeline's, on one Strimzi cluster, usage compacted.
+    // The topics, where they are here, are exactly the pipeline's, on one Strimzi cluster,
+    // usage compacted.
     let topics: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "KafkaTopic").collect();
+    if topics.is_empty() {
+        return check_brokers(&docs, brokers);
+    }
     let names: BTreeSet<&str> = topics
         .iter()
         .map(|t| t["spec"]["topicName"].as_str().expect("topicName"))
@@ -512,10 +687,14 @@ fn the_kubernetes_manifests_hold_together() {
         .find(|t| t["spec"]["topicName"] == meterflow_schemas::topics::USAGE)
         .expect("usage");
     assert_eq!(usage["spec"]["config"]["cleanup.policy"], "compact");
+    check_brokers(&docs, brokers);
+}
 
+/// Every component reaches the same Kafka, and the Secrets made by hand are documented.
+fn check_brokers(docs: &[Value], mut brokers: BTreeSet<String>) {
     // Every component reaches the same Kafka.
     let text =
-        find(&docs, "ConfigMap", "meterflow-agent").expect("agent config")["data"]["agent.toml"]
+        find(docs, "ConfigMap", "meterflow-agent").expect("agent config")["data"]["agent.toml"]
             .as_str()
             .expect("agent.toml");
     let mut file: toml::Table = toml::from_str(text).expect("agent.toml parses");
