@@ -877,3 +877,34 @@ fn parse_rollups(s: &str) -> Result<Rollups, String> {
     out.dedup();
     Ok(Rollups(out))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--help` explains every flag and every subcommand, and clap accepts the whole
+    /// definition (its own debug checks: no clashing names, defaults that parse).
+    #[test]
+    fn every_flag_and_subcommand_has_help() {
+        let mut cli = Cli::command();
+        cli.build();
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() != "help" && sub.get_about().is_none() {
+                    missing.push(format!("{path} {}", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&cli, "meterflow", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:?}");
+        cli.debug_assert();
+    }
+}

@@ -230,6 +230,8 @@ async fn completions_cover_every_subcommand() {
             "lease-metrics",
             "schemas",
             "token",
+            "replay",
+            "config",
         ] {
             assert!(script.contains(sub), "{shell} completion lacks {sub}");
         }
