@@ -29,7 +29,6 @@ use std::path::{Path, PathBuf};
 use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use meterflow_ingest::AgentConfig;
-use serde::Deserialize;
 
 /// The environment variable naming the config file, as `--config` does.
 pub const CONFIG_ENV: &str = "MF_CONFIG";
@@ -86,11 +85,6 @@ pub enum ConfigError {
     },
     #[error("config file {path}: {message}")]
     Invalid { path: PathBuf, message: String },
-}
-
-#[derive(Deserialize)]
-struct AgentTable {
-    agent: Option<AgentConfig>,
 }
 
 impl ConfigFile {
@@ -197,9 +191,9 @@ impl ConfigFile {
             file.tables.insert(sub_name, flags);
         }
         if doc.contains_key("agent") {
-            let parsed: AgentTable =
-                toml::from_str(text).map_err(|e| invalid(e.to_string().trim_end().to_string()))?;
-            let agent = parsed.agent.expect("the key is there");
+            let agent = AgentConfig::parse_table(text)
+                .map_err(invalid)?
+                .expect("the key is there");
             agent.check().map_err(|e| match e {
                 // The agent's messages name the key from its table's root.
                 meterflow_ingest::config::ConfigError::Invalid(m) => invalid(format!("agent.{m}")),

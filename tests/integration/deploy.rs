@@ -697,12 +697,9 @@ fn check_brokers(docs: &[Value], mut brokers: BTreeSet<String>) {
         find(docs, "ConfigMap", "meterflow-agent").expect("agent config")["data"]["agent.toml"]
             .as_str()
             .expect("agent.toml");
-    let mut file: toml::Table = toml::from_str(text).expect("agent.toml parses");
-    let agent: meterflow_ingest::AgentConfig = file
-        .remove("agent")
-        .expect("agent.toml has an [agent] table")
-        .try_into()
-        .expect("its [agent] table is an agent config");
+    let agent = meterflow_ingest::AgentConfig::parse_table(text)
+        .expect("agent.toml parses")
+        .expect("agent.toml has an [agent] table");
     agent.check().expect("a valid agent config");
     brokers.insert(agent.brokers.expect("agent.toml names the brokers"));
     assert_eq!(brokers.len(), 1, "one Kafka for all: {brokers:?}");
