@@ -134,16 +134,8 @@ pub async fn lookup_ids(url: &str) -> Result<meterflow_schemas::RegistryIds> {
         .build()?;
     let mut ids = Vec::new();
     for v in versions() {
-        let body = serde_json::json!({"schema": v.id.source(), "schemaType": "AVRO"});
-        let answer = http
-            .post(format!("{base}/subjects/{}", v.subject))
-            .header("content-type", "application/vnd.schemaregistry.v1+json")
-            .json(&body)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the schema registry at {base}"))?;
-        let status = answer.status();
-        let json: serde_json::Value = answer.json().await.unwrap_or_default();
+        let (status, json) =
+            post_schema(&http, base, &format!("/subjects/{}", v.subject), &v).await?;
         if status.as_u16() == 404 {
             bail!(
                 "{} is not registered under {} in {base}; run `meterflow schemas register --registry {base}` first",
@@ -168,28 +160,38 @@ pub async fn lookup_ids(url: &str) -> Result<meterflow_schemas::RegistryIds> {
         .map_err(|e| anyhow::anyhow!("the registry's ids cannot be used: {e}"))
 }
 
+/// POSTs a schema version to `path` of the registry at `base`: the answer's status and JSON
+/// (`null` where the body is not JSON).
+async fn post_schema(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    v: &Version,
+) -> Result<(reqwest::StatusCode, serde_json::Value)> {
+    let body = serde_json::json!({"schema": v.id.source(), "schemaType": "AVRO"});
+    let answer = http
+        .post(format!("{base}{path}"))
+        .header("content-type", "application/vnd.schemaregistry.v1+json")
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the schema registry at {base}"))?;
+    let status = answer.status();
+    Ok((status, answer.json().await.unwrap_or_default()))
+}
+
 /// Registers every version in the registry at `url`; returns (subject, file, registry id).
 pub async fn register(url: &str) -> Result<Vec<(String, &'static str, i64)>> {
     let base = url.trim_end_matches('/');
     let http = reqwest::Client::new();
     let mut out = Vec::new();
     for v in versions() {
-        let body = serde_json::json!({"schema": v.id.source(), "schemaType": "AVRO"});
-        let compatibility = http
-            .post(format!(
-                "{base}/compatibility/subjects/{}/versions/latest",
-                v.subject
-            ))
-            .header("content-type", "application/vnd.schemaregistry.v1+json")
-            .json(&body)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the schema registry at {base}"))?;
-        match compatibility.status().as_u16() {
+        let path = format!("/compatibility/subjects/{}/versions/latest", v.subject);
+        let (status, answer) = post_schema(&http, base, &path, &v).await?;
+        match status.as_u16() {
             // No version under the subject yet: nothing to be compatible with.
             404 => {}
             200 => {
-                let answer: serde_json::Value = compatibility.json().await?;
                 if answer["is_compatible"] != true {
                     bail!(
                         "the registry refuses {} under {}: not compatible with its latest version ({answer})",
@@ -198,21 +200,13 @@ pub async fn register(url: &str) -> Result<Vec<(String, &'static str, i64)>> {
                     );
                 }
             }
-            status => bail!(
-                "the registry answered {status} to the compatibility check of {}: {}",
-                v.subject,
-                compatibility.text().await.unwrap_or_default()
+            _ => bail!(
+                "the registry answered {status} to the compatibility check of {}: {answer}",
+                v.subject
             ),
         }
-        let registered = http
-            .post(format!("{base}/subjects/{}/versions", v.subject))
-            .header("content-type", "application/vnd.schemaregistry.v1+json")
-            .json(&body)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the schema registry at {base}"))?;
-        let status = registered.status();
-        let answer: serde_json::Value = registered.json().await.unwrap_or_default();
+        let path = format!("/subjects/{}/versions", v.subject);
+        let (status, answer) = post_schema(&http, base, &path, &v).await?;
         let Some(id) = answer["id"].as_i64().filter(|_| status.is_success()) else {
             bail!(
                 "the registry answered {status} to registering {} under {}: {answer}",

@@ -6,7 +6,6 @@
 
 use std::time::{Duration, Instant};
 
-use meterflow::broker::{self, BrokerConfig};
 use meterflow_schemas::{Record, SampleBatch, SampleKind, metrics as m, topics as names};
 
 const PODS: &str = include_str!("../../ingest/src/sources/fixtures/kubelet-pods.json");
@@ -20,12 +19,7 @@ fn write(dir: &std::path::Path, file: &str, text: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_agent_from_its_config_file_sends_attributed_batches() {
-    let broker = broker::start(BrokerConfig {
-        listen: "127.0.0.1:0".parse().expect("literal"),
-        storage: "memory".into(),
-    })
-    .await
-    .expect("embedded broker starts");
+    let broker = crate::common::memory_broker().await;
     let brokers = broker.bootstrap();
 
     // The kubelet.

@@ -247,18 +247,12 @@ async fn completions_cover_every_subcommand() {
 /// start, saying how to register them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_carry_the_registry_ids_on_the_wire() {
-    use meterflow::broker::{self, BrokerConfig};
     use meterflow_schemas::{Record, SampleBatch, UsageUpdate, topics};
 
     use crate::common::{KillOnDrop, read_topic, spawn_processor, terminate};
 
     let registry = serve(Shared::default()).await;
-    let broker = broker::start(BrokerConfig {
-        listen: "127.0.0.1:0".parse().expect("literal"),
-        storage: "memory".into(),
-    })
-    .await
-    .expect("embedded broker starts");
+    let broker = crate::common::memory_broker().await;
     let brokers = broker.bootstrap();
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = dir.path().join("spool");

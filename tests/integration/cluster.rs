@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use meterflow::broker::{self, BrokerConfig, EmbeddedBroker};
+use meterflow::broker::EmbeddedBroker;
 use meterflow::topics::{self, TopicsConfig};
 use meterflow_ingest::{Fleet, FleetConfig, Publisher};
 use meterflow_schemas::{BillingRecord, Record, UsageUpdate, topics as names};
@@ -25,12 +25,7 @@ async fn broker_with_fleet() -> (
     EmbeddedBroker,
     BTreeMap<(String, String, String, String), i64>,
 ) {
-    let broker = broker::start(BrokerConfig {
-        listen: "127.0.0.1:0".parse().expect("literal"),
-        storage: "memory".into(),
-    })
-    .await
-    .expect("embedded broker starts");
+    let broker = crate::common::memory_broker().await;
     topics::ensure(
         &broker.bootstrap(),
         &TopicsConfig {

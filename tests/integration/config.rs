@@ -5,8 +5,6 @@
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use meterflow::broker::{self, BrokerConfig};
-
 use crate::common::terminate;
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/meterflow.example.toml");
@@ -223,12 +221,7 @@ fn kafka_properties_reach_every_client() {
 /// A sink started from a file alone (and one variable) serves on the file's address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_runs_from_the_config_file() {
-    let broker = broker::start(BrokerConfig {
-        listen: "127.0.0.1:0".parse().expect("literal"),
-        storage: "memory".into(),
-    })
-    .await
-    .expect("embedded broker starts");
+    let broker = crate::common::memory_broker().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use meterflow::broker::{self, BrokerConfig};
+use meterflow::broker;
 use meterflow::topics::{self, TopicsConfig};
 use meterflow_ingest::{Fleet, FleetConfig, Publisher};
 use meterflow_processor::PriceBook;
@@ -78,12 +78,7 @@ fn billed(brokers: &str) -> (GpuMs, Vec<Found>) {
 
 /// The embedded broker in memory, with the topics at [`PARTITIONS`] partitions.
 async fn broker_with_topics() -> (broker::EmbeddedBroker, String) {
-    let broker = broker::start(BrokerConfig {
-        listen: "127.0.0.1:0".parse().expect("literal"),
-        storage: "memory".into(),
-    })
-    .await
-    .expect("embedded broker starts");
+    let broker = crate::common::memory_broker().await;
     let brokers = broker.bootstrap();
     topics::ensure(
         &brokers,

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use meterflow::broker::{self, BrokerConfig, EmbeddedBroker};
+use meterflow::broker::EmbeddedBroker;
 use meterflow::topics::{self, TopicsConfig};
 use meterflow_processor::ProcessorConfig;
 use meterflow_sink::auth::{Auth, Claims, SigningKey, mint, now_s};
@@ -80,12 +80,7 @@ impl Pipeline {
 
     /// [`Pipeline::start`] with the sink's request-rate `limits`.
     pub async fn start_limited(partitions: i32, workers: usize, limits: Limits) -> Self {
-        let broker = broker::start(BrokerConfig {
-            listen: "127.0.0.1:0".parse().expect("literal"),
-            storage: "memory".into(),
-        })
-        .await
-        .expect("embedded broker starts");
+        let broker = memory_broker().await;
         let brokers = broker.bootstrap();
         topics::ensure(
             &brokers,
@@ -357,6 +352,16 @@ pub fn terminate(child: &std::process::Child) {
         .status()
         .expect("kill runs");
     assert!(stopped.success(), "SIGTERM to {}", child.id());
+}
+
+/// The embedded broker in memory on a free loopback port.
+pub async fn memory_broker() -> meterflow::broker::EmbeddedBroker {
+    meterflow::broker::start(meterflow::broker::BrokerConfig {
+        listen: "127.0.0.1:0".parse().expect("literal"),
+        storage: "memory".into(),
+    })
+    .await
+    .expect("embedded broker starts")
 }
 
 /// A child process killed when the test lets go of it, even on a failed assertion (a child
