@@ -60,6 +60,15 @@ pub fn storage_url(storage: &str) -> Result<Url> {
 
 /// Starts the broker and returns once it accepts connections.
 pub async fn start(config: BrokerConfig) -> Result<EmbeddedBroker> {
+    start_behind(config, None).await
+}
+
+/// As [`start`], telling clients to connect to `advertised` instead of the listen address
+/// (a proxy in front of the broker, as the fault tests put one).
+pub async fn start_behind(
+    config: BrokerConfig,
+    advertised: Option<SocketAddr>,
+) -> Result<EmbeddedBroker> {
     let storage = storage_url(&config.storage)?;
     let addr = if config.listen.port() == 0 {
         // tansu binds the port it is given; find a free one first.
@@ -69,6 +78,7 @@ pub async fn start(config: BrokerConfig) -> Result<EmbeddedBroker> {
         config.listen
     };
     let listener = Url::parse(&format!("tcp://{addr}"))?;
+    let advertised = Url::parse(&format!("tcp://{}", advertised.unwrap_or(addr)))?;
     let mut broker = tansu_broker::broker::Broker::<
         tansu_broker::coordinator::group::administrator::Controller<
             tansu_storage::StorageContainer,
@@ -80,7 +90,7 @@ pub async fn start(config: BrokerConfig) -> Result<EmbeddedBroker> {
     .incarnation_id(uuid::Uuid::from_u128(
         u128::from(std::process::id()) << 64 | addr.port() as u128,
     ))
-    .advertised_listener(listener.clone())
+    .advertised_listener(advertised)
     .storage(storage.clone())
     .listener(listener)
     .silent(true)

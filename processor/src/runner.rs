@@ -310,6 +310,23 @@ fn run_once(
     first_error.map_or(Ok(()), Err)
 }
 
+/// Errors a consumer recovers from by itself: the brokers out of reach for a while.
+fn transient(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            Code::AllBrokersDown
+                | Code::BrokerTransportFailure
+                | Code::NetworkException
+                | Code::RequestTimedOut
+                | Code::OperationTimedOut
+                | Code::LeaderNotAvailable
+                | Code::NotLeaderForPartition
+        )
+    )
+}
+
 /// Reads the billing records written after the last checkpoint back into the store, so that
 /// what was billed before a crash is billed once. Returns each billing partition's end: every
 /// record below it is now reflected in the store.
@@ -399,6 +416,12 @@ fn read_back_billing(
             None => continue,
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 at_end.insert(p);
+                continue;
+            }
+            // librdkafka reconnects by itself; a broker unreachable for a moment must not stop
+            // the processor (a fault test cutting connections found it did).
+            Some(Err(e)) if transient(&e) => {
+                warn!(error = %e, "billing read-back: Kafka unreachable for now; retrying");
                 continue;
             }
             Some(Err(e)) => return Err(kafka("read billing")(e)),
@@ -1155,6 +1178,9 @@ fn read_alert_ids(
             None => {}
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 at_end.insert(p);
+            }
+            Some(Err(e)) if transient(&e) => {
+                warn!(error = %e, "alerts read-back: Kafka unreachable for now; retrying");
             }
             Some(Err(e)) => return Err(kafka("read alerts")(e)),
             Some(Ok(m)) => match Alert::decode(m.payload().unwrap_or_default()) {

@@ -93,20 +93,21 @@ fn wait_all(mut children: Vec<Child>) {
 
 /// The final value of every usage record id, and the net billed quantity per billing key.
 #[allow(clippy::type_complexity)]
-fn outputs(
+pub fn outputs(
     brokers: &str,
+    partitions: i32,
 ) -> (
     BTreeMap<String, (i64, i64, i64)>,
     BTreeMap<(String, String, String, i64), i64>,
 ) {
     let mut usage = BTreeMap::new();
     // Records of one id are on one partition, in order.
-    for (_, _, bytes) in read_topic_at(brokers, names::USAGE, PARTITIONS, 1) {
+    for (_, _, bytes) in read_topic_at(brokers, names::USAGE, partitions, 1) {
         let u = UsageUpdate::decode(&bytes).expect("usage updates decode");
         usage.insert(u.id, (u.amount, u.coverage_ms, u.present_ms));
     }
     let mut billed = BTreeMap::new();
-    for (_, _, bytes) in read_topic_at(brokers, names::BILLING, PARTITIONS, 1) {
+    for (_, _, bytes) in read_topic_at(brokers, names::BILLING, partitions, 1) {
         let r = BillingRecord::decode(&bytes).expect("billing records decode");
         *billed
             .entry((r.tenant, r.lease, r.item, r.window_start_ms))
@@ -163,8 +164,8 @@ async fn two_processes_give_the_same_results_as_one() {
         .collect();
     wait_all(cluster);
 
-    let (usage_one, billed_one) = outputs(&one.bootstrap());
-    let (usage_two, billed_two) = outputs(&two.bootstrap());
+    let (usage_one, billed_one) = outputs(&one.bootstrap(), PARTITIONS);
+    let (usage_two, billed_two) = outputs(&two.bootstrap(), PARTITIONS);
     assert!(usage_one.len() > 100, "{} usage records", usage_one.len());
     assert!(!billed_one.is_empty(), "closed windows were billed");
     assert_eq!(usage_one, usage_two, "the same final usage per record id");
@@ -206,7 +207,7 @@ async fn a_replay_rebuilds_state_without_billing_twice() {
     let brokers = broker.bootstrap();
     let dir = tempfile::tempdir().expect("temp dir");
     wait_all(vec![processor(&brokers, &dir.path().join("live"), &[])]);
-    let (usage, billed) = outputs(&brokers);
+    let (usage, billed) = outputs(&brokers, PARTITIONS);
     let billing_records = read_topic_at(&brokers, names::BILLING, PARTITIONS, 1).len();
     let samples = read_topic_at(&brokers, names::SAMPLES, PARTITIONS, 1);
     assert!(billing_records > 0 && !samples.is_empty());
@@ -236,7 +237,7 @@ async fn a_replay_rebuilds_state_without_billing_twice() {
         )),
         "{stdout}"
     );
-    let (usage_after, billed_after) = outputs(&brokers);
+    let (usage_after, billed_after) = outputs(&brokers, PARTITIONS);
     assert_eq!(usage_after, usage, "the same final usage per record id");
     assert_eq!(billed_after, billed, "the same net billed quantity");
     assert_eq!(

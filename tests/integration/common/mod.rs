@@ -364,6 +364,67 @@ pub async fn memory_broker() -> meterflow::broker::EmbeddedBroker {
     .expect("embedded broker starts")
 }
 
+/// A TCP proxy on loopback the test controls: [`Proxy::cut`] closes every connection through
+/// it and refuses new ones until [`Proxy::restore`].
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Forwards connections to `listener` on to `upstream`.
+    pub fn start(listener: tokio::net::TcpListener, upstream: std::net::SocketAddr) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let addr = listener.local_addr().expect("the proxy's address");
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let connections = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accept = tokio::spawn({
+            let (open, connections) = (open.clone(), connections.clone());
+            async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if !open.load(Ordering::SeqCst) {
+                        continue; // dropped: the client sees its connection closed
+                    }
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                    connections.lock().expect("connections").push(task);
+                }
+            }
+        });
+        Proxy {
+            addr,
+            open,
+            connections,
+            accept,
+        }
+    }
+
+    /// Closes every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for task in self.connections.lock().expect("connections").drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
 /// A child process killed when the test lets go of it, even on a failed assertion (a child
 /// left running holds the test's stderr, and a piped `cargo test` waits on it).
 pub struct KillOnDrop(pub std::process::Child);
