@@ -21,7 +21,7 @@ const TICK_MS: i64 = 15_000;
 const TICKS: i64 = 80;
 const PARTITIONS: i32 = 4;
 
-async fn broker_with_fleet() -> (
+pub async fn broker_with_fleet() -> (
     EmbeddedBroker,
     BTreeMap<(String, String, String, String), i64>,
 ) {
@@ -56,7 +56,7 @@ async fn broker_with_fleet() -> (
     (broker, truth)
 }
 
-fn processor(brokers: &str, state: &Path, extra: &[String]) -> Child {
+pub fn processor(brokers: &str, state: &Path, extra: &[String]) -> Child {
     let mut flags: Vec<String> = [
         "--billing-window",
         "5m",
@@ -73,7 +73,7 @@ fn processor(brokers: &str, state: &Path, extra: &[String]) -> Child {
 }
 
 /// Waits for every child to exit successfully.
-fn wait_all(mut children: Vec<Child>) {
+pub fn wait_all(mut children: Vec<Child>) {
     let deadline = Instant::now() + Duration::from_secs(180);
     while !children.is_empty() {
         assert!(

@@ -784,3 +784,146 @@ async fn connections_cut_and_restored_lose_and_duplicate_nothing() {
     broker.stop();
     clean.stop();
 }
+
+/// The sink SIGKILLed six times while it builds its views from a usage topic of 7,500 records
+/// (each time its stored offsets pass another seventh), then started once more: it serves every tenant's usage (per lease,
+/// per minute) exactly as a sink that was never killed serves it. Its offsets are stored in the
+/// same RocksDB write as the data, so an update is applied once or not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_killed_again_and_again_serves_what_an_unkilled_one_serves() {
+    let (broker, _) = crate::cluster::broker_with_fleet().await;
+    let brokers = broker.bootstrap();
+    let dir = tempfile::tempdir().expect("tempdir");
+    crate::cluster::wait_all(vec![crate::cluster::processor(
+        &brokers,
+        &dir.path().join("state"),
+        &[],
+    )]);
+    let usage = read_topic_at(&brokers, names::USAGE, PARTITIONS, 1);
+    let tenants: BTreeSet<String> = usage
+        .iter()
+        .map(|(_, _, b)| {
+            meterflow_schemas::UsageUpdate::decode(b)
+                .expect("usage")
+                .tenant
+        })
+        .filter(|t| !t.is_empty())
+        .collect();
+    assert!(
+        usage.len() > 1_000 && !tenants.is_empty(),
+        "{} records",
+        usage.len()
+    );
+
+    let secret = dir.path().join("jwt-secret");
+    std::fs::write(&secret, crate::common::SECRET).expect("secret");
+    let sink = |data: &Path, port: u16| {
+        KillOnDrop(
+            std::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
+                .args(["sink", "--brokers", &brokers, "--partitions", "4"])
+                .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+                .arg(data)
+                .arg("--jwt-secret-file")
+                .arg(&secret)
+                .env("MF_LOG", "error")
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("sink starts"),
+        )
+    };
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
+    };
+    let killed_data = dir.path().join("killed");
+    // Each start is killed once its views pass another seventh of the records, so the kills
+    // land while it applies (a restart goes on from what the last one stored).
+    let stored_by = |port: u16| async move {
+        let status = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{port}/v1/status"))
+            .bearer_auth(crate::common::token(""))
+            .send()
+            .await;
+        match status {
+            Ok(r) => r.json::<serde_json::Value>().await.unwrap_or_default()["consumed_offsets"]
+                [names::USAGE]
+                .as_object()
+                .map_or(0, |o| o.values().filter_map(|v| v.as_i64()).sum::<i64>()),
+            Err(_) => 0,
+        }
+    };
+    let total = usage.len() as i64;
+    let mut mid_way = 0;
+    for k in 1..=6 {
+        let port = free_port();
+        let mut s = sink(&killed_data, port);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let stored = loop {
+            let stored = stored_by(port).await;
+            if stored >= total * k / 7 {
+                break stored;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sink stored {stored} records"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        s.0.kill().expect("SIGKILL");
+        s.0.wait().expect("reaped");
+        println!("killed with {stored} of {total} records stored");
+        mid_way += usize::from(stored < total);
+    }
+    assert!(mid_way >= 3, "only {mid_way} kills landed before the end");
+    let (killed_port, clean_port) = (free_port(), free_port());
+    let _killed = sink(&killed_data, killed_port);
+    let _clean = sink(&dir.path().join("clean"), clean_port);
+
+    let operator = crate::common::token("");
+    let answer = |port: u16, tenant: &str| {
+        let url = format!(
+            "http://127.0.0.1:{port}/v1/tenants/{tenant}/usage?from=2026-01-01T00:00:00Z&to=2026-01-01T01:00:00Z&window=minute&group_by=lease"
+        );
+        let operator = operator.clone();
+        async move { crate::common::get_as(&url, &operator).await }
+    };
+    // Both have stored every record once their next offsets reach the topic's ends.
+    let mut ends: BTreeMap<String, i64> = BTreeMap::new();
+    for (partition, offset, _) in &usage {
+        let end = ends.entry(partition.to_string()).or_insert(0);
+        *end = (*end).max(offset + 1);
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for port in [killed_port, clean_port] {
+        let url = format!("http://127.0.0.1:{port}/v1/status");
+        loop {
+            let answer = reqwest::Client::new()
+                .get(&url)
+                .bearer_auth(&operator)
+                .send()
+                .await;
+            let status: serde_json::Value = match answer {
+                Ok(r) => r.json().await.unwrap_or_default(),
+                Err(_) => serde_json::Value::Null, // not listening yet
+            };
+            let stored = &status["consumed_offsets"][names::USAGE];
+            if ends.iter().all(|(p, end)| stored[p].as_i64() == Some(*end)) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "not caught up: {status}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    for tenant in &tenants {
+        let (a, b) = (
+            answer(killed_port, tenant).await,
+            answer(clean_port, tenant).await,
+        );
+        assert_eq!(a.0, 200, "{}", a.1);
+        assert!(a.1.contains("gpu_seconds"), "{}", a.1);
+        assert_eq!(a, b, "{tenant}: the killed sink and the clean one differ");
+    }
+    broker.stop();
+}

@@ -195,7 +195,7 @@ pub async fn get_as(url: &str, token: &str) -> (u16, String) {
     let r = request
         .send()
         .await
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        .unwrap_or_else(|e| panic!("GET {url}: {e} ({e:?})"));
     let status = r.status().as_u16();
     let is_feed = r
         .headers()
@@ -250,7 +250,7 @@ impl Feed {
         let response = request
             .send()
             .await
-            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+            .unwrap_or_else(|e| panic!("GET {url}: {e} ({e:?})"));
         assert_eq!(response.status(), 200, "{url}");
         assert_eq!(
             response
