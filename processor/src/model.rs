@@ -444,9 +444,38 @@ fn reject(reason: &'static str, detail: String) -> Result<Option<Observation>, R
     Err(Rejection { reason, detail })
 }
 
+/// The longest identity value a sample may carry, in bytes (a Kubernetes object name is at
+/// most 253; a container id 64 hex digits). Longer ones go to the dead-letter topic: they
+/// would be kept in every aggregate's key and every output record.
+pub const MAX_LABEL_BYTES: usize = 256;
+
 /// Validates a sample and turns it into an observation; `Ok(None)` for metrics this version
 /// of the processor does not aggregate yet.
 pub fn observe(s: &Sample) -> Result<Option<Observation>, Rejection> {
+    let id = &s.series;
+    let labels = [
+        ("tenant", &id.tenant),
+        ("lease", &id.lease),
+        ("service", &id.service),
+        ("replica", &id.replica),
+        ("node", &id.node),
+        ("provider", &id.provider),
+        ("container_id", &id.container_id),
+        ("gpu_uuid", &id.gpu_uuid),
+        ("gpu_model", &id.gpu_model),
+        ("gpu_class", &id.gpu_class),
+        ("mig_profile", &id.mig_profile),
+        ("metric", &s.metric),
+    ];
+    if let Some((name, value)) = labels.iter().find(|(_, v)| v.len() > MAX_LABEL_BYTES) {
+        return reject(
+            "label_too_long",
+            format!(
+                "{name} is {} bytes, over the limit of {MAX_LABEL_BYTES}",
+                value.len()
+            ),
+        );
+    }
     if !s.value.is_finite() {
         return reject(
             "non_finite_value",
@@ -475,6 +504,12 @@ pub fn observe(s: &Sample) -> Result<Option<Observation>, Rejection> {
                     "a GPU allocation needs started_at_ms".into(),
                 );
             };
+            if started_at_ms < 0 {
+                return reject(
+                    "before_epoch",
+                    format!("started_at_ms {started_at_ms} is before 1970"),
+                );
+            }
             if let Some(f) = s.finished_at_ms
                 && f < started_at_ms
             {
@@ -614,6 +649,16 @@ mod tests {
             r(sample(SampleKind::Gauge, "memory_working_set_bytes", 1e300)),
             "value_too_large"
         );
+        let mut s = sample(SampleKind::Gauge, "memory_working_set_bytes", 1.0);
+        s.series.tenant = "t".repeat(MAX_LABEL_BYTES);
+        assert!(observe(&s).is_ok(), "at the limit");
+        s.series.lease = "l".repeat(1 << 20);
+        let e = observe(&s).expect_err("a megabyte lease");
+        assert_eq!(e.reason, "label_too_long");
+        assert!(e.detail.contains("lease is 1048576 bytes"), "{}", e.detail);
+        let mut s = sample(SampleKind::Allocation, "gpu", 1.0);
+        s.started_at_ms = Some(-1);
+        assert_eq!(r(s), "before_epoch");
     }
 
     #[test]

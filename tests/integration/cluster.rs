@@ -107,7 +107,8 @@ pub fn outputs(
         usage.insert(u.id, (u.amount, u.coverage_ms, u.present_ms));
     }
     let mut billed = BTreeMap::new();
-    for (_, _, bytes) in read_topic_at(brokers, names::BILLING, partitions, 1) {
+    // Read once the processors are done: what is there is all there will be (maybe nothing).
+    for (_, _, bytes) in read_topic_at(brokers, names::BILLING, partitions, 0) {
         let r = BillingRecord::decode(&bytes).expect("billing records decode");
         *billed
             .entry((r.tenant, r.lease, r.item, r.window_start_ms))

@@ -13,4 +13,5 @@ mod demo;
 mod deploy;
 mod docs;
 mod feeds;
+mod hostile;
 mod pipeline;

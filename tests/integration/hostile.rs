@@ -1,0 +1,165 @@
+//! Hostile samples among good ones: NaN and infinity, negative counters, timestamps before
+//! 1970 and far in the future, a label value of 100 KB, a fractional GPU count, a value too
+//! large for the aggregates. Each lands in `meterflow.deadletter` with its reason, and the
+//! rest of the stream comes out exactly as it does without them: the same final value for
+//! every usage record and the same net billed quantity per key.
+
+use std::collections::BTreeMap;
+
+use meterflow::topics::{self, TopicsConfig};
+use meterflow_ingest::Publisher;
+use meterflow_schemas::{DeadLetter, Record, Sample, SampleBatch, SampleKind, topics as names};
+
+use crate::cluster::{outputs, processor, wait_all};
+use crate::common::{memory_broker, read_topic};
+
+const PARTITIONS: i32 = 4;
+
+/// Each hostile sample, made from a good one of the same batch, with the reason it must get.
+fn hostile(good: &Sample) -> Vec<(Sample, &'static str)> {
+    let with = |f: &dyn Fn(&mut Sample)| {
+        let mut s = good.clone();
+        f(&mut s);
+        s
+    };
+    let counter = |s: &mut Sample| {
+        s.kind = SampleKind::Counter;
+        s.metric = "cpu_usage_seconds_total".into();
+        s.started_at_ms = None;
+        s.finished_at_ms = None;
+    };
+    let year_ms = 365 * 86_400_000;
+    vec![
+        (
+            with(&|s| {
+                counter(s);
+                s.value = f64::NAN;
+            }),
+            "non_finite_value",
+        ),
+        (
+            with(&|s| {
+                counter(s);
+                s.value = f64::INFINITY;
+            }),
+            "non_finite_value",
+        ),
+        (
+            with(&|s| {
+                counter(s);
+                s.value = -3.0;
+            }),
+            "negative_counter",
+        ),
+        // Before 1970 is also before its agent's watermark, once there is one: `too_late` then.
+        (with(&|s| s.timestamp_ms = -1), "before_epoch|too_late"),
+        (
+            with(&|s| s.timestamp_ms = meterflow_processor::now_ms() + year_ms),
+            "far_future",
+        ),
+        (
+            with(&|s| s.series.lease = "x".repeat(100_000)),
+            "label_too_long",
+        ),
+        (
+            with(&|s| {
+                s.kind = SampleKind::Allocation;
+                s.metric = "gpu".into();
+                s.value = 0.5;
+                s.started_at_ms = Some(s.timestamp_ms);
+                s.finished_at_ms = None;
+            }),
+            "bad_gpu_count",
+        ),
+        (
+            with(&|s| {
+                s.kind = SampleKind::Gauge;
+                s.metric = "memory_working_set_bytes".into();
+                s.value = 1e300;
+            }),
+            "value_too_large",
+        ),
+    ]
+}
+
+async fn run(batches: &[SampleBatch]) -> (meterflow::broker::EmbeddedBroker, tempfile::TempDir) {
+    let broker = memory_broker().await;
+    topics::ensure(
+        &broker.bootstrap(),
+        &TopicsConfig {
+            partitions: PARTITIONS,
+            replication: 1,
+        },
+    )
+    .await
+    .expect("topics");
+    let publisher = Publisher::new(&broker.bootstrap()).expect("publisher");
+    for b in batches {
+        publisher.publish(b).await.expect("published");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let brokers = broker.bootstrap();
+    let state = dir.path().join("state");
+    tokio::task::spawn_blocking(move || {
+        // Four partitions, as `processor` creates them.
+        wait_all(vec![processor(&brokers, &state, &[])])
+    })
+    .await
+    .expect("processor");
+    (broker, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_samples_are_dead_lettered_with_a_reason_and_the_rest_is_untouched() {
+    let good = crate::pipeline::batches();
+    let mut expected: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut mixed = good.clone();
+    for batch in &mut mixed {
+        let first = batch.samples[0].clone();
+        // Hostile samples between the good ones, on the same series.
+        for (i, (sample, reason)) in hostile(&first).into_iter().enumerate() {
+            *expected.entry(reason).or_default() += 1;
+            let at = (i * 2 + 1).min(batch.samples.len());
+            batch.samples.insert(at, sample);
+        }
+    }
+
+    let (clean, _clean_dir) = run(&good).await;
+    let (attacked, _attacked_dir) = run(&mixed).await;
+    let (clean_b, attacked_b) = (clean.bootstrap(), attacked.bootstrap());
+    let ((clean_usage, clean_billed), (usage, billed), dead, clean_dead) =
+        tokio::task::spawn_blocking(move || {
+            (
+                outputs(&clean_b, PARTITIONS),
+                outputs(&attacked_b, PARTITIONS),
+                read_topic(&attacked_b, names::DEADLETTER, PARTITIONS, 1),
+                read_topic(&clean_b, names::DEADLETTER, PARTITIONS, 0),
+            )
+        })
+        .await
+        .expect("read");
+    assert!(clean_dead.is_empty(), "good samples are not dead letters");
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    for bytes in &dead {
+        let d = DeadLetter::decode(bytes).expect("a dead letter");
+        assert!(!d.detail.is_empty(), "{} without a detail", d.reason);
+        let reason = expected
+            .keys()
+            .find(|r| r.split('|').any(|one| one == d.reason))
+            .map_or(d.reason.clone(), |r| r.to_string());
+        *reasons.entry(reason).or_default() += 1;
+    }
+    let expected: BTreeMap<String, usize> = expected
+        .into_iter()
+        .map(|(r, n)| (r.to_string(), n))
+        .collect();
+    assert_eq!(
+        reasons, expected,
+        "one dead letter per hostile sample, with its reason"
+    );
+    assert!(!clean_usage.is_empty());
+    assert_eq!(usage, clean_usage, "the same final usage per record id");
+    assert_eq!(billed, clean_billed, "the same net billed quantity per key");
+    clean.stop();
+    attacked.stop();
+}
