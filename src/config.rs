@@ -176,6 +176,12 @@ impl ConfigFile {
             let mut flags = BTreeMap::new();
             for (name, value) in entries {
                 let Some(arg) = flag(sub, name) else {
+                    if name.contains('-') && flag(sub, &name.replace('-', "_")).is_some() {
+                        return Err(invalid(format!(
+                            "[{key}] {name}: keys are written with `_`: {}",
+                            name.replace('-', "_")
+                        )));
+                    }
                     return Err(invalid(format!(
                         "[{key}] {name}: `meterflow {sub_name}` has no flag --{}; its flags: {}",
                         name.replace('_', "-"),

@@ -142,6 +142,8 @@ fn mistakes_in_the_file_are_refused_naming_the_key() {
         e.contains("[processor] worker: `meterflow processor` has no flag --worker; its flags: brokers, workers"),
         "{e}"
     );
+    let e = try_file("[processor]\nstate-dir = \"/x\"\n");
+    assert!(e.contains("keys are written with `_`: state_dir"), "{e}");
     let e = try_file("[processor]\nwindow = \"a minute\"\n");
     assert!(
         e.contains(
