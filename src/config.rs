@@ -211,13 +211,15 @@ impl ConfigFile {
     }
 
     /// The values the file gives a component's flag (`key` as written in the file). A replay
-    /// takes the processor's settings where `[replay]` does not set them: both must compute
-    /// the same numbers.
+    /// takes the processor's settings where `[replay]` does not set them, since both must
+    /// compute the same numbers, but never its state directory or metrics address: a replay
+    /// builds new state beside it.
     fn values(&self, sub: &str, key: &str) -> Option<(&Vec<String>, Origin)> {
         if let Some(v) = self.tables.get(sub).and_then(|t| t.get(key)) {
             return Some((v, Origin::Table(sub.to_string())));
         }
         if sub == "replay"
+            && !["state_dir", "metrics_listen"].contains(&key)
             && let Some(v) = self.tables.get("processor").and_then(|t| t.get(key))
         {
             return Some((v, Origin::Table("processor".into())));

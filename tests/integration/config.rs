@@ -64,6 +64,7 @@ fn the_example_file_configures_every_component() {
     let replay = stdout(&meterflow(&["--config", EXAMPLE, "config", "replay"], &[]));
     assert!(replay.contains("billing_window = \"1h\"  # config [processor]"));
     assert!(replay.contains("state_dir = \"/var/lib/meterflow/replay\"  # config [replay]"));
+    assert!(replay.contains("metrics_listen = (unset)"), "{replay}");
     let agent = stdout(&meterflow(&["--config", EXAMPLE, "config", "agent"], &[]));
     assert!(
         agent.contains("# [agent]: this node")
@@ -81,7 +82,7 @@ fn the_command_line_beats_the_environment_beats_the_file() {
     let file = dir.path().join("meterflow.toml");
     std::fs::write(
         &file,
-        "brokers = \"top:9092\"\n[processor]\nworkers = 3\n[sink]\nbrokers = \"sink-only:9092\"\n",
+        "brokers = \"top:9092\"\n[processor]\nworkers = 3\nstate_dir = \"/p\"\n[sink]\nbrokers = \"sink-only:9092\"\n",
     )
     .expect("file");
     let path = file.to_str().expect("utf-8 path");
@@ -101,6 +102,16 @@ fn the_command_line_beats_the_environment_beats_the_file() {
         "brokers = \"top:9092\"  # config, top level"
     );
     assert_eq!(line(&from_file, "window"), "window = \"1m\"  # default");
+    // A replay shares the processor's settings, not its state.
+    let replay = stdout(&meterflow(&["--config", path, "config", "replay"], &[]));
+    assert_eq!(
+        line(&replay, "workers"),
+        "workers = 3  # config [processor]"
+    );
+    assert_eq!(
+        line(&replay, "state_dir"),
+        "state_dir = \"meterflow-replay-state\"  # default"
+    );
     // A component's table beats the top level.
     let sink = stdout(&meterflow(&["--config", path, "config", "sink"], &[]));
     assert_eq!(
