@@ -746,7 +746,13 @@ fn run_worker(
             worker_watermark_ms = worker_watermark_ms.max(watermark_ms);
         }
         changed_since_checkpoint |= fed > 0;
-        if !counted_caught_up && inputs.catching_up.is_empty() {
+        // A run that stops once caught up also waits for an epoch that found nothing more: a
+        // broker can report an end short of its last message (tansu does, by one), and the
+        // message past it would otherwise be left for the next run.
+        if !counted_caught_up
+            && inputs.catching_up.is_empty()
+            && (fed == 0 || !config.exit_when_caught_up)
+        {
             counted_caught_up = true;
             info!(worker = index, "caught up with the input");
         }
