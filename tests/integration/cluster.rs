@@ -9,7 +9,6 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use meterflow::broker::EmbeddedBroker;
-use meterflow::topics::{self, TopicsConfig};
 use meterflow_ingest::{Fleet, FleetConfig, Publisher};
 use meterflow_schemas::{BillingRecord, Record, UsageUpdate, topics as names};
 
@@ -26,15 +25,7 @@ pub async fn broker_with_fleet() -> (
     BTreeMap<(String, String, String, String), i64>,
 ) {
     let broker = crate::common::memory_broker().await;
-    topics::ensure(
-        &broker.bootstrap(),
-        &TopicsConfig {
-            partitions: PARTITIONS,
-            replication: 1,
-        },
-    )
-    .await
-    .expect("topics are created");
+    crate::common::ensure_topics(&broker.bootstrap(), PARTITIONS).await;
     let publisher = std::sync::Arc::new(Publisher::new(&broker.bootstrap()).expect("publisher"));
     let mut fleet = Fleet::new(
         FleetConfig {

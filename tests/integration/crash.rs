@@ -9,7 +9,6 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use meterflow::broker;
-use meterflow::topics::{self, TopicsConfig};
 use meterflow_ingest::{Fleet, FleetConfig, Publisher};
 use meterflow_processor::PriceBook;
 use meterflow_processor::model::BillingKey;
@@ -80,15 +79,7 @@ fn billed(brokers: &str) -> (GpuMs, Vec<Found>) {
 async fn broker_with_topics() -> (broker::EmbeddedBroker, String) {
     let broker = crate::common::memory_broker().await;
     let brokers = broker.bootstrap();
-    topics::ensure(
-        &brokers,
-        &TopicsConfig {
-            partitions: PARTITIONS,
-            replication: 1,
-        },
-    )
-    .await
-    .expect("topics are created");
+    crate::common::ensure_topics(&brokers, PARTITIONS).await;
     (broker, brokers)
 }
 
@@ -582,15 +573,7 @@ async fn connections_cut_and_restored_lose_and_duplicate_nothing() {
     .expect("embedded broker starts");
     let proxy = crate::common::Proxy::start(front, broker.addr);
     let brokers = proxy.addr.to_string();
-    topics::ensure(
-        &brokers,
-        &TopicsConfig {
-            partitions: PARTITIONS,
-            replication: 1,
-        },
-    )
-    .await
-    .expect("topics");
+    crate::common::ensure_topics(&brokers, PARTITIONS).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = dir.path().join("spool");
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")
@@ -722,15 +705,7 @@ async fn connections_cut_and_restored_lose_and_duplicate_nothing() {
 
     // The same samples, without a fault.
     let clean = crate::common::memory_broker().await;
-    topics::ensure(
-        &clean.bootstrap(),
-        &TopicsConfig {
-            partitions: PARTITIONS,
-            replication: 1,
-        },
-    )
-    .await
-    .expect("topics");
+    crate::common::ensure_topics(&clean.bootstrap(), PARTITIONS).await;
     let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", clean.bootstrap())
         .create()

@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 
-use meterflow::topics::{self, TopicsConfig};
 use meterflow_ingest::Publisher;
 use meterflow_schemas::{DeadLetter, Record, Sample, SampleBatch, SampleKind, topics as names};
 
@@ -84,15 +83,7 @@ fn hostile(good: &Sample) -> Vec<(Sample, &'static str)> {
 
 async fn run(batches: &[SampleBatch]) -> (meterflow::broker::EmbeddedBroker, tempfile::TempDir) {
     let broker = memory_broker().await;
-    topics::ensure(
-        &broker.bootstrap(),
-        &TopicsConfig {
-            partitions: PARTITIONS,
-            replication: 1,
-        },
-    )
-    .await
-    .expect("topics");
+    crate::common::ensure_topics(&broker.bootstrap(), PARTITIONS).await;
     let publisher = Publisher::new(&broker.bootstrap()).expect("publisher");
     for b in batches {
         publisher.publish(b).await.expect("published");

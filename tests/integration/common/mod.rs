@@ -354,6 +354,19 @@ pub fn terminate(child: &std::process::Child) {
     assert!(stopped.success(), "SIGTERM to {}", child.id());
 }
 
+/// Creates the pipeline's topics with `partitions` each, one replica.
+pub async fn ensure_topics(brokers: &str, partitions: i32) {
+    topics::ensure(
+        brokers,
+        &TopicsConfig {
+            partitions,
+            replication: 1,
+        },
+    )
+    .await
+    .expect("the topics are created");
+}
+
 /// The embedded broker in memory on a free loopback port.
 pub async fn memory_broker() -> meterflow::broker::EmbeddedBroker {
     meterflow::broker::start(meterflow::broker::BrokerConfig {
