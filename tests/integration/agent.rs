@@ -47,9 +47,7 @@ async fn a_node_agent_from_its_config_file_sends_attributed_batches() {
         write(&c, "memory.stat", "inactive_file 1000\n");
         write(&c, "io.stat", "259:0 rbytes=100 wbytes=200\n");
     }
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port");
+    let metrics = crate::common::free_addr();
     let config = dir.path().join("agent.toml");
     std::fs::write(
         &config,

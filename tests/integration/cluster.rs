@@ -3,7 +3,6 @@
 //! billed quantity per billing key, and GPU time equal to the fleet's ground truth.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -109,13 +108,6 @@ pub fn outputs(
     (usage, billed)
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_give_the_same_results_as_one() {
     let (one, truth) = broker_with_fleet().await;
@@ -133,7 +125,11 @@ async fn two_processes_give_the_same_results_as_one() {
     let hostfile = dir.path().join("hosts");
     std::fs::write(
         &hostfile,
-        format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port()),
+        format!(
+            "127.0.0.1:{}\n127.0.0.1:{}\n",
+            crate::common::free_addr().port(),
+            crate::common::free_addr().port()
+        ),
     )
     .expect("host file");
     let cluster: Vec<Child> = (0..2)

@@ -236,10 +236,7 @@ fn kafka_properties_reach_every_client() {
 async fn a_sink_runs_from_the_config_file() {
     let broker = crate::common::memory_broker().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = crate::common::free_addr().port();
     let secret = dir.path().join("jwt-secret");
     std::fs::write(&secret, [7u8; 48]).expect("secret");
     let file = dir.path().join("meterflow.toml");

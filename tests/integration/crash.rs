@@ -242,10 +242,7 @@ async fn billing_is_exactly_once_across_twenty_sigkills() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_whose_brokers_do_not_answer_waits_not_ready_and_stops_cleanly() {
     // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = crate::common::free_addr().port();
     let data = tempfile::tempdir().expect("temp dir");
     let shutdown = tokio_util::sync::CancellationToken::new();
     let sink = meterflow_sink::start(
@@ -315,10 +312,7 @@ async fn an_agent_killed_again_and_again_loses_nothing_and_never_reuses_a_sequen
         agent
     };
     // The last run serves its metrics and health.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = crate::common::free_addr().port();
     let runtime = tokio::runtime::Handle::current();
     let rounds = tokio::task::spawn_blocking({
         move || {
@@ -425,10 +419,7 @@ fn sequences_in_topic_and_spool(
 async fn a_broker_killed_and_restarted_mid_stream_loses_no_batch() {
     let dir = tempfile::tempdir().expect("broker dir");
     let spool = tempfile::tempdir().expect("spool dir");
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .to_string();
+    let addr = crate::common::free_addr().to_string();
     let bin = env!("CARGO_BIN_EXE_meterflow");
     // tansu resolves `sqlite://FILE` against its working directory.
     let (broker_dir, broker_addr) = (dir.path().to_path_buf(), addr.clone());
@@ -457,10 +448,7 @@ async fn a_broker_killed_and_restarted_mid_stream_loses_no_batch() {
     };
     let brokers = addr.clone();
     let spool_dir = spool.path().to_path_buf();
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .to_string();
+    let metrics = crate::common::free_addr().to_string();
     let broker = tokio::task::spawn_blocking(move || {
         let mut broker = start_broker();
         let mut agent = std::process::Command::new(bin)
@@ -576,9 +564,7 @@ async fn connections_cut_and_restored_lose_and_duplicate_nothing() {
     crate::common::ensure_topics(&brokers, PARTITIONS).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let spool = dir.path().join("spool");
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port");
+    let metrics = crate::common::free_addr();
     // Seconds-long windows, so that billing windows close within the run.
     let processing = [
         "--window",
@@ -806,12 +792,6 @@ async fn a_sink_killed_again_and_again_serves_what_an_unkilled_one_serves() {
                 .expect("sink starts"),
         )
     };
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port()
-    };
     let killed_data = dir.path().join("killed");
     // Each start is killed once its views pass another seventh of the records, so the kills
     // land while it applies (a restart goes on from what the last one stored).
@@ -832,7 +812,7 @@ async fn a_sink_killed_again_and_again_serves_what_an_unkilled_one_serves() {
     let total = usage.len() as i64;
     let mut mid_way = 0;
     for k in 1..=6 {
-        let port = free_port();
+        let port = crate::common::free_addr().port();
         let mut s = sink(&killed_data, port);
         let deadline = Instant::now() + Duration::from_secs(60);
         let stored = loop {
@@ -852,7 +832,10 @@ async fn a_sink_killed_again_and_again_serves_what_an_unkilled_one_serves() {
         mid_way += usize::from(stored < total);
     }
     assert!(mid_way >= 3, "only {mid_way} kills landed before the end");
-    let (killed_port, clean_port) = (free_port(), free_port());
+    let (killed_port, clean_port) = (
+        crate::common::free_addr().port(),
+        crate::common::free_addr().port(),
+    );
     let _killed = sink(&killed_data, killed_port);
     let _clean = sink(&dir.path().join("clean"), clean_port);
 

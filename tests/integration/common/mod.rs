@@ -367,6 +367,13 @@ pub async fn ensure_topics(brokers: &str, partitions: i32) {
     .expect("the topics are created");
 }
 
+/// A loopback address with a port free now (for a component the test starts to listen on).
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
 /// The embedded broker in memory on a free loopback port.
 pub async fn memory_broker() -> meterflow::broker::EmbeddedBroker {
     meterflow::broker::start(meterflow::broker::BrokerConfig {
