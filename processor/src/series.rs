@@ -12,7 +12,8 @@
 //! Both reading kinds are sums over consecutive pairs of readings, which is what makes a late
 //! reading cheap: it replaces one pair (its predecessor, its successor) with two.
 //! - counter: a reading adds its difference from its predecessor (all of it after a reset, or
-//!   with no predecessor) to its own window;
+//!   with no predecessor) to the window of the instant just before it: the use it reports
+//!   happened up to it, so a reading on a window boundary closes the window that ends there;
 //! - gauge: a reading is held from its timestamp to its successor's. If they are at most
 //!   `max_staleness` apart, each window they span gets the level × the overlap (`Total`) and
 //!   the overlap as observed time (`Observed`); a longer gap is not observed and adds nothing
@@ -94,8 +95,9 @@ fn pair(
     out: &mut Vec<WindowChange>,
 ) {
     match metric.kind() {
+        // The difference covers (previous, t]: it belongs to the window holding t - 1 ms.
         Kind::Counter => out.push((
-            rules.window(t),
+            rules.window(t - 1),
             Part::Total,
             sign * delta(previous.map(|(_, u)| u), units),
         )),
@@ -752,6 +754,24 @@ mod tests {
     }
 
     #[test]
+    fn a_reading_on_a_window_boundary_closes_the_window_that_ends_there() {
+        // Readings every 15 s from 0: the one at 60 s reports use from 45 s to 60 s, all of it
+        // in minute 0; the one at 120 s closes minute 1.
+        let mut s = Readings::default();
+        let usage = apply(
+            &mut s,
+            &[
+                (0, 0),
+                (15_000, 15),
+                (45_000, 45),
+                (60_000, 60),
+                (120_000, 120),
+            ],
+        );
+        assert_eq!(usage, BTreeMap::from([(0, 60), (MIN, 60)]));
+    }
+
+    #[test]
     fn a_late_reading_moves_usage_between_windows() {
         let mut s = Readings::default();
         let mut usage = apply(&mut s, &[(10_000, 100), (130_000, 900)]);
@@ -771,11 +791,11 @@ mod tests {
     fn the_larger_of_two_readings_at_one_time_wins_in_either_order() {
         let a = apply(
             &mut Readings::default(),
-            &[(0, 10), (1_000, 20), (1_000, 30), (2_000, 40)],
+            &[(1_000, 10), (2_000, 20), (2_000, 30), (3_000, 40)],
         );
         let b = apply(
             &mut Readings::default(),
-            &[(2_000, 40), (1_000, 30), (0, 10), (1_000, 20)],
+            &[(3_000, 40), (2_000, 30), (1_000, 10), (2_000, 20)],
         );
         assert_eq!(a, BTreeMap::from([(0, 40)]));
         assert_eq!(a, b);
