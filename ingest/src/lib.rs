@@ -31,4 +31,4 @@ pub use sources::{cgroup, simulator};
 pub use agent::{AgentError, RunConfig, SimulatedAgentConfig, SpoolConfig, run, run_simulated};
 pub use config::AgentConfig;
 pub use publisher::{PublishError, Publisher};
-pub use simulator::{Fleet, FleetConfig};
+pub use simulator::{ContainerTruth, Fleet, FleetConfig, GPU_WATTS, HeldGpu, memory_bytes};

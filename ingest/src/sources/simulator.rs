@@ -88,8 +88,8 @@ struct Workload {
     lease: String,
     service: &'static str,
     gpus: Vec<usize>,
-    /// CPU cores the container keeps busy.
-    cores: f64,
+    /// CPU cores the container keeps busy, in tenths.
+    cores_tenths: i64,
     restarts: u32,
     state: State,
 }
@@ -105,6 +105,36 @@ struct Node {
 /// Key of the ground truth: who used which kind of GPU.
 pub type GpuKey = (String, String, String, String);
 
+/// Power every simulated GPU draws while its container runs: its energy counter reads this
+/// many joules per second of the container's life.
+pub const GPU_WATTS: i64 = 300;
+
+/// One GPU a container holds, as the ground truth lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldGpu {
+    pub uuid: String,
+    pub class: String,
+    pub mig_profile: String,
+}
+
+/// Ground truth of one container the ticks have shown: who ran it where, what it held, how
+/// many cores it kept busy and from when to when. Its CPU counter reads `cores_tenths / 10`
+/// core-seconds per second of its life, each GPU's energy counter [`GPU_WATTS`] joules per
+/// second, its memory [`memory_bytes`] at each reading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerTruth {
+    pub node: String,
+    pub tenant: String,
+    pub lease: String,
+    pub container_id: String,
+    pub gpus: Vec<HeldGpu>,
+    pub cores_tenths: i64,
+    pub started_at_ms: i64,
+    /// Its finish, or the latest tick while it still runs.
+    pub until_ms: i64,
+    pub finished: bool,
+}
+
 /// The simulated fleet and its ground truth.
 #[derive(Debug, Clone)]
 pub struct Fleet {
@@ -113,6 +143,8 @@ pub struct Fleet {
     nodes: Vec<Node>,
     /// (tenant, lease, gpu_class, mig_profile) → GPU-milliseconds shown so far.
     gpu_ms: BTreeMap<GpuKey, i64>,
+    /// Every container shown so far, by id.
+    containers: BTreeMap<String, ContainerTruth>,
 }
 
 const PROVIDER: &str = "sim-provider";
@@ -152,7 +184,7 @@ impl Fleet {
                             "infer"
                         },
                         gpus,
-                        cores: 0.5 + rng.range(0, 30) as f64 / 10.0,
+                        cores_tenths: 5 + rng.range(0, 30),
                         restarts: 0,
                         state: State::Pending {
                             until_ms: start_ms + rng.range(0, 3_000),
@@ -172,6 +204,7 @@ impl Fleet {
             rng,
             nodes,
             gpu_ms: BTreeMap::new(),
+            containers: BTreeMap::new(),
         }
     }
 
@@ -179,32 +212,48 @@ impl Fleet {
     /// previous tick: an allocation sample per held GPU (with the container's start, and its
     /// finish once finished) and a CPU-seconds counter per container.
     pub fn tick(&mut self, now_ms: i64) -> Vec<SampleBatch> {
-        let mut batches = Vec::with_capacity(self.nodes.len());
-        for node in &mut self.nodes {
-            let mut samples = Vec::new();
-            for w in &mut node.workloads {
-                advance(
-                    &self.config,
-                    &mut self.rng,
-                    &node.name,
-                    &node.gpus,
-                    w,
-                    now_ms,
-                    &mut samples,
-                    &mut self.gpu_ms,
-                );
-            }
-            node.sequence += 1;
-            batches.push(SampleBatch {
-                node: node.name.clone(),
-                agent_id: format!("sim-{}", node.name),
-                sequence: node.sequence,
-                collected_at_ms: now_ms,
-                agent_version: env!("CARGO_PKG_VERSION").to_string(),
-                samples,
-            });
+        (0..self.nodes.len())
+            .map(|n| self.tick_node(n, now_ms))
+            .collect()
+    }
+
+    /// Advances node `index` alone to `now_ms`: the batch its agent collects then. A node not
+    /// ticked for a while (its agent was down) reports at its next tick every container that
+    /// ran meanwhile, as the container runtime keeps their records.
+    pub fn tick_node(&mut self, index: usize, now_ms: i64) -> SampleBatch {
+        let node = &mut self.nodes[index];
+        let mut samples = Vec::new();
+        for w in &mut node.workloads {
+            advance(
+                &self.config,
+                &mut self.rng,
+                &node.name,
+                &node.gpus,
+                w,
+                now_ms,
+                &mut samples,
+                (&mut self.gpu_ms, &mut self.containers),
+            );
         }
-        batches
+        node.sequence += 1;
+        SampleBatch {
+            node: node.name.clone(),
+            agent_id: format!("sim-{}", node.name),
+            sequence: node.sequence,
+            collected_at_ms: now_ms,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            samples,
+        }
+    }
+
+    /// Number of nodes.
+    pub fn nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Ground truth of every container the ticks have shown.
+    pub fn containers(&self) -> impl Iterator<Item = &ContainerTruth> {
+        self.containers.values()
     }
 
     /// Ground truth: GPU-milliseconds per (tenant, lease, gpu_class, mig_profile), counting every
@@ -263,7 +312,10 @@ fn advance(
     w: &mut Workload,
     now_ms: i64,
     samples: &mut Vec<Sample>,
-    truth: &mut BTreeMap<GpuKey, i64>,
+    (truth, containers): (
+        &mut BTreeMap<GpuKey, i64>,
+        &mut BTreeMap<String, ContainerTruth>,
+    ),
 ) {
     // Walk state changes up to now: a container can start and finish within one tick.
     loop {
@@ -294,6 +346,30 @@ fn advance(
                 {
                     *counted_until_ms = seen_until;
                 }
+                let record =
+                    containers
+                        .entry(container_id.clone())
+                        .or_insert_with(|| ContainerTruth {
+                            node: node.to_string(),
+                            tenant: w.tenant.clone(),
+                            lease: w.lease.clone(),
+                            container_id: container_id.clone(),
+                            gpus: w
+                                .gpus
+                                .iter()
+                                .map(|&g| HeldGpu {
+                                    uuid: gpus[g].uuid.clone(),
+                                    class: gpus[g].class.to_string(),
+                                    mig_profile: gpus[g].mig_profile.to_string(),
+                                })
+                                .collect(),
+                            cores_tenths: w.cores_tenths,
+                            started_at_ms,
+                            until_ms: seen_until,
+                            finished,
+                        });
+                record.until_ms = seen_until;
+                record.finished = finished;
                 if seen_until > seen_from {
                     for &g in &w.gpus {
                         let gpu = &gpus[g];
@@ -332,18 +408,18 @@ fn advance(
                     });
                 }
                 // Busy cores × elapsed seconds, at microsecond resolution like cgroup's usage_usec.
-                let cpu_us = (w.cores * (seen_until - started_at_ms) as f64 * 1_000.0).round();
+                let cpu_us = w.cores_tenths * (seen_until - started_at_ms) * 100;
                 samples.push(Sample {
                     series: series(None),
                     kind: SampleKind::Counter,
                     metric: "cpu_usage_seconds_total".into(),
-                    value: cpu_us / 1e6,
+                    value: cpu_us as f64 / 1e6,
                     timestamp_ms: seen_until,
                     started_at_ms: None,
                     finished_at_ms: None,
                 });
                 samples.extend(usage_samples(
-                    w.cores,
+                    w.cores_tenths,
                     &container_id,
                     started_at_ms,
                     seen_until,
@@ -371,10 +447,15 @@ fn wobble(a: &str, t: i64) -> i64 {
     (h % 1000) as i64
 }
 
+/// A container's memory working set at `at_ms`: about 4 GiB per busy core, ± 5 %.
+pub fn memory_bytes(cores_tenths: i64, container_id: &str, at_ms: i64) -> i64 {
+    (cores_tenths * 4 * (1 << 30) / 10) / 1000 * (950 + wobble(container_id, at_ms) / 10)
+}
+
 /// The container's other metrics at `now_ms`: memory working set (gauge), network bytes
 /// (counters), and per GPU its utilization and memory used (gauges) and energy (counter).
 fn usage_samples(
-    cores: f64,
+    cores_tenths: i64,
     container_id: &str,
     started_at_ms: i64,
     now_ms: i64,
@@ -392,9 +473,7 @@ fn usage_samples(
         started_at_ms: None,
         finished_at_ms: None,
     };
-    // About 4 GiB per busy core, ± 10 %.
-    let memory = (cores * 4.0 * (1u64 << 30) as f64) as i64 / 1000
-        * (950 + wobble(container_id, now_ms) / 10);
+    let memory = memory_bytes(cores_tenths, container_id, now_ms);
     let mut out = vec![
         sample(None, SampleKind::Gauge, m::MEMORY_BYTES, memory as f64),
         sample(
@@ -424,12 +503,12 @@ fn usage_samples(
             m::VRAM_BYTES,
             ((10u64 << 30) as f64 * (0.5 + utilization / 2.0)).round(),
         ));
-        // About 300 W while the container runs, in joules since it started.
+        // GPU_WATTS while the container runs, in joules since it started (whole millijoules).
         out.push(sample(
             Some(gpu),
             SampleKind::Counter,
             m::ENERGY_JOULES,
-            (elapsed_s * 300.0 * 1_000.0).round() / 1_000.0,
+            ((now_ms - started_at_ms) * GPU_WATTS) as f64 / 1_000.0,
         ));
     }
     out
@@ -505,6 +584,54 @@ mod tests {
             "a MIG slice is used"
         );
         assert!(truth.keys().any(|k| k.2 == "h100") && truth.keys().any(|k| k.2 == "a100"));
+    }
+
+    /// The container records hold the same GPU time as the per-lease truth, and a node ticked
+    /// again after a pause reports the containers that ran during it.
+    #[test]
+    fn container_records_agree_with_the_gpu_truth_across_a_paused_node() {
+        let mut fleet = Fleet::new(
+            FleetConfig {
+                nodes: 2,
+                seed: 9,
+                run_ms: (2_000, 40_000),
+                pending_ms: (1_000, 8_000),
+                ..FleetConfig::default()
+            },
+            0,
+        );
+        let mut shown = std::collections::BTreeSet::new();
+        for i in 1..=60 {
+            for n in 0..fleet.nodes() {
+                // Node 1's agent is away from tick 20 to tick 39.
+                if n == 1 && (20..40).contains(&i) {
+                    continue;
+                }
+                for s in fleet.tick_node(n, i * 5_000).samples {
+                    shown.insert(s.series.container_id);
+                }
+            }
+        }
+        let mut from_records: BTreeMap<GpuKey, i64> = BTreeMap::new();
+        for c in fleet.containers() {
+            assert!(
+                shown.contains(&c.container_id),
+                "{} was shown",
+                c.container_id
+            );
+            for g in &c.gpus {
+                let key = (
+                    c.tenant.clone(),
+                    c.lease.clone(),
+                    g.class.clone(),
+                    g.mig_profile.clone(),
+                );
+                *from_records.entry(key).or_default() += c.until_ms - c.started_at_ms;
+            }
+        }
+        from_records.retain(|_, v| *v > 0);
+        assert_eq!(&from_records, fleet.gpu_milliseconds());
+        assert_eq!(shown.len(), fleet.containers().count());
     }
 
     #[test]
