@@ -4,12 +4,13 @@
 #   cmake         aws-lc-sys (TLS in the embedded broker's dependencies) builds with it
 #   pkg-config, zlib1g-dev, g++, make   librdkafka's bundled build
 #   chromium      the dashboard test renders the page in headless Chromium
+#   prometheus    the Prometheus comparison (`compare`, and its test) runs a real one
 # Debian/Ubuntu only (apt-get); elsewhere it prints what to install and carries on.
 set -euo pipefail
 
 missing=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for pkg in libclang-dev cmake pkg-config zlib1g-dev g++ make chromium; do
+for pkg in libclang-dev cmake pkg-config zlib1g-dev g++ make chromium prometheus; do
   have_pkg "$pkg" || missing+=("$pkg")
 done
 

@@ -500,17 +500,18 @@ fn run_worker(
         &config.rollups,
     );
 
-    let consumer: BaseConsumer = ClientConfig::from_iter(meterflow_schemas::kafka::properties())
-        .set("bootstrap.servers", &config.brokers)
-        // Partitions are assigned by worker index, not by the group protocol; the id only
-        // names this client to the broker.
-        .set("group.id", "meterflow-processor")
-        // Offsets are never committed to Kafka: they live in the checkpoint, with the state
-        // they produced.
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .map_err(kafka("create consumer"))?;
+    let consumer: BaseConsumer =
+        ClientConfig::from_iter(meterflow_schemas::kafka::follower_properties())
+            .set("bootstrap.servers", &config.brokers)
+            // Partitions are assigned by worker index, not by the group protocol; the id only
+            // names this client to the broker.
+            .set("group.id", "meterflow-processor")
+            // Offsets are never committed to Kafka: they live in the checkpoint, with the state
+            // they produced.
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .create()
+            .map_err(kafka("create consumer"))?;
     let producer: OutputProducer = ClientConfig::from_iter(meterflow_schemas::kafka::properties())
         .set("bootstrap.servers", &config.brokers)
         // A retried send must not duplicate a record.

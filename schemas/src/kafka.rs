@@ -34,6 +34,18 @@ pub fn properties() -> Vec<(String, String)> {
     all
 }
 
+/// [`properties`] for a consumer that follows a live topic, over its own default: a fetch that
+/// finds nothing new is answered within 50 ms (librdkafka's default wait is 500 ms). A Kafka
+/// broker answers a waiting fetch as soon as data arrives, so there this only adds fetches of
+/// an idle topic; a broker that holds every empty fetch for its whole wait (the embedded tansu
+/// does) would otherwise add up to half a second per hop between a sample and the API.
+/// `fetch.wait.max.ms` in `[kafka]` or `MF_KAFKA_FETCH_WAIT_MAX_MS` still decides.
+pub fn follower_properties() -> Vec<(String, String)> {
+    let mut all = vec![("fetch.wait.max.ms".to_string(), "50".to_string())];
+    all.extend(properties());
+    all
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

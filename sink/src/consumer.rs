@@ -39,17 +39,18 @@ pub async fn consume(
 ) -> Result<(), ConsumeError> {
     let kafka =
         |context: &'static str| move |source: KafkaError| ConsumeError::Kafka { context, source };
-    let consumer: StreamConsumer = ClientConfig::from_iter(meterflow_schemas::kafka::properties())
-        .set("bootstrap.servers", &brokers)
-        // Partitions are assigned explicitly; the group id only names the client.
-        .set("group.id", "meterflow-sink")
-        // Offsets live in RocksDB next to the data they produced, never in Kafka.
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        // A resume position below the log's start (retention) means: from the start.
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .map_err(kafka("create consumer"))?;
+    let consumer: StreamConsumer =
+        ClientConfig::from_iter(meterflow_schemas::kafka::follower_properties())
+            .set("bootstrap.servers", &brokers)
+            // Partitions are assigned explicitly; the group id only names the client.
+            .set("group.id", "meterflow-sink")
+            // Offsets live in RocksDB next to the data they produced, never in Kafka.
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            // A resume position below the log's start (retention) means: from the start.
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .map_err(kafka("create consumer"))?;
 
     let partitions = loop {
         // The brokers may be away or slow to answer (starting, overloaded): keep serving the

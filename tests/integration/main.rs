@@ -6,6 +6,7 @@ mod auth;
 mod cli;
 mod cluster;
 mod common;
+mod compare;
 mod config;
 mod crash;
 mod dashboard;

@@ -1,0 +1,414 @@
+//! The Meterflow side: the agent's spool and producer, the embedded broker, the processor and
+//! the sink as separate processes (the `meterflow` binary), read back over the HTTP API.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use meterflow_ingest::Publisher;
+use meterflow_ingest::spool::Spool;
+use meterflow_schemas::{Sample, SampleBatch, SampleKind, SeriesId};
+use meterflow_sink::auth::{Claims, SigningKey, mint};
+use serde_json::Value;
+
+use crate::proc::{Child, free_port};
+use crate::scenario::{Delivery, HOUR_MS, NodeTick, Scenario};
+
+const SECRET: &[u8] = b"compare-harness-secret-0123456789";
+
+pub struct Meterflow {
+    bin: PathBuf,
+    dir: PathBuf,
+    pub broker: Child,
+    pub processor: Option<Child>,
+    pub sink: Option<Child>,
+    pub brokers: String,
+    metrics_url: String,
+    pub sink_url: String,
+    http: reqwest::Client,
+    operator: String,
+}
+
+/// What one tenant's hour added up to in the API.
+#[derive(Debug, Default, Clone)]
+pub struct Cell {
+    pub gpu_ms: BTreeMap<(String, String), i64>,
+    pub energy_mj: i64,
+    pub cpu_us: i64,
+    pub memory_byte_ms: f64,
+}
+
+fn token(tenant: &str, scope: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        + 3600;
+    mint(
+        &SigningKey::Hs256(SECRET.to_vec()),
+        &Claims {
+            sub: "compare".into(),
+            tenant: tenant.into(),
+            scope: scope.into(),
+            exp,
+        },
+    )
+    .expect("a token is minted")
+}
+
+impl Meterflow {
+    /// Starts the embedded broker (memory storage) with the pipeline's topics.
+    pub async fn start_broker(bin: &Path, dir: &Path) -> Result<Self> {
+        let port = free_port()?;
+        let broker = Child::spawn(
+            "broker",
+            bin,
+            &[
+                "broker".into(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--partitions".into(),
+                "2".into(),
+            ],
+            dir,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !broker.log_text().contains("listening on") {
+            if Instant::now() > deadline {
+                bail!("the broker did not start in 60 s; {}", broker.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        std::fs::write(dir.join("jwt-secret"), SECRET)?;
+        Ok(Self {
+            bin: bin.to_path_buf(),
+            dir: dir.to_path_buf(),
+            broker,
+            processor: None,
+            sink: None,
+            brokers: format!("127.0.0.1:{port}"),
+            metrics_url: String::new(),
+            sink_url: String::new(),
+            http: reqwest::Client::new(),
+            operator: token("", "operator"),
+        })
+    }
+
+    /// Delivers the scenario as each node's agent would: every batch into the node's RocksDB
+    /// spool, then sent in order with the agent's idempotent producer unless the exchange
+    /// fails this tick (dropped, or held back while late), duplicates sent twice. Returns the
+    /// number of messages written to the samples topic.
+    pub async fn publish(&self, scenario: &mut Scenario) -> Result<u64> {
+        let publisher = Arc::new(Publisher::new(&self.brokers)?);
+        let mut spools = (0..scenario.nodes)
+            .map(|n| Spool::open(&self.dir.join(format!("spool-{n}")), 1 << 34))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut sent = 0u64;
+        let last_tick = scenario.ticks.len();
+        // One more exchange after the last tick: the agents run on, and send what they hold.
+        let mut flush: Vec<NodeTick> = (0..scenario.nodes)
+            .map(|node| NodeTick {
+                node,
+                batch: None,
+                delivery: Delivery::OnTime,
+            })
+            .collect();
+        let rows = scenario.ticks.iter_mut().chain(std::iter::once(&mut flush));
+        for (i, row) in rows.enumerate() {
+            let k = i as i64 + 1;
+            debug_assert!(i <= last_tick);
+            let mut again: Vec<usize> = Vec::new();
+            let mut sending: Vec<usize> = Vec::new();
+            for t in row.iter_mut() {
+                if let Some(batch) = t.batch.as_mut() {
+                    spools[t.node].push(batch)?;
+                }
+                match t.delivery {
+                    Delivery::Dropped => {}
+                    Delivery::LateUntil(until) if until > k => {}
+                    Delivery::Duplicated => {
+                        again.push(t.node);
+                        sending.push(t.node);
+                    }
+                    _ => sending.push(t.node),
+                }
+            }
+            // Rounds of one batch per node, all nodes at once, until every spool that may send
+            // is empty; the duplicates go once more.
+            let mut last: BTreeMap<usize, SampleBatch> = BTreeMap::new();
+            loop {
+                let mut round = tokio::task::JoinSet::new();
+                for &n in &sending {
+                    if let Some((position, batch)) = spools[n].front()? {
+                        let p = publisher.clone();
+                        round.spawn(async move {
+                            let r = p.publish(&batch).await;
+                            (n, position, batch, r)
+                        });
+                    }
+                }
+                if round.is_empty() {
+                    break;
+                }
+                for (n, position, batch, r) in round.join_all().await {
+                    r.with_context(|| format!("publishing node {n}'s batch"))?;
+                    spools[n].remove(position)?;
+                    last.insert(n, batch);
+                    sent += 1;
+                }
+            }
+            for n in again {
+                if let Some(batch) = last.get(&n) {
+                    publisher.publish(batch).await?;
+                    sent += 1;
+                }
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Starts the processor (one worker) and the sink.
+    pub async fn start_pipeline(&mut self) -> Result<()> {
+        let metrics_port = free_port()?;
+        let processor = Child::spawn(
+            "processor",
+            &self.bin,
+            &[
+                "processor".into(),
+                "--brokers".into(),
+                self.brokers.clone(),
+                "--workers".into(),
+                "1".into(),
+                "--partitions".into(),
+                "2".into(),
+                "--state-dir".into(),
+                self.dir.join("processor-state").display().to_string(),
+                "--metrics-listen".into(),
+                format!("127.0.0.1:{metrics_port}"),
+            ],
+            &self.dir,
+        )?;
+        let sink_port = free_port()?;
+        let sink = Child::spawn(
+            "sink",
+            &self.bin,
+            &[
+                "sink".into(),
+                "--brokers".into(),
+                self.brokers.clone(),
+                "--partitions".into(),
+                "2".into(),
+                "--listen".into(),
+                format!("127.0.0.1:{sink_port}"),
+                "--data-dir".into(),
+                self.dir.join("sink-data").display().to_string(),
+                "--jwt-secret-file".into(),
+                self.dir.join("jwt-secret").display().to_string(),
+                // The harness measures, it does not attack: no request limits in its way.
+                "--rate-limit".into(),
+                "1000000".into(),
+                "--rate-burst".into(),
+                "1000000".into(),
+                "--series-limit".into(),
+                "100000000".into(),
+                "--series-burst".into(),
+                "100000000".into(),
+            ],
+            &self.dir,
+        )?;
+        self.metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+        self.sink_url = format!("http://127.0.0.1:{sink_port}");
+        self.processor = Some(processor);
+        self.sink = Some(sink);
+        Ok(())
+    }
+
+    pub fn check_alive(&mut self) -> Result<()> {
+        self.broker.check_alive()?;
+        for c in [&mut self.processor, &mut self.sink].into_iter().flatten() {
+            c.check_alive()?;
+        }
+        Ok(())
+    }
+
+    /// Messages the processor has read from the samples topic.
+    pub async fn processor_input(&self) -> Option<u64> {
+        let text = self
+            .http
+            .get(&self.metrics_url)
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("meterflow_processor_input_messages_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+    }
+
+    async fn get(&self, path: &str, token: &str) -> Result<Value> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.sink_url))
+            .bearer_auth(token)
+            .send()
+            .await?;
+        let status = r.status();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("GET {path} answered {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    pub async fn ready(&self) -> bool {
+        matches!(self.http.get(format!("{}/readyz", self.sink_url)).send().await, Ok(r) if r.status().is_success())
+    }
+
+    /// Every tenant's hours, from `GET /v1/tenants/{tenant}/usage?window=hour`.
+    pub async fn usage(&self, scenario: &Scenario) -> Result<BTreeMap<(String, i64), Cell>> {
+        let mut out = BTreeMap::new();
+        for tenant in &scenario.tenants {
+            let v = self
+                .get(
+                    &format!(
+                        "/v1/tenants/{tenant}/usage?from={}&to={}&window=hour&group_by=gpu_class,mig_profile",
+                        scenario.t0,
+                        scenario.end_ms()
+                    ),
+                    &self.operator,
+                )
+                .await?;
+            for row in v["rows"].as_array().into_iter().flatten() {
+                let hour = rfc3339_ms(row["window_start"].as_str().unwrap_or_default())?;
+                let cell: &mut Cell = out.entry((tenant.clone(), hour)).or_default();
+                for g in row["gpu"].as_array().into_iter().flatten() {
+                    let key = (
+                        g["gpu_class"].as_str().unwrap_or_default().to_string(),
+                        g["mig_profile"].as_str().unwrap_or_default().to_string(),
+                    );
+                    *cell.gpu_ms.entry(key).or_default() +=
+                        (g["gpu_seconds"].as_f64().unwrap_or(0.0) * 1e3).round() as i64;
+                }
+                let f = |m: &str| row[m].as_f64().unwrap_or(0.0);
+                cell.energy_mj += (f("energy_joules") * 1e3).round() as i64;
+                cell.cpu_us += (f("cpu_core_seconds") * 1e6).round() as i64;
+                cell.memory_byte_ms += f("memory_byte_seconds") * 1e3;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Per node and hour, the most GPUs allocated, from `GET /v1/fleet/hourly`.
+    pub async fn fleet(&self, scenario: &Scenario) -> Result<BTreeMap<(String, i64), i64>> {
+        let v = self
+            .get(
+                &format!(
+                    "/v1/fleet/hourly?from={}&to={}",
+                    scenario.t0,
+                    scenario.end_ms()
+                ),
+                &self.operator,
+            )
+            .await?;
+        let mut out = BTreeMap::new();
+        for h in v["hours"].as_array().into_iter().flatten() {
+            let hour = rfc3339_ms(h["hour"].as_str().unwrap_or_default())?;
+            for n in h["nodes"].as_array().into_iter().flatten() {
+                out.insert(
+                    (n["node"].as_str().unwrap_or_default().to_string(), hour),
+                    n["max_gpus_allocated"].as_i64().unwrap_or(0),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// One tenant's 30 days, hour by hour, as the dashboard asks for them; returns the rows.
+    pub async fn thirty_days(&self, tenant: &str, now_ms: i64) -> Result<usize> {
+        let v = self
+            .get(
+                &format!(
+                    "/v1/tenants/{tenant}/usage?from={}&to={now_ms}&window=hour&group_by=gpu_class,mig_profile",
+                    now_ms - 30 * 24 * HOUR_MS
+                ),
+                &self.operator,
+            )
+            .await?;
+        Ok(v["rows"].as_array().map_or(0, Vec::len))
+    }
+
+    /// Sends `probes` live batches, one at a time, each starting a new lease at the wall
+    /// clock's now, and times each until the API shows it. Milliseconds, one per probe.
+    pub async fn freshness(&self, probes: usize) -> Result<Vec<f64>> {
+        let publisher = Publisher::new(&self.brokers)?;
+        let token = token("probe", "metrics");
+        let mut out = Vec::with_capacity(probes);
+        // Probe 0 warms the producer's connection up and is not timed.
+        for i in 0..=probes {
+            let now = meterflow_ingest::agent::now_ms();
+            let lease = format!("probe-{i}");
+            let batch = SampleBatch {
+                node: "probe-node".into(),
+                agent_id: "probe-agent".into(),
+                sequence: i as i64 + 1,
+                collected_at_ms: now,
+                agent_version: "compare".into(),
+                samples: vec![Sample {
+                    series: SeriesId {
+                        tenant: "probe".into(),
+                        lease: lease.clone(),
+                        service: "svc".into(),
+                        replica: "0".into(),
+                        node: "probe-node".into(),
+                        provider: "compare".into(),
+                        container_id: format!("probe-{i}"),
+                        gpu_uuid: format!("GPU-probe-{i}"),
+                        gpu_model: "NVIDIA H100 80GB HBM3".into(),
+                        gpu_class: "h100".into(),
+                        mig_profile: String::new(),
+                    },
+                    kind: SampleKind::Allocation,
+                    metric: "gpu".into(),
+                    value: 1.0,
+                    timestamp_ms: now,
+                    started_at_ms: Some(now - 1_000),
+                    finished_at_ms: None,
+                }],
+            };
+            let sent = Instant::now();
+            publisher.publish(&batch).await?;
+            let path = format!(
+                "/v1/tenants/probe/usage?from={}&to={}&window=total&group_by=lease",
+                now - HOUR_MS,
+                now + 60_000
+            );
+            loop {
+                let v = self.get(&path, &token).await?;
+                let seen = v["rows"].as_array().into_iter().flatten().any(|r| {
+                    r["lease"] == lease.as_str() && r["gpu_seconds"].as_f64().unwrap_or(0.0) > 0.0
+                });
+                if seen {
+                    if i > 0 {
+                        out.push(sent.elapsed().as_secs_f64() * 1e3);
+                    }
+                    break;
+                }
+                if sent.elapsed() > Duration::from_secs(60) {
+                    bail!("probe {i} not visible in the API after 60 s");
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `2026-11-23T10:00:00Z` → milliseconds since the epoch.
+pub fn rfc3339_ms(s: &str) -> Result<i64> {
+    let t = humantime::parse_rfc3339(s).with_context(|| format!("a timestamp: {s:?}"))?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64)
+}

@@ -1,0 +1,447 @@
+//! The Prometheus side: what dcgm-exporter, cAdvisor and a scrape loop would have stored,
+//! written through Prometheus's remote-write receiver, and read back with the PromQL people
+//! use for GPU chargeback.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use meterflow_schemas::{Sample, metrics};
+use prost::Message;
+use serde_json::Value;
+
+use crate::proc::Child;
+use crate::scenario::{Delivery, HOUR_MS, Scenario, running_at};
+
+#[derive(Clone, PartialEq, Message)]
+struct WriteRequest {
+    #[prost(message, repeated, tag = "1")]
+    timeseries: Vec<TimeSeries>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct TimeSeries {
+    #[prost(message, repeated, tag = "1")]
+    labels: Vec<Label>,
+    #[prost(message, repeated, tag = "2")]
+    samples: Vec<PromSample>,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Message)]
+struct Label {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(string, tag = "2")]
+    value: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct PromSample {
+    #[prost(double, tag = "1")]
+    value: f64,
+    #[prost(int64, tag = "2")]
+    timestamp: i64,
+}
+
+/// Prometheus's staleness marker: the value a scrape loop writes for a series that is gone.
+const STALE_NAN: u64 = 0x7ff0_0000_0000_0002;
+
+type Series = Vec<Label>;
+
+fn labels(pairs: &[(&str, &str)]) -> Series {
+    let mut l: Series = pairs
+        .iter()
+        .map(|(n, v)| Label {
+            name: n.to_string(),
+            value: v.to_string(),
+        })
+        .collect();
+    l.sort();
+    l
+}
+
+/// The series one scrape of one node shows for one sample, dcgm-exporter's and cAdvisor's
+/// names and labels (the pod's namespace is the tenant, the pod the lease).
+fn exposition(s: &Sample, board_mj: &HashMap<String, i64>) -> Option<(Series, f64)> {
+    let id = &s.series;
+    let gpu = |name: &str| {
+        labels(&[
+            ("__name__", name),
+            ("Hostname", &id.node),
+            ("UUID", &id.gpu_uuid),
+            ("modelName", &id.gpu_model),
+            ("GPU_I_PROFILE", &id.mig_profile),
+            ("namespace", &id.tenant),
+            ("pod", &id.lease),
+        ])
+    };
+    let container_path = format!("/kubepods/{}", id.container_id);
+    let container = |name: &str| {
+        labels(&[
+            ("__name__", name),
+            ("instance", &id.node),
+            ("namespace", &id.tenant),
+            ("pod", &id.lease),
+            ("container", "main"),
+            ("id", &container_path),
+        ])
+    };
+    match s.metric.as_str() {
+        metrics::GPU_UTILIZATION => Some((gpu("DCGM_FI_DEV_GPU_UTIL"), (s.value * 100.0).round())),
+        metrics::ENERGY_JOULES => Some((
+            gpu("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"),
+            *board_mj.get(&id.gpu_uuid)? as f64,
+        )),
+        metrics::CPU_SECONDS => Some((container("container_cpu_usage_seconds_total"), s.value)),
+        metrics::MEMORY_BYTES => Some((container("container_memory_working_set_bytes"), s.value)),
+        _ => None,
+    }
+}
+
+/// One remote-write request per tick (plus the duplicates and the late deliveries), encoded
+/// and compressed, in the order they are sent; and how many samples they carry.
+pub fn requests(scenario: &Scenario) -> (Vec<Vec<u8>>, u64) {
+    // Energy per GPU board, in millijoules since the driver loaded: what DCGM reports, the sum
+    // of the energy of every container that ran on it.
+    let mut finished_mj: HashMap<String, i64> = HashMap::new();
+    let mut reset_offset: HashMap<String, i64> = HashMap::new();
+    // Per node: the series its last successful scrape showed (a scrape loop marks the rest stale).
+    let mut shown: Vec<HashSet<Series>> = vec![HashSet::new(); scenario.nodes];
+    let mut held: BTreeMap<i64, Vec<(Series, PromSample)>> = BTreeMap::new();
+    let (mut out, mut total) = (Vec::new(), 0u64);
+    for (i, row) in scenario.ticks.iter().enumerate() {
+        let k = i as i64 + 1;
+        let now = scenario.tick_ms(k);
+        let mut request: Vec<(Series, PromSample)> = Vec::new();
+        let mut duplicates: Vec<(Series, PromSample)> = Vec::new();
+        for t in row {
+            let mut board_mj: HashMap<String, i64> = HashMap::new();
+            if let Some(batch) = &t.batch {
+                // The runtime's record of a container that finished: its energy joins its
+                // board's (one that finished at this very instant, after this scrape).
+                let ended_now: HashSet<&str> = batch
+                    .samples
+                    .iter()
+                    .filter(|s| s.finished_at_ms == Some(now))
+                    .map(|s| s.series.container_id.as_str())
+                    .collect();
+                let energy = || {
+                    batch
+                        .samples
+                        .iter()
+                        .filter(|s| s.metric == metrics::ENERGY_JOULES)
+                };
+                for s in energy().filter(|s| s.timestamp_ms < now) {
+                    *finished_mj.entry(s.series.gpu_uuid.clone()).or_default() += mj(s);
+                }
+                for s in energy().filter(|s| s.timestamp_ms == now) {
+                    let uuid = &s.series.gpu_uuid;
+                    let before = finished_mj.get(uuid).copied().unwrap_or(0);
+                    // The reset: the container's own counter already restarts in the samples;
+                    // the board's also drops what earlier containers had added.
+                    if scenario
+                        .reset
+                        .as_ref()
+                        .is_some_and(|(u, rk)| u == uuid && k == *rk)
+                    {
+                        reset_offset.insert(uuid.clone(), before);
+                    }
+                    let offset = if k > scenario.reset.as_ref().map_or(i64::MAX, |r| r.1) {
+                        reset_offset.get(uuid).copied().unwrap_or(0)
+                    } else {
+                        0
+                    };
+                    board_mj.insert(uuid.clone(), before + mj(s) - offset);
+                }
+                for s in energy().filter(|s| {
+                    s.timestamp_ms == now && ended_now.contains(s.series.container_id.as_str())
+                }) {
+                    *finished_mj.entry(s.series.gpu_uuid.clone()).or_default() += mj(s);
+                }
+            }
+            let scraped = t.batch.as_ref().filter(|_| t.delivery != Delivery::Dropped);
+            let mut samples = Vec::new();
+            let mut now_shown = HashSet::new();
+            if let Some(batch) = scraped {
+                for s in running_at(batch, now) {
+                    if let Some((series, value)) = exposition(s, &board_mj) {
+                        now_shown.insert(series.clone());
+                        samples.push((
+                            series,
+                            PromSample {
+                                value,
+                                timestamp: now,
+                            },
+                        ));
+                    }
+                }
+            }
+            // A failed scrape (or a target that is down) marks everything stale; a scrape marks
+            // what it no longer shows.
+            for gone in shown[t.node].difference(&now_shown) {
+                samples.push((
+                    gone.clone(),
+                    PromSample {
+                        value: f64::from_bits(STALE_NAN),
+                        timestamp: now,
+                    },
+                ));
+            }
+            shown[t.node] = now_shown;
+            match t.delivery {
+                Delivery::LateUntil(until) => held.entry(until).or_default().extend(samples),
+                Delivery::Duplicated => {
+                    duplicates.extend(samples.iter().cloned());
+                    request.extend(samples);
+                }
+                _ => request.extend(samples),
+            }
+        }
+        total += request.len() as u64;
+        out.push(encode(request));
+        if !duplicates.is_empty() {
+            out.push(encode(duplicates));
+        }
+        if let Some(late) = held.remove(&k) {
+            total += late.len() as u64;
+            out.push(encode(late));
+        }
+    }
+    (out, total)
+}
+
+/// An energy reading in whole millijoules.
+fn mj(s: &Sample) -> i64 {
+    (s.value * 1000.0).round() as i64
+}
+
+fn encode(samples: Vec<(Series, PromSample)>) -> Vec<u8> {
+    let mut by_series: BTreeMap<Series, Vec<PromSample>> = BTreeMap::new();
+    for (series, sample) in samples {
+        by_series.entry(series).or_default().push(sample);
+    }
+    let request = WriteRequest {
+        timeseries: by_series
+            .into_iter()
+            .map(|(labels, samples)| TimeSeries { labels, samples })
+            .collect(),
+    };
+    snap::raw::Encoder::new()
+        .compress_vec(&request.encode_to_vec())
+        .expect("snappy compresses any input")
+}
+
+/// A Prometheus server on loopback with its remote-write receiver on.
+pub struct Prometheus {
+    pub child: Child,
+    pub url: String,
+    http: reqwest::Client,
+}
+
+impl Prometheus {
+    pub async fn start(binary: &Path, dir: &Path, port: u16) -> Result<Self> {
+        let config = dir.join("prometheus.yml");
+        // Late samples are accepted as far back as Meterflow's allowed lateness (10 min).
+        std::fs::write(
+            &config,
+            "global:\n  scrape_interval: 15s\nstorage:\n  tsdb:\n    out_of_order_time_window: 10m\n",
+        )?;
+        let child = Child::spawn(
+            "prometheus",
+            binary,
+            &[
+                format!("--config.file={}", config.display()),
+                format!("--storage.tsdb.path={}", dir.join("data").display()),
+                format!("--web.listen-address=127.0.0.1:{port}"),
+                "--web.enable-remote-write-receiver".into(),
+                "--log.level=warn".into(),
+            ],
+            dir,
+        )?;
+        let prom = Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = prom.http.get(format!("{}/-/ready", prom.url)).send().await
+                && r.status().is_success()
+            {
+                return Ok(prom);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "Prometheus did not become ready in 60 s; its log: {}",
+                    prom.child.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn write(&self, body: Vec<u8>) -> Result<()> {
+        let r = self
+            .http
+            .post(format!("{}/api/v1/write", self.url))
+            .header("Content-Encoding", "snappy")
+            .header("Content-Type", "application/x-protobuf")
+            .header("X-Prometheus-Remote-Write-Version", "0.1.0")
+            .body(body)
+            .send()
+            .await
+            .context("remote write")?;
+        if !r.status().is_success() {
+            bail!(
+                "remote write answered {}: {}",
+                r.status(),
+                r.text().await.unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    async fn get(&self, path: &str, params: &[(&str, String)]) -> Result<Value> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .query(params)
+            .send()
+            .await?;
+        let status = r.status();
+        let v: Value = r.json().await?;
+        if !status.is_success() || v["status"] != "success" {
+            bail!("Prometheus answered {status}: {v}");
+        }
+        Ok(v)
+    }
+
+    /// An instant query at `at_ms`: each result's labels and value.
+    pub async fn query(&self, q: &str, at_ms: i64) -> Result<Vec<(BTreeMap<String, String>, f64)>> {
+        let v = self
+            .get(
+                "/api/v1/query",
+                &[("query", q.to_string()), ("time", seconds(at_ms))],
+            )
+            .await?;
+        let mut out = Vec::new();
+        for r in v["data"]["result"].as_array().into_iter().flatten() {
+            let labels = r["metric"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect();
+            let value: f64 = r["value"][1]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .context("a sample value")?;
+            out.push((labels, value));
+        }
+        Ok(out)
+    }
+
+    /// A range query; returns how many points came back.
+    pub async fn query_range(
+        &self,
+        q: &str,
+        start_ms: i64,
+        end_ms: i64,
+        step_ms: i64,
+    ) -> Result<usize> {
+        let v = self
+            .get(
+                "/api/v1/query_range",
+                &[
+                    ("query", q.to_string()),
+                    ("start", seconds(start_ms)),
+                    ("end", seconds(end_ms)),
+                    ("step", seconds(step_ms)),
+                ],
+            )
+            .await?;
+        Ok(v["data"]["result"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| r["values"].as_array().map_or(0, Vec::len))
+            .sum())
+    }
+}
+
+fn seconds(ms: i64) -> String {
+    format!("{}.{:03}", ms.div_euclid(1000), ms.rem_euclid(1000))
+}
+
+/// The recording rules a provider keeps, evaluated every 15 s. A rule's output over an hour
+/// is what a subquery `[1h:15s]` of its expression gives (the rule manager evaluates at the
+/// same 15-s steps), so the hourly figures use subqueries where the stored rule output would be.
+pub mod promql {
+    /// GPUs held per tenant, model and MIG profile (a GPU is held while its series is live).
+    pub const GPUS_HELD: &str =
+        "count by (namespace, modelName, GPU_I_PROFILE) (DCGM_FI_DEV_GPU_UTIL)";
+    /// GPUs held per node.
+    pub const NODE_GPUS_HELD: &str = "count by (Hostname) (DCGM_FI_DEV_GPU_UTIL)";
+    /// Memory working set per tenant.
+    pub const MEMORY: &str = "sum by (namespace) (container_memory_working_set_bytes)";
+
+    pub fn gpu_hours() -> String {
+        format!("sum_over_time(({GPUS_HELD})[1h:15s]) * 15 / 3600")
+    }
+    pub fn energy_joules() -> String {
+        "sum by (namespace) (increase(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION[1h])) / 1000".into()
+    }
+    pub fn cpu_core_hours() -> String {
+        "sum by (namespace) (increase(container_cpu_usage_seconds_total[1h])) / 3600".into()
+    }
+    pub fn memory_gib_hours() -> String {
+        format!("sum_over_time(({MEMORY})[1h:15s]) * 15 / 3600 / 1073741824")
+    }
+    pub fn node_max_gpus() -> String {
+        format!("max_over_time(({NODE_GPUS_HELD})[1h:15s])")
+    }
+    /// A tenant's GPU-hours, hour by hour (the dashboard's query).
+    pub fn tenant_gpu_hours(tenant: &str) -> String {
+        format!(
+            "sum_over_time((count by (namespace) (DCGM_FI_DEV_GPU_UTIL{{namespace=\"{tenant}\"}}))[1h:15s]) * 15 / 3600"
+        )
+    }
+    /// A tenant's energy, hour by hour.
+    pub fn tenant_energy(tenant: &str) -> String {
+        format!(
+            "sum by (namespace) (increase(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{{namespace=\"{tenant}\"}}[1h])) / 1000"
+        )
+    }
+}
+
+/// The class a GPU model is priced as (the price book's mapping, applied to dcgm's `modelName`).
+pub fn class_of(model: &str) -> &'static str {
+    if model.contains("H100") {
+        "h100"
+    } else if model.contains("A100") {
+        "a100"
+    } else {
+        "other"
+    }
+}
+
+/// Hour starts of the scenario, and the instant each hour's `[1h]` queries are evaluated at.
+pub fn hours(scenario: &Scenario) -> impl Iterator<Item = (i64, i64)> + '_ {
+    (0..scenario.hours).map(|h| {
+        let start = scenario.t0 + h * HOUR_MS;
+        (start, start + HOUR_MS)
+    })
+}
+
+/// A freshness probe: one new series, one sample at `now_ms`.
+pub fn probe(i: usize, now_ms: i64) -> Vec<u8> {
+    let probe = i.to_string();
+    encode(vec![(
+        labels(&[("__name__", "meterflow_compare_probe"), ("probe", &probe)]),
+        PromSample {
+            value: 1.0,
+            timestamp: now_ms,
+        },
+    )])
+}

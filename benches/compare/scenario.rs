@@ -1,0 +1,342 @@
+//! The fleet scenario, its faults and its ground truth.
+//!
+//! The simulator (seeded) runs a fleet of H100 and A100 nodes, some A100s split into `1g.10gb`
+//! MIG slices, whose containers run from seconds to many minutes, restart with new ids and sit
+//! pending between runs. Every 15 s each node's agent collects a batch. The faults, drawn from
+//! the same seed:
+//! - **dropped deliveries**: 10 % of the exchanges between a node and its collector fail. A
+//!   Prometheus scrape that fails is lost (the target is marked stale for that instant); the
+//!   Meterflow agent keeps the batch in its spool and sends it with its next one.
+//! - **duplicates**: 5 % of deliveries arrive twice (a retry after a lost acknowledgement).
+//! - **an agent outage**: one node's agent (and exporters) down for several minutes; when it
+//!   is back the container runtime's records tell it what ran meanwhile.
+//! - **late batches**: one node's deliveries held back for five minutes (a partition), then
+//!   delivered, after the other nodes' newer data.
+//! - **a counter reset**: one GPU's energy counter restarts from zero right after a reading
+//!   (a driver reload).
+//!
+//! The truth comes from the simulator's container records, not from any system's readings:
+//! GPU time is the overlap of each container's run with the hour; energy and CPU are the
+//! simulated power and cores over the same overlap (the counters' readings are exactly those);
+//! memory is each 15-s reading held until the next, as a collector that never missed one
+//! would see it; the most GPUs per node and hour is a sweep over the runs.
+
+use std::collections::BTreeMap;
+
+use meterflow_ingest::simulator::{ContainerTruth, GPU_WATTS, memory_bytes};
+use meterflow_ingest::{Fleet, FleetConfig};
+use meterflow_schemas::{SampleBatch, SampleKind, metrics};
+
+pub const INTERVAL_MS: i64 = 15_000;
+pub const HOUR_MS: i64 = 3_600_000;
+const TICKS_PER_HOUR: i64 = HOUR_MS / INTERVAL_MS;
+
+/// What happens to one node's batch of one tick on its way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Sent at its tick.
+    OnTime,
+    /// The exchange fails (lost scrape; Meterflow: held in the spool until the next tick).
+    Dropped,
+    /// Delivered twice.
+    Duplicated,
+    /// Held back and delivered at the given tick.
+    LateUntil(i64),
+}
+
+/// One node's collection at one tick: the batch (none while its agent is down) and its fate.
+pub struct NodeTick {
+    pub node: usize,
+    pub batch: Option<SampleBatch>,
+    pub delivery: Delivery,
+}
+
+/// A node and hour's truth.
+#[derive(Debug, Default, Clone)]
+pub struct Cell {
+    /// (gpu_class, mig_profile) → GPU-milliseconds.
+    pub gpu_ms: BTreeMap<(String, String), i64>,
+    pub energy_mj: i64,
+    pub cpu_us: i64,
+    pub memory_byte_ms: i128,
+}
+
+pub struct Truth {
+    /// (tenant, hour start) → what the tenant used in that hour.
+    pub tenants: BTreeMap<(String, i64), Cell>,
+    /// (node, hour start) → the most GPUs (whole or MIG slices) held at any instant.
+    pub node_max_gpus: BTreeMap<(String, i64), i64>,
+}
+
+pub struct Scenario {
+    pub t0: i64,
+    pub hours: i64,
+    pub nodes: usize,
+    /// Per tick (index 0 is tick 1), every node's collection.
+    pub ticks: Vec<Vec<NodeTick>>,
+    pub truth: Truth,
+    pub tenants: Vec<String>,
+    /// The faults as injected, for the report.
+    pub faults: Vec<String>,
+    /// The counter reset: (GPU uuid, tick after whose reading it restarts from zero).
+    pub reset: Option<(String, i64)>,
+    pub samples: u64,
+    pub containers: usize,
+    pub short_containers: usize,
+}
+
+/// SplitMix64, as the simulator uses: the faults are a function of the seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn percent(&mut self, p: u64) -> bool {
+        self.next() % 100 < p
+    }
+}
+
+impl Scenario {
+    /// `nodes` nodes for `hours` hours from `t0` (an hour boundary), faults from `seed`.
+    pub fn generate(nodes: usize, hours: i64, seed: u64, t0: i64) -> Self {
+        assert!(nodes >= 3, "the faults need three nodes");
+        assert!(hours >= 2, "the outage and the late batches need two hours");
+        let mut fleet = Fleet::new(
+            FleetConfig {
+                nodes,
+                seed,
+                tenants: (nodes / 2).clamp(3, 12),
+                // From 5 s (under one scrape interval) to 10 min; pending up to a minute.
+                run_ms: (5_000, 600_000),
+                pending_ms: (2_000, 60_000),
+            },
+            t0,
+        );
+        let total_ticks = hours * TICKS_PER_HOUR;
+        // The outage: node 1, from 20 min into hour 1, for 6 min.
+        let outage_node = 1;
+        let outage = (TICKS_PER_HOUR + 80)..(TICKS_PER_HOUR + 80 + 24);
+        // Late: node 2's deliveries from 10 min into the last hour, for 5 min, delivered then.
+        let late_node = 2;
+        let late_from = (hours - 1) * TICKS_PER_HOUR + 40;
+        let late = late_from..late_from + 20;
+        // The reset: 30 min into hour 0, the first GPU on node 0 then running for over a minute.
+        let reset_tick = 120;
+        let mut reset: Option<(String, String, i64)> = None; // (container, uuid, offset mJ)
+        let mut rng = Rng(seed ^ 0x5eed_fa17);
+        let mut ticks = Vec::with_capacity(total_ticks as usize);
+        let (mut dropped, mut duplicated, mut samples) = (0u64, 0u64, 0u64);
+        for k in 1..=total_ticks {
+            let now = t0 + k * INTERVAL_MS;
+            let mut row = Vec::with_capacity(nodes);
+            for n in 0..nodes {
+                if n == outage_node && outage.contains(&k) {
+                    row.push(NodeTick {
+                        node: n,
+                        batch: None,
+                        delivery: Delivery::OnTime,
+                    });
+                    continue;
+                }
+                let mut batch = fleet.tick_node(n, now);
+                if n == 0 && k == reset_tick && reset.is_none() {
+                    reset = batch
+                        .samples
+                        .iter()
+                        .find(|s| {
+                            s.metric == metrics::ENERGY_JOULES
+                                && s.timestamp_ms == now
+                                && s.value > 60.0 * GPU_WATTS as f64
+                        })
+                        .map(|s| {
+                            (
+                                s.series.container_id.clone(),
+                                s.series.gpu_uuid.clone(),
+                                (s.value * 1000.0).round() as i64,
+                            )
+                        });
+                } else if let Some((container, uuid, offset)) = &reset {
+                    for s in &mut batch.samples {
+                        if s.metric == metrics::ENERGY_JOULES
+                            && &s.series.container_id == container
+                            && &s.series.gpu_uuid == uuid
+                        {
+                            s.value = ((s.value * 1000.0).round() as i64 - offset) as f64 / 1000.0;
+                        }
+                    }
+                }
+                samples += batch.samples.len() as u64;
+                let delivery = if n == late_node && late.contains(&k) {
+                    Delivery::LateUntil(late.end)
+                } else if rng.percent(10) {
+                    dropped += 1;
+                    Delivery::Dropped
+                } else if rng.percent(5) {
+                    duplicated += 1;
+                    Delivery::Duplicated
+                } else {
+                    Delivery::OnTime
+                };
+                row.push(NodeTick {
+                    node: n,
+                    batch: Some(batch),
+                    delivery,
+                });
+            }
+            ticks.push(row);
+        }
+        let containers: Vec<ContainerTruth> = fleet.containers().cloned().collect();
+        let short_containers = containers
+            .iter()
+            .filter(|c| c.finished && c.until_ms - c.started_at_ms < INTERVAL_MS)
+            .count();
+        let truth = truth(&containers, t0, hours);
+        let clock = |k: i64| {
+            let m = (k * INTERVAL_MS) / 60_000;
+            format!("{}:{:02}", m / 60, m % 60)
+        };
+        let mut faults = vec![
+            format!(
+                "dropped: {dropped} node-ticks of {} (10 %): lost scrapes for Prometheus, spooled and resent with the next batch by the Meterflow agent",
+                total_ticks * nodes as i64
+            ),
+            format!("duplicated: {duplicated} node-ticks (5 %) delivered twice"),
+            format!(
+                "agent outage: node-{outage_node:03} from {} to {} (6 min), its containers' records read when it is back",
+                clock(outage.start),
+                clock(outage.end)
+            ),
+            format!(
+                "late: node-{late_node:03}'s deliveries from {} to {} held back and delivered at {} (5 min late, after the other nodes' newer data)",
+                clock(late.start),
+                clock(late.end),
+                clock(late.end)
+            ),
+        ];
+        let reset = reset.map(|(container, uuid, _)| {
+            faults.push(format!(
+                "counter reset: GPU {uuid}'s energy counter (container {container}) restarts from zero after the reading at {}",
+                clock(reset_tick)
+            ));
+            (uuid, reset_tick)
+        });
+        Scenario {
+            t0,
+            hours,
+            nodes,
+            ticks,
+            truth,
+            tenants: fleet.tenants(),
+            faults,
+            reset,
+            samples,
+            containers: containers.len(),
+            short_containers,
+        }
+    }
+
+    pub fn tick_ms(&self, k: i64) -> i64 {
+        self.t0 + k * INTERVAL_MS
+    }
+
+    pub fn end_ms(&self) -> i64 {
+        self.t0 + self.hours * HOUR_MS
+    }
+}
+
+/// `[a, b)` ∩ `[c, d)` in milliseconds.
+fn overlap(a: i64, b: i64, c: i64, d: i64) -> i64 {
+    (b.min(d) - a.max(c)).max(0)
+}
+
+fn truth(containers: &[ContainerTruth], t0: i64, hours: i64) -> Truth {
+    let mut tenants: BTreeMap<(String, i64), Cell> = BTreeMap::new();
+    // (node, hour) → (time, change) of GPUs held.
+    let mut events: BTreeMap<(String, i64), Vec<(i64, i64)>> = BTreeMap::new();
+    let end_ms = t0 + hours * HOUR_MS;
+    for c in containers {
+        let (s, e) = (c.started_at_ms, c.until_ms);
+        for h in 0..hours {
+            let hour = t0 + h * HOUR_MS;
+            let ms = overlap(s, e, hour, hour + HOUR_MS);
+            if ms == 0 {
+                continue;
+            }
+            let cell = tenants.entry((c.tenant.clone(), hour)).or_default();
+            for g in &c.gpus {
+                *cell
+                    .gpu_ms
+                    .entry((g.class.clone(), g.mig_profile.clone()))
+                    .or_default() += ms;
+                cell.energy_mj += ms * GPU_WATTS;
+            }
+            cell.cpu_us += ms * c.cores_tenths * 100;
+            let held = events.entry((c.node.clone(), hour)).or_default();
+            held.push((s.max(hour), c.gpus.len() as i64));
+            held.push((e.min(hour + HOUR_MS), -(c.gpus.len() as i64)));
+        }
+        // Memory: the readings a collector that never missed one takes (every tick while the
+        // container runs, and one at its finish), each held until the next.
+        let first = ((s - t0 + INTERVAL_MS - 1) / INTERVAL_MS).max(1);
+        let mut readings: Vec<i64> = (first..)
+            .map(|k| t0 + k * INTERVAL_MS)
+            .take_while(|t| {
+                if c.finished {
+                    *t < e
+                } else {
+                    *t <= e.min(end_ms)
+                }
+            })
+            .collect();
+        if c.finished {
+            readings.push(e);
+        }
+        for pair in readings.windows(2) {
+            let level = i128::from(memory_bytes(c.cores_tenths, &c.container_id, pair[0]));
+            for h in 0..hours {
+                let hour = t0 + h * HOUR_MS;
+                let ms = overlap(pair[0], pair[1], hour, hour + HOUR_MS);
+                if ms > 0 {
+                    tenants
+                        .entry((c.tenant.clone(), hour))
+                        .or_default()
+                        .memory_byte_ms += level * i128::from(ms);
+                }
+            }
+        }
+    }
+    let node_max_gpus = events
+        .into_iter()
+        .map(|(key, mut ev)| {
+            // An end sorts before a start at the same millisecond.
+            ev.sort_unstable();
+            let (mut now, mut most) = (0, 0);
+            for (_, change) in ev {
+                now += change;
+                most = most.max(now);
+            }
+            (key, most)
+        })
+        .collect();
+    Truth {
+        tenants,
+        node_max_gpus,
+    }
+}
+
+/// The series a scrape of one node shows at `now`: what runs at that instant.
+pub fn running_at(
+    batch: &SampleBatch,
+    now: i64,
+) -> impl Iterator<Item = &meterflow_schemas::Sample> {
+    batch
+        .samples
+        .iter()
+        .filter(move |s| s.timestamp_ms == now && s.kind != SampleKind::Allocation)
+}
