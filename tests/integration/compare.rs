@@ -18,8 +18,11 @@ fn meterflow_is_exact_under_the_faults_where_prometheus_is_not() {
         .arg(&json)
         .output()
         .expect("compare runs");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "compare failed:\n{text}");
     let scores: Vec<Value> =
         serde_json::from_slice(&std::fs::read(&json).expect("scores written")).expect("JSON");
