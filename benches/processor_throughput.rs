@@ -125,7 +125,9 @@ fn main() {
                         if let Ok(Some(o)) = observe(s) {
                             // As the processor: readings older than 10 minutes of lateness
                             // behind the tick are folded away.
-                            feeder.feed(&mut input, 0, o, (epoch as i64 + 1) * 15_000 - 600_000);
+                            feeder
+                                .feed(&mut input, 0, o, (epoch as i64 + 1) * 15_000 - 600_000)
+                                .expect("no series limit");
                         }
                     }
                 }

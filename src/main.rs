@@ -311,6 +311,11 @@ struct Processing {
     /// Most input messages a worker feeds in one epoch.
     #[arg(long, default_value_t = 1000)]
     max_batch: usize,
+    /// Most new series one tenant may open per hour (of its samples' time) on one worker;
+    /// samples that would open more go to the dead-letter topic as `series_limit`, so a label
+    /// explosion in one tenant neither grows the state without bound nor touches the others.
+    #[arg(long, default_value_t = 100_000)]
+    max_new_series_per_tenant_hour: usize,
     /// Price book (TOML) for the billing records; without it, the demo prices.
     #[arg(long)]
     price_book: Option<PathBuf>,
@@ -340,6 +345,7 @@ impl Processing {
             max_staleness_ms: self.max_staleness.as_millis() as i64,
             checkpoint_interval: self.checkpoint_interval,
             max_batch: self.max_batch.max(1),
+            max_new_series_per_tenant_hour: self.max_new_series_per_tenant_hour,
             prices,
             ..meterflow_processor::ProcessorConfig::new(brokers)
         })

@@ -625,7 +625,9 @@ mod tests {
             for (epoch, observations) in epochs.into_iter().enumerate() {
                 input.advance_to(epoch as Time);
                 for o in observations {
-                    feeder.feed(&mut input, 0, o, i64::MIN);
+                    feeder
+                        .feed(&mut input, 0, o, i64::MIN)
+                        .expect("no series limit");
                 }
             }
             input.advance_to(u64::MAX - 1);

@@ -71,6 +71,9 @@ pub struct ProcessorConfig {
     pub max_staleness_ms: i64,
     /// Most messages a worker feeds in one epoch.
     pub max_batch: usize,
+    /// Most new series one tenant may open per hour of its samples' time on one worker; a
+    /// sample that would open more goes to the dead-letter topic as `series_limit`.
+    pub max_new_series_per_tenant_hour: usize,
     /// Directory of the RocksDB checkpoint; `None` keeps state in memory and replays the
     /// input from the beginning at every start.
     pub state_dir: Option<PathBuf>,
@@ -106,6 +109,7 @@ impl ProcessorConfig {
             max_future_ms: 24 * 3_600_000,
             max_staleness_ms: 30_000,
             max_batch: 1_000,
+            max_new_series_per_tenant_hour: 100_000,
             state_dir: None,
             checkpoint_interval: Duration::from_secs(1),
             prices: PriceBook::default(),
@@ -541,7 +545,8 @@ fn run_worker(
         max_staleness_ms: config.max_staleness_ms,
         ..Rules::new(window_ms)
     };
-    let mut feeder = Feeder::new(rules, names.clone(), index);
+    let mut feeder = Feeder::new(rules, names.clone(), index)
+        .with_series_limit(config.max_new_series_per_tenant_hour);
     let mut agents: HashMap<String, (i32, AgentState)> = HashMap::new();
     let mut inputs = Inputs {
         next: BTreeMap::new(),
@@ -720,11 +725,13 @@ fn run_worker(
                     ))
                 } else {
                     match observe(sample) {
-                        Ok(Some(o)) => {
-                            watermark_ms = watermark_ms.max(sample.timestamp_ms);
-                            feeder.feed(&mut input, partition, o, horizon_ms);
-                            None
-                        }
+                        Ok(Some(o)) => match feeder.feed(&mut input, partition, o, horizon_ms) {
+                            Ok(()) => {
+                                watermark_ms = watermark_ms.max(sample.timestamp_ms);
+                                None
+                            }
+                            Err(limited) => Some(("series_limit", limited.to_string())),
+                        },
                         Ok(None) => None,
                         Err(rejection) => Some((rejection.reason, rejection.detail)),
                     }

@@ -301,6 +301,65 @@ fn unfinished(obs: AllocationObs) -> Option<crate::model::Interval> {
         .flatten()
 }
 
+/// How many new series a tenant may open per hour (of its samples' time) on one worker. A
+/// label explosion (a container id or a value in a label, a million series from one tenant)
+/// is refused series by series past it, as dead letters `series_limit`, and the state and
+/// the other tenants' samples stay as they were. Per hour rather than in all, because series
+/// are kept once opened and containers come and go: a tenant's lifetime count only grows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesLimit {
+    /// New series per tenant and hour on one worker.
+    pub per_tenant_hour: usize,
+    /// (tenant, hour start) → series opened.
+    opened: HashMap<(String, i64), usize>,
+}
+
+/// A sample refused because its tenant opened too many series this hour.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "tenant {tenant:?} opened {limit} new series in the hour from {hour_start_ms} ms on this worker (--max-new-series-per-tenant-hour); its further new series that hour are refused"
+)]
+pub struct SeriesLimited {
+    pub tenant: String,
+    pub hour_start_ms: i64,
+    pub limit: usize,
+}
+
+impl SeriesLimit {
+    pub fn new(per_tenant_hour: usize) -> Self {
+        Self {
+            per_tenant_hour,
+            opened: HashMap::new(),
+        }
+    }
+
+    /// Counts a new series of `tenant` at `at_ms` if the hour has room for it.
+    fn admit(&mut self, tenant: &str, at_ms: i64) -> Result<(), SeriesLimited> {
+        let hour = at_ms.div_euclid(HOUR_MS) * HOUR_MS;
+        let key = (tenant.to_string(), hour);
+        let opened = self.opened.get(&key).copied().unwrap_or(0);
+        if opened >= self.per_tenant_hour {
+            return Err(SeriesLimited {
+                tenant: tenant.to_string(),
+                hour_start_ms: hour,
+                limit: self.per_tenant_hour,
+            });
+        }
+        if opened == 0 {
+            // Hours two behind this one no longer take samples (the lateness is shorter).
+            self.opened.retain(|(_, h), _| *h >= hour - 2 * HOUR_MS);
+        }
+        self.opened.insert(key, opened + 1);
+        Ok(())
+    }
+}
+
+impl Default for SeriesLimit {
+    fn default() -> Self {
+        Self::new(usize::MAX)
+    }
+}
+
 /// One counter or gauge series' state.
 #[derive(Debug)]
 struct ReadingState {
@@ -330,6 +389,7 @@ pub struct Feeder {
     /// Hours in which each node has sent a sample.
     node_hours: HashSet<(NodeId, i64)>,
     dirty_node_hours: Vec<(i32, NodeId, i64)>,
+    limit: SeriesLimit,
 }
 
 impl Feeder {
@@ -351,7 +411,14 @@ impl Feeder {
             dirty_node_hours: Vec::new(),
             live_groups: HashMap::new(),
             live_dirty: HashSet::new(),
+            limit: SeriesLimit::default(),
         }
+    }
+
+    /// The same feeder, opening at most `per_tenant_hour` new series per tenant and hour.
+    pub fn with_series_limit(mut self, per_tenant_hour: usize) -> Self {
+        self.limit = SeriesLimit::new(per_tenant_hour);
+        self
     }
 
     /// Marks `node` active in the hour of `timestamp_ms`; feeds the node-hour the first time.
@@ -456,14 +523,15 @@ impl Feeder {
     }
 
     /// Feeds one observation from input `partition`. Readings before `horizon_ms` (the allowed
-    /// lateness behind their agent's watermark) are folded away first.
+    /// lateness behind their agent's watermark) are folded away first. An observation that
+    /// would open a series past its tenant's limit changes nothing and is refused.
     pub fn feed(
         &mut self,
         input: &mut InputSession<Time, Summary, isize>,
         partition: i32,
         observation: Observation,
         horizon_ms: i64,
-    ) {
+    ) -> Result<(), SeriesLimited> {
         match observation {
             Observation::Allocation(key, obs) => {
                 let node = match self.allocations.get_mut(&key) {
@@ -493,6 +561,7 @@ impl Feeder {
                         state.series.node
                     }
                     None => {
+                        self.limit.admit(&key.owner.tenant, obs.observed_at_ms)?;
                         let series = self.new_allocation(partition, key.clone(), obs);
                         self.hold(input, &key, obs);
                         self.dirty_allocations.insert(series.series);
@@ -511,7 +580,10 @@ impl Feeder {
                 let rules = self.rules;
                 let state = match self.readings.get_mut(&key) {
                     Some(state) => state,
-                    None => self.reading(partition, key),
+                    None => {
+                        self.limit.admit(&key.owner.tenant, timestamp_ms)?;
+                        self.reading(partition, key)
+                    }
                 };
                 state.readings.compact(horizon_ms);
                 let series = state.series;
@@ -537,6 +609,7 @@ impl Feeder {
                 self.active(input, partition, series.node, timestamp_ms);
             }
         }
+        Ok(())
     }
 
     /// Restores an allocation series from a checkpoint and feeds its summary.
@@ -867,6 +940,67 @@ mod tests {
         assert_eq!(usage, again);
     }
 
+    /// A million new series from one tenant in one hour: the first `limit` are opened, every
+    /// other one is refused with its tenant and hour, and the other tenant, the next hour and
+    /// the series already open are unaffected.
+    #[test]
+    fn a_million_series_from_one_tenant_stop_at_its_hourly_limit() {
+        use differential_dataflow::input::InputSession;
+        let names = Arc::new(Names::default());
+        let mut feeder = Feeder::new(rules(), names, 0).with_series_limit(1_000);
+        let mut input: InputSession<Time, Summary, isize> = InputSession::new();
+        let reading = |tenant: &str, container: String, t: i64| {
+            Observation::Reading(
+                ReadingKey {
+                    owner: Owner {
+                        tenant: tenant.into(),
+                        lease: "l".into(),
+                        service: "s".into(),
+                    },
+                    node: "n".into(),
+                    container_id: container,
+                    metric: Aggregate::MemoryByteSeconds,
+                    gpu_uuid: String::new(),
+                    gpu_class: String::new(),
+                    mig_profile: String::new(),
+                },
+                ReadingObs {
+                    timestamp_ms: t,
+                    units: 1,
+                },
+            )
+        };
+        let (mut opened, mut refused) = (0, 0);
+        for i in 0..1_000_000 {
+            match feeder.feed(&mut input, 0, reading("noisy", format!("c{i}"), 1_000), 0) {
+                Ok(()) => opened += 1,
+                Err(e) => {
+                    assert_eq!(
+                        (e.tenant.as_str(), e.hour_start_ms, e.limit),
+                        ("noisy", 0, 1_000)
+                    );
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!((opened, refused), (1_000, 999_000));
+        assert_eq!(
+            feeder.series(),
+            (0, 1_000),
+            "only the admitted series hold state"
+        );
+        // An open series takes readings; another tenant and the next hour have room.
+        feeder
+            .feed(&mut input, 0, reading("noisy", "c7".into(), 2_000), 0)
+            .expect("an open series");
+        feeder
+            .feed(&mut input, 0, reading("quiet", "q".into(), 2_000), 0)
+            .expect("another tenant");
+        feeder
+            .feed(&mut input, 0, reading("noisy", "next".into(), HOUR_MS), 0)
+            .expect("the next hour");
+    }
+
     #[test]
     fn live_values_sum_the_latest_readings_and_drop_a_container_gone_quiet() {
         use differential_dataflow::input::InputSession;
@@ -891,18 +1025,20 @@ mod tests {
                     container: &str,
                     t: i64,
                     units: i64| {
-            feeder.feed(
-                input,
-                0,
-                Observation::Reading(
-                    key(container, Aggregate::CpuCoreSeconds),
-                    ReadingObs {
-                        timestamp_ms: t,
-                        units,
-                    },
-                ),
-                i64::MIN,
-            );
+            feeder
+                .feed(
+                    input,
+                    0,
+                    Observation::Reading(
+                        key(container, Aggregate::CpuCoreSeconds),
+                        ReadingObs {
+                            timestamp_ms: t,
+                            units,
+                        },
+                    ),
+                    i64::MIN,
+                )
+                .expect("no series limit");
         };
         // Two containers' CPU counters (microseconds), 15 s apart.
         feed(&mut feeder, &mut input, "a", 0, 1_000_000);

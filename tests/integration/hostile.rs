@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 
 use meterflow_ingest::Publisher;
-use meterflow_schemas::{DeadLetter, Record, Sample, SampleBatch, SampleKind, topics as names};
+use meterflow_schemas::{
+    DeadLetter, Record, Sample, SampleBatch, SampleKind, UsageUpdate, topics as names,
+};
 
 use crate::cluster::{outputs, processor, wait_all};
 use crate::common::{memory_broker, read_topic};
@@ -81,7 +83,10 @@ fn hostile(good: &Sample) -> Vec<(Sample, &'static str)> {
     ]
 }
 
-async fn run(batches: &[SampleBatch]) -> (meterflow::broker::EmbeddedBroker, tempfile::TempDir) {
+async fn run(
+    batches: &[SampleBatch],
+    flags: &[&str],
+) -> (meterflow::broker::EmbeddedBroker, tempfile::TempDir) {
     let broker = memory_broker().await;
     crate::common::ensure_topics(&broker.bootstrap(), PARTITIONS).await;
     let publisher = Publisher::new(&broker.bootstrap()).expect("publisher");
@@ -91,9 +96,10 @@ async fn run(batches: &[SampleBatch]) -> (meterflow::broker::EmbeddedBroker, tem
     let dir = tempfile::tempdir().expect("tempdir");
     let brokers = broker.bootstrap();
     let state = dir.path().join("state");
+    let flags: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
     tokio::task::spawn_blocking(move || {
         // Four partitions, as `processor` creates them.
-        wait_all(vec![processor(&brokers, &state, &[])])
+        wait_all(vec![processor(&brokers, &state, &flags)])
     })
     .await
     .expect("processor");
@@ -115,8 +121,8 @@ async fn hostile_samples_are_dead_lettered_with_a_reason_and_the_rest_is_untouch
         }
     }
 
-    let (clean, _clean_dir) = run(&good).await;
-    let (attacked, _attacked_dir) = run(&mixed).await;
+    let (clean, _clean_dir) = run(&good, &[]).await;
+    let (attacked, _attacked_dir) = run(&mixed, &[]).await;
     let (clean_b, attacked_b) = (clean.bootstrap(), attacked.bootstrap());
     let ((clean_usage, clean_billed), (usage, billed), dead, clean_dead) =
         tokio::task::spawn_blocking(move || {
@@ -153,4 +159,83 @@ async fn hostile_samples_are_dead_lettered_with_a_reason_and_the_rest_is_untouch
     assert_eq!(billed, clean_billed, "the same net billed quantity per key");
     clean.stop();
     attacked.stop();
+}
+
+/// One tenant opens 5,000 series in an hour (a container id in a label, say) against a limit
+/// of 1,000: the first 1,000 are kept, the other 4,000 samples are dead letters
+/// `series_limit` naming the tenant, and the other tenants' usage and billing are exactly
+/// what they are without it. (The noisy series are single memory readings on a node already
+/// active that hour: admitted, they add no usage record, so the outputs compare whole.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_exploding_its_series_is_stopped_at_its_limit_and_the_others_are_untouched() {
+    let good = crate::pipeline::batches();
+    let template = good[0].samples[0].clone();
+    let mut attacked = good.clone();
+    for b in 0..5 {
+        attacked.push(SampleBatch {
+            node: good[0].node.clone(),
+            agent_id: "noisy-agent".into(),
+            sequence: b + 1,
+            collected_at_ms: template.timestamp_ms,
+            agent_version: "test".into(),
+            samples: (0..1_000)
+                .map(|i| {
+                    let mut s = template.clone();
+                    s.series.tenant = "noisy".into();
+                    s.series.container_id = format!("request-{b}-{i}");
+                    s.series.gpu_uuid = String::new();
+                    s.series.gpu_class = String::new();
+                    s.series.mig_profile = String::new();
+                    s.kind = SampleKind::Gauge;
+                    s.metric = "memory_working_set_bytes".into();
+                    s.value = 1e6;
+                    s.started_at_ms = None;
+                    s.finished_at_ms = None;
+                    s
+                })
+                .collect(),
+        });
+    }
+    let limit = ["--max-new-series-per-tenant-hour", "1000"];
+    let (clean, _clean_dir) = run(&good, &limit).await;
+    let (noisy, _noisy_dir) = run(&attacked, &limit).await;
+    let (clean_b, noisy_b) = (clean.bootstrap(), noisy.bootstrap());
+    // The final value of every usage record but the noisy tenant's own (its admitted series
+    // have live values), by id.
+    let others = |brokers: &str| -> BTreeMap<String, (i64, i64, i64)> {
+        crate::common::read_topic_at(brokers, names::USAGE, PARTITIONS, 1)
+            .into_iter()
+            .map(|(_, _, bytes)| UsageUpdate::decode(&bytes).expect("usage decodes"))
+            .filter(|u| u.tenant != "noisy")
+            .map(|u| (u.id, (u.amount, u.coverage_ms, u.present_ms)))
+            .collect()
+    };
+    let ((clean_usage, clean_billed), (usage, billed), dead) =
+        tokio::task::spawn_blocking(move || {
+            (
+                (others(&clean_b), outputs(&clean_b, PARTITIONS).1),
+                (others(&noisy_b), outputs(&noisy_b, PARTITIONS).1),
+                read_topic(&noisy_b, names::DEADLETTER, PARTITIONS, 4_000),
+            )
+        })
+        .await
+        .expect("read");
+    let letters: Vec<DeadLetter> = dead
+        .iter()
+        .map(|b| DeadLetter::decode(b).expect("a dead letter"))
+        .collect();
+    assert_eq!(letters.len(), 4_000, "every sample past the limit, once");
+    for d in &letters {
+        assert_eq!(d.reason, "series_limit", "{}", d.detail);
+        assert!(
+            d.detail.contains("\"noisy\"") && d.detail.contains("--max-new-series-per-tenant-hour"),
+            "the detail names the tenant and the setting: {}",
+            d.detail
+        );
+    }
+    assert!(!clean_usage.is_empty());
+    assert_eq!(usage, clean_usage, "the same final usage per record id");
+    assert_eq!(billed, clean_billed, "the same net billed quantity per key");
+    clean.stop();
+    noisy.stop();
 }
