@@ -183,6 +183,10 @@ enum Command {
         /// several.
         #[arg(long)]
         jwt_public_key: Vec<PathBuf>,
+        /// Accept only tokens whose `aud` claim names this audience (an identity provider's
+        /// tokens for several services); without it `aud` is not checked.
+        #[arg(long)]
+        jwt_audience: Option<String>,
         /// Requests per second each tenant (or operator) may make, sustained.
         #[arg(long, default_value_t = 20.0)]
         rate_limit: f64,
@@ -260,6 +264,9 @@ enum Command {
         /// How long the token is valid.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: Duration,
+        /// The `aud` claim, for a sink started with --jwt-audience.
+        #[arg(long)]
+        audience: Option<String>,
     },
 }
 
@@ -555,8 +562,9 @@ async fn main() -> Result<()> {
             operator,
             sub,
             ttl,
+            audience,
         } => {
-            use meterflow_sink::auth::{Auth, Claims, SigningKey, mint, now_s};
+            use meterflow_sink::auth::{Auth, Claims, SigningKey, mint_for, now_s};
             let key = match (secret_file, private_key) {
                 (Some(path), _) => SigningKey::Hs256(Auth::secret_file(&path)?),
                 (None, Some(path)) => SigningKey::Pem(
@@ -571,7 +579,7 @@ async fn main() -> Result<()> {
                 tenant: tenant.unwrap_or_default(),
                 exp: now_s() + ttl.as_secs(),
             };
-            println!("{}", mint(&key, &claims)?);
+            println!("{}", mint_for(&key, &claims, audience.as_deref())?);
             Ok(())
         }
         Command::Broker {
@@ -763,6 +771,7 @@ async fn main() -> Result<()> {
             data_dir,
             jwt_secret_file,
             jwt_public_key,
+            jwt_audience,
             rate_limit,
             rate_burst,
             series_limit,
@@ -804,7 +813,7 @@ async fn main() -> Result<()> {
                     brokers,
                     listen,
                     data_dir,
-                    auth: Auth::new(keys),
+                    auth: Auth::new(keys).with_audience(jwt_audience.as_deref()),
                     limits: meterflow_sink::limits::Limits {
                         requests_per_s: rate_limit,
                         burst: rate_burst,

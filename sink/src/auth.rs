@@ -3,16 +3,18 @@
 //! (space-separated: `metrics` for a tenant's data, `operator` for the fleet and every
 //! tenant) and `exp`.
 //!
-//! Checked: the signature against every configured key of the token's algorithm, `exp` (with
-//! a leeway for clock skew), and that the algorithm is one configured — `alg: none` and an
-//! HS256 token made with a public key as its secret are refused.
+//! Checked: the signature against every configured key of the token's algorithm, `exp` and
+//! `nbf` when present (with a leeway for clock skew), `aud` when the sink is given an audience
+//! (`--jwt-audience`: tokens of an identity provider that serves several services), and that
+//! the algorithm is one configured — `alg: none` and an HS256 token made with a public key as
+//! its secret are refused.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-/// Clock skew tolerated on `exp`, in seconds.
+/// Clock skew tolerated on `exp` and `nbf`, in seconds.
 pub const LEEWAY_S: u64 = 30;
 
 /// The claims of a Meterflow token.
@@ -55,6 +57,7 @@ impl VerifyingKey {
     fn new(algorithm: Algorithm, key: DecodingKey) -> Self {
         let mut validation = Validation::new(algorithm);
         validation.leeway = LEEWAY_S;
+        validation.validate_nbf = true;
         validation.validate_aud = false;
         validation.set_required_spec_claims(&["exp"]);
         Self {
@@ -154,6 +157,19 @@ impl Auth {
         Self::public_key_pem(&pem, &path.display().to_string())
     }
 
+    /// The same checks, and a token must name `audience` in its `aud` claim (a string or a
+    /// list); one without `aud`, or for another audience, is refused.
+    pub fn with_audience(mut self, audience: Option<&str>) -> Self {
+        if let Some(aud) = audience {
+            for k in &mut self.keys {
+                k.validation.validate_aud = true;
+                k.validation.set_audience(&[aud]);
+                k.validation.set_required_spec_claims(&["exp", "aud"]);
+            }
+        }
+        self
+    }
+
     /// The claims of a valid token; `None` for a missing, malformed, expired, wrongly signed
     /// or otherwise refused one.
     pub fn check(&self, token: &str) -> Option<Claims> {
@@ -178,6 +194,19 @@ pub enum SigningKey {
 
 /// Mints a token for `claims`.
 pub fn mint(key: &SigningKey, claims: &Claims) -> Result<String, AuthError> {
+    mint_for(key, claims, None)
+}
+
+/// Mints a token for `claims`, for `audience` (the `aud` claim) when given.
+pub fn mint_for(
+    key: &SigningKey,
+    claims: &Claims,
+    audience: Option<&str>,
+) -> Result<String, AuthError> {
+    let mut body = serde_json::to_value(claims).expect("claims are JSON");
+    if let (Some(aud), Some(map)) = (audience, body.as_object_mut()) {
+        map.insert("aud".into(), aud.into());
+    }
     let (algorithm, key) = match key {
         SigningKey::Hs256(secret) => (Algorithm::HS256, EncodingKey::from_secret(secret)),
         SigningKey::Pem(pem) => match EncodingKey::from_ed_pem(pem) {
@@ -190,7 +219,7 @@ pub fn mint(key: &SigningKey, claims: &Claims) -> Result<String, AuthError> {
             ),
         },
     };
-    jsonwebtoken::encode(&Header::new(algorithm), claims, &key).map_err(|source| AuthError::Key {
+    jsonwebtoken::encode(&Header::new(algorithm), &body, &key).map_err(|source| AuthError::Key {
         what: "cannot sign the token".into(),
         source,
     })
@@ -247,6 +276,54 @@ mod tests {
         assert_eq!(auth.check(&none), None);
         assert_eq!(auth.check("not a token"), None);
         assert_eq!(Auth::default().check(&token), None);
+    }
+
+    /// Signs any claims, as an identity provider would.
+    fn signed(body: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &body,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .expect("signs")
+    }
+
+    #[test]
+    fn an_audience_when_configured_must_be_the_tokens_and_nbf_is_honoured_with_the_leeway() {
+        let good = claims("acme", "metrics", now_s() + 600);
+        let key = SigningKey::Hs256(SECRET.to_vec());
+        let plain = Auth::new(vec![Auth::hs256(SECRET)]);
+        let strict = Auth::new(vec![Auth::hs256(SECRET)]).with_audience(Some("meterflow"));
+        let ours = mint_for(&key, &good, Some("meterflow")).expect("mints");
+        let theirs = mint_for(&key, &good, Some("grafana")).expect("mints");
+        let none = mint(&key, &good).expect("mints");
+        assert_eq!(strict.check(&ours), Some(good.clone()));
+        assert_eq!(strict.check(&theirs), None, "another service's token");
+        assert_eq!(
+            strict.check(&none),
+            None,
+            "a token for no audience in particular"
+        );
+        let listed = serde_json::json!({"sub": "s", "tenant": "acme", "scope": "metrics",
+            "exp": now_s() + 600, "aud": ["grafana", "meterflow"]});
+        assert!(
+            strict.check(&signed(listed)).is_some(),
+            "aud as a list naming us"
+        );
+        // Without an audience configured, aud is not looked at.
+        assert!(plain.check(&theirs).is_some() && plain.check(&none).is_some());
+        // Not before: a clock 10 s behind the issuer's is within the leeway, a minute is not.
+        let nbf = |ahead: u64| {
+            signed(
+                serde_json::json!({"sub": "s", "tenant": "acme", "scope": "metrics",
+                "exp": now_s() + 600, "nbf": now_s() + ahead}),
+            )
+        };
+        assert!(plain.check(&nbf(10)).is_some());
+        assert_eq!(plain.check(&nbf(LEEWAY_S + 30)), None);
+        // A token with no exp at all is refused.
+        let forever = signed(serde_json::json!({"sub": "s", "tenant": "acme", "scope": "metrics"}));
+        assert_eq!(plain.check(&forever), None);
     }
 
     #[test]

@@ -260,3 +260,67 @@ async fn a_tenant_reading_too_many_series_gets_429_with_retry_after() {
     );
     pipeline.stop().await;
 }
+
+/// A sink started with `--jwt-audience` takes the tokens `meterflow token --audience` mints for
+/// it and refuses the same operator's token minted for no audience or for another service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_given_an_audience_accepts_only_tokens_for_it() {
+    use crate::common::{KillOnDrop, free_addr};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, SECRET).expect("secret written");
+    let mint = |audience: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_meterflow"));
+        cmd.arg("token")
+            .arg("--secret-file")
+            .arg(&secret)
+            .arg("--operator");
+        if let Some(a) = audience {
+            cmd.args(["--audience", a]);
+        }
+        let out = cmd.output().expect("meterflow token runs");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_string()
+    };
+    let (ours, theirs, plain) = (mint(Some("meterflow")), mint(Some("grafana")), mint(None));
+    let broker = crate::common::memory_broker().await;
+    let listen = free_addr();
+    let _sink = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
+            .arg("sink")
+            .args(["--brokers", &broker.bootstrap()])
+            .args(["--listen", &listen.to_string()])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--jwt-secret-file")
+            .arg(&secret)
+            .args(["--jwt-audience", "meterflow"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the sink starts"),
+    );
+    let url = format!("http://{listen}/v1/status");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("http://{listen}/healthz"))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sink did not listen"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get_as(&url, &ours).await.0, 200, "a token for this sink");
+    assert_eq!(
+        get_as(&url, &theirs).await.0,
+        401,
+        "a token for another service"
+    );
+    assert_eq!(get_as(&url, &plain).await.0, 401, "a token for no audience");
+    broker.stop();
+}
