@@ -20,6 +20,7 @@ use crate::auth::{Auth, Claims};
 use crate::metrics::Metrics;
 use crate::store::{Cell, HOUR_MS, Hourly, Store, is_usage};
 use crate::time::{format_rfc3339, month_start, next_month_start, parse_time};
+use meterflow_guard::params::{self, over_ms, parse_duration_ms, time_range};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -273,19 +274,17 @@ fn internal(state: &AppState, route: &str, e: crate::store::StoreError) -> Respo
     )
 }
 
-/// A tenant or lease name from a path: 1 to [`MAX_TENANT_LEN`] bytes without NUL (the store's
-/// key separator).
+/// A tenant or lease name from a path, checked by [`params::identifier`]; 400 otherwise.
 fn check_name(state: &AppState, route: &str, what: &str, value: &str) -> Result<(), Denied> {
-    if value.is_empty() || value.len() > MAX_TENANT_LEN || value.contains('\0') {
-        return Err(Box::new(error(
+    params::identifier(what, value).map_err(|message| {
+        Box::new(error(
             state,
             route,
             StatusCode::BAD_REQUEST,
-            format!("{what} must be 1 to {MAX_TENANT_LEN} bytes without NUL"),
+            message,
             "use it exactly as the agent reports it",
-        )));
-    }
-    Ok(())
+        ))
+    })
 }
 
 /// Query of `GET /v1/tenants/{tenant}/usage`.
@@ -303,7 +302,6 @@ pub struct UsageQuery {
 }
 
 const GROUPS: [&str; 4] = ["lease", "service", "gpu_class", "mig_profile"];
-const MAX_TENANT_LEN: usize = 256;
 
 /// What one metric added up to.
 struct Sum {
@@ -614,23 +612,6 @@ pub struct BurnRateQuery {
     pub over: Option<String>,
 }
 
-/// A duration such as `90s`, `5m`, `1h` or plain milliseconds.
-fn parse_duration_ms(s: &str) -> Option<i64> {
-    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "ms"),
-    };
-    let n: i64 = number.parse().ok()?;
-    let unit_ms = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        _ => return None,
-    };
-    n.checked_mul(unit_ms)
-}
-
 fn money(micros: i128) -> f64 {
     micros as f64 / 1e6
 }
@@ -662,18 +643,6 @@ async fn burn_rate(
             Json(answer).into_response()
         }
         Err(e) => internal(&state, ROUTE, e),
-    }
-}
-
-/// The `over` of a burn rate: 5 minutes when not given, from 1 minute to 24 hours.
-fn over_ms(over: Option<&str>) -> Result<i64, String> {
-    match over.map(parse_duration_ms) {
-        None => Ok(300_000),
-        Some(Some(ms)) if (60_000..=86_400_000).contains(&ms) => Ok(ms),
-        Some(_) => Err(format!(
-            "over={:?} is not a duration from 1m to 24h",
-            over.unwrap_or_default()
-        )),
     }
 }
 
@@ -1263,36 +1232,6 @@ async fn fleet_hourly(
         "hours": rows,
     }))
     .into_response()
-}
-
-/// The `from` and `to` query parameters (RFC 3339 UTC or milliseconds since the epoch), with
-/// their defaults; on error, what is wrong and what to do.
-fn time_range(
-    from: &Option<String>,
-    to: &Option<String>,
-    default_from: i64,
-    default_to: i64,
-) -> Result<(i64, i64), (String, &'static str)> {
-    let time = |v: &Option<String>, default: i64, name: &str| match v {
-        None => Ok(default),
-        Some(s) => parse_time(s).ok_or_else(|| {
-            (
-                format!("{name}={s:?} is not a time"),
-                "give RFC 3339 UTC (2026-11-23T10:00:00Z) or milliseconds since the epoch",
-            )
-        }),
-    };
-    let (from, to) = (
-        time(from, default_from, "from")?,
-        time(to, default_to, "to")?,
-    );
-    if from >= to {
-        return Err((
-            format!("from ({from}) must be before to ({to})"),
-            "swap them or widen the range",
-        ));
-    }
-    Ok((from, to))
 }
 
 fn fixed(t: i64, len: i64) -> (i64, i64) {

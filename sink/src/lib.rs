@@ -7,17 +7,17 @@
 //! - [`store`]: the RocksDB views; idempotent updates, offsets in the same write batch.
 //! - [`consumer`]: Kafka → store, resuming from the stored offsets.
 //! - [`api`]: the axum routes.
-//! - [`auth`]: bearer tokens (JWT) and what each reaches.
+//! - [`auth`]: bearer tokens (JWT) and what each reaches (from `meterflow-guard`).
 //! - [`limits`]: per-tenant request-rate limits.
 //! - [`metrics`]: the sink's own Prometheus metrics.
 //! - [`time`]: RFC 3339 and calendar months without a calendar dependency.
 
 pub mod api;
-pub mod auth;
 pub mod consumer;
 pub mod limits;
 pub mod metrics;
 pub mod store;
+pub use meterflow_guard::auth;
 pub use meterflow_schemas::time;
 
 use std::net::SocketAddr;

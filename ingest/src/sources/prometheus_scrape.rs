@@ -16,6 +16,8 @@ use meterflow_schemas::SampleKind;
 use meterflow_schemas::metrics as m;
 use serde::Deserialize;
 
+pub use meterflow_guard::exposition::{Line, parse_text};
+
 use super::{GpuInfo, Reading, SourceError, Target};
 
 /// One exporter to scrape (`[[sources.prometheus_scrape]]`).
@@ -414,94 +416,6 @@ impl super::Source for Scraper {
     }
 }
 
-/// One sample line of the Prometheus text format.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Line {
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    pub value: f64,
-}
-
-/// Parses the Prometheus text exposition format (comments, labels with escapes, optional
-/// timestamps). An unparseable line is an error naming its number.
-pub fn parse_text(text: &str) -> Result<Vec<Line>, String> {
-    let mut out = Vec::new();
-    for (n, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        out.push(parse_line(line).map_err(|why| format!("line {}: {why}: {raw}", n + 1))?);
-    }
-    Ok(out)
-}
-
-fn parse_line(line: &str) -> Result<Line, String> {
-    let name_end = line
-        .find(|c: char| c == '{' || c.is_whitespace())
-        .ok_or("no value")?;
-    let name = line[..name_end].to_string();
-    let mut rest = &line[name_end..];
-    let mut labels = BTreeMap::new();
-    if let Some(inner) = rest.strip_prefix('{') {
-        let mut chars = inner.char_indices().peekable();
-        let end;
-        loop {
-            // Skip separators, find the label name or the closing brace.
-            while let Some(&(_, c)) = chars.peek() {
-                if c == ',' || c.is_whitespace() {
-                    chars.next();
-                } else {
-                    break;
-                }
-            }
-            let Some(&(start, c)) = chars.peek() else {
-                return Err("unclosed `{`".into());
-            };
-            if c == '}' {
-                end = start + 1;
-                break;
-            }
-            let eq = inner[start..].find('=').ok_or("a label without `=`")? + start;
-            let key = inner[start..eq].trim().to_string();
-            while chars.peek().is_some_and(|&(i, _)| i <= eq) {
-                chars.next();
-            }
-            if chars.next().map(|(_, c)| c) != Some('"') {
-                return Err(format!("label {key} has no quoted value"));
-            }
-            let mut value = String::new();
-            loop {
-                match chars.next() {
-                    Some((_, '\\')) => match chars.next() {
-                        Some((_, 'n')) => value.push('\n'),
-                        Some((_, c)) => value.push(c),
-                        None => return Err("unfinished escape".into()),
-                    },
-                    Some((_, '"')) => break,
-                    Some((_, c)) => value.push(c),
-                    None => return Err(format!("label {key} has an unclosed value")),
-                }
-            }
-            labels.insert(key, value);
-        }
-        rest = &inner[end..];
-    }
-    let value = rest.split_whitespace().next().ok_or("no value")?;
-    let value = match value {
-        "+Inf" | "Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        v => v
-            .parse::<f64>()
-            .map_err(|_| format!("`{v}` is not a number"))?,
-    };
-    Ok(Line {
-        name,
-        labels,
-        value,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -524,26 +438,6 @@ mod tests {
             .find(|r| &r.target == target && r.metric == metric)
             .unwrap_or_else(|| panic!("no {metric} for {target:?} in {readings:#?}"))
             .value
-    }
-
-    #[test]
-    fn the_text_format_is_parsed_with_escapes_and_timestamps() {
-        let lines = parse_text(
-            "# HELP x y\n# TYPE x gauge\nx 1\ny{a=\"1\",b=\"q\\\"uo\\\\te\\n\"} 2.5 1700000000000\nz{a=\"x\",} NaN\n",
-        )
-        .expect("parses");
-        assert_eq!(lines.len(), 3);
-        assert_eq!(lines[0].value, 1.0);
-        assert_eq!(lines[1].labels["b"], "q\"uo\\te\n");
-        assert_eq!(lines[1].value, 2.5);
-        assert!(lines[2].value.is_nan());
-        let e = parse_text("ok 1\nbad{a=\"1\" 2\n").expect_err("unclosed");
-        assert!(e.starts_with("line 2: "), "{e}");
-        assert!(
-            parse_text("x abc")
-                .expect_err("nan")
-                .contains("`abc` is not a number")
-        );
     }
 
     #[test]

@@ -1,0 +1,14 @@
+//! What Meterflow reads from outside before anything else looks at it: the parsers and checks
+//! at its edges, in one crate without RocksDB or librdkafka so that they can be fuzzed alone
+//! (`fuzz/`, `scripts/fuzz.sh`).
+//!
+//! - [`auth`]: bearer tokens (JWT): which keys, algorithms, expiry and audience are accepted,
+//!   and what a token's claims reach.
+//! - [`params`]: the sink API's path identifiers (tenants, leases) and query parameters (times,
+//!   durations).
+//! - [`exposition`]: the Prometheus text exposition format the agent scrapes (dcgm-exporter,
+//!   Kepler, cAdvisor).
+
+pub mod auth;
+pub mod exposition;
+pub mod params;
