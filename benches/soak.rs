@@ -121,7 +121,11 @@ async fn main() {
         t0,
     );
     let publisher = Arc::new(Publisher::new(&brokers).expect("publisher"));
-    let procs = [("processor", &processor), ("sink", &sink), ("broker", &broker)];
+    let procs = [
+        ("processor", &processor),
+        ("sink", &sink),
+        ("broker", &broker),
+    ];
     println!(
         "soak: {nodes} nodes, a batch each per second ({} s of data), {minutes} min; machine: {} cores",
         TICK_MS / 1000,
@@ -145,7 +149,7 @@ async fn main() {
     let mut next_report = started + SAMPLE_EVERY;
     let (mut window_samples, mut window_start) = (0u64, started);
     // (first, peak, last) RSS and fds per process.
-    let mut seen: Vec<Option<((f64, usize), (f64, usize), (f64, usize))>> = vec![None; 3];
+    let mut seen: Vec<Option<[(f64, usize); 3]>> = vec![None; 3];
     let mut behind_last = 0u64;
     // Ctrl-C ends the soak early, with its summary, and stops the processes it started.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -176,9 +180,9 @@ async fn main() {
             for (i, (_, p)) in procs.iter().enumerate() {
                 let (rss, _) = p.memory_mib();
                 let f = fds(p.pid());
-                let s = seen[i].get_or_insert(((rss, f), (rss, f), (rss, f)));
-                s.1 = (s.1.0.max(rss), s.1.1.max(f));
-                s.2 = (rss, f);
+                let s = seen[i].get_or_insert([(rss, f); 3]);
+                s[1] = (s[1].0.max(rss), s[1].1.max(f));
+                s[2] = (rss, f);
                 cells.push(format!("{rss:>8.0} / {f:<5}"));
             }
             println!(
@@ -200,8 +204,10 @@ async fn main() {
     );
     println!("process     RSS MiB first / peak / last     open fds first / peak / last");
     for (i, (name, _)) in procs.iter().enumerate() {
-        if let Some(((r0, f0), (rp, fp), (r1, f1))) = seen[i] {
-            println!("{name:<10} {r0:>8.0} / {rp:>6.0} / {r1:>6.0}     {f0:>8} / {fp:>4} / {f1:>4}");
+        if let Some([(r0, f0), (rp, fp), (r1, f1)]) = seen[i] {
+            println!(
+                "{name:<10} {r0:>8.0} / {rp:>6.0} / {r1:>6.0}     {f0:>8} / {fp:>4} / {f1:>4}"
+            );
         }
     }
 }

@@ -273,7 +273,6 @@ async fn run(args: Args) -> Result<bool> {
         "meterflow: {messages} batches published in {publish_s:.1} s ({:.0} samples/s through the agent's spool and producer)",
         scenario.samples as f64 / publish_s
     );
-    let broker_cpu_publish = mf.broker.cpu_seconds();
     mf.start_pipeline().await?;
     let t = Instant::now();
     let mut first_read: Option<Instant> = None;
@@ -352,9 +351,9 @@ async fn run(args: Args) -> Result<bool> {
 
     // Each quantity, per tenant and hour (per node and hour for the GPU maxima).
     let book = PriceBook::default();
-    let billed = |class_profile: &(String, String), ms: f64| {
-        let _ = class_profile.0;
-        let (n, d) = book.fraction(&class_profile.1);
+    // GPU time billed as whole GPUs: a MIG profile's share of one.
+    let billed = |mig_profile: &str, ms: f64| {
+        let (n, d) = book.fraction(mig_profile);
         ms * n as f64 / d as f64
     };
     let gpu_kinds = [
@@ -416,7 +415,10 @@ async fn run(args: Args) -> Result<bool> {
         }
         billed_q.truth.insert(
             key.clone(),
-            c.gpu_ms.iter().map(|(k, ms)| billed(k, *ms as f64)).sum(),
+            c.gpu_ms
+                .iter()
+                .map(|((_, mig), ms)| billed(mig, *ms as f64))
+                .sum(),
         );
         energy_q.truth.insert(key.clone(), c.energy_mj as f64);
         cpu_q.truth.insert(key.clone(), c.cpu_us as f64);
@@ -434,7 +436,10 @@ async fn run(args: Args) -> Result<bool> {
         }
         billed_q.meterflow.insert(
             key.clone(),
-            c.gpu_ms.iter().map(|(k, ms)| billed(k, *ms as f64)).sum(),
+            c.gpu_ms
+                .iter()
+                .map(|((_, mig), ms)| billed(mig, *ms as f64))
+                .sum(),
         );
         energy_q.meterflow.insert(key.clone(), c.energy_mj as f64);
         cpu_q.meterflow.insert(key.clone(), c.cpu_us as f64);
@@ -460,8 +465,7 @@ async fn run(args: Args) -> Result<bool> {
                     *gpu_q[i].prometheus.entry(key.clone()).or_default() += ms;
                 }
             }
-            *billed_q.prometheus.entry(key).or_default() +=
-                billed(&(class.to_string(), profile), ms);
+            *billed_q.prometheus.entry(key).or_default() += billed(&profile, ms);
         }
         for (q, factor, target) in [
             (promql::energy_joules(), 1e3, &mut energy_q.prometheus),
@@ -640,7 +644,6 @@ async fn run(args: Args) -> Result<bool> {
         "Prometheus evaluated the hourly PromQL in {prom_eval_s:.2} s; the whole run took {:.0} s.",
         started.elapsed().as_secs_f64()
     );
-    let _ = broker_cpu_publish;
     if args.results.as_os_str() != "-" {
         let mut doc = String::new();
         writeln!(doc, "# Meterflow and Prometheus, side by side\n")?;
@@ -725,7 +728,10 @@ fn prometheus_version(bin: &Path) -> String {
         .and_then(|o| {
             let text = String::from_utf8_lossy(&o.stdout).to_string()
                 + &String::from_utf8_lossy(&o.stderr);
-            text.lines().next().map(str::to_string)
+            // "prometheus, version 2.42.0+ds (branch: ...)" → "version 2.42.0+ds (branch: ...)"
+            text.lines()
+                .next()
+                .map(|l| l.trim_start_matches("prometheus, ").to_string())
         })
         .unwrap_or_else(|| "(version unknown)".into())
 }
