@@ -29,19 +29,6 @@ fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-async fn processor_input(url: &str) -> u64 {
-    let Ok(r) = reqwest::get(url).await else {
-        return 0;
-    };
-    r.text()
-        .await
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("meterflow_processor_input_messages_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args()
@@ -107,6 +94,7 @@ async fn main() {
     )
     .expect("sink");
     let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let http = reqwest::Client::new();
 
     // Data time starts a day back: seven and a half hours of it fit in a half-hour soak.
     let now_ms = meterflow_ingest::agent::now_ms();
@@ -172,7 +160,9 @@ async fn main() {
         }
         sends.join_all().await;
         if Instant::now() >= next_report {
-            let read = processor_input(&metrics_url).await;
+            let read = proc::processor_input(&http, &metrics_url)
+                .await
+                .unwrap_or(0);
             behind_last = batches.saturating_sub(read);
             let rate = window_samples as f64 / window_start.elapsed().as_secs_f64();
             (window_samples, window_start) = (0, Instant::now());

@@ -188,6 +188,17 @@ struct Quantity {
     exact: bool,
 }
 
+impl Quantity {
+    /// The truth's cells, or Meterflow's.
+    fn cells(&mut self, truth: bool) -> &mut Cells {
+        if truth {
+            &mut self.truth
+        } else {
+            &mut self.meterflow
+        }
+    }
+}
+
 /// (sum, sum of absolute errors, cells equal to the truth, cells)
 fn score(truth: &Cells, got: &Cells) -> (f64, f64, usize, usize) {
     let keys: BTreeSet<&String> = truth.keys().chain(got.keys()).collect();
@@ -403,47 +414,34 @@ async fn run(args: Args) -> Result<bool> {
         1.0,
         false,
     );
-    for ((tenant, hour), c) in &scenario.truth.tenants {
-        let key = cell_key(tenant, *hour);
+    // One tenant-hour of the truth or of Meterflow's answer into every quantity's cells.
+    let mut put = |truth: bool,
+                   key: String,
+                   gpu_ms: &BTreeMap<(String, String), i64>,
+                   (energy_mj, cpu_us, memory_byte_ms): (i64, i64, f64)| {
         for (i, (class, profile, _)) in gpu_kinds.iter().enumerate() {
-            let ms = c
-                .gpu_ms
+            let ms = gpu_ms
                 .get(&(class.to_string(), profile.to_string()))
                 .copied()
                 .unwrap_or(0);
-            gpu_q[i].truth.insert(key.clone(), ms as f64);
+            gpu_q[i].cells(truth).insert(key.clone(), ms as f64);
         }
-        billed_q.truth.insert(
-            key.clone(),
-            c.gpu_ms
-                .iter()
-                .map(|((_, mig), ms)| billed(mig, *ms as f64))
-                .sum(),
-        );
-        energy_q.truth.insert(key.clone(), c.energy_mj as f64);
-        cpu_q.truth.insert(key.clone(), c.cpu_us as f64);
-        memory_q.truth.insert(key, c.memory_byte_ms as f64);
+        let billed_ms = gpu_ms
+            .iter()
+            .map(|((_, mig), ms)| billed(mig, *ms as f64))
+            .sum();
+        billed_q.cells(truth).insert(key.clone(), billed_ms);
+        energy_q.cells(truth).insert(key.clone(), energy_mj as f64);
+        cpu_q.cells(truth).insert(key.clone(), cpu_us as f64);
+        memory_q.cells(truth).insert(key, memory_byte_ms);
+    };
+    for ((tenant, hour), c) in &scenario.truth.tenants {
+        let amounts = (c.energy_mj, c.cpu_us, c.memory_byte_ms as f64);
+        put(true, cell_key(tenant, *hour), &c.gpu_ms, amounts);
     }
     for ((tenant, hour), c) in &usage {
-        let key = cell_key(tenant, *hour);
-        for (i, (class, profile, _)) in gpu_kinds.iter().enumerate() {
-            let ms = c
-                .gpu_ms
-                .get(&(class.to_string(), profile.to_string()))
-                .copied()
-                .unwrap_or(0);
-            gpu_q[i].meterflow.insert(key.clone(), ms as f64);
-        }
-        billed_q.meterflow.insert(
-            key.clone(),
-            c.gpu_ms
-                .iter()
-                .map(|((_, mig), ms)| billed(mig, *ms as f64))
-                .sum(),
-        );
-        energy_q.meterflow.insert(key.clone(), c.energy_mj as f64);
-        cpu_q.meterflow.insert(key.clone(), c.cpu_us as f64);
-        memory_q.meterflow.insert(key, c.memory_byte_ms);
+        let amounts = (c.energy_mj, c.cpu_us, c.memory_byte_ms);
+        put(false, cell_key(tenant, *hour), &c.gpu_ms, amounts);
     }
     for ((node, hour), most) in &scenario.truth.node_max_gpus {
         max_q.truth.insert(cell_key(node, *hour), *most as f64);

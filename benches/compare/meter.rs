@@ -234,19 +234,7 @@ impl Meterflow {
 
     /// Messages the processor has read from the samples topic.
     pub async fn processor_input(&self) -> Option<u64> {
-        let text = self
-            .http
-            .get(&self.metrics_url)
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("meterflow_processor_input_messages_total "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .map(|v| v as u64)
+        crate::proc::processor_input(&self.http, &self.metrics_url).await
     }
 
     async fn get(&self, path: &str, token: &str) -> Result<Value> {

@@ -119,3 +119,13 @@ pub fn free_port() -> Result<u16> {
         .local_addr()?
         .port())
 }
+
+/// Messages a processor has read from the samples topic, from its `--metrics-listen` page at
+/// `url`; `None` while it does not answer.
+pub async fn processor_input(http: &reqwest::Client, url: &str) -> Option<u64> {
+    let text = http.get(url).send().await.ok()?.text().await.ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("meterflow_processor_input_messages_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}

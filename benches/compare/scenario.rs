@@ -23,7 +23,7 @@
 
 use std::collections::BTreeMap;
 
-use meterflow_ingest::simulator::{ContainerTruth, GPU_WATTS, memory_bytes};
+use meterflow_ingest::simulator::{ContainerTruth, GPU_WATTS, Rng, memory_bytes};
 use meterflow_ingest::{Fleet, FleetConfig};
 use meterflow_schemas::{SampleBatch, SampleKind, metrics};
 
@@ -85,23 +85,6 @@ pub struct Scenario {
     pub short_containers: usize,
 }
 
-/// SplitMix64, as the simulator uses: the faults are a function of the seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn percent(&mut self, p: u64) -> bool {
-        self.next() % 100 < p
-    }
-}
-
 impl Scenario {
     /// `nodes` nodes for `hours` hours from `t0` (an hour boundary), faults from `seed`.
     pub fn generate(nodes: usize, hours: i64, seed: u64, t0: i64) -> Self {
@@ -129,7 +112,8 @@ impl Scenario {
         // The reset: 30 min into hour 0, the first GPU on node 0 then running for over a minute.
         let reset_tick = 120;
         let mut reset: Option<(String, String, i64)> = None; // (container, uuid, offset mJ)
-        let mut rng = Rng(seed ^ 0x5eed_fa17);
+        // The faults, from the seed (a stream of their own, apart from the fleet's).
+        let mut rng = Rng::new(seed ^ 0x5eed_fa17);
         let mut ticks = Vec::with_capacity(total_ticks as usize);
         let (mut dropped, mut duplicated, mut samples) = (0u64, 0u64, 0u64);
         for k in 1..=total_ticks {
@@ -174,10 +158,10 @@ impl Scenario {
                 samples += batch.samples.len() as u64;
                 let delivery = if n == late_node && late.contains(&k) {
                     Delivery::LateUntil(late.end)
-                } else if rng.percent(10) {
+                } else if rng.range(0, 99) < 10 {
                     dropped += 1;
                     Delivery::Dropped
-                } else if rng.percent(5) {
+                } else if rng.range(0, 99) < 5 {
                     duplicated += 1;
                     Delivery::Duplicated
                 } else {

@@ -40,11 +40,16 @@ impl Default for FleetConfig {
     }
 }
 
-/// SplitMix64: small, fast and fully determined by its seed.
+/// SplitMix64: small, fast and fully determined by its seed (the fleet's choices, and the
+/// faults a benchmark draws for it).
 #[derive(Debug, Clone)]
-struct Rng(u64);
+pub struct Rng(u64);
 
 impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
     fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
@@ -54,7 +59,7 @@ impl Rng {
     }
 
     /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: i64, hi: i64) -> i64 {
+    pub fn range(&mut self, lo: i64, hi: i64) -> i64 {
         let span = (hi - lo).max(0) as u64 + 1;
         lo + (self.next() % span) as i64
     }
@@ -152,7 +157,7 @@ const PROVIDER: &str = "sim-provider";
 impl Fleet {
     /// Builds the fleet; containers start shortly after `start_ms`.
     pub fn new(config: FleetConfig, start_ms: i64) -> Self {
-        let mut rng = Rng(config.seed);
+        let mut rng = Rng::new(config.seed);
         let tenants = config.tenants.max(1);
         let mut nodes = Vec::with_capacity(config.nodes);
         for n in 0..config.nodes {
