@@ -92,8 +92,9 @@ enum Command {
         #[arg(long, default_value_t = 256 << 20)]
         spool_max_bytes: u64,
         /// Serve the agent's metrics at http://ADDR/metrics and its health (sources, spool
-        /// depth, send lag) at http://ADDR/healthz (overrides the `[agent]` table's
-        /// `metrics_listen`).
+        /// depth, spool error, send lag) at http://ADDR/healthz, and the same at
+        /// http://ADDR/readyz with a 503 while the spool cannot write (overrides the
+        /// `[agent]` table's `metrics_listen`).
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
         #[command(flatten)]
@@ -122,8 +123,9 @@ enum Command {
         #[arg(long)]
         exit_when_caught_up: bool,
         /// Serve the processor's counters (dead letters by reason, batches, duplicates,
-        /// billing records, alerts, checkpoints) at http://ADDR/metrics, and `ok` at
-        /// http://ADDR/healthz while it runs.
+        /// billing records, alerts, checkpoints) at http://ADDR/metrics, `ok` at
+        /// http://ADDR/healthz while it runs, and at http://ADDR/readyz `ready`, or a 503 with
+        /// the reason while checkpoints cannot be written (a full state directory).
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
         /// Directory of the RocksDB checkpoint (input offsets and state). A restart resumes from
@@ -421,7 +423,8 @@ fn cancel_on_signal(token: CancellationToken) {
 }
 
 /// What every long-running component does first: create missing topics, stop on a signal.
-/// Serves the agent's `/metrics` and `/healthz` on `addr`.
+/// Serves the agent's `/metrics`, `/healthz` (always 200, with the details) and `/readyz` (the
+/// same, 503 while the spool cannot write) on `addr`.
 async fn serve_agent_metrics(addr: SocketAddr) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -439,13 +442,30 @@ async fn serve_agent_metrics(addr: SocketAddr) -> Result<()> {
                     meterflow_ingest::metrics::health(),
                 )
             }),
+        )
+        .route(
+            "/readyz",
+            axum::routing::get(|| async {
+                // 503 while the spool cannot write (a full disk): new batches are only in
+                // memory. Not a liveness failure: a restart would lose them.
+                let status = match meterflow_ingest::metrics::spool_error() {
+                    Some(_) => axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    None => axum::http::StatusCode::OK,
+                };
+                (
+                    status,
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    meterflow_ingest::metrics::health(),
+                )
+            }),
         );
     tracing::info!(%addr, "agent metrics at /metrics, health at /healthz");
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(())
 }
 
-/// Serves the processor's counters at `/metrics` and `ok` at `/healthz`.
+/// Serves the processor's counters at `/metrics`, liveness at `/healthz` and readiness (503
+/// while checkpoints fail) at `/readyz`.
 async fn serve_processor_metrics(addr: SocketAddr) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -455,8 +475,22 @@ async fn serve_processor_metrics(addr: SocketAddr) -> Result<()> {
             "/metrics",
             axum::routing::get(|| async { meterflow_processor::metrics::render() }),
         )
-        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
-    tracing::info!(%addr, "processor metrics at /metrics, liveness at /healthz");
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            axum::routing::get(|| async {
+                // 503 while checkpoints cannot be written (a full state directory); processing
+                // goes on, so it is not a liveness failure.
+                match meterflow_processor::metrics::unhealthy() {
+                    Some(why) => (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        format!("{why}\n"),
+                    ),
+                    None => (axum::http::StatusCode::OK, "ready\n".to_string()),
+                }
+            }),
+        );
+    tracing::info!(%addr, "processor metrics at /metrics, liveness at /healthz, readiness at /readyz");
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(())
 }

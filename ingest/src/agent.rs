@@ -9,9 +9,9 @@
 use std::collections::VecDeque;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use meterflow_schemas::SampleBatch;
+use meterflow_schemas::{Record, SampleBatch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::metrics::{self, METRICS};
 use crate::node::NodeCollector;
@@ -87,6 +87,87 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Batches made while the spool could not store them, oldest first, with their encoded size;
+/// held in memory up to the spool's own limit.
+#[derive(Default)]
+struct Unstored {
+    batches: VecDeque<(SampleBatch, u64)>,
+    bytes: u64,
+    /// Dropped at the limit since the spool last stored everything.
+    dropped: u64,
+}
+
+impl Unstored {
+    fn extend(&mut self, batches: Vec<SampleBatch>) {
+        for batch in batches {
+            let size = batch.encode().map_or(0, |b| b.len() as u64);
+            self.bytes += size;
+            self.batches.push_back((batch, size));
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.batches.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// Drops the oldest while more than `max_bytes` are held (the spool's own policy).
+    fn cap(&mut self, max_bytes: u64) {
+        while self.bytes > max_bytes && self.batches.len() > 1 {
+            let Some((_, size)) = self.batches.pop_front() else {
+                break;
+            };
+            self.bytes -= size;
+            self.dropped += 1;
+            METRICS.spool_dropped.inc();
+        }
+    }
+}
+
+/// Logs a spool failure and shows it in the health answer.
+fn report_spool_error(e: &crate::spool::SpoolError) {
+    if crate::metrics::spool_error().is_none() {
+        error!(error = %e, "the spool cannot write; batches are held in memory up to its limit, and health says unhealthy until it can");
+    }
+    crate::metrics::set_spool_error(Some(e.to_string()));
+}
+
+/// Stores the unstored batches in order, reopening the spool first if a write failed before.
+/// What cannot be stored stays in memory (up to the spool's limit) for the next tick.
+fn store(spool: &mut Spool, unstored: &mut Unstored) {
+    if spool.is_broken() {
+        if let Err(e) = spool.reopen() {
+            report_spool_error(&e);
+            unstored.cap(spool.max_bytes());
+            return;
+        }
+        info!(held = spool.len(), "spool reopened");
+    }
+    while let Some((batch, size)) = unstored.batches.front_mut() {
+        // The spool numbers the batch: sequences keep rising across restarts.
+        let dropped = spool.dropped();
+        if let Err(e) = spool.push(batch) {
+            report_spool_error(&e);
+            unstored.cap(spool.max_bytes());
+            return;
+        }
+        METRICS.spool_dropped.inc_by(spool.dropped() - dropped);
+        unstored.bytes -= *size;
+        unstored.batches.pop_front();
+    }
+    if crate::metrics::spool_error().is_some() && !spool.is_broken() {
+        info!(
+            dropped_while_failing = unstored.dropped,
+            "the spool writes again"
+        );
+        unstored.dropped = 0;
+        crate::metrics::set_spool_error(None);
+    }
+}
+
 /// Runs the simulated fleet in real time until `shutdown` is cancelled.
 pub async fn run_simulated(
     config: SimulatedAgentConfig,
@@ -123,6 +204,8 @@ pub async fn run(
         None => None,
     };
     let mut queue: VecDeque<SampleBatch> = VecDeque::new();
+    // Batches the spool could not store yet (a full disk), oldest first.
+    let mut unstored = Unstored::default();
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Collecting never waits for the broker: each tick's batches go into the spool whatever the
@@ -136,7 +219,11 @@ pub async fn run(
     loop {
         if inflight.is_none() && !paused {
             let next = match spool.as_ref() {
-                Some(spool) => spool.front()?,
+                Some(spool) => spool.front().unwrap_or_else(|e| {
+                    // Reopened on the next tick; nothing goes out until then.
+                    warn!(error = %e, "the spool cannot be read");
+                    None
+                }),
                 None => queue.front().cloned().map(|b| (0, b)),
             };
             match next {
@@ -161,16 +248,13 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {
                 paused = false;
-                for mut batch in collector.tick(now_ms()).await {
-                    match spool.as_mut() {
-                        // The spool numbers the batch: sequences keep rising across restarts.
-                        Some(spool) => {
-                            let dropped = spool.dropped();
-                            spool.push(&mut batch)?;
-                            METRICS.spool_dropped.inc_by(spool.dropped() - dropped);
-                        }
-                        None => queue.push_back(batch),
+                let batches = collector.tick(now_ms()).await;
+                match spool.as_mut() {
+                    Some(spool) => {
+                        unstored.extend(batches);
+                        store(spool, &mut unstored);
                     }
+                    None => queue.extend(batches),
                 }
             }
             Some(sent) = delivered => {
@@ -180,7 +264,11 @@ pub async fn run(
                         debug!(node = %batch.node, sequence = batch.sequence, partition, offset, "batch delivered");
                         METRICS.sent.inc();
                         match spool.as_mut() {
-                            Some(spool) => spool.remove(position)?,
+                            Some(spool) => {
+                                if let Err(e) = spool.remove(position) {
+                                    report_spool_error(&e);
+                                }
+                            }
                             None => {
                                 queue.pop_front();
                             }
@@ -205,10 +293,17 @@ pub async fn run(
             .map_or((queue.len(), 0), |s| (s.len(), s.bytes()));
         METRICS.spool_batches.set(batches as i64);
         METRICS.spool_bytes.set(bytes as i64);
+        METRICS.spool_unstored.set(unstored.len() as i64);
     }
     if let Some((_, _, sending)) = inflight {
         // Delivered or not, the batch stays in the spool until acknowledged.
         sending.abort();
+    }
+    if !unstored.is_empty() {
+        error!(
+            lost = unstored.len(),
+            "agent stopped with batches the spool could not store (a full disk?); they are lost"
+        );
     }
     let unsent = spool.as_ref().map_or(queue.len(), Spool::len);
     info!(unsent, "agent stopped");

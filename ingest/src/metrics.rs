@@ -12,6 +12,8 @@ pub struct AgentMetrics {
     pub spool_batches: IntGauge,
     /// Bytes of batches held by the spool.
     pub spool_bytes: IntGauge,
+    /// Batches made but not yet stored: the spool cannot write (a full disk).
+    pub spool_unstored: IntGauge,
     /// Batches the spool dropped at its size limit.
     pub spool_dropped: IntCounter,
     /// Batches the broker acknowledged.
@@ -38,6 +40,10 @@ fn build() -> AgentMetrics {
         spool_bytes: gauge(
             "meterflow_agent_spool_bytes",
             "Bytes of batches held by the spool",
+        ),
+        spool_unstored: gauge(
+            "meterflow_agent_spool_unstored_batches",
+            "Batches held in memory because the spool cannot write (a full disk)",
         ),
         spool_dropped: counter(
             "meterflow_agent_spool_dropped_total",
@@ -85,6 +91,7 @@ fn build() -> AgentMetrics {
     for c in [
         Box::new(m.spool_batches.clone()) as Box<dyn prometheus::core::Collector>,
         Box::new(m.spool_bytes.clone()),
+        Box::new(m.spool_unstored.clone()),
         Box::new(m.spool_dropped.clone()),
         Box::new(m.sent.clone()),
         Box::new(m.send_failures.clone()),
@@ -133,9 +140,27 @@ pub fn set_source_off(source: &str) {
     set_state(source, "off");
 }
 
-/// The health answer (JSON): each source's state, the spool's depth and the send lag.
+/// Why the spool cannot store batches now (a full disk), while it cannot.
+static SPOOL_ERROR: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Records that the spool cannot store batches (`Some(why)`) or can again (`None`).
+pub fn set_spool_error(error: Option<String>) {
+    *SPOOL_ERROR.lock().unwrap_or_else(|p| p.into_inner()) = error;
+}
+
+/// Why the spool cannot store batches now, if it cannot.
+pub fn spool_error() -> Option<String> {
+    SPOOL_ERROR
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+}
+
+/// The health answer (JSON): each source's state, the spool's depth, its error while it
+/// cannot store batches (then `healthy` is false), and the send lag.
 pub fn health() -> String {
     let m = &*METRICS;
+    let spool_error = spool_error();
     let sources: Vec<String> = SOURCES
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -143,11 +168,14 @@ pub fn health() -> String {
         .map(|(source, state)| format!("{source:?}: {state:?}"))
         .collect();
     format!(
-        "{{\"sources\": {{{}}}, \"spool_batches\": {}, \"spool_bytes\": {}, \"spool_dropped\": {}, \"send_lag_seconds\": {}}}\n",
+        "{{\"healthy\": {}, \"sources\": {{{}}}, \"spool_batches\": {}, \"spool_bytes\": {}, \"spool_unstored_batches\": {}, \"spool_dropped\": {}, \"spool_error\": {}, \"send_lag_seconds\": {}}}\n",
+        spool_error.is_none(),
         sources.join(", "),
         m.spool_batches.get(),
         m.spool_bytes.get(),
+        m.spool_unstored.get(),
         m.spool_dropped.get(),
+        serde_json::Value::from(spool_error),
         m.send_lag_seconds.get(),
     )
 }

@@ -13,6 +13,12 @@
 //! over its size limit it drops its oldest batches (counted in [`Spool::dropped`] and logged):
 //! the explicit policy the SPEC asks for, keeping the newest data when the broker has been
 //! away for longer than the spool can hold.
+//!
+//! A failed write (a full disk) leaves RocksDB refusing every later write, so the spool then
+//! counts as broken until [`Spool::reopen`] opens it again: reopening replays what reached the
+//! disk, and the batches removed in between (delivered while writes failed) are deleted then.
+//! A removed batch whose deletion never lands is sent again after a restart, which the
+//! processor's (agent, sequence) deduplication absorbs.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -37,12 +43,28 @@ pub enum SpoolError {
     Decode(#[from] meterflow_schemas::DecodeError),
     #[error("spool: a batch cannot be encoded: {0}")]
     Encode(#[from] meterflow_schemas::EncodeError),
+    #[error("spool: a write failed earlier; no write is tried until the spool is reopened")]
+    Closed,
+    #[error(
+        "spool at {path}: the disk is full ({available} bytes free); it is reopened once {needed} are"
+    )]
+    NoRoom {
+        path: String,
+        available: u64,
+        needed: u64,
+    },
 }
 
 /// The spool of one agent process.
 pub struct Spool {
-    db: DB,
+    /// `None` only when [`Spool::reopen`] failed to open it again.
+    db: Option<DB>,
+    /// A write failed: RocksDB refuses writes until the database is reopened (reads still work).
+    broken: bool,
+    path: std::path::PathBuf,
     max_bytes: u64,
+    /// Positions removed from `held` whose deletion did not reach the disk.
+    unremoved: Vec<u64>,
     /// Position → encoded size, of every batch held.
     held: BTreeMap<u64, u64>,
     bytes: u64,
@@ -72,6 +94,76 @@ fn read_u64(v: Option<Vec<u8>>) -> Option<u64> {
 impl Spool {
     /// Opens (or creates) the spool in `path`, holding at most `max_bytes` of batches.
     pub fn open(path: &Path, max_bytes: u64) -> Result<Self, SpoolError> {
+        let (db, held, next) = Self::load(path)?;
+        let bytes = held.values().sum();
+        Ok(Self {
+            db: Some(db),
+            path: path.to_path_buf(),
+            broken: false,
+            max_bytes,
+            unremoved: Vec::new(),
+            held,
+            bytes,
+            next,
+            dropped: 0,
+        })
+    }
+
+    /// Closes the database and opens it again: the way back from a failed write once the disk
+    /// has room (refused, with the database left open for reading, while it has less than
+    /// [`meterflow_schemas::disk::ROOM_TO_REOPEN`]). Deletes the batches delivered meanwhile;
+    /// what was held is held again.
+    pub fn reopen(&mut self) -> Result<(), SpoolError> {
+        if !meterflow_schemas::disk::room_to_reopen(&self.path) {
+            return Err(SpoolError::NoRoom {
+                path: self.path.display().to_string(),
+                available: meterflow_schemas::disk::available_bytes(&self.path).unwrap_or(0),
+                needed: meterflow_schemas::disk::ROOM_TO_REOPEN,
+            });
+        }
+        self.db = None;
+        let (db, mut held, next) = Self::load(&self.path)?;
+        let mut write = WriteBatch::default();
+        for position in &self.unremoved {
+            write.delete(batch_key(*position));
+            held.remove(position);
+        }
+        db.write(write)?;
+        self.unremoved.clear();
+        self.bytes = held.values().sum();
+        self.held = held;
+        self.next = next;
+        self.db = Some(db);
+        self.broken = false;
+        Ok(())
+    }
+
+    /// Whether a write failed and the spool waits for [`Spool::reopen`].
+    pub fn is_broken(&self) -> bool {
+        self.broken || self.db.is_none()
+    }
+
+    fn db(&self) -> Result<&DB, SpoolError> {
+        self.db.as_ref().ok_or(SpoolError::Closed)
+    }
+
+    /// Runs a write; after a failure the spool is broken until reopened (RocksDB refuses
+    /// further writes after one).
+    fn write(&mut self, write: WriteBatch) -> Result<(), SpoolError> {
+        if self.broken {
+            return Err(SpoolError::Closed);
+        }
+        match self.db()?.write(write) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.broken = true;
+                Err(e.into())
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn load(path: &Path) -> Result<(DB, BTreeMap<u64, u64>, u64), SpoolError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         let db = DB::open(&opts, path).map_err(|source| SpoolError::Open {
@@ -90,35 +182,40 @@ impl Spool {
             held.insert(u64::from_be_bytes(position), v.len() as u64);
         }
         let next = read_u64(db.get(NEXT_KEY)?).unwrap_or(0);
-        let bytes = held.values().sum();
-        Ok(Self {
-            db,
-            max_bytes,
-            held,
-            bytes,
-            next,
-            dropped: 0,
-        })
+        Ok((db, held, next))
     }
 
     /// Gives `batch` its agent's next sequence number (1 for an agent never seen) and stores it
     /// behind every batch held; returns the sequence. Drops the oldest batches first when the
-    /// spool would grow past its limit.
+    /// spool would grow past its limit. On an error nothing is stored and `batch` keeps no
+    /// sequence.
     pub fn push(&mut self, batch: &mut SampleBatch) -> Result<i64, SpoolError> {
         let sequence_key = sequence_key(&batch.agent_id);
-        let sequence = read_u64(self.db.get(&sequence_key)?).map_or(1, |s| s as i64);
+        let sequence = read_u64(self.db()?.get(&sequence_key)?).map_or(1, |s| s as i64);
         batch.sequence = sequence;
         let encoded = batch.encode()?;
         let size = encoded.len() as u64;
         let mut write = WriteBatch::default();
         // Make room: the oldest go first, and they are counted.
-        while self.bytes + size > self.max_bytes {
-            let Some((&oldest, &oldest_size)) = self.held.first_key_value() else {
+        let (mut freed, mut dropping) = (0u64, Vec::new());
+        for (&oldest, &oldest_size) in &self.held {
+            if self.bytes - freed + size <= self.max_bytes {
                 break;
-            };
+            }
             write.delete(batch_key(oldest));
+            dropping.push(oldest);
+            freed += oldest_size;
+        }
+        let position = self.next;
+        write.put(batch_key(position), &encoded);
+        write.put(&sequence_key, ((sequence + 1) as u64).to_be_bytes());
+        write.put(NEXT_KEY, (position + 1).to_be_bytes());
+        if let Err(e) = self.write(write) {
+            batch.sequence = 0;
+            return Err(e);
+        }
+        for oldest in dropping {
             self.held.remove(&oldest);
-            self.bytes -= oldest_size;
             self.dropped += 1;
             warn!(
                 position = oldest,
@@ -127,11 +224,7 @@ impl Spool {
                 "spool full: oldest batch dropped"
             );
         }
-        let position = self.next;
-        write.put(batch_key(position), &encoded);
-        write.put(&sequence_key, ((sequence + 1) as u64).to_be_bytes());
-        write.put(NEXT_KEY, (position + 1).to_be_bytes());
-        self.db.write(write)?;
+        self.bytes -= freed;
         self.next = position + 1;
         self.held.insert(position, size);
         self.bytes += size;
@@ -143,19 +236,25 @@ impl Spool {
         let Some(&position) = self.held.keys().next() else {
             return Ok(None);
         };
-        match self.db.get(batch_key(position))? {
+        match self.db()?.get(batch_key(position))? {
             Some(v) => Ok(Some((position, SampleBatch::decode(&v)?))),
             None => Ok(None),
         }
     }
 
-    /// Forgets the batch at `position` (the broker has it).
+    /// Forgets the batch at `position` (the broker has it). On an error it is forgotten all
+    /// the same and deleted by [`Spool::reopen`].
     pub fn remove(&mut self, position: u64) -> Result<(), SpoolError> {
-        self.db.delete(batch_key(position))?;
         if let Some(size) = self.held.remove(&position) {
             self.bytes -= size;
         }
-        Ok(())
+        let mut write = WriteBatch::default();
+        write.delete(batch_key(position));
+        let written = self.write(write);
+        if written.is_err() {
+            self.unremoved.push(position);
+        }
+        written
     }
 
     /// Batches held.
@@ -170,6 +269,11 @@ impl Spool {
     /// Bytes of batches held.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// The most bytes of batches it holds.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
     }
 
     /// Batches dropped by the size limit since the spool was opened.

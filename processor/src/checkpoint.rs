@@ -52,6 +52,16 @@ pub enum StoreError {
     Rocks(#[from] rocksdb::Error),
     #[error("processor state: unreadable entry {key:?}: {message}")]
     Corrupt { key: Vec<u8>, message: String },
+    #[error("processor state: closed after a failed write and not yet reopened")]
+    Closed,
+    #[error(
+        "processor state in {path}: the disk is full ({available} bytes free); checkpoints resume once {needed} are"
+    )]
+    NoRoom {
+        path: PathBuf,
+        available: u64,
+        needed: u64,
+    },
 }
 
 /// What one partition's checkpoint holds.
@@ -83,8 +93,15 @@ pub struct Checkpoint {
 }
 
 /// The processor's RocksDB, shared by the workers of one process.
+///
+/// After a failed write (a full disk) RocksDB refuses every later one until it is opened again,
+/// so the store is then marked broken and the next [`Store::write`] reopens it first: what
+/// reached the disk is replayed, and the failed write, which is atomic, left nothing.
 pub struct Store {
-    db: DB,
+    /// `None` only while being reopened, or when reopening failed.
+    db: std::sync::RwLock<Option<DB>>,
+    dir: PathBuf,
+    broken: std::sync::atomic::AtomicBool,
 }
 
 /// Reads little-endian `i64`s; a shorter value has zeros after its end.
@@ -149,15 +166,48 @@ fn be_i64(key: &[u8], bytes: &[u8]) -> Result<i64, StoreError> {
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Ok(Self {
+            db: std::sync::RwLock::new(Some(Self::open_db(dir)?)),
+            dir: dir.to_path_buf(),
+            broken: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    fn open_db(dir: &Path) -> Result<DB, StoreError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         // The operator's name is stored with the data: it stays "add_i64", which it extends.
         opts.set_merge_operator_associative("add_i64", add_parts);
-        let db = DB::open(&opts, dir).map_err(|source| StoreError::Open {
+        DB::open(&opts, dir).map_err(|source| StoreError::Open {
             path: dir.to_path_buf(),
             source,
-        })?;
-        Ok(Self { db })
+        })
+    }
+
+    /// Closes the database and opens it again (the way back from a failed write); refused,
+    /// with the database left open for reading, while the disk has less room than
+    /// [`meterflow_schemas::disk::ROOM_TO_REOPEN`].
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        use meterflow_schemas::disk;
+        if !disk::room_to_reopen(&self.dir) {
+            return Err(StoreError::NoRoom {
+                path: self.dir.clone(),
+                available: disk::available_bytes(&self.dir).unwrap_or(0),
+                needed: disk::ROOM_TO_REOPEN,
+            });
+        }
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        *db = None;
+        *db = Some(Self::open_db(&self.dir)?);
+        self.broken
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Runs `f` on the open database.
+    fn with_db<R>(&self, f: impl FnOnce(&DB) -> Result<R, StoreError>) -> Result<R, StoreError> {
+        let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+        f(db.as_ref().ok_or(StoreError::Closed)?)
     }
 
     fn scan(
@@ -165,24 +215,23 @@ impl Store {
         prefix: &[u8],
         mut each: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        for item in self
-            .db
-            .iterator(IteratorMode::From(prefix, Direction::Forward))
-        {
-            let (k, v) = item?;
-            if !k.starts_with(prefix) {
-                break;
+        self.with_db(|db| {
+            for item in db.iterator(IteratorMode::From(prefix, Direction::Forward)) {
+                let (k, v) = item?;
+                if !k.starts_with(prefix) {
+                    break;
+                }
+                each(&k, &v)?;
             }
-            each(&k, &v)?;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Everything checkpointed for input `partition`.
     pub fn load_partition(&self, partition: i32) -> Result<PartitionState, StoreError> {
         let mut state = PartitionState::default();
         let offset_key = key(b'o', partition, &[]);
-        if let Some(v) = self.db.get(&offset_key)? {
+        if let Some(v) = self.with_db(|db| Ok(db.get(&offset_key)?))? {
             state.offset = Some(be_i64(&offset_key, &v)?);
         }
         self.scan(&key(b'a', partition, &[]), |k, v| {
@@ -232,14 +281,15 @@ impl Store {
     /// What was billed for `key`, as of the checkpoints and the records read back since.
     pub fn billed(&self, key: &BillingKey) -> Result<Option<Billed>, StoreError> {
         let k = [&[b'b'][..], &json(key)].concat();
-        self.db.get(&k)?.map(|v| parse(&k, &v)).transpose()
+        self.with_db(|db| Ok(db.get(&k)?))?
+            .map(|v| parse(&k, &v))
+            .transpose()
     }
 
     /// Stores what was billed for `key` (used when reading back the billing topic).
     pub fn put_billed(&self, key: &BillingKey, billed: Billed) -> Result<(), StoreError> {
         let k = [&[b'b'][..], &json(key)].concat();
-        self.db.put(k, json(&billed))?;
-        Ok(())
+        self.with_db(|db| Ok(db.put(k, json(&billed))?))
     }
 
     /// Per billing partition, the offset from which records may be missing from `b`: the
@@ -266,52 +316,71 @@ impl Store {
     /// Flushes and compacts the whole store (for measuring its size; the processor never
     /// needs to).
     pub fn compact(&self) {
-        if let Err(e) = self.db.flush() {
+        let compacted = self.with_db(|db| {
+            db.flush()?;
+            db.compact_range::<&[u8], &[u8]>(None, None);
+            Ok(())
+        });
+        if let Err(e) = compacted {
             tracing::warn!(error = %e, "flushing the state store failed");
         }
-        self.db.compact_range::<&[u8], &[u8]>(None, None);
     }
 
-    /// Writes one worker's checkpoint atomically and durably.
-    pub fn write(&self, cp: Checkpoint) -> Result<(), StoreError> {
+    /// Writes checkpoints of one worker, in order, atomically and durably: the ones a failed
+    /// write left (their window parts are additions, so none may be applied twice or skipped)
+    /// and then the new one. A store broken by an earlier failure is reopened first.
+    pub fn write(&self, checkpoints: &[Checkpoint]) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        if self.broken.load(Ordering::SeqCst) {
+            self.reopen()?;
+        }
         let mut batch = WriteBatch::default();
-        for (p, offset) in cp.offsets {
-            batch.put(key(b'o', p, &[]), offset.to_be_bytes());
-        }
-        for (p, agent, state) in cp.agents {
-            batch.put(key(b'a', p, agent.as_bytes()), json(&state));
-        }
-        for (p, k, obs) in cp.series.allocations {
-            batch.put(key(b's', p, &json(&k)), json(&obs));
-        }
-        for (p, k, series) in cp.series.readings {
-            batch.put(key(b'c', p, &json(&k)), json(&series));
-        }
-        for (p, k, window, change) in cp.series.windows {
-            let mut rest = json(&k);
-            rest.extend_from_slice(&window_bytes(window));
-            batch.merge(key(b'w', p, &rest), write_parts(change));
-        }
-        for (p, node, hour) in cp.series.node_hours {
-            let mut rest = window_bytes(hour).to_vec();
-            rest.extend_from_slice(node.as_bytes());
-            batch.put(key(b'n', p, &rest), []);
-        }
-        for (k, billed) in cp.billed {
-            batch.put([&[b'b'][..], &json(&k)].concat(), json(&billed));
-        }
-        for (p, offset) in cp.billing_offsets {
-            let mut k = vec![b'k'];
-            k.extend_from_slice(&cp.worker.to_be_bytes());
-            k.extend_from_slice(&p.to_be_bytes());
-            batch.put(k, offset.to_be_bytes());
+        for cp in checkpoints {
+            Self::add(&mut batch, cp);
         }
         let mut opts = WriteOptions::default();
         // The checkpoint is what a restart trusts: it must survive the machine, not only the
         // process.
         opts.set_sync(true);
-        self.db.write_opt(batch, &opts)?;
-        Ok(())
+        let written = self.with_db(|db| Ok(db.write_opt(batch, &opts)?));
+        if written.is_err() {
+            self.broken.store(true, Ordering::SeqCst);
+        }
+        written
+    }
+
+    fn add(batch: &mut WriteBatch, cp: &Checkpoint) {
+        for (p, offset) in &cp.offsets {
+            batch.put(key(b'o', *p, &[]), offset.to_be_bytes());
+        }
+        for (p, agent, state) in &cp.agents {
+            batch.put(key(b'a', *p, agent.as_bytes()), json(state));
+        }
+        for (p, k, obs) in &cp.series.allocations {
+            batch.put(key(b's', *p, &json(k)), json(obs));
+        }
+        for (p, k, series) in &cp.series.readings {
+            batch.put(key(b'c', *p, &json(k)), json(series));
+        }
+        for (p, k, window, change) in &cp.series.windows {
+            let mut rest = json(k);
+            rest.extend_from_slice(&window_bytes(*window));
+            batch.merge(key(b'w', *p, &rest), write_parts(*change));
+        }
+        for (p, node, hour) in &cp.series.node_hours {
+            let mut rest = window_bytes(*hour).to_vec();
+            rest.extend_from_slice(node.as_bytes());
+            batch.put(key(b'n', *p, &rest), []);
+        }
+        for (k, billed) in &cp.billed {
+            batch.put([&[b'b'][..], &json(k)].concat(), json(billed));
+        }
+        for (p, offset) in &cp.billing_offsets {
+            let mut k = vec![b'k'];
+            k.extend_from_slice(&cp.worker.to_be_bytes());
+            k.extend_from_slice(&p.to_be_bytes());
+            batch.put(k, offset.to_be_bytes());
+        }
     }
 }
 
@@ -349,48 +418,61 @@ mod tests {
         let store = Store::open(dir.path()).expect("open");
         let mut agent = AgentState::new();
         agent.first_time(3);
-        let write = |windows: Vec<(i32, ReadingKey, i64, Parts)>, offset| {
-            store.write(Checkpoint {
-                worker: 0,
-                offsets: vec![(2, offset)],
-                agents: vec![(2, "agent-a".into(), agent.clone())],
-                series: Dirty {
-                    windows,
-                    node_hours: vec![(2, "node-a".into(), 3_600_000)],
-                    ..Dirty::default()
-                },
-                billed: vec![],
-                billing_offsets: vec![(0, offset * 10)],
-            })
+        let checkpoint = |windows: Vec<(i32, ReadingKey, i64, Parts)>, offset| Checkpoint {
+            worker: 0,
+            offsets: vec![(2, offset)],
+            agents: vec![(2, "agent-a".into(), agent.clone())],
+            series: Dirty {
+                windows,
+                node_hours: vec![(2, "node-a".into(), 3_600_000)],
+                ..Dirty::default()
+            },
+            billed: vec![],
+            billing_offsets: vec![(0, offset * 10)],
         };
-        write(
-            vec![
-                (2, counter_key(), -60_000, [5, 0, 0]),
-                (2, counter_key(), 0, [7, 0, 0]),
-                (2, gauge_key(), 0, [100, 0, 60_000]),
-            ],
-            10,
-        )
-        .expect("first");
-        write(
-            vec![
-                (2, counter_key(), 0, [-2, 0, 0]),
-                (2, gauge_key(), 0, [30, 10_000, 0]),
-            ],
-            12,
-        )
-        .expect("second");
+        let first = || {
+            checkpoint(
+                vec![
+                    (2, counter_key(), -60_000, [5, 0, 0]),
+                    (2, counter_key(), 0, [7, 0, 0]),
+                    (2, gauge_key(), 0, [100, 0, 60_000]),
+                ],
+                10,
+            )
+        };
+        let second = || {
+            checkpoint(
+                vec![
+                    (2, counter_key(), 0, [-2, 0, 0]),
+                    (2, gauge_key(), 0, [30, 10_000, 0]),
+                ],
+                12,
+            )
+        };
+        store.write(&[first()]).expect("first");
+        store.write(&[second()]).expect("second");
         store
-            .write(Checkpoint {
+            .write(&[Checkpoint {
                 worker: 1,
                 billing_offsets: vec![(0, 50)],
                 ..Checkpoint::default()
-            })
+            }])
             .expect("another worker");
+        drop(store);
+        // What a failed write leaves is written with the next checkpoint, in one batch: the
+        // same state as the two written one after the other.
+        let together = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(together.path()).expect("open");
+        store.write(&[first(), second()]).expect("both");
+        let both = store.load_partition(2).expect("load");
         drop(store);
 
         let store = Store::open(dir.path()).expect("reopen");
         let p = store.load_partition(2).expect("load");
+        assert_eq!(
+            (&both.offset, &both.agents, &both.windows, &both.node_hours),
+            (&p.offset, &p.agents, &p.windows, &p.node_hours)
+        );
         assert_eq!(p.offset, Some(12));
         assert_eq!(p.agents, vec![("agent-a".to_string(), agent)]);
         assert_eq!(

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub alerts: IntCounter,
     /// Checkpoints written.
     pub checkpoints: IntCounter,
+    /// Checkpoint writes that failed (each retried with the next).
+    pub checkpoint_failures: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -79,10 +81,37 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "meterflow_processor_checkpoints_total",
             "Checkpoints written",
         ),
+        checkpoint_failures: counter(
+            &registry,
+            "meterflow_processor_checkpoint_failures_total",
+            "Checkpoint writes that failed (a full disk?); each is retried with the next",
+        ),
         dead_letters,
         registry,
     }
 });
+
+/// Per worker, why its last checkpoint could not be written, while it could not.
+static CHECKPOINT_ERRORS: std::sync::Mutex<std::collections::BTreeMap<usize, String>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// Records that `worker`'s checkpoints fail (`Some(why)`) or are written again (`None`).
+pub fn set_checkpoint_error(worker: usize, error: Option<String>) {
+    let mut errors = CHECKPOINT_ERRORS.lock().unwrap_or_else(|p| p.into_inner());
+    match error {
+        Some(e) => errors.insert(worker, e),
+        None => errors.remove(&worker),
+    };
+}
+
+/// The health answer: `None` while every worker writes its checkpoints, else why one cannot.
+pub fn unhealthy() -> Option<String> {
+    let errors = CHECKPOINT_ERRORS.lock().unwrap_or_else(|p| p.into_inner());
+    errors
+        .iter()
+        .next()
+        .map(|(worker, e)| format!("worker {worker} cannot write its checkpoint: {e}"))
+}
 
 /// Every counter in the Prometheus text format.
 pub fn render() -> String {

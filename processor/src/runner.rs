@@ -33,7 +33,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::agents::AgentState;
 use crate::billing::{Billed, Ledger, partition_key};
@@ -639,6 +639,8 @@ fn run_worker(
     let mut counted_caught_up = false;
     let mut last_checkpoint = Instant::now();
     let mut changed_since_checkpoint = false;
+    // Checkpoints not written yet (a failed write), oldest first.
+    let mut unwritten: Vec<Checkpoint> = Vec::new();
     loop {
         let stopping = shutdown.is_cancelled()
             || (config.exit_when_caught_up && progress.borrow().caught_up >= peers);
@@ -900,7 +902,7 @@ fn run_worker(
                 *floor = (*floor).max(last + 1);
             }
             let billing_offsets = billing_reflected.iter().map(|(p, o)| (*p, *o)).collect();
-            store.write(Checkpoint {
+            unwritten.push(Checkpoint {
                 worker: index as u32,
                 offsets: inputs.next.iter().map(|(p, o)| (*p, *o)).collect(),
                 agents: dirty_agents
@@ -913,11 +915,31 @@ fn run_worker(
                 series: feeder.take_dirty(),
                 billed: ledger.take_dirty(),
                 billing_offsets,
-            })?;
+            });
             last_checkpoint = Instant::now();
-            METRICS.checkpoints.inc();
-            changed_since_checkpoint = false;
-            debug!(worker = index, epoch, "checkpoint written");
+            match store.write(&unwritten) {
+                Ok(()) => {
+                    if unwritten.len() > 1 {
+                        info!(worker = index, "checkpoints are written again");
+                    }
+                    unwritten.clear();
+                    METRICS.checkpoints.inc();
+                    changed_since_checkpoint = false;
+                    crate::metrics::set_checkpoint_error(index, None);
+                    debug!(worker = index, epoch, "checkpoint written");
+                }
+                // A full disk: processing goes on (its outputs are acknowledged; a restart
+                // would resume from the last checkpoint written), health says so, and the
+                // next checkpoint writes this one's changes with its own.
+                Err(e) if !stopping => {
+                    if unwritten.len() == 1 {
+                        error!(worker = index, error = %e, state_dir = ?config.state_dir, "checkpoint failed; retried every --checkpoint-interval, and health says unhealthy until one is written (is the disk full?)");
+                    }
+                    METRICS.checkpoint_failures.inc();
+                    crate::metrics::set_checkpoint_error(index, Some(e.to_string()));
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         if stopping {
             break;

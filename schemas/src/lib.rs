@@ -16,6 +16,7 @@
 //!   periods and the sink's buckets.
 
 pub mod codec;
+pub mod disk;
 pub mod id;
 pub mod kafka;
 pub mod time;

@@ -17,10 +17,10 @@ use meterflow_schemas::{BillingKind, BillingRecord, Record, SampleBatch, topics 
 use crate::common::{KillOnDrop, read_topic_at, spawn_processor};
 
 /// 2026-01-01T00:00:00Z: event time of the scenario, well in the past.
-const T0: i64 = 1_767_225_600_000;
-const TICK_MS: i64 = 15_000;
+pub(crate) const T0: i64 = 1_767_225_600_000;
+pub(crate) const TICK_MS: i64 = 15_000;
 const TICKS: i64 = 240;
-const PARTITIONS: i32 = 4;
+pub(crate) const PARTITIONS: i32 = 4;
 const KILLS: usize = 20;
 /// How many ticks node-000's batches lag behind the rest of the fleet's.
 const LAG_TICKS: i64 = 40;
@@ -53,7 +53,7 @@ type Found = (i32, i64, BillingRecord);
 type GpuMs = BTreeMap<(String, String, String, String), i64>;
 
 /// What the billing topic says: billed GPU-ms and every record.
-fn billed(brokers: &str) -> (GpuMs, Vec<Found>) {
+pub(crate) fn billed(brokers: &str) -> (GpuMs, Vec<Found>) {
     let found: Vec<Found> = read_topic_at(brokers, names::BILLING, PARTITIONS, 0)
         .into_iter()
         .map(|(p, o, bytes)| {
@@ -76,7 +76,7 @@ fn billed(brokers: &str) -> (GpuMs, Vec<Found>) {
 }
 
 /// The embedded broker in memory, with the topics at [`PARTITIONS`] partitions.
-async fn broker_with_topics() -> (broker::EmbeddedBroker, String) {
+pub(crate) async fn broker_with_topics() -> (broker::EmbeddedBroker, String) {
     let broker = crate::common::memory_broker().await;
     let brokers = broker.bootstrap();
     crate::common::ensure_topics(&brokers, PARTITIONS).await;
@@ -365,7 +365,7 @@ async fn an_agent_killed_again_and_again_loses_nothing_and_never_reuses_a_sequen
 /// `meterflow.samples` has and what the spool still holds (emptied here). Checks that each
 /// agent's sequences run 1, 2, 3, … without a gap (no batch lost) and that a sequence seen
 /// twice is the same batch sent again, never a new batch reusing a number.
-fn sequences_in_topic_and_spool(
+pub(crate) fn sequences_in_topic_and_spool(
     brokers: &str,
     spool: &Path,
 ) -> (BTreeMap<String, BTreeMap<i64, Vec<i64>>>, usize) {

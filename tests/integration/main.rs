@@ -12,6 +12,7 @@ mod crash;
 mod dashboard;
 mod demo;
 mod deploy;
+mod disk;
 mod docs;
 mod feeds;
 mod hostile;
