@@ -231,6 +231,9 @@ pub async fn run(
                     METRICS
                         .send_lag_seconds
                         .set((now_ms() - batch.collected_at_ms).max(0) as f64 / 1000.0);
+                    if let Some(spool) = spool.as_mut() {
+                        spool.pin(Some(position));
+                    }
                     let (publisher, sent) = (publisher.clone(), batch.clone());
                     let sending = tokio::spawn(async move { publisher.publish(&sent).await });
                     inflight = Some((position, batch, sending));
@@ -259,6 +262,9 @@ pub async fn run(
             }
             Some(sent) = delivered => {
                 let Some((position, batch, _)) = inflight.take() else { continue };
+                if let Some(spool) = spool.as_mut() {
+                    spool.pin(None);
+                }
                 match sent {
                     Ok(Ok((partition, offset))) => {
                         debug!(node = %batch.node, sequence = batch.sequence, partition, offset, "batch delivered");
@@ -294,6 +300,13 @@ pub async fn run(
         METRICS.spool_batches.set(batches as i64);
         METRICS.spool_bytes.set(bytes as i64);
         METRICS.spool_unstored.set(unstored.len() as i64);
+        if let Some((_, batch, _)) = &inflight {
+            // The oldest batch not acknowledged is the one in flight: its age grows through an
+            // outage, not only when the next send starts.
+            METRICS
+                .send_lag_seconds
+                .set((now_ms() - batch.collected_at_ms).max(0) as f64 / 1000.0);
+        }
     }
     if let Some((_, _, sending)) = inflight {
         // Delivered or not, the batch stays in the spool until acknowledged.

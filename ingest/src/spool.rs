@@ -65,6 +65,8 @@ pub struct Spool {
     max_bytes: u64,
     /// Positions removed from `held` whose deletion did not reach the disk.
     unremoved: Vec<u64>,
+    /// The batch being sent, never dropped to make room (see [`Spool::pin`]).
+    pinned: Option<u64>,
     /// Position → encoded size, of every batch held.
     held: BTreeMap<u64, u64>,
     bytes: u64,
@@ -102,6 +104,7 @@ impl Spool {
             broken: false,
             max_bytes,
             unremoved: Vec::new(),
+            pinned: None,
             held,
             bytes,
             next,
@@ -202,6 +205,9 @@ impl Spool {
             if self.bytes - freed + size <= self.max_bytes {
                 break;
             }
+            if self.pinned == Some(oldest) {
+                continue;
+            }
             write.delete(batch_key(oldest));
             dropping.push(oldest);
             freed += oldest_size;
@@ -229,6 +235,12 @@ impl Spool {
         self.held.insert(position, size);
         self.bytes += size;
         Ok(sequence)
+    }
+
+    /// Marks the batch at `position` as being sent (`None`: none is): the size limit drops
+    /// the oldest batches but that one, which the broker may already have.
+    pub fn pin(&mut self, position: Option<u64>) {
+        self.pinned = position;
     }
 
     /// The oldest batch held, with its position.
@@ -337,5 +349,25 @@ mod tests {
         drop(spool);
         let spool = Spool::open(dir.path(), 3 * size).expect("reopens");
         assert_eq!((spool.len(), spool.bytes()), (3, 3 * size));
+    }
+
+    #[test]
+    fn the_batch_being_sent_is_not_dropped_to_make_room() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let size = batch("a", 0).encode().expect("encodes").len() as u64;
+        let mut spool = Spool::open(dir.path(), 3 * size).expect("opens");
+        spool.push(&mut batch("a", 1)).expect("stored");
+        let (sending, _) = spool.front().expect("reads").expect("a batch");
+        spool.pin(Some(sending));
+        for at in 2..=5 {
+            spool.push(&mut batch("a", at)).expect("stored");
+        }
+        assert_eq!(spool.dropped(), 2, "2 and 3 made room, not 1");
+        let mut left = Vec::new();
+        while let Some((position, b)) = spool.front().expect("reads") {
+            left.push(b.collected_at_ms);
+            spool.remove(position).expect("removed");
+        }
+        assert_eq!(left, vec![1, 4, 5]);
     }
 }

@@ -3,6 +3,7 @@
 
 mod agent;
 mod auth;
+mod backpressure;
 mod cli;
 mod cluster;
 mod common;
