@@ -325,6 +325,11 @@ struct Processing {
     /// explosion in one tenant neither grows the state without bound nor touches the others.
     #[arg(long, default_value_t = 100_000)]
     max_new_series_per_tenant_hour: usize,
+    /// A series silent this long behind its worker's newest data leaves memory after the next
+    /// checkpoint (the state directory keeps it and brings it back if it reports again, so
+    /// totals do not depend on it); without it, the lateness plus an hour.
+    #[arg(long, value_parser = parse_duration)]
+    retire_idle_after: Option<Duration>,
     /// Price book (TOML) for the billing records; without it, the demo prices.
     #[arg(long)]
     price_book: Option<PathBuf>,
@@ -355,6 +360,7 @@ impl Processing {
             checkpoint_interval: self.checkpoint_interval,
             max_batch: self.max_batch.max(1),
             max_new_series_per_tenant_hour: self.max_new_series_per_tenant_hour,
+            retire_idle_after_ms: self.retire_idle_after.map(|d| d.as_millis() as i64),
             prices,
             ..meterflow_processor::ProcessorConfig::new(brokers)
         })

@@ -278,6 +278,30 @@ impl Store {
         Ok(state)
     }
 
+    /// A retired allocation series' merged observations, as last checkpointed.
+    pub fn allocation(
+        &self,
+        partition: i32,
+        series: &AllocationKey,
+    ) -> Result<Option<AllocationObs>, StoreError> {
+        let k = key(b's', partition, &json(series));
+        self.with_db(|db| Ok(db.get(&k)?))?
+            .map(|v| parse(&k, &v))
+            .transpose()
+    }
+
+    /// A retired counter or gauge series' readings, as last checkpointed.
+    pub fn readings(
+        &self,
+        partition: i32,
+        series: &ReadingKey,
+    ) -> Result<Option<Readings>, StoreError> {
+        let k = key(b'c', partition, &json(series));
+        self.with_db(|db| Ok(db.get(&k)?))?
+            .map(|v| parse(&k, &v))
+            .transpose()
+    }
+
     /// What was billed for `key`, as of the checkpoints and the records read back since.
     pub fn billed(&self, key: &BillingKey) -> Result<Option<Billed>, StoreError> {
         let k = [&[b'b'][..], &json(key)].concat();
@@ -381,6 +405,20 @@ impl Store {
             k.extend_from_slice(&p.to_be_bytes());
             batch.put(k, offset.to_be_bytes());
         }
+    }
+}
+
+impl crate::series::Retired for Store {
+    type Error = StoreError;
+    fn allocation(
+        &self,
+        partition: i32,
+        key: &AllocationKey,
+    ) -> Result<Option<AllocationObs>, StoreError> {
+        Store::allocation(self, partition, key)
+    }
+    fn readings(&self, partition: i32, key: &ReadingKey) -> Result<Option<Readings>, StoreError> {
+        Store::readings(self, partition, key)
     }
 }
 

@@ -587,17 +587,24 @@ mod tests {
 
     /// Runs the dataflow over epochs of observations fed through a [`Feeder`], as the
     /// processor does, and returns the final usage, billing and fleet totals, named.
-    #[allow(clippy::type_complexity)]
-    fn run_all(
-        epochs: Vec<Vec<Observation>>,
-    ) -> (
+    fn run_all(epochs: Vec<Vec<Observation>>) -> Outcome {
+        run_retiring(epochs, false)
+    }
+
+    /// The final usage, billing, fleet, cost, period and roll-up totals of a run.
+    type Outcome = (
         BTreeMap<UsageKey, Measured>,
         BTreeMap<BillingKey, i64>,
         BTreeMap<FleetKey, i64>,
         BTreeMap<(Owner, i64), i64>,
         BTreeMap<(String, i64), i64>,
         BTreeMap<(UsageKey, Resolution), Measured>,
-    ) {
+    );
+
+    /// [`run_all`]; with `retire`, after every epoch the changed series are "checkpointed"
+    /// and every series is retired from memory, so each observation after the first epoch
+    /// brings its series back from the store.
+    fn run_retiring(epochs: Vec<Vec<Observation>>, retire: bool) -> Outcome {
         timely::execute_directly(move |worker| {
             let names = Arc::new(Names::default());
             let Installed {
@@ -622,12 +629,20 @@ mod tests {
                 &Resolution::ALL,
             );
             let mut feeder = Feeder::new(rules(), names.clone(), 0);
+            let mut stored = crate::series::MemoryStore::default();
             for (epoch, observations) in epochs.into_iter().enumerate() {
                 input.advance_to(epoch as Time);
                 for o in observations {
-                    feeder
-                        .feed(&mut input, 0, o, i64::MIN)
-                        .expect("no series limit");
+                    let fed = match feeder.feed_from(&mut input, 0, o, i64::MIN, &stored) {
+                        Ok(fed) => fed,
+                        Err(never) => match never {},
+                    };
+                    fed.expect("no series limit");
+                }
+                if retire {
+                    stored.keep(feeder.take_dirty());
+                    feeder.retire(i64::MAX);
+                    assert_eq!(feeder.series(), (0, 0), "every series retired");
                 }
             }
             input.advance_to(u64::MAX - 1);
@@ -1197,7 +1212,11 @@ mod tests {
                 if cuts.contains(&i) { epochs.push(Vec::new()); }
                 epochs.last_mut().expect("non-empty").push(o);
             }
-            let (usage, billing, fleet, costs, periods, rollups) = run_all(epochs);
+            let outcome = run_all(epochs.clone());
+            // Every series retired after every epoch and brought back from the store when it
+            // reports again: the same totals.
+            prop_assert_eq!(&run_retiring(epochs, true), &outcome);
+            let (usage, billing, fleet, costs, periods, rollups) = outcome;
             // Roll-ups: the base windows summed into hours, days and months.
             let mut expected_rollups: BTreeMap<(UsageKey, Resolution), Measured> = BTreeMap::new();
             for (k, m) in &expected {

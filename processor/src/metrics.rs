@@ -26,6 +26,10 @@ pub struct Metrics {
     pub checkpoints: IntCounter,
     /// Checkpoint writes that failed (each retried with the next).
     pub checkpoint_failures: IntCounter,
+    /// Idle series whose state left memory (kept in the store).
+    pub series_retired: IntCounter,
+    /// Retired series that reported again and were brought back from the store.
+    pub series_revived: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -85,6 +89,16 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &registry,
             "meterflow_processor_checkpoint_failures_total",
             "Checkpoint writes that failed (a full disk?); each is retried with the next",
+        ),
+        series_retired: counter(
+            &registry,
+            "meterflow_processor_series_retired_total",
+            "Idle series whose state left memory (the store keeps it)",
+        ),
+        series_revived: counter(
+            &registry,
+            "meterflow_processor_series_revived_total",
+            "Retired series that reported again, brought back from the store",
         ),
         dead_letters,
         registry,

@@ -74,6 +74,9 @@ pub struct ProcessorConfig {
     /// Most new series one tenant may open per hour of its samples' time on one worker; a
     /// sample that would open more goes to the dead-letter topic as `series_limit`.
     pub max_new_series_per_tenant_hour: usize,
+    /// How long a series stays in memory after its last sample (behind its worker's newest);
+    /// `None`: the allowed lateness plus the longest gap (an hour).
+    pub retire_idle_after_ms: Option<i64>,
     /// Directory of the RocksDB checkpoint; `None` keeps state in memory and replays the
     /// input from the beginning at every start.
     pub state_dir: Option<PathBuf>,
@@ -110,6 +113,7 @@ impl ProcessorConfig {
             max_staleness_ms: 30_000,
             max_batch: 1_000,
             max_new_series_per_tenant_hour: 100_000,
+            retire_idle_after_ms: None,
             state_dir: None,
             checkpoint_interval: Duration::from_secs(1),
             prices: PriceBook::default(),
@@ -547,6 +551,13 @@ fn run_worker(
     };
     let mut feeder = Feeder::new(rules, names.clone(), index)
         .with_series_limit(config.max_new_series_per_tenant_hour);
+    // A series silent for this long behind its worker's newest data leaves memory after the
+    // next checkpoint (the store keeps it, and brings it back if it reports again). The default
+    // makes that rare: past the lateness no reading lands before its last, and past the
+    // longest gap a gauge's next reading does not pair with it.
+    let idle_ms = config
+        .retire_idle_after_ms
+        .unwrap_or_else(|| lateness_ms.saturating_add(rules.max_gap_ms));
     let mut agents: HashMap<String, (i32, AgentState)> = HashMap::new();
     let mut inputs = Inputs {
         next: BTreeMap::new(),
@@ -555,7 +566,7 @@ fn run_worker(
     let mut assignment = TopicPartitionList::new();
     for p in (0..partitions).filter(|p| *p as usize % peers == index) {
         let restored = match store {
-            Some(s) => restore_partition(s, p, &mut input, &mut feeder, &mut agents)?,
+            Some(s) => restore_partition(s, p, &mut input, &mut feeder, &mut agents, idle_ms)?,
             None => None,
         };
         let (low, high) = consumer
@@ -727,13 +738,21 @@ fn run_worker(
                     ))
                 } else {
                     match observe(sample) {
-                        Ok(Some(o)) => match feeder.feed(&mut input, partition, o, horizon_ms) {
-                            Ok(()) => {
-                                watermark_ms = watermark_ms.max(sample.timestamp_ms);
-                                None
+                        Ok(Some(o)) => {
+                            let fed = match store {
+                                Some(s) => {
+                                    feeder.feed_from(&mut input, partition, o, horizon_ms, s)?
+                                }
+                                None => feeder.feed(&mut input, partition, o, horizon_ms),
+                            };
+                            match fed {
+                                Ok(()) => {
+                                    watermark_ms = watermark_ms.max(sample.timestamp_ms);
+                                    None
+                                }
+                                Err(limited) => Some(("series_limit", limited.to_string())),
                             }
-                            Err(limited) => Some(("series_limit", limited.to_string())),
-                        },
+                        }
                         Ok(None) => None,
                         Err(rejection) => Some((rejection.reason, rejection.detail)),
                     }
@@ -927,6 +946,13 @@ fn run_worker(
                     changed_since_checkpoint = false;
                     crate::metrics::set_checkpoint_error(index, None);
                     debug!(worker = index, epoch, "checkpoint written");
+                    // Everything is in the store now: idle series may leave memory.
+                    let (allocations, readings) =
+                        feeder.retire(worker_watermark_ms.saturating_sub(idle_ms));
+                    METRICS
+                        .series_retired
+                        .inc_by((allocations + readings) as u64);
+                    METRICS.series_revived.inc_by(feeder.take_revived());
                 }
                 // A full disk: processing goes on (its outputs are acknowledged; a restart
                 // would resume from the last checkpoint written), health says so, and the
@@ -960,16 +986,26 @@ fn restore_partition(
     input: &mut differential_dataflow::input::InputSession<Time, Summary, isize>,
     feeder: &mut Feeder,
     agents: &mut HashMap<String, (i32, AgentState)>,
+    idle_ms: i64,
 ) -> Result<Option<i64>, ProcessorError> {
     let state = store.load_partition(partition)?;
+    // Series idle for longer than `idle_ms` behind the partition's newest data stay in the
+    // store (their pieces and windows go into the dataflow all the same).
+    let retire_before_ms = state
+        .agents
+        .iter()
+        .map(|(_, s)| s.watermark_ms)
+        .max()
+        .unwrap_or(i64::MIN)
+        .saturating_sub(idle_ms);
     for (agent, s) in state.agents {
         agents.insert(agent, (partition, s));
     }
     for (key, obs) in state.allocations {
-        feeder.restore_allocation(input, partition, key, obs);
+        feeder.restore_allocation(input, partition, key, obs, retire_before_ms);
     }
     for (key, readings) in state.readings {
-        feeder.restore_readings(partition, key, readings);
+        feeder.restore_readings(partition, key, readings, retire_before_ms);
     }
     for (key, window, parts) in state.windows {
         feeder.restore_window(input, partition, key, window, parts);

@@ -137,6 +137,14 @@ pub struct Readings {
 }
 
 impl Readings {
+    /// The latest reading, folded away or not.
+    pub fn latest(&self) -> Option<(i64, i64)> {
+        self.readings
+            .last_key_value()
+            .map(|(t, u)| (*t, *u))
+            .or(self.base)
+    }
+
     fn previous(&self, timestamp_ms: i64) -> Option<(i64, i64)> {
         self.readings
             .range(..timestamp_ms)
@@ -293,6 +301,12 @@ struct AllocationState {
     summary: AllocationObs,
 }
 
+/// The latest instant an allocation series was observed at (or finished at).
+fn allocation_seen_ms(obs: AllocationObs) -> i64 {
+    obs.observed_at_ms
+        .max(obs.finished_at_ms.unwrap_or(i64::MIN))
+}
+
 /// The interval of an allocation while its end has not been seen.
 fn unfinished(obs: AllocationObs) -> Option<crate::model::Interval> {
     obs.finished_at_ms
@@ -360,6 +374,68 @@ impl Default for SeriesLimit {
     }
 }
 
+/// Where the state of a series retired from memory is found again: the checkpoint store
+/// ([`crate::checkpoint::Store`]). A series is retired ([`Feeder::retire`]) only right after
+/// a checkpoint holds it, so what comes back is what it was.
+pub trait Retired {
+    type Error;
+    /// An allocation series' merged observations.
+    fn allocation(
+        &self,
+        partition: i32,
+        key: &AllocationKey,
+    ) -> Result<Option<AllocationObs>, Self::Error>;
+    /// A counter or gauge series' readings.
+    fn readings(&self, partition: i32, key: &ReadingKey) -> Result<Option<Readings>, Self::Error>;
+}
+
+/// No store: nothing was retired, nothing comes back.
+pub struct NothingRetired;
+
+impl Retired for NothingRetired {
+    type Error = std::convert::Infallible;
+    fn allocation(&self, _: i32, _: &AllocationKey) -> Result<Option<AllocationObs>, Self::Error> {
+        Ok(None)
+    }
+    fn readings(&self, _: i32, _: &ReadingKey) -> Result<Option<Readings>, Self::Error> {
+        Ok(None)
+    }
+}
+
+/// A checkpoint store in memory, for tests: the series as [`Feeder::take_dirty`] gave them.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct MemoryStore {
+    allocations: HashMap<AllocationKey, AllocationObs>,
+    readings: HashMap<ReadingKey, Readings>,
+}
+
+#[cfg(test)]
+impl MemoryStore {
+    /// Stores what a checkpoint would.
+    pub(crate) fn keep(&mut self, dirty: Dirty) {
+        self.allocations
+            .extend(dirty.allocations.into_iter().map(|(_, k, o)| (k, o)));
+        self.readings
+            .extend(dirty.readings.into_iter().map(|(_, k, r)| (k, r)));
+    }
+}
+
+#[cfg(test)]
+impl Retired for MemoryStore {
+    type Error = std::convert::Infallible;
+    fn allocation(
+        &self,
+        _: i32,
+        key: &AllocationKey,
+    ) -> Result<Option<AllocationObs>, Self::Error> {
+        Ok(self.allocations.get(key).copied())
+    }
+    fn readings(&self, _: i32, key: &ReadingKey) -> Result<Option<Readings>, Self::Error> {
+        Ok(self.readings.get(key).cloned())
+    }
+}
+
 /// One counter or gauge series' state.
 #[derive(Debug)]
 struct ReadingState {
@@ -390,6 +466,8 @@ pub struct Feeder {
     node_hours: HashSet<(NodeId, i64)>,
     dirty_node_hours: Vec<(i32, NodeId, i64)>,
     limit: SeriesLimit,
+    /// Series brought back from the store since [`Feeder::take_revived`].
+    revived: u64,
 }
 
 impl Feeder {
@@ -412,6 +490,7 @@ impl Feeder {
             live_groups: HashMap::new(),
             live_dirty: HashSet::new(),
             limit: SeriesLimit::default(),
+            revived: 0,
         }
     }
 
@@ -532,6 +611,47 @@ impl Feeder {
         observation: Observation,
         horizon_ms: i64,
     ) -> Result<(), SeriesLimited> {
+        match self.feed_from(input, partition, observation, horizon_ms, &NothingRetired) {
+            Ok(fed) => fed,
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`Feeder::feed`], bringing a retired series back from `retired` first (its pieces and
+    /// windows are still in the dataflow; only its state left memory).
+    pub fn feed_from<R: Retired>(
+        &mut self,
+        input: &mut InputSession<Time, Summary, isize>,
+        partition: i32,
+        observation: Observation,
+        horizon_ms: i64,
+        retired: &R,
+    ) -> Result<Result<(), SeriesLimited>, R::Error> {
+        match &observation {
+            Observation::Allocation(key, _) if !self.allocations.contains_key(key) => {
+                if let Some(stored) = retired.allocation(partition, key)? {
+                    self.new_allocation(partition, key.clone(), stored);
+                    self.revived += 1;
+                }
+            }
+            Observation::Reading(key, _) if !self.readings.contains_key(key) => {
+                if let Some(stored) = retired.readings(partition, key)? {
+                    self.reading(partition, key.clone()).readings = stored;
+                    self.revived += 1;
+                }
+            }
+            _ => {}
+        }
+        Ok(self.feed_known(input, partition, observation, horizon_ms))
+    }
+
+    fn feed_known(
+        &mut self,
+        input: &mut InputSession<Time, Summary, isize>,
+        partition: i32,
+        observation: Observation,
+        horizon_ms: i64,
+    ) -> Result<(), SeriesLimited> {
         match observation {
             Observation::Allocation(key, obs) => {
                 let node = match self.allocations.get_mut(&key) {
@@ -612,16 +732,95 @@ impl Feeder {
         Ok(())
     }
 
-    /// Restores an allocation series from a checkpoint and feeds its summary.
+    /// Restores an allocation series from a checkpoint and feeds its summary; its state stays
+    /// in memory only if it was observed at or after `retire_before_ms` (else it is brought
+    /// back from the store if it is observed again).
     pub fn restore_allocation(
         &mut self,
         input: &mut InputSession<Time, Summary, isize>,
         partition: i32,
         key: AllocationKey,
         obs: AllocationObs,
+        retire_before_ms: i64,
     ) {
-        self.new_allocation(partition, key.clone(), obs);
-        self.hold(input, &key, obs);
+        if allocation_seen_ms(obs) >= retire_before_ms {
+            self.new_allocation(partition, key.clone(), obs);
+            self.hold(input, &key, obs);
+            return;
+        }
+        // Only its pieces, under numbers of their own: nothing downstream keys by the number.
+        let item = Item {
+            metric: Aggregate::GpuSeconds,
+            gpu_class: key.gpu_class.clone(),
+            mig_profile: key.mig_profile.clone(),
+        };
+        let flag = Item {
+            metric: Aggregate::GpuSecondsUnfinished,
+            ..item.clone()
+        };
+        let series = self.series_ref(&key.owner, item, &key.node);
+        let unfinished = self.series_ref(&key.owner, flag, &key.node);
+        self.hold_pieces(input, series, unfinished, obs);
+    }
+
+    /// Retires from memory the series last observed before `before_ms` whose state the store
+    /// holds (none changed since the last checkpoint: call it right after one is written).
+    /// One observed again is brought back by [`Feeder::feed_from`]; its pieces and windows
+    /// stay in the dataflow. Returns how many `(allocation, counter and gauge)` series left.
+    pub fn retire(&mut self, before_ms: i64) -> (usize, usize) {
+        let allocations: Vec<AllocationKey> = self
+            .allocations
+            .iter()
+            .filter(|(_, s)| {
+                allocation_seen_ms(s.summary) < before_ms
+                    && !self.dirty_allocations.contains(&s.series.series)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &allocations {
+            if let Some(state) = self.allocations.remove(key) {
+                self.allocation_keys.remove(&state.series.series);
+            }
+        }
+        let readings: Vec<ReadingKey> = self
+            .readings
+            .iter()
+            .filter(|(_, s)| {
+                s.readings.latest().is_none_or(|(t, _)| t < before_ms)
+                    && !self.dirty_readings.contains(&s.series.series)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &readings {
+            let Some(state) = self.readings.remove(key) else {
+                continue;
+            };
+            let id = state.series.series;
+            self.reading_keys.remove(&id);
+            let group = (state.series.owner, state.series.node, state.series.metric);
+            if let Some(members) = self.live_groups.get_mut(&group) {
+                members.retain(|m| *m != id);
+                if members.is_empty() {
+                    self.live_groups.remove(&group);
+                }
+            }
+        }
+        if !allocations.is_empty() || !readings.is_empty() {
+            if self.readings.len() * 4 < self.readings.capacity() {
+                self.readings.shrink_to_fit();
+                self.reading_keys.shrink_to_fit();
+            }
+            if self.allocations.len() * 4 < self.allocations.capacity() {
+                self.allocations.shrink_to_fit();
+                self.allocation_keys.shrink_to_fit();
+            }
+        }
+        (allocations.len(), readings.len())
+    }
+
+    /// Series brought back from the store since the last call.
+    pub fn take_revived(&mut self) -> u64 {
+        std::mem::take(&mut self.revived)
     }
 
     /// Feeds every piece of a new allocation series' interval (and flags them while its end is
@@ -633,9 +832,19 @@ impl Feeder {
         obs: AllocationObs,
     ) {
         let state = &self.allocations[key];
+        self.hold_pieces(input, state.series, state.unfinished, obs);
+    }
+
+    fn hold_pieces(
+        &self,
+        input: &mut InputSession<Time, Summary, isize>,
+        series: SeriesRef,
+        unfinished_series: SeriesRef,
+        obs: AllocationObs,
+    ) {
         for (series, interval) in [
-            (state.series, obs.interval()),
-            (state.unfinished, unfinished(obs)),
+            (series, obs.interval()),
+            (unfinished_series, unfinished(obs)),
         ] {
             for piece in held_changes(None, interval, self.rules.window_ms).1 {
                 input.insert(Summary::Held(series, piece));
@@ -643,21 +852,45 @@ impl Feeder {
         }
     }
 
-    /// Restores a counter or gauge series' readings from a checkpoint.
-    pub fn restore_readings(&mut self, partition: i32, key: ReadingKey, readings: Readings) {
-        self.reading(partition, key).readings = readings;
+    /// Restores a counter or gauge series' readings from a checkpoint, if its latest is at or
+    /// after `retire_before_ms` (else the store keeps them until it reports again).
+    pub fn restore_readings(
+        &mut self,
+        partition: i32,
+        key: ReadingKey,
+        readings: Readings,
+        retire_before_ms: i64,
+    ) {
+        if readings
+            .latest()
+            .is_some_and(|(t, _)| t >= retire_before_ms)
+        {
+            self.reading(partition, key).readings = readings;
+        }
     }
 
     /// Restores a reading series' parts in one window from a checkpoint and feeds them.
     pub fn restore_window(
         &mut self,
         input: &mut InputSession<Time, Summary, isize>,
-        partition: i32,
+        _partition: i32,
         key: ReadingKey,
         window_start_ms: i64,
         parts: Parts,
     ) {
-        let series = self.reading(partition, key).series;
+        // A retired series' windows go in under a number of their own: nothing downstream keys
+        // by the number, and no state is made for it.
+        let series = match self.readings.get(&key) {
+            Some(state) => state.series,
+            None => {
+                let item = Item {
+                    metric: key.metric,
+                    gpu_class: key.gpu_class.clone(),
+                    mig_profile: key.mig_profile.clone(),
+                };
+                self.series_ref(&key.owner, item, &key.node)
+            }
+        };
         for part in [Part::Total, Part::Observed, Part::Present] {
             let amount = parts[part_index(part)];
             if amount != 0 {
@@ -1091,5 +1324,62 @@ mod tests {
                 ((0, Part::Present), 10_000),
             ])
         );
+    }
+
+    #[test]
+    fn a_retired_series_reporting_again_goes_on_from_its_stored_state() {
+        use differential_dataflow::input::InputSession;
+        let mut feeder = Feeder::new(rules(), Arc::new(Names::default()), 0);
+        let mut input: InputSession<Time, Summary, isize> = InputSession::new();
+        let key = ReadingKey {
+            owner: Owner {
+                tenant: "t".into(),
+                lease: "l".into(),
+                service: "s".into(),
+            },
+            node: "n".into(),
+            container_id: "c".into(),
+            metric: Aggregate::CpuCoreSeconds,
+            gpu_uuid: String::new(),
+            gpu_class: String::new(),
+            mig_profile: String::new(),
+        };
+        let reading = |t, units| {
+            Observation::Reading(
+                key.clone(),
+                ReadingObs {
+                    timestamp_ms: t,
+                    units,
+                },
+            )
+        };
+        let mut store = MemoryStore::default();
+        for (t, units) in [(0, 1_000), (15_000, 2_000)] {
+            feeder
+                .feed(&mut input, 0, reading(t, units), i64::MIN)
+                .expect("no limit");
+        }
+        // Not yet checkpointed: it stays.
+        assert_eq!(feeder.retire(i64::MAX), (0, 0));
+        store.keep(feeder.take_dirty());
+        assert_eq!(
+            feeder.retire(15_000),
+            (0, 0),
+            "not idle before its last reading"
+        );
+        assert_eq!(feeder.retire(15_001), (0, 1));
+        assert_eq!(feeder.series(), (0, 0));
+        // Two hours on, the same container's counter: the difference from its last reading,
+        // as if it had never left memory (counted from zero it would be 5,000).
+        let fed = feeder.feed_from(&mut input, 0, reading(2 * HOUR_MS, 5_000), i64::MIN, &store);
+        assert_eq!(fed, Ok(Ok(())));
+        assert_eq!(feeder.take_revived(), 1);
+        let windows: Vec<(i64, Parts)> = feeder
+            .take_dirty()
+            .windows
+            .into_iter()
+            .map(|(_, _, w, parts)| (w, parts))
+            .collect();
+        assert_eq!(windows, vec![(2 * HOUR_MS - MIN, [3_000, 0, 0])]);
     }
 }

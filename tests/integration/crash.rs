@@ -40,6 +40,11 @@ fn start_processor(brokers: &str, state: &Path, workers: usize) -> Child {
             "20",
             "--checkpoint-interval",
             "150ms",
+            // Containers come and go every few minutes: their series leave memory two minutes
+            // after their last sample and come back from the state directory when they report
+            // again, across the kills.
+            "--retire-idle-after",
+            "2m",
             "--partitions",
             &PARTITIONS.to_string(),
         ],
