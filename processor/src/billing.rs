@@ -197,6 +197,32 @@ impl Ledger {
     pub fn pending(&self) -> usize {
         self.unbilled.len()
     }
+
+    /// Forgets what was billed for windows that ended before `before_ms`, where the
+    /// checkpoint holds it (not changed since the last [`Ledger::take_dirty`]) and nothing is
+    /// pending: a later change to one loads it again through [`Ledger::set_total`]'s `load`.
+    /// Only for a ledger whose `load` reads the store. Returns how many were forgotten.
+    pub fn retire(&mut self, before_ms: i64) -> usize {
+        let window_ms = self.billing_window_ms;
+        let pending: HashSet<&BillingKey> = self.unbilled.keys().map(|(_, k)| k).collect();
+        let old: Vec<BillingKey> = self
+            .billed
+            .keys()
+            .filter(|k| {
+                k.window_start_ms.saturating_add(window_ms) < before_ms
+                    && !self.dirty.contains(*k)
+                    && !pending.contains(k)
+            })
+            .cloned()
+            .collect();
+        for k in &old {
+            self.billed.remove(k);
+        }
+        if self.billed.len() * 4 < self.billed.capacity() {
+            self.billed.shrink_to_fit();
+        }
+        old.len()
+    }
 }
 
 #[cfg(test)]
@@ -291,5 +317,27 @@ mod tests {
         assert_eq!(Billed::apply(Some(b1), &r1), None);
         assert_ne!(r0.id, r1.id);
         assert_eq!(partition_key(&key(0)), partition_key(&key(0)));
+    }
+
+    #[test]
+    fn a_forgotten_window_is_loaded_again_and_adjusted_from_what_was_billed() {
+        let mut l = Ledger::new(HOUR);
+        l.set_total(key(0), 1_000, |_| None);
+        assert_eq!(l.due(HOUR).len(), 1);
+        assert_eq!(l.retire(i64::MAX), 0, "not checkpointed yet");
+        let stored: HashMap<BillingKey, Billed> = l.take_dirty().into_iter().collect();
+        assert_eq!(l.retire(HOUR), 0, "the window has not ended before that");
+        assert_eq!(l.retire(HOUR + 1), 1);
+        assert!(!l.knows(&key(0)));
+        // A late change: loaded from the store, billed as revision 1 of the difference.
+        l.set_total(key(0), 1_200, |k| stored.get(k).copied());
+        let adjusted = l.due(2 * HOUR);
+        assert_eq!(
+            adjusted
+                .iter()
+                .map(|d| (d.revision, d.total, d.billed_before))
+                .collect::<Vec<_>>(),
+            vec![(1, 1_200, 1_000)]
+        );
     }
 }

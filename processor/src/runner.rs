@@ -946,9 +946,16 @@ fn run_worker(
                     changed_since_checkpoint = false;
                     crate::metrics::set_checkpoint_error(index, None);
                     debug!(worker = index, epoch, "checkpoint written");
-                    // Everything is in the store now: idle series may leave memory.
+                    // Everything is in the store now: idle series and long-billed windows
+                    // may leave memory.
                     let (allocations, readings) =
                         feeder.retire(worker_watermark_ms.saturating_sub(idle_ms));
+                    ledger.retire(
+                        cluster
+                            .watermark_ms
+                            .saturating_sub(lateness_ms)
+                            .saturating_sub(idle_ms),
+                    );
                     METRICS
                         .series_retired
                         .inc_by((allocations + readings) as u64);
