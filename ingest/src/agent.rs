@@ -87,11 +87,13 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Batches made while the spool could not store them, oldest first, with their encoded size;
-/// held in memory up to the spool's own limit.
+/// Batches made while the spool could not store them, oldest first, held in memory up to the
+/// spool's own limit. Their encoded size is measured only once the spool fails, so the usual
+/// path (stored at once) encodes each batch once.
 #[derive(Default)]
 struct Unstored {
-    batches: VecDeque<(SampleBatch, u64)>,
+    batches: VecDeque<(SampleBatch, Option<u64>)>,
+    /// The measured sizes, summed.
     bytes: u64,
     /// Dropped at the limit since the spool last stored everything.
     dropped: u64,
@@ -99,11 +101,7 @@ struct Unstored {
 
 impl Unstored {
     fn extend(&mut self, batches: Vec<SampleBatch>) {
-        for batch in batches {
-            let size = batch.encode().map_or(0, |b| b.len() as u64);
-            self.bytes += size;
-            self.batches.push_back((batch, size));
-        }
+        self.batches.extend(batches.into_iter().map(|b| (b, None)));
     }
 
     fn len(&self) -> usize {
@@ -116,11 +114,16 @@ impl Unstored {
 
     /// Drops the oldest while more than `max_bytes` are held (the spool's own policy).
     fn cap(&mut self, max_bytes: u64) {
+        for (batch, size) in self.batches.iter_mut().filter(|(_, s)| s.is_none()) {
+            let measured = batch.encode().map_or(0, |b| b.len() as u64);
+            *size = Some(measured);
+            self.bytes += measured;
+        }
         while self.bytes > max_bytes && self.batches.len() > 1 {
             let Some((_, size)) = self.batches.pop_front() else {
                 break;
             };
-            self.bytes -= size;
+            self.bytes -= size.unwrap_or(0);
             self.dropped += 1;
             METRICS.spool_dropped.inc();
         }
@@ -155,7 +158,7 @@ fn store(spool: &mut Spool, unstored: &mut Unstored) {
             return;
         }
         METRICS.spool_dropped.inc_by(spool.dropped() - dropped);
-        unstored.bytes -= *size;
+        unstored.bytes -= size.unwrap_or(0);
         unstored.batches.pop_front();
     }
     if crate::metrics::spool_error().is_some() && !spool.is_broken() {

@@ -301,6 +301,39 @@ struct AllocationState {
     summary: AllocationObs,
 }
 
+/// Folds `obs` into an allocation series' state, changing the pieces of its interval (and of
+/// its unfinished flag) in the dataflow where they differ; returns its node.
+fn merge_allocation(
+    state: &mut AllocationState,
+    obs: AllocationObs,
+    window_ms: i64,
+    input: &mut InputSession<Time, Summary, isize>,
+    dirty: &mut HashSet<u64>,
+) -> NodeId {
+    let merged = state.summary.merge(obs);
+    if merged != state.summary {
+        for (series, old, new) in [
+            (state.series, state.summary.interval(), merged.interval()),
+            (
+                state.unfinished,
+                unfinished(state.summary),
+                unfinished(merged),
+            ),
+        ] {
+            let (removed, added) = held_changes(old, new, window_ms);
+            for piece in removed {
+                input.remove(Summary::Held(series, piece));
+            }
+            for piece in added {
+                input.insert(Summary::Held(series, piece));
+            }
+        }
+        state.summary = merged;
+        dirty.insert(state.series.series);
+    }
+    state.series.node
+}
+
 /// The latest instant an allocation series was observed at (or finished at).
 fn allocation_seen_ms(obs: AllocationObs) -> i64 {
     obs.observed_at_ms
@@ -544,12 +577,8 @@ impl Feeder {
         }
     }
 
-    fn new_allocation(
-        &mut self,
-        partition: i32,
-        key: AllocationKey,
-        obs: AllocationObs,
-    ) -> SeriesRef {
+    /// New numbers for an allocation series and its unfinished flag.
+    fn allocation_refs(&mut self, key: &AllocationKey) -> (SeriesRef, SeriesRef) {
         let item = Item {
             metric: Aggregate::GpuSeconds,
             gpu_class: key.gpu_class.clone(),
@@ -559,8 +588,19 @@ impl Feeder {
             metric: Aggregate::GpuSecondsUnfinished,
             ..item.clone()
         };
-        let series = self.series_ref(&key.owner, item, &key.node);
-        let unfinished = self.series_ref(&key.owner, flag, &key.node);
+        (
+            self.series_ref(&key.owner, item, &key.node),
+            self.series_ref(&key.owner, flag, &key.node),
+        )
+    }
+
+    fn new_allocation(
+        &mut self,
+        partition: i32,
+        key: AllocationKey,
+        obs: AllocationObs,
+    ) -> SeriesRef {
+        let (series, unfinished) = self.allocation_refs(&key);
         self.allocation_keys.insert(series.series, key.clone());
         self.allocations.insert(
             key,
@@ -627,66 +667,40 @@ impl Feeder {
         horizon_ms: i64,
         retired: &R,
     ) -> Result<Result<(), SeriesLimited>, R::Error> {
-        match &observation {
-            Observation::Allocation(key, _) if !self.allocations.contains_key(key) => {
-                if let Some(stored) = retired.allocation(partition, key)? {
-                    self.new_allocation(partition, key.clone(), stored);
-                    self.revived += 1;
-                }
-            }
-            Observation::Reading(key, _) if !self.readings.contains_key(key) => {
-                if let Some(stored) = retired.readings(partition, key)? {
-                    self.reading(partition, key.clone()).readings = stored;
-                    self.revived += 1;
-                }
-            }
-            _ => {}
-        }
-        Ok(self.feed_known(input, partition, observation, horizon_ms))
-    }
-
-    fn feed_known(
-        &mut self,
-        input: &mut InputSession<Time, Summary, isize>,
-        partition: i32,
-        observation: Observation,
-        horizon_ms: i64,
-    ) -> Result<(), SeriesLimited> {
         match observation {
             Observation::Allocation(key, obs) => {
+                let window_ms = self.rules.window_ms;
                 let node = match self.allocations.get_mut(&key) {
                     Some(state) => {
-                        let merged = state.summary.merge(obs);
-                        if merged != state.summary {
-                            let window_ms = self.rules.window_ms;
-                            for (series, old, new) in [
-                                (state.series, state.summary.interval(), merged.interval()),
-                                (
-                                    state.unfinished,
-                                    unfinished(state.summary),
-                                    unfinished(merged),
-                                ),
-                            ] {
-                                let (removed, added) = held_changes(old, new, window_ms);
-                                for piece in removed {
-                                    input.remove(Summary::Held(series, piece));
-                                }
-                                for piece in added {
-                                    input.insert(Summary::Held(series, piece));
-                                }
-                            }
-                            state.summary = merged;
-                            self.dirty_allocations.insert(state.series.series);
+                        merge_allocation(state, obs, window_ms, input, &mut self.dirty_allocations)
+                    }
+                    // Not in memory: retired (brought back, then merged) or new.
+                    None => match retired.allocation(partition, &key)? {
+                        Some(stored) => {
+                            self.new_allocation(partition, key.clone(), stored);
+                            self.revived += 1;
+                            let state =
+                                self.allocations.get_mut(&key).expect("inserted just above");
+                            merge_allocation(
+                                state,
+                                obs,
+                                window_ms,
+                                input,
+                                &mut self.dirty_allocations,
+                            )
                         }
-                        state.series.node
-                    }
-                    None => {
-                        self.limit.admit(&key.owner.tenant, obs.observed_at_ms)?;
-                        let series = self.new_allocation(partition, key.clone(), obs);
-                        self.hold(input, &key, obs);
-                        self.dirty_allocations.insert(series.series);
-                        series.node
-                    }
+                        None => {
+                            if let Err(limited) =
+                                self.limit.admit(&key.owner.tenant, obs.observed_at_ms)
+                            {
+                                return Ok(Err(limited));
+                            }
+                            let series = self.new_allocation(partition, key.clone(), obs);
+                            self.hold(input, &key, obs);
+                            self.dirty_allocations.insert(series.series);
+                            series.node
+                        }
+                    },
                 };
                 self.active(input, partition, node, obs.observed_at_ms);
             }
@@ -700,10 +714,22 @@ impl Feeder {
                 let rules = self.rules;
                 let state = match self.readings.get_mut(&key) {
                     Some(state) => state,
-                    None => {
-                        self.limit.admit(&key.owner.tenant, timestamp_ms)?;
-                        self.reading(partition, key)
-                    }
+                    // Not in memory: retired (brought back) or new.
+                    None => match retired.readings(partition, &key)? {
+                        Some(stored) => {
+                            self.revived += 1;
+                            let state = self.reading(partition, key);
+                            state.readings = stored;
+                            state
+                        }
+                        None => {
+                            if let Err(limited) = self.limit.admit(&key.owner.tenant, timestamp_ms)
+                            {
+                                return Ok(Err(limited));
+                            }
+                            self.reading(partition, key)
+                        }
+                    },
                 };
                 state.readings.compact(horizon_ms);
                 let series = state.series;
@@ -729,7 +755,7 @@ impl Feeder {
                 self.active(input, partition, series.node, timestamp_ms);
             }
         }
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// Restores an allocation series from a checkpoint and feeds its summary; its state stays
@@ -749,17 +775,7 @@ impl Feeder {
             return;
         }
         // Only its pieces, under numbers of their own: nothing downstream keys by the number.
-        let item = Item {
-            metric: Aggregate::GpuSeconds,
-            gpu_class: key.gpu_class.clone(),
-            mig_profile: key.mig_profile.clone(),
-        };
-        let flag = Item {
-            metric: Aggregate::GpuSecondsUnfinished,
-            ..item.clone()
-        };
-        let series = self.series_ref(&key.owner, item, &key.node);
-        let unfinished = self.series_ref(&key.owner, flag, &key.node);
+        let (series, unfinished) = self.allocation_refs(&key);
         self.hold_pieces(input, series, unfinished, obs);
     }
 

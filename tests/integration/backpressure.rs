@@ -7,11 +7,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use meterflow_ingest::{Fleet, FleetConfig, Publisher};
 use meterflow_schemas::{Record, SampleBatch, topics as names};
 
 use crate::common::{KillOnDrop, spawn_processor};
-use crate::crash::{PARTITIONS, T0, TICK_MS};
+use crate::crash::PARTITIONS;
 
 /// Resident memory of process `pid`, in bytes.
 fn rss(pid: u32) -> u64 {
@@ -35,15 +34,8 @@ fn signal(pid: u32, signal: &str) {
 
 /// The agent's health answer (JSON) from `GET /healthz` on `addr`.
 fn agent_health(addr: std::net::SocketAddr) -> Option<serde_json::Value> {
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    std::io::Write::write_all(
-        &mut stream,
-        b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
-    )
-    .ok()?;
-    let mut answer = String::new();
-    std::io::Read::read_to_string(&mut stream, &mut answer).ok()?;
-    serde_json::from_str(answer.split_once("\r\n\r\n")?.1).ok()
+    let (_, body) = crate::common::http_get(addr, "/healthz")?;
+    serde_json::from_str(&body).ok()
 }
 
 const MIB: u64 = 1 << 20;
@@ -205,37 +197,11 @@ async fn a_frozen_processor_and_a_frozen_sink_catch_up_to_the_exact_totals() {
             .expect("sink starts"),
     );
 
-    const TICKS: i64 = 240;
-    let publisher_brokers = brokers.clone();
-    let publisher = tokio::spawn(async move {
-        let publisher = std::sync::Arc::new(Publisher::new(&publisher_brokers).expect("publisher"));
-        let mut fleet = Fleet::new(
-            FleetConfig {
-                nodes: 8,
-                seed: 5,
-                ..FleetConfig::default()
-            },
-            T0,
-        );
-        for tick in 1..=TICKS {
-            let mut sends = tokio::task::JoinSet::new();
-            for batch in fleet.tick(T0 + tick * TICK_MS) {
-                let publisher = publisher.clone();
-                sends.spawn(async move { publisher.publish(&batch).await.expect("published") });
-            }
-            sends.join_all().await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    let publisher = tokio::spawn({
+        let brokers = brokers.clone();
+        async move {
+            crate::common::publish_fleet(&brokers, 8, 5, 240, Duration::from_millis(50), true).await
         }
-        let clock = SampleBatch {
-            node: "clock".into(),
-            agent_id: "clock".into(),
-            sequence: 1,
-            collected_at_ms: T0 + TICKS * TICK_MS + 20 * 60_000,
-            agent_version: "test".into(),
-            samples: vec![],
-        };
-        publisher.publish(&clock).await.expect("published");
-        fleet.gpu_milliseconds().clone()
     });
 
     // Freeze one, then the other, sampling both processes' memory every 100 ms.

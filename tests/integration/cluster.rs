@@ -8,14 +8,10 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use meterflow::broker::EmbeddedBroker;
-use meterflow_ingest::{Fleet, FleetConfig, Publisher};
 use meterflow_schemas::{BillingRecord, Record, UsageUpdate, topics as names};
 
 use crate::common::{read_topic_at, spawn_processor};
 
-/// 2026-01-01T00:00:00Z.
-const T0: i64 = 1_767_225_600_000;
-const TICK_MS: i64 = 15_000;
 const TICKS: i64 = 80;
 const PARTITIONS: i32 = 4;
 
@@ -25,24 +21,9 @@ pub async fn broker_with_fleet() -> (
 ) {
     let broker = crate::common::memory_broker().await;
     crate::common::ensure_topics(&broker.bootstrap(), PARTITIONS).await;
-    let publisher = std::sync::Arc::new(Publisher::new(&broker.bootstrap()).expect("publisher"));
-    let mut fleet = Fleet::new(
-        FleetConfig {
-            nodes: 8,
-            seed: 11,
-            ..FleetConfig::default()
-        },
-        T0,
-    );
-    for tick in 1..=TICKS {
-        let mut sends = tokio::task::JoinSet::new();
-        for batch in fleet.tick(T0 + tick * TICK_MS) {
-            let publisher = publisher.clone();
-            sends.spawn(async move { publisher.publish(&batch).await.expect("published") });
-        }
-        sends.join_all().await;
-    }
-    let truth = fleet.gpu_milliseconds().clone();
+    let truth =
+        crate::common::publish_fleet(&broker.bootstrap(), 8, 11, TICKS, Duration::ZERO, false)
+            .await;
     (broker, truth)
 }
 

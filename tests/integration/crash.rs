@@ -14,11 +14,8 @@ use meterflow_processor::PriceBook;
 use meterflow_processor::model::BillingKey;
 use meterflow_schemas::{BillingKind, BillingRecord, Record, SampleBatch, topics as names};
 
-use crate::common::{KillOnDrop, read_topic_at, spawn_processor};
+use crate::common::{KillOnDrop, T0, TICK_MS, read_topic_at, spawn_processor};
 
-/// 2026-01-01T00:00:00Z: event time of the scenario, well in the past.
-pub(crate) const T0: i64 = 1_767_225_600_000;
-pub(crate) const TICK_MS: i64 = 15_000;
 const TICKS: i64 = 240;
 pub(crate) const PARTITIONS: i32 = 4;
 const KILLS: usize = 20;

@@ -14,11 +14,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use meterflow_ingest::{Fleet, FleetConfig, Publisher};
-use meterflow_schemas::SampleBatch;
-
 use crate::common::{KillOnDrop, spawn_processor};
-use crate::crash::{PARTITIONS, T0, TICK_MS};
+use crate::crash::PARTITIONS;
 
 /// A tmpfs of its own, unmounted when dropped.
 struct Tmpfs {
@@ -79,21 +76,6 @@ impl Drop for Tmpfs {
     }
 }
 
-/// `GET path` on `addr`: the status and the body.
-fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut answer = String::new();
-    std::io::Read::read_to_string(&mut stream, &mut answer).ok()?;
-    let status = answer.split(' ').nth(1)?.parse().ok()?;
-    Some((status, answer.split_once("\r\n\r\n")?.1.to_string()))
-}
-
 /// Polls `GET path` until `done` holds for its answer; panics naming `what` after `limit`.
 fn wait_for(
     addr: SocketAddr,
@@ -104,7 +86,7 @@ fn wait_for(
 ) -> String {
     let deadline = Instant::now() + limit;
     loop {
-        let answer = get(addr, path);
+        let answer = crate::common::http_get(addr, path);
         if let Some((status, body)) = &answer
             && done(*status, body)
         {
@@ -162,7 +144,7 @@ async fn an_agent_whose_spool_disk_fills_says_so_and_loses_nothing_once_space_re
         let health: serde_json::Value = serde_json::from_str(&failing).expect("JSON health");
         assert_eq!(health["healthy"], false, "{failing}");
         // Liveness stays 200: restarting the agent would lose what it holds in memory.
-        let (status, _) = get(metrics, "/healthz").expect("health answers");
+        let (status, _) = crate::common::http_get(metrics, "/healthz").expect("health answers");
         assert_eq!(status, 200);
         // Batches go on being made, held in memory while the disk is full.
         wait_for(
@@ -242,38 +224,12 @@ async fn a_processor_whose_state_disk_fills_goes_on_says_so_and_bills_exactly_af
     ));
 
     // An hour of event time for eight nodes, a tick every 40 ms of wall time (about 10 s).
-    const TICKS: i64 = 240;
-    let publisher_brokers = brokers.clone();
-    let publisher = tokio::spawn(async move {
-        let publisher = std::sync::Arc::new(Publisher::new(&publisher_brokers).expect("publisher"));
-        let mut fleet = Fleet::new(
-            FleetConfig {
-                nodes: 8,
-                seed: 11,
-                ..FleetConfig::default()
-            },
-            T0,
-        );
-        for tick in 1..=TICKS {
-            let mut sends = tokio::task::JoinSet::new();
-            for batch in fleet.tick(T0 + tick * TICK_MS) {
-                let publisher = publisher.clone();
-                sends.spawn(async move { publisher.publish(&batch).await.expect("published") });
-            }
-            sends.join_all().await;
-            tokio::time::sleep(Duration::from_millis(40)).await;
+    let publisher = tokio::spawn({
+        let brokers = brokers.clone();
+        async move {
+            crate::common::publish_fleet(&brokers, 8, 11, 240, Duration::from_millis(40), true)
+                .await
         }
-        // A clock far enough ahead to close every billing window of the run.
-        let clock = SampleBatch {
-            node: "clock".into(),
-            agent_id: "clock".into(),
-            sequence: 1,
-            collected_at_ms: T0 + TICKS * TICK_MS + 20 * 60_000,
-            agent_version: "test".into(),
-            samples: vec![],
-        };
-        publisher.publish(&clock).await.expect("published");
-        fleet.gpu_milliseconds().clone()
     });
 
     let episode = tokio::task::spawn_blocking(move || {
@@ -293,10 +249,12 @@ async fn a_processor_whose_state_disk_fills_goes_on_says_so_and_bills_exactly_af
             Duration::from_secs(20),
             |status, body| status == 503 && body.contains("checkpoint"),
         );
-        let (status, _) = get(metrics, "/healthz").expect("liveness answers");
+        let (status, _) = crate::common::http_get(metrics, "/healthz").expect("liveness answers");
         assert_eq!(status, 200, "still alive while the disk is full");
         std::thread::sleep(Duration::from_millis(2_000));
-        let exposition = get(metrics, "/metrics").expect("metrics answer").1;
+        let exposition = crate::common::http_get(metrics, "/metrics")
+            .expect("metrics answer")
+            .1;
         let failures = crate::common::metric_value(
             &exposition,
             "meterflow_processor_checkpoint_failures_total",

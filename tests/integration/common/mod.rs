@@ -561,3 +561,75 @@ pub fn spawn_processor<S: AsRef<std::ffi::OsStr>>(
         .spawn()
         .expect("the meterflow binary starts")
 }
+
+/// 2026-01-01T00:00:00Z: the event time the fleet scenarios start at, well in the past.
+pub const T0: i64 = 1_767_225_600_000;
+/// The simulated agents' collection interval in event time.
+pub const TICK_MS: i64 = 15_000;
+
+/// GPU-ms per (tenant, lease, class, MIG profile): what a fleet scenario must be billed.
+pub type GpuTruth = std::collections::BTreeMap<(String, String, String, String), i64>;
+
+/// Publishes `ticks` collections of a simulated fleet of `nodes` (from `seed`) from [`T0`],
+/// one tick's batches in flight together and `pause` of wall time between ticks; then, when
+/// `close` is set, a batch of an agent `clock` twenty minutes past the end, so that every
+/// billing window of the run closes. Returns the fleet's ground truth.
+pub async fn publish_fleet(
+    brokers: &str,
+    nodes: usize,
+    seed: u64,
+    ticks: i64,
+    pause: Duration,
+    close: bool,
+) -> GpuTruth {
+    use meterflow_ingest::{Fleet, FleetConfig, Publisher};
+    let publisher = std::sync::Arc::new(Publisher::new(brokers).expect("publisher"));
+    let mut fleet = Fleet::new(
+        FleetConfig {
+            nodes,
+            seed,
+            ..FleetConfig::default()
+        },
+        T0,
+    );
+    for tick in 1..=ticks {
+        let mut sends = tokio::task::JoinSet::new();
+        for batch in fleet.tick(T0 + tick * TICK_MS) {
+            let publisher = publisher.clone();
+            sends.spawn(async move { publisher.publish(&batch).await.expect("published") });
+        }
+        sends.join_all().await;
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    if close {
+        let clock = meterflow_schemas::SampleBatch {
+            node: "clock".into(),
+            agent_id: "clock".into(),
+            sequence: 1,
+            collected_at_ms: T0 + ticks * TICK_MS + 20 * 60_000,
+            agent_version: "test".into(),
+            samples: vec![],
+        };
+        publisher.publish(&clock).await.expect("published");
+    }
+    fleet.gpu_milliseconds().clone()
+}
+
+/// `GET path` on `addr` over a plain TCP stream (for a component's health and metrics): the
+/// status and the body.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    let status = answer.split(' ').nth(1)?.parse().ok()?;
+    Some((status, answer.split_once("\r\n\r\n")?.1.to_string()))
+}
