@@ -278,16 +278,20 @@ impl Store {
         Ok(state)
     }
 
+    /// The JSON value stored under `k`, if any.
+    fn get_json<T: DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StoreError> {
+        self.with_db(|db| Ok(db.get(k)?))?
+            .map(|v| parse(k, &v))
+            .transpose()
+    }
+
     /// A retired allocation series' merged observations, as last checkpointed.
     pub fn allocation(
         &self,
         partition: i32,
         series: &AllocationKey,
     ) -> Result<Option<AllocationObs>, StoreError> {
-        let k = key(b's', partition, &json(series));
-        self.with_db(|db| Ok(db.get(&k)?))?
-            .map(|v| parse(&k, &v))
-            .transpose()
+        self.get_json(&key(b's', partition, &json(series)))
     }
 
     /// A retired counter or gauge series' readings, as last checkpointed.
@@ -296,18 +300,12 @@ impl Store {
         partition: i32,
         series: &ReadingKey,
     ) -> Result<Option<Readings>, StoreError> {
-        let k = key(b'c', partition, &json(series));
-        self.with_db(|db| Ok(db.get(&k)?))?
-            .map(|v| parse(&k, &v))
-            .transpose()
+        self.get_json(&key(b'c', partition, &json(series)))
     }
 
     /// What was billed for `key`, as of the checkpoints and the records read back since.
     pub fn billed(&self, key: &BillingKey) -> Result<Option<Billed>, StoreError> {
-        let k = [&[b'b'][..], &json(key)].concat();
-        self.with_db(|db| Ok(db.get(&k)?))?
-            .map(|v| parse(&k, &v))
-            .transpose()
+        self.get_json(&[&[b'b'][..], &json(key)].concat())
     }
 
     /// Stores what was billed for `key` (used when reading back the billing topic).

@@ -652,6 +652,8 @@ fn run_worker(
     let mut changed_since_checkpoint = false;
     // Checkpoints not written yet (a failed write), oldest first.
     let mut unwritten: Vec<Checkpoint> = Vec::new();
+    // The horizon idle series were last retired before.
+    let mut retired_through_ms = i64::MIN;
     loop {
         let stopping = shutdown.is_cancelled()
             || (config.exit_when_caught_up && progress.borrow().caught_up >= peers);
@@ -947,18 +949,22 @@ fn run_worker(
                     crate::metrics::set_checkpoint_error(index, None);
                     debug!(worker = index, epoch, "checkpoint written");
                     // Everything is in the store now: idle series and long-billed windows
-                    // may leave memory.
-                    let (allocations, readings) =
-                        feeder.retire(worker_watermark_ms.saturating_sub(idle_ms));
-                    ledger.retire(
-                        cluster
-                            .watermark_ms
-                            .saturating_sub(lateness_ms)
-                            .saturating_sub(idle_ms),
-                    );
-                    METRICS
-                        .series_retired
-                        .inc_by((allocations + readings) as u64);
+                    // may leave memory. Looked for once the horizon has moved a base window,
+                    // not at every checkpoint (each look scans every series).
+                    let horizon_ms = worker_watermark_ms.saturating_sub(idle_ms);
+                    if horizon_ms >= retired_through_ms.saturating_add(window_ms) {
+                        retired_through_ms = horizon_ms;
+                        let (allocations, readings) = feeder.retire(horizon_ms);
+                        ledger.retire(
+                            cluster
+                                .watermark_ms
+                                .saturating_sub(lateness_ms)
+                                .saturating_sub(idle_ms),
+                        );
+                        METRICS
+                            .series_retired
+                            .inc_by((allocations + readings) as u64);
+                    }
                     METRICS.series_revived.inc_by(feeder.take_revived());
                 }
                 // A full disk: processing goes on (its outputs are acknowledged; a restart
@@ -1015,7 +1021,7 @@ fn restore_partition(
         feeder.restore_readings(partition, key, readings, retire_before_ms);
     }
     for (key, window, parts) in state.windows {
-        feeder.restore_window(input, partition, key, window, parts);
+        feeder.restore_window(input, key, window, parts);
     }
     for (node, hour) in state.node_hours {
         feeder.restore_node_hour(input, &node, hour);

@@ -351,8 +351,8 @@ fn unfinished(obs: AllocationObs) -> Option<crate::model::Interval> {
 /// How many new series a tenant may open per hour (of its samples' time) on one worker. A
 /// label explosion (a container id or a value in a label, a million series from one tenant)
 /// is refused series by series past it, as dead letters `series_limit`, and the state and
-/// the other tenants' samples stay as they were. Per hour rather than in all, because series
-/// are kept once opened and containers come and go: a tenant's lifetime count only grows.
+/// the other tenants' samples stay as they were. Per hour rather than in all, because
+/// containers come and go: a tenant's lifetime count of series only grows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeriesLimit {
     /// New series per tenant and hour on one worker.
@@ -614,14 +614,19 @@ impl Feeder {
         series
     }
 
+    /// A new number for a counter or gauge series.
+    fn reading_ref(&mut self, key: &ReadingKey) -> SeriesRef {
+        let item = Item {
+            metric: key.metric,
+            gpu_class: key.gpu_class.clone(),
+            mig_profile: key.mig_profile.clone(),
+        };
+        self.series_ref(&key.owner, item, &key.node)
+    }
+
     fn reading(&mut self, partition: i32, key: ReadingKey) -> &mut ReadingState {
         if !self.readings.contains_key(&key) {
-            let item = Item {
-                metric: key.metric,
-                gpu_class: key.gpu_class.clone(),
-                mig_profile: key.mig_profile.clone(),
-            };
-            let series = self.series_ref(&key.owner, item, &key.node);
+            let series = self.reading_ref(&key);
             self.reading_keys.insert(series.series, key.clone());
             self.live_groups
                 .entry((series.owner, series.node, series.metric))
@@ -889,7 +894,6 @@ impl Feeder {
     pub fn restore_window(
         &mut self,
         input: &mut InputSession<Time, Summary, isize>,
-        _partition: i32,
         key: ReadingKey,
         window_start_ms: i64,
         parts: Parts,
@@ -898,14 +902,7 @@ impl Feeder {
         // by the number, and no state is made for it.
         let series = match self.readings.get(&key) {
             Some(state) => state.series,
-            None => {
-                let item = Item {
-                    metric: key.metric,
-                    gpu_class: key.gpu_class.clone(),
-                    mig_profile: key.mig_profile.clone(),
-                };
-                self.series_ref(&key.owner, item, &key.node)
-            }
+            None => self.reading_ref(&key),
         };
         for part in [Part::Total, Part::Observed, Part::Present] {
             let amount = parts[part_index(part)];

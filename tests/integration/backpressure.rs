@@ -237,19 +237,7 @@ async fn a_frozen_processor_and_a_frozen_sink_catch_up_to_the_exact_totals() {
     .expect("the freezes run");
     let truth = publisher.await.expect("the publisher");
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let gpu_ms = loop {
-        let (gpu_ms, _) = tokio::task::spawn_blocking({
-            let brokers = brokers.clone();
-            move || crate::crash::billed(&brokers)
-        })
-        .await
-        .expect("reader");
-        if gpu_ms == truth || Instant::now() > deadline {
-            break gpu_ms;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
+    let (gpu_ms, _) = crate::crash::billed_within(&brokers, &truth, Duration::from_secs(60)).await;
     assert_eq!(
         gpu_ms, truth,
         "billed GPU-ms per tenant, lease, class and MIG profile equal the ground truth"

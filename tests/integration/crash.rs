@@ -49,10 +49,10 @@ fn start_processor(brokers: &str, state: &Path, workers: usize) -> Child {
 }
 
 /// A billing record and where it was found (partition, offset).
-type Found = (i32, i64, BillingRecord);
+pub(crate) type Found = (i32, i64, BillingRecord);
 
 /// GPU-ms per (tenant, lease, class, MIG profile).
-type GpuMs = BTreeMap<(String, String, String, String), i64>;
+pub(crate) type GpuMs = crate::common::GpuTruth;
 
 /// What the billing topic says: billed GPU-ms and every record.
 pub(crate) fn billed(brokers: &str) -> (GpuMs, Vec<Found>) {
@@ -75,6 +75,28 @@ pub(crate) fn billed(brokers: &str) -> (GpuMs, Vec<Found>) {
     }
     gpu_ms.retain(|_, ms| *ms != 0);
     (gpu_ms, found)
+}
+
+/// Reads the billing topic once a second until its billed GPU-ms equal `truth` or `limit`
+/// passes; returns the last reading (for the caller's assertions).
+pub(crate) async fn billed_within(
+    brokers: &str,
+    truth: &GpuMs,
+    limit: Duration,
+) -> (GpuMs, Vec<Found>) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (gpu_ms, found) = tokio::task::spawn_blocking({
+            let brokers = brokers.to_string();
+            move || billed(&brokers)
+        })
+        .await
+        .expect("reader");
+        if gpu_ms == *truth || Instant::now() > deadline {
+            return (gpu_ms, found);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// The embedded broker in memory, with the topics at [`PARTITIONS`] partitions.
@@ -161,19 +183,7 @@ async fn billing_is_exactly_once_across_twenty_sigkills() {
 
     // The last run finishes the stream.
     let mut child = start_processor(&brokers, state.path(), 2);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (gpu_ms, found) = loop {
-        let (gpu_ms, found) = tokio::task::spawn_blocking({
-            let brokers = brokers.clone();
-            move || billed(&brokers)
-        })
-        .await
-        .expect("reader");
-        if gpu_ms == truth || Instant::now() > deadline {
-            break (gpu_ms, found);
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
+    let (gpu_ms, found) = billed_within(&brokers, &truth, Duration::from_secs(60)).await;
     child.kill().expect("SIGKILL");
     child.wait().expect("reaped");
     broker.stop();

@@ -282,19 +282,8 @@ async fn a_processor_whose_state_disk_fills_goes_on_says_so_and_bills_exactly_af
     processor.0.kill().expect("SIGKILL");
     processor.0.wait().expect("reaped");
     let _restarted = KillOnDrop(spawn_processor(&brokers, &state, &flags(&[])));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (gpu_ms, found) = loop {
-        let (gpu_ms, found) = tokio::task::spawn_blocking({
-            let brokers = brokers.clone();
-            move || crate::crash::billed(&brokers)
-        })
-        .await
-        .expect("reader");
-        if gpu_ms == truth || Instant::now() > deadline {
-            break (gpu_ms, found);
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
+    let (gpu_ms, found) =
+        crate::crash::billed_within(&brokers, &truth, Duration::from_secs(60)).await;
     drop(_restarted);
     broker.stop();
     drop(disk);
