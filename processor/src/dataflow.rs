@@ -1262,6 +1262,7 @@ mod tests {
                         | Aggregate::CpuCoreSeconds
                         | Aggregate::MemoryByteSeconds
                         | Aggregate::EnergyJoules
+                        | Aggregate::HostEnergyJoules
                 )
             };
             for (k, v) in expected.iter().filter(|(k, _)| priced(k.metric)) {

@@ -5,7 +5,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// The processor's counters.
 pub struct Metrics {
@@ -30,6 +30,8 @@ pub struct Metrics {
     pub series_retired: IntCounter,
     /// Retired series that reported again and were brought back from the store.
     pub series_revived: IntCounter,
+    /// 1 for each GPU class with GPU time and no price in the price book (billed at 0).
+    pub unpriced_gpu_classes: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -54,7 +56,19 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry
         .register(Box::new(dead_letters.clone()))
         .expect("registered once");
+    let unpriced_gpu_classes = IntGaugeVec::new(
+        Opts::new(
+            "meterflow_processor_unpriced_gpu_class",
+            "1 for a GPU class with GPU time and no price in the price book: billed at 0",
+        ),
+        &["gpu_class"],
+    )
+    .expect("a valid gauge");
+    registry
+        .register(Box::new(unpriced_gpu_classes.clone()))
+        .expect("registered once");
     Metrics {
+        unpriced_gpu_classes,
         input_messages: counter(
             &registry,
             "meterflow_processor_input_messages_total",

@@ -189,11 +189,16 @@ pub enum Aggregate {
     /// GPU engine-active ratio integrated over time, in milliseconds of full activity; the mean
     /// utilization is this over the observed time.
     GpuUtilizationSeconds,
+    /// A container's CPU-package, DRAM and other host energy as Kepler estimates it (its GPU
+    /// energy left out: GPU energy is [`Aggregate::EnergyJoules`], measured by the board), from
+    /// `host_energy_joules_total`, in millijoules. Last, so that checkpoints written before it
+    /// read the same.
+    HostEnergyJoules,
 }
 
 impl Aggregate {
     /// Every aggregate, in order.
-    pub const ALL: [Aggregate; 11] = [
+    pub const ALL: [Aggregate; 12] = [
         Aggregate::GpuSeconds,
         Aggregate::GpuSecondsUnfinished,
         Aggregate::CpuCoreSeconds,
@@ -205,6 +210,7 @@ impl Aggregate {
         Aggregate::MemoryByteSeconds,
         Aggregate::VramByteSeconds,
         Aggregate::GpuUtilizationSeconds,
+        Aggregate::HostEnergyJoules,
     ];
 
     /// The name on the wire and in the API.
@@ -221,6 +227,7 @@ impl Aggregate {
             Aggregate::MemoryByteSeconds => "memory_byte_seconds",
             Aggregate::VramByteSeconds => "vram_byte_seconds",
             Aggregate::GpuUtilizationSeconds => "gpu_utilization_seconds",
+            Aggregate::HostEnergyJoules => "host_energy_joules",
         }
     }
 
@@ -231,6 +238,7 @@ impl Aggregate {
             (SampleKind::Allocation, m::GPU) => Aggregate::GpuSeconds,
             (SampleKind::Counter, m::CPU_SECONDS) => Aggregate::CpuCoreSeconds,
             (SampleKind::Counter, m::ENERGY_JOULES) => Aggregate::EnergyJoules,
+            (SampleKind::Counter, m::HOST_ENERGY_JOULES) => Aggregate::HostEnergyJoules,
             (SampleKind::Counter, m::NETWORK_RECEIVE_BYTES) => Aggregate::NetworkReceiveBytes,
             (SampleKind::Counter, m::NETWORK_TRANSMIT_BYTES) => Aggregate::NetworkTransmitBytes,
             (SampleKind::Counter, m::STORAGE_READ_BYTES) => Aggregate::StorageReadBytes,
@@ -256,7 +264,10 @@ impl Aggregate {
     /// Decimal places of the integer amount.
     pub fn scale(self) -> i32 {
         match self {
-            Aggregate::GpuSeconds | Aggregate::GpuSecondsUnfinished | Aggregate::EnergyJoules => 3,
+            Aggregate::GpuSeconds
+            | Aggregate::GpuSecondsUnfinished
+            | Aggregate::EnergyJoules
+            | Aggregate::HostEnergyJoules => 3,
             Aggregate::CpuCoreSeconds => 6,
             Aggregate::GpuUtilizationSeconds => 3,
             _ => 0,
@@ -290,6 +301,7 @@ impl Aggregate {
             Aggregate::GpuSeconds | Aggregate::GpuSecondsUnfinished => m::GPU,
             Aggregate::CpuCoreSeconds => m::CPU_SECONDS,
             Aggregate::EnergyJoules => m::ENERGY_JOULES,
+            Aggregate::HostEnergyJoules => m::HOST_ENERGY_JOULES,
             Aggregate::NetworkReceiveBytes => m::NETWORK_RECEIVE_BYTES,
             Aggregate::NetworkTransmitBytes => m::NETWORK_TRANSMIT_BYTES,
             Aggregate::StorageReadBytes => m::STORAGE_READ_BYTES,
@@ -313,6 +325,7 @@ impl Aggregate {
                 | Aggregate::CpuCoreSeconds
                 | Aggregate::MemoryByteSeconds
                 | Aggregate::EnergyJoules
+                | Aggregate::HostEnergyJoules
         )
     }
 
@@ -408,6 +421,7 @@ impl BillingKey {
             ["cpu"] => (Aggregate::CpuCoreSeconds, "", ""),
             ["memory"] => (Aggregate::MemoryByteSeconds, "", ""),
             ["energy"] => (Aggregate::EnergyJoules, "", ""),
+            ["host_energy"] => (Aggregate::HostEnergyJoules, "", ""),
             _ => return None,
         };
         Some(Self {
@@ -428,6 +442,7 @@ impl BillingKey {
             Aggregate::CpuCoreSeconds => "cpu".to_string(),
             Aggregate::MemoryByteSeconds => "memory".to_string(),
             Aggregate::EnergyJoules => "energy".to_string(),
+            Aggregate::HostEnergyJoules => "host_energy".to_string(),
             other => other.name().to_string(),
         }
     }
@@ -682,6 +697,7 @@ mod tests {
             "memory_working_set_bytes",
             "gpu_memory_used_bytes",
             "gpu_utilization",
+            "host_energy_joules_total",
         ];
         let found: BTreeSet<_> = kinds
             .iter()

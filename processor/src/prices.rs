@@ -63,6 +63,25 @@ impl Default for PriceBook {
     }
 }
 
+/// A GPU class the price book has no price for: its GPU time is billed at 0, which is said
+/// once per class (a warning naming what to add) and shown as
+/// `meterflow_processor_unpriced_gpu_class{gpu_class}` = 1. An empty class is a GPU whose model
+/// the agent never learnt.
+fn unpriced(gpu_class: &str, version: &str) -> i64 {
+    let gauge = crate::metrics::METRICS
+        .unpriced_gpu_classes
+        .with_label_values(&[gpu_class]);
+    if gauge.get() == 0 {
+        gauge.set(1);
+        if gpu_class.is_empty() {
+            tracing::warn!(price_book = %version, "GPU time of a GPU whose model is unknown (no NVML, no exporter naming it) is billed at 0; enable a source that names the GPU's model");
+        } else {
+            tracing::warn!(price_book = %version, gpu_class, "GPU time of a class the price book has no price for is billed at 0; add it under [gpu_hour]");
+        }
+    }
+    0
+}
+
 /// Micros per unit of quantity, as a fraction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
@@ -217,15 +236,20 @@ impl PriceBook {
     pub fn rate(&self, metric: Aggregate, gpu_class: &str, mig_profile: &str) -> Rate {
         let (price_per_hour, units_per_hour, (num, den)) = match metric {
             Aggregate::GpuSeconds => (
-                self.gpu_hour_micros.get(gpu_class).copied().unwrap_or(0),
+                self.gpu_hour_micros
+                    .get(gpu_class)
+                    .copied()
+                    .unwrap_or_else(|| unpriced(gpu_class, &self.version)),
                 3_600_000i128,
                 self.fraction(mig_profile),
             ),
             Aggregate::CpuCoreSeconds => (self.cpu_core_hour_micros, 3_600_000_000, (1, 1)),
             // Byte-seconds per GiB-hour.
             Aggregate::MemoryByteSeconds => (self.memory_gib_hour_micros, 3_600 << 30, (1, 1)),
-            // Millijoules per kWh.
-            Aggregate::EnergyJoules => (self.kwh_micros, 3_600_000_000, (1, 1)),
+            // Millijoules per kWh: a GPU board's and a container's host energy alike.
+            Aggregate::EnergyJoules | Aggregate::HostEnergyJoules => {
+                (self.kwh_micros, 3_600_000_000, (1, 1))
+            }
             _ => (0, 1, (1, 1)),
         };
         Rate {
@@ -238,6 +262,28 @@ impl PriceBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gpu_class_without_a_price_is_billed_at_zero_and_said() {
+        let book = PriceBook::default();
+        let gauge = || {
+            crate::metrics::METRICS
+                .unpriced_gpu_classes
+                .with_label_values(&["rtx-9090-test"])
+                .get()
+        };
+        assert_eq!(gauge(), 0);
+        assert_eq!(
+            book.rate(Aggregate::GpuSeconds, "rtx-9090-test", "")
+                .cost(3_600_000),
+            0
+        );
+        assert_eq!(gauge(), 1, "shown on /metrics");
+        assert_eq!(
+            book.rate(Aggregate::GpuSeconds, "h100", "").cost(3_600_000),
+            2_490_000
+        );
+    }
 
     fn gpu(class: &str, mig: &str) -> BillingKey {
         BillingKey {

@@ -36,8 +36,12 @@ pub mod metrics {
     pub const GPU: &str = "gpu";
     /// Counter: CPU time in seconds (cgroup `cpu.stat` `usage_usec` / 1e6).
     pub const CPU_SECONDS: &str = "cpu_usage_seconds_total";
-    /// Counter: energy in joules (NVML total energy, board-level; DCGM reports mJ).
+    /// Counter: GPU energy in joules, each holder's share of its board's (NVML total energy or
+    /// DCGM's, board-level; see the agent's running totals).
     pub const ENERGY_JOULES: &str = "energy_joules_total";
+    /// Counter: a container's host energy in joules (CPU package, DRAM and the rest, as Kepler
+    /// estimates them; its GPU's left out).
+    pub const HOST_ENERGY_JOULES: &str = "host_energy_joules_total";
     /// Counter: bytes received by the container's network namespace.
     pub const NETWORK_RECEIVE_BYTES: &str = "network_receive_bytes_total";
     /// Counter: bytes sent by the container's network namespace.
