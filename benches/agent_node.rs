@@ -23,7 +23,8 @@ fn write(dir: &std::path::Path, file: &str, text: &str) {
     std::fs::write(dir.join(file), text).expect("file");
 }
 
-/// The kubelet's `/pods` answer for `n` Akash lease pods.
+/// The kubelet's `/pods` answer for `n` Akash lease pods, labelled and with the env the Akash
+/// provider writes (the lease id is in the container's env; the namespaces are not read here).
 fn pods(n: usize) -> String {
     let items: Vec<serde_json::Value> = (0..n)
         .map(|i| {
@@ -33,14 +34,19 @@ fn pods(n: usize) -> String {
                     "namespace": format!("lease-ns-{i}"),
                     "uid": format!("{i:08x}-0000-0000-0000-000000000000"),
                     "labels": {
-                        "akash.network/lease.id.owner": format!("akash1tenant{}", i % 10),
-                        "akash.network/lease.id.dseq": format!("{}", 1_000_000 + i),
-                        "akash.network/lease.id.gseq": "1",
-                        "akash.network/lease.id.oseq": "1",
+                        "akash.network": "true",
+                        "akash.network/namespace": format!("lease-ns-{i}"),
                         "akash.network/manifest-service": "web",
                     },
                     "ownerReferences": [{"kind": "ReplicaSet", "name": format!("web-{i}"), "controller": true}],
                 },
+                "spec": {"containers": [{"name": "web", "env": [
+                    {"name": "AKASH_GROUP_SEQUENCE", "value": "1"},
+                    {"name": "AKASH_DEPLOYMENT_SEQUENCE", "value": format!("{}", 1_000_000 + i)},
+                    {"name": "AKASH_ORDER_SEQUENCE", "value": "1"},
+                    {"name": "AKASH_OWNER", "value": format!("akash1tenant{}", i % 10)},
+                    {"name": "AKASH_PROVIDER", "value": "akash1provider"},
+                ]}]},
                 "status": {
                     "phase": "Running",
                     "containerStatuses": [{
@@ -223,6 +229,7 @@ async fn main() {
                     } else {
                         vec![]
                     },
+                    dynamic_resources: vec![],
                 }],
             })
             .collect(),

@@ -272,6 +272,7 @@ pub async fn run(
                     Ok(Ok((partition, offset))) => {
                         debug!(node = %batch.node, sequence = batch.sequence, partition, offset, "batch delivered");
                         METRICS.sent.inc();
+                        metrics::set_broker_error(None);
                         match spool.as_mut() {
                             Some(spool) => {
                                 if let Err(e) = spool.remove(position) {
@@ -285,6 +286,7 @@ pub async fn run(
                     }
                     Ok(Err(e)) => {
                         METRICS.send_failures.inc();
+                        metrics::set_broker_error(Some(e.to_string()));
                         let held = spool.as_ref().map_or(queue.len(), Spool::len);
                         warn!(error = %e, held, "delivery failed; will retry in order");
                         paused = true;

@@ -3,9 +3,15 @@
 //!
 //! Each identity field is a template: literal text and placeholders `{namespace}`, `{pod}`,
 //! `{container}`, `{workload}` (the owning controller, see [`Pod::workload`]),
-//! `{label:KEY}` and `{annotation:KEY}`. Presets cover the two common clouds:
-//! - `akash`: tenant = the lease owner label, lease = `dseq.gseq.oseq` from the lease labels,
-//!   service = the manifest service label, replica = the pod;
+//! `{label:KEY}` and `{annotation:KEY}` (the pod's), `{env:NAME}` (the container's literal
+//! environment in the pod spec) and `{namespace_label:KEY}` (the labels of the pod's
+//! namespace, read from the API server: see the kubelet source's `namespaces_url`). A
+//! placeholder may list alternatives, `{namespace_label:KEY|env:NAME}`: the first that resolves
+//! is used, and alternatives that resolve to different values are a conflict the agent counts
+//! and warns of. Presets cover the two common clouds:
+//! - `akash`: tenant = the lease owner, lease = `dseq.gseq.oseq`, from the namespace's lease
+//!   labels or else the container's `AKASH_*` env (as the Akash provider writes them; see
+//!   [`AKASH`] for which wins), service = the manifest service label, replica = the pod;
 //! - `namespace`: tenant = the namespace, lease = the workload, service = the container,
 //!   replica = the pod.
 //!
@@ -60,20 +66,77 @@ pub struct TemplateError {
     pub why: String,
 }
 
+/// Where a placeholder's value comes from.
 #[derive(Debug, Clone, PartialEq)]
-enum Part {
-    Text(String),
+enum Lookup {
     Namespace,
     Pod,
     Container,
     Workload,
     Label(String),
     Annotation(String),
+    Env(String),
+    NamespaceLabel(String),
+}
+
+const PLACEHOLDERS: &str = "{namespace}, {pod}, {container}, {workload}, {label:KEY}, {annotation:KEY}, {env:NAME}, {namespace_label:KEY}, alternatives as {namespace_label:KEY|env:NAME}";
+
+impl Lookup {
+    fn parse(name: &str) -> Option<Lookup> {
+        Some(match name.split_once(':') {
+            None => match name {
+                "namespace" => Lookup::Namespace,
+                "pod" => Lookup::Pod,
+                "container" => Lookup::Container,
+                "workload" => Lookup::Workload,
+                _ => return None,
+            },
+            Some((_, "")) => return None,
+            Some(("label", k)) => Lookup::Label(k.to_string()),
+            Some(("annotation", k)) => Lookup::Annotation(k.to_string()),
+            Some(("env", k)) => Lookup::Env(k.to_string()),
+            Some(("namespace_label", k)) => Lookup::NamespaceLabel(k.to_string()),
+            Some(_) => return None,
+        })
+    }
+
+    fn value<'a>(&self, pod: &'a Pod, container: &'a str) -> Option<std::borrow::Cow<'a, str>> {
+        use std::borrow::Cow::{Borrowed, Owned};
+        Some(match self {
+            Lookup::Namespace => Borrowed(&pod.namespace),
+            Lookup::Pod => Borrowed(&pod.name),
+            Lookup::Container => Borrowed(container),
+            Lookup::Workload => Owned(pod.workload()),
+            Lookup::Label(k) => Borrowed(pod.labels.get(k)?),
+            Lookup::Annotation(k) => Borrowed(pod.annotations.get(k)?),
+            Lookup::Env(k) => Borrowed(pod.container(container)?.env.get(k)?),
+            Lookup::NamespaceLabel(k) => Borrowed(pod.namespace_labels.get(k)?),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Part {
+    Text(String),
+    /// The first alternative that resolves.
+    Placeholder {
+        text: String,
+        alternatives: Vec<Lookup>,
+    },
 }
 
 /// One parsed template.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Template(Vec<Part>);
+
+/// Two alternatives of one placeholder that both resolve, to different values: the first
+/// was used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub placeholder: String,
+    pub used: String,
+    pub other: String,
+}
 
 impl Template {
     pub fn parse(key: &str, text: &str) -> Result<Template, TemplateError> {
@@ -89,29 +152,23 @@ impl Template {
             }
             let close = rest[open..].find('}').ok_or_else(|| {
                 error(format!(
-                    "`{text}` has a `{{` without its `}}` (placeholders: {{namespace}}, {{pod}}, {{container}}, {{workload}}, {{label:KEY}}, {{annotation:KEY}})"
+                    "`{text}` has a `{{` without its `}}` (placeholders: {PLACEHOLDERS})"
                 ))
             })? + open;
             let name = &rest[open + 1..close];
-            parts.push(match name.split_once(':') {
-                None => match name {
-                    "namespace" => Part::Namespace,
-                    "pod" => Part::Pod,
-                    "container" => Part::Container,
-                    "workload" => Part::Workload,
-                    _ => {
-                        return Err(error(format!(
-                            "unknown placeholder {{{name}}} in `{text}` (known: {{namespace}}, {{pod}}, {{container}}, {{workload}}, {{label:KEY}}, {{annotation:KEY}})"
-                        )));
-                    }
-                },
-                Some(("label", k)) if !k.is_empty() => Part::Label(k.to_string()),
-                Some(("annotation", k)) if !k.is_empty() => Part::Annotation(k.to_string()),
-                Some(_) => {
-                    return Err(error(format!(
-                        "unknown placeholder {{{name}}} in `{text}` (use {{label:KEY}} or {{annotation:KEY}})"
-                    )));
-                }
+            let alternatives = name
+                .split('|')
+                .map(|alt| {
+                    Lookup::parse(alt).ok_or_else(|| {
+                        error(format!(
+                            "unknown placeholder {{{alt}}} in `{text}` (known: {PLACEHOLDERS})"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            parts.push(Part::Placeholder {
+                text: format!("{{{name}}}"),
+                alternatives,
             });
             rest = &rest[close + 1..];
         }
@@ -124,21 +181,43 @@ impl Template {
         Ok(Template(parts))
     }
 
-    /// The field for `container` of `pod`; `None` when a label or annotation is missing.
-    pub fn render(&self, pod: &Pod, container: &str) -> Option<String> {
+    /// The field for `container` of `pod`; the placeholder that did not resolve otherwise.
+    pub fn render(&self, pod: &Pod, container: &str) -> Result<String, String> {
         let mut out = String::new();
         for part in &self.0 {
             match part {
                 Part::Text(t) => out.push_str(t),
-                Part::Namespace => out.push_str(&pod.namespace),
-                Part::Pod => out.push_str(&pod.name),
-                Part::Container => out.push_str(container),
-                Part::Workload => out.push_str(&pod.workload()),
-                Part::Label(k) => out.push_str(pod.labels.get(k)?),
-                Part::Annotation(k) => out.push_str(pod.annotations.get(k)?),
+                Part::Placeholder { text, alternatives } => {
+                    let value = alternatives
+                        .iter()
+                        .find_map(|a| a.value(pod, container))
+                        .ok_or_else(|| text.clone())?;
+                    out.push_str(&value);
+                }
             }
         }
-        Some(out)
+        Ok(out)
+    }
+
+    /// Placeholders whose alternatives resolve to different values for `container` of `pod`.
+    pub fn conflicts(&self, pod: &Pod, container: &str) -> Vec<Conflict> {
+        let mut out = Vec::new();
+        for part in &self.0 {
+            let Part::Placeholder { text, alternatives } = part else {
+                continue;
+            };
+            let mut values = alternatives.iter().filter_map(|a| a.value(pod, container));
+            if let Some(used) = values.next() {
+                for other in values.filter(|o| *o != used) {
+                    out.push(Conflict {
+                        placeholder: text.clone(),
+                        used: used.to_string(),
+                        other: other.to_string(),
+                    });
+                }
+            }
+        }
+        out
     }
 }
 
@@ -161,9 +240,15 @@ pub struct Attribution {
     gpu_classes: Vec<(String, String)>,
 }
 
+/// The Akash provider labels the tenant's namespace with the lease id and writes it into every
+/// container's env (`AKASH_OWNER`, `AKASH_DEPLOYMENT_SEQUENCE`, …); pods carry only
+/// `akash.network`, `akash.network/namespace` and `akash.network/manifest-service`. The
+/// namespace's labels win: the provider alone writes them, while a tenant's SDL may set an
+/// `AKASH_*` variable itself (the provider adds each only when the SDL has not). The env is
+/// used where the namespaces are not read.
 const AKASH: [&str; 4] = [
-    "{label:akash.network/lease.id.owner}",
-    "{label:akash.network/lease.id.dseq}.{label:akash.network/lease.id.gseq}.{label:akash.network/lease.id.oseq}",
+    "{namespace_label:akash.network/lease.id.owner|env:AKASH_OWNER}",
+    "{namespace_label:akash.network/lease.id.dseq|env:AKASH_DEPLOYMENT_SEQUENCE}.{namespace_label:akash.network/lease.id.gseq|env:AKASH_GROUP_SEQUENCE}.{namespace_label:akash.network/lease.id.oseq|env:AKASH_ORDER_SEQUENCE}",
     "{label:akash.network/manifest-service}",
     "{pod}",
 ];
@@ -194,15 +279,18 @@ impl Attribution {
     }
 
     /// The identity of `container` in `pod`; `None` when its tenant or lease is unresolved or
-    /// empty. An unresolved service or replica is empty.
+    /// empty ([`Attribution::why_unattributed`] says which). An unresolved service or replica is
+    /// empty.
     pub fn identify(&self, pod: &Pod, container: &str) -> Option<Identity> {
         let tenant = self
             .tenant
             .render(pod, container)
+            .ok()
             .filter(|t| !t.is_empty())?;
         let lease = self
             .lease
             .render(pod, container)
+            .ok()
             .filter(|l| !l.is_empty())?;
         Some(Identity {
             tenant,
@@ -210,6 +298,35 @@ impl Attribution {
             service: self.service.render(pod, container).unwrap_or_default(),
             replica: self.replica.render(pod, container).unwrap_or_default(),
         })
+    }
+
+    /// Why `container` of `pod` has no identity (`tenant: {env:AKASH_OWNER} did not
+    /// resolve`), or `None` when it has one.
+    pub fn why_unattributed(&self, pod: &Pod, container: &str) -> Option<String> {
+        [("tenant", &self.tenant), ("lease", &self.lease)]
+            .into_iter()
+            .find_map(|(field, template)| match template.render(pod, container) {
+                Err(placeholder) => Some(format!("{field}: {placeholder} did not resolve")),
+                Ok(v) if v.is_empty() => Some(format!("{field} is empty")),
+                Ok(_) => None,
+            })
+    }
+
+    /// The fields of `container` of `pod` whose placeholder alternatives disagree.
+    pub fn conflicts(&self, pod: &Pod, container: &str) -> Vec<(&'static str, Conflict)> {
+        [
+            ("tenant", &self.tenant),
+            ("lease", &self.lease),
+            ("service", &self.service),
+            ("replica", &self.replica),
+        ]
+        .into_iter()
+        .flat_map(|(field, t)| {
+            t.conflicts(pod, container)
+                .into_iter()
+                .map(move |c| (field, c))
+        })
+        .collect()
     }
 
     /// The price class of a GPU model.
@@ -239,20 +356,72 @@ mod tests {
         .expect("preset compiles")
     }
 
+    /// The fixture's pods with their namespaces' labels, as the kubelet source adds them.
+    fn labelled_pods() -> Vec<Pod> {
+        let namespaces = crate::sources::kubelet::parse_namespaces(include_bytes!(
+            "sources/fixtures/kube-namespaces.json"
+        ))
+        .expect("fixture");
+        let mut pods = pods();
+        for pod in &mut pods {
+            pod.namespace_labels = namespaces.get(&pod.namespace).cloned().unwrap_or_default();
+        }
+        pods
+    }
+
     #[test]
-    fn the_akash_preset_reads_the_lease_labels() {
-        let pods = pods();
+    fn the_akash_preset_finds_the_lease_in_the_namespace_labels_or_else_in_env() {
+        let lease = Identity {
+            tenant: "akash1tenantaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".into(),
+            lease: "18231234.1.1".into(),
+            service: "web".into(),
+            replica: "web-6d4cf56db6-x7k2p".into(),
+        };
+        let akash = rules("akash");
+        // Lookup the namespace's labels.
+        let mut pods = labelled_pods();
+        pods[0].containers[0].env.clear();
+        assert_eq!(akash.identify(&pods[0], "web"), Some(lease.clone()));
+        // Lookup env alone (namespaces not read).
+        let pods = self::pods();
+        assert!(pods[0].namespace_labels.is_empty());
+        assert_eq!(akash.identify(&pods[0], "web"), Some(lease.clone()));
+        // Both, and a tenant's SDL that set AKASH_OWNER to someone else: the namespace wins,
+        // and the disagreement is reported.
+        let mut pods = labelled_pods();
+        pods[0].containers[0]
+            .env
+            .insert("AKASH_OWNER".into(), "akash1victim".into());
+        assert_eq!(akash.identify(&pods[0], "web"), Some(lease));
+        let conflicts = akash.conflicts(&pods[0], "web");
+        assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+        assert_eq!(conflicts[0].0, "tenant");
+        assert_eq!(conflicts[0].1.other, "akash1victim");
+        assert!(akash.conflicts(&labelled_pods()[0], "web").is_empty());
+        // Neither: not attributed, and the agent can say why.
+        let mut pods = self::pods();
+        pods[0].containers[0].env.clear();
+        assert_eq!(akash.identify(&pods[0], "web"), None);
         assert_eq!(
-            rules("akash").identify(&pods[0], "web"),
-            Some(Identity {
-                tenant: "akash1tenantaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".into(),
-                lease: "18231234.1.1".into(),
-                service: "web".into(),
-                replica: "web-6d4cf56db6-x7k2p".into(),
-            })
+            akash.why_unattributed(&pods[0], "web").as_deref(),
+            Some(
+                "tenant: {namespace_label:akash.network/lease.id.owner|env:AKASH_OWNER} did not resolve"
+            )
         );
-        // A pod that is not an Akash lease is not attributed under the Akash preset.
+    }
+
+    #[test]
+    fn a_pod_that_is_no_akash_lease_is_not_attributed_under_the_akash_preset() {
+        let pods = labelled_pods();
         assert_eq!(rules("akash").identify(&pods[1], "trainer"), None);
+        assert_eq!(
+            rules("akash")
+                .why_unattributed(&pods[1], "trainer")
+                .as_deref(),
+            Some(
+                "tenant: {namespace_label:akash.network/lease.id.owner|env:AKASH_OWNER} did not resolve"
+            )
+        );
     }
 
     #[test]
@@ -314,6 +483,8 @@ mod tests {
         assert!(bad("{pod").contains("without its `}`"));
         assert!(bad("pod}").contains("without its `{`"));
         assert!(bad("{node}").contains("known: {namespace}"));
+        assert!(bad("{env:}").contains("unknown placeholder {env:}"));
+        assert!(bad("{env:A|node}").contains("unknown placeholder {node}"));
         let e = Attribution::new(&AttributionConfig {
             preset: "openshift".into(),
             ..Default::default()

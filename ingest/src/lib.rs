@@ -12,6 +12,8 @@
 //!   for Akash and namespace-as-tenant; GPU price classes.
 //! - [`node`]: the node collector — reads the sources, attributes readings and GPU
 //!   allocations to containers, makes the node's batch; sources fail and recover alone.
+//! - [`totals`]: running totals (a GPU board's energy, a pod's network) turned into counters of
+//!   each holder's share, so no one is billed what the board or the pod counted before them.
 //! - [`agent`]: the run loop that ticks a collector and publishes what it yields, in order.
 //! - [`spool`]: the durable RocksDB spool every batch goes through before it is sent.
 //! - [`publisher`]: the idempotent Kafka producer that delivers batches in order.
@@ -25,8 +27,25 @@ pub mod node;
 pub mod publisher;
 pub mod sources;
 pub mod spool;
+pub mod totals;
 
 pub use sources::{cgroup, simulator};
+
+/// An error with every cause under it (`error sending request: … : Connection refused`):
+/// reqwest's and hyper's own messages leave the cause out.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}
 
 pub use agent::{AgentError, RunConfig, SimulatedAgentConfig, SpoolConfig, run, run_simulated};
 pub use config::AgentConfig;

@@ -24,11 +24,20 @@ pub struct AgentMetrics {
     pub send_lag_seconds: Gauge,
     /// 1 while a source yields readings, 0 while it fails, by source.
     pub source_up: IntGaugeVec,
-    /// Failed reads, by source (each retried with backoff).
+    /// Failed reads, by source (each retried at the next tick).
     pub source_errors: IntCounterVec,
     /// Readings no container of the node could be found for (dropped, never billed to an
     /// empty tenant), by source.
     pub unattributed: IntCounterVec,
+    /// Pods with a started container whose tenant or lease does not resolve (each warned of
+    /// once, with the template field that did not resolve).
+    pub unattributed_pods: IntGauge,
+    /// Containers whose placeholder alternatives disagreed (e.g. a namespace label and an env
+    /// value), by identity field; the first alternative was used.
+    pub attribution_conflicts: IntCounterVec,
+    /// Board energy no single tenant held the board for between two readings (idle, changing
+    /// hands, or split into MIG instances): the operator's, never billed to a tenant.
+    pub unheld_energy_joules: Gauge,
 }
 
 fn build() -> AgentMetrics {
@@ -73,7 +82,7 @@ fn build() -> AgentMetrics {
         source_errors: IntCounterVec::new(
             Opts::new(
                 "meterflow_agent_source_errors_total",
-                "Failed reads by source (each retried with backoff)",
+                "Failed reads by source (each retried at the next tick)",
             ),
             &["source"],
         )
@@ -84,6 +93,23 @@ fn build() -> AgentMetrics {
                 "Readings no container of the node could be found for, dropped",
             ),
             &["source"],
+        )
+        .expect("static metric"),
+        unattributed_pods: gauge(
+            "meterflow_agent_unattributed_pods",
+            "Pods with a started container whose tenant or lease does not resolve",
+        ),
+        attribution_conflicts: IntCounterVec::new(
+            Opts::new(
+                "meterflow_agent_attribution_conflicts_total",
+                "Containers whose placeholder alternatives disagreed, by field (the first was used)",
+            ),
+            &["field"],
+        )
+        .expect("static metric"),
+        unheld_energy_joules: Gauge::new(
+            "meterflow_agent_unheld_energy_joules_total",
+            "GPU board energy while no single tenant held the board (the operator's, not billed)",
         )
         .expect("static metric"),
         registry,
@@ -99,6 +125,9 @@ fn build() -> AgentMetrics {
         Box::new(m.source_up.clone()),
         Box::new(m.source_errors.clone()),
         Box::new(m.unattributed.clone()),
+        Box::new(m.unattributed_pods.clone()),
+        Box::new(m.attribution_conflicts.clone()),
+        Box::new(m.unheld_energy_joules.clone()),
     ] {
         m.registry.register(c).expect("names are unique");
     }
@@ -140,6 +169,14 @@ pub fn set_source_off(source: &str) {
     set_state(source, "off");
 }
 
+/// Why no broker takes the agent's batches or topics now, while none does.
+static BROKER_ERROR: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Records that the brokers cannot be reached or refuse (`Some(why)`), or answer again.
+pub fn set_broker_error(error: Option<String>) {
+    *BROKER_ERROR.lock().unwrap_or_else(|p| p.into_inner()) = error;
+}
+
 /// Why the spool cannot store batches now (a full disk), while it cannot.
 static SPOOL_ERROR: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
@@ -157,7 +194,9 @@ pub fn spool_error() -> Option<String> {
 }
 
 /// The health answer (JSON): each source's state, the spool's depth, its error while it
-/// cannot store batches (then `healthy` is false), and the send lag.
+/// cannot store batches (then `healthy` is false), the send lag, the pods whose readings
+/// cannot be attributed, and why no broker takes the batches while none does (the spool holds
+/// them meanwhile).
 pub fn health() -> String {
     let m = &*METRICS;
     let spool_error = spool_error();
@@ -168,7 +207,7 @@ pub fn health() -> String {
         .map(|(source, state)| format!("{source:?}: {state:?}"))
         .collect();
     format!(
-        "{{\"healthy\": {}, \"sources\": {{{}}}, \"spool_batches\": {}, \"spool_bytes\": {}, \"spool_unstored_batches\": {}, \"spool_dropped\": {}, \"spool_error\": {}, \"send_lag_seconds\": {}}}\n",
+        "{{\"healthy\": {}, \"sources\": {{{}}}, \"spool_batches\": {}, \"spool_bytes\": {}, \"spool_unstored_batches\": {}, \"spool_dropped\": {}, \"spool_error\": {}, \"send_lag_seconds\": {}, \"unattributed_pods\": {}, \"broker_error\": {}}}\n",
         spool_error.is_none(),
         sources.join(", "),
         m.spool_batches.get(),
@@ -177,5 +216,12 @@ pub fn health() -> String {
         m.spool_dropped.get(),
         serde_json::Value::from(spool_error),
         m.send_lag_seconds.get(),
+        m.unattributed_pods.get(),
+        serde_json::Value::from(
+            BROKER_ERROR
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        ),
     )
 }

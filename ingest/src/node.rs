@@ -12,8 +12,14 @@
 //!   through the pods and the assignments, then given the container's identity
 //!   ([`crate::attribution`]). A reading no container can be found for is counted and dropped —
 //!   never published under an empty tenant.
-//! - A failing source is retried alone with exponential backoff (one interval, doubling, at
-//!   most a minute); one that cannot exist on the node (no NVML) is said once and stays off.
+//! - Counters that are running totals of something other than their container (a GPU board's
+//!   energy, a pod's network) go through [`crate::totals`]: each holder is sent a counter of
+//!   its own share, never what the board or the pod counted before it.
+//! - A pod whose tenant or lease does not resolve is warned of once, with the template field
+//!   that did not resolve, and counted in `/healthz` (`unattributed_pods`).
+//! - A failing source is retried alone at the next tick (so an outage costs at most one tick
+//!   more than it lasted; the warning is said once per outage); one that cannot exist on the
+//!   node (no NVML) is said once and stays off.
 //!   The kubelet's pods and the assignments are kept for a bounded time (`max_stale`) when
 //!   their source fails, so a kubelet hiccup does not empty the inventory.
 
@@ -27,7 +33,8 @@ use crate::attribution::{Attribution, Identity};
 use crate::metrics::{self, METRICS};
 use crate::sources::kubelet::{Pod, Run};
 use crate::sources::pod_resources::Assignment;
-use crate::sources::{Collected, GpuInfo, Reading, Source, SourceError, Target};
+use crate::sources::{Collected, DraDevice, GpuInfo, Reading, Scope, Source, SourceError, Target};
+use crate::totals::RunningTotals;
 
 /// Who this node is, for every series it sends.
 #[derive(Debug, Clone)]
@@ -92,8 +99,17 @@ pub struct NodeCollector {
     assignments: Cached<Vec<Assignment>>,
     gpus: Cached<Vec<GpuInfo>>,
     gpu_processes: Cached<Vec<(String, String)>>,
+    dra_devices: Cached<Vec<DraDevice>>,
+    /// DRA devices no ResourceSlice describes yet (each warned of once).
+    unresolved_dra: BTreeSet<String>,
     /// Container runs holding GPUs, by container id, until their pod is gone.
     held: BTreeMap<String, Held>,
+    /// Board energy and pod network, differenced per board and pod.
+    totals: RunningTotals,
+    /// What each GPU is, as last learnt from NVML or an exporter's labels.
+    known_gpus: BTreeMap<String, GpuInfo>,
+    /// Pods (by UID) already checked for attribution: each is warned of once.
+    checked: BTreeSet<String>,
     sequence: i64,
 }
 
@@ -102,6 +118,50 @@ struct Resolved<'a> {
     pod: &'a Pod,
     container: String,
     container_id: String,
+}
+
+/// dcgm-exporter names a MIG instance by its parent GPU's UUID with the instance's profile
+/// (`GPU_I_PROFILE`), while pod-resources names it by its own `MIG-…` UUID. A reading of a MIG
+/// instance addressed to a container that holds exactly one instance of that profile is
+/// readdressed to that instance: its class comes from the parent's model, and two pods' slices
+/// of one GPU keep their own series.
+fn name_mig_instances(readings: &mut [(String, Reading)], assignments: &[Assignment]) {
+    let mut held: BTreeMap<(&str, &str, &str, &str), Vec<&str>> = BTreeMap::new();
+    for a in assignments
+        .iter()
+        .filter(|a| !a.dra && !a.mig_profile().is_empty())
+    {
+        held.entry((&a.namespace, &a.pod, &a.container, a.mig_profile()))
+            .or_default()
+            .extend(a.device_ids.iter().map(String::as_str));
+    }
+    for (_, r) in readings.iter_mut() {
+        let (
+            Some(gpu),
+            Target::Named {
+                namespace,
+                pod,
+                container,
+            },
+        ) = (r.gpu.as_mut(), &r.target)
+        else {
+            continue;
+        };
+        if gpu.mig_profile.is_empty() || gpu.uuid.starts_with("MIG-") {
+            continue;
+        }
+        if let Some([instance]) = held
+            .get(&(
+                namespace.as_str(),
+                pod.as_str(),
+                container.as_str(),
+                gpu.mig_profile.as_str(),
+            ))
+            .map(Vec::as_slice)
+        {
+            gpu.uuid = instance.to_string();
+        }
+    }
 }
 
 impl NodeCollector {
@@ -144,7 +204,12 @@ impl NodeCollector {
             assignments: Cached::new(),
             gpus: Cached::new(),
             gpu_processes: Cached::new(),
+            dra_devices: Cached::new(),
+            unresolved_dra: BTreeSet::new(),
             held: BTreeMap::new(),
+            totals: RunningTotals::default(),
+            known_gpus: BTreeMap::new(),
+            checked: BTreeSet::new(),
             sequence: 0,
         })
     }
@@ -180,12 +245,14 @@ impl NodeCollector {
                         assignments,
                         gpus,
                         gpu_processes,
+                        dra_devices,
                     } = collected;
                     readings.extend(r.into_iter().map(|r| (name.clone(), r)));
                     self.pods.set(pods, now_ms);
                     self.assignments.set(assignments, now_ms);
                     self.gpus.set(gpus, now_ms);
                     self.gpu_processes.set(gpu_processes, now_ms);
+                    self.dra_devices.set(dra_devices, now_ms);
                 }
                 Err(SourceError::Unavailable(why)) | Err(SourceError::Config(why)) => {
                     warn!(source = %name, %why, "source off for the life of this agent");
@@ -194,13 +261,13 @@ impl NodeCollector {
                 }
                 Err(SourceError::Failed(why)) => {
                     g.failures += 1;
-                    let backoff = (self.interval.as_millis() as i64)
-                        .saturating_mul(1 << (g.failures - 1).min(10))
-                        .min(60_000);
+                    // Retried at the next tick: a doubling back-off would turn a 20 s outage
+                    // into a 45 s hole. The warning is said once per outage.
+                    let backoff = self.interval.as_millis() as i64;
                     g.retry_at_ms = now_ms + backoff;
                     METRICS.source_errors.with_label_values(&[&name]).inc();
                     if g.failures == 1 {
-                        warn!(source = %name, %why, retry_in_ms = backoff, "source failed; retrying with backoff, the others go on");
+                        warn!(source = %name, %why, retry_in_ms = backoff, "source failed; retrying every tick, the others go on");
                     } else {
                         tracing::debug!(source = %name, %why, failures = g.failures, "source still failing");
                     }
@@ -208,7 +275,11 @@ impl NodeCollector {
                 }
             }
         }
+        self.check_attribution(now_ms);
+        self.totals.start(now_ms);
         let samples = self.attribute(now_ms, readings);
+        self.totals
+            .forget_before(now_ms - self.max_stale.as_millis() as i64);
         self.sequence += 1;
         SampleBatch {
             node: self.me.node.clone(),
@@ -220,9 +291,67 @@ impl NodeCollector {
         }
     }
 
+    /// Warns once per pod whose started containers have no identity (with the field and the
+    /// placeholder that did not resolve) or whose placeholder alternatives disagree, and sets
+    /// the count of unattributed pods.
+    fn check_attribution(&mut self, now_ms: i64) {
+        let Some(pods) = self.pods.get(now_ms, self.max_stale) else {
+            return;
+        };
+        let mut unattributed = 0;
+        for pod in pods {
+            // A pod is checked once one of its containers has started (a pending pod's
+            // attribution may still change, and nothing of it is billed yet).
+            let mut started = pod
+                .containers
+                .iter()
+                .filter(|c| c.current.is_some())
+                .peekable();
+            if started.peek().is_none() {
+                continue;
+            }
+            let mut missing = None;
+            for c in started {
+                if let Some(why) = self.attribution.why_unattributed(pod, &c.name) {
+                    missing.get_or_insert((c.name.clone(), why));
+                }
+                if self.checked.contains(&pod.uid) {
+                    continue;
+                }
+                for (field, conflict) in self.attribution.conflicts(pod, &c.name) {
+                    METRICS
+                        .attribution_conflicts
+                        .with_label_values(&[field])
+                        .inc();
+                    warn!(
+                        namespace = %pod.namespace, pod = %pod.name, container = %c.name, field,
+                        placeholder = %conflict.placeholder, used = %conflict.used,
+                        other = %conflict.other,
+                        "the alternatives of an attribution placeholder disagree; the first is used"
+                    );
+                }
+            }
+            if let Some((container, why)) = missing {
+                unattributed += 1;
+                if !self.checked.contains(&pod.uid) {
+                    warn!(
+                        namespace = %pod.namespace, pod = %pod.name, %container, %why,
+                        "pod not attributed: its readings are counted and dropped, never billed"
+                    );
+                }
+            }
+            self.checked.insert(pod.uid.clone());
+        }
+        self.checked
+            .retain(|uid| pods.iter().any(|p| &p.uid == uid));
+        METRICS.unattributed_pods.set(unattributed);
+    }
+
     /// Allocations and readings as samples of their containers' series.
-    fn attribute(&mut self, now_ms: i64, readings: Vec<(String, Reading)>) -> Vec<Sample> {
+    fn attribute(&mut self, now_ms: i64, mut readings: Vec<(String, Reading)>) -> Vec<Sample> {
         let mut samples = Vec::new();
+        // Taken out while the closures below borrow the rest of the collector.
+        let mut totals = std::mem::take(&mut self.totals);
         let mut unattributed = 0u64;
         let empty = Vec::new();
         let pods = self.pods.get(now_ms, self.max_stale).unwrap_or(&empty);
@@ -231,6 +360,7 @@ impl NodeCollector {
             .assignments
             .get(now_ms, self.max_stale)
             .unwrap_or(&empty_a);
+        name_mig_instances(&mut readings, assignments);
         // What each GPU is: NVML's inventory first, then what exporters' labels say.
         let mut gpu_info: BTreeMap<String, GpuInfo> = self
             .gpus
@@ -244,10 +374,36 @@ impl NodeCollector {
                 gpu_info.entry(g.uuid.clone()).or_insert_with(|| g.clone());
             }
         }
+        // DRA devices by driver and `POOL/DEVICE`, as pod-resources names them; their GPUs'
+        // model and profile as the driver published them.
+        let dra: BTreeMap<(&str, String), &GpuInfo> = self
+            .dra_devices
+            .get(now_ms, self.max_stale)
+            .into_iter()
+            .flatten()
+            .map(|d| {
+                (
+                    (d.driver.as_str(), format!("{}/{}", d.pool, d.name)),
+                    &d.gpu,
+                )
+            })
+            .collect();
+        for g in dra.values() {
+            gpu_info
+                .entry(g.uuid.clone())
+                .or_insert_with(|| (*g).clone());
+        }
+        // Then what was learnt before: a GPU keeps its model while the source that named it is
+        // away, so its allocation keeps its series (and its price class) through the outage.
+        for (uuid, info) in &self.known_gpus {
+            gpu_info.entry(uuid.clone()).or_insert_with(|| info.clone());
+        }
+        self.known_gpus.clone_from(&gpu_info);
 
         // Container runs by id and by name.
         let mut by_id: BTreeMap<&str, (&Pod, &str, &Run)> = BTreeMap::new();
         let mut by_name: BTreeMap<(&str, &str, &str), (&Pod, &Run)> = BTreeMap::new();
+        let mut previous_by_name: BTreeMap<(&str, &str, &str), (&Pod, &Run)> = BTreeMap::new();
         let mut first: BTreeMap<(&str, &str), (&str, &Run)> = BTreeMap::new();
         for pod in pods {
             let mut names: Vec<&str> = Vec::new();
@@ -258,6 +414,9 @@ impl NodeCollector {
                 if let Some(run) = &c.current {
                     by_name.insert((&pod.namespace, &pod.name, &c.name), (pod, run));
                     names.push(&c.name);
+                }
+                if let Some(run) = c.previous.as_ref().filter(|r| r.finished_at_ms.is_some()) {
+                    previous_by_name.insert((&pod.namespace, &pod.name, &c.name), (pod, run));
                 }
             }
             names.sort();
@@ -312,34 +471,55 @@ impl NodeCollector {
         let mut holder: BTreeMap<String, (&Pod, String, &Run)> = BTreeMap::new();
         let mut now_held: BTreeMap<String, Held> = BTreeMap::new();
         for a in assignments {
-            if !crate::sources::pod_resources::is_gpu(&self.gpu_resources, &a.resource) {
+            if !a.dra && !crate::sources::pod_resources::is_gpu(&self.gpu_resources, &a.resource) {
                 continue;
             }
-            let Some(&(pod, run)) =
-                by_name.get(&(a.namespace.as_str(), a.pod.as_str(), a.container.as_str()))
-            else {
-                // Pending (no run yet) or a pod the kubelet has not listed: nothing to bill.
-                continue;
-            };
-            for device in &a.device_ids {
-                holder.insert(device.clone(), (pod, a.container.clone(), run));
+            // The GPUs held: the device plugin names them by UUID; a DRA claim by its driver's
+            // device name, resolved through the ResourceSlices. A DRA device no slice describes
+            // yet is held back (its run's interval is sent whole once it is resolved).
+            let devices: Vec<GpuInfo> = a
+                .device_ids
+                .iter()
+                .filter_map(|device| {
+                    if !a.dra {
+                        return Some(GpuInfo {
+                            uuid: device.clone(),
+                            model: String::new(),
+                            mig_profile: a.mig_profile().to_string(),
+                        });
+                    }
+                    let found = dra.get(&(a.resource.as_str(), device.clone())).copied();
+                    if found.is_none() && self.unresolved_dra.insert(device.clone()) {
+                        warn!(driver = %a.resource, %device, namespace = %a.namespace, pod = %a.pod,
+                            "a DRA device no ResourceSlice describes: not billed until one does (is sources.kubelet.resource_slices_url set?)");
+                    }
+                    found.cloned()
+                })
+                .collect();
+            let key = (a.namespace.as_str(), a.pod.as_str(), a.container.as_str());
+            // The devices stay assigned to the container across its restarts in the pod: the
+            // run before the current one (in `lastState`) held them too, even one the agent
+            // never saw running (a crash loop, a run between two ticks).
+            let current = by_name.get(&key).copied();
+            let previous = previous_by_name.get(&key).copied();
+            if let Some((pod, run)) = current {
+                for device in &devices {
+                    holder.insert(device.uuid.clone(), (pod, a.container.clone(), run));
+                }
             }
-            let Some((identity, container_id)) = resolved(pod, &a.container, run) else {
-                unattributed += a.device_ids.len() as u64;
-                continue;
-            };
-            let held = now_held.entry(container_id.clone()).or_insert(Held {
-                series: Vec::new(),
-                started_at_ms: run.started_at_ms,
-            });
-            for device in &a.device_ids {
-                let info = GpuInfo {
-                    uuid: device.clone(),
-                    model: String::new(),
-                    mig_profile: a.mig_profile().to_string(),
+            for (pod, run) in current.into_iter().chain(previous) {
+                let Some((identity, container_id)) = resolved(pod, &a.container, run) else {
+                    unattributed += devices.len() as u64;
+                    continue;
                 };
-                held.series
-                    .push(series_of(&identity, &container_id, Some(&info)));
+                let held = now_held.entry(container_id.clone()).or_insert(Held {
+                    series: Vec::new(),
+                    started_at_ms: run.started_at_ms,
+                });
+                for info in &devices {
+                    held.series
+                        .push(series_of(&identity, &container_id, Some(info)));
+                }
             }
         }
         for (gpu, container_id) in self
@@ -425,25 +605,44 @@ impl NodeCollector {
                     container_id: run.container_id.clone(),
                 }),
             };
-            let identity = target.and_then(|t| {
+            let pod_started_ms = target.as_ref().and_then(|t| t.pod.started_at_ms);
+            let series = target.and_then(|t| {
                 let id = self.attribution.identify(t.pod, &t.container)?;
-                Some((id, t.container_id))
+                Some(series_of(&id, &t.container_id, r.gpu.as_ref()))
             });
-            let Some((identity, container_id)) = identity else {
+            let value = match (&r.scope, r.kind) {
+                (Scope::Pod(_) | Scope::Board(_), SampleKind::Counter) => {
+                    let carry = totals.reading(
+                        &r.scope,
+                        &r.metric,
+                        r.value,
+                        series.as_ref(),
+                        pod_started_ms,
+                        now_ms,
+                    );
+                    if matches!(r.scope, Scope::Board(_)) && r.metric == m::ENERGY_JOULES {
+                        METRICS.unheld_energy_joules.add(carry.unheld);
+                    }
+                    carry.sent
+                }
+                _ => Some(r.value),
+            };
+            let (Some(series), Some(value)) = (series, value) else {
                 unattributed += 1;
                 METRICS.unattributed.with_label_values(&[&source]).inc();
                 continue;
             };
             samples.push(Sample {
-                series: series_of(&identity, &container_id, r.gpu.as_ref()),
+                series,
                 kind: r.kind,
                 metric: r.metric,
-                value: r.value,
+                value,
                 timestamp_ms: now_ms,
                 started_at_ms: None,
                 finished_at_ms: None,
             });
         }
+        self.totals = totals;
         if unattributed > 0 {
             tracing::debug!(
                 unattributed,
@@ -603,13 +802,29 @@ mod tests {
 
         let batch = node.tick(t0).await;
         assert_eq!((batch.node.as_str(), batch.sequence), ("gpu-node-1", 1));
-        let gpus: Vec<&Sample> = batch
+        let allocations: Vec<&Sample> = batch
             .samples
             .iter()
             .filter(|s| s.kind == SampleKind::Allocation)
             .collect();
-        // The web container's two H100s; the trainer is not an Akash lease, so not billed here.
+        // The web container's two H100s, for its current run and for the run before its
+        // restart (in `lastState`, 10:00:00 → 10:04:30); the trainer is not an Akash lease, so
+        // not billed here.
+        assert_eq!(allocations.len(), 4, "{allocations:#?}");
+        let (gpus, before): (Vec<&Sample>, Vec<&Sample>) = allocations
+            .iter()
+            .partition(|s| s.series.container_id == id("aaaa"));
         assert_eq!(gpus.len(), 2, "{gpus:#?}");
+        for b in &before {
+            assert_eq!(b.series.container_id, id("bbbb"));
+            assert_eq!(
+                (b.started_at_ms, b.finished_at_ms),
+                (
+                    meterflow_schemas::time::parse_time("2026-11-23T10:00:00Z"),
+                    meterflow_schemas::time::parse_time("2026-11-23T10:04:30Z")
+                )
+            );
+        }
         for g in &gpus {
             assert_eq!(
                 g.series.tenant,
@@ -658,16 +873,22 @@ mod tests {
 
         // The kubelet fails: its last pod list is used, the other sources go on, and the
         // failure shows in the source's health.
+        // dcgm-exporter restarts meanwhile: the GPUs keep the model and class it named, so
+        // their allocations stay one series each (no second, class-less one).
         *kubelet.lock().expect("answer") = (500, "oops".into());
+        *dcgm.lock().expect("answer") = (503, "restarting".into());
         let batch = node.tick(t0 + 1_000).await;
         assert_eq!(batch.sequence, 2);
-        assert_eq!(
-            batch
-                .samples
-                .iter()
-                .filter(|s| s.kind == SampleKind::Allocation)
-                .count(),
-            2
+        let held: Vec<&Sample> = batch
+            .samples
+            .iter()
+            .filter(|s| s.kind == SampleKind::Allocation)
+            .collect();
+        assert_eq!(held.len(), 4);
+        assert!(
+            held.iter()
+                .all(|s| allocations.iter().any(|a| a.series == s.series)),
+            "the same series as before the outage: {held:#?}"
         );
         assert!(batch.samples.iter().any(|s| s.metric == m::CPU_SECONDS));
         assert_eq!(
@@ -681,7 +902,7 @@ mod tests {
         // the new one starts.
         let restarted = PODS
             .replacen(&id("bbbb"), &id("aaaa"), 1)
-            .replacen("2026-11-23T10:04:30Z", "2026-11-23T10:10:01.500Z", 1)
+            .replacen("2026-11-23T10:04:30Z", "2026-11-23T10:10:01Z", 1)
             .replacen("2026-11-23T10:00:00Z", "2026-11-23T10:05:00Z", 1)
             .replacen(
                 &format!("containerd://{}\",\n            \"state\": {{\"running\": {{\"startedAt\": \"2026-11-23T10:05:00Z\"", id("aaaa")),
@@ -690,7 +911,7 @@ mod tests {
             );
         assert!(restarted.contains(&id("dddd")), "the fixture edit applied");
         *kubelet.lock().expect("answer") = (200, restarted);
-        // Past the backoff (one interval after the first failure).
+        // Retried at the next tick (one interval after the failure).
         let batch = node.tick(t0 + 5_000).await;
         let allocations: Vec<(&str, Option<i64>, Option<i64>)> = batch
             .samples
@@ -704,7 +925,7 @@ mod tests {
                 )
             })
             .collect();
-        let finished = meterflow_schemas::time::parse_time("2026-11-23T10:10:01.500Z");
+        let finished = meterflow_schemas::time::parse_time("2026-11-23T10:10:01Z");
         let restarted_at = meterflow_schemas::time::parse_time("2026-11-23T10:10:02Z");
         assert_eq!(
             allocations
@@ -731,5 +952,291 @@ mod tests {
         );
         assert_eq!(METRICS.source_up.with_label_values(&["kubelet"]).get(), 1);
         grpc.abort();
+    }
+
+    /// A crash-looping container: the kubelet shows it waiting, its last run (which the agent
+    /// never saw running) in `lastState`. The device plugin's GPUs stay assigned to the
+    /// container, so that run is billed from its start to its finish.
+    #[tokio::test]
+    async fn a_run_seen_only_in_last_state_is_billed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("kubelet.sock");
+        let grpc = pod_resources::fake::serve(socket.clone(), Ok(pod_resources::tests::fixture()))
+            .await
+            .expect("fake socket");
+        let pods = |id: &str, started: &str, finished: &str| {
+            serde_json::json!({"items": [{
+                "metadata": {"name": "train-42-8xq4d", "namespace": "research", "uid": "u-1",
+                    "ownerReferences": [{"kind": "Job", "name": "train-42", "controller": true}]},
+                "status": {"phase": "Running", "startTime": "2026-11-23T10:00:01Z",
+                    "containerStatuses": [{"name": "trainer", "restartCount": 3,
+                        "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                        "lastState": {"terminated": {"exitCode": 1, "reason": "Error",
+                            "startedAt": started, "finishedAt": finished,
+                            "containerID": format!("containerd://{id}")}}}]}
+            }]})
+            .to_string()
+        };
+        let kubelet = Arc::new(Mutex::new((
+            200,
+            pods(&id("cccc"), "2026-11-23T10:00:03Z", "2026-11-23T10:00:09Z"),
+        )));
+        let kubelet_url = http(kubelet.clone()).await;
+        let sources: Vec<Box<dyn Source>> = vec![
+            Box::new(
+                KubeletSource::new(&KubeletConfig {
+                    enabled: true,
+                    pods_url: format!("{kubelet_url}/pods"),
+                    token_file: None,
+                    ..Default::default()
+                })
+                .expect("kubelet"),
+            ),
+            Box::new(PodResourcesSource::new(PodResourcesConfig {
+                enabled: true,
+                socket,
+                ..Default::default()
+            })),
+        ];
+        let mut node = NodeCollector::new(
+            NodeIdentity {
+                node: "gpu-node-1".into(),
+                provider: "p".into(),
+                agent_id: "gpu-node-1".into(),
+            },
+            Duration::from_secs(15),
+            Duration::from_secs(600),
+            Attribution::new(&AttributionConfig::default()).expect("rules"),
+            PodResourcesConfig::default().gpu_resources,
+            sources,
+        )
+        .expect("collector");
+        let at = |t: &str| meterflow_schemas::time::parse_time(t).expect("time");
+        let allocations = |batch: &SampleBatch| -> Vec<(String, String, Option<i64>, Option<i64>)> {
+            batch
+                .samples
+                .iter()
+                .filter(|s| s.kind == SampleKind::Allocation)
+                .map(|s| {
+                    (
+                        s.series.container_id[..4].to_string(),
+                        s.series.mig_profile.clone(),
+                        s.started_at_ms,
+                        s.finished_at_ms,
+                    )
+                })
+                .collect()
+        };
+        let batch = node.tick(at("2026-11-23T10:00:15Z")).await;
+        assert_eq!(
+            allocations(&batch),
+            vec![(
+                "cccc".into(),
+                "1g.10gb".into(),
+                Some(at("2026-11-23T10:00:03Z")),
+                Some(at("2026-11-23T10:00:09Z"))
+            )]
+        );
+        assert_eq!(batch.samples[0].series.lease, "train-42");
+        // It restarted and failed again between two ticks: the new run is billed, the old
+        // one is no longer listed and no longer sent.
+        *kubelet.lock().expect("answer") = (
+            200,
+            pods(&id("eeee"), "2026-11-23T10:00:20Z", "2026-11-23T10:00:26Z"),
+        );
+        let batch = node.tick(at("2026-11-23T10:00:30Z")).await;
+        assert_eq!(
+            allocations(&batch),
+            vec![(
+                "eeee".into(),
+                "1g.10gb".into(),
+                Some(at("2026-11-23T10:00:20Z")),
+                Some(at("2026-11-23T10:00:26Z"))
+            )]
+        );
+        grpc.abort();
+    }
+
+    /// GPUs a container got through DRA claims (a whole H100 and an A100's MIG device): while
+    /// the API server does not answer for the ResourceSlices they are held back; once it does,
+    /// each is billed from the run's start with the model and profile its slice gives.
+    #[tokio::test]
+    async fn dra_devices_are_billed_as_gpus_once_their_slice_is_known() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("kubelet.sock");
+        let grpc =
+            pod_resources::fake::serve(socket.clone(), Ok(pod_resources::tests::dra_fixture()))
+                .await
+                .expect("fake socket");
+        let pods = serde_json::json!({"items": [{
+            "metadata": {"name": "infer-0", "namespace": "research", "uid": "u-2",
+                "ownerReferences": [{"kind": "StatefulSet", "name": "infer", "controller": true}]},
+            "status": {"phase": "Running", "startTime": "2026-11-23T10:00:01Z",
+                "containerStatuses": [{"name": "server", "restartCount": 0,
+                    "containerID": format!("containerd://{}", id("abab")),
+                    "state": {"running": {"startedAt": "2026-11-23T10:00:04Z"}}, "lastState": {}}]}
+        }]})
+        .to_string();
+        let slices = Arc::new(Mutex::new((503u16, String::new())));
+        let answer = slices.clone();
+        let app = axum::Router::new()
+            .route("/pods", axum::routing::get(move || async move { pods }))
+            .route(
+                "/resourceslices",
+                axum::routing::get(move || {
+                    let (status, body) = answer.lock().expect("lock").clone();
+                    async move {
+                        (
+                            axum::http::StatusCode::from_u16(status).expect("status"),
+                            body,
+                        )
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let sources: Vec<Box<dyn Source>> = vec![
+            Box::new(
+                KubeletSource::new(&KubeletConfig {
+                    enabled: true,
+                    pods_url: format!("http://{addr}/pods"),
+                    token_file: None,
+                    resource_slices_url: Some(format!("http://{addr}/resourceslices")),
+                    api_ca_file: None,
+                    api_refresh: Duration::ZERO,
+                    ..Default::default()
+                })
+                .expect("kubelet"),
+            ),
+            Box::new(PodResourcesSource::new(PodResourcesConfig {
+                enabled: true,
+                socket,
+                ..Default::default()
+            })),
+        ];
+        let mut node = NodeCollector::new(
+            NodeIdentity {
+                node: "gpu-node-1".into(),
+                provider: "p".into(),
+                agent_id: "gpu-node-1".into(),
+            },
+            Duration::from_secs(15),
+            Duration::from_secs(600),
+            Attribution::new(&AttributionConfig {
+                gpu_classes: vec![
+                    ("H100".into(), "h100".into()),
+                    ("A100".into(), "a100".into()),
+                ],
+                ..Default::default()
+            })
+            .expect("rules"),
+            PodResourcesConfig::default().gpu_resources,
+            sources,
+        )
+        .expect("collector");
+        let at = |t: &str| meterflow_schemas::time::parse_time(t).expect("time");
+        let batch = node.tick(at("2026-11-23T10:00:15Z")).await;
+        assert!(
+            batch
+                .samples
+                .iter()
+                .all(|s| s.kind != SampleKind::Allocation),
+            "held back while no slice says what the devices are: {:#?}",
+            batch.samples
+        );
+        *slices.lock().expect("lock") = (
+            200,
+            include_str!("sources/fixtures/resource-slices.json").to_string(),
+        );
+        let batch = node.tick(at("2026-11-23T10:00:30Z")).await;
+        let mut held: Vec<(String, String, String, Option<i64>)> = batch
+            .samples
+            .iter()
+            .filter(|s| s.kind == SampleKind::Allocation)
+            .map(|s| {
+                (
+                    s.series.gpu_uuid.clone(),
+                    s.series.gpu_class.clone(),
+                    s.series.mig_profile.clone(),
+                    s.started_at_ms,
+                )
+            })
+            .collect();
+        held.sort();
+        let started = Some(at("2026-11-23T10:00:04Z"));
+        assert_eq!(
+            held,
+            vec![
+                (
+                    "GPU-9d2b4c6e-1f3a-4b5c-8d7e-0a1b2c3d4e5f".into(),
+                    "h100".into(),
+                    String::new(),
+                    started
+                ),
+                (
+                    "MIG-4e5f6a7b-8c9d-5e0f-a1b2-c3d4e5f6a7b8".into(),
+                    "a100".into(),
+                    "1g.10gb".into(),
+                    started
+                ),
+            ]
+        );
+        grpc.abort();
+    }
+
+    /// Two pods each hold one `1g.10gb` slice of the same A100; dcgm-exporter names both by the
+    /// parent's UUID. Each reading goes to its pod's own slice; a container holding two slices
+    /// of one profile cannot be told apart and is left as the exporter named it.
+    #[test]
+    fn dcgm_mig_readings_are_readdressed_to_the_slice_their_container_holds() {
+        let assignment = |pod: &str, ids: &[&str]| Assignment {
+            namespace: "research".into(),
+            pod: pod.into(),
+            container: "main".into(),
+            resource: "nvidia.com/mig-1g.10gb".into(),
+            device_ids: ids.iter().map(|s| s.to_string()).collect(),
+            dra: false,
+        };
+        let reading = |pod: &str| {
+            (
+                "dcgm".to_string(),
+                Reading {
+                    target: Target::Named {
+                        namespace: "research".into(),
+                        pod: pod.into(),
+                        container: "main".into(),
+                    },
+                    gpu: Some(GpuInfo {
+                        uuid: "GPU-55555555-eeee".into(),
+                        model: "NVIDIA A100-SXM4-80GB".into(),
+                        mig_profile: "1g.10gb".into(),
+                    }),
+                    kind: SampleKind::Gauge,
+                    metric: m::GPU_UTILIZATION.into(),
+                    value: 0.5,
+                    scope: Scope::Container,
+                },
+            )
+        };
+        let assignments = [
+            assignment("a", &["MIG-aaaa"]),
+            assignment("b", &["MIG-bbbb"]),
+            assignment("c", &["MIG-cccc", "MIG-dddd"]),
+        ];
+        let mut readings = vec![reading("a"), reading("b"), reading("c")];
+        name_mig_instances(&mut readings, &assignments);
+        let uuids: Vec<&str> = readings
+            .iter()
+            .map(|(_, r)| r.gpu.as_ref().expect("gpu").uuid.as_str())
+            .collect();
+        assert_eq!(uuids, ["MIG-aaaa", "MIG-bbbb", "GPU-55555555-eeee"]);
+        assert!(
+            readings
+                .iter()
+                .all(|(_, r)| r.gpu.as_ref().expect("gpu").model == "NVIDIA A100-SXM4-80GB")
+        );
     }
 }

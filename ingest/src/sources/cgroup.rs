@@ -251,12 +251,20 @@ impl ContainerReading {
         ]
         .into_iter()
         .filter_map(|(kind, metric, value)| {
+            // The pod's network namespace counts from the pod's start, not the container's.
+            let scope = if metric == m::NETWORK_RECEIVE_BYTES || metric == m::NETWORK_TRANSMIT_BYTES
+            {
+                super::Scope::Pod(self.pod_uid.clone())
+            } else {
+                super::Scope::Container
+            };
             Some(Reading {
                 target: Target::Container(self.container_id.clone()),
                 gpu: None,
                 kind,
                 metric: metric.to_string(),
                 value: value?,
+                scope,
             })
         })
         .collect()

@@ -6,6 +6,15 @@
 //! `finishedAt` — the interval a GPU allocation is billed over (SPEC: allocation). A container
 //! that restarted has its current run in `state` and the previous one in `lastState`; both are
 //! kept, so the end of a run is never lost to a quick restart.
+//!
+//! Attribution also reads each container's literal environment (`env[].value` in the pod spec;
+//! `valueFrom` is not resolved) — the Akash provider writes the lease id there — and, where
+//! `namespaces_url` is set, the labels of the pod's namespace from the API server (the Akash
+//! provider puts the lease id labels on the namespace, not on the pod). The namespace list is
+//! read again every `api_refresh`, and at once (at most once a second) when a pod's
+//! namespace is not in it yet; while the API server fails, the last list stays in use. Where
+//! `resource_slices_url` is set, the node's DRA ResourceSlices are read the same way: they say
+//! what each device a DRA claim names is (UUID, model, MIG profile).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,7 +22,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::SourceError;
+use super::{DraDevice, GpuInfo, SourceError};
 
 /// Where and how the kubelet is reached.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -23,7 +32,7 @@ pub struct KubeletConfig {
     /// The kubelet's pod list: `https://127.0.0.1:10250/pods` on the host network, the
     /// read-only `http://…:10255/pods` where that port is open, or the API server's list of
     /// this node's pods (`https://kubernetes.default.svc/api/v1/pods?fieldSelector=spec.nodeName=${NODE_NAME}`;
-    /// `${NODE_NAME}` is replaced by the environment variable).
+    /// each `${NAME}` is replaced by that environment variable).
     pub pods_url: String,
     /// A bearer token file (the service account's token) sent to the kubelet.
     pub token_file: Option<PathBuf>,
@@ -34,6 +43,21 @@ pub struct KubeletConfig {
     /// How long a pod list the kubelet no longer answers is still used to attribute readings.
     #[serde(with = "super::duration")]
     pub max_stale: Duration,
+    /// The API server's namespace list, for `{namespace_label:KEY}` in attribution templates
+    /// (in a pod: `https://${KUBERNETES_SERVICE_HOST}:${KUBERNETES_SERVICE_PORT}/api/v1/namespaces`;
+    /// the service account needs `list` on `namespaces`).
+    /// Unset: no namespace labels are read, and such placeholders never resolve.
+    pub namespaces_url: Option<String>,
+    /// The API server's ResourceSlices of this node, for GPUs allocated through DRA
+    /// (`https://${KUBERNETES_SERVICE_HOST}:${KUBERNETES_SERVICE_PORT}/apis/resource.k8s.io/v1/resourceslices?fieldSelector=spec.nodeName=${NODE_NAME}`;
+    /// needs `list` on `resourceslices`). Unset: DRA devices are not resolved, and not billed.
+    pub resource_slices_url: Option<String>,
+    /// A PEM file of the CA that signed the API server's certificate (for `namespaces_url` and
+    /// `resource_slices_url`).
+    pub api_ca_file: Option<PathBuf>,
+    /// How often the namespaces and the ResourceSlices are read again.
+    #[serde(with = "super::duration")]
+    pub api_refresh: Duration,
 }
 
 impl Default for KubeletConfig {
@@ -45,6 +69,10 @@ impl Default for KubeletConfig {
             ca_file: None,
             insecure_skip_tls_verify: false,
             max_stale: Duration::from_secs(600),
+            namespaces_url: None,
+            resource_slices_url: None,
+            api_ca_file: Some("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt".into()),
+            api_refresh: Duration::from_secs(60),
         }
     }
 }
@@ -57,8 +85,13 @@ pub struct Pod {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
+    /// The labels of the pod's namespace (empty when namespaces are not read, or not yet).
+    pub namespace_labels: BTreeMap<String, String>,
     /// The controller that owns the pod (kind, name), if any.
     pub owner: Option<(String, String)>,
+    /// `status.startTime`: when the kubelet took the pod on (its sandbox, and so its network
+    /// namespace, is not older); whole seconds.
+    pub started_at_ms: Option<i64>,
     pub containers: Vec<Container>,
 }
 
@@ -71,6 +104,9 @@ pub struct Container {
     pub current: Option<Run>,
     /// The run in `lastState` (the one before a restart).
     pub previous: Option<Run>,
+    /// The literal environment of the container's spec (`env[].value`; `valueFrom` entries
+    /// are left out).
+    pub env: BTreeMap<String, String>,
 }
 
 /// One run of a container, as the runtime reports it.
@@ -83,6 +119,11 @@ pub struct Run {
 }
 
 impl Pod {
+    /// The container named `name`, if the pod has it.
+    pub fn container(&self, name: &str) -> Option<&Container> {
+        self.containers.iter().find(|c| c.name == name)
+    }
+
     /// The workload the pod belongs to: its owner's name (a ReplicaSet's pod-template hash
     /// removed, so a Deployment's pods share it), or the pod's name when it has no owner.
     pub fn workload(&self) -> String {
@@ -110,28 +151,60 @@ pub fn parse_pods(json: &[u8]) -> Result<Vec<Pod>, String> {
     Ok(list.items.into_iter().map(wire::Pod::into_pod).collect())
 }
 
-/// Reads the pod list from the kubelet.
-pub struct KubeletClient {
+/// Parses the API server's namespace list JSON: each namespace's labels by name.
+pub fn parse_namespaces(json: &[u8]) -> Result<BTreeMap<String, BTreeMap<String, String>>, String> {
+    let list: wire::NamespaceList =
+        serde_json::from_slice(json).map_err(|e| format!("not a namespace list: {e}"))?;
+    Ok(list
+        .items
+        .into_iter()
+        .map(|n| (n.metadata.name, n.metadata.labels))
+        .collect())
+}
+
+/// `text` with each `${NAME}` replaced by the environment variable (empty when unset), e.g.
+/// `${NODE_NAME}` or `${KUBERNETES_SERVICE_HOST}`.
+pub fn expand_env(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(open) = rest.find("${") {
+        let Some(close) = rest[open..].find('}') else {
+            break;
+        };
+        out.push_str(&rest[..open]);
+        out.push_str(&std::env::var(&rest[open + 2..open + close]).unwrap_or_default());
+        rest = &rest[open + close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// One HTTPS endpoint of the cluster, read with the service account's token.
+struct Endpoint {
     http: reqwest::Client,
     url: String,
     token_file: Option<PathBuf>,
 }
 
-impl KubeletClient {
-    pub fn new(config: &KubeletConfig) -> Result<Self, SourceError> {
+impl Endpoint {
+    fn new(
+        key: &str,
+        url: &str,
+        ca_file: Option<&PathBuf>,
+        insecure: bool,
+        token_file: Option<PathBuf>,
+    ) -> Result<Self, SourceError> {
         let mut builder = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
-            .danger_accept_invalid_certs(config.insecure_skip_tls_verify);
-        if let Some(ca) = &config.ca_file {
+            .danger_accept_invalid_certs(insecure);
+        // A CA file that is not there (no service account mounted) leaves the system roots.
+        if let Some(ca) = ca_file.filter(|ca| ca.exists()) {
             let pem = std::fs::read(ca).map_err(|e| {
-                SourceError::Config(format!(
-                    "sources.kubelet.ca_file: cannot read {}: {e}",
-                    ca.display()
-                ))
+                SourceError::Config(format!("{key}: cannot read {}: {e}", ca.display()))
             })?;
             let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
                 SourceError::Config(format!(
-                    "sources.kubelet.ca_file: {} is not a PEM certificate: {e}",
+                    "{key}: {} is not a PEM certificate: {e}",
                     ca.display()
                 ))
             })?;
@@ -139,19 +212,16 @@ impl KubeletClient {
         }
         let http = builder
             .build()
-            .map_err(|e| SourceError::Config(format!("sources.kubelet: {e}")))?;
-        Ok(KubeletClient {
+            .map_err(|e| SourceError::Config(format!("{key}: {e}")))?;
+        Ok(Endpoint {
             http,
-            url: config.pods_url.replace(
-                "${NODE_NAME}",
-                &std::env::var("NODE_NAME").unwrap_or_default(),
-            ),
-            token_file: config.token_file.clone(),
+            url: expand_env(url),
+            token_file,
         })
     }
 
-    /// The node's pods now.
-    pub async fn pods(&self) -> Result<Vec<Pod>, SourceError> {
+    /// The body of a GET; `needs` says which permission a 401 or 403 lacks.
+    async fn get(&self, needs: &str) -> Result<bytes::Bytes, SourceError> {
         let mut request = self.http.get(&self.url);
         // The token is read on every call: projected service-account tokens rotate.
         if let Some(file) = &self.token_file {
@@ -166,39 +236,229 @@ impl KubeletClient {
                 }
             }
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| SourceError::Failed(format!("GET {}: {e}", self.url)))?;
+        let failed = |e: reqwest::Error| {
+            SourceError::Failed(format!("GET {}: {}", self.url, crate::error_chain(&e)))
+        };
+        let response = request.send().await.map_err(failed)?;
         let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| SourceError::Failed(format!("GET {}: {e}", self.url)))?;
+        let body = response.bytes().await.map_err(failed)?;
         if !status.is_success() {
             let hint = match status.as_u16() {
-                401 | 403 => " (the agent's service account needs get on nodes/proxy)",
-                _ => "",
+                401 | 403 => format!(" (the agent's service account needs {needs})"),
+                _ => String::new(),
             };
             return Err(SourceError::Failed(format!(
                 "GET {} answered {status}{hint}",
                 self.url
             )));
         }
-        parse_pods(&body).map_err(|e| SourceError::Failed(format!("GET {}: {e}", self.url)))
+        Ok(body)
     }
 }
 
-/// The kubelet as a source: yields the pods, no readings.
+/// Parses the API server's ResourceSlice list (`resource.k8s.io` v1, or v1beta1 where the
+/// attributes sit under `basic`): each device with a `uuid` attribute, as a GPU. NVIDIA's
+/// driver publishes `uuid`, `productName` and, for a MIG device, `profile`.
+pub fn parse_resource_slices(json: &[u8]) -> Result<Vec<DraDevice>, String> {
+    let list: wire::SliceList =
+        serde_json::from_slice(json).map_err(|e| format!("not a ResourceSlice list: {e}"))?;
+    let mut out = Vec::new();
+    for slice in list.items {
+        let spec = slice.spec;
+        for device in spec.devices {
+            let mut attributes = device.attributes;
+            if let Some(basic) = device.basic {
+                attributes.extend(basic.attributes);
+            }
+            // An attribute's name may carry its driver's domain (`gpu.nvidia.com/uuid`).
+            let attribute = |name: &str| {
+                attributes.iter().find_map(|(k, v)| {
+                    (k.rsplit('/').next() == Some(name))
+                        .then(|| v.string.clone())
+                        .flatten()
+                })
+            };
+            let Some(uuid) = attribute("uuid") else {
+                continue;
+            };
+            out.push(DraDevice {
+                driver: spec.driver.clone(),
+                pool: spec.pool.name.clone(),
+                name: device.name,
+                gpu: GpuInfo {
+                    uuid,
+                    model: attribute("productName").unwrap_or_default(),
+                    mig_profile: attribute("profile").unwrap_or_default(),
+                },
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the pod list from the kubelet, and the namespaces' labels from the API server.
+pub struct KubeletClient {
+    pods: Endpoint,
+    namespaces: Option<Endpoint>,
+    resource_slices: Option<Endpoint>,
+}
+
+impl KubeletClient {
+    pub fn new(config: &KubeletConfig) -> Result<Self, SourceError> {
+        let pods = Endpoint::new(
+            "sources.kubelet.ca_file",
+            &config.pods_url,
+            config.ca_file.as_ref(),
+            config.insecure_skip_tls_verify,
+            config.token_file.clone(),
+        )?;
+        let api = |url: &Option<String>| -> Result<Option<Endpoint>, SourceError> {
+            url.as_deref()
+                .map(|url| {
+                    Endpoint::new(
+                        "sources.kubelet.api_ca_file",
+                        url,
+                        config.api_ca_file.as_ref(),
+                        false,
+                        config.token_file.clone(),
+                    )
+                })
+                .transpose()
+        };
+        Ok(KubeletClient {
+            pods,
+            namespaces: api(&config.namespaces_url)?,
+            resource_slices: api(&config.resource_slices_url)?,
+        })
+    }
+
+    /// The node's pods now.
+    pub async fn pods(&self) -> Result<Vec<Pod>, SourceError> {
+        let body = self.pods.get("get on nodes/proxy").await?;
+        parse_pods(&body).map_err(|e| SourceError::Failed(format!("GET {}: {e}", self.pods.url)))
+    }
+
+    /// The node's DRA devices; `None` when ResourceSlices are not read.
+    pub async fn resource_slices(&self) -> Option<Result<Vec<DraDevice>, SourceError>> {
+        let endpoint = self.resource_slices.as_ref()?;
+        Some(
+            match endpoint
+                .get("list on resourceslices (resource.k8s.io)")
+                .await
+            {
+                Ok(body) => parse_resource_slices(&body)
+                    .map_err(|e| SourceError::Failed(format!("GET {}: {e}", endpoint.url))),
+                Err(e) => Err(e),
+            },
+        )
+    }
+
+    /// Every namespace's labels; `None` when namespaces are not read.
+    pub async fn namespaces(
+        &self,
+    ) -> Option<Result<BTreeMap<String, BTreeMap<String, String>>, SourceError>> {
+        let endpoint = self.namespaces.as_ref()?;
+        Some(match endpoint.get("list on namespaces").await {
+            Ok(body) => parse_namespaces(&body)
+                .map_err(|e| SourceError::Failed(format!("GET {}: {e}", endpoint.url))),
+            Err(e) => Err(e),
+        })
+    }
+}
+
+/// The kubelet as a source: yields the pods (with their namespaces' labels), no readings.
 pub struct KubeletSource {
     client: KubeletClient,
+    refresh: Duration,
+    /// Labels by namespace, and when they were read.
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    namespaces_read: Option<std::time::Instant>,
+    /// Whether the last namespace read failed (said once per outage).
+    namespaces_failing: bool,
+    /// The node's DRA devices, when they were read, and whether the last read failed.
+    slices: Option<Vec<DraDevice>>,
+    slices_read: Option<std::time::Instant>,
+    slices_failing: bool,
 }
 
 impl KubeletSource {
     pub fn new(config: &KubeletConfig) -> Result<Self, SourceError> {
         Ok(KubeletSource {
             client: KubeletClient::new(config)?,
+            refresh: config.api_refresh,
+            namespaces: BTreeMap::new(),
+            namespaces_read: None,
+            namespaces_failing: false,
+            slices: None,
+            slices_read: None,
+            slices_failing: false,
         })
+    }
+
+    /// Reads the ResourceSlices again when the last read is older than `refresh`; `None`
+    /// while none was ever read.
+    async fn dra_devices(&mut self) -> Option<Vec<DraDevice>> {
+        let due = self.slices_read.is_none_or(|t| t.elapsed() >= self.refresh);
+        if due && let Some(result) = self.client.resource_slices().await {
+            self.slices_read = Some(std::time::Instant::now());
+            match result {
+                Ok(devices) => {
+                    self.slices_failing = false;
+                    self.slices = Some(devices);
+                }
+                Err(e) => {
+                    if !self.slices_failing {
+                        tracing::warn!(error = %e, "cannot read the node's ResourceSlices; DRA devices seen before stay known, new ones wait");
+                    }
+                    self.slices_failing = true;
+                    crate::metrics::METRICS
+                        .source_errors
+                        .with_label_values(&["kubelet_resource_slices"])
+                        .inc();
+                }
+            }
+        }
+        self.slices.clone()
+    }
+
+    /// Reads the namespaces again when the list is older than `refresh`, or when a pod's
+    /// namespace is not in it (a lease created since; at most once a second).
+    async fn label_namespaces(&mut self, pods: &mut [Pod]) {
+        let age = self.namespaces_read.map(|t| t.elapsed());
+        let missing = pods
+            .iter()
+            .any(|p| !self.namespaces.contains_key(&p.namespace));
+        let due = match age {
+            None => true,
+            Some(age) => age >= self.refresh || (missing && age >= Duration::from_secs(1)),
+        };
+        if due && let Some(result) = self.client.namespaces().await {
+            self.namespaces_read = Some(std::time::Instant::now());
+            match result {
+                Ok(namespaces) => {
+                    if self.namespaces_failing {
+                        tracing::info!("namespace labels read again");
+                    }
+                    self.namespaces_failing = false;
+                    self.namespaces = namespaces;
+                }
+                Err(e) => {
+                    if !self.namespaces_failing {
+                        tracing::warn!(error = %e, "cannot read the namespaces' labels; the last ones read stay in use");
+                    }
+                    self.namespaces_failing = true;
+                    crate::metrics::METRICS
+                        .source_errors
+                        .with_label_values(&["kubelet_namespaces"])
+                        .inc();
+                }
+            }
+        }
+        for pod in pods {
+            if let Some(labels) = self.namespaces.get(&pod.namespace) {
+                pod.namespace_labels = labels.clone();
+            }
+        }
     }
 }
 
@@ -213,8 +473,11 @@ impl super::Source for KubeletSource {
 
     fn collect(&mut self) -> super::BoxFuture<'_, Result<super::Collected, SourceError>> {
         Box::pin(async move {
+            let mut pods = self.client.pods().await?;
+            self.label_namespaces(&mut pods).await;
             Ok(super::Collected {
-                pods: Some(self.client.pods().await?),
+                pods: Some(pods),
+                dra_devices: self.dra_devices().await,
                 ..Default::default()
             })
         })
@@ -237,7 +500,85 @@ mod wire {
     pub struct Pod {
         pub metadata: Metadata,
         #[serde(default)]
+        pub spec: Spec,
+        #[serde(default)]
         pub status: Status,
+    }
+
+    #[derive(Deserialize, Default)]
+    pub struct Spec {
+        #[serde(default)]
+        pub containers: Vec<SpecContainer>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct SpecContainer {
+        pub name: String,
+        #[serde(default)]
+        pub env: Vec<EnvVar>,
+    }
+
+    /// `value` is absent for `valueFrom` entries (secrets, the downward API): not read.
+    #[derive(Deserialize)]
+    pub struct EnvVar {
+        pub name: String,
+        pub value: Option<String>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct SliceList {
+        #[serde(default)]
+        pub items: Vec<Slice>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Slice {
+        pub spec: SliceSpec,
+    }
+
+    #[derive(Deserialize)]
+    pub struct SliceSpec {
+        pub driver: String,
+        pub pool: SlicePool,
+        #[serde(default)]
+        pub devices: Vec<SliceDevice>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct SlicePool {
+        pub name: String,
+    }
+
+    #[derive(Deserialize)]
+    pub struct SliceDevice {
+        pub name: String,
+        #[serde(default)]
+        pub attributes: BTreeMap<String, Attribute>,
+        /// `resource.k8s.io/v1beta1` keeps the attributes here.
+        pub basic: Option<BasicDevice>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct BasicDevice {
+        #[serde(default)]
+        pub attributes: BTreeMap<String, Attribute>,
+    }
+
+    /// One of `string`, `int`, `bool`, `version`; only strings are read.
+    #[derive(Deserialize)]
+    pub struct Attribute {
+        pub string: Option<String>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct NamespaceList {
+        #[serde(default)]
+        pub items: Vec<Namespace>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Namespace {
+        pub metadata: Metadata,
     }
 
     #[derive(Deserialize)]
@@ -268,6 +609,7 @@ mod wire {
     #[derive(Deserialize, Default)]
     #[serde(rename_all = "camelCase")]
     pub struct Status {
+        pub start_time: Option<String>,
         #[serde(default)]
         pub container_statuses: Vec<ContainerStatus>,
     }
@@ -352,6 +694,19 @@ mod wire {
                 .find(|o| o.controller)
                 .or(m.owner_references.first())
                 .map(|o| (o.kind.clone(), o.name.clone()));
+            let mut env: BTreeMap<String, BTreeMap<String, String>> = self
+                .spec
+                .containers
+                .into_iter()
+                .map(|c| {
+                    let vars = c
+                        .env
+                        .into_iter()
+                        .filter_map(|v| Some((v.name, v.value?)))
+                        .collect();
+                    (c.name, vars)
+                })
+                .collect();
             let containers = self
                 .status
                 .container_statuses
@@ -360,6 +715,7 @@ mod wire {
                     current: c.state.run(&c.container_id),
                     // The previous run's id is only in its own terminated state.
                     previous: c.last_state.run(""),
+                    env: env.remove(&c.name).unwrap_or_default(),
                     name: c.name,
                     restarts: c.restart_count,
                 })
@@ -370,7 +726,9 @@ mod wire {
                 name: m.name,
                 labels: m.labels,
                 annotations: m.annotations,
+                namespace_labels: BTreeMap::new(),
                 owner,
+                started_at_ms: time(&self.status.start_time),
                 containers,
             }
         }
@@ -395,11 +753,17 @@ mod tests {
             "4pv7q2k0dl8r1ls3r1hmp7n0uc0fh0b5q4dqm0m4vq8c6"
         );
         assert_eq!(web.workload(), "web");
+        // The Akash provider puts the lease id on the namespace and in env, not on the pod.
+        assert!(
+            !web.labels
+                .keys()
+                .any(|k| k.starts_with("akash.network/lease.id"))
+        );
         assert_eq!(
             web.labels
-                .get("akash.network/lease.id.dseq")
+                .get("akash.network/manifest-service")
                 .map(String::as_str),
-            Some("18231234")
+            Some("web")
         );
         let c = &web.containers[0];
         assert_eq!(c.restarts, 1);
@@ -424,13 +788,148 @@ mod tests {
         assert!(run.container_id.starts_with("cccc"));
         assert_eq!(
             run.finished_at_ms,
-            meterflow_schemas::time::parse_time("2026-11-23T11:00:00.250Z")
+            meterflow_schemas::time::parse_time("2026-11-23T11:00:01Z")
         );
+        assert_eq!(
+            job.started_at_ms,
+            meterflow_schemas::time::parse_time("2026-11-23T09:59:58Z")
+        );
+
+        // The spec's literal environment, by container; a `valueFrom` entry is not read.
+        let env = &web.containers[0].env;
+        assert_eq!(
+            env.get("AKASH_DEPLOYMENT_SEQUENCE").map(String::as_str),
+            Some("18231234")
+        );
+        assert_eq!(
+            env.get("AKASH_OWNER").map(String::as_str),
+            Some("akash1tenantaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa")
+        );
+        assert!(!env.contains_key("HF_TOKEN"));
+        assert!(job.containers[0].env.is_empty());
 
         // Pending: no run yet, nothing to bill.
         let pending = &pods[2];
         assert_eq!(pending.workload(), "lonely");
         assert_eq!(pending.containers[0].current, None);
+    }
+
+    #[test]
+    fn dra_devices_come_from_the_resource_slices() {
+        let devices =
+            parse_resource_slices(include_bytes!("fixtures/resource-slices.json")).expect("parses");
+        assert_eq!(
+            devices.len(),
+            2,
+            "the network device has no uuid: {devices:?}"
+        );
+        assert_eq!(
+            devices[0],
+            DraDevice {
+                driver: "gpu.nvidia.com".into(),
+                pool: "gpu-node-1".into(),
+                name: "gpu-1".into(),
+                gpu: GpuInfo {
+                    uuid: "GPU-9d2b4c6e-1f3a-4b5c-8d7e-0a1b2c3d4e5f".into(),
+                    model: "NVIDIA H100 80GB HBM3".into(),
+                    mig_profile: String::new(),
+                },
+            }
+        );
+        assert_eq!(devices[1].name, "gpu-3-mig-19-0-1");
+        assert_eq!(devices[1].gpu.mig_profile, "1g.10gb");
+        assert_eq!(devices[1].gpu.model, "NVIDIA A100-SXM4-80GB");
+        // v1beta1 keeps the attributes under `basic`.
+        let beta = r#"{"items": [{"spec": {"driver": "gpu.nvidia.com", "pool": {"name": "n"},
+            "devices": [{"name": "gpu-0", "basic": {"attributes": {"uuid": {"string": "GPU-0"}}}}]}}]}"#;
+        let devices = parse_resource_slices(beta.as_bytes()).expect("parses");
+        assert_eq!(devices[0].gpu.uuid, "GPU-0");
+        assert!(parse_resource_slices(b"{\"items\": [{}]}").is_err());
+    }
+
+    #[test]
+    fn urls_take_environment_variables() {
+        let path = std::env::var("PATH").unwrap_or_default();
+        assert_eq!(
+            expand_env("https://${PATH}:${MF_TEST_UNSET_VARIABLE}/x?${"),
+            format!("https://{path}:/x?${{")
+        );
+    }
+
+    #[test]
+    fn namespace_labels_are_read_by_name() {
+        let namespaces =
+            parse_namespaces(include_bytes!("fixtures/kube-namespaces.json")).expect("parses");
+        let lease = &namespaces["4pv7q2k0dl8r1ls3r1hmp7n0uc0fh0b5q4dqm0m4vq8c6"];
+        assert_eq!(lease["akash.network/lease.id.dseq"], "18231234");
+        assert_eq!(namespaces["research"].len(), 1);
+        assert!(parse_namespaces(b"{\"items\": 3}").is_err());
+    }
+
+    /// A kubelet and an API server on loopback: the pods come with their namespace's labels,
+    /// a namespace created later is read at once, and a failing API server leaves the last
+    /// labels in use.
+    #[tokio::test]
+    async fn pods_carry_their_namespaces_labels() {
+        use std::sync::{Arc, Mutex};
+        let namespaces = Arc::new(Mutex::new((200u16, String::from("{\"items\": []}"))));
+        let answer = namespaces.clone();
+        let app = axum::Router::new()
+            .route("/pods", axum::routing::get(|| async { PODS }))
+            .route(
+                "/api/v1/namespaces",
+                axum::routing::get(move || {
+                    let (status, body) = answer.lock().expect("lock").clone();
+                    async move {
+                        (
+                            axum::http::StatusCode::from_u16(status).expect("status"),
+                            body,
+                        )
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let mut source = KubeletSource::new(&KubeletConfig {
+            enabled: true,
+            pods_url: format!("http://{addr}/pods"),
+            token_file: None,
+            namespaces_url: Some(format!("http://{addr}/api/v1/namespaces")),
+            api_ca_file: None,
+            ..Default::default()
+        })
+        .expect("source");
+        let lease_labels = |c: super::super::Collected| {
+            c.pods.expect("pods")[0]
+                .namespace_labels
+                .get("akash.network/lease.id.owner")
+                .cloned()
+        };
+        use super::super::Source;
+        let first = source.collect().await.expect("collects");
+        assert_eq!(lease_labels(first), None, "no namespace listed yet");
+        *namespaces.lock().expect("lock") = (
+            200,
+            include_str!("fixtures/kube-namespaces.json").to_string(),
+        );
+        tokio::time::sleep(Duration::from_millis(1_050)).await;
+        let second = source.collect().await.expect("collects");
+        assert_eq!(
+            lease_labels(second).as_deref(),
+            Some("akash1tenantaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
+            "a pod's namespace missing from the list has it read again"
+        );
+        *namespaces.lock().expect("lock") = (403, "forbidden".into());
+        source.refresh = Duration::ZERO;
+        let third = source.collect().await.expect("the pods still come");
+        assert_eq!(
+            lease_labels(third).as_deref(),
+            Some("akash1tenantaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
+            "the last labels stay in use"
+        );
     }
 
     #[test]

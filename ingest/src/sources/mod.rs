@@ -11,7 +11,7 @@
 //! A source yields a [`Collected`]: readings addressed to a [`Target`] (a container by id or
 //! by name, a pod, a GPU) and, for the inventory sources, the pods, device assignments and
 //! GPUs that let [`crate::node`] turn targets into identities. A source that fails is retried
-//! with backoff on its own; its last inventory stays in use for a bounded time.
+//! at the next tick on its own; its last inventory stays in use for a bounded time.
 
 pub mod cgroup;
 pub mod kubelet;
@@ -42,6 +42,16 @@ pub enum Target {
     Gpu(String),
 }
 
+/// A device a DRA driver publishes in its ResourceSlice, as billing needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DraDevice {
+    pub driver: String,
+    pub pool: String,
+    /// Its name in the slice (`gpu-0`), as pod-resources names a claim's device.
+    pub name: String,
+    pub gpu: GpuInfo,
+}
+
 /// What is known of a GPU or MIG instance.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GpuInfo {
@@ -50,6 +60,22 @@ pub struct GpuInfo {
     pub model: String,
     /// Empty for a whole GPU.
     pub mig_profile: String,
+}
+
+/// What a counter counts since (SPEC: counter scopes; see [`crate::node`] for how each is
+/// billed).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// Counts from zero with its container (cgroup CPU and block I/O): the processor counts a
+    /// new series' first reading in full. Gauges have this scope too.
+    #[default]
+    Container,
+    /// The running total of a pod's network namespace (by pod UID, or `namespace/pod`): it
+    /// started with the pod and outlives a container run.
+    Pod(String),
+    /// A GPU board's running total since its driver loaded (by the board's UUID): it started
+    /// long before its holder and outlives it.
+    Board(String),
 }
 
 /// One reading of one metric.
@@ -61,6 +87,8 @@ pub struct Reading {
     pub kind: SampleKind,
     pub metric: String,
     pub value: f64,
+    /// What the counter counts since.
+    pub scope: Scope,
 }
 
 /// What one source yields in one tick.
@@ -75,6 +103,8 @@ pub struct Collected {
     pub gpus: Option<Vec<GpuInfo>>,
     /// GPU → container id of a process using it (NVML).
     pub gpu_processes: Option<Vec<(String, String)>>,
+    /// The node's DRA devices (the kubelet source, from the API server's ResourceSlices).
+    pub dra_devices: Option<Vec<DraDevice>>,
 }
 
 /// Why a source yielded nothing.
@@ -86,7 +116,7 @@ pub enum SourceError {
     /// The source cannot exist on this node (no NVML library): said once, then off.
     #[error("{0}")]
     Unavailable(String),
-    /// This tick failed; retried with backoff.
+    /// This tick failed; retried at the next tick.
     #[error("{0}")]
     Failed(String),
 }

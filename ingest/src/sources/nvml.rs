@@ -115,6 +115,12 @@ pub fn readings(snapshots: &[Snapshot], allowed: &[String]) -> Vec<Reading> {
                 kind,
                 metric: metric.into(),
                 value,
+                // The board's total since the driver loaded, not its holder's.
+                scope: if metric == m::ENERGY_JOULES {
+                    super::Scope::Board(s.gpu.uuid.clone())
+                } else {
+                    super::Scope::Container
+                },
             });
         }
     }

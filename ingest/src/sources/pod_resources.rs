@@ -7,6 +7,14 @@
 //! code generation and no `protoc` at build time. NVIDIA's device plugin reports GPUs as
 //! `nvidia.com/gpu` and, with the mixed MIG strategy, MIG instances as
 //! `nvidia.com/mig-<profile>`; device ids are the GPU or MIG UUIDs.
+//!
+//! GPUs handed out through Dynamic Resource Allocation are in each container's
+//! `dynamic_resources` (the kubelet's `KubeletPodResourcesDynamicResources` feature, on by
+//! default since Kubernetes 1.34): per claim, the driver (`gpu.nvidia.com`), its pool (the node)
+//! and the device's name in the driver's ResourceSlice (`gpu-0`, `gpu-0-mig-19-0-1`). Such a
+//! row is an [`Assignment`] with `dra` set and device ids `POOL/DEVICE`; what the device is
+//! (its UUID, model and MIG profile) comes from the ResourceSlices (the kubelet source's
+//! `resource_slices_url`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,6 +32,8 @@ pub struct PodResourcesConfig {
     pub socket: PathBuf,
     /// Resource names counted as GPUs: exact names, or prefixes ending in `*`.
     pub gpu_resources: Vec<String>,
+    /// DRA drivers whose devices are GPUs (their claims' devices are billed as GPUs).
+    pub dra_drivers: Vec<String>,
 }
 
 impl Default for PodResourcesConfig {
@@ -32,6 +42,7 @@ impl Default for PodResourcesConfig {
             enabled: false,
             socket: "/var/lib/kubelet/pod-resources/kubelet.sock".into(),
             gpu_resources: vec!["nvidia.com/gpu".into(), "nvidia.com/mig-*".into()],
+            dra_drivers: vec!["gpu.nvidia.com".into()],
         }
     }
 }
@@ -42,14 +53,21 @@ pub struct Assignment {
     pub namespace: String,
     pub pod: String,
     pub container: String,
+    /// The device plugin's resource name, or the DRA driver's name.
     pub resource: String,
+    /// The device plugin's device ids (GPU and MIG UUIDs), or for DRA `POOL/DEVICE`.
     pub device_ids: Vec<String>,
+    /// Allocated through a DRA claim (`resource` is the driver).
+    pub dra: bool,
 }
 
 impl Assignment {
     /// The MIG profile named by the resource (`nvidia.com/mig-1g.10gb` → `1g.10gb`); empty
     /// for whole GPUs and for the single MIG strategy (where NVML names the profile).
     pub fn mig_profile(&self) -> &str {
+        if self.dra {
+            return "";
+        }
         self.resource
             .rsplit_once("/mig-")
             .map(|(_, profile)| profile)
@@ -89,6 +107,38 @@ pub mod proto {
         pub name: String,
         #[prost(message, repeated, tag = "2")]
         pub devices: Vec<ContainerDevices>,
+        #[prost(message, repeated, tag = "5")]
+        pub dynamic_resources: Vec<DynamicResource>,
+    }
+
+    /// The devices a DRA claim gave a container.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct DynamicResource {
+        #[prost(string, tag = "2")]
+        pub claim_name: String,
+        #[prost(string, tag = "3")]
+        pub claim_namespace: String,
+        #[prost(message, repeated, tag = "4")]
+        pub claim_resources: Vec<ClaimResource>,
+    }
+
+    /// One device of a claim, as its driver's ResourceSlice names it.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ClaimResource {
+        #[prost(message, repeated, tag = "1")]
+        pub cdi_devices: Vec<CdiDevice>,
+        #[prost(string, tag = "2")]
+        pub driver_name: String,
+        #[prost(string, tag = "3")]
+        pub pool_name: String,
+        #[prost(string, tag = "4")]
+        pub device_name: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct CdiDevice {
+        #[prost(string, tag = "1")]
+        pub name: String,
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
@@ -228,7 +278,13 @@ impl super::Source for PodResourcesSource {
     fn collect(&mut self) -> super::BoxFuture<'_, Result<super::Collected, SourceError>> {
         Box::pin(async move {
             let mut rows = list(&self.config.socket).await?;
-            rows.retain(|r| is_gpu(&self.config.gpu_resources, &r.resource));
+            rows.retain(|r| {
+                if r.dra {
+                    self.config.dra_drivers.contains(&r.resource)
+                } else {
+                    is_gpu(&self.config.gpu_resources, &r.resource)
+                }
+            });
             Ok(super::Collected {
                 assignments: Some(rows),
                 ..Default::default()
@@ -237,19 +293,41 @@ impl super::Source for PodResourcesSource {
     }
 }
 
-/// Flattens a List answer into one row per container and resource.
+/// Flattens a List answer into one row per container and resource (and per container and DRA
+/// driver).
 pub fn assignments(response: proto::ListPodResourcesResponse) -> Vec<Assignment> {
     let mut out = Vec::new();
     for pod in response.pod_resources {
         for container in pod.containers {
-            for devices in container.devices {
-                out.push(Assignment {
-                    namespace: pod.namespace.clone(),
-                    pod: pod.name.clone(),
-                    container: container.name.clone(),
-                    resource: devices.resource_name,
-                    device_ids: devices.device_ids,
-                });
+            let row = |resource: String, device_ids: Vec<String>, dra: bool| Assignment {
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                container: container.name.clone(),
+                resource,
+                device_ids,
+                dra,
+            };
+            for devices in &container.devices {
+                out.push(row(
+                    devices.resource_name.clone(),
+                    devices.device_ids.clone(),
+                    false,
+                ));
+            }
+            let mut by_driver: std::collections::BTreeMap<&str, Vec<String>> =
+                std::collections::BTreeMap::new();
+            for claimed in container
+                .dynamic_resources
+                .iter()
+                .flat_map(|d| &d.claim_resources)
+            {
+                by_driver
+                    .entry(&claimed.driver_name)
+                    .or_default()
+                    .push(format!("{}/{}", claimed.pool_name, claimed.device_name));
+            }
+            for (driver, devices) in by_driver {
+                out.push(row(driver.to_string(), devices, true));
             }
         }
     }
@@ -349,6 +427,7 @@ pub mod tests {
                             "nvidia.com/gpu",
                             &["GPU-11111111-aaaa", "GPU-22222222-bbbb"],
                         )],
+                        dynamic_resources: vec![],
                     }],
                 },
                 PodResources {
@@ -357,6 +436,7 @@ pub mod tests {
                     containers: vec![ContainerResources {
                         name: "trainer".into(),
                         devices: vec![devices("nvidia.com/mig-1g.10gb", &["MIG-33333333-cccc"])],
+                        dynamic_resources: vec![],
                     }],
                 },
                 PodResources {
@@ -365,10 +445,91 @@ pub mod tests {
                     containers: vec![ContainerResources {
                         name: "main".into(),
                         devices: vec![],
+                        dynamic_resources: vec![],
                     }],
                 },
             ],
         }
+    }
+
+    /// A pod whose container got a whole GPU and a MIG device through DRA claims (NVIDIA's
+    /// driver, its pool named after the node), and a network device from another driver.
+    pub fn dra_fixture() -> ListPodResourcesResponse {
+        let claimed = |driver: &str, device: &str| ClaimResource {
+            cdi_devices: vec![CdiDevice {
+                name: format!("k8s.{driver}/claim=0f4e2a1c-{device}"),
+            }],
+            driver_name: driver.into(),
+            pool_name: "gpu-node-1".into(),
+            device_name: device.into(),
+        };
+        ListPodResourcesResponse {
+            pod_resources: vec![PodResources {
+                name: "infer-0".into(),
+                namespace: "research".into(),
+                containers: vec![ContainerResources {
+                    name: "server".into(),
+                    devices: vec![],
+                    dynamic_resources: vec![
+                        DynamicResource {
+                            claim_name: "infer-0-gpu-x8k2m".into(),
+                            claim_namespace: "research".into(),
+                            claim_resources: vec![claimed("gpu.nvidia.com", "gpu-1")],
+                        },
+                        DynamicResource {
+                            claim_name: "infer-0-mig-p2d7q".into(),
+                            claim_namespace: "research".into(),
+                            claim_resources: vec![
+                                claimed("gpu.nvidia.com", "gpu-3-mig-19-0-1"),
+                                claimed("dra.net", "eth1"),
+                            ],
+                        },
+                    ],
+                }],
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn dra_claims_are_read_per_driver_and_other_drivers_left_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("kubelet.sock");
+        let server = serve(socket.clone(), Ok(dra_fixture()))
+            .await
+            .expect("fake socket");
+        let rows = list(&socket).await.expect("answered");
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert_eq!(
+            rows[1],
+            Assignment {
+                namespace: "research".into(),
+                pod: "infer-0".into(),
+                container: "server".into(),
+                resource: "gpu.nvidia.com".into(),
+                device_ids: vec![
+                    "gpu-node-1/gpu-1".into(),
+                    "gpu-node-1/gpu-3-mig-19-0-1".into()
+                ],
+                dra: true,
+            }
+        );
+        assert_eq!(rows[1].mig_profile(), "");
+        let mut source = PodResourcesSource::new(PodResourcesConfig {
+            enabled: true,
+            socket,
+            ..Default::default()
+        });
+        let collected = super::super::Source::collect(&mut source)
+            .await
+            .expect("collects");
+        let kept = collected.assignments.expect("assignments");
+        assert_eq!(
+            kept.len(),
+            1,
+            "the network driver's device is not a GPU: {kept:?}"
+        );
+        assert_eq!(kept[0].resource, "gpu.nvidia.com");
+        server.abort();
     }
 
     #[tokio::test]

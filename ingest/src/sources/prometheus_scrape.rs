@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 pub use meterflow_guard::exposition::{Line, parse_text};
 
-use super::{GpuInfo, Reading, SourceError, Target};
+use super::{GpuInfo, Reading, Scope, SourceError, Target};
 
 /// One exporter to scrape (`[[sources.prometheus_scrape]]`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -147,37 +147,21 @@ pub fn preset(name: &str) -> Option<(Vec<MapRow>, LabelNames)> {
                 ..names("namespace", "pod", "container")
             },
         ),
+        // Kepler (0.7 to 0.9): a container's host energy is its package, DRAM and other
+        // joules summed (over both modes, dynamic and idle); its GPU joules are left to NVML or
+        // dcgm-exporter, which measure the board.
         "kepler" => (
-            vec![
-                row(
-                    "kepler_container_joules_total",
-                    "container_energy_joules_total",
-                    Counter,
-                    1.0,
-                    false,
-                ),
-                row(
-                    "kepler_container_package_joules_total",
-                    "cpu_package_energy_joules_total",
-                    Counter,
-                    1.0,
-                    false,
-                ),
-                row(
-                    "kepler_container_dram_joules_total",
-                    "dram_energy_joules_total",
-                    Counter,
-                    1.0,
-                    false,
-                ),
-                row(
-                    "kepler_container_gpu_joules_total",
-                    "gpu_energy_joules_total",
-                    Counter,
-                    1.0,
-                    false,
-                ),
-            ],
+            ["package", "dram", "other"]
+                .map(|part| {
+                    row(
+                        &format!("kepler_container_{part}_joules_total"),
+                        m::HOST_ENERGY_JOULES,
+                        Counter,
+                        1.0,
+                        false,
+                    )
+                })
+                .into(),
             names("container_namespace", "pod_name", "container_name"),
         ),
         "cadvisor" => (
@@ -308,7 +292,10 @@ impl Scraper {
 
     /// The sample metrics this scraper can yield.
     pub fn metrics(&self) -> Vec<String> {
-        self.rows.values().map(|r| r.to.clone()).collect()
+        // Several rows may be summed into one metric (Kepler's parts of host energy).
+        let metrics: std::collections::BTreeSet<&String> =
+            self.rows.values().map(|r| &r.to).collect();
+        metrics.into_iter().cloned().collect()
     }
 
     /// Scrapes the exporter once.
@@ -319,19 +306,23 @@ impl Scraper {
             .get(&self.url)
             .send()
             .await
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(|e| failed(crate::error_chain(&e)))?;
         let status = response.status();
         if !status.is_success() {
             return Err(failed(format!("answered {status}")));
         }
-        let text = response.text().await.map_err(|e| failed(e.to_string()))?;
+        let text = response
+            .text()
+            .await
+            .map_err(|e| failed(crate::error_chain(&e)))?;
         let lines = parse_text(&text).map_err(failed)?;
         Ok(self.readings(&lines))
     }
 
     /// The readings of a parsed exposition.
     pub fn readings(&self, lines: &[Line]) -> Vec<Reading> {
-        let mut sums: BTreeMap<(Target, Option<GpuInfo>, String), (RowKind, f64)> = BTreeMap::new();
+        let mut sums: BTreeMap<(Target, Option<GpuInfo>, String), (RowKind, f64, Scope)> =
+            BTreeMap::new();
         let label = |line: &Line, name: &Option<String>| -> String {
             name.as_ref()
                 .and_then(|n| line.labels.get(n))
@@ -362,6 +353,13 @@ impl Scraper {
             {
                 continue;
             }
+            // What a counter counts since: a board's energy since its driver loaded, a pod's
+            // network since the pod started; the rest from the container's start.
+            let scope = match &gpu {
+                Some(g) if row.to == m::ENERGY_JOULES => Scope::Board(g.uuid.clone()),
+                _ if row.pod_level && !pod.is_empty() => Scope::Pod(format!("{ns}/{pod}")),
+                _ => Scope::Container,
+            };
             let pod_container = container.is_empty() || container == "POD";
             let target = if !pod.is_empty() && row.pod_level {
                 Target::Pod { namespace: ns, pod }
@@ -379,11 +377,11 @@ impl Scraper {
             };
             let entry = sums
                 .entry((target, gpu, row.to.clone()))
-                .or_insert((row.kind, 0.0));
+                .or_insert((row.kind, 0.0, scope));
             entry.1 += line.value * row.scale;
         }
         sums.into_iter()
-            .map(|((target, gpu, metric), (kind, value))| Reading {
+            .map(|((target, gpu, metric), (kind, value, scope))| Reading {
                 target,
                 gpu,
                 kind: match kind {
@@ -392,6 +390,7 @@ impl Scraper {
                 },
                 metric,
                 value,
+                scope,
             })
             .collect()
     }
@@ -530,21 +529,34 @@ mod tests {
     }
 
     #[test]
-    fn kepler_rows_keep_their_own_names() {
-        let text = "kepler_container_joules_total{container_namespace=\"research\",pod_name=\"train-42-8xq4d\",container_name=\"trainer\",mode=\"dynamic\"} 10\n\
-                    kepler_container_joules_total{container_namespace=\"research\",pod_name=\"train-42-8xq4d\",container_name=\"trainer\",mode=\"idle\"} 5\n\
-                    kepler_container_gpu_joules_total{container_namespace=\"research\",pod_name=\"train-42-8xq4d\",container_name=\"trainer\",mode=\"dynamic\"} 2\n";
-        let readings = scraper("kepler").readings(&parse_text(text).expect("parses"));
+    fn kepler_host_energy_is_package_dram_and_other_without_the_gpu() {
+        let line = |part: &str, mode: &str, joules: f64| {
+            format!(
+                "kepler_container_{part}_joules_total{{container_id=\"cccc\",container_namespace=\"research\",pod_name=\"train-42-8xq4d\",container_name=\"trainer\",mode=\"{mode}\"}} {joules}\n"
+            )
+        };
+        let text: String = [
+            line("package", "dynamic", 100.0),
+            line("package", "idle", 40.0),
+            line("dram", "dynamic", 10.0),
+            line("dram", "idle", 4.0),
+            line("other", "dynamic", 1.0),
+            line("other", "idle", 0.5),
+            line("gpu", "dynamic", 900.0),
+            // The total repeats the parts (GPU included): not read.
+            line("", "dynamic", 1_011.0).replace("kepler_container__", "kepler_container_"),
+        ]
+        .concat();
+        let readings = scraper("kepler").readings(&parse_text(&text).expect("parses"));
         let trainer = Target::Named {
             namespace: "research".into(),
             pod: "train-42-8xq4d".into(),
             container: "trainer".into(),
         };
-        assert_eq!(
-            value(&readings, &trainer, "container_energy_joules_total"),
-            15.0
-        );
-        assert_eq!(value(&readings, &trainer, "gpu_energy_joules_total"), 2.0);
+        // 100 + 40 + 10 + 4 + 1 + 0.5 joules, by hand.
+        assert_eq!(value(&readings, &trainer, m::HOST_ENERGY_JOULES), 155.5);
+        assert_eq!(readings.len(), 1, "{readings:?}");
+        assert_eq!(readings[0].scope, Scope::Container);
     }
 
     #[test]
