@@ -395,11 +395,41 @@ fn parse_duration_or_seconds(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// The embedded broker's crates: their logs follow `MF_BROKER_LOG` (default `warn`), not
+/// `MF_LOG`, unless `MF_LOG` names one of them itself.
+const BROKER_CRATES: [&str; 7] = [
+    "tansu_auth",
+    "tansu_broker",
+    "tansu_model",
+    "tansu_sans_io",
+    "tansu_schema",
+    "tansu_service",
+    "tansu_storage",
+];
+
+/// The log filter: `MF_LOG` (default: info for Meterflow, warn for the rest), with the
+/// embedded broker at `MF_BROKER_LOG`.
+fn log_filter(mf_log: Option<&str>, broker_log: Option<&str>) -> String {
+    let mut spec = mf_log
+        .unwrap_or("warn,meterflow=info,meterflow_ingest=info,meterflow_processor=info,meterflow_sink=info")
+        .to_string();
+    if !spec.contains("tansu") {
+        let level = broker_log.unwrap_or("warn");
+        for krate in BROKER_CRATES {
+            spec.push_str(&format!(",{krate}={level}"));
+        }
+    }
+    spec
+}
+
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MF_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(
-            "warn,meterflow=info,meterflow_ingest=info,meterflow_processor=info,meterflow_sink=info",
-        )
+    let spec = log_filter(
+        std::env::var("MF_LOG").ok().as_deref(),
+        std::env::var("MF_BROKER_LOG").ok().as_deref(),
+    );
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+        eprintln!("MF_LOG={spec:?} is not a log filter ({e}); using the default");
+        tracing_subscriber::EnvFilter::new(log_filter(None, None))
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -499,6 +529,103 @@ async fn serve_processor_metrics(addr: SocketAddr) -> Result<()> {
     tracing::info!(%addr, "processor metrics at /metrics, liveness at /healthz, readiness at /readyz");
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(())
+}
+
+/// `meterflow config agent` with an `[agent]` table: the values the agent runs with, and the
+/// same checks it makes at start (an error here is the error the agent would stop with).
+fn describe_agent_table(agent: &meterflow_ingest::AgentConfig) -> Result<()> {
+    println!(
+        "# [agent]: this node ({}), sources: {}",
+        agent.node_name(),
+        agent.enabled_sources().join(", ")
+    );
+    let line = |key: &str, value: String| println!("{key} = {value}  # config [agent]");
+    if let Some(b) = &agent.brokers {
+        println!("brokers = {b:?}  # config [agent], unless a flag or MF_BROKERS says otherwise");
+    }
+    line("provider", format!("{:?}", agent.provider));
+    line(
+        "interval",
+        format!(
+            "{:?}",
+            humantime::format_duration(agent.interval).to_string()
+        ),
+    );
+    if let Some(addr) = agent.metrics_listen {
+        line("metrics_listen", format!("\"{addr}\""));
+    }
+    line(
+        "spool.dir",
+        format!("{:?}", agent.spool.dir.display().to_string()),
+    );
+    line("spool.max_bytes", agent.spool.max_bytes.to_string());
+    let a = &agent.attribution;
+    line("attribution.preset", format!("{:?}", a.preset));
+    for (key, template) in [
+        ("tenant", &a.tenant),
+        ("lease", &a.lease),
+        ("service", &a.service),
+        ("replica", &a.replica),
+    ] {
+        if let Some(t) = template {
+            line(&format!("attribution.{key}"), format!("{t:?}"));
+        }
+    }
+    let k = &agent.sources.kubelet;
+    if k.enabled {
+        line("sources.kubelet.pods_url", format!("{:?}", k.pods_url));
+        for (key, url) in [
+            ("namespaces_url", &k.namespaces_url),
+            ("resource_slices_url", &k.resource_slices_url),
+        ] {
+            if let Some(url) = url {
+                line(&format!("sources.kubelet.{key}"), format!("{url:?}"));
+            }
+        }
+    }
+    agent
+        .collector()
+        .context("the agent would refuse this [agent] table")?;
+    println!("# the agent accepts this table");
+    Ok(())
+}
+
+/// Creates the topics, retrying every 10 s while no broker answers; until then the agent's
+/// health says why (`broker_error`).
+fn ensure_topics_in_background(
+    brokers: String,
+    config: topics::TopicsConfig,
+    shutdown: CancellationToken,
+) {
+    meterflow_ingest::metrics::set_broker_error(Some(format!(
+        "no broker at {brokers} has answered yet (topics not created or checked)"
+    )));
+    tokio::spawn(async move {
+        let mut failing = false;
+        loop {
+            match topics::ensure(&brokers, &config).await {
+                Ok(()) => {
+                    if failing {
+                        tracing::info!(%brokers, "the brokers answer: topics are there");
+                    }
+                    meterflow_ingest::metrics::set_broker_error(None);
+                    return;
+                }
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    if !failing {
+                        tracing::warn!(error = %why, "cannot create or check the topics yet; collecting into the spool meanwhile, retrying every 10 s");
+                    }
+                    failing = true;
+                    meterflow_ingest::metrics::set_broker_error(Some(why));
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            }
+        }
+    });
 }
 
 async fn prepare(brokers: &str, topics: &TopicArgs, shutdown: &CancellationToken) -> Result<()> {
@@ -647,25 +774,20 @@ async fn main() -> Result<()> {
             if let Some(path) = &cli.config {
                 println!("# meterflow {component} with {}", path.display());
             }
+            let agent = file.as_ref().and_then(|f| f.agent.as_ref());
+            if component == "agent"
+                && let Some(agent) = agent
+            {
+                // The [agent] table runs this node's sources: the simulated fleet's flags do
+                // not apply, so they are not shown.
+                describe_agent_table(agent)?;
+                return Ok(());
+            }
             for line in config::describe(sub, &resolved, file.as_ref()) {
                 println!("{line}");
             }
             if component == "agent" {
-                match file.as_ref().and_then(|f| f.agent.as_ref()) {
-                    Some(agent) => {
-                        println!(
-                            "# [agent]: this node ({}), sources: {}",
-                            agent.node_name(),
-                            agent.enabled_sources().join(", ")
-                        );
-                        if let Some(b) = &agent.brokers {
-                            println!(
-                                "# [agent] brokers = {b:?} (unless a flag or MF_BROKERS says otherwise)"
-                            );
-                        }
-                    }
-                    None => println!("# no [agent] table: a simulated fleet from the flags above"),
-                }
+                println!("# no [agent] table: a simulated fleet from the flags above");
             }
             Ok(())
         }
@@ -710,7 +832,10 @@ async fn main() -> Result<()> {
             if let Some(addr) = metrics_listen.or(file.as_ref().and_then(|f| f.metrics_listen)) {
                 serve_agent_metrics(addr).await?;
             }
-            prepare(&brokers, &t, &shutdown).await?;
+            // An agent collects and spools from its first tick, broker or not: the topics are
+            // created (or found) once a broker answers.
+            cancel_on_signal(shutdown.clone());
+            ensure_topics_in_background(brokers.clone(), t.config(), shutdown.clone());
             let Some(file) = file else {
                 let config = meterflow_ingest::SimulatedAgentConfig {
                     brokers,
@@ -936,6 +1061,24 @@ fn parse_rollups(s: &str) -> Result<Rollups, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_embedded_brokers_logs_stay_quiet_unless_asked_for() {
+        let info = log_filter(Some("info"), None);
+        assert!(info.starts_with("info,"), "{info}");
+        assert!(info.contains(",tansu_broker=warn"), "{info}");
+        assert!(log_filter(Some("info"), Some("debug")).contains(",tansu_storage=debug"));
+        assert_eq!(
+            log_filter(Some("info,tansu_broker=trace"), None),
+            "info,tansu_broker=trace"
+        );
+        for spec in [log_filter(None, None), info] {
+            assert!(
+                tracing_subscriber::EnvFilter::try_new(&spec).is_ok(),
+                "{spec}"
+            );
+        }
+    }
 
     /// `--help` explains every flag and every subcommand, and clap accepts the whole
     /// definition (its own debug checks: no clashing names, defaults that parse).

@@ -1,8 +1,9 @@
 //! The node agent as a provider runs it: `meterflow agent --config FILE` with the kubelet
 //! source (a kubelet's `/pods` answer served over HTTP on loopback), the cgroup source (a
 //! kubepods tree in a temporary directory) and NVML switched on where no NVIDIA library
-//! exists. Its batches reach the embedded broker attributed to the Akash lease of the pod,
-//! NVML says once that it is off, and the agent runs on.
+//! exists, started before its broker is up. It spools from its first tick; once the broker
+//! comes up every batch reaches it, in order, attributed to the Akash lease of the pod (found
+//! in the container's env); NVML says once that it is off, and the agent runs on.
 
 use std::time::{Duration, Instant};
 
@@ -19,8 +20,9 @@ fn write(dir: &std::path::Path, file: &str, text: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_agent_from_its_config_file_sends_attributed_batches() {
-    let broker = crate::common::memory_broker().await;
-    let brokers = broker.bootstrap();
+    // The broker is not up yet: the agent must collect and spool meanwhile.
+    let broker_addr = crate::common::free_addr();
+    let brokers = broker_addr.to_string();
 
     // The kubelet.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -94,22 +96,47 @@ library = "/nonexistent/libnvidia-ml.so.1"
         .expect("the agent starts");
 
     // Its health says what each source is doing.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(90);
     let health = loop {
         let answer = reqwest::get(format!("http://{metrics}/healthz")).await;
         if let Ok(answer) = answer {
             let health: serde_json::Value = answer.json().await.expect("health is JSON");
-            if health["sources"]["cgroup"] == "up" && health["sources"]["nvml"] == "off" {
+            if health["sources"]["cgroup"] == "up"
+                && health["sources"]["nvml"] == "off"
+                && health["spool_batches"].as_i64().is_some_and(|n| n >= 3)
+                && health["broker_error"].is_string()
+            {
                 break health;
             }
         }
         assert!(
             Instant::now() < deadline,
-            "the agent's sources never came up"
+            "the agent never spooled with its broker away"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // The fault happened: batches waited in the spool, none went out, and health said why.
     assert_eq!(health["sources"]["kubelet"], "up", "{health}");
+    let exposition = crate::common::get_text(&format!("http://{metrics}/metrics")).await;
+    assert_eq!(
+        crate::common::metric_value(&exposition, "meterflow_agent_batches_sent_total"),
+        Some(0.0),
+        "{exposition}"
+    );
+    // The finished job's pod is no Akash lease: said, and counted.
+    assert_eq!(health["unattributed_pods"], 1, "{health}");
+    let spooled = health["spool_batches"].as_i64().expect("a number");
+
+    // The broker comes up where the agent looks for it.
+    let broker = meterflow::broker::start(meterflow::broker::BrokerConfig {
+        listen: broker_addr,
+        storage: "memory".into(),
+    })
+    .await
+    .expect("the broker starts");
+    // Its topics, as the agent's own retry would create them within 10 s (created here at
+    // once, so that the reader below finds four partitions whichever creates them first).
+    crate::common::ensure_topics(&brokers, 4).await;
     let exposition = crate::common::get_text(&format!("http://{metrics}/metrics")).await;
     assert!(
         exposition.contains("meterflow_agent_source_up{source=\"nvml\"} 0"),
@@ -129,15 +156,19 @@ library = "/nonexistent/libnvidia-ml.so.1"
         let exposition = crate::common::get_text(&format!("http://{metrics}/metrics")).await;
         crate::common::metric_value(&exposition, "meterflow_agent_batches_sent_total")
     };
-    while !sent().await.is_some_and(|n| n >= 3.0) {
-        assert!(Instant::now() < deadline, "no batch acknowledged");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !sent().await.is_some_and(|n| n >= spooled as f64 + 1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the spooled batches never went out"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     crate::common::terminate(&agent);
     assert!(agent.wait().expect("exits").success(), "a clean stop");
     let brokers2 = brokers.clone();
     let payloads = tokio::task::spawn_blocking(move || {
-        crate::common::read_topic(&brokers2, names::SAMPLES, 4, 3)
+        crate::common::read_topic(&brokers2, names::SAMPLES, 4, spooled as usize + 1)
     })
     .await
     .expect("read");
@@ -145,7 +176,11 @@ library = "/nonexistent/libnvidia-ml.so.1"
         .iter()
         .map(|p| SampleBatch::decode(p).expect("a batch"))
         .collect();
-    assert!(batches.len() >= 3, "{} batches", batches.len());
+    assert!(
+        batches.len() as i64 > spooled,
+        "{} batches, {spooled} spooled",
+        batches.len()
+    );
     let sequences: Vec<i64> = batches.iter().map(|b| b.sequence).collect();
     assert_eq!(
         sequences,

@@ -73,7 +73,43 @@ fn the_example_file_configures_every_component() {
     );
     // The Kubernetes agent's file is a config file with an [agent] table too.
     let k8s = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes/agent.toml");
-    assert!(stdout(&meterflow(&["--config", k8s, "config", "agent"], &[])).contains("# [agent]"));
+    let k8s = stdout(&meterflow(&["--config", k8s, "config", "agent"], &[]));
+    // The table's own values, not the simulated fleet's flags.
+    for line in [
+        "# [agent]",
+        "interval = \"15s\"  # config [agent]",
+        "attribution.preset = \"akash\"  # config [agent]",
+        "sources.kubelet.namespaces_url = \"https://${KUBERNETES_SERVICE_HOST}",
+        "# the agent accepts this table",
+    ] {
+        assert!(k8s.contains(line), "{line} in {k8s}");
+    }
+    assert!(
+        !k8s.contains("--nodes") && !k8s.contains("nodes = "),
+        "{k8s}"
+    );
+}
+
+/// `meterflow config agent` refuses what the agent refuses at start: here two sources that
+/// both yield GPU utilization and energy, which would be counted twice.
+#[test]
+fn config_agent_refuses_what_the_agent_refuses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        "[agent]\nprovider = \"p\"\n[agent.sources.kubelet]\nenabled = true\n[agent.sources.nvml]\nenabled = true\n\
+         [[agent.sources.prometheus_scrape]]\nname = \"dcgm\"\nurl = \"http://127.0.0.1:9400/metrics\"\npreset = \"dcgm\"\n",
+    )
+    .expect("config");
+    let path = path.to_string_lossy().into_owned();
+    let e = refused(&meterflow(&["--config", &path, "config", "agent"], &[]));
+    assert!(
+        e.contains("the agent would refuse this [agent] table"),
+        "{e}"
+    );
+    assert!(e.contains("both yield"), "{e}");
+    assert!(e.contains("allow-lists"), "{e}");
 }
 
 #[test]
