@@ -18,3 +18,4 @@ mod docs;
 mod feeds;
 mod hostile;
 mod pipeline;
+mod real_node;
