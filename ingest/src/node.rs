@@ -954,6 +954,36 @@ mod tests {
         grpc.abort();
     }
 
+    /// The collector of `gpu-node-1` (15 s ticks) reading `kubelet` and the pod-resources
+    /// socket at `socket`.
+    fn kubelet_node(
+        kubelet: KubeletConfig,
+        socket: std::path::PathBuf,
+        attribution: AttributionConfig,
+    ) -> NodeCollector {
+        let sources: Vec<Box<dyn Source>> = vec![
+            Box::new(KubeletSource::new(&kubelet).expect("kubelet")),
+            Box::new(PodResourcesSource::new(PodResourcesConfig {
+                enabled: true,
+                socket,
+                ..Default::default()
+            })),
+        ];
+        NodeCollector::new(
+            NodeIdentity {
+                node: "gpu-node-1".into(),
+                provider: "p".into(),
+                agent_id: "gpu-node-1".into(),
+            },
+            Duration::from_secs(15),
+            Duration::from_secs(600),
+            Attribution::new(&attribution).expect("rules"),
+            PodResourcesConfig::default().gpu_resources,
+            sources,
+        )
+        .expect("collector")
+    }
+
     /// A crash-looping container: the kubelet shows it waiting, its last run (which the agent
     /// never saw running) in `lastState`. The device plugin's GPUs stay assigned to the
     /// container, so that run is billed from its start to its finish.
@@ -982,35 +1012,16 @@ mod tests {
             pods(&id("cccc"), "2026-11-23T10:00:03Z", "2026-11-23T10:00:09Z"),
         )));
         let kubelet_url = http(kubelet.clone()).await;
-        let sources: Vec<Box<dyn Source>> = vec![
-            Box::new(
-                KubeletSource::new(&KubeletConfig {
-                    enabled: true,
-                    pods_url: format!("{kubelet_url}/pods"),
-                    token_file: None,
-                    ..Default::default()
-                })
-                .expect("kubelet"),
-            ),
-            Box::new(PodResourcesSource::new(PodResourcesConfig {
+        let mut node = kubelet_node(
+            KubeletConfig {
                 enabled: true,
-                socket,
+                pods_url: format!("{kubelet_url}/pods"),
+                token_file: None,
                 ..Default::default()
-            })),
-        ];
-        let mut node = NodeCollector::new(
-            NodeIdentity {
-                node: "gpu-node-1".into(),
-                provider: "p".into(),
-                agent_id: "gpu-node-1".into(),
             },
-            Duration::from_secs(15),
-            Duration::from_secs(600),
-            Attribution::new(&AttributionConfig::default()).expect("rules"),
-            PodResourcesConfig::default().gpu_resources,
-            sources,
-        )
-        .expect("collector");
+            socket,
+            AttributionConfig::default(),
+        );
         let at = |t: &str| meterflow_schemas::time::parse_time(t).expect("time");
         let allocations = |batch: &SampleBatch| -> Vec<(String, String, Option<i64>, Option<i64>)> {
             batch
@@ -1078,65 +1089,34 @@ mod tests {
         }]})
         .to_string();
         let slices = Arc::new(Mutex::new((503u16, String::new())));
-        let answer = slices.clone();
-        let app = axum::Router::new()
-            .route("/pods", axum::routing::get(move || async move { pods }))
-            .route(
-                "/resourceslices",
-                axum::routing::get(move || {
-                    let (status, body) = answer.lock().expect("lock").clone();
-                    async move {
-                        (
-                            axum::http::StatusCode::from_u16(status).expect("status"),
-                            body,
-                        )
-                    }
-                }),
-            );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        let sources: Vec<Box<dyn Source>> = vec![
-            Box::new(
-                KubeletSource::new(&KubeletConfig {
-                    enabled: true,
-                    pods_url: format!("http://{addr}/pods"),
-                    token_file: None,
-                    resource_slices_url: Some(format!("http://{addr}/resourceslices")),
-                    api_ca_file: None,
-                    api_refresh: Duration::ZERO,
-                    ..Default::default()
-                })
-                .expect("kubelet"),
-            ),
-            Box::new(PodResourcesSource::new(PodResourcesConfig {
+        let addr = crate::sources::testing::serve(
+            axum::Router::new()
+                .route("/pods", axum::routing::get(move || async move { pods }))
+                .route(
+                    "/resourceslices",
+                    crate::sources::testing::answering(slices.clone()),
+                ),
+        )
+        .await;
+        let mut node = kubelet_node(
+            KubeletConfig {
                 enabled: true,
-                socket,
+                pods_url: format!("http://{addr}/pods"),
+                token_file: None,
+                resource_slices_url: Some(format!("http://{addr}/resourceslices")),
+                api_ca_file: None,
+                api_refresh: Duration::ZERO,
                 ..Default::default()
-            })),
-        ];
-        let mut node = NodeCollector::new(
-            NodeIdentity {
-                node: "gpu-node-1".into(),
-                provider: "p".into(),
-                agent_id: "gpu-node-1".into(),
             },
-            Duration::from_secs(15),
-            Duration::from_secs(600),
-            Attribution::new(&AttributionConfig {
+            socket,
+            AttributionConfig {
                 gpu_classes: vec![
                     ("H100".into(), "h100".into()),
                     ("A100".into(), "a100".into()),
                 ],
                 ..Default::default()
-            })
-            .expect("rules"),
-            PodResourcesConfig::default().gpu_resources,
-            sources,
-        )
-        .expect("collector");
+            },
+        );
         let at = |t: &str| meterflow_schemas::time::parse_time(t).expect("time");
         let batch = node.tick(at("2026-11-23T10:00:15Z")).await;
         assert!(

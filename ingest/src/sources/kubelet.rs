@@ -296,39 +296,21 @@ pub fn parse_resource_slices(json: &[u8]) -> Result<Vec<DraDevice>, String> {
     Ok(out)
 }
 
-/// Reads the pod list from the kubelet, and the namespaces' labels from the API server.
+/// Reads the pod list from the kubelet.
 pub struct KubeletClient {
     pods: Endpoint,
-    namespaces: Option<Endpoint>,
-    resource_slices: Option<Endpoint>,
 }
 
 impl KubeletClient {
     pub fn new(config: &KubeletConfig) -> Result<Self, SourceError> {
-        let pods = Endpoint::new(
-            "sources.kubelet.ca_file",
-            &config.pods_url,
-            config.ca_file.as_ref(),
-            config.insecure_skip_tls_verify,
-            config.token_file.clone(),
-        )?;
-        let api = |url: &Option<String>| -> Result<Option<Endpoint>, SourceError> {
-            url.as_deref()
-                .map(|url| {
-                    Endpoint::new(
-                        "sources.kubelet.api_ca_file",
-                        url,
-                        config.api_ca_file.as_ref(),
-                        false,
-                        config.token_file.clone(),
-                    )
-                })
-                .transpose()
-        };
         Ok(KubeletClient {
-            pods,
-            namespaces: api(&config.namespaces_url)?,
-            resource_slices: api(&config.resource_slices_url)?,
+            pods: Endpoint::new(
+                "sources.kubelet.ca_file",
+                &config.pods_url,
+                config.ca_file.as_ref(),
+                config.insecure_skip_tls_verify,
+                config.token_file.clone(),
+            )?,
         })
     }
 
@@ -337,48 +319,95 @@ impl KubeletClient {
         let body = self.pods.get("get on nodes/proxy").await?;
         parse_pods(&body).map_err(|e| SourceError::Failed(format!("GET {}: {e}", self.pods.url)))
     }
+}
 
-    /// The node's DRA devices; `None` when ResourceSlices are not read.
-    pub async fn resource_slices(&self) -> Option<Result<Vec<DraDevice>, SourceError>> {
-        let endpoint = self.resource_slices.as_ref()?;
-        Some(
-            match endpoint
-                .get("list on resourceslices (resource.k8s.io)")
-                .await
-            {
-                Ok(body) => parse_resource_slices(&body)
-                    .map_err(|e| SourceError::Failed(format!("GET {}: {e}", endpoint.url))),
-                Err(e) => Err(e),
-            },
-        )
+/// A list read from the API server now and then (the namespaces, the ResourceSlices): while
+/// the API server fails, the last list read stays in use and the failure is said once.
+struct ApiList<T> {
+    endpoint: Option<Endpoint>,
+    /// What is read, for logs and `meterflow_agent_source_errors_total{source}`.
+    name: &'static str,
+    /// The permission a 401 or 403 lacks.
+    needs: &'static str,
+    parse: fn(&[u8]) -> Result<T, String>,
+    last: Option<T>,
+    read_at: Option<std::time::Instant>,
+    failing: bool,
+}
+
+impl<T> ApiList<T> {
+    fn new(
+        config: &KubeletConfig,
+        url: &Option<String>,
+        (name, needs): (&'static str, &'static str),
+        parse: fn(&[u8]) -> Result<T, String>,
+    ) -> Result<Self, SourceError> {
+        let endpoint = url
+            .as_deref()
+            .map(|url| {
+                Endpoint::new(
+                    "sources.kubelet.api_ca_file",
+                    url,
+                    config.api_ca_file.as_ref(),
+                    false,
+                    config.token_file.clone(),
+                )
+            })
+            .transpose()?;
+        Ok(ApiList {
+            endpoint,
+            name,
+            needs,
+            parse,
+            last: None,
+            read_at: None,
+            failing: false,
+        })
     }
 
-    /// Every namespace's labels; `None` when namespaces are not read.
-    pub async fn namespaces(
-        &self,
-    ) -> Option<Result<BTreeMap<String, BTreeMap<String, String>>, SourceError>> {
-        let endpoint = self.namespaces.as_ref()?;
-        Some(match endpoint.get("list on namespaces").await {
-            Ok(body) => parse_namespaces(&body)
+    /// Reads the list again when it was never read or `due(its age)` says so.
+    async fn refresh(&mut self, due: impl Fn(Duration) -> bool) {
+        let Some(endpoint) = &self.endpoint else {
+            return;
+        };
+        if self.read_at.is_some_and(|t| !due(t.elapsed())) {
+            return;
+        }
+        self.read_at = Some(std::time::Instant::now());
+        let read = match endpoint.get(self.needs).await {
+            Ok(body) => (self.parse)(&body)
                 .map_err(|e| SourceError::Failed(format!("GET {}: {e}", endpoint.url))),
             Err(e) => Err(e),
-        })
+        };
+        match read {
+            Ok(list) => {
+                if self.failing {
+                    tracing::info!(list = self.name, "read again");
+                }
+                self.failing = false;
+                self.last = Some(list);
+            }
+            Err(e) => {
+                if !self.failing {
+                    tracing::warn!(list = self.name, error = %e, "cannot read it from the API server; the last one read stays in use");
+                }
+                self.failing = true;
+                crate::metrics::METRICS
+                    .source_errors
+                    .with_label_values(&[self.name])
+                    .inc();
+            }
+        }
     }
 }
 
-/// The kubelet as a source: yields the pods (with their namespaces' labels), no readings.
+/// The kubelet as a source: yields the pods (with their namespaces' labels) and the node's DRA
+/// devices, no readings.
 pub struct KubeletSource {
     client: KubeletClient,
     refresh: Duration,
-    /// Labels by namespace, and when they were read.
-    namespaces: BTreeMap<String, BTreeMap<String, String>>,
-    namespaces_read: Option<std::time::Instant>,
-    /// Whether the last namespace read failed (said once per outage).
-    namespaces_failing: bool,
-    /// The node's DRA devices, when they were read, and whether the last read failed.
-    slices: Option<Vec<DraDevice>>,
-    slices_read: Option<std::time::Instant>,
-    slices_failing: bool,
+    namespaces: ApiList<BTreeMap<String, BTreeMap<String, String>>>,
+    slices: ApiList<Vec<DraDevice>>,
 }
 
 impl KubeletSource {
@@ -386,76 +415,41 @@ impl KubeletSource {
         Ok(KubeletSource {
             client: KubeletClient::new(config)?,
             refresh: config.api_refresh,
-            namespaces: BTreeMap::new(),
-            namespaces_read: None,
-            namespaces_failing: false,
-            slices: None,
-            slices_read: None,
-            slices_failing: false,
+            namespaces: ApiList::new(
+                config,
+                &config.namespaces_url,
+                ("kubelet_namespaces", "list on namespaces"),
+                parse_namespaces,
+            )?,
+            slices: ApiList::new(
+                config,
+                &config.resource_slices_url,
+                (
+                    "kubelet_resource_slices",
+                    "list on resourceslices (resource.k8s.io)",
+                ),
+                parse_resource_slices,
+            )?,
         })
     }
 
-    /// Reads the ResourceSlices again when the last read is older than `refresh`; `None`
-    /// while none was ever read.
-    async fn dra_devices(&mut self) -> Option<Vec<DraDevice>> {
-        let due = self.slices_read.is_none_or(|t| t.elapsed() >= self.refresh);
-        if due && let Some(result) = self.client.resource_slices().await {
-            self.slices_read = Some(std::time::Instant::now());
-            match result {
-                Ok(devices) => {
-                    self.slices_failing = false;
-                    self.slices = Some(devices);
-                }
-                Err(e) => {
-                    if !self.slices_failing {
-                        tracing::warn!(error = %e, "cannot read the node's ResourceSlices; DRA devices seen before stay known, new ones wait");
-                    }
-                    self.slices_failing = true;
-                    crate::metrics::METRICS
-                        .source_errors
-                        .with_label_values(&["kubelet_resource_slices"])
-                        .inc();
-                }
-            }
-        }
-        self.slices.clone()
-    }
-
-    /// Reads the namespaces again when the list is older than `refresh`, or when a pod's
-    /// namespace is not in it (a lease created since; at most once a second).
+    /// Gives each pod its namespace's labels, reading the namespaces again when the list is
+    /// older than `refresh`, or when a pod's namespace is not in it (a lease created since; at
+    /// most once a second).
     async fn label_namespaces(&mut self, pods: &mut [Pod]) {
-        let age = self.namespaces_read.map(|t| t.elapsed());
+        let known = self.namespaces.last.as_ref();
         let missing = pods
             .iter()
-            .any(|p| !self.namespaces.contains_key(&p.namespace));
-        let due = match age {
-            None => true,
-            Some(age) => age >= self.refresh || (missing && age >= Duration::from_secs(1)),
+            .any(|p| !known.is_some_and(|n| n.contains_key(&p.namespace)));
+        let refresh = self.refresh;
+        self.namespaces
+            .refresh(|age| age >= refresh || (missing && age >= Duration::from_secs(1)))
+            .await;
+        let Some(namespaces) = &self.namespaces.last else {
+            return;
         };
-        if due && let Some(result) = self.client.namespaces().await {
-            self.namespaces_read = Some(std::time::Instant::now());
-            match result {
-                Ok(namespaces) => {
-                    if self.namespaces_failing {
-                        tracing::info!("namespace labels read again");
-                    }
-                    self.namespaces_failing = false;
-                    self.namespaces = namespaces;
-                }
-                Err(e) => {
-                    if !self.namespaces_failing {
-                        tracing::warn!(error = %e, "cannot read the namespaces' labels; the last ones read stay in use");
-                    }
-                    self.namespaces_failing = true;
-                    crate::metrics::METRICS
-                        .source_errors
-                        .with_label_values(&["kubelet_namespaces"])
-                        .inc();
-                }
-            }
-        }
         for pod in pods {
-            if let Some(labels) = self.namespaces.get(&pod.namespace) {
+            if let Some(labels) = namespaces.get(&pod.namespace) {
                 pod.namespace_labels = labels.clone();
             }
         }
@@ -475,9 +469,11 @@ impl super::Source for KubeletSource {
         Box::pin(async move {
             let mut pods = self.client.pods().await?;
             self.label_namespaces(&mut pods).await;
+            let refresh = self.refresh;
+            self.slices.refresh(|age| age >= refresh).await;
             Ok(super::Collected {
                 pods: Some(pods),
-                dra_devices: self.dra_devices().await,
+                dra_devices: self.slices.last.clone(),
                 ..Default::default()
             })
         })
@@ -871,28 +867,17 @@ mod tests {
     /// labels in use.
     #[tokio::test]
     async fn pods_carry_their_namespaces_labels() {
-        use std::sync::{Arc, Mutex};
-        let namespaces = Arc::new(Mutex::new((200u16, String::from("{\"items\": []}"))));
-        let answer = namespaces.clone();
-        let app = axum::Router::new()
-            .route("/pods", axum::routing::get(|| async { PODS }))
-            .route(
-                "/api/v1/namespaces",
-                axum::routing::get(move || {
-                    let (status, body) = answer.lock().expect("lock").clone();
-                    async move {
-                        (
-                            axum::http::StatusCode::from_u16(status).expect("status"),
-                            body,
-                        )
-                    }
-                }),
-            );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        use super::super::testing::{answering, serve};
+        let namespaces = std::sync::Arc::new(std::sync::Mutex::new((
+            200u16,
+            String::from("{\"items\": []}"),
+        )));
+        let addr = serve(
+            axum::Router::new()
+                .route("/pods", axum::routing::get(|| async { PODS }))
+                .route("/api/v1/namespaces", answering(namespaces.clone())),
+        )
+        .await;
         let mut source = KubeletSource::new(&KubeletConfig {
             enabled: true,
             pods_url: format!("http://{addr}/pods"),

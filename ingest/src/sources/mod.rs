@@ -181,3 +181,35 @@ pub(crate) mod duration {
         })
     }
 }
+
+/// Stand-ins for the node's HTTP endpoints in the sources' and the collector's tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::{Arc, Mutex};
+
+    /// What a route answers now: a status and a body, changed by the test between ticks.
+    pub type Answer = Arc<Mutex<(u16, String)>>;
+
+    /// A GET route answering whatever `answer` holds when it is asked.
+    pub fn answering(answer: Answer) -> axum::routing::MethodRouter {
+        axum::routing::get(move || {
+            let (status, body) = answer.lock().expect("answer").clone();
+            async move {
+                (
+                    axum::http::StatusCode::from_u16(status).expect("a status"),
+                    body,
+                )
+            }
+        })
+    }
+
+    /// Serves `app` on a free loopback port; its address.
+    pub async fn serve(app: axum::Router) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+}

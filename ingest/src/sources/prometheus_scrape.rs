@@ -98,6 +98,10 @@ fn row(from: &str, to: &str, kind: RowKind, scale: f64, pod_level: bool) -> MapR
     }
 }
 
+/// The exposition's lines summed per (target, GPU, metric): the row's kind, the sum, and
+/// what the counter counts since.
+type Sums = BTreeMap<(Target, Option<GpuInfo>, String), (RowKind, f64, Scope)>;
+
 /// The rows and labels of a preset.
 pub fn preset(name: &str) -> Option<(Vec<MapRow>, LabelNames)> {
     use RowKind::{Counter, Gauge};
@@ -321,8 +325,7 @@ impl Scraper {
 
     /// The readings of a parsed exposition.
     pub fn readings(&self, lines: &[Line]) -> Vec<Reading> {
-        let mut sums: BTreeMap<(Target, Option<GpuInfo>, String), (RowKind, f64, Scope)> =
-            BTreeMap::new();
+        let mut sums: Sums = BTreeMap::new();
         let label = |line: &Line, name: &Option<String>| -> String {
             name.as_ref()
                 .and_then(|n| line.labels.get(n))
