@@ -13,7 +13,9 @@
 //! allocated, and compares both with the truth. Then throughput, CPU-seconds per million
 //! samples, freshness, a 30-day query's latency and resident memory. It prints one table and
 //! writes it to `benches/RESULTS.md` with the machine, the input size and the commit. Exits 1
-//! if Meterflow's GPU-hours or energy differ from the truth by a millisecond or a millijoule.
+//! if Meterflow's GPU-hours or energy are further from the truth than what the node's sources
+//! cannot show (the scenario's bounds: whole-second kubelet times, runs the kubelet never
+//! listed, a board's energy before its holder's first reading and after its last).
 
 mod meter;
 mod proc;
@@ -184,8 +186,8 @@ struct Quantity {
     truth: Cells,
     meterflow: Cells,
     prometheus: Cells,
-    /// Meterflow must match this one exactly.
-    exact: bool,
+    /// Meterflow's summed error must stay within this (the sources' bound, in the exact unit).
+    bound: Option<f64>,
 }
 
 impl Quantity {
@@ -381,38 +383,52 @@ async fn run(args: Args) -> Result<bool> {
             )
         )
     };
-    let new_q = |name: &str, unit: &'static str, scale: f64, exact: bool| Quantity {
+    let new_q = |name: &str, unit: &'static str, scale: f64, bound: Option<f64>| Quantity {
         name: name.to_string(),
         unit,
         scale,
         truth: Cells::new(),
         meterflow: Cells::new(),
         prometheus: Cells::new(),
-        exact,
+        bound,
+    };
+    let bounds = &scenario.truth.bounds;
+    let gpu_bound = |class: &str, profile: &str| {
+        bounds
+            .gpu_ms
+            .get(&(class.to_string(), profile.to_string()))
+            .copied()
+            .unwrap_or(0) as f64
     };
     let mut gpu_q: Vec<Quantity> = gpu_kinds
         .iter()
-        .map(|(_, _, name)| new_q(name, "GPU-h", 1.0 / 3.6e6, true))
+        .map(|(class, profile, name)| {
+            new_q(name, "GPU-h", 1.0 / 3.6e6, Some(gpu_bound(class, profile)))
+        })
         .collect();
+    let billed_bound = gpu_kinds
+        .iter()
+        .map(|(class, profile, _)| billed(profile, gpu_bound(class, profile)))
+        .sum();
     let mut billed_q = new_q(
         "billed GPU-hours (MIG fractions)",
         "GPU-h",
         1.0 / 3.6e6,
-        true,
+        Some(billed_bound),
     );
-    let mut energy_q = new_q("energy", "kWh", 1.0 / 3.6e9, true);
-    let mut cpu_q = new_q("CPU core-hours", "core-h", 1.0 / 3.6e9, false);
+    let mut energy_q = new_q("energy", "kWh", 1.0 / 3.6e9, Some(bounds.energy_mj as f64));
+    let mut cpu_q = new_q("CPU core-hours", "core-h", 1.0 / 3.6e9, None);
     let mut memory_q = new_q(
         "memory GiB-hours",
         "GiB-h",
         1.0 / (3.6e6 * 1_073_741_824.0),
-        false,
+        None,
     );
     let mut max_q = new_q(
         "max GPUs allocated, summed over node-hours",
         "GPUs",
         1.0,
-        false,
+        None,
     );
     // One tenant-hour of the truth or of Meterflow's answer into every quantity's cells.
     let mut put = |truth: bool,
@@ -540,15 +556,18 @@ async fn run(args: Args) -> Result<bool> {
 
     // The report.
     let mut table = String::new();
-    let exact_ok = quantities.iter().filter(|q| q.exact).all(|q| {
-        let (_, _, equal, cells) = score(&q.truth, &q.meterflow);
-        equal == cells
-    });
+    let within = |q: &Quantity| {
+        q.bound.is_none_or(|bound| {
+            let (_, err, _, _) = score(&q.truth, &q.meterflow);
+            err <= bound + 0.5
+        })
+    };
+    let exact_ok = quantities.iter().all(within);
     writeln!(
         table,
-        "| quantity | ground truth | Meterflow | Meterflow error | Prometheus | Prometheus error |"
+        "| quantity | ground truth | Meterflow | Meterflow error | the sources' bound | Prometheus | Prometheus error |"
     )?;
-    writeln!(table, "|---|---:|---:|---:|---:|---:|")?;
+    writeln!(table, "|---|---:|---:|---:|---:|---:|---:|")?;
     for q in &quantities {
         let (truth, _, _, _) = score(&q.truth, &q.truth);
         let cell = |got: &Cells| {
@@ -568,9 +587,12 @@ async fn run(args: Args) -> Result<bool> {
         };
         let (m, me) = cell(&q.meterflow);
         let (p, pe) = cell(&q.prometheus);
+        let bound = q
+            .bound
+            .map_or("—".to_string(), |b| format!("{:.4}", b * q.scale));
         writeln!(
             table,
-            "| {} ({}) | {:.4} | {m} | {me} | {p} | {pe} |",
+            "| {} ({}) | {:.4} | {m} | {me} | {bound} | {p} | {pe} |",
             q.name,
             q.unit,
             truth * q.scale
@@ -688,7 +710,7 @@ async fn run(args: Args) -> Result<bool> {
                 serde_json::json!({
                     "quantity": q.name,
                     "unit": q.unit,
-                    "must_be_exact": q.exact,
+                    "bound": q.bound.map(|b| b * q.scale),
                     "truth": score(&q.truth, &q.truth).0 * q.scale,
                     "meterflow": side(q, &q.meterflow),
                     "prometheus": side(q, &q.prometheus),
@@ -713,7 +735,9 @@ async fn run(args: Args) -> Result<bool> {
         }
     }
     if !exact_ok {
-        eprintln!("Meterflow's GPU-hours or energy differ from the ground truth: see the table");
+        eprintln!(
+            "Meterflow's GPU-hours or energy are further from the truth than the sources' bound: see the table"
+        );
     }
     Ok(exact_ok)
 }
@@ -779,19 +803,25 @@ const METHOD: &str = r#"
   receiver (late ones inside `out_of_order_time_window: 10m`). The hourly figures are the
   PromQL of the usual chargeback rules, evaluated at each hour's end: GPU-hours
   `sum_over_time((count by (namespace, modelName, GPU_I_PROFILE) (DCGM_FI_DEV_GPU_UTIL))[1h:15s]) * 15 / 3600`,
-  energy `increase(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION[1h])`, CPU
+  energy `increase(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{namespace!=""}[1h])` (a board's
+  series carries the holding pod's labels; an idle or MIG-split board's has none and is the
+  node's), CPU
   `increase(container_cpu_usage_seconds_total[1h])`, memory
   `sum_over_time((sum by (namespace) (container_memory_working_set_bytes))[1h:15s]) * 15 / 3600`,
   per node `max_over_time((count by (Hostname) (DCGM_FI_DEV_GPU_UTIL))[1h:15s])`. A subquery
   `[1h:15s]` stands for a recording rule evaluated every 15 s (the rule manager evaluates at
   the same steps); for the 30-day query latency it makes Prometheus compute what a stored
   rule would have kept, so that figure is the worst case for Prometheus.
-- **Ground truth**: the simulator's container records (see `benches/compare/scenario.rs`):
-  GPU time is each run's overlap with the hour, energy 300 W and CPU the container's cores
-  over the same overlap, memory each 15-s reading held to the next. Energy and CPU per hour
-  are exact for Meterflow when a counter reading falls on the hour (the agents collect on
-  15-s boundaries); an agent outage across an hour boundary would move that outage's joules
-  to the hour the agent came back in (the total stays exact).
+- **Ground truth**: the simulator's physical record of each run (see
+  `benches/compare/scenario.rs`), never either system's readings: GPU time is each run's
+  overlap with the hour to the millisecond, energy 300 W per whole GPU held and CPU the
+  container's cores over the same overlap, memory each 15-s reading held to the next or the
+  exit. Both systems read the node as its real sources show it (kubelet times in whole
+  seconds, board energy counters since the driver loaded, no reading at a container's exit),
+  so neither can be exact: the "sources' bound" column is how far a collector of those
+  sources may be off, run by run (1 s per start and exit shown, a run the kubelet never
+  listed, a board's energy before its holder's first reading and after its last), and
+  Meterflow must stay within it.
 - **Throughput** is the processor's: the backlog of every batch, read with one worker from
   the first message to the last. CPU-seconds come from `/proc/PID/stat` of each process;
   Prometheus's are counted from its first write to its last.

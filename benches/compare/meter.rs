@@ -111,6 +111,7 @@ impl Meterflow {
             .map(|node| NodeTick {
                 node,
                 batch: None,
+                boards: Vec::new(),
                 delivery: Delivery::OnTime,
             })
             .collect();

@@ -2,7 +2,7 @@
 //! written through Prometheus's remote-write receiver, and read back with the PromQL people
 //! use for GPU chargeback.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -63,7 +63,7 @@ fn labels(pairs: &[(&str, &str)]) -> Series {
 
 /// The series one scrape of one node shows for one sample, dcgm-exporter's and cAdvisor's
 /// names and labels (the pod's namespace is the tenant, the pod the lease).
-fn exposition(s: &Sample, board_mj: &HashMap<String, i64>) -> Option<(Series, f64)> {
+fn exposition(s: &Sample) -> Option<(Series, f64)> {
     let id = &s.series;
     let gpu = |name: &str| {
         labels(&[
@@ -89,10 +89,6 @@ fn exposition(s: &Sample, board_mj: &HashMap<String, i64>) -> Option<(Series, f6
     };
     match s.metric.as_str() {
         metrics::GPU_UTILIZATION => Some((gpu("DCGM_FI_DEV_GPU_UTIL"), (s.value * 100.0).round())),
-        metrics::ENERGY_JOULES => Some((
-            gpu("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"),
-            *board_mj.get(&id.gpu_uuid)? as f64,
-        )),
         metrics::CPU_SECONDS => Some((container("container_cpu_usage_seconds_total"), s.value)),
         metrics::MEMORY_BYTES => Some((container("container_memory_working_set_bytes"), s.value)),
         _ => None,
@@ -102,10 +98,6 @@ fn exposition(s: &Sample, board_mj: &HashMap<String, i64>) -> Option<(Series, f6
 /// One remote-write request per tick (plus the duplicates and the late deliveries), encoded
 /// and compressed, in the order they are sent; and how many samples they carry.
 pub fn requests(scenario: &Scenario) -> (Vec<Vec<u8>>, u64) {
-    // Energy per GPU board, in millijoules since the driver loaded: what DCGM reports, the sum
-    // of the energy of every container that ran on it.
-    let mut finished_mj: HashMap<String, i64> = HashMap::new();
-    let mut reset_offset: HashMap<String, i64> = HashMap::new();
     // Per node: the series its last successful scrape showed (a scrape loop marks the rest stale).
     let mut shown: Vec<HashSet<Series>> = vec![HashSet::new(); scenario.nodes];
     let mut held: BTreeMap<i64, Vec<(Series, PromSample)>> = BTreeMap::new();
@@ -116,56 +108,12 @@ pub fn requests(scenario: &Scenario) -> (Vec<Vec<u8>>, u64) {
         let mut request: Vec<(Series, PromSample)> = Vec::new();
         let mut duplicates: Vec<(Series, PromSample)> = Vec::new();
         for t in row {
-            let mut board_mj: HashMap<String, i64> = HashMap::new();
-            if let Some(batch) = &t.batch {
-                // The runtime's record of a container that finished: its energy joins its
-                // board's (one that finished at this very instant, after this scrape).
-                let ended_now: HashSet<&str> = batch
-                    .samples
-                    .iter()
-                    .filter(|s| s.finished_at_ms == Some(now))
-                    .map(|s| s.series.container_id.as_str())
-                    .collect();
-                let energy = || {
-                    batch
-                        .samples
-                        .iter()
-                        .filter(|s| s.metric == metrics::ENERGY_JOULES)
-                };
-                for s in energy().filter(|s| s.timestamp_ms < now) {
-                    *finished_mj.entry(s.series.gpu_uuid.clone()).or_default() += mj(s);
-                }
-                for s in energy().filter(|s| s.timestamp_ms == now) {
-                    let uuid = &s.series.gpu_uuid;
-                    let before = finished_mj.get(uuid).copied().unwrap_or(0);
-                    // The reset: the container's own counter already restarts in the samples;
-                    // the board's also drops what earlier containers had added.
-                    if scenario
-                        .reset
-                        .as_ref()
-                        .is_some_and(|(u, rk)| u == uuid && k == *rk)
-                    {
-                        reset_offset.insert(uuid.clone(), before);
-                    }
-                    let offset = if k > scenario.reset.as_ref().map_or(i64::MAX, |r| r.1) {
-                        reset_offset.get(uuid).copied().unwrap_or(0)
-                    } else {
-                        0
-                    };
-                    board_mj.insert(uuid.clone(), before + mj(s) - offset);
-                }
-                for s in energy().filter(|s| {
-                    s.timestamp_ms == now && ended_now.contains(s.series.container_id.as_str())
-                }) {
-                    *finished_mj.entry(s.series.gpu_uuid.clone()).or_default() += mj(s);
-                }
-            }
             let scraped = t.batch.as_ref().filter(|_| t.delivery != Delivery::Dropped);
             let mut samples = Vec::new();
             let mut now_shown = HashSet::new();
             if let Some(batch) = scraped {
                 for s in running_at(batch, now) {
-                    if let Some((series, value)) = exposition(s, &board_mj) {
+                    if let Some((series, value)) = exposition(s) {
                         now_shown.insert(series.clone());
                         samples.push((
                             series,
@@ -175,6 +123,28 @@ pub fn requests(scenario: &Scenario) -> (Vec<Vec<u8>>, u64) {
                             },
                         ));
                     }
+                }
+                // dcgm-exporter: each board's energy since its driver loaded, with the labels
+                // of the pod that holds it (none while idle or split into MIG instances).
+                for board in &t.boards {
+                    let (tenant, lease, _) = board.holder.clone().unwrap_or_default();
+                    let series = labels(&[
+                        ("__name__", "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"),
+                        ("Hostname", &batch.node),
+                        ("UUID", &board.uuid),
+                        ("modelName", &board.model),
+                        ("GPU_I_PROFILE", ""),
+                        ("namespace", &tenant),
+                        ("pod", &lease),
+                    ]);
+                    now_shown.insert(series.clone());
+                    samples.push((
+                        series,
+                        PromSample {
+                            value: board.energy_mj as f64,
+                            timestamp: now,
+                        },
+                    ));
                 }
             }
             // A failed scrape (or a target that is down) marks everything stale; a scrape marks
@@ -209,11 +179,6 @@ pub fn requests(scenario: &Scenario) -> (Vec<Vec<u8>>, u64) {
         }
     }
     (out, total)
-}
-
-/// An energy reading in whole millijoules.
-fn mj(s: &Sample) -> i64 {
-    (s.value * 1000.0).round() as i64
 }
 
 fn encode(samples: Vec<(Series, PromSample)>) -> Vec<u8> {
@@ -390,7 +355,7 @@ pub mod promql {
         format!("sum_over_time(({GPUS_HELD})[1h:15s]) * 15 / 3600")
     }
     pub fn energy_joules() -> String {
-        "sum by (namespace) (increase(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION[1h])) / 1000".into()
+        "sum by (namespace) (increase(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{namespace!=\"\"}[1h])) / 1000".into()
     }
     pub fn cpu_core_hours() -> String {
         "sum by (namespace) (increase(container_cpu_usage_seconds_total[1h])) / 3600".into()

@@ -12,20 +12,26 @@
 //!   is back the container runtime's records tell it what ran meanwhile.
 //! - **late batches**: one node's deliveries held back for five minutes (a partition), then
 //!   delivered, after the other nodes' newer data.
-//! - **a counter reset**: one GPU's energy counter restarts from zero right after a reading
-//!   (a driver reload).
+//! - **a driver reload**: one GPU board's energy counter restarts from zero right after a
+//!   reading, for both systems (the board's counter, as dcgm-exporter and NVML read it).
 //!
-//! The truth comes from the simulator's container records, not from any system's readings:
-//! GPU time is the overlap of each container's run with the hour; energy and CPU are the
-//! simulated power and cores over the same overlap (the counters' readings are exactly those);
-//! memory is each 15-s reading held until the next, as a collector that never missed one
-//! would see it; the most GPUs per node and hour is a sweep over the runs.
+//! Both systems read the node as its real sources show it (the simulator's module docs): the
+//! kubelet's whole-second times and `lastState`, per-board energy counters that ran long before
+//! any holder, cgroup counters read at ticks and never at a container's exit.
+//!
+//! The truth comes from the simulator's physical record of each run, not from any system's
+//! readings: GPU time is the overlap of each run with the hour, to the millisecond; energy is
+//! [`GPU_WATTS`] per whole GPU held over the same overlap (a MIG-split board's energy is the
+//! node's, as SPEC says) and CPU the run's cores over it; memory is each 15-s reading held until
+//! the next or the run's exit, as a collector that never missed one would see it; the most GPUs
+//! per node and hour is a sweep over the runs. [`Bounds`] say how far a collector of those
+//! sources may be off from it, from what they cannot show.
 
 use std::collections::BTreeMap;
 
-use meterflow_ingest::simulator::{ContainerTruth, GPU_WATTS, Rng, memory_bytes};
+use meterflow_ingest::simulator::{BoardReading, ContainerTruth, GPU_WATTS, Rng, memory_bytes};
 use meterflow_ingest::{Fleet, FleetConfig};
-use meterflow_schemas::{SampleBatch, SampleKind, metrics};
+use meterflow_schemas::{SampleBatch, SampleKind};
 
 pub const INTERVAL_MS: i64 = 15_000;
 pub const HOUR_MS: i64 = 3_600_000;
@@ -48,6 +54,8 @@ pub enum Delivery {
 pub struct NodeTick {
     pub node: usize,
     pub batch: Option<SampleBatch>,
+    /// The node's GPU boards as dcgm-exporter shows them at this tick (none while down).
+    pub boards: Vec<BoardReading>,
     pub delivery: Delivery,
 }
 
@@ -64,8 +72,18 @@ pub struct Cell {
 pub struct Truth {
     /// (tenant, hour start) → what the tenant used in that hour.
     pub tenants: BTreeMap<(String, i64), Cell>,
+    /// How far any collector reading the node's real sources may be from the truth.
+    pub bounds: Bounds,
     /// (node, hour start) → the most GPUs (whole or MIG slices) held at any instant.
     pub node_max_gpus: BTreeMap<(String, i64), i64>,
+}
+
+/// The most a collector of the node's sources can be off, summed over the runs, from what
+/// the sources cannot show (module docs): GPU-ms per (class, MIG profile) and millijoules.
+#[derive(Debug, Default, Clone)]
+pub struct Bounds {
+    pub gpu_ms: BTreeMap<(String, String), i64>,
+    pub energy_mj: i64,
 }
 
 pub struct Scenario {
@@ -78,8 +96,6 @@ pub struct Scenario {
     pub tenants: Vec<String>,
     /// The faults as injected, for the report.
     pub faults: Vec<String>,
-    /// The counter reset: (GPU uuid, tick after whose reading it restarts from zero).
-    pub reset: Option<(String, i64)>,
     pub samples: u64,
     pub containers: usize,
     pub short_containers: usize,
@@ -109,50 +125,37 @@ impl Scenario {
         let late_node = 2;
         let late_from = (hours - 1) * TICKS_PER_HOUR + 40;
         let late = late_from..late_from + 20;
-        // The reset: 30 min into hour 0, the first GPU on node 0 then running for over a minute.
+        // The driver reload: 30 min into hour 0, of the first board on node 0 a container holds.
         let reset_tick = 120;
-        let mut reset: Option<(String, String, i64)> = None; // (container, uuid, offset mJ)
+        let mut reset: Option<(String, String)> = None; // (board, holder's container)
         // The faults, from the seed (a stream of their own, apart from the fleet's).
         let mut rng = Rng::new(seed ^ 0x5eed_fa17);
         let mut ticks = Vec::with_capacity(total_ticks as usize);
+        let mut observed: Vec<Vec<i64>> = vec![Vec::new(); nodes];
         let (mut dropped, mut duplicated, mut samples) = (0u64, 0u64, 0u64);
         for k in 1..=total_ticks {
             let now = t0 + k * INTERVAL_MS;
             let mut row = Vec::with_capacity(nodes);
-            for n in 0..nodes {
+            for (n, seen) in observed.iter_mut().enumerate() {
                 if n == outage_node && outage.contains(&k) {
                     row.push(NodeTick {
                         node: n,
                         batch: None,
+                        boards: Vec::new(),
                         delivery: Delivery::OnTime,
                     });
                     continue;
                 }
-                let mut batch = fleet.tick_node(n, now);
-                if n == 0 && k == reset_tick && reset.is_none() {
-                    reset = batch
-                        .samples
-                        .iter()
-                        .find(|s| {
-                            s.metric == metrics::ENERGY_JOULES
-                                && s.timestamp_ms == now
-                                && s.value > 60.0 * GPU_WATTS as f64
-                        })
-                        .map(|s| {
-                            (
-                                s.series.container_id.clone(),
-                                s.series.gpu_uuid.clone(),
-                                (s.value * 1000.0).round() as i64,
-                            )
-                        });
-                } else if let Some((container, uuid, offset)) = &reset {
-                    for s in &mut batch.samples {
-                        if s.metric == metrics::ENERGY_JOULES
-                            && &s.series.container_id == container
-                            && &s.series.gpu_uuid == uuid
-                        {
-                            s.value = ((s.value * 1000.0).round() as i64 - offset) as f64 / 1000.0;
-                        }
+                seen.push(now);
+                let batch = fleet.tick_node(n, now);
+                let boards = fleet.boards(n);
+                if n == 0 && k == reset_tick {
+                    reset = boards.iter().find_map(|b| {
+                        let (_, _, container) = b.holder.as_ref()?;
+                        Some((b.uuid.clone(), container.clone()))
+                    });
+                    if let Some((uuid, _)) = &reset {
+                        fleet.reload_driver(n, uuid);
                     }
                 }
                 samples += batch.samples.len() as u64;
@@ -170,6 +173,7 @@ impl Scenario {
                 row.push(NodeTick {
                     node: n,
                     batch: Some(batch),
+                    boards,
                     delivery,
                 });
             }
@@ -180,7 +184,7 @@ impl Scenario {
             .iter()
             .filter(|c| c.finished && c.until_ms - c.started_at_ms < INTERVAL_MS)
             .count();
-        let truth = truth(&containers, t0, hours);
+        let truth = truth(&containers, &observed, t0, hours);
         let clock = |k: i64| {
             let m = (k * INTERVAL_MS) / 60_000;
             format!("{}:{:02}", m / 60, m % 60)
@@ -203,13 +207,12 @@ impl Scenario {
                 clock(late.end)
             ),
         ];
-        let reset = reset.map(|(container, uuid, _)| {
+        if let Some((uuid, container)) = reset {
             faults.push(format!(
-                "counter reset: GPU {uuid}'s energy counter (container {container}) restarts from zero after the reading at {}",
+                "driver reload: GPU board {uuid}'s energy counter (held by container {container}) restarts from zero after the reading at {}",
                 clock(reset_tick)
             ));
-            (uuid, reset_tick)
-        });
+        }
         Scenario {
             t0,
             hours,
@@ -218,7 +221,6 @@ impl Scenario {
             truth,
             tenants: fleet.tenants(),
             faults,
-            reset,
             samples,
             containers: containers.len(),
             short_containers,
@@ -239,7 +241,7 @@ fn overlap(a: i64, b: i64, c: i64, d: i64) -> i64 {
     (b.min(d) - a.max(c)).max(0)
 }
 
-fn truth(containers: &[ContainerTruth], t0: i64, hours: i64) -> Truth {
+fn truth(containers: &[ContainerTruth], observed: &[Vec<i64>], t0: i64, hours: i64) -> Truth {
     let mut tenants: BTreeMap<(String, i64), Cell> = BTreeMap::new();
     // (node, hour) → (time, change) of GPUs held.
     let mut events: BTreeMap<(String, i64), Vec<(i64, i64)>> = BTreeMap::new();
@@ -258,7 +260,10 @@ fn truth(containers: &[ContainerTruth], t0: i64, hours: i64) -> Truth {
                     .gpu_ms
                     .entry((g.class.clone(), g.mig_profile.clone()))
                     .or_default() += ms;
-                cell.energy_mj += ms * GPU_WATTS;
+                // A whole board's energy is its holder's; a MIG-split board's is the node's.
+                if g.mig_profile.is_empty() {
+                    cell.energy_mj += ms * GPU_WATTS;
+                }
             }
             cell.cpu_us += ms * c.cores_tenths * 100;
             let held = events.entry((c.node.clone(), hour)).or_default();
@@ -266,19 +271,13 @@ fn truth(containers: &[ContainerTruth], t0: i64, hours: i64) -> Truth {
             held.push((e.min(hour + HOUR_MS), -(c.gpus.len() as i64)));
         }
         // Memory: the readings a collector that never missed one takes (every tick while the
-        // container runs, and one at its finish), each held until the next.
+        // container runs), each held until the next or the container's exit.
         let first = ((s - t0 + INTERVAL_MS - 1) / INTERVAL_MS).max(1);
         let mut readings: Vec<i64> = (first..)
             .map(|k| t0 + k * INTERVAL_MS)
-            .take_while(|t| {
-                if c.finished {
-                    *t < e
-                } else {
-                    *t <= e.min(end_ms)
-                }
-            })
+            .take_while(|t| *t < e || (!c.finished && *t <= e.min(end_ms)))
             .collect();
-        if c.finished {
+        if c.finished && !readings.is_empty() {
             readings.push(e);
         }
         for pair in readings.windows(2) {
@@ -311,7 +310,68 @@ fn truth(containers: &[ContainerTruth], t0: i64, hours: i64) -> Truth {
     Truth {
         tenants,
         node_max_gpus,
+        bounds: bounds(containers, observed),
     }
+}
+
+/// What the node's sources cannot show, run by run (SPEC and docs/metering-rules.md):
+/// - GPU time: the kubelet shows a start and an exit truncated to the second (up to 1 s each);
+///   a run it never listed (begun and ended between two readings of the node, behind another)
+///   is lost whole; an exit it never showed (the next run also ended before the next reading)
+///   ends the run at its last reading.
+/// - Energy: a whole board's holder gets the board's increase between two readings that both
+///   fall in its run; before the first and after the last it is the node's.
+fn bounds(containers: &[ContainerTruth], observed: &[Vec<i64>]) -> Bounds {
+    let mut bounds = Bounds::default();
+    // Each workload's runs (by node and lease) in order, for when the next one ended.
+    let mut runs: BTreeMap<(&str, &str), Vec<&ContainerTruth>> = BTreeMap::new();
+    for c in containers {
+        runs.entry((&c.node, &c.lease)).or_default().push(c);
+    }
+    for list in runs.values_mut() {
+        list.sort_by_key(|c| c.started_at_ms);
+        for (i, c) in list.iter().enumerate() {
+            let node: usize = c
+                .node
+                .trim_start_matches("node-")
+                .parse()
+                .expect("node-NNN");
+            let ticks = &observed[node];
+            let (s, e) = (c.started_at_ms, c.until_ms);
+            // The readings that saw it running.
+            let running: Vec<i64> = ticks
+                .iter()
+                .copied()
+                .filter(|t| *t >= s && (*t < e || (!c.finished && *t <= e)))
+                .collect();
+            let next_end = list
+                .get(i + 1)
+                .and_then(|n| n.finished.then_some(n.until_ms))
+                .unwrap_or(i64::MAX);
+            let exit_shown = !c.finished || ticks.iter().any(|t| *t >= e && *t < next_end);
+            let gpu_ms = if !c.listed {
+                e - s
+            } else if exit_shown {
+                2_000
+            } else {
+                2_000 + e - running.last().copied().unwrap_or(s)
+            };
+            let held_ms = match (running.first(), running.last()) {
+                (Some(first), Some(last)) => last - first,
+                _ => 0,
+            };
+            for g in &c.gpus {
+                *bounds
+                    .gpu_ms
+                    .entry((g.class.clone(), g.mig_profile.clone()))
+                    .or_default() += gpu_ms.min(e - s);
+                if g.mig_profile.is_empty() {
+                    bounds.energy_mj += GPU_WATTS * (e - s - held_ms);
+                }
+            }
+        }
+    }
+    bounds
 }
 
 /// The series a scrape of one node shows at `now`: what runs at that instant.

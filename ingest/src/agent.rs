@@ -35,7 +35,11 @@ impl Collect for Fleet {
 
 impl Collect for NodeCollector {
     fn tick(&mut self, now_ms: i64) -> BoxFuture<'_, Vec<SampleBatch>> {
-        Box::pin(async move { vec![NodeCollector::tick(self, now_ms).await] })
+        Box::pin(async move {
+            let batch = NodeCollector::tick(self, now_ms).await;
+            METRICS.unattributed_pods.set(self.unattributed_pods());
+            vec![batch]
+        })
     }
 }
 

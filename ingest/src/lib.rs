@@ -50,4 +50,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 pub use agent::{AgentError, RunConfig, SimulatedAgentConfig, SpoolConfig, run, run_simulated};
 pub use config::AgentConfig;
 pub use publisher::{PublishError, Publisher};
-pub use simulator::{ContainerTruth, Fleet, FleetConfig, GPU_WATTS, HeldGpu, memory_bytes};
+pub use simulator::{
+    BoardReading, ContainerTruth, Fleet, FleetConfig, GPU_WATTS, HeldGpu, IDLE_WATTS, memory_bytes,
+};

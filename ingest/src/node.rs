@@ -110,6 +110,10 @@ pub struct NodeCollector {
     known_gpus: BTreeMap<String, GpuInfo>,
     /// Pods (by UID) already checked for attribution: each is warned of once.
     checked: BTreeSet<String>,
+    /// Pods whose started containers have no identity, at the latest tick.
+    unattributed_pods: i64,
+    /// Board energy no tenant held, since this collector started (joules).
+    unheld_energy_joules: f64,
     sequence: i64,
 }
 
@@ -210,6 +214,8 @@ impl NodeCollector {
             totals: RunningTotals::default(),
             known_gpus: BTreeMap::new(),
             checked: BTreeSet::new(),
+            unattributed_pods: 0,
+            unheld_energy_joules: 0.0,
             sequence: 0,
         })
     }
@@ -344,7 +350,20 @@ impl NodeCollector {
         }
         self.checked
             .retain(|uid| pods.iter().any(|p| &p.uid == uid));
-        METRICS.unattributed_pods.set(unattributed);
+        self.unattributed_pods = unattributed;
+    }
+
+    /// Pods whose started containers have no identity at the latest tick (the agent's
+    /// `/healthz` `unattributed_pods`; a process that runs many collectors, the simulator,
+    /// leaves that gauge alone).
+    pub fn unattributed_pods(&self) -> i64 {
+        self.unattributed_pods
+    }
+
+    /// Board energy this collector gave no tenant since it started, in joules (its share of
+    /// `meterflow_agent_unheld_energy_joules_total`).
+    pub fn unheld_energy_joules(&self) -> f64 {
+        self.unheld_energy_joules
     }
 
     /// Allocations and readings as samples of their containers' series.
@@ -622,6 +641,7 @@ impl NodeCollector {
                     );
                     if matches!(r.scope, Scope::Board(_)) && r.metric == m::ENERGY_JOULES {
                         METRICS.unheld_energy_joules.add(carry.unheld);
+                        self.unheld_energy_joules += carry.unheld;
                     }
                     carry.sent
                 }

@@ -1,7 +1,8 @@
 //! The Prometheus comparison (`compare --quick`, a smaller fleet and fewer probes) as a
-//! check: under every injected fault Meterflow's GPU-hours, billed GPU-hours and energy equal
-//! the ground truth in every tenant-hour, while the same samples in a real Prometheus, read
-//! with the usual PromQL, are not exact. Needs the `prometheus` binary (`make test` installs
+//! check: under every injected fault, reading the nodes as their real sources show them,
+//! Meterflow's GPU-hours, billed GPU-hours and energy stay within what those sources cannot
+//! show of the physical truth (the scenario's bounds), while the same node in a real
+//! Prometheus, read with the usual PromQL, loses what failed scrapes hid. Needs the `prometheus` binary (`make test` installs
 //! Debian's package; the harness installs it itself when run as root).
 
 use std::process::Command;
@@ -9,7 +10,7 @@ use std::process::Command;
 use serde_json::Value;
 
 #[test]
-fn meterflow_is_exact_under_the_faults_where_prometheus_is_not() {
+fn meterflow_stays_within_the_sources_bound_under_the_faults() {
     let dir = tempfile::tempdir().expect("temp dir");
     let json = dir.path().join("scores.json");
     let out = Command::new(env!("CARGO_BIN_EXE_compare"))
@@ -26,12 +27,9 @@ fn meterflow_is_exact_under_the_faults_where_prometheus_is_not() {
     assert!(out.status.success(), "compare failed:\n{text}");
     let scores: Vec<Value> =
         serde_json::from_slice(&std::fs::read(&json).expect("scores written")).expect("JSON");
-    let exact: Vec<&Value> = scores
-        .iter()
-        .filter(|q| q["must_be_exact"] == true)
-        .collect();
+    let bounded: Vec<&Value> = scores.iter().filter(|q| q["bound"].is_number()).collect();
     assert!(
-        exact.len() >= 5,
+        bounded.len() >= 5,
         "GPU-hours by kind, billed and energy are checked: {scores:?}"
     );
     for q in &scores {
@@ -41,12 +39,13 @@ fn meterflow_is_exact_under_the_faults_where_prometheus_is_not() {
             p["sum"].as_f64().expect("sum") > 0.0,
             "Prometheus answered: {q}"
         );
-        if q["must_be_exact"] == true {
-            assert_eq!(
-                m["cells_exact"], m["cells"],
-                "Meterflow exact in every cell: {q}"
+        // Within what the node's sources cannot show, computed from the physical runs.
+        if let Some(bound) = q["bound"].as_f64() {
+            let error = m["abs_error"].as_f64().expect("error");
+            assert!(
+                error <= bound * (1.0 + 1e-9),
+                "Meterflow within the sources' bound: {q}"
             );
-            assert_eq!(m["abs_error"].as_f64(), Some(0.0), "{q}");
         }
     }
     // The scrape-based GPU-hours lose what the failed scrapes and the outage hid.

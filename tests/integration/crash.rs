@@ -159,7 +159,7 @@ async fn billing_is_exactly_once_across_twenty_sigkills() {
             samples: vec![],
         };
         publisher.publish(&clock).await.expect("published");
-        fleet.gpu_milliseconds().clone()
+        crate::common::gpu_truth(&fleet)
     });
 
     // Kill the processor at random points while the fleet publishes, alternating one and two

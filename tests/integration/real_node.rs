@@ -18,6 +18,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use meterflow_ingest::Publisher;
 use meterflow_ingest::attribution::{Attribution, AttributionConfig};
 use meterflow_ingest::node::{NodeCollector, NodeIdentity};
 use meterflow_ingest::sources::Source;
@@ -27,7 +28,6 @@ use meterflow_ingest::sources::pod_resources::{
     self, PodResourcesConfig, PodResourcesSource, proto,
 };
 use meterflow_ingest::sources::prometheus_scrape::{LabelNames, ScrapeConfig, Scraper};
-use meterflow_ingest::{Publisher, metrics};
 use serde_json::{Value, json};
 
 use crate::common::{Pipeline, poll_json, token};
@@ -426,9 +426,9 @@ async fn a_real_nodes_sources_bill_each_lease_its_own_gpu_time_energy_and_traffi
         let batch = node.tick(T0 + t).await;
         publisher.publish(&batch).await.expect("delivered");
     }
-    // The exporter's pod has no lease: counted and said, never billed.
-    let health: Value = serde_json::from_str(&metrics::health()).expect("health is JSON");
-    assert_eq!(health["unattributed_pods"], 1, "{health}");
+    // The exporter's pod has no lease: counted (the agent's /healthz shows this count) and
+    // said, never billed.
+    assert_eq!(node.unattributed_pods(), 1);
 
     // ---- The bills, worked out by hand from the physical model ----
     // GPU time, from the kubelet's whole-second times: web 00:02→00:47 and 00:49→02:00
@@ -497,7 +497,7 @@ async fn a_real_nodes_sources_bill_each_lease_its_own_gpu_time_energy_and_traffi
     // 35,025 J, less web's 27,000 J. GPU-2 over 0→90 s: 20.3 s idle and 69.7 s at 400 W,
     // 28,895 J, then 8,000 J counted since the reload, less batch's 32,000 J. The 4,000 J of
     // 90→100 s went with the reload and are no one's.
-    let unheld = metrics::METRICS.unheld_energy_joules.get();
+    let unheld = node.unheld_energy_joules();
     assert!(
         (unheld - ((35_025.0 - web_joules) + (28_895.0 + 8_000.0 - batch_joules))).abs() < 1e-6,
         "unheld {unheld} J"

@@ -1,17 +1,47 @@
-//! A deterministic simulated fleet.
+//! A deterministic simulated fleet, seen through the same collector a real node runs.
 //!
-//! Every node alternates between the GPU classes `h100` (eight whole GPUs) and `a100` (one GPU
-//! split into seven `1g.10gb` MIG instances plus seven whole GPUs). Each node runs a few
-//! workloads (leases of seeded tenants); a workload's container runs for a while, finishes,
-//! stays pending for a while (not billed), then restarts as a new container. Start and finish
-//! times fall between ticks, and a container may live less than one tick, as on a real node.
+//! **What physically happens.** Every node alternates between the GPU classes `h100` (eight
+//! whole GPUs) and `a100` (one board split into seven `1g.10gb` MIG instances plus seven whole
+//! GPUs). Each node runs a few workloads (Akash leases of seeded tenants), one pod each; the
+//! pod's container runs for a while, exits, waits in back-off (not billed), then runs again as a
+//! new container of the same pod. Starts and exits fall anywhere in a millisecond, and a run may
+//! be shorter than a tick. Every GPU board draws [`IDLE_WATTS`], [`GPU_WATTS`] while a running
+//! container holds it whole, and [`MIG_SLICE_WATTS`] more per MIG instance in use; its energy
+//! counter is the board's running total since the driver loaded (drawn between 1 and 10 MJ),
+//! and [`Fleet::reload_driver`] sets it back to zero. The container records
+//! ([`Fleet::containers`]) and [`Fleet::gpu_milliseconds`] are this physical truth, in
+//! milliseconds.
 //!
-//! [`Fleet::tick`] advances the fleet to a time and returns one [`SampleBatch`] per node.
-//! [`Fleet::gpu_milliseconds`] is the ground truth for everything the ticks have shown.
+//! **What a node's agent sees.** At each tick the simulator hands the agent's own
+//! [`NodeCollector`] what a real node's sources yield then, and the collector attributes,
+//! differences and batches it exactly as on a node:
+//! - the kubelet's pods as the Akash provider creates them: lease ids on the namespace's
+//!   labels and in the containers' `AKASH_*` env, `akash.network/manifest-service` on the pod,
+//!   a ReplicaSet owner; container times in **whole seconds** (RFC 3339 without fractions:
+//!   truncated); only the last terminated run of a container, in `lastState` (a run that
+//!   started and ended between two ticks and was followed by another is never shown);
+//! - pod-resources' assignments (`nvidia.com/gpu`, `nvidia.com/mig-1g.10gb`) while the pod
+//!   exists;
+//! - NVML's inventory and, per board, its energy counter (one counter for a MIG-split board)
+//!   and per device in use its utilization and memory;
+//! - cgroup CPU seconds and memory of each running container (an exited container's cgroup is
+//!   gone: what it used after the last tick is not read);
+//! - each pod's network counters (its network namespace's totals, across container runs).
+//!
+//! Nothing is read at the instant a container exits: readings are stamped at the tick.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use meterflow_schemas::{Sample, SampleBatch, SampleKind, SeriesId};
+use futures_util::FutureExt;
+use meterflow_schemas::{SampleBatch, SampleKind, metrics as m};
+
+use crate::attribution::{Attribution, AttributionConfig};
+use crate::node::{NodeCollector, NodeIdentity};
+use crate::sources::kubelet::{Container, Pod, Run};
+use crate::sources::pod_resources::Assignment;
+use crate::sources::{Collected, GpuInfo, Reading, Scope, Source, SourceError, Target};
 
 /// Shape of the simulated fleet.
 #[derive(Debug, Clone)]
@@ -24,7 +54,7 @@ pub struct FleetConfig {
     pub tenants: usize,
     /// Shortest and longest run of a container, in milliseconds.
     pub run_ms: (i64, i64),
-    /// Shortest and longest pending time between two containers of a workload, in milliseconds.
+    /// Shortest and longest back-off between two runs of a workload, in milliseconds.
     pub pending_ms: (i64, i64),
 }
 
@@ -65,12 +95,32 @@ impl Rng {
     }
 }
 
+/// A device a container can be allocated: a whole GPU or a MIG instance.
 #[derive(Debug, Clone)]
 struct Gpu {
     uuid: String,
     model: &'static str,
     class: &'static str,
     mig_profile: &'static str,
+    /// Index of its board in [`Node::boards`].
+    board: usize,
+}
+
+/// A GPU board and its energy counter.
+#[derive(Debug, Clone)]
+struct Board {
+    uuid: String,
+    model: &'static str,
+    /// Millijoules since the driver loaded.
+    energy_mj: i64,
+}
+
+/// One run of a container, in physical milliseconds.
+#[derive(Debug, Clone)]
+struct RunRecord {
+    container_id: String,
+    started_at_ms: i64,
+    finished_at_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -87,7 +137,6 @@ enum State {
     },
 }
 
-#[derive(Debug, Clone)]
 struct Workload {
     tenant: String,
     lease: String,
@@ -97,22 +146,39 @@ struct Workload {
     cores_tenths: i64,
     restarts: u32,
     state: State,
+    /// The last run that ended (the kubelet's `lastState`).
+    last_finished: Option<RunRecord>,
+    /// Milliseconds the pod's containers have run: its network counters grow only then.
+    network_ms: i64,
+    /// The pod as the kubelet lists it, without its container's runs.
+    pod: Pod,
 }
 
-#[derive(Debug, Clone)]
 struct Node {
     name: String,
     gpus: Vec<Gpu>,
+    boards: Vec<Board>,
     workloads: Vec<Workload>,
-    sequence: i64,
+    /// The boards' idle power is counted up to here.
+    accrued_ms: i64,
+    /// The node's agent, reading what [`Handed`] gives it.
+    collector: NodeCollector,
+    handed: Arc<Mutex<Option<Collected>>>,
 }
 
 /// Key of the ground truth: who used which kind of GPU.
 pub type GpuKey = (String, String, String, String);
 
-/// Power every simulated GPU draws while its container runs: its energy counter reads this
-/// many joules per second of the container's life.
+/// Power a GPU board draws while a running container holds it whole: its holder uses this many
+/// joules per second of its run.
 pub const GPU_WATTS: i64 = 300;
+/// Power a board draws while no one uses it (the node's, never a tenant's).
+pub const IDLE_WATTS: i64 = 60;
+/// Power a MIG-split board draws, above idle, per instance a running container holds.
+pub const MIG_SLICE_WATTS: i64 = 30;
+/// Bytes a pod receives and sends per second while its container runs.
+pub const RECEIVE_BYTES_PER_S: i64 = 2_000_000;
+pub const TRANSMIT_BYTES_PER_S: i64 = 500_000;
 
 /// One GPU a container holds, as the ground truth lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,10 +188,10 @@ pub struct HeldGpu {
     pub mig_profile: String,
 }
 
-/// Ground truth of one container the ticks have shown: who ran it where, what it held, how
-/// many cores it kept busy and from when to when. Its CPU counter reads `cores_tenths / 10`
-/// core-seconds per second of its life, each GPU's energy counter [`GPU_WATTS`] joules per
-/// second, its memory [`memory_bytes`] at each reading.
+/// Ground truth of one container run: who ran it where, what it held, how many cores it kept
+/// busy and from when to when, to the millisecond. Its CPU counter reads `cores_tenths / 10`
+/// core-seconds per second of its life, each whole GPU it holds draws [`GPU_WATTS`], its memory
+/// is [`memory_bytes`] at each reading.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerTruth {
     pub node: String,
@@ -135,34 +201,184 @@ pub struct ContainerTruth {
     pub gpus: Vec<HeldGpu>,
     pub cores_tenths: i64,
     pub started_at_ms: i64,
-    /// Its finish, or the latest tick while it still runs.
+    /// Its exit, or the latest tick while it still runs.
     pub until_ms: i64,
     pub finished: bool,
+    /// Whether the kubelet listed the run at some tick (running, or in `lastState`). A run it
+    /// never listed (it started and ended between two ticks, and another followed before the
+    /// next) cannot be billed from a real node's sources.
+    pub listed: bool,
+}
+
+/// A board's energy counter as a scrape of it reads now, and who holds it whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoardReading {
+    pub uuid: String,
+    pub model: String,
+    /// Millijoules since the driver loaded.
+    pub energy_mj: i64,
+    /// (tenant, lease, container id) of the running container that holds the board whole.
+    pub holder: Option<(String, String, String)>,
 }
 
 /// The simulated fleet and its ground truth.
-#[derive(Debug, Clone)]
 pub struct Fleet {
     config: FleetConfig,
     rng: Rng,
     nodes: Vec<Node>,
-    /// (tenant, lease, gpu_class, mig_profile) → GPU-milliseconds shown so far.
+    /// (tenant, lease, gpu_class, mig_profile) → GPU-milliseconds run so far.
     gpu_ms: BTreeMap<GpuKey, i64>,
-    /// Every container shown so far, by id.
+    /// Every container run so far, by id.
     containers: BTreeMap<String, ContainerTruth>,
 }
 
-const PROVIDER: &str = "sim-provider";
+/// The Akash provider every simulated node belongs to.
+pub const PROVIDER: &str = "akash1simprovider";
+
+/// The source the simulator hands a node's collector: what the node's real sources would
+/// have yielded at this tick.
+struct Handed(Arc<Mutex<Option<Collected>>>);
+
+impl Source for Handed {
+    fn name(&self) -> &str {
+        "simulator"
+    }
+
+    fn metrics(&self) -> Vec<String> {
+        [
+            m::CPU_SECONDS,
+            m::MEMORY_BYTES,
+            m::NETWORK_RECEIVE_BYTES,
+            m::NETWORK_TRANSMIT_BYTES,
+            m::GPU_UTILIZATION,
+            m::VRAM_BYTES,
+            m::ENERGY_JOULES,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    fn collect(&mut self) -> super::BoxFuture<'_, Result<Collected, SourceError>> {
+        let handed = self.0.lock().expect("not poisoned").take();
+        Box::pin(async move {
+            handed.ok_or_else(|| SourceError::Failed("nothing handed for this tick".into()))
+        })
+    }
+}
+
+/// Whole seconds, as the kubelet's RFC 3339 times show an instant.
+fn kubelet_time(ms: i64) -> i64 {
+    ms.div_euclid(1_000) * 1_000
+}
+
+/// A lowercase base-32 name of `n` characters determined by `text` (an Akash lease's
+/// namespace, a pod name's suffix).
+fn hashed_name(text: &str, n: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut out = String::with_capacity(n);
+    for i in 0..n {
+        for b in text.bytes().chain([i as u8]) {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        out.push(ALPHABET[(h >> 59) as usize] as char);
+    }
+    out
+}
+
+/// The pod an Akash provider runs for one service of a lease, without its container's runs.
+fn akash_pod(owner: &str, dseq: i64, gseq: i64, oseq: i64, service: &str, created_ms: i64) -> Pod {
+    let lease_path = format!("{owner}/{dseq}/{gseq}/{oseq}/{PROVIDER}");
+    let namespace = hashed_name(&lease_path, 45);
+    let hash = hashed_name(&format!("{lease_path}/{service}"), 10);
+    let replica_set = format!("{service}-{hash}");
+    let name = format!("{replica_set}-{}", hashed_name(&lease_path, 5));
+    let labels = [
+        ("akash.network", "true"),
+        ("akash.network/manifest-service", service),
+        ("akash.network/namespace", namespace.as_str()),
+        ("pod-template-hash", hash.as_str()),
+    ];
+    let (dseq, gseq, oseq) = (dseq.to_string(), gseq.to_string(), oseq.to_string());
+    let namespace_labels = [
+        ("akash.network", "true"),
+        ("akash.network/lease.id.owner", owner),
+        ("akash.network/lease.id.dseq", dseq.as_str()),
+        ("akash.network/lease.id.gseq", gseq.as_str()),
+        ("akash.network/lease.id.oseq", oseq.as_str()),
+        ("akash.network/lease.id.provider", PROVIDER),
+    ];
+    let env = [
+        ("AKASH_OWNER", owner),
+        ("AKASH_DEPLOYMENT_SEQUENCE", dseq.as_str()),
+        ("AKASH_GROUP_SEQUENCE", gseq.as_str()),
+        ("AKASH_ORDER_SEQUENCE", oseq.as_str()),
+        ("AKASH_PROVIDER", PROVIDER),
+    ];
+    let map = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let labels = map(&labels);
+    Pod {
+        uid: hashed_name(&format!("{lease_path}/{service}/uid"), 36),
+        namespace,
+        name,
+        labels,
+        annotations: BTreeMap::new(),
+        namespace_labels: map(&namespace_labels),
+        owner: Some(("ReplicaSet".into(), replica_set)),
+        started_at_ms: Some(kubelet_time(created_ms)),
+        containers: vec![Container {
+            name: service.to_string(),
+            restarts: 0,
+            current: None,
+            previous: None,
+            env: map(&env),
+        }],
+    }
+}
+
+/// The agent of a simulated node: the Akash preset, price classes by model, the device
+/// plugin's GPU resources.
+fn node_collector(name: &str, handed: &Arc<Mutex<Option<Collected>>>) -> NodeCollector {
+    let attribution = Attribution::new(&AttributionConfig {
+        preset: "akash".into(),
+        gpu_classes: vec![
+            ("H100".into(), "h100".into()),
+            ("A100".into(), "a100".into()),
+        ],
+        ..AttributionConfig::default()
+    })
+    .expect("the akash preset compiles");
+    NodeCollector::new(
+        NodeIdentity {
+            node: name.to_string(),
+            provider: PROVIDER.into(),
+            agent_id: format!("sim-{name}"),
+        },
+        Duration::from_secs(15),
+        // A node paused for a while (its agent away) keeps its running totals.
+        Duration::from_secs(3_600),
+        attribution,
+        vec!["nvidia.com/gpu".into(), "nvidia.com/mig-*".into()],
+        vec![Box::new(Handed(handed.clone()))],
+    )
+    .expect("one source cannot collide with itself")
+}
 
 impl Fleet {
-    /// Builds the fleet; containers start shortly after `start_ms`.
+    /// Builds the fleet; its pods are created at `start_ms` and their containers start within
+    /// three seconds.
     pub fn new(config: FleetConfig, start_ms: i64) -> Self {
         let mut rng = Rng::new(config.seed);
         let tenants = config.tenants.max(1);
         let mut nodes = Vec::with_capacity(config.nodes);
         for n in 0..config.nodes {
             let name = format!("node-{n:03}");
-            let gpus = node_gpus(n);
+            let (gpus, boards) = node_gpus(n, &mut rng);
             // Workloads: a few GPU sets per node, leaving one GPU idle.
             let sets: Vec<Vec<usize>> = if n.is_multiple_of(2) {
                 vec![vec![0, 1, 2, 3], vec![4, 5], vec![6]]
@@ -179,29 +395,39 @@ impl Fleet {
                 .into_iter()
                 .enumerate()
                 .map(|(w, gpus)| {
-                    let tenant = rng.range(0, tenants as i64 - 1);
+                    let tenant = format!("tenant-{}", rng.range(0, tenants as i64 - 1));
+                    let dseq = 1000 + n as i64;
+                    let oseq = w as i64 + 1;
+                    let service = if w.is_multiple_of(2) {
+                        "train"
+                    } else {
+                        "infer"
+                    };
                     Workload {
-                        tenant: format!("tenant-{tenant}"),
-                        lease: format!("{}.1.{}", 1000 + n, w + 1),
-                        service: if w.is_multiple_of(2) {
-                            "train"
-                        } else {
-                            "infer"
-                        },
+                        pod: akash_pod(&tenant, dseq, 1, oseq, service, start_ms),
+                        lease: format!("{dseq}.1.{oseq}"),
+                        tenant,
+                        service,
                         gpus,
                         cores_tenths: 5 + rng.range(0, 30),
                         restarts: 0,
                         state: State::Pending {
                             until_ms: start_ms + rng.range(0, 3_000),
                         },
+                        last_finished: None,
+                        network_ms: 0,
                     }
                 })
                 .collect();
+            let handed = Arc::new(Mutex::new(None));
             nodes.push(Node {
+                collector: node_collector(&name, &handed),
+                handed,
                 name,
                 gpus,
+                boards,
                 workloads,
-                sequence: 0,
+                accrued_ms: start_ms,
             });
         }
         Self {
@@ -213,9 +439,8 @@ impl Fleet {
         }
     }
 
-    /// Advances the fleet to `now_ms` and returns one batch per node with what it saw since the
-    /// previous tick: an allocation sample per held GPU (with the container's start, and its
-    /// finish once finished) and a CPU-seconds counter per container.
+    /// Advances the fleet to `now_ms` and returns one batch per node: what its agent collects
+    /// then.
     pub fn tick(&mut self, now_ms: i64) -> Vec<SampleBatch> {
         (0..self.nodes.len())
             .map(|n| self.tick_node(n, now_ms))
@@ -223,32 +448,68 @@ impl Fleet {
     }
 
     /// Advances node `index` alone to `now_ms`: the batch its agent collects then. A node not
-    /// ticked for a while (its agent was down) reports at its next tick every container that
-    /// ran meanwhile, as the container runtime keeps their records.
+    /// ticked for a while (its agent was away) reports at its next tick what the kubelet still
+    /// lists: each container's current run and the one before it.
     pub fn tick_node(&mut self, index: usize, now_ms: i64) -> SampleBatch {
         let node = &mut self.nodes[index];
-        let mut samples = Vec::new();
         for w in &mut node.workloads {
             advance(
                 &self.config,
                 &mut self.rng,
-                &node.name,
-                &node.gpus,
+                (&node.name, &node.gpus, &mut node.boards),
                 w,
                 now_ms,
-                &mut samples,
                 (&mut self.gpu_ms, &mut self.containers),
             );
         }
-        node.sequence += 1;
-        SampleBatch {
-            node: node.name.clone(),
-            agent_id: format!("sim-{}", node.name),
-            sequence: node.sequence,
-            collected_at_ms: now_ms,
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            samples,
+        let idle_ms = (now_ms - node.accrued_ms).max(0);
+        for board in &mut node.boards {
+            board.energy_mj += IDLE_WATTS * idle_ms;
         }
+        node.accrued_ms = node.accrued_ms.max(now_ms);
+        let collected = observe(node, now_ms, &mut self.containers);
+        *node.handed.lock().expect("not poisoned") = Some(collected);
+        node.collector
+            .tick(now_ms)
+            .now_or_never()
+            .expect("the simulated node's sources answer at once")
+    }
+
+    /// Reloads the GPU driver of board `uuid` on node `index` now (after its latest tick): its
+    /// energy counter starts again from zero.
+    pub fn reload_driver(&mut self, index: usize, uuid: &str) {
+        for board in self.nodes[index]
+            .boards
+            .iter_mut()
+            .filter(|b| b.uuid == uuid)
+        {
+            board.energy_mj = 0;
+        }
+    }
+
+    /// Node `index`'s GPU boards as a scrape reads them at its latest tick: the energy
+    /// counters (what dcgm-exporter shows) and who holds each board whole.
+    pub fn boards(&self, index: usize) -> Vec<BoardReading> {
+        let node = &self.nodes[index];
+        node.boards
+            .iter()
+            .enumerate()
+            .map(|(b, board)| BoardReading {
+                uuid: board.uuid.clone(),
+                model: board.model.to_string(),
+                energy_mj: board.energy_mj,
+                holder: node.workloads.iter().find_map(|w| match &w.state {
+                    State::Running { container_id, .. }
+                        if w.gpus.iter().any(|&g| {
+                            node.gpus[g].board == b && node.gpus[g].mig_profile.is_empty()
+                        }) =>
+                    {
+                        Some((w.tenant.clone(), w.lease.clone(), container_id.clone()))
+                    }
+                    _ => None,
+                }),
+            })
+            .collect()
     }
 
     /// Number of nodes.
@@ -256,13 +517,14 @@ impl Fleet {
         self.nodes.len()
     }
 
-    /// Ground truth of every container the ticks have shown.
+    /// Ground truth of every container run so far.
     pub fn containers(&self) -> impl Iterator<Item = &ContainerTruth> {
         self.containers.values()
     }
 
     /// Ground truth: GPU-milliseconds per (tenant, lease, gpu_class, mig_profile), counting every
-    /// container interval up to the latest tick (a running container up to that tick).
+    /// run up to the latest tick (a running container up to that tick), listed by the kubelet
+    /// or not.
     pub fn gpu_milliseconds(&self) -> &BTreeMap<GpuKey, i64> {
         &self.gpu_ms
     }
@@ -280,49 +542,68 @@ impl Fleet {
     }
 }
 
-fn node_gpus(n: usize) -> Vec<Gpu> {
+fn node_gpus(n: usize, rng: &mut Rng) -> (Vec<Gpu>, Vec<Board>) {
+    // Each board has counted 1 to 10 MJ since its driver loaded.
+    let mut board = |uuid: String, model| Board {
+        uuid,
+        model,
+        energy_mj: rng.range(1_000_000_000, 10_000_000_000),
+    };
     if n.is_multiple_of(2) {
-        (0..8)
-            .map(|g| Gpu {
-                uuid: format!("GPU-{n:03}-{g}"),
-                model: "NVIDIA H100 80GB HBM3",
+        let model = "NVIDIA H100 80GB HBM3";
+        let boards: Vec<Board> = (0..8)
+            .map(|g| board(format!("GPU-{n:03}-{g}"), model))
+            .collect();
+        let gpus = boards
+            .iter()
+            .enumerate()
+            .map(|(b, board)| Gpu {
+                uuid: board.uuid.clone(),
+                model,
                 class: "h100",
                 mig_profile: "",
+                board: b,
             })
-            .collect()
+            .collect();
+        (gpus, boards)
     } else {
-        // GPU 0 split into seven 1g.10gb instances (indices 0..7), then whole GPUs 1..=7.
+        // Board 0 split into seven 1g.10gb instances (indices 0..7), then whole GPUs 1..=7.
+        let model = "NVIDIA A100-SXM4-80GB";
+        let boards: Vec<Board> = (0..8)
+            .map(|g| board(format!("GPU-{n:03}-{g}"), model))
+            .collect();
         let mig = (0..7).map(|i| Gpu {
             uuid: format!("MIG-{n:03}-0-{i}"),
-            model: "NVIDIA A100-SXM4-80GB",
+            model,
             class: "a100",
             mig_profile: "1g.10gb",
+            board: 0,
         });
-        let whole = (1..8).map(|g| Gpu {
-            uuid: format!("GPU-{n:03}-{g}"),
-            model: "NVIDIA A100-SXM4-80GB",
+        let whole = (1..8).map(|b| Gpu {
+            uuid: boards[b].uuid.clone(),
+            model,
             class: "a100",
             mig_profile: "",
+            board: b,
         });
-        mig.chain(whole).collect()
+        (mig.chain(whole).collect(), boards)
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Walks workload `w` to `now_ms`: its runs, their GPU time in the truth, the energy its GPUs
+/// draw above idle and its pod's traffic.
 fn advance(
     config: &FleetConfig,
     rng: &mut Rng,
-    node: &str,
-    gpus: &[Gpu],
+    (node, gpus, boards): (&str, &[Gpu], &mut [Board]),
     w: &mut Workload,
     now_ms: i64,
-    samples: &mut Vec<Sample>,
     (truth, containers): (
         &mut BTreeMap<GpuKey, i64>,
         &mut BTreeMap<String, ContainerTruth>,
     ),
 ) {
-    // Walk state changes up to now: a container can start and finish within one tick.
+    // A container can start and exit within one tick.
     loop {
         match w.state.clone() {
             State::Pending { until_ms } if until_ms <= now_ms => {
@@ -344,7 +625,7 @@ fn advance(
             } => {
                 let finished = finish_at_ms <= now_ms;
                 let seen_until = if finished { finish_at_ms } else { now_ms };
-                let seen_from = counted_until_ms;
+                let ran_ms = (seen_until - counted_until_ms).max(0);
                 if let State::Running {
                     counted_until_ms, ..
                 } = &mut w.state
@@ -372,12 +653,14 @@ fn advance(
                             started_at_ms,
                             until_ms: seen_until,
                             finished,
+                            listed: false,
                         });
                 record.until_ms = seen_until;
                 record.finished = finished;
-                if seen_until > seen_from {
-                    for &g in &w.gpus {
-                        let gpu = &gpus[g];
+                w.network_ms += ran_ms;
+                for &g in &w.gpus {
+                    let gpu = &gpus[g];
+                    if ran_ms > 0 {
                         *truth
                             .entry((
                                 w.tenant.clone(),
@@ -385,55 +668,24 @@ fn advance(
                                 gpu.class.to_string(),
                                 gpu.mig_profile.to_string(),
                             ))
-                            .or_default() += seen_until - seen_from;
+                            .or_default() += ran_ms;
                     }
+                    // Watts are millijoules per millisecond.
+                    let above_idle = if gpu.mig_profile.is_empty() {
+                        GPU_WATTS - IDLE_WATTS
+                    } else {
+                        MIG_SLICE_WATTS
+                    };
+                    boards[gpu.board].energy_mj += above_idle * ran_ms;
                 }
-                let series = |gpu: Option<&Gpu>| SeriesId {
-                    tenant: w.tenant.clone(),
-                    lease: w.lease.clone(),
-                    service: w.service.to_string(),
-                    replica: "0".into(),
-                    node: node.to_string(),
-                    provider: PROVIDER.into(),
-                    container_id: container_id.clone(),
-                    gpu_uuid: gpu.map(|g| g.uuid.clone()).unwrap_or_default(),
-                    gpu_model: gpu.map(|g| g.model.to_string()).unwrap_or_default(),
-                    gpu_class: gpu.map(|g| g.class.to_string()).unwrap_or_default(),
-                    mig_profile: gpu.map(|g| g.mig_profile.to_string()).unwrap_or_default(),
-                };
-                for &g in &w.gpus {
-                    samples.push(Sample {
-                        series: series(Some(&gpus[g])),
-                        kind: SampleKind::Allocation,
-                        metric: "gpu".into(),
-                        value: 1.0,
-                        timestamp_ms: seen_until,
-                        started_at_ms: Some(started_at_ms),
-                        finished_at_ms: finished.then_some(finish_at_ms),
-                    });
-                }
-                // Busy cores × elapsed seconds, at microsecond resolution like cgroup's usage_usec.
-                let cpu_us = w.cores_tenths * (seen_until - started_at_ms) * 100;
-                samples.push(Sample {
-                    series: series(None),
-                    kind: SampleKind::Counter,
-                    metric: "cpu_usage_seconds_total".into(),
-                    value: cpu_us as f64 / 1e6,
-                    timestamp_ms: seen_until,
-                    started_at_ms: None,
-                    finished_at_ms: None,
-                });
-                samples.extend(usage_samples(
-                    w.cores_tenths,
-                    &container_id,
-                    started_at_ms,
-                    seen_until,
-                    &w.gpus.iter().map(|&g| &gpus[g]).collect::<Vec<_>>(),
-                    series,
-                ));
                 if !finished {
                     return;
                 }
+                w.last_finished = Some(RunRecord {
+                    container_id,
+                    started_at_ms,
+                    finished_at_ms: Some(finish_at_ms),
+                });
                 let pending = rng.range(config.pending_ms.0, config.pending_ms.1);
                 w.state = State::Pending {
                     until_ms: finish_at_ms + pending,
@@ -457,83 +709,184 @@ pub fn memory_bytes(cores_tenths: i64, container_id: &str, at_ms: i64) -> i64 {
     (cores_tenths * 4 * (1 << 30) / 10) / 1000 * (950 + wobble(container_id, at_ms) / 10)
 }
 
-/// The container's other metrics at `now_ms`: memory working set (gauge), network bytes
-/// (counters), and per GPU its utilization and memory used (gauges) and energy (counter).
-fn usage_samples(
-    cores_tenths: i64,
-    container_id: &str,
-    started_at_ms: i64,
+/// What node's sources yield at `now_ms` (the node advanced to it): the kubelet's pods,
+/// pod-resources' assignments, NVML's inventory and readings, cgroup's and the pods' network.
+fn observe(
+    node: &Node,
     now_ms: i64,
-    gpus: &[&Gpu],
-    series: impl Fn(Option<&Gpu>) -> SeriesId,
-) -> Vec<Sample> {
-    use meterflow_schemas::metrics as m;
-    let elapsed_s = (now_ms - started_at_ms) as f64 / 1_000.0;
-    let sample = |gpu: Option<&Gpu>, kind, metric: &str, value: f64| Sample {
-        series: series(gpu),
-        kind,
-        metric: metric.into(),
-        value,
-        timestamp_ms: now_ms,
-        started_at_ms: None,
-        finished_at_ms: None,
+    containers: &mut BTreeMap<String, ContainerTruth>,
+) -> Collected {
+    let mut pods = Vec::with_capacity(node.workloads.len());
+    let mut assignments = Vec::with_capacity(node.workloads.len());
+    let mut readings = Vec::new();
+    let reading =
+        |target: Target, gpu: Option<GpuInfo>, kind, metric: &str, value: f64, scope| Reading {
+            target,
+            gpu,
+            kind,
+            metric: metric.to_string(),
+            value,
+            scope,
+        };
+    let info = |g: &Gpu| GpuInfo {
+        uuid: g.uuid.clone(),
+        model: g.model.to_string(),
+        mig_profile: g.mig_profile.to_string(),
     };
-    let memory = memory_bytes(cores_tenths, container_id, now_ms);
-    let mut out = vec![
-        sample(None, SampleKind::Gauge, m::MEMORY_BYTES, memory as f64),
-        sample(
-            None,
-            SampleKind::Counter,
-            m::NETWORK_RECEIVE_BYTES,
-            (elapsed_s * 2_000_000.0).round(),
-        ),
-        sample(
-            None,
-            SampleKind::Counter,
-            m::NETWORK_TRANSMIT_BYTES,
-            (elapsed_s * 500_000.0).round(),
-        ),
-    ];
-    for gpu in gpus {
-        let utilization = wobble(&gpu.uuid, now_ms) as f64 / 1000.0;
-        out.push(sample(
-            Some(gpu),
-            SampleKind::Gauge,
-            m::GPU_UTILIZATION,
-            utilization,
-        ));
-        out.push(sample(
-            Some(gpu),
-            SampleKind::Gauge,
-            m::VRAM_BYTES,
-            ((10u64 << 30) as f64 * (0.5 + utilization / 2.0)).round(),
-        ));
-        // GPU_WATTS while the container runs, in joules since it started (whole millijoules).
-        out.push(sample(
+    for w in &node.workloads {
+        let mut pod = w.pod.clone();
+        let shown = |run: &RunRecord| Run {
+            container_id: run.container_id.clone(),
+            started_at_ms: kubelet_time(run.started_at_ms),
+            finished_at_ms: run.finished_at_ms.map(kubelet_time),
+        };
+        let current = match &w.state {
+            State::Running {
+                container_id,
+                started_at_ms,
+                ..
+            } => Some(RunRecord {
+                container_id: container_id.clone(),
+                started_at_ms: *started_at_ms,
+                finished_at_ms: None,
+            }),
+            State::Pending { .. } => None,
+        };
+        for run in current.iter().chain(w.last_finished.iter()) {
+            if let Some(truth) = containers.get_mut(&run.container_id) {
+                truth.listed = true;
+            }
+        }
+        let c = &mut pod.containers[0];
+        c.restarts = i64::from(w.restarts.saturating_sub(1));
+        c.current = current.as_ref().map(shown);
+        c.previous = w.last_finished.as_ref().map(shown);
+        let held: Vec<&Gpu> = w.gpus.iter().map(|&g| &node.gpus[g]).collect();
+        assignments.push(Assignment {
+            namespace: pod.namespace.clone(),
+            pod: pod.name.clone(),
+            container: w.service.to_string(),
+            resource: match held[0].mig_profile {
+                "" => "nvidia.com/gpu".to_string(),
+                profile => format!("nvidia.com/mig-{profile}"),
+            },
+            device_ids: held.iter().map(|g| g.uuid.clone()).collect(),
+            dra: false,
+        });
+        let network = Target::Pod {
+            namespace: pod.namespace.clone(),
+            pod: pod.name.clone(),
+        };
+        for (metric, per_s) in [
+            (m::NETWORK_RECEIVE_BYTES, RECEIVE_BYTES_PER_S),
+            (m::NETWORK_TRANSMIT_BYTES, TRANSMIT_BYTES_PER_S),
+        ] {
+            readings.push(reading(
+                network.clone(),
+                None,
+                SampleKind::Counter,
+                metric,
+                (w.network_ms * per_s / 1_000) as f64,
+                Scope::Pod(pod.uid.clone()),
+            ));
+        }
+        if let Some(run) = &current {
+            let id = Target::Container(run.container_id.clone());
+            // cgroup's usage_usec: busy cores × elapsed time, to the microsecond.
+            let cpu_us = w.cores_tenths * (now_ms - run.started_at_ms) * 100;
+            readings.push(reading(
+                id.clone(),
+                None,
+                SampleKind::Counter,
+                m::CPU_SECONDS,
+                cpu_us as f64 / 1e6,
+                Scope::Container,
+            ));
+            let memory = memory_bytes(w.cores_tenths, &run.container_id, now_ms);
+            readings.push(reading(
+                id,
+                None,
+                SampleKind::Gauge,
+                m::MEMORY_BYTES,
+                memory as f64,
+                Scope::Container,
+            ));
+            for gpu in &held {
+                let utilization = wobble(&gpu.uuid, now_ms) as f64 / 1000.0;
+                let target = Target::Gpu(gpu.uuid.clone());
+                readings.push(reading(
+                    target.clone(),
+                    Some(info(gpu)),
+                    SampleKind::Gauge,
+                    m::GPU_UTILIZATION,
+                    utilization,
+                    Scope::Container,
+                ));
+                readings.push(reading(
+                    target,
+                    Some(info(gpu)),
+                    SampleKind::Gauge,
+                    m::VRAM_BYTES,
+                    ((10u64 << 30) as f64 * (0.5 + utilization / 2.0)).round(),
+                    Scope::Container,
+                ));
+            }
+        }
+        pods.push(pod);
+    }
+    // NVML: every board and MIG instance, and each board's energy counter.
+    let mut inventory: Vec<GpuInfo> = node.gpus.iter().map(info).collect();
+    for board in &node.boards {
+        let gpu = GpuInfo {
+            uuid: board.uuid.clone(),
+            model: board.model.to_string(),
+            mig_profile: String::new(),
+        };
+        if !inventory.iter().any(|g| g.uuid == board.uuid) {
+            inventory.push(gpu.clone());
+        }
+        readings.push(reading(
+            Target::Gpu(board.uuid.clone()),
             Some(gpu),
             SampleKind::Counter,
             m::ENERGY_JOULES,
-            ((now_ms - started_at_ms) * GPU_WATTS) as f64 / 1_000.0,
+            board.energy_mj as f64 / 1_000.0,
+            Scope::Board(board.uuid.clone()),
         ));
     }
-    out
+    Collected {
+        readings,
+        pods: Some(pods),
+        assignments: Some(assignments),
+        gpus: Some(inventory),
+        gpu_processes: None,
+        dra_devices: None,
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
-    fn run(seed: u64, ticks: i64, interval: i64) -> (Vec<SampleBatch>, BTreeMap<GpuKey, i64>) {
-        let cfg = FleetConfig {
-            nodes: 3,
-            seed,
-            run_ms: (2_000, 40_000),
-            pending_ms: (1_000, 8_000),
-            ..FleetConfig::default()
-        };
-        let mut fleet = Fleet::new(cfg, 0);
+    fn fleet(seed: u64, nodes: usize, run_ms: (i64, i64)) -> Fleet {
+        Fleet::new(
+            FleetConfig {
+                nodes,
+                seed,
+                run_ms,
+                pending_ms: (1_000, 8_000),
+                ..FleetConfig::default()
+            },
+            0,
+        )
+    }
+
+    fn run(seed: u64, ticks: i64, interval: i64) -> (Vec<SampleBatch>, Fleet) {
+        let mut fleet = fleet(seed, 3, (2_000, 40_000));
         let batches = (1..=ticks).flat_map(|i| fleet.tick(i * interval)).collect();
-        (batches, fleet.gpu_milliseconds().clone())
+        (batches, fleet)
     }
 
     #[test]
@@ -552,60 +905,117 @@ mod tests {
         }
     }
 
-    /// The truth equals the union of each container's [start, finish-or-last-seen] per GPU,
-    /// recomputed here from the allocation samples alone.
+    /// Every sample is stamped at the tick that read it, and a run's allocation carries its
+    /// start and exit as the kubelet shows them: the physical instant truncated to the second.
+    /// Runs the kubelet listed are exactly the ones with allocations; the others started and
+    /// ended between two ticks behind another run.
     #[test]
-    fn truth_matches_the_allocation_samples() {
-        let (batches, truth) = run(3, 60, 5_000);
-        // (truth key, container, GPU) → (start, end)
-        let mut intervals: BTreeMap<(GpuKey, String, String), (i64, i64)> = BTreeMap::new();
-        for s in batches.iter().flat_map(|b| &b.samples) {
-            if s.kind != SampleKind::Allocation {
-                continue;
-            }
-            let start = s.started_at_ms.expect("allocations carry a start");
-            let end = s.finished_at_ms.unwrap_or(s.timestamp_ms);
-            let k = (
-                (
-                    s.series.tenant.clone(),
-                    s.series.lease.clone(),
-                    s.series.gpu_class.clone(),
-                    s.series.mig_profile.clone(),
-                ),
-                s.series.container_id.clone(),
-                s.series.gpu_uuid.clone(),
-            );
-            let e = intervals.entry(k).or_insert((start, end));
-            e.1 = e.1.max(end);
-        }
-        let mut recomputed: BTreeMap<GpuKey, i64> = BTreeMap::new();
-        for ((key, _, _), (s, e)) in intervals {
-            *recomputed.entry(key).or_default() += e - s;
-        }
-        recomputed.retain(|_, v| *v > 0);
-        assert_eq!(recomputed, truth);
-        assert!(
-            truth.keys().any(|k| k.3 == "1g.10gb"),
-            "a MIG slice is used"
-        );
-        assert!(truth.keys().any(|k| k.2 == "h100") && truth.keys().any(|k| k.2 == "a100"));
-    }
-
-    /// The container records hold the same GPU time as the per-lease truth, and a node ticked
-    /// again after a pause reports the containers that ran during it.
-    #[test]
-    fn container_records_agree_with_the_gpu_truth_across_a_paused_node() {
+    fn allocations_carry_the_kubelets_whole_seconds_and_only_listed_runs() {
+        // Runs and back-offs from a fraction of a second: a crash loop.
         let mut fleet = Fleet::new(
             FleetConfig {
-                nodes: 2,
-                seed: 9,
-                run_ms: (2_000, 40_000),
-                pending_ms: (1_000, 8_000),
+                nodes: 3,
+                seed: 3,
+                run_ms: (300, 20_000),
+                pending_ms: (100, 3_000),
                 ..FleetConfig::default()
             },
             0,
         );
-        let mut shown = std::collections::BTreeSet::new();
+        let batches: Vec<SampleBatch> = (1..=240).flat_map(|i| fleet.tick(i * 5_000)).collect();
+        let mut shown: BTreeMap<String, (i64, Option<i64>)> = BTreeMap::new();
+        for b in &batches {
+            for s in &b.samples {
+                assert_eq!(s.timestamp_ms, b.collected_at_ms, "{s:?}");
+                if s.kind == SampleKind::Allocation {
+                    let e = shown
+                        .entry(s.series.container_id.clone())
+                        .or_insert((s.started_at_ms.expect("a start"), None));
+                    e.1 = e.1.or(s.finished_at_ms);
+                }
+            }
+        }
+        let (mut listed, mut unlisted) = (0, 0);
+        for c in fleet.containers() {
+            if !c.listed {
+                unlisted += 1;
+                assert!(c.finished && c.until_ms - c.started_at_ms < 5_000, "{c:?}");
+                assert!(!shown.contains_key(&c.container_id), "{c:?}");
+                continue;
+            }
+            listed += 1;
+            let (start, finish) = shown[&c.container_id];
+            assert_eq!(start, c.started_at_ms - c.started_at_ms % 1_000, "{c:?}");
+            // An exit is shown unless the next run started and exited before the next tick
+            // (then `lastState` holds that one, and the run ends at its last observation).
+            if let Some(finish) = finish {
+                assert!(c.finished, "{c:?}");
+                assert_eq!(finish, c.until_ms - c.until_ms % 1_000, "{c:?}");
+            }
+        }
+        assert!(listed > 50, "{listed} runs listed");
+        assert!(
+            unlisted > 0,
+            "a run between two ticks, followed by another, is not listed"
+        );
+        let keys = fleet.gpu_milliseconds().keys();
+        assert!(
+            keys.clone().any(|k| k.3 == "1g.10gb"),
+            "a MIG slice is used"
+        );
+        assert!(keys.clone().any(|k| k.2 == "h100") && keys.clone().any(|k| k.2 == "a100"));
+    }
+
+    /// Each whole-GPU holder is sent its own share of its board's counter, which started at
+    /// megajoules: GPU_WATTS over the ticks both inside its run, never more than the run used
+    /// and never less than the run less two intervals. MIG holders get no board energy.
+    #[test]
+    fn board_energy_is_billed_by_share_within_two_intervals_per_run() {
+        const TICK: i64 = 15_000;
+        let mut fleet = fleet(11, 2, (20_000, 120_000));
+        let mut last: BTreeMap<(String, String), f64> = BTreeMap::new();
+        for i in 1..=80 {
+            for b in fleet.tick(i * TICK) {
+                for s in b.samples.iter().filter(|s| s.metric == m::ENERGY_JOULES) {
+                    assert!(s.series.mig_profile.is_empty(), "{s:?}");
+                    last.insert(
+                        (s.series.container_id.clone(), s.series.gpu_uuid.clone()),
+                        s.value,
+                    );
+                }
+            }
+        }
+        let mut checked = 0;
+        for c in fleet.containers() {
+            for g in c.gpus.iter().filter(|g| g.mig_profile.is_empty()) {
+                let got = last
+                    .get(&(c.container_id.clone(), g.uuid.clone()))
+                    .copied()
+                    .unwrap_or(0.0);
+                let used = (c.until_ms - c.started_at_ms) as f64 * GPU_WATTS as f64 / 1_000.0;
+                let floor = used - 2.0 * TICK as f64 * GPU_WATTS as f64 / 1_000.0;
+                assert!(
+                    got <= used + 1e-6 && got >= floor - 1e-6,
+                    "{c:?}: {got} J of {used} J"
+                );
+                // Between two ticks inside the run, the board drew exactly GPU_WATTS.
+                assert_eq!(
+                    got % (TICK as f64 * GPU_WATTS as f64 / 1_000.0),
+                    0.0,
+                    "{c:?}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 20, "{checked} holders checked");
+    }
+
+    /// A node whose agent is away reports, when it is back, the runs the kubelet still lists
+    /// (each container's current run and the one before); the truth keeps the ones it lost.
+    #[test]
+    fn a_paused_node_reports_what_the_kubelet_still_lists() {
+        let mut fleet = fleet(9, 2, (2_000, 40_000));
+        let mut shown = BTreeSet::new();
         for i in 1..=60 {
             for n in 0..fleet.nodes() {
                 // Node 1's agent is away from tick 20 to tick 39.
@@ -613,49 +1023,46 @@ mod tests {
                     continue;
                 }
                 for s in fleet.tick_node(n, i * 5_000).samples {
-                    shown.insert(s.series.container_id);
+                    if s.kind == SampleKind::Allocation {
+                        shown.insert(s.series.container_id);
+                    }
                 }
             }
         }
-        let mut from_records: BTreeMap<GpuKey, i64> = BTreeMap::new();
+        let lost: Vec<&ContainerTruth> = fleet
+            .containers()
+            .filter(|c| !shown.contains(&c.container_id))
+            .collect();
+        assert!(
+            lost.iter().any(|c| c.node == "node-001"
+                && c.started_at_ms > 20 * 5_000
+                && c.until_ms < 39 * 5_000),
+            "the pause hid runs: {lost:?}"
+        );
         for c in fleet.containers() {
-            assert!(
-                shown.contains(&c.container_id),
-                "{} was shown",
-                c.container_id
-            );
-            for g in &c.gpus {
-                let key = (
-                    c.tenant.clone(),
-                    c.lease.clone(),
-                    g.class.clone(),
-                    g.mig_profile.clone(),
-                );
-                *from_records.entry(key).or_default() += c.until_ms - c.started_at_ms;
-            }
+            assert_eq!(c.listed, shown.contains(&c.container_id), "{c:?}");
         }
-        from_records.retain(|_, v| *v > 0);
-        assert_eq!(&from_records, fleet.gpu_milliseconds());
-        assert_eq!(shown.len(), fleet.containers().count());
     }
 
+    /// The pods are the Akash provider's: the lease is on the namespace and in env, not on the
+    /// pod, and the agent finds it there.
     #[test]
-    fn containers_restart_with_new_ids_and_short_ones_are_seen() {
-        let (batches, _) = run(5, 120, 5_000);
-        let ids: std::collections::BTreeSet<_> = batches
+    fn pods_are_shaped_as_the_akash_provider_creates_them() {
+        let pod = akash_pod("tenant-1", 1000, 1, 2, "infer", 1_234);
+        assert_eq!(pod.namespace.len(), 45);
+        assert!(!pod.labels.keys().any(|k| k.contains("lease.id")));
+        assert_eq!(pod.namespace_labels["akash.network/lease.id.dseq"], "1000");
+        assert_eq!(pod.containers[0].env["AKASH_ORDER_SEQUENCE"], "2");
+        assert_eq!(pod.started_at_ms, Some(1_000));
+        let (batches, _) = run(2, 3, 15_000);
+        let leases: BTreeSet<&str> = batches
             .iter()
             .flat_map(|b| &b.samples)
-            .map(|s| (s.series.lease.clone(), s.series.container_id.clone()))
+            .map(|s| s.series.lease.as_str())
             .collect();
-        let leases: std::collections::BTreeSet<_> = ids.iter().map(|(l, _)| l.clone()).collect();
         assert!(
-            ids.len() > leases.len(),
-            "some lease restarted its container"
+            leases.contains("1000.1.1") && leases.contains("1001.1.5"),
+            "{leases:?}"
         );
-        // A container that started and finished between two ticks still shows up.
-        let short = batches.iter().flat_map(|b| &b.samples).any(|s| {
-            matches!((s.started_at_ms, s.finished_at_ms), (Some(a), Some(f)) if f - a < 5_000 && a.rem_euclid(5_000) != 0)
-        });
-        assert!(short, "a sub-interval container was observed");
     }
 }

@@ -614,7 +614,46 @@ pub async fn publish_fleet(
         };
         publisher.publish(&clock).await.expect("published");
     }
-    fleet.gpu_milliseconds().clone()
+    gpu_truth(&fleet)
+}
+
+/// What a fleet scenario must be billed, from the simulator's physical record of each run
+/// (never from its samples): GPU-ms per (tenant, lease, class, MIG profile), each run counted
+/// from its start to its exit (or to the last tick while it runs) as the kubelet's clock shows
+/// them, truncated to the whole second. Each key is also within 1 s per run start and exit of
+/// the physical milliseconds: the bound a one-second source sets.
+pub fn gpu_truth(fleet: &meterflow_ingest::Fleet) -> GpuTruth {
+    let second = |ms: i64| ms - ms.rem_euclid(1_000);
+    let mut truth = GpuTruth::new();
+    let mut boundaries: std::collections::BTreeMap<_, i64> = Default::default();
+    for c in fleet.containers() {
+        // The scenarios run containers longer than a tick: the kubelet lists every run.
+        assert!(c.listed, "a run the kubelet never listed: {c:?}");
+        let until = if c.finished {
+            second(c.until_ms)
+        } else {
+            c.until_ms
+        };
+        for g in &c.gpus {
+            let key = (
+                c.tenant.clone(),
+                c.lease.clone(),
+                g.class.clone(),
+                g.mig_profile.clone(),
+            );
+            *truth.entry(key.clone()).or_default() += until - second(c.started_at_ms);
+            *boundaries.entry(key).or_default() += 2;
+        }
+    }
+    truth.retain(|_, ms| *ms > 0);
+    for (key, physical) in fleet.gpu_milliseconds() {
+        let shown = truth.get(key).copied().unwrap_or(0);
+        assert!(
+            (shown - physical).abs() <= 1_000 * boundaries[key],
+            "{key:?}: {shown} ms at whole seconds, {physical} ms physically"
+        );
+    }
+    truth
 }
 
 /// `GET path` on `addr` over a plain TCP stream (for a component's health and metrics): the
