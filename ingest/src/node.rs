@@ -7,6 +7,9 @@
 //!   kept in memory: once its run is seen finished — in `state`, or in `lastState` after a
 //!   restart — its allocations are sent with `finished_at`, even though the kubelet already
 //!   lists the next run.
+//!   A run pod-resources never showed (its pod started and ended between two ticks) is billed
+//!   from its spec's GPU limits, when no agent can have billed it before
+//!   (docs/metering-rules.md).
 //! - Readings are addressed to containers by id (cgroup, NVML processes), by name
 //!   (exporters), to pods (network) or to GPUs (NVML, DCGM without pod labels): each is resolved
 //!   through the pods and the assignments, then given the container's identity
@@ -114,6 +117,9 @@ pub struct NodeCollector {
     unattributed_pods: i64,
     /// Board energy no tenant held, since this collector started (joules).
     unheld_energy_joules: f64,
+    /// This collector's first tick: a run that started since cannot have been seen by an
+    /// agent before it.
+    since_ms: Option<i64>,
     sequence: i64,
 }
 
@@ -168,6 +174,27 @@ fn name_mig_instances(readings: &mut [(String, Reading)], assignments: &[Assignm
     }
 }
 
+/// The model of a GPU the node has, for a GPU named only by a spec's limits: the one model of
+/// the node's MIG instances of `profile` (or of its whole GPUs, for an empty profile, or when
+/// no instance of the profile is known), as NVML, the exporters or the ResourceSlices named
+/// them; empty where the node has several (its class is then unpriced, and said so).
+fn node_model(gpus: &BTreeMap<String, GpuInfo>, profile: &str) -> String {
+    let models = |profile: &str| -> BTreeSet<&str> {
+        gpus.values()
+            .filter(|g| g.mig_profile == profile && !g.model.is_empty())
+            .map(|g| g.model.as_str())
+            .collect()
+    };
+    let mut found = models(profile);
+    if found.is_empty() {
+        found = models("");
+    }
+    match (found.len(), found.first()) {
+        (1, Some(model)) => model.to_string(),
+        _ => String::new(),
+    }
+}
+
 impl NodeCollector {
     /// Checks that no metric comes from two sources (it would be counted twice).
     pub fn new(
@@ -216,6 +243,7 @@ impl NodeCollector {
             checked: BTreeSet::new(),
             unattributed_pods: 0,
             unheld_energy_joules: 0.0,
+            since_ms: None,
             sequence: 0,
         })
     }
@@ -282,6 +310,7 @@ impl NodeCollector {
             }
         }
         self.check_attribution(now_ms);
+        self.since_ms.get_or_insert(now_ms);
         self.totals.start(now_ms);
         let samples = self.attribute(now_ms, readings);
         self.totals
@@ -538,6 +567,70 @@ impl NodeCollector {
                 for info in &devices {
                     held.series
                         .push(series_of(&identity, &container_id, Some(info)));
+                }
+            }
+        }
+        // A run pod-resources never showed: its pod started and ended between two ticks and
+        // left pod-resources with its devices. It is billed from its spec's GPU limits when
+        // nothing else can have billed it: pod-resources answered this tick and assigns the
+        // container nothing, this collector never saw the run hold a device, and the run
+        // started after this collector's first tick (no agent before it can have seen it).
+        let spec_fresh = self.assignments.at_ms == now_ms && self.assignments.value.is_some();
+        let assigned: BTreeSet<(&str, &str, &str)> = assignments
+            .iter()
+            .map(|a| (a.namespace.as_str(), a.pod.as_str(), a.container.as_str()))
+            .collect();
+        for pod in pods.iter().filter(|_| spec_fresh) {
+            for c in &pod.containers {
+                if assigned.contains(&(pod.namespace.as_str(), pod.name.as_str(), c.name.as_str()))
+                {
+                    continue;
+                }
+                let limits: Vec<(&str, i64)> = c
+                    .limits
+                    .iter()
+                    .filter(|(resource, n)| {
+                        **n > 0
+                            && crate::sources::pod_resources::is_gpu(&self.gpu_resources, resource)
+                    })
+                    .map(|(resource, n)| (resource.as_str(), *n))
+                    .collect();
+                if limits.is_empty() {
+                    continue;
+                }
+                for run in c.current.iter().chain(c.previous.iter()) {
+                    let unseen = run.finished_at_ms.is_some()
+                        && !self.held.contains_key(&run.container_id)
+                        && !now_held.contains_key(&run.container_id)
+                        && self
+                            .since_ms
+                            .is_some_and(|since| run.started_at_ms >= since);
+                    if !unseen {
+                        continue;
+                    }
+                    let Some((identity, container_id)) = resolved(pod, &c.name, run) else {
+                        unattributed += 1;
+                        continue;
+                    };
+                    let mut series = Vec::new();
+                    for (resource, n) in &limits {
+                        let profile = resource.rsplit_once("/mig-").map_or("", |(_, p)| p);
+                        for i in 0..*n {
+                            let gpu = GpuInfo {
+                                uuid: format!("spec:{}/{}/{resource}/{i}", pod.uid, c.name),
+                                model: node_model(&gpu_info, profile),
+                                mig_profile: profile.to_string(),
+                            };
+                            series.push(series_of(&identity, &container_id, Some(&gpu)));
+                        }
+                    }
+                    now_held.insert(
+                        container_id,
+                        Held {
+                            series,
+                            started_at_ms: run.started_at_ms,
+                        },
+                    );
                 }
             }
         }
@@ -1085,6 +1178,103 @@ mod tests {
                 Some(at("2026-11-23T10:00:26Z"))
             )]
         );
+        grpc.abort();
+    }
+
+    /// Two Job pods the agent never saw running, both finished and gone from pod-resources:
+    /// the kubelet lists them Succeeded with their spec. The one that started after the
+    /// agent's first tick is billed from its spec's `nvidia.com/gpu: 2` (two GPUs, from its
+    /// start to its finish as the kubelet shows them); the one that started before is not (an
+    /// agent before this one may have billed it), nor is a pod without GPU limits.
+    #[tokio::test]
+    async fn a_pod_wholly_between_two_ticks_is_billed_from_its_spec() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("kubelet.sock");
+        let grpc = pod_resources::fake::serve(socket.clone(), Ok(pod_resources::tests::fixture()))
+            .await
+            .expect("fake socket");
+        let job = |name: &str, uid: &str, container: &str, started: &str, finished: &str, gpus| {
+            serde_json::json!({
+                "metadata": {"name": name, "namespace": "research", "uid": uid,
+                    "ownerReferences": [{"kind": "Job", "name": name, "controller": true}]},
+                "spec": {"containers": [{"name": "render", "resources": {
+                    "limits": if gpus { serde_json::json!({"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "2"}) }
+                        else { serde_json::json!({"cpu": "4"}) }}}]},
+                "status": {"phase": "Succeeded", "startTime": started,
+                    "containerStatuses": [{"name": "render", "restartCount": 0,
+                        "containerID": format!("containerd://{container}"),
+                        "state": {"terminated": {"exitCode": 0, "reason": "Completed",
+                            "startedAt": started, "finishedAt": finished}},
+                        "lastState": {}}]}
+            })
+        };
+        let kubelet = Arc::new(Mutex::new((200, r#"{"items": []}"#.to_string())));
+        let kubelet_url = http(kubelet.clone()).await;
+        let mut node = kubelet_node(
+            KubeletConfig {
+                enabled: true,
+                pods_url: format!("{kubelet_url}/pods"),
+                token_file: None,
+                ..Default::default()
+            },
+            socket,
+            AttributionConfig::default(),
+        );
+        let at = |t: &str| meterflow_schemas::time::parse_time(t).expect("time");
+        // The agent's first tick: none of the jobs is listed yet.
+        let batch = node.tick(at("2026-11-23T10:00:15Z")).await;
+        assert!(
+            !batch
+                .samples
+                .iter()
+                .any(|s| s.kind == SampleKind::Allocation)
+        );
+        let (new, old, cpu) = (id("dddd"), id("eeee"), id("ffff"));
+        *kubelet.lock().expect("answer") = (
+            200,
+            serde_json::json!({"items": [
+                job("render-1", "u-5", &new, "2026-11-23T10:00:17Z", "2026-11-23T10:00:26Z", true),
+                job("render-0", "u-4", &old, "2026-11-23T10:00:05Z", "2026-11-23T10:00:12Z", true),
+                job("cpu-only", "u-6", &cpu, "2026-11-23T10:00:18Z", "2026-11-23T10:00:24Z", false),
+            ]})
+            .to_string(),
+        );
+        for tick in ["2026-11-23T10:00:30Z", "2026-11-23T10:00:45Z"] {
+            let batch = node.tick(at(tick)).await;
+            let mut allocations: Vec<(String, String, Option<i64>, Option<i64>)> = batch
+                .samples
+                .iter()
+                .filter(|s| s.kind == SampleKind::Allocation)
+                .map(|s| {
+                    (
+                        s.series.container_id[..4].to_string(),
+                        s.series.gpu_uuid.clone(),
+                        s.started_at_ms,
+                        s.finished_at_ms,
+                    )
+                })
+                .collect();
+            allocations.sort();
+            let run = |gpu: &str| {
+                (
+                    "dddd".to_string(),
+                    format!("spec:u-5/render/nvidia.com/gpu/{gpu}"),
+                    Some(at("2026-11-23T10:00:17Z")),
+                    Some(at("2026-11-23T10:00:26Z")),
+                )
+            };
+            // Sent again while the kubelet lists it: the same series and interval, counted once.
+            assert_eq!(allocations, vec![run("0"), run("1")], "at {tick}");
+            let s = batch
+                .samples
+                .iter()
+                .find(|s| s.kind == SampleKind::Allocation)
+                .expect("one");
+            assert_eq!(
+                (s.series.tenant.as_str(), s.series.lease.as_str()),
+                ("research", "render-1")
+            );
+        }
         grpc.abort();
     }
 

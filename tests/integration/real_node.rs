@@ -45,6 +45,9 @@ const GPU_2: &str = "GPU-8e9d0c1b-2a3f-4e55-8b6c-7d8e9f0a1b2c";
 const WEB_POD_UID: &str = "7f1c2a3b-1111-4c5d-9e8f-0123456789ab";
 const BATCH_POD_UID: &str = "9a8b7c6d-2222-4c5d-9e8f-0123456789ab";
 const OPERATOR_POD_UID: &str = "1a2b3c4d-3333-4c5d-9e8f-0123456789ab";
+const NS_JOB: &str = "j7m2q9w4e1r8t5y3u6i0o2p4a7s1d9f3g5h8k0l2z4x6c";
+const JOB_OWNER: &str = "akash1tenantbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+const JOB_POD_UID: &str = "5e6f7a8b-4444-4c5d-9e8f-0123456789ab";
 
 // ---- What physically happened, in milliseconds after T0 ----
 /// The web pod is taken on at 0.6 s (kubelet `startTime` 00:00:00Z).
@@ -55,6 +58,10 @@ const WEB_RUN_2_START: i64 = 49_200;
 /// The batch pod (kubelet `startTime` 00:00:19Z) and its container.
 const BATCH_POD_MS: i64 = 19_100;
 const BATCH_START: i64 = 20_300;
+/// Another tenant's one-GPU job, wholly between the ticks at 60 s and 75 s (its pod taken on
+/// at 61.0 s), on a board dcgm-exporter is not asked about here: pod-resources never lists it.
+const JOB_POD_MS: i64 = 61_000;
+const JOB_RUN: (i64, i64) = (61_400, 68_900);
 /// GPU-2's driver reloads: its energy counter starts again from zero.
 const RELOAD_MS: i64 = 100_000;
 /// Board power: while a container runs on it, and idle.
@@ -176,6 +183,30 @@ fn pods_at(t: i64) -> Value {
                 "ownerReferences": [{"kind": "ReplicaSet", "name": "batch-7b8c9d0e1f", "controller": true}]},
             "spec": {"containers": [{"name": "main", "env": akash_env("18239999")}]},
             "status": {"phase": "Running", "startTime": kube_time(BATCH_POD_MS), "containerStatuses": [status]}
+        }));
+    }
+    if t >= JOB_POD_MS {
+        let status = if t >= JOB_RUN.1 {
+            json!({"name": "render", "restartCount": 0, "containerID": format!("containerd://{}", container_id('c')),
+                "state": {"terminated": {"exitCode": 0, "reason": "Completed",
+                    "startedAt": kube_time(JOB_RUN.0), "finishedAt": kube_time(JOB_RUN.1)}}, "lastState": {}})
+        } else {
+            json!({"name": "render", "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}, "lastState": {}})
+        };
+        items.push(json!({
+            "metadata": {"name": "render-5c6d7e8f9a-r2t4y", "namespace": NS_JOB, "uid": JOB_POD_UID,
+                "labels": {"akash.network": "true", "akash.network/namespace": NS_JOB,
+                    "akash.network/manifest-service": "render", "pod-template-hash": "5c6d7e8f9a"},
+                "ownerReferences": [{"kind": "ReplicaSet", "name": "render-5c6d7e8f9a", "controller": true}]},
+            "spec": {"containers": [{"name": "render",
+                "env": [{"name": "AKASH_OWNER", "value": JOB_OWNER},
+                    {"name": "AKASH_DEPLOYMENT_SEQUENCE", "value": "18240000"},
+                    {"name": "AKASH_GROUP_SEQUENCE", "value": "1"},
+                    {"name": "AKASH_ORDER_SEQUENCE", "value": "1"},
+                    {"name": "AKASH_PROVIDER", "value": "akash1provider"}],
+                "resources": {"limits": {"cpu": "2", "nvidia.com/gpu": "1"}}}]},
+            "status": {"phase": if t >= JOB_RUN.1 { "Succeeded" } else { "Pending" },
+                "startTime": kube_time(JOB_POD_MS), "containerStatuses": [status]}
         }));
     }
     json!({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
@@ -502,6 +533,25 @@ async fn a_real_nodes_sources_bill_each_lease_its_own_gpu_time_energy_and_traffi
         (unheld - ((35_025.0 - web_joules) + (28_895.0 + 8_000.0 - batch_joules))).abs() < 1e-6,
         "unheld {unheld} J"
     );
+    // The job pod-resources never listed: billed from its spec's one GPU, from 01:01 to 01:08
+    // as the kubelet shows them (7 s; physically 7.5 s, within a second at each end), priced
+    // as the node's one GPU model.
+    let job_gpu_s = 7.0;
+    let physical_job_s = (JOB_RUN.1 - JOB_RUN.0) as f64 / 1e3;
+    assert!((job_gpu_s - physical_job_s).abs() <= 2.0);
+    let url = pipeline.url(&format!(
+        "/v1/tenants/{JOB_OWNER}/usage?from={from}&to={to}&window=total&group_by=gpu_class"
+    ));
+    let answer = poll_json(&url, &token(JOB_OWNER), Duration::from_secs(30), |v| {
+        v["totals"]["gpu_seconds"].as_f64() == Some(job_gpu_s)
+    })
+    .await;
+    assert_eq!(
+        answer["totals"]["gpu_seconds"].as_f64(),
+        Some(job_gpu_s),
+        "{answer}"
+    );
+    assert_eq!(answer["totals"]["gpu"][0]["gpu_class"], "h100", "{answer}");
     grpc.abort();
     pipeline.stop().await;
 }

@@ -107,6 +107,9 @@ pub struct Container {
     /// The literal environment of the container's spec (`env[].value`; `valueFrom` entries
     /// are left out).
     pub env: BTreeMap<String, String>,
+    /// The whole-number limits of the container's spec (`resources.limits`: extended
+    /// resources such as `nvidia.com/gpu`; quantities like `500m` or `4Gi` are left out).
+    pub limits: BTreeMap<String, i64>,
 }
 
 /// One run of a container, as the runtime reports it.
@@ -512,6 +515,15 @@ mod wire {
         pub name: String,
         #[serde(default)]
         pub env: Vec<EnvVar>,
+        #[serde(default)]
+        pub resources: Resources,
+    }
+
+    /// Quantities are strings (`"1"`, `"500m"`, `"4Gi"`); a number is taken too.
+    #[derive(Deserialize, Default)]
+    pub struct Resources {
+        #[serde(default)]
+        pub limits: BTreeMap<String, serde_json::Value>,
     }
 
     /// `value` is absent for `valueFrom` entries (secrets, the downward API): not read.
@@ -690,7 +702,9 @@ mod wire {
                 .find(|o| o.controller)
                 .or(m.owner_references.first())
                 .map(|o| (o.kind.clone(), o.name.clone()));
-            let mut env: BTreeMap<String, BTreeMap<String, String>> = self
+            /// A container's literal env and whole-number limits, by its name.
+            type Spec = (BTreeMap<String, String>, BTreeMap<String, i64>);
+            let mut spec: BTreeMap<String, Spec> = self
                 .spec
                 .containers
                 .into_iter()
@@ -700,20 +714,37 @@ mod wire {
                         .into_iter()
                         .filter_map(|v| Some((v.name, v.value?)))
                         .collect();
-                    (c.name, vars)
+                    let limits = c
+                        .resources
+                        .limits
+                        .into_iter()
+                        .filter_map(|(resource, quantity)| {
+                            let whole = match quantity {
+                                serde_json::Value::String(q) => q.parse().ok(),
+                                serde_json::Value::Number(n) => n.as_i64(),
+                                _ => None,
+                            };
+                            Some((resource, whole?))
+                        })
+                        .collect();
+                    (c.name, (vars, limits))
                 })
                 .collect();
             let containers = self
                 .status
                 .container_statuses
                 .into_iter()
-                .map(|c| super::Container {
-                    current: c.state.run(&c.container_id),
-                    // The previous run's id is only in its own terminated state.
-                    previous: c.last_state.run(""),
-                    env: env.remove(&c.name).unwrap_or_default(),
-                    name: c.name,
-                    restarts: c.restart_count,
+                .map(|c| {
+                    let (env, limits) = spec.remove(&c.name).unwrap_or_default();
+                    super::Container {
+                        current: c.state.run(&c.container_id),
+                        // The previous run's id is only in its own terminated state.
+                        previous: c.last_state.run(""),
+                        env,
+                        limits,
+                        name: c.name,
+                        restarts: c.restart_count,
+                    }
                 })
                 .collect();
             super::Pod {
@@ -763,6 +794,12 @@ mod tests {
         );
         let c = &web.containers[0];
         assert_eq!(c.restarts, 1);
+        // Whole-number limits are read (the GPUs a run between two ticks is billed for);
+        // `32Gi` of memory is not a count.
+        assert_eq!(
+            c.limits,
+            BTreeMap::from([("cpu".to_string(), 8), ("nvidia.com/gpu".to_string(), 1)])
+        );
         let current = c.current.as_ref().expect("running");
         assert_eq!(current.container_id.len(), 64);
         assert!(current.container_id.starts_with("aaaa"));

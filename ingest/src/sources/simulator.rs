@@ -337,6 +337,7 @@ fn akash_pod(owner: &str, dseq: i64, gseq: i64, oseq: i64, service: &str, create
             current: None,
             previous: None,
             env: map(&env),
+            limits: BTreeMap::new(),
         }],
     }
 }
@@ -378,7 +379,7 @@ impl Fleet {
         let mut nodes = Vec::with_capacity(config.nodes);
         for n in 0..config.nodes {
             let name = format!("node-{n:03}");
-            let (gpus, boards) = node_gpus(n, &mut rng);
+            let (devices, boards) = node_gpus(n, &mut rng);
             // Workloads: a few GPU sets per node, leaving one GPU idle.
             let sets: Vec<Vec<usize>> = if n.is_multiple_of(2) {
                 vec![vec![0, 1, 2, 3], vec![4, 5], vec![6]]
@@ -403,8 +404,15 @@ impl Fleet {
                     } else {
                         "infer"
                     };
+                    // The device plugin's resource the pod's spec asks for, as many as it holds.
+                    let resource = match devices[gpus[0]].mig_profile {
+                        "" => "nvidia.com/gpu".to_string(),
+                        profile => format!("nvidia.com/mig-{profile}"),
+                    };
+                    let mut pod = akash_pod(&tenant, dseq, 1, oseq, service, start_ms);
+                    pod.containers[0].limits.insert(resource, gpus.len() as i64);
                     Workload {
-                        pod: akash_pod(&tenant, dseq, 1, oseq, service, start_ms),
+                        pod,
                         lease: format!("{dseq}.1.{oseq}"),
                         tenant,
                         service,
@@ -424,7 +432,7 @@ impl Fleet {
                 collector: node_collector(&name, &handed),
                 handed,
                 name,
-                gpus,
+                gpus: devices,
                 boards,
                 workloads,
                 accrued_ms: start_ms,
