@@ -24,6 +24,9 @@ pub struct Pipeline {
     processor: Option<std::thread::JoinHandle<Result<(), meterflow_processor::ProcessorError>>>,
     data: tempfile::TempDir,
     limits: Limits,
+    /// Stops the processor and the sink when a failing test unwinds without [`Pipeline::stop`]:
+    /// otherwise the runtime, dropped, waits for them forever and the failure is a hang.
+    _stop_on_drop: tokio_util::sync::DropGuard,
 }
 
 /// The HS256 secret of the tests' sinks.
@@ -115,11 +118,12 @@ impl Pipeline {
         Self {
             broker,
             sink,
-            shutdown,
             sink_shutdown,
             processor: Some(processor),
             data,
             limits,
+            _stop_on_drop: shutdown.clone().drop_guard(),
+            shutdown,
         }
     }
 
