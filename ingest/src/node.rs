@@ -1097,6 +1097,43 @@ mod tests {
         .expect("collector")
     }
 
+    /// [`kubelet_node`] reading the pods at `{kubelet_url}/pods`, namespace preset.
+    fn pods_node(kubelet_url: &str, socket: std::path::PathBuf) -> NodeCollector {
+        kubelet_node(
+            KubeletConfig {
+                enabled: true,
+                pods_url: format!("{kubelet_url}/pods"),
+                token_file: None,
+                ..Default::default()
+            },
+            socket,
+            AttributionConfig::default(),
+        )
+    }
+
+    /// A GPU allocation as the node tests compare it: the run's container id (its first four
+    /// characters), what `gpu` says of its GPU, its start and its finish.
+    type Allocation = (String, String, Option<i64>, Option<i64>);
+
+    /// `batch`'s allocations, sorted.
+    fn allocations(batch: &SampleBatch, gpu: impl Fn(&SeriesId) -> String) -> Vec<Allocation> {
+        let mut found: Vec<Allocation> = batch
+            .samples
+            .iter()
+            .filter(|s| s.kind == SampleKind::Allocation)
+            .map(|s| {
+                (
+                    s.series.container_id[..4].to_string(),
+                    gpu(&s.series),
+                    s.started_at_ms,
+                    s.finished_at_ms,
+                )
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
     /// A crash-looping container: the kubelet shows it waiting, its last run (which the agent
     /// never saw running) in `lastState`. The device plugin's GPUs stay assigned to the
     /// container, so that run is billed from its start to its finish.
@@ -1124,33 +1161,9 @@ mod tests {
             200,
             pods(&id("cccc"), "2026-11-23T10:00:03Z", "2026-11-23T10:00:09Z"),
         )));
-        let kubelet_url = http(kubelet.clone()).await;
-        let mut node = kubelet_node(
-            KubeletConfig {
-                enabled: true,
-                pods_url: format!("{kubelet_url}/pods"),
-                token_file: None,
-                ..Default::default()
-            },
-            socket,
-            AttributionConfig::default(),
-        );
+        let mut node = pods_node(&http(kubelet.clone()).await, socket);
         let at = |t: &str| meterflow_schemas::time::parse_time(t).expect("time");
-        let allocations = |batch: &SampleBatch| -> Vec<(String, String, Option<i64>, Option<i64>)> {
-            batch
-                .samples
-                .iter()
-                .filter(|s| s.kind == SampleKind::Allocation)
-                .map(|s| {
-                    (
-                        s.series.container_id[..4].to_string(),
-                        s.series.mig_profile.clone(),
-                        s.started_at_ms,
-                        s.finished_at_ms,
-                    )
-                })
-                .collect()
-        };
+        let allocations = |batch: &SampleBatch| allocations(batch, |s| s.mig_profile.clone());
         let batch = node.tick(at("2026-11-23T10:00:15Z")).await;
         assert_eq!(
             allocations(&batch),
@@ -1209,17 +1222,7 @@ mod tests {
             })
         };
         let kubelet = Arc::new(Mutex::new((200, r#"{"items": []}"#.to_string())));
-        let kubelet_url = http(kubelet.clone()).await;
-        let mut node = kubelet_node(
-            KubeletConfig {
-                enabled: true,
-                pods_url: format!("{kubelet_url}/pods"),
-                token_file: None,
-                ..Default::default()
-            },
-            socket,
-            AttributionConfig::default(),
-        );
+        let mut node = pods_node(&http(kubelet.clone()).await, socket);
         let at = |t: &str| meterflow_schemas::time::parse_time(t).expect("time");
         // The agent's first tick: none of the jobs is listed yet.
         let batch = node.tick(at("2026-11-23T10:00:15Z")).await;
@@ -1241,20 +1244,7 @@ mod tests {
         );
         for tick in ["2026-11-23T10:00:30Z", "2026-11-23T10:00:45Z"] {
             let batch = node.tick(at(tick)).await;
-            let mut allocations: Vec<(String, String, Option<i64>, Option<i64>)> = batch
-                .samples
-                .iter()
-                .filter(|s| s.kind == SampleKind::Allocation)
-                .map(|s| {
-                    (
-                        s.series.container_id[..4].to_string(),
-                        s.series.gpu_uuid.clone(),
-                        s.started_at_ms,
-                        s.finished_at_ms,
-                    )
-                })
-                .collect();
-            allocations.sort();
+            let allocations = allocations(&batch, |s| s.gpu_uuid.clone());
             let run = |gpu: &str| {
                 (
                     "dddd".to_string(),
