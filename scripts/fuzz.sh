@@ -22,7 +22,14 @@ export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-$HOME/.cache/meterflow/fuzz-target}"
 corpora="$(mktemp -d)"
 trap 'rm -rf "$corpora"' EXIT
 cargo +nightly fuzz build -O
-for target in $(cargo +nightly fuzz list); do
+targets="$(cargo +nightly fuzz list)"
+if [ -z "$targets" ]; then
+  echo "fuzz: cargo fuzz list found no target in fuzz/: nothing was fuzzed" >&2
+  exit 1
+fi
+ran=0
+for target in $targets; do
+  ran=$((ran + 1))
   mkdir -p "$corpora/$target"
   cp fuzz/seeds/"$target"/* "$corpora/$target"/ 2>/dev/null || true
   echo "== fuzz $target for ${seconds}s"
@@ -33,4 +40,4 @@ for target in $(cargo +nightly fuzz list); do
     exit 1
   fi
 done
-echo "fuzz: every target ran ${seconds}s without a crash"
+echo "fuzz: every target ($ran) ran ${seconds}s without a crash"

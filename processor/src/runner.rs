@@ -760,9 +760,15 @@ fn run_worker(
                     }
                 };
                 if let Some((reason, detail)) = refused {
+                    // The batch's header with this one sample: cloning the whole batch for each
+                    // refused sample made a hostile batch cost quadratic work.
                     let single = SampleBatch {
+                        node: batch.node.clone(),
+                        agent_id: batch.agent_id.clone(),
+                        sequence: batch.sequence,
+                        collected_at_ms: batch.collected_at_ms,
+                        agent_version: batch.agent_version.clone(),
                         samples: vec![sample.clone()],
-                        ..batch.clone()
                     };
                     dead_letter(
                         &producer,
