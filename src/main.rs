@@ -408,7 +408,8 @@ const BROKER_CRATES: [&str; 7] = [
 ];
 
 /// The log filter: `MF_LOG` (default: info for Meterflow, warn for the rest), with the
-/// embedded broker at `MF_BROKER_LOG`.
+/// embedded broker at `MF_BROKER_LOG`. `MF_LOG_FORMAT=json` writes one JSON object per line
+/// (`timestamp`, `level`, `target`, `fields`) for a log pipeline; text otherwise.
 fn log_filter(mf_log: Option<&str>, broker_log: Option<&str>) -> String {
     let mut spec = mf_log
         .unwrap_or("warn,meterflow=info,meterflow_ingest=info,meterflow_processor=info,meterflow_sink=info")
@@ -431,10 +432,19 @@ fn init_logging() {
         eprintln!("MF_LOG={spec:?} is not a log filter ({e}); using the default");
         tracing_subscriber::EnvFilter::new(log_filter(None, None))
     });
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    // Colours only for a person at a terminal, never into a file or a log pipeline.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    match std::env::var("MF_LOG_FORMAT").as_deref() {
+        Ok("json") => logs.json().with_current_span(false).init(),
+        Ok("text") | Err(_) => logs.with_ansi(ansi).init(),
+        Ok(other) => {
+            logs.with_ansi(ansi).init();
+            tracing::warn!("MF_LOG_FORMAT={other:?} is neither `text` nor `json`; logging text");
+        }
+    }
 }
 
 /// Cancels the token on Ctrl-C or SIGTERM.

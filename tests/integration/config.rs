@@ -314,3 +314,49 @@ async fn a_sink_runs_from_the_config_file() {
     assert!(data.is_dir(), "its views are where MF_DATA_DIR says");
     broker.stop();
 }
+
+/// `MF_LOG_FORMAT=json`: every log line on stderr is one JSON object a log pipeline can read,
+/// with its level, target and message, and no terminal colours.
+#[test]
+fn logs_are_json_lines_when_asked() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A simulated agent logs at once, whether or not its broker answers.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meterflow"))
+        .args(["agent", "--brokers", "127.0.0.1:1", "--nodes", "1"])
+        .arg("--spool-dir")
+        .arg(dir.path().join("spool"))
+        .env_remove("MF_CONFIG")
+        .env("MF_LOG_FORMAT", "json")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("meterflow agent starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = Vec::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line.expect("a line");
+        let started = line.contains("simulated agent started");
+        lines.push(line);
+        if started || lines.len() > 50 {
+            break;
+        }
+    }
+    child.kill().expect("killed");
+    child.wait().expect("reaped");
+    assert!(!lines.is_empty(), "the agent logged");
+    for line in &lines {
+        assert!(!line.contains('\u{1b}'), "no colours: {line}");
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["target"].is_string(), "{v}");
+    }
+    let started: serde_json::Value =
+        serde_json::from_str(lines.last().expect("a line")).expect("JSON");
+    assert_eq!(started["level"], "INFO", "{started}");
+    assert_eq!(
+        started["fields"]["message"], "simulated agent started",
+        "{started}"
+    );
+    assert_eq!(started["fields"]["nodes"], 1, "{started}");
+}

@@ -479,6 +479,11 @@ fn check(docs: &[Value]) {
                 c["env"].as_array().map_or(0, Vec::len),
                 "{name}: a variable set twice"
             );
+            // The binary reads MF_LOG; a RUST_LOG there would change nothing.
+            assert!(
+                !names.contains("RUST_LOG"),
+                "{name}: RUST_LOG is not read; Meterflow's filter is MF_LOG"
+            );
             let mounts: Vec<(String, String)> = c["volumeMounts"]
                 .as_array()
                 .into_iter()
