@@ -677,7 +677,7 @@ async fn run(args: Args) -> Result<bool> {
         )?;
         writeln!(
             doc,
-            "Input: {nodes} simulated nodes (H100 and A100, one A100 per odd node split into seven `1g.10gb` MIG slices) for {hours} hours at a 15 s collection interval: {} tenants, {} containers ({} of them shorter than a scrape interval), {} samples for Meterflow, {prom_samples} for Prometheus. Prometheus {}.\n",
+            "Input: {nodes} simulated nodes (H100 and A100, one A100 per odd node split into seven `1g.10gb` MIG slices) for {hours} hours at a 15 s collection interval: {} tenants, {} containers ({} of them shorter than a scrape interval), {} samples for Meterflow, {prom_samples} for Prometheus. Prometheus {}. Both read each node as its real sources show it (`ingest/src/sources/simulator.rs`): the Akash provider's pods, the kubelet's whole-second times and `lastState`, board energy counters since the driver loaded, cgroup readings at ticks and never at a container's exit; the truth is the simulator's physical record of each run.\n",
             scenario.tenants.len(),
             scenario.containers,
             scenario.short_containers,
