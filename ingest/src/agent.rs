@@ -27,8 +27,8 @@ pub trait Collect: Send {
 
 impl Collect for Fleet {
     fn tick(&mut self, now_ms: i64) -> BoxFuture<'_, Vec<SampleBatch>> {
+        // Each simulated node's collector marks its source, `simulator`, up.
         let batches = Fleet::tick(self, now_ms);
-        metrics::set_source("simulator", true);
         Box::pin(async move { batches })
     }
 }

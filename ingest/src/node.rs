@@ -614,7 +614,7 @@ impl NodeCollector {
                     };
                     let mut series = Vec::new();
                     for (resource, n) in &limits {
-                        let profile = resource.rsplit_once("/mig-").map_or("", |(_, p)| p);
+                        let profile = crate::sources::pod_resources::mig_profile_of(resource);
                         for i in 0..*n {
                             let gpu = GpuInfo {
                                 uuid: format!("spec:{}/{}/{resource}/{i}", pod.uid, c.name),

@@ -68,11 +68,17 @@ impl Assignment {
         if self.dra {
             return "";
         }
-        self.resource
-            .rsplit_once("/mig-")
-            .map(|(_, profile)| profile)
-            .unwrap_or("")
+        mig_profile_of(&self.resource)
     }
+}
+
+/// The MIG profile a device plugin's resource names (`nvidia.com/mig-1g.10gb` → `1g.10gb`);
+/// empty for whole GPUs.
+pub fn mig_profile_of(resource: &str) -> &str {
+    resource
+        .rsplit_once("/mig-")
+        .map(|(_, profile)| profile)
+        .unwrap_or("")
 }
 
 /// Whether `resource` is one of the configured GPU resources.

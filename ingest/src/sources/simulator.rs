@@ -342,6 +342,14 @@ fn akash_pod(owner: &str, dseq: i64, gseq: i64, oseq: i64, service: &str, create
     }
 }
 
+/// The device plugin's resource for a GPU of `mig_profile` (mixed MIG strategy).
+fn device_resource(mig_profile: &str) -> String {
+    match mig_profile {
+        "" => "nvidia.com/gpu".to_string(),
+        profile => format!("nvidia.com/mig-{profile}"),
+    }
+}
+
 /// The agent of a simulated node: the Akash preset, price classes by model, the device
 /// plugin's GPU resources.
 fn node_collector(name: &str, handed: &Arc<Mutex<Option<Collected>>>) -> NodeCollector {
@@ -405,10 +413,7 @@ impl Fleet {
                         "infer"
                     };
                     // The device plugin's resource the pod's spec asks for, as many as it holds.
-                    let resource = match devices[gpus[0]].mig_profile {
-                        "" => "nvidia.com/gpu".to_string(),
-                        profile => format!("nvidia.com/mig-{profile}"),
-                    };
+                    let resource = device_resource(devices[gpus[0]].mig_profile);
                     let mut pod = akash_pod(&tenant, dseq, 1, oseq, service, start_ms);
                     pod.containers[0].limits.insert(resource, gpus.len() as i64);
                     Workload {
@@ -774,10 +779,7 @@ fn observe(
             namespace: pod.namespace.clone(),
             pod: pod.name.clone(),
             container: w.service.to_string(),
-            resource: match held[0].mig_profile {
-                "" => "nvidia.com/gpu".to_string(),
-                profile => format!("nvidia.com/mig-{profile}"),
-            },
+            resource: device_resource(held[0].mig_profile),
             device_ids: held.iter().map(|g| g.uuid.clone()).collect(),
             dra: false,
         });
