@@ -8,7 +8,10 @@
 //!   durations).
 //! - [`exposition`]: the Prometheus text exposition format the agent scrapes (dcgm-exporter,
 //!   Kepler, cAdvisor).
+//! - [`quantity`]: Kubernetes resource quantities (`500m`, `4Gi`) of the pod specs the agent
+//!   bills requested cores and memory from.
 
 pub mod auth;
 pub mod exposition;
 pub mod params;
+pub mod quantity;

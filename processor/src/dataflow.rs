@@ -1,7 +1,7 @@
 //! The processor's differential dataflow, read top to bottom as the SPEC's steps.
 //!
 //! ```text
-//! summaries ─┬─ allocation pieces ▸ gpu_milliseconds                    ─┐
+//! summaries ─┬─ allocation pieces ▸ held_amounts                        ─┐
 //!            └─ reading windows (counters, gauges) ▸ reading_usage    ─┴▸ amounts
 //! amounts ─┬─ window_totals ▸ measured (per lease, service, item and base window → meterflow.usage)
 //!          └─ billing_totals           (per lease, item and billing window       → meterflow.billing)
@@ -124,7 +124,7 @@ pub fn amounts<'s>(
     readings: Coll<'s, (SeriesRef, Part, i64)>,
     window_ms: i64,
 ) -> Coll<'s, (UsageIdx, Part)> {
-    gpu_milliseconds(intervals, window_ms).concat(reading_usage(readings))
+    held_amounts(intervals, window_ms).concat(reading_usage(readings))
 }
 
 /// Changes of a collection of `(key, value)`, with their time and diff, as captured from the
@@ -409,18 +409,21 @@ pub fn split_by_window(
         .filter(|(_, overlap_ms)| *overlap_ms > 0)
 }
 
-/// Allocation pieces (each inside one base window) → GPU-milliseconds per (owner, item,
-/// window), carried in the multiplicity so that the sums downstream are plain additions.
-pub fn gpu_milliseconds<'s>(
+/// Allocation pieces (each inside one base window) → what was held per (owner, item,
+/// window): GPU-milliseconds, millicore-milliseconds, byte-seconds (each piece's byte-ms
+/// rounded down to the byte-second), carried in the multiplicity so that the sums downstream
+/// are plain additions.
+pub fn held_amounts<'s>(
     intervals: Coll<'s, (SeriesRef, Interval)>,
     window_ms: i64,
 ) -> Coll<'s, (UsageIdx, Part)> {
     intervals.explode(move |(s, iv)| {
+        let divisor = s.metric.held_divisor() as i128;
         split_by_window(iv.start_ms, iv.end_ms, window_ms)
             .map(|(window_start_ms, ms)| {
                 (
                     (UsageIdx::of(&s, window_start_ms), Part::Total),
-                    (ms * iv.count) as isize,
+                    (ms as i128 * iv.count as i128 / divisor) as isize,
                 )
             })
             .collect::<Vec<_>>()
@@ -734,6 +737,7 @@ mod tests {
         Observation::Allocation(
             AllocationKey {
                 owner: owner(lease),
+                metric: Aggregate::GpuSeconds,
                 gpu_class: "h100".into(),
                 mig_profile: String::new(),
                 node: "n".into(),
@@ -891,6 +895,91 @@ mod tests {
             observed_ms: MIN,
             present_ms: MIN,
         }
+    }
+
+    /// `amount` (millicores, bytes) of `metric` requested by container `c1` on node `n`.
+    fn reserve(
+        metric: Aggregate,
+        amount: i64,
+        start: i64,
+        finish: Option<i64>,
+        seen: i64,
+    ) -> Observation {
+        Observation::Allocation(
+            AllocationKey {
+                owner: owner("l"),
+                metric,
+                gpu_class: String::new(),
+                mig_profile: String::new(),
+                node: "n".into(),
+                container_id: "c1".into(),
+                gpu_uuid: String::new(),
+            },
+            AllocationObs {
+                started_at_ms: start,
+                finished_at_ms: finish,
+                observed_at_ms: seen,
+                count: amount,
+            },
+        )
+    }
+
+    #[test]
+    fn requested_cores_and_memory_are_held_like_gpus_but_never_flagged_or_counted_as_gpus() {
+        let six_gib = 6 << 30;
+        let epochs = vec![
+            vec![
+                // 1.5 cores from 10 s to 100 s; 6 GiB from 30 s, last seen at 90 s.
+                reserve(Aggregate::CpuRequestSeconds, 1_500, 10_000, None, 30_000),
+                reserve(
+                    Aggregate::MemoryRequestByteSeconds,
+                    six_gib,
+                    30_000,
+                    None,
+                    60_000,
+                ),
+                alloc("l", "c1", "g", 10_000, None, 30_000),
+            ],
+            vec![
+                reserve(
+                    Aggregate::CpuRequestSeconds,
+                    1_500,
+                    10_000,
+                    Some(100_000),
+                    100_500,
+                ),
+                reserve(
+                    Aggregate::MemoryRequestByteSeconds,
+                    six_gib,
+                    30_000,
+                    None,
+                    90_000,
+                ),
+                alloc("l", "c1", "g", 10_000, Some(100_000), 100_500),
+            ],
+        ];
+        let key = |metric, window| UsageKey {
+            metric,
+            gpu_class: String::new(),
+            ..gpu_key("l", window)
+        };
+        let out = run(epochs.clone());
+        assert_eq!(
+            out,
+            BTreeMap::from([
+                (gpu_key("l", 0), 50_000),
+                (gpu_key("l", MIN), 40_000),
+                // Millicore-ms: 1,500 × 50 s and 1,500 × 40 s (75 and 60 core-seconds).
+                (key(Aggregate::CpuRequestSeconds, 0), 75_000_000),
+                (key(Aggregate::CpuRequestSeconds, MIN), 60_000_000),
+                // Byte-seconds: 6 GiB × 30 s in each minute.
+                (key(Aggregate::MemoryRequestByteSeconds, 0), six_gib * 30),
+                (key(Aggregate::MemoryRequestByteSeconds, MIN), six_gib * 30),
+            ])
+        );
+        // One GPU at most: the node's reservations are not GPUs.
+        let (_, _, fleet, _, _, _) = run_all(epochs);
+        assert_eq!(fleet.get(&("max_gpus", "n".to_string(), 0)), Some(&1));
     }
 
     #[test]

@@ -16,10 +16,19 @@ pub struct Owner {
     pub service: String,
 }
 
-/// One allocation series: one GPU (or MIG instance) held by one container.
+/// One allocation series: one GPU (or MIG instance) held by one container, or the cores or
+/// memory one container run requested.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct AllocationKey {
     pub owner: Owner,
+    /// What is held: [`Aggregate::GpuSeconds`], [`Aggregate::CpuRequestSeconds`] or
+    /// [`Aggregate::MemoryRequestByteSeconds`]. Left out of the JSON for GPUs, so checkpoint
+    /// keys written before requests were billed still name the same series.
+    #[serde(
+        default = "Aggregate::gpu_seconds",
+        skip_serializing_if = "Aggregate::is_gpu_seconds"
+    )]
+    pub metric: Aggregate,
     pub gpu_class: String,
     pub mig_profile: String,
     pub node: String,
@@ -33,7 +42,7 @@ pub struct AllocationObs {
     pub started_at_ms: i64,
     pub finished_at_ms: Option<i64>,
     pub observed_at_ms: i64,
-    /// GPUs held by this series (1 for one GPU or one MIG instance).
+    /// How much is held: GPUs (1 for one GPU or one MIG instance), millicores, or bytes.
     pub count: i64,
 }
 
@@ -66,7 +75,7 @@ impl AllocationObs {
     }
 }
 
-/// `count` GPUs held from `start_ms` to `end_ms`; what the dataflow is fed is such an interval
+/// `count` GPUs (millicores, bytes) held from `start_ms` to `end_ms`; what the dataflow is fed is such an interval
 /// cut at base-window boundaries, one piece per window (see [`held_changes`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Interval {
@@ -194,11 +203,17 @@ pub enum Aggregate {
     /// `host_energy_joules_total`, in millijoules. Last, so that checkpoints written before it
     /// read the same.
     HostEnergyJoules,
+    /// CPU cores reserved: a container run's requested cores from its start to its finish, in
+    /// millicore-milliseconds (core-seconds at scale 6), from `cpu_request_cores` allocations.
+    CpuRequestSeconds,
+    /// Memory reserved: a container run's requested bytes from its start to its finish, in
+    /// byte-seconds, from `memory_request_bytes` allocations.
+    MemoryRequestByteSeconds,
 }
 
 impl Aggregate {
     /// Every aggregate, in order.
-    pub const ALL: [Aggregate; 12] = [
+    pub const ALL: [Aggregate; 14] = [
         Aggregate::GpuSeconds,
         Aggregate::GpuSecondsUnfinished,
         Aggregate::CpuCoreSeconds,
@@ -211,7 +226,17 @@ impl Aggregate {
         Aggregate::VramByteSeconds,
         Aggregate::GpuUtilizationSeconds,
         Aggregate::HostEnergyJoules,
+        Aggregate::CpuRequestSeconds,
+        Aggregate::MemoryRequestByteSeconds,
     ];
+
+    fn gpu_seconds() -> Self {
+        Aggregate::GpuSeconds
+    }
+
+    fn is_gpu_seconds(&self) -> bool {
+        *self == Aggregate::GpuSeconds
+    }
 
     /// The name on the wire and in the API.
     pub fn name(self) -> &'static str {
@@ -228,6 +253,8 @@ impl Aggregate {
             Aggregate::VramByteSeconds => "vram_byte_seconds",
             Aggregate::GpuUtilizationSeconds => "gpu_utilization_seconds",
             Aggregate::HostEnergyJoules => "host_energy_joules",
+            Aggregate::CpuRequestSeconds => "cpu_request_core_seconds",
+            Aggregate::MemoryRequestByteSeconds => "memory_request_byte_seconds",
         }
     }
 
@@ -236,6 +263,8 @@ impl Aggregate {
         use meterflow_schemas::metrics as m;
         Some(match (kind, metric) {
             (SampleKind::Allocation, m::GPU) => Aggregate::GpuSeconds,
+            (SampleKind::Allocation, m::CPU_REQUEST) => Aggregate::CpuRequestSeconds,
+            (SampleKind::Allocation, m::MEMORY_REQUEST) => Aggregate::MemoryRequestByteSeconds,
             (SampleKind::Counter, m::CPU_SECONDS) => Aggregate::CpuCoreSeconds,
             (SampleKind::Counter, m::ENERGY_JOULES) => Aggregate::EnergyJoules,
             (SampleKind::Counter, m::HOST_ENERGY_JOULES) => Aggregate::HostEnergyJoules,
@@ -253,7 +282,10 @@ impl Aggregate {
     /// How the aggregate is measured.
     pub fn kind(self) -> Kind {
         match self {
-            Aggregate::GpuSeconds | Aggregate::GpuSecondsUnfinished => Kind::Allocation,
+            Aggregate::GpuSeconds
+            | Aggregate::GpuSecondsUnfinished
+            | Aggregate::CpuRequestSeconds
+            | Aggregate::MemoryRequestByteSeconds => Kind::Allocation,
             Aggregate::MemoryByteSeconds
             | Aggregate::VramByteSeconds
             | Aggregate::GpuUtilizationSeconds => Kind::Gauge,
@@ -268,17 +300,20 @@ impl Aggregate {
             | Aggregate::GpuSecondsUnfinished
             | Aggregate::EnergyJoules
             | Aggregate::HostEnergyJoules => 3,
-            Aggregate::CpuCoreSeconds => 6,
+            Aggregate::CpuCoreSeconds | Aggregate::CpuRequestSeconds => 6,
             Aggregate::GpuUtilizationSeconds => 3,
             _ => 0,
         }
     }
 
     /// Integer units per unit of a sample's value: a counter's reading at the aggregate's
-    /// scale; a gauge's level in bytes, or in millionths for a ratio.
+    /// scale; a gauge's level in bytes, or in millionths for a ratio; an allocation's amount
+    /// held in GPUs, millicores or bytes.
     pub fn reading_units(self) -> f64 {
         match self {
             Aggregate::GpuSeconds | Aggregate::GpuSecondsUnfinished => 1.0,
+            Aggregate::CpuRequestSeconds => 1e3,
+            Aggregate::MemoryRequestByteSeconds => 1.0,
             Aggregate::GpuUtilizationSeconds => 1e6,
             a if a.kind() == Kind::Counter => 10f64.powi(a.scale()),
             _ => 1.0,
@@ -294,11 +329,23 @@ impl Aggregate {
         }
     }
 
+    /// For an allocation, what an amount held for one millisecond is divided by to give the
+    /// aggregate: GPU-ms and millicore-ms are the aggregate itself (seconds at scale 3 and 6),
+    /// byte-ms / 1000 = byte-seconds.
+    pub fn held_divisor(self) -> i64 {
+        match self {
+            Aggregate::MemoryRequestByteSeconds => 1_000,
+            _ => 1,
+        }
+    }
+
     /// The sample metric the aggregate is made from (see [`meterflow_schemas::metrics`]).
     pub fn sample_metric(self) -> &'static str {
         use meterflow_schemas::metrics as m;
         match self {
             Aggregate::GpuSeconds | Aggregate::GpuSecondsUnfinished => m::GPU,
+            Aggregate::CpuRequestSeconds => m::CPU_REQUEST,
+            Aggregate::MemoryRequestByteSeconds => m::MEMORY_REQUEST,
             Aggregate::CpuCoreSeconds => m::CPU_SECONDS,
             Aggregate::EnergyJoules => m::ENERGY_JOULES,
             Aggregate::HostEnergyJoules => m::HOST_ENERGY_JOULES,
@@ -326,6 +373,8 @@ impl Aggregate {
                 | Aggregate::MemoryByteSeconds
                 | Aggregate::EnergyJoules
                 | Aggregate::HostEnergyJoules
+                | Aggregate::CpuRequestSeconds
+                | Aggregate::MemoryRequestByteSeconds
         )
     }
 
@@ -422,6 +471,8 @@ impl BillingKey {
             ["memory"] => (Aggregate::MemoryByteSeconds, "", ""),
             ["energy"] => (Aggregate::EnergyJoules, "", ""),
             ["host_energy"] => (Aggregate::HostEnergyJoules, "", ""),
+            ["cpu_reserved"] => (Aggregate::CpuRequestSeconds, "", ""),
+            ["memory_reserved"] => (Aggregate::MemoryRequestByteSeconds, "", ""),
             _ => return None,
         };
         Some(Self {
@@ -435,7 +486,7 @@ impl BillingKey {
     }
 
     /// What is billed, as the billing record names it: `gpu:<class>:<mig_profile>`, `cpu`,
-    /// `memory`, `energy`.
+    /// `memory`, `energy`, `host_energy`, `cpu_reserved`, `memory_reserved`.
     pub fn item(&self) -> String {
         match self.metric {
             Aggregate::GpuSeconds => format!("gpu:{}:{}", self.gpu_class, self.mig_profile),
@@ -443,6 +494,8 @@ impl BillingKey {
             Aggregate::MemoryByteSeconds => "memory".to_string(),
             Aggregate::EnergyJoules => "energy".to_string(),
             Aggregate::HostEnergyJoules => "host_energy".to_string(),
+            Aggregate::CpuRequestSeconds => "cpu_reserved".to_string(),
+            Aggregate::MemoryRequestByteSeconds => "memory_reserved".to_string(),
             other => other.name().to_string(),
         }
     }
@@ -463,6 +516,43 @@ fn reject(reason: &'static str, detail: String) -> Result<Option<Observation>, R
 /// most 253; a container id 64 hex digits). Longer ones go to the dead-letter topic: they
 /// would be kept in every aggregate's key and every output record.
 pub const MAX_LABEL_BYTES: usize = 256;
+
+/// The most one allocation series may hold: 2^20 GPUs, 2^30 millicores (a million cores), 2^44
+/// bytes (16 TiB). Amounts are multiplied by up to a window's milliseconds; beyond these a
+/// month's total would leave `i64`.
+const MAX_HELD: [(Aggregate, i64); 3] = [
+    (Aggregate::GpuSeconds, 1 << 20),
+    (Aggregate::CpuRequestSeconds, 1 << 30),
+    (Aggregate::MemoryRequestByteSeconds, 1 << 44),
+];
+
+/// An allocation sample's value as the integer amount held: whole GPUs, millicores (a
+/// Kubernetes CPU quantity is never finer), or whole bytes.
+fn held_count(metric: Aggregate, value: f64) -> Result<i64, (&'static str, String)> {
+    let units = value * metric.reading_units();
+    let count = units.round();
+    let most = MAX_HELD
+        .iter()
+        .find(|(m, _)| *m == metric)
+        .map_or(0, |(_, most)| *most);
+    let (reason, what) = match metric {
+        Aggregate::GpuSeconds => ("bad_gpu_count", "a whole number of GPUs"),
+        Aggregate::CpuRequestSeconds => ("bad_cpu_request", "a whole number of millicores"),
+        _ => ("bad_memory_request", "a whole number of bytes"),
+    };
+    // A millicore count sent as cores (0.1 × 1000 = 100.00000000000001) is whole to within
+    // the double's precision; anything further off is not a quantity the agent writes.
+    if value < 0.0 || (units - count).abs() > 1e-6 * count.abs().max(1.0) || count > most as f64 {
+        return Err((
+            reason,
+            format!(
+                "an allocation of {} holds {what} from 0 to {most}, not {value}",
+                metric.sample_metric()
+            ),
+        ));
+    }
+    Ok(count as i64)
+}
 
 /// Validates a sample and turns it into an observation; `Ok(None)` for metrics this version
 /// of the processor does not aggregate yet.
@@ -516,7 +606,7 @@ pub fn observe(s: &Sample) -> Result<Option<Observation>, Rejection> {
             let Some(started_at_ms) = s.started_at_ms else {
                 return reject(
                     "missing_start",
-                    "a GPU allocation needs started_at_ms".into(),
+                    format!("an allocation ({}) needs started_at_ms", s.metric),
                 );
             };
             if started_at_ms < 0 {
@@ -533,29 +623,32 @@ pub fn observe(s: &Sample) -> Result<Option<Observation>, Rejection> {
                     format!("finished_at_ms {f} is before started_at_ms {started_at_ms}"),
                 );
             }
-            if s.value < 0.0 || s.value.fract() != 0.0 {
-                return reject(
-                    "bad_gpu_count",
-                    format!(
-                        "a GPU allocation holds a whole number of GPUs, not {}",
-                        s.value
-                    ),
-                );
-            }
+            let count = match held_count(metric, s.value) {
+                Ok(count) => count,
+                Err((reason, detail)) => return reject(reason, detail),
+            };
+            let gpu = |v: &String| {
+                if metric.per_gpu() {
+                    v.clone()
+                } else {
+                    String::new()
+                }
+            };
             Ok(Some(Observation::Allocation(
                 AllocationKey {
                     owner: owner(),
-                    gpu_class: s.series.gpu_class.clone(),
-                    mig_profile: s.series.mig_profile.clone(),
+                    metric,
+                    gpu_class: gpu(&s.series.gpu_class),
+                    mig_profile: gpu(&s.series.mig_profile),
                     node: s.series.node.clone(),
                     container_id: s.series.container_id.clone(),
-                    gpu_uuid: s.series.gpu_uuid.clone(),
+                    gpu_uuid: gpu(&s.series.gpu_uuid),
                 },
                 AllocationObs {
                     started_at_ms,
                     finished_at_ms: s.finished_at_ms,
                     observed_at_ms: s.timestamp_ms,
-                    count: s.value as i64,
+                    count,
                 },
             )))
         }
@@ -677,6 +770,47 @@ mod tests {
     }
 
     #[test]
+    fn requests_are_held_in_millicores_and_bytes_and_bad_amounts_refused() {
+        let held = |metric: &str, value: f64| {
+            let s = sample(SampleKind::Allocation, metric, value);
+            match observe(&s) {
+                Ok(Some(Observation::Allocation(k, v))) => Ok((k.metric, v.count)),
+                Ok(other) => panic!("{other:?}"),
+                Err(r) => Err(r.reason),
+            }
+        };
+        assert_eq!(
+            held("cpu_request_cores", 1.5),
+            Ok((Aggregate::CpuRequestSeconds, 1_500))
+        );
+        // A millicore count sent as cores is whole to the double's precision.
+        assert_eq!(
+            held("cpu_request_cores", 0.1),
+            Ok((Aggregate::CpuRequestSeconds, 100))
+        );
+        assert_eq!(
+            held("memory_request_bytes", 6.0 * (1u64 << 30) as f64),
+            Ok((Aggregate::MemoryRequestByteSeconds, 6 << 30))
+        );
+        assert_eq!(held("cpu_request_cores", 0.0005), Err("bad_cpu_request"));
+        assert_eq!(held("cpu_request_cores", -1.0), Err("bad_cpu_request"));
+        assert_eq!(held("memory_request_bytes", 0.5), Err("bad_memory_request"));
+        assert_eq!(
+            held("memory_request_bytes", 1e15),
+            Err("bad_memory_request")
+        );
+        assert_eq!(held("gpu", 2.0e6), Err("bad_gpu_count"));
+        // A request's series carries no GPU identity, whatever the sample says.
+        let mut s = sample(SampleKind::Allocation, "cpu_request_cores", 2.0);
+        s.series.gpu_uuid = "GPU-1".into();
+        s.series.gpu_class = "h100".into();
+        let Ok(Some(Observation::Allocation(k, _))) = observe(&s) else {
+            panic!("an allocation");
+        };
+        assert_eq!((k.gpu_uuid.as_str(), k.gpu_class.as_str()), ("", ""));
+    }
+
+    #[test]
     fn every_aggregate_has_a_metric_and_a_distinct_name() {
         use std::collections::BTreeSet;
         let names: BTreeSet<_> = Aggregate::ALL.iter().map(|a| a.name()).collect();
@@ -698,6 +832,8 @@ mod tests {
             "gpu_memory_used_bytes",
             "gpu_utilization",
             "host_energy_joules_total",
+            "cpu_request_cores",
+            "memory_request_bytes",
         ];
         let found: BTreeSet<_> = kinds
             .iter()

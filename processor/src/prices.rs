@@ -8,6 +8,8 @@
 //! cpu_core_hour = 0.04         # per core-hour
 //! memory_gib_hour = 0.005      # per GiB-hour of memory working set (observed time only)
 //! kwh = 0.12                   # per kWh of GPU energy
+//! cpu_core_hour_reserved = 0   # per core-hour requested (a container's spec, start to finish)
+//! memory_gib_hour_reserved = 0 # per GiB-hour of memory requested
 //!
 //! [gpu_hour]                   # per GPU class, per hour of a whole GPU
 //! h100 = 2.49
@@ -18,6 +20,9 @@
 //! ```
 //!
 //! A MIG profile not listed is priced by its compute slices, `<n>g.*` as n/7 of its class.
+//! A provider that prices what a lease reserves rather than what it uses (as an Akash lease
+//! is priced) sets the `_reserved` prices and leaves `cpu_core_hour` and `memory_gib_hour` at
+//! 0; every item is on the billing stream with its quantity whatever its price.
 //! Prices are held in millionths of the currency unit and costs are computed on integers, so
 //! the same quantity always costs the same.
 
@@ -42,6 +47,10 @@ pub struct PriceBook {
     pub memory_gib_hour_micros: i64,
     /// Per kilowatt-hour of energy.
     pub kwh_micros: i64,
+    /// Per core-hour of CPU requested.
+    pub cpu_core_hour_reserved_micros: i64,
+    /// Per GiB-hour of memory requested.
+    pub memory_gib_hour_reserved_micros: i64,
 }
 
 impl Default for PriceBook {
@@ -59,6 +68,9 @@ impl Default for PriceBook {
             cpu_core_hour_micros: 40_000,
             memory_gib_hour_micros: 5_000,
             kwh_micros: 120_000,
+            // The demo bills what is used; reservations are on the billing stream at 0.
+            cpu_core_hour_reserved_micros: 0,
+            memory_gib_hour_reserved_micros: 0,
         }
     }
 }
@@ -130,6 +142,12 @@ struct PriceBookFile {
     /// Per kilowatt-hour of energy.
     #[serde(default)]
     kwh: f64,
+    /// Per core-hour of CPU requested.
+    #[serde(default)]
+    cpu_core_hour_reserved: f64,
+    /// Per GiB-hour of memory requested.
+    #[serde(default)]
+    memory_gib_hour_reserved: f64,
     /// Per GPU class, per hour of a whole GPU.
     #[serde(default)]
     gpu_hour: BTreeMap<String, f64>,
@@ -185,6 +203,16 @@ impl PriceBook {
             memory_gib_hour_micros: micros("memory_gib_hour", file.memory_gib_hour)
                 .map_err(invalid)?,
             kwh_micros: micros("kwh", file.kwh).map_err(invalid)?,
+            cpu_core_hour_reserved_micros: micros(
+                "cpu_core_hour_reserved",
+                file.cpu_core_hour_reserved,
+            )
+            .map_err(invalid)?,
+            memory_gib_hour_reserved_micros: micros(
+                "memory_gib_hour_reserved",
+                file.memory_gib_hour_reserved,
+            )
+            .map_err(invalid)?,
         })
     }
 
@@ -244,8 +272,14 @@ impl PriceBook {
                 self.fraction(mig_profile),
             ),
             Aggregate::CpuCoreSeconds => (self.cpu_core_hour_micros, 3_600_000_000, (1, 1)),
+            Aggregate::CpuRequestSeconds => {
+                (self.cpu_core_hour_reserved_micros, 3_600_000_000, (1, 1))
+            }
             // Byte-seconds per GiB-hour.
             Aggregate::MemoryByteSeconds => (self.memory_gib_hour_micros, 3_600 << 30, (1, 1)),
+            Aggregate::MemoryRequestByteSeconds => {
+                (self.memory_gib_hour_reserved_micros, 3_600 << 30, (1, 1))
+            }
             // Millijoules per kWh: a GPU board's and a container's host energy alike.
             Aggregate::EnergyJoules | Aggregate::HostEnergyJoules => {
                 (self.kwh_micros, 3_600_000_000, (1, 1))
@@ -357,5 +391,35 @@ mod tests {
         assert!(err.to_string().contains("gpu_hour.h100"), "{err}");
         let err = PriceBook::parse("version = \"v\"\ncolour = 1\n", "p.toml").expect_err("unknown");
         assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn reserved_cores_and_memory_cost_their_own_prices() {
+        let book = PriceBook::parse(
+            "version = \"v\"\ncpu_core_hour_reserved = 0.03\nmemory_gib_hour_reserved = 0.004\n",
+            "p.toml",
+        )
+        .expect("valid");
+        // 500 millicores for 2 hours = 1 core-hour (3.6e9 millicore-ms): 0.03 = 30,000 micros.
+        assert_eq!(
+            book.cost_of(Aggregate::CpuRequestSeconds, "", "", 500 * 7_200_000),
+            30_000
+        );
+        // 4 GiB for 30 minutes = 2 GiB-hours: 0.008 = 8,000 micros.
+        assert_eq!(
+            book.cost_of(
+                Aggregate::MemoryRequestByteSeconds,
+                "",
+                "",
+                (4 << 30) * 1_800
+            ),
+            8_000
+        );
+        // Usage prices are left at 0: what is used is on the stream, at no cost.
+        assert_eq!(
+            book.cost_of(Aggregate::CpuCoreSeconds, "", "", 3_600_000_000),
+            0
+        );
+        assert_eq!(PriceBook::default().cpu_core_hour_reserved_micros, 0);
     }
 }

@@ -296,8 +296,8 @@ struct AllocationState {
     partition: i32,
     series: SeriesRef,
     /// The same series, flagged while its `finished_at` is not seen
-    /// ([`Aggregate::GpuSecondsUnfinished`]).
-    unfinished: SeriesRef,
+    /// ([`Aggregate::GpuSecondsUnfinished`]); GPUs only.
+    unfinished: Option<SeriesRef>,
     summary: AllocationObs,
 }
 
@@ -312,14 +312,11 @@ fn merge_allocation(
 ) -> NodeId {
     let merged = state.summary.merge(obs);
     if merged != state.summary {
-        for (series, old, new) in [
-            (state.series, state.summary.interval(), merged.interval()),
-            (
-                state.unfinished,
-                unfinished(state.summary),
-                unfinished(merged),
-            ),
-        ] {
+        let flag = state
+            .unfinished
+            .map(|flag| (flag, unfinished(state.summary), unfinished(merged)));
+        let held = (state.series, state.summary.interval(), merged.interval());
+        for (series, old, new) in std::iter::once(held).chain(flag) {
             let (removed, added) = held_changes(old, new, window_ms);
             for piece in removed {
                 input.remove(Summary::Held(series, piece));
@@ -577,20 +574,20 @@ impl Feeder {
         }
     }
 
-    /// New numbers for an allocation series and its unfinished flag.
-    fn allocation_refs(&mut self, key: &AllocationKey) -> (SeriesRef, SeriesRef) {
+    /// New numbers for an allocation series and, for GPUs, its unfinished flag.
+    fn allocation_refs(&mut self, key: &AllocationKey) -> (SeriesRef, Option<SeriesRef>) {
         let item = Item {
-            metric: Aggregate::GpuSeconds,
+            metric: key.metric,
             gpu_class: key.gpu_class.clone(),
             mig_profile: key.mig_profile.clone(),
         };
-        let flag = Item {
+        let flag = (key.metric == Aggregate::GpuSeconds).then(|| Item {
             metric: Aggregate::GpuSecondsUnfinished,
             ..item.clone()
-        };
+        });
         (
             self.series_ref(&key.owner, item, &key.node),
-            self.series_ref(&key.owner, flag, &key.node),
+            flag.map(|flag| self.series_ref(&key.owner, flag, &key.node)),
         )
     }
 
@@ -860,13 +857,11 @@ impl Feeder {
         &self,
         input: &mut InputSession<Time, Summary, isize>,
         series: SeriesRef,
-        unfinished_series: SeriesRef,
+        unfinished_series: Option<SeriesRef>,
         obs: AllocationObs,
     ) {
-        for (series, interval) in [
-            (series, obs.interval()),
-            (unfinished_series, unfinished(obs)),
-        ] {
+        let flag = unfinished_series.map(|flag| (flag, unfinished(obs)));
+        for (series, interval) in std::iter::once((series, obs.interval())).chain(flag) {
             for piece in held_changes(None, interval, self.rules.window_ms).1 {
                 input.insert(Summary::Held(series, piece));
             }

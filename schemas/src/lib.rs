@@ -34,6 +34,12 @@ pub use types::{
 pub mod metrics {
     /// Allocation: GPUs held by a container (value = number of GPUs or MIG instances).
     pub const GPU: &str = "gpu";
+    /// Allocation: CPU cores a container run requested (its spec's `resources.requests.cpu`,
+    /// value in cores, to the millicore), reserved from its start to its finish.
+    pub const CPU_REQUEST: &str = "cpu_request_cores";
+    /// Allocation: memory a container run requested (`resources.requests.memory`, in bytes),
+    /// reserved from its start to its finish.
+    pub const MEMORY_REQUEST: &str = "memory_request_bytes";
     /// Counter: CPU time in seconds (cgroup `cpu.stat` `usage_usec` / 1e6).
     pub const CPU_SECONDS: &str = "cpu_usage_seconds_total";
     /// Counter: GPU energy in joules, each holder's share of its board's (NVML total energy or

@@ -1,7 +1,7 @@
 //! The processor killed with SIGKILL at random points, again and again, while a simulated fleet
 //! publishes: afterwards every billing record id is in `meterflow.billing` exactly once, each
-//! key's revisions run 0, 1, 2, … without a gap, and the billed GPU time equals the fleet's
-//! ground truth to the millisecond.
+//! key's revisions run 0, 1, 2, … without a gap, and the billed GPU time and reserved cores and
+//! memory equal the fleet's ground truth to the millisecond.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -159,7 +159,10 @@ async fn billing_is_exactly_once_across_twenty_sigkills() {
             samples: vec![],
         };
         publisher.publish(&clock).await.expect("published");
-        crate::common::gpu_truth(&fleet)
+        (
+            crate::common::gpu_truth(&fleet),
+            crate::common::reserved_truth(&fleet),
+        )
     });
 
     // Kill the processor at random points while the fleet publishes, alternating one and two
@@ -175,7 +178,7 @@ async fn billing_is_exactly_once_across_twenty_sigkills() {
         child.kill().expect("SIGKILL");
         child.wait().expect("reaped");
     }
-    let truth = publisher.await.expect("publisher task");
+    let (truth, reserved_truth) = publisher.await.expect("publisher task");
     assert!(
         truth.len() > 10 && truth.values().all(|ms| *ms > 0),
         "the scenario bills several leases"
@@ -233,6 +236,28 @@ async fn billing_is_exactly_once_across_twenty_sigkills() {
     assert_eq!(
         gpu_ms, truth,
         "billed GPU-ms per tenant, lease, class and MIG profile equal the ground truth"
+    );
+    // Reserved cores and memory: each run's requests over its interval, to the millicore-ms
+    // and the byte-second.
+    let mut reserved = crate::common::ReservedTruth::new();
+    for r in &records {
+        let item = match r.item.as_str() {
+            "cpu_reserved" => "cpu_reserved",
+            "memory_reserved" => "memory_reserved",
+            _ => continue,
+        };
+        *reserved
+            .entry((r.tenant.clone(), r.lease.clone(), item))
+            .or_default() += r.quantity;
+    }
+    reserved.retain(|_, v| *v != 0);
+    assert_eq!(
+        reserved.len(),
+        2 * truth.keys().map(|k| &k.1).collect::<BTreeSet<_>>().len()
+    );
+    assert_eq!(
+        reserved, reserved_truth,
+        "billed reserved cores and memory per tenant and lease equal the ground truth"
     );
     // Costs add up to the cost of each key's total: no rounding drift across adjustments.
     let prices = PriceBook::default();

@@ -10,6 +10,10 @@
 //!   reloaded mid-run (its energy counter starts again from zero);
 //! - the GPU operator's exporter pod: no lease, counted as unattributed, never billed.
 //!
+//! Each lease's spec requests cores and memory (web `1500m` and `6Gi`; batch only limits,
+//! `4` and `16Gi`, which the scheduler reserves as its requests): reserved, and billed as
+//! such, from each run's start to its finish.
+//!
 //! Each board's energy counter is its running total since the driver loaded (9 MJ and 5 MJ at
 //! the start), as NVML and dcgm-exporter report it; kubelet times are whole seconds. The truth
 //! is the scenario's physical model below (power and times in milliseconds), and the expected
@@ -163,7 +167,8 @@ fn pods_at(t: i64) -> Value {
                     "akash.network/manifest-service": "web", "pod-template-hash": "6d4cf56db6"},
                 "ownerReferences": [{"kind": "ReplicaSet", "name": "web-6d4cf56db6", "controller": true}]},
             "spec": {"containers": [{"name": "web", "env": akash_env("18231234"),
-                "resources": {"limits": {"nvidia.com/gpu": "1"}}}]},
+                "resources": {"requests": {"cpu": "1500m", "memory": "6Gi", "nvidia.com/gpu": "1"},
+                    "limits": {"memory": "8Gi", "nvidia.com/gpu": "1"}}}]},
             "status": {"phase": "Running", "startTime": kube_time(WEB_POD_MS), "containerStatuses": [{
                 "name": "web", "restartCount": restarts, "containerID": format!("containerd://{id}"),
                 "state": state, "lastState": last}]}
@@ -181,7 +186,8 @@ fn pods_at(t: i64) -> Value {
                 "labels": {"akash.network": "true", "akash.network/namespace": NS_BATCH,
                     "akash.network/manifest-service": "batch", "pod-template-hash": "7b8c9d0e1f"},
                 "ownerReferences": [{"kind": "ReplicaSet", "name": "batch-7b8c9d0e1f", "controller": true}]},
-            "spec": {"containers": [{"name": "main", "env": akash_env("18239999")}]},
+            "spec": {"containers": [{"name": "main", "env": akash_env("18239999"),
+                "resources": {"limits": {"cpu": "4", "memory": "16Gi"}}}]},
             "status": {"phase": "Running", "startTime": kube_time(BATCH_POD_MS), "containerStatuses": [status]}
         }));
     }
@@ -485,6 +491,15 @@ async fn a_real_nodes_sources_bill_each_lease_its_own_gpu_time_energy_and_traffi
     // Network: the pod's namespace counts from the pod's start (after the agent's first tick),
     // 1 MB/s up to the last reading at 120 s, across the container's restart: 119.4 MB.
     let web_rx = (RX_BYTES_PER_S * (LAST_S * 1000 - WEB_POD_MS) / 1000) as f64;
+    // Reserved: each run's requests over the same kubelet times as its GPU. web 1.5 cores and
+    // 6 GiB over 116 s; batch, whose spec sets only limits, 4 cores and 16 GiB over 100 s. A
+    // pending container (batch from 19.1 s to 20.3 s) reserves nothing.
+    let web_reserved_core_s = 1.5 * 116.0;
+    let web_reserved_byte_s = (6u64 << 30) as f64 * 116.0;
+    let batch_reserved_core_s = 4.0 * 100.0;
+    let batch_reserved_byte_s = (16u64 << 30) as f64 * 100.0;
+    assert!((web_reserved_core_s - 1.5 * physical_web_s).abs() <= 1.5 * 2.0 * 2.0);
+    assert!((batch_reserved_core_s - 4.0 * physical_batch_s).abs() <= 4.0);
 
     let from = T0;
     let to = T0 + 3_600_000;
@@ -521,6 +536,34 @@ async fn a_real_nodes_sources_bill_each_lease_its_own_gpu_time_energy_and_traffi
         Some(web_rx),
         "{answer}"
     );
+    for (l, metric, expected) in [
+        (
+            "18231234.1.1",
+            "cpu_request_core_seconds",
+            web_reserved_core_s,
+        ),
+        (
+            "18231234.1.1",
+            "memory_request_byte_seconds",
+            web_reserved_byte_s,
+        ),
+        (
+            "18239999.1.1",
+            "cpu_request_core_seconds",
+            batch_reserved_core_s,
+        ),
+        (
+            "18239999.1.1",
+            "memory_request_byte_seconds",
+            batch_reserved_byte_s,
+        ),
+    ] {
+        assert_eq!(
+            lease(&answer, l, metric),
+            Some(expected),
+            "{l} {metric}: {answer}"
+        );
+    }
     let rows = answer["rows"].as_array().expect("rows");
     assert_eq!(rows.len(), 2, "only the two leases: {answer}");
     // The energy no single lease held a board for between two readings is the operator's,
@@ -552,6 +595,18 @@ async fn a_real_nodes_sources_bill_each_lease_its_own_gpu_time_energy_and_traffi
         "{answer}"
     );
     assert_eq!(answer["totals"]["gpu"][0]["gpu_class"], "h100", "{answer}");
+    // Its spec's 2 cores (a limit, so its request) over the same 7 s; no memory asked for.
+    assert_eq!(
+        answer["totals"]["cpu_request_core_seconds"].as_f64(),
+        Some(2.0 * job_gpu_s),
+        "{answer}"
+    );
+    assert!(
+        answer["totals"]["memory_request_byte_seconds"]
+            .as_f64()
+            .is_none_or(|b| b == 0.0),
+        "{answer}"
+    );
     grpc.abort();
     pipeline.stop().await;
 }

@@ -110,6 +110,20 @@ pub struct Container {
     /// The whole-number limits of the container's spec (`resources.limits`: extended
     /// resources such as `nvidia.com/gpu`; quantities like `500m` or `4Gi` are left out).
     pub limits: BTreeMap<String, i64>,
+    /// The cores and memory the container's spec requests.
+    pub requests: Requests,
+}
+
+/// What a container's spec requests (`resources.requests`), as the scheduler reserves it: a
+/// request left out where a limit is set is the limit (the API server's defaulting, which the
+/// kubelet's answer already shows; applied here again for a static pod's spec). `None` where
+/// neither is set, or the quantity cannot be read (a warning says which).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Requests {
+    /// Millicores (`"500m"`, `"2"`), rounded up to the millicore as Kubernetes does.
+    pub cpu_millicores: Option<i64>,
+    /// Bytes (`"4Gi"`, `"129e6"`).
+    pub memory_bytes: Option<i64>,
 }
 
 /// One run of a container, as the runtime reports it.
@@ -524,6 +538,34 @@ mod wire {
     pub struct Resources {
         #[serde(default)]
         pub limits: BTreeMap<String, serde_json::Value>,
+        #[serde(default)]
+        pub requests: BTreeMap<String, serde_json::Value>,
+    }
+
+    impl Resources {
+        /// The requested cores and memory (a limit where no request is set).
+        pub fn requests(&self, pod: &str, container: &str) -> super::Requests {
+            let read = |resource: &str, parse: fn(&str) -> Result<i64, _>| {
+                let quantity = self
+                    .requests
+                    .get(resource)
+                    .or_else(|| self.limits.get(resource))?;
+                let text = match quantity {
+                    serde_json::Value::String(q) => q.clone(),
+                    other => other.to_string(),
+                };
+                parse(&text)
+                    .map_err(|e: meterflow_guard::quantity::QuantityError| {
+                        tracing::warn!(%pod, %container, resource, error = %e,
+                            "a request the agent cannot read is not billed as reserved");
+                    })
+                    .ok()
+            };
+            super::Requests {
+                cpu_millicores: read("cpu", meterflow_guard::quantity::millicores),
+                memory_bytes: read("memory", meterflow_guard::quantity::bytes),
+            }
+        }
     }
 
     /// `value` is absent for `valueFrom` entries (secrets, the downward API): not read.
@@ -702,8 +744,13 @@ mod wire {
                 .find(|o| o.controller)
                 .or(m.owner_references.first())
                 .map(|o| (o.kind.clone(), o.name.clone()));
-            /// A container's literal env and whole-number limits, by its name.
-            type Spec = (BTreeMap<String, String>, BTreeMap<String, i64>);
+            /// A container's literal env, whole-number limits and requests, by its name.
+            type Spec = (
+                BTreeMap<String, String>,
+                BTreeMap<String, i64>,
+                super::Requests,
+            );
+            let pod_name = format!("{}/{}", m.namespace, m.name);
             let mut spec: BTreeMap<String, Spec> = self
                 .spec
                 .containers
@@ -714,6 +761,7 @@ mod wire {
                         .into_iter()
                         .filter_map(|v| Some((v.name, v.value?)))
                         .collect();
+                    let requests = c.resources.requests(&pod_name, &c.name);
                     let limits = c
                         .resources
                         .limits
@@ -727,7 +775,7 @@ mod wire {
                             Some((resource, whole?))
                         })
                         .collect();
-                    (c.name, (vars, limits))
+                    (c.name, (vars, limits, requests))
                 })
                 .collect();
             let containers = self
@@ -735,13 +783,14 @@ mod wire {
                 .container_statuses
                 .into_iter()
                 .map(|c| {
-                    let (env, limits) = spec.remove(&c.name).unwrap_or_default();
+                    let (env, limits, requests) = spec.remove(&c.name).unwrap_or_default();
                     super::Container {
                         current: c.state.run(&c.container_id),
                         // The previous run's id is only in its own terminated state.
                         previous: c.last_state.run(""),
                         env,
                         limits,
+                        requests,
                         name: c.name,
                         restarts: c.restart_count,
                     }
@@ -769,6 +818,39 @@ mod tests {
     /// A trimmed `/pods` answer of a real kubelet: an Akash deployment with a GPU container
     /// that restarted once, a job pod whose container finished, and a pending pod.
     pub const PODS: &str = include_str!("fixtures/kubelet-pods.json");
+
+    #[test]
+    fn a_request_left_out_is_its_limit_and_an_unreadable_one_is_not_billed() {
+        let pods = parse_pods(
+            br#"{"items": [{"metadata": {"name": "p", "namespace": "n", "uid": "u"},
+                "spec": {"containers": [
+                    {"name": "a", "resources": {"limits": {"cpu": "4", "memory": "16Gi"}}},
+                    {"name": "b", "resources": {"requests": {"cpu": 0.25, "memory": "129e6"},
+                        "limits": {"cpu": "1", "memory": "1Gi"}}},
+                    {"name": "c", "resources": {"requests": {"cpu": "lots", "memory": "1Gi"}}}]},
+                "status": {"containerStatuses": [
+                    {"name": "a", "state": {}}, {"name": "b", "state": {}}, {"name": "c", "state": {}}]}}]}"#,
+        )
+        .expect("parses");
+        let requests: Vec<Requests> = pods[0].containers.iter().map(|c| c.requests).collect();
+        assert_eq!(
+            requests,
+            vec![
+                Requests {
+                    cpu_millicores: Some(4_000),
+                    memory_bytes: Some(16 << 30)
+                },
+                Requests {
+                    cpu_millicores: Some(250),
+                    memory_bytes: Some(129_000_000)
+                },
+                Requests {
+                    cpu_millicores: None,
+                    memory_bytes: Some(1 << 30)
+                },
+            ]
+        );
+    }
 
     #[test]
     fn pods_runs_and_owners_are_read() {
@@ -800,6 +882,16 @@ mod tests {
             c.limits,
             BTreeMap::from([("cpu".to_string(), 8), ("nvidia.com/gpu".to_string(), 1)])
         );
+        // Requested cores and memory, read as the scheduler reserves them.
+        assert_eq!(
+            c.requests,
+            Requests {
+                cpu_millicores: Some(8_000),
+                memory_bytes: Some(32 << 30),
+            }
+        );
+        // A pod listed without a spec requests nothing.
+        assert_eq!(pods[1].containers[0].requests, Requests::default());
         let current = c.current.as_ref().expect("running");
         assert_eq!(current.container_id.len(), 64);
         assert!(current.container_id.starts_with("aaaa"));

@@ -39,7 +39,7 @@ use meterflow_schemas::{SampleBatch, SampleKind, metrics as m};
 
 use crate::attribution::{Attribution, AttributionConfig};
 use crate::node::{NodeCollector, NodeIdentity};
-use crate::sources::kubelet::{Container, Pod, Run};
+use crate::sources::kubelet::{Container, Pod, Requests, Run};
 use crate::sources::pod_resources::Assignment;
 use crate::sources::{Collected, GpuInfo, Reading, Scope, Source, SourceError, Target};
 
@@ -200,6 +200,8 @@ pub struct ContainerTruth {
     pub container_id: String,
     pub gpus: Vec<HeldGpu>,
     pub cores_tenths: i64,
+    /// What its spec requests (see [`requests`]): reserved from its start to its exit.
+    pub requests: Requests,
     pub started_at_ms: i64,
     /// Its exit, or the latest tick while it still runs.
     pub until_ms: i64,
@@ -338,6 +340,7 @@ fn akash_pod(owner: &str, dseq: i64, gseq: i64, oseq: i64, service: &str, create
             previous: None,
             env: map(&env),
             limits: BTreeMap::new(),
+            requests: Default::default(),
         }],
     }
 }
@@ -416,13 +419,15 @@ impl Fleet {
                     let resource = device_resource(devices[gpus[0]].mig_profile);
                     let mut pod = akash_pod(&tenant, dseq, 1, oseq, service, start_ms);
                     pod.containers[0].limits.insert(resource, gpus.len() as i64);
+                    let cores_tenths = 5 + rng.range(0, 30);
+                    pod.containers[0].requests = requests(cores_tenths);
                     Workload {
                         pod,
                         lease: format!("{dseq}.1.{oseq}"),
                         tenant,
                         service,
                         gpus,
-                        cores_tenths: 5 + rng.range(0, 30),
+                        cores_tenths,
                         restarts: 0,
                         state: State::Pending {
                             until_ms: start_ms + rng.range(0, 3_000),
@@ -663,6 +668,7 @@ fn advance(
                                 })
                                 .collect(),
                             cores_tenths: w.cores_tenths,
+                            requests: w.pod.containers[0].requests,
                             started_at_ms,
                             until_ms: seen_until,
                             finished,
@@ -715,6 +721,17 @@ fn wobble(a: &str, t: i64) -> i64 {
         h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
     }
     (h % 1000) as i64
+}
+
+/// What a service's spec requests for a container that keeps `cores_tenths` / 10 cores busy:
+/// half a core more than that, and 4 GiB per requested core or part of one (the kubelet
+/// shows them as `"1500m"` and `"8Gi"`).
+pub fn requests(cores_tenths: i64) -> Requests {
+    let millicores = cores_tenths * 100 + 500;
+    Requests {
+        cpu_millicores: Some(millicores),
+        memory_bytes: Some((millicores + 999) / 1_000 * (4 << 30)),
+    }
 }
 
 /// A container's memory working set at `at_ms`: about 4 GiB per busy core, ± 5 %.

@@ -660,6 +660,41 @@ pub fn gpu_truth(fleet: &meterflow_ingest::Fleet) -> GpuTruth {
     truth
 }
 
+/// Reserved cores and memory per (tenant, lease, billing item) a fleet scenario must be billed:
+/// `cpu_reserved` in millicore-ms, `memory_reserved` in byte-seconds.
+pub type ReservedTruth = std::collections::BTreeMap<(String, String, &'static str), i64>;
+
+/// What a fleet scenario must be billed for what its containers' specs request, from the
+/// simulator's physical record of each run and its spec's requests (never from its samples):
+/// each run at the kubelet's whole seconds, as in [`gpu_truth`].
+pub fn reserved_truth(fleet: &meterflow_ingest::Fleet) -> ReservedTruth {
+    let second = |ms: i64| ms - ms.rem_euclid(1_000);
+    let mut truth = ReservedTruth::new();
+    for c in fleet.containers() {
+        let until = if c.finished {
+            second(c.until_ms)
+        } else {
+            c.until_ms
+        };
+        let ms = until - second(c.started_at_ms);
+        let who = |item| (c.tenant.clone(), c.lease.clone(), item);
+        let millicores = c
+            .requests
+            .cpu_millicores
+            .expect("the simulator requests cores");
+        let bytes = c
+            .requests
+            .memory_bytes
+            .expect("the simulator requests memory");
+        *truth.entry(who("cpu_reserved")).or_default() += millicores * ms;
+        // Whole seconds: the byte-seconds are whole.
+        assert_eq!(ms % 1_000, 0, "{c:?}");
+        *truth.entry(who("memory_reserved")).or_default() += bytes * (ms / 1_000);
+    }
+    truth.retain(|_, v| *v > 0);
+    truth
+}
+
 /// `GET path` on `addr` over a plain TCP stream (for a component's health and metrics): the
 /// status and the body.
 pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
