@@ -19,3 +19,4 @@ mod feeds;
 mod hostile;
 mod pipeline;
 mod real_node;
+mod real_node_dra;
