@@ -192,8 +192,10 @@ library = "/nonexistent/libnvidia-ml.so.1"
             (b.node.as_str(), b.agent_id.as_str()),
             ("gpu-node-7", "gpu-node-7")
         );
-        // Exactly the web container's four cgroup readings; the stranger's are not sent.
-        assert_eq!(b.samples.len(), 4, "{:#?}", b.samples);
+        // Exactly the web container's four cgroup readings, and what its spec requests (8
+        // cores, 32 GiB) reserved by its current run and the one before its restart; the
+        // stranger's readings are not sent.
+        assert_eq!(b.samples.len(), 8, "{:#?}", b.samples);
         for s in &b.samples {
             assert_eq!(
                 s.series.tenant,
@@ -202,8 +204,27 @@ library = "/nonexistent/libnvidia-ml.so.1"
             assert_eq!(s.series.lease, "18231234.1.1");
             assert_eq!(s.series.service, "web");
             assert_eq!(s.series.provider, "akash1provider");
-            assert_eq!(s.series.container_id, WEB);
+            if s.kind != SampleKind::Allocation {
+                assert_eq!(s.series.container_id, WEB);
+            }
         }
+        let mut reserved: Vec<(&str, f64, &str)> = b
+            .samples
+            .iter()
+            .filter(|s| s.kind == SampleKind::Allocation)
+            .map(|s| (s.metric.as_str(), s.value, &s.series.container_id[..4]))
+            .collect();
+        reserved.sort_by(|a, b| a.partial_cmp(b).expect("numbers"));
+        let gib = (1u64 << 30) as f64;
+        assert_eq!(
+            reserved,
+            [
+                ("cpu_request_cores", 8.0, "aaaa"),
+                ("cpu_request_cores", 8.0, "bbbb"),
+                ("memory_request_bytes", 32.0 * gib, "aaaa"),
+                ("memory_request_bytes", 32.0 * gib, "bbbb"),
+            ]
+        );
         let cpu = b
             .samples
             .iter()
