@@ -12,6 +12,12 @@ pub struct Metrics {
     pub registry: Registry,
     /// Input sent to `meterflow.deadletter`, by reason.
     pub dead_letters: IntCounterVec,
+    /// Dead letters the broker refused or that could not be enqueued (the input stays
+    /// refused; billing goes on).
+    pub dead_letters_undelivered: IntCounter,
+    /// Times this process resumed from its last checkpoint because outputs were not
+    /// acknowledged.
+    pub resumes: IntCounter,
     /// Messages read from the samples topic (batches, duplicates and undecodable alike).
     pub input_messages: IntCounter,
     /// Sample batches fed to the dataflow (duplicates not counted).
@@ -99,6 +105,16 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "meterflow_processor_checkpoints_total",
             "Checkpoints written",
         ),
+        dead_letters_undelivered: counter(
+            &registry,
+            "meterflow_processor_dead_letters_undelivered_total",
+            "Dead letters the broker refused or that could not be enqueued; the input they describe stays refused",
+        ),
+        resumes: counter(
+            &registry,
+            "meterflow_processor_resumes_total",
+            "Times the process resumed from its last checkpoint because outputs were not acknowledged",
+        ),
         checkpoint_failures: counter(
             &registry,
             "meterflow_processor_checkpoint_failures_total",
@@ -119,6 +135,16 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     }
 });
 
+/// Why the process resumed from its last checkpoint, until a checkpoint is written again: a
+/// process that keeps resuming bills nothing new, and must not say it is ready.
+static RESUMING: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Records that the process resumes from its last checkpoint (`Some(why)`), or that a
+/// checkpoint was written since (`None`).
+pub fn set_resuming(why: Option<String>) {
+    *RESUMING.lock().unwrap_or_else(|p| p.into_inner()) = why;
+}
+
 /// Per worker, why its last checkpoint could not be written, while it could not.
 static CHECKPOINT_ERRORS: std::sync::Mutex<std::collections::BTreeMap<usize, String>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
@@ -132,13 +158,15 @@ pub fn set_checkpoint_error(worker: usize, error: Option<String>) {
     };
 }
 
-/// The health answer: `None` while every worker writes its checkpoints, else why one cannot.
+/// The health answer: `None` while every worker writes its checkpoints, else why one cannot,
+/// or why the process resumed from its last checkpoint without writing one since.
 pub fn unhealthy() -> Option<String> {
     let errors = CHECKPOINT_ERRORS.lock().unwrap_or_else(|p| p.into_inner());
-    errors
+    let failing = errors
         .iter()
         .next()
-        .map(|(worker, e)| format!("worker {worker} cannot write its checkpoint: {e}"))
+        .map(|(worker, e)| format!("worker {worker} cannot write its checkpoint: {e}"));
+    failing.or_else(|| RESUMING.lock().unwrap_or_else(|p| p.into_inner()).clone())
 }
 
 /// Every counter in the Prometheus text format.

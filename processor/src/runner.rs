@@ -206,6 +206,13 @@ impl ProducerContext for Deliveries {
                 *last = (*last).max(m.offset());
             }
             Ok(_) => {}
+            // A dead letter is a diagnosis, not an output: one the broker refuses is counted
+            // and said, and billing goes on (stopping would re-read the message that caused it,
+            // and stop again, for ever).
+            Err((e, m)) if m.topic() == topics::DEADLETTER => {
+                METRICS.dead_letters_undelivered.inc();
+                warn!(error = %e, "dead letter not delivered; the input it describes stays refused");
+            }
             Err((e, m)) => {
                 self.failed.fetch_add(1, Ordering::SeqCst);
                 warn!(topic = m.topic(), error = %e, "output record not delivered");
@@ -250,6 +257,10 @@ pub fn run(config: ProcessorConfig, shutdown: CancellationToken) -> Result<(), P
                     records = n,
                     "output records not acknowledged; resuming from the last checkpoint"
                 );
+                METRICS.resumes.inc();
+                crate::metrics::set_resuming(Some(format!(
+                    "resumed from the last checkpoint: {n} output records were not acknowledged; nothing new is billed until a checkpoint is written (is the broker refusing writes?)"
+                )));
                 std::thread::sleep(Duration::from_secs(1));
             }
             // A stop asked for while waiting for the topics is a clean stop, not a missing topic.
@@ -700,7 +711,7 @@ fn run_worker(
                         e.reason(),
                         e.to_string(),
                         (partition, offset),
-                        payload.to_vec(),
+                        payload,
                     );
                     continue;
                 }
@@ -775,7 +786,7 @@ fn run_worker(
                         reason,
                         detail,
                         (partition, offset),
-                        single.encode().unwrap_or_default(),
+                        &single.encode().unwrap_or_default(),
                     );
                 }
             }
@@ -953,6 +964,7 @@ fn run_worker(
                     METRICS.checkpoints.inc();
                     changed_since_checkpoint = false;
                     crate::metrics::set_checkpoint_error(index, None);
+                    crate::metrics::set_resuming(None);
                     debug!(worker = index, epoch, "checkpoint written");
                     // Everything is in the store now: idle series and long-billed windows
                     // may leave memory. Looked for once the horizon has moved a base window,
@@ -1403,26 +1415,67 @@ pub fn usage_record(
     }
 }
 
+/// The most of a refused message's bytes a dead letter carries: a message near the broker's
+/// size limit cannot be sent again whole inside a dead letter (the envelope makes it larger).
+pub const DEAD_LETTER_PAYLOAD_BYTES: usize = 64 * 1024;
+/// The most of a rejection's explanation a dead letter carries.
+const DEAD_LETTER_DETAIL_BYTES: usize = 2 * 1024;
+
 fn dead_letter(
     producer: &OutputProducer,
     reason: &str,
     detail: String,
     (partition, offset): (i32, i64),
-    payload: Vec<u8>,
+    payload: &[u8],
 ) {
-    warn!(reason, %detail, partition, offset, "input sent to the dead-letter topic");
+    let record = dead_letter_record(reason, detail, (partition, offset), payload);
+    warn!(reason, detail = %record.detail, partition, offset, "input sent to the dead-letter topic");
     METRICS.dead_letters.with_label_values(&[reason]).inc();
-    let record = DeadLetter {
+    match record.encode() {
+        Ok(bytes) => send(producer, topics::DEADLETTER, None, &bytes),
+        Err(e) => warn!(error = %e, "dead letter not encodable"),
+    }
+}
+
+/// A dead letter of bounded size: the payload whole up to [`DEAD_LETTER_PAYLOAD_BYTES`], else
+/// its first bytes, with its size and SHA-256 and where the whole message lies said in the
+/// detail (itself cut to [`DEAD_LETTER_DETAIL_BYTES`] at a character boundary).
+pub fn dead_letter_record(
+    reason: &str,
+    mut detail: String,
+    (partition, offset): (i32, i64),
+    payload: &[u8],
+) -> DeadLetter {
+    if detail.len() > DEAD_LETTER_DETAIL_BYTES {
+        let mut end = DEAD_LETTER_DETAIL_BYTES;
+        while !detail.is_char_boundary(end) {
+            end -= 1;
+        }
+        detail.truncate(end);
+        detail.push('…');
+    }
+    let payload = if payload.len() > DEAD_LETTER_PAYLOAD_BYTES {
+        use sha2::Digest;
+        let digest: String = sha2::Sha256::digest(payload)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        detail.push_str(&format!(
+            " (payload cut to its first {DEAD_LETTER_PAYLOAD_BYTES} of {} bytes, sha256 {digest}; the whole message is at {} partition {partition} offset {offset})",
+            payload.len(),
+            topics::SAMPLES
+        ));
+        payload[..DEAD_LETTER_PAYLOAD_BYTES].to_vec()
+    } else {
+        payload.to_vec()
+    };
+    DeadLetter {
         reason: reason.to_string(),
         detail,
         source_topic: topics::SAMPLES.to_string(),
         source_partition: partition,
         source_offset: offset,
         payload,
-    };
-    match record.encode() {
-        Ok(bytes) => send(producer, topics::DEADLETTER, None, &bytes),
-        Err(e) => warn!(error = %e, "dead letter not encodable"),
     }
 }
 
@@ -1443,6 +1496,11 @@ fn send(producer: &OutputProducer, topic: &str, key: Option<&str>, payload: &[u8
                 record = r;
                 std::thread::sleep(Duration::from_millis(10));
             }
+            Err((e, _)) if topic == topics::DEADLETTER => {
+                METRICS.dead_letters_undelivered.inc();
+                warn!(error = %e, "dead letter could not be enqueued; the input it describes stays refused");
+                return;
+            }
             Err((e, _)) => {
                 // Counted as a failed delivery: the epoch's flush turns it into a stop.
                 producer.context().failed.fetch_add(1, Ordering::SeqCst);
@@ -1450,5 +1508,37 @@ fn send(producer: &OutputProducer, topic: &str, key: Option<&str>, payload: &[u8
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_letter_is_bounded_whatever_it_describes() {
+        // Small: whole, the detail as given.
+        let d = dead_letter_record("undecodable", "cut short".into(), (2, 7), b"abc");
+        assert_eq!(
+            (d.payload.as_slice(), d.detail.as_str()),
+            (&b"abc"[..], "cut short")
+        );
+        // Large: the first 64 KiB, its size, digest and place said; the record fits in far
+        // less than a producer's 1 MB default.
+        let big = vec![7u8; 3 << 20];
+        let d = dead_letter_record("undecodable", "é".repeat(5_000), (2, 7), &big);
+        assert_eq!(d.payload.len(), DEAD_LETTER_PAYLOAD_BYTES);
+        assert!(
+            d.detail.starts_with(&"é".repeat(1_024)),
+            "cut at a character"
+        );
+        assert!(
+            d.detail.contains("of 3145728 bytes, sha256 ")
+                && d.detail.contains("meterflow.samples partition 2 offset 7"),
+            "{}",
+            d.detail
+        );
+        let encoded = d.encode().expect("encodes");
+        assert!(encoded.len() < 80 * 1024, "{} bytes", encoded.len());
     }
 }

@@ -2,7 +2,9 @@
 //! 1970 and far in the future, a label value of 100 KB, a fractional GPU count, a value too
 //! large for the aggregates. Each lands in `meterflow.deadletter` with its reason, and the
 //! rest of the stream comes out exactly as it does without them: the same final value for
-//! every usage record and the same net billed quantity per key.
+//! every usage record and the same net billed quantity per key. Messages that are no batch at
+//! all (1 MB of garbage, a cut frame, an unknown schema id) are dead-lettered too, the largest
+//! as a bounded excerpt, and billing never stops for them.
 
 use std::collections::BTreeMap;
 
@@ -87,11 +89,41 @@ async fn run(
     batches: &[SampleBatch],
     flags: &[&str],
 ) -> (meterflow::broker::EmbeddedBroker, tempfile::TempDir) {
+    run_with(batches, &[], flags).await
+}
+
+/// [`run`], with `raw` messages produced into the samples topic after the batches, as they are.
+async fn run_with(
+    batches: &[SampleBatch],
+    raw: &[Vec<u8>],
+    flags: &[&str],
+) -> (meterflow::broker::EmbeddedBroker, tempfile::TempDir) {
     let broker = memory_broker().await;
     crate::common::ensure_topics(&broker.bootstrap(), PARTITIONS).await;
     let publisher = Publisher::new(&broker.bootstrap()).expect("publisher");
     for b in batches {
         publisher.publish(b).await.expect("published");
+    }
+    if !raw.is_empty() {
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        // A broker's default message limit (1 MiB and a little) admits what the processor's own
+        // producer, at librdkafka's default of 1,000,000 bytes, cannot send back whole.
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", broker.bootstrap())
+            .set("message.max.bytes", "1048576")
+            .create()
+            .expect("producer");
+        for (i, bytes) in raw.iter().enumerate() {
+            producer
+                .send(
+                    FutureRecord::to(names::SAMPLES)
+                        .key(&format!("garbage-{i}"))
+                        .payload(bytes.as_slice()),
+                    std::time::Duration::from_secs(30),
+                )
+                .await
+                .expect("the broker takes the message");
+        }
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let brokers = broker.bootstrap();
@@ -238,4 +270,81 @@ async fn a_tenant_exploding_its_series_is_stopped_at_its_limit_and_the_others_ar
     assert_eq!(billed, clean_billed, "the same net billed quantity per key");
     clean.stop();
     noisy.stop();
+}
+
+/// Messages that are not batches: 1,000,000 bytes of garbage (too large to be sent back whole
+/// inside a dead letter by the processor's producer), a batch cut in half, a frame naming a
+/// schema id no one registered. Each is a dead letter with its reason, the largest cut to its
+/// first 64 KiB with its size and SHA-256 said; the processor runs to the end of its input
+/// (before, the garbage stopped it for ever: its dead letter was refused, the run resumed from
+/// its checkpoint and read the garbage again), and the outputs are those of the good input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_that_are_no_batch_are_dead_lettered_in_bounded_size_and_billing_goes_on() {
+    use sha2::Digest;
+    let good = crate::pipeline::batches();
+    let garbage = vec![0xab_u8; 1_000_000];
+    let digest: String = sha2::Sha256::digest(&garbage)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut cut = SampleBatch {
+        agent_id: "cut-agent".into(),
+        ..good[0].clone()
+    }
+    .encode()
+    .expect("encodes");
+    cut.truncate(cut.len() / 2);
+    let mut unknown = vec![0u8, 0x7f, 0xff, 0xff, 0xfe];
+    unknown.extend_from_slice(b"not avro");
+    let raw = vec![garbage.clone(), cut, unknown];
+
+    let (clean, _clean_dir) = run(&good, &[]).await;
+    let (attacked, _attacked_dir) = run_with(&good, &raw, &[]).await;
+    let (clean_b, attacked_b) = (clean.bootstrap(), attacked.bootstrap());
+    let messages = good.len() + raw.len();
+    let ((clean_usage, clean_billed), (usage, billed), dead, sizes) =
+        tokio::task::spawn_blocking(move || {
+            let sizes: Vec<usize> =
+                crate::common::read_topic_at(&attacked_b, names::SAMPLES, PARTITIONS, messages)
+                    .into_iter()
+                    .map(|(_, _, bytes)| bytes.len())
+                    .collect();
+            (
+                outputs(&clean_b, PARTITIONS),
+                outputs(&attacked_b, PARTITIONS),
+                read_topic(&attacked_b, names::DEADLETTER, PARTITIONS, 3),
+                sizes,
+            )
+        })
+        .await
+        .expect("read");
+    // The fault is there: the broker holds the megabyte of garbage.
+    assert!(sizes.contains(&1_000_000), "{sizes:?}");
+    let mut letters: Vec<DeadLetter> = dead
+        .iter()
+        .map(|b| DeadLetter::decode(b).expect("a dead letter"))
+        .collect();
+    letters.sort_by_key(|d| std::cmp::Reverse(d.payload.len()));
+    let reasons: Vec<&str> = letters.iter().map(|d| d.reason.as_str()).collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert_eq!(letters[0].reason, "undecodable");
+    assert_eq!(letters[0].payload, garbage[..64 * 1024]);
+    assert!(
+        letters[0].detail.contains("of 1000000 bytes")
+            && letters[0].detail.contains(&digest)
+            && letters[0].detail.contains(&format!(
+                "partition {} offset {}",
+                letters[0].source_partition, letters[0].source_offset
+            )),
+        "the detail says how large it was, its digest and where it is: {}",
+        letters[0].detail
+    );
+    let mut rest: Vec<&str> = reasons[1..].to_vec();
+    rest.sort();
+    assert_eq!(rest, ["undecodable", "unknown_schema"], "{reasons:?}");
+    assert!(!clean_usage.is_empty());
+    assert_eq!(usage, clean_usage, "the same final usage per record id");
+    assert_eq!(billed, clean_billed, "the same net billed quantity per key");
+    clean.stop();
+    attacked.stop();
 }
