@@ -1252,10 +1252,11 @@ async fn status(State(state): State<AppState>, headers: HeaderMap) -> Response {
         "features": ["usage", "burn-rate", "metrics", "live", "fleet", "feeds"],
         "watermark": watermark.map(format_rfc3339),
         "watermark_ms": watermark,
-        // How far behind: records not yet stored, and the data's age by the wall clock.
+        // How far behind: records not yet stored, and the data's age by the wall clock (never
+        // negative: a watermark ahead of this clock, an agent's clock running fast, is age 0).
         "lag": {
             "records": Some(state.metrics.consumer_lag.get()).filter(|l| *l >= 0),
-            "seconds": watermark.map(|w| ((state.now_ms)() - w) as f64 / 1000.0),
+            "seconds": watermark.map(|w| ((state.now_ms)() - w).max(0) as f64 / 1000.0),
         },
         "consumed_offsets": { topics::USAGE: offsets },
     }))
