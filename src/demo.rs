@@ -156,7 +156,9 @@ async fn run_in(config: &DemoConfig, data_dir: &Path, shutdown: CancellationToke
                 None => std::future::pending().await,
             }
         } => false,
-        _ = tokio::signal::ctrl_c() => false,
+        // SIGTERM too (`kill`, `docker stop`, systemd): stopped the same way as Ctrl-C, so its
+        // temporary directory is removed.
+        _ = stop_signal() => false,
         _ = shutdown.cancelled() => true,
     };
     shutdown.cancel();
@@ -178,4 +180,18 @@ async fn run_in(config: &DemoConfig, data_dir: &Path, shutdown: CancellationToke
     }
     println!("Meterflow demo stopped.");
     Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        return;
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -1,4 +1,5 @@
-//! `meterflow demo` as a user runs it: the real binary, its printed URL, its API, its exit.
+//! `meterflow demo` as a user runs it: the real binary, its printed URL, its API, its exit on
+//! SIGTERM (what `kill` and `docker stop` send), leaving no temporary files behind.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -13,8 +14,9 @@ async fn demo_serves_gpu_seconds_and_exits_cleanly() {
             "demo",
             "--listen",
             "127.0.0.1:0",
+            // A bound in case the signal is lost; the test stops it long before.
             "--exit-after",
-            "30",
+            "120",
             "--nodes",
             "2",
             "--interval",
@@ -62,6 +64,14 @@ async fn demo_serves_gpu_seconds_and_exits_cleanly() {
         "{usage}"
     );
 
+    // The demo keeps its broker-less state (sink views, processor checkpoints) in a temporary
+    // directory while it runs; SIGTERM stops it cleanly and removes it.
+    let data_dir = std::env::temp_dir().join(format!("meterflow-demo-{}", child.id()));
+    assert!(
+        data_dir.is_dir(),
+        "the demo's data is at {data_dir:?} while it runs"
+    );
+    crate::common::terminate(&child);
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
         .expect("join")
@@ -74,4 +84,5 @@ async fn demo_serves_gpu_seconds_and_exits_cleanly() {
             .any(|l| l.contains("Meterflow demo stopped.")),
         "{printed:?}"
     );
+    assert!(!data_dir.exists(), "{data_dir:?} left behind");
 }
