@@ -310,6 +310,11 @@ struct Processing {
     /// to the dead-letter topic as `too_late`.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     lateness: Duration,
+    /// How far ahead of this processor's clock a batch or a sample may be stamped; further
+    /// ones go to the dead-letter topic as `far_future`, naming their agent, and move no
+    /// watermark: an agent whose clock runs fast cannot close every tenant's billing windows.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    max_clock_skew: Duration,
     /// The longest gap across which a gauge reading (memory, VRAM, utilization) is held;
     /// a longer gap is reported as not observed, never filled. Twice the agents' interval.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -356,6 +361,7 @@ impl Processing {
             window_ms: self.window.as_millis() as i64,
             billing_window_ms: self.billing_window.as_millis() as i64,
             allowed_lateness_ms: self.lateness.as_millis() as i64,
+            max_future_ms: self.max_clock_skew.as_millis() as i64,
             max_staleness_ms: self.max_staleness.as_millis() as i64,
             checkpoint_interval: self.checkpoint_interval,
             max_batch: self.max_batch.max(1),

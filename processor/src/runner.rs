@@ -64,7 +64,9 @@ pub struct ProcessorConfig {
     pub billing_window_ms: i64,
     /// How far behind its agent's watermark a sample is still accepted, in milliseconds.
     pub allowed_lateness_ms: i64,
-    /// How far ahead of this machine's clock a sample is still accepted, in milliseconds.
+    /// How far ahead of this machine's clock a sample or a batch may be stamped, in
+    /// milliseconds: further ones are dead letters `far_future` and move no watermark, so an
+    /// agent whose clock runs fast cannot close other tenants' billing windows early by more.
     pub max_future_ms: i64,
     /// The longest gap across which a gauge reading is held, in milliseconds (SPEC:
     /// `max_staleness`, 2 × the collection interval).
@@ -109,7 +111,7 @@ impl ProcessorConfig {
             window_ms: 60_000,
             billing_window_ms: 3_600_000,
             allowed_lateness_ms: 10 * 60_000,
-            max_future_ms: 24 * 3_600_000,
+            max_future_ms: 5 * 60_000,
             max_staleness_ms: 30_000,
             max_batch: 1_000,
             max_new_series_per_tenant_hour: 100_000,
@@ -731,14 +733,28 @@ fn run_worker(
             let mut watermark_ms = agent.watermark_ms;
             if batch.collected_at_ms <= latest_ms {
                 watermark_ms = watermark_ms.max(batch.collected_at_ms);
+            } else {
+                // The batch's stamp alone (its samples are judged one by one below): a clock
+                // running fast must be seen, not only kept from the watermark.
+                let header = batch.clone_header();
+                dead_letter(
+                    &producer,
+                    "far_future",
+                    format!(
+                        "agent {}'s batch {} was collected at {} ms, more than {} ms ahead of this processor's clock (--max-clock-skew): it moves no watermark; is the node's clock synchronised?",
+                        batch.agent_id, batch.sequence, batch.collected_at_ms, config.max_future_ms
+                    ),
+                    (partition, offset),
+                    &header.encode().unwrap_or_default(),
+                );
             }
             for sample in &batch.samples {
                 let refused = if sample.timestamp_ms > latest_ms {
                     Some((
                         "far_future",
                         format!(
-                            "timestamp {} ms is more than {} ms ahead of this processor's clock",
-                            sample.timestamp_ms, config.max_future_ms
+                            "timestamp {} ms of agent {} is more than {} ms ahead of this processor's clock (--max-clock-skew)",
+                            sample.timestamp_ms, batch.agent_id, config.max_future_ms
                         ),
                     ))
                 } else if sample.timestamp_ms < horizon_ms {
@@ -774,12 +790,8 @@ fn run_worker(
                     // The batch's header with this one sample: cloning the whole batch for each
                     // refused sample made a hostile batch cost quadratic work.
                     let single = SampleBatch {
-                        node: batch.node.clone(),
-                        agent_id: batch.agent_id.clone(),
-                        sequence: batch.sequence,
-                        collected_at_ms: batch.collected_at_ms,
-                        agent_version: batch.agent_version.clone(),
                         samples: vec![sample.clone()],
+                        ..batch.clone_header()
                     };
                     dead_letter(
                         &producer,

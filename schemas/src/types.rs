@@ -56,6 +56,20 @@ pub struct SampleBatch {
     pub samples: Vec<Sample>,
 }
 
+impl SampleBatch {
+    /// The batch without its samples: who sent it, which one, when.
+    pub fn clone_header(&self) -> Self {
+        Self {
+            node: self.node.clone(),
+            agent_id: self.agent_id.clone(),
+            sequence: self.sequence,
+            collected_at_ms: self.collected_at_ms,
+            agent_version: self.agent_version.clone(),
+            samples: Vec::new(),
+        }
+    }
+}
+
 /// The current value of one aggregate in one base window (topic `meterflow.usage`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct UsageUpdate {

@@ -348,3 +348,55 @@ async fn messages_that_are_no_batch_are_dead_lettered_in_bounded_size_and_billin
     clean.stop();
     attacked.stop();
 }
+
+/// One agent's clock an hour fast: its empty batch is a dead letter `far_future` naming it, and
+/// it closes no one's billing window. The good input alone leaves its 5-minute billing windows
+/// open (its agent's watermark is not past them): had the rogue stamp moved the watermark, every
+/// one of them would have been charged at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agents_fast_clock_closes_no_ones_billing_windows() {
+    let good = crate::pipeline::batches();
+    let mut attacked = good.clone();
+    attacked.push(SampleBatch {
+        node: "node-z".into(),
+        agent_id: "agent-fast-clock".into(),
+        sequence: 1,
+        collected_at_ms: meterflow_processor::now_ms() + 3_600_000,
+        agent_version: "test".into(),
+        samples: vec![],
+    });
+    let (clean, _clean_dir) = run(&good, &[]).await;
+    let (fast, _fast_dir) = run(&attacked, &[]).await;
+    let (clean_b, fast_b) = (clean.bootstrap(), fast.bootstrap());
+    let ((clean_usage, clean_billed), (usage, billed), dead) =
+        tokio::task::spawn_blocking(move || {
+            (
+                outputs(&clean_b, PARTITIONS),
+                outputs(&fast_b, PARTITIONS),
+                read_topic(&fast_b, names::DEADLETTER, PARTITIONS, 1),
+            )
+        })
+        .await
+        .expect("read");
+    assert!(!clean_usage.is_empty());
+    assert!(
+        clean_billed.is_empty(),
+        "the good input's windows stay open: {clean_billed:?}"
+    );
+    assert_eq!(billed, clean_billed, "nothing charged early");
+    let letters: Vec<DeadLetter> = dead
+        .iter()
+        .map(|b| DeadLetter::decode(b).expect("a dead letter"))
+        .collect();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].reason, "far_future");
+    assert!(
+        letters[0].detail.contains("agent-fast-clock")
+            && letters[0].detail.contains("--max-clock-skew"),
+        "{}",
+        letters[0].detail
+    );
+    assert_eq!(usage, clean_usage, "the same final usage per record id");
+    clean.stop();
+    fast.stop();
+}
