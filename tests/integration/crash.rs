@@ -1,7 +1,8 @@
 //! The processor killed with SIGKILL at random points, again and again, while a simulated fleet
 //! publishes: afterwards every billing record id is in `meterflow.billing` exactly once, each
 //! key's revisions run 0, 1, 2, … without a gap, and the billed GPU time and reserved cores and
-//! memory equal the fleet's ground truth to the millisecond.
+//! memory equal the fleet's ground truth to the millisecond. Most kills must land mid-work (the
+//! process had consumed input and more was arriving), or the test fails.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -23,29 +24,33 @@ const KILLS: usize = 20;
 const LAG_TICKS: i64 = 40;
 
 fn start_processor(brokers: &str, state: &Path, workers: usize) -> Child {
-    spawn_processor(
-        brokers,
-        state,
-        &[
-            "-w",
-            &workers.to_string(),
-            "--billing-window",
-            "5m",
-            "--lateness",
-            "1m",
-            "--max-batch",
-            "20",
-            "--checkpoint-interval",
-            "150ms",
-            // Containers come and go every few minutes: their series leave memory two minutes
-            // after their last sample and come back from the state directory when they report
-            // again, across the kills.
-            "--retire-idle-after",
-            "2m",
-            "--partitions",
-            &PARTITIONS.to_string(),
-        ],
-    )
+    start_processor_with(brokers, state, workers, &[])
+}
+
+fn start_processor_with(brokers: &str, state: &Path, workers: usize, extra: &[&str]) -> Child {
+    let mut flags: Vec<String> = [
+        "-w",
+        &workers.to_string(),
+        "--billing-window",
+        "5m",
+        "--lateness",
+        "1m",
+        "--max-batch",
+        "20",
+        "--checkpoint-interval",
+        "150ms",
+        // Containers come and go every few minutes: their series leave memory two minutes
+        // after their last sample and come back from the state directory when they report
+        // again, across the kills.
+        "--retire-idle-after",
+        "2m",
+        "--partitions",
+        &PARTITIONS.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    flags.extend(extra.iter().map(|f| f.to_string()));
+    spawn_processor(brokers, state, &flags)
 }
 
 /// A billing record and where it was found (partition, offset).
@@ -145,7 +150,9 @@ async fn billing_is_exactly_once_across_twenty_sigkills() {
                 sends.spawn(async move { publisher.publish(&batch).await.expect("published") });
             }
             sends.join_all().await;
-            tokio::time::sleep(Duration::from_millis(80)).await;
+            // Paced to last about as long as the kills below, so that they land while input
+            // still arrives.
+            tokio::time::sleep(Duration::from_millis(150)).await;
         }
         assert!(lagging.is_empty(), "every lagging batch published");
         // A clock far enough ahead to close every billing window of the run.
@@ -167,17 +174,44 @@ async fn billing_is_exactly_once_across_twenty_sigkills() {
 
     // Kill the processor at random points while the fleet publishes, alternating one and two
     // workers so partitions change hands between runs.
+    // A kill lands mid-work when, in its life, the process consumed input (it restored its
+    // state and changed it) and the fleet was still publishing (more input, outputs and
+    // checkpoints in flight); its metrics say what it consumed, read just before the kill.
     let mut rng: u64 = 0x5eed;
+    let mut mid_work = 0;
     for kill in 0..KILLS {
-        let mut child = start_processor(&brokers, state.path(), 1 + kill % 2);
+        let metrics = crate::common::free_addr();
+        let metrics_flag = metrics.to_string();
+        let mut child = start_processor_with(
+            &brokers,
+            state.path(),
+            1 + kill % 2,
+            &["--metrics-listen", &metrics_flag],
+        );
         rng = rng
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
         let lifetime = Duration::from_millis(1_500 + (rng >> 33) % 2_500);
         tokio::time::sleep(lifetime).await;
+        let consumed = tokio::task::spawn_blocking(move || {
+            crate::common::http_get(metrics, "/metrics").and_then(|(_, body)| {
+                crate::common::metric_value(&body, "meterflow_processor_input_messages_total")
+            })
+        })
+        .await
+        .expect("metrics read");
+        let publishing = !publisher.is_finished();
         child.kill().expect("SIGKILL");
         child.wait().expect("reaped");
+        if consumed.is_some_and(|n| n > 0.0) && publishing {
+            mid_work += 1;
+        }
     }
+    println!("{mid_work} of {KILLS} kills landed mid-work");
+    assert!(
+        mid_work * 2 > KILLS,
+        "most kills must land mid-work, {mid_work} of {KILLS} did"
+    );
     let (truth, reserved_truth) = publisher.await.expect("publisher task");
     assert!(
         truth.len() > 10 && truth.values().all(|ms| *ms > 0),
