@@ -51,13 +51,19 @@ pub async fn fetch_lease_metrics(r: &LeaseMetricsRequest) -> Result<Value> {
     let base = r.url.trim_end_matches('/');
     let lease: String = url::form_urlencoded::byte_serialize(r.lease.as_bytes()).collect();
     let url = format!("{base}/v1/leases/{lease}/metrics");
-    let answer = reqwest::Client::new()
+    // Bounded: a sink that accepts the connection and never answers is an error, not a hang.
+    let answer = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?
         .get(&url)
         .query(&query)
         .bearer_auth(&r.token)
         .send()
         .await
-        .with_context(|| format!("cannot reach the sink at {base} (is it running? --url)"))?;
+        .with_context(|| {
+            format!("cannot reach the sink at {base}, or it did not answer within 30 s (is it running? --url)")
+        })?;
     let status = answer.status();
     let body: Value = answer
         .json()

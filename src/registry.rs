@@ -129,9 +129,7 @@ pub fn check() -> Result<Vec<String>> {
 /// run `meterflow schemas register` first.
 pub async fn lookup_ids(url: &str) -> Result<meterflow_schemas::RegistryIds> {
     let base = url.trim_end_matches('/');
-    let http = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(10))
-        .build()?;
+    let http = client()?;
     let mut ids = Vec::new();
     for v in versions() {
         let (status, json) =
@@ -160,6 +158,18 @@ pub async fn lookup_ids(url: &str) -> Result<meterflow_schemas::RegistryIds> {
         .map_err(|e| anyhow::anyhow!("the registry's ids cannot be used: {e}"))
 }
 
+/// How long one request to the registry may take, connection included.
+const REGISTRY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The registry's HTTP client: every request bounded by [`REGISTRY_TIMEOUT`], so a registry
+/// that accepts a connection and never answers is an error, not a hang.
+fn client() -> Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .connect_timeout(REGISTRY_TIMEOUT)
+        .timeout(REGISTRY_TIMEOUT)
+        .build()?)
+}
+
 /// POSTs a schema version to `path` of the registry at `base`: the answer's status and JSON
 /// (`null` where the body is not JSON).
 async fn post_schema(
@@ -175,7 +185,12 @@ async fn post_schema(
         .json(&body)
         .send()
         .await
-        .with_context(|| format!("cannot reach the schema registry at {base}"))?;
+        .with_context(|| {
+            format!(
+                "cannot reach the schema registry at {base}, or it did not answer within {} s",
+                REGISTRY_TIMEOUT.as_secs()
+            )
+        })?;
     let status = answer.status();
     Ok((status, answer.json().await.unwrap_or_default()))
 }
@@ -183,7 +198,7 @@ async fn post_schema(
 /// Registers every version in the registry at `url`; returns (subject, file, registry id).
 pub async fn register(url: &str) -> Result<Vec<(String, &'static str, i64)>> {
     let base = url.trim_end_matches('/');
-    let http = reqwest::Client::new();
+    let http = client()?;
     let mut out = Vec::new();
     for v in versions() {
         let path = format!("/compatibility/subjects/{}/versions/latest", v.subject);

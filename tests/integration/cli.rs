@@ -114,6 +114,61 @@ async fn meterflow(args: &[&str]) -> std::process::Output {
     .expect("joined")
 }
 
+/// A registry that takes the connection and never answers (a hung proxy, a paused pod): the
+/// command gives up after its request timeout with an error that says so, instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_never_answers_is_an_error_not_a_hang() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    // Killed after a minute, should it hang: a failure, not a stuck test run.
+    let registry = format!("http://{addr}");
+    let (out, took) = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
+            .args(["schemas", "register", "--registry", &registry])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("meterflow runs");
+        while child.try_wait().expect("status").is_none() {
+            if started.elapsed() > std::time::Duration::from_secs(60) {
+                let _ = child.kill();
+                panic!("`meterflow schemas register` still waits after a minute");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        (child.wait_with_output().expect("output"), started.elapsed())
+    })
+    .await
+    .expect("joined");
+    holder.abort();
+    // The fault happened: the command connected and was kept waiting.
+    assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "cannot reach the schema registry at http://{addr}, or it did not answer within 10 s"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        took >= std::time::Duration::from_secs(9),
+        "gave up after {took:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemas_are_listed_checked_and_registered_oldest_first() {
     let list = meterflow(&["schemas", "list"]).await;
