@@ -195,6 +195,20 @@ fn node_model(gpus: &BTreeMap<String, GpuInfo>, profile: &str) -> String {
     }
 }
 
+/// The series of a container run on this node, without GPU fields.
+fn container_series(me: &NodeIdentity, identity: &Identity, container_id: &str) -> SeriesId {
+    SeriesId {
+        tenant: identity.tenant.clone(),
+        lease: identity.lease.clone(),
+        service: identity.service.clone(),
+        replica: identity.replica.clone(),
+        node: me.node.clone(),
+        provider: me.provider.clone(),
+        container_id: container_id.to_string(),
+        ..SeriesId::default()
+    }
+}
+
 impl NodeCollector {
     /// Checks that no metric comes from two sources (it would be counted twice).
     pub fn new(
@@ -362,16 +376,7 @@ impl NodeCollector {
                     continue;
                 };
                 for run in c.current.iter().chain(c.previous.iter()) {
-                    let series = SeriesId {
-                        tenant: identity.tenant.clone(),
-                        lease: identity.lease.clone(),
-                        service: identity.service.clone(),
-                        replica: identity.replica.clone(),
-                        node: self.me.node.clone(),
-                        provider: self.me.provider.clone(),
-                        container_id: run.container_id.clone(),
-                        ..SeriesId::default()
-                    };
+                    let series = container_series(&self.me, &identity, &run.container_id);
                     for (metric, value) in &requested {
                         samples.push(Sample {
                             series: series.clone(),
@@ -561,13 +566,6 @@ impl NodeCollector {
             });
             let (uuid, model, mig) = gpu.unwrap_or_default();
             SeriesId {
-                tenant: identity.tenant.clone(),
-                lease: identity.lease.clone(),
-                service: identity.service.clone(),
-                replica: identity.replica.clone(),
-                node: self.me.node.clone(),
-                provider: self.me.provider.clone(),
-                container_id: container_id.to_string(),
                 gpu_class: if uuid.is_empty() {
                     String::new()
                 } else {
@@ -576,6 +574,7 @@ impl NodeCollector {
                 gpu_uuid: uuid,
                 gpu_model: model,
                 mig_profile: mig,
+                ..container_series(&self.me, identity, container_id)
             }
         };
 

@@ -357,6 +357,37 @@ fn assignments() -> proto::ListPodResourcesResponse {
     }
 }
 
+/// The agent's collector of node `gpu-node-1` of provider `akash1provider` as `agent_id`,
+/// reading `sources` every 15 s with the Akash preset and these GPU model → price classes.
+pub(crate) fn akash_collector(
+    agent_id: &str,
+    classes: &[(&str, &str)],
+    sources: Vec<Box<dyn Source>>,
+) -> NodeCollector {
+    let attribution = Attribution::new(&AttributionConfig {
+        preset: "akash".into(),
+        gpu_classes: classes
+            .iter()
+            .map(|(model, class)| (model.to_string(), class.to_string()))
+            .collect(),
+        ..Default::default()
+    })
+    .expect("rules");
+    NodeCollector::new(
+        NodeIdentity {
+            node: "gpu-node-1".into(),
+            provider: "akash1provider".into(),
+            agent_id: agent_id.into(),
+        },
+        Duration::from_secs(TICK_S as u64),
+        Duration::from_secs(600),
+        attribution,
+        PodResourcesConfig::default().gpu_resources,
+        sources,
+    )
+    .expect("collector")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_nodes_sources_bill_each_lease_its_own_gpu_time_energy_and_traffic() {
     let pipeline = Pipeline::start(1, 1).await;
@@ -435,25 +466,7 @@ async fn a_real_nodes_sources_bill_each_lease_its_own_gpu_time_energy_and_traffi
             .expect("dcgm"),
         ),
     ];
-    let attribution = Attribution::new(&AttributionConfig {
-        preset: "akash".into(),
-        gpu_classes: vec![("H100".into(), "h100".into())],
-        ..Default::default()
-    })
-    .expect("rules");
-    let mut node = NodeCollector::new(
-        NodeIdentity {
-            node: "gpu-node-1".into(),
-            provider: "akash1provider".into(),
-            agent_id: "gpu-node-1".into(),
-        },
-        Duration::from_secs(TICK_S as u64),
-        Duration::from_secs(600),
-        attribution,
-        PodResourcesConfig::default().gpu_resources,
-        sources,
-    )
-    .expect("collector");
+    let mut node = akash_collector("gpu-node-1", &[("H100", "h100")], sources);
 
     let publisher = Publisher::new(&brokers).expect("producer");
     for k in 0..=LAST_S / TICK_S {

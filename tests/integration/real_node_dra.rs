@@ -19,8 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meterflow_ingest::Publisher;
-use meterflow_ingest::attribution::{Attribution, AttributionConfig};
-use meterflow_ingest::node::{NodeCollector, NodeIdentity};
 use meterflow_ingest::sources::Source;
 use meterflow_ingest::sources::kubelet::{KubeletConfig, KubeletSource};
 use meterflow_ingest::sources::pod_resources::{
@@ -295,28 +293,11 @@ async fn dra_gpus_mig_named_by_the_exporter_and_kepler_energy_are_billed_through
         scraper("dcgm", format!("http://{http}/dcgm"), "dcgm"),
         scraper("kepler", format!("http://{http}/kepler"), "kepler"),
     ];
-    let attribution = Attribution::new(&AttributionConfig {
-        preset: "akash".into(),
-        gpu_classes: vec![
-            ("H100".into(), "h100".into()),
-            ("A100".into(), "a100".into()),
-        ],
-        ..Default::default()
-    })
-    .expect("rules");
-    let mut node = NodeCollector::new(
-        NodeIdentity {
-            node: "gpu-node-1".into(),
-            provider: "akash1provider".into(),
-            agent_id: "gpu-node-1-dra".into(),
-        },
-        Duration::from_secs(TICK_S as u64),
-        Duration::from_secs(600),
-        attribution,
-        PodResourcesConfig::default().gpu_resources,
+    let mut node = crate::real_node::akash_collector(
+        "gpu-node-1-dra",
+        &[("H100", "h100"), ("A100", "a100")],
         sources,
-    )
-    .expect("collector");
+    );
 
     let publisher = Publisher::new(&brokers).expect("producer");
     for k in 0..=LAST_S / TICK_S {
