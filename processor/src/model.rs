@@ -75,8 +75,9 @@ impl AllocationObs {
     }
 }
 
-/// `count` GPUs (millicores, bytes) held from `start_ms` to `end_ms`; what the dataflow is fed is such an interval
-/// cut at base-window boundaries, one piece per window (see [`held_changes`]).
+/// `count` GPUs (millicores, bytes) held from `start_ms` to `end_ms`; what the dataflow is fed
+/// is such an interval cut at base-window boundaries, one piece per window (see
+/// [`held_changes`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Interval {
     pub start_ms: i64,
