@@ -744,13 +744,17 @@ mod tests {
                 container_id: container.into(),
                 gpu_uuid: gpu.into(),
             },
-            AllocationObs {
-                started_at_ms: start,
-                finished_at_ms: finish,
-                observed_at_ms: seen,
-                count: 1,
-            },
+            held(1, start, finish, seen),
         )
+    }
+
+    fn held(count: i64, start: i64, finish: Option<i64>, seen: i64) -> AllocationObs {
+        AllocationObs {
+            started_at_ms: start,
+            finished_at_ms: finish,
+            observed_at_ms: seen,
+            count,
+        }
     }
 
     fn reading(
@@ -915,12 +919,7 @@ mod tests {
                 container_id: "c1".into(),
                 gpu_uuid: String::new(),
             },
-            AllocationObs {
-                started_at_ms: start,
-                finished_at_ms: finish,
-                observed_at_ms: seen,
-                count: amount,
-            },
+            held(amount, start, finish, seen),
         )
     }
 

@@ -138,6 +138,46 @@ async fn run_with(
     (broker, dir)
 }
 
+/// Final usage per record id and net billed quantity per key (see [`outputs`]).
+type Outputs = (
+    BTreeMap<String, (i64, i64, i64)>,
+    BTreeMap<(String, String, String, i64), i64>,
+);
+
+/// The processor run on `good` alone and on `attacked` with `raw` messages after it: each run's
+/// outputs, the attacked run's dead letters (waiting for at least `dead`), and its broker, up
+/// for more reads until the caller stops it.
+async fn side_by_side(
+    good: &[SampleBatch],
+    attacked: &[SampleBatch],
+    raw: &[Vec<u8>],
+    dead: usize,
+) -> (
+    Outputs,
+    Outputs,
+    Vec<DeadLetter>,
+    meterflow::broker::EmbeddedBroker,
+) {
+    let (clean, _clean_dir) = run(good, &[]).await;
+    let (hit, _hit_dir) = run_with(attacked, raw, &[]).await;
+    let (clean_b, hit_b) = (clean.bootstrap(), hit.bootstrap());
+    let (clean_out, hit_out, letters) = tokio::task::spawn_blocking(move || {
+        (
+            outputs(&clean_b, PARTITIONS),
+            outputs(&hit_b, PARTITIONS),
+            read_topic(&hit_b, names::DEADLETTER, PARTITIONS, dead),
+        )
+    })
+    .await
+    .expect("read");
+    clean.stop();
+    let letters = letters
+        .iter()
+        .map(|b| DeadLetter::decode(b).expect("a dead letter"))
+        .collect();
+    (clean_out, hit_out, letters, hit)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_samples_are_dead_lettered_with_a_reason_and_the_rest_is_untouched() {
     let good = crate::pipeline::batches();
@@ -298,32 +338,20 @@ async fn messages_that_are_no_batch_are_dead_lettered_in_bounded_size_and_billin
     unknown.extend_from_slice(b"not avro");
     let raw = vec![garbage.clone(), cut, unknown];
 
-    let (clean, _clean_dir) = run(&good, &[]).await;
-    let (attacked, _attacked_dir) = run_with(&good, &raw, &[]).await;
-    let (clean_b, attacked_b) = (clean.bootstrap(), attacked.bootstrap());
+    let ((clean_usage, clean_billed), (usage, billed), mut letters, attacked) =
+        side_by_side(&good, &good, &raw, raw.len()).await;
+    let attacked_b = attacked.bootstrap();
     let messages = good.len() + raw.len();
-    let ((clean_usage, clean_billed), (usage, billed), dead, sizes) =
-        tokio::task::spawn_blocking(move || {
-            let sizes: Vec<usize> =
-                crate::common::read_topic_at(&attacked_b, names::SAMPLES, PARTITIONS, messages)
-                    .into_iter()
-                    .map(|(_, _, bytes)| bytes.len())
-                    .collect();
-            (
-                outputs(&clean_b, PARTITIONS),
-                outputs(&attacked_b, PARTITIONS),
-                read_topic(&attacked_b, names::DEADLETTER, PARTITIONS, 3),
-                sizes,
-            )
-        })
-        .await
-        .expect("read");
+    let sizes: Vec<usize> = tokio::task::spawn_blocking(move || {
+        crate::common::read_topic_at(&attacked_b, names::SAMPLES, PARTITIONS, messages)
+            .into_iter()
+            .map(|(_, _, bytes)| bytes.len())
+            .collect()
+    })
+    .await
+    .expect("read");
     // The fault is there: the broker holds the megabyte of garbage.
     assert!(sizes.contains(&1_000_000), "{sizes:?}");
-    let mut letters: Vec<DeadLetter> = dead
-        .iter()
-        .map(|b| DeadLetter::decode(b).expect("a dead letter"))
-        .collect();
     letters.sort_by_key(|d| std::cmp::Reverse(d.payload.len()));
     let reasons: Vec<&str> = letters.iter().map(|d| d.reason.as_str()).collect();
     assert_eq!(reasons.len(), 3, "{reasons:?}");
@@ -345,7 +373,6 @@ async fn messages_that_are_no_batch_are_dead_lettered_in_bounded_size_and_billin
     assert!(!clean_usage.is_empty());
     assert_eq!(usage, clean_usage, "the same final usage per record id");
     assert_eq!(billed, clean_billed, "the same net billed quantity per key");
-    clean.stop();
     attacked.stop();
 }
 
@@ -365,29 +392,14 @@ async fn one_agents_fast_clock_closes_no_ones_billing_windows() {
         agent_version: "test".into(),
         samples: vec![],
     });
-    let (clean, _clean_dir) = run(&good, &[]).await;
-    let (fast, _fast_dir) = run(&attacked, &[]).await;
-    let (clean_b, fast_b) = (clean.bootstrap(), fast.bootstrap());
-    let ((clean_usage, clean_billed), (usage, billed), dead) =
-        tokio::task::spawn_blocking(move || {
-            (
-                outputs(&clean_b, PARTITIONS),
-                outputs(&fast_b, PARTITIONS),
-                read_topic(&fast_b, names::DEADLETTER, PARTITIONS, 1),
-            )
-        })
-        .await
-        .expect("read");
+    let ((clean_usage, clean_billed), (usage, billed), letters, fast) =
+        side_by_side(&good, &attacked, &[], 1).await;
     assert!(!clean_usage.is_empty());
     assert!(
         clean_billed.is_empty(),
         "the good input's windows stay open: {clean_billed:?}"
     );
     assert_eq!(billed, clean_billed, "nothing charged early");
-    let letters: Vec<DeadLetter> = dead
-        .iter()
-        .map(|b| DeadLetter::decode(b).expect("a dead letter"))
-        .collect();
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0].reason, "far_future");
     assert!(
@@ -397,6 +409,5 @@ async fn one_agents_fast_clock_closes_no_ones_billing_windows() {
         letters[0].detail
     );
     assert_eq!(usage, clean_usage, "the same final usage per record id");
-    clean.stop();
     fast.stop();
 }
