@@ -617,7 +617,7 @@ fn money(micros: i128) -> f64 {
 }
 
 /// Cost per hour now (over the last `over` before the watermark), per lease and service and in
-/// total; the month's cost to date, what is billed of it, its projection to the month's end at
+/// total; the month's cost to date, what is billed of it and what is pending, its projection to the month's end at
 /// the current rate, and the budget used.
 async fn burn_rate(
     State(state): State<AppState>,
@@ -677,6 +677,11 @@ fn burn_rate_json(
             .find(|u| u.metric == metric && u.lease.is_empty())
             .map(|u| i128::from(u.amount))
     };
+    // Billed: what `meterflow.billing` carries for the month's windows. Pending: the rest of
+    // the month priced per billing window, windows not closed yet (and changes to closed ones
+    // not yet billed as adjustments).
+    let billed = i128::from(state.store.billed(tenant, month)?);
+    let priced = of_period("period_cost").unwrap_or(0);
     let rate = per_hour(total_recent);
     let projection = money(to_date) + rate * (month_end - as_of) as f64 / HOUR;
     let budget = of_period("budget").map(|b| {
@@ -702,7 +707,8 @@ fn burn_rate_json(
             "start": format_rfc3339(month),
             "end": format_rfc3339(month_end),
             "to_date": money(to_date),
-            "billed": of_period("period_cost").map(money).unwrap_or(0.0),
+            "billed": money(billed),
+            "pending": money(priced - billed),
             "projection": projection,
         },
         "budget": budget,

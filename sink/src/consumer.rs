@@ -1,9 +1,9 @@
-//! Consumes `meterflow.usage` into the [`Store`], resuming from the offsets stored with the data.
+//! Consumes `meterflow.usage` and `meterflow.billing` into the [`Store`], resuming from the offsets stored with the data.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use meterflow_schemas::{Record, UsageUpdate, topics};
+use meterflow_schemas::{Record, topics};
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -29,7 +29,7 @@ pub enum ConsumeError {
 /// Most records applied in one RocksDB write.
 const MAX_BATCH: usize = 1_000;
 
-/// Reads usage updates and applies them until `shutdown` is cancelled.
+/// Reads usage updates and billing records and applies them until `shutdown` is cancelled.
 pub async fn consume(
     brokers: String,
     store: Arc<Store>,
@@ -37,11 +37,53 @@ pub async fn consume(
     updated: Arc<tokio::sync::watch::Sender<u64>>,
     shutdown: CancellationToken,
 ) -> Result<(), ConsumeError> {
+    let usage = consume_topic(
+        Topic {
+            name: topics::USAGE,
+            apply: Store::apply,
+            watch_lag: true,
+        },
+        (&brokers, &store, &metrics, &updated),
+        &shutdown,
+    );
+    // What was billed (`period.billed`) is read from the billing stream itself.
+    let billing = consume_topic(
+        Topic {
+            name: topics::BILLING,
+            apply: Store::apply_billing,
+            watch_lag: false,
+        },
+        (&brokers, &store, &metrics, &updated),
+        &shutdown,
+    );
+    let (usage, billing) = tokio::join!(usage, billing);
+    usage.and(billing)
+}
+
+/// A topic the sink consumes: its records and how they are stored.
+struct Topic<R> {
+    name: &'static str,
+    apply: fn(&Store, &[Consumed<R>]) -> Result<(), StoreError>,
+    /// Whether its lag is `meterflow_sink_consumer_lag_records`.
+    watch_lag: bool,
+}
+
+/// Consumes `topic` into the store from the offsets stored with the data, until `shutdown`.
+async fn consume_topic<R: Record>(
+    topic: Topic<R>,
+    (brokers, store, metrics, updated): (
+        &str,
+        &Arc<Store>,
+        &Metrics,
+        &Arc<tokio::sync::watch::Sender<u64>>,
+    ),
+    shutdown: &CancellationToken,
+) -> Result<(), ConsumeError> {
     let kafka =
         |context: &'static str| move |source: KafkaError| ConsumeError::Kafka { context, source };
     let consumer: StreamConsumer =
         ClientConfig::from_iter(meterflow_schemas::kafka::follower_properties())
-            .set("bootstrap.servers", &brokers)
+            .set("bootstrap.servers", brokers)
             // Partitions are assigned explicitly; the group id only names the client.
             .set("group.id", "meterflow-sink")
             // Offsets live in RocksDB next to the data they produced, never in Kafka.
@@ -55,14 +97,14 @@ pub async fn consume(
     let partitions = loop {
         // The brokers may be away or slow to answer (starting, overloaded): keep serving the
         // views there are, not ready, and ask again.
-        match consumer.fetch_metadata(Some(topics::USAGE), Duration::from_secs(5)) {
-            Ok(metadata) => match metadata.topics().iter().find(|t| t.name() == topics::USAGE) {
+        match consumer.fetch_metadata(Some(topic.name), Duration::from_secs(5)) {
+            Ok(metadata) => match metadata.topics().iter().find(|t| t.name() == topic.name) {
                 Some(t) if !t.partitions().is_empty() => break t.partitions().len() as i32,
                 _ => {}
             },
             Err(e) => {
                 metrics.errors.with_label_values(&["kafka"]).inc();
-                warn!(error = %e, "cannot read the topics from the brokers yet; asking again");
+                warn!(topic = topic.name, error = %e, "cannot read the topics from the brokers yet; asking again");
             }
         }
         tokio::select! {
@@ -70,7 +112,7 @@ pub async fn consume(
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     };
-    let stored = store.offsets(topics::USAGE)?;
+    let stored = store.offsets(topic.name)?;
     let mut assignment = TopicPartitionList::new();
     for p in 0..partitions {
         // Started early and skipped below (see `topics::RESUME_REWIND`).
@@ -78,14 +120,14 @@ pub async fn consume(
             Offset::Offset(topics::resume_from(*o, 0))
         });
         assignment
-            .add_partition_offset(topics::USAGE, p, offset)
+            .add_partition_offset(topic.name, p, offset)
             .map_err(kafka("assign"))?;
     }
     consumer.assign(&assignment).map_err(kafka("assign"))?;
-    metrics.ready.set(1);
-    let lag = {
+    let lag = topic.watch_lag.then(|| {
+        metrics.ready.set(1);
         let (brokers, store, metrics, shutdown) = (
-            brokers.clone(),
+            brokers.to_string(),
             store.clone(),
             metrics.clone(),
             shutdown.clone(),
@@ -93,15 +135,15 @@ pub async fn consume(
         tokio::task::spawn_blocking(move || {
             watch_lag(&brokers, partitions, &store, &metrics, &shutdown)
         })
-    };
+    });
     info!(
         partitions,
         resumed = stored.len(),
         "sink consuming {}",
-        topics::USAGE
+        topic.name
     );
 
-    let mut batch: Vec<Consumed> = Vec::with_capacity(MAX_BATCH);
+    let mut batch: Vec<Consumed<R>> = Vec::with_capacity(MAX_BATCH);
     loop {
         // Wait for one message, then take whatever else is ready, up to a batch.
         let first = tokio::select! {
@@ -115,7 +157,7 @@ pub async fn consume(
                     if stored
                         .get(&m.partition())
                         .is_some_and(|next| m.offset() < *next) => {}
-                Ok(m) => match UsageUpdate::decode(m.payload().unwrap_or_default()) {
+                Ok(m) => match R::decode(m.payload().unwrap_or_default()) {
                     Ok(update) => batch.push(Consumed {
                         topic: m.topic().to_string(),
                         partition: m.partition(),
@@ -124,7 +166,7 @@ pub async fn consume(
                     }),
                     Err(e) => {
                         metrics.errors.with_label_values(&[e.reason()]).inc();
-                        warn!(partition = m.partition(), offset = m.offset(), error = %e, "undecodable usage record skipped");
+                        warn!(topic = topic.name, partition = m.partition(), offset = m.offset(), error = %e, "undecodable record skipped");
                     }
                 },
                 Err(e) => {
@@ -140,21 +182,26 @@ pub async fn consume(
         }
         if !batch.is_empty() {
             let started = std::time::Instant::now();
-            store.apply(&batch)?;
+            (topic.apply)(store, &batch)?;
             metrics
                 .apply_seconds
                 .observe(started.elapsed().as_secs_f64());
             metrics.apply_batch_records.observe(batch.len() as f64);
-            metrics.applied.inc_by(batch.len() as u64);
+            metrics
+                .applied
+                .with_label_values(&[topic.name])
+                .inc_by(batch.len() as u64);
             updated.send_modify(|n| *n += 1);
             if let Some(w) = store.watermark_ms()? {
                 metrics.watermark_seconds.set(w as f64 / 1000.0);
             }
-            debug!(records = batch.len(), "usage updates applied");
+            debug!(records = batch.len(), topic = topic.name, "records applied");
             batch.clear();
         }
     }
-    let _ = lag.await;
+    if let Some(lag) = lag {
+        let _ = lag.await;
+    }
     Ok(())
 }
 

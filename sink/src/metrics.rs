@@ -1,16 +1,16 @@
 //! The sink's own Prometheus metrics, named `meterflow_sink_<thing>_<unit>`.
 
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// Every metric the sink exports, registered in one registry served at `/metrics`.
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
-    /// Usage updates written to the view store.
-    pub applied: IntCounter,
+    /// Records written to the view store, by topic.
+    pub applied: IntCounterVec,
     /// Records or messages that could not be used, by reason.
     pub errors: IntCounterVec,
     /// HTTP requests answered, by route and status code.
@@ -38,9 +38,12 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let applied = IntCounter::new(
-            "meterflow_sink_updates_applied_total",
-            "Usage updates written to the view store",
+        let applied = IntCounterVec::new(
+            Opts::new(
+                "meterflow_sink_updates_applied_total",
+                "Records written to the view store, by topic (usage updates, billing records)",
+            ),
+            &["topic"],
         )
         .expect("static metric definition");
         let errors = IntCounterVec::new(
@@ -91,7 +94,7 @@ impl Metrics {
         let apply_batch_records = Histogram::with_opts(
             HistogramOpts::new(
                 "meterflow_sink_apply_batch_records",
-                "Usage updates per view-store write",
+                "Records per view-store write",
             )
             .buckets(vec![1.0, 10.0, 100.0, 500.0, 1000.0]),
         )

@@ -21,6 +21,12 @@
 //!   mig_profile 0x00 → the same per lease and service: an hour of a lease is one cell, not
 //!   sixty minute records to decode.
 //!
+//! - `b` 0x00 tenant 0x00 month_start → what `meterflow.billing` has billed the tenant for
+//!   windows starting in that calendar month, in micros: the sum of the `cost_micros` of its
+//!   charges and adjustments (`period.billed`; windows still open are not in it).
+//! - `r` 0x00 tenant 0x00 lease 0x00 item 0x00 window_start → the latest revision of that
+//!   billing key applied, so that a billing record applied again changes nothing.
+//!
 //! Data and the offsets that produced it are written in one `WriteBatch`: after a crash the
 //! sink resumes exactly after the last update it stored.
 
@@ -28,7 +34,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use meterflow_schemas::time::month_start;
-use meterflow_schemas::{Record, UsageUpdate};
+use meterflow_schemas::{BillingRecord, Record, UsageUpdate};
 use rocksdb::{DB, Direction, IteratorMode, Options, WriteBatch};
 
 /// A failure of the view store.
@@ -52,13 +58,14 @@ pub enum StoreError {
     Encode(#[from] meterflow_schemas::EncodeError),
 }
 
-/// One consumed record: where it came from and what it said.
+/// One consumed record: where it came from and what it said (a usage update, or a billing
+/// record).
 #[derive(Debug, Clone)]
-pub struct Consumed {
+pub struct Consumed<R = UsageUpdate> {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
-    pub update: UsageUpdate,
+    pub update: R,
 }
 
 /// The view store.
@@ -210,6 +217,24 @@ fn decode_cell(v: &[u8]) -> Option<(i64, i32, i64, i64)> {
 /// Whether a record is a base window's cost (what the month sums add up).
 pub fn is_window_cost(u: &UsageUpdate) -> bool {
     u.metric == "cost" && u.resolution.is_empty()
+}
+
+fn billed_key(tenant: &str, month_start_ms: i64) -> Vec<u8> {
+    let mut k = b"b\0".to_vec();
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&sortable(month_start_ms));
+    k
+}
+
+fn revision_key(b: &BillingRecord) -> Vec<u8> {
+    let mut k = b"r\0".to_vec();
+    for part in [&b.tenant, &b.lease, &b.item] {
+        k.extend_from_slice(part.as_bytes());
+        k.push(0);
+    }
+    k.extend_from_slice(&sortable(b.window_start_ms));
+    k
 }
 
 fn read_i64(v: Option<Vec<u8>>) -> Option<i64> {
@@ -398,6 +423,53 @@ impl Store {
         }
         self.db.write(batch)?;
         Ok(())
+    }
+
+    /// Applies consumed billing records and their offsets in one atomic write: each adds its
+    /// cost to its tenant's billed sum for the month its window starts in. A record whose
+    /// revision of its key was applied already (the same record again) changes nothing.
+    pub fn apply_billing(&self, consumed: &[Consumed<BillingRecord>]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        let mut revisions: HashMap<Vec<u8>, i64> = HashMap::new();
+        let mut billed: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
+        for c in consumed {
+            let e = next.entry((&c.topic, c.partition)).or_insert(c.offset + 1);
+            *e = (*e).max(c.offset + 1);
+            let b = &c.update;
+            let key = revision_key(b);
+            let applied = match revisions.get(&key) {
+                Some(r) => Some(*r),
+                None => read_i64(self.db.get(&key)?),
+            };
+            if applied.is_some_and(|r| r >= b.revision) {
+                continue;
+            }
+            revisions.insert(key, b.revision);
+            let month = billed_key(&b.tenant, month_start(b.window_start_ms));
+            let sum = match billed.get(&month) {
+                Some(sum) => *sum,
+                None => read_i64(self.db.get(&month)?).unwrap_or(0),
+            };
+            billed.insert(month, sum + b.cost_micros);
+        }
+        for (key, revision) in revisions {
+            batch.put(key, revision.to_be_bytes());
+        }
+        for (month, sum) in billed {
+            batch.put(month, sum.to_be_bytes());
+        }
+        for ((topic, partition), offset) in next {
+            batch.put(offset_key(topic, partition), offset.to_be_bytes());
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// What `meterflow.billing` has billed `tenant` for windows in the calendar month starting
+    /// at `month_start_ms`, in micros.
+    pub fn billed(&self, tenant: &str, month_start_ms: i64) -> Result<i64, StoreError> {
+        Ok(read_i64(self.db.get(billed_key(tenant, month_start_ms))?).unwrap_or(0))
     }
 
     /// A tenant's hour cells of `view` with `from_ms <= hour_start < to_ms`, in hour order.
@@ -621,6 +693,65 @@ mod tests {
             offset,
             update: u,
         }
+    }
+
+    #[test]
+    fn billed_sums_charges_and_adjustments_per_month_once_each() {
+        use meterflow_schemas::BillingKind;
+        // 2026-11-30T23:00Z and the hour after it, in December.
+        const NOV_LAST_HOUR: i64 = 1_796_079_600_000;
+        const DEC: i64 = 1_796_083_200_000;
+        let record = |offset: i64, window: i64, revision: i64, cost_micros: i64| Consumed {
+            topic: "meterflow.billing".into(),
+            partition: 1,
+            offset,
+            update: BillingRecord {
+                id: format!("r{offset}"),
+                kind: if revision == 0 {
+                    BillingKind::Charge
+                } else {
+                    BillingKind::Adjustment
+                },
+                tenant: "t".into(),
+                lease: "l".into(),
+                item: "gpu_seconds/h100".into(),
+                window_start_ms: window,
+                window_end_ms: window + 3_600_000,
+                revision,
+                quantity: 0,
+                scale: 3,
+                price_book_version: "v1".into(),
+                cost_micros,
+                currency: "USD".into(),
+            },
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("opens");
+        // A charge of 700 and an adjustment of -200 for November's last hour; a charge of 50
+        // for December's first; the adjustment again in the same write and in a later one
+        // (a duplicate on the topic) adds nothing.
+        store
+            .apply_billing(&[
+                record(0, NOV_LAST_HOUR, 0, 700),
+                record(1, DEC, 0, 50),
+                record(2, NOV_LAST_HOUR, 1, -200),
+                record(3, NOV_LAST_HOUR, 1, -200),
+            ])
+            .expect("applies");
+        store
+            .apply_billing(&[record(4, NOV_LAST_HOUR, 1, -200)])
+            .expect("applies");
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopens");
+        // November 2026 starts at 1_793_491_200_000.
+        assert_eq!(store.billed("t", 1_793_491_200_000).expect("reads"), 500);
+        assert_eq!(store.billed("t", DEC).expect("reads"), 50);
+        assert_eq!(store.billed("u", DEC).expect("reads"), 0);
+        assert_eq!(
+            store.offsets("meterflow.billing").expect("reads"),
+            BTreeMap::from([(1, 5)])
+        );
+        assert!(store.offsets("meterflow.usage").expect("reads").is_empty());
     }
 
     #[test]

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use meterflow_ingest::Publisher;
 use meterflow_schemas::{
-    Alert, DeadLetter, Record, Sample, SampleBatch, SampleKind, SeriesId, UsageUpdate, topics,
+    Alert, BillingKind, BillingRecord, DeadLetter, Record, Sample, SampleBatch, SampleKind,
+    SeriesId, UsageUpdate, topics,
 };
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -150,6 +151,76 @@ fn gpu_by_class(v: &Value) -> Vec<(String, String, f64)> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Sends `payload` to every partition of `topic`; returns how many.
+async fn mark_partitions(brokers: &str, topic: &str, payload: &[u8]) -> usize {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("producer");
+    let partitions = rdkafka::producer::Producer::client(&producer)
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata")
+        .topics()[0]
+        .partitions()
+        .len() as i32;
+    for p in 0..partitions {
+        producer
+            .send(
+                FutureRecord::<(), _>::to(topic)
+                    .partition(p)
+                    .payload(payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("marker delivered");
+    }
+    partitions as usize
+}
+
+/// A usage record of a tenant of its own, in no lease: it moves no watermark.
+fn usage_marker() -> Vec<u8> {
+    UsageUpdate {
+        id: "restart-marker".into(),
+        tenant: "restart-marker".into(),
+        lease: String::new(),
+        service: String::new(),
+        metric: "gpu_seconds".into(),
+        gpu_class: String::new(),
+        mig_profile: String::new(),
+        window_start_ms: T0,
+        window_end_ms: T0 + 60_000,
+        resolution: String::new(),
+        amount: 0,
+        scale: 3,
+        coverage_ms: 0,
+        present_ms: 0,
+        node: String::new(),
+    }
+    .encode()
+    .expect("encodes")
+}
+
+/// A billing charge of nothing, to a tenant of its own.
+fn billing_marker() -> Vec<u8> {
+    BillingRecord {
+        id: "restart-marker".into(),
+        kind: BillingKind::Charge,
+        tenant: "restart-marker".into(),
+        lease: "marker".into(),
+        item: "gpu_seconds".into(),
+        window_start_ms: T0,
+        window_end_ms: T0 + 3_600_000,
+        revision: 0,
+        quantity: 0,
+        scale: 3,
+        price_book_version: String::new(),
+        cost_micros: 0,
+        currency: "USD".into(),
+    }
+    .encode()
+    .expect("encodes")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,9 +462,11 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
     near(&burn["period"]["projection"], 0.173_697 + 0.582_72 * 191.95);
     near(&burn["budget"]["monthly"], 0.30);
     near(&burn["budget"]["used"], 0.173_697 / 0.30);
-    // What is billed is the same usage priced per billing hour: equal up to rounding.
-    let billed = burn["period"]["billed"].as_f64().unwrap_or(0.0);
-    assert!((billed - 0.173_697).abs() < 1e-5, "{burn}");
+    // Nothing is billed yet: the hour is open (an hour's billing window, 10 minutes' lateness).
+    // Pending is that hour priced per billing hour: the same usage, equal up to rounding.
+    assert_eq!(burn["period"]["billed"].as_f64(), Some(0.0), "{burn}");
+    let pending = burn["period"]["pending"].as_f64().unwrap_or(0.0);
+    assert!((pending - 0.173_697).abs() < 1e-5, "{burn}");
     // Five minutes back from 00:03 holds every minute: 12 x the whole cost.
     let burn5 = poll_json(
         &pipeline.url("/v1/tenants/acme/burn-rate"),
@@ -629,6 +702,37 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
         "{metrics}"
     );
 
+    // The agent's next batch, stamped 01:11, closes the hour (its end plus the lateness): the
+    // hour is billed, and `billed` is what the billing topic carries, read here with a client
+    // of its own; nothing is pending.
+    let closing = SampleBatch {
+        sequence: 5,
+        collected_at_ms: T0 + 71 * 60_000,
+        samples: Vec::new(),
+        ..batches[0].clone()
+    };
+    publisher.publish(&closing).await.expect("batch delivered");
+    let billed = poll_json(
+        &pipeline.url("/v1/tenants/acme/burn-rate?over=1m"),
+        &acme_token,
+        Duration::from_secs(30),
+        |v| v["period"]["pending"].as_f64() == Some(0.0),
+    )
+    .await;
+    let on_topic: i64 = read_topic(&brokers, topics::BILLING, 2, 1)
+        .iter()
+        .map(|bytes| BillingRecord::decode(bytes).expect("billing records decode"))
+        .filter(|b| b.tenant == "acme")
+        .map(|b| b.cost_micros)
+        .sum();
+    assert_eq!(
+        billed["period"]["billed"].as_f64(),
+        Some(on_topic as f64 / 1e6),
+        "{billed}"
+    );
+    assert!((on_topic as f64 / 1e6 - 0.173_697).abs() < 1e-5, "{billed}");
+    assert_eq!(billed["as_of"], "2026-11-23T00:03:00.000Z", "{billed}");
+
     // A restarted sink serves the same answer from RocksDB and resumes after the offsets it
     // stored with the data: nothing is consumed twice.
     let before = acme["totals"].clone();
@@ -655,15 +759,47 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
     )
     .await;
     assert_eq!(after["totals"], before);
-    // Give the consumer time to be assigned and read anything it would re-read.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let metrics = get_text(&pipeline.url("/metrics")).await;
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l == "meterflow_sink_updates_applied_total 0"),
-        "the restarted sink re-applied updates: {metrics}"
-    );
+    // A marker after the end of every partition of both topics: each partition is read in
+    // order, so once the sink has applied every marker it has read whatever it would re-read,
+    // and it must have applied the markers and nothing else.
+    let markers = [
+        (
+            topics::USAGE,
+            mark_partitions(&brokers, topics::USAGE, &usage_marker()).await,
+        ),
+        (
+            topics::BILLING,
+            mark_partitions(&brokers, topics::BILLING, &billing_marker()).await,
+        ),
+    ];
+    let applied = |metrics: &str, topic: &str| -> Option<usize> {
+        metrics.lines().find_map(|l| {
+            l.strip_prefix(&format!(
+                "meterflow_sink_updates_applied_total{{topic=\"{topic}\"}} "
+            ))?
+            .parse()
+            .ok()
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let metrics = get_text(&pipeline.url("/metrics")).await;
+        if markers
+            .iter()
+            .all(|(topic, n)| applied(&metrics, topic).is_some_and(|got| got >= *n))
+            || std::time::Instant::now() > deadline
+        {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for (topic, n) in markers {
+        assert_eq!(
+            applied(&metrics, topic),
+            Some(n),
+            "the restarted sink applies {n} markers of {topic} and re-applies nothing: {metrics}"
+        );
+    }
 
     pipeline.stop().await;
 }
