@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use meterflow_schemas::id::StableId;
+use meterflow_schemas::id::{StableId, StrongId};
 use meterflow_schemas::{BillingKind, BillingRecord};
 use serde::{Deserialize, Serialize};
 
@@ -87,9 +87,11 @@ pub fn partition_key(key: &BillingKey) -> String {
         .hex()
 }
 
-/// The id of one record: (key, window, revision).
+/// The id of one record: (key, window, revision), 128 bits of SHA-256. Billing systems
+/// deduplicate by it across all tenants, so no tenant's choice of names may make one of its
+/// records collide with another's (a 64-bit FNV-1a id could be aimed at).
 pub fn record_id(key: &BillingKey, revision: i64) -> String {
-    StableId::new("billing")
+    StrongId::new("billing")
         .str(&key.tenant)
         .str(&key.lease)
         .str(&key.item())

@@ -608,8 +608,19 @@ mod tests {
     /// and every series is retired from memory, so each observation after the first epoch
     /// brings its series back from the store.
     fn run_retiring(epochs: Vec<Vec<Observation>>, retire: bool) -> Outcome {
+        let (outcome, refused) = run_named(epochs, retire, Names::default);
+        assert_eq!(refused, Vec::new(), "nothing refused");
+        outcome
+    }
+
+    /// [`run_retiring`] with the names `names` makes; also returns the refused observations.
+    fn run_named(
+        epochs: Vec<Vec<Observation>>,
+        retire: bool,
+        names: fn() -> Names,
+    ) -> (Outcome, Vec<crate::series::Refused>) {
         timely::execute_directly(move |worker| {
-            let names = Arc::new(Names::default());
+            let names = Arc::new(names());
             let Installed {
                 mut input,
                 probe,
@@ -633,6 +644,7 @@ mod tests {
             );
             let mut feeder = Feeder::new(rules(), names.clone(), 0);
             let mut stored = crate::series::MemoryStore::default();
+            let mut refused = Vec::new();
             for (epoch, observations) in epochs.into_iter().enumerate() {
                 input.advance_to(epoch as Time);
                 for o in observations {
@@ -640,7 +652,7 @@ mod tests {
                         Ok(fed) => fed,
                         Err(never) => match never {},
                     };
-                    fed.expect("no series limit");
+                    refused.extend(fed.err());
                 }
                 if retire {
                     stored.keep(feeder.take_dirty());
@@ -651,7 +663,7 @@ mod tests {
             input.advance_to(u64::MAX - 1);
             input.flush();
             worker.step_while(|| probe.less_than(input.time()));
-            (
+            let outcome = (
                 totals(&usage, |k| names.usage_key(k), |m| m),
                 totals(&billing, |k| names.billing_key(k), |v| v as i64),
                 totals(
@@ -675,8 +687,67 @@ mod tests {
                     |v| v as i64,
                 ),
                 totals(&rollups, |(k, r)| (names.usage_key(k), *r), |m| m),
-            )
+            );
+            (outcome, refused)
         })
+    }
+
+    #[test]
+    fn two_tenants_whose_names_share_an_id_are_never_added_together() {
+        // acme and globex each hold an H100 through minute 0 under the same lease and service
+        // names; the seam gives their owners one id.
+        let held_by = |tenant: &str| {
+            let Observation::Allocation(mut key, obs) =
+                alloc("1", tenant, "GPU-1", 0, Some(MIN), MIN)
+            else {
+                unreachable!("alloc makes allocations")
+            };
+            key.owner.tenant = tenant.into();
+            Observation::Allocation(key, obs)
+        };
+        let epochs = || vec![vec![held_by("acme"), held_by("globex")]];
+        let gpu_seconds = |outcome: &Outcome| -> BTreeMap<String, i64> {
+            outcome
+                .0
+                .iter()
+                .filter(|(k, _)| k.metric == Aggregate::GpuSeconds)
+                .map(|(k, m)| (k.owner.tenant.clone(), m.total))
+                .collect()
+        };
+        // Apart, as they are with the real ids: a minute each.
+        let (apart, refused) = run_named(epochs(), false, Names::default);
+        assert!(refused.is_empty());
+        assert_eq!(
+            gpu_seconds(&apart),
+            BTreeMap::from([("acme".into(), MIN), ("globex".into(), MIN)])
+        );
+        // Forced to collide: globex's sample is refused, acme keeps exactly its own minute
+        // (merged, acme would show two), and globex is billed nothing under acme's name.
+        let (forced, refused) = run_named(epochs(), false, || {
+            Names::with_hash(|domain, fields| {
+                if domain == "owner" {
+                    7
+                } else {
+                    fields
+                        .iter()
+                        .fold(meterflow_schemas::id::StableId::new(domain), |id, f| {
+                            id.str(f)
+                        })
+                        .value()
+                }
+            })
+        });
+        assert_eq!(gpu_seconds(&forced), BTreeMap::from([("acme".into(), MIN)]));
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0].reason(), "id_collision");
+        assert!(refused[0].to_string().contains("globex"), "{}", refused[0]);
+        let billed: Vec<(String, i64)> = forced
+            .1
+            .iter()
+            .filter(|(k, _)| k.metric == Aggregate::GpuSeconds)
+            .map(|(k, v)| (k.tenant.clone(), *v))
+            .collect();
+        assert_eq!(billed, vec![("acme".to_string(), MIN)]);
     }
 
     fn rules() -> Rules {

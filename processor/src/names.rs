@@ -6,14 +6,15 @@
 //! series first appears, and the dataflow carries only [`OwnerId`], [`LeaseId`] and [`ItemId`];
 //! the runner turns results back into named keys before they leave the process.
 //!
-//! Ids are stable 64-bit hashes of the names, the same in every process, so workers of several
-//! processes agree on them; each process learns every name through the dataflow (see
+//! Ids are stable 64-bit hashes of the names (SHA-256), the same in every process, so workers
+//! of several processes agree on them; two names with one id are never merged (see
+//! [`IdCollision`]); each process learns every name through the dataflow (see
 //! [`Name`]). Ids are never written to a checkpoint or a topic.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
 
-use meterflow_schemas::id::StableId;
+use meterflow_schemas::id::StrongId;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Aggregate, BillingKey, Owner, SeriesRef, UsageKey};
@@ -112,71 +113,98 @@ struct Tables {
     fresh: Vec<Name>,
 }
 
-/// The names of one process. Ids are stable hashes of the names (64-bit FNV-1a, domain
-/// separated), the same in every process and every run; two names with one id are reported as
-/// an error when the second is registered.
-#[derive(Debug, Default)]
+/// How a name's fields become its id: `(domain, fields)` → 64 bits.
+pub type IdHash = fn(&str, &[&str]) -> u64;
+
+/// Ids are the first 64 bits of a SHA-256 of the domain and the fields: a tenant cannot
+/// choose names that hit another's id (about 2^64 tries for one given id).
+fn strong(domain: &str, fields: &[&str]) -> u64 {
+    fields
+        .iter()
+        .fold(StrongId::new(domain), |id, f| id.str(f))
+        .value()
+}
+
+/// A name whose id is already another name's: refused, never merged with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the {kind} {name} has the same 64-bit id as the {kind} {existing}, seen first: its samples are refused so that the two are never added together"
+)]
+pub struct IdCollision {
+    pub kind: &'static str,
+    pub name: String,
+    pub existing: String,
+}
+
+/// The names of one process. Ids are stable hashes of the names (see [`IdHash`]), the same in
+/// every process and every run; a name whose id another name has is refused
+/// ([`IdCollision`]), never merged with it.
+#[derive(Debug)]
 pub struct Names {
     tables: RwLock<Tables>,
+    hash: IdHash,
 }
 
-fn owner_id(o: &Owner) -> OwnerId {
-    OwnerId(
-        StableId::new("owner")
-            .str(&o.tenant)
-            .str(&o.lease)
-            .str(&o.service)
-            .value(),
-    )
+impl Default for Names {
+    fn default() -> Self {
+        Self::with_hash(strong)
+    }
 }
 
-fn lease_id(tenant: &str, lease: &str) -> LeaseId {
-    LeaseId(StableId::new("lease").str(tenant).str(lease).value())
-}
-
-fn tenant_id(tenant: &str) -> TenantId {
-    TenantId(StableId::new("tenant").str(tenant).value())
-}
-
-fn item_id(i: &Item) -> ItemId {
-    ItemId(
-        StableId::new("item")
-            .str(i.metric.name())
-            .str(&i.gpu_class)
-            .str(&i.mig_profile)
-            .value(),
-    )
-}
-
-fn node_id(node: &str) -> NodeId {
-    NodeId(StableId::new("node").str(node).value())
-}
-
-/// Inserts `name` under `id` unless present; reports a different name under the same id.
-fn insert<K: std::hash::Hash + Eq + Copy + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
+/// Inserts `name` under `id` unless present; a different name under the same id is refused.
+/// Returns whether it was new.
+fn insert<K: std::hash::Hash + Eq + Copy, V: PartialEq + Clone + std::fmt::Debug>(
     map: &mut HashMap<K, V>,
     id: K,
-    name: V,
-) -> bool {
+    name: &V,
+    kind: &'static str,
+) -> Result<bool, IdCollision> {
     match map.get(&id) {
-        Some(existing) if *existing == name => false,
-        Some(existing) => {
-            tracing::error!(
-                ?id,
-                ?existing,
-                ?name,
-                "two names hash to one id; the second is ignored"
-            );
-            false
-        }
+        Some(existing) if existing == name => Ok(false),
+        Some(existing) => Err(IdCollision {
+            kind,
+            name: format!("{name:?}"),
+            existing: format!("{existing:?}"),
+        }),
         None => {
-            map.insert(id, name);
-            true
+            map.insert(id, name.clone());
+            Ok(true)
         }
     }
 }
 
 impl Names {
+    /// Names whose ids `hash` makes (tests force collisions with it).
+    pub fn with_hash(hash: IdHash) -> Self {
+        Self {
+            tables: RwLock::default(),
+            hash,
+        }
+    }
+
+    fn owner_id(&self, o: &Owner) -> OwnerId {
+        OwnerId((self.hash)("owner", &[&o.tenant, &o.lease, &o.service]))
+    }
+
+    fn lease_id(&self, tenant: &str, lease: &str) -> LeaseId {
+        LeaseId((self.hash)("lease", &[tenant, lease]))
+    }
+
+    fn tenant_id(&self, tenant: &str) -> TenantId {
+        TenantId((self.hash)("tenant", &[tenant]))
+    }
+
+    fn item_id(&self, i: &Item) -> ItemId {
+        ItemId((self.hash)(
+            "item",
+            &[i.metric.name(), &i.gpu_class, &i.mig_profile],
+        ))
+    }
+
+    fn node_id(&self, node: &str) -> NodeId {
+        NodeId((self.hash)("node", &[node]))
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Tables> {
         self.tables.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -185,80 +213,108 @@ impl Names {
         self.tables.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The ids of an owner and of its (tenant, lease).
-    pub fn owner(&self, owner: &Owner) -> (OwnerId, LeaseId) {
+    /// The ids of an owner and of its (tenant, lease); refused when the owner, its lease or
+    /// its tenant has the id of another.
+    pub fn owner(&self, owner: &Owner) -> Result<(OwnerId, LeaseId), IdCollision> {
         self.intern_owner(owner, true)
     }
 
     /// `tell`: whether a name new here goes to [`Names::take_fresh`].
-    fn intern_owner(&self, owner: &Owner, tell: bool) -> (OwnerId, LeaseId) {
-        let id = owner_id(owner);
-        let lease = lease_id(&owner.tenant, &owner.lease);
-        if self.read().owners.contains_key(&id) {
-            return (id, lease);
+    fn intern_owner(&self, owner: &Owner, tell: bool) -> Result<(OwnerId, LeaseId), IdCollision> {
+        let id = self.owner_id(owner);
+        let lease = self.lease_id(&owner.tenant, &owner.lease);
+        if self
+            .read()
+            .owners
+            .get(&id)
+            .is_some_and(|(known, _)| known == owner)
+        {
+            return Ok((id, lease));
         }
+        let tenant = self.tenant_id(&owner.tenant);
+        let lease_name = (owner.tenant.clone(), owner.lease.clone(), tenant);
         let mut t = self.write();
-        if insert(&mut t.owners, id, (owner.clone(), lease)) {
-            let tenant = tenant_id(&owner.tenant);
-            insert(&mut t.tenants, tenant, owner.tenant.clone());
-            insert(
-                &mut t.leases,
-                lease,
-                (owner.tenant.clone(), owner.lease.clone(), tenant),
-            );
+        // All three are checked before any is registered: a refused owner leaves nothing.
+        let taken = |known: Option<String>, kind: &'static str, name: String| match known {
+            Some(existing) if existing != name => Err(IdCollision {
+                kind,
+                name,
+                existing,
+            }),
+            _ => Ok(()),
+        };
+        taken(
+            t.owners.get(&id).map(|o| format!("{:?}", o.0)),
+            "owner",
+            format!("{owner:?}"),
+        )?;
+        taken(
+            t.leases
+                .get(&lease)
+                .map(|l| format!("{:?} of {:?}", l.1, l.0)),
+            "lease",
+            format!("{:?} of {:?}", owner.lease, owner.tenant),
+        )?;
+        taken(
+            t.tenants.get(&tenant).map(|n| format!("{n:?}")),
+            "tenant",
+            format!("{:?}", owner.tenant),
+        )?;
+        if insert(&mut t.owners, id, &(owner.clone(), lease), "owner")? {
+            insert(&mut t.tenants, tenant, &owner.tenant, "tenant")?;
+            insert(&mut t.leases, lease, &lease_name, "lease")?;
             if tell {
                 t.fresh.push(Name::Owner(owner.clone()));
             }
         }
-        (id, lease)
+        Ok((id, lease))
     }
 
-    /// The id of an item.
-    pub fn item(&self, item: &Item) -> ItemId {
+    /// The id of an item; refused when another item has it.
+    pub fn item(&self, item: &Item) -> Result<ItemId, IdCollision> {
         self.intern_item(item, true)
     }
 
-    fn intern_item(&self, item: &Item, tell: bool) -> ItemId {
-        let id = item_id(item);
-        if self.read().items.contains_key(&id) {
-            return id;
+    fn intern_item(&self, item: &Item, tell: bool) -> Result<ItemId, IdCollision> {
+        let id = self.item_id(item);
+        if self.read().items.get(&id) == Some(item) {
+            return Ok(id);
         }
         let mut t = self.write();
-        if insert(&mut t.items, id, item.clone()) && tell {
+        if insert(&mut t.items, id, item, "item")? && tell {
             t.fresh.push(Name::Item(item.clone()));
         }
-        id
+        Ok(id)
     }
 
-    /// The id of a node.
-    pub fn node(&self, node: &str) -> NodeId {
+    /// The id of a node; refused when another node has it.
+    pub fn node(&self, node: &str) -> Result<NodeId, IdCollision> {
         self.intern_node(node, true)
     }
 
-    fn intern_node(&self, node: &str, tell: bool) -> NodeId {
-        let id = node_id(node);
-        if self.read().nodes.contains_key(&id) {
-            return id;
+    fn intern_node(&self, node: &str, tell: bool) -> Result<NodeId, IdCollision> {
+        let id = self.node_id(node);
+        if self.read().nodes.get(&id).is_some_and(|n| n == node) {
+            return Ok(id);
         }
         let mut t = self.write();
-        if insert(&mut t.nodes, id, node.to_string()) && tell {
+        if insert(&mut t.nodes, id, &node.to_string(), "node")? && tell {
             t.fresh.push(Name::Node(node.to_string()));
         }
-        id
+        Ok(id)
     }
 
     /// Registers a name another worker told of (registering one already known does nothing).
+    /// Workers of one process share their names, so a collision is refused where the sample
+    /// arrives; one between two processes can only be seen here, and is logged.
     pub fn register(&self, name: &Name) {
-        match name {
-            Name::Owner(o) => {
-                self.intern_owner(o, false);
-            }
-            Name::Item(i) => {
-                self.intern_item(i, false);
-            }
-            Name::Node(n) => {
-                self.intern_node(n, false);
-            }
+        let registered = match name {
+            Name::Owner(o) => self.intern_owner(o, false).map(drop),
+            Name::Item(i) => self.intern_item(i, false).map(drop),
+            Name::Node(n) => self.intern_node(n, false).map(drop),
+        };
+        if let Err(collision) = registered {
+            tracing::error!(%collision, "another process uses an id of a name known here");
         }
     }
 
@@ -380,7 +436,9 @@ mod tests {
                             let n = (i * 7 + w * 1_250) % 5_000;
                             (
                                 n,
-                                names.owner(&owner(&format!("l{}", n / 2), &format!("s{n}"))),
+                                names
+                                    .owner(&owner(&format!("l{}", n / 2), &format!("s{n}")))
+                                    .expect("no collision"),
                             )
                         })
                         .collect::<std::collections::BTreeMap<_, _>>()
@@ -399,9 +457,9 @@ mod tests {
     #[test]
     fn names_intern_once_and_come_back() {
         let names = Names::default();
-        let (a, la) = names.owner(&owner("l1", "train"));
-        let (b, lb) = names.owner(&owner("l1", "infer"));
-        let (c, lc) = names.owner(&owner("l2", "train"));
+        let (a, la) = names.owner(&owner("l1", "train")).expect("interned");
+        let (b, lb) = names.owner(&owner("l1", "infer")).expect("interned");
+        let (c, lc) = names.owner(&owner("l2", "train")).expect("interned");
         assert_ne!(c, a);
         assert_ne!(a, b);
         assert_eq!(la, lb, "two services of one lease bill to one lease");
@@ -409,17 +467,17 @@ mod tests {
         assert_eq!(names.tenant_of(la), names.tenant_of(lc));
         assert_eq!(names.owner_named(b), owner("l1", "infer"));
         assert_ne!(la, lc);
-        assert_eq!(names.owner(&owner("l1", "train")), (a, la));
+        assert_eq!(names.owner(&owner("l1", "train")), Ok((a, la)));
         let gpu = Item {
             metric: Aggregate::GpuSeconds,
             gpu_class: "h100".into(),
             mig_profile: String::new(),
         };
-        let item = names.item(&gpu);
-        assert_eq!(names.item(&gpu), item);
-        let n = names.node("node-7");
-        assert_eq!(names.node("node-7"), n);
-        assert_ne!(names.node("node-8"), n);
+        let item = names.item(&gpu).expect("interned");
+        assert_eq!(names.item(&gpu).expect("interned"), item);
+        let n = names.node("node-7").expect("interned");
+        assert_eq!(names.node("node-7").expect("interned"), n);
+        assert_ne!(names.node("node-8").expect("interned"), n);
         assert_eq!(names.node_name(n), "node-7");
         // Another process learns the names it is told of, under the same ids.
         let other = Names::default();
@@ -460,5 +518,72 @@ mod tests {
             (bill.lease.as_str(), bill.window_start_ms),
             ("l1", 7_200_000)
         );
+    }
+
+    #[test]
+    fn a_name_with_another_names_id_is_refused_and_leaves_nothing() {
+        // Every id the same: the second tenant's owner (and with it its lease and tenant)
+        // collides with the first's.
+        let names = Names::with_hash(|_, _| 7);
+        let a = Owner {
+            tenant: "acme".into(),
+            lease: "1".into(),
+            service: "web".into(),
+        };
+        let (ida, lease_a) = names.owner(&a).expect("the first is interned");
+        let b = Owner {
+            tenant: "globex".into(),
+            ..a.clone()
+        };
+        let refused = names.owner(&b).expect_err("the second is refused");
+        assert_eq!(refused.kind, "owner");
+        assert!(refused.to_string().contains("globex"), "{refused}");
+        assert_eq!(names.owner_named(ida), a, "the first keeps its id");
+        assert_eq!(names.tenant_name(names.tenant_of(lease_a)), "acme");
+        assert_eq!(names.owner(&a), Ok((ida, lease_a)), "and is still known");
+        // Another process told of the colliding name keeps its own.
+        names.register(&Name::Owner(b));
+        assert_eq!(names.owner_named(ida), a);
+        let fresh = names.take_fresh();
+        assert_eq!(
+            fresh,
+            vec![Name::Owner(a.clone())],
+            "the refused name is told to no one"
+        );
+        // Items and nodes alike.
+        let item = |class: &str| Item {
+            metric: Aggregate::GpuSeconds,
+            gpu_class: class.into(),
+            mig_profile: String::new(),
+        };
+        let h100 = names.item(&item("h100")).expect("interned");
+        assert_eq!(names.item(&item("a100")).map_err(|e| e.kind), Err("item"));
+        assert_eq!(names.item(&item("h100")), Ok(h100));
+        names.node("node-1").expect("interned");
+        assert_eq!(names.node("node-2").map_err(|e| e.kind), Err("node"));
+        // Only the lease ids collide: another tenant's lease is refused, and its owner and
+        // tenant, whose ids are free, are not registered either.
+        let leases_collide = Names::with_hash(|domain, fields| {
+            if domain == "lease" {
+                1
+            } else {
+                strong(domain, fields)
+            }
+        });
+        leases_collide.owner(&a).expect("interned");
+        let other = Owner {
+            tenant: "globex".into(),
+            lease: "2".into(),
+            ..a.clone()
+        };
+        assert_eq!(
+            leases_collide.owner(&other).map_err(|e| e.kind),
+            Err("lease")
+        );
+        assert_eq!(
+            leases_collide.owner(&other).map_err(|e| e.kind),
+            Err("lease")
+        );
+        assert_eq!(leases_collide.take_fresh(), vec![Name::Owner(a)]);
     }
 }

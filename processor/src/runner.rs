@@ -779,7 +779,7 @@ fn run_worker(
                                     watermark_ms = watermark_ms.max(sample.timestamp_ms);
                                     None
                                 }
-                                Err(limited) => Some(("series_limit", limited.to_string())),
+                                Err(refused) => Some((refused.reason(), refused.to_string())),
                             }
                         }
                         Ok(None) => None,
