@@ -315,6 +315,11 @@ struct Processing {
     /// watermark: an agent whose clock runs fast cannot close every tenant's billing windows.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     max_clock_skew: Duration,
+    /// How long a calendar month's billing period stays open after its end (by the billing
+    /// frontier); later, a sample of that month from any agent, a new one included, goes to the
+    /// dead-letter topic as `closed_period` instead of being billed.
+    #[arg(long, default_value = "3d", value_parser = parse_duration)]
+    period_grace: Duration,
     /// The longest gap across which a gauge reading (memory, VRAM, utilization) is held;
     /// a longer gap is reported as not observed, never filled. Twice the agents' interval.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -362,6 +367,7 @@ impl Processing {
             billing_window_ms: self.billing_window.as_millis() as i64,
             allowed_lateness_ms: self.lateness.as_millis() as i64,
             max_future_ms: self.max_clock_skew.as_millis() as i64,
+            period_grace_ms: self.period_grace.as_millis() as i64,
             max_staleness_ms: self.max_staleness.as_millis() as i64,
             checkpoint_interval: self.checkpoint_interval,
             max_batch: self.max_batch.max(1),

@@ -19,8 +19,9 @@
 //! - [`budgets`]: budgets per tenant (TOML), the alerts they raise, calendar months (pure).
 //! - [`checkpoint`]: input offsets and state written together to RocksDB.
 //! - [`metrics`]: the processor's counters (dead letters by reason, batches, duplicates, ...).
-//! - [`runner`]: timely workers fed from Kafka through rdkafka, checkpoints, and the producers
-//!   of the output topics; exactly-once billing without Kafka transactions.
+//! - [`runner`]: the processor's runs (timely workers fed from Kafka through rdkafka), the
+//!   producers of the output topics, exactly-once billing without Kafka transactions.
+//! - `worker`: one timely worker, stage by stage: read and feed, emit, bill, checkpoint.
 
 pub mod agents;
 pub mod billing;
@@ -33,6 +34,7 @@ pub mod names;
 pub mod prices;
 pub mod runner;
 pub mod series;
+mod worker;
 
 pub use prices::PriceBook;
 pub use runner::{ProcessorConfig, ProcessorError, run};

@@ -23,9 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use meterflow_schemas::id::StableId;
-use meterflow_schemas::{
-    Alert, BillingRecord, DeadLetter, Record, SampleBatch, UsageUpdate, topics,
-};
+use meterflow_schemas::{Alert, BillingRecord, DeadLetter, Record, UsageUpdate, topics};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -33,20 +31,18 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::agents::AgentState;
-use crate::billing::{Billed, Ledger, partition_key};
+use crate::billing::Billed;
 use crate::budgets::{Budgets, next_month_start_ms};
-use crate::checkpoint::{Checkpoint, Store, StoreError};
-use crate::dataflow::{
-    CostIdx, Costing, FleetIdx, Installed, Measured, Progress, Resolution, RollupIdx, Time, install,
-};
+use crate::checkpoint::{Store, StoreError};
+use crate::dataflow::{CostIdx, FleetIdx, Measured, Resolution, RollupIdx, Time};
 use crate::metrics::METRICS;
-use crate::model::{BillingKey, Kind, Owner, Summary, UsageKey, observe};
+use crate::model::{BillingKey, Kind, Owner, Summary, UsageKey};
 use crate::names::{Names, TenantId, UsageIdx};
 use crate::prices::PriceBook;
-use crate::series::{Feeder, HOUR_MS, LiveValue, Rules};
+use crate::series::{Feeder, HOUR_MS, LiveValue};
 
 /// Configuration of the processor.
 #[derive(Debug, Clone)]
@@ -68,6 +64,11 @@ pub struct ProcessorConfig {
     /// milliseconds: further ones are dead letters `far_future` and move no watermark, so an
     /// agent whose clock runs fast cannot close other tenants' billing windows early by more.
     pub max_future_ms: i64,
+    /// How long after a calendar month's end (by the billing frontier: the newest agent
+    /// watermark, never ahead of this machine's clock, less the lateness) its billing period
+    /// stays open, in milliseconds: a sample of a closed period, from any agent (a new one
+    /// included), is a dead letter `closed_period`, never a new charge or adjustment.
+    pub period_grace_ms: i64,
     /// The longest gap across which a gauge reading is held, in milliseconds (SPEC:
     /// `max_staleness`, 2 × the collection interval).
     pub max_staleness_ms: i64,
@@ -112,6 +113,7 @@ impl ProcessorConfig {
             billing_window_ms: 3_600_000,
             allowed_lateness_ms: 10 * 60_000,
             max_future_ms: 5 * 60_000,
+            period_grace_ms: 3 * 86_400_000,
             max_staleness_ms: 30_000,
             max_batch: 1_000,
             max_new_series_per_tenant_hour: 100_000,
@@ -157,22 +159,22 @@ pub enum ProcessorError {
     Timely(String),
 }
 
-fn kafka(context: &'static str) -> impl FnOnce(KafkaError) -> ProcessorError {
+pub(crate) fn kafka(context: &'static str) -> impl FnOnce(KafkaError) -> ProcessorError {
     move |source| ProcessorError::Kafka { context, source }
 }
 
 /// What the workers of one process share.
-struct Shared {
+pub(crate) struct Shared {
     /// Ids of the alerts on the alerts topic or sent since start-up.
-    raised: std::sync::Mutex<HashSet<String>>,
+    pub(crate) raised: std::sync::Mutex<HashSet<String>>,
 }
 
 /// Counts the output records the broker did not acknowledge, and notes the offset of the last
 /// billing record acknowledged per partition.
 #[derive(Default)]
-struct Deliveries {
-    failed: AtomicU64,
-    billing_offsets: std::sync::Mutex<BTreeMap<i32, i64>>,
+pub(crate) struct Deliveries {
+    pub(crate) failed: AtomicU64,
+    pub(crate) billing_offsets: std::sync::Mutex<BTreeMap<i32, i64>>,
 }
 
 impl ClientContext for Deliveries {}
@@ -223,7 +225,7 @@ impl ProducerContext for Deliveries {
     }
 }
 
-type OutputProducer = ThreadedProducer<Deliveries>;
+pub(crate) type OutputProducer = ThreadedProducer<Deliveries>;
 
 /// Runs the processor's workers until `shutdown` is cancelled.
 pub fn run(config: ProcessorConfig, shutdown: CancellationToken) -> Result<(), ProcessorError> {
@@ -308,7 +310,7 @@ fn run_once(
         },
     };
     let guards = timely::execute(timely_config, move |worker| {
-        let result = run_worker(
+        let result = crate::worker::run_worker(
             worker,
             &config,
             store.as_deref(),
@@ -478,552 +480,15 @@ fn read_back_billing(
 }
 
 /// One worker's view of its input partitions.
-struct Inputs {
+pub(crate) struct Inputs {
     /// Next offset to read, per owned partition.
-    next: BTreeMap<i32, i64>,
+    pub(crate) next: BTreeMap<i32, i64>,
     /// The end of each partition at start-up; removed once reached.
-    catching_up: BTreeMap<i32, i64>,
-}
-
-fn run_worker(
-    worker: &mut timely::worker::Worker,
-    config: &ProcessorConfig,
-    store: Option<&Store>,
-    mut billing_reflected: BTreeMap<i32, i64>,
-    (shared, names): (&Shared, &Arc<Names>),
-    shutdown: &CancellationToken,
-) -> Result<(), ProcessorError> {
-    let index = worker.index();
-    let peers = worker.peers();
-    let window_ms = config.window_ms;
-    let lateness_ms = config.allowed_lateness_ms;
-
-    let Installed {
-        mut input,
-        names: mut names_in,
-        mut progress_in,
-        progress,
-        probe,
-        usage,
-        billing,
-        fleet,
-        rollups,
-        costs,
-        periods,
-    } = install(
-        worker,
-        window_ms,
-        config.billing_window_ms,
-        Costing {
-            names: names.clone(),
-            prices: Arc::new(config.prices.clone()),
-        },
-        &config.rollups,
-    );
-
-    let consumer: BaseConsumer =
-        ClientConfig::from_iter(meterflow_schemas::kafka::follower_properties())
-            .set("bootstrap.servers", &config.brokers)
-            // Partitions are assigned by worker index, not by the group protocol; the id only
-            // names this client to the broker.
-            .set("group.id", "meterflow-processor")
-            // Offsets are never committed to Kafka: they live in the checkpoint, with the state
-            // they produced.
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .create()
-            .map_err(kafka("create consumer"))?;
-    let producer: OutputProducer = ClientConfig::from_iter(meterflow_schemas::kafka::properties())
-        .set("bootstrap.servers", &config.brokers)
-        // A retried send must not duplicate a record.
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .create_with_context(Deliveries::default())
-        .map_err(kafka("create producer"))?;
-    let billing_producer: OutputProducer =
-        ClientConfig::from_iter(meterflow_schemas::kafka::properties())
-            .set("bootstrap.servers", &config.brokers)
-            // Billing records are never retried by the client: a send that fails stops this run,
-            // and the next one reads back what landed (`read_back_billing`) before billing again.
-            // Broker-side idempotence is not relied on: the embedded broker's was seen to append a
-            // retried batch twice.
-            .set("enable.idempotence", "false")
-            .set("retries", "0")
-            // One request at a time keeps each key's revisions in order even when one fails.
-            .set("max.in.flight.requests.per.connection", "1")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .create_with_context(Deliveries::default())
-            .map_err(kafka("create billing producer"))?;
-
-    let partitions = topic_partitions(&consumer, topics::SAMPLES, shutdown)?;
-    let rules = Rules {
-        max_staleness_ms: config.max_staleness_ms,
-        ..Rules::new(window_ms)
-    };
-    let mut feeder = Feeder::new(rules, names.clone(), index)
-        .with_series_limit(config.max_new_series_per_tenant_hour);
-    // A series silent for this long behind its worker's newest data leaves memory after the
-    // next checkpoint (the store keeps it, and brings it back if it reports again). The default
-    // makes that rare: past the lateness no reading lands before its last, and past the
-    // longest gap a gauge's next reading does not pair with it.
-    let idle_ms = config
-        .retire_idle_after_ms
-        .unwrap_or_else(|| lateness_ms.saturating_add(rules.max_gap_ms));
-    let mut agents: HashMap<String, (i32, AgentState)> = HashMap::new();
-    let mut inputs = Inputs {
-        next: BTreeMap::new(),
-        catching_up: BTreeMap::new(),
-    };
-    let mut assignment = TopicPartitionList::new();
-    for p in (0..partitions).filter(|p| *p as usize % peers == index) {
-        let restored = match store {
-            Some(s) => restore_partition(s, p, &mut input, &mut feeder, &mut agents, idle_ms)?,
-            None => None,
-        };
-        let (low, high) = consumer
-            .fetch_watermarks(topics::SAMPLES, p, Duration::from_secs(10))
-            .map_err(kafka("input offsets"))?;
-        let first = config.start_offsets.get(&p).copied().unwrap_or(low);
-        let next = restored.unwrap_or(first).max(low);
-        inputs.next.insert(p, next);
-        if next < high {
-            inputs.catching_up.insert(p, high);
-        }
-        assignment
-            .add_partition_offset(
-                topics::SAMPLES,
-                p,
-                Offset::Offset(topics::resume_from(next, low)),
-            )
-            .map_err(kafka("assign"))?;
-    }
-    consumer.assign(&assignment).map_err(kafka("assign"))?;
-    let (series_a, series_c) = feeder.series();
-    info!(
-        worker = index,
-        partitions = assignment.count(),
-        restored_allocation_series = series_a,
-        restored_counter_series = series_c,
-        "processor worker started"
-    );
-
-    // What this worker tells the others of its progress; the first record is sent with the
-    // restored state.
-    let mut worker_watermark_ms = agents
-        .values()
-        .map(|(_, a)| a.watermark_ms)
-        .max()
-        .unwrap_or(i64::MIN);
-    let mut told = Progress {
-        watermark_ms: worker_watermark_ms,
-        caught_up: inputs.catching_up.is_empty(),
-    };
-    progress_in.insert((index, told));
-
-    // The restored state is the dataflow's first epoch. Its usage updates were sent before the
-    // checkpoint was written; its billing totals go to the ledger with the next epoch's.
-    let mut epoch: Time = 1;
-    let mut advance =
-        |epoch: Time,
-         worker: &mut timely::worker::Worker,
-         input: &mut differential_dataflow::input::InputSession<Time, Summary, isize>,
-         progress_in: &mut differential_dataflow::input::InputSession<
-            Time,
-            (usize, Progress),
-            isize,
-        >| {
-            for name in names.take_fresh() {
-                names_in.send(name);
-            }
-            input.advance_to(epoch);
-            names_in.advance_to(epoch);
-            progress_in.advance_to(epoch);
-            input.flush();
-            progress_in.flush();
-            worker.step_while(|| probe.less_than(input.time()));
-        };
-    advance(epoch, worker, &mut input, &mut progress_in);
-    usage.borrow_mut().clear();
-    rollups.borrow_mut().clear();
-    fleet.borrow_mut().clear();
-    costs.borrow_mut().clear();
-    // A tenant's spend per month, for the budgets: kept from the first epoch on, as the
-    // restored totals are what the alerts are checked against.
-    let mut spent: HashMap<(TenantId, i64), i64> = HashMap::new();
-    let mut unchecked: HashSet<(TenantId, i64)> = HashSet::new();
-    for (key, value) in latest_values(periods.borrow_mut().drain(..).collect()) {
-        spent.insert(key, value.unwrap_or(0) as i64);
-        unchecked.insert(key);
-    }
-
-    let mut ledger = Ledger::new(config.billing_window_ms);
-    let mut dirty_agents: HashSet<String> = HashSet::new();
-    let mut counted_caught_up = false;
-    let mut last_checkpoint = Instant::now();
-    let mut changed_since_checkpoint = false;
-    // Checkpoints not written yet (a failed write), oldest first.
-    let mut unwritten: Vec<Checkpoint> = Vec::new();
-    // The horizon idle series were last retired before.
-    let mut retired_through_ms = i64::MIN;
-    loop {
-        let stopping = shutdown.is_cancelled()
-            || (config.exit_when_caught_up && progress.borrow().caught_up >= peers);
-        let mut fed = 0usize;
-        let mut timeout = Duration::from_millis(50);
-        while fed < config.max_batch && !stopping {
-            let Some(message) = consumer.poll(timeout) else {
-                break;
-            };
-            timeout = Duration::ZERO;
-            let message = match message {
-                Ok(m) => m,
-                Err(e) => {
-                    warn!(worker = index, error = %e, "consumer error; continuing");
-                    break;
-                }
-            };
-            let partition = message.partition();
-            let offset = message.offset();
-            if inputs
-                .next
-                .get(&partition)
-                .is_some_and(|next| offset < *next)
-            {
-                // Fetched again on resuming (see `topics::RESUME_REWIND`): already in the state.
-                continue;
-            }
-            fed += 1;
-            METRICS.input_messages.inc();
-            inputs.next.insert(partition, offset + 1);
-            if inputs
-                .catching_up
-                .get(&partition)
-                .is_some_and(|end| offset + 1 >= *end)
-            {
-                inputs.catching_up.remove(&partition);
-            }
-            let payload = message.payload().unwrap_or_default();
-            let batch = match SampleBatch::decode(payload) {
-                Ok(b) => b,
-                Err(e) => {
-                    dead_letter(
-                        &producer,
-                        e.reason(),
-                        e.to_string(),
-                        (partition, offset),
-                        payload,
-                    );
-                    continue;
-                }
-            };
-            let (_, agent) = agents
-                .entry(batch.agent_id.clone())
-                .or_insert_with(|| (partition, AgentState::new()));
-            if !agent.first_time(batch.sequence) {
-                debug!(agent = %batch.agent_id, sequence = batch.sequence, "duplicate batch dropped");
-                METRICS.duplicates.inc();
-                continue;
-            }
-            dirty_agents.insert(batch.agent_id.clone());
-            METRICS.batches.inc();
-            let horizon_ms = agent.horizon_ms(lateness_ms);
-            let latest_ms = crate::now_ms().saturating_add(config.max_future_ms);
-            let mut watermark_ms = agent.watermark_ms;
-            if batch.collected_at_ms <= latest_ms {
-                watermark_ms = watermark_ms.max(batch.collected_at_ms);
-            } else {
-                // The batch's stamp alone (its samples are judged one by one below): a clock
-                // running fast must be seen, not only kept from the watermark.
-                let header = batch.clone_header();
-                dead_letter(
-                    &producer,
-                    "far_future",
-                    format!(
-                        "agent {}'s batch {} was collected at {} ms, more than {} ms ahead of this processor's clock (--max-clock-skew): it moves no watermark; is the node's clock synchronised?",
-                        batch.agent_id, batch.sequence, batch.collected_at_ms, config.max_future_ms
-                    ),
-                    (partition, offset),
-                    &header.encode().unwrap_or_default(),
-                );
-            }
-            for sample in &batch.samples {
-                let refused = if sample.timestamp_ms > latest_ms {
-                    Some((
-                        "far_future",
-                        format!(
-                            "timestamp {} ms of agent {} is more than {} ms ahead of this processor's clock (--max-clock-skew)",
-                            sample.timestamp_ms, batch.agent_id, config.max_future_ms
-                        ),
-                    ))
-                } else if sample.timestamp_ms < horizon_ms {
-                    Some((
-                        "too_late",
-                        format!(
-                            "timestamp {} ms is more than the allowed lateness ({} ms) behind agent {}'s watermark",
-                            sample.timestamp_ms, lateness_ms, batch.agent_id
-                        ),
-                    ))
-                } else {
-                    match observe(sample) {
-                        Ok(Some(o)) => {
-                            let fed = match store {
-                                Some(s) => {
-                                    feeder.feed_from(&mut input, partition, o, horizon_ms, s)?
-                                }
-                                None => feeder.feed(&mut input, partition, o, horizon_ms),
-                            };
-                            match fed {
-                                Ok(()) => {
-                                    watermark_ms = watermark_ms.max(sample.timestamp_ms);
-                                    None
-                                }
-                                Err(refused) => Some((refused.reason(), refused.to_string())),
-                            }
-                        }
-                        Ok(None) => None,
-                        Err(rejection) => Some((rejection.reason, rejection.detail)),
-                    }
-                };
-                if let Some((reason, detail)) = refused {
-                    // The batch's header with this one sample: cloning the whole batch for each
-                    // refused sample made a hostile batch cost quadratic work.
-                    let single = SampleBatch {
-                        samples: vec![sample.clone()],
-                        ..batch.clone_header()
-                    };
-                    dead_letter(
-                        &producer,
-                        reason,
-                        detail,
-                        (partition, offset),
-                        &single.encode().unwrap_or_default(),
-                    );
-                }
-            }
-            agent.watermark_ms = watermark_ms;
-            worker_watermark_ms = worker_watermark_ms.max(watermark_ms);
-        }
-        changed_since_checkpoint |= fed > 0;
-        // A run that stops once caught up also waits for an epoch that found nothing more: a
-        // broker can report an end short of its last message (tansu does, by one), and the
-        // message past it would otherwise be left for the next run.
-        if !counted_caught_up
-            && inputs.catching_up.is_empty()
-            && (fed == 0 || !config.exit_when_caught_up)
-        {
-            counted_caught_up = true;
-            info!(worker = index, "caught up with the input");
-        }
-        let now = Progress {
-            watermark_ms: worker_watermark_ms,
-            caught_up: counted_caught_up,
-        };
-        if now != told {
-            progress_in.remove((index, told));
-            progress_in.insert((index, now));
-            told = now;
-        }
-
-        epoch += 1;
-        advance(epoch, worker, &mut input, &mut progress_in);
-        let cluster = *progress.borrow();
-
-        let usage_changes: Vec<_> = usage.borrow_mut().drain(..).collect();
-        let live = feeder.take_live();
-        let live_sent = emit_live(&producer, names, &live);
-        let period_changes = latest_values(periods.borrow_mut().drain(..).collect());
-        let sent = live_sent
-            + emit_usage(&producer, names, usage_changes, window_ms)
-            + emit_rollups(&producer, names, rollups.borrow_mut().drain(..).collect())
-            + emit_fleet(&producer, names, fleet.borrow_mut().drain(..).collect())
-            + emit_costs(
-                &producer,
-                names,
-                costs.borrow_mut().drain(..).collect(),
-                window_ms,
-            )
-            + emit_periods(&producer, names, &period_changes, &config.budgets);
-        for (key, value) in period_changes {
-            spent.insert(key, value.unwrap_or(0) as i64);
-            unchecked.insert(key);
-        }
-        let billing_changes: Vec<_> = billing.borrow_mut().drain(..).collect();
-        for (key, total) in latest_values(billing_changes) {
-            let total = total.unwrap_or(0) as i64;
-            let key = names.billing_key(&key);
-            let known = if ledger.knows(&key) {
-                None
-            } else {
-                match store {
-                    Some(s) => s.billed(&key)?,
-                    None => None,
-                }
-            };
-            ledger.set_total(key, total, |_| known);
-        }
-        let mut billed = 0usize;
-        if cluster.caught_up >= peers && !unchecked.is_empty() {
-            // Alerts, like billing, wait until the backlog is read: a threshold is judged on
-            // the whole of what was spent.
-            let mut raised = shared
-                .raised
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            for key in unchecked.drain() {
-                let tenant = names.tenant_name(key.0);
-                let total = spent.get(&key).copied().unwrap_or(0);
-                for alert in config.budgets.alerts(
-                    &tenant,
-                    key.1,
-                    total,
-                    &raised,
-                    crate::now_ms(),
-                    &config.prices.currency,
-                ) {
-                    info!(tenant = %alert.tenant, period = %alert.period, threshold = alert.threshold_percent, "budget alert raised");
-                    match alert.encode() {
-                        Ok(bytes) => send(&producer, topics::ALERTS, Some(&alert.tenant), &bytes),
-                        Err(e) => warn!(error = %e, "alert not encodable"),
-                    }
-                    raised.insert(alert.id);
-                    METRICS.alerts.inc();
-                }
-            }
-        }
-        if cluster.caught_up >= peers {
-            let frontier_ms = cluster.watermark_ms.saturating_sub(lateness_ms);
-            for due in ledger.due(frontier_ms) {
-                let record = due.record(config.billing_window_ms, &config.prices);
-                match record.encode() {
-                    Ok(bytes) => send(
-                        &billing_producer,
-                        topics::BILLING,
-                        Some(&partition_key(&due.key)),
-                        &bytes,
-                    ),
-                    Err(e) => warn!(error = %e, "billing record not encodable"),
-                }
-                billed += 1;
-                METRICS.billing_records.inc();
-            }
-        }
-        if sent + billed > 0 || fed > 0 {
-            debug!(worker = index, epoch, fed, sent, billed, "epoch done");
-        }
-        changed_since_checkpoint |= billed > 0;
-        let failed = producer.context().failed.swap(0, Ordering::SeqCst)
-            + billing_producer.context().failed.swap(0, Ordering::SeqCst);
-        if failed > 0 {
-            return Err(ProcessorError::Delivery(failed));
-        }
-
-        let checkpoint_due = changed_since_checkpoint
-            && (stopping || last_checkpoint.elapsed() >= config.checkpoint_interval);
-        if stopping || (store.is_some() && checkpoint_due) {
-            // Outputs are not awaited epoch by epoch; a checkpoint (or a stop) waits until
-            // everything sent so far is acknowledged, so its offsets never run ahead of them.
-            for p in [&producer, &billing_producer] {
-                p.flush(Duration::from_secs(30))
-                    .map_err(kafka("flush outputs"))?;
-            }
-            let failed = producer.context().failed.swap(0, Ordering::SeqCst)
-                + billing_producer.context().failed.swap(0, Ordering::SeqCst);
-            if failed > 0 {
-                return Err(ProcessorError::Delivery(failed));
-            }
-        }
-        if let Some(store) = store
-            && checkpoint_due
-        {
-            // Every record this worker sent is acknowledged and in its ledger, so none of its
-            // later records can land below the offset after its last acknowledged one. (Asking
-            // the broker for the partitions' ends instead would queue behind the consumer's
-            // long-polling fetch.)
-            for (p, last) in billing_producer
-                .context()
-                .billing_offsets
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .iter()
-            {
-                let floor = billing_reflected.entry(*p).or_insert(0);
-                *floor = (*floor).max(last + 1);
-            }
-            let billing_offsets = billing_reflected.iter().map(|(p, o)| (*p, *o)).collect();
-            unwritten.push(Checkpoint {
-                worker: index as u32,
-                offsets: inputs.next.iter().map(|(p, o)| (*p, *o)).collect(),
-                agents: dirty_agents
-                    .drain()
-                    .filter_map(|a| {
-                        let (p, state) = agents.get(&a)?.clone();
-                        Some((p, a, state))
-                    })
-                    .collect(),
-                series: feeder.take_dirty(),
-                billed: ledger.take_dirty(),
-                billing_offsets,
-            });
-            last_checkpoint = Instant::now();
-            match store.write(&unwritten) {
-                Ok(()) => {
-                    if unwritten.len() > 1 {
-                        info!(worker = index, "checkpoints are written again");
-                    }
-                    unwritten.clear();
-                    METRICS.checkpoints.inc();
-                    changed_since_checkpoint = false;
-                    crate::metrics::set_checkpoint_error(index, None);
-                    crate::metrics::set_resuming(None);
-                    debug!(worker = index, epoch, "checkpoint written");
-                    // Everything is in the store now: idle series and long-billed windows
-                    // may leave memory. Looked for once the horizon has moved a base window,
-                    // not at every checkpoint (each look scans every series).
-                    let horizon_ms = worker_watermark_ms.saturating_sub(idle_ms);
-                    if horizon_ms >= retired_through_ms.saturating_add(window_ms) {
-                        retired_through_ms = horizon_ms;
-                        let (allocations, readings) = feeder.retire(horizon_ms);
-                        ledger.retire(
-                            cluster
-                                .watermark_ms
-                                .saturating_sub(lateness_ms)
-                                .saturating_sub(idle_ms),
-                        );
-                        METRICS
-                            .series_retired
-                            .inc_by((allocations + readings) as u64);
-                    }
-                    METRICS.series_revived.inc_by(feeder.take_revived());
-                }
-                // A full disk: processing goes on (its outputs are acknowledged; a restart
-                // would resume from the last checkpoint written), health says so, and the
-                // next checkpoint writes this one's changes with its own.
-                Err(e) if !stopping => {
-                    if unwritten.len() == 1 {
-                        error!(worker = index, error = %e, state_dir = ?config.state_dir, "checkpoint failed; retried every --checkpoint-interval, and health says unhealthy until one is written (is the disk full?)");
-                    }
-                    METRICS.checkpoint_failures.inc();
-                    crate::metrics::set_checkpoint_error(index, Some(e.to_string()));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if stopping {
-            break;
-        }
-    }
-    info!(
-        worker = index,
-        unbilled = ledger.pending(),
-        "processor worker stopped"
-    );
-    Ok(())
+    pub(crate) catching_up: BTreeMap<i32, i64>,
 }
 
 /// Feeds a partition's checkpoint into the dataflow's first epoch; returns its next offset.
-fn restore_partition(
+pub(crate) fn restore_partition(
     store: &Store,
     partition: i32,
     input: &mut differential_dataflow::input::InputSession<Time, Summary, isize>,
@@ -1060,7 +525,7 @@ fn restore_partition(
 }
 
 /// Waits for `topic` to exist and returns its partition count.
-fn topic_partitions<C: rdkafka::consumer::ConsumerContext>(
+pub(crate) fn topic_partitions<C: rdkafka::consumer::ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topic: &str,
     shutdown: &CancellationToken,
@@ -1084,7 +549,9 @@ fn topic_partitions<C: rdkafka::consumer::ConsumerContext>(
 
 /// The latest value per key in one epoch's changes (`None` where a value was retracted
 /// without a replacement).
-fn latest_values<K: Ord, V>(changes: Vec<((K, V), Time, isize)>) -> BTreeMap<K, Option<V>> {
+pub(crate) fn latest_values<K: Ord, V>(
+    changes: Vec<((K, V), Time, isize)>,
+) -> BTreeMap<K, Option<V>> {
     let mut latest: BTreeMap<K, Option<V>> = BTreeMap::new();
     for ((key, value), _time, diff) in changes {
         if diff > 0 {
@@ -1097,7 +564,7 @@ fn latest_values<K: Ord, V>(changes: Vec<((K, V), Time, isize)>) -> BTreeMap<K, 
 }
 
 /// Sends the latest value of every usage aggregate that changed; returns how many were sent.
-fn emit_usage(
+pub(crate) fn emit_usage(
     producer: &OutputProducer,
     names: &Names,
     changes: Vec<((UsageIdx, Measured), Time, isize)>,
@@ -1133,7 +600,7 @@ fn emit_usage(
 /// metric three records, `live.<metric>.gauge`, `.diff` and `.rate`, in the metric's units
 /// (scale as for its readings). Their window starts at 0, so each id keeps one record in every
 /// store (they are not usage of any window), and ends at the newest reading's time.
-fn emit_live(producer: &OutputProducer, names: &Names, live: &[LiveValue]) -> usize {
+pub(crate) fn emit_live(producer: &OutputProducer, names: &Names, live: &[LiveValue]) -> usize {
     for v in live {
         let (owner, node, metric) = v.group;
         let owner = names.owner_named(owner);
@@ -1174,7 +641,7 @@ fn emit_live(producer: &OutputProducer, names: &Names, live: &[LiveValue]) -> us
 
 /// Sends the cost of every (owner, base window) that changed, as `cost` usage records in
 /// micros (scale 6); returns how many.
-fn emit_costs(
+pub(crate) fn emit_costs(
     producer: &OutputProducer,
     names: &Names,
     changes: Vec<((CostIdx, isize), Time, isize)>,
@@ -1201,7 +668,7 @@ fn emit_costs(
 /// Sends each changed tenant's spend in a calendar month as a `period_cost` record (lease
 /// empty) in micros, and beside it the tenant's monthly budget as a `budget` record where it
 /// has one, so readers judge spend against the budget the alerts used; returns how many.
-fn emit_periods(
+pub(crate) fn emit_periods(
     producer: &OutputProducer,
     names: &Names,
     changes: &BTreeMap<(TenantId, i64), Option<isize>>,
@@ -1311,7 +778,7 @@ fn read_alert_ids(
 }
 
 /// Sends the latest value of every roll-up that changed; returns how many.
-fn emit_rollups(
+pub(crate) fn emit_rollups(
     producer: &OutputProducer,
     names: &Names,
     changes: Vec<((RollupIdx, Measured), Time, isize)>,
@@ -1335,7 +802,7 @@ fn emit_rollups(
 }
 
 /// Sends the latest value of every node and fleet aggregate that changed; returns how many.
-fn emit_fleet(
+pub(crate) fn emit_fleet(
     producer: &OutputProducer,
     names: &Names,
     changes: Vec<((FleetIdx, isize), Time, isize)>,
@@ -1433,7 +900,7 @@ pub const DEAD_LETTER_PAYLOAD_BYTES: usize = 64 * 1024;
 /// The most of a rejection's explanation a dead letter carries.
 const DEAD_LETTER_DETAIL_BYTES: usize = 2 * 1024;
 
-fn dead_letter(
+pub(crate) fn dead_letter(
     producer: &OutputProducer,
     reason: &str,
     detail: String,
@@ -1492,7 +959,7 @@ pub fn dead_letter_record(
 }
 
 /// Enqueues a record, waiting for room when the producer's queue is full.
-fn send(producer: &OutputProducer, topic: &str, key: Option<&str>, payload: &[u8]) {
+pub(crate) fn send(producer: &OutputProducer, topic: &str, key: Option<&str>, payload: &[u8]) {
     let record = BaseRecord::<str, [u8]>::to(topic).payload(payload);
     let mut record = match key {
         Some(k) => record.key(k),

@@ -46,6 +46,13 @@ impl Metrics {
             &["topic"],
         )
         .expect("static metric definition");
+        // Both topics from the start, at 0: a dashboard finds the series before any record.
+        for topic in [
+            meterflow_schemas::topics::USAGE,
+            meterflow_schemas::topics::BILLING,
+        ] {
+            applied.with_label_values(&[topic]);
+        }
         let errors = IntCounterVec::new(
             Opts::new(
                 "meterflow_sink_errors_total",

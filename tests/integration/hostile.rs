@@ -411,3 +411,196 @@ async fn one_agents_fast_clock_closes_no_ones_billing_windows() {
     assert_eq!(usage, clean_usage, "the same final usage per record id");
     fast.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_fast_within_the_skew_bound_closes_no_window_before_its_time() {
+    // One-minute billing windows, ten minutes' lateness, the default 5-minute skew bound.
+    // Times from the wall clock: E is a minute boundary 7 to 8 minutes ago, E0 five minutes
+    // before it. acme's honest agent holds one H100 for 40 s inside [E0 - 1m, E0) and 40 s
+    // inside [E - 1m, E); its own watermark, E - 5 s, closes neither (E - 5 s - 10 m is before
+    // both ends). An agent stamping its batch 4 minutes ahead (inside the bound: not refused)
+    // makes the newest watermark now + 4 m. Read as it is, it would close every window ending
+    // by now - 6 m, [E - 1m, E) included; capped by the processor's clock, only those ending
+    // by now - 10 m: [E0 - 1m, E0) is charged (the fast stamp was taken: the fault happened)
+    // and [E - 1m, E) stays open until 10 minutes after E, over 2 minutes after this started.
+    const MIN: i64 = 60_000;
+    let now0 = meterflow_processor::now_ms();
+    let e = (now0 - 7 * MIN).div_euclid(MIN) * MIN;
+    let e0 = e - 5 * MIN;
+    let held = |container: &str, from: i64, to: i64, at: i64| Sample {
+        series: meterflow_schemas::SeriesId {
+            tenant: "acme".into(),
+            lease: "100.1.1".into(),
+            service: "svc".into(),
+            replica: "0".into(),
+            node: "node-a".into(),
+            provider: "prov".into(),
+            container_id: container.into(),
+            gpu_uuid: "GPU-1".into(),
+            gpu_model: String::new(),
+            gpu_class: "h100".into(),
+            mig_profile: String::new(),
+        },
+        kind: SampleKind::Allocation,
+        metric: "gpu".into(),
+        value: 1.0,
+        timestamp_ms: at,
+        started_at_ms: Some(from),
+        finished_at_ms: Some(to),
+    };
+    let batch =
+        |agent: &str, node: &str, sequence: i64, at: i64, samples: Vec<Sample>| SampleBatch {
+            node: node.into(),
+            agent_id: agent.into(),
+            sequence,
+            collected_at_ms: at,
+            agent_version: "test".into(),
+            samples,
+        };
+    let batches = vec![
+        batch(
+            "agent-node-a",
+            "node-a",
+            1,
+            e0 - 5_000,
+            vec![held("c0", e0 - 50_000, e0 - 10_000, e0 - 5_000)],
+        ),
+        batch(
+            "agent-node-a",
+            "node-a",
+            2,
+            e - 5_000,
+            vec![held("c1", e - 50_000, e - 10_000, e - 5_000)],
+        ),
+        batch("agent-fast-clock", "node-z", 1, now0 + 4 * MIN, vec![]),
+    ];
+    let broker = memory_broker().await;
+    crate::common::ensure_topics(&broker.bootstrap(), PARTITIONS).await;
+    let publisher = Publisher::new(&broker.bootstrap()).expect("publisher");
+    for b in &batches {
+        publisher.publish(b).await.expect("published");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let brokers = broker.bootstrap();
+    let state = dir.path().join("state");
+    let (_, billed, letters) = tokio::task::spawn_blocking(move || {
+        wait_all(vec![crate::common::spawn_processor(
+            &brokers,
+            &state,
+            &[
+                "--billing-window",
+                "1m",
+                "--lateness",
+                "10m",
+                "--exit-when-caught-up",
+                "--partitions",
+                &PARTITIONS.to_string(),
+            ],
+        )]);
+        let (usage, billed) = outputs(&brokers, PARTITIONS);
+        let letters = read_topic(&brokers, names::DEADLETTER, PARTITIONS, 0);
+        (usage, billed, letters)
+    })
+    .await
+    .expect("run");
+    assert!(
+        meterflow_processor::now_ms() < e + 10 * MIN,
+        "the run ended before [E - 1m, E) may close by the clock"
+    );
+    assert!(letters.is_empty(), "the fast stamp is inside the bound");
+    let key = |window: i64| {
+        (
+            "acme".to_string(),
+            "100.1.1".to_string(),
+            "gpu:h100:".to_string(),
+            window,
+        )
+    };
+    assert_eq!(
+        billed,
+        BTreeMap::from([(key(e0 - MIN), 40_000)]),
+        "only the window ending 10 minutes before the clock is charged"
+    );
+    broker.stop();
+}
+
+/// The processor from the state in `state`, until it has read everything, with `flags`.
+fn process(brokers: &str, state: &std::path::Path, flags: &[&str]) {
+    let mut all = vec![
+        "--exit-when-caught-up".to_string(),
+        "--partitions".to_string(),
+        PARTITIONS.to_string(),
+    ];
+    all.extend(flags.iter().map(|f| f.to_string()));
+    wait_all(vec![crate::common::spawn_processor(brokers, state, &all)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_agent_cannot_bill_into_a_period_closed_in_an_earlier_run() {
+    // A live agent reports now (December 2026), and the processor runs: November's billing
+    // period is past its end. Then a new agent publishes the pipeline scenario, dated 23
+    // November, and the processor runs again from its checkpoint. With a grace of 30 days
+    // November is still open: its usage is charged (the back-dating this guards against). With
+    // a grace of one day it closed on 2 December: every sample is a dead letter
+    // `closed_period` naming the agent and the month, and nothing is billed.
+    let live = SampleBatch {
+        node: "node-live".into(),
+        agent_id: "agent-live".into(),
+        sequence: 1,
+        collected_at_ms: meterflow_processor::now_ms(),
+        agent_version: "test".into(),
+        samples: vec![],
+    };
+    let back_dated = crate::pipeline::batches();
+    let samples: usize = back_dated.iter().map(|b| b.samples.len()).sum();
+    let mut runs = Vec::new();
+    for grace in ["30d", "1d"] {
+        let broker = memory_broker().await;
+        crate::common::ensure_topics(&broker.bootstrap(), PARTITIONS).await;
+        let publisher = Publisher::new(&broker.bootstrap()).expect("publisher");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (brokers, state) = (broker.bootstrap(), dir.path().join("state"));
+        publisher.publish(&live).await.expect("published");
+        let (b, s) = (brokers.clone(), state.clone());
+        tokio::task::spawn_blocking(move || process(&b, &s, &["--period-grace", grace]))
+            .await
+            .expect("first run");
+        for b in &back_dated {
+            publisher.publish(b).await.expect("published");
+        }
+        let outcome = tokio::task::spawn_blocking(move || {
+            process(&brokers, &state, &["--period-grace", grace]);
+            let (_, billed) = outputs(&brokers, PARTITIONS);
+            let letters: Vec<DeadLetter> = read_topic(&brokers, names::DEADLETTER, PARTITIONS, 0)
+                .iter()
+                .map(|b| DeadLetter::decode(b).expect("a dead letter"))
+                .collect();
+            (billed, letters)
+        })
+        .await
+        .expect("second run");
+        broker.stop();
+        runs.push(outcome);
+    }
+    let (open_billed, open_letters) = &runs[0];
+    assert!(
+        open_billed.keys().any(|(tenant, ..)| tenant == "acme"),
+        "within the grace the back-dated usage is charged: {open_billed:?}"
+    );
+    assert!(open_letters.is_empty(), "{open_letters:?}");
+    let (closed_billed, closed_letters) = &runs[1];
+    assert!(closed_billed.is_empty(), "{closed_billed:?}");
+    assert_eq!(closed_letters.len(), samples, "{closed_letters:?}");
+    for letter in closed_letters {
+        assert_eq!(letter.reason, "closed_period");
+        assert!(
+            letter.detail.contains("agent-node-a")
+                && letter.detail.contains("2026-11")
+                && letter.detail.contains("--period-grace"),
+            "{}",
+            letter.detail
+        );
+        let kept = SampleBatch::decode(&letter.payload).expect("the sample is kept");
+        assert_eq!(kept.samples.len(), 1);
+    }
+}

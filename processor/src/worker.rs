@@ -1,0 +1,841 @@
+//! One timely worker of the processor, stage by stage:
+//! 1. **read**: its partitions of `meterflow.samples`, each batch decoded, deduplicated by
+//!    (agent, sequence), its samples judged against their agent's watermark and this machine's
+//!    clock, and fed to the dataflow ([`Worker::read_input`], [`Worker::feed_batch`]);
+//! 2. **emit**: each epoch's changed usage, live values, roll-ups, fleet records, costs and
+//!    period costs to `meterflow.usage` ([`Worker::emit`]);
+//! 3. **bill**: the ledger's due charges and adjustments to `meterflow.billing`, and budget
+//!    alerts, once every worker has caught up ([`Worker::bill`], [`Worker::raise_alerts`]);
+//! 4. **checkpoint**: offsets, changed state and the ledger, once the broker has acknowledged
+//!    the outputs they produced ([`Worker::checkpoint`]).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use differential_dataflow::input::InputSession;
+use meterflow_schemas::{Record, SampleBatch, topics};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::Producer;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::agents::AgentState;
+use crate::billing::{Ledger, partition_key};
+use crate::budgets::next_month_start_ms;
+use crate::checkpoint::{Checkpoint, Store};
+use crate::dataflow::{ClusterProgress, Costing, Installed, Progress, Time, install};
+use crate::metrics::METRICS;
+use crate::model::{Summary, observe};
+use crate::names::{Names, TenantId};
+use crate::runner::{
+    Deliveries, Inputs, OutputProducer, ProcessorConfig, ProcessorError, Shared, dead_letter,
+    emit_costs, emit_fleet, emit_live, emit_periods, emit_rollups, emit_usage, kafka,
+    latest_values, restore_partition, send, topic_partitions,
+};
+use crate::series::{Feeder, Rules};
+
+/// A worker's Kafka clients.
+struct Clients {
+    consumer: BaseConsumer,
+    /// Usage updates, alerts and dead letters.
+    producer: OutputProducer,
+    billing: OutputProducer,
+}
+
+impl Clients {
+    fn connect(brokers: &str) -> Result<Self, ProcessorError> {
+        let consumer = ClientConfig::from_iter(meterflow_schemas::kafka::follower_properties())
+            .set("bootstrap.servers", brokers)
+            // Partitions are assigned by worker index, not by the group protocol; the id only
+            // names this client to the broker.
+            .set("group.id", "meterflow-processor")
+            // Offsets are never committed to Kafka: they live in the checkpoint, with the state
+            // they produced.
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .create()
+            .map_err(kafka("create consumer"))?;
+        let producer = ClientConfig::from_iter(meterflow_schemas::kafka::properties())
+            .set("bootstrap.servers", brokers)
+            // A retried send must not duplicate a record.
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .create_with_context(Deliveries::default())
+            .map_err(kafka("create producer"))?;
+        let billing = ClientConfig::from_iter(meterflow_schemas::kafka::properties())
+            .set("bootstrap.servers", brokers)
+            // Billing records are never retried by the client: a send that fails stops this run,
+            // and the next one reads back what landed (`read_back_billing`) before billing again.
+            // Broker-side idempotence is not relied on: the embedded broker's was seen to append a
+            // retried batch twice.
+            .set("enable.idempotence", "false")
+            .set("retries", "0")
+            // One request at a time keeps each key's revisions in order even when one fails.
+            .set("max.in.flight.requests.per.connection", "1")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .create_with_context(Deliveries::default())
+            .map_err(kafka("create billing producer"))?;
+        Ok(Self {
+            consumer,
+            producer,
+            billing,
+        })
+    }
+
+    /// An error if the broker refused an output record since the last look.
+    fn refused(&self) -> Result<(), ProcessorError> {
+        let failed = self.producer.context().failed.swap(0, Ordering::SeqCst)
+            + self.billing.context().failed.swap(0, Ordering::SeqCst);
+        if failed > 0 {
+            return Err(ProcessorError::Delivery(failed));
+        }
+        Ok(())
+    }
+
+    /// Waits until everything sent so far is acknowledged.
+    fn flush(&self) -> Result<(), ProcessorError> {
+        for p in [&self.producer, &self.billing] {
+            p.flush(Duration::from_secs(30))
+                .map_err(kafka("flush outputs"))?;
+        }
+        self.refused()
+    }
+}
+
+/// When the worker last wrote a checkpoint, and what is waiting for the next.
+struct Checkpoints {
+    last: Instant,
+    /// Whether input was fed or records billed since the last checkpoint.
+    changed: bool,
+    /// Checkpoints not written yet (a failed write), oldest first.
+    unwritten: Vec<Checkpoint>,
+    /// The horizon idle series were last retired before.
+    retired_through_ms: i64,
+}
+
+/// What one worker keeps between epochs.
+struct Worker<'a> {
+    index: usize,
+    config: &'a ProcessorConfig,
+    store: Option<&'a Store>,
+    names: &'a Names,
+    shared: &'a Shared,
+    feeder: Feeder,
+    agents: HashMap<String, (i32, AgentState)>,
+    dirty_agents: HashSet<String>,
+    inputs: Inputs,
+    /// Whether this worker has said it caught up with its partitions.
+    caught_up: bool,
+    /// The latest watermark of this worker's agents.
+    watermark_ms: i64,
+    /// The billing frontier samples are judged by for closed periods: the restored one until
+    /// every worker has caught up (a partition read ahead of another must not close a period
+    /// for the other's backlog), then the cluster's.
+    closing_ms: i64,
+    /// A series silent for this long behind the worker's newest data leaves memory.
+    idle_ms: i64,
+    ledger: Ledger,
+    /// A tenant's spend per month, for the budgets; and those changed since they were judged.
+    spent: HashMap<(TenantId, i64), i64>,
+    unchecked: HashSet<(TenantId, i64)>,
+    /// Per billing partition, the offset below which every record is in the store.
+    billing_reflected: BTreeMap<i32, i64>,
+    checkpoints: Checkpoints,
+}
+
+/// Runs one worker until `shutdown`, or until every worker has caught up when the
+/// configuration says to stop then.
+pub(crate) fn run_worker(
+    worker: &mut timely::worker::Worker,
+    config: &ProcessorConfig,
+    store: Option<&Store>,
+    billing_reflected: BTreeMap<i32, i64>,
+    (shared, names): (&Shared, &Arc<Names>),
+    shutdown: &CancellationToken,
+) -> Result<(), ProcessorError> {
+    let index = worker.index();
+    let peers = worker.peers();
+    let Installed {
+        mut input,
+        names: mut names_in,
+        mut progress_in,
+        progress,
+        probe,
+        usage,
+        billing,
+        fleet,
+        rollups,
+        costs,
+        periods,
+    } = install(
+        worker,
+        config.window_ms,
+        config.billing_window_ms,
+        Costing {
+            names: names.clone(),
+            prices: Arc::new(config.prices.clone()),
+        },
+        &config.rollups,
+    );
+    let clients = Clients::connect(&config.brokers)?;
+    let mut w = Worker::start(
+        (index, peers),
+        config,
+        store,
+        (shared, names),
+        billing_reflected,
+        &clients.consumer,
+        &mut input,
+        shutdown,
+    )?;
+
+    // What this worker tells the others of its progress; the first record is sent with the
+    // restored state.
+    let mut told = Progress {
+        watermark_ms: w.watermark_ms,
+        caught_up: w.inputs.catching_up.is_empty(),
+    };
+    progress_in.insert((index, told));
+
+    // The restored state is the dataflow's first epoch. Its usage updates were sent before the
+    // checkpoint was written; its billing totals go to the ledger with the next epoch's.
+    let mut epoch: Time = 1;
+    let mut advance =
+        |epoch: Time,
+         worker: &mut timely::worker::Worker,
+         input: &mut InputSession<Time, Summary, isize>,
+         progress_in: &mut InputSession<Time, (usize, Progress), isize>| {
+            for name in names.take_fresh() {
+                names_in.send(name);
+            }
+            input.advance_to(epoch);
+            names_in.advance_to(epoch);
+            progress_in.advance_to(epoch);
+            input.flush();
+            progress_in.flush();
+            worker.step_while(|| probe.less_than(input.time()));
+        };
+    advance(epoch, worker, &mut input, &mut progress_in);
+    w.closing_ms = w.frontier_ms(*progress.borrow());
+    usage.borrow_mut().clear();
+    rollups.borrow_mut().clear();
+    fleet.borrow_mut().clear();
+    costs.borrow_mut().clear();
+    // The restored spend per month is what the alerts are checked against.
+    w.note_spent(latest_values(periods.borrow_mut().drain(..).collect()));
+
+    loop {
+        let stopping = shutdown.is_cancelled()
+            || (config.exit_when_caught_up && progress.borrow().caught_up >= peers);
+        let fed = if stopping {
+            0
+        } else {
+            w.read_input(&clients, &mut input)?
+        };
+        w.checkpoints.changed |= fed > 0;
+        // A run that stops once caught up also waits for an epoch that found nothing more: a
+        // broker can report an end short of its last message (tansu does, by one), and the
+        // message past it would otherwise be left for the next run.
+        if !w.caught_up
+            && w.inputs.catching_up.is_empty()
+            && (fed == 0 || !config.exit_when_caught_up)
+        {
+            w.caught_up = true;
+            info!(worker = index, "caught up with the input");
+        }
+        let now = Progress {
+            watermark_ms: w.watermark_ms,
+            caught_up: w.caught_up,
+        };
+        if now != told {
+            progress_in.remove((index, told));
+            progress_in.insert((index, now));
+            told = now;
+        }
+
+        epoch += 1;
+        advance(epoch, worker, &mut input, &mut progress_in);
+        let cluster = *progress.borrow();
+        if cluster.caught_up >= peers {
+            w.closing_ms = w.closing_ms.max(w.frontier_ms(cluster));
+        }
+
+        let sent = w.emit(
+            &clients.producer,
+            (
+                usage.borrow_mut().drain(..).collect(),
+                rollups.borrow_mut().drain(..).collect(),
+                fleet.borrow_mut().drain(..).collect(),
+                costs.borrow_mut().drain(..).collect(),
+                periods.borrow_mut().drain(..).collect(),
+            ),
+        );
+        w.take_billing_totals(billing.borrow_mut().drain(..).collect())?;
+        let billed = if cluster.caught_up >= peers {
+            // Alerts, like billing, wait until the backlog is read: a threshold is judged on
+            // the whole of what was spent.
+            w.raise_alerts(&clients.producer);
+            w.bill(&clients.billing, cluster)
+        } else {
+            0
+        };
+        if sent + billed > 0 || fed > 0 {
+            debug!(worker = index, epoch, fed, sent, billed, "epoch done");
+        }
+        w.checkpoints.changed |= billed > 0;
+        clients.refused()?;
+        w.checkpoint(&clients, stopping, cluster)?;
+        if stopping {
+            break;
+        }
+    }
+    info!(
+        worker = index,
+        unbilled = w.ledger.pending(),
+        "processor worker stopped"
+    );
+    Ok(())
+}
+
+/// One epoch's changes of the usage outputs: usage, roll-ups, fleet, costs and period costs.
+type UsageChanges = (
+    Vec<(
+        (crate::names::UsageIdx, crate::dataflow::Measured),
+        Time,
+        isize,
+    )>,
+    Vec<(
+        (crate::dataflow::RollupIdx, crate::dataflow::Measured),
+        Time,
+        isize,
+    )>,
+    Vec<((crate::dataflow::FleetIdx, isize), Time, isize)>,
+    Vec<((crate::dataflow::CostIdx, isize), Time, isize)>,
+    Vec<(((TenantId, i64), isize), Time, isize)>,
+);
+
+impl<'a> Worker<'a> {
+    /// Restores the worker's partitions from the checkpoint into the dataflow's first epoch
+    /// and assigns them to `consumer` from their next offsets.
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        (index, peers): (usize, usize),
+        config: &'a ProcessorConfig,
+        store: Option<&'a Store>,
+        (shared, names): (&'a Shared, &'a Arc<Names>),
+        billing_reflected: BTreeMap<i32, i64>,
+        consumer: &BaseConsumer,
+        input: &mut InputSession<Time, Summary, isize>,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, ProcessorError> {
+        let partitions = topic_partitions(consumer, topics::SAMPLES, shutdown)?;
+        let rules = Rules {
+            max_staleness_ms: config.max_staleness_ms,
+            ..Rules::new(config.window_ms)
+        };
+        let mut feeder = Feeder::new(rules, names.clone(), index)
+            .with_series_limit(config.max_new_series_per_tenant_hour);
+        // A series silent for this long behind its worker's newest data leaves memory after
+        // the next checkpoint (the store keeps it, and brings it back if it reports again). The
+        // default makes that rare: past the lateness no reading lands before its last, and past
+        // the longest gap a gauge's next reading does not pair with it.
+        let idle_ms = config
+            .retire_idle_after_ms
+            .unwrap_or_else(|| config.allowed_lateness_ms.saturating_add(rules.max_gap_ms));
+        let mut agents: HashMap<String, (i32, AgentState)> = HashMap::new();
+        let mut inputs = Inputs {
+            next: BTreeMap::new(),
+            catching_up: BTreeMap::new(),
+        };
+        let mut assignment = TopicPartitionList::new();
+        for p in (0..partitions).filter(|p| *p as usize % peers == index) {
+            let restored = match store {
+                Some(s) => restore_partition(s, p, input, &mut feeder, &mut agents, idle_ms)?,
+                None => None,
+            };
+            let (low, high) = consumer
+                .fetch_watermarks(topics::SAMPLES, p, Duration::from_secs(10))
+                .map_err(kafka("input offsets"))?;
+            let first = config.start_offsets.get(&p).copied().unwrap_or(low);
+            let next = restored.unwrap_or(first).max(low);
+            inputs.next.insert(p, next);
+            if next < high {
+                inputs.catching_up.insert(p, high);
+            }
+            assignment
+                .add_partition_offset(
+                    topics::SAMPLES,
+                    p,
+                    Offset::Offset(topics::resume_from(next, low)),
+                )
+                .map_err(kafka("assign"))?;
+        }
+        consumer.assign(&assignment).map_err(kafka("assign"))?;
+        let (series_a, series_c) = feeder.series();
+        info!(
+            worker = index,
+            partitions = assignment.count(),
+            restored_allocation_series = series_a,
+            restored_counter_series = series_c,
+            "processor worker started"
+        );
+        let watermark_ms = agents
+            .values()
+            .map(|(_, a)| a.watermark_ms)
+            .max()
+            .unwrap_or(i64::MIN);
+        Ok(Self {
+            index,
+            config,
+            store,
+            names,
+            shared,
+            feeder,
+            agents,
+            dirty_agents: HashSet::new(),
+            inputs,
+            caught_up: false,
+            watermark_ms,
+            closing_ms: i64::MIN,
+            idle_ms,
+            ledger: Ledger::new(config.billing_window_ms),
+            spent: HashMap::new(),
+            unchecked: HashSet::new(),
+            billing_reflected,
+            checkpoints: Checkpoints {
+                last: Instant::now(),
+                changed: false,
+                unwritten: Vec::new(),
+                retired_through_ms: i64::MIN,
+            },
+        })
+    }
+
+    /// Reads up to `max_batch` messages of the worker's partitions (waiting a little for the
+    /// first) and feeds them; returns how many were read.
+    fn read_input(
+        &mut self,
+        clients: &Clients,
+        input: &mut InputSession<Time, Summary, isize>,
+    ) -> Result<usize, ProcessorError> {
+        let mut fed = 0usize;
+        let mut timeout = Duration::from_millis(50);
+        while fed < self.config.max_batch {
+            let Some(message) = clients.consumer.poll(timeout) else {
+                break;
+            };
+            timeout = Duration::ZERO;
+            let message = match message {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(worker = self.index, error = %e, "consumer error; continuing");
+                    break;
+                }
+            };
+            let partition = message.partition();
+            let offset = message.offset();
+            if self
+                .inputs
+                .next
+                .get(&partition)
+                .is_some_and(|next| offset < *next)
+            {
+                // Fetched again on resuming (see `topics::RESUME_REWIND`): already in the state.
+                continue;
+            }
+            fed += 1;
+            METRICS.input_messages.inc();
+            self.inputs.next.insert(partition, offset + 1);
+            if self
+                .inputs
+                .catching_up
+                .get(&partition)
+                .is_some_and(|end| offset + 1 >= *end)
+            {
+                self.inputs.catching_up.remove(&partition);
+            }
+            let payload = message.payload().unwrap_or_default();
+            match SampleBatch::decode(payload) {
+                Ok(batch) => {
+                    self.feed_batch(&clients.producer, input, (partition, offset), batch)?
+                }
+                Err(e) => dead_letter(
+                    &clients.producer,
+                    e.reason(),
+                    e.to_string(),
+                    (partition, offset),
+                    payload,
+                ),
+            }
+        }
+        Ok(fed)
+    }
+
+    /// Feeds one batch read at `(partition, offset)`: dropped if its (agent, sequence) was fed
+    /// before; each sample judged against its agent's watermark and this machine's clock, and
+    /// dead-lettered with its reason if refused.
+    fn feed_batch(
+        &mut self,
+        producer: &OutputProducer,
+        input: &mut InputSession<Time, Summary, isize>,
+        (partition, offset): (i32, i64),
+        batch: SampleBatch,
+    ) -> Result<(), ProcessorError> {
+        let config = self.config;
+        let (_, agent) = self
+            .agents
+            .entry(batch.agent_id.clone())
+            .or_insert_with(|| (partition, AgentState::new()));
+        if !agent.first_time(batch.sequence) {
+            debug!(agent = %batch.agent_id, sequence = batch.sequence, "duplicate batch dropped");
+            METRICS.duplicates.inc();
+            return Ok(());
+        }
+        self.dirty_agents.insert(batch.agent_id.clone());
+        METRICS.batches.inc();
+        let lateness_ms = config.allowed_lateness_ms;
+        let horizon_ms = agent.horizon_ms(lateness_ms);
+        let latest_ms = crate::now_ms().saturating_add(config.max_future_ms);
+        let mut watermark_ms = agent.watermark_ms;
+        if batch.collected_at_ms <= latest_ms {
+            watermark_ms = watermark_ms.max(batch.collected_at_ms);
+        } else {
+            // The batch's stamp alone (its samples are judged one by one below): a clock
+            // running fast must be seen, not only kept from the watermark.
+            let header = batch.clone_header();
+            dead_letter(
+                producer,
+                "far_future",
+                format!(
+                    "agent {}'s batch {} was collected at {} ms, more than {} ms ahead of this processor's clock (--max-clock-skew): it moves no watermark; is the node's clock synchronised?",
+                    batch.agent_id, batch.sequence, batch.collected_at_ms, config.max_future_ms
+                ),
+                (partition, offset),
+                &header.encode().unwrap_or_default(),
+            );
+        }
+        for sample in &batch.samples {
+            let refused = if sample.timestamp_ms > latest_ms {
+                Some((
+                    "far_future",
+                    format!(
+                        "timestamp {} ms of agent {} is more than {} ms ahead of this processor's clock (--max-clock-skew)",
+                        sample.timestamp_ms, batch.agent_id, config.max_future_ms
+                    ),
+                ))
+            } else if sample.timestamp_ms < horizon_ms {
+                Some((
+                    "too_late",
+                    format!(
+                        "timestamp {} ms is more than the allowed lateness ({} ms) behind agent {}'s watermark",
+                        sample.timestamp_ms, lateness_ms, batch.agent_id
+                    ),
+                ))
+            } else {
+                match self.feed_sample(input, partition, (&batch.agent_id, sample), horizon_ms)? {
+                    Ok(fed) => {
+                        if fed {
+                            watermark_ms = watermark_ms.max(sample.timestamp_ms);
+                        }
+                        None
+                    }
+                    Err(refused) => Some(refused),
+                }
+            };
+            if let Some((reason, detail)) = refused {
+                // The batch's header with this one sample: cloning the whole batch for each
+                // refused sample made a hostile batch cost quadratic work.
+                let single = SampleBatch {
+                    samples: vec![sample.clone()],
+                    ..batch.clone_header()
+                };
+                dead_letter(
+                    producer,
+                    reason,
+                    detail,
+                    (partition, offset),
+                    &single.encode().unwrap_or_default(),
+                );
+            }
+        }
+        if let Some((_, agent)) = self.agents.get_mut(&batch.agent_id) {
+            agent.watermark_ms = watermark_ms;
+        }
+        self.watermark_ms = self.watermark_ms.max(watermark_ms);
+        Ok(())
+    }
+
+    /// Feeds one sample of `agent` that is neither too late nor too far ahead: `Ok(true)` when
+    /// it became an observation, `Ok(false)` when it carries none, or the reason and detail of
+    /// its refusal.
+    fn feed_sample(
+        &mut self,
+        input: &mut InputSession<Time, Summary, isize>,
+        partition: i32,
+        (agent, sample): (&str, &meterflow_schemas::Sample),
+        horizon_ms: i64,
+    ) -> Result<Result<bool, (&'static str, String)>, ProcessorError> {
+        let observation = match observe(sample) {
+            Ok(Some(o)) => o,
+            Ok(None) => return Ok(Ok(false)),
+            Err(rejection) => return Ok(Err((rejection.reason, rejection.detail))),
+        };
+        let grace_ms = self.config.period_grace_ms;
+        if next_month_start_ms(sample.timestamp_ms).saturating_add(grace_ms) <= self.closing_ms {
+            return Ok(Err((
+                "closed_period",
+                format!(
+                    "timestamp {} ms of agent {agent} is in the billing period {}, closed {grace_ms} ms after its end (--period-grace): this sample is kept here and billed to no one; bill it by hand if it is owed",
+                    sample.timestamp_ms,
+                    meterflow_schemas::time::month_name(sample.timestamp_ms),
+                ),
+            )));
+        }
+        let fed = match self.store {
+            Some(s) => self
+                .feeder
+                .feed_from(input, partition, observation, horizon_ms, s)?,
+            None => self.feeder.feed(input, partition, observation, horizon_ms),
+        };
+        Ok(match fed {
+            Ok(()) => Ok(true),
+            Err(refused) => Err((refused.reason(), refused.to_string())),
+        })
+    }
+
+    /// Takes the restored or changed spend per tenant and month, to judge the budgets by.
+    fn note_spent(&mut self, changes: BTreeMap<(TenantId, i64), Option<isize>>) {
+        for (key, value) in changes {
+            self.spent.insert(key, value.unwrap_or(0) as i64);
+            self.unchecked.insert(key);
+        }
+    }
+
+    /// Sends one epoch's usage outputs and live values; returns how many records were sent.
+    fn emit(&mut self, producer: &OutputProducer, changes: UsageChanges) -> usize {
+        let (usage, rollups, fleet, costs, periods) = changes;
+        let (names, window_ms) = (self.names, self.config.window_ms);
+        let live = self.feeder.take_live();
+        let periods = latest_values(periods);
+        let sent = emit_live(producer, names, &live)
+            + emit_usage(producer, names, usage, window_ms)
+            + emit_rollups(producer, names, rollups)
+            + emit_fleet(producer, names, fleet)
+            + emit_costs(producer, names, costs, window_ms)
+            + emit_periods(producer, names, &periods, &self.config.budgets);
+        self.note_spent(periods);
+        sent
+    }
+
+    /// Gives the ledger one epoch's changed billing totals, with what the store says was
+    /// billed of each key it has not seen yet.
+    fn take_billing_totals(
+        &mut self,
+        changes: Vec<((crate::names::BillingIdx, isize), Time, isize)>,
+    ) -> Result<(), ProcessorError> {
+        for (key, total) in latest_values(changes) {
+            let total = total.unwrap_or(0) as i64;
+            let key = self.names.billing_key(&key);
+            let known = if self.ledger.knows(&key) {
+                None
+            } else {
+                match self.store {
+                    Some(s) => s.billed(&key)?,
+                    None => None,
+                }
+            };
+            self.ledger.set_total(key, total, |_| known);
+        }
+        Ok(())
+    }
+
+    /// Raises the budget alerts the changed spend crosses, each once per tenant, threshold and
+    /// month.
+    fn raise_alerts(&mut self, producer: &OutputProducer) {
+        if self.unchecked.is_empty() {
+            return;
+        }
+        let config = self.config;
+        let mut raised = self
+            .shared
+            .raised
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for key in self.unchecked.drain() {
+            let tenant = self.names.tenant_name(key.0);
+            let total = self.spent.get(&key).copied().unwrap_or(0);
+            for alert in config.budgets.alerts(
+                &tenant,
+                key.1,
+                total,
+                &raised,
+                crate::now_ms(),
+                &config.prices.currency,
+            ) {
+                info!(tenant = %alert.tenant, period = %alert.period, threshold = alert.threshold_percent, "budget alert raised");
+                match alert.encode() {
+                    Ok(bytes) => send(producer, topics::ALERTS, Some(&alert.tenant), &bytes),
+                    Err(e) => warn!(error = %e, "alert not encodable"),
+                }
+                raised.insert(alert.id);
+                METRICS.alerts.inc();
+            }
+        }
+    }
+
+    /// The billing frontier: a window closes once it has passed the window's end. It is the
+    /// newest agent watermark of the cluster, never ahead of this machine's clock, less the
+    /// lateness: an agent stamping its batches up to `--max-clock-skew` ahead (more is
+    /// refused) cannot close any tenant's windows early, while a replay of past data closes
+    /// them as fast as it is read.
+    fn frontier_ms(&self, cluster: ClusterProgress) -> i64 {
+        cluster
+            .watermark_ms
+            .min(crate::now_ms())
+            .saturating_sub(self.config.allowed_lateness_ms)
+    }
+
+    /// Sends the charges and adjustments of the billing windows the frontier has closed;
+    /// returns how many.
+    fn bill(&mut self, producer: &OutputProducer, cluster: ClusterProgress) -> usize {
+        let config = self.config;
+        let frontier_ms = self.frontier_ms(cluster);
+        let mut billed = 0;
+        for due in self.ledger.due(frontier_ms) {
+            let record = due.record(config.billing_window_ms, &config.prices);
+            match record.encode() {
+                Ok(bytes) => send(
+                    producer,
+                    topics::BILLING,
+                    Some(&partition_key(&due.key)),
+                    &bytes,
+                ),
+                Err(e) => warn!(error = %e, "billing record not encodable"),
+            }
+            billed += 1;
+            METRICS.billing_records.inc();
+        }
+        billed
+    }
+
+    /// Writes a checkpoint when one is due (something changed, and the interval passed or the
+    /// worker stops), once every output sent so far is acknowledged; then lets idle series
+    /// and long-billed windows leave memory.
+    fn checkpoint(
+        &mut self,
+        clients: &Clients,
+        stopping: bool,
+        cluster: ClusterProgress,
+    ) -> Result<(), ProcessorError> {
+        let config = self.config;
+        let due = self.checkpoints.changed
+            && (stopping || self.checkpoints.last.elapsed() >= config.checkpoint_interval);
+        if stopping || (self.store.is_some() && due) {
+            // Outputs are not awaited epoch by epoch; a checkpoint (or a stop) waits until
+            // everything sent so far is acknowledged, so its offsets never run ahead of them.
+            clients.flush()?;
+        }
+        let Some(store) = self.store else {
+            return Ok(());
+        };
+        if !due {
+            return Ok(());
+        }
+        // Every record this worker sent is acknowledged and in its ledger, so none of its later
+        // records can land below the offset after its last acknowledged one. (Asking the broker
+        // for the partitions' ends instead would queue behind the consumer's long-polling
+        // fetch.)
+        for (p, last) in clients
+            .billing
+            .context()
+            .billing_offsets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+        {
+            let floor = self.billing_reflected.entry(*p).or_insert(0);
+            *floor = (*floor).max(last + 1);
+        }
+        let billing_offsets = self
+            .billing_reflected
+            .iter()
+            .map(|(p, o)| (*p, *o))
+            .collect();
+        let agents = self
+            .dirty_agents
+            .drain()
+            .filter_map(|a| {
+                let (p, state) = self.agents.get(&a)?.clone();
+                Some((p, a, state))
+            })
+            .collect();
+        self.checkpoints.unwritten.push(Checkpoint {
+            worker: self.index as u32,
+            offsets: self.inputs.next.iter().map(|(p, o)| (*p, *o)).collect(),
+            agents,
+            series: self.feeder.take_dirty(),
+            billed: self.ledger.take_dirty(),
+            billing_offsets,
+        });
+        self.checkpoints.last = Instant::now();
+        match store.write(&self.checkpoints.unwritten) {
+            Ok(()) => {
+                if self.checkpoints.unwritten.len() > 1 {
+                    info!(worker = self.index, "checkpoints are written again");
+                }
+                self.checkpoints.unwritten.clear();
+                METRICS.checkpoints.inc();
+                self.checkpoints.changed = false;
+                crate::metrics::set_checkpoint_error(self.index, None);
+                crate::metrics::set_resuming(None);
+                debug!(worker = self.index, "checkpoint written");
+                self.retire_idle(cluster);
+                Ok(())
+            }
+            // A full disk: processing goes on (its outputs are acknowledged; a restart would
+            // resume from the last checkpoint written), health says so, and the next checkpoint
+            // writes this one's changes with its own.
+            Err(e) if !stopping => {
+                if self.checkpoints.unwritten.len() == 1 {
+                    error!(worker = self.index, error = %e, state_dir = ?config.state_dir, "checkpoint failed; retried every --checkpoint-interval, and health says unhealthy until one is written (is the disk full?)");
+                }
+                METRICS.checkpoint_failures.inc();
+                crate::metrics::set_checkpoint_error(self.index, Some(e.to_string()));
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Right after a checkpoint (everything is in the store): idle series and long-billed
+    /// windows leave memory. Looked for once the horizon has moved a base window, not at every
+    /// checkpoint (each look scans every series).
+    fn retire_idle(&mut self, cluster: ClusterProgress) {
+        let horizon_ms = self.watermark_ms.saturating_sub(self.idle_ms);
+        if horizon_ms
+            >= self
+                .checkpoints
+                .retired_through_ms
+                .saturating_add(self.config.window_ms)
+        {
+            self.checkpoints.retired_through_ms = horizon_ms;
+            let (allocations, readings) = self.feeder.retire(horizon_ms);
+            self.ledger.retire(
+                cluster
+                    .watermark_ms
+                    .saturating_sub(self.config.allowed_lateness_ms)
+                    .saturating_sub(self.idle_ms),
+            );
+            METRICS
+                .series_retired
+                .inc_by((allocations + readings) as u64);
+        }
+        METRICS.series_revived.inc_by(self.feeder.take_revived());
+    }
+}
