@@ -32,6 +32,23 @@ fn signal(pid: u32, signal: &str) {
     assert!(sent.success(), "SIG{signal} to {pid}");
 }
 
+/// How many records `topic` holds, as the broker says: the sum of its partitions' ends.
+fn log_end(brokers: &str, topic: &str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("client");
+    (0..PARTITIONS)
+        .map(|p| {
+            client
+                .fetch_watermarks(topic, p, Duration::from_secs(5))
+                .expect("partition ends")
+                .1
+        })
+        .sum()
+}
+
 /// The agent's health answer (JSON) from `GET /healthz` on `addr`.
 fn agent_health(addr: std::net::SocketAddr) -> Option<serde_json::Value> {
     let (_, body) = crate::common::http_get(addr, "/healthz")?;
@@ -161,9 +178,10 @@ async fn a_frozen_broker_fills_the_agent_spool_to_its_limit_and_no_further() {
 }
 
 /// The processor frozen for 4 s and then the sink for 4 s while a fleet of eight nodes
-/// publishes an hour of event time: the samples wait in the broker, each resumes and catches
-/// up, with resident memory sampled throughout; afterwards the billed GPU time equals the
-/// ground truth to the millisecond, and the sink serves each tenant the same GPU time.
+/// publishes an hour of event time: the samples wait in the broker (each freeze's input topic
+/// is shown to grow while its reader is stopped), each resumes and catches up, with resident
+/// memory sampled throughout; afterwards the billed GPU time equals the ground truth to the
+/// millisecond, and the sink serves each tenant the same GPU time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_processor_and_a_frozen_sink_catch_up_to_the_exact_totals() {
     let (broker, brokers) = crate::crash::broker_with_topics().await;
@@ -206,35 +224,56 @@ async fn a_frozen_processor_and_a_frozen_sink_catch_up_to_the_exact_totals() {
 
     // Freeze one, then the other, sampling both processes' memory every 100 ms.
     let (processor_pid, sink_pid) = (processor.0.id(), sink.0.id());
-    let peaks = tokio::task::spawn_blocking(move || {
+    let inputs = brokers.clone();
+    let (peaks, backlogs) = tokio::task::spawn_blocking(move || {
         let mut peaks = (0u64, 0u64);
+        // Records added to the frozen process's input topic while it was stopped.
+        let mut backlogs: Vec<(&str, i64)> = Vec::new();
+        let mut end_at_stop = 0;
         let sample = |peaks: &mut (u64, u64)| {
             peaks.0 = peaks.0.max(rss(processor_pid));
             peaks.1 = peaks.1.max(rss(sink_pid));
         };
         let start = Instant::now();
         let mut frozen: Option<u32> = None;
-        for (at_ms, pid, what) in [
-            (1_500, processor_pid, "STOP"),
-            (5_500, processor_pid, "CONT"),
-            (6_000, sink_pid, "STOP"),
-            (10_000, sink_pid, "CONT"),
-            (20_000, 0, ""),
+        for (at_ms, pid, what, input) in [
+            (1_500, processor_pid, "STOP", names::SAMPLES),
+            (5_500, processor_pid, "CONT", names::SAMPLES),
+            (6_000, sink_pid, "STOP", names::USAGE),
+            (10_000, sink_pid, "CONT", names::USAGE),
+            (20_000, 0, "", ""),
         ] {
             while start.elapsed() < Duration::from_millis(at_ms) {
                 sample(&mut peaks);
                 std::thread::sleep(Duration::from_millis(100));
             }
-            if pid != 0 {
-                signal(pid, what);
-                frozen = (what == "STOP").then_some(pid);
+            match what {
+                "STOP" => {
+                    signal(pid, what);
+                    end_at_stop = log_end(&inputs, input);
+                }
+                "CONT" => {
+                    backlogs.push((input, log_end(&inputs, input) - end_at_stop));
+                    signal(pid, what);
+                }
+                _ => {}
             }
+            frozen = (what == "STOP").then_some(pid);
         }
         assert_eq!(frozen, None, "both thawed");
-        peaks
+        (peaks, backlogs)
     })
     .await
     .expect("the freezes run");
+    // The fault happened: each stopped reader's input grew while it was stopped.
+    println!("records waiting at each thaw: {backlogs:?}");
+    assert_eq!(backlogs.len(), 2);
+    for (topic, waiting) in &backlogs {
+        assert!(
+            *waiting >= 20,
+            "{topic} grew by {waiting} records while its reader was frozen: no backlog built up"
+        );
+    }
     let truth = publisher.await.expect("the publisher");
 
     let (gpu_ms, _) = crate::crash::billed_within(&brokers, &truth, Duration::from_secs(60)).await;
