@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use meterflow_schemas::Alert;
-use meterflow_schemas::id::StableId;
+use meterflow_schemas::id::StrongId;
 use meterflow_schemas::time;
 use serde::Deserialize;
 
@@ -152,9 +152,11 @@ impl Budgets {
     }
 }
 
-/// The id of the alert for (tenant, budget, threshold, period).
+/// The id of the alert for (tenant, budget, threshold, period): 128 bits of SHA-256, so that
+/// no tenant's name can make its alert's id another's (an alert whose id was seen is not
+/// raised again).
 pub fn alert_id(tenant: &str, budget_micros: i64, threshold: i32, period: &str) -> String {
-    StableId::new("alert")
+    StrongId::new("alert")
         .str(tenant)
         .int(budget_micros)
         .int(threshold as i64)

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use meterflow_schemas::id::StableId;
+use meterflow_schemas::id::{StableId, StrongId};
 use meterflow_schemas::{Alert, BillingRecord, DeadLetter, Record, UsageUpdate, topics};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -174,6 +174,8 @@ pub(crate) struct Shared {
 #[derive(Default)]
 pub(crate) struct Deliveries {
     pub(crate) failed: AtomicU64,
+    /// Partitions of `meterflow.usage` (see [`usage_partition`]); set when the worker starts.
+    pub(crate) usage_partitions: std::sync::atomic::AtomicI32,
     pub(crate) billing_offsets: std::sync::Mutex<BTreeMap<i32, i64>>,
 }
 
@@ -589,7 +591,7 @@ pub(crate) fn emit_usage(
         });
         let update = usage_update(&names.usage_key(&key), value, window_ms);
         match update.encode() {
-            Ok(bytes) => send(producer, topics::USAGE, Some(&update.id), &bytes),
+            Ok(bytes) => send_usage(producer, &update, &bytes),
             Err(e) => warn!(error = %e, "usage update not encodable"),
         }
     }
@@ -631,7 +633,7 @@ pub(crate) fn emit_live(producer: &OutputProducer, names: &Names, live: &[LiveVa
                 present_ms: 0,
             };
             match update.encode() {
-                Ok(bytes) => send(producer, topics::USAGE, Some(&update.id), &bytes),
+                Ok(bytes) => send_usage(producer, &update, &bytes),
                 Err(e) => warn!(error = %e, "live update not encodable"),
             }
         }
@@ -658,7 +660,7 @@ pub(crate) fn emit_costs(
             value.unwrap_or(0) as i64,
         );
         match update.encode() {
-            Ok(bytes) => send(producer, topics::USAGE, Some(&update.id), &bytes),
+            Ok(bytes) => send_usage(producer, &update, &bytes),
             Err(e) => warn!(error = %e, "cost update not encodable"),
         }
     }
@@ -689,7 +691,7 @@ pub(crate) fn emit_periods(
         let spent = money_update(&owner, "period_cost", period, value.unwrap_or(0) as i64);
         for update in std::iter::once(spent).chain(budget) {
             match update.encode() {
-                Ok(bytes) => send(producer, topics::USAGE, Some(&update.id), &bytes),
+                Ok(bytes) => send_usage(producer, &update, &bytes),
                 Err(e) => warn!(error = %e, "period cost update not encodable"),
             }
             sent += 1;
@@ -767,6 +769,14 @@ fn read_alert_ids(
             Some(Err(e)) => return Err(kafka("read alerts")(e)),
             Some(Ok(m)) => match Alert::decode(m.payload().unwrap_or_default()) {
                 Ok(alert) => {
+                    // Also under the id this version gives it: an alert raised before the ids
+                    // changed (16 hex digits then) is not raised again.
+                    ids.insert(crate::budgets::alert_id(
+                        &alert.tenant,
+                        alert.budget_micros,
+                        alert.threshold_percent,
+                        &alert.period,
+                    ));
                     ids.insert(alert.id);
                 }
                 Err(e) => warn!(error = %e, offset = m.offset(), "undecodable alert skipped"),
@@ -794,7 +804,7 @@ pub(crate) fn emit_rollups(
         });
         let update = usage_record(&names.usage_key(&key), value, end, Some(resolution));
         match update.encode() {
-            Ok(bytes) => send(producer, topics::USAGE, Some(&update.id), &bytes),
+            Ok(bytes) => send_usage(producer, &update, &bytes),
             Err(e) => warn!(error = %e, "roll-up not encodable"),
         }
     }
@@ -812,7 +822,7 @@ pub(crate) fn emit_fleet(
     for (key, value) in latest {
         let update = fleet_update(names, key, value.unwrap_or(0) as i64);
         match update.encode() {
-            Ok(bytes) => send(producer, topics::USAGE, Some(&update.id), &bytes),
+            Ok(bytes) => send_usage(producer, &update, &bytes),
             Err(e) => warn!(error = %e, "fleet update not encodable"),
         }
     }
@@ -958,13 +968,46 @@ pub fn dead_letter_record(
     }
 }
 
+/// The Kafka key of a usage update: its tenant and id under SHA-256, so that the topic's
+/// compaction (the latest value per key) never lets one tenant's record replace another's,
+/// whatever names the tenant chose (the 64-bit FNV-1a id alone could be aimed at).
+pub fn usage_key(update: &UsageUpdate) -> String {
+    StrongId::new("usage-key")
+        .str(&update.tenant)
+        .str(&update.id)
+        .hex()
+}
+
+/// The partition of `meterflow.usage` a usage update goes to: the one librdkafka's default
+/// partitioner (`consistent_random`: CRC-32 of the key) chose when the key was the id, so an
+/// aggregate stays on the partition its records were on before the keys changed, and a reader
+/// of the topic still sees its values in order.
+pub fn usage_partition(update: &UsageUpdate, partitions: i32) -> i32 {
+    (crc32fast::hash(update.id.as_bytes()) % partitions.max(1) as u32) as i32
+}
+
+/// Enqueues a usage update under [`usage_key`] on [`usage_partition`].
+fn send_usage(producer: &OutputProducer, update: &UsageUpdate, payload: &[u8]) {
+    let partitions = producer.context().usage_partitions.load(Ordering::Relaxed);
+    let key = usage_key(update);
+    let record = BaseRecord::<str, [u8]>::to(topics::USAGE)
+        .key(&key)
+        .partition(usage_partition(update, partitions))
+        .payload(payload);
+    enqueue(producer, topics::USAGE, record);
+}
+
 /// Enqueues a record, waiting for room when the producer's queue is full.
 pub(crate) fn send(producer: &OutputProducer, topic: &str, key: Option<&str>, payload: &[u8]) {
     let record = BaseRecord::<str, [u8]>::to(topic).payload(payload);
-    let mut record = match key {
+    let record = match key {
         Some(k) => record.key(k),
         None => record,
     };
+    enqueue(producer, topic, record);
+}
+
+fn enqueue<'a>(producer: &OutputProducer, topic: &str, mut record: BaseRecord<'a, str, [u8]>) {
     loop {
         match producer.send(record) {
             Ok(()) => return,

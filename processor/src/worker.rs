@@ -190,7 +190,7 @@ pub(crate) fn run_worker(
         store,
         (shared, names),
         billing_reflected,
-        &clients.consumer,
+        (&clients.consumer, &clients.producer),
         &mut input,
         shutdown,
     )?;
@@ -330,11 +330,16 @@ impl<'a> Worker<'a> {
         store: Option<&'a Store>,
         (shared, names): (&'a Shared, &'a Arc<Names>),
         billing_reflected: BTreeMap<i32, i64>,
-        consumer: &BaseConsumer,
+        (consumer, producer): (&BaseConsumer, &OutputProducer),
         input: &mut InputSession<Time, Summary, isize>,
         shutdown: &CancellationToken,
     ) -> Result<Self, ProcessorError> {
         let partitions = topic_partitions(consumer, topics::SAMPLES, shutdown)?;
+        let usage_partitions = topic_partitions(consumer, topics::USAGE, shutdown)?;
+        producer
+            .context()
+            .usage_partitions
+            .store(usage_partitions, Ordering::Relaxed);
         let rules = Rules {
             max_staleness_ms: config.max_staleness_ms,
             ..Rules::new(config.window_ms)

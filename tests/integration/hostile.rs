@@ -604,3 +604,73 @@ async fn a_new_agent_cannot_bill_into_a_period_closed_in_an_earlier_run() {
         assert_eq!(kept.samples.len(), 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_records_are_keyed_so_that_no_tenant_can_compact_away_anothers() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let (broker, _dir) = run(&crate::pipeline::batches(), &[]).await;
+    let brokers = broker.bootstrap();
+    // Every usage record with its partition and Kafka key.
+    let reader = brokers.clone();
+    let records: Vec<(i32, String, UsageUpdate)> = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &reader)
+            .set("group.id", "meterflow-test-keys")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..PARTITIONS {
+            tpl.add_partition_offset(names::USAGE, p, rdkafka::Offset::Beginning)
+                .expect("partition");
+        }
+        consumer.assign(&tpl).expect("assign");
+        let mut records = Vec::new();
+        while let Some(m) = consumer.poll(std::time::Duration::from_secs(3)) {
+            let m = m.expect("a message");
+            let key = String::from_utf8(m.key().expect("a key").to_vec()).expect("UTF-8 key");
+            let u = UsageUpdate::decode(m.payload().unwrap_or_default()).expect("a usage update");
+            records.push((m.partition(), key, u));
+        }
+        records
+    })
+    .await
+    .expect("read");
+    assert!(records.len() > 20, "{} usage records", records.len());
+    // The oracle for the partitions is librdkafka's own default partitioner, given the id as
+    // the key (what keyed these records before): each aggregate stays where it was, so a
+    // reader of the compacted topic still sees its values in order.
+    let oracle: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("producer");
+    for (partition, key, u) in &records {
+        assert_eq!(key.len(), 32, "128 bits: {key}");
+        assert_ne!(key, &u.id);
+        // The same id under another tenant is another key: no tenant's name can make its
+        // record replace another tenant's in compaction.
+        let other = UsageUpdate {
+            tenant: format!("{}-other", u.tenant),
+            ..u.clone()
+        };
+        assert_ne!(
+            key,
+            &meterflow_processor::runner::usage_key(&other),
+            "{u:?}"
+        );
+        let was = oracle
+            .send(
+                FutureRecord::to(names::DEADLETTER)
+                    .key(&u.id)
+                    .payload(&b""[..]),
+                std::time::Duration::from_secs(10),
+            )
+            .await
+            .expect("delivered")
+            .partition;
+        assert_eq!(was, *partition, "{} keeps its partition", u.id);
+    }
+    broker.stop();
+}
