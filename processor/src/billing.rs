@@ -100,6 +100,19 @@ pub fn record_id(key: &BillingKey, revision: i64) -> String {
         .hex()
 }
 
+/// The least billing key: with a window end, the first entry of `Ledger::unbilled` at or
+/// after that end.
+fn first_key() -> BillingKey {
+    BillingKey {
+        tenant: String::new(),
+        lease: String::new(),
+        metric: Aggregate::GpuSeconds,
+        gpu_class: String::new(),
+        mig_profile: String::new(),
+        window_start_ms: i64::MIN,
+    }
+}
+
 /// One worker's ledger over the billing keys the dataflow routes to it.
 #[derive(Debug)]
 pub struct Ledger {
@@ -109,6 +122,9 @@ pub struct Ledger {
     /// Totals that differ from what was billed, by window end.
     unbilled: BTreeMap<(i64, BillingKey), i64>,
     dirty: HashSet<BillingKey>,
+    /// Totals of windows in closed billing periods already set aside (see
+    /// [`Ledger::set_aside`]), so that each change is reported once.
+    set_aside: HashMap<BillingKey, i64>,
 }
 
 impl Ledger {
@@ -118,6 +134,7 @@ impl Ledger {
             billed: HashMap::new(),
             unbilled: BTreeMap::new(),
             dirty: HashSet::new(),
+            set_aside: HashMap::new(),
         }
     }
 
@@ -149,17 +166,9 @@ impl Ledger {
     /// Takes the records due once the frontier is at `frontier_ms`: every window that ended
     /// by then and whose total differs from what was billed.
     pub fn due(&mut self, frontier_ms: i64) -> Vec<Due> {
-        let first_later = BillingKey {
-            tenant: String::new(),
-            lease: String::new(),
-            metric: Aggregate::GpuSeconds,
-            gpu_class: String::new(),
-            mig_profile: String::new(),
-            window_start_ms: i64::MIN,
-        };
         let later = self
             .unbilled
-            .split_off(&(frontier_ms.saturating_add(1), first_later));
+            .split_off(&(frontier_ms.saturating_add(1), first_key()));
         let due = std::mem::replace(&mut self.unbilled, later);
         due.into_iter()
             .map(|((_, key), total)| {
@@ -182,6 +191,41 @@ impl Ledger {
                 }
             })
             .collect()
+    }
+
+    /// Takes the changes of windows starting before `closed_before_ms` (billing periods that
+    /// are closed) out of what is due, unbilled: each as the record it would have been, for
+    /// an operator to judge. What was billed stays as it was (revisions keep no gaps); a total
+    /// already set aside is not set aside again.
+    pub fn set_aside(&mut self, closed_before_ms: i64) -> Vec<Due> {
+        let closed: Vec<(i64, BillingKey)> = self
+            .unbilled
+            .range(
+                ..(
+                    closed_before_ms.saturating_add(self.billing_window_ms),
+                    first_key(),
+                ),
+            )
+            .map(|(k, _)| k)
+            .filter(|(_, key)| key.window_start_ms < closed_before_ms)
+            .cloned()
+            .collect();
+        let mut out = Vec::new();
+        for entry in closed {
+            let total = self.unbilled.remove(&entry).expect("listed just above");
+            let key = entry.1;
+            if self.set_aside.insert(key.clone(), total) == Some(total) {
+                continue;
+            }
+            let before = self.billed.get(&key).copied().flatten();
+            out.push(Due {
+                revision: before.map_or(0, |b| b.revision + 1),
+                billed_before: before.map_or(0, |b| b.quantity),
+                key,
+                total,
+            });
+        }
+        out
     }
 
     /// Entries changed since the last call, for the checkpoint.
@@ -242,6 +286,52 @@ mod tests {
             mig_profile: String::new(),
             window_start_ms: window,
         }
+    }
+
+    #[test]
+    fn changes_to_closed_periods_are_set_aside_once_and_never_billed() {
+        let mut ledger = Ledger::new(HOUR);
+        // Hour 0 was billed 100 (revision 0); it now totals 130. Hours 0 and 1 are in a closed
+        // period (closed before hour 2), hour 2 is open and new.
+        ledger.set_total(key(0), 130, |_| {
+            Some(Billed {
+                revision: 0,
+                quantity: 100,
+            })
+        });
+        ledger.set_total(key(HOUR), 50, |_| None);
+        ledger.set_total(key(2 * HOUR), 70, |_| None);
+        let aside = ledger.set_aside(2 * HOUR);
+        assert_eq!(
+            aside,
+            vec![
+                Due {
+                    key: key(0),
+                    revision: 1,
+                    total: 130,
+                    billed_before: 100
+                },
+                Due {
+                    key: key(HOUR),
+                    revision: 0,
+                    total: 50,
+                    billed_before: 0
+                },
+            ]
+        );
+        // Only the open hour is billed; what was billed of hour 0 is unchanged.
+        let due = ledger.due(10 * HOUR);
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].key.window_start_ms, due[0].revision), (2 * HOUR, 0));
+        let dirty: Vec<_> = ledger.take_dirty();
+        assert_eq!(dirty.len(), 1, "{dirty:?}");
+        // The same total again is not set aside again; another is, still not billed.
+        ledger.set_total(key(HOUR), 50, |_| None);
+        assert!(ledger.set_aside(2 * HOUR).is_empty());
+        ledger.set_total(key(HOUR), 60, |_| None);
+        let again = ledger.set_aside(2 * HOUR);
+        assert_eq!((again.len(), again[0].revision, again[0].total), (1, 0, 60));
+        assert!(ledger.due(10 * HOUR).is_empty());
     }
 
     #[test]

@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::agents::AgentState;
 use crate::billing::{Ledger, partition_key};
-use crate::budgets::next_month_start_ms;
+use crate::budgets::month_start_ms;
 use crate::checkpoint::{Checkpoint, Store};
 use crate::dataflow::{ClusterProgress, Costing, Installed, Progress, Time, install};
 use crate::metrics::METRICS;
@@ -281,7 +281,7 @@ pub(crate) fn run_worker(
             // Alerts, like billing, wait until the backlog is read: a threshold is judged on
             // the whole of what was spent.
             w.raise_alerts(&clients.producer);
-            w.bill(&clients.billing, cluster)
+            w.bill(&clients, cluster)
         } else {
             0
         };
@@ -591,14 +591,14 @@ impl<'a> Worker<'a> {
             Ok(None) => return Ok(Ok(false)),
             Err(rejection) => return Ok(Err((rejection.reason, rejection.detail))),
         };
-        let grace_ms = self.config.period_grace_ms;
-        if next_month_start_ms(sample.timestamp_ms).saturating_add(grace_ms) <= self.closing_ms {
+        if sample.timestamp_ms < self.closed_before_ms() {
             return Ok(Err((
                 "closed_period",
                 format!(
-                    "timestamp {} ms of agent {agent} is in the billing period {}, closed {grace_ms} ms after its end (--period-grace): this sample is kept here and billed to no one; bill it by hand if it is owed",
+                    "timestamp {} ms of agent {agent} is in the billing period {}, closed {} ms after its end (--period-grace): this sample is kept here and billed to no one; bill it by hand if it is owed",
                     sample.timestamp_ms,
                     meterflow_schemas::time::month_name(sample.timestamp_ms),
+                    self.config.period_grace_ms,
                 ),
             )));
         }
@@ -706,17 +706,59 @@ impl<'a> Worker<'a> {
             .saturating_sub(self.config.allowed_lateness_ms)
     }
 
+    /// The start of the first billing period still open: a calendar month closes
+    /// `--period-grace` after its end, by the closing frontier.
+    fn closed_before_ms(&self) -> i64 {
+        if self.closing_ms == i64::MIN {
+            return i64::MIN;
+        }
+        month_start_ms(self.closing_ms.saturating_sub(self.config.period_grace_ms))
+    }
+
     /// Sends the charges and adjustments of the billing windows the frontier has closed;
-    /// returns how many.
-    fn bill(&mut self, producer: &OutputProducer, cluster: ClusterProgress) -> usize {
+    /// returns how many. A change to a window of a closed billing period (an allocation first
+    /// seen after its period closed, running since before) is billed to no one: it goes to
+    /// the dead-letter topic as `closed_period`, with the record it would have been.
+    fn bill(&mut self, clients: &Clients, cluster: ClusterProgress) -> usize {
         let config = self.config;
+        for due in self.ledger.set_aside(self.closed_before_ms()) {
+            let record = due.record(config.billing_window_ms, &config.prices);
+            let detail = format!(
+                "a change of {} (scale {}) to tenant {}'s lease {} item {} in the billing window from {} ms, in the billing period {} closed {} ms after its end (--period-grace), is billed to no one; the payload is the record it would have been: bill it by hand if it is owed",
+                record.quantity,
+                record.scale,
+                record.tenant,
+                record.lease,
+                record.item,
+                record.window_start_ms,
+                meterflow_schemas::time::month_name(record.window_start_ms),
+                config.period_grace_ms,
+            );
+            warn!(%detail, "billing change set aside");
+            METRICS
+                .dead_letters
+                .with_label_values(&["closed_period"])
+                .inc();
+            let letter = meterflow_schemas::DeadLetter {
+                reason: "closed_period".into(),
+                detail,
+                source_topic: topics::BILLING.into(),
+                source_partition: -1,
+                source_offset: -1,
+                payload: record.encode().unwrap_or_default(),
+            };
+            match letter.encode() {
+                Ok(bytes) => send(&clients.producer, topics::DEADLETTER, None, &bytes),
+                Err(e) => warn!(error = %e, "dead letter not encodable"),
+            }
+        }
         let frontier_ms = self.frontier_ms(cluster);
         let mut billed = 0;
         for due in self.ledger.due(frontier_ms) {
             let record = due.record(config.billing_window_ms, &config.prices);
             match record.encode() {
                 Ok(bytes) => send(
-                    producer,
+                    &clients.billing,
                     topics::BILLING,
                     Some(&partition_key(&due.key)),
                     &bytes,

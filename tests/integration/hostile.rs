@@ -539,10 +539,13 @@ fn process(brokers: &str, state: &std::path::Path, flags: &[&str]) {
 async fn a_new_agent_cannot_bill_into_a_period_closed_in_an_earlier_run() {
     // A live agent reports now (December 2026), and the processor runs: November's billing
     // period is past its end. Then a new agent publishes the pipeline scenario, dated 23
-    // November, and the processor runs again from its checkpoint. With a grace of 30 days
-    // November is still open: its usage is charged (the back-dating this guards against). With
-    // a grace of one day it closed on 2 December: every sample is a dead letter
-    // `closed_period` naming the agent and the month, and nothing is billed.
+    // November, and another new agent reports, 20 minutes ago, an H100 held since 30 November
+    // 23:30; the processor runs again from its checkpoint. With a grace of 30 days November is
+    // still open: its usage is charged, the last half hour of November included (the
+    // back-dating this guards against). With a grace of one day it closed on 2 December:
+    // every November sample is a dead letter `closed_period` naming the agent and the month;
+    // the H100's December is billed, its half hour of November is set aside as a dead letter
+    // `closed_period` carrying the record it would have been; nothing of November is billed.
     let live = SampleBatch {
         node: "node-live".into(),
         agent_id: "agent-live".into(),
@@ -551,8 +554,31 @@ async fn a_new_agent_cannot_bill_into_a_period_closed_in_an_earlier_run() {
         agent_version: "test".into(),
         samples: vec![],
     };
-    let back_dated = crate::pipeline::batches();
+    let mut back_dated = crate::pipeline::batches();
     let samples: usize = back_dated.iter().map(|b| b.samples.len()).sum();
+    const DEC_1: i64 = 1_796_083_200_000;
+    let now0 = meterflow_processor::now_ms();
+    let mut since_november = back_dated[0].samples[0].clone();
+    since_november.series.tenant = "initech".into();
+    since_november.series.lease = "300.1.1".into();
+    since_november.series.node = "node-b".into();
+    since_november.timestamp_ms = now0 - 20 * 60_000;
+    since_november.started_at_ms = Some(DEC_1 - 30 * 60_000);
+    since_november.finished_at_ms = None;
+    back_dated.push(SampleBatch {
+        node: "node-b".into(),
+        agent_id: "agent-node-b".into(),
+        sequence: 1,
+        collected_at_ms: now0 - 20 * 60_000,
+        agent_version: "test".into(),
+        samples: vec![since_november],
+    });
+    let november_hour = (
+        "initech".to_string(),
+        "300.1.1".to_string(),
+        "gpu:h100:".to_string(),
+        DEC_1 - 3_600_000,
+    );
     let mut runs = Vec::new();
     for grace in ["30d", "1d"] {
         let broker = memory_broker().await;
@@ -587,9 +613,44 @@ async fn a_new_agent_cannot_bill_into_a_period_closed_in_an_earlier_run() {
         open_billed.keys().any(|(tenant, ..)| tenant == "acme"),
         "within the grace the back-dated usage is charged: {open_billed:?}"
     );
+    assert_eq!(open_billed.get(&november_hour), Some(&1_800_000));
     assert!(open_letters.is_empty(), "{open_letters:?}");
     let (closed_billed, closed_letters) = &runs[1];
-    assert!(closed_billed.is_empty(), "{closed_billed:?}");
+    assert!(
+        closed_billed
+            .keys()
+            .all(|(tenant, _, _, window)| tenant == "initech" && *window >= DEC_1),
+        "nothing of November is billed: {closed_billed:?}"
+    );
+    assert!(
+        closed_billed.contains_key(&(
+            "initech".to_string(),
+            "300.1.1".to_string(),
+            "gpu:h100:".to_string(),
+            DEC_1
+        )),
+        "the H100's December is billed: {closed_billed:?}"
+    );
+    let (set_aside, closed_letters): (Vec<&DeadLetter>, Vec<&DeadLetter>) = closed_letters
+        .iter()
+        .partition(|l| l.source_topic == names::BILLING);
+    assert_eq!(set_aside.len(), 1, "{set_aside:?}");
+    let would_have_been =
+        meterflow_schemas::BillingRecord::decode(&set_aside[0].payload).expect("a billing record");
+    assert_eq!(
+        (
+            set_aside[0].reason.as_str(),
+            would_have_been.tenant.as_str(),
+            would_have_been.window_start_ms,
+            would_have_been.quantity
+        ),
+        ("closed_period", "initech", DEC_1 - 3_600_000, 1_800_000)
+    );
+    assert!(
+        set_aside[0].detail.contains("2026-11"),
+        "{}",
+        set_aside[0].detail
+    );
     assert_eq!(closed_letters.len(), samples, "{closed_letters:?}");
     for letter in closed_letters {
         assert_eq!(letter.reason, "closed_period");
