@@ -3,6 +3,7 @@
 #   libclang-dev  bindgen (rocksdb, libsql) needs libclang
 #   cmake         aws-lc-sys (TLS in the embedded broker's dependencies) builds with it
 #   pkg-config, zlib1g-dev, g++, make   librdkafka's bundled build
+#   libssl-dev    librdkafka's TLS (and SASL SCRAM) against the system's OpenSSL
 #   chromium      the dashboard test renders the page in headless Chromium
 #   prometheus    the Prometheus comparison (`compare`, and its test) runs a real one
 # Debian/Ubuntu only (apt-get); elsewhere it prints what to install and carries on.
@@ -10,7 +11,7 @@ set -euo pipefail
 
 missing=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for pkg in libclang-dev cmake pkg-config zlib1g-dev g++ make chromium prometheus; do
+for pkg in libclang-dev cmake pkg-config zlib1g-dev libssl-dev g++ make chromium prometheus; do
   have_pkg "$pkg" || missing+=("$pkg")
 done
 

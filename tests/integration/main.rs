@@ -20,3 +20,4 @@ mod hostile;
 mod pipeline;
 mod real_node;
 mod real_node_dra;
+mod tls;
