@@ -1,8 +1,9 @@
 //! Kafka over TLS: the embedded broker behind a TLS terminator (rustls, the certificate in
 //! `tests/fixtures`), advertised at the terminator's address so that every client must speak
-//! TLS to reach it. The processor, configured only through `MF_KAFKA_*` as an operator would
-//! for a production cluster, reads the pipeline scenario and bills it; a client that does not
-//! trust the certificate is refused. SASL needs a broker that speaks it (the embedded one does
+//! TLS to reach it. The processor and the sink, configured only through `MF_KAFKA_*` as an
+//! operator would for a production cluster, turn the pipeline scenario into the API's answer,
+//! and an agent publishes its simulated node; a client that does not trust the certificate is
+//! refused. SASL needs a broker that speaks it (the embedded one does
 //! not): here a client configured for `SASL_SSL` with `SCRAM-SHA-512` is only shown to be
 //! accepted by this build of librdkafka (one without TLS refused it when a client was made).
 
@@ -14,8 +15,6 @@ use meterflow_schemas::{Record, UsageUpdate, topics};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-
-use crate::cluster::wait_all;
 
 const PARTITIONS: i32 = 4;
 
@@ -61,6 +60,33 @@ fn terminate_tls(
         }
     });
     handshakes
+}
+
+/// The `meterflow` binary running `args`, with the TLS settings an operator would give it.
+fn component(args: &[&str]) -> crate::common::KillOnDrop {
+    crate::common::KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
+            .args(args)
+            .env("MF_KAFKA_SECURITY_PROTOCOL", "SSL")
+            .env("MF_KAFKA_SSL_CA_LOCATION", fixture("tls-cert.pem"))
+            .env("MF_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("the component starts"),
+    )
+}
+
+/// How many records `topic` holds, asked over TLS.
+fn log_end(front: &str, topic: &str) -> i64 {
+    let client: BaseConsumer = tls_client(front).create().expect("client");
+    (0..PARTITIONS)
+        .map(|p| {
+            client
+                .fetch_watermarks(topic, p, Duration::from_secs(5))
+                .expect("partition ends")
+                .1
+        })
+        .sum()
 }
 
 /// A client configuration for the terminator at `front`, trusting the fixture's certificate.
@@ -117,28 +143,96 @@ async fn the_pipeline_runs_over_tls_configured_as_for_a_production_cluster() {
 
     // The processor, given the cluster's TLS settings the way an operator gives them.
     let dir = tempfile::tempdir().expect("tempdir");
-    let state = dir.path().join("state");
+    let state = dir.path().join("state").display().to_string();
     let brokers = front.clone();
     tokio::task::spawn_blocking(move || {
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
-            .args(["processor", "--brokers", &brokers, "--state-dir"])
-            .arg(&state)
-            .args([
-                "--exit-when-caught-up",
-                "--partitions",
-                &PARTITIONS.to_string(),
-            ])
-            .env("MF_KAFKA_SECURITY_PROTOCOL", "SSL")
-            .env("MF_KAFKA_SSL_CA_LOCATION", fixture("tls-cert.pem"))
-            .env("MF_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("the processor starts");
-        wait_all(vec![child]);
+        let mut processor = component(&[
+            "processor",
+            "--brokers",
+            &brokers,
+            "--state-dir",
+            &state,
+            "--exit-when-caught-up",
+            "--partitions",
+            &PARTITIONS.to_string(),
+        ]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            match processor.0.try_wait().expect("status") {
+                Some(status) => break assert!(status.success(), "processor: {status}"),
+                None if std::time::Instant::now() > deadline => panic!("processor still running"),
+                None => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
     })
     .await
     .expect("processor");
 
+    // The sink over TLS serves acme its 361 GPU-seconds.
+    let secret = dir.path().join("jwt-secret");
+    std::fs::write(&secret, crate::common::SECRET).expect("secret");
+    let listen = crate::common::free_addr();
+    let _sink = component(&[
+        "sink",
+        "--brokers",
+        &front,
+        "--partitions",
+        &PARTITIONS.to_string(),
+        "--listen",
+        &listen.to_string(),
+        "--data-dir",
+        &dir.path().join("views").display().to_string(),
+        "--jwt-secret-file",
+        &secret.display().to_string(),
+    ]);
+    let served = crate::common::poll_json(
+        &format!(
+            "http://{listen}/v1/tenants/acme/usage?from=2026-11-23T00:00:00Z&to=2026-11-23T01:00:00Z&window=total"
+        ),
+        &crate::common::token("acme"),
+        Duration::from_secs(60),
+        |v| v["totals"]["gpu_seconds"].as_f64() == Some(361.0),
+    )
+    .await;
+    assert_eq!(served["totals"]["gpu_seconds"].as_f64(), Some(361.0));
+
+    // An agent over TLS publishes its simulated node's batches.
+    let reader = front.clone();
+    let before = tokio::task::spawn_blocking(move || log_end(&reader, topics::SAMPLES))
+        .await
+        .expect("ends");
+    let spool = dir.path().join("spool").display().to_string();
+    let agent = component(&[
+        "agent",
+        "--brokers",
+        &front,
+        "--nodes",
+        "1",
+        "--interval",
+        "100ms",
+        "--partitions",
+        &PARTITIONS.to_string(),
+        "--spool-dir",
+        &spool,
+    ]);
+    let reader = front.clone();
+    let published = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let published = log_end(&reader, topics::SAMPLES) - before;
+            if published >= 5 || std::time::Instant::now() > deadline {
+                break published;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+    .await
+    .expect("ends");
+    drop(agent);
+    assert!(
+        published >= 5,
+        "the agent published {published} batches over TLS"
+    );
     // Its usage, read back over TLS: the scenario's 361 GPU-seconds.
     let reader = front.clone();
     let gpu_ms = tokio::task::spawn_blocking(move || {
