@@ -131,6 +131,7 @@ fn build() -> AgentMetrics {
     ] {
         m.registry.register(c).expect("names are unique");
     }
+    meterflow_schemas::process_metrics::register(&m.registry, "agent");
     m
 }
 

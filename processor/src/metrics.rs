@@ -5,7 +5,9 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// The processor's counters.
 pub struct Metrics {
@@ -38,6 +40,20 @@ pub struct Metrics {
     pub series_revived: IntCounter,
     /// 1 for each GPU class with GPU time and no price in the price book (billed at 0).
     pub unpriced_gpu_classes: IntGaugeVec,
+    /// The newest agent watermark of the cluster, in event time (Unix seconds).
+    pub watermark_seconds: Gauge,
+    /// The billing frontier (Unix seconds): billing windows ending by then are charged.
+    pub billing_frontier_seconds: Gauge,
+    /// Records on `meterflow.samples` this process's workers have not read yet.
+    pub input_lag_records: IntGauge,
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
+    let g = Gauge::new(name, help).expect("a valid gauge");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("registered once");
+    g
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -73,7 +89,29 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry
         .register(Box::new(unpriced_gpu_classes.clone()))
         .expect("registered once");
+    meterflow_schemas::process_metrics::register(&registry, "processor");
+    let input_lag_records =
+        IntGauge::new(
+            "meterflow_processor_input_lag_records",
+            "Records on meterflow.samples this process's workers have not read yet (their partitions' ends less their next offsets, measured every 2 s; -1 until first measured)",
+        )
+        .expect("a valid gauge");
+    input_lag_records.set(-1);
+    registry
+        .register(Box::new(input_lag_records.clone()))
+        .expect("registered once");
     Metrics {
+        watermark_seconds: gauge(
+            &registry,
+            "meterflow_processor_watermark_seconds",
+            "The newest agent watermark of the cluster, in event time (Unix seconds)",
+        ),
+        billing_frontier_seconds: gauge(
+            &registry,
+            "meterflow_processor_billing_frontier_seconds",
+            "Billing windows ending by this time (Unix seconds) are charged: the newest watermark, never ahead of this machine's clock, less the lateness",
+        ),
+        input_lag_records,
         unpriced_gpu_classes,
         input_messages: counter(
             &registry,
@@ -134,6 +172,27 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         registry,
     }
 });
+
+/// Per partition of `meterflow.samples` owned by a worker of this process, the next offset
+/// it reads: what the input lag is measured from.
+static NEXT_OFFSETS: std::sync::Mutex<std::collections::BTreeMap<i32, i64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// Records the next offsets of a worker's partitions.
+pub fn set_next_offsets(next: &std::collections::BTreeMap<i32, i64>) {
+    NEXT_OFFSETS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend(next.iter().map(|(p, o)| (*p, *o)));
+}
+
+/// The next offsets of every partition this process's workers read.
+pub fn next_offsets() -> std::collections::BTreeMap<i32, i64> {
+    NEXT_OFFSETS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+}
 
 /// Why the process resumed from its last checkpoint, until a checkpoint is written again: a
 /// process that keeps resuming bills nothing new, and must not say it is ready.

@@ -250,6 +250,7 @@ pub fn run(config: ProcessorConfig, shutdown: CancellationToken) -> Result<(), P
         }
         None => None,
     };
+    watch_input_lag(&config.brokers, &shutdown);
     loop {
         match run_once(&config, store.clone(), &shutdown) {
             // Outputs the broker did not take: start again from the checkpoint, as after a
@@ -274,6 +275,51 @@ pub fn run(config: ProcessorConfig, shutdown: CancellationToken) -> Result<(), P
             result => return result,
         }
     }
+}
+
+/// Until `shutdown`, every 2 s: the records on `meterflow.samples` this process's workers have
+/// not read (each partition's end less its next offset) into
+/// `meterflow_processor_input_lag_records`. A thread and a client of its own, so that asking
+/// the broker never holds up a worker's fetches.
+fn watch_input_lag(brokers: &str, shutdown: &CancellationToken) {
+    let client: Result<BaseConsumer, _> =
+        ClientConfig::from_iter(meterflow_schemas::kafka::properties())
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "meterflow-processor-lag")
+            .set("enable.auto.commit", "false")
+            .create();
+    let client = match client {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "cannot measure the input lag");
+            return;
+        }
+    };
+    let shutdown = shutdown.clone();
+    std::thread::spawn(move || {
+        while !shutdown.is_cancelled() {
+            let mut lag = 0;
+            let offsets = crate::metrics::next_offsets();
+            // Nothing to say before a worker has told where it reads from.
+            let mut known = !offsets.is_empty();
+            for (p, next) in offsets {
+                match client.fetch_watermarks(topics::SAMPLES, p, Duration::from_secs(2)) {
+                    Ok((_, high)) => lag += (high - next).max(0),
+                    Err(e) => {
+                        debug!(error = %e, partition = p, "partition end not known");
+                        known = false;
+                    }
+                }
+            }
+            if known {
+                METRICS.input_lag_records.set(lag);
+            }
+            let next = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < next && !shutdown.is_cancelled() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    });
 }
 
 /// One run of the workers, from the checkpoint until `shutdown` or a worker's error.

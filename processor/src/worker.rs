@@ -265,6 +265,7 @@ pub(crate) fn run_worker(
         if cluster.caught_up >= peers {
             w.closing_ms = w.closing_ms.max(w.frontier_ms(cluster));
         }
+        w.tell_metrics(cluster);
 
         let sent = w.emit(
             &clients.producer,
@@ -704,6 +705,20 @@ impl<'a> Worker<'a> {
             .watermark_ms
             .min(crate::now_ms())
             .saturating_sub(self.config.allowed_lateness_ms)
+    }
+
+    /// Where this worker is, for `/metrics`: its partitions' next offsets (the input lag is
+    /// measured from them), the cluster's watermark and the billing frontier.
+    fn tell_metrics(&self, cluster: ClusterProgress) {
+        crate::metrics::set_next_offsets(&self.inputs.next);
+        if cluster.watermark_ms > i64::MIN {
+            METRICS
+                .watermark_seconds
+                .set(cluster.watermark_ms as f64 / 1000.0);
+            METRICS
+                .billing_frontier_seconds
+                .set(self.frontier_ms(cluster) as f64 / 1000.0);
+        }
     }
 
     /// The start of the first billing period still open: a calendar month closes

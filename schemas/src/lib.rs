@@ -12,6 +12,7 @@
 //! - [`kafka`]: client properties for an existing cluster (SASL, TLS) from `[kafka]` and
 //!   `MF_KAFKA_*`, which every component's Kafka clients start from.
 //! - [`id`]: stable content hashes, used for deterministic output record ids.
+//! - [`process_metrics`]: what every component's `/metrics` says of the process itself.
 //! - [`time`]: UTC timestamps (RFC 3339) and calendar months, shared by the processor's billing
 //!   periods and the sink's buckets.
 
@@ -19,6 +20,7 @@ pub mod codec;
 pub mod disk;
 pub mod id;
 pub mod kafka;
+pub mod process_metrics;
 pub mod time;
 pub mod types;
 
@@ -68,7 +70,8 @@ pub mod metrics {
 pub mod topics {
     /// Agent → processor: [`crate::SampleBatch`], key = node.
     pub const SAMPLES: &str = "meterflow.samples";
-    /// Processor → sink: [`crate::UsageUpdate`], compacted, key = record id.
+    /// Processor → sink: [`crate::UsageUpdate`], compacted, key = SHA-256 of tenant and record
+    /// id.
     pub const USAGE: &str = "meterflow.usage";
     /// Processor → billing: [`crate::BillingRecord`].
     pub const BILLING: &str = "meterflow.billing";

@@ -38,6 +38,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
+        meterflow_schemas::process_metrics::register(&registry, "sink");
         let applied = IntCounterVec::new(
             Opts::new(
                 "meterflow_sink_updates_applied_total",

@@ -735,3 +735,66 @@ async fn usage_records_are_keyed_so_that_no_tenant_can_compact_away_anothers() {
     }
     broker.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_processor_says_how_far_it_has_come() {
+    // The pipeline scenario's last batch is stamped T0 + 195 s; with a minute's lateness the
+    // billing frontier is a minute behind it, and once everything is read nothing is waiting.
+    const T0_S: f64 = 1_795_392_000.0;
+    let broker = memory_broker().await;
+    let brokers = broker.bootstrap();
+    crate::common::ensure_topics(&brokers, PARTITIONS).await;
+    let publisher = Publisher::new(&brokers).expect("publisher");
+    for b in crate::pipeline::batches() {
+        publisher.publish(&b).await.expect("published");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let metrics = crate::common::free_addr();
+    let _processor = crate::common::KillOnDrop(crate::common::spawn_processor(
+        &brokers,
+        &dir.path().join("state"),
+        &[
+            "--lateness",
+            "1m",
+            "--partitions",
+            &PARTITIONS.to_string(),
+            "--metrics-listen",
+            &metrics.to_string(),
+        ],
+    ));
+    let text = tokio::task::spawn_blocking(move || {
+        let value = |text: &str, series: &str| crate::common::metric_value(text, series);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let text = crate::common::http_get(metrics, "/metrics")
+                .map(|(_, body)| body)
+                .unwrap_or_default();
+            if (value(&text, "meterflow_processor_watermark_seconds") == Some(T0_S + 195.0)
+                && value(&text, "meterflow_processor_input_lag_records") == Some(0.0))
+                || std::time::Instant::now() > deadline
+            {
+                break text;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    })
+    .await
+    .expect("metrics");
+    let value = |series: &str| crate::common::metric_value(&text, series);
+    assert_eq!(
+        value("meterflow_processor_watermark_seconds"),
+        Some(T0_S + 195.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("meterflow_processor_billing_frontier_seconds"),
+        Some(T0_S + 135.0)
+    );
+    assert_eq!(value("meterflow_processor_input_lag_records"), Some(0.0));
+    assert!(
+        text.contains("meterflow_build_info{component=\"processor\",version=")
+            && value("process_resident_memory_bytes").is_some_and(|b| b > 0.0),
+        "{text}"
+    );
+    broker.stop();
+}
