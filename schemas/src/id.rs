@@ -12,6 +12,22 @@
 //!   tenants; the processor's interned names). Finding names that hit a given id takes about
 //!   2^128 tries for its 128-bit form, 2^64 for its 64-bit form.
 
+/// The field methods both ids share, over their own `bytes`.
+macro_rules! fields {
+    () => {
+        /// Adds a string field (length-prefixed, so `("ab","c")` and `("a","bc")` differ).
+        pub fn str(self, s: &str) -> Self {
+            self.bytes(&(s.len() as u64).to_le_bytes())
+                .bytes(s.as_bytes())
+        }
+
+        /// Adds an integer field.
+        pub fn int(self, v: i64) -> Self {
+            self.bytes(&v.to_le_bytes())
+        }
+    };
+}
+
 const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const PRIME: u64 = 0x0000_0100_0000_01b3;
 
@@ -31,16 +47,7 @@ impl StableId {
         Self::default().str(domain)
     }
 
-    /// Adds a string field (length-prefixed, so `("ab","c")` and `("a","bc")` differ).
-    pub fn str(self, s: &str) -> Self {
-        self.bytes(&(s.len() as u64).to_le_bytes())
-            .bytes(s.as_bytes())
-    }
-
-    /// Adds an integer field.
-    pub fn int(self, v: i64) -> Self {
-        self.bytes(&v.to_le_bytes())
-    }
+    fields!();
 
     fn bytes(mut self, bytes: &[u8]) -> Self {
         for b in bytes {
@@ -73,16 +80,7 @@ impl StrongId {
         Self(sha2::Sha256::new()).str(domain)
     }
 
-    /// Adds a string field (length-prefixed, so `("ab","c")` and `("a","bc")` differ).
-    pub fn str(self, s: &str) -> Self {
-        self.bytes(&(s.len() as u64).to_le_bytes())
-            .bytes(s.as_bytes())
-    }
-
-    /// Adds an integer field.
-    pub fn int(self, v: i64) -> Self {
-        self.bytes(&v.to_le_bytes())
-    }
+    fields!();
 
     fn bytes(mut self, bytes: &[u8]) -> Self {
         use sha2::Digest;

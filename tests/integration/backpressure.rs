@@ -32,21 +32,13 @@ fn signal(pid: u32, signal: &str) {
     assert!(sent.success(), "SIG{signal} to {pid}");
 }
 
-/// How many records `topic` holds, as the broker says: the sum of its partitions' ends.
+/// How many records `topic` holds, as the broker says.
 fn log_end(brokers: &str, topic: &str) -> i64 {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let client: BaseConsumer = rdkafka::ClientConfig::new()
+    let client: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
         .expect("client");
-    (0..PARTITIONS)
-        .map(|p| {
-            client
-                .fetch_watermarks(topic, p, Duration::from_secs(5))
-                .expect("partition ends")
-                .1
-        })
-        .sum()
+    crate::common::log_end(&client, topic, PARTITIONS)
 }
 
 /// The agent's health answer (JSON) from `GET /healthz` on `addr`.

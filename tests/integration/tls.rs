@@ -79,14 +79,7 @@ fn component(args: &[&str]) -> crate::common::KillOnDrop {
 /// How many records `topic` holds, asked over TLS.
 fn log_end(front: &str, topic: &str) -> i64 {
     let client: BaseConsumer = tls_client(front).create().expect("client");
-    (0..PARTITIONS)
-        .map(|p| {
-            client
-                .fetch_watermarks(topic, p, Duration::from_secs(5))
-                .expect("partition ends")
-                .1
-        })
-        .sum()
+    crate::common::log_end(&client, topic, PARTITIONS)
 }
 
 /// A client configuration for the terminator at `front`, trusting the fixture's certificate.

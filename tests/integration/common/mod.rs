@@ -388,6 +388,19 @@ pub async fn memory_broker() -> meterflow::broker::EmbeddedBroker {
     .expect("embedded broker starts")
 }
 
+/// How many records `topic` holds, as the broker tells `client`: the sum of its `partitions`'
+/// ends.
+pub fn log_end(client: &BaseConsumer, topic: &str, partitions: i32) -> i64 {
+    (0..partitions)
+        .map(|p| {
+            client
+                .fetch_watermarks(topic, p, Duration::from_secs(5))
+                .expect("partition ends")
+                .1
+        })
+        .sum()
+}
+
 /// A TCP proxy on loopback the test controls: [`Proxy::cut`] closes every connection through
 /// it and refuses new ones until [`Proxy::restore`].
 pub struct Proxy {
