@@ -347,8 +347,8 @@ mod tests {
 
     #[test]
     fn the_shipped_daemonset_config_is_valid() {
-        let c = AgentConfig::parse_table(include_str!("../../deploy/kubernetes/agent.toml"))
-            .expect("deploy/kubernetes/agent.toml parses")
+        let c = AgentConfig::parse_table(include_str!("../../deploy/kubernetes/base/agent.toml"))
+            .expect("deploy/kubernetes/base/agent.toml parses")
             .expect("it has an [agent] table");
         c.check().expect("and is valid");
         assert!(c.sources.nvml.enabled && c.sources.cgroup.enabled);

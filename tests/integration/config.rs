@@ -72,7 +72,10 @@ fn the_example_file_configures_every_component() {
         "{agent}"
     );
     // The Kubernetes agent's file is a config file with an [agent] table too.
-    let k8s = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes/agent.toml");
+    let k8s = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/kubernetes/base/agent.toml"
+    );
     let k8s = stdout(&meterflow(&["--config", k8s, "config", "agent"], &[]));
     // The table's own values, not the simulated fleet's flags.
     for line in [
