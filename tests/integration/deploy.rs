@@ -104,6 +104,100 @@ async fn the_operator_dashboard_queries_only_what_the_sink_exports() {
     pipeline.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alert_rules_ask_only_for_what_the_components_export() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/base");
+    let rules: Vec<Value> = render(&root)
+        .into_iter()
+        .filter(|d| d["kind"] == "PrometheusRule")
+        .flat_map(|d| d["spec"]["groups"].as_array().cloned().unwrap_or_default())
+        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert!(rules.len() >= 8, "{rules:?}");
+    let mut queried = BTreeSet::new();
+    for rule in &rules {
+        let name = rule["alert"].as_str().expect("an alert name");
+        assert!(
+            ["warning", "critical"].contains(&rule["labels"]["severity"].as_str().unwrap_or("")),
+            "{name}: a severity"
+        );
+        for annotation in ["summary", "runbook"] {
+            assert!(
+                rule["annotations"][annotation]
+                    .as_str()
+                    .is_some_and(|t| t.len() > 20),
+                "{name}: a {annotation} that says something"
+            );
+        }
+        queried.extend(metric_names(rule["expr"].as_str().expect("an expression")));
+    }
+
+    // The components after some work: the pipeline scenario, a GPU of a class the price book
+    // does not know, and one message that is no batch (a dead letter), through the in-process
+    // processor and sink; the agent's registry as this process has it.
+    let pipeline = Pipeline::start(1, 1).await;
+    let brokers = pipeline.broker.bootstrap();
+    let publisher = meterflow_ingest::Publisher::new(&brokers).expect("producer");
+    let mut batches = crate::pipeline::batches();
+    let mut unpriced = batches[0].clone();
+    unpriced.agent_id = "agent-node-x".into();
+    unpriced.node = "node-x".into();
+    unpriced.samples.truncate(1);
+    unpriced.samples[0].series.node = "node-x".into();
+    unpriced.samples[0].series.gpu_class = "unpriced-class".into();
+    batches.push(unpriced);
+    for b in batches {
+        publisher.publish(&b).await.expect("published");
+    }
+    let raw: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("producer");
+    raw.send(
+        rdkafka::producer::FutureRecord::to(meterflow_schemas::topics::SAMPLES)
+            .key("node-a")
+            .payload(&b"not avro"[..]),
+        std::time::Duration::from_secs(10),
+    )
+    .await
+    .expect("delivered");
+    crate::common::poll_json(
+        &pipeline.url("/v1/status"),
+        &token(""),
+        std::time::Duration::from_secs(60),
+        |v| v["watermark"] == "2026-11-23T00:03:00.000Z",
+    )
+    .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let exported = loop {
+        let exported = format!(
+            "{}{}{}",
+            get_text(&pipeline.url("/metrics")).await,
+            meterflow_processor::metrics::render(),
+            meterflow_ingest::metrics::render()
+        );
+        if (exported.contains("meterflow_processor_dead_letters_total{")
+            && exported.contains("meterflow_processor_unpriced_gpu_class{"))
+            || std::time::Instant::now() > deadline
+        {
+            break exported;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let is_exported = |name: &str| {
+        exported.lines().any(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+    };
+    let missing: Vec<&String> = queried.iter().filter(|n| !is_exported(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "alerted on but not exported: {missing:?}\n{exported}"
+    );
+    pipeline.stop().await;
+}
+
 /// Secrets the operator creates by hand (deploy/README.md says how); every other reference
 /// must name a resource of the kustomization.
 const EXTERNAL_SECRETS: [&str; 2] = ["meterflow-sink-jwt", "meterflow-kafka"];
@@ -596,10 +690,18 @@ fn check(docs: &[Value]) {
 /// Every component reaches the same Kafka, and the Secrets made by hand are documented.
 fn check_brokers(docs: &[Value], mut brokers: BTreeSet<String>) {
     // Every component reaches the same Kafka.
-    let text =
-        find(docs, "ConfigMap", "meterflow-agent").expect("agent config")["data"]["agent.toml"]
-            .as_str()
-            .expect("agent.toml");
+    // The generated ConfigMap's name ends in a hash of its content.
+    let text = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "ConfigMap"
+                && d["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("meterflow-agent-"))
+        })
+        .expect("agent config")["data"]["agent.toml"]
+        .as_str()
+        .expect("agent.toml");
     let agent = meterflow_ingest::AgentConfig::parse_table(text)
         .expect("agent.toml parses")
         .expect("agent.toml has an [agent] table");
