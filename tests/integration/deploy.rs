@@ -370,6 +370,35 @@ fn check(docs: &[Value]) {
             ),
             "{name}: its selector matches its pods"
         );
+        // All but the node agent (host PID, network and paths: docs/presets.md) run as
+        // restricted pods: not root, no privilege escalation, no capability, a read-only root
+        // file system; and a disruption budget keeps drains from taking them all at once.
+        if w["kind"] != "DaemonSet" {
+            let security = &pod["spec"]["securityContext"];
+            assert_eq!(security["runAsNonRoot"], true, "{name}: not root");
+            assert_eq!(
+                security["seccompProfile"]["type"], "RuntimeDefault",
+                "{name}: seccomp"
+            );
+            for c in pod["spec"]["containers"].as_array().expect("containers") {
+                let security = &c["securityContext"];
+                assert_eq!(security["allowPrivilegeEscalation"], false, "{name}");
+                assert_eq!(security["readOnlyRootFilesystem"], true, "{name}");
+                assert_eq!(
+                    security["capabilities"]["drop"],
+                    serde_json::json!(["ALL"]),
+                    "{name}"
+                );
+            }
+            assert!(
+                docs.iter().any(|b| b["kind"] == "PodDisruptionBudget"
+                    && selects(
+                        &b["spec"]["selector"]["matchLabels"],
+                        &pod["metadata"]["labels"]
+                    )),
+                "{name}: a PodDisruptionBudget selects its pods"
+            );
+        }
         if let Some(account) = pod["spec"]["serviceAccountName"].as_str() {
             assert!(
                 find(&docs, "ServiceAccount", account).is_some(),
