@@ -373,6 +373,15 @@ fn check(docs: &[Value]) {
         // All but the node agent (host PID, network and paths: docs/presets.md) run as
         // restricted pods: not root, no privilege escalation, no capability, a read-only root
         // file system; and a disruption budget keeps drains from taking them all at once.
+        // The image is this version's, the one the Dockerfile says how to build.
+        let image = format!("ghcr.io/meterflow/meterflow:{}", env!("CARGO_PKG_VERSION"));
+        for c in pod["spec"]["containers"].as_array().expect("containers") {
+            assert_eq!(c["image"], image.as_str(), "{name}");
+        }
+        assert!(
+            include_str!("../../Dockerfile").contains(&format!("docker build -t {image} .")),
+            "the Dockerfile says how to build {image}"
+        );
         if w["kind"] != "DaemonSet" {
             let security = &pod["spec"]["securityContext"];
             assert_eq!(security["runAsNonRoot"], true, "{name}: not root");
