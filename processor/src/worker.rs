@@ -138,6 +138,10 @@ struct Worker<'a> {
     /// every worker has caught up (a partition read ahead of another must not close a period
     /// for the other's backlog), then the cluster's.
     closing_ms: i64,
+    /// The start of the first billing period still open by `closing_ms` (a calendar month
+    /// closes `--period-grace` after its end): samples and billing changes before it are set
+    /// aside.
+    closed_before_ms: i64,
     /// A series silent for this long behind the worker's newest data leaves memory.
     idle_ms: i64,
     ledger: Ledger,
@@ -222,7 +226,7 @@ pub(crate) fn run_worker(
             worker.step_while(|| probe.less_than(input.time()));
         };
     advance(epoch, worker, &mut input, &mut progress_in);
-    w.closing_ms = w.frontier_ms(*progress.borrow());
+    w.close_through(w.frontier_ms(*progress.borrow()));
     usage.borrow_mut().clear();
     rollups.borrow_mut().clear();
     fleet.borrow_mut().clear();
@@ -263,7 +267,7 @@ pub(crate) fn run_worker(
         advance(epoch, worker, &mut input, &mut progress_in);
         let cluster = *progress.borrow();
         if cluster.caught_up >= peers {
-            w.closing_ms = w.closing_ms.max(w.frontier_ms(cluster));
+            w.close_through(w.frontier_ms(cluster));
         }
         w.tell_metrics(cluster);
 
@@ -409,6 +413,7 @@ impl<'a> Worker<'a> {
             caught_up: false,
             watermark_ms,
             closing_ms: i64::MIN,
+            closed_before_ms: i64::MIN,
             idle_ms,
             ledger: Ledger::new(config.billing_window_ms),
             spent: HashMap::new(),
@@ -592,7 +597,7 @@ impl<'a> Worker<'a> {
             Ok(None) => return Ok(Ok(false)),
             Err(rejection) => return Ok(Err((rejection.reason, rejection.detail))),
         };
-        if sample.timestamp_ms < self.closed_before_ms() {
+        if sample.timestamp_ms < self.closed_before_ms {
             return Ok(Err((
                 "closed_period",
                 format!(
@@ -721,13 +726,17 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// The start of the first billing period still open: a calendar month closes
-    /// `--period-grace` after its end, by the closing frontier.
-    fn closed_before_ms(&self) -> i64 {
-        if self.closing_ms == i64::MIN {
-            return i64::MIN;
+    /// Moves the closing frontier forward to `frontier_ms` (never back), and with it the start
+    /// of the first billing period still open.
+    fn close_through(&mut self, frontier_ms: i64) {
+        if frontier_ms > self.closing_ms {
+            self.closing_ms = frontier_ms;
+            // Nothing before 1970 is fed (`before_epoch`): no period of it needs closing.
+            let open_from = frontier_ms.saturating_sub(self.config.period_grace_ms);
+            if open_from > 0 {
+                self.closed_before_ms = month_start_ms(open_from);
+            }
         }
-        month_start_ms(self.closing_ms.saturating_sub(self.config.period_grace_ms))
     }
 
     /// Sends the charges and adjustments of the billing windows the frontier has closed;
@@ -736,7 +745,7 @@ impl<'a> Worker<'a> {
     /// the dead-letter topic as `closed_period`, with the record it would have been.
     fn bill(&mut self, clients: &Clients, cluster: ClusterProgress) -> usize {
         let config = self.config;
-        for due in self.ledger.set_aside(self.closed_before_ms()) {
+        for due in self.ledger.set_aside(self.closed_before_ms) {
             let record = due.record(config.billing_window_ms, &config.prices);
             let detail = format!(
                 "a change of {} (scale {}) to tenant {}'s lease {} item {} in the billing window from {} ms, in the billing period {} closed {} ms after its end (--period-grace), is billed to no one; the payload is the record it would have been: bill it by hand if it is owed",
