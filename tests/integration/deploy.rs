@@ -57,6 +57,37 @@ async fn the_operator_dashboard_queries_only_what_the_sink_exports() {
         assert!(inputs.contains(uid), "unknown datasource {uid}");
     }
 
+    // The sink URL it starts with is the sink Service's, from another namespace, on its port;
+    // every replica reads the whole usage topic, so their lags are never summed.
+    let sink_service =
+        render(&Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/base"))
+            .into_iter()
+            .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "meterflow-sink")
+            .expect("the sink's Service");
+    let port = sink_service["spec"]["ports"][0]["port"]
+        .as_i64()
+        .expect("a port");
+    let host = format!(
+        "http://meterflow-sink.{}.svc",
+        sink_service["metadata"]["namespace"]
+            .as_str()
+            .expect("a namespace")
+    );
+    let url = dashboard["templating"]["list"][0]["current"]["value"]
+        .as_str()
+        .expect("the sink URL");
+    assert!(
+        url == host && port == 80 || url == format!("{host}:{port}"),
+        "{url}: the sink Service is {host} port {port}"
+    );
+    for t in &targets {
+        let expr = t["expr"].as_str().unwrap_or_default();
+        assert!(
+            !(expr.contains("meterflow_sink_consumer_lag_records") && expr.contains("sum(")),
+            "{expr}: each replica's lag is the whole topic's"
+        );
+    }
+
     let pipeline = Pipeline::start(1, 1).await;
     // One answered request, so the per-route request counter exists too.
     let operator = token("");
