@@ -668,34 +668,22 @@ async fn a_new_agent_cannot_bill_into_a_period_closed_in_an_earlier_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_records_are_keyed_so_that_no_tenant_can_compact_away_anothers() {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::Message;
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let (broker, _dir) = run(&crate::pipeline::batches(), &[]).await;
     let brokers = broker.bootstrap();
     // Every usage record with its partition and Kafka key.
     let reader = brokers.clone();
     let records: Vec<(i32, String, UsageUpdate)> = tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &reader)
-            .set("group.id", "meterflow-test-keys")
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("consumer");
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        for p in 0..PARTITIONS {
-            tpl.add_partition_offset(names::USAGE, p, rdkafka::Offset::Beginning)
-                .expect("partition");
-        }
-        consumer.assign(&tpl).expect("assign");
-        let mut records = Vec::new();
-        while let Some(m) = consumer.poll(std::time::Duration::from_secs(3)) {
-            let m = m.expect("a message");
-            let key = String::from_utf8(m.key().expect("a key").to_vec()).expect("UTF-8 key");
-            let u = UsageUpdate::decode(m.payload().unwrap_or_default()).expect("a usage update");
-            records.push((m.partition(), key, u));
-        }
-        records
+        let mut config = rdkafka::ClientConfig::new();
+        config.set("bootstrap.servers", &reader);
+        crate::common::read_all(config, names::USAGE, PARTITIONS)
+            .into_iter()
+            .map(|(partition, key, payload)| {
+                let key = String::from_utf8(key.expect("a key")).expect("UTF-8 key");
+                let u = UsageUpdate::decode(&payload).expect("a usage update");
+                (partition, key, u)
+            })
+            .collect()
     })
     .await
     .expect("read");

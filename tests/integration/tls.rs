@@ -229,22 +229,11 @@ async fn the_pipeline_runs_over_tls_configured_as_for_a_production_cluster() {
     // Its usage, read back over TLS: the scenario's 361 GPU-seconds.
     let reader = front.clone();
     let gpu_ms = tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = tls_client(&reader)
-            .set("group.id", "meterflow-test-tls")
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("consumer");
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        for p in 0..PARTITIONS {
-            tpl.add_partition_offset(topics::USAGE, p, rdkafka::Offset::Beginning)
-                .expect("partition");
-        }
-        consumer.assign(&tpl).expect("assign");
         let mut latest = std::collections::BTreeMap::new();
-        while let Some(m) = consumer.poll(Duration::from_secs(3)) {
-            use rdkafka::message::Message;
-            let u = UsageUpdate::decode(m.expect("message").payload().unwrap_or_default())
-                .expect("usage update");
+        for (_, _, payload) in
+            crate::common::read_all(tls_client(&reader), topics::USAGE, PARTITIONS)
+        {
+            let u = UsageUpdate::decode(&payload).expect("usage update");
             if u.metric == "gpu_seconds" && u.resolution.is_empty() {
                 latest.insert(u.id.clone(), u.amount);
             }

@@ -388,6 +388,36 @@ pub async fn memory_broker() -> meterflow::broker::EmbeddedBroker {
     .expect("embedded broker starts")
 }
 
+/// Every message of `topic`'s `partitions` from their beginning, read with `config` (a plain
+/// or a TLS client), until none arrives for 3 s: `(partition, key, payload)`.
+pub fn read_all(
+    mut config: ClientConfig,
+    topic: &str,
+    partitions: i32,
+) -> Vec<(i32, Option<Vec<u8>>, Vec<u8>)> {
+    let consumer: BaseConsumer = config
+        .set("group.id", "meterflow-test-read-all")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    while let Some(m) = consumer.poll(Duration::from_secs(3)) {
+        let m = m.expect("a message");
+        out.push((
+            m.partition(),
+            m.key().map(<[u8]>::to_vec),
+            m.payload().unwrap_or_default().to_vec(),
+        ));
+    }
+    out
+}
+
 /// How many records `topic` holds, as the broker tells `client`: the sum of its `partitions`'
 /// ends.
 pub fn log_end(client: &BaseConsumer, topic: &str, partitions: i32) -> i64 {
