@@ -727,6 +727,8 @@ fn check(docs: &[Value]) {
         }
     }
 
+    check_network_policies(&docs, &workloads);
+
     // The topics, where they are here, are exactly the pipeline's, on one Strimzi cluster,
     // usage compacted.
     let topics: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "KafkaTopic").collect();
@@ -748,12 +750,104 @@ fn check(docs: &[Value]) {
         .map(|t| t["metadata"]["labels"]["strimzi.io/cluster"].to_string())
         .collect();
     assert_eq!(clusters.len(), 1);
+    for t in &topics {
+        assert_eq!(
+            t["apiVersion"], "kafka.strimzi.io/v1",
+            "Strimzi's v1 API (0.49 on)"
+        );
+    }
     let usage = topics
         .iter()
         .find(|t| t["spec"]["topicName"] == meterflow_schemas::topics::USAGE)
         .expect("usage");
     assert_eq!(usage["spec"]["config"]["cleanup.policy"], "compact");
     check_brokers(&docs, brokers);
+}
+
+/// Every pod not on the host's network is isolated for ingress by a NetworkPolicy that lets
+/// in exactly what its Services, monitors and probes reach (each port a policy names is one of
+/// its pods'), and the timely cluster's port only from the processor's own pods.
+fn check_network_policies(docs: &[Value], workloads: &[&Value]) {
+    let policies: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "NetworkPolicy")
+        .collect();
+    for w in workloads {
+        let name = w["metadata"]["name"].as_str().expect("name");
+        let pod = &w["spec"]["template"];
+        if pod["spec"]["hostNetwork"] == true {
+            continue;
+        }
+        let labels = &pod["metadata"]["labels"];
+        let mine: Vec<&&Value> = policies
+            .iter()
+            .filter(|p| selects(&p["spec"]["podSelector"]["matchLabels"], labels))
+            .collect();
+        assert!(
+            !mine.is_empty(),
+            "{name}: no NetworkPolicy selects its pods"
+        );
+        let ports: Vec<(Value, Value)> = pod["spec"]["containers"]
+            .as_array()
+            .expect("containers")
+            .iter()
+            .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+            .map(|p| (p["name"].clone(), p["containerPort"].clone()))
+            .collect();
+        let rules: Vec<&Value> = mine
+            .iter()
+            .flat_map(|p| p["spec"]["ingress"].as_array().into_iter().flatten())
+            .collect();
+        // Which rules let a given container port in.
+        let admitting = |port: &(Value, Value)| -> Vec<&Value> {
+            rules
+                .iter()
+                .copied()
+                .filter(|r| {
+                    r["ports"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|p| p["port"] == port.0 || p["port"] == port.1)
+                })
+                .collect()
+        };
+        for p in mine.iter().flat_map(|p| {
+            p["spec"]["ingress"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|r| r["ports"].as_array().cloned().unwrap_or_default())
+        }) {
+            assert!(
+                ports
+                    .iter()
+                    .any(|(n, c)| p["port"] == *n || p["port"] == *c),
+                "{name}: a NetworkPolicy lets in port {}, which none of its containers has",
+                p["port"]
+            );
+        }
+        for port in &ports {
+            let rules = admitting(port);
+            assert!(
+                !rules.is_empty(),
+                "{name}: no NetworkPolicy lets in port {}, which its Service, monitor or probe uses",
+                port.0
+            );
+            if port.0 == "timely" {
+                for r in rules {
+                    for from in r["from"].as_array().expect("from") {
+                        assert!(
+                            from["namespaceSelector"].is_null()
+                                && from["ipBlock"].is_null()
+                                && selects(&from["podSelector"]["matchLabels"], labels),
+                            "{name}: the timely port is open to more than the processor's pods"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Every component reaches the same Kafka, and the Secrets made by hand are documented.
