@@ -5,8 +5,9 @@
 //! broker in sequence, and the billed GPU time after a restart from the checkpoints written
 //! across the episode equals the ground truth to the millisecond.
 //!
-//! Mounting a tmpfs needs root (CAP_SYS_ADMIN), which `make test` has on CI; elsewhere these
-//! tests fail saying so.
+//! Mounting a tmpfs needs CAP_SYS_ADMIN, which a user has in a user and mount namespace of its
+//! own: each test runs itself again under `unshare --user --map-root-user --mount`, so it passes
+//! for a user who is not root and leaves no mount behind on the host.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -16,6 +17,36 @@ use std::time::{Duration, Instant};
 
 use crate::common::{KillOnDrop, spawn_processor};
 use crate::crash::PARTITIONS;
+
+/// Set in the test's own run inside its user and mount namespace.
+const IN_NAMESPACE: &str = "MF_TEST_IN_MOUNT_NAMESPACE";
+
+/// Runs the test `name` (this module's) again inside a user and mount namespace of its own,
+/// where it may mount a tmpfs, and checks it passed there. False when this already is that run.
+fn ran_in_own_namespace(name: &str) -> bool {
+    if std::env::var_os(IN_NAMESPACE).is_some() {
+        return false;
+    }
+    let test = format!("disk::{name}");
+    let out = std::process::Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "--"])
+        .arg(std::env::current_exe().expect("the test binary"))
+        .args([test.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+        .env(IN_NAMESPACE, "1")
+        .output()
+        .expect("unshare runs (util-linux)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{test} in its own user and mount namespace: {}\n{stdout}\n{stderr}\n(if unshare says \
+         'Operation not permitted', this kernel forbids user namespaces to this user: \
+         sysctl kernel.unprivileged_userns_clone=1, or \
+         kernel.apparmor_restrict_unprivileged_userns=0 on Ubuntu)",
+        out.status
+    );
+    true
+}
 
 /// A tmpfs of its own, unmounted when dropped.
 struct Tmpfs {
@@ -36,7 +67,7 @@ impl Tmpfs {
             .expect("mount runs");
         assert!(
             mounted.success(),
-            "mounting a {size} tmpfs at {} failed: this test needs root (CAP_SYS_ADMIN) to make a small disk it can fill",
+            "mounting a {size} tmpfs at {} failed (this run should be in a user and mount namespace of its own)",
             dir.display()
         );
         Tmpfs { dir }
@@ -102,6 +133,11 @@ fn wait_for(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_whose_spool_disk_fills_says_so_and_loses_nothing_once_space_returns() {
+    if ran_in_own_namespace(
+        "an_agent_whose_spool_disk_fills_says_so_and_loses_nothing_once_space_returns",
+    ) {
+        return;
+    }
     let disk = Tmpfs::mount("16m");
     let spool_dir = disk.dir.join("spool");
     let (broker, brokers) = crate::crash::broker_with_topics().await;
@@ -195,6 +231,11 @@ async fn an_agent_whose_spool_disk_fills_says_so_and_loses_nothing_once_space_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_processor_whose_state_disk_fills_goes_on_says_so_and_bills_exactly_after_a_restart() {
+    if ran_in_own_namespace(
+        "a_processor_whose_state_disk_fills_goes_on_says_so_and_bills_exactly_after_a_restart",
+    ) {
+        return;
+    }
     let disk = Tmpfs::mount("64m");
     let state = disk.dir.join("state");
     let (broker, brokers) = crate::crash::broker_with_topics().await;
