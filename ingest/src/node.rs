@@ -230,6 +230,12 @@ impl NodeCollector {
                 }
             }
         }
+        // Each source's counters exist from the start at 0, so a rate or an alert over them
+        // sees their first failure too.
+        for s in &sources {
+            METRICS.source_errors.with_label_values(&[s.name()]);
+            METRICS.unattributed.with_label_values(&[s.name()]);
+        }
         Ok(NodeCollector {
             me,
             interval,

@@ -1,5 +1,6 @@
-//! What `deploy/` ships is checked against the running parts: every metric a Grafana panel
-//! queries is one a running sink exports, and every API a panel reads is a route it serves.
+//! What `deploy/` ships is checked against the running parts: every metric a Grafana panel or
+//! an alert queries is one the running components export, in PromQL Prometheus parses, and
+//! every API a panel reads is a route the sink serves.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -11,23 +12,16 @@ use crate::common::{Pipeline, get_as, get_text, token};
 
 const OPERATOR_DASHBOARD: &str = include_str!("../../deploy/grafana/meterflow-operator.json");
 
-/// The `meterflow_*` metric names a PromQL expression uses.
+/// The metric names (`meterflow_*`, `process_*`) a PromQL expression uses.
 fn metric_names(expr: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    let mut rest = expr;
-    while let Some(at) = rest.find("meterflow_") {
-        let name: String = rest[at..]
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        rest = &rest[at + name.len()..];
-        names.push(name);
-    }
-    names
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("meterflow_") || w.starts_with("process_"))
+        .map(str::to_string)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_operator_dashboard_queries_only_what_the_sink_exports() {
+async fn the_operator_dashboard_queries_only_what_the_components_export() {
     let dashboard: Value = serde_json::from_str(OPERATOR_DASHBOARD).expect("dashboard JSON");
     let panels = dashboard["panels"].as_array().expect("panels");
     // Panels have distinct ids and fit Grafana's 24-column grid.
@@ -41,20 +35,44 @@ async fn the_operator_dashboard_queries_only_what_the_sink_exports() {
         );
         assert!(x >= 0 && w > 0 && x + w <= 24, "{}: {grid}", p["title"]);
     }
-    // Every datasource a panel names is one of the dashboard's inputs.
-    let inputs: BTreeSet<String> = dashboard["__inputs"]
+    // Every datasource a panel names is one of the dashboard's datasource variables, of the
+    // panel's datasource type, so the importer picks it from a list (no inputs to map).
+    let variables = dashboard["templating"]["list"]
         .as_array()
-        .expect("__inputs")
-        .iter()
-        .filter_map(|i| Some(format!("${{{}}}", i["name"].as_str()?)))
-        .collect();
+        .expect("variables");
+    assert!(
+        dashboard["__inputs"].is_null(),
+        "datasource variables, not inputs"
+    );
+    let panels: Vec<&Value> = panels.iter().filter(|p| p["type"] != "row").collect();
     let targets: Vec<&Value> = panels
         .iter()
         .flat_map(|p| p["targets"].as_array().into_iter().flatten())
         .collect();
-    for t in panels.iter().chain(targets.iter().copied()) {
-        let uid = t["datasource"]["uid"].as_str().expect("a datasource uid");
-        assert!(inputs.contains(uid), "unknown datasource {uid}");
+    for t in panels.iter().copied().chain(targets.iter().copied()) {
+        let ds = &t["datasource"];
+        let uid = ds["uid"].as_str().expect("a datasource uid");
+        assert!(
+            variables.iter().any(|v| v["type"] == "datasource"
+                && format!("${{{}}}", v["name"].as_str().unwrap_or_default()) == uid
+                && v["query"] == ds["type"]),
+            "datasource {ds}: no datasource variable of its type"
+        );
+    }
+    // A row each for the sink, the processor and the agents.
+    for part in [
+        "meterflow_sink_",
+        "meterflow_processor_",
+        "meterflow_agent_",
+    ] {
+        assert!(
+            targets
+                .iter()
+                .filter(|t| t["expr"].as_str().is_some_and(|e| e.contains(part)))
+                .count()
+                >= 6,
+            "fewer than six queries on {part}*"
+        );
     }
 
     // The sink URL it starts with is the sink Service's, from another namespace, on its port;
@@ -73,8 +91,10 @@ async fn the_operator_dashboard_queries_only_what_the_sink_exports() {
             .as_str()
             .expect("a namespace")
     );
-    let url = dashboard["templating"]["list"][0]["current"]["value"]
-        .as_str()
+    let url = variables
+        .iter()
+        .find(|v| v["name"] == "sink_url")
+        .and_then(|v| v["current"]["value"].as_str())
         .expect("the sink URL");
     assert!(
         url == host && port == 80 || url == format!("{host}:{port}"),
@@ -88,17 +108,8 @@ async fn the_operator_dashboard_queries_only_what_the_sink_exports() {
         );
     }
 
-    let pipeline = Pipeline::start(1, 1).await;
-    // One answered request, so the per-route request counter exists too.
+    let (pipeline, exported) = components_after_work().await;
     let operator = token("");
-    assert_eq!(get_as(&pipeline.url("/v1/status"), &operator).await.0, 200);
-    let exported = get_text(&pipeline.url("/metrics")).await;
-    let is_exported = |name: &str| {
-        exported.lines().any(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-    };
     let mut queried = BTreeSet::new();
     let mut paths = Vec::new();
     for t in &targets {
@@ -114,7 +125,11 @@ async fn the_operator_dashboard_queries_only_what_the_sink_exports() {
         }
     }
     assert!(queried.len() >= 8, "{queried:?}");
-    let missing: Vec<&String> = queried.iter().filter(|n| !is_exported(n)).collect();
+    promql_parses(targets.iter().filter_map(|t| t["expr"].as_str()));
+    let missing: Vec<&String> = queried
+        .iter()
+        .filter(|n| !is_exported(&exported, n))
+        .collect();
     assert!(
         missing.is_empty(),
         "queried but not exported: {missing:?}\n{exported}"
@@ -162,10 +177,35 @@ async fn the_alert_rules_ask_only_for_what_the_components_export() {
         }
         queried.extend(metric_names(rule["expr"].as_str().expect("an expression")));
     }
+    promql_parses(rules.iter().filter_map(|r| r["expr"].as_str()));
 
-    // The components after some work: the pipeline scenario, a GPU of a class the price book
-    // does not know, and one message that is no batch (a dead letter), through the in-process
-    // processor and sink; the agent's registry as this process has it.
+    let (pipeline, exported) = components_after_work().await;
+    let missing: Vec<&String> = queried
+        .iter()
+        .filter(|n| !is_exported(&exported, n))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "alerted on but not exported: {missing:?}\n{exported}"
+    );
+    pipeline.stop().await;
+}
+
+/// The metrics the sink, the processor and the agent export after some work: the pipeline
+/// scenario, a GPU of a class the price book does not know, and one message that is no batch
+/// (a dead letter), through the in-process processor and sink, and one answered API request;
+/// the agent's registry after one simulated node's collector has read its sources once.
+async fn components_after_work() -> (Pipeline, String) {
+    // A simulated node's collector (the agent's own NodeCollector over the node's sources),
+    // collecting once: its sources' gauges and counters.
+    meterflow_ingest::Fleet::new(
+        meterflow_ingest::FleetConfig {
+            nodes: 1,
+            ..meterflow_ingest::FleetConfig::default()
+        },
+        0,
+    )
+    .tick(15_000);
     let pipeline = Pipeline::start(1, 1).await;
     let brokers = pipeline.broker.bootstrap();
     let publisher = meterflow_ingest::Publisher::new(&brokers).expect("producer");
@@ -215,18 +255,45 @@ async fn the_alert_rules_ask_only_for_what_the_components_export() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
-    let is_exported = |name: &str| {
-        exported.lines().any(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-    };
-    let missing: Vec<&String> = queried.iter().filter(|n| !is_exported(n)).collect();
+    (pipeline, exported)
+}
+
+/// Prometheus's own parser (`promtool check rules`) accepts every expression.
+fn promql_parses<'a>(exprs: impl Iterator<Item = &'a str>) {
+    let rules: Vec<Value> = exprs
+        .enumerate()
+        .map(|(i, e)| serde_json::json!({ "record": format!("check:expr_{i}"), "expr": e }))
+        .collect();
+    assert!(!rules.is_empty());
+    let file = tempfile::Builder::new()
+        .suffix(".json")
+        .tempfile()
+        .expect("a rules file");
+    // JSON is YAML: promtool reads it as a rules file.
+    std::fs::write(
+        file.path(),
+        serde_json::json!({ "groups": [{ "name": "check", "rules": rules }] }).to_string(),
+    )
+    .expect("written");
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(file.path())
+        .output()
+        .expect("promtool runs (Debian's prometheus package; `make test` installs it)");
     assert!(
-        missing.is_empty(),
-        "alerted on but not exported: {missing:?}\n{exported}"
+        out.status.success(),
+        "PromQL Prometheus refuses: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
-    pipeline.stop().await;
+}
+
+/// Whether a metric of this name has a sample in the exposition text.
+fn is_exported(exported: &str, name: &str) -> bool {
+    exported.lines().any(|l| {
+        l.strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+    })
 }
 
 /// Secrets the operator creates by hand (deploy/README.md says how); every other reference
