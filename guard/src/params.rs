@@ -49,22 +49,27 @@ pub fn over_ms(over: Option<&str>) -> Result<i64, String> {
     }
 }
 
-/// The `from` and `to` query parameters (RFC 3339 UTC or milliseconds since the epoch), with
-/// their defaults; on error, what is wrong and what to do.
+/// The latest time an answer can say in RFC 3339 (four-digit years): 9999-12-31T23:59:59.999Z.
+pub const LATEST_MS: i64 = 253_402_300_799_999;
+
+/// The `from` and `to` query parameters (RFC 3339 UTC or milliseconds since the epoch, from
+/// 1970 to the end of year 9999), with their defaults; on error, what is wrong and what to do.
 pub fn time_range(
     from: &Option<String>,
     to: &Option<String>,
     default_from: i64,
     default_to: i64,
 ) -> Result<(i64, i64), (String, &'static str)> {
-    let time = |v: &Option<String>, default: i64, name: &str| match v {
+    let time = |v: &Option<String>, default: i64, name: &str| {
+        match v {
         None => Ok(default),
-        Some(s) => parse_time(s).ok_or_else(|| {
+        Some(s) => parse_time(s).filter(|ms| (0..=LATEST_MS).contains(ms)).ok_or_else(|| {
             (
                 format!("{name}={s:?} is not a time"),
-                "give RFC 3339 UTC (2026-11-23T10:00:00Z) or milliseconds since the epoch",
+                "give RFC 3339 UTC (2026-11-23T10:00:00Z) or milliseconds since the epoch, from 1970 to year 9999",
             )
         }),
+    }
     };
     let (from, to) = (
         time(from, default_from, "from")?,
@@ -112,6 +117,14 @@ mod tests {
         assert_eq!(over_ms(None), Ok(300_000));
         assert!(over_ms(Some("30s")).is_err());
         assert_eq!(time_range(&None, &None, 1, 2), Ok((1, 2)));
+        // 9999-12-31T23:59:59.999Z is the last time RFC 3339 writes; a millisecond later, or
+        // before 1970, is no time the API can answer with.
+        assert_eq!(
+            time_range(&Some("0".into()), &Some("253402300799999".into()), 0, 0),
+            Ok((0, 253_402_300_799_999))
+        );
+        assert!(time_range(&None, &Some("253402300800000".into()), 0, 0).is_err());
+        assert!(time_range(&Some("-1".into()), &None, 0, 1).is_err());
         let r = time_range(
             &Some("2026-11-23T10:00:00Z".into()),
             &Some("1795392000000".into()),

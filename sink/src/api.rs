@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{MatchedPath, Path, Query, State};
+use axum::extract::{FromRequestParts, MatchedPath, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
@@ -243,6 +243,38 @@ async fn timed(
     response
 }
 
+/// A handler's query parameters; a query string that does not fit them (a parameter twice,
+/// a value of the wrong kind) is a 400 in the API's JSON error shape, counted by route, not
+/// axum's plain-text rejection.
+struct Params<T>(T);
+
+impl<T: serde::de::DeserializeOwned> FromRequestParts<AppState> for Params<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(params)) => Ok(Params(params)),
+            Err(rejection) => {
+                let route = parts
+                    .extensions
+                    .get::<MatchedPath>()
+                    .map_or("unmatched", MatchedPath::as_str)
+                    .to_string();
+                Err(error(
+                    state,
+                    &route,
+                    StatusCode::BAD_REQUEST,
+                    rejection.body_text(),
+                    "give each query parameter once, as the API reference describes it",
+                ))
+            }
+        }
+    }
+}
+
 /// A JSON error: what was wrong and what to do.
 fn error(
     state: &AppState,
@@ -477,7 +509,7 @@ async fn tenant_usage(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(tenant): Path<String>,
-    Query(q): Query<UsageQuery>,
+    Params(q): Params<UsageQuery>,
 ) -> Response {
     const ROUTE: &str = "/v1/tenants/{tenant}/usage";
     let claims = match authorize(&state, &headers, ROUTE, Need::Tenant(&tenant)) {
@@ -623,7 +655,7 @@ async fn burn_rate(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(tenant): Path<String>,
-    Query(q): Query<BurnRateQuery>,
+    Params(q): Params<BurnRateQuery>,
 ) -> Response {
     const ROUTE: &str = "/v1/tenants/{tenant}/burn-rate";
     if let Err(denied) = authorize(&state, &headers, ROUTE, Need::Tenant(&tenant)) {
@@ -806,7 +838,7 @@ async fn lease_metrics(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(lease): Path<String>,
-    Query(q): Query<LeaseMetricsQuery>,
+    Params(q): Params<LeaseMetricsQuery>,
 ) -> Response {
     const ROUTE: &str = "/v1/leases/{lease}/metrics";
     let (tenant, claims) = match lease_owner(&state, &headers, ROUTE, &lease, q.tenant.as_deref()) {
@@ -921,7 +953,7 @@ async fn lease_live(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(lease): Path<String>,
-    Query(q): Query<LeaseQuery>,
+    Params(q): Params<LeaseQuery>,
 ) -> Response {
     const ROUTE: &str = "/v1/leases/{lease}/live";
     let (tenant, _) = match lease_owner(&state, &headers, ROUTE, &lease, q.tenant.as_deref()) {
@@ -1010,7 +1042,7 @@ async fn tenant_feed(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(tenant): Path<String>,
-    Query(q): Query<TenantFeedQuery>,
+    Params(q): Params<TenantFeedQuery>,
 ) -> Response {
     const ROUTE: &str = "/v1/feeds/tenants/{tenant}";
     if let Err(denied) = authorize(&state, &headers, ROUTE, Need::Tenant(&tenant)) {
@@ -1039,7 +1071,7 @@ async fn lease_feed(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(lease): Path<String>,
-    Query(q): Query<LeaseQuery>,
+    Params(q): Params<LeaseQuery>,
 ) -> Response {
     const ROUTE: &str = "/v1/feeds/leases/{lease}";
     let (tenant, _) = match lease_owner(&state, &headers, ROUTE, &lease, q.tenant.as_deref()) {
@@ -1169,7 +1201,7 @@ pub struct RangeQuery {
 async fn fleet_hourly(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(q): Query<RangeQuery>,
+    Params(q): Params<RangeQuery>,
 ) -> Response {
     const ROUTE: &str = "/v1/fleet/hourly";
     let claims = match authorize(&state, &headers, ROUTE, Need::Operator) {

@@ -108,7 +108,8 @@ async fn the_operator_dashboard_queries_only_what_the_components_export() {
         );
     }
 
-    let (pipeline, exported) = components_after_work().await;
+    let (pipeline, exported) =
+        components_after_work(meterflow_sink::limits::Limits::default()).await;
     let operator = token("");
     let mut queried = BTreeSet::new();
     let mut paths = Vec::new();
@@ -179,7 +180,8 @@ async fn the_alert_rules_ask_only_for_what_the_components_export() {
     }
     promql_parses(rules.iter().filter_map(|r| r["expr"].as_str()));
 
-    let (pipeline, exported) = components_after_work().await;
+    let (pipeline, exported) =
+        components_after_work(meterflow_sink::limits::Limits::default()).await;
     let missing: Vec<&String> = queried
         .iter()
         .filter(|n| !is_exported(&exported, n))
@@ -194,8 +196,11 @@ async fn the_alert_rules_ask_only_for_what_the_components_export() {
 /// The metrics the sink, the processor and the agent export after some work: the pipeline
 /// scenario, a GPU of a class the price book does not know, and one message that is no batch
 /// (a dead letter), through the in-process processor and sink, and one answered API request;
-/// the agent's registry after one simulated node's collector has read its sources once.
-async fn components_after_work() -> (Pipeline, String) {
+/// the agent's registry after one simulated node's collector has read its sources once. The
+/// sink answers within `limits`.
+pub(crate) async fn components_after_work(
+    limits: meterflow_sink::limits::Limits,
+) -> (Pipeline, String) {
     // A simulated node's collector (the agent's own NodeCollector over the node's sources),
     // collecting once: its sources' gauges and counters.
     meterflow_ingest::Fleet::new(
@@ -206,7 +211,7 @@ async fn components_after_work() -> (Pipeline, String) {
         0,
     )
     .tick(15_000);
-    let pipeline = Pipeline::start(1, 1).await;
+    let pipeline = Pipeline::start_limited(1, 1, limits).await;
     let brokers = pipeline.broker.bootstrap();
     let publisher = meterflow_ingest::Publisher::new(&brokers).expect("producer");
     let mut batches = crate::pipeline::batches();

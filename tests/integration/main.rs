@@ -17,6 +17,7 @@ mod disk;
 mod docs;
 mod feeds;
 mod hostile;
+mod openapi;
 mod pipeline;
 mod real_node;
 mod real_node_dra;
