@@ -107,6 +107,7 @@ fn main() {
             &TopicsConfig {
                 partitions: PARTITIONS,
                 replication: 1,
+                retention: None,
             },
         ))
         .expect("topics");

@@ -8,8 +8,10 @@
 //! descriptors, and how far the processor is behind; at the end, each one's first, peak and
 //! last value and the rate sustained.
 //!
-//! `cargo bench --bench soak -- [MINUTES] [NODES]` (defaults 30 minutes, 1,000 nodes: about
-//! 50,000 samples a second).
+//! `cargo bench --bench soak -- [MINUTES] [NODES] [RETENTION]` (defaults 30 minutes, 1,000
+//! nodes: about 50,000 samples a second). Without RETENTION the broker keeps its records in
+//! memory, every one of them; with it (e.g. `5m`), in SQLite, each topic keeping RETENTION
+//! (the usage topic compacted), retention applied every minute.
 
 // Shared with the comparison harness; the soak uses part of it.
 #[allow(dead_code)]
@@ -37,6 +39,7 @@ async fn main() {
         .collect();
     let minutes: u64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(30);
     let nodes: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1_000);
+    let retention: Option<String> = args.get(2).cloned();
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_meterflow"));
     let dir = tempfile::tempdir().expect("temp dir");
     let d = dir.path();
@@ -44,13 +47,19 @@ async fn main() {
     let broker_port = free_port().expect("port");
     let brokers = format!("127.0.0.1:{broker_port}");
     let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let broker = Child::spawn(
-        "broker",
-        bin,
-        &args(&["broker", "--listen", &brokers, "--partitions", "4"]),
-        d,
-    )
-    .expect("broker");
+    let mut broker_args = args(&["broker", "--listen", &brokers, "--partitions", "4"]);
+    match &retention {
+        Some(r) => {
+            broker_args.extend(args(&[
+                "--storage",
+                "sqlite://broker.db?maintenance_interval=1m",
+            ]));
+            broker_args.extend(args(&["--retention", r]));
+            println!("broker: SQLite, topics kept {r}, usage compacted");
+        }
+        None => println!("broker: memory storage (keeps every record)"),
+    }
+    let broker = Child::spawn("broker", bin, &broker_args, d).expect("broker");
     while !broker.log_text().contains("listening on") {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

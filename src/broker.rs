@@ -1,7 +1,8 @@
 //! The embedded Kafka-protocol broker: `tansu-broker` run inside this process.
 //!
-//! Storage is `memory://` (gone when the process exits) or `sqlite://FILE` (survives a
-//! restart). The broker speaks the Kafka protocol on its listen address, so every other part
+//! Storage is `memory://` (gone when the process exits; tansu keeps every record in it, no
+//! retention applies) or `sqlite://FILE` (survives a restart; retention and compaction applied
+//! every `maintenance_interval`, a query parameter of the URL, 10 minutes by default). The broker speaks the Kafka protocol on its listen address, so every other part
 //! of Meterflow reaches it with rdkafka exactly as it would reach a Kafka cluster. It has no
 //! transactions (EndTxn); Meterflow's exactly-once does not need them.
 
@@ -51,6 +52,11 @@ pub fn storage_url(storage: &str) -> Result<Url> {
     let parsed = Url::parse(url)
         .with_context(|| format!("--storage {storage:?} is not `memory` or `sqlite://FILE`"))?;
     match parsed.scheme() {
+        // tansu opens the file under its working directory whatever the URL says: an absolute
+        // path (`sqlite:///var/lib/x.db`) would quietly land in `./var/lib/x.db`.
+        "sqlite" if parsed.host_str().is_none_or(str::is_empty) => bail!(
+            "--storage {storage:?}: the embedded broker opens its SQLite file relative to its working directory; give sqlite://FILE (e.g. sqlite://broker.db) and start it in the directory that should hold it"
+        ),
         "memory" | "sqlite" => Ok(parsed),
         other => bail!(
             "--storage scheme {other:?} is not supported by the embedded broker: use `memory` or `sqlite://FILE`"

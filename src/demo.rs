@@ -1,8 +1,10 @@
 //! `meterflow demo`: the whole pipeline in one process, on a simulated fleet.
 //!
-//! Starts the embedded broker (memory storage), creates the topics, then the sink, the
-//! processor and a simulated agent, prints where to look, and runs until Ctrl-C or
-//! `--exit-after`. Its state lives in a temporary directory removed at exit.
+//! Starts the embedded broker, creates the topics, then the sink, the processor and a
+//! simulated agent, prints where to look, and runs until Ctrl-C or `--exit-after`. Its state
+//! lives in a temporary directory removed at exit, the broker's too: SQLite storage whose
+//! topics keep `--retention` (the usage topic compacted), so a demo left running for days
+//! stays bounded (tansu's memory storage keeps every record for the life of the process).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -33,6 +35,8 @@ pub struct DemoConfig {
     pub interval: Duration,
     /// Processor worker threads.
     pub workers: usize,
+    /// How long the broker keeps a record of every topic but the compacted usage topic.
+    pub retention: Duration,
 }
 
 /// Runs the demo.
@@ -46,13 +50,26 @@ pub async fn run(config: DemoConfig) -> Result<()> {
 }
 
 async fn run_in(config: &DemoConfig, data_dir: &Path, shutdown: CancellationToken) -> Result<()> {
+    // tansu opens `sqlite://FILE` under its working directory (an absolute path too): the demo
+    // runs in its own directory, where nothing else is relative.
+    std::fs::create_dir_all(data_dir)
+        .and_then(|()| std::env::set_current_dir(data_dir))
+        .with_context(|| format!("cannot make and enter {}", data_dir.display()))?;
     let broker = broker::start(BrokerConfig {
         listen: "127.0.0.1:0".parse().expect("literal address"),
-        storage: "memory".into(),
+        // Retention and compaction are applied at each maintenance, once a minute.
+        storage: "sqlite://broker.db?maintenance_interval=1m".into(),
     })
     .await?;
     let brokers = broker.bootstrap();
-    topics::ensure(&brokers, &TopicsConfig::default()).await?;
+    topics::ensure(
+        &brokers,
+        &TopicsConfig {
+            retention: Some(config.retention),
+            ..TopicsConfig::default()
+        },
+    )
+    .await?;
 
     // A secret of this run only: the tokens printed below die with the demo.
     let mut secret = [0u8; 32];
@@ -102,7 +119,7 @@ async fn run_in(config: &DemoConfig, data_dir: &Path, shutdown: CancellationToke
             brokers: brokers.clone(),
             fleet: fleet.clone(),
             interval: config.interval,
-            // The demo's broker is in memory too: nothing to keep across runs.
+            // The demo's broker goes with it: nothing to keep across runs.
             spool: None,
         },
         shutdown.clone(),
@@ -137,7 +154,11 @@ async fn run_in(config: &DemoConfig, data_dir: &Path, shutdown: CancellationToke
     println!("  tenant token:   {tenant_token}");
     println!("  operator token: {operator_token}");
     println!("  e.g. curl -H \"Authorization: Bearer $TOKEN\" {url}/v1/tenants/{tenant}/burn-rate");
-    println!("  Kafka broker:  {brokers} (embedded, memory storage)");
+    println!(
+        "  Kafka broker:  {brokers} (embedded, SQLite in {}, records kept {})",
+        data_dir.display(),
+        humantime::format_duration(config.retention)
+    );
     println!(
         "Simulating {} nodes (seed {}), one batch per node every {}.",
         config.nodes,

@@ -56,13 +56,19 @@ enum Command {
         /// Processor worker threads.
         #[arg(long, short = 'w', default_value_t = 1)]
         workers: usize,
+        /// How long the demo's broker keeps samples, billing records, alerts and dead letters
+        /// (the usage topic is compacted): what bounds its disk over a long run.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        retention: Duration,
     },
     /// The embedded Kafka-protocol broker (tansu) on its own.
     Broker {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:9092")]
         listen: SocketAddr,
-        /// `memory` (lost at exit) or `sqlite://FILE` (kept).
+        /// `memory` (lost at exit, never trimmed) or `sqlite://FILE` (kept; FILE relative to
+        /// the working directory; `?maintenance_interval=1m` applies retention and compaction
+        /// that often, every 10 minutes without it).
         #[arg(long, default_value = "memory")]
         storage: String,
         #[command(flatten)]
@@ -388,6 +394,10 @@ struct TopicArgs {
     /// Replication factor of each topic created at start-up.
     #[arg(long, default_value_t = 1)]
     replication: i32,
+    /// How long each topic created at start-up keeps a record (e.g. 7d; the usage topic is
+    /// compacted instead); without it, the cluster's default retention.
+    #[arg(long, value_parser = parse_duration)]
+    retention: Option<Duration>,
 }
 
 impl TopicArgs {
@@ -395,6 +405,7 @@ impl TopicArgs {
         topics::TopicsConfig {
             partitions: self.partitions,
             replication: self.replication,
+            retention: self.retention,
         }
     }
 }
@@ -698,6 +709,7 @@ async fn main() -> Result<()> {
             seed,
             interval,
             workers,
+            retention,
         } => {
             demo::run(demo::DemoConfig {
                 listen,
@@ -706,6 +718,7 @@ async fn main() -> Result<()> {
                 seed,
                 interval,
                 workers,
+                retention,
             })
             .await
         }
@@ -776,6 +789,11 @@ async fn main() -> Result<()> {
             storage,
             topics: t,
         } => {
+            if t.retention.is_some() && broker::storage_url(&storage)?.scheme() == "memory" {
+                anyhow::bail!(
+                    "--retention needs --storage sqlite://FILE: the embedded broker's memory storage keeps every record for the life of the process"
+                );
+            }
             let b = broker::start(broker::BrokerConfig { listen, storage }).await?;
             prepare(&b.bootstrap(), &t, &shutdown).await?;
             println!("embedded Kafka broker listening on {}", b.addr);

@@ -17,6 +17,9 @@ pub struct TopicsConfig {
     pub partitions: i32,
     /// Replicas of each partition (1 for the embedded broker, 3 for a production cluster).
     pub replication: i32,
+    /// How long the topics it creates keep a record (`retention.ms`, `cleanup.policy` delete),
+    /// all but the usage topic, which is compacted; `None`: the cluster's default.
+    pub retention: Option<Duration>,
 }
 
 impl Default for TopicsConfig {
@@ -24,6 +27,7 @@ impl Default for TopicsConfig {
         Self {
             partitions: 4,
             replication: 1,
+            retention: None,
         }
     }
 }
@@ -35,6 +39,7 @@ pub async fn ensure(brokers: &str, config: &TopicsConfig) -> Result<()> {
             .set("bootstrap.servers", brokers)
             .create()
             .with_context(|| format!("cannot create a Kafka admin client for {brokers}"))?;
+    let retention_ms = config.retention.map(|r| r.as_millis().to_string());
     let new: Vec<NewTopic> = topics::ALL
         .iter()
         .map(|name| {
@@ -44,10 +49,10 @@ pub async fn ensure(brokers: &str, config: &TopicsConfig) -> Result<()> {
                 TopicReplication::Fixed(config.replication),
             );
             // The usage topic holds the latest value per aggregate id: compaction keeps it small.
-            if *name == topics::USAGE {
-                t.set("cleanup.policy", "compact")
-            } else {
-                t
+            match (*name == topics::USAGE, &retention_ms) {
+                (true, _) => t.set("cleanup.policy", "compact"),
+                (false, Some(ms)) => t.set("cleanup.policy", "delete").set("retention.ms", ms),
+                (false, None) => t,
             }
         })
         .collect();

@@ -19,6 +19,9 @@ impl Child {
         let out = File::create(&log)?;
         let child = Command::new(program)
             .args(args)
+            // Its working directory is the run's temporary one (the embedded broker's
+            // `sqlite://FILE` is opened there).
+            .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)

@@ -21,4 +21,5 @@ mod openapi;
 mod pipeline;
 mod real_node;
 mod real_node_dra;
+mod retention;
 mod tls;

@@ -90,6 +90,7 @@ impl Pipeline {
             &TopicsConfig {
                 partitions,
                 replication: 1,
+                retention: None,
             },
         )
         .await
@@ -365,6 +366,7 @@ pub async fn ensure_topics(brokers: &str, partitions: i32) {
         &TopicsConfig {
             partitions,
             replication: 1,
+            retention: None,
         },
     )
     .await
