@@ -599,6 +599,15 @@ pub fn observe(s: &Sample) -> Result<Option<Observation>, Rejection> {
         lease: s.series.lease.clone(),
         service: s.series.service.clone(),
     };
+    if s.kind == SampleKind::Unknown {
+        return reject(
+            "unknown_kind",
+            format!(
+                "{} is of a kind added after this processor's schema: upgrade the processor",
+                s.metric
+            ),
+        );
+    }
     let Some(metric) = Aggregate::of_metric(s.kind, &s.metric) else {
         return Ok(None);
     };
@@ -740,6 +749,8 @@ mod tests {
             r(sample(SampleKind::Allocation, "gpu", 0.5)),
             "bad_gpu_count"
         );
+        // A kind a newer agent writes and this processor's schema reads as UNKNOWN.
+        assert_eq!(r(sample(SampleKind::Unknown, "gpu", 1.0)), "unknown_kind");
         let mut s = sample(SampleKind::Allocation, "gpu", 1.0);
         s.started_at_ms = None;
         assert_eq!(r(s.clone()), "missing_start");

@@ -428,6 +428,83 @@ mod tests {
         assert_eq!(SampleBatch::decode(&bytes), Ok(b));
     }
 
+    /// Every enum value in `v` (a record has one enum type) set to `(index, symbol)`.
+    fn set_enums(v: &mut apache_avro::types::Value, index: u32, symbol: &str) {
+        use apache_avro::types::Value;
+        match v {
+            Value::Enum(i, s) => (*i, *s) = (index, symbol.to_string()),
+            Value::Record(fields) => fields
+                .iter_mut()
+                .for_each(|(_, f)| set_enums(f, index, symbol)),
+            Value::Array(items) => items.iter_mut().for_each(|i| set_enums(i, index, symbol)),
+            Value::Union(_, inner) => set_enums(inner, index, symbol),
+            _ => {}
+        }
+    }
+
+    /// `record` as a writer of a newer schema would write it with a kind this code does not
+    /// know (`CREDIT`, appended after `UNKNOWN`: symbol `credit`), read back by this code's
+    /// schema.
+    fn read_with_a_newer_kind<R: Record>(record: &R, credit: u32) -> R {
+        let current = R::WRITES.schema();
+        let newer_text =
+            R::WRITES
+                .source()
+                .replacen("\"UNKNOWN\"\n", "\"UNKNOWN\", \"CREDIT\"\n", 1);
+        assert_ne!(newer_text, R::WRITES.source(), "the enum ends with UNKNOWN");
+        let newer = Schema::parse_str(&newer_text).expect("the newer schema parses");
+        let bytes = record.encode().expect("encodes");
+        let mut value = GenericDatumReader::builder(current)
+            .build()
+            .and_then(|r| r.read_value(&mut &bytes[HEADER_LEN..]))
+            .expect("reads");
+        set_enums(&mut value, credit, "CREDIT");
+        let written = GenericDatumWriter::builder(&newer)
+            .build()
+            .and_then(|w| w.write_value_to_vec(value))
+            .expect("the newer writer writes CREDIT");
+        let read = GenericDatumReader::builder(&newer)
+            .reader_schema(current)
+            .build()
+            .and_then(|r| r.read_value(&mut &written[..]))
+            .expect("this schema resolves the newer one");
+        apache_avro::from_value(&read).expect("into this code's type")
+    }
+
+    #[test]
+    fn a_kind_added_after_this_schema_reads_as_unknown_never_as_another_kind() {
+        let mut billing = BillingRecord {
+            id: "1".into(),
+            kind: BillingKind::Charge,
+            tenant: "t".into(),
+            lease: "l".into(),
+            item: "gpu:h100:".into(),
+            window_start_ms: 0,
+            window_end_ms: 60_000,
+            revision: 0,
+            quantity: 1_000,
+            scale: 3,
+            price_book_version: "2026-11".into(),
+            cost_micros: 833,
+            currency: "USD".into(),
+        };
+        // CHARGE, ADJUSTMENT, UNKNOWN, then CREDIT (3).
+        assert_eq!(
+            read_with_a_newer_kind(&billing, 3).kind,
+            BillingKind::Unknown
+        );
+        billing.kind = BillingKind::Unknown;
+        assert_eq!(
+            read_with_a_newer_kind(&billing, 3),
+            billing,
+            "all else as written"
+        );
+        // COUNTER, GAUGE, ALLOCATION, UNKNOWN, then CREDIT (4).
+        let read = read_with_a_newer_kind(&batch(), 4);
+        assert!(read.samples.iter().all(|s| s.kind == SampleKind::Unknown));
+        assert_eq!(read.samples.len(), batch().samples.len());
+    }
+
     #[test]
     fn output_records_round_trip() {
         let u = UsageUpdate {

@@ -29,6 +29,9 @@ pub enum SampleKind {
     Gauge,
     /// What a running container holds, with its start and finish times.
     Allocation,
+    /// Never written: a kind added after this reader's schema (the enum's Avro default).
+    /// The processor refuses such a sample (dead letter `unknown_kind`).
+    Unknown,
 }
 
 /// One reading of one series.
@@ -106,6 +109,9 @@ pub struct UsageUpdate {
 pub enum BillingKind {
     Charge,
     Adjustment,
+    /// Never written: a kind added after this reader's schema (the enum's Avro default); the
+    /// sink does not count it as billed.
+    Unknown,
 }
 
 /// A charge or an adjustment (topic `meterflow.billing`).
