@@ -127,14 +127,7 @@ async fn the_operator_dashboard_queries_only_what_the_components_export() {
     }
     assert!(queried.len() >= 8, "{queried:?}");
     promql_parses(targets.iter().filter_map(|t| t["expr"].as_str()));
-    let missing: Vec<&String> = queried
-        .iter()
-        .filter(|n| !is_exported(&exported, n))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "queried but not exported: {missing:?}\n{exported}"
-    );
+    assert_exported(&queried, &exported, "queried");
     // The API panels read routes the sink serves, and an operator token gets an answer.
     assert!(!paths.is_empty());
     for path in paths {
@@ -182,14 +175,7 @@ async fn the_alert_rules_ask_only_for_what_the_components_export() {
 
     let (pipeline, exported) =
         components_after_work(meterflow_sink::limits::Limits::default()).await;
-    let missing: Vec<&String> = queried
-        .iter()
-        .filter(|n| !is_exported(&exported, n))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "alerted on but not exported: {missing:?}\n{exported}"
-    );
+    assert_exported(&queried, &exported, "alerted on");
     pipeline.stop().await;
 }
 
@@ -293,12 +279,22 @@ fn promql_parses<'a>(exprs: impl Iterator<Item = &'a str>) {
     );
 }
 
-/// Whether a metric of this name has a sample in the exposition text.
-fn is_exported(exported: &str, name: &str) -> bool {
-    exported.lines().any(|l| {
-        l.strip_prefix(name)
-            .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-    })
+/// Every metric `queried` has a sample in the exposition text `exported`; `what` says how it
+/// was used, in the failure.
+fn assert_exported(queried: &BTreeSet<String>, exported: &str, what: &str) {
+    let missing: Vec<&String> = queried
+        .iter()
+        .filter(|name| {
+            !exported.lines().any(|l| {
+                l.strip_prefix(name.as_str())
+                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+            })
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{what} but not exported: {missing:?}\n{exported}"
+    );
 }
 
 /// Secrets the operator creates by hand (deploy/README.md says how); every other reference
