@@ -397,17 +397,8 @@ pub fn read_all(
     topic: &str,
     partitions: i32,
 ) -> Vec<(i32, Option<Vec<u8>>, Vec<u8>)> {
-    let consumer: BaseConsumer = config
-        .set("group.id", "meterflow-test-read-all")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .expect("partition");
-    }
-    consumer.assign(&tpl).expect("assign");
+    config.set("group.id", "meterflow-test-read-all");
+    let consumer = from_beginning(config, topic, partitions);
     let mut out = Vec::new();
     while let Some(m) = consumer.poll(Duration::from_secs(3)) {
         let m = m.expect("a message");
@@ -418,6 +409,22 @@ pub fn read_all(
         ));
     }
     out
+}
+
+/// A consumer made from `config` (no offsets committed), assigned every one of `topic`'s
+/// `partitions` from its beginning.
+fn from_beginning(mut config: ClientConfig, topic: &str, partitions: i32) -> BaseConsumer {
+    let consumer: BaseConsumer = config
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    consumer
 }
 
 /// How many records `topic` holds, as the broker tells `client`: the sum of its `partitions`'
@@ -525,18 +532,11 @@ pub fn read_topic_at(
     partitions: i32,
     expect_at_least: usize,
 ) -> Vec<(i32, i64, Vec<u8>)> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
-        .set("group.id", "meterflow-test-reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .expect("partition");
-    }
-    consumer.assign(&tpl).expect("assign");
+        .set("group.id", "meterflow-test-reader");
+    let consumer = from_beginning(config, topic, partitions);
     // Read up to each partition's end offset (asked again once reached, in case more landed
     // meanwhile) and then until half a second passes with nothing new: the embedded broker
     // sometimes reports an end one short of its last message (a partition of 160 messages,
