@@ -2,9 +2,10 @@
 //!
 //! Storage is `memory://` (gone when the process exits; tansu keeps every record in it, no
 //! retention applies) or `sqlite://FILE` (survives a restart; retention and compaction applied
-//! every `maintenance_interval`, a query parameter of the URL, 10 minutes by default). The broker speaks the Kafka protocol on its listen address, so every other part
-//! of Meterflow reaches it with rdkafka exactly as it would reach a Kafka cluster. It has no
-//! transactions (EndTxn); Meterflow's exactly-once does not need them.
+//! every `maintenance_interval`, a query parameter of the URL, 10 minutes by default). The
+//! broker speaks the Kafka protocol on its listen address, so every other part of Meterflow
+//! reaches it with rdkafka exactly as it would reach a Kafka cluster. It has no transactions
+//! (EndTxn); Meterflow's exactly-once does not need them.
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
