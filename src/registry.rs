@@ -1,6 +1,8 @@
 //! `meterflow schemas`: the Avro schemas the pipeline writes, their compatibility across
 //! versions, and their registration in a Confluent Schema Registry (REST API, subjects named
-//! after the topic: `meterflow.samples-value`, …).
+//! after the topic: `meterflow.samples-value`, …; the usage topic's roll-up records, a record
+//! of their own name, under `meterflow.usage-io.meterflow.UsageRollup`, the subject Confluent's
+//! `TopicRecordNameStrategy` gives them).
 //!
 //! Every version is registered oldest first, so the registry keeps the history a reader of
 //! old records needs; before each, the registry is asked whether the version is compatible
@@ -49,6 +51,12 @@ pub fn versions() -> Vec<Version> {
             "usage_update.v1.avsc",
         ),
         v(SchemaId::UsageUpdateV2, topics::USAGE, "usage_update.avsc"),
+        // Not `UsageUpdate`, so not compatible with it: a subject of its own.
+        Version {
+            id: SchemaId::UsageRollup,
+            subject: format!("{}-io.meterflow.UsageRollup", topics::USAGE),
+            file: "usage_rollup.avsc",
+        },
         v(
             SchemaId::BillingRecord,
             topics::BILLING,
@@ -61,10 +69,10 @@ pub fn versions() -> Vec<Version> {
 
 /// A table of the versions.
 pub fn table() -> String {
-    let mut out = format!("{:>2}  {:<28} {}\n", "id", "subject", "file");
+    let mut out = format!("{:>2}  {:<40} {}\n", "id", "subject", "file");
     for v in versions() {
         out.push_str(&format!(
-            "{:>2}  {:<28} schemas/avro/{}\n",
+            "{:>2}  {:<40} schemas/avro/{}\n",
             v.id as u32, v.subject, v.file
         ));
     }
@@ -93,6 +101,7 @@ pub fn source(name: &str) -> Result<&'static str> {
 /// Checks that each newer version of a subject reads records of every older one (backward
 /// compatibility: readers upgrade first) and that the older reads the newer (forward: an old
 /// reader skips the new fields). One line per pair; an error names the first pair that fails.
+/// Then that no version of the usage record reads a roll-up record.
 pub fn check() -> Result<Vec<String>> {
     let all = versions();
     let mut lines = Vec::new();
@@ -120,6 +129,24 @@ pub fn check() -> Result<Vec<String>> {
                 }
             ));
         }
+    }
+    // A roll-up is never read as a base window: no version of `UsageUpdate` resolves it.
+    let rollup = SchemaId::UsageRollup;
+    for reader in [SchemaId::UsageUpdateV1, SchemaId::UsageUpdateV2] {
+        let file = |id| all.iter().find(|v| v.id == id).map_or("?", |v| v.file);
+        if SchemaCompatibility::can_read(rollup.schema(), reader.schema()).is_ok() {
+            bail!(
+                "{} would read {} records as base windows",
+                file(reader),
+                file(rollup)
+            );
+        }
+        lines.push(format!(
+            "{}: {} cannot read {} (a roll-up is never taken for a base window)",
+            topics::USAGE,
+            file(reader),
+            file(rollup)
+        ));
     }
     Ok(lines)
 }
@@ -241,12 +268,17 @@ mod tests {
     #[test]
     fn every_version_is_listed_once_and_newer_versions_read_older_ones() {
         let all = versions();
-        assert_eq!(all.len(), 7);
+        assert_eq!(all.len(), 8);
         for v in &all {
             assert_eq!(source(v.file).expect("known"), v.id.source(), "{}", v.file);
         }
         let lines = check().expect("compatible");
-        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert!(
+            lines[3]
+                .starts_with("meterflow.usage: usage_update.avsc cannot read usage_rollup.avsc"),
+            "{lines:?}"
+        );
         assert!(lines[0].starts_with(
             "meterflow.samples-value: sample_batch.avsc reads sample_batch.v1.avsc (backward)"
         ));

@@ -186,8 +186,8 @@ async fn schemas_are_listed_checked_and_registered_oldest_first() {
     );
     assert_eq!(
         list.lines().count(),
-        8,
-        "a header and seven versions: {list}"
+        9,
+        "a header and eight versions: {list}"
     );
 
     let print = meterflow(&["schemas", "print", "usage_update.v1"]).await;
@@ -243,6 +243,7 @@ async fn schemas_are_listed_checked_and_registered_oldest_first() {
             "meterflow.samples-value",
             "meterflow.usage-value",
             "meterflow.usage-value",
+            "meterflow.usage-io.meterflow.UsageRollup",
             "meterflow.billing-value",
             "meterflow.alerts-value",
             "meterflow.deadletter-value",
@@ -398,12 +399,25 @@ async fn records_carry_the_registry_ids_on_the_wire() {
     .expect("read");
     assert!(dead.is_empty(), "{} dead letters", dead.len());
     assert!(!usage.is_empty());
+    let mut rollups = 0;
     for bytes in &usage {
-        // usage_update (v2) was registered fourth.
-        assert_eq!(bytes[..5], [0, 0, 0, 0, 104]);
+        // usage_update (v2) was registered fourth, usage_rollup fifth: the processor writes
+        // base windows with the one, hour, day and month roll-ups with the other.
+        let (registry_id, own_id) = match bytes[4] {
+            104 => (104, 7u32),
+            105 => (105, 8u32),
+            other => panic!("usage record with registry id {other}"),
+        };
         let mut own = bytes.clone();
-        own[1..5].copy_from_slice(&7u32.to_be_bytes());
-        UsageUpdate::decode(&own).expect("a usage update");
+        own[1..5].copy_from_slice(&own_id.to_be_bytes());
+        let u = UsageUpdate::decode(&own).expect("a usage update");
+        assert_eq!(u.resolution.is_empty(), registry_id == 104, "{u:?}");
+        rollups += usize::from(registry_id == 105);
     }
+    assert!(
+        rollups > 0,
+        "no roll-up among {} usage records",
+        usage.len()
+    );
     broker.stop();
 }
