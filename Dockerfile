@@ -3,14 +3,16 @@
 #   docker build -t ghcr.io/meterflow/meterflow:0.1.0 .
 # Not built in CI here: this machine has no container builder.
 
-# Build: the same system packages as scripts/setup.sh needs for the release binary.
+# Build: the system packages RocksDB (libclang for bindgen, g++) and librdkafka (make,
+# pkg-config, zlib, OpenSSL) need. Without the embedded broker (`--no-default-features`: tansu
+# and some 190 crates are for the demo and the tests), which also drops cmake (aws-lc).
 FROM rust:1.88-bookworm AS build
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libclang-dev cmake pkg-config zlib1g-dev libssl-dev g++ make \
+    && apt-get install -y --no-install-recommends libclang-dev pkg-config zlib1g-dev libssl-dev g++ make \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin meterflow
+RUN cargo build --release --locked --no-default-features --bin meterflow
 
 # Run: a slim Debian with what the binary links (OpenSSL for Kafka over TLS, zlib), as a
 # non-root user with the uid the manifests run it as.

@@ -6,7 +6,8 @@
 //! ```
 //!
 //! - [`broker`]: the embedded Kafka-protocol broker (the `tansu-broker` crate) for the demo and
-//!   the tests; production points `--brokers` at a Kafka cluster instead.
+//!   the tests; production points `--brokers` at a Kafka cluster instead. Behind the default
+//!   feature `embedded-broker`, which a production build leaves out (`--no-default-features`).
 //! - [`topics`]: creates the pipeline's topics with rdkafka's admin client.
 //! - [`demo`]: broker, simulated agent, processor and sink in one process.
 //! - [`config`]: one TOML file for every component, with `MF_*` environment overrides.
@@ -15,9 +16,11 @@
 //! - [`registry`]: `meterflow schemas`: list, print, check and register the Avro schemas.
 //! - [`parse_duration`]: human durations (`500ms`, `15s`, `2m`) for flags.
 
+#[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod client;
 pub mod config;
+#[cfg(feature = "embedded-broker")]
 pub mod demo;
 pub mod registry;
 pub mod replay;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use meterflow::{broker, config, demo, parse_duration, registry, replay, topics};
+#[cfg(feature = "embedded-broker")]
+use meterflow::{broker, demo};
+use meterflow::{config, parse_duration, registry, replay, topics};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -37,184 +39,23 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Everything in one process: embedded broker, simulated fleet, processor and sink.
-    Demo {
-        /// HTTP address of the sink (dashboard and API).
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
-        /// Stop after this long and exit 0 (e.g. 40s); without it, run until Ctrl-C.
-        #[arg(long, value_parser = parse_duration_or_seconds)]
-        exit_after: Option<Duration>,
-        /// Number of simulated nodes.
-        #[arg(long, default_value_t = 4)]
-        nodes: usize,
-        /// Seed of the simulation: the same seed gives the same fleet.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Time between two agent ticks.
-        #[arg(long, default_value = "2s", value_parser = parse_duration)]
-        interval: Duration,
-        /// Processor worker threads.
-        #[arg(long, short = 'w', default_value_t = 1)]
-        workers: usize,
-        /// How long the demo's broker keeps samples, billing records, alerts and dead letters
-        /// (the usage topic is compacted): what bounds its disk over a long run.
-        #[arg(long, default_value = "1h", value_parser = parse_duration)]
-        retention: Duration,
-    },
+    #[cfg(feature = "embedded-broker")]
+    Demo(DemoArgs),
     /// The embedded Kafka-protocol broker (tansu) on its own.
-    Broker {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:9092")]
-        listen: SocketAddr,
-        /// `memory` (lost at exit, never trimmed) or `sqlite://FILE` (kept; FILE relative to
-        /// the working directory; `?maintenance_interval=1m` applies retention and compaction
-        /// that often, every 10 minutes without it).
-        #[arg(long, default_value = "memory")]
-        storage: String,
-        #[command(flatten)]
-        topics: TopicArgs,
-    },
+    #[cfg(feature = "embedded-broker")]
+    Broker(BrokerArgs),
     /// The node agent: this node's sources from the `[agent]` table of `--config`, or a
     /// simulated fleet from the flags.
-    Agent {
-        /// Kafka bootstrap servers (overrides the `[agent]` table's `brokers`).
-        #[arg(long)]
-        brokers: Option<String>,
-        /// Number of simulated nodes (simulated fleet only, as are the next four).
-        #[arg(long, default_value_t = 1)]
-        nodes: usize,
-        /// Seed of the simulation.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Time between two ticks (SPEC: collection interval).
-        #[arg(long, default_value = "15s", value_parser = parse_duration)]
-        interval: Duration,
-        /// Directory of the durable spool: every batch is stored here before it is sent and
-        /// removed once the broker acknowledged it; one directory per agent.
-        #[arg(long, default_value = "meterflow-agent-spool")]
-        spool_dir: PathBuf,
-        /// Most bytes of batches the spool holds while the broker is away; past it, the oldest
-        /// batches are dropped, counted and logged.
-        #[arg(long, default_value_t = 256 << 20)]
-        spool_max_bytes: u64,
-        /// Serve the agent's metrics at http://ADDR/metrics and its health (sources, spool
-        /// depth, spool error, send lag) at http://ADDR/healthz, and the same at
-        /// http://ADDR/readyz with a 503 while the spool cannot write (overrides the
-        /// `[agent]` table's `metrics_listen`).
-        #[arg(long)]
-        metrics_listen: Option<SocketAddr>,
-        #[command(flatten)]
-        topics: TopicArgs,
-    },
+    Agent(AgentArgs),
     /// The processor: timely + differential-dataflow workers from samples to usage.
-    Processor {
-        /// Kafka bootstrap servers.
-        #[arg(long, default_value = "127.0.0.1:9092")]
-        brokers: String,
-        /// Worker threads (per process).
-        #[arg(long, short = 'w', default_value_t = 1)]
-        workers: usize,
-        /// Processes of the timely cluster (each runs `-w` workers; all use the same flags but
-        /// `--process` and `--state-dir`).
-        #[arg(long, short = 'n', default_value_t = 1)]
-        processes: usize,
-        /// This process's index in the cluster, 0 to `--processes` - 1.
-        #[arg(long, short = 'p', default_value_t = 0)]
-        process: usize,
-        /// File with one `host:port` per process, in process order (timely's host file);
-        /// required with more than one process.
-        #[arg(long)]
-        hostfile: Option<PathBuf>,
-        /// Stop, with a checkpoint, once the input has been read up to where it ended at start-up.
-        #[arg(long)]
-        exit_when_caught_up: bool,
-        /// Serve the processor's counters (dead letters by reason, batches, duplicates,
-        /// billing records, alerts, checkpoints) at http://ADDR/metrics, `ok` at
-        /// http://ADDR/healthz while it runs, and at http://ADDR/readyz `ready`, or a 503 with
-        /// the reason while checkpoints cannot be written (a full state directory).
-        #[arg(long)]
-        metrics_listen: Option<SocketAddr>,
-        /// Directory of the RocksDB checkpoint (input offsets and state). A restart resumes from
-        /// it; one directory per processor process.
-        #[arg(long, default_value = "meterflow-processor-state")]
-        state_dir: PathBuf,
-        #[command(flatten)]
-        processing: Processing,
-        /// At start-up, how long the billing topic must hold still before the processor trusts
-        /// that a killed predecessor's last records have landed.
-        #[arg(long, default_value = "1s", value_parser = parse_duration)]
-        restart_grace: Duration,
-        #[command(flatten)]
-        topics: TopicArgs,
-    },
+    Processor(ProcessorArgs),
     /// Reprocesses the samples topic from the given offsets into a new state directory, with a
     /// progress bar, and stops once it has read what the topic held at its start. Outputs are
     /// the processor's (ids from content, billing only what is not yet billed); afterwards
     /// `meterflow processor --state-dir DIR` continues from the state it built.
-    Replay {
-        /// Kafka bootstrap servers.
-        #[arg(long, default_value = "127.0.0.1:9092")]
-        brokers: String,
-        /// Worker threads.
-        #[arg(long, short = 'w', default_value_t = 1)]
-        workers: usize,
-        /// Where the rebuilt state goes: a directory that does not exist or is empty.
-        #[arg(long, default_value = "meterflow-replay-state")]
-        state_dir: PathBuf,
-        /// Where to start: `beginning`, or `PARTITION:OFFSET` pairs, comma-separated
-        /// (`0:1500,3:0`); partitions not named start at their beginning.
-        #[arg(long, default_value = "beginning", value_parser = replay::parse_offsets)]
-        from: replay::Offsets,
-        /// Serve the processor's counters at http://ADDR/metrics while it runs.
-        #[arg(long)]
-        metrics_listen: Option<SocketAddr>,
-        #[command(flatten)]
-        processing: Processing,
-        #[command(flatten)]
-        topics: TopicArgs,
-    },
+    Replay(ReplayArgs),
     /// The sink: usage views in RocksDB, served over HTTP.
-    Sink {
-        /// Kafka bootstrap servers.
-        #[arg(long, default_value = "127.0.0.1:9092")]
-        brokers: String,
-        /// HTTP listen address.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
-        /// Directory of the RocksDB view store.
-        #[arg(long, default_value = "meterflow-sink-data")]
-        data_dir: PathBuf,
-        /// File holding the HS256 secret bearer tokens are signed with (32 bytes or more).
-        #[arg(long, env = "MF_JWT_SECRET_FILE")]
-        jwt_secret_file: Option<PathBuf>,
-        /// PEM file of a public key (Ed25519 for EdDSA tokens, RSA for RS256); repeat for
-        /// several.
-        #[arg(long)]
-        jwt_public_key: Vec<PathBuf>,
-        /// Accept only tokens whose `aud` claim names this audience (an identity provider's
-        /// tokens for several services); without it `aud` is not checked.
-        #[arg(long)]
-        jwt_audience: Option<String>,
-        /// Requests per second each tenant (or operator) may make, sustained.
-        #[arg(long, default_value_t = 20.0)]
-        rate_limit: f64,
-        /// Requests each tenant may make at once after a quiet period.
-        #[arg(long, default_value_t = 100.0)]
-        rate_burst: f64,
-        /// Series each tenant may read per second, sustained, summed over answers: a usage
-        /// answer grouped by lease has a series per lease, a lease's metrics one per metric.
-        #[arg(long, default_value_t = 2_000.0)]
-        series_limit: f64,
-        /// Series each tenant may read at once after a quiet period; an answer with more waits
-        /// (429, Retry-After) until the bucket is full again.
-        #[arg(long, default_value_t = 20_000.0)]
-        series_burst: f64,
-        /// How often an idle Server-Sent Events feed sends a keep-alive comment.
-        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
-        keep_alive: Duration,
-        #[command(flatten)]
-        topics: TopicArgs,
-    },
+    Sink(SinkArgs),
     /// Prints one lease's usage as a table, from the sink's API.
     LeaseMetrics {
         #[command(flatten)]
@@ -244,38 +85,231 @@ enum Command {
         flags: Vec<String>,
     },
     /// Mints a bearer token for the sink's API from the sink's key.
-    Token {
-        /// The HS256 secret file the sink is given with --jwt-secret-file.
-        #[arg(
-            long,
-            env = "MF_JWT_SECRET_FILE",
-            conflicts_with = "private_key",
-            required_unless_present = "private_key"
-        )]
-        secret_file: Option<PathBuf>,
-        /// A PEM private key (Ed25519 or RSA) whose public key the sink is given.
-        #[arg(long)]
-        private_key: Option<PathBuf>,
-        /// The tenant whose data the token reaches (scope `metrics`).
-        #[arg(
-            long,
-            conflicts_with = "operator",
-            required_unless_present = "operator"
-        )]
-        tenant: Option<String>,
-        /// An operator token: the fleet and every tenant (scope `operator`).
-        #[arg(long)]
-        operator: bool,
-        /// Who the token is for (the `sub` claim).
-        #[arg(long, default_value = "meterflow-cli")]
-        sub: String,
-        /// How long the token is valid.
-        #[arg(long, default_value = "24h", value_parser = parse_duration)]
-        ttl: Duration,
-        /// The `aud` claim, for a sink started with --jwt-audience.
-        #[arg(long)]
-        audience: Option<String>,
-    },
+    Token(TokenArgs),
+}
+
+// The flags of `meterflow demo` (its help is on the subcommand).
+#[cfg(feature = "embedded-broker")]
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// HTTP address of the sink (dashboard and API).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Stop after this long and exit 0 (e.g. 40s); without it, run until Ctrl-C.
+    #[arg(long, value_parser = parse_duration_or_seconds)]
+    exit_after: Option<Duration>,
+    /// Number of simulated nodes.
+    #[arg(long, default_value_t = 4)]
+    nodes: usize,
+    /// Seed of the simulation: the same seed gives the same fleet.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Time between two agent ticks.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    interval: Duration,
+    /// Processor worker threads.
+    #[arg(long, short = 'w', default_value_t = 1)]
+    workers: usize,
+    /// How long the demo's broker keeps samples, billing records, alerts and dead letters
+    /// (the usage topic is compacted): what bounds its disk over a long run.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    retention: Duration,
+}
+
+// The flags of `meterflow broker` (its help is on the subcommand).
+#[cfg(feature = "embedded-broker")]
+#[derive(clap::Args)]
+struct BrokerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    listen: SocketAddr,
+    /// `memory` (lost at exit, never trimmed) or `sqlite://FILE` (kept; FILE relative to
+    /// the working directory; `?maintenance_interval=1m` applies retention and compaction
+    /// that often, every 10 minutes without it).
+    #[arg(long, default_value = "memory")]
+    storage: String,
+    #[command(flatten)]
+    topics: TopicArgs,
+}
+
+// The flags of `meterflow agent` (its help is on the subcommand).
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Kafka bootstrap servers (overrides the `[agent]` table's `brokers`).
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Number of simulated nodes (simulated fleet only, as are the next four).
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// Seed of the simulation.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Time between two ticks (SPEC: collection interval).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    interval: Duration,
+    /// Directory of the durable spool: every batch is stored here before it is sent and
+    /// removed once the broker acknowledged it; one directory per agent.
+    #[arg(long, default_value = "meterflow-agent-spool")]
+    spool_dir: PathBuf,
+    /// Most bytes of batches the spool holds while the broker is away; past it, the oldest
+    /// batches are dropped, counted and logged.
+    #[arg(long, default_value_t = 256 << 20)]
+    spool_max_bytes: u64,
+    /// Serve the agent's metrics at http://ADDR/metrics and its health (sources, spool
+    /// depth, spool error, send lag) at http://ADDR/healthz, and the same at
+    /// http://ADDR/readyz with a 503 while the spool cannot write (overrides the
+    /// `[agent]` table's `metrics_listen`).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    topics: TopicArgs,
+}
+
+// The flags of `meterflow processor` (its help is on the subcommand).
+#[derive(clap::Args)]
+struct ProcessorArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// Worker threads (per process).
+    #[arg(long, short = 'w', default_value_t = 1)]
+    workers: usize,
+    /// Processes of the timely cluster (each runs `-w` workers; all use the same flags but
+    /// `--process` and `--state-dir`).
+    #[arg(long, short = 'n', default_value_t = 1)]
+    processes: usize,
+    /// This process's index in the cluster, 0 to `--processes` - 1.
+    #[arg(long, short = 'p', default_value_t = 0)]
+    process: usize,
+    /// File with one `host:port` per process, in process order (timely's host file);
+    /// required with more than one process.
+    #[arg(long)]
+    hostfile: Option<PathBuf>,
+    /// Stop, with a checkpoint, once the input has been read up to where it ended at start-up.
+    #[arg(long)]
+    exit_when_caught_up: bool,
+    /// Serve the processor's counters (dead letters by reason, batches, duplicates,
+    /// billing records, alerts, checkpoints) at http://ADDR/metrics, `ok` at
+    /// http://ADDR/healthz while it runs, and at http://ADDR/readyz `ready`, or a 503 with
+    /// the reason while checkpoints cannot be written (a full state directory).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Directory of the RocksDB checkpoint (input offsets and state). A restart resumes from
+    /// it; one directory per processor process.
+    #[arg(long, default_value = "meterflow-processor-state")]
+    state_dir: PathBuf,
+    #[command(flatten)]
+    processing: Processing,
+    /// At start-up, how long the billing topic must hold still before the processor trusts
+    /// that a killed predecessor's last records have landed.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    restart_grace: Duration,
+    #[command(flatten)]
+    topics: TopicArgs,
+}
+
+// The flags of `meterflow replay` (its help is on the subcommand).
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// Worker threads.
+    #[arg(long, short = 'w', default_value_t = 1)]
+    workers: usize,
+    /// Where the rebuilt state goes: a directory that does not exist or is empty.
+    #[arg(long, default_value = "meterflow-replay-state")]
+    state_dir: PathBuf,
+    /// Where to start: `beginning`, or `PARTITION:OFFSET` pairs, comma-separated
+    /// (`0:1500,3:0`); partitions not named start at their beginning.
+    #[arg(long, default_value = "beginning", value_parser = replay::parse_offsets)]
+    from: replay::Offsets,
+    /// Serve the processor's counters at http://ADDR/metrics while it runs.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    processing: Processing,
+    #[command(flatten)]
+    topics: TopicArgs,
+}
+
+// The flags of `meterflow sink` (its help is on the subcommand).
+#[derive(clap::Args)]
+struct SinkArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// HTTP listen address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Directory of the RocksDB view store.
+    #[arg(long, default_value = "meterflow-sink-data")]
+    data_dir: PathBuf,
+    /// File holding the HS256 secret bearer tokens are signed with (32 bytes or more).
+    #[arg(long, env = "MF_JWT_SECRET_FILE")]
+    jwt_secret_file: Option<PathBuf>,
+    /// PEM file of a public key (Ed25519 for EdDSA tokens, RSA for RS256); repeat for
+    /// several.
+    #[arg(long)]
+    jwt_public_key: Vec<PathBuf>,
+    /// Accept only tokens whose `aud` claim names this audience (an identity provider's
+    /// tokens for several services); without it `aud` is not checked.
+    #[arg(long)]
+    jwt_audience: Option<String>,
+    /// Requests per second each tenant (or operator) may make, sustained.
+    #[arg(long, default_value_t = 20.0)]
+    rate_limit: f64,
+    /// Requests each tenant may make at once after a quiet period.
+    #[arg(long, default_value_t = 100.0)]
+    rate_burst: f64,
+    /// Series each tenant may read per second, sustained, summed over answers: a usage
+    /// answer grouped by lease has a series per lease, a lease's metrics one per metric.
+    #[arg(long, default_value_t = 2_000.0)]
+    series_limit: f64,
+    /// Series each tenant may read at once after a quiet period; an answer with more waits
+    /// (429, Retry-After) until the bucket is full again.
+    #[arg(long, default_value_t = 20_000.0)]
+    series_burst: f64,
+    /// How often an idle Server-Sent Events feed sends a keep-alive comment.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    keep_alive: Duration,
+    #[command(flatten)]
+    topics: TopicArgs,
+}
+
+// The flags of `meterflow token` (its help is on the subcommand).
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// The HS256 secret file the sink is given with --jwt-secret-file.
+    #[arg(
+        long,
+        env = "MF_JWT_SECRET_FILE",
+        conflicts_with = "private_key",
+        required_unless_present = "private_key"
+    )]
+    secret_file: Option<PathBuf>,
+    /// A PEM private key (Ed25519 or RSA) whose public key the sink is given.
+    #[arg(long)]
+    private_key: Option<PathBuf>,
+    /// The tenant whose data the token reaches (scope `metrics`).
+    #[arg(
+        long,
+        conflicts_with = "operator",
+        required_unless_present = "operator"
+    )]
+    tenant: Option<String>,
+    /// An operator token: the fleet and every tenant (scope `operator`).
+    #[arg(long)]
+    operator: bool,
+    /// Who the token is for (the `sub` claim).
+    #[arg(long, default_value = "meterflow-cli")]
+    sub: String,
+    /// How long the token is valid.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    ttl: Duration,
+    /// The `aud` claim, for a sink started with --jwt-audience.
+    #[arg(long)]
+    audience: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -411,6 +445,7 @@ impl TopicArgs {
 }
 
 /// `40` means 40 seconds; `40s`, `2m` and `500ms` work too.
+#[cfg(feature = "embedded-broker")]
 fn parse_duration_or_seconds(s: &str) -> Result<Duration, String> {
     match s.parse::<u64>() {
         Ok(secs) => Ok(Duration::from_secs(secs)),
@@ -681,64 +716,23 @@ async fn main() -> Result<()> {
     let command = config::apply(Cli::command(), file.as_ref());
     let matches = command.clone().get_matches_from(&args);
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    let shutdown = CancellationToken::new();
-    let pipeline = matches!(
-        cli.command,
-        Command::Demo { .. }
-            | Command::Broker { .. }
-            | Command::Agent { .. }
-            | Command::Processor { .. }
-            | Command::Replay { .. }
-            | Command::Sink { .. }
-    );
-    if let (Some(url), true) = (&cli.schema_registry, pipeline) {
-        let ids = registry::lookup_ids(url).await?;
-        for (own, mine, theirs) in ids.shadowed() {
-            tracing::warn!(
-                "records written before the registry with Meterflow's id {own} ({mine:?}) will be read as the registry's {theirs:?}"
-            );
-        }
-        meterflow_schemas::use_registry_ids(ids).map_err(anyhow::Error::msg)?;
-        tracing::info!(registry = %url, "records carry the schema registry's ids");
+    if let (Some(url), true) = (&cli.schema_registry, cli.command.moves_records()) {
+        use_registry(url).await?;
     }
+    let shutdown = CancellationToken::new();
     match cli.command {
-        Command::Demo {
-            listen,
-            exit_after,
-            nodes,
-            seed,
-            interval,
-            workers,
-            retention,
-        } => {
-            demo::run(demo::DemoConfig {
-                listen,
-                exit_after,
-                nodes,
-                seed,
-                interval,
-                workers,
-                retention,
-            })
-            .await
+        #[cfg(feature = "embedded-broker")]
+        Command::Demo(a) => a.run().await,
+        #[cfg(feature = "embedded-broker")]
+        Command::Broker(a) => a.run(shutdown).await,
+        Command::Agent(a) => {
+            let given = matches.subcommand_matches("agent").expect("the agent's");
+            a.run(file.and_then(|f| f.agent), given, shutdown).await
         }
-        Command::Schemas { action } => {
-            match action {
-                SchemasAction::List => print!("{}", registry::table()),
-                SchemasAction::Print { name } => print!("{}", registry::source(&name)?),
-                SchemasAction::Check => {
-                    for line in registry::check()? {
-                        println!("{line}");
-                    }
-                }
-                SchemasAction::Register { registry: url } => {
-                    for (subject, file, id) in registry::register(&url).await? {
-                        println!("{subject}: {file} registered as id {id}");
-                    }
-                }
-            }
-            Ok(())
-        }
+        Command::Processor(a) => a.run(shutdown).await,
+        Command::Replay(a) => a.run(shutdown).await,
+        Command::Sink(a) => a.run(shutdown).await,
+        Command::Schemas { action } => schemas(action).await,
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -757,287 +751,360 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Token {
-            secret_file,
-            private_key,
-            tenant,
-            operator,
-            sub,
-            ttl,
-            audience,
-        } => {
-            use meterflow_sink::auth::{Auth, Claims, SigningKey, mint_for, now_s};
-            let key = match (secret_file, private_key) {
-                (Some(path), _) => SigningKey::Hs256(Auth::secret_file(&path)?),
-                (None, Some(path)) => SigningKey::Pem(
-                    std::fs::read(&path)
-                        .with_context(|| format!("cannot read {}", path.display()))?,
-                ),
-                (None, None) => anyhow::bail!("give --secret-file or --private-key"),
-            };
-            let claims = Claims {
-                sub,
-                scope: if operator { "operator" } else { "metrics" }.into(),
-                tenant: tenant.unwrap_or_default(),
-                exp: now_s() + ttl.as_secs(),
-            };
-            println!("{}", mint_for(&key, &claims, audience.as_deref())?);
-            Ok(())
-        }
-        Command::Broker {
-            listen,
-            storage,
-            topics: t,
-        } => {
-            if t.retention.is_some() && broker::storage_url(&storage)?.scheme() == "memory" {
-                anyhow::bail!(
-                    "--retention needs --storage sqlite://FILE: the embedded broker's memory storage keeps every record for the life of the process"
-                );
+        Command::Token(a) => a.run(),
+        Command::Config { component, flags } => describe_component(
+            &command,
+            &component,
+            &flags,
+            cli.config.as_deref(),
+            file.as_ref(),
+        ),
+    }
+}
+
+impl Command {
+    /// Whether the command reads or writes the pipeline's records (and so needs the schema
+    /// registry's ids when there is one).
+    fn moves_records(&self) -> bool {
+        match self {
+            #[cfg(feature = "embedded-broker")]
+            Command::Demo(_) | Command::Broker(_) => true,
+            Command::Agent(_) | Command::Processor(_) | Command::Replay(_) | Command::Sink(_) => {
+                true
             }
-            let b = broker::start(broker::BrokerConfig { listen, storage }).await?;
-            prepare(&b.bootstrap(), &t, &shutdown).await?;
-            println!("embedded Kafka broker listening on {}", b.addr);
-            shutdown.cancelled().await;
-            b.stop();
-            Ok(())
-        }
-        Command::Config { component, flags } => {
-            let Some(sub) = command.find_subcommand(&component) else {
-                anyhow::bail!(
-                    "no component `{component}`; one of: agent, processor, sink, demo, broker, replay, lease-metrics, token"
-                );
-            };
-            let resolved = sub
-                .clone()
-                .ignore_errors(true)
-                .try_get_matches_from(std::iter::once(&component).chain(&flags))?;
-            if let Some(path) = &cli.config {
-                println!("# meterflow {component} with {}", path.display());
-            }
-            let agent = file.as_ref().and_then(|f| f.agent.as_ref());
-            if component == "agent"
-                && let Some(agent) = agent
-            {
-                // The [agent] table runs this node's sources: the simulated fleet's flags do
-                // not apply, so they are not shown.
-                describe_agent_table(agent)?;
-                return Ok(());
-            }
-            for line in config::describe(sub, &resolved, file.as_ref()) {
-                println!("{line}");
-            }
-            if component == "agent" {
-                println!("# no [agent] table: a simulated fleet from the flags above");
-            }
-            Ok(())
-        }
-        Command::Agent {
-            brokers,
-            nodes,
-            seed,
-            interval,
-            spool_dir,
-            spool_max_bytes,
-            metrics_listen,
-            topics: t,
-        } => {
-            let file = file.and_then(|f| f.agent);
-            let agent = matches.subcommand_matches("agent").expect("the agent's");
-            let given = |id: &str| {
-                matches!(
-                    agent.value_source(id),
-                    Some(
-                        clap::parser::ValueSource::CommandLine
-                            | clap::parser::ValueSource::EnvVariable
-                    )
-                )
-            };
-            if file.is_some() {
-                let simulated = ["nodes", "seed", "interval", "spool_dir", "spool_max_bytes"];
-                if let Some(id) = simulated.into_iter().find(|id| given(id)) {
-                    anyhow::bail!(
-                        "--{} is for a simulated fleet; the config's [agent] table runs this node's sources (set `interval` and `[agent.spool]` there)",
-                        id.replace('_', "-")
-                    );
-                }
-            }
-            // The [agent] table's own `brokers` beats the file's top level, not a flag.
-            let own = file.as_ref().and_then(|f| f.brokers.clone());
-            let brokers = if given("brokers") {
-                brokers
-            } else {
-                own.or(brokers)
-            }
-            .unwrap_or_else(|| "127.0.0.1:9092".into());
-            if let Some(addr) = metrics_listen.or(file.as_ref().and_then(|f| f.metrics_listen)) {
-                serve_agent_metrics(addr).await?;
-            }
-            // An agent collects and spools from its first tick, broker or not: the topics are
-            // created (or found) once a broker answers.
-            cancel_on_signal(shutdown.clone());
-            ensure_topics_in_background(brokers.clone(), t.config(), shutdown.clone());
-            let Some(file) = file else {
-                let config = meterflow_ingest::SimulatedAgentConfig {
-                    brokers,
-                    fleet: meterflow_ingest::FleetConfig {
-                        nodes,
-                        seed,
-                        ..Default::default()
-                    },
-                    interval,
-                    spool: Some(meterflow_ingest::SpoolConfig {
-                        dir: spool_dir,
-                        max_bytes: spool_max_bytes,
-                    }),
-                };
-                return meterflow_ingest::run_simulated(config, shutdown)
-                    .await
-                    .context("agent failed");
-            };
-            let run = meterflow_ingest::RunConfig {
-                brokers,
-                interval: file.interval,
-                spool: Some(meterflow_ingest::SpoolConfig {
-                    dir: file.spool.dir.clone(),
-                    max_bytes: file.spool.max_bytes,
-                }),
-            };
-            let sim = &file.sources.simulator;
-            if sim.enabled {
-                let fleet = meterflow_ingest::Fleet::new(
-                    meterflow_ingest::FleetConfig {
-                        nodes: sim.nodes,
-                        seed: sim.seed,
-                        ..Default::default()
-                    },
-                    meterflow_ingest::agent::now_ms(),
-                );
-                meterflow_ingest::run(run, fleet, shutdown).await
-            } else {
-                let collector = file.collector()?;
-                tracing::info!(node = %file.node_name(), "node agent started");
-                meterflow_ingest::run(run, collector, shutdown).await
-            }
-            .context("agent failed")
-        }
-        Command::Processor {
-            brokers,
-            workers,
-            processes,
-            process,
-            hostfile,
-            exit_when_caught_up,
-            metrics_listen,
-            state_dir,
-            processing,
-            restart_grace,
-            topics: t,
-        } => {
-            let cluster = cluster(processes, process, hostfile.as_deref())?;
-            if let Some(addr) = metrics_listen {
-                serve_processor_metrics(addr).await?;
-            }
-            prepare(&brokers, &t, &shutdown).await?;
-            let config = meterflow_processor::ProcessorConfig {
-                cluster,
-                exit_when_caught_up,
-                workers,
-                state_dir: Some(state_dir),
-                restart_grace,
-                ..processing.config(brokers)?
-            };
-            tokio::task::spawn_blocking(move || meterflow_processor::run(config, shutdown))
-                .await
-                .context("processor thread")?
-                .context("processor failed")
-        }
-        Command::Replay {
-            brokers,
-            workers,
-            state_dir,
-            from,
-            metrics_listen,
-            processing,
-            topics: t,
-        } => {
-            if let Some(addr) = metrics_listen {
-                serve_processor_metrics(addr).await?;
-            }
-            prepare(&brokers, &t, &shutdown).await?;
-            let config = meterflow_processor::ProcessorConfig {
-                workers,
-                ..processing.config(brokers)?
-            };
-            replay::run(config, &state_dir, &from, shutdown).await
-        }
-        Command::Sink {
-            brokers,
-            listen,
-            data_dir,
-            jwt_secret_file,
-            jwt_public_key,
-            jwt_audience,
-            rate_limit,
-            rate_burst,
-            series_limit,
-            series_burst,
-            keep_alive,
-            topics: t,
-        } => {
-            if !(rate_limit > 0.0 && rate_burst >= 1.0) {
-                anyhow::bail!(
-                    "--rate-limit must be above 0 and --rate-burst at least 1 (got {rate_limit} and {rate_burst})"
-                );
-            }
-            if !(series_limit > 0.0 && series_burst >= 1.0) {
-                anyhow::bail!(
-                    "--series-limit must be above 0 and --series-burst at least 1 (got {series_limit} and {series_burst})"
-                );
-            }
-            if keep_alive.is_zero() {
-                anyhow::bail!("--keep-alive must be longer than 0 (e.g. 15s)");
-            }
-            use meterflow_sink::auth::Auth;
-            let mut keys = Vec::new();
-            if let Some(path) = &jwt_secret_file {
-                keys.push(Auth::hs256(&Auth::secret_file(path)?));
-            }
-            for path in &jwt_public_key {
-                keys.push(Auth::public_key_file(path)?);
-            }
-            if keys.is_empty() {
-                anyhow::bail!(
-                    "the sink needs a key to check bearer tokens: give --jwt-secret-file FILE \
-                     (32 random bytes or more, e.g. `head -c 32 /dev/urandom | base64 > FILE`) \
-                     or --jwt-public-key PEM; then mint tokens with `meterflow token`"
-                );
-            }
-            prepare(&brokers, &t, &shutdown).await?;
-            let running = meterflow_sink::start(
-                meterflow_sink::SinkConfig {
-                    brokers,
-                    listen,
-                    data_dir,
-                    auth: Auth::new(keys).with_audience(jwt_audience.as_deref()),
-                    limits: meterflow_sink::limits::Limits {
-                        requests_per_s: rate_limit,
-                        burst: rate_burst,
-                        series_per_s: series_limit,
-                        series_burst,
-                    },
-                    keep_alive,
-                },
-                shutdown,
-            )
-            .await?;
-            println!("sink listening on http://{}", running.addr);
-            running
-                .task
-                .await
-                .context("sink task")?
-                .context("sink failed")
+            Command::LeaseMetrics { .. }
+            | Command::Schemas { .. }
+            | Command::Completions { .. }
+            | Command::Config { .. }
+            | Command::Token(_) => false,
         }
     }
+}
+
+/// Records carry the registry's schema ids from here on.
+async fn use_registry(url: &str) -> Result<()> {
+    let ids = registry::lookup_ids(url).await?;
+    for (own, mine, theirs) in ids.shadowed() {
+        tracing::warn!(
+            "records written before the registry with Meterflow's id {own} ({mine:?}) will be read as the registry's {theirs:?}"
+        );
+    }
+    meterflow_schemas::use_registry_ids(ids).map_err(anyhow::Error::msg)?;
+    tracing::info!(registry = %url, "records carry the schema registry's ids");
+    Ok(())
+}
+
+#[cfg(feature = "embedded-broker")]
+impl DemoArgs {
+    async fn run(self) -> Result<()> {
+        demo::run(demo::DemoConfig {
+            listen: self.listen,
+            exit_after: self.exit_after,
+            nodes: self.nodes,
+            seed: self.seed,
+            interval: self.interval,
+            workers: self.workers,
+            retention: self.retention,
+        })
+        .await
+    }
+}
+
+#[cfg(feature = "embedded-broker")]
+impl BrokerArgs {
+    async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        if self.topics.retention.is_some()
+            && broker::storage_url(&self.storage)?.scheme() == "memory"
+        {
+            anyhow::bail!(
+                "--retention needs --storage sqlite://FILE: the embedded broker's memory storage keeps every record for the life of the process"
+            );
+        }
+        let b = broker::start(broker::BrokerConfig {
+            listen: self.listen,
+            storage: self.storage,
+        })
+        .await?;
+        prepare(&b.bootstrap(), &self.topics, &shutdown).await?;
+        println!("embedded Kafka broker listening on {}", b.addr);
+        shutdown.cancelled().await;
+        b.stop();
+        Ok(())
+    }
+}
+
+impl AgentArgs {
+    /// Runs this node's sources (`file`, the config's `[agent]` table) or a simulated fleet;
+    /// `given` tells which flags were given (the simulated fleet's are refused with a table).
+    async fn run(
+        self,
+        file: Option<meterflow_ingest::AgentConfig>,
+        given: &clap::ArgMatches,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
+        let given = |id: &str| {
+            matches!(
+                given.value_source(id),
+                Some(
+                    clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable
+                )
+            )
+        };
+        if file.is_some() {
+            let simulated = ["nodes", "seed", "interval", "spool_dir", "spool_max_bytes"];
+            if let Some(id) = simulated.into_iter().find(|id| given(id)) {
+                anyhow::bail!(
+                    "--{} is for a simulated fleet; the config's [agent] table runs this node's sources (set `interval` and `[agent.spool]` there)",
+                    id.replace('_', "-")
+                );
+            }
+        }
+        // The [agent] table's own `brokers` beats the file's top level, not a flag.
+        let own = file.as_ref().and_then(|f| f.brokers.clone());
+        let brokers = if given("brokers") {
+            self.brokers
+        } else {
+            own.or(self.brokers)
+        }
+        .unwrap_or_else(|| "127.0.0.1:9092".into());
+        if let Some(addr) = self
+            .metrics_listen
+            .or(file.as_ref().and_then(|f| f.metrics_listen))
+        {
+            serve_agent_metrics(addr).await?;
+        }
+        // An agent collects and spools from its first tick, broker or not: the topics are
+        // created (or found) once a broker answers.
+        cancel_on_signal(shutdown.clone());
+        ensure_topics_in_background(brokers.clone(), self.topics.config(), shutdown.clone());
+        let Some(file) = file else {
+            let config = meterflow_ingest::SimulatedAgentConfig {
+                brokers,
+                fleet: meterflow_ingest::FleetConfig {
+                    nodes: self.nodes,
+                    seed: self.seed,
+                    ..Default::default()
+                },
+                interval: self.interval,
+                spool: Some(meterflow_ingest::SpoolConfig {
+                    dir: self.spool_dir,
+                    max_bytes: self.spool_max_bytes,
+                }),
+            };
+            return meterflow_ingest::run_simulated(config, shutdown)
+                .await
+                .context("agent failed");
+        };
+        let run = meterflow_ingest::RunConfig {
+            brokers,
+            interval: file.interval,
+            spool: Some(meterflow_ingest::SpoolConfig {
+                dir: file.spool.dir.clone(),
+                max_bytes: file.spool.max_bytes,
+            }),
+        };
+        let sim = &file.sources.simulator;
+        if sim.enabled {
+            let fleet = meterflow_ingest::Fleet::new(
+                meterflow_ingest::FleetConfig {
+                    nodes: sim.nodes,
+                    seed: sim.seed,
+                    ..Default::default()
+                },
+                meterflow_ingest::agent::now_ms(),
+            );
+            meterflow_ingest::run(run, fleet, shutdown).await
+        } else {
+            let collector = file.collector()?;
+            tracing::info!(node = %file.node_name(), "node agent started");
+            meterflow_ingest::run(run, collector, shutdown).await
+        }
+        .context("agent failed")
+    }
+}
+
+impl ProcessorArgs {
+    async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let cluster = cluster(self.processes, self.process, self.hostfile.as_deref())?;
+        if let Some(addr) = self.metrics_listen {
+            serve_processor_metrics(addr).await?;
+        }
+        prepare(&self.brokers, &self.topics, &shutdown).await?;
+        let config = meterflow_processor::ProcessorConfig {
+            cluster,
+            exit_when_caught_up: self.exit_when_caught_up,
+            workers: self.workers,
+            state_dir: Some(self.state_dir),
+            restart_grace: self.restart_grace,
+            ..self.processing.config(self.brokers)?
+        };
+        tokio::task::spawn_blocking(move || meterflow_processor::run(config, shutdown))
+            .await
+            .context("processor thread")?
+            .context("processor failed")
+    }
+}
+
+impl ReplayArgs {
+    async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        if let Some(addr) = self.metrics_listen {
+            serve_processor_metrics(addr).await?;
+        }
+        prepare(&self.brokers, &self.topics, &shutdown).await?;
+        let config = meterflow_processor::ProcessorConfig {
+            workers: self.workers,
+            ..self.processing.config(self.brokers)?
+        };
+        replay::run(config, &self.state_dir, &self.from, shutdown).await
+    }
+}
+
+impl SinkArgs {
+    /// The sink's limits, checked.
+    fn limits(&self) -> Result<meterflow_sink::limits::Limits> {
+        let (rate, burst) = (self.rate_limit, self.rate_burst);
+        if !(rate > 0.0 && burst >= 1.0) {
+            anyhow::bail!(
+                "--rate-limit must be above 0 and --rate-burst at least 1 (got {rate} and {burst})"
+            );
+        }
+        let (series, series_burst) = (self.series_limit, self.series_burst);
+        if !(series > 0.0 && series_burst >= 1.0) {
+            anyhow::bail!(
+                "--series-limit must be above 0 and --series-burst at least 1 (got {series} and {series_burst})"
+            );
+        }
+        Ok(meterflow_sink::limits::Limits {
+            requests_per_s: rate,
+            burst,
+            series_per_s: series,
+            series_burst,
+        })
+    }
+
+    /// The keys bearer tokens are checked with.
+    fn auth(&self) -> Result<meterflow_sink::auth::Auth> {
+        use meterflow_sink::auth::Auth;
+        let mut keys = Vec::new();
+        if let Some(path) = &self.jwt_secret_file {
+            keys.push(Auth::hs256(&Auth::secret_file(path)?));
+        }
+        for path in &self.jwt_public_key {
+            keys.push(Auth::public_key_file(path)?);
+        }
+        if keys.is_empty() {
+            anyhow::bail!(
+                "the sink needs a key to check bearer tokens: give --jwt-secret-file FILE \
+                 (32 random bytes or more, e.g. `head -c 32 /dev/urandom | base64 > FILE`) \
+                 or --jwt-public-key PEM; then mint tokens with `meterflow token`"
+            );
+        }
+        Ok(Auth::new(keys).with_audience(self.jwt_audience.as_deref()))
+    }
+
+    async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let limits = self.limits()?;
+        if self.keep_alive.is_zero() {
+            anyhow::bail!("--keep-alive must be longer than 0 (e.g. 15s)");
+        }
+        let auth = self.auth()?;
+        prepare(&self.brokers, &self.topics, &shutdown).await?;
+        let running = meterflow_sink::start(
+            meterflow_sink::SinkConfig {
+                brokers: self.brokers,
+                listen: self.listen,
+                data_dir: self.data_dir,
+                auth,
+                limits,
+                keep_alive: self.keep_alive,
+            },
+            shutdown,
+        )
+        .await?;
+        println!("sink listening on http://{}", running.addr);
+        running
+            .task
+            .await
+            .context("sink task")?
+            .context("sink failed")
+    }
+}
+
+impl TokenArgs {
+    fn run(self) -> Result<()> {
+        use meterflow_sink::auth::{Auth, Claims, SigningKey, mint_for, now_s};
+        let key = match (self.secret_file, self.private_key) {
+            (Some(path), _) => SigningKey::Hs256(Auth::secret_file(&path)?),
+            (None, Some(path)) => SigningKey::Pem(
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
+            ),
+            (None, None) => anyhow::bail!("give --secret-file or --private-key"),
+        };
+        let claims = Claims {
+            sub: self.sub,
+            scope: if self.operator { "operator" } else { "metrics" }.into(),
+            tenant: self.tenant.unwrap_or_default(),
+            exp: now_s() + self.ttl.as_secs(),
+        };
+        println!("{}", mint_for(&key, &claims, self.audience.as_deref())?);
+        Ok(())
+    }
+}
+
+/// `meterflow schemas ...`.
+async fn schemas(action: SchemasAction) -> Result<()> {
+    match action {
+        SchemasAction::List => print!("{}", registry::table()),
+        SchemasAction::Print { name } => print!("{}", registry::source(&name)?),
+        SchemasAction::Check => {
+            for line in registry::check()? {
+                println!("{line}");
+            }
+        }
+        SchemasAction::Register { registry: url } => {
+            for (subject, file, id) in registry::register(&url).await? {
+                println!("{subject}: {file} registered as id {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `meterflow config COMPONENT FLAGS...`: what the component would run with, from
+/// `command` (the CLI with the config file's values applied).
+fn describe_component(
+    command: &clap::Command,
+    component: &str,
+    flags: &[String],
+    path: Option<&std::path::Path>,
+    file: Option<&config::ConfigFile>,
+) -> Result<()> {
+    let Some(sub) = command.find_subcommand(component) else {
+        anyhow::bail!(
+            "no component `{component}`; one of: agent, processor, sink, demo, broker, replay, lease-metrics, token"
+        );
+    };
+    let resolved = sub
+        .clone()
+        .ignore_errors(true)
+        .try_get_matches_from(std::iter::once(&component.to_string()).chain(flags))?;
+    if let Some(path) = path {
+        println!("# meterflow {component} with {}", path.display());
+    }
+    if component == "agent"
+        && let Some(agent) = file.and_then(|f| f.agent.as_ref())
+    {
+        // The [agent] table runs this node's sources: the simulated fleet's flags do
+        // not apply, so they are not shown.
+        return describe_agent_table(agent);
+    }
+    for line in config::describe(sub, &resolved, file) {
+        println!("{line}");
+    }
+    if component == "agent" {
+        println!("# no [agent] table: a simulated fleet from the flags above");
+    }
+    Ok(())
 }
 
 /// The timely cluster of `--processes`, `--process` and `--hostfile`; `None` for one process.
