@@ -6,6 +6,7 @@
 //! is read by the current code. Decoding never panics: every failure is a [`DecodeError`] whose
 //! variant names the cause, so the processor can send the input to the dead-letter topic.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{LazyLock, OnceLock};
 
@@ -243,24 +244,18 @@ pub trait Record: Serialize + DeserializeOwned {
     const WRITES: SchemaId;
     /// Writer schemas this type can be read from (the current one included).
     const READS: &'static [SchemaId];
-    /// Schemas this code writes besides [`Record::WRITES`] (for some records): the same
-    /// fields under another record name, some of them renamed ([`Record::RENAMED`]).
+    /// Schemas this code writes besides [`Record::WRITES`] (for some records), read with
+    /// [`Record::read_also`].
     const ALSO_WRITES: &'static [SchemaId] = &[];
-    /// The fields the schemas of [`Record::ALSO_WRITES`] name otherwise: (this type's name,
-    /// the schema's).
-    const RENAMED: &'static [(&'static str, &'static str)] = &[];
-
-    /// The schema this record is written with.
-    fn writes(&self) -> SchemaId {
-        Self::WRITES
-    }
 
     /// Encodes with the current schema.
     fn encode(&self) -> Result<Vec<u8>, EncodeError> {
-        match self.writes() {
-            id if id == Self::WRITES => encode_as(id, self),
-            id => encode_renamed(id, self, Self::RENAMED),
-        }
+        encode_as(Self::WRITES, self)
+    }
+
+    /// Reads a datum of `writer`, one of [`Record::ALSO_WRITES`].
+    fn read_also(writer: SchemaId, body: &mut &[u8]) -> Result<Self, apache_avro::Error> {
+        CODECS.readers[writer as usize - 1].read_deser(body)
     }
 
     /// Decodes from any schema version in [`Record::READS`].
@@ -281,17 +276,84 @@ impl Record for UsageUpdate {
         SchemaId::UsageRollup,
     ];
     const ALSO_WRITES: &'static [SchemaId] = &[SchemaId::UsageRollup];
-    const RENAMED: &'static [(&'static str, &'static str)] = &[
-        ("window_start_ms", "rollup_start_ms"),
-        ("window_end_ms", "rollup_end_ms"),
-    ];
 
-    /// A roll-up window's record under its own name, a base window's as `UsageUpdate`.
-    fn writes(&self) -> SchemaId {
+    /// A base window's record as `UsageUpdate`, a roll-up window's as `UsageRollup`.
+    fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         if self.resolution.is_empty() {
-            SchemaId::UsageUpdateV2
+            encode_as(Self::WRITES, self)
         } else {
-            SchemaId::UsageRollup
+            encode_as(SchemaId::UsageRollup, &UsageRollup::from(self))
+        }
+    }
+
+    fn read_also(writer: SchemaId, body: &mut &[u8]) -> Result<Self, apache_avro::Error> {
+        CODECS.readers[writer as usize - 1]
+            .read_deser::<UsageRollup>(body)
+            .map(UsageUpdate::from)
+    }
+}
+
+/// A roll-up window's [`UsageUpdate`] as the `UsageRollup` schema has it: another record
+/// name, and the window in `rollup_start_ms` and `rollup_end_ms`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct UsageRollup<'a> {
+    id: Cow<'a, str>,
+    tenant: Cow<'a, str>,
+    lease: Cow<'a, str>,
+    service: Cow<'a, str>,
+    node: Cow<'a, str>,
+    metric: Cow<'a, str>,
+    gpu_class: Cow<'a, str>,
+    mig_profile: Cow<'a, str>,
+    rollup_start_ms: i64,
+    rollup_end_ms: i64,
+    resolution: Cow<'a, str>,
+    amount: i64,
+    scale: i32,
+    coverage_ms: i64,
+    present_ms: i64,
+}
+
+impl<'a> From<&'a UsageUpdate> for UsageRollup<'a> {
+    fn from(u: &'a UsageUpdate) -> Self {
+        UsageRollup {
+            id: Cow::Borrowed(&u.id),
+            tenant: Cow::Borrowed(&u.tenant),
+            lease: Cow::Borrowed(&u.lease),
+            service: Cow::Borrowed(&u.service),
+            node: Cow::Borrowed(&u.node),
+            metric: Cow::Borrowed(&u.metric),
+            gpu_class: Cow::Borrowed(&u.gpu_class),
+            mig_profile: Cow::Borrowed(&u.mig_profile),
+            rollup_start_ms: u.window_start_ms,
+            rollup_end_ms: u.window_end_ms,
+            resolution: Cow::Borrowed(&u.resolution),
+            amount: u.amount,
+            scale: u.scale,
+            coverage_ms: u.coverage_ms,
+            present_ms: u.present_ms,
+        }
+    }
+}
+
+impl From<UsageRollup<'_>> for UsageUpdate {
+    fn from(r: UsageRollup<'_>) -> Self {
+        UsageUpdate {
+            id: r.id.into_owned(),
+            tenant: r.tenant.into_owned(),
+            lease: r.lease.into_owned(),
+            service: r.service.into_owned(),
+            node: r.node.into_owned(),
+            metric: r.metric.into_owned(),
+            gpu_class: r.gpu_class.into_owned(),
+            mig_profile: r.mig_profile.into_owned(),
+            window_start_ms: r.rollup_start_ms,
+            window_end_ms: r.rollup_end_ms,
+            resolution: r.resolution.into_owned(),
+            amount: r.amount,
+            scale: r.scale,
+            coverage_ms: r.coverage_ms,
+            present_ms: r.present_ms,
         }
     }
 }
@@ -322,42 +384,6 @@ pub fn encode_as<T: Serialize>(id: SchemaId, value: &T) -> Result<Vec<u8>, Encod
     Ok(out)
 }
 
-/// Encodes `value` with the schema `id`, its fields named as `renamed` says (this type's
-/// name, the schema's).
-fn encode_renamed<T: Serialize>(
-    id: SchemaId,
-    value: &T,
-    renamed: &[(&str, &str)],
-) -> Result<Vec<u8>, EncodeError> {
-    let err = |e: apache_avro::Error| EncodeError {
-        id,
-        message: e.to_string(),
-    };
-    let mut value = apache_avro::to_value(value).map_err(err)?;
-    rename_fields(&mut value, renamed.iter().copied());
-    let mut out = Vec::with_capacity(256);
-    out.push(MAGIC);
-    out.extend_from_slice(&wire_id(id).to_be_bytes());
-    CODECS.writers[id as usize - 1]
-        .write_value_ref(&mut out, &value)
-        .map_err(err)?;
-    Ok(out)
-}
-
-/// Renames a record's fields, `from` to `to` for each pair.
-fn rename_fields<'a>(
-    value: &mut apache_avro::types::Value,
-    pairs: impl Iterator<Item = (&'a str, &'a str)> + Clone,
-) {
-    if let apache_avro::types::Value::Record(fields) = value {
-        for (name, _) in fields.iter_mut() {
-            if let Some((_, to)) = pairs.clone().find(|(from, _)| name == from) {
-                *name = to.to_string();
-            }
-        }
-    }
-}
-
 fn decode<R: Record>(bytes: &[u8]) -> Result<R, DecodeError> {
     if bytes.len() < HEADER_LEN {
         return Err(DecodeError::Truncated(bytes.len()));
@@ -381,15 +407,7 @@ fn decode<R: Record>(bytes: &[u8]) -> Result<R, DecodeError> {
             .read_deser::<R>(&mut body)
             .map_err(avro)?
     } else if R::ALSO_WRITES.contains(&writer) {
-        // Another record name (serde would refuse it; a value has none), some fields renamed.
-        let mut value = CODECS.readers[writer as usize - 1]
-            .read_value(&mut body)
-            .map_err(avro)?;
-        rename_fields(
-            &mut value,
-            R::RENAMED.iter().map(|(ours, theirs)| (*theirs, *ours)),
-        );
-        apache_avro::from_value(&value).map_err(avro)?
+        R::read_also(writer, &mut body).map_err(avro)?
     } else {
         // Older schema (rare): resolve the writer's value to the current schema, then convert.
         let value = GenericDatumReader::builder(writer.schema())

@@ -73,7 +73,8 @@ impl SampleBatch {
     }
 }
 
-/// The current value of one aggregate in one base window (topic `meterflow.usage`).
+/// The current value of one aggregate in one window (topic `meterflow.usage`): a base window,
+/// or a roll-up of them (`resolution` set), which the codec writes as a `UsageRollup` record.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct UsageUpdate {
     pub id: String,
