@@ -244,18 +244,18 @@ pub trait Record: Serialize + DeserializeOwned {
     const WRITES: SchemaId;
     /// Writer schemas this type can be read from (the current one included).
     const READS: &'static [SchemaId];
-    /// Schemas this code writes besides [`Record::WRITES`] (for some records), read with
-    /// [`Record::read_also`].
-    const ALSO_WRITES: &'static [SchemaId] = &[];
-
     /// Encodes with the current schema.
     fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         encode_as(Self::WRITES, self)
     }
 
-    /// Reads a datum of `writer`, one of [`Record::ALSO_WRITES`].
-    fn read_also(writer: SchemaId, body: &mut &[u8]) -> Result<Self, apache_avro::Error> {
-        CODECS.readers[writer as usize - 1].read_deser(body)
+    /// Reads a datum of `writer` where it is another schema this code writes besides
+    /// [`Record::WRITES`] (a roll-up's); `None` for an older version of the current one.
+    fn read_other(
+        _writer: SchemaId,
+        _body: &mut &[u8],
+    ) -> Option<Result<Self, apache_avro::Error>> {
+        None
     }
 
     /// Decodes from any schema version in [`Record::READS`].
@@ -275,7 +275,6 @@ impl Record for UsageUpdate {
         SchemaId::UsageUpdateV2,
         SchemaId::UsageRollup,
     ];
-    const ALSO_WRITES: &'static [SchemaId] = &[SchemaId::UsageRollup];
 
     /// A base window's record as `UsageUpdate`, a roll-up window's as `UsageRollup`.
     fn encode(&self) -> Result<Vec<u8>, EncodeError> {
@@ -286,10 +285,12 @@ impl Record for UsageUpdate {
         }
     }
 
-    fn read_also(writer: SchemaId, body: &mut &[u8]) -> Result<Self, apache_avro::Error> {
-        CODECS.readers[writer as usize - 1]
-            .read_deser::<UsageRollup>(body)
-            .map(UsageUpdate::from)
+    fn read_other(writer: SchemaId, body: &mut &[u8]) -> Option<Result<Self, apache_avro::Error>> {
+        (writer == SchemaId::UsageRollup).then(|| {
+            CODECS.readers[writer as usize - 1]
+                .read_deser::<UsageRollup>(body)
+                .map(UsageUpdate::from)
+        })
     }
 }
 
@@ -406,8 +407,8 @@ fn decode<R: Record>(bytes: &[u8]) -> Result<R, DecodeError> {
         CODECS.readers[writer as usize - 1]
             .read_deser::<R>(&mut body)
             .map_err(avro)?
-    } else if R::ALSO_WRITES.contains(&writer) {
-        R::read_also(writer, &mut body).map_err(avro)?
+    } else if let Some(record) = R::read_other(writer, &mut body) {
+        record.map_err(avro)?
     } else {
         // Older schema (rare): resolve the writer's value to the current schema, then convert.
         let value = GenericDatumReader::builder(writer.schema())
