@@ -726,8 +726,8 @@ async fn main() -> Result<()> {
         #[cfg(feature = "embedded-broker")]
         Command::Broker(a) => a.run(shutdown).await,
         Command::Agent(a) => {
-            let given = matches.subcommand_matches("agent").expect("the agent's");
-            a.run(file.and_then(|f| f.agent), given, shutdown).await
+            let flags = matches.subcommand_matches("agent").expect("the agent's");
+            a.run(file.and_then(|f| f.agent), flags, shutdown).await
         }
         Command::Processor(a) => a.run(shutdown).await,
         Command::Replay(a) => a.run(shutdown).await,
@@ -835,16 +835,16 @@ impl BrokerArgs {
 
 impl AgentArgs {
     /// Runs this node's sources (`file`, the config's `[agent]` table) or a simulated fleet;
-    /// `given` tells which flags were given (the simulated fleet's are refused with a table).
+    /// `flags` tells which flags were given (the simulated fleet's are refused with a table).
     async fn run(
         self,
         file: Option<meterflow_ingest::AgentConfig>,
-        given: &clap::ArgMatches,
+        flags: &clap::ArgMatches,
         shutdown: CancellationToken,
     ) -> Result<()> {
         let given = |id: &str| {
             matches!(
-                given.value_source(id),
+                flags.value_source(id),
                 Some(
                     clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable
                 )
