@@ -35,8 +35,9 @@ pub enum SchemaId {
     /// Adds `present_ms`, for gauge coverage, and `node`, for node and fleet aggregates.
     UsageUpdateV2 = 7,
     /// A roll-up window's [`UsageUpdate`] (`resolution` hour, day or month), under a record
-    /// name of its own: a reader that knows only `UsageUpdate` cannot resolve it, where it
-    /// would otherwise drop `resolution` and count the roll-ups as base windows.
+    /// name of its own and without the window fields `UsageUpdate` requires: a reader that
+    /// knows only `UsageUpdate` fails on it, where it would otherwise drop `resolution` and
+    /// count the roll-ups as base windows.
     UsageRollup = 8,
 }
 
@@ -244,6 +245,7 @@ pub trait Record: Serialize + DeserializeOwned {
     const WRITES: SchemaId;
     /// Writer schemas this type can be read from (the current one included).
     const READS: &'static [SchemaId];
+
     /// Encodes with the current schema.
     fn encode(&self) -> Result<Vec<u8>, EncodeError> {
         encode_as(Self::WRITES, self)
