@@ -5,17 +5,21 @@
 //! [--results FILE|-]`
 //!
 //! The same simulated fleet goes to Meterflow (agent spool and producer → embedded broker →
-//! processor → sink, each its own process, read back over the HTTP API) and to a real
-//! Prometheus on loopback (through its remote-write receiver, as a scrape loop would have
-//! stored it: what runs at each scrape instant, staleness markers for what is gone or not
-//! scraped), then reads per tenant and hour GPU-hours by class, billed GPU-hours with MIG
-//! fractions, energy, CPU core-hours, memory GiB-hours and per node and hour the most GPUs
-//! allocated, and compares both with the truth. Then throughput, CPU-seconds per million
-//! samples, freshness, a 30-day query's latency and resident memory. It prints one table and
-//! writes it to `benches/RESULTS.md` with the machine, the input size and the commit. Exits 1
-//! if Meterflow's GPU-hours or energy are further from the truth than what the node's sources
-//! cannot show (the scenario's bounds: whole-second kubelet times, runs the kubelet never
-//! listed, a board's energy before its holder's first reading and after its last).
+//! processor → sink, each its own process, read back over the HTTP API) and to Prometheus
+//! twice, both real processes on loopback: a server that scrapes the nodes (through its
+//! remote-write receiver, as its scrape loop would have stored it: what runs at each scrape
+//! instant, staleness markers for what is gone or not scraped) and, as its best operators
+//! run it, an agent per node with its write-ahead log remote-writing to a server that is down
+//! for a while (every reading arrives, retried). It reads per tenant and hour GPU-hours by
+//! class, billed GPU-hours with MIG fractions, energy, CPU core-hours, memory GiB-hours and
+//! per node and hour the most GPUs allocated, and compares each system with the physical truth
+//! and with the bound its way of reading the nodes allows. Then throughput, CPU-seconds per
+//! million samples, freshness, a 30-day query's latency and resident memory. It prints the
+//! tables and writes them to `benches/RESULTS.md` with the machine, the input size and the
+//! commit. Exits 1 if Meterflow's GPU-hours or energy are further from the truth than what the
+//! node's sources cannot show (the scenario's bounds: whole-second kubelet times, runs the
+//! kubelet never listed, a board's energy before its holder's first reading and after its
+//! last); `--json` writes every system's scores and bounds for the test that checks them all.
 
 mod meter;
 mod proc;
@@ -33,7 +37,7 @@ use clap::Parser;
 use meterflow_processor::PriceBook;
 
 use crate::meter::Meterflow;
-use crate::prom::{Prometheus, class_of, promql};
+use crate::prom::{Collector, Prometheus, class_of, promql};
 use crate::scenario::{HOUR_MS, Scenario};
 
 #[derive(Parser)]
@@ -178,47 +182,80 @@ fn quantile(values: &[f64], q: f64) -> f64 {
 /// Per quantity, each system's cells: key → value in the quantity's exact unit.
 type Cells = BTreeMap<String, f64>;
 
+/// The systems side by side, in the order of [`Quantity::sides`].
+const SYSTEMS: [&str; 3] = [
+    "Meterflow",
+    "Prometheus server, scraping",
+    "Prometheus agent, WAL + remote write",
+];
+const MF: usize = 0;
+const SERVER: usize = 1;
+const AGENT: usize = 2;
+
 struct Quantity {
     name: String,
     unit: &'static str,
     /// From the exact unit to the displayed one.
     scale: f64,
     truth: Cells,
-    meterflow: Cells,
-    prometheus: Cells,
-    /// Meterflow's summed error must stay within this (the sources' bound, in the exact unit).
-    bound: Option<f64>,
+    /// Each system's cells, as [`SYSTEMS`].
+    sides: [Cells; 3],
+    /// How far each system's summed error may be from the truth (in the exact unit), from
+    /// what its way of reading the nodes cannot show; none where no bound is stated.
+    bounds: [Option<f64>; 3],
 }
 
-impl Quantity {
-    /// The truth's cells, or Meterflow's.
-    fn cells(&mut self, truth: bool) -> &mut Cells {
-        if truth {
-            &mut self.truth
-        } else {
-            &mut self.meterflow
-        }
-    }
+/// How one system did on one quantity.
+struct Score {
+    sum: f64,
+    /// The sum of the cells' absolute errors.
+    abs_error: f64,
+    /// Cells equal to the truth to its unit.
+    exact: usize,
+    cells: usize,
+    /// Over the cells the truth has: mean and worst |error| / truth.
+    mean_rel: f64,
+    worst_rel: f64,
+    /// Cells where the truth has nothing and the system something.
+    spurious: usize,
 }
 
-/// (sum, sum of absolute errors, cells equal to the truth, cells)
-fn score(truth: &Cells, got: &Cells) -> (f64, f64, usize, usize) {
+fn score(truth: &Cells, got: &Cells) -> Score {
     let keys: BTreeSet<&String> = truth.keys().chain(got.keys()).collect();
-    let (mut sum, mut err, mut equal) = (0.0, 0.0, 0);
+    let mut s = Score {
+        sum: 0.0,
+        abs_error: 0.0,
+        exact: 0,
+        cells: keys.len(),
+        mean_rel: 0.0,
+        worst_rel: 0.0,
+        spurious: 0,
+    };
+    let mut rel = Vec::new();
     for k in &keys {
         let (t, g) = (
             truth.get(*k).copied().unwrap_or(0.0),
             got.get(*k).copied().unwrap_or(0.0),
         );
-        sum += g;
-        err += (g - t).abs();
+        s.sum += g;
+        s.abs_error += (g - t).abs();
         // Equal to the unit the truth is kept in (a millisecond, a millijoule, a microsecond),
         // or for byte-milliseconds of memory (past 2^53) to the precision of a JSON number.
-        if (g - t).abs() < 0.5_f64.max(t.abs() * 1e-12) {
-            equal += 1;
+        let equal = (g - t).abs() < 0.5_f64.max(t.abs() * 1e-12);
+        if equal {
+            s.exact += 1;
+        }
+        if t != 0.0 {
+            rel.push(if equal { 0.0 } else { (g - t).abs() / t.abs() });
+        } else if !equal {
+            s.spurious += 1;
         }
     }
-    (sum, err, equal, keys.len())
+    if !rel.is_empty() {
+        s.mean_rel = rel.iter().sum::<f64>() / rel.len() as f64;
+        s.worst_rel = rel.iter().copied().fold(0.0, f64::max);
+    }
+    s
 }
 
 fn machine() -> String {
@@ -263,15 +300,22 @@ async fn run(args: Args) -> Result<bool> {
     // The scenario ends an hour before now: every timestamp is in the past for both systems.
     let t0 = (now_ms().div_euclid(HOUR_MS) - hours - 1) * HOUR_MS;
     let mut scenario = Scenario::generate(nodes, hours, args.seed, t0);
-    let (requests, prom_samples) = prom::requests(&scenario);
+    let server_requests = prom::requests(&scenario, Collector::Server, 0);
+    // A Prometheus agent forwards only what it appends after it started (its WAL watcher
+    // skips older samples): its readings are shifted whole hours into the future, and read
+    // back at the same shifted instants.
+    let agent_shift_ms = (hours + 2) * HOUR_MS;
+    let agent_requests = prom::requests(&scenario, Collector::Agent, agent_shift_ms);
     println!(
-        "scenario: {nodes} nodes, {hours} h from {}, {} tenants, {} containers ({} shorter than a scrape interval), {} samples; {prom_samples} Prometheus samples in {} remote writes",
+        "scenario: {nodes} nodes, {hours} h from {}, {} tenants, {} containers ({} shorter than a scrape interval), {} samples; Prometheus: {} samples in {} remote writes scraped by the server, {} by node agents",
         humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(t0 as u64)),
         scenario.tenants.len(),
         scenario.containers,
         scenario.short_containers,
         scenario.samples,
-        requests.len(),
+        server_requests.samples,
+        server_requests.bodies.len(),
+        agent_requests.samples,
     );
     for f in &scenario.faults {
         println!("  fault: {f}");
@@ -346,167 +390,134 @@ async fn run(args: Args) -> Result<bool> {
         (settled_at - t).as_secs_f64()
     );
 
-    // Prometheus: the same fleet through its remote-write receiver.
+    // Prometheus as a server scraping the nodes: the same fleet through its remote-write receiver.
     let prom_dir = dir.path().join("prometheus");
     std::fs::create_dir_all(&prom_dir)?;
     let prom = Prometheus::start(&prometheus_bin, &prom_dir, proc::free_port()?).await?;
     let prom_cpu_idle = prom.child.cpu_seconds();
+    let prom_samples = server_requests.samples;
     let t = Instant::now();
-    for r in requests {
+    for r in server_requests.bodies {
         prom.write(r).await?;
     }
     let write_s = t.elapsed().as_secs_f64();
     let prom_cpu = prom.child.cpu_seconds() - prom_cpu_idle;
     println!(
-        "prometheus: {prom_samples} samples written in {write_s:.1} s ({:.0} samples/s)",
+        "prometheus server: {prom_samples} samples written in {write_s:.1} s ({:.0} samples/s)",
         prom_samples as f64 / write_s
+    );
+    // Prometheus as its best operators run it: an agent per node, its WAL, remote write.
+    let agent = through_agent(&prometheus_bin, dir.path(), agent_requests.bodies).await?;
+    println!(
+        "prometheus agent: {} samples; its server was down for the first {} of {} remote writes, {:.0} samples were retried from the WAL; all sent {:.1} s after the first write",
+        agent_requests.samples,
+        agent.writes_while_down,
+        agent.writes,
+        agent.retried,
+        agent.delivered_s
     );
 
     // Each quantity, per tenant and hour (per node and hour for the GPU maxima).
     let book = PriceBook::default();
-    // GPU time billed as whole GPUs: a MIG profile's share of one.
-    let billed = |mig_profile: &str, ms: f64| {
-        let (n, d) = book.fraction(mig_profile);
-        ms * n as f64 / d as f64
+    let bounds = &scenario.truth.bounds;
+    let kind_ms = |m: &BTreeMap<(String, String), i64>, class: &str, profile: &str| {
+        m.get(&(class.to_string(), profile.to_string()))
+            .copied()
+            .unwrap_or(0) as f64
     };
-    let gpu_kinds = [
-        ("h100", "", "GPU-hours h100"),
-        ("a100", "", "GPU-hours a100 (whole)"),
-        ("a100", "1g.10gb", "GPU-hours a100 1g.10gb MIG"),
-    ];
+    let side_bounds = |class: &str, profile: &str| {
+        let sampled = kind_ms(&bounds.sampled_gpu_ms, class, profile);
+        [
+            kind_ms(&bounds.gpu_ms, class, profile),
+            sampled + kind_ms(&server_requests.hidden_gpu_ms, class, profile),
+            sampled + kind_ms(&agent_requests.hidden_gpu_ms, class, profile),
+        ]
+    };
     let mut quantities: Vec<Quantity> = Vec::new();
-    let cell_key = |tenant: &str, hour: i64| {
-        format!(
-            "{tenant} {}",
-            humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + Duration::from_millis(hour as u64)
-            )
-        )
-    };
-    let new_q = |name: &str, unit: &'static str, scale: f64, bound: Option<f64>| Quantity {
+    let new_q = |name: &str, unit: &'static str, scale: f64, bounds: [Option<f64>; 3]| Quantity {
         name: name.to_string(),
         unit,
         scale,
         truth: Cells::new(),
-        meterflow: Cells::new(),
-        prometheus: Cells::new(),
-        bound,
+        sides: Default::default(),
+        bounds,
     };
-    let bounds = &scenario.truth.bounds;
-    let gpu_bound = |class: &str, profile: &str| {
-        bounds
-            .gpu_ms
-            .get(&(class.to_string(), profile.to_string()))
-            .copied()
-            .unwrap_or(0) as f64
-    };
-    let mut gpu_q: Vec<Quantity> = gpu_kinds
-        .iter()
-        .map(|(class, profile, name)| {
-            new_q(name, "GPU-h", 1.0 / 3.6e6, Some(gpu_bound(class, profile)))
-        })
-        .collect();
-    let billed_bound = gpu_kinds
-        .iter()
-        .map(|(class, profile, _)| billed(profile, gpu_bound(class, profile)))
-        .sum();
-    let mut billed_q = new_q(
+    let mut billed_bounds = [0.0; 3];
+    for (class, profile, name) in GPU_KINDS {
+        let b = side_bounds(class, profile);
+        for (total, b) in billed_bounds.iter_mut().zip(b) {
+            *total += billed(&book, profile, b);
+        }
+        quantities.push(new_q(name, "GPU-h", 1.0 / 3.6e6, b.map(Some)));
+    }
+    quantities.push(new_q(
         "billed GPU-hours (MIG fractions)",
         "GPU-h",
         1.0 / 3.6e6,
-        Some(billed_bound),
-    );
-    let mut energy_q = new_q("energy", "kWh", 1.0 / 3.6e9, Some(bounds.energy_mj as f64));
-    let mut cpu_q = new_q("CPU core-hours", "core-h", 1.0 / 3.6e9, None);
-    let mut memory_q = new_q(
+        billed_bounds.map(Some),
+    ));
+    quantities.push(new_q(
+        "energy",
+        "kWh",
+        1.0 / 3.6e9,
+        [Some(bounds.energy_mj as f64), None, None],
+    ));
+    quantities.push(new_q("CPU core-hours", "core-h", 1.0 / 3.6e9, [None; 3]));
+    quantities.push(new_q(
         "memory GiB-hours",
         "GiB-h",
         1.0 / (3.6e6 * 1_073_741_824.0),
-        None,
-    );
-    let mut max_q = new_q(
+        [None; 3],
+    ));
+    quantities.push(new_q(
         "max GPUs allocated, summed over node-hours",
         "GPUs",
         1.0,
-        None,
-    );
-    // One tenant-hour of the truth or of Meterflow's answer into every quantity's cells.
-    let mut put = |truth: bool,
-                   key: String,
-                   gpu_ms: &BTreeMap<(String, String), i64>,
-                   (energy_mj, cpu_us, memory_byte_ms): (i64, i64, f64)| {
-        for (i, (class, profile, _)) in gpu_kinds.iter().enumerate() {
-            let ms = gpu_ms
-                .get(&(class.to_string(), profile.to_string()))
-                .copied()
-                .unwrap_or(0);
-            gpu_q[i].cells(truth).insert(key.clone(), ms as f64);
-        }
-        let billed_ms = gpu_ms
-            .iter()
-            .map(|((_, mig), ms)| billed(mig, *ms as f64))
-            .sum();
-        billed_q.cells(truth).insert(key.clone(), billed_ms);
-        energy_q.cells(truth).insert(key.clone(), energy_mj as f64);
-        cpu_q.cells(truth).insert(key.clone(), cpu_us as f64);
-        memory_q.cells(truth).insert(key, memory_byte_ms);
-    };
+        [None; 3],
+    ));
     for ((tenant, hour), c) in &scenario.truth.tenants {
         let amounts = (c.energy_mj, c.cpu_us, c.memory_byte_ms as f64);
-        put(true, cell_key(tenant, *hour), &c.gpu_ms, amounts);
+        put(
+            &mut quantities,
+            None,
+            &book,
+            cell_key(tenant, *hour),
+            &c.gpu_ms,
+            amounts,
+        );
     }
     for ((tenant, hour), c) in &usage {
         let amounts = (c.energy_mj, c.cpu_us, c.memory_byte_ms);
-        put(false, cell_key(tenant, *hour), &c.gpu_ms, amounts);
+        put(
+            &mut quantities,
+            Some(MF),
+            &book,
+            cell_key(tenant, *hour),
+            &c.gpu_ms,
+            amounts,
+        );
     }
+    let max_q = &mut quantities[Q_MAX_GPUS];
     for ((node, hour), most) in &scenario.truth.node_max_gpus {
         max_q.truth.insert(cell_key(node, *hour), *most as f64);
     }
     for ((node, hour), most) in &fleet {
         if *most > 0 || max_q.truth.contains_key(&cell_key(node, *hour)) {
-            max_q.meterflow.insert(cell_key(node, *hour), *most as f64);
+            max_q.sides[MF].insert(cell_key(node, *hour), *most as f64);
         }
     }
     let t = Instant::now();
-    for (hour, at) in prom::hours(&scenario) {
-        for (labels, v) in prom.query(&promql::gpu_hours(), at).await? {
-            let class = class_of(labels.get("modelName").map_or("", String::as_str));
-            let profile = labels.get("GPU_I_PROFILE").cloned().unwrap_or_default();
-            let key = cell_key(labels.get("namespace").map_or("", String::as_str), hour);
-            let ms = v * 3.6e6;
-            for (i, (c, p, _)) in gpu_kinds.iter().enumerate() {
-                if *c == class && *p == profile {
-                    *gpu_q[i].prometheus.entry(key.clone()).or_default() += ms;
-                }
-            }
-            *billed_q.prometheus.entry(key).or_default() += billed(&profile, ms);
-        }
-        for (q, factor, target) in [
-            (promql::energy_joules(), 1e3, &mut energy_q.prometheus),
-            (promql::cpu_core_hours(), 3.6e9, &mut cpu_q.prometheus),
-            (
-                promql::memory_gib_hours(),
-                3.6e6 * 1_073_741_824.0,
-                &mut memory_q.prometheus,
-            ),
-        ] {
-            for (labels, v) in prom.query(&q, at).await? {
-                let key = cell_key(labels.get("namespace").map_or("", String::as_str), hour);
-                *target.entry(key).or_default() += v * factor;
-            }
-        }
-        for (labels, v) in prom.query(&promql::node_max_gpus(), at).await? {
-            let key = cell_key(labels.get("Hostname").map_or("", String::as_str), hour);
-            max_q.prometheus.insert(key, v);
-        }
-    }
+    read_prometheus(&prom, &scenario, 0, SERVER, &book, &mut quantities).await?;
     let prom_eval_s = t.elapsed().as_secs_f64();
-    quantities.extend(gpu_q);
-    quantities.push(billed_q);
-    quantities.push(energy_q);
-    quantities.push(cpu_q);
-    quantities.push(memory_q);
-    quantities.push(max_q);
+    read_prometheus(
+        &agent.server,
+        &scenario,
+        agent_shift_ms,
+        AGENT,
+        &book,
+        &mut quantities,
+    )
+    .await?;
 
     // A tenant's 30 days, hour by hour: the busiest tenant.
     let busiest = scenario
@@ -553,81 +564,56 @@ async fn run(args: Args) -> Result<bool> {
     let mf_fresh = mf.freshness(args.probes).await?;
     let prom_fresh = prom_freshness(&prom, args.probes).await?;
     let prom_mem = prom.child.memory_mib();
+    let agent_mem = (
+        agent.agent.child.memory_mib(),
+        agent.server.child.memory_mib(),
+    );
 
     // The report.
-    let mut table = String::new();
-    let within = |q: &Quantity| {
-        q.bound.is_none_or(|bound| {
-            let (_, err, _, _) = score(&q.truth, &q.meterflow);
-            err <= bound + 0.5
-        })
+    let within = |q: &Quantity, side: usize| {
+        q.bounds[side].is_none_or(|bound| score(&q.truth, &q.sides[side]).abs_error <= bound + 0.5)
     };
-    let exact_ok = quantities.iter().all(within);
-    writeln!(
-        table,
-        "| quantity | ground truth | Meterflow | Meterflow error | the sources' bound | Prometheus | Prometheus error |"
-    )?;
-    writeln!(table, "|---|---:|---:|---:|---:|---:|---:|")?;
-    for q in &quantities {
-        let (truth, _, _, _) = score(&q.truth, &q.truth);
-        let cell = |got: &Cells| {
-            let (sum, err, equal, cells) = score(&q.truth, got);
-            let pct = if truth > 0.0 {
-                100.0 * err / truth
-            } else {
-                0.0
-            };
-            (
-                format!("{:.4}", sum * q.scale),
-                format!(
-                    "{:.4} ({pct:.2} %), {equal}/{cells} cells exact",
-                    err * q.scale
-                ),
-            )
-        };
-        let (m, me) = cell(&q.meterflow);
-        let (p, pe) = cell(&q.prometheus);
-        let bound = q
-            .bound
-            .map_or("—".to_string(), |b| format!("{:.4}", b * q.scale));
-        writeln!(
-            table,
-            "| {} ({}) | {:.4} | {m} | {me} | {bound} | {p} | {pe} |",
-            q.name,
-            q.unit,
-            truth * q.scale
-        )?;
-    }
+    let exact_ok = quantities.iter().all(|q| within(q, MF));
+    let table = accuracy_table(&quantities)?;
     let per_million = |cpu: f64, samples: u64| cpu / (samples as f64 / 1e6);
     let mf_total_cpu = mf_cpu.0 + mf_cpu.1 + mf_cpu.2;
     let mut perf = String::new();
-    writeln!(perf, "| figure | Meterflow | Prometheus |")?;
-    writeln!(perf, "|---|---|---|")?;
     writeln!(
         perf,
-        "| samples ingested | {} (every sample the agents collected) | {prom_samples} (the four series families the PromQL reads, staleness markers included) |",
-        scenario.samples
+        "| figure | Meterflow | Prometheus server | Prometheus agent → server |"
+    )?;
+    writeln!(perf, "|---|---|---|---|")?;
+    writeln!(
+        perf,
+        "| samples ingested | {} (every sample the agents collected) | {prom_samples} (the four series families the PromQL reads, staleness markers included) | {} (the same families, every reading the agents took) |",
+        scenario.samples, agent_requests.samples
     )?;
     writeln!(
         perf,
-        "| throughput | processor, one worker: {:.0} samples/s ({:.2} s for the backlog); agent spool + producer: {:.0} samples/s | remote-write receiver: {:.0} samples/s ({write_s:.1} s) |",
+        "| throughput | processor, one worker: {:.0} samples/s ({:.2} s for the backlog); agent spool + producer: {:.0} samples/s | remote-write receiver: {:.0} samples/s ({write_s:.1} s) | agent's receiver and WAL: {:.0} samples/s; forwarded to the server {:.1} s after the first write, its first {} writes while the server was down |",
         scenario.samples as f64 / process_s,
         process_s,
         scenario.samples as f64 / publish_s,
-        prom_samples as f64 / write_s
+        prom_samples as f64 / write_s,
+        agent_requests.samples as f64 / agent.write_s,
+        agent.delivered_s,
+        agent.writes_while_down
     )?;
     writeln!(
         perf,
-        "| CPU-seconds per million samples | processor {:.2}, sink {:.2}, broker {:.2} (publish and serve); all {:.2} | {:.2} |",
+        "| CPU-seconds per million samples | processor {:.2}, sink {:.2}, broker {:.2} (publish and serve); all {:.2} | {:.2} | agent {:.2}, server {:.2}; both {:.2} |",
         per_million(processor_cpu, scenario.samples),
         per_million(mf_cpu.1, scenario.samples),
         per_million(mf_cpu.2, scenario.samples),
         per_million(mf_total_cpu, scenario.samples),
-        per_million(prom_cpu, prom_samples)
+        per_million(prom_cpu, prom_samples),
+        per_million(agent.cpu.0, agent_requests.samples),
+        per_million(agent.cpu.1, agent_requests.samples),
+        per_million(agent.cpu.0 + agent.cpu.1, agent_requests.samples),
     )?;
     writeln!(
         perf,
-        "| freshness, sample → visible in the API ({} probes) | p50 {:.1} ms, p99 {:.1} ms | p50 {:.1} ms, p99 {:.1} ms (raw series; a recording rule adds up to its 15 s interval, a scrape up to 15 s more) |",
+        "| freshness, sample → visible in the API ({} probes) | p50 {:.1} ms, p99 {:.1} ms | p50 {:.1} ms, p99 {:.1} ms (raw series; a recording rule adds up to its 15 s interval, a scrape up to 15 s more) | not measured (the agent's remote write adds its batching, up to 5 s by default) |",
         args.probes,
         quantile(&mf_fresh, 0.5),
         quantile(&mf_fresh, 0.99),
@@ -636,7 +622,7 @@ async fn run(args: Args) -> Result<bool> {
     )?;
     writeln!(
         perf,
-        "| a tenant's 30 days hourly ({} runs) | p50 {:.1} ms, p99 {:.1} ms (`/v1/tenants/{{tenant}}/usage?window=hour`, every metric, {} rows) | GPU-hours: p50 {:.1} ms, p99 {:.1} ms; energy: p50 {:.1} ms, p99 {:.1} ms ({} points) |",
+        "| a tenant's 30 days hourly ({} runs) | p50 {:.1} ms, p99 {:.1} ms (`/v1/tenants/{{tenant}}/usage?window=hour`, every metric, {} rows) | GPU-hours: p50 {:.1} ms, p99 {:.1} ms; energy: p50 {:.1} ms, p99 {:.1} ms ({} points) | the same server |",
         args.queries,
         quantile(&mf_query, 0.5),
         quantile(&mf_query, 0.99),
@@ -649,7 +635,7 @@ async fn run(args: Args) -> Result<bool> {
     )?;
     writeln!(
         perf,
-        "| resident memory, now / peak | processor {:.0} / {:.0} MiB, sink {:.0} / {:.0} MiB, broker {:.0} / {:.0} MiB | {:.0} / {:.0} MiB |",
+        "| resident memory, now / peak | processor {:.0} / {:.0} MiB, sink {:.0} / {:.0} MiB, broker {:.0} / {:.0} MiB | {:.0} / {:.0} MiB | agent {:.0} / {:.0} MiB, server {:.0} / {:.0} MiB |",
         mf_mem.0.0,
         mf_mem.0.1,
         mf_mem.1.0,
@@ -657,7 +643,11 @@ async fn run(args: Args) -> Result<bool> {
         mf_mem.2.0,
         mf_mem.2.1,
         prom_mem.0,
-        prom_mem.1
+        prom_mem.1,
+        agent_mem.0.0,
+        agent_mem.0.1,
+        agent_mem.1.0,
+        agent_mem.1.1
     )?;
     println!("\n{table}\n{perf}");
     println!(
@@ -677,20 +667,26 @@ async fn run(args: Args) -> Result<bool> {
         )?;
         writeln!(
             doc,
-            "Input: {nodes} simulated nodes (H100 and A100, one A100 per odd node split into seven `1g.10gb` MIG slices) for {hours} hours at a 15 s collection interval: {} tenants, {} containers ({} of them shorter than a scrape interval), {} samples for Meterflow, {prom_samples} for Prometheus. Prometheus {}. Both read each node as its real sources show it (`ingest/src/sources/simulator.rs`): the Akash provider's pods, the kubelet's whole-second times and `lastState`, board energy counters since the driver loaded, cgroup readings at ticks and never at a container's exit; the truth is the simulator's physical record of each run.\n",
+            "Input: {nodes} simulated nodes (H100 and A100, one A100 per odd node split into seven `1g.10gb` MIG slices) for {hours} hours at a 15 s collection interval: {} tenants, {} containers ({} of them shorter than a scrape interval), {} samples for Meterflow, {prom_samples} for the Prometheus server, {} for the Prometheus agents. Prometheus {}. All read each node as its real sources show it (`ingest/src/sources/simulator.rs`): the Akash provider's pods, the kubelet's whole-second times and `lastState`, board energy counters since the driver loaded, cgroup readings at ticks and never at a container's exit; the truth is the simulator's physical record of each run.\n",
             scenario.tenants.len(),
             scenario.containers,
             scenario.short_containers,
             scenario.samples,
+            agent_requests.samples,
             prometheus_version(&prometheus_bin)
         )?;
-        writeln!(doc, "Faults injected (the same for both systems):\n")?;
+        writeln!(doc, "Faults injected (the same for every system):\n")?;
         for f in &scenario.faults {
             writeln!(doc, "- {f}")?;
         }
         writeln!(
             doc,
-            "\n## Accuracy per tenant and hour\n\nEach system's figure is its sum over the cells (tenant × hour, or node × hour for the GPU maxima); its error is the sum of the cells' absolute errors (so errors of opposite sign do not cancel), and how many cells equal the truth to its unit (a millisecond of GPU time, a millijoule, a microsecond of CPU).\n"
+            "- the Prometheus agents' server down while the first {} of {} remote writes reached the agents: {:.0} samples retried from the WAL (the agent's `prometheus_remote_storage_samples_retried_total`)",
+            agent.writes_while_down, agent.writes, agent.retried
+        )?;
+        writeln!(
+            doc,
+            "\n## Accuracy per tenant and hour\n\nEach system's figure is its sum over the cells (tenant × hour, or node × hour for the GPU maxima); its error is the sum of the cells' absolute errors (so errors of opposite sign do not cancel), then per cell the mean and the worst relative error over the cells the truth has, how many cells equal the truth to its unit (a millisecond of GPU time, a millijoule, a microsecond of CPU) and how many the truth does not have. The bound is how far that system may be off from what its way of reading the nodes cannot show (below); ✓ where it is within it.\n"
         )?;
         writeln!(doc, "{table}")?;
         writeln!(doc, "## Cost and speed\n\n{perf}")?;
@@ -700,9 +696,18 @@ async fn run(args: Args) -> Result<bool> {
         println!("wrote {}", args.results.display());
     }
     if let Some(path) = &args.json {
-        let side = |q: &Quantity, got: &Cells| {
-            let (sum, abs_error, equal, cells) = score(&q.truth, got);
-            serde_json::json!({"sum": sum * q.scale, "abs_error": abs_error * q.scale, "cells_exact": equal, "cells": cells})
+        let side = |q: &Quantity, i: usize| {
+            let s = score(&q.truth, &q.sides[i]);
+            serde_json::json!({
+                "sum": s.sum * q.scale,
+                "abs_error": s.abs_error * q.scale,
+                "bound": q.bounds[i].map(|b| b * q.scale),
+                "cells_exact": s.exact,
+                "cells": s.cells,
+                "mean_relative_error": s.mean_rel,
+                "worst_relative_error": s.worst_rel,
+                "spurious_cells": s.spurious,
+            })
         };
         let scores: Vec<serde_json::Value> = quantities
             .iter()
@@ -710,20 +715,37 @@ async fn run(args: Args) -> Result<bool> {
                 serde_json::json!({
                     "quantity": q.name,
                     "unit": q.unit,
-                    "bound": q.bound.map(|b| b * q.scale),
-                    "truth": score(&q.truth, &q.truth).0 * q.scale,
-                    "meterflow": side(q, &q.meterflow),
-                    "prometheus": side(q, &q.prometheus),
+                    "truth": score(&q.truth, &q.truth).sum * q.scale,
+                    "meterflow": side(q, MF),
+                    "prometheus": side(q, SERVER),
+                    "prometheus_agent": side(q, AGENT),
                 })
             })
             .collect();
-        std::fs::write(path, serde_json::to_vec_pretty(&scores)?)
+        let doc = serde_json::json!({
+            "quantities": scores,
+            "agent": {
+                "writes": agent.writes,
+                "writes_while_server_down": agent.writes_while_down,
+                "samples_retried": agent.retried,
+            },
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    // Where Meterflow differs from the truth, the first few cells of each quantity.
+    // Where a system is further from the truth than its bound, say so; where Meterflow differs
+    // from the truth, the first few cells of each quantity.
     for q in &quantities {
+        for (i, system) in SYSTEMS.iter().enumerate() {
+            if !within(q, i) {
+                eprintln!(
+                    "  {}: {system} is further from the truth than its bound",
+                    q.name
+                );
+            }
+        }
         let differ = q.truth.iter().filter_map(|(key, t)| {
-            let m = q.meterflow.get(key).copied().unwrap_or(0.0);
+            let m = q.sides[MF].get(key).copied().unwrap_or(0.0);
             ((m - t).abs() >= 0.5_f64.max(t.abs() * 1e-12)).then_some((key, t, m))
         });
         for (key, t, m) in differ.take(5) {
@@ -740,6 +762,267 @@ async fn run(args: Args) -> Result<bool> {
         );
     }
     Ok(exact_ok)
+}
+
+/// The GPU kinds compared: (class, MIG profile, quantity name); quantities 0..3.
+const GPU_KINDS: [(&str, &str, &str); 3] = [
+    ("h100", "", "GPU-hours h100"),
+    ("a100", "", "GPU-hours a100 (whole)"),
+    ("a100", "1g.10gb", "GPU-hours a100 1g.10gb MIG"),
+];
+const Q_BILLED: usize = 3;
+const Q_ENERGY: usize = 4;
+const Q_CPU: usize = 5;
+const Q_MEMORY: usize = 6;
+const Q_MAX_GPUS: usize = 7;
+
+/// GPU time billed as whole GPUs: a MIG profile's share of one.
+fn billed(book: &PriceBook, mig_profile: &str, ms: f64) -> f64 {
+    let (n, d) = book.fraction(mig_profile);
+    ms * n as f64 / d as f64
+}
+
+fn cell_key(tenant: &str, hour: i64) -> String {
+    format!(
+        "{tenant} {}",
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + Duration::from_millis(hour as u64)
+        )
+    )
+}
+
+/// One tenant-hour of the truth (`side` none) or of a system's answer into every quantity's
+/// cells but the GPU maxima.
+fn put(
+    quantities: &mut [Quantity],
+    side: Option<usize>,
+    book: &PriceBook,
+    key: String,
+    gpu_ms: &BTreeMap<(String, String), i64>,
+    (energy_mj, cpu_us, memory_byte_ms): (i64, i64, f64),
+) {
+    let billed_ms = gpu_ms
+        .iter()
+        .map(|((_, mig), ms)| billed(book, mig, *ms as f64))
+        .sum();
+    let mut values: Vec<(usize, f64)> = GPU_KINDS
+        .iter()
+        .enumerate()
+        .map(|(i, (class, profile, _))| {
+            let ms = gpu_ms.get(&(class.to_string(), profile.to_string()));
+            (i, ms.copied().unwrap_or(0) as f64)
+        })
+        .collect();
+    values.extend([
+        (Q_BILLED, billed_ms),
+        (Q_ENERGY, energy_mj as f64),
+        (Q_CPU, cpu_us as f64),
+        (Q_MEMORY, memory_byte_ms),
+    ]);
+    for (q, value) in values {
+        let cells = match side {
+            None => &mut quantities[q].truth,
+            Some(i) => &mut quantities[q].sides[i],
+        };
+        cells.insert(key.clone(), value);
+    }
+}
+
+/// Each hour's PromQL at its end (shifted by `shift_ms` where the samples were) into `side`.
+async fn read_prometheus(
+    prom: &Prometheus,
+    scenario: &Scenario,
+    shift_ms: i64,
+    side: usize,
+    book: &PriceBook,
+    quantities: &mut [Quantity],
+) -> Result<()> {
+    for (hour, at) in prom::hours(scenario) {
+        let at = at + shift_ms;
+        for (labels, v) in prom.query(&promql::gpu_hours(), at).await? {
+            let class = class_of(labels.get("modelName").map_or("", String::as_str));
+            let profile = labels.get("GPU_I_PROFILE").cloned().unwrap_or_default();
+            let key = cell_key(labels.get("namespace").map_or("", String::as_str), hour);
+            let ms = v * 3.6e6;
+            for (i, (c, p, _)) in GPU_KINDS.iter().enumerate() {
+                if *c == class && *p == profile {
+                    *quantities[i].sides[side].entry(key.clone()).or_default() += ms;
+                }
+            }
+            *quantities[Q_BILLED].sides[side].entry(key).or_default() += billed(book, &profile, ms);
+        }
+        for (q, factor, target) in [
+            (promql::energy_joules(), 1e3, Q_ENERGY),
+            (promql::cpu_core_hours(), 3.6e9, Q_CPU),
+            (
+                promql::memory_gib_hours(),
+                3.6e6 * 1_073_741_824.0,
+                Q_MEMORY,
+            ),
+        ] {
+            for (labels, v) in prom.query(&q, at).await? {
+                let key = cell_key(labels.get("namespace").map_or("", String::as_str), hour);
+                *quantities[target].sides[side].entry(key).or_default() += v * factor;
+            }
+        }
+        for (labels, v) in prom.query(&promql::node_max_gpus(), at).await? {
+            let key = cell_key(labels.get("Hostname").map_or("", String::as_str), hour);
+            quantities[Q_MAX_GPUS].sides[side].insert(key, v);
+        }
+    }
+    Ok(())
+}
+
+/// The accuracy table: per quantity, the truth, then each system's figure, error and bound.
+fn accuracy_table(quantities: &[Quantity]) -> Result<String> {
+    let mut table = String::new();
+    writeln!(
+        table,
+        "| quantity | ground truth | system | figure | error, summed over cells | per cell: mean / worst error | cells exact | bound |"
+    )?;
+    writeln!(table, "|---|---:|---|---:|---:|---:|---:|---:|")?;
+    for q in quantities {
+        let truth = score(&q.truth, &q.truth).sum;
+        for (i, system) in SYSTEMS.iter().enumerate() {
+            let s = score(&q.truth, &q.sides[i]);
+            let pct = if truth > 0.0 {
+                100.0 * s.abs_error / truth
+            } else {
+                0.0
+            };
+            let spurious = match s.spurious {
+                0 => String::new(),
+                n => format!(" (+{n} the truth has not)"),
+            };
+            let bound = q.bounds[i].map_or("—".to_string(), |b| {
+                let mark = if s.abs_error <= b + 0.5 { "✓" } else { "✗" };
+                format!("{:.4} {mark}", b * q.scale)
+            });
+            let (name, truth_cell) = match i {
+                0 => (
+                    format!("{} ({})", q.name, q.unit),
+                    format!("{:.4}", truth * q.scale),
+                ),
+                _ => (String::new(), String::new()),
+            };
+            writeln!(
+                table,
+                "| {name} | {truth_cell} | {system} | {:.4} | {:.4} ({pct:.2} %) | {:.2} % / {:.2} % | {}/{}{spurious} | {bound} |",
+                s.sum * q.scale,
+                s.abs_error * q.scale,
+                100.0 * s.mean_rel,
+                100.0 * s.worst_rel,
+                s.exact,
+                s.cells,
+            )?;
+        }
+    }
+    Ok(table)
+}
+
+/// Prometheus as a node agent: its readings go into an agent (WAL, remote write), which
+/// forwards them to a server.
+struct AgentRun {
+    agent: Prometheus,
+    server: Prometheus,
+    writes: usize,
+    /// Writes taken by the agent before its server was up.
+    writes_while_down: usize,
+    /// Samples the agent had to send again (its own counter).
+    retried: f64,
+    /// Seconds of the agent's receiver taking every write.
+    write_s: f64,
+    /// From the first write until the server had everything.
+    delivered_s: f64,
+    /// CPU-seconds of the agent and of the server, from the first write to the last sample sent.
+    cpu: (f64, f64),
+}
+
+/// Writes `bodies` into a Prometheus agent whose server is down for the first half of them
+/// (a delivery fault, as a network partition or a server restart is), proves that the agent
+/// failed to send and retried, then starts the server and waits until the agent has sent
+/// everything.
+async fn through_agent(binary: &Path, dir: &Path, bodies: Vec<Vec<u8>>) -> Result<AgentRun> {
+    let (agent_dir, server_dir) = (dir.join("prom-agent"), dir.join("prom-agent-server"));
+    std::fs::create_dir_all(&agent_dir)?;
+    std::fs::create_dir_all(&server_dir)?;
+    let server_port = proc::free_port()?;
+    let server_url = format!("http://127.0.0.1:{server_port}");
+    let agent =
+        Prometheus::start_agent(binary, &agent_dir, proc::free_port()?, &server_url).await?;
+    let (writes, writes_while_down) = (bodies.len(), bodies.len() / 2);
+    let cpu_idle = agent.child.cpu_seconds();
+    let started = Instant::now();
+    let mut bodies = bodies.into_iter();
+    let mut write_s = 0.0;
+    for body in bodies.by_ref().take(writes_while_down) {
+        let t = Instant::now();
+        agent.write(body).await?;
+        write_s += t.elapsed().as_secs_f64();
+    }
+    // The fault happened: the agent tried to send to the server that is down, and will again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while agent
+        .own_metric("prometheus_remote_storage_samples_retried_total")
+        .await?
+        == 0.0
+    {
+        if Instant::now() > deadline {
+            bail!(
+                "the Prometheus agent retried nothing in 60 s while its server was down; its log: {}",
+                agent.child.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let server = Prometheus::start(binary, &server_dir, server_port).await?;
+    let server_cpu_idle = server.child.cpu_seconds();
+    for body in bodies {
+        let t = Instant::now();
+        agent.write(body).await?;
+        write_s += t.elapsed().as_secs_f64();
+    }
+    // Until the agent has sent its newest sample and holds none back.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let newest = agent
+            .own_metric("prometheus_remote_storage_highest_timestamp_in_seconds")
+            .await?;
+        let sent = agent
+            .own_metric("prometheus_remote_storage_queue_highest_sent_timestamp_seconds")
+            .await?;
+        let pending = agent
+            .own_metric("prometheus_remote_storage_samples_pending")
+            .await?;
+        if newest > 0.0 && sent >= newest && pending == 0.0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the Prometheus agent had not sent everything in 10 min (newest {newest}, sent {sent}, pending {pending}); its log: {}",
+                agent.child.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let delivered_s = started.elapsed().as_secs_f64();
+    let retried = agent
+        .own_metric("prometheus_remote_storage_samples_retried_total")
+        .await?;
+    let cpu = (
+        agent.child.cpu_seconds() - cpu_idle,
+        server.child.cpu_seconds() - server_cpu_idle,
+    );
+    Ok(AgentRun {
+        agent,
+        server,
+        writes,
+        writes_while_down,
+        retried,
+        write_s,
+        delivered_s,
+        cpu,
+    })
 }
 
 fn prometheus_version(bin: &Path) -> String {
@@ -795,23 +1078,42 @@ const METHOD: &str = r#"
   figures are read from `GET /v1/tenants/{tenant}/usage?window=hour&group_by=gpu_class,mig_profile`
   and `GET /v1/fleet/hourly`; billed GPU-hours apply the price book's MIG fractions to the
   GPU-hours by profile.
-- **Prometheus**: a scrape of a node at each tick shows what runs at that instant, as
-  dcgm-exporter (`DCGM_FI_DEV_GPU_UTIL`, `DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION` per GPU board
-  with the pod's namespace and name) and cAdvisor (`container_cpu_usage_seconds_total`,
-  `container_memory_working_set_bytes`) expose it; a failed scrape or a series gone gets a
-  staleness marker, as the scrape loop writes. These samples go through the remote-write
-  receiver (late ones inside `out_of_order_time_window: 10m`). The hourly figures are the
-  PromQL of the usual chargeback rules, evaluated at each hour's end: GPU-hours
-  `sum_over_time((count by (namespace, modelName, GPU_I_PROFILE) (DCGM_FI_DEV_GPU_UTIL))[1h:15s]) * 15 / 3600`,
+- **Prometheus server, scraping**: a scrape of a node at each tick shows what runs at that
+  instant, as dcgm-exporter (`DCGM_FI_DEV_GPU_UTIL`, `DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION`
+  per GPU board with the pod's namespace and name) and cAdvisor
+  (`container_cpu_usage_seconds_total`, `container_memory_working_set_bytes`) expose it; a
+  failed scrape or a series gone gets a staleness marker, as the scrape loop writes. These
+  samples go through the remote-write receiver (late ones inside
+  `out_of_order_time_window: 10m`).
+- **Prometheus agent, WAL + remote write** (as its best operators run it on a fleet): a
+  Prometheus in agent mode (`--enable-feature=agent`) per node scrapes its exporters locally,
+  so a failed exchange with the central server is a failed delivery that its write-ahead log
+  retries, not a lost scrape: every reading it took arrives, once and in order. Only the
+  node's outage loses readings (the agent is down: no reading and no staleness marker, its
+  series fade after the 5-min lookback). Here one real agent takes every node's readings
+  through its receiver and remote-writes them to a second server with the default queue;
+  that server is down while the first half of the readings arrive, and the agent's own
+  `prometheus_remote_storage_samples_retried_total` shows it retried. The agent forwards only
+  samples newer than its start (its WAL watcher skips older ones), so its readings are stamped
+  whole hours ahead and read back at the same shifted instants.
+- **The PromQL** for both, evaluated at each hour's end: GPU-hours
+  `sum_over_time((count by (namespace, modelName, GPU_I_PROFILE) (DCGM_FI_DEV_GPU_UTIL))[59m59s999ms:15s]) * 15 / 3600`,
   energy `increase(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{namespace!=""}[1h])` (a board's
   series carries the holding pod's labels; an idle or MIG-split board's has none and is the
-  node's), CPU
-  `increase(container_cpu_usage_seconds_total[1h])`, memory
-  `sum_over_time((sum by (namespace) (container_memory_working_set_bytes))[1h:15s]) * 15 / 3600`,
-  per node `max_over_time((count by (Hostname) (DCGM_FI_DEV_GPU_UTIL))[1h:15s])`. A subquery
-  `[1h:15s]` stands for a recording rule evaluated every 15 s (the rule manager evaluates at
-  the same steps); for the 30-day query latency it makes Prometheus compute what a stored
-  rule would have kept, so that figure is the worst case for Prometheus.
+  node's), CPU `increase(container_cpu_usage_seconds_total[1h])`, memory
+  `sum_over_time((sum by (namespace) (container_memory_working_set_bytes))[59m59s999ms:15s]) * 15 / 3600`,
+  per node `max_over_time((count by (Hostname) (DCGM_FI_DEV_GPU_UTIL))[59m59s999ms:15s])`.
+  A subquery at 15-s steps stands for a recording rule evaluated every 15 s (the rule manager
+  evaluates at the same steps); it reaches back 59m59.999s because Prometheus 2's ranges
+  include both ends, and `[1h:15s]` would count the step on the hour in two hours. For the
+  30-day query latency it makes Prometheus compute what a stored rule would have kept, so
+  that figure is the worst case for Prometheus.
+- **Bounds**, each computed from the physical runs, never from a system's readings:
+  Meterflow's is what the node's sources cannot show (below). A 15-s sampler's
+  (`count` × 15 s) is one interval per GPU for each hour a run touches, plus one per
+  reading not taken while the run was up or within the 5-min lookback after it (the
+  outage); the server's adds 15 s per GPU series each failed scrape would have shown. No
+  bound is stated for energy, CPU and memory of Prometheus (`increase` extrapolates).
 - **Ground truth**: the simulator's physical record of each run (see
   `benches/compare/scenario.rs`), never either system's readings: GPU time is each run's
   overlap with the hour to the millisecond, energy 300 W per whole GPU held and CPU the

@@ -12,7 +12,7 @@ use prost::Message;
 use serde_json::Value;
 
 use crate::proc::Child;
-use crate::scenario::{Delivery, HOUR_MS, Scenario, running_at};
+use crate::scenario::{Delivery, HOUR_MS, INTERVAL_MS, Scenario, running_at};
 
 #[derive(Clone, PartialEq, Message)]
 struct WriteRequest {
@@ -95,20 +95,62 @@ fn exposition(s: &Sample) -> Option<(Series, f64)> {
     }
 }
 
-/// One remote-write request per tick (plus the duplicates and the late deliveries), encoded
-/// and compressed, in the order they are sent; and how many samples they carry.
-pub fn requests(scenario: &Scenario) -> (Vec<Vec<u8>>, u64) {
+/// Who collects the nodes for Prometheus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Collector {
+    /// The Prometheus server scrapes every node across the network: a failed exchange is a
+    /// failed scrape (staleness markers, the readings never taken), a duplicated or late one
+    /// is written twice or late.
+    Server,
+    /// A Prometheus in agent mode on each node scrapes its exporters locally and remote-writes
+    /// from its write-ahead log: a failed delivery is retried, so every reading it took
+    /// arrives once and in order. Only a collection fault (the node's agent down) loses
+    /// readings. (The delivery fault it meets is real: the server it writes to is down for a
+    /// while, see `main.rs`.)
+    Agent,
+}
+
+/// The remote-write requests of one way of collecting, and what they carry.
+pub struct Requests {
+    /// Encoded and compressed, in the order they are sent.
+    pub bodies: Vec<Vec<u8>>,
+    pub samples: u64,
+    /// GPU-ms per (class, MIG profile) that failed scrapes hid: 15 s per GPU series a failed
+    /// scrape would have shown (the collector's own loss, beside the sampling bound).
+    pub hidden_gpu_ms: BTreeMap<(String, String), i64>,
+}
+
+/// One remote-write request per tick (for the server, plus the duplicates and the late
+/// deliveries), each sample stamped `shift_ms` after its reading.
+pub fn requests(scenario: &Scenario, collector: Collector, shift_ms: i64) -> Requests {
     // Per node: the series its last successful scrape showed (a scrape loop marks the rest stale).
     let mut shown: Vec<HashSet<Series>> = vec![HashSet::new(); scenario.nodes];
     let mut held: BTreeMap<i64, Vec<(Series, PromSample)>> = BTreeMap::new();
+    let mut hidden_gpu_ms: BTreeMap<(String, String), i64> = BTreeMap::new();
     let (mut out, mut total) = (Vec::new(), 0u64);
     for (i, row) in scenario.ticks.iter().enumerate() {
         let k = i as i64 + 1;
         let now = scenario.tick_ms(k);
+        let stamp = now + shift_ms;
         let mut request: Vec<(Series, PromSample)> = Vec::new();
         let mut duplicates: Vec<(Series, PromSample)> = Vec::new();
         for t in row {
-            let scraped = t.batch.as_ref().filter(|_| t.delivery != Delivery::Dropped);
+            let delivery = match collector {
+                Collector::Server => t.delivery,
+                Collector::Agent => Delivery::OnTime,
+            };
+            if let (Some(batch), Delivery::Dropped) = (&t.batch, delivery) {
+                for s in running_at(batch, now) {
+                    if s.metric == metrics::GPU_UTILIZATION {
+                        let kind = (
+                            class_of(&s.series.gpu_model).to_string(),
+                            s.series.mig_profile.clone(),
+                        );
+                        *hidden_gpu_ms.entry(kind).or_default() += INTERVAL_MS;
+                    }
+                }
+            }
+            let scraped = t.batch.as_ref().filter(|_| delivery != Delivery::Dropped);
             let mut samples = Vec::new();
             let mut now_shown = HashSet::new();
             if let Some(batch) = scraped {
@@ -119,7 +161,7 @@ pub fn requests(scenario: &Scenario) -> (Vec<Vec<u8>>, u64) {
                             series,
                             PromSample {
                                 value,
-                                timestamp: now,
+                                timestamp: stamp,
                             },
                         ));
                     }
@@ -142,24 +184,30 @@ pub fn requests(scenario: &Scenario) -> (Vec<Vec<u8>>, u64) {
                         series,
                         PromSample {
                             value: board.energy_mj as f64,
-                            timestamp: now,
+                            timestamp: stamp,
                         },
                     ));
                 }
             }
-            // A failed scrape (or a target that is down) marks everything stale; a scrape marks
-            // what it no longer shows.
+            // The server: a failed scrape (or a target that is down) marks everything stale; a
+            // scrape marks what it no longer shows. A node's agent that is down writes nothing,
+            // markers included, and forgets what it last showed (its scrape cache is in memory):
+            // its series fade after the 5-min lookback.
+            if collector == Collector::Agent && t.batch.is_none() {
+                shown[t.node].clear();
+                continue;
+            }
             for gone in shown[t.node].difference(&now_shown) {
                 samples.push((
                     gone.clone(),
                     PromSample {
                         value: f64::from_bits(STALE_NAN),
-                        timestamp: now,
+                        timestamp: stamp,
                     },
                 ));
             }
             shown[t.node] = now_shown;
-            match t.delivery {
+            match delivery {
                 Delivery::LateUntil(until) => held.entry(until).or_default().extend(samples),
                 Delivery::Duplicated => {
                     duplicates.extend(samples.iter().cloned());
@@ -178,7 +226,11 @@ pub fn requests(scenario: &Scenario) -> (Vec<Vec<u8>>, u64) {
             out.push(encode(late));
         }
     }
-    (out, total)
+    Requests {
+        bodies: out,
+        samples: total,
+        hidden_gpu_ms,
+    }
 }
 
 fn encode(samples: Vec<(Series, PromSample)>) -> Vec<u8> {
@@ -205,25 +257,51 @@ pub struct Prometheus {
 }
 
 impl Prometheus {
+    /// The server: a TSDB, its remote-write receiver on.
     pub async fn start(binary: &Path, dir: &Path, port: u16) -> Result<Self> {
-        let config = dir.join("prometheus.yml");
         // Late samples are accepted as far back as Meterflow's allowed lateness (10 min).
-        std::fs::write(
-            &config,
-            "global:\n  scrape_interval: 15s\nstorage:\n  tsdb:\n    out_of_order_time_window: 10m\n",
-        )?;
-        let child = Child::spawn(
-            "prometheus",
-            binary,
-            &[
-                format!("--config.file={}", config.display()),
-                format!("--storage.tsdb.path={}", dir.join("data").display()),
-                format!("--web.listen-address=127.0.0.1:{port}"),
-                "--web.enable-remote-write-receiver".into(),
-                "--log.level=warn".into(),
-            ],
-            dir,
-        )?;
+        let config = "global:\n  scrape_interval: 15s\nstorage:\n  tsdb:\n    out_of_order_time_window: 10m\n";
+        let data = format!("--storage.tsdb.path={}", dir.join("data").display());
+        Self::spawn(binary, dir, port, config, &[data]).await
+    }
+
+    /// A node's Prometheus in agent mode: no TSDB, a write-ahead log, remote write to
+    /// `remote_write` with the default queue (a failed send is retried with backoff until it
+    /// succeeds). What it scrapes comes in through its own remote-write receiver here (see
+    /// [`Collector::Agent`]).
+    pub async fn start_agent(
+        binary: &Path,
+        dir: &Path,
+        port: u16,
+        remote_write: &str,
+    ) -> Result<Self> {
+        let config = format!(
+            "global:\n  scrape_interval: 15s\nremote_write:\n  - url: {remote_write}/api/v1/write\n"
+        );
+        let flags = [
+            "--enable-feature=agent".to_string(),
+            format!("--storage.agent.path={}", dir.join("wal").display()),
+        ];
+        Self::spawn(binary, dir, port, &config, &flags).await
+    }
+
+    async fn spawn(
+        binary: &Path,
+        dir: &Path,
+        port: u16,
+        config: &str,
+        flags: &[String],
+    ) -> Result<Self> {
+        let config_file = dir.join("prometheus.yml");
+        std::fs::write(&config_file, config)?;
+        let mut args = vec![
+            format!("--config.file={}", config_file.display()),
+            format!("--web.listen-address=127.0.0.1:{port}"),
+            "--web.enable-remote-write-receiver".into(),
+            "--log.level=warn".into(),
+        ];
+        args.extend_from_slice(flags);
+        let child = Child::spawn("prometheus", binary, &args, dir)?;
         let prom = Self {
             child,
             url: format!("http://127.0.0.1:{port}"),
@@ -244,6 +322,25 @@ impl Prometheus {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The sum of a metric of Prometheus's own over all its label sets, from `/metrics`.
+    pub async fn own_metric(&self, name: &str) -> Result<f64> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with([' ', '{']))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
     }
 
     pub async fn write(&self, body: Vec<u8>) -> Result<()> {
@@ -340,9 +437,13 @@ fn seconds(ms: i64) -> String {
 }
 
 /// The recording rules a provider keeps, evaluated every 15 s. A rule's output over an hour
-/// is what a subquery `[1h:15s]` of its expression gives (the rule manager evaluates at the
-/// same 15-s steps), so the hourly figures use subqueries where the stored rule output would be.
+/// is what a subquery of its expression at the same 15-s steps gives (the rule manager
+/// evaluates at them), so the hourly figures use subqueries where the stored rule output would
+/// be. An hour's subquery reaches back 59m59.999s, not `1h`: Prometheus 2 ranges include both
+/// ends, and `[1h:15s]` would count the step on the hour in the hours before and after it.
 pub mod promql {
+    /// An hour of 15-s steps, each in one hour only.
+    pub const HOUR_STEPS: &str = "[59m59s999ms:15s]";
     /// GPUs held per tenant, model and MIG profile (a GPU is held while its series is live).
     pub const GPUS_HELD: &str =
         "count by (namespace, modelName, GPU_I_PROFILE) (DCGM_FI_DEV_GPU_UTIL)";
@@ -352,7 +453,7 @@ pub mod promql {
     pub const MEMORY: &str = "sum by (namespace) (container_memory_working_set_bytes)";
 
     pub fn gpu_hours() -> String {
-        format!("sum_over_time(({GPUS_HELD})[1h:15s]) * 15 / 3600")
+        format!("sum_over_time(({GPUS_HELD}){HOUR_STEPS}) * 15 / 3600")
     }
     pub fn energy_joules() -> String {
         "sum by (namespace) (increase(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{namespace!=\"\"}[1h])) / 1000".into()
@@ -361,15 +462,15 @@ pub mod promql {
         "sum by (namespace) (increase(container_cpu_usage_seconds_total[1h])) / 3600".into()
     }
     pub fn memory_gib_hours() -> String {
-        format!("sum_over_time(({MEMORY})[1h:15s]) * 15 / 3600 / 1073741824")
+        format!("sum_over_time(({MEMORY}){HOUR_STEPS}) * 15 / 3600 / 1073741824")
     }
     pub fn node_max_gpus() -> String {
-        format!("max_over_time(({NODE_GPUS_HELD})[1h:15s])")
+        format!("max_over_time(({NODE_GPUS_HELD}){HOUR_STEPS})")
     }
     /// A tenant's GPU-hours, hour by hour (the dashboard's query).
     pub fn tenant_gpu_hours(tenant: &str) -> String {
         format!(
-            "sum_over_time((count by (namespace) (DCGM_FI_DEV_GPU_UTIL{{namespace=\"{tenant}\"}}))[1h:15s]) * 15 / 3600"
+            "sum_over_time((count by (namespace) (DCGM_FI_DEV_GPU_UTIL{{namespace=\"{tenant}\"}})){HOUR_STEPS}) * 15 / 3600"
         )
     }
     /// A tenant's energy, hour by hour.

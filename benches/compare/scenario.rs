@@ -8,8 +8,9 @@
 //!   Prometheus scrape that fails is lost (the target is marked stale for that instant); the
 //!   Meterflow agent keeps the batch in its spool and sends it with its next one.
 //! - **duplicates**: 5 % of deliveries arrive twice (a retry after a lost acknowledgement).
-//! - **an agent outage**: one node's agent (and exporters) down for several minutes; when it
-//!   is back the container runtime's records tell it what ran meanwhile.
+//! - **an agent outage**: one node's agent (and exporters) down for six minutes across an hour
+//!   boundary; when it is back the container runtime's records tell it what ran meanwhile
+//!   (a collection fault: a scraper's readings of those minutes were never taken).
 //! - **late batches**: one node's deliveries held back for five minutes (a partition), then
 //!   delivered, after the other nodes' newer data.
 //! - **a driver reload**: one GPU board's energy counter restarts from zero right after a
@@ -36,6 +37,8 @@ use meterflow_schemas::{SampleBatch, SampleKind};
 pub const INTERVAL_MS: i64 = 15_000;
 pub const HOUR_MS: i64 = 3_600_000;
 const TICKS_PER_HOUR: i64 = HOUR_MS / INTERVAL_MS;
+/// How long PromQL takes a series' last sample as its value when no staleness marker ends it.
+const LOOKBACK_MS: i64 = 300_000;
 
 /// What happens to one node's batch of one tick on its way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +87,12 @@ pub struct Truth {
 pub struct Bounds {
     pub gpu_ms: BTreeMap<(String, String), i64>,
     pub energy_mj: i64,
+    /// GPU-ms per (class, MIG profile) that a collector counting the GPUs it sees at each
+    /// 15-s reading as held for the interval (Prometheus's `count` × 15 s) may be off when
+    /// every reading it took arrives: one interval per GPU for each hour a run touches (the
+    /// run's length is not a whole number of intervals), and one per reading it never took
+    /// while the run was up or within PromQL's 5-min lookback after it (the agent outage).
+    pub sampled_gpu_ms: BTreeMap<(String, String), i64>,
 }
 
 pub struct Scenario {
@@ -118,9 +127,10 @@ impl Scenario {
             t0,
         );
         let total_ticks = hours * TICKS_PER_HOUR;
-        // The outage: node 1, from 20 min into hour 1, for 6 min.
+        // The outage: node 1, from 3 min before the end of hour 0 for 6 min, across the
+        // boundary (an hour's figures on both sides of it depend on what the agent reads back).
         let outage_node = 1;
-        let outage = (TICKS_PER_HOUR + 80)..(TICKS_PER_HOUR + 80 + 24);
+        let outage = (TICKS_PER_HOUR - 12)..(TICKS_PER_HOUR + 12);
         // Late: node 2's deliveries from 10 min into the last hour, for 5 min, delivered then.
         let late_node = 2;
         let late_from = (hours - 1) * TICKS_PER_HOUR + 40;
@@ -191,12 +201,12 @@ impl Scenario {
         };
         let mut faults = vec![
             format!(
-                "dropped: {dropped} node-ticks of {} (10 %): lost scrapes for Prometheus, spooled and resent with the next batch by the Meterflow agent",
+                "dropped: {dropped} node-ticks of {} (10 %): failed scrapes for the Prometheus server (lost); for Meterflow's agent and the Prometheus agent a failed delivery, spooled or kept in the WAL and sent again",
                 total_ticks * nodes as i64
             ),
             format!("duplicated: {duplicated} node-ticks (5 %) delivered twice"),
             format!(
-                "agent outage: node-{outage_node:03} from {} to {} (6 min), its containers' records read when it is back",
+                "agent outage: node-{outage_node:03} from {} to {} (6 min, across an hour boundary): no reading taken by any collector; Meterflow's agent reads the kubelet's records of what ran when it is back",
                 clock(outage.start),
                 clock(outage.end)
             ),
@@ -310,7 +320,7 @@ fn truth(containers: &[ContainerTruth], observed: &[Vec<i64>], t0: i64, hours: i
     Truth {
         tenants,
         node_max_gpus,
-        bounds: bounds(containers, observed),
+        bounds: bounds(containers, observed, t0, hours),
     }
 }
 
@@ -321,8 +331,13 @@ fn truth(containers: &[ContainerTruth], observed: &[Vec<i64>], t0: i64, hours: i
 ///   ends the run at its last reading.
 /// - Energy: a whole board's holder gets the board's increase between two readings that both
 ///   fall in its run; before the first and after the last it is the node's.
-fn bounds(containers: &[ContainerTruth], observed: &[Vec<i64>]) -> Bounds {
+///
+/// And for a collector that samples (module docs of [`Bounds::sampled_gpu_ms`]): per GPU, one
+/// interval for each hour a run overlaps, and one for each tick inside the run at which the
+/// node was not read.
+fn bounds(containers: &[ContainerTruth], observed: &[Vec<i64>], t0: i64, hours: i64) -> Bounds {
     let mut bounds = Bounds::default();
+    let all_ticks = (1..=hours * TICKS_PER_HOUR).map(|k| t0 + k * INTERVAL_MS);
     // Each workload's runs (by node and lease) in order, for when the next one ended.
     let mut runs: BTreeMap<(&str, &str), Vec<&ContainerTruth>> = BTreeMap::new();
     for c in containers {
@@ -360,11 +375,20 @@ fn bounds(containers: &[ContainerTruth], observed: &[Vec<i64>]) -> Bounds {
                 (Some(first), Some(last)) => last - first,
                 _ => 0,
             };
+            let hours_touched = (0..hours)
+                .filter(|h| overlap(s, e, t0 + h * HOUR_MS, t0 + (h + 1) * HOUR_MS) > 0)
+                .count() as i64;
+            // A reading not taken in the run, or within the 5-min lookback after it (a node's
+            // agent that is down writes no staleness marker: the run's series seems held).
+            let unread = all_ticks
+                .clone()
+                .filter(|t| *t >= s && *t < e + LOOKBACK_MS && ticks.binary_search(t).is_err())
+                .count() as i64;
             for g in &c.gpus {
-                *bounds
-                    .gpu_ms
-                    .entry((g.class.clone(), g.mig_profile.clone()))
-                    .or_default() += gpu_ms.min(e - s);
+                let kind = (g.class.clone(), g.mig_profile.clone());
+                *bounds.gpu_ms.entry(kind.clone()).or_default() += gpu_ms.min(e - s);
+                *bounds.sampled_gpu_ms.entry(kind).or_default() +=
+                    (hours_touched + unread) * INTERVAL_MS;
                 if g.mig_profile.is_empty() {
                     bounds.energy_mj += GPU_WATTS * (e - s - held_ms);
                 }
