@@ -1160,11 +1160,17 @@ mod tests {
             };
             let readings: Vec<(i64, i64)> = by_time.into_iter().collect();
             if k.metric.kind() == Kind::Counter {
+                // docs/metering-rules.md: the difference of readings at t0 and t is what was
+                // used in (t0, t]; it goes to the window that holds its last millisecond,
+                // [t - 1, t): a reading on a window's first instant closes the window before.
                 let mut prev = 0;
                 for (t, units) in readings {
                     let d = if units >= prev { units - prev } else { units };
                     prev = units;
-                    *exact.entry(key(t.div_euclid(MIN) * MIN)).or_default() += d;
+                    let last_ms = t - 1;
+                    *exact
+                        .entry(key(last_ms - last_ms.rem_euclid(MIN)))
+                        .or_default() += d;
                 }
                 continue;
             }
@@ -1202,6 +1208,73 @@ mod tests {
             .collect();
         out.extend(gauges);
         out
+    }
+
+    /// The oracle's calendar (UTC, Gregorian), walked a year and a month at a time from 1970:
+    /// `[start, end)` of the hour, day or month holding `t`. Nothing shared with `time.rs`.
+    fn oracle_period(r: Resolution, t: i64) -> (i64, i64) {
+        const DAY: i64 = 86_400_000;
+        match r {
+            Resolution::Hour => (t - t.rem_euclid(HOUR), t - t.rem_euclid(HOUR) + HOUR),
+            Resolution::Day => (t - t.rem_euclid(DAY), t - t.rem_euclid(DAY) + DAY),
+            Resolution::Month => {
+                let leap = |y: i64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+                let year_ms = |y: i64| if leap(y) { 366 * DAY } else { 365 * DAY };
+                let (mut year, mut start) = (1970, 0);
+                while t < start {
+                    year -= 1;
+                    start -= year_ms(year);
+                }
+                while t >= start + year_ms(year) {
+                    start += year_ms(year);
+                    year += 1;
+                }
+                let february = if leap(year) { 29 } else { 28 };
+                for days in [31, february, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31] {
+                    if t < start + days * DAY {
+                        return (start, start + days * DAY);
+                    }
+                    start += days * DAY;
+                }
+                unreachable!("a year has twelve months")
+            }
+        }
+    }
+
+    /// The demo price book written out (prices.rs's defaults, in the units the aggregates are
+    /// kept in), and the cost in micros of `total`, rounded half away from zero.
+    fn oracle_cost(metric: Aggregate, gpu_class: &str, mig_profile: &str, total: i64) -> i64 {
+        assert_eq!(mig_profile, "", "the generated GPUs are whole");
+        // (micros per hour of the item, units of the aggregate in that hour)
+        let (micros, units): (i128, i128) = match (metric, gpu_class) {
+            // $2.49 per H100-hour; GPU-milliseconds.
+            (Aggregate::GpuSeconds, "h100") => (2_490_000, 3_600_000),
+            // $0.04 per core-hour; core-microseconds.
+            (Aggregate::CpuCoreSeconds, _) => (40_000, 3_600_000_000),
+            // $0.005 per GiB-hour; byte-seconds.
+            (Aggregate::MemoryByteSeconds, _) => (5_000, 3_600 * 1_073_741_824),
+            _ => return 0,
+        };
+        let n = i128::from(total) * micros;
+        let (q, r) = (n / units, n % units);
+        let away = if 2 * r.abs() >= units { n.signum() } else { 0 };
+        (q + away) as i64
+    }
+
+    /// Every time in `o` moved by `base`.
+    fn shifted(o: Observation, base: i64) -> Observation {
+        match o {
+            Observation::Allocation(k, mut v) => {
+                v.started_at_ms += base;
+                v.finished_at_ms = v.finished_at_ms.map(|f| f + base);
+                v.observed_at_ms += base;
+                Observation::Allocation(k, v)
+            }
+            Observation::Reading(k, mut v) => {
+                v.timestamp_ms += base;
+                Observation::Reading(k, v)
+            }
+        }
     }
 
     /// The node and fleet oracle: a node is active in every hour it has an observation in; its
@@ -1317,6 +1390,17 @@ mod tests {
             ),
             (0..3usize, 0..3usize, 0..400_000i64, 0..50_000_000i64)
                 .prop_map(|(l, c, ts, units)| cpu(&format!("l{l}"), &format!("c{c}"), ts, units)),
+            // Counter readings on a window boundary and a millisecond either side of one.
+            (0..3usize, 0..3usize, 1..7i64, -1..=1i64, 0..50_000_000i64).prop_map(
+                |(l, c, minute, off, units)| {
+                    cpu(
+                        &format!("l{l}"),
+                        &format!("c{c}"),
+                        minute * MIN + off,
+                        units,
+                    )
+                }
+            ),
             // Gauge readings close enough together that some gaps are held and some are not.
             (0..3usize, 0..2usize, 0..40i64, 0..8_000_000_000i64).prop_map(
                 |(l, c, tick, bytes)| {
@@ -1334,13 +1418,16 @@ mod tests {
         #[test]
         fn agrees_with_the_oracle(
             obs in proptest::collection::vec(arb_observation(), 1..40),
+            // 1970, or hours before a leap day's end, a year's end and a century's February
+            // that has no 29th (the roll-ups cross a day, a month and a year).
+            base in proptest::sample::select(vec![0i64, 1_709_244_000_000, 1_798_754_400_000, 4_107_538_800_000]),
             cuts in proptest::collection::vec(0..40usize, 0..6),
             dups in proptest::collection::vec(0..40usize, 0..10),
             seed in any::<u64>(),
         ) {
             // A single allocation series has one start: the runtime reports it once.
             let mut starts: BTreeMap<AllocationKey, (i64, Option<i64>)> = BTreeMap::new();
-            let obs: Vec<Observation> = obs.into_iter().map(|o| match o {
+            let obs: Vec<Observation> = obs.into_iter().map(|o| match shifted(o, base) {
                 Observation::Allocation(k, mut v) => {
                     let (s, f) = *starts.entry(k.clone()).or_insert((v.started_at_ms, v.finished_at_ms));
                     v.started_at_ms = s;
@@ -1380,8 +1467,8 @@ mod tests {
             let mut expected_rollups: BTreeMap<(UsageKey, Resolution), Measured> = BTreeMap::new();
             for (k, m) in &expected {
                 for r in Resolution::ALL {
-                    let start = r.start(k.window_start_ms);
-                    let len = r.end(start) - start;
+                    let (start, end) = oracle_period(r, k.window_start_ms);
+                    let len = end - start;
                     let key = (UsageKey { window_start_ms: start, ..k.clone() }, r);
                     let e = expected_rollups.entry(key).or_insert(Measured {
                         total: 0,
@@ -1403,10 +1490,9 @@ mod tests {
             prop_assert_eq!(fleet, fleet_oracle(&distinct));
             // Costs: each window total priced on its own; each tenant's month, the billed
             // totals priced on their own.
-            let prices = PriceBook::default();
             let mut expected_costs: BTreeMap<(Owner, i64), i64> = BTreeMap::new();
             for (k, v) in &expected {
-                let c = prices.cost_of(k.metric, &k.gpu_class, &k.mig_profile, v.total);
+                let c = oracle_cost(k.metric, &k.gpu_class, &k.mig_profile, v.total);
                 *expected_costs.entry((k.owner.clone(), k.window_start_ms)).or_default() += c;
             }
             expected_costs.retain(|_, c| *c != 0);
@@ -1425,14 +1511,22 @@ mod tests {
                 )
             };
             for (k, v) in expected.iter().filter(|(k, _)| priced(k.metric)) {
-                *billed.entry(BillingKey::of(k, HOUR)).or_default() += v.total;
+                let key = BillingKey {
+                    tenant: k.owner.tenant.clone(),
+                    lease: k.owner.lease.clone(),
+                    metric: k.metric,
+                    gpu_class: k.gpu_class.clone(),
+                    mig_profile: k.mig_profile.clone(),
+                    window_start_ms: oracle_period(Resolution::Hour, k.window_start_ms).0,
+                };
+                *billed.entry(key).or_default() += v.total;
             }
             billed.retain(|_, v| *v != 0);
             let mut expected_periods: BTreeMap<(String, i64), i64> = BTreeMap::new();
             for (k, v) in &billed {
-                let month = crate::budgets::month_start_ms(k.window_start_ms);
+                let month = oracle_period(Resolution::Month, k.window_start_ms).0;
                 *expected_periods.entry((k.tenant.clone(), month)).or_default() +=
-                    prices.cost_micros(k, *v);
+                    oracle_cost(k.metric, &k.gpu_class, &k.mig_profile, *v);
             }
             expected_periods.retain(|_, c| *c != 0);
             prop_assert_eq!(periods, expected_periods);
