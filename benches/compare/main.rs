@@ -34,7 +34,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use meterflow_processor::PriceBook;
 
 use crate::meter::Meterflow;
 use crate::prom::{Collector, Prometheus, class_of, promql};
@@ -418,7 +417,6 @@ async fn run(args: Args) -> Result<bool> {
     );
 
     // Each quantity, per tenant and hour (per node and hour for the GPU maxima).
-    let book = PriceBook::default();
     let bounds = &scenario.truth.bounds;
     let kind_ms = |m: &BTreeMap<(String, String), i64>, class: &str, profile: &str| {
         m.get(&(class.to_string(), profile.to_string()))
@@ -446,7 +444,7 @@ async fn run(args: Args) -> Result<bool> {
     for (class, profile, name) in GPU_KINDS {
         let b = side_bounds(class, profile);
         for (total, b) in billed_bounds.iter_mut().zip(b) {
-            *total += billed(&book, profile, b);
+            *total += billed(profile, b);
         }
         quantities.push(new_q(name, "GPU-h", 1.0 / 3.6e6, b.map(Some)));
     }
@@ -480,7 +478,6 @@ async fn run(args: Args) -> Result<bool> {
         put(
             &mut quantities,
             None,
-            &book,
             cell_key(tenant, *hour),
             &c.gpu_ms,
             amounts,
@@ -491,7 +488,6 @@ async fn run(args: Args) -> Result<bool> {
         put(
             &mut quantities,
             Some(MF),
-            &book,
             cell_key(tenant, *hour),
             &c.gpu_ms,
             amounts,
@@ -507,14 +503,13 @@ async fn run(args: Args) -> Result<bool> {
         }
     }
     let t = Instant::now();
-    read_prometheus(&prom, &scenario, 0, SERVER, &book, &mut quantities).await?;
+    read_prometheus(&prom, &scenario, 0, SERVER, &mut quantities).await?;
     let prom_eval_s = t.elapsed().as_secs_f64();
     read_prometheus(
         &agent.server,
         &scenario,
         agent_shift_ms,
         AGENT,
-        &book,
         &mut quantities,
     )
     .await?;
@@ -564,6 +559,27 @@ async fn run(args: Args) -> Result<bool> {
     let mf_fresh = mf.freshness(args.probes).await?;
     let prom_fresh = prom_freshness(&prom, args.probes).await?;
     let prom_mem = prom.child.memory_mib();
+    // Meterflow's billed GPU-hours are what its billing stream charged (the probes' newer
+    // samples closed the scenario's billing windows), not its GPU-hours times a fraction here.
+    let charged: Vec<(String, i64)> = scenario
+        .truth
+        .tenants
+        .iter()
+        .filter(|(_, c)| c.gpu_ms.values().any(|ms| *ms > 0))
+        .map(|(key, _)| key.clone())
+        .collect();
+    let billing = mf.billed_gpu(&scenario, &charged).await?;
+    let billed_q = &mut quantities[Q_BILLED];
+    billed_q.sides[MF] = billing
+        .gpu_ms
+        .iter()
+        .map(|((tenant, hour), ms)| (cell_key(tenant, *hour), *ms))
+        .collect();
+    billed_q.bounds[MF] = billed_q.bounds[MF].map(|b| b + billing.rounding_ms);
+    println!(
+        "meterflow: {} GPU billing records read from meterflow.billing",
+        billing.records
+    );
     let agent_mem = (
         agent.agent.child.memory_mib(),
         agent.server.child.memory_mib(),
@@ -776,10 +792,9 @@ const Q_CPU: usize = 5;
 const Q_MEMORY: usize = 6;
 const Q_MAX_GPUS: usize = 7;
 
-/// GPU time billed as whole GPUs: a MIG profile's share of one.
-fn billed(book: &PriceBook, mig_profile: &str, ms: f64) -> f64 {
-    let (n, d) = book.fraction(mig_profile);
-    ms * n as f64 / d as f64
+/// GPU time billed as whole GPUs: a MIG profile's share of one, as the scenario bills it.
+fn billed(mig_profile: &str, ms: f64) -> f64 {
+    scenario::billed_fraction(mig_profile) * ms
 }
 
 fn cell_key(tenant: &str, hour: i64) -> String {
@@ -796,14 +811,13 @@ fn cell_key(tenant: &str, hour: i64) -> String {
 fn put(
     quantities: &mut [Quantity],
     side: Option<usize>,
-    book: &PriceBook,
     key: String,
     gpu_ms: &BTreeMap<(String, String), i64>,
     (energy_mj, cpu_us, memory_byte_ms): (i64, i64, f64),
 ) {
     let billed_ms = gpu_ms
         .iter()
-        .map(|((_, mig), ms)| billed(book, mig, *ms as f64))
+        .map(|((_, mig), ms)| billed(mig, *ms as f64))
         .sum();
     let mut values: Vec<(usize, f64)> = GPU_KINDS
         .iter()
@@ -834,7 +848,6 @@ async fn read_prometheus(
     scenario: &Scenario,
     shift_ms: i64,
     side: usize,
-    book: &PriceBook,
     quantities: &mut [Quantity],
 ) -> Result<()> {
     for (hour, at) in prom::hours(scenario) {
@@ -849,7 +862,7 @@ async fn read_prometheus(
                     *quantities[i].sides[side].entry(key.clone()).or_default() += ms;
                 }
             }
-            *quantities[Q_BILLED].sides[side].entry(key).or_default() += billed(book, &profile, ms);
+            *quantities[Q_BILLED].sides[side].entry(key).or_default() += billed(&profile, ms);
         }
         for (q, factor, target) in [
             (promql::energy_joules(), 1e3, Q_ENERGY),
@@ -1076,8 +1089,12 @@ const METHOD: &str = r#"
   for the next tick. The processor (`meterflow processor`, one worker, 1-minute windows,
   10-minute lateness) then reads the backlog and the sink (`meterflow sink`) serves it; the
   figures are read from `GET /v1/tenants/{tenant}/usage?window=hour&group_by=gpu_class,mig_profile`
-  and `GET /v1/fleet/hourly`; billed GPU-hours apply the price book's MIG fractions to the
-  GPU-hours by profile.
+  and `GET /v1/fleet/hourly`. Its billed GPU-hours are read from its billing stream
+  (`meterflow.billing`, every charge and adjustment of every GPU item), each record's cost
+  turned back into whole-GPU time at the class's hourly price written out in the scenario
+  (`scenario::gpu_hour_micros`), so a MIG slice counts at the fraction the processor priced it
+  at; the truth and Prometheus apply the scenario's own fractions (`scenario::billed_fraction`,
+  `1g.10gb` = 1/7). The bound adds half a micro of rounding per record.
 - **Prometheus server, scraping**: a scrape of a node at each tick shows what runs at that
   instant, as dcgm-exporter (`DCGM_FI_DEV_GPU_UTIL`, `DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION`
   per GPU board with the pod's namespace and name) and cAdvisor

@@ -9,12 +9,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use meterflow_ingest::Publisher;
 use meterflow_ingest::spool::Spool;
-use meterflow_schemas::{Sample, SampleBatch, SampleKind, SeriesId};
+use meterflow_schemas::{BillingRecord, Record, Sample, SampleBatch, SampleKind, SeriesId, topics};
 use meterflow_sink::auth::{Claims, SigningKey, mint};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::Value;
 
 use crate::proc::{Child, free_port};
-use crate::scenario::{Delivery, HOUR_MS, NodeTick, Scenario};
+use crate::scenario::{Delivery, HOUR_MS, NodeTick, Scenario, gpu_hour_micros};
 
 const SECRET: &[u8] = b"compare-harness-secret-0123456789";
 
@@ -394,6 +397,122 @@ impl Meterflow {
         }
         Ok(out)
     }
+}
+
+/// What Meterflow's billing stream charged for GPU time, per (tenant, hour): each record's
+/// cost turned back into whole-GPU time at the class's price written out in the scenario
+/// (so a MIG slice's time counts at the fraction the processor priced it at), and the most
+/// that rounding each record's cost to a micro can move it (half a micro each).
+pub struct BilledGpu {
+    pub gpu_ms: BTreeMap<(String, i64), f64>,
+    pub rounding_ms: f64,
+    pub records: usize,
+}
+
+impl Meterflow {
+    /// Reads `meterflow.billing` from the beginning until two reads a second apart agree and
+    /// every tenant-hour in `expect` has a charge; gives up after two minutes.
+    pub async fn billed_gpu(
+        &self,
+        scenario: &Scenario,
+        expect: &[(String, i64)],
+    ) -> Result<BilledGpu> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut last: Option<BTreeMap<(String, i64), f64>> = None;
+        loop {
+            let brokers = self.brokers.clone();
+            let bytes =
+                tokio::task::spawn_blocking(move || read_all(&brokers, topics::BILLING)).await??;
+            let mut billed = BilledGpu {
+                gpu_ms: BTreeMap::new(),
+                rounding_ms: 0.0,
+                records: 0,
+            };
+            for b in &bytes {
+                let r = BillingRecord::decode(b).context("a billing record")?;
+                let Some(class) = r
+                    .item
+                    .strip_prefix("gpu:")
+                    .and_then(|i| i.split(':').next())
+                else {
+                    continue;
+                };
+                let hour = r.window_start_ms;
+                if !scenario.tenants.contains(&r.tenant)
+                    || hour < scenario.t0
+                    || hour >= scenario.end_ms()
+                {
+                    continue;
+                }
+                let per_ms = gpu_hour_micros(class)
+                    .with_context(|| format!("billed GPU class {class} is not the scenario's"))?
+                    / HOUR_MS as f64;
+                *billed.gpu_ms.entry((r.tenant.clone(), hour)).or_default() +=
+                    r.cost_micros as f64 / per_ms;
+                billed.rounding_ms += 0.5 / per_ms;
+                billed.records += 1;
+            }
+            let complete = expect.iter().all(|k| billed.gpu_ms.contains_key(k));
+            if complete && last.as_ref() == Some(&billed.gpu_ms) {
+                return Ok(billed);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "meterflow.billing did not charge every tenant-hour of the scenario in 2 min ({} records)",
+                    billed.records
+                );
+            }
+            last = Some(billed.gpu_ms);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// Every message of `topic` now there (every partition, from the beginning).
+fn read_all(brokers: &str, topic: &str) -> Result<Vec<Vec<u8>>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "meterflow-compare-billing")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions = metadata
+        .topics()
+        .first()
+        .map_or(0, |t| t.partitions().len() as i32);
+    let mut ends = Vec::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        ends.push(high);
+        if high > low {
+            tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
+        }
+    }
+    let mut out = Vec::new();
+    if tpl.count() == 0 {
+        return Ok(out);
+    }
+    consumer.assign(&tpl)?;
+    let mut next: Vec<i64> = vec![0; partitions as usize];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // To the ends the broker reported, then on until a second passes with nothing new: the
+    // embedded broker's reported end can fall short of what its partition holds.
+    let mut quiet_since = Instant::now();
+    while next.iter().zip(&ends).any(|(n, e)| n < e)
+        || quiet_since.elapsed() < Duration::from_secs(1)
+    {
+        if Instant::now() > deadline {
+            bail!("{topic} not read to its end in 60 s");
+        }
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            let m = m?;
+            quiet_since = Instant::now();
+            next[m.partition() as usize] = m.offset() + 1;
+            out.push(m.payload().unwrap_or_default().to_vec());
+        }
+    }
+    Ok(out)
 }
 
 /// `2026-11-23T10:00:00Z` → milliseconds since the epoch.

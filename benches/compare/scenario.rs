@@ -40,6 +40,26 @@ const TICKS_PER_HOUR: i64 = HOUR_MS / INTERVAL_MS;
 /// How long PromQL takes a series' last sample as its value when no staleness marker ends it.
 const LOOKBACK_MS: i64 = 300_000;
 
+/// What the scenario's provider charges per hour of a whole GPU of a class, in micros, written
+/// out here (the processor runs with its demo price book, which must say the same).
+pub fn gpu_hour_micros(class: &str) -> Option<f64> {
+    match class {
+        "h100" => Some(2_490_000.0),
+        "a100" => Some(1_290_000.0),
+        _ => None,
+    }
+}
+
+/// The share of a whole GPU the scenario's provider bills a GPU of `mig_profile` as: a
+/// `1g.10gb` slice is one of the A100's seven.
+pub fn billed_fraction(mig_profile: &str) -> f64 {
+    match mig_profile {
+        "" => 1.0,
+        "1g.10gb" => 1.0 / 7.0,
+        other => panic!("the scenario has no MIG profile {other}"),
+    }
+}
+
 /// What happens to one node's batch of one tick on its way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivery {
