@@ -173,26 +173,58 @@ impl Meterflow {
     }
 
     /// Starts the processor (one worker) and the sink.
-    pub async fn start_pipeline(&mut self) -> Result<()> {
+    /// A processor (one worker) with its own state directory; its metrics page's URL.
+    fn spawn_processor(&self, name: &str, extra: &[&str]) -> Result<(Child, String)> {
         let metrics_port = free_port()?;
-        let processor = Child::spawn(
-            "processor",
-            &self.bin,
-            &[
-                "processor".into(),
-                "--brokers".into(),
-                self.brokers.clone(),
-                "--workers".into(),
-                "1".into(),
-                "--partitions".into(),
-                "2".into(),
-                "--state-dir".into(),
-                self.dir.join("processor-state").display().to_string(),
-                "--metrics-listen".into(),
-                format!("127.0.0.1:{metrics_port}"),
-            ],
-            &self.dir,
-        )?;
+        let mut args: Vec<String> = vec![
+            "processor".into(),
+            "--brokers".into(),
+            self.brokers.clone(),
+            "--workers".into(),
+            "1".into(),
+            "--partitions".into(),
+            "2".into(),
+            "--state-dir".into(),
+            self.dir.join(format!("{name}-state")).display().to_string(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{metrics_port}"),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let child = Child::spawn(name, &self.bin, &args, &self.dir)?;
+        Ok((child, format!("http://127.0.0.1:{metrics_port}/metrics")))
+    }
+
+    /// The processor reading the whole samples topic again from the beginning with a state of
+    /// its own, the sink stopped (nothing else busy): seconds from its first message read to
+    /// its `messages`-th, and its CPU-seconds. Its outputs repeat the first processor's (the
+    /// same ids), after every answer was read.
+    pub async fn backlog_run(&mut self, messages: u64) -> Result<(f64, f64)> {
+        self.sink = None;
+        let (mut child, url) = self.spawn_processor("processor-backlog", &[])?;
+        let started = Instant::now();
+        let mut first_read: Option<Instant> = None;
+        loop {
+            child.check_alive()?;
+            match crate::proc::processor_input(&self.http, &url).await {
+                Some(n) if n >= messages => break,
+                Some(n) if n > 0 && first_read.is_none() => first_read = Some(Instant::now()),
+                _ => {}
+            }
+            if started.elapsed() > Duration::from_secs(1800) {
+                bail!("the backlog processor did not read the samples in 30 min");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seconds = first_read
+            .unwrap_or(started)
+            .elapsed()
+            .as_secs_f64()
+            .max(1e-3);
+        Ok((seconds, child.cpu_seconds()))
+    }
+
+    pub async fn start_pipeline(&mut self) -> Result<()> {
+        let (processor, metrics_url) = self.spawn_processor("processor", &[])?;
         let sink_port = free_port()?;
         let sink = Child::spawn(
             "sink",
@@ -221,7 +253,7 @@ impl Meterflow {
             ],
             &self.dir,
         )?;
-        self.metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+        self.metrics_url = metrics_url;
         self.sink_url = format!("http://127.0.0.1:{sink_port}");
         self.processor = Some(processor);
         self.sink = Some(sink);
@@ -407,6 +439,8 @@ pub struct BilledGpu {
     pub gpu_ms: BTreeMap<(String, i64), f64>,
     pub rounding_ms: f64,
     pub records: usize,
+    /// GPU records that adjust a charge already sent (revision 1 on).
+    pub adjustments: usize,
 }
 
 impl Meterflow {
@@ -427,9 +461,16 @@ impl Meterflow {
                 gpu_ms: BTreeMap::new(),
                 rounding_ms: 0.0,
                 records: 0,
+                adjustments: 0,
             };
+            // A billing system drops a record whose id it has seen (the topic may hold one
+            // twice: a second processor reads the samples again at the end of the run).
+            let mut ids = std::collections::HashSet::new();
             for b in &bytes {
                 let r = BillingRecord::decode(b).context("a billing record")?;
+                if !ids.insert(r.id.clone()) {
+                    continue;
+                }
                 let Some(class) = r
                     .item
                     .strip_prefix("gpu:")
@@ -451,6 +492,9 @@ impl Meterflow {
                     r.cost_micros as f64 / per_ms;
                 billed.rounding_ms += 0.5 / per_ms;
                 billed.records += 1;
+                if r.revision > 0 {
+                    billed.adjustments += 1;
+                }
             }
             let complete = expect.iter().all(|k| billed.gpu_ms.contains_key(k));
             if complete && last.as_ref() == Some(&billed.gpu_ms) {

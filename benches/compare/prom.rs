@@ -98,9 +98,9 @@ fn exposition(s: &Sample) -> Option<(Series, f64)> {
 /// Who collects the nodes for Prometheus.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Collector {
-    /// The Prometheus server scrapes every node across the network: a failed exchange is a
-    /// failed scrape (staleness markers, the readings never taken), a duplicated or late one
-    /// is written twice or late.
+    /// The Prometheus server scrapes every node across the network: a failed exchange, or
+    /// one across a partition, is a failed scrape (staleness markers, the readings never
+    /// taken); a duplicated one is written twice.
     Server,
     /// A Prometheus in agent mode on each node scrapes its exporters locally and remote-writes
     /// from its write-ahead log: a failed delivery is retried, so every reading it took
@@ -120,12 +120,11 @@ pub struct Requests {
     pub hidden_gpu_ms: BTreeMap<(String, String), i64>,
 }
 
-/// One remote-write request per tick (for the server, plus the duplicates and the late
-/// deliveries), each sample stamped `shift_ms` after its reading.
+/// One remote-write request per tick (for the server, plus the duplicates), each sample
+/// stamped `shift_ms` after its reading.
 pub fn requests(scenario: &Scenario, collector: Collector, shift_ms: i64) -> Requests {
     // Per node: the series its last successful scrape showed (a scrape loop marks the rest stale).
     let mut shown: Vec<HashSet<Series>> = vec![HashSet::new(); scenario.nodes];
-    let mut held: BTreeMap<i64, Vec<(Series, PromSample)>> = BTreeMap::new();
     let mut hidden_gpu_ms: BTreeMap<(String, String), i64> = BTreeMap::new();
     let (mut out, mut total) = (Vec::new(), 0u64);
     for (i, row) in scenario.ticks.iter().enumerate() {
@@ -135,9 +134,11 @@ pub fn requests(scenario: &Scenario, collector: Collector, shift_ms: i64) -> Req
         let mut request: Vec<(Series, PromSample)> = Vec::new();
         let mut duplicates: Vec<(Series, PromSample)> = Vec::new();
         for t in row {
-            let delivery = match collector {
-                Collector::Server => t.delivery,
-                Collector::Agent => Delivery::OnTime,
+            let delivery = match (collector, t.delivery) {
+                // A server scraping across a partition fails its scrapes: nothing comes late.
+                (Collector::Server, Delivery::LateUntil(_)) => Delivery::Dropped,
+                (Collector::Server, d) => d,
+                (Collector::Agent, _) => Delivery::OnTime,
             };
             if let (Some(batch), Delivery::Dropped) = (&t.batch, delivery) {
                 for s in running_at(batch, now) {
@@ -207,23 +208,15 @@ pub fn requests(scenario: &Scenario, collector: Collector, shift_ms: i64) -> Req
                 ));
             }
             shown[t.node] = now_shown;
-            match delivery {
-                Delivery::LateUntil(until) => held.entry(until).or_default().extend(samples),
-                Delivery::Duplicated => {
-                    duplicates.extend(samples.iter().cloned());
-                    request.extend(samples);
-                }
-                _ => request.extend(samples),
+            if delivery == Delivery::Duplicated {
+                duplicates.extend(samples.iter().cloned());
             }
+            request.extend(samples);
         }
         total += request.len() as u64;
         out.push(encode(request));
         if !duplicates.is_empty() {
             out.push(encode(duplicates));
-        }
-        if let Some(late) = held.remove(&k) {
-            total += late.len() as u64;
-            out.push(encode(late));
         }
     }
     Requests {
@@ -259,8 +252,7 @@ pub struct Prometheus {
 impl Prometheus {
     /// The server: a TSDB, its remote-write receiver on.
     pub async fn start(binary: &Path, dir: &Path, port: u16) -> Result<Self> {
-        // Late samples are accepted as far back as Meterflow's allowed lateness (10 min).
-        let config = "global:\n  scrape_interval: 15s\nstorage:\n  tsdb:\n    out_of_order_time_window: 10m\n";
+        let config = "global:\n  scrape_interval: 15s\n";
         let data = format!("--storage.tsdb.path={}", dir.join("data").display());
         Self::spawn(binary, dir, port, config, &[data]).await
     }

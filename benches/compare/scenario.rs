@@ -11,8 +11,11 @@
 //! - **an agent outage**: one node's agent (and exporters) down for six minutes across an hour
 //!   boundary; when it is back the container runtime's records tell it what ran meanwhile
 //!   (a collection fault: a scraper's readings of those minutes were never taken).
-//! - **late batches**: one node's deliveries held back for five minutes (a partition), then
-//!   delivered, after the other nodes' newer data.
+//! - **a partition**: one node cut off for 16 minutes across an hour boundary, longer than the
+//!   processor's 10-min lateness: the hour before is billed before its batches arrive. The
+//!   Meterflow agent's spool and a Prometheus agent's WAL send them when it heals (Meterflow
+//!   corrects the bill with adjustments); a Prometheus server scraping across the partition
+//!   fails its scrapes.
 //! - **a driver reload**: one GPU board's energy counter restarts from zero right after a
 //!   reading, for both systems (the board's counter, as dcgm-exporter and NVML read it).
 //!
@@ -69,7 +72,7 @@ pub enum Delivery {
     Dropped,
     /// Delivered twice.
     Duplicated,
-    /// Held back and delivered at the given tick.
+    /// Held back by a partition and delivered at the given tick (the server's scrape fails).
     LateUntil(i64),
 }
 
@@ -134,7 +137,7 @@ impl Scenario {
     /// `nodes` nodes for `hours` hours from `t0` (an hour boundary), faults from `seed`.
     pub fn generate(nodes: usize, hours: i64, seed: u64, t0: i64) -> Self {
         assert!(nodes >= 3, "the faults need three nodes");
-        assert!(hours >= 2, "the outage and the late batches need two hours");
+        assert!(hours >= 2, "the outage and the partition need two hours");
         let mut fleet = Fleet::new(
             FleetConfig {
                 nodes,
@@ -151,10 +154,10 @@ impl Scenario {
         // boundary (an hour's figures on both sides of it depend on what the agent reads back).
         let outage_node = 1;
         let outage = (TICKS_PER_HOUR - 12)..(TICKS_PER_HOUR + 12);
-        // Late: node 2's deliveries from 10 min into the last hour, for 5 min, delivered then.
+        // The partition: node 2 cut off from 5 min before the end of hour 0 for 16 min; what
+        // it collected meanwhile is delivered when it heals.
         let late_node = 2;
-        let late_from = (hours - 1) * TICKS_PER_HOUR + 40;
-        let late = late_from..late_from + 20;
+        let late = (TICKS_PER_HOUR - 20)..(TICKS_PER_HOUR + 44);
         // The driver reload: 30 min into hour 0, of the first board on node 0 a container holds.
         let reset_tick = 120;
         let mut reset: Option<(String, String)> = None; // (board, holder's container)
@@ -231,9 +234,8 @@ impl Scenario {
                 clock(outage.end)
             ),
             format!(
-                "late: node-{late_node:03}'s deliveries from {} to {} held back and delivered at {} (5 min late, after the other nodes' newer data)",
+                "partition: node-{late_node:03} cut off from {} to {} (16 min, across an hour boundary, past the 10-min lateness: Meterflow bills the hour before it heals); Meterflow's agent and the Prometheus agent deliver what they collected when it heals, the Prometheus server's scrapes fail",
                 clock(late.start),
-                clock(late.end),
                 clock(late.end)
             ),
         ];

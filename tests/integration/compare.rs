@@ -5,7 +5,8 @@
 //! runs never listed, a board's energy outside its holder's readings), a Prometheus server
 //! within a 15-s sampler's bound plus what its failed scrapes hid, a Prometheus agent (WAL,
 //! remote write) within the sampler's bound alone, after its server was really down and it
-//! really retried. Needs the `prometheus` binary (`make test` installs Debian's package; the
+//! really retried; Meterflow's billed GPU-hours read from its billing stream, corrected by
+//! adjustments after a partition healed past the hour's billing. Needs the `prometheus` binary (`make test` installs Debian's package; the
 //! harness installs it itself when run as root).
 
 use std::process::Command;
@@ -37,6 +38,13 @@ fn each_system_stays_within_its_bound_under_the_faults() {
         agent["writes_while_server_down"].as_u64().expect("writes") > 0
             && agent["samples_retried"].as_f64().expect("retried") > 0.0,
         "the Prometheus agent met a delivery fault and retried: {agent}"
+    );
+    // The partition healed after the hour before it was billed: the charges were corrected
+    // by adjustments on the billing stream (and the billed GPU-hours below include them).
+    let billing = &doc["meterflow_billing"];
+    assert!(
+        billing["adjustments"].as_u64().expect("adjustments") > 0,
+        "the partition's batches arrived after their hour was billed: {billing}"
     );
     let scores = doc["quantities"].as_array().expect("quantities");
     let bounded = |side: &str| {
