@@ -708,6 +708,19 @@ async fn run(args: Args) -> Result<bool> {
             "\n## Accuracy per tenant and hour\n\nEach system's figure is its sum over the cells (tenant × hour, or node × hour for the GPU maxima); its error is the sum of the cells' absolute errors (so errors of opposite sign do not cancel), then per cell the mean and the worst relative error over the cells the truth has, how many cells equal the truth to its unit (a millisecond of GPU time, a millijoule, a microsecond of CPU) and how many the truth does not have. The bound is how far that system may be off from what its way of reading the nodes cannot show (below); ✓ where it is within it.\n"
         )?;
         writeln!(doc, "{table}")?;
+        writeln!(
+            doc,
+            "## Where each wins and loses\n\nPer quantity, from closest to the truth to furthest (summed error over the cells):\n\n{}",
+            verdict(&quantities)?
+        )?;
+        writeln!(
+            doc,
+            "Cost: Meterflow takes {:.1} CPU-seconds per million of its samples live (processor, sink and broker; it reads every sample kind, {:.1} times as many samples as the Prometheus agents), the Prometheus agent and its server {:.1} per million of theirs, the scraping server alone {:.1}.\n",
+            per_million(mf_total_cpu, scenario.samples),
+            scenario.samples as f64 / agent_requests.samples as f64,
+            per_million(agent.cpu.0 + agent.cpu.1, agent_requests.samples),
+            per_million(prom_cpu, prom_samples)
+        )?;
         writeln!(doc, "## Cost and speed\n\n{perf}")?;
         doc.push_str(METHOD);
         std::fs::write(&args.results, doc)
@@ -891,6 +904,50 @@ async fn read_prometheus(
         }
     }
     Ok(())
+}
+
+/// Why each quantity comes out as it does, in the order of the quantities.
+const WHY: [&str; 8] = [
+    "Meterflow bills the container runtime's start and finish times (off by the kubelet's whole seconds); Prometheus counts the GPUs each scrape shows × 15 s (off by up to an interval per run and hour), and the server also loses every failed scrape",
+    "as for H100",
+    "as for H100",
+    "Meterflow's figure is its billing stream, adjustments included; the others apply the MIG fraction to their GPU-hours",
+    "Prometheus's `increase` extrapolates each board's counter over the hour; Meterflow bills a holder only the energy between two readings inside its run and leaves the board's energy before the first and after the last to the operator, so it is short by up to an interval at each end of a run (its bound)",
+    "Meterflow differences cgroup counters between readings and has none at a container's exit, so each run's last interval is missing; `increase` extrapolates it",
+    "both hold each reading until the next and have none at a container's exit; the scraping server also loses failed scrapes",
+    "each counts the GPUs held at once: Meterflow from the runtime's intervals, Prometheus from each scrape's series",
+];
+
+/// In plain words, per quantity: the systems from closest to furthest, and why.
+fn verdict(quantities: &[Quantity]) -> Result<String> {
+    let mut out = String::new();
+    for (q, why) in quantities.iter().zip(WHY) {
+        let truth = score(&q.truth, &q.truth).sum;
+        let mut ranked: Vec<(f64, &str)> = SYSTEMS
+            .iter()
+            .enumerate()
+            .map(|(i, system)| (score(&q.truth, &q.sides[i]).abs_error, *system))
+            .collect();
+        ranked.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let order: Vec<String> = ranked
+            .iter()
+            .map(|(err, system)| {
+                let pct = if truth > 0.0 {
+                    100.0 * err / truth
+                } else {
+                    0.0
+                };
+                format!("{system} {pct:.2} %")
+            })
+            .collect();
+        writeln!(
+            out,
+            "- **{}**: {}. Why: {why}.",
+            q.name,
+            order.join(", then ")
+        )?;
+    }
+    Ok(out)
 }
 
 /// The accuracy table: per quantity, the truth, then each system's figure, error and bound.
