@@ -16,8 +16,9 @@
 //!   Meterflow agent's spool and a Prometheus agent's WAL send them when it heals (Meterflow
 //!   corrects the bill with adjustments); a Prometheus server scraping across the partition
 //!   fails its scrapes.
-//! - **a driver reload**: one GPU board's energy counter restarts from zero right after a
-//!   reading, for both systems (the board's counter, as dcgm-exporter and NVML read it).
+//! - **a driver reload**: one GPU board's energy counter restarts from zero 6 s after a
+//!   reading, for every system (the board's counter, as dcgm-exporter and NVML read it): what
+//!   the board used in those 6 s is in no reading.
 //!
 //! Both systems read the node as its real sources show it (the simulator's module docs): the
 //! kubelet's whole-second times and `lastState`, per-board energy counters that ran long before
@@ -40,6 +41,9 @@ use meterflow_schemas::{SampleBatch, SampleKind};
 pub const INTERVAL_MS: i64 = 15_000;
 pub const HOUR_MS: i64 = 3_600_000;
 const TICKS_PER_HOUR: i64 = HOUR_MS / INTERVAL_MS;
+/// How long after its reading at the reload's tick a board's driver reloads (before the
+/// next reading, 15 s after).
+const RELOAD_AFTER_MS: i64 = 6_000;
 /// How long PromQL takes a series' last sample as its value when no staleness marker ends it.
 const LOOKBACK_MS: i64 = 300_000;
 
@@ -188,7 +192,7 @@ impl Scenario {
                         Some((b.uuid.clone(), container.clone()))
                     });
                     if let Some((uuid, _)) = &reset {
-                        fleet.reload_driver(n, uuid);
+                        fleet.reload_driver(n, uuid, now + RELOAD_AFTER_MS);
                     }
                 }
                 samples += batch.samples.len() as u64;
@@ -217,7 +221,26 @@ impl Scenario {
             .iter()
             .filter(|c| c.finished && c.until_ms - c.started_at_ms < INTERVAL_MS)
             .count();
-        let truth = truth(&containers, &observed, t0, hours);
+        let mut truth = truth(&containers, &observed, t0, hours);
+        // What the board used between the reading before the reload and the reload is in no
+        // reading: every collector loses its holder's share of it.
+        if let Some((_, holder)) = &reset {
+            let reading = t0 + reset_tick * INTERVAL_MS;
+            truth.bounds.energy_mj += containers
+                .iter()
+                .filter(|c| &c.container_id == holder)
+                .map(|c| {
+                    // The holder holds the board whole: it draws GPU_WATTS while held.
+                    GPU_WATTS
+                        * overlap(
+                            c.started_at_ms,
+                            c.until_ms,
+                            reading,
+                            reading + RELOAD_AFTER_MS,
+                        )
+                })
+                .sum::<i64>();
+        }
         let clock = |k: i64| {
             let m = (k * INTERVAL_MS) / 60_000;
             format!("{}:{:02}", m / 60, m % 60)
@@ -241,7 +264,8 @@ impl Scenario {
         ];
         if let Some((uuid, container)) = reset {
             faults.push(format!(
-                "driver reload: GPU board {uuid}'s energy counter (held by container {container}) restarts from zero after the reading at {}",
+                "driver reload: GPU board {uuid}'s energy counter (held by container {container}) restarts from zero {} s after the reading at {}, between two readings: what the board used in those seconds is in no reading",
+                RELOAD_AFTER_MS / 1000,
                 clock(reset_tick)
             ));
         }

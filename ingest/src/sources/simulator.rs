@@ -8,7 +8,7 @@
 //! be shorter than a tick. Every GPU board draws [`IDLE_WATTS`], [`GPU_WATTS`] while a running
 //! container holds it whole, and [`MIG_SLICE_WATTS`] more per MIG instance in use; its energy
 //! counter is the board's running total since the driver loaded (drawn between 1 and 10 MJ),
-//! and [`Fleet::reload_driver`] sets it back to zero. The container records
+//! and [`Fleet::reload_driver`] sets it back to zero at a chosen instant. The container records
 //! ([`Fleet::containers`]) and [`Fleet::gpu_milliseconds`] are this physical truth, in
 //! milliseconds.
 //!
@@ -113,6 +113,8 @@ struct Board {
     model: &'static str,
     /// Millijoules since the driver loaded.
     energy_mj: i64,
+    /// A driver reload due at this time, applied at the board's next tick.
+    reload_at_ms: Option<i64>,
 }
 
 /// One run of a container, in physical milliseconds.
@@ -470,6 +472,10 @@ impl Fleet {
     /// lists: each container's current run and the one before it.
     pub fn tick_node(&mut self, index: usize, now_ms: i64) -> SampleBatch {
         let node = &mut self.nodes[index];
+        let (since_ms, before): (i64, Vec<i64>) = (
+            node.accrued_ms,
+            node.boards.iter().map(|b| b.energy_mj).collect(),
+        );
         for w in &mut node.workloads {
             advance(
                 &self.config,
@@ -484,6 +490,16 @@ impl Fleet {
         for board in &mut node.boards {
             board.energy_mj += IDLE_WATTS * idle_ms;
         }
+        // A driver reloaded since the last tick: the counter holds only what the board used
+        // after the reload (the interval's energy spread evenly over it).
+        for (board, before) in node.boards.iter_mut().zip(before) {
+            if let Some(at) = board.reload_at_ms.filter(|at| *at <= now_ms) {
+                let used = board.energy_mj - before;
+                let interval = (now_ms - since_ms).max(1);
+                board.energy_mj = used * (now_ms - at.max(since_ms)) / interval;
+                board.reload_at_ms = None;
+            }
+        }
         node.accrued_ms = node.accrued_ms.max(now_ms);
         let collected = observe(node, now_ms, &mut self.containers);
         *node.handed.lock().expect("not poisoned") = Some(collected);
@@ -493,15 +509,16 @@ impl Fleet {
             .expect("the simulated node's sources answer at once")
     }
 
-    /// Reloads the GPU driver of board `uuid` on node `index` now (after its latest tick): its
-    /// energy counter starts again from zero.
-    pub fn reload_driver(&mut self, index: usize, uuid: &str) {
+    /// Reloads the GPU driver of board `uuid` on node `index` at `at_ms` (at or after its
+    /// latest tick): its energy counter starts again from zero then, and its next reading
+    /// shows only what the board used after `at_ms`.
+    pub fn reload_driver(&mut self, index: usize, uuid: &str, at_ms: i64) {
         for board in self.nodes[index]
             .boards
             .iter_mut()
             .filter(|b| b.uuid == uuid)
         {
-            board.energy_mj = 0;
+            board.reload_at_ms = Some(at_ms);
         }
     }
 
@@ -566,6 +583,7 @@ fn node_gpus(n: usize, rng: &mut Rng) -> (Vec<Gpu>, Vec<Board>) {
         uuid,
         model,
         energy_mj: rng.range(1_000_000_000, 10_000_000_000),
+        reload_at_ms: None,
     };
     if n.is_multiple_of(2) {
         let model = "NVIDIA H100 80GB HBM3";
