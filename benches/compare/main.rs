@@ -343,7 +343,6 @@ async fn run(args: Args) -> Result<bool> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let read_s = t.elapsed().as_secs_f64();
-    let processor_live_cpu = mf.processor.as_ref().map_or(0.0, proc::Child::cpu_seconds);
     // Then until the API's answers stop changing.
     while !mf.ready().await {
         mf.check_alive()?;
@@ -521,33 +520,7 @@ async fn run(args: Args) -> Result<bool> {
         .max_by_key(|(_, ms)| *ms)
         .map(|(t, _)| t.clone())
         .context("a tenant")?;
-    let now = now_ms();
-    let (mut mf_query, mut prom_gpu_query, mut prom_energy_query) = (vec![], vec![], vec![]);
-    let mut rows = (0, 0);
-    for _ in 0..args.queries {
-        let t = Instant::now();
-        rows.0 = mf.thirty_days(&busiest, now).await?;
-        mf_query.push(t.elapsed().as_secs_f64() * 1e3);
-        let t = Instant::now();
-        rows.1 = prom
-            .query_range(
-                &promql::tenant_gpu_hours(&busiest),
-                now - 30 * 24 * HOUR_MS,
-                now,
-                HOUR_MS,
-            )
-            .await?;
-        prom_gpu_query.push(t.elapsed().as_secs_f64() * 1e3);
-        let t = Instant::now();
-        prom.query_range(
-            &promql::tenant_energy(&busiest),
-            now - 30 * 24 * HOUR_MS,
-            now,
-            HOUR_MS,
-        )
-        .await?;
-        prom_energy_query.push(t.elapsed().as_secs_f64() * 1e3);
-    }
+    let latency = thirty_days(&mf, &prom, &busiest, args.queries).await?;
 
     // Freshness: live samples at the wall clock's now, one at a time.
     let mf_fresh = mf.freshness(args.probes).await?;
@@ -593,181 +566,44 @@ async fn run(args: Args) -> Result<bool> {
     };
     let exact_ok = quantities.iter().all(|q| within(q, MF));
     let table = accuracy_table(&quantities)?;
-    let per_million = |cpu: f64, samples: u64| cpu / (samples as f64 / 1e6);
-    let mf_total_cpu = mf_cpu.0 + mf_cpu.1 + mf_cpu.2;
-    let mut perf = String::new();
-    writeln!(
-        perf,
-        "| figure | Meterflow | Prometheus server | Prometheus agent → server |"
-    )?;
-    writeln!(perf, "|---|---|---|---|")?;
-    writeln!(
-        perf,
-        "| samples ingested | {} (every sample the agents collected) | {prom_samples} (the four series families the PromQL reads, staleness markers included) | {} (the same families, every reading the agents took) |",
-        scenario.samples, agent_requests.samples
-    )?;
-    writeln!(
-        perf,
-        "| throughput | processor, one worker: {:.0} samples/s ({:.2} s for the backlog); agent spool + producer: {:.0} samples/s | remote-write receiver: {:.0} samples/s ({write_s:.1} s) | agent's receiver and WAL: {:.0} samples/s; forwarded to the server {:.1} s after the first write, its first {} writes while the server was down |",
-        scenario.samples as f64 / process_s,
-        process_s,
-        scenario.samples as f64 / publish_s,
-        prom_samples as f64 / write_s,
-        agent_requests.samples as f64 / agent.write_s,
-        agent.delivered_s,
-        agent.writes_while_down
-    )?;
-    writeln!(
-        perf,
-        "| CPU-seconds per million samples | processor {:.2} live ({:.2} reading the backlog), sink {:.2}, broker {:.2} (publish and serve); all {:.2} | {:.2} | agent {:.2}, server {:.2}; both {:.2} |",
-        per_million(processor_live_cpu, scenario.samples),
-        per_million(processor_cpu, scenario.samples),
-        per_million(mf_cpu.1, scenario.samples),
-        per_million(mf_cpu.2, scenario.samples),
-        per_million(mf_total_cpu, scenario.samples),
-        per_million(prom_cpu, prom_samples),
-        per_million(agent.cpu.0, agent_requests.samples),
-        per_million(agent.cpu.1, agent_requests.samples),
-        per_million(agent.cpu.0 + agent.cpu.1, agent_requests.samples),
-    )?;
-    writeln!(
-        perf,
-        "| freshness, sample → visible in the API ({} probes) | p50 {:.1} ms, p99 {:.1} ms | p50 {:.1} ms, p99 {:.1} ms (raw series; a recording rule adds up to its 15 s interval, a scrape up to 15 s more) | not measured (the agent's remote write adds its batching, up to 5 s by default) |",
-        args.probes,
-        quantile(&mf_fresh, 0.5),
-        quantile(&mf_fresh, 0.99),
-        quantile(&prom_fresh, 0.5),
-        quantile(&prom_fresh, 0.99)
-    )?;
-    writeln!(
-        perf,
-        "| a tenant's 30 days hourly ({} runs) | p50 {:.1} ms, p99 {:.1} ms (`/v1/tenants/{{tenant}}/usage?window=hour`, every metric, {} rows) | GPU-hours: p50 {:.1} ms, p99 {:.1} ms; energy: p50 {:.1} ms, p99 {:.1} ms ({} points) | the same server |",
-        args.queries,
-        quantile(&mf_query, 0.5),
-        quantile(&mf_query, 0.99),
-        rows.0,
-        quantile(&prom_gpu_query, 0.5),
-        quantile(&prom_gpu_query, 0.99),
-        quantile(&prom_energy_query, 0.5),
-        quantile(&prom_energy_query, 0.99),
-        rows.1
-    )?;
-    writeln!(
-        perf,
-        "| resident memory, now / peak | processor {:.0} / {:.0} MiB, sink {:.0} / {:.0} MiB, broker {:.0} / {:.0} MiB | {:.0} / {:.0} MiB | agent {:.0} / {:.0} MiB, server {:.0} / {:.0} MiB |",
-        mf_mem.0.0,
-        mf_mem.0.1,
-        mf_mem.1.0,
-        mf_mem.1.1,
-        mf_mem.2.0,
-        mf_mem.2.1,
-        prom_mem.0,
-        prom_mem.1,
-        agent_mem.0.0,
-        agent_mem.0.1,
-        agent_mem.1.0,
-        agent_mem.1.1
-    )?;
+    let costs = Costs {
+        samples: scenario.samples,
+        prom_samples,
+        agent_samples: agent_requests.samples,
+        backlog: (process_s, processor_cpu),
+        publish_s,
+        write_s,
+        mf_cpu,
+        mf_mem,
+        prom_cpu,
+        prom_mem,
+        agent_mem,
+        fresh: (mf_fresh, prom_fresh),
+        latency,
+        probes: args.probes,
+    };
+    let perf = cost_table(&costs, &agent)?;
     println!("\n{table}\n{perf}");
     println!(
         "Prometheus evaluated the hourly PromQL in {prom_eval_s:.2} s; the whole run took {:.0} s.",
         started.elapsed().as_secs_f64()
     );
     if args.results.as_os_str() != "-" {
-        let mut doc = String::new();
-        writeln!(doc, "# Meterflow and Prometheus, side by side\n")?;
-        writeln!(
-            doc,
-            "Written by `cargo run --release --bin compare{}` (seed {}) at commit `{}` on {}.\n",
-            if args.quick { " -- --quick" } else { "" },
-            args.seed,
-            git_commit(),
-            machine()
+        let doc = results_doc(
+            &args,
+            &scenario,
+            &costs,
+            &agent,
+            &quantities,
+            (&table, &perf),
+            &prometheus_version(&prometheus_bin),
         )?;
-        writeln!(
-            doc,
-            "Input: {nodes} simulated nodes (H100 and A100, one A100 per odd node split into seven `1g.10gb` MIG slices) for {hours} hours at a 15 s collection interval: {} tenants, {} containers ({} of them shorter than a scrape interval), {} samples for Meterflow, {prom_samples} for the Prometheus server, {} for the Prometheus agents. Prometheus {}. All read each node as its real sources show it (`ingest/src/sources/simulator.rs`): the Akash provider's pods, the kubelet's whole-second times and `lastState`, board energy counters since the driver loaded, cgroup readings at ticks and never at a container's exit; the truth is the simulator's physical record of each run.\n",
-            scenario.tenants.len(),
-            scenario.containers,
-            scenario.short_containers,
-            scenario.samples,
-            agent_requests.samples,
-            prometheus_version(&prometheus_bin)
-        )?;
-        writeln!(doc, "Faults injected (the same for every system):\n")?;
-        for f in &scenario.faults {
-            writeln!(doc, "- {f}")?;
-        }
-        writeln!(
-            doc,
-            "- the Prometheus agents' server down while the first {} of {} remote writes (one per 15-s tick) reached the agents: {:.0} samples retried from the WAL (the agent's `prometheus_remote_storage_samples_retried_total`)",
-            agent.writes_while_down, agent.writes, agent.retried
-        )?;
-        writeln!(
-            doc,
-            "\n## Accuracy per tenant and hour\n\nEach system's figure is its sum over the cells (tenant × hour, or node × hour for the GPU maxima); its error is the sum of the cells' absolute errors (so errors of opposite sign do not cancel), then per cell the mean and the worst relative error over the cells the truth has, how many cells equal the truth to its unit (a millisecond of GPU time, a millijoule, a microsecond of CPU) and how many the truth does not have. The bound is how far that system may be off from what its way of reading the nodes cannot show (below); ✓ where it is within it.\n"
-        )?;
-        writeln!(doc, "{table}")?;
-        writeln!(
-            doc,
-            "## Where each wins and loses\n\nPer quantity, from closest to the truth to furthest (summed error over the cells):\n\n{}",
-            verdict(&quantities)?
-        )?;
-        writeln!(
-            doc,
-            "Cost: Meterflow takes {:.1} CPU-seconds per million of its samples live (processor, sink and broker; it reads every sample kind, {:.1} times as many samples as the Prometheus agents), the Prometheus agent and its server {:.1} per million of theirs, the scraping server alone {:.1}.\n",
-            per_million(mf_total_cpu, scenario.samples),
-            scenario.samples as f64 / agent_requests.samples as f64,
-            per_million(agent.cpu.0 + agent.cpu.1, agent_requests.samples),
-            per_million(prom_cpu, prom_samples)
-        )?;
-        writeln!(doc, "## Cost and speed\n\n{perf}")?;
-        doc.push_str(METHOD);
         std::fs::write(&args.results, doc)
             .with_context(|| format!("writing {}", args.results.display()))?;
         println!("wrote {}", args.results.display());
     }
     if let Some(path) = &args.json {
-        let side = |q: &Quantity, i: usize| {
-            let s = score(&q.truth, &q.sides[i]);
-            serde_json::json!({
-                "sum": s.sum * q.scale,
-                "abs_error": s.abs_error * q.scale,
-                "bound": q.bounds[i].map(|b| b * q.scale),
-                "cells_exact": s.exact,
-                "cells": s.cells,
-                "mean_relative_error": s.mean_rel,
-                "worst_relative_error": s.worst_rel,
-                "spurious_cells": s.spurious,
-            })
-        };
-        let scores: Vec<serde_json::Value> = quantities
-            .iter()
-            .map(|q| {
-                serde_json::json!({
-                    "quantity": q.name,
-                    "unit": q.unit,
-                    "truth": score(&q.truth, &q.truth).sum * q.scale,
-                    "meterflow": side(q, MF),
-                    "prometheus": side(q, SERVER),
-                    "prometheus_agent": side(q, AGENT),
-                })
-            })
-            .collect();
-        let doc = serde_json::json!({
-            "quantities": scores,
-            "meterflow_billing": {
-                "gpu_records": billing.records,
-                "adjustments": billing.adjustments,
-            },
-            "agent": {
-                "writes": agent.writes,
-                "writes_while_server_down": agent.writes_while_down,
-                "samples_retried": agent.retried,
-            },
-        });
-        std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        write_scores(path, &quantities, &billing, &agent)?;
     }
     // Where a system is further from the truth than its bound, say so; where Meterflow differs
     // from the truth, the first few cells of each quantity.
@@ -1103,6 +939,290 @@ async fn through_agent(binary: &Path, dir: &Path, bodies: Vec<Vec<u8>>) -> Resul
         delivered_s,
         cpu,
     })
+}
+
+/// Every system's scores and bounds per quantity, and the proofs that the faults landed, as
+/// JSON at `path` (for the test that checks them).
+fn write_scores(
+    path: &Path,
+    quantities: &[Quantity],
+    billing: &meter::BilledGpu,
+    agent: &AgentRun,
+) -> Result<()> {
+    let side = |q: &Quantity, i: usize| {
+        let s = score(&q.truth, &q.sides[i]);
+        serde_json::json!({
+            "sum": s.sum * q.scale,
+            "abs_error": s.abs_error * q.scale,
+            "bound": q.bounds[i].map(|b| b * q.scale),
+            "cells_exact": s.exact,
+            "cells": s.cells,
+            "mean_relative_error": s.mean_rel,
+            "worst_relative_error": s.worst_rel,
+            "spurious_cells": s.spurious,
+        })
+    };
+    let scores: Vec<serde_json::Value> = quantities
+        .iter()
+        .map(|q| {
+            serde_json::json!({
+                "quantity": q.name,
+                "unit": q.unit,
+                "truth": score(&q.truth, &q.truth).sum * q.scale,
+                "meterflow": side(q, MF),
+                "prometheus": side(q, SERVER),
+                "prometheus_agent": side(q, AGENT),
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "quantities": scores,
+        "meterflow_billing": {
+            "gpu_records": billing.records,
+            "adjustments": billing.adjustments,
+        },
+        "agent": {
+            "writes": agent.writes,
+            "writes_while_server_down": agent.writes_while_down,
+            "samples_retried": agent.retried,
+        },
+    });
+    std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// A tenant's 30 days hour by hour, asked `runs` times of each system: milliseconds per ask.
+struct Latency {
+    meterflow: Vec<f64>,
+    prom_gpu: Vec<f64>,
+    prom_energy: Vec<f64>,
+    /// Meterflow's rows and Prometheus's points in one answer.
+    rows: (usize, usize),
+    runs: usize,
+}
+
+async fn thirty_days(
+    mf: &Meterflow,
+    prom: &Prometheus,
+    tenant: &str,
+    runs: usize,
+) -> Result<Latency> {
+    let now = now_ms();
+    let mut l = Latency {
+        meterflow: vec![],
+        prom_gpu: vec![],
+        prom_energy: vec![],
+        rows: (0, 0),
+        runs,
+    };
+    for _ in 0..runs {
+        let t = Instant::now();
+        l.rows.0 = mf.thirty_days(tenant, now).await?;
+        l.meterflow.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        l.rows.1 = prom
+            .query_range(
+                &promql::tenant_gpu_hours(tenant),
+                now - 30 * 24 * HOUR_MS,
+                now,
+                HOUR_MS,
+            )
+            .await?;
+        l.prom_gpu.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        prom.query_range(
+            &promql::tenant_energy(tenant),
+            now - 30 * 24 * HOUR_MS,
+            now,
+            HOUR_MS,
+        )
+        .await?;
+        l.prom_energy.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(l)
+}
+
+/// What each system cost and how fast it answered.
+struct Costs {
+    samples: u64,
+    prom_samples: u64,
+    agent_samples: u64,
+    /// The processor reading the whole topic as a backlog: seconds and CPU-seconds.
+    backlog: (f64, f64),
+    publish_s: f64,
+    /// The Prometheus server's remote writes.
+    write_s: f64,
+    /// Processor, sink and broker CPU-seconds, live.
+    mf_cpu: (f64, f64, f64),
+    /// Processor, sink and broker resident MiB, now and at the peak.
+    mf_mem: ((f64, f64), (f64, f64), (f64, f64)),
+    prom_cpu: f64,
+    prom_mem: (f64, f64),
+    /// The Prometheus agent's and its server's resident MiB.
+    agent_mem: ((f64, f64), (f64, f64)),
+    /// Milliseconds from a sample to the API showing it: Meterflow's, Prometheus's.
+    fresh: (Vec<f64>, Vec<f64>),
+    latency: Latency,
+    probes: usize,
+}
+
+fn per_million(cpu: f64, samples: u64) -> f64 {
+    cpu / (samples as f64 / 1e6)
+}
+
+impl Costs {
+    /// Meterflow's CPU-seconds per million of its samples, live: processor, sink and broker.
+    fn meterflow_per_million(&self) -> f64 {
+        per_million(self.mf_cpu.0 + self.mf_cpu.1 + self.mf_cpu.2, self.samples)
+    }
+}
+
+/// The cost and speed table.
+fn cost_table(c: &Costs, agent: &AgentRun) -> Result<String> {
+    let (mf_cpu, mf_mem, l) = (c.mf_cpu, c.mf_mem, &c.latency);
+    let (mf_fresh, prom_fresh) = (&c.fresh.0, &c.fresh.1);
+    let mut perf = String::new();
+    writeln!(
+        perf,
+        "| figure | Meterflow | Prometheus server | Prometheus agent → server |"
+    )?;
+    writeln!(perf, "|---|---|---|---|")?;
+    writeln!(
+        perf,
+        "| samples ingested | {} (every sample the agents collected) | {} (the four series families the PromQL reads, staleness markers included) | {} (the same families, every reading the agents took) |",
+        c.samples, c.prom_samples, c.agent_samples
+    )?;
+    writeln!(
+        perf,
+        "| throughput | processor, one worker: {:.0} samples/s ({:.2} s for the backlog); agent spool + producer: {:.0} samples/s | remote-write receiver: {:.0} samples/s ({:.1} s) | agent's receiver and WAL: {:.0} samples/s; forwarded to the server {:.1} s after the first write, its first {} writes while the server was down |",
+        c.samples as f64 / c.backlog.0,
+        c.backlog.0,
+        c.samples as f64 / c.publish_s,
+        c.prom_samples as f64 / c.write_s,
+        c.write_s,
+        c.agent_samples as f64 / agent.write_s,
+        agent.delivered_s,
+        agent.writes_while_down
+    )?;
+    writeln!(
+        perf,
+        "| CPU-seconds per million samples | processor {:.2} live ({:.2} reading the backlog), sink {:.2}, broker {:.2} (publish and serve); all {:.2} | {:.2} | agent {:.2}, server {:.2}; both {:.2} |",
+        per_million(mf_cpu.0, c.samples),
+        per_million(c.backlog.1, c.samples),
+        per_million(mf_cpu.1, c.samples),
+        per_million(mf_cpu.2, c.samples),
+        c.meterflow_per_million(),
+        per_million(c.prom_cpu, c.prom_samples),
+        per_million(agent.cpu.0, c.agent_samples),
+        per_million(agent.cpu.1, c.agent_samples),
+        per_million(agent.cpu.0 + agent.cpu.1, c.agent_samples),
+    )?;
+    writeln!(
+        perf,
+        "| freshness, sample → visible in the API ({} probes) | p50 {:.1} ms, p99 {:.1} ms | p50 {:.1} ms, p99 {:.1} ms (raw series; a recording rule adds up to its 15 s interval, a scrape up to 15 s more) | not measured (the agent's remote write adds its batching, up to 5 s by default) |",
+        c.probes,
+        quantile(mf_fresh, 0.5),
+        quantile(mf_fresh, 0.99),
+        quantile(prom_fresh, 0.5),
+        quantile(prom_fresh, 0.99)
+    )?;
+    writeln!(
+        perf,
+        "| a tenant's 30 days hourly ({} runs) | p50 {:.1} ms, p99 {:.1} ms (`/v1/tenants/{{tenant}}/usage?window=hour`, every metric, {} rows) | GPU-hours: p50 {:.1} ms, p99 {:.1} ms; energy: p50 {:.1} ms, p99 {:.1} ms ({} points) | the same server |",
+        l.runs,
+        quantile(&l.meterflow, 0.5),
+        quantile(&l.meterflow, 0.99),
+        l.rows.0,
+        quantile(&l.prom_gpu, 0.5),
+        quantile(&l.prom_gpu, 0.99),
+        quantile(&l.prom_energy, 0.5),
+        quantile(&l.prom_energy, 0.99),
+        l.rows.1
+    )?;
+    writeln!(
+        perf,
+        "| resident memory, now / peak | processor {:.0} / {:.0} MiB, sink {:.0} / {:.0} MiB, broker {:.0} / {:.0} MiB | {:.0} / {:.0} MiB | agent {:.0} / {:.0} MiB, server {:.0} / {:.0} MiB |",
+        mf_mem.0.0,
+        mf_mem.0.1,
+        mf_mem.1.0,
+        mf_mem.1.1,
+        mf_mem.2.0,
+        mf_mem.2.1,
+        c.prom_mem.0,
+        c.prom_mem.1,
+        c.agent_mem.0.0,
+        c.agent_mem.0.1,
+        c.agent_mem.1.0,
+        c.agent_mem.1.1
+    )?;
+    Ok(perf)
+}
+
+/// `benches/RESULTS.md`: what ran, the faults, the accuracy table and its plain words, the
+/// cost and speed table, the method.
+fn results_doc(
+    args: &Args,
+    scenario: &Scenario,
+    costs: &Costs,
+    agent: &AgentRun,
+    quantities: &[Quantity],
+    (table, perf): (&str, &str),
+    prometheus: &str,
+) -> Result<String> {
+    let mut doc = String::new();
+    writeln!(doc, "# Meterflow and Prometheus, side by side\n")?;
+    writeln!(
+        doc,
+        "Written by `cargo run --release --bin compare{}` (seed {}) at commit `{}` on {}.\n",
+        if args.quick { " -- --quick" } else { "" },
+        args.seed,
+        git_commit(),
+        machine()
+    )?;
+    writeln!(
+        doc,
+        "Input: {} simulated nodes (H100 and A100, one A100 per odd node split into seven `1g.10gb` MIG slices) for {} hours at a 15 s collection interval: {} tenants, {} containers ({} of them shorter than a scrape interval), {} samples for Meterflow, {} for the Prometheus server, {} for the Prometheus agents. Prometheus {}. All read each node as its real sources show it (`ingest/src/sources/simulator.rs`): the Akash provider's pods, the kubelet's whole-second times and `lastState`, board energy counters since the driver loaded, cgroup readings at ticks and never at a container's exit; the truth is the simulator's physical record of each run.\n",
+        scenario.nodes,
+        scenario.hours,
+        scenario.tenants.len(),
+        scenario.containers,
+        scenario.short_containers,
+        scenario.samples,
+        costs.prom_samples,
+        costs.agent_samples,
+        prometheus
+    )?;
+    writeln!(doc, "Faults injected (the same for every system):\n")?;
+    for f in &scenario.faults {
+        writeln!(doc, "- {f}")?;
+    }
+    writeln!(
+        doc,
+        "- the Prometheus agents' server down while the first {} of {} remote writes (one per 15-s tick) reached the agents: {:.0} samples retried from the WAL (the agent's `prometheus_remote_storage_samples_retried_total`)",
+        agent.writes_while_down, agent.writes, agent.retried
+    )?;
+    writeln!(
+        doc,
+        "\n## Accuracy per tenant and hour\n\nEach system's figure is its sum over the cells (tenant × hour, or node × hour for the GPU maxima); its error is the sum of the cells' absolute errors (so errors of opposite sign do not cancel), then per cell the mean and the worst relative error over the cells the truth has, how many cells equal the truth to its unit (a millisecond of GPU time, a millijoule, a microsecond of CPU) and how many the truth does not have. The bound is how far that system may be off from what its way of reading the nodes cannot show (below); ✓ where it is within it.\n"
+    )?;
+    writeln!(doc, "{table}")?;
+    writeln!(
+        doc,
+        "## Where each wins and loses\n\nPer quantity, from closest to the truth to furthest (summed error over the cells):\n\n{}",
+        verdict(quantities)?
+    )?;
+    writeln!(
+        doc,
+        "Cost: Meterflow takes {:.1} CPU-seconds per million of its samples live (processor, sink and broker; it reads every sample kind, {:.1} times as many samples as the Prometheus agents), the Prometheus agent and its server {:.1} per million of theirs, the scraping server alone {:.1}.\n",
+        costs.meterflow_per_million(),
+        scenario.samples as f64 / costs.agent_samples as f64,
+        per_million(agent.cpu.0 + agent.cpu.1, costs.agent_samples),
+        per_million(costs.prom_cpu, costs.prom_samples)
+    )?;
+    writeln!(doc, "## Cost and speed\n\n{perf}")?;
+    doc.push_str(METHOD);
+    Ok(doc)
 }
 
 fn prometheus_version(bin: &Path) -> String {
