@@ -43,6 +43,18 @@ pub struct Cell {
     pub memory_byte_ms: f64,
 }
 
+/// What Meterflow's billing stream charged for GPU time, per (tenant, hour): each record's
+/// cost turned back into whole-GPU time at the class's price written out in the scenario
+/// (so a MIG slice's time counts at the fraction the processor priced it at), and the most
+/// that rounding each record's cost to a micro can move it (half a micro each).
+pub struct BilledGpu {
+    pub gpu_ms: BTreeMap<(String, i64), f64>,
+    pub rounding_ms: f64,
+    pub records: usize,
+    /// GPU records that adjust a charge already sent (revision 1 on).
+    pub adjustments: usize,
+}
+
 fn token(tenant: &str, scope: &str) -> String {
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -429,21 +441,7 @@ impl Meterflow {
         }
         Ok(out)
     }
-}
 
-/// What Meterflow's billing stream charged for GPU time, per (tenant, hour): each record's
-/// cost turned back into whole-GPU time at the class's price written out in the scenario
-/// (so a MIG slice's time counts at the fraction the processor priced it at), and the most
-/// that rounding each record's cost to a micro can move it (half a micro each).
-pub struct BilledGpu {
-    pub gpu_ms: BTreeMap<(String, i64), f64>,
-    pub rounding_ms: f64,
-    pub records: usize,
-    /// GPU records that adjust a charge already sent (revision 1 on).
-    pub adjustments: usize,
-}
-
-impl Meterflow {
     /// Reads `meterflow.billing` from the beginning until two reads a second apart agree and
     /// every tenant-hour in `expect` has a charge; gives up after two minutes.
     pub async fn billed_gpu(
@@ -524,19 +522,15 @@ fn read_all(brokers: &str, topic: &str) -> Result<Vec<Vec<u8>>> {
         .topics()
         .first()
         .map_or(0, |t| t.partitions().len() as i32);
+    // Every partition, even one listed as empty: its listed end may fall short.
     let mut ends = Vec::new();
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
         ends.push(high);
-        if high > low {
-            tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
-        }
+        tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
     }
     let mut out = Vec::new();
-    if tpl.count() == 0 {
-        return Ok(out);
-    }
     consumer.assign(&tpl)?;
     let mut next: Vec<i64> = vec![0; partitions as usize];
     let deadline = Instant::now() + Duration::from_secs(60);

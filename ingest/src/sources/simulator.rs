@@ -472,10 +472,13 @@ impl Fleet {
     /// lists: each container's current run and the one before it.
     pub fn tick_node(&mut self, index: usize, now_ms: i64) -> SampleBatch {
         let node = &mut self.nodes[index];
-        let (since_ms, before): (i64, Vec<i64>) = (
-            node.accrued_ms,
-            node.boards.iter().map(|b| b.energy_mj).collect(),
-        );
+        // The counters before this tick, only while a driver reload is due (rarely).
+        let since_ms = node.accrued_ms;
+        let before: Option<Vec<i64>> = node
+            .boards
+            .iter()
+            .any(|b| b.reload_at_ms.is_some())
+            .then(|| node.boards.iter().map(|b| b.energy_mj).collect());
         for w in &mut node.workloads {
             advance(
                 &self.config,
@@ -492,7 +495,7 @@ impl Fleet {
         }
         // A driver reloaded since the last tick: the counter holds only what the board used
         // after the reload (the interval's energy spread evenly over it).
-        for (board, before) in node.boards.iter_mut().zip(before) {
+        for (board, before) in node.boards.iter_mut().zip(before.into_iter().flatten()) {
             if let Some(at) = board.reload_at_ms.filter(|at| *at <= now_ms) {
                 let used = board.energy_mj - before;
                 let interval = (now_ms - since_ms).max(1);
