@@ -524,7 +524,12 @@ async fn run(args: Args) -> Result<bool> {
 
     // Freshness: live samples at the wall clock's now, one at a time.
     let mf_fresh = mf.freshness(args.probes).await?;
-    let prom_fresh = prom_freshness(&prom, args.probes).await?;
+    let prom_fresh = prom_freshness(&prom, &prom, args.probes, 0).await?;
+    // Through the agent, each probe waits for its remote write's batch (5 s by default):
+    // fewer of them.
+    let agent_probes = args.probes.min(AGENT_PROBES);
+    let agent_fresh =
+        prom_freshness(&agent.agent, &agent.server, agent_probes, agent_shift_ms).await?;
     let prom_mem = prom.child.memory_mib();
     // Meterflow's billed GPU-hours are what its billing stream charged (the probes' newer
     // samples closed the scenario's billing windows), not its GPU-hours times a fraction here.
@@ -578,7 +583,7 @@ async fn run(args: Args) -> Result<bool> {
         prom_cpu,
         prom_mem,
         agent_mem,
-        fresh: (mf_fresh, prom_fresh),
+        fresh: (mf_fresh, prom_fresh, agent_fresh),
         latency,
         probes: args.probes,
     };
@@ -851,6 +856,9 @@ struct AgentRun {
     cpu: (f64, f64),
 }
 
+/// Freshness probes through the Prometheus agent at most (each waits up to 5 s).
+const AGENT_PROBES: usize = 10;
+
 /// The agent's server is down while the agent takes this many ticks of readings (20 min).
 const SERVER_DOWN_WRITES: usize = 80;
 
@@ -1061,8 +1069,9 @@ struct Costs {
     prom_mem: (f64, f64),
     /// The Prometheus agent's and its server's resident MiB.
     agent_mem: ((f64, f64), (f64, f64)),
-    /// Milliseconds from a sample to the API showing it: Meterflow's, Prometheus's.
-    fresh: (Vec<f64>, Vec<f64>),
+    /// Milliseconds from a sample to the API showing it: Meterflow's, the Prometheus server's,
+    /// through the Prometheus agent.
+    fresh: (Vec<f64>, Vec<f64>, Vec<f64>),
     latency: Latency,
     probes: usize,
 }
@@ -1081,7 +1090,7 @@ impl Costs {
 /// The cost and speed table.
 fn cost_table(c: &Costs, agent: &AgentRun) -> Result<String> {
     let (mf_cpu, mf_mem, l) = (c.mf_cpu, c.mf_mem, &c.latency);
-    let (mf_fresh, prom_fresh) = (&c.fresh.0, &c.fresh.1);
+    let (mf_fresh, prom_fresh, agent_fresh) = (&c.fresh.0, &c.fresh.1, &c.fresh.2);
     let mut perf = String::new();
     writeln!(
         perf,
@@ -1120,12 +1129,15 @@ fn cost_table(c: &Costs, agent: &AgentRun) -> Result<String> {
     )?;
     writeln!(
         perf,
-        "| freshness, sample → visible in the API ({} probes) | p50 {:.1} ms, p99 {:.1} ms | p50 {:.1} ms, p99 {:.1} ms (raw series; a recording rule adds up to its 15 s interval, a scrape up to 15 s more) | not measured (the agent's remote write adds its batching, up to 5 s by default) |",
+        "| freshness, sample → visible in the API ({} probes; {} through the agent) | p50 {:.1} ms, p99 {:.1} ms | p50 {:.1} ms, p99 {:.1} ms (raw series; a recording rule adds up to its 15 s interval, a scrape up to 15 s more) | p50 {:.1} ms, p99 {:.1} ms (the remote write's batch waits up to its 5-s deadline; a recording rule and a scrape add as for the server) |",
         c.probes,
+        agent_fresh.len(),
         quantile(mf_fresh, 0.5),
         quantile(mf_fresh, 0.99),
         quantile(prom_fresh, 0.5),
-        quantile(prom_fresh, 0.99)
+        quantile(prom_fresh, 0.99),
+        quantile(agent_fresh, 0.5),
+        quantile(agent_fresh, 0.99)
     )?;
     writeln!(
         perf,
@@ -1241,16 +1253,23 @@ fn prometheus_version(bin: &Path) -> String {
         .unwrap_or_else(|| "(version unknown)".into())
 }
 
-/// Writes one new series at the wall clock's now and times each until a query returns it.
-async fn prom_freshness(prom: &Prometheus, probes: usize) -> Result<Vec<f64>> {
+/// Writes one new series at the wall clock's now (moved by `shift_ms`, where the readings
+/// were) into `writer` and times each until a query of `reader` returns it (the same server,
+/// or the server an agent forwards to).
+async fn prom_freshness(
+    writer: &Prometheus,
+    reader: &Prometheus,
+    probes: usize,
+    shift_ms: i64,
+) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(probes);
     for i in 0..probes {
-        let now = now_ms();
+        let now = now_ms() + shift_ms;
         let body = prom::probe(i, now);
         let sent = Instant::now();
-        prom.write(body).await?;
+        writer.write(body).await?;
         loop {
-            if !prom
+            if !reader
                 .query(&format!("meterflow_compare_probe{{probe=\"{i}\"}}"), now)
                 .await?
                 .is_empty()
@@ -1340,5 +1359,7 @@ const METHOD: &str = r#"
   Prometheus's are counted from its first write to its last.
 - **Freshness**: one live batch (a new lease on a GPU) at a time, timed from the producer's
   send to the first `usage` answer that shows it; for Prometheus, one remote-written sample
-  to the first instant query that returns it.
+  to the first instant query that returns it, written to the server itself or to the agent
+  and read from the server it forwards to (10 probes at most: each waits for the remote
+  write's batch).
 "#;
