@@ -379,11 +379,10 @@ fn truth(containers: &[ContainerTruth], observed: &[Vec<i64>], t0: i64, hours: i
 ///   fall in its run; before the first and after the last it is the node's.
 ///
 /// And for a collector that samples (module docs of [`Bounds::sampled_gpu_ms`]): per GPU, one
-/// interval for each hour a run overlaps, and one for each tick inside the run at which the
-/// node was not read.
+/// interval for each hour a run overlaps, and one for each tick inside the run, or within
+/// PromQL's lookback after it, at which the node was not read.
 fn bounds(containers: &[ContainerTruth], observed: &[Vec<i64>], t0: i64, hours: i64) -> Bounds {
     let mut bounds = Bounds::default();
-    let all_ticks = (1..=hours * TICKS_PER_HOUR).map(|k| t0 + k * INTERVAL_MS);
     // Each workload's runs (by node and lease) in order, for when the next one ended.
     let mut runs: BTreeMap<(&str, &str), Vec<&ContainerTruth>> = BTreeMap::new();
     for c in containers {
@@ -426,9 +425,11 @@ fn bounds(containers: &[ContainerTruth], observed: &[Vec<i64>], t0: i64, hours: 
                 .count() as i64;
             // A reading not taken in the run, or within the 5-min lookback after it (a node's
             // agent that is down writes no staleness marker: the run's series seems held).
-            let unread = all_ticks
-                .clone()
-                .filter(|t| *t >= s && *t < e + LOOKBACK_MS && ticks.binary_search(t).is_err())
+            let first = (s - t0 + INTERVAL_MS - 1).div_euclid(INTERVAL_MS).max(1);
+            let unread = (first..=hours * TICKS_PER_HOUR)
+                .map(|k| t0 + k * INTERVAL_MS)
+                .take_while(|t| *t < e + LOOKBACK_MS)
+                .filter(|t| ticks.binary_search(t).is_err())
                 .count() as i64;
             for g in &c.gpus {
                 let kind = (g.class.clone(), g.mig_profile.clone());
