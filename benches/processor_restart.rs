@@ -18,47 +18,28 @@ use meterflow_ingest::{Fleet, FleetConfig};
 use meterflow_processor::checkpoint::Store;
 use meterflow_processor::{ProcessorConfig, run};
 use meterflow_schemas::{Record, topics as names};
-use rdkafka::ClientConfig;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use tokio_util::sync::CancellationToken;
+
+mod common;
+use common::T0;
 
 const TICK_MS: i64 = 15_000;
 const TICKS_PER_HOUR: i64 = 3_600_000 / TICK_MS;
 const PARTITIONS: i32 = 4;
-/// Data time starts at 2026-01-01T00:00:00Z, so no sample is refused as too old or too new.
-const T0: i64 = 1_767_225_600_000;
 
 /// Publishes ticks `from..to` of the fleet; returns (batches, samples).
 fn publish(brokers: &str, fleet: &mut Fleet, from: i64, to: i64) -> (usize, usize) {
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "20")
-        .create()
-        .expect("producer");
+    let producer = common::producer(brokers);
     let (mut batches, mut samples) = (0, 0);
     for t in from..to {
         for batch in fleet.tick(T0 + t * TICK_MS) {
             let bytes = batch.encode().expect("simulated batches encode");
             samples += batch.samples.len();
             batches += 1;
-            let mut record = BaseRecord::to(names::SAMPLES)
-                .key(batch.node.as_str())
-                .payload(&bytes);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((_, r)) => {
-                        record = r;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                }
-            }
+            common::send(&producer, names::SAMPLES, &batch.node, &bytes);
         }
     }
-    producer
-        .flush(Duration::from_secs(300))
-        .expect("every batch acknowledged");
+    common::flush(&producer);
     (batches, samples)
 }
 
@@ -68,7 +49,6 @@ fn process(brokers: &str, state_dir: &Path, workers: usize) -> Duration {
         workers,
         state_dir: Some(state_dir.to_path_buf()),
         exit_when_caught_up: true,
-        max_batch: 5_000,
         ..ProcessorConfig::new(brokers)
     };
     let start = Instant::now();

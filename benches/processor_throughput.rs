@@ -1,37 +1,115 @@
-//! Processor throughput on one machine, without Kafka: simulated sample batches are encoded
-//! as on the wire, then decoded, validated and fed to the differential dataflow, one epoch
-//! per fleet tick, with 1 and 2 timely workers. A decode-only pass over the same bytes runs
-//! first in the same process as the baseline.
+//! Processor throughput on one machine, the same simulated input in every mode:
 //!
-//! `cargo bench --bench processor_throughput -- [NODES] [TICKS] [none|all] [RUN_MINUTES]`
-//! (defaults 200 nodes, 40 ticks of 15 s, with the hour, day and month roll-ups; `none` leaves
-//! them out; RUN_MINUTES makes every container run between that many minutes and twice as
-//! long instead of the simulator's 20 s to 5 min, as long-lived leases do).
+//! - **decode only**: the batches' Avro decoded, nothing else (the baseline of this run);
+//! - **dataflow only**: decoded, validated and fed to the differential dataflow without Kafka,
+//!   one epoch per fleet tick, with 1 and 2 workers; the state it holds per series is measured
+//!   here, where no broker shares the process's memory;
+//! - **backlog**: the real processor (`meterflow_processor::run`) reads the whole input from
+//!   the embedded broker, produces usage and billing and writes RocksDB checkpoints, with 1
+//!   and 2 workers, until it has caught up;
+//! - **live**: one worker keeps up as the fleet reports, one tick at a time (every node's batch
+//!   of a tick published, then the next once the processor has taken it in), checkpointing at
+//!   every epoch as at a real 15-s pace. Its samples/s divide by the worker's busy time (every
+//!   stage but waiting for input), and its share of one core is that busy time per tick over
+//!   the 15 s a tick lasts.
+//!
+//! Each Kafka mode runs against a fresh embedded broker (memory storage) in this process. The
+//! processor's time per stage comes from its own `meterflow_processor_stage_seconds_total`.
+//!
+//! `cargo bench --bench processor_throughput -- [NODES] [TICKS] [none|all] [RUN_MINUTES] [--json]`
+//! (defaults 1,000 nodes, 60 ticks of 15 s, the first hour billed within them, with the hour, day and month roll-ups; `none`
+//! leaves them out; RUN_MINUTES makes every container run between that many minutes and twice
+//! as long instead of the simulator's 20 s to 5 min, as long-lived leases do). With `--json`
+//! the last line is one JSON object of the figures.
 
 use std::sync::{Arc, Barrier};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use meterflow::broker::{self, BrokerConfig};
+use meterflow::topics::{self, TopicsConfig};
 use meterflow_ingest::{Fleet, FleetConfig};
-use meterflow_processor::PriceBook;
 use meterflow_processor::dataflow::{Costing, Installed, Resolution, install};
+use meterflow_processor::metrics::{self, METRICS, Stage};
 use meterflow_processor::model::observe;
 use meterflow_processor::names::Names;
 use meterflow_processor::series::{Feeder, Rules};
-use meterflow_schemas::{Record, SampleBatch};
+use meterflow_processor::{PriceBook, ProcessorConfig, run};
+use meterflow_schemas::{Record, SampleBatch, topics as names};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+mod common;
+use common::{T0, resident_bytes};
+
+const TICK_MS: i64 = 15_000;
+const PARTITIONS: i32 = 4;
+/// The fleet's first tick is 4 minutes before an hour ends, so that the default 60 ticks
+/// (15 min) carry the watermark past that hour's end and its 10 minutes of lateness: the hour
+/// is billed within the run.
+const START: i64 = T0 - 4 * 60_000 - TICK_MS;
+
+/// The simulated input: per tick, each node's batch (its key and its bytes).
+struct Input {
+    ticks: Vec<Vec<(String, Vec<u8>)>>,
+    samples: usize,
+    bytes: usize,
+}
+
+impl Input {
+    fn simulate(nodes: usize, ticks: i64, run_ms: (i64, i64)) -> Self {
+        let mut fleet = Fleet::new(
+            FleetConfig {
+                nodes,
+                seed: 42,
+                run_ms,
+                ..FleetConfig::default()
+            },
+            START,
+        );
+        let ticks: Vec<Vec<(String, Vec<u8>)>> = (1..=ticks)
+            .map(|t| {
+                fleet
+                    .tick(START + t * TICK_MS)
+                    .iter()
+                    .map(|b| {
+                        let bytes = b.encode().expect("simulated batches encode");
+                        (b.node.clone(), bytes)
+                    })
+                    .collect()
+            })
+            .collect();
+        let samples = ticks
+            .iter()
+            .flatten()
+            .map(|(_, b)| SampleBatch::decode(b).expect("decodes").samples.len())
+            .sum();
+        let bytes = ticks.iter().flatten().map(|(_, b)| b.len()).sum();
+        Self {
+            ticks,
+            samples,
+            bytes,
+        }
+    }
+
+    fn batches(&self) -> usize {
+        self.ticks.iter().map(Vec::len).sum()
+    }
+}
 
 fn main() {
+    let json_wanted = std::env::args().any(|a| a == "--json");
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let nodes: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(200);
-    let ticks: i64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(40);
+    let nodes: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(1000);
+    let ticks: i64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(60);
     // Third argument `none`: without the hour, day and month roll-ups.
-    let rollups_wanted: Vec<Resolution> = match args.get(2).map(String::as_str) {
+    let rollups: Vec<Resolution> = match args.get(2).map(String::as_str) {
         Some("none") => Vec::new(),
         _ => Resolution::ALL.to_vec(),
     };
-    println!("roll-ups: {rollups_wanted:?}");
+    println!("roll-ups: {rollups:?}");
     let run_ms = match args.get(3).and_then(|a| a.parse::<i64>().ok()) {
         Some(minutes) => (minutes * 60_000, 2 * minutes * 60_000),
         None => FleetConfig::default().run_ms,
@@ -42,145 +120,380 @@ fn main() {
         run_ms.1 / 1000
     );
 
-    let mut fleet = Fleet::new(
-        FleetConfig {
-            nodes,
-            seed: 42,
-            run_ms,
-            ..FleetConfig::default()
-        },
-        0,
-    );
-    let ticks: Vec<Vec<Vec<u8>>> = (1..=ticks)
-        .map(|t| {
-            fleet
-                .tick(t * 15_000)
-                .iter()
-                .map(|b| b.encode().expect("simulated batches encode"))
-                .collect()
-        })
-        .collect();
-    let samples: usize = ticks
-        .iter()
-        .flatten()
-        .map(|b| SampleBatch::decode(b).expect("decodes").samples.len())
-        .sum();
-    let bytes: usize = ticks.iter().flatten().map(Vec::len).sum();
+    let input = Arc::new(Input::simulate(nodes, ticks, run_ms));
     println!(
-        "input: {nodes} nodes x {} ticks = {} batches, {samples} samples, {bytes} bytes",
-        ticks.len(),
-        ticks.len() * nodes
+        "input: {nodes} nodes x {ticks} ticks = {} batches, {} samples, {} bytes",
+        input.batches(),
+        input.samples,
+        input.bytes
     );
 
-    let start = Instant::now();
-    let mut decoded = 0usize;
-    for b in ticks.iter().flatten() {
-        decoded += SampleBatch::decode(b).expect("decodes").samples.len();
-    }
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "baseline decode only      : {:>10.0} samples/s ({secs:.3} s)",
-        decoded as f64 / secs
-    );
+    let decode = decode_only(&input);
+    println!("baseline decode only       : {decode:>10.0} samples/s");
 
-    let ticks = Arc::new(ticks);
+    let mut dataflow = Vec::new();
     for workers in [1usize, 2] {
-        let data = ticks.clone();
-        let rollups_wanted = rollups_wanted.clone();
-        // One interner for the process, as in the processor.
-        let names = Arc::new(Names::default());
-        let before = resident_bytes();
-        // All workers hold their state until worker 0 has measured it.
-        let barrier = Arc::new(Barrier::new(workers));
-        let start = Instant::now();
-        let guards = timely::execute(timely::Config::process(workers), move |worker| {
-            let (index, peers) = (worker.index(), worker.peers());
-            let Installed {
-                mut input,
-                probe,
-                usage,
-                billing,
-                fleet,
-                rollups,
-                costs,
-                periods,
-                // The names and progress inputs are closed: one process needs neither.
-                ..
-            } = install(
-                worker,
-                60_000,
-                3_600_000,
-                Costing {
-                    names: names.clone(),
-                    prices: Arc::new(PriceBook::default()),
-                },
-                &rollups_wanted,
-            );
-            let mut feeder = Feeder::new(Rules::new(60_000), names.clone(), index);
-            let mut updates = 0usize;
-            for (epoch, batches) in data.iter().enumerate() {
-                for bytes in batches.iter().skip(index).step_by(peers) {
-                    let batch = SampleBatch::decode(bytes).expect("decodes");
-                    for s in &batch.samples {
-                        if let Ok(Some(o)) = observe(s) {
-                            // As the processor: readings older than 10 minutes of lateness
-                            // behind the tick are folded away.
-                            feeder
-                                .feed(&mut input, 0, o, (epoch as i64 + 1) * 15_000 - 600_000)
-                                .expect("no series limit");
-                        }
-                    }
-                }
-                input.advance_to(epoch as u64 + 1);
-                input.flush();
-                worker.step_while(|| probe.less_than(input.time()));
-                updates += usage.borrow_mut().drain(..).count();
-                updates += billing.borrow_mut().drain(..).count();
-                updates += fleet.borrow_mut().drain(..).count();
-                updates += rollups.borrow_mut().drain(..).count();
-                updates += costs.borrow_mut().drain(..).count();
-                updates += periods.borrow_mut().drain(..).count();
-            }
-            let elapsed = start.elapsed();
-            let (allocations, readings) = feeder.series();
-            barrier.wait();
-            let resident = (worker.index() == 0).then(resident_bytes);
-            barrier.wait();
-            (updates, allocations + readings, resident, elapsed)
-        })
-        .expect("timely starts");
-        let results: Vec<_> = guards
-            .join()
-            .into_iter()
-            .map(|r| r.expect("worker"))
-            .collect();
-        let updates: usize = results.iter().map(|r| r.0).sum();
-        let series: usize = results.iter().map(|r| r.1).sum();
-        let resident = results.iter().find_map(|r| r.2).unwrap_or(0);
-        let secs = results
-            .iter()
-            .map(|r| r.3.as_secs_f64())
-            .fold(0.0, f64::max);
+        let r = dataflow_only(input.clone(), workers, &rollups);
         println!(
-            "dataflow, {workers} worker(s)      : {:>10.0} samples/s ({secs:.3} s, {updates} output changes)",
-            samples as f64 / secs
+            "dataflow only, {workers} worker(s)  : {:>10.0} samples/s ({:.3} s, {} output changes = {:.2} per sample)",
+            r.samples_per_s,
+            r.secs,
+            r.changes,
+            r.changes as f64 / input.samples as f64
         );
         println!(
-            "  state: {series} series; resident memory grew {} bytes = {:.0} bytes per active series (feeder, interner and arrangements, all windows kept)",
-            resident.saturating_sub(before),
-            resident.saturating_sub(before) as f64 / series.max(1) as f64
+            "  state: {} series; resident memory grew {} bytes = {:.0} bytes per active series (feeder, interner and arrangements, all windows kept)",
+            r.series, r.resident_growth, r.bytes_per_series
+        );
+        dataflow.push(r);
+    }
+
+    let runtime = tokio::runtime::Runtime::new().expect("tokio");
+    let mut backlog = Vec::new();
+    for workers in [1usize, 2] {
+        let r = through_kafka(&runtime, &input, workers, &rollups, Mode::Backlog);
+        r.print(&format!("backlog, {workers} worker(s)       "), &input);
+        backlog.push(r);
+    }
+    let live = through_kafka(&runtime, &input, 1, &rollups, Mode::Live);
+    live.print("live, 1 worker             ", &input);
+    let busy_per_tick = live.busy_secs() / ticks as f64;
+    let core_share = busy_per_tick / (TICK_MS as f64 / 1000.0);
+    println!(
+        "  live: {:.3} s busy per tick of {nodes} nodes = {:.1} % of one core at the agents' 15-s pace",
+        busy_per_tick,
+        100.0 * core_share
+    );
+
+    if json_wanted {
+        let figures = json!({
+            "nodes": nodes,
+            "ticks": ticks,
+            "samples": input.samples,
+            "rollups": rollups.iter().map(|r| r.name()).collect::<Vec<_>>(),
+            "decode_samples_per_s": decode.round(),
+            "dataflow_samples_per_s_1w": dataflow[0].samples_per_s.round(),
+            "dataflow_samples_per_s_2w": dataflow[1].samples_per_s.round(),
+            "backlog_samples_per_s_1w": backlog[0].samples_per_s(&input).round(),
+            "backlog_samples_per_s_2w": backlog[1].samples_per_s(&input).round(),
+            "live_samples_per_s_1w": live.busy_samples_per_s(&input).round(),
+            "live_core_share_at_15s": (core_share * 1000.0).round() / 1000.0,
+            "state_bytes_per_series": dataflow[0].bytes_per_series.round(),
+            "output_records_per_sample": ((backlog[0].outputs() as f64 / input.samples as f64) * 1000.0).round() / 1000.0,
+            "stage_seconds": {
+                "backlog_1w": backlog[0].stages_json(),
+                "backlog_2w": backlog[1].stages_json(),
+                "live_1w": live.stages_json(),
+            },
+        });
+        println!("{figures}");
+    }
+}
+
+/// Decodes every batch once: the rate the processor could reach if decoding were all it did.
+fn decode_only(input: &Input) -> f64 {
+    let start = Instant::now();
+    let mut decoded = 0usize;
+    for (_, b) in input.ticks.iter().flatten() {
+        decoded += SampleBatch::decode(b).expect("decodes").samples.len();
+    }
+    decoded as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A dataflow-only run's figures.
+struct DataflowRun {
+    samples_per_s: f64,
+    secs: f64,
+    changes: usize,
+    series: usize,
+    resident_growth: u64,
+    bytes_per_series: f64,
+}
+
+/// Decodes, validates and feeds the input to the dataflow in this process, one epoch per
+/// tick, as the processor's workers do but without Kafka, outputs or checkpoints.
+fn dataflow_only(data: Arc<Input>, workers: usize, rollups: &[Resolution]) -> DataflowRun {
+    let rollups = rollups.to_vec();
+    let samples = data.samples;
+    // One interner for the process, as in the processor.
+    let names = Arc::new(Names::default());
+    let before = resident_bytes();
+    // All workers hold their state until worker 0 has measured it.
+    let barrier = Arc::new(Barrier::new(workers));
+    let start = Instant::now();
+    let guards = timely::execute(timely::Config::process(workers), move |worker| {
+        let (index, peers) = (worker.index(), worker.peers());
+        let Installed {
+            mut input,
+            probe,
+            usage,
+            billing,
+            fleet,
+            rollups: rolled,
+            costs,
+            periods,
+            // The names and progress inputs are closed: one process needs neither.
+            ..
+        } = install(
+            worker,
+            60_000,
+            3_600_000,
+            Costing {
+                names: names.clone(),
+                prices: Arc::new(PriceBook::default()),
+            },
+            &rollups,
+        );
+        let mut feeder = Feeder::new(Rules::new(60_000), names.clone(), index);
+        let mut changes = 0usize;
+        for (epoch, batches) in data.ticks.iter().enumerate() {
+            let tick_ms = START + (epoch as i64 + 1) * TICK_MS;
+            for (_, bytes) in batches.iter().skip(index).step_by(peers) {
+                let batch = SampleBatch::decode(bytes).expect("decodes");
+                for s in &batch.samples {
+                    if let Ok(Some(o)) = observe(s) {
+                        // As the processor: readings older than 10 minutes of lateness
+                        // behind the tick are folded away.
+                        feeder
+                            .feed(&mut input, 0, o, tick_ms - 600_000)
+                            .expect("no series limit");
+                    }
+                }
+            }
+            input.advance_to(epoch as u64 + 1);
+            input.flush();
+            worker.step_while(|| probe.less_than(input.time()));
+            changes += usage.borrow_mut().drain(..).count();
+            changes += billing.borrow_mut().drain(..).count();
+            changes += fleet.borrow_mut().drain(..).count();
+            changes += rolled.borrow_mut().drain(..).count();
+            changes += costs.borrow_mut().drain(..).count();
+            changes += periods.borrow_mut().drain(..).count();
+        }
+        let elapsed = start.elapsed();
+        let (allocations, readings) = feeder.series();
+        barrier.wait();
+        let resident = (worker.index() == 0).then(resident_bytes);
+        barrier.wait();
+        (changes, allocations + readings, resident, elapsed)
+    })
+    .expect("timely starts");
+    let results: Vec<_> = guards
+        .join()
+        .into_iter()
+        .map(|r| r.expect("worker"))
+        .collect();
+    let changes: usize = results.iter().map(|r| r.0).sum();
+    let series: usize = results.iter().map(|r| r.1).sum();
+    let resident = results.iter().find_map(|r| r.2).unwrap_or(0);
+    let secs = results
+        .iter()
+        .map(|r| r.3.as_secs_f64())
+        .fold(0.0, f64::max);
+    let resident_growth = resident.saturating_sub(before);
+    DataflowRun {
+        samples_per_s: samples as f64 / secs,
+        secs,
+        changes,
+        series,
+        resident_growth,
+        bytes_per_series: resident_growth as f64 / series.max(1) as f64,
+    }
+}
+
+/// How the real processor meets the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// All of it published first, then read from the beginning until caught up.
+    Backlog,
+    /// Published a tick at a time, each taken in before the next.
+    Live,
+}
+
+/// A run of the real processor: its wall time, and what its counters moved by.
+struct KafkaRun {
+    wall: Duration,
+    stages: Vec<(Stage, f64)>,
+    usage_records: u64,
+    billing_records: u64,
+    checkpoints: u64,
+}
+
+impl KafkaRun {
+    /// Samples per second of the run's wall time, start-up and the last checkpoint included.
+    fn samples_per_s(&self, input: &Input) -> f64 {
+        input.samples as f64 / self.wall.as_secs_f64()
+    }
+
+    /// Seconds the workers spent on anything but waiting for input.
+    fn busy_secs(&self) -> f64 {
+        self.stages
+            .iter()
+            .filter(|(stage, _)| *stage != Stage::Poll)
+            .map(|(_, secs)| secs)
+            .sum()
+    }
+
+    /// Samples per second of the workers' busy time.
+    fn busy_samples_per_s(&self, input: &Input) -> f64 {
+        input.samples as f64 / self.busy_secs()
+    }
+
+    /// Records sent to the usage and billing topics.
+    fn outputs(&self) -> u64 {
+        self.usage_records + self.billing_records
+    }
+
+    fn stages_json(&self) -> serde_json::Value {
+        self.stages
+            .iter()
+            .map(|(stage, secs)| {
+                (
+                    stage.name().to_string(),
+                    json!((secs * 1000.0).round() / 1000.0),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+
+    fn print(&self, label: &str, input: &Input) {
+        println!(
+            "{label}: {:>10.0} samples/s of wall time ({:.3} s), {:.0} samples/s of busy time; {} usage + {} billing records = {:.2} per sample; {} checkpoints",
+            self.samples_per_s(input),
+            self.wall.as_secs_f64(),
+            self.busy_samples_per_s(input),
+            self.usage_records,
+            self.billing_records,
+            self.outputs() as f64 / input.samples as f64,
+            self.checkpoints
+        );
+        let stages: Vec<String> = self
+            .stages
+            .iter()
+            .map(|(stage, secs)| format!("{} {secs:.3}", stage.name()))
+            .collect();
+        println!(
+            "  seconds per stage, summed over workers: {}",
+            stages.join(", ")
         );
     }
 }
 
-/// This process's resident set size, from `/proc/self/status` (0 where there is none).
-fn resident_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+/// The process's counters the Kafka runs read, at one instant.
+fn counters() -> (Vec<f64>, u64, u64, u64, u64) {
+    (
+        Stage::ALL
+            .iter()
+            .map(|s| metrics::stage_seconds(*s))
+            .collect(),
+        METRICS.usage_records.get(),
+        METRICS.billing_records.get(),
+        METRICS.checkpoints.get(),
+        METRICS.batches.get(),
+    )
+}
+
+/// Runs the real processor with `workers` workers over the input, against a fresh embedded
+/// broker, in `mode`.
+fn through_kafka(
+    runtime: &tokio::runtime::Runtime,
+    input: &Input,
+    workers: usize,
+    rollups: &[Resolution],
+    mode: Mode,
+) -> KafkaRun {
+    let broker = runtime
+        .block_on(broker::start(BrokerConfig {
+            listen: "127.0.0.1:0".parse().expect("address"),
+            storage: "memory".into(),
+        }))
+        .expect("embedded broker");
+    let brokers = broker.bootstrap();
+    runtime
+        .block_on(topics::ensure(
+            &brokers,
+            &TopicsConfig {
+                partitions: PARTITIONS,
+                replication: 1,
+                retention: None,
+            },
+        ))
+        .expect("topics");
+    let state = tempfile::tempdir().expect("state dir");
+    let config = ProcessorConfig {
+        workers,
+        state_dir: Some(state.path().to_path_buf()),
+        exit_when_caught_up: mode == Mode::Backlog,
+        rollups: rollups.to_vec(),
+        // Nothing was billed before: no predecessor's last records to wait for.
+        restart_grace: Duration::ZERO,
+        // Live, a checkpoint follows every epoch, as at the agents' 15-s pace.
+        checkpoint_interval: match mode {
+            Mode::Backlog => ProcessorConfig::new("").checkpoint_interval,
+            Mode::Live => Duration::ZERO,
+        },
+        ..ProcessorConfig::new(brokers.clone())
+    };
+    let producer = common::producer(&brokers);
+    let before = counters();
+    let run = match mode {
+        Mode::Backlog => {
+            for (key, bytes) in input.ticks.iter().flatten() {
+                common::send(&producer, names::SAMPLES, key, bytes);
+            }
+            common::flush(&producer);
+            let start = Instant::now();
+            run(config, CancellationToken::new()).expect("processor run");
+            start.elapsed()
+        }
+        Mode::Live => {
+            // The gauge still holds an earlier run's watermark.
+            METRICS.watermark_seconds.set(f64::MIN);
+            let shutdown = CancellationToken::new();
+            let stop = shutdown.clone();
+            let processor = std::thread::spawn(move || run(config, stop));
+            let start = Instant::now();
+            for (t, batches) in input.ticks.iter().enumerate() {
+                for (key, bytes) in batches {
+                    common::send(&producer, names::SAMPLES, key, bytes);
+                }
+                common::flush(&producer);
+                // Taken in: the epoch that fed this tick has moved the watermark to it.
+                let tick_s = (START + (t as i64 + 1) * TICK_MS) as f64 / 1000.0;
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while METRICS.watermark_seconds.get() < tick_s {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the processor took tick {t} in within 2 minutes"
+                    );
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            shutdown.cancel();
+            processor
+                .join()
+                .expect("processor thread")
+                .expect("processor run");
+            start.elapsed()
+        }
+    };
+    let after = counters();
+    broker.stop();
+    assert_eq!(
+        (after.4 - before.4) as usize,
+        input.batches(),
+        "every batch published was fed"
+    );
+    KafkaRun {
+        wall: run,
+        stages: Stage::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (*s, after.0[i] - before.0[i]))
+            .collect(),
+        usage_records: after.1 - before.1,
+        billing_records: after.2 - before.2,
+        checkpoints: after.3 - before.3,
+    }
 }

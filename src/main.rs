@@ -370,6 +370,12 @@ struct Processing {
     /// Most input messages a worker feeds in one epoch.
     #[arg(long, default_value_t = 1000)]
     max_batch: usize,
+    /// Most input messages a worker feeds in one epoch while it reads a backlog (after a
+    /// restart or an outage: its partitions up to where they ended when it started), if more
+    /// than --max-batch. Larger epochs send fewer intermediate values of each aggregate; each
+    /// holds its samples' changes in memory until the epoch ends.
+    #[arg(long, default_value_t = 10_000)]
+    max_catch_up_batch: usize,
     /// Most new series one tenant may open per hour (of its samples' time) on one worker;
     /// samples that would open more go to the dead-letter topic as `series_limit`, so a label
     /// explosion in one tenant neither grows the state without bound nor touches the others.
@@ -411,6 +417,7 @@ impl Processing {
             max_staleness_ms: self.max_staleness.as_millis() as i64,
             checkpoint_interval: self.checkpoint_interval,
             max_batch: self.max_batch.max(1),
+            max_catch_up_batch: self.max_catch_up_batch,
             max_new_series_per_tenant_hour: self.max_new_series_per_tenant_hour,
             retire_idle_after_ms: self.retire_idle_after.map(|d| d.as_millis() as i64),
             prices,

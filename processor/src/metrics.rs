@@ -6,8 +6,55 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
+
+/// A stage of a worker's loop, as `meterflow_processor_stage_seconds_total` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Waiting for and taking messages from the consumer (idle time included: a worker that
+    /// keeps up spends most of its time here).
+    Poll,
+    /// Decoding sample batches.
+    Decode,
+    /// Deduplicating batches, judging samples and feeding the series to the dataflow.
+    Feed,
+    /// Running the dataflow through an epoch.
+    Dataflow,
+    /// Sending the epoch's usage, live values, roll-ups, fleet records and costs.
+    Emit,
+    /// Billing totals to the ledger, due charges and adjustments, budget alerts.
+    Bill,
+    /// Waiting for the outputs' acknowledgements and writing the checkpoint.
+    Checkpoint,
+}
+
+impl Stage {
+    /// Every stage, in the loop's order.
+    pub const ALL: [Stage; 7] = [
+        Stage::Poll,
+        Stage::Decode,
+        Stage::Feed,
+        Stage::Dataflow,
+        Stage::Emit,
+        Stage::Bill,
+        Stage::Checkpoint,
+    ];
+
+    /// The `stage` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Poll => "poll",
+            Stage::Decode => "decode",
+            Stage::Feed => "feed",
+            Stage::Dataflow => "dataflow",
+            Stage::Emit => "emit",
+            Stage::Bill => "bill",
+            Stage::Checkpoint => "checkpoint",
+        }
+    }
+}
 
 /// The processor's counters.
 pub struct Metrics {
@@ -46,6 +93,10 @@ pub struct Metrics {
     pub billing_frontier_seconds: Gauge,
     /// Records on `meterflow.samples` this process's workers have not read yet.
     pub input_lag_records: IntGauge,
+    /// Seconds the workers spent per [`Stage`], summed over workers.
+    pub stage_seconds: CounterVec,
+    /// Usage records sent (usage, live values, roll-ups, fleet records, costs, period costs).
+    pub usage_records: IntCounter,
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
@@ -100,7 +151,24 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry
         .register(Box::new(input_lag_records.clone()))
         .expect("registered once");
+    let stage_seconds = CounterVec::new(
+        Opts::new(
+            "meterflow_processor_stage_seconds_total",
+            "Seconds the workers spent per stage of their loop, summed over workers (poll includes waiting for input)",
+        ),
+        &["stage"],
+    )
+    .expect("a valid counter");
+    registry
+        .register(Box::new(stage_seconds.clone()))
+        .expect("registered once");
     Metrics {
+        stage_seconds,
+        usage_records: counter(
+            &registry,
+            "meterflow_processor_usage_records_total",
+            "Records sent to meterflow.usage: usage, live values, roll-ups, fleet records, costs and period costs",
+        ),
         watermark_seconds: gauge(
             &registry,
             "meterflow_processor_watermark_seconds",
@@ -172,6 +240,43 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         registry,
     }
 });
+
+/// Seconds the workers of this process spent in `stage` since it started.
+pub fn stage_seconds(stage: Stage) -> f64 {
+    METRICS
+        .stage_seconds
+        .with_label_values(&[stage.name()])
+        .get()
+}
+
+/// A worker's time per stage, added to [`Metrics::stage_seconds`] once per epoch rather than
+/// at every message.
+#[derive(Debug, Default)]
+pub struct StageClock {
+    spent: [std::time::Duration; Stage::ALL.len()],
+}
+
+impl StageClock {
+    /// Adds the time since `since` to `stage`; returns now, the next stage's start.
+    pub fn lap(&mut self, stage: Stage, since: std::time::Instant) -> std::time::Instant {
+        let now = std::time::Instant::now();
+        self.spent[stage as usize] += now - since;
+        now
+    }
+
+    /// Adds what was timed to the process's counters and starts again.
+    pub fn publish(&mut self) {
+        for stage in Stage::ALL {
+            let spent = std::mem::take(&mut self.spent[stage as usize]);
+            if !spent.is_zero() {
+                METRICS
+                    .stage_seconds
+                    .with_label_values(&[stage.name()])
+                    .inc_by(spent.as_secs_f64());
+            }
+        }
+    }
+}
 
 /// Per partition of `meterflow.samples` owned by a worker of this process, the next offset
 /// it reads: what the input lag is measured from.

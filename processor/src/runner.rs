@@ -74,6 +74,10 @@ pub struct ProcessorConfig {
     pub max_staleness_ms: i64,
     /// Most messages a worker feeds in one epoch.
     pub max_batch: usize,
+    /// Most messages a worker feeds in one epoch while it reads a backlog (its partitions up
+    /// to where they ended when it started), if more than `max_batch`: a larger epoch carries
+    /// fewer intermediate values of each aggregate to the outputs, and nobody waits on them.
+    pub max_catch_up_batch: usize,
     /// Most new series one tenant may open per hour of its samples' time on one worker; a
     /// sample that would open more goes to the dead-letter topic as `series_limit`.
     pub max_new_series_per_tenant_hour: usize,
@@ -116,6 +120,7 @@ impl ProcessorConfig {
             period_grace_ms: 3 * 86_400_000,
             max_staleness_ms: 30_000,
             max_batch: 1_000,
+            max_catch_up_batch: 10_000,
             max_new_series_per_tenant_hour: 100_000,
             retire_idle_after_ms: None,
             state_dir: None,

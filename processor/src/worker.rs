@@ -28,7 +28,7 @@ use crate::billing::{Ledger, partition_key};
 use crate::budgets::month_start_ms;
 use crate::checkpoint::{Checkpoint, Store};
 use crate::dataflow::{ClusterProgress, Costing, Installed, Progress, Time, install};
-use crate::metrics::METRICS;
+use crate::metrics::{METRICS, Stage, StageClock};
 use crate::model::{Summary, observe};
 use crate::names::{Names, TenantId};
 use crate::runner::{
@@ -151,6 +151,8 @@ struct Worker<'a> {
     /// Per billing partition, the offset below which every record is in the store.
     billing_reflected: BTreeMap<i32, i64>,
     checkpoints: Checkpoints,
+    /// Where the worker's time goes, stage by stage.
+    clock: StageClock,
 }
 
 /// Runs one worker until `shutdown`, or until every worker has caught up when the
@@ -264,12 +266,14 @@ pub(crate) fn run_worker(
         }
 
         epoch += 1;
+        let t = Instant::now();
         advance(epoch, worker, &mut input, &mut progress_in);
         let cluster = *progress.borrow();
         if cluster.caught_up >= peers {
             w.close_through(w.frontier_ms(cluster));
         }
         w.tell_metrics(cluster);
+        let t = w.clock.lap(Stage::Dataflow, t);
 
         let sent = w.emit(
             &clients.producer,
@@ -281,6 +285,7 @@ pub(crate) fn run_worker(
                 periods.borrow_mut().drain(..).collect(),
             ),
         );
+        let t = w.clock.lap(Stage::Emit, t);
         w.take_billing_totals(billing.borrow_mut().drain(..).collect())?;
         let billed = if cluster.caught_up >= peers {
             // Alerts, like billing, wait until the backlog is read: a threshold is judged on
@@ -294,8 +299,11 @@ pub(crate) fn run_worker(
             debug!(worker = index, epoch, fed, sent, billed, "epoch done");
         }
         w.checkpoints.changed |= billed > 0;
+        let t = w.clock.lap(Stage::Bill, t);
         clients.refused()?;
         w.checkpoint(&clients, stopping, cluster)?;
+        w.clock.lap(Stage::Checkpoint, t);
+        w.clock.publish();
         if stopping {
             break;
         }
@@ -425,11 +433,13 @@ impl<'a> Worker<'a> {
                 unwritten: Vec::new(),
                 retired_through_ms: i64::MIN,
             },
+            clock: StageClock::default(),
         })
     }
 
-    /// Reads up to `max_batch` messages of the worker's partitions (waiting a little for the
-    /// first) and feeds them; returns how many were read.
+    /// Reads up to `max_batch` messages of the worker's partitions (`max_catch_up_batch` while
+    /// it reads a backlog), waiting a little for the first, and feeds them; returns how many
+    /// were read.
     fn read_input(
         &mut self,
         clients: &Clients,
@@ -437,8 +447,16 @@ impl<'a> Worker<'a> {
     ) -> Result<usize, ProcessorError> {
         let mut fed = 0usize;
         let mut timeout = Duration::from_millis(50);
-        while fed < self.config.max_batch {
-            let Some(message) = clients.consumer.poll(timeout) else {
+        let most = if self.inputs.catching_up.is_empty() {
+            self.config.max_batch
+        } else {
+            self.config.max_catch_up_batch.max(self.config.max_batch)
+        };
+        let mut t = Instant::now();
+        while fed < most {
+            let polled = clients.consumer.poll(timeout);
+            t = self.clock.lap(Stage::Poll, t);
+            let Some(message) = polled else {
                 break;
             };
             timeout = Duration::ZERO;
@@ -472,7 +490,9 @@ impl<'a> Worker<'a> {
                 self.inputs.catching_up.remove(&partition);
             }
             let payload = message.payload().unwrap_or_default();
-            match SampleBatch::decode(payload) {
+            let decoded = SampleBatch::decode(payload);
+            t = self.clock.lap(Stage::Decode, t);
+            match decoded {
                 Ok(batch) => {
                     self.feed_batch(&clients.producer, input, (partition, offset), batch)?
                 }
@@ -484,6 +504,7 @@ impl<'a> Worker<'a> {
                     payload,
                 ),
             }
+            t = self.clock.lap(Stage::Feed, t);
         }
         Ok(fed)
     }
@@ -641,6 +662,7 @@ impl<'a> Worker<'a> {
             + emit_costs(producer, names, costs, window_ms)
             + emit_periods(producer, names, &periods, &self.config.budgets);
         self.note_spent(periods);
+        METRICS.usage_records.inc_by(sent as u64);
         sent
     }
 

@@ -37,6 +37,8 @@ fn start_processor_with(brokers: &str, state: &Path, workers: usize, extra: &[&s
         "1m",
         "--max-batch",
         "20",
+        "--max-catch-up-batch",
+        "20",
         "--checkpoint-interval",
         "150ms",
         // Containers come and go every few minutes: their series leave memory two minutes

@@ -248,6 +248,8 @@ async fn a_processor_whose_state_disk_fills_goes_on_says_so_and_bills_exactly_af
             "1m",
             "--max-batch",
             "20",
+            "--max-catch-up-batch",
+            "20",
             "--checkpoint-interval",
             "100ms",
             "--partitions",

@@ -1,0 +1,60 @@
+//! What several benches share: publishing encoded batches to the embedded broker, and the
+//! process's resident memory.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+/// Data time starts at 2026-01-01T00:00:00Z, so no sample is refused as too old or too new.
+pub const T0: i64 = 1_767_225_600_000;
+
+/// A producer as an agent's: idempotent, batching for 20 ms.
+pub fn producer(brokers: &str) -> ThreadedProducer<DefaultProducerContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "20")
+        .create()
+        .expect("producer")
+}
+
+/// Sends one record keyed by `key`, waiting while the producer's queue is full.
+pub fn send(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+) {
+    let mut record = BaseRecord::to(topic).key(key).payload(payload);
+    loop {
+        match producer.send(record) {
+            Ok(()) => return,
+            Err((_, r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+/// Waits until every record sent is acknowledged.
+pub fn flush(producer: &ThreadedProducer<DefaultProducerContext>) {
+    producer
+        .flush(Duration::from_secs(300))
+        .expect("every batch acknowledged");
+}
+
+/// This process's resident set size, from `/proc/self/status` (0 where there is none).
+pub fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
