@@ -180,6 +180,11 @@ fn main() {
             "live_core_share_at_15s": (core_share * 1000.0).round() / 1000.0,
             "state_bytes_per_series": dataflow[0].bytes_per_series.round(),
             "output_records_per_sample": ((backlog[0].outputs() as f64 / input.samples as f64) * 1000.0).round() / 1000.0,
+            "live_output_records_per_sample": ((live.outputs() as f64 / input.samples as f64) * 1000.0).round() / 1000.0,
+            "usage_records_by_kind": {
+                "backlog_1w": backlog[0].kinds_json(),
+                "live_1w": live.kinds_json(),
+            },
             "stage_seconds": {
                 "backlog_1w": backlog[0].stages_json(),
                 "backlog_2w": backlog[1].stages_json(),
@@ -315,6 +320,8 @@ struct KafkaRun {
     wall: Duration,
     stages: Vec<(Stage, f64)>,
     usage_records: u64,
+    /// Usage records by kind, as [`metrics::USAGE_RECORD_KINDS`] orders them.
+    usage_by_kind: Vec<u64>,
     billing_records: u64,
     checkpoints: u64,
 }
@@ -344,6 +351,15 @@ impl KafkaRun {
         self.usage_records + self.billing_records
     }
 
+    fn kinds_json(&self) -> serde_json::Value {
+        metrics::USAGE_RECORD_KINDS
+            .iter()
+            .zip(&self.usage_by_kind)
+            .map(|(kind, n)| (kind.to_string(), json!(n)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+
     fn stages_json(&self) -> serde_json::Value {
         self.stages
             .iter()
@@ -368,6 +384,12 @@ impl KafkaRun {
             self.outputs() as f64 / input.samples as f64,
             self.checkpoints
         );
+        let kinds: Vec<String> = metrics::USAGE_RECORD_KINDS
+            .iter()
+            .zip(&self.usage_by_kind)
+            .map(|(kind, n)| format!("{kind} {n}"))
+            .collect();
+        println!("  usage records by kind: {}", kinds.join(", "));
         let stages: Vec<String> = self
             .stages
             .iter()
@@ -381,13 +403,16 @@ impl KafkaRun {
 }
 
 /// The process's counters the Kafka runs read, at one instant.
-fn counters() -> (Vec<f64>, u64, u64, u64, u64) {
+fn counters() -> (Vec<f64>, Vec<u64>, u64, u64, u64) {
     (
         Stage::ALL
             .iter()
             .map(|s| metrics::stage_seconds(*s))
             .collect(),
-        METRICS.usage_records.get(),
+        metrics::USAGE_RECORD_KINDS
+            .iter()
+            .map(|kind| metrics::usage_records(kind))
+            .collect(),
         METRICS.billing_records.get(),
         METRICS.checkpoints.get(),
         METRICS.batches.get(),
@@ -492,7 +517,8 @@ fn through_kafka(
             .enumerate()
             .map(|(i, s)| (*s, after.0[i] - before.0[i]))
             .collect(),
-        usage_records: after.1 - before.1,
+        usage_records: after.1.iter().sum::<u64>() - before.1.iter().sum::<u64>(),
+        usage_by_kind: after.1.iter().zip(&before.1).map(|(a, b)| a - b).collect(),
         billing_records: after.2 - before.2,
         checkpoints: after.3 - before.3,
     }

@@ -95,8 +95,9 @@ pub struct Metrics {
     pub input_lag_records: IntGauge,
     /// Seconds the workers spent per [`Stage`], summed over workers.
     pub stage_seconds: CounterVec,
-    /// Usage records sent (usage, live values, roll-ups, fleet records, costs, period costs).
-    pub usage_records: IntCounter,
+    /// Records sent to `meterflow.usage`, by kind: `usage` (base windows), `live`, `rollup`,
+    /// `fleet`, `cost`, `period`.
+    pub usage_records: IntCounterVec,
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
@@ -162,13 +163,20 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry
         .register(Box::new(stage_seconds.clone()))
         .expect("registered once");
+    let usage_records = IntCounterVec::new(
+        Opts::new(
+            "meterflow_processor_usage_records_total",
+            "Records sent to meterflow.usage, by kind: usage (base windows), live, rollup, fleet, cost, period",
+        ),
+        &["kind"],
+    )
+    .expect("a valid counter");
+    registry
+        .register(Box::new(usage_records.clone()))
+        .expect("registered once");
     Metrics {
         stage_seconds,
-        usage_records: counter(
-            &registry,
-            "meterflow_processor_usage_records_total",
-            "Records sent to meterflow.usage: usage, live values, roll-ups, fleet records, costs and period costs",
-        ),
+        usage_records,
         watermark_seconds: gauge(
             &registry,
             "meterflow_processor_watermark_seconds",
@@ -240,6 +248,14 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         registry,
     }
 });
+
+/// The kinds of record [`Metrics::usage_records`] counts.
+pub const USAGE_RECORD_KINDS: [&str; 6] = ["usage", "live", "rollup", "fleet", "cost", "period"];
+
+/// Records of `kind` this process sent to `meterflow.usage` since it started.
+pub fn usage_records(kind: &str) -> u64 {
+    METRICS.usage_records.with_label_values(&[kind]).get()
+}
 
 /// Seconds the workers of this process spent in `stage` since it started.
 pub fn stage_seconds(stage: Stage) -> f64 {

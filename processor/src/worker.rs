@@ -655,15 +655,27 @@ impl<'a> Worker<'a> {
         let (names, window_ms) = (self.names, self.config.window_ms);
         let live = self.feeder.take_live();
         let periods = latest_values(periods);
-        let sent = emit_live(producer, names, &live)
-            + emit_usage(producer, names, usage, window_ms)
-            + emit_rollups(producer, names, rollups)
-            + emit_fleet(producer, names, fleet)
-            + emit_costs(producer, names, costs, window_ms)
-            + emit_periods(producer, names, &periods, &self.config.budgets);
+        let sent = [
+            ("live", emit_live(producer, names, &live)),
+            ("usage", emit_usage(producer, names, usage, window_ms)),
+            ("rollup", emit_rollups(producer, names, rollups)),
+            ("fleet", emit_fleet(producer, names, fleet)),
+            ("cost", emit_costs(producer, names, costs, window_ms)),
+            (
+                "period",
+                emit_periods(producer, names, &periods, &self.config.budgets),
+            ),
+        ];
         self.note_spent(periods);
-        METRICS.usage_records.inc_by(sent as u64);
-        sent
+        sent.iter()
+            .map(|(kind, n)| {
+                METRICS
+                    .usage_records
+                    .with_label_values(&[kind])
+                    .inc_by(*n as u64);
+                n
+            })
+            .sum()
     }
 
     /// Gives the ledger one epoch's changed billing totals, with what the store says was
