@@ -10,7 +10,8 @@
 //! - **live**: one worker keeps up as the fleet reports, one tick at a time (every node's batch
 //!   of a tick published, then the next once the processor has taken it in), checkpointing at
 //!   every epoch as at a real 15-s pace. Its samples/s divide by the worker's busy time (every
-//!   stage but waiting for input), and its share of one core is that busy time per tick over
+//!   stage but waiting for input or for the broker's acknowledgements; the in-process broker's
+//!   own CPU is not in it), and its share of one core is that busy time per tick over
 //!   the 15 s a tick lasts.
 //!
 //! Each Kafka mode runs against a fresh embedded broker (memory storage) in this process. The
@@ -332,11 +333,12 @@ impl KafkaRun {
         input.samples as f64 / self.wall.as_secs_f64()
     }
 
-    /// Seconds the workers spent on anything but waiting for input.
+    /// Seconds the workers spent on anything but waiting for input or for the broker's
+    /// acknowledgements.
     fn busy_secs(&self) -> f64 {
         self.stages
             .iter()
-            .filter(|(stage, _)| *stage != Stage::Poll)
+            .filter(|(stage, _)| !stage.waiting())
             .map(|(_, secs)| secs)
             .sum()
     }

@@ -26,21 +26,30 @@ pub enum Stage {
     Emit,
     /// Billing totals to the ledger, due charges and adjustments, budget alerts.
     Bill,
-    /// Waiting for the outputs' acknowledgements and writing the checkpoint.
+    /// Waiting for the broker to acknowledge every output sent, before a checkpoint (the
+    /// broker's time more than the processor's).
+    Ack,
+    /// Writing the checkpoint (the changed state, offsets and ledger) and retiring idle series.
     Checkpoint,
 }
 
 impl Stage {
     /// Every stage, in the loop's order.
-    pub const ALL: [Stage; 7] = [
+    pub const ALL: [Stage; 8] = [
         Stage::Poll,
         Stage::Decode,
         Stage::Feed,
         Stage::Dataflow,
         Stage::Emit,
         Stage::Bill,
+        Stage::Ack,
         Stage::Checkpoint,
     ];
+
+    /// Whether the worker waits in this stage (for input, or for the broker) rather than works.
+    pub fn waiting(self) -> bool {
+        matches!(self, Stage::Poll | Stage::Ack)
+    }
 
     /// The `stage` label.
     pub fn name(self) -> &'static str {
@@ -51,6 +60,7 @@ impl Stage {
             Stage::Dataflow => "dataflow",
             Stage::Emit => "emit",
             Stage::Bill => "bill",
+            Stage::Ack => "ack",
             Stage::Checkpoint => "checkpoint",
         }
     }
@@ -155,7 +165,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let stage_seconds = CounterVec::new(
         Opts::new(
             "meterflow_processor_stage_seconds_total",
-            "Seconds the workers spent per stage of their loop, summed over workers (poll includes waiting for input)",
+            "Seconds the workers spent per stage of their loop, summed over workers (poll includes waiting for input; ack is waiting for the broker)",
         ),
         &["stage"],
     )
@@ -266,18 +276,33 @@ pub fn stage_seconds(stage: Stage) -> f64 {
 }
 
 /// A worker's time per stage, added to [`Metrics::stage_seconds`] once per epoch rather than
-/// at every message.
-#[derive(Debug, Default)]
+/// at every message. Every moment since it started belongs to one stage: a lap gives the time
+/// since the last lap to the stage that just ended.
+#[derive(Debug)]
 pub struct StageClock {
+    since: std::time::Instant,
     spent: [std::time::Duration; Stage::ALL.len()],
 }
 
+impl Default for StageClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl StageClock {
-    /// Adds the time since `since` to `stage`; returns now, the next stage's start.
-    pub fn lap(&mut self, stage: Stage, since: std::time::Instant) -> std::time::Instant {
+    pub fn new() -> Self {
+        Self {
+            since: std::time::Instant::now(),
+            spent: Default::default(),
+        }
+    }
+
+    /// Gives the time since the last lap to `stage`.
+    pub fn lap(&mut self, stage: Stage) {
         let now = std::time::Instant::now();
-        self.spent[stage as usize] += now - since;
-        now
+        self.spent[stage as usize] += now - self.since;
+        self.since = now;
     }
 
     /// Adds what was timed to the process's counters and starts again.

@@ -235,6 +235,7 @@ pub(crate) fn run_worker(
     costs.borrow_mut().clear();
     // The restored spend per month is what the alerts are checked against.
     w.note_spent(latest_values(periods.borrow_mut().drain(..).collect()));
+    w.clock.lap(Stage::Dataflow);
 
     loop {
         let stopping = shutdown.is_cancelled()
@@ -266,14 +267,13 @@ pub(crate) fn run_worker(
         }
 
         epoch += 1;
-        let t = Instant::now();
         advance(epoch, worker, &mut input, &mut progress_in);
         let cluster = *progress.borrow();
         if cluster.caught_up >= peers {
             w.close_through(w.frontier_ms(cluster));
         }
         w.tell_metrics(cluster);
-        let t = w.clock.lap(Stage::Dataflow, t);
+        w.clock.lap(Stage::Dataflow);
 
         let sent = w.emit(
             &clients.producer,
@@ -285,7 +285,7 @@ pub(crate) fn run_worker(
                 periods.borrow_mut().drain(..).collect(),
             ),
         );
-        let t = w.clock.lap(Stage::Emit, t);
+        w.clock.lap(Stage::Emit);
         w.take_billing_totals(billing.borrow_mut().drain(..).collect())?;
         let billed = if cluster.caught_up >= peers {
             // Alerts, like billing, wait until the backlog is read: a threshold is judged on
@@ -299,10 +299,10 @@ pub(crate) fn run_worker(
             debug!(worker = index, epoch, fed, sent, billed, "epoch done");
         }
         w.checkpoints.changed |= billed > 0;
-        let t = w.clock.lap(Stage::Bill, t);
+        w.clock.lap(Stage::Bill);
         clients.refused()?;
         w.checkpoint(&clients, stopping, cluster)?;
-        w.clock.lap(Stage::Checkpoint, t);
+        w.clock.lap(Stage::Checkpoint);
         w.clock.publish();
         if stopping {
             break;
@@ -433,7 +433,7 @@ impl<'a> Worker<'a> {
                 unwritten: Vec::new(),
                 retired_through_ms: i64::MIN,
             },
-            clock: StageClock::default(),
+            clock: StageClock::new(),
         })
     }
 
@@ -452,10 +452,9 @@ impl<'a> Worker<'a> {
         } else {
             self.config.max_catch_up_batch.max(self.config.max_batch)
         };
-        let mut t = Instant::now();
         while fed < most {
             let polled = clients.consumer.poll(timeout);
-            t = self.clock.lap(Stage::Poll, t);
+            self.clock.lap(Stage::Poll);
             let Some(message) = polled else {
                 break;
             };
@@ -491,7 +490,7 @@ impl<'a> Worker<'a> {
             }
             let payload = message.payload().unwrap_or_default();
             let decoded = SampleBatch::decode(payload);
-            t = self.clock.lap(Stage::Decode, t);
+            self.clock.lap(Stage::Decode);
             match decoded {
                 Ok(batch) => {
                     self.feed_batch(&clients.producer, input, (partition, offset), batch)?
@@ -504,7 +503,7 @@ impl<'a> Worker<'a> {
                     payload,
                 ),
             }
-            t = self.clock.lap(Stage::Feed, t);
+            self.clock.lap(Stage::Feed);
         }
         Ok(fed)
     }
@@ -844,7 +843,9 @@ impl<'a> Worker<'a> {
         if stopping || (self.store.is_some() && due) {
             // Outputs are not awaited epoch by epoch; a checkpoint (or a stop) waits until
             // everything sent so far is acknowledged, so its offsets never run ahead of them.
+            self.clock.lap(Stage::Bill);
             clients.flush()?;
+            self.clock.lap(Stage::Ack);
         }
         let Some(store) = self.store else {
             return Ok(());
