@@ -640,7 +640,7 @@ pub(crate) fn emit_usage(
                 present_ms: window_ms,
             },
         });
-        let update = usage_update(&names.usage_key(&key), value, window_ms);
+        let update = usage_update(names.usage_key(&key), value, window_ms);
         match update.encode() {
             Ok(bytes) => send_usage(producer, &update, &bytes),
             Err(e) => warn!(error = %e, "usage update not encodable"),
@@ -853,7 +853,7 @@ pub(crate) fn emit_rollups(
             observed_ms: 0,
             present_ms: 0,
         });
-        let update = usage_record(&names.usage_key(&key), value, end, Some(resolution));
+        let update = usage_record(names.usage_key(&key), value, end, Some(resolution));
         match update.encode() {
             Ok(bytes) => send_usage(producer, &update, &bytes),
             Err(e) => warn!(error = %e, "roll-up not encodable"),
@@ -912,14 +912,15 @@ pub fn fleet_update(names: &Names, key: FleetIdx, amount: i64) -> UsageUpdate {
 }
 
 /// The wire record of one aggregate's value.
-pub fn usage_update(key: &UsageKey, value: Measured, window_ms: i64) -> UsageUpdate {
-    usage_record(key, value, key.window_start_ms + window_ms, None)
+pub fn usage_update(key: UsageKey, value: Measured, window_ms: i64) -> UsageUpdate {
+    let window_end_ms = key.window_start_ms + window_ms;
+    usage_record(key, value, window_end_ms, None)
 }
 
 /// The wire record of one aggregate's value in a base window (`resolution` `None`) or a
 /// roll-up ending at `window_end_ms`.
 pub fn usage_record(
-    key: &UsageKey,
+    key: UsageKey,
     value: Measured,
     window_end_ms: i64,
     resolution: Option<Resolution>,
@@ -938,13 +939,13 @@ pub fn usage_record(
     }
     UsageUpdate {
         id: id.hex(),
-        tenant: key.owner.tenant.clone(),
-        lease: key.owner.lease.clone(),
-        service: key.owner.service.clone(),
+        tenant: key.owner.tenant,
+        lease: key.owner.lease,
+        service: key.owner.service,
         node: String::new(),
         metric: key.metric.name().to_string(),
-        gpu_class: key.gpu_class.clone(),
-        mig_profile: key.mig_profile.clone(),
+        gpu_class: key.gpu_class,
+        mig_profile: key.mig_profile,
         window_start_ms: key.window_start_ms,
         window_end_ms,
         resolution: resolution.map_or_else(String::new, |r| r.name().to_string()),

@@ -101,10 +101,14 @@ impl StrongId {
 
     /// The first 128 bits of the digest, as 32 lowercase hex digits.
     pub fn hex(&self) -> String {
-        self.digest()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        // One allocation: every usage record's key is one of these.
+        let mut hex = String::with_capacity(32);
+        for b in &self.digest()[..16] {
+            hex.push(DIGITS[usize::from(b >> 4)] as char);
+            hex.push(DIGITS[usize::from(b & 0xf)] as char);
+        }
+        hex
     }
 }
 
