@@ -6,7 +6,8 @@
 //!   here, where no broker shares the process's memory;
 //! - **backlog**: the real processor (`meterflow_processor::run`) reads the whole input from
 //!   the embedded broker, produces usage and billing and writes RocksDB checkpoints, with 1
-//!   and 2 workers, until it has caught up;
+//!   and 2 workers, until it has caught up; then again with 1 worker feeding no more per epoch
+//!   than live (`--max-catch-up-batch` = `--max-batch`), the baseline of the catch-up epochs;
 //! - **live**: one worker keeps up as the fleet reports, one tick at a time (every node's batch
 //!   of a tick published, then the next once the processor has taken it in), checkpointing at
 //!   every epoch as at a real 15-s pace. Its samples/s divide by the worker's busy time (every
@@ -156,6 +157,11 @@ fn main() {
         r.print(&format!("backlog, {workers} worker(s)       "), &input);
         backlog.push(r);
     }
+    let small = through_kafka(&runtime, &input, 1, &rollups, Mode::BacklogSmallEpochs);
+    small.print(
+        "backlog, 1 worker, epochs of --max-batch (the baseline)",
+        &input,
+    );
     let live = through_kafka(&runtime, &input, 1, &rollups, Mode::Live);
     live.print("live, 1 worker             ", &input);
     let busy_per_tick = live.busy_secs() / ticks as f64;
@@ -181,6 +187,8 @@ fn main() {
             "live_core_share_at_15s": (core_share * 1000.0).round() / 1000.0,
             "state_bytes_per_series": dataflow[0].bytes_per_series.round(),
             "output_records_per_sample": ((backlog[0].outputs() as f64 / input.samples as f64) * 1000.0).round() / 1000.0,
+            "backlog_small_epochs_samples_per_s_1w": small.samples_per_s(&input).round(),
+            "backlog_small_epochs_output_records_per_sample": ((small.outputs() as f64 / input.samples as f64) * 1000.0).round() / 1000.0,
             "live_output_records_per_sample": ((live.outputs() as f64 / input.samples as f64) * 1000.0).round() / 1000.0,
             "usage_records_by_kind": {
                 "backlog_1w": backlog[0].kinds_json(),
@@ -312,6 +320,9 @@ fn dataflow_only(data: Arc<Input>, workers: usize, rollups: &[Resolution]) -> Da
 enum Mode {
     /// All of it published first, then read from the beginning until caught up.
     Backlog,
+    /// [`Mode::Backlog`], feeding no more messages an epoch while catching up than live
+    /// (`--max-catch-up-batch` equal to `--max-batch`): the baseline of the larger epochs.
+    BacklogSmallEpochs,
     /// Published a tick at a time, each taken in before the next.
     Live,
 }
@@ -451,21 +462,25 @@ fn through_kafka(
     let config = ProcessorConfig {
         workers,
         state_dir: Some(state.path().to_path_buf()),
-        exit_when_caught_up: mode == Mode::Backlog,
+        exit_when_caught_up: mode != Mode::Live,
         rollups: rollups.to_vec(),
         // Nothing was billed before: no predecessor's last records to wait for.
         restart_grace: Duration::ZERO,
         // Live, a checkpoint follows every epoch, as at the agents' 15-s pace.
         checkpoint_interval: match mode {
-            Mode::Backlog => ProcessorConfig::new("").checkpoint_interval,
             Mode::Live => Duration::ZERO,
+            _ => ProcessorConfig::new("").checkpoint_interval,
+        },
+        max_catch_up_batch: match mode {
+            Mode::BacklogSmallEpochs => ProcessorConfig::new("").max_batch,
+            _ => ProcessorConfig::new("").max_catch_up_batch,
         },
         ..ProcessorConfig::new(brokers.clone())
     };
     let producer = common::producer(&brokers);
     let before = counters();
     let run = match mode {
-        Mode::Backlog => {
+        Mode::Backlog | Mode::BacklogSmallEpochs => {
             for (key, bytes) in input.ticks.iter().flatten() {
                 common::send(&producer, names::SAMPLES, key, bytes);
             }
