@@ -367,7 +367,8 @@ struct Processing {
     /// Least time between two checkpoints of a worker.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     checkpoint_interval: Duration,
-    /// Most input messages a worker feeds in one epoch.
+    /// Most input messages a worker feeds in one epoch (an epoch also ends once a million
+    /// samples are in).
     #[arg(long, default_value_t = 1000)]
     max_batch: usize,
     /// Most input messages a worker feeds in one epoch while it reads a backlog (after a

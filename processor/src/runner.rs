@@ -72,7 +72,8 @@ pub struct ProcessorConfig {
     /// The longest gap across which a gauge reading is held, in milliseconds (SPEC:
     /// `max_staleness`, 2 × the collection interval).
     pub max_staleness_ms: i64,
-    /// Most messages a worker feeds in one epoch.
+    /// Most messages a worker feeds in one epoch (an epoch also ends once a million samples
+    /// are in).
     pub max_batch: usize,
     /// Most messages a worker feeds in one epoch while it reads a backlog (its partitions up
     /// to where they ended when it started), if more than `max_batch`: a larger epoch carries

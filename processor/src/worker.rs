@@ -119,6 +119,12 @@ struct Checkpoints {
     retired_through_ms: i64,
 }
 
+/// The most samples a worker feeds in one epoch, whatever the message counts allow: each
+/// sample's changes wait in memory until the epoch ends, and one message may carry thousands
+/// of samples (10,000 catch-up messages of a node with 50 containers and 8 GPUs would be
+/// millions).
+const EPOCH_SAMPLES: usize = 1_000_000;
+
 /// What one worker keeps between epochs.
 struct Worker<'a> {
     index: usize,
@@ -438,21 +444,21 @@ impl<'a> Worker<'a> {
     }
 
     /// Reads up to `max_batch` messages of the worker's partitions (`max_catch_up_batch` while
-    /// it reads a backlog), waiting a little for the first, and feeds them; returns how many
-    /// were read.
+    /// it reads a backlog) and no more once [`EPOCH_SAMPLES`] samples are in, waiting a little
+    /// for the first, and feeds them; returns how many were read.
     fn read_input(
         &mut self,
         clients: &Clients,
         input: &mut InputSession<Time, Summary, isize>,
     ) -> Result<usize, ProcessorError> {
-        let mut fed = 0usize;
+        let (mut fed, mut samples) = (0usize, 0usize);
         let mut timeout = Duration::from_millis(50);
         let most = if self.inputs.catching_up.is_empty() {
             self.config.max_batch
         } else {
             self.config.max_catch_up_batch.max(self.config.max_batch)
         };
-        while fed < most {
+        while fed < most && samples < EPOCH_SAMPLES {
             let polled = clients.consumer.poll(timeout);
             self.clock.lap(Stage::Poll);
             let Some(message) = polled else {
@@ -493,6 +499,7 @@ impl<'a> Worker<'a> {
             self.clock.lap(Stage::Decode);
             match decoded {
                 Ok(batch) => {
+                    samples += batch.samples.len();
                     self.feed_batch(&clients.producer, input, (partition, offset), batch)?
                 }
                 Err(e) => dead_letter(
