@@ -608,7 +608,7 @@ async fn run(args: Args) -> Result<bool> {
         println!("wrote {}", args.results.display());
     }
     if let Some(path) = &args.json {
-        write_scores(path, &quantities, &billing, &agent)?;
+        write_scores(path, &quantities, &billing, &agent, &scenario)?;
     }
     // Where a system is further from the truth than its bound, say so; where Meterflow differs
     // from the truth, the first few cells of each quantity.
@@ -956,6 +956,7 @@ fn write_scores(
     quantities: &[Quantity],
     billing: &meter::BilledGpu,
     agent: &AgentRun,
+    scenario: &Scenario,
 ) -> Result<()> {
     let side = |q: &Quantity, i: usize| {
         let s = score(&q.truth, &q.sides[i]);
@@ -988,6 +989,9 @@ fn write_scores(
         "meterflow_billing": {
             "gpu_records": billing.records,
             "adjustments": billing.adjustments,
+        },
+        "faults": {
+            "board_counter_resets_seen": scenario.counter_resets_seen,
         },
         "agent": {
             "writes": agent.writes,

@@ -80,6 +80,25 @@ pub enum Delivery {
     LateUntil(i64),
 }
 
+/// Per board, the times its energy counter read lower than at its reading before.
+fn counter_resets(ticks: &[Vec<NodeTick>]) -> usize {
+    let mut last: BTreeMap<(usize, String), i64> = BTreeMap::new();
+    let mut resets = 0;
+    for tick in ticks.iter().flatten() {
+        for board in &tick.boards {
+            let key = (tick.node, board.uuid.clone());
+            if last
+                .get(&key)
+                .is_some_and(|before| board.energy_mj < *before)
+            {
+                resets += 1;
+            }
+            last.insert(key, board.energy_mj);
+        }
+    }
+    resets
+}
+
 /// One node's collection at one tick: the batch (none while its agent is down) and its fate.
 pub struct NodeTick {
     pub node: usize,
@@ -135,6 +154,9 @@ pub struct Scenario {
     pub samples: u64,
     pub containers: usize,
     pub short_containers: usize,
+    /// Times a board's energy counter, as every collector reads it, was lower than at the
+    /// reading before: the proof that the driver reload landed between two readings.
+    pub counter_resets_seen: usize,
 }
 
 impl Scenario {
@@ -216,6 +238,7 @@ impl Scenario {
             }
             ticks.push(row);
         }
+        let counter_resets_seen = counter_resets(&ticks);
         let containers: Vec<ContainerTruth> = fleet.containers().cloned().collect();
         let short_containers = containers
             .iter()
@@ -280,6 +303,7 @@ impl Scenario {
             samples,
             containers: containers.len(),
             short_containers,
+            counter_resets_seen,
         }
     }
 

@@ -46,6 +46,16 @@ fn each_system_stays_within_its_bound_under_the_faults() {
         billing["adjustments"].as_u64().expect("adjustments") > 0,
         "the partition's batches arrived after their hour was billed: {billing}"
     );
+    // The driver reload landed between two readings: a board's energy counter, as every
+    // collector reads it, went down.
+    assert!(
+        doc["faults"]["board_counter_resets_seen"]
+            .as_u64()
+            .expect("resets")
+            >= 1,
+        "a GPU board's energy counter restarted from zero between two readings: {}",
+        doc["faults"]
+    );
     let scores = doc["quantities"].as_array().expect("quantities");
     let bounded = |side: &str| {
         scores
