@@ -259,8 +259,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     }
 });
 
-/// The kinds of record [`Metrics::usage_records`] counts.
-pub const USAGE_RECORD_KINDS: [&str; 6] = ["usage", "live", "rollup", "fleet", "cost", "period"];
+/// The kinds of record [`Metrics::usage_records`] counts, in the order a worker sends them.
+pub const USAGE_RECORD_KINDS: [&str; 6] = ["live", "usage", "rollup", "fleet", "cost", "period"];
 
 /// Records of `kind` this process sent to `meterflow.usage` since it started.
 pub fn usage_records(kind: &str) -> u64 {

@@ -28,7 +28,7 @@ use crate::billing::{Ledger, partition_key};
 use crate::budgets::month_start_ms;
 use crate::checkpoint::{Checkpoint, Store};
 use crate::dataflow::{ClusterProgress, Costing, Installed, Progress, Time, install};
-use crate::metrics::{METRICS, Stage, StageClock};
+use crate::metrics::{METRICS, Stage, StageClock, USAGE_RECORD_KINDS};
 use crate::model::{Summary, observe};
 use crate::names::{Names, TenantId};
 use crate::runner::{
@@ -661,27 +661,23 @@ impl<'a> Worker<'a> {
         let (names, window_ms) = (self.names, self.config.window_ms);
         let live = self.feeder.take_live();
         let periods = latest_values(periods);
+        // In the order of `USAGE_RECORD_KINDS`.
         let sent = [
-            ("live", emit_live(producer, names, &live)),
-            ("usage", emit_usage(producer, names, usage, window_ms)),
-            ("rollup", emit_rollups(producer, names, rollups)),
-            ("fleet", emit_fleet(producer, names, fleet)),
-            ("cost", emit_costs(producer, names, costs, window_ms)),
-            (
-                "period",
-                emit_periods(producer, names, &periods, &self.config.budgets),
-            ),
+            emit_live(producer, names, &live),
+            emit_usage(producer, names, usage, window_ms),
+            emit_rollups(producer, names, rollups),
+            emit_fleet(producer, names, fleet),
+            emit_costs(producer, names, costs, window_ms),
+            emit_periods(producer, names, &periods, &self.config.budgets),
         ];
         self.note_spent(periods);
-        sent.iter()
-            .map(|(kind, n)| {
-                METRICS
-                    .usage_records
-                    .with_label_values(&[kind])
-                    .inc_by(*n as u64);
-                n
-            })
-            .sum()
+        for (kind, n) in USAGE_RECORD_KINDS.iter().zip(sent) {
+            METRICS
+                .usage_records
+                .with_label_values(&[kind])
+                .inc_by(n as u64);
+        }
+        sent.iter().sum()
     }
 
     /// Gives the ledger one epoch's changed billing totals, with what the store says was
