@@ -12,8 +12,6 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use meterflow::broker::{self, BrokerConfig};
-use meterflow::topics::{self, TopicsConfig};
 use meterflow_ingest::{Fleet, FleetConfig};
 use meterflow_processor::checkpoint::Store;
 use meterflow_processor::{ProcessorConfig, run};
@@ -74,23 +72,7 @@ fn main() {
     let workers: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1);
 
     let runtime = tokio::runtime::Runtime::new().expect("tokio");
-    let broker = runtime
-        .block_on(broker::start(BrokerConfig {
-            listen: "127.0.0.1:0".parse().expect("address"),
-            storage: "memory".into(),
-        }))
-        .expect("embedded broker");
-    let brokers = broker.bootstrap();
-    runtime
-        .block_on(topics::ensure(
-            &brokers,
-            &TopicsConfig {
-                partitions: PARTITIONS,
-                replication: 1,
-                retention: None,
-            },
-        ))
-        .expect("topics");
+    let (broker, brokers) = common::broker_with_topics(&runtime, PARTITIONS);
     let state = tempfile::tempdir().expect("state dir");
     let mut fleet = Fleet::new(
         FleetConfig {

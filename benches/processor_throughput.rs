@@ -27,8 +27,6 @@
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use meterflow::broker::{self, BrokerConfig};
-use meterflow::topics::{self, TopicsConfig};
 use meterflow_ingest::{Fleet, FleetConfig};
 use meterflow_processor::dataflow::{Costing, Installed, Resolution, install};
 use meterflow_processor::metrics::{self, METRICS, Stage};
@@ -441,23 +439,7 @@ fn through_kafka(
     rollups: &[Resolution],
     mode: Mode,
 ) -> KafkaRun {
-    let broker = runtime
-        .block_on(broker::start(BrokerConfig {
-            listen: "127.0.0.1:0".parse().expect("address"),
-            storage: "memory".into(),
-        }))
-        .expect("embedded broker");
-    let brokers = broker.bootstrap();
-    runtime
-        .block_on(topics::ensure(
-            &brokers,
-            &TopicsConfig {
-                partitions: PARTITIONS,
-                replication: 1,
-                retention: None,
-            },
-        ))
-        .expect("topics");
+    let (broker, brokers) = common::broker_with_topics(runtime, PARTITIONS);
     let state = tempfile::tempdir().expect("state dir");
     let config = ProcessorConfig {
         workers,

@@ -5,11 +5,39 @@
 
 use std::time::Duration;
 
+use meterflow::broker::{self, BrokerConfig, EmbeddedBroker};
+use meterflow::topics::{self, TopicsConfig};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
 /// Data time starts at 2026-01-01T00:00:00Z, so no sample is refused as too old or too new.
 pub const T0: i64 = 1_767_225_600_000;
+
+/// An embedded broker on loopback (memory storage) with Meterflow's topics of `partitions`
+/// partitions; returns it and its bootstrap address.
+pub fn broker_with_topics(
+    runtime: &tokio::runtime::Runtime,
+    partitions: i32,
+) -> (EmbeddedBroker, String) {
+    let broker = runtime
+        .block_on(broker::start(BrokerConfig {
+            listen: "127.0.0.1:0".parse().expect("address"),
+            storage: "memory".into(),
+        }))
+        .expect("embedded broker");
+    let brokers = broker.bootstrap();
+    runtime
+        .block_on(topics::ensure(
+            &brokers,
+            &TopicsConfig {
+                partitions,
+                replication: 1,
+                retention: None,
+            },
+        ))
+        .expect("topics");
+    (broker, brokers)
+}
 
 /// A producer as an agent's: idempotent, batching for 20 ms.
 pub fn producer(brokers: &str) -> ThreadedProducer<DefaultProducerContext> {
