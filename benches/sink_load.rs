@@ -11,10 +11,17 @@
 //!    CONCURRENCY, then per lease (`group_by=lease`). Reported: requests per second and
 //!    latency percentiles.
 //!
-//! `cargo bench --bench sink_load -- [LEASES] [TENANTS] [CONCURRENCY] [SECONDS]`
-//! (defaults 10000 100 8 20). Both processes share the machine's cores.
+//! `cargo bench --bench sink_load -- [LEASES] [TENANTS] [CONCURRENCY] [SECONDS] [--json]`
+//! (defaults 10000 100 8 20). Both processes share the machine's cores. Also printed: the
+//! store's disk and the sink process's resident memory per lease-hour, and the size of each
+//! answer. With `--json` the last line is one JSON object with `apply_records_per_s`,
+//! `none_rps_1`, `none_p99_ms_1`, `none_rps_8`, `none_p99_ms_8`, `lease_rps_8`,
+//! `lease_p99_ms_8` (the 8 standing for CONCURRENCY), `disk_bytes_per_lease_hour`,
+//! `resident_bytes_per_lease_hour` and the answers' bytes.
 
 use std::time::{Duration, Instant};
+
+mod common;
 
 use meterflow::broker::{self, BrokerConfig};
 use meterflow::topics::{self, TopicsConfig};
@@ -109,7 +116,8 @@ fn fill(store: &Store, leases: u64, tenants: u64) -> u64 {
     offset as u64
 }
 
-/// The client process: asks, prints one line `requests errors seconds p50 p90 p99 max` (ms).
+/// The client process: asks, prints one line `requests errors seconds p50 p90 p99 max` (ms)
+/// and the mean answer's bytes.
 async fn client(
     base: String,
     token: String,
@@ -125,7 +133,7 @@ async fn client(
         let (http, base, token, group_by) =
             (http.clone(), base.clone(), token.clone(), group_by.clone());
         tasks.push(tokio::spawn(async move {
-            let (mut latencies, mut errors) = (Vec::new(), 0u64);
+            let (mut latencies, mut errors, mut bytes) = (Vec::new(), 0u64, 0u64);
             let mut n = worker;
             while Instant::now() < deadline {
                 n = n.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
@@ -135,24 +143,27 @@ async fn client(
                     T0 + DAYS * 24 * HOUR_MS
                 );
                 let started = Instant::now();
-                let ok = match http.get(&url).bearer_auth(&token).send().await {
-                    Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
-                    _ => false,
+                let body = match http.get(&url).bearer_auth(&token).send().await {
+                    Ok(r) if r.status().is_success() => r.bytes().await.ok(),
+                    _ => None,
                 };
-                if ok {
-                    latencies.push(started.elapsed());
-                } else {
-                    errors += 1;
+                match body {
+                    Some(body) => {
+                        latencies.push(started.elapsed());
+                        bytes += body.len() as u64;
+                    }
+                    None => errors += 1,
                 }
             }
-            (latencies, errors)
+            (latencies, errors, bytes)
         }));
     }
-    let (mut all, mut errors) = (Vec::new(), 0);
+    let (mut all, mut errors, mut bytes) = (Vec::new(), 0, 0);
     for t in tasks {
-        let (l, e) = t.await.expect("client task");
+        let (l, e, b) = t.await.expect("client task");
         all.extend(l);
         errors += e;
+        bytes += b;
     }
     all.sort();
     let pct = |p: f64| {
@@ -160,14 +171,15 @@ async fn client(
             .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
     };
     println!(
-        "{} {} {} {:.3} {:.3} {:.3} {:.3}",
+        "{} {} {} {:.3} {:.3} {:.3} {:.3} {}",
         all.len(),
         errors,
         seconds,
         pct(0.50),
         pct(0.90),
         pct(0.99),
-        pct(1.0)
+        pct(1.0),
+        bytes / (all.len() as u64).max(1)
     );
 }
 
@@ -197,10 +209,11 @@ fn main() {
         fill(&store, leases, tenants)
     };
     let fill_s = started.elapsed().as_secs_f64();
+    let apply_records_per_s = records as f64 / fill_s;
     println!(
-        "fill: {records} records ({leases} leases x {tenants} tenants x {DAYS} days hourly x 3 metrics) in {fill_s:.1} s: {:.0} records/s through Store::apply",
-        records as f64 / fill_s
+        "fill: {records} records ({leases} leases x {tenants} tenants x {DAYS} days hourly x 3 metrics) in {fill_s:.1} s: {apply_records_per_s:.0} records/s through Store::apply"
     );
+    let lease_hours = (leases * DAYS as u64 * 24).max(1);
 
     let shutdown = CancellationToken::new();
     let (broker, sink) = runtime.block_on(async {
@@ -247,6 +260,11 @@ fn main() {
     .expect("token");
     let base = format!("http://{}", sink.addr);
     let exe = std::env::current_exe().expect("this binary");
+    let mut json = serde_json::Map::new();
+    json.insert(
+        "apply_records_per_s".into(),
+        apply_records_per_s.round().into(),
+    );
     // One connection: latency unloaded; then CONCURRENCY connections: throughput.
     for (group_by, concurrency) in [("none", 1), ("none", concurrency), ("lease", concurrency)] {
         let out = std::process::Command::new(&exe)
@@ -265,14 +283,41 @@ fn main() {
             .split_whitespace()
             .map(|x| x.parse().unwrap_or(f64::NAN))
             .collect();
-        let [requests, errors, secs, p50, p90, p99, max] = f[..] else {
+        let [requests, errors, secs, p50, p90, p99, max, answer_bytes] = f[..] else {
             panic!("client printed {line:?}");
         };
         println!(
-            "tenant usage, {DAYS} days hourly, group_by={group_by} ({} leases per tenant): {:.0} requests/s, latency p50 {p50:.2} ms, p90 {p90:.2} ms, p99 {p99:.2} ms, max {max:.2} ms ({requests} requests, {errors} errors, {concurrency} connections, {secs} s)",
+            "tenant usage, {DAYS} days hourly, group_by={group_by} ({} leases per tenant): {:.0} requests/s, latency p50 {p50:.2} ms, p90 {p90:.2} ms, p99 {p99:.2} ms, max {max:.2} ms ({requests} requests, {errors} errors, {concurrency} connections, {secs} s; {answer_bytes:.0} bytes an answer)",
             leases / tenants,
             requests / secs,
         );
+        assert_eq!(errors, 0.0, "every request answered");
+        json.insert(
+            format!("{group_by}_rps_{concurrency}"),
+            (requests / secs).round().into(),
+        );
+        json.insert(format!("{group_by}_p99_ms_{concurrency}"), p99.into());
+        json.insert(format!("{group_by}_answer_bytes"), answer_bytes.into());
+    }
+    let disk = dir_bytes(&dir.path().join("sink"));
+    let resident = common::resident_bytes();
+    println!(
+        "store on disk: {:.1} MiB, {:.1} bytes per lease-hour; this process (fill, then the sink) resident: {:.1} MiB, {:.1} bytes per lease-hour",
+        disk as f64 / 1048576.0,
+        disk as f64 / lease_hours as f64,
+        resident as f64 / 1048576.0,
+        resident as f64 / lease_hours as f64
+    );
+    json.insert(
+        "disk_bytes_per_lease_hour".into(),
+        (disk as f64 / lease_hours as f64).into(),
+    );
+    json.insert(
+        "resident_bytes_per_lease_hour".into(),
+        (resident as f64 / lease_hours as f64).into(),
+    );
+    if std::env::args().any(|a| a == "--json") {
+        println!("{}", serde_json::Value::Object(json));
     }
     shutdown.cancel();
     runtime
@@ -280,4 +325,18 @@ fn main() {
         .expect("sink task")
         .expect("sink stopped cleanly");
     broker.stop();
+}
+
+/// The bytes of the files under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
