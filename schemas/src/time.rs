@@ -46,7 +46,26 @@ pub fn format_rfc3339(ms: i64) -> String {
         rem / 1000 % 60,
         rem % 1000,
     );
-    format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{milli:03}Z")
+    if !(0..=9999).contains(&y) {
+        return format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{milli:03}Z");
+    }
+    // Years 0 to 9999 (every time the API accepts): digits written straight into the 24
+    // bytes, as an answer writes two per row.
+    let mut out = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut v: i64| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, y);
+    put(5, 2, m);
+    put(8, 2, d);
+    put(11, 2, h);
+    put(14, 2, mi);
+    put(17, 2, s);
+    put(20, 3, milli);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Parses milliseconds since the epoch, or an RFC 3339 UTC time (`2026-11-23T10:00:00Z`,
@@ -138,6 +157,20 @@ mod tests {
         assert_eq!(parse_time("2024-01-01T00:00:00+02:00"), None);
         for ms in [0, 1, 86_399_999, 951_782_400_000, 4_102_444_800_000] {
             assert_eq!(parse_time(&format_rfc3339(ms)), Some(ms));
+        }
+    }
+
+    #[test]
+    fn formats_every_digit_in_place_and_years_past_9999_in_full() {
+        for (ms, text) in [
+            (-1, "1969-12-31T23:59:59.999Z"),
+            (0, "1970-01-01T00:00:00.000Z"),
+            (1_796_083_199_001, "2026-11-30T23:59:59.001Z"),
+            (1_767_225_610_250, "2026-01-01T00:00:10.250Z"),
+            (253_402_300_799_999, "9999-12-31T23:59:59.999Z"),
+            (253_402_300_800_000, "10000-01-01T00:00:00.000Z"),
+        ] {
+            assert_eq!(format_rfc3339(ms), text);
         }
     }
 

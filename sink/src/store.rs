@@ -12,8 +12,7 @@
 //! - `t` 0x00 lease 0x00 tenant → nothing: the tenants a lease id belongs to;
 //! - `c` 0x00 tenant 0x00 month_start → the sum of the tenant's `cost` records (base windows)
 //!   in that calendar month, in micros: kept as records arrive (a replaced record adds the
-//!   difference, written as a RocksDB merge operand that [`merge_sums`] adds up, so a write
-//!   reads no sum), so the period to date is one read however long the month has run.
+//!   difference), so the period to date is one read however long the month has run.
 //! - `h` 0x00 tenant 0x00 hour_start metric 0x00 gpu_class 0x00 mig_profile 0x00 → a [`Cell`]:
 //!   the tenant's usage records ([`is_usage`]) whose window starts in that hour, summed over
 //!   leases and services. Kept like the month sums (a replaced record adds the difference), so
@@ -31,7 +30,7 @@
 //! Data and the offsets that produced it are written in one `WriteBatch`: after a crash the
 //! sink resumes exactly after the last update it stored.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use meterflow_schemas::time::month_start;
@@ -215,39 +214,6 @@ fn decode_cell(v: &[u8]) -> Option<(i64, i32, i64, i64)> {
     ))
 }
 
-/// The merge operator of the additive views: a month sum (`c`, 8 bytes) or an hour cell (`h`,
-/// `g`, 28 bytes) plus the differences batches added to it. Amounts, coverage and presence
-/// add up; a cell's scale is the latest operand's, as when it was read and written back.
-/// `None` (RocksDB reports corruption) for any other key or a value of the wrong size.
-fn merge_sums(
-    key: &[u8],
-    existing: Option<&[u8]>,
-    operands: &rocksdb::MergeOperands,
-) -> Option<Vec<u8>> {
-    match key.first() {
-        Some(b'c') => {
-            let mut sum = existing.map_or(Some(0), i64_of)?;
-            for op in operands {
-                sum += i64_of(op)?;
-            }
-            Some(sum.to_be_bytes().to_vec())
-        }
-        Some(b'h' | b'g') => {
-            let (mut amount, mut scale, mut coverage, mut present) =
-                existing.map_or(Some((0, 0, 0, 0)), decode_cell)?;
-            for op in operands {
-                let (a, s, c, p) = decode_cell(op)?;
-                amount += a;
-                scale = s;
-                coverage += c;
-                present += p;
-            }
-            Some(encode_cell(amount, scale, coverage, present))
-        }
-        _ => None,
-    }
-}
-
 /// Whether a record is a base window's cost (what the month sums add up).
 pub fn is_window_cost(u: &UsageUpdate) -> bool {
     u.metric == "cost" && u.resolution.is_empty()
@@ -271,12 +237,9 @@ fn revision_key(b: &BillingRecord) -> Vec<u8> {
     k
 }
 
-fn i64_of(v: &[u8]) -> Option<i64> {
-    <[u8; 8]>::try_from(v).ok().map(i64::from_be_bytes)
-}
-
 fn read_i64(v: Option<Vec<u8>>) -> Option<i64> {
-    v.as_deref().and_then(i64_of)
+    v.and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
+        .map(i64::from_be_bytes)
 }
 
 fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
@@ -310,7 +273,6 @@ impl Store {
         table.set_bloom_filter(10.0, false);
         table.set_whole_key_filtering(true);
         opts.set_block_based_table_factory(&table);
-        opts.set_merge_operator_associative("meterflow-sums", merge_sums);
         let db = DB::open(&opts, path).map_err(|source| StoreError::Open {
             path: path.display().to_string(),
             source,
@@ -376,69 +338,58 @@ impl Store {
         Ok(n)
     }
 
-    /// The stored amount, coverage and presence of each usage record in `consumed` that
-    /// replaces one stored before, read in one multi-get; (0, 0, 0) for records not stored.
-    fn stored_before(
-        &self,
-        consumed: &[Consumed],
-    ) -> Result<HashMap<Vec<u8>, (i64, i64, i64)>, StoreError> {
-        let mut keys: Vec<Vec<u8>> = consumed
-            .iter()
-            .filter(|c| is_usage(&c.update))
-            .map(|c| usage_key(&c.update))
-            .collect();
-        keys.sort_unstable();
-        keys.dedup();
-        let cf = self.db.cf_handle(rocksdb::DEFAULT_COLUMN_FAMILY_NAME);
-        let values = match cf {
-            Some(cf) => self.db.batched_multi_get_cf(cf, &keys, true),
-            None => keys.iter().map(|k| self.db.get_pinned(k)).collect(),
-        };
-        let mut before = HashMap::with_capacity(keys.len());
-        for (key, value) in keys.into_iter().zip(values) {
-            let stored = match value? {
-                Some(v) => {
-                    let b = UsageUpdate::decode(&v)?;
-                    (b.amount, b.coverage_ms, b.present_ms)
-                }
-                None => (0, 0, 0),
-            };
-            before.insert(key, stored);
-        }
-        Ok(before)
-    }
-
     /// Applies consumed updates, their offsets and the new watermark in one atomic write.
-    ///
-    /// The hour cells and month sums take the differences the batch makes as merge operands
-    /// ([`merge_sums`]) instead of being read and written back: the only reads are of the usage
-    /// records the batch replaces, all in one multi-get.
     pub fn apply(&self, consumed: &[Consumed]) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
         let mut watermark = self.watermark_ms()?;
-        // Every usage record's latest amount, coverage and presence (stored, then as this
-        // batch replaces it), and what the batch adds to the month sums and hour cells.
-        let mut latest = self.stored_before(consumed)?;
-        let mut month_costs: HashMap<Vec<u8>, i64> = HashMap::new();
-        let mut cells: HashMap<Vec<u8>, (i64, i32, i64, i64)> = HashMap::new();
-        let mut lease_tenants: HashSet<Vec<u8>> = HashSet::new();
+        // Usage records replaced in this batch (their latest amount, coverage and presence),
+        // and the month sums and hour cells they changed.
+        let mut latest: HashMap<Vec<u8>, (i64, i64, i64)> = HashMap::new();
+        let mut month_costs: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
+        let mut cells: BTreeMap<Vec<u8>, (i64, i32, i64, i64)> = BTreeMap::new();
         for c in consumed {
             let u = &c.update;
             let key = usage_key(u);
             if is_usage(u) {
-                let now = (u.amount, u.coverage_ms, u.present_ms);
-                let before = latest.insert(key.clone(), now).unwrap_or_default();
+                let before = match latest.get(&key) {
+                    Some(before) => *before,
+                    None => match self.db.get(&key)? {
+                        Some(v) => {
+                            let b = UsageUpdate::decode(&v)?;
+                            (b.amount, b.coverage_ms, b.present_ms)
+                        }
+                        None => (0, 0, 0),
+                    },
+                };
+                latest.insert(key.clone(), (u.amount, u.coverage_ms, u.present_ms));
                 for view in [Hourly::Tenant, Hourly::Lease] {
-                    let cell = cells.entry(hour_key(view, u)).or_default();
-                    cell.0 += u.amount - before.0;
-                    cell.1 = u.scale;
-                    cell.2 += u.coverage_ms - before.1;
-                    cell.3 += u.present_ms - before.2;
+                    let hour = hour_key(view, u);
+                    let cell = match cells.get(&hour) {
+                        Some(cell) => *cell,
+                        None => self
+                            .db
+                            .get(&hour)?
+                            .and_then(|v| decode_cell(&v))
+                            .unwrap_or((0, u.scale, 0, 0)),
+                    };
+                    cells.insert(
+                        hour,
+                        (
+                            cell.0 + u.amount - before.0,
+                            u.scale,
+                            cell.2 + u.coverage_ms - before.1,
+                            cell.3 + u.present_ms - before.2,
+                        ),
+                    );
                 }
                 if is_window_cost(u) {
                     let month = month_cost_key(&u.tenant, month_start(u.window_start_ms));
-                    *month_costs.entry(month).or_default() += u.amount - before.0;
+                    let sum = match month_costs.get(&month) {
+                        Some(sum) => *sum,
+                        None => read_i64(self.db.get(&month)?).unwrap_or(0),
+                    };
+                    month_costs.insert(month, sum + u.amount - before.0);
                 }
             }
             let encoded = u.encode()?;
@@ -446,7 +397,7 @@ impl Store {
                 batch.put(lease_key(u), &encoded);
                 let mut tenant = lease_tenants_prefix(&u.lease);
                 tenant.extend_from_slice(u.tenant.as_bytes());
-                lease_tenants.insert(tenant);
+                batch.put(tenant, b"");
             }
             batch.put(key, encoded);
             let e = next.entry((&c.topic, c.partition)).or_insert(c.offset + 1);
@@ -459,13 +410,10 @@ impl Store {
             }
         }
         for (month, sum) in month_costs {
-            batch.merge(month, sum.to_be_bytes());
+            batch.put(month, sum.to_be_bytes());
         }
         for (hour, (amount, scale, coverage, present)) in cells {
-            batch.merge(hour, encode_cell(amount, scale, coverage, present));
-        }
-        for tenant in lease_tenants {
-            batch.put(tenant, b"");
+            batch.put(hour, encode_cell(amount, scale, coverage, present));
         }
         for ((topic, partition), offset) in next {
             batch.put(offset_key(topic, partition), offset.to_be_bytes());
@@ -719,6 +667,24 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Whether RocksDB is still flushing or compacting (or has compaction to do): a load
+    /// test waits for this to end after filling the store, so that its queries meet the
+    /// store as a sink that has held its data a while does, not one still sorting its writes.
+    pub fn background_work(&self) -> Result<bool, StoreError> {
+        let mut busy = false;
+        for property in [
+            "rocksdb.compaction-pending",
+            "rocksdb.num-running-compactions",
+            "rocksdb.num-running-flushes",
+            "rocksdb.mem-table-flush-pending",
+        ] {
+            busy |= self.db.property_int_value(property)?.unwrap_or(0) > 0;
+        }
+        Ok(busy)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -907,7 +873,7 @@ mod tests {
     }
 
     #[test]
-    fn sums_kept_as_merge_operands_survive_compaction_and_reopening() {
+    fn sums_follow_batches_across_compaction_and_reopening() {
         let dir = tempfile::tempdir().expect("temp dir");
         // 2026-12-01T00:00Z: an hour, a month.
         const DEC: i64 = 1_796_083_200_000;
@@ -918,8 +884,7 @@ mod tests {
         };
         {
             let store = Store::open(dir.path()).expect("opens");
-            // A sum written whole, as a sink before merge operands wrote it: the operands
-            // that follow add to it.
+            // A sum already stored: the batches that follow add to it.
             store
                 .db
                 .put(month_cost_key("t", DEC), 1_000i64.to_be_bytes())
@@ -932,7 +897,7 @@ mod tests {
                     ])
                     .expect("applies");
             }
-            // Compaction folds the operands into one value (a full merge).
+            // The sums leave the memtable for the files the next reads find them in.
             store.db.compact_range(None::<&[u8]>, None::<&[u8]>);
         }
         let store = Store::open(dir.path()).expect("reopens");
@@ -946,7 +911,7 @@ mod tests {
             .expect("reads");
         let gpu: Vec<(i64, i64, i64)> = cells
             .iter()
-            .filter(|c| c.metric == "gpu_seconds")
+            .filter(|c| &*c.metric == "gpu_seconds")
             .map(|c| (c.amount, c.coverage_ms, c.present_ms))
             .collect();
         // g replaced twice: its latest 15,000, one minute covered and present.
