@@ -54,15 +54,6 @@ fn process(brokers: &str, state_dir: &Path, workers: usize) -> Duration {
     start.elapsed()
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .expect("state dir")
-        .filter_map(|e| e.ok()?.metadata().ok())
-        .filter(|m| m.is_file())
-        .map(|m| m.len())
-        .sum()
-}
-
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -108,7 +99,7 @@ fn main() {
         }
         store.compact();
         drop(store);
-        let bytes = dir_bytes(state.path());
+        let bytes = common::dir_bytes(state.path());
         println!(
             "checkpoint after hour 1: {series} series, {windows} series-windows, {bytes} bytes on disk = {:.0} bytes per series (every series seen in the hour, with its windows)",
             bytes as f64 / series.max(1) as f64

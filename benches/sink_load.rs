@@ -309,7 +309,7 @@ fn main() {
         json.insert(format!("{group_by}_p99_ms_{concurrency}"), p99.into());
         json.insert(format!("{group_by}_answer_bytes"), answer_bytes.into());
     }
-    let disk = dir_bytes(&dir.path().join("sink"));
+    let disk = common::dir_bytes(&dir.path().join("sink"));
     let resident = common::resident_bytes();
     println!(
         "store on disk: {:.1} MiB, {:.1} bytes per lease-hour; this process (fill, then the sink) resident: {:.1} MiB, {:.1} bytes per lease-hour",
@@ -335,18 +335,4 @@ fn main() {
         .expect("sink task")
         .expect("sink stopped cleanly");
     broker.stop();
-}
-
-/// The bytes of the files under `dir`.
-fn dir_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }

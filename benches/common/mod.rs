@@ -86,3 +86,17 @@ pub fn resident_bytes() -> u64 {
         })
         .map_or(0, |kb| kb * 1024)
 }
+
+/// The bytes of the files under `dir`, its subdirectories included (a RocksDB directory).
+pub fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
