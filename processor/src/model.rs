@@ -36,6 +36,86 @@ pub struct AllocationKey {
     pub gpu_uuid: String,
 }
 
+/// A series' identity as bytes: its aggregate, then every string of its key, each after its
+/// length (LEB128), so two keys are equal exactly when their identities are. The feeder keeps
+/// one of these per series, shared by its maps, instead of a key of seven `String`s in each.
+pub type Identity = std::rc::Rc<[u8]>;
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let mut len = s.len();
+    while len >= 0x80 {
+        out.push((len as u8 & 0x7f) | 0x80);
+        len >>= 7;
+    }
+    out.push(len as u8);
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn take_str(bytes: &mut &[u8]) -> Option<String> {
+    let (mut len, mut shift) = (0usize, 0u32);
+    loop {
+        let (&b, rest) = bytes.split_first()?;
+        *bytes = rest;
+        len |= ((b & 0x7f) as usize).checked_shl(shift)?;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+    }
+    if len > bytes.len() {
+        return None;
+    }
+    let (s, rest) = bytes.split_at(len);
+    *bytes = rest;
+    String::from_utf8(s.to_vec()).ok()
+}
+
+fn take_metric(bytes: &mut &[u8]) -> Option<Aggregate> {
+    let (&b, rest) = bytes.split_first()?;
+    *bytes = rest;
+    Aggregate::ALL.get(b as usize).copied()
+}
+
+impl AllocationKey {
+    /// Writes the series' [`Identity`] into `out` (cleared first).
+    pub fn write_identity(&self, out: &mut Vec<u8>) {
+        out.clear();
+        out.push(self.metric as u8);
+        for s in [
+            &self.owner.tenant,
+            &self.owner.lease,
+            &self.owner.service,
+            &self.gpu_class,
+            &self.mig_profile,
+            &self.node,
+            &self.container_id,
+            &self.gpu_uuid,
+        ] {
+            put_str(out, s);
+        }
+    }
+
+    /// The key whose identity [`AllocationKey::write_identity`] wrote.
+    pub fn from_identity(mut bytes: &[u8]) -> Option<Self> {
+        let b = &mut bytes;
+        let metric = take_metric(b)?;
+        let key = Self {
+            owner: Owner {
+                tenant: take_str(b)?,
+                lease: take_str(b)?,
+                service: take_str(b)?,
+            },
+            metric,
+            gpu_class: take_str(b)?,
+            mig_profile: take_str(b)?,
+            node: take_str(b)?,
+            container_id: take_str(b)?,
+            gpu_uuid: take_str(b)?,
+        };
+        b.is_empty().then_some(key)
+    }
+}
+
 /// One observation of an allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct AllocationObs {
@@ -146,6 +226,46 @@ pub struct ReadingKey {
     pub gpu_class: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub mig_profile: String,
+}
+
+impl ReadingKey {
+    /// Writes the series' [`Identity`] into `out` (cleared first).
+    pub fn write_identity(&self, out: &mut Vec<u8>) {
+        out.clear();
+        out.push(self.metric as u8);
+        for s in [
+            &self.owner.tenant,
+            &self.owner.lease,
+            &self.owner.service,
+            &self.node,
+            &self.container_id,
+            &self.gpu_uuid,
+            &self.gpu_class,
+            &self.mig_profile,
+        ] {
+            put_str(out, s);
+        }
+    }
+
+    /// The key whose identity [`ReadingKey::write_identity`] wrote.
+    pub fn from_identity(mut bytes: &[u8]) -> Option<Self> {
+        let b = &mut bytes;
+        let metric = take_metric(b)?;
+        let key = Self {
+            owner: Owner {
+                tenant: take_str(b)?,
+                lease: take_str(b)?,
+                service: take_str(b)?,
+            },
+            node: take_str(b)?,
+            container_id: take_str(b)?,
+            metric,
+            gpu_uuid: take_str(b)?,
+            gpu_class: take_str(b)?,
+            mig_profile: take_str(b)?,
+        };
+        b.is_empty().then_some(key)
+    }
 }
 
 /// One reading, as an integer: a counter at its aggregate's scale, a gauge in
@@ -724,6 +844,50 @@ mod tests {
             started_at_ms: Some(0),
             finished_at_ms: None,
         }
+    }
+
+    #[test]
+    fn a_series_identity_reads_back_and_never_joins_two_keys() {
+        // Every aggregate's byte names it.
+        for a in Aggregate::ALL {
+            assert_eq!(Aggregate::ALL[a as usize], a);
+        }
+        let long = "x".repeat(MAX_LABEL_BYTES);
+        let reading = ReadingKey {
+            owner: Owner {
+                tenant: "acme".into(),
+                lease: long.clone(),
+                service: "".into(),
+            },
+            node: "node-1".into(),
+            container_id: "containerd://0f3c".into(),
+            metric: Aggregate::HostEnergyJoules,
+            gpu_uuid: "GPU-1b2c".into(),
+            gpu_class: "H100".into(),
+            mig_profile: "1g.10gb".into(),
+        };
+        let allocation = AllocationKey {
+            owner: reading.owner.clone(),
+            metric: Aggregate::MemoryRequestByteSeconds,
+            gpu_class: "".into(),
+            mig_profile: "".into(),
+            node: "node-1".into(),
+            container_id: "c".into(),
+            gpu_uuid: long,
+        };
+        let mut id = Vec::new();
+        reading.write_identity(&mut id);
+        assert_eq!(ReadingKey::from_identity(&id), Some(reading.clone()));
+        assert_eq!(ReadingKey::from_identity(&id[..id.len() - 1]), None);
+        allocation.write_identity(&mut id);
+        assert_eq!(AllocationKey::from_identity(&id), Some(allocation));
+        // The same characters cut between fields elsewhere are another series.
+        let mut other = reading.clone();
+        (other.node, other.container_id) = ("node-1c".into(), "ontainerd://0f3c".into());
+        let mut other_id = Vec::new();
+        other.write_identity(&mut other_id);
+        reading.write_identity(&mut id);
+        assert_ne!(id, other_id);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataflow::{Time, split_by_window};
 use crate::model::{
-    Aggregate, AllocationKey, AllocationObs, Kind, Observation, Owner, Part, ReadingKey,
+    Aggregate, AllocationKey, AllocationObs, Identity, Kind, Observation, Owner, Part, ReadingKey,
     ReadingObs, SeriesRef, Summary, held_changes,
 };
 use crate::names::{IdCollision, Item, Names, NodeId, OwnerId};
@@ -513,10 +513,15 @@ pub struct Feeder {
     /// The next series number; the worker's index is in the high bits, so numbers are unique
     /// across the workers of a process.
     next_series: u64,
-    allocations: FastMap<AllocationKey, AllocationState>,
-    readings: FastMap<ReadingKey, ReadingState>,
-    allocation_keys: FastMap<u64, AllocationKey>,
-    reading_keys: FastMap<u64, ReadingKey>,
+    /// Series by identity, and each series' identity by its number: one copy of the
+    /// identity, shared.
+    allocations: FastMap<Identity, AllocationState>,
+    readings: FastMap<Identity, ReadingState>,
+    allocation_keys: FastMap<u64, Identity>,
+    reading_keys: FastMap<u64, Identity>,
+    /// The identity of the key being looked up, written here so that a sample of a known
+    /// series allocates nothing to find it.
+    scratch: Vec<u8>,
     /// Series by live group (owner, node, metric), and the groups with a new latest reading.
     live_groups: FastMap<LiveGroup, Vec<u64>>,
     live_dirty: FastSet<LiveGroup>,
@@ -552,6 +557,7 @@ impl Feeder {
             live_dirty: FastSet::default(),
             limit: SeriesLimit::default(),
             revived: 0,
+            scratch: Vec::new(),
         }
     }
 
@@ -635,16 +641,19 @@ impl Feeder {
         Ok((series, flag))
     }
 
+    /// A new allocation series in memory; leaves its identity in `scratch`.
     fn new_allocation(
         &mut self,
         partition: i32,
-        key: AllocationKey,
+        key: &AllocationKey,
         obs: AllocationObs,
     ) -> Result<SeriesRef, IdCollision> {
-        let (series, unfinished) = self.allocation_refs(&key)?;
-        self.allocation_keys.insert(series.series, key.clone());
+        let (series, unfinished) = self.allocation_refs(key)?;
+        key.write_identity(&mut self.scratch);
+        let id = Identity::from(&self.scratch[..]);
+        self.allocation_keys.insert(series.series, id.clone());
         self.allocations.insert(
-            key,
+            id,
             AllocationState {
                 partition,
                 series,
@@ -665,20 +674,24 @@ impl Feeder {
         self.series_ref(&key.owner, item, &key.node)
     }
 
+    /// The state of a counter or gauge series, new if it is not in memory; leaves its
+    /// identity in `scratch`.
     fn reading(
         &mut self,
         partition: i32,
-        key: ReadingKey,
+        key: &ReadingKey,
     ) -> Result<&mut ReadingState, IdCollision> {
-        if !self.readings.contains_key(&key) {
-            let series = self.reading_ref(&key)?;
-            self.reading_keys.insert(series.series, key.clone());
+        key.write_identity(&mut self.scratch);
+        if !self.readings.contains_key(&self.scratch[..]) {
+            let series = self.reading_ref(key)?;
+            let id = Identity::from(&self.scratch[..]);
+            self.reading_keys.insert(series.series, id.clone());
             self.live_groups
                 .entry((series.owner, series.node, series.metric))
                 .or_default()
                 .push(series.series);
             self.readings.insert(
-                key.clone(),
+                id,
                 ReadingState {
                     partition,
                     series,
@@ -688,7 +701,7 @@ impl Feeder {
         }
         Ok(self
             .readings
-            .get_mut(&key)
+            .get_mut(&self.scratch[..])
             .expect("inserted above when missing"))
     }
 
@@ -722,21 +735,22 @@ impl Feeder {
         match observation {
             Observation::Allocation(key, obs) => {
                 let window_ms = self.rules.window_ms;
-                let node = match self.allocations.get_mut(&key) {
+                key.write_identity(&mut self.scratch);
+                let node = match self.allocations.get_mut(&self.scratch[..]) {
                     Some(state) => {
                         merge_allocation(state, obs, window_ms, input, &mut self.dirty_allocations)
                     }
                     // Not in memory: retired (brought back, then merged) or new.
                     None => match retired.allocation(partition, &key)? {
                         Some(stored) => {
-                            if let Err(collision) =
-                                self.new_allocation(partition, key.clone(), stored)
-                            {
+                            if let Err(collision) = self.new_allocation(partition, &key, stored) {
                                 return Ok(Err(collision.into()));
                             }
                             self.revived += 1;
-                            let state =
-                                self.allocations.get_mut(&key).expect("inserted just above");
+                            let state = self
+                                .allocations
+                                .get_mut(&self.scratch[..])
+                                .expect("inserted just above");
                             merge_allocation(
                                 state,
                                 obs,
@@ -751,11 +765,11 @@ impl Feeder {
                             {
                                 return Ok(Err(limited.into()));
                             }
-                            let series = match self.new_allocation(partition, key.clone(), obs) {
+                            let series = match self.new_allocation(partition, &key, obs) {
                                 Ok(series) => series,
                                 Err(collision) => return Ok(Err(collision.into())),
                             };
-                            self.hold(input, &key, obs);
+                            self.hold(input, obs);
                             self.dirty_allocations.insert(series.series);
                             series.node
                         }
@@ -771,13 +785,14 @@ impl Feeder {
                 },
             ) => {
                 let rules = self.rules;
-                let state = match self.readings.get_mut(&key) {
+                key.write_identity(&mut self.scratch);
+                let state = match self.readings.get_mut(&self.scratch[..]) {
                     Some(state) => state,
                     // Not in memory: retired (brought back) or new.
                     None => match retired.readings(partition, &key)? {
                         Some(stored) => {
                             self.revived += 1;
-                            match self.reading(partition, key) {
+                            match self.reading(partition, &key) {
                                 Ok(state) => {
                                     state.readings = stored;
                                     state
@@ -790,7 +805,7 @@ impl Feeder {
                             {
                                 return Ok(Err(limited.into()));
                             }
-                            match self.reading(partition, key) {
+                            match self.reading(partition, &key) {
                                 Ok(state) => state,
                                 Err(collision) => return Ok(Err(collision.into())),
                             }
@@ -836,8 +851,8 @@ impl Feeder {
         retire_before_ms: i64,
     ) {
         if allocation_seen_ms(obs) >= retire_before_ms {
-            match self.new_allocation(partition, key.clone(), obs) {
-                Ok(_) => self.hold(input, &key, obs),
+            match self.new_allocation(partition, &key, obs) {
+                Ok(_) => self.hold(input, obs),
                 Err(collision) => restored_collision(&collision),
             }
             return;
@@ -855,7 +870,7 @@ impl Feeder {
     /// One observed again is brought back by [`Feeder::feed_from`]; its pieces and windows
     /// stay in the dataflow. Returns how many `(allocation, counter and gauge)` series left.
     pub fn retire(&mut self, before_ms: i64) -> (usize, usize) {
-        let allocations: Vec<AllocationKey> = self
+        let allocations: Vec<Identity> = self
             .allocations
             .iter()
             .filter(|(_, s)| {
@@ -869,7 +884,7 @@ impl Feeder {
                 self.allocation_keys.remove(&state.series.series);
             }
         }
-        let readings: Vec<ReadingKey> = self
+        let readings: Vec<Identity> = self
             .readings
             .iter()
             .filter(|(_, s)| {
@@ -910,15 +925,10 @@ impl Feeder {
         std::mem::take(&mut self.revived)
     }
 
-    /// Feeds every piece of a new allocation series' interval (and flags them while its end is
-    /// not seen).
-    fn hold(
-        &self,
-        input: &mut InputSession<Time, Summary, isize>,
-        key: &AllocationKey,
-        obs: AllocationObs,
-    ) {
-        let state = &self.allocations[key];
+    /// Feeds every piece of the interval of the new allocation series whose identity is in
+    /// `scratch` (and flags them while its end is not seen).
+    fn hold(&self, input: &mut InputSession<Time, Summary, isize>, obs: AllocationObs) {
+        let state = &self.allocations[&self.scratch[..]];
         self.hold_pieces(input, state.series, state.unfinished, obs);
     }
 
@@ -950,7 +960,7 @@ impl Feeder {
             .latest()
             .is_some_and(|(t, _)| t >= retire_before_ms)
         {
-            match self.reading(partition, key) {
+            match self.reading(partition, &key) {
                 Ok(state) => state.readings = readings,
                 Err(collision) => restored_collision(&collision),
             }
@@ -967,7 +977,8 @@ impl Feeder {
     ) {
         // A retired series' windows go in under a number of their own: nothing downstream keys
         // by the number, and no state is made for it.
-        let series = match self.readings.get(&key) {
+        key.write_identity(&mut self.scratch);
+        let series = match self.readings.get(&self.scratch[..]) {
             Some(state) => state.series,
             None => match self.reading_ref(&key) {
                 Ok(series) => series,
@@ -1054,18 +1065,20 @@ impl Feeder {
             .dirty_allocations
             .drain()
             .filter_map(|id| {
-                let key = self.allocation_keys.get(&id)?;
-                let state = self.allocations.get(key)?;
-                Some((state.partition, key.clone(), state.summary))
+                let id = self.allocation_keys.get(&id)?;
+                let state = self.allocations.get(id)?;
+                let key = AllocationKey::from_identity(id).expect("an identity the feeder wrote");
+                Some((state.partition, key, state.summary))
             })
             .collect();
         let readings = self
             .dirty_readings
             .drain()
             .filter_map(|id| {
-                let key = self.reading_keys.get(&id)?;
-                let state = self.readings.get(key)?;
-                Some((state.partition, key.clone(), state.readings.clone()))
+                let id = self.reading_keys.get(&id)?;
+                let state = self.readings.get(id)?;
+                let key = ReadingKey::from_identity(id).expect("an identity the feeder wrote");
+                Some((state.partition, key, state.readings.clone()))
             })
             .collect();
         let windows = self
@@ -1073,9 +1086,10 @@ impl Feeder {
             .drain()
             .filter(|(_, change)| *change != [0; 3])
             .filter_map(|((id, w), change)| {
-                let key = self.reading_keys.get(&id)?;
-                let state = self.readings.get(key)?;
-                Some((state.partition, key.clone(), w, change))
+                let id = self.reading_keys.get(&id)?;
+                let state = self.readings.get(id)?;
+                let key = ReadingKey::from_identity(id).expect("an identity the feeder wrote");
+                Some((state.partition, key, w, change))
             })
             .collect();
         let node_hours = self
