@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use meterflow_ingest::{Fleet, FleetConfig};
 use meterflow_processor::dataflow::{Costing, Installed, Resolution, install};
 use meterflow_processor::metrics::{self, METRICS, Stage};
-use meterflow_processor::model::observe;
+use meterflow_processor::model::observe_ref;
 use meterflow_processor::names::Names;
 use meterflow_processor::series::{Feeder, Rules};
 use meterflow_processor::{PriceBook, ProcessorConfig, run};
@@ -268,7 +268,7 @@ fn dataflow_only(data: Arc<Input>, workers: usize, rollups: &[Resolution]) -> Da
             for (_, bytes) in batches.iter().skip(index).step_by(peers) {
                 let batch = SampleBatch::decode(bytes).expect("decodes");
                 for s in &batch.samples {
-                    if let Ok(Some(o)) = observe(s) {
+                    if let Ok(Some(o)) = observe_ref(s) {
                         // As the processor: readings older than 10 minutes of lateness
                         // behind the tick are folded away.
                         feeder

@@ -648,7 +648,7 @@ mod tests {
             for (epoch, observations) in epochs.into_iter().enumerate() {
                 input.advance_to(epoch as Time);
                 for o in observations {
-                    let fed = match feeder.feed_from(&mut input, 0, o, i64::MIN, &stored) {
+                    let fed = match feeder.feed_from(&mut input, 0, o.as_ref(), i64::MIN, &stored) {
                         Ok(fed) => fed,
                         Err(never) => match never {},
                     };

@@ -76,23 +76,75 @@ fn take_metric(bytes: &mut &[u8]) -> Option<Aggregate> {
     Aggregate::ALL.get(b as usize).copied()
 }
 
-impl AllocationKey {
+/// An [`AllocationKey`] borrowing a sample's strings: a sample of a known series is looked up
+/// by it, and only a new series' key is copied out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocationKeyRef<'a> {
+    pub tenant: &'a str,
+    pub lease: &'a str,
+    pub service: &'a str,
+    pub metric: Aggregate,
+    pub gpu_class: &'a str,
+    pub mig_profile: &'a str,
+    pub node: &'a str,
+    pub container_id: &'a str,
+    pub gpu_uuid: &'a str,
+}
+
+impl AllocationKeyRef<'_> {
     /// Writes the series' [`Identity`] into `out` (cleared first).
     pub fn write_identity(&self, out: &mut Vec<u8>) {
         out.clear();
         out.push(self.metric as u8);
         for s in [
-            &self.owner.tenant,
-            &self.owner.lease,
-            &self.owner.service,
-            &self.gpu_class,
-            &self.mig_profile,
-            &self.node,
-            &self.container_id,
-            &self.gpu_uuid,
+            self.tenant,
+            self.lease,
+            self.service,
+            self.gpu_class,
+            self.mig_profile,
+            self.node,
+            self.container_id,
+            self.gpu_uuid,
         ] {
             put_str(out, s);
         }
+    }
+
+    pub fn to_owned(self) -> AllocationKey {
+        AllocationKey {
+            owner: Owner {
+                tenant: self.tenant.into(),
+                lease: self.lease.into(),
+                service: self.service.into(),
+            },
+            metric: self.metric,
+            gpu_class: self.gpu_class.into(),
+            mig_profile: self.mig_profile.into(),
+            node: self.node.into(),
+            container_id: self.container_id.into(),
+            gpu_uuid: self.gpu_uuid.into(),
+        }
+    }
+}
+
+impl AllocationKey {
+    pub fn as_ref(&self) -> AllocationKeyRef<'_> {
+        AllocationKeyRef {
+            tenant: &self.owner.tenant,
+            lease: &self.owner.lease,
+            service: &self.owner.service,
+            metric: self.metric,
+            gpu_class: &self.gpu_class,
+            mig_profile: &self.mig_profile,
+            node: &self.node,
+            container_id: &self.container_id,
+            gpu_uuid: &self.gpu_uuid,
+        }
+    }
+
+    /// Writes the series' [`Identity`] into `out` (cleared first).
+    pub fn write_identity(&self, out: &mut Vec<u8>) {
+        self.as_ref().write_identity(out);
     }
 
     /// The key whose identity [`AllocationKey::write_identity`] wrote.
@@ -228,23 +280,74 @@ pub struct ReadingKey {
     pub mig_profile: String,
 }
 
-impl ReadingKey {
+/// A [`ReadingKey`] borrowing a sample's strings (see [`AllocationKeyRef`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadingKeyRef<'a> {
+    pub tenant: &'a str,
+    pub lease: &'a str,
+    pub service: &'a str,
+    pub node: &'a str,
+    pub container_id: &'a str,
+    pub metric: Aggregate,
+    pub gpu_uuid: &'a str,
+    pub gpu_class: &'a str,
+    pub mig_profile: &'a str,
+}
+
+impl ReadingKeyRef<'_> {
     /// Writes the series' [`Identity`] into `out` (cleared first).
     pub fn write_identity(&self, out: &mut Vec<u8>) {
         out.clear();
         out.push(self.metric as u8);
         for s in [
-            &self.owner.tenant,
-            &self.owner.lease,
-            &self.owner.service,
-            &self.node,
-            &self.container_id,
-            &self.gpu_uuid,
-            &self.gpu_class,
-            &self.mig_profile,
+            self.tenant,
+            self.lease,
+            self.service,
+            self.node,
+            self.container_id,
+            self.gpu_uuid,
+            self.gpu_class,
+            self.mig_profile,
         ] {
             put_str(out, s);
         }
+    }
+
+    pub fn to_owned(self) -> ReadingKey {
+        ReadingKey {
+            owner: Owner {
+                tenant: self.tenant.into(),
+                lease: self.lease.into(),
+                service: self.service.into(),
+            },
+            node: self.node.into(),
+            container_id: self.container_id.into(),
+            metric: self.metric,
+            gpu_uuid: self.gpu_uuid.into(),
+            gpu_class: self.gpu_class.into(),
+            mig_profile: self.mig_profile.into(),
+        }
+    }
+}
+
+impl ReadingKey {
+    pub fn as_ref(&self) -> ReadingKeyRef<'_> {
+        ReadingKeyRef {
+            tenant: &self.owner.tenant,
+            lease: &self.owner.lease,
+            service: &self.owner.service,
+            node: &self.node,
+            container_id: &self.container_id,
+            metric: self.metric,
+            gpu_uuid: &self.gpu_uuid,
+            gpu_class: &self.gpu_class,
+            mig_profile: &self.mig_profile,
+        }
+    }
+
+    /// Writes the series' [`Identity`] into `out` (cleared first).
+    pub fn write_identity(&self, out: &mut Vec<u8>) {
+        self.as_ref().write_identity(out);
     }
 
     /// The key whose identity [`ReadingKey::write_identity`] wrote.
@@ -281,6 +384,31 @@ pub struct ReadingObs {
 pub enum Observation {
     Allocation(AllocationKey, AllocationObs),
     Reading(ReadingKey, ReadingObs),
+}
+
+/// An [`Observation`] borrowing its sample's strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObservationRef<'a> {
+    Allocation(AllocationKeyRef<'a>, AllocationObs),
+    Reading(ReadingKeyRef<'a>, ReadingObs),
+}
+
+impl Observation {
+    pub fn as_ref(&self) -> ObservationRef<'_> {
+        match self {
+            Observation::Allocation(k, o) => ObservationRef::Allocation(k.as_ref(), *o),
+            Observation::Reading(k, o) => ObservationRef::Reading(k.as_ref(), *o),
+        }
+    }
+}
+
+impl ObservationRef<'_> {
+    pub fn to_owned(self) -> Observation {
+        match self {
+            ObservationRef::Allocation(k, o) => Observation::Allocation(k.to_owned(), o),
+            ObservationRef::Reading(k, o) => Observation::Reading(k.to_owned(), o),
+        }
+    }
 }
 
 /// How an aggregate is measured (SPEC: the three kinds of sample).
@@ -629,7 +757,7 @@ pub struct Rejection {
     pub detail: String,
 }
 
-fn reject(reason: &'static str, detail: String) -> Result<Option<Observation>, Rejection> {
+fn reject<T>(reason: &'static str, detail: String) -> Result<T, Rejection> {
     Err(Rejection { reason, detail })
 }
 
@@ -678,6 +806,11 @@ fn held_count(metric: Aggregate, value: f64) -> Result<i64, (&'static str, Strin
 /// Validates a sample and turns it into an observation; `Ok(None)` for metrics this version
 /// of the processor does not aggregate yet.
 pub fn observe(s: &Sample) -> Result<Option<Observation>, Rejection> {
+    Ok(observe_ref(s)?.map(ObservationRef::to_owned))
+}
+
+/// [`observe`], borrowing the sample's strings.
+pub fn observe_ref<'s>(s: &'s Sample) -> Result<Option<ObservationRef<'s>>, Rejection> {
     let id = &s.series;
     let labels = [
         ("tenant", &id.tenant),
@@ -714,11 +847,6 @@ pub fn observe(s: &Sample) -> Result<Option<Observation>, Rejection> {
             format!("timestamp {} ms is before 1970", s.timestamp_ms),
         );
     }
-    let owner = || Owner {
-        tenant: s.series.tenant.clone(),
-        lease: s.series.lease.clone(),
-        service: s.series.service.clone(),
-    };
     if s.kind == SampleKind::Unknown {
         return reject(
             "unknown_kind",
@@ -757,21 +885,17 @@ pub fn observe(s: &Sample) -> Result<Option<Observation>, Rejection> {
                 Ok(count) => count,
                 Err((reason, detail)) => return reject(reason, detail),
             };
-            let gpu = |v: &String| {
-                if metric.per_gpu() {
-                    v.clone()
-                } else {
-                    String::new()
-                }
-            };
-            Ok(Some(Observation::Allocation(
-                AllocationKey {
-                    owner: owner(),
+            let gpu = |v: &'s str| if metric.per_gpu() { v } else { "" };
+            Ok(Some(ObservationRef::Allocation(
+                AllocationKeyRef {
+                    tenant: &s.series.tenant,
+                    lease: &s.series.lease,
+                    service: &s.series.service,
                     metric,
                     gpu_class: gpu(&s.series.gpu_class),
                     mig_profile: gpu(&s.series.mig_profile),
-                    node: s.series.node.clone(),
-                    container_id: s.series.container_id.clone(),
+                    node: &s.series.node,
+                    container_id: &s.series.container_id,
                     gpu_uuid: gpu(&s.series.gpu_uuid),
                 },
                 AllocationObs {
@@ -803,20 +927,16 @@ pub fn observe(s: &Sample) -> Result<Option<Observation>, Rejection> {
             if units >= (1u64 << 52) as f64 {
                 return reject("value_too_large", format!("{} = {}", s.metric, s.value));
             }
-            let gpu = |v: &String| {
-                if metric.per_gpu() {
-                    v.clone()
-                } else {
-                    String::new()
-                }
-            };
-            Ok(Some(Observation::Reading(
-                ReadingKey {
-                    owner: owner(),
-                    node: s.series.node.clone(),
-                    container_id: s.series.container_id.clone(),
+            let gpu = |v: &'s str| if metric.per_gpu() { v } else { "" };
+            Ok(Some(ObservationRef::Reading(
+                ReadingKeyRef {
+                    tenant: &s.series.tenant,
+                    lease: &s.series.lease,
+                    service: &s.series.service,
+                    node: &s.series.node,
+                    container_id: &s.series.container_id,
                     metric,
-                    gpu_uuid: s.series.gpu_uuid.clone(),
+                    gpu_uuid: &s.series.gpu_uuid,
                     gpu_class: gpu(&s.series.gpu_class),
                     mig_profile: gpu(&s.series.mig_profile),
                 },

@@ -33,8 +33,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataflow::{Time, split_by_window};
 use crate::model::{
-    Aggregate, AllocationKey, AllocationObs, Identity, Kind, Observation, Owner, Part, ReadingKey,
-    ReadingObs, SeriesRef, Summary, held_changes,
+    Aggregate, AllocationKey, AllocationObs, Identity, Kind, ObservationRef, Owner, Part,
+    ReadingKey, ReadingObs, SeriesRef, Summary, held_changes,
 };
 use crate::names::{IdCollision, Item, Names, NodeId, OwnerId};
 
@@ -713,7 +713,7 @@ impl Feeder {
         &mut self,
         input: &mut InputSession<Time, Summary, isize>,
         partition: i32,
-        observation: Observation,
+        observation: ObservationRef<'_>,
         horizon_ms: i64,
     ) -> Result<(), Refused> {
         match self.feed_from(input, partition, observation, horizon_ms, &NothingRetired) {
@@ -728,12 +728,12 @@ impl Feeder {
         &mut self,
         input: &mut InputSession<Time, Summary, isize>,
         partition: i32,
-        observation: Observation,
+        observation: ObservationRef<'_>,
         horizon_ms: i64,
         retired: &R,
     ) -> Result<Result<(), Refused>, R::Error> {
         match observation {
-            Observation::Allocation(key, obs) => {
+            ObservationRef::Allocation(key, obs) => {
                 let window_ms = self.rules.window_ms;
                 key.write_identity(&mut self.scratch);
                 let node = match self.allocations.get_mut(&self.scratch[..]) {
@@ -741,43 +741,47 @@ impl Feeder {
                         merge_allocation(state, obs, window_ms, input, &mut self.dirty_allocations)
                     }
                     // Not in memory: retired (brought back, then merged) or new.
-                    None => match retired.allocation(partition, &key)? {
-                        Some(stored) => {
-                            if let Err(collision) = self.new_allocation(partition, &key, stored) {
-                                return Ok(Err(collision.into()));
+                    None => {
+                        let key = key.to_owned();
+                        match retired.allocation(partition, &key)? {
+                            Some(stored) => {
+                                if let Err(collision) = self.new_allocation(partition, &key, stored)
+                                {
+                                    return Ok(Err(collision.into()));
+                                }
+                                self.revived += 1;
+                                let state = self
+                                    .allocations
+                                    .get_mut(&self.scratch[..])
+                                    .expect("inserted just above");
+                                merge_allocation(
+                                    state,
+                                    obs,
+                                    window_ms,
+                                    input,
+                                    &mut self.dirty_allocations,
+                                )
                             }
-                            self.revived += 1;
-                            let state = self
-                                .allocations
-                                .get_mut(&self.scratch[..])
-                                .expect("inserted just above");
-                            merge_allocation(
-                                state,
-                                obs,
-                                window_ms,
-                                input,
-                                &mut self.dirty_allocations,
-                            )
-                        }
-                        None => {
-                            if let Err(limited) =
-                                self.limit.admit(&key.owner.tenant, obs.observed_at_ms)
-                            {
-                                return Ok(Err(limited.into()));
+                            None => {
+                                if let Err(limited) =
+                                    self.limit.admit(&key.owner.tenant, obs.observed_at_ms)
+                                {
+                                    return Ok(Err(limited.into()));
+                                }
+                                let series = match self.new_allocation(partition, &key, obs) {
+                                    Ok(series) => series,
+                                    Err(collision) => return Ok(Err(collision.into())),
+                                };
+                                self.hold(input, obs);
+                                self.dirty_allocations.insert(series.series);
+                                series.node
                             }
-                            let series = match self.new_allocation(partition, &key, obs) {
-                                Ok(series) => series,
-                                Err(collision) => return Ok(Err(collision.into())),
-                            };
-                            self.hold(input, obs);
-                            self.dirty_allocations.insert(series.series);
-                            series.node
                         }
-                    },
+                    }
                 };
                 self.active(input, partition, node, obs.observed_at_ms);
             }
-            Observation::Reading(
+            ObservationRef::Reading(
                 key,
                 ReadingObs {
                     timestamp_ms,
@@ -789,28 +793,32 @@ impl Feeder {
                 let state = match self.readings.get_mut(&self.scratch[..]) {
                     Some(state) => state,
                     // Not in memory: retired (brought back) or new.
-                    None => match retired.readings(partition, &key)? {
-                        Some(stored) => {
-                            self.revived += 1;
-                            match self.reading(partition, &key) {
-                                Ok(state) => {
-                                    state.readings = stored;
-                                    state
+                    None => {
+                        let key = key.to_owned();
+                        match retired.readings(partition, &key)? {
+                            Some(stored) => {
+                                self.revived += 1;
+                                match self.reading(partition, &key) {
+                                    Ok(state) => {
+                                        state.readings = stored;
+                                        state
+                                    }
+                                    Err(collision) => return Ok(Err(collision.into())),
                                 }
-                                Err(collision) => return Ok(Err(collision.into())),
+                            }
+                            None => {
+                                if let Err(limited) =
+                                    self.limit.admit(&key.owner.tenant, timestamp_ms)
+                                {
+                                    return Ok(Err(limited.into()));
+                                }
+                                match self.reading(partition, &key) {
+                                    Ok(state) => state,
+                                    Err(collision) => return Ok(Err(collision.into())),
+                                }
                             }
                         }
-                        None => {
-                            if let Err(limited) = self.limit.admit(&key.owner.tenant, timestamp_ms)
-                            {
-                                return Ok(Err(limited.into()));
-                            }
-                            match self.reading(partition, &key) {
-                                Ok(state) => state,
-                                Err(collision) => return Ok(Err(collision.into())),
-                            }
-                        }
-                    },
+                    }
                 };
                 state.readings.compact(horizon_ms);
                 let series = state.series;
@@ -1109,6 +1117,7 @@ impl Feeder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Observation;
 
     const MIN: i64 = 60_000;
 
@@ -1302,7 +1311,12 @@ mod tests {
         };
         let (mut opened, mut refused) = (0, 0);
         for i in 0..1_000_000 {
-            match feeder.feed(&mut input, 0, reading("noisy", format!("c{i}"), 1_000), 0) {
+            match feeder.feed(
+                &mut input,
+                0,
+                reading("noisy", format!("c{i}"), 1_000).as_ref(),
+                0,
+            ) {
                 Ok(()) => opened += 1,
                 Err(Refused::SeriesLimit(e)) => {
                     assert_eq!(
@@ -1322,13 +1336,28 @@ mod tests {
         );
         // An open series takes readings; another tenant and the next hour have room.
         feeder
-            .feed(&mut input, 0, reading("noisy", "c7".into(), 2_000), 0)
+            .feed(
+                &mut input,
+                0,
+                reading("noisy", "c7".into(), 2_000).as_ref(),
+                0,
+            )
             .expect("an open series");
         feeder
-            .feed(&mut input, 0, reading("quiet", "q".into(), 2_000), 0)
+            .feed(
+                &mut input,
+                0,
+                reading("quiet", "q".into(), 2_000).as_ref(),
+                0,
+            )
             .expect("another tenant");
         feeder
-            .feed(&mut input, 0, reading("noisy", "next".into(), HOUR_MS), 0)
+            .feed(
+                &mut input,
+                0,
+                reading("noisy", "next".into(), HOUR_MS).as_ref(),
+                0,
+            )
             .expect("the next hour");
     }
 
@@ -1366,7 +1395,8 @@ mod tests {
                             timestamp_ms: t,
                             units,
                         },
-                    ),
+                    )
+                    .as_ref(),
                     i64::MIN,
                 )
                 .expect("no series limit");
@@ -1454,7 +1484,7 @@ mod tests {
         let mut store = MemoryStore::default();
         for (t, units) in [(0, 1_000), (15_000, 2_000)] {
             feeder
-                .feed(&mut input, 0, reading(t, units), i64::MIN)
+                .feed(&mut input, 0, reading(t, units).as_ref(), i64::MIN)
                 .expect("no limit");
         }
         // Not yet checkpointed: it stays.
@@ -1469,7 +1499,13 @@ mod tests {
         assert_eq!(feeder.series(), (0, 0));
         // Two hours on, the same container's counter: the difference from its last reading,
         // as if it had never left memory (counted from zero it would be 5,000).
-        let fed = feeder.feed_from(&mut input, 0, reading(2 * HOUR_MS, 5_000), i64::MIN, &store);
+        let fed = feeder.feed_from(
+            &mut input,
+            0,
+            reading(2 * HOUR_MS, 5_000).as_ref(),
+            i64::MIN,
+            &store,
+        );
         assert_eq!(fed, Ok(Ok(())));
         assert_eq!(feeder.take_revived(), 1);
         let windows: Vec<(i64, Parts)> = feeder

@@ -29,7 +29,7 @@ use crate::budgets::month_start_ms;
 use crate::checkpoint::{Checkpoint, Store};
 use crate::dataflow::{ClusterProgress, Costing, Installed, Progress, Time, install};
 use crate::metrics::{METRICS, Stage, StageClock, USAGE_RECORD_KINDS};
-use crate::model::{Summary, observe};
+use crate::model::{Summary, observe_ref};
 use crate::names::{Names, TenantId};
 use crate::runner::{
     Deliveries, Inputs, OutputProducer, ProcessorConfig, ProcessorError, Shared, dead_letter,
@@ -619,7 +619,7 @@ impl<'a> Worker<'a> {
         (agent, sample): (&str, &meterflow_schemas::Sample),
         horizon_ms: i64,
     ) -> Result<Result<bool, (&'static str, String)>, ProcessorError> {
-        let observation = match observe(sample) {
+        let observation = match observe_ref(sample) {
             Ok(Some(o)) => o,
             Ok(None) => return Ok(Ok(false)),
             Err(rejection) => return Ok(Err((rejection.reason, rejection.detail))),
