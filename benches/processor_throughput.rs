@@ -277,7 +277,7 @@ fn dataflow_only(data: Arc<Input>, workers: usize, rollups: &[Resolution]) -> Da
                     }
                 }
             }
-            input.advance_to(epoch as u64 + 1);
+            feeder.advance(&mut input, epoch as u64 + 1);
             input.flush();
             worker.step_while(|| probe.less_than(input.time()));
             changes += usage.borrow_mut().drain(..).count();

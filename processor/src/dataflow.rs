@@ -1,11 +1,11 @@
 //! The processor's differential dataflow, read top to bottom as the SPEC's steps.
 //!
 //! ```text
-//! summaries ─┬─ allocation pieces ▸ held_amounts                        ─┐
-//!            └─ reading windows (counters, gauges) ▸ reading_usage    ─┴▸ amounts
+//! summaries ─┬─ amounts (allocation pieces and reading pairs, summed per epoch by the feeder)
+//!            ├─ GPU pieces per hour ▸ max_gpus_allocated ─┐
+//!            └─ node hours                               ─┴▸ fleet_hourly (per node and per fleet, hourly → meterflow.usage)
 //! amounts ─┬─ window_totals ▸ measured (per lease, service, item and base window → meterflow.usage)
 //!          └─ billing_totals           (per lease, item and billing window       → meterflow.billing)
-//! node hours, allocation intervals ▸ fleet_hourly (per node and per fleet, hourly → meterflow.usage)
 //! measured    ▸ window_costs  (per lease and service and base window, for burn rates → meterflow.usage)
 //! billing     ▸ period_costs  (per tenant and month, for budgets → meterflow.usage, meterflow.alerts)
 //! ```
@@ -29,7 +29,7 @@ use timely::dataflow::operators::{Inspect, Probe};
 
 use crate::budgets::month_start_ms;
 pub use crate::model::Interval;
-use crate::model::{Aggregate, Kind, Part, SeriesRef, Summary};
+use crate::model::{Kind, Part, Summary};
 use crate::names::{BillingIdx, ItemId, LeaseId, Name, Names, NodeId, OwnerId, TenantId, UsageIdx};
 use crate::prices::{PriceBook, Rate};
 use crate::series::HOUR_MS;
@@ -93,38 +93,30 @@ pub enum FleetIdx {
     FleetMaxGpus(i64),
 }
 
-/// The allocation pieces, the reading windows and the node-hours in the input.
+/// The usage amounts per (owner, item, base window) and part (carried in the multiplicities,
+/// so that every sum downstream is a plain addition), the GPU pieces per hour and the
+/// node-hours in the input.
 #[allow(clippy::type_complexity)]
 fn split<'s>(
     summaries: Coll<'s, Summary>,
 ) -> (
-    Coll<'s, (SeriesRef, Interval)>,
-    Coll<'s, (SeriesRef, Part, i64)>,
+    Coll<'s, (UsageIdx, Part)>,
+    Coll<'s, (NodeId, Interval)>,
     Coll<'s, (NodeId, i64)>,
 ) {
-    let allocations = summaries.clone().flat_map(|s| match s {
-        Summary::Held(k, v) => Some((k, v)),
+    let amounts = summaries.clone().flat_map(|s| match s {
+        Summary::Amount(k, part) => Some((k, part)),
         _ => None,
     });
-    let readings = summaries.clone().flat_map(|s| match s {
-        Summary::Window(k, p, w) => Some((k, p, w)),
+    let gpus = summaries.clone().flat_map(|s| match s {
+        Summary::GpusHeld(node, piece) => Some((node, piece)),
         _ => None,
     });
     let node_hours = summaries.flat_map(|s| match s {
         Summary::NodeHour(n, h) => Some((n, h)),
         _ => None,
     });
-    (allocations, readings, node_hours)
-}
-
-/// Usage amounts per (owner, item, base window) and part, carried in the multiplicities so
-/// that every sum downstream is a plain addition.
-pub fn amounts<'s>(
-    intervals: Coll<'s, (SeriesRef, Interval)>,
-    readings: Coll<'s, (SeriesRef, Part, i64)>,
-    window_ms: i64,
-) -> Coll<'s, (UsageIdx, Part)> {
-    held_amounts(intervals, window_ms).concat(reading_usage(readings))
+    (amounts, gpus, node_hours)
 }
 
 /// Changes of a collection of `(key, value)`, with their time and diff, as captured from the
@@ -216,8 +208,7 @@ pub fn install(
             .probe_with(&probe);
         let (input, summaries) = scope.new_collection::<Summary, isize>();
         let (progress_in, progress) = scope.new_collection::<(usize, Progress), isize>();
-        let (intervals, readings, node_hours) = split(summaries);
-        let amounts = amounts(intervals.clone(), readings, window_ms);
+        let (amounts, gpus, node_hours) = split(summaries);
         let totals = window_totals(amounts.clone());
         let measured = measured(totals.clone(), window_ms);
         measured
@@ -258,7 +249,7 @@ pub fn install(
                 }
             })
             .probe_with(&probe);
-        fleet_hourly(node_hours, max_gpus_allocated(intervals))
+        fleet_hourly(node_hours, max_gpus_allocated(gpus))
             .inspect(move |update| fleet_out.borrow_mut().push(*update))
             .probe_with(&probe);
         (input, names_in, progress_in, probe)
@@ -409,32 +400,6 @@ pub fn split_by_window(
         .filter(|(_, overlap_ms)| *overlap_ms > 0)
 }
 
-/// Allocation pieces (each inside one base window) → what was held per (owner, item,
-/// window): GPU-milliseconds, millicore-milliseconds, byte-seconds (each piece's byte-ms
-/// rounded down to the byte-second), carried in the multiplicity so that the sums downstream
-/// are plain additions.
-pub fn held_amounts<'s>(
-    intervals: Coll<'s, (SeriesRef, Interval)>,
-    window_ms: i64,
-) -> Coll<'s, (UsageIdx, Part)> {
-    intervals.explode(move |(s, iv)| {
-        let divisor = s.metric.held_divisor() as i128;
-        split_by_window(iv.start_ms, iv.end_ms, window_ms)
-            .map(|(window_start_ms, ms)| {
-                (
-                    (UsageIdx::of(&s, window_start_ms), Part::Total),
-                    (ms as i128 * iv.count as i128 / divisor) as isize,
-                )
-            })
-            .collect::<Vec<_>>()
-    })
-}
-
-/// Per-series window parts (amount in the multiplicity) → parts per (owner, item, window).
-pub fn reading_usage<'s>(windows: Coll<'s, (SeriesRef, Part, i64)>) -> Coll<'s, (UsageIdx, Part)> {
-    windows.map(|(s, part, window_start_ms)| (UsageIdx::of(&s, window_start_ms), part))
-}
-
 /// Amounts carried in multiplicities → one `((key, part), total)` record per base window.
 pub fn window_totals<'s>(
     amounts: Coll<'s, (UsageIdx, Part)>,
@@ -492,20 +457,19 @@ pub fn measured_by<'s>(
     exact.concat(gauges)
 }
 
-/// Allocation pieces → per node and hour, the most GPUs held at any instant: a sweep over the
-/// pieces' starts and ends within the hour (an end sorts before a start at the same
+/// GPU allocation pieces → per node and hour, the most GPUs held at any instant: a sweep over
+/// the pieces' starts and ends within the hour (an end sorts before a start at the same
 /// millisecond, so neither a container replaced by another nor one series' consecutive pieces
 /// are counted twice).
 pub fn max_gpus_allocated<'s>(
-    intervals: Coll<'s, (SeriesRef, Interval)>,
+    pieces: Coll<'s, (NodeId, Interval)>,
 ) -> Coll<'s, ((NodeId, i64), isize)> {
-    intervals
-        .filter(|(s, _)| s.metric == Aggregate::GpuSeconds)
-        .flat_map(|(s, iv)| {
+    pieces
+        .flat_map(|(node, iv)| {
             split_by_window(iv.start_ms, iv.end_ms, HOUR_MS)
                 .map(|(hour, _)| {
                     (
-                        (s.node, hour),
+                        (node, hour),
                         (
                             iv.start_ms.max(hour),
                             iv.end_ms.min(hour + HOUR_MS),
@@ -646,7 +610,7 @@ mod tests {
             let mut stored = crate::series::MemoryStore::default();
             let mut refused = Vec::new();
             for (epoch, observations) in epochs.into_iter().enumerate() {
-                input.advance_to(epoch as Time);
+                feeder.advance(&mut input, epoch as Time);
                 for o in observations {
                     let fed = match feeder.feed_from(&mut input, 0, o.as_ref(), i64::MIN, &stored) {
                         Ok(fed) => fed,
@@ -660,7 +624,7 @@ mod tests {
                     assert_eq!(feeder.series(), (0, 0), "every series retired");
                 }
             }
-            input.advance_to(u64::MAX - 1);
+            feeder.advance(&mut input, u64::MAX - 1);
             input.flush();
             worker.step_while(|| probe.less_than(input.time()));
             let outcome = (

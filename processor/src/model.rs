@@ -6,7 +6,7 @@
 use meterflow_schemas::{Sample, SampleKind};
 use serde::{Deserialize, Serialize};
 
-use crate::names::{ItemId, LeaseId, NodeId, OwnerId};
+use crate::names::{ItemId, LeaseId, NodeId, OwnerId, UsageIdx};
 
 /// Whose usage an aggregate is.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -661,16 +661,17 @@ pub struct SeriesRef {
     pub node: NodeId,
 }
 
-/// What the dataflow is fed: per allocation series the pieces of its interval by window, per
-/// counter and gauge series its
-/// usage per window and part (the amount travels in the update's multiplicity). Both come from a
-/// [`crate::series::Feeder`], which keeps the per-series state that the raw samples reduce to.
+/// What the dataflow is fed, by a [`crate::series::Feeder`], which keeps the per-series state
+/// that the raw samples reduce to and sums each epoch's changes per usage total.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Summary {
-    /// A piece of one allocation series' interval, inside one base window.
-    Held(SeriesRef, Interval),
-    /// A part of a reading series' usage in the window starting at the given millisecond.
-    Window(SeriesRef, Part, i64),
+    /// An amount added to one part of one usage total in one base window (the amount travels
+    /// in the update's multiplicity): what an epoch's allocation pieces and reading pairs
+    /// changed, summed over the total's series.
+    Amount(UsageIdx, Part),
+    /// A piece, inside one hour, of the interval one GPU allocation held its GPUs (or MIG
+    /// instances) on a node: what the most GPUs a node held at once is swept from.
+    GpusHeld(NodeId, Interval),
     /// A node sent at least one sample in the hour starting at the given millisecond.
     NodeHour(NodeId, i64),
 }

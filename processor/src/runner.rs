@@ -570,7 +570,7 @@ pub(crate) fn restore_partition(
         feeder.restore_readings(partition, key, readings, retire_before_ms);
     }
     for (key, window, parts) in state.windows {
-        feeder.restore_window(input, key, window, parts);
+        feeder.restore_window(key, window, parts);
     }
     for (node, hour) in state.node_hours {
         feeder.restore_node_hour(input, &node, hour);

@@ -32,11 +32,12 @@ use differential_dataflow::input::InputSession;
 use serde::{Deserialize, Serialize};
 
 use crate::dataflow::{Time, split_by_window};
+use crate::model::Interval;
 use crate::model::{
     Aggregate, AllocationKey, AllocationObs, Identity, Kind, ObservationRef, Owner, Part,
     ReadingKey, ReadingObs, SeriesRef, Summary, held_changes,
 };
-use crate::names::{IdCollision, Item, Names, NodeId, OwnerId};
+use crate::names::{IdCollision, Item, Names, NodeId, OwnerId, UsageIdx};
 
 /// The hasher of the feeder's maps, which every sample looks up several times: foldhash,
 /// seeded at random per map (the keys hold names tenants choose, so a fixed seed could be aimed
@@ -307,13 +308,68 @@ struct AllocationState {
     summary: AllocationObs,
 }
 
-/// Folds `obs` into an allocation series' state, changing the pieces of its interval (and of
-/// its unfinished flag) in the dataflow where they differ; returns its node.
+/// What an epoch's observations add to each usage total, summed per total and part before
+/// the dataflow sees them (see [`Feeder::advance`]): one update per changed total, not one per
+/// sample and series.
+#[derive(Debug, Default)]
+struct Pending(FastMap<(UsageIdx, Part), i64>);
+
+impl Pending {
+    fn add(&mut self, series: &SeriesRef, window_start_ms: i64, part: Part, amount: i64) {
+        if amount != 0 {
+            *self
+                .0
+                .entry((UsageIdx::of(series, window_start_ms), part))
+                .or_insert(0) += amount;
+        }
+    }
+
+    /// What a piece of an allocation's interval (inside one base window) held: GPU-ms,
+    /// millicore-ms, byte-seconds (the piece's byte-ms rounded down to the byte-second), times
+    /// `sign` (1 added, -1 taken back).
+    fn held(&mut self, series: &SeriesRef, piece: Interval, window_ms: i64, sign: i64) {
+        let ms = (piece.end_ms - piece.start_ms) as i128;
+        let amount = (ms * piece.count as i128 / series.metric.held_divisor() as i128) as i64;
+        let window_start_ms = piece.start_ms.div_euclid(window_ms) * window_ms;
+        self.add(series, window_start_ms, Part::Total, sign * amount);
+    }
+}
+
+/// Where an allocation series' interval went from `old` to `new`: its held amounts per base
+/// window into `pending`, and for GPUs its pieces per hour into `input` (for the most GPUs a
+/// node held at once).
+fn held(
+    series: &SeriesRef,
+    (old, new): (Option<Interval>, Option<Interval>),
+    window_ms: i64,
+    input: &mut InputSession<Time, Summary, isize>,
+    pending: &mut Pending,
+) {
+    let (removed, added) = held_changes(old, new, window_ms);
+    for piece in removed {
+        pending.held(series, piece, window_ms, -1);
+    }
+    for piece in added {
+        pending.held(series, piece, window_ms, 1);
+    }
+    if series.metric == Aggregate::GpuSeconds {
+        let (removed, added) = held_changes(old, new, HOUR_MS);
+        for piece in removed {
+            input.remove(Summary::GpusHeld(series.node, piece));
+        }
+        for piece in added {
+            input.insert(Summary::GpusHeld(series.node, piece));
+        }
+    }
+}
+
+/// Folds `obs` into an allocation series' state, changing what its interval (and its
+/// unfinished flag) adds where they differ; returns its node.
 fn merge_allocation(
     state: &mut AllocationState,
     obs: AllocationObs,
     window_ms: i64,
-    input: &mut InputSession<Time, Summary, isize>,
+    (input, pending): (&mut InputSession<Time, Summary, isize>, &mut Pending),
     dirty: &mut FastSet<u64>,
 ) -> NodeId {
     let merged = state.summary.merge(obs);
@@ -321,15 +377,9 @@ fn merge_allocation(
         let flag = state
             .unfinished
             .map(|flag| (flag, unfinished(state.summary), unfinished(merged)));
-        let held = (state.series, state.summary.interval(), merged.interval());
-        for (series, old, new) in std::iter::once(held).chain(flag) {
-            let (removed, added) = held_changes(old, new, window_ms);
-            for piece in removed {
-                input.remove(Summary::Held(series, piece));
-            }
-            for piece in added {
-                input.insert(Summary::Held(series, piece));
-            }
+        let interval = (state.series, state.summary.interval(), merged.interval());
+        for (series, old, new) in std::iter::once(interval).chain(flag) {
+            held(&series, (old, new), window_ms, input, pending);
         }
         state.summary = merged;
         dirty.insert(state.series.series);
@@ -534,6 +584,8 @@ pub struct Feeder {
     limit: SeriesLimit,
     /// Series brought back from the store since [`Feeder::take_revived`].
     revived: u64,
+    /// This epoch's amounts, not yet in the dataflow.
+    pending: Pending,
 }
 
 impl Feeder {
@@ -558,6 +610,7 @@ impl Feeder {
             limit: SeriesLimit::default(),
             revived: 0,
             scratch: Vec::new(),
+            pending: Pending::default(),
         }
     }
 
@@ -737,9 +790,13 @@ impl Feeder {
                 let window_ms = self.rules.window_ms;
                 key.write_identity(&mut self.scratch);
                 let node = match self.allocations.get_mut(&self.scratch[..]) {
-                    Some(state) => {
-                        merge_allocation(state, obs, window_ms, input, &mut self.dirty_allocations)
-                    }
+                    Some(state) => merge_allocation(
+                        state,
+                        obs,
+                        window_ms,
+                        (input, &mut self.pending),
+                        &mut self.dirty_allocations,
+                    ),
                     // Not in memory: retired (brought back, then merged) or new.
                     None => {
                         let key = key.to_owned();
@@ -758,7 +815,7 @@ impl Feeder {
                                     state,
                                     obs,
                                     window_ms,
-                                    input,
+                                    (input, &mut self.pending),
                                     &mut self.dirty_allocations,
                                 )
                             }
@@ -831,7 +888,7 @@ impl Feeder {
                     .readings
                     .insert(timestamp_ms, units, series.metric, &rules);
                 for (window, part, change) in changes {
-                    input.update(Summary::Window(series, part, window), change as isize);
+                    self.pending.add(&series, window, part, change);
                     self.dirty_windows
                         .entry((series.series, window))
                         .or_insert([0; 3])[part_index(part)] += change;
@@ -935,13 +992,14 @@ impl Feeder {
 
     /// Feeds every piece of the interval of the new allocation series whose identity is in
     /// `scratch` (and flags them while its end is not seen).
-    fn hold(&self, input: &mut InputSession<Time, Summary, isize>, obs: AllocationObs) {
+    fn hold(&mut self, input: &mut InputSession<Time, Summary, isize>, obs: AllocationObs) {
         let state = &self.allocations[&self.scratch[..]];
-        self.hold_pieces(input, state.series, state.unfinished, obs);
+        let (series, unfinished) = (state.series, state.unfinished);
+        self.hold_pieces(input, series, unfinished, obs);
     }
 
     fn hold_pieces(
-        &self,
+        &mut self,
         input: &mut InputSession<Time, Summary, isize>,
         series: SeriesRef,
         unfinished_series: Option<SeriesRef>,
@@ -949,10 +1007,26 @@ impl Feeder {
     ) {
         let flag = unfinished_series.map(|flag| (flag, unfinished(obs)));
         for (series, interval) in std::iter::once((series, obs.interval())).chain(flag) {
-            for piece in held_changes(None, interval, self.rules.window_ms).1 {
-                input.insert(Summary::Held(series, piece));
+            held(
+                &series,
+                (None, interval),
+                self.rules.window_ms,
+                input,
+                &mut self.pending,
+            );
+        }
+    }
+
+    /// Hands the dataflow this epoch's amounts, summed per usage total, then moves `input` to
+    /// `epoch`. Call it instead of `input.advance_to`: amounts not handed over would count in
+    /// a later epoch.
+    pub fn advance(&mut self, input: &mut InputSession<Time, Summary, isize>, epoch: Time) {
+        for ((key, part), amount) in self.pending.0.drain() {
+            if amount != 0 {
+                input.update(Summary::Amount(key, part), amount as isize);
             }
         }
+        input.advance_to(epoch);
     }
 
     /// Restores a counter or gauge series' readings from a checkpoint, if its latest is at or
@@ -976,13 +1050,7 @@ impl Feeder {
     }
 
     /// Restores a reading series' parts in one window from a checkpoint and feeds them.
-    pub fn restore_window(
-        &mut self,
-        input: &mut InputSession<Time, Summary, isize>,
-        key: ReadingKey,
-        window_start_ms: i64,
-        parts: Parts,
-    ) {
+    pub fn restore_window(&mut self, key: ReadingKey, window_start_ms: i64, parts: Parts) {
         // A retired series' windows go in under a number of their own: nothing downstream keys
         // by the number, and no state is made for it.
         key.write_identity(&mut self.scratch);
@@ -994,13 +1062,8 @@ impl Feeder {
             },
         };
         for part in [Part::Total, Part::Observed, Part::Present] {
-            let amount = parts[part_index(part)];
-            if amount != 0 {
-                input.update(
-                    Summary::Window(series, part, window_start_ms),
-                    amount as isize,
-                );
-            }
+            self.pending
+                .add(&series, window_start_ms, part, parts[part_index(part)]);
         }
     }
 

@@ -221,19 +221,19 @@ pub(crate) fn run_worker(
     let mut advance =
         |epoch: Time,
          worker: &mut timely::worker::Worker,
-         input: &mut InputSession<Time, Summary, isize>,
+         (input, feeder): (&mut InputSession<Time, Summary, isize>, &mut Feeder),
          progress_in: &mut InputSession<Time, (usize, Progress), isize>| {
             for name in names.take_fresh() {
                 names_in.send(name);
             }
-            input.advance_to(epoch);
+            feeder.advance(input, epoch);
             names_in.advance_to(epoch);
             progress_in.advance_to(epoch);
             input.flush();
             progress_in.flush();
             worker.step_while(|| probe.less_than(input.time()));
         };
-    advance(epoch, worker, &mut input, &mut progress_in);
+    advance(epoch, worker, (&mut input, &mut w.feeder), &mut progress_in);
     w.close_through(w.frontier_ms(*progress.borrow()));
     usage.borrow_mut().clear();
     rollups.borrow_mut().clear();
@@ -273,7 +273,7 @@ pub(crate) fn run_worker(
         }
 
         epoch += 1;
-        advance(epoch, worker, &mut input, &mut progress_in);
+        advance(epoch, worker, (&mut input, &mut w.feeder), &mut progress_in);
         let cluster = *progress.borrow();
         if cluster.caught_up >= peers {
             w.close_through(w.frontier_ms(cluster));
