@@ -23,7 +23,8 @@
 //! leaves them out; RUN_MINUTES makes every container run between that many minutes and twice
 //! as long instead of the simulator's 20 s to 5 min, as long-lived leases do). With `--json`
 //! the last line is one JSON object of the figures. With `--state-only` it stops after the
-//! dataflow-only runs: what a heap profiler (`heaptrack`) then sees is the state per series.
+//! dataflow-only runs: what a heap profiler (`heaptrack`) then sees is the state per series;
+//! with `--live-only` it runs the live mode alone (for a profiler).
 
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -100,6 +101,7 @@ impl Input {
 fn main() {
     let json_wanted = std::env::args().any(|a| a == "--json");
     let state_only = std::env::args().any(|a| a == "--state-only");
+    let live_only = std::env::args().any(|a| a == "--live-only");
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
@@ -134,7 +136,7 @@ fn main() {
     println!("baseline decode only       : {decode:>10.0} samples/s");
 
     let mut dataflow = Vec::new();
-    for workers in [1usize, 2] {
+    for workers in [1usize, 2].into_iter().filter(|_| !live_only) {
         let r = dataflow_only(input.clone(), workers, &rollups);
         println!(
             "dataflow only, {workers} worker(s)  : {:>10.0} samples/s ({:.3} s, {} output changes = {:.2} per sample)",
@@ -154,6 +156,11 @@ fn main() {
     }
 
     let runtime = tokio::runtime::Runtime::new().expect("tokio");
+    if live_only {
+        let live = through_kafka(&runtime, &input, 1, &rollups, Mode::Live);
+        live.print("live, 1 worker             ", &input);
+        return;
+    }
     let mut backlog = Vec::new();
     for workers in [1usize, 2] {
         let r = through_kafka(&runtime, &input, workers, &rollups, Mode::Backlog);
