@@ -25,7 +25,7 @@
 //! older observation costs nothing downstream. What changed since the last checkpoint is kept
 //! as "dirty" so a checkpoint writes only that ([`Feeder::take_dirty`]).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use differential_dataflow::input::InputSession;
@@ -139,32 +139,71 @@ fn pair(
 pub struct Readings {
     /// The latest reading folded away by [`Readings::compact`], `(timestamp, units)`.
     pub base: Option<(i64, i64)>,
-    /// Readings by timestamp.
-    pub readings: BTreeMap<i64, i64>,
+    /// Readings by timestamp, oldest first. Nearly every reading is the newest of its series
+    /// and goes at the end, and compaction takes from the front: a sorted `Vec` does both
+    /// without allocating, where a `BTreeMap` split off a new tree at every compaction. Written
+    /// in checkpoints as the map it used to be.
+    #[serde(with = "as_map")]
+    readings: Vec<(i64, i64)>,
+}
+
+/// [`Readings::readings`] in a checkpoint: a JSON object from timestamp to units, as a
+/// `BTreeMap<i64, i64>` wrote it, so state written before reads the same.
+mod as_map {
+    use std::collections::BTreeMap;
+
+    use serde::ser::SerializeMap;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(readings: &[(i64, i64)], s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(readings.len()))?;
+        for (t, u) in readings {
+            map.serialize_entry(t, u)?;
+        }
+        map.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(i64, i64)>, D::Error> {
+        Ok(BTreeMap::<i64, i64>::deserialize(d)?.into_iter().collect())
+    }
 }
 
 impl Readings {
     /// The latest reading, folded away or not.
     pub fn latest(&self) -> Option<(i64, i64)> {
-        self.readings
-            .last_key_value()
-            .map(|(t, u)| (*t, *u))
-            .or(self.base)
+        self.newest().or(self.base)
+    }
+
+    /// The latest reading not folded away.
+    pub fn newest(&self) -> Option<(i64, i64)> {
+        self.readings.last().copied()
+    }
+
+    /// Where a reading at `timestamp_ms` is or would go.
+    fn position(&self, timestamp_ms: i64) -> Result<usize, usize> {
+        // Newest first: nearly every reading goes at the end.
+        match self.readings.last() {
+            Some((t, _)) if *t < timestamp_ms => Err(self.readings.len()),
+            _ => self
+                .readings
+                .binary_search_by_key(&timestamp_ms, |(t, _)| *t),
+        }
     }
 
     fn previous(&self, timestamp_ms: i64) -> Option<(i64, i64)> {
-        self.readings
-            .range(..timestamp_ms)
-            .next_back()
-            .map(|(t, u)| (*t, *u))
-            .or(self.base)
+        let at = self.position(timestamp_ms).unwrap_or_else(|i| i);
+        match at {
+            0 => self.base,
+            i => Some(self.readings[i - 1]),
+        }
     }
 
     fn next(&self, timestamp_ms: i64) -> Option<(i64, i64)> {
-        self.readings
-            .range(timestamp_ms + 1..)
-            .next()
-            .map(|(t, u)| (*t, *u))
+        let after = match self.position(timestamp_ms) {
+            Ok(i) => i + 1,
+            Err(i) => i,
+        };
+        self.readings.get(after).copied()
     }
 
     /// Adds a reading of `metric` and returns how windows change: the pair it closes with its
@@ -178,25 +217,40 @@ impl Readings {
         metric: Aggregate,
         rules: &Rules,
     ) -> Vec<WindowChange> {
+        let mut changes = Vec::new();
+        self.insert_into(timestamp_ms, units, metric, rules, &mut changes);
+        changes
+    }
+
+    /// [`Readings::insert`], the changes left in `changes` (cleared first).
+    pub fn insert_into(
+        &mut self,
+        timestamp_ms: i64,
+        units: i64,
+        metric: Aggregate,
+        rules: &Rules,
+        changes: &mut Vec<WindowChange>,
+    ) {
+        changes.clear();
         if self.base.is_some_and(|(t, _)| timestamp_ms <= t) {
-            return Vec::new();
+            return;
         }
-        let mut changes = Vec::with_capacity(8);
-        if let Some(&existing) = self.readings.get(&timestamp_ms) {
-            if units <= existing {
-                return Vec::new();
+        if let Ok(i) = self.position(timestamp_ms) {
+            if units <= self.readings[i].1 {
+                return;
             }
-            self.remove(timestamp_ms, metric, rules, &mut changes);
+            self.remove(timestamp_ms, metric, rules, changes);
         }
         let previous = self.previous(timestamp_ms);
         let reading = (timestamp_ms, units);
-        pair(metric, rules, previous, reading, 1, &mut changes);
+        pair(metric, rules, previous, reading, 1, changes);
         if let Some(next) = self.next(timestamp_ms) {
-            pair(metric, rules, Some(reading), next, 1, &mut changes);
-            pair(metric, rules, previous, next, -1, &mut changes);
+            pair(metric, rules, Some(reading), next, 1, changes);
+            pair(metric, rules, previous, next, -1, changes);
         }
-        self.readings.insert(timestamp_ms, units);
-        consolidate(changes)
+        let at = self.position(timestamp_ms).unwrap_or_else(|i| i);
+        self.readings.insert(at, reading);
+        consolidate(changes);
     }
 
     /// Removes the reading at `timestamp_ms`, appending the changes to `out`.
@@ -207,9 +261,10 @@ impl Readings {
         rules: &Rules,
         out: &mut Vec<WindowChange>,
     ) {
-        let Some(units) = self.readings.remove(&timestamp_ms) else {
+        let Ok(i) = self.position(timestamp_ms) else {
             return;
         };
+        let (_, units) = self.readings.remove(i);
         let previous = self.previous(timestamp_ms);
         let reading = (timestamp_ms, units);
         pair(metric, rules, previous, reading, -1, out);
@@ -222,33 +277,31 @@ impl Readings {
     /// Folds readings before `horizon_ms` into [`Readings::base`]: no accepted reading can
     /// arrive before the horizon, so only the latest of them can still be a predecessor.
     pub fn compact(&mut self, horizon_ms: i64) {
-        if self
-            .readings
-            .first_key_value()
-            .is_none_or(|(t, _)| *t >= horizon_ms)
-        {
+        if self.readings.first().is_none_or(|(t, _)| *t >= horizon_ms) {
             return;
         }
-        let kept = self.readings.split_off(&horizon_ms);
-        let folded = std::mem::replace(&mut self.readings, kept);
-        if let Some(last) = folded.into_iter().next_back() {
-            self.base = Some(last);
-        }
+        let folded = self.readings.partition_point(|(t, _)| *t < horizon_ms);
+        self.base = Some(self.readings[folded - 1]);
+        self.readings.drain(..folded);
     }
 }
 
 /// Sums changes of the same window and part, dropping zeros, in a deterministic order.
-fn consolidate(mut changes: Vec<WindowChange>) -> Vec<WindowChange> {
+fn consolidate(changes: &mut Vec<WindowChange>) {
     changes.sort_unstable_by_key(|(w, p, _)| (*w, *p));
-    let mut out: Vec<WindowChange> = Vec::with_capacity(changes.len());
-    for (w, p, c) in changes {
-        match out.last_mut() {
+    let mut kept: usize = 0;
+    for i in 0..changes.len() {
+        let (w, p, c) = changes[i];
+        match kept.checked_sub(1).map(|last| &mut changes[last]) {
             Some((lw, lp, lc)) if *lw == w && *lp == p => *lc += c,
-            _ => out.push((w, p, c)),
+            _ => {
+                changes[kept] = (w, p, c);
+                kept += 1;
+            }
         }
     }
-    out.retain(|(_, _, c)| *c != 0);
-    out
+    changes.truncate(kept);
+    changes.retain(|(_, _, c)| *c != 0);
 }
 
 /// The series of one lease's service on one node that measure one metric.
@@ -586,6 +639,8 @@ pub struct Feeder {
     revived: u64,
     /// This epoch's amounts, not yet in the dataflow.
     pending: Pending,
+    /// How the reading being fed changes its windows.
+    changes: Vec<WindowChange>,
 }
 
 impl Feeder {
@@ -611,6 +666,7 @@ impl Feeder {
             revived: 0,
             scratch: Vec::new(),
             pending: Pending::default(),
+            changes: Vec::new(),
         }
     }
 
@@ -846,6 +902,7 @@ impl Feeder {
                 },
             ) => {
                 let rules = self.rules;
+                let mut changes = std::mem::take(&mut self.changes);
                 key.write_identity(&mut self.scratch);
                 let state = match self.readings.get_mut(&self.scratch[..]) {
                     Some(state) => state,
@@ -881,18 +938,22 @@ impl Feeder {
                 let series = state.series;
                 let newest = state
                     .readings
-                    .readings
-                    .last_key_value()
-                    .is_none_or(|(t, _)| timestamp_ms >= *t);
-                let changes = state
-                    .readings
-                    .insert(timestamp_ms, units, series.metric, &rules);
-                for (window, part, change) in changes {
+                    .newest()
+                    .is_none_or(|(t, _)| timestamp_ms >= t);
+                state.readings.insert_into(
+                    timestamp_ms,
+                    units,
+                    series.metric,
+                    &rules,
+                    &mut changes,
+                );
+                for &(window, part, change) in &changes {
                     self.pending.add(&series, window, part, change);
                     self.dirty_windows
                         .entry((series.series, window))
                         .or_insert([0; 3])[part_index(part)] += change;
                 }
+                self.changes = changes;
                 self.dirty_readings.insert(series.series);
                 if newest {
                     self.live_dirty
@@ -1080,7 +1141,7 @@ impl Feeder {
             let latest = |id: &u64| {
                 let key = self.reading_keys.get(id)?;
                 let r = &self.readings.get(key)?.readings;
-                let (t, u) = r.readings.last_key_value().map(|(t, u)| (*t, *u))?;
+                let (t, u) = r.newest()?;
                 Some(((t, u), r.previous(t)))
             };
             let newest = members
@@ -1179,6 +1240,8 @@ impl Feeder {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::model::Observation;
 
