@@ -3,8 +3,9 @@
 //! One node's batches always reach the same worker, so the worker that owns a series sees every
 //! observation of it and can keep what they reduce to:
 //! - an allocation series reduces to [`AllocationObs::merge`] of its observations (earliest
-//!   start and finish, latest observation), and the dataflow is handed the pieces of its
-//!   interval per base window that change when that changes (see [`held_changes`]);
+//!   start and finish, latest observation), and when that changes, what the pieces of its
+//!   interval per base window that changed held is added to or taken from its usage totals
+//!   (see [`held_changes`]), and a GPU's pieces per hour go to the max-GPU sweep;
 //! - a counter or gauge series reduces to its readings inside the allowed lateness (plus the
 //!   last one before it), from which [`Readings::insert`] derives how each new reading changes
 //!   the windows around it.
@@ -22,7 +23,9 @@
 //!   the series gone and back.
 //!
 //! The dataflow's state then grows with series and windows, not with samples; a repeated or
-//! older observation costs nothing downstream. What changed since the last checkpoint is kept
+//! older observation costs nothing downstream. What an epoch changes is summed per usage total
+//! and part before the dataflow sees it ([`Feeder::advance`]): one update per changed total,
+//! not one per series and sample. What changed since the last checkpoint is kept
 //! as "dirty" so a checkpoint writes only that ([`Feeder::take_dirty`]).
 
 use std::collections::{HashMap, HashSet};
