@@ -51,6 +51,15 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
+/// Writes an [`Identity`] into `out` (cleared first): the aggregate's byte, then each field.
+fn write_identity(metric: Aggregate, fields: [&str; 8], out: &mut Vec<u8>) {
+    out.clear();
+    out.push(metric as u8);
+    for s in fields {
+        put_str(out, s);
+    }
+}
+
 fn take_str(bytes: &mut &[u8]) -> Option<String> {
     let (mut len, mut shift) = (0usize, 0u32);
     loop {
@@ -94,9 +103,7 @@ pub struct AllocationKeyRef<'a> {
 impl AllocationKeyRef<'_> {
     /// Writes the series' [`Identity`] into `out` (cleared first).
     pub fn write_identity(&self, out: &mut Vec<u8>) {
-        out.clear();
-        out.push(self.metric as u8);
-        for s in [
+        let fields = [
             self.tenant,
             self.lease,
             self.service,
@@ -105,9 +112,8 @@ impl AllocationKeyRef<'_> {
             self.node,
             self.container_id,
             self.gpu_uuid,
-        ] {
-            put_str(out, s);
-        }
+        ];
+        write_identity(self.metric, fields, out);
     }
 
     pub fn to_owned(self) -> AllocationKey {
@@ -297,9 +303,7 @@ pub struct ReadingKeyRef<'a> {
 impl ReadingKeyRef<'_> {
     /// Writes the series' [`Identity`] into `out` (cleared first).
     pub fn write_identity(&self, out: &mut Vec<u8>) {
-        out.clear();
-        out.push(self.metric as u8);
-        for s in [
+        let fields = [
             self.tenant,
             self.lease,
             self.service,
@@ -308,9 +312,8 @@ impl ReadingKeyRef<'_> {
             self.gpu_uuid,
             self.gpu_class,
             self.mig_profile,
-        ] {
-            put_str(out, s);
-        }
+        ];
+        write_identity(self.metric, fields, out);
     }
 
     pub fn to_owned(self) -> ReadingKey {
