@@ -846,16 +846,9 @@ impl Feeder {
     ) -> Result<Result<(), Refused>, R::Error> {
         match observation {
             ObservationRef::Allocation(key, obs) => {
-                let window_ms = self.rules.window_ms;
                 key.write_identity(&mut self.scratch);
-                let node = match self.allocations.get_mut(&self.scratch[..]) {
-                    Some(state) => merge_allocation(
-                        state,
-                        obs,
-                        window_ms,
-                        (input, &mut self.pending),
-                        &mut self.dirty_allocations,
-                    ),
+                let node = match self.merge_known(input, obs) {
+                    Some(node) => node,
                     // Not in memory: retired (brought back, then merged) or new.
                     None => {
                         let key = key.to_owned();
@@ -866,17 +859,7 @@ impl Feeder {
                                     return Ok(Err(collision.into()));
                                 }
                                 self.revived += 1;
-                                let state = self
-                                    .allocations
-                                    .get_mut(&self.scratch[..])
-                                    .expect("inserted just above");
-                                merge_allocation(
-                                    state,
-                                    obs,
-                                    window_ms,
-                                    (input, &mut self.pending),
-                                    &mut self.dirty_allocations,
-                                )
+                                self.merge_known(input, obs).expect("inserted just above")
                             }
                             None => {
                                 if let Err(limited) =
@@ -1052,6 +1035,23 @@ impl Feeder {
     /// Series brought back from the store since the last call.
     pub fn take_revived(&mut self) -> u64 {
         std::mem::take(&mut self.revived)
+    }
+
+    /// Merges `obs` into the allocation series in memory whose identity is in `scratch`;
+    /// returns its node, or `None` if it is not in memory.
+    fn merge_known(
+        &mut self,
+        input: &mut InputSession<Time, Summary, isize>,
+        obs: AllocationObs,
+    ) -> Option<NodeId> {
+        let state = self.allocations.get_mut(&self.scratch[..])?;
+        Some(merge_allocation(
+            state,
+            obs,
+            self.rules.window_ms,
+            (input, &mut self.pending),
+            &mut self.dirty_allocations,
+        ))
     }
 
     /// Feeds every piece of the interval of the new allocation series whose identity is in
