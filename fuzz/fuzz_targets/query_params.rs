@@ -1,9 +1,12 @@
 //! Any `from`, `to` and `over` query values: parsing never panics, an accepted range is
-//! non-empty, an accepted duration is not negative and `over` stays within 1 minute to a day.
+//! non-empty, an accepted duration is not negative and `over` stays within 1 minute to a day;
+//! an AEP-43 time (Unix seconds or RFC 3339) is within 1970 to year 9999.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use meterflow_guard::params::{over_ms, parse_duration_ms, time_range};
+use meterflow_guard::params::{
+    LATEST_MS, over_ms, parse_duration_ms, time_range, unix_seconds_or_rfc3339,
+};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -16,6 +19,11 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Some(ms) = over.as_deref().and_then(parse_duration_ms) {
         assert!(ms >= 0);
+    }
+    for text in [&from, &to].into_iter().flatten() {
+        if let Some(ms) = unix_seconds_or_rfc3339(text) {
+            assert!((0..=LATEST_MS).contains(&ms), "{text:?} gave {ms}");
+        }
     }
     if let Ok(ms) = over_ms(over.as_deref()) {
         assert!((60_000..=86_400_000).contains(&ms));

@@ -20,7 +20,7 @@ pub fn identifier(what: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A duration such as `90s`, `5m`, `1h` or plain milliseconds.
+/// A duration such as `90s`, `5m`, `1h`, `1d` or plain milliseconds.
 pub fn parse_duration_ms(s: &str) -> Option<i64> {
     let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => s.split_at(i),
@@ -32,6 +32,7 @@ pub fn parse_duration_ms(s: &str) -> Option<i64> {
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
+        "d" => 86_400_000,
         _ => return None,
     };
     n.checked_mul(unit_ms)
@@ -47,6 +48,28 @@ pub fn over_ms(over: Option<&str>) -> Result<i64, String> {
             over.unwrap_or_default()
         )),
     }
+}
+
+/// A time as AEP-43's lease metrics route takes one, in milliseconds: Unix **seconds**
+/// (`1795428000`, or with a fraction, `1795428000.25`) or RFC 3339 with any offset
+/// (`2026-11-23T12:00:00+02:00`); from 1970 to the end of year 9999.
+pub fn unix_seconds_or_rfc3339(s: &str) -> Option<i64> {
+    let (whole, fraction) = s.split_once('.').unwrap_or((s, ""));
+    let ms = if !whole.is_empty()
+        && whole.len() <= 12
+        && whole.bytes().all(|b| b.is_ascii_digit())
+        && fraction.len() <= 9
+        && fraction.bytes().all(|b| b.is_ascii_digit())
+        && !(s.contains('.') && fraction.is_empty())
+    {
+        let milli = format!("{:0<3}", &fraction[..fraction.len().min(3)]);
+        whole.parse::<i64>().ok()? * 1_000 + milli.parse::<i64>().ok()?
+    } else if s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    } else {
+        parse_time(s)?
+    };
+    (0..=LATEST_MS).contains(&ms).then_some(ms)
 }
 
 /// The latest time an answer can say in RFC 3339 (four-digit years): 9999-12-31T23:59:59.999Z.
@@ -112,7 +135,8 @@ mod tests {
         assert_eq!(parse_duration_ms("90s"), Some(90_000));
         assert_eq!(parse_duration_ms("5m"), Some(300_000));
         assert_eq!(parse_duration_ms("1500"), Some(1_500));
-        assert_eq!(parse_duration_ms("1d"), None);
+        assert_eq!(parse_duration_ms("1d"), Some(86_400_000));
+        assert_eq!(parse_duration_ms("1w"), None);
         assert_eq!(parse_duration_ms("99999999999999999h"), None, "overflow");
         assert_eq!(over_ms(None), Ok(300_000));
         assert!(over_ms(Some("30s")).is_err());
@@ -133,5 +157,32 @@ mod tests {
         );
         assert!(r.is_err(), "from after to: {r:?}");
         assert!(time_range(&Some("yesterday".into()), &None, 0, 10).is_err());
+    }
+
+    #[test]
+    fn aep_times_are_unix_seconds_or_rfc3339_with_any_offset() {
+        // 2026-11-23T10:00:00Z, written four ways.
+        const T: i64 = 1_795_428_000_000;
+        assert_eq!(unix_seconds_or_rfc3339("1795428000"), Some(T));
+        assert_eq!(unix_seconds_or_rfc3339("2026-11-23T10:00:00Z"), Some(T));
+        assert_eq!(
+            unix_seconds_or_rfc3339("2026-11-23T12:00:00+02:00"),
+            Some(T)
+        );
+        assert_eq!(
+            unix_seconds_or_rfc3339("2026-11-23T05:00:00-05:00"),
+            Some(T)
+        );
+        assert_eq!(unix_seconds_or_rfc3339("1795428000.25"), Some(T + 250));
+        assert_eq!(
+            unix_seconds_or_rfc3339("1795428000.123456789"),
+            Some(T + 123)
+        );
+        // Milliseconds by mistake (13 digits) would land in the year 58,000: refused, not
+        // read as something else.
+        assert_eq!(unix_seconds_or_rfc3339("1795428000000"), None);
+        for bad in ["", ".5", "1795428000.", "-1", "1e9", "now", "2026-11-23"] {
+            assert_eq!(unix_seconds_or_rfc3339(bad), None, "{bad:?}");
+        }
     }
 }

@@ -68,8 +68,8 @@ pub fn format_rfc3339(ms: i64) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Parses milliseconds since the epoch, or an RFC 3339 UTC time (`2026-11-23T10:00:00Z`,
-/// optional fraction, `Z` or `+00:00`).
+/// Parses milliseconds since the epoch, or an RFC 3339 time (`2026-11-23T10:00:00Z`, optional
+/// fraction, `Z` or an offset such as `+02:00` or `-05:30`).
 pub fn parse_time(s: &str) -> Option<i64> {
     if let Ok(ms) = s.parse::<i64>() {
         return Some(ms);
@@ -107,10 +107,24 @@ pub fn parse_time(s: &str) -> Option<i64> {
         milli = padded.parse::<i64>().ok()?;
         rest = &frac[digits..];
     }
-    if !matches!(rest, "Z" | "z" | "+00:00") {
-        return None;
-    }
-    Some(days_from_civil(y, m, d) * DAY_MS + h * 3_600_000 + mi * 60_000 + sec * 1000 + milli)
+    // The offset: local time minus UTC.
+    let offset_ms = match rest.as_bytes() {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let digit = |b: &u8| b.is_ascii_digit().then(|| i64::from(b - b'0'));
+            let (oh, om) = (digit(h1)? * 10 + digit(h2)?, digit(m1)? * 10 + digit(m2)?);
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            let ms = oh * 3_600_000 + om * 60_000;
+            if *sign == b'-' { -ms } else { ms }
+        }
+        _ => return None,
+    };
+    Some(
+        days_from_civil(y, m, d) * DAY_MS + h * 3_600_000 + mi * 60_000 + sec * 1000 + milli
+            - offset_ms,
+    )
 }
 
 /// Start of the calendar month (UTC) that contains `ms`.
@@ -154,7 +168,18 @@ mod tests {
         assert_eq!(parse_time("12345"), Some(12_345));
         assert_eq!(parse_time("2024-13-01T00:00:00Z"), None);
         assert_eq!(parse_time("yesterday"), None);
-        assert_eq!(parse_time("2024-01-01T00:00:00+02:00"), None);
+        // An offset is local time minus UTC: 02:00 at +02:00 is midnight UTC.
+        assert_eq!(
+            parse_time("2024-01-01T02:00:00+02:00"),
+            parse_time("2024-01-01T00:00:00Z")
+        );
+        assert_eq!(
+            parse_time("2023-12-31T18:30:00.250-05:30"),
+            parse_time("2024-01-01T00:00:00.250Z")
+        );
+        assert_eq!(parse_time("2024-01-01T00:00:00+24:00"), None);
+        assert_eq!(parse_time("2024-01-01T00:00:00+0200"), None);
+        assert_eq!(parse_time("2024-01-01T00:00:00+02:00x"), None);
         for ms in [0, 1, 86_399_999, 951_782_400_000, 4_102_444_800_000] {
             assert_eq!(parse_time(&format_rfc3339(ms)), Some(ms));
         }
