@@ -251,6 +251,7 @@ fn main() {
                     series_burst: 1e12,
                 },
                 keep_alive: Duration::from_secs(15),
+                provider: String::new(),
             },
             shutdown.clone(),
         )

@@ -86,6 +86,7 @@ async fn run_in(config: &DemoConfig, data_dir: &Path, shutdown: CancellationToke
             auth: Auth::new(vec![Auth::hs256(&secret)]),
             limits: Default::default(),
             keep_alive: std::time::Duration::from_secs(15),
+            provider: meterflow_ingest::simulator::PROVIDER.to_string(),
         },
         shutdown.clone(),
     )

@@ -273,6 +273,10 @@ struct SinkArgs {
     /// How often an idle Server-Sent Events feed sends a keep-alive comment.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     keep_alive: Duration,
+    /// The provider this sink serves (an Akash provider's address, akash1...): the
+    /// `provider` label of the AEP-43 lease metrics route's answers.
+    #[arg(long, default_value = "")]
+    provider: String,
     #[command(flatten)]
     topics: TopicArgs,
 }
@@ -1025,6 +1029,7 @@ impl SinkArgs {
                 auth,
                 limits,
                 keep_alive: self.keep_alive,
+                provider: self.provider,
             },
             shutdown,
         )

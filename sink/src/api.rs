@@ -22,6 +22,8 @@ use crate::store::{Cell, HOUR_MS, Hourly, Store, is_usage};
 use crate::time::{format_rfc3339, month_start, next_month_start, parse_time};
 use meterflow_guard::params::{self, over_ms, parse_duration_ms, time_range};
 
+mod aep43;
+
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
@@ -41,6 +43,8 @@ pub struct AppState {
     pub keep_alive: std::time::Duration,
     /// Cancelled when the sink stops: open feeds end with it.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// The provider this sink serves: the `provider` of AEP-43's lease metrics answers.
+    pub provider: String,
 }
 
 /// The answer to a caller who may not have what it asked for.
@@ -52,6 +56,8 @@ enum Need<'a> {
     Any,
     /// A token that reaches this tenant's data (its own `metrics` token, or an operator's).
     Tenant(&'a str),
+    /// The `metrics` scope (AEP-43's lease metrics route), or `operator`; 403 otherwise.
+    Metrics,
     /// The `operator` scope.
     Operator,
 }
@@ -111,6 +117,14 @@ fn authorize(
             StatusCode::NOT_FOUND,
             format!("no tenant {tenant:?} for this token"),
             "a tenant token reaches its own tenant only",
+        ))),
+        Need::Metrics if claims.has_scope("metrics") || claims.has_scope("operator") => Ok(claims),
+        Need::Metrics => Err(Box::new(error(
+            state,
+            route,
+            StatusCode::FORBIDDEN,
+            "this route needs the metrics scope".into(),
+            "ask the provider for a token with scope \"metrics\"",
         ))),
         Need::Operator if claims.has_scope("operator") => Ok(claims),
         Need::Operator => Err(Box::new(error(
@@ -188,6 +202,10 @@ fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<AppState>)> {
         ("/v1/tenants/{tenant}/burn-rate", get(burn_rate)),
         ("/v1/leases/{lease}/metrics", get(lease_metrics)),
         ("/v1/leases/{lease}/live", get(lease_live)),
+        (
+            "/lease/{dseq}/{gseq}/{oseq}/metrics",
+            get(aep43::lease_metrics),
+        ),
         ("/v1/fleet/hourly", get(fleet_hourly)),
         ("/v1/feeds/tenants/{tenant}", get(tenant_feed)),
         ("/v1/feeds/leases/{lease}", get(lease_feed)),
@@ -785,17 +803,18 @@ pub fn finest_step_ms(range_ms: i64) -> Option<i64> {
     .map(|(_, step)| step)
 }
 
-/// The tenant whose lease `lease` the caller asks for, or the answer: 404 when the caller
-/// reaches no tenant with that lease (the same answer whether it exists or not), 400 when an
-/// operator must say which of several tenants.
+/// The tenant whose lease `lease` the caller asks for, or the answer: what [`authorize`] says
+/// of the token for `need`, 404 when the caller reaches no tenant with that lease (the same
+/// answer whether it exists or not), 400 when an operator must say which of several tenants
+/// (with the query parameter `param`).
 fn lease_owner(
     state: &AppState,
     headers: &HeaderMap,
     route: &str,
-    lease: &str,
-    tenant: Option<&str>,
+    need: Need<'_>,
+    (lease, tenant, param): (&str, Option<&str>, &str),
 ) -> Result<(String, Claims), Denied> {
-    let claims = authorize(state, headers, route, Need::Any)?;
+    let claims = authorize(state, headers, route, need)?;
     check_name(state, route, "lease", lease)?;
     let tenants = state
         .store
@@ -827,7 +846,7 @@ fn lease_owner(
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-            "add ?tenant=NAME",
+            &format!("add ?{param}=NAME"),
         ))),
     }
 }
@@ -841,7 +860,13 @@ async fn lease_metrics(
     Params(q): Params<LeaseMetricsQuery>,
 ) -> Response {
     const ROUTE: &str = "/v1/leases/{lease}/metrics";
-    let (tenant, claims) = match lease_owner(&state, &headers, ROUTE, &lease, q.tenant.as_deref()) {
+    let (tenant, claims) = match lease_owner(
+        &state,
+        &headers,
+        ROUTE,
+        Need::Any,
+        (&lease, q.tenant.as_deref(), "tenant"),
+    ) {
         Ok(owner) => owner,
         Err(denied) => return *denied,
     };
@@ -956,7 +981,13 @@ async fn lease_live(
     Params(q): Params<LeaseQuery>,
 ) -> Response {
     const ROUTE: &str = "/v1/leases/{lease}/live";
-    let (tenant, _) = match lease_owner(&state, &headers, ROUTE, &lease, q.tenant.as_deref()) {
+    let (tenant, _) = match lease_owner(
+        &state,
+        &headers,
+        ROUTE,
+        Need::Any,
+        (&lease, q.tenant.as_deref(), "tenant"),
+    ) {
         Ok(owner) => owner,
         Err(denied) => return *denied,
     };
@@ -1074,7 +1105,13 @@ async fn lease_feed(
     Params(q): Params<LeaseQuery>,
 ) -> Response {
     const ROUTE: &str = "/v1/feeds/leases/{lease}";
-    let (tenant, _) = match lease_owner(&state, &headers, ROUTE, &lease, q.tenant.as_deref()) {
+    let (tenant, _) = match lease_owner(
+        &state,
+        &headers,
+        ROUTE,
+        Need::Any,
+        (&lease, q.tenant.as_deref(), "tenant"),
+    ) {
         Ok(owner) => owner,
         Err(denied) => return *denied,
     };

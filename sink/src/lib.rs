@@ -45,6 +45,9 @@ pub struct SinkConfig {
     pub limits: limits::Limits,
     /// How often an idle Server-Sent Events feed sends a keep-alive comment.
     pub keep_alive: std::time::Duration,
+    /// The provider this sink serves (an Akash provider's address): the `provider` of
+    /// AEP-43's lease metrics answers; empty when not set.
+    pub provider: String,
 }
 
 /// Why the sink stopped.
@@ -101,6 +104,7 @@ pub async fn start(
         updates: updated.subscribe(),
         keep_alive: config.keep_alive,
         shutdown: shutdown.clone(),
+        provider: config.provider.clone(),
     };
     let consuming = {
         let shutdown = shutdown.clone();

@@ -61,8 +61,13 @@ async fn every_route_answers_each_kind_of_caller_as_it_should() {
         ),
     ];
     // Expected status per caller, in the order above.
-    let routes: [(&str, [u16; 9]); 14] = [
+    let routes: [(&str, [u16; 9]); 15] = [
         ("/openapi.json", [200; 9]),
+        // AEP-43's route: a token without the metrics scope is told so (403).
+        (
+            "/lease/100/1/1/metrics?metric=all&start=1795392000&end=1795395600",
+            [401, 401, 401, 401, 404, 403, 200, 200, 200],
+        ),
         (
             "/v1/leases/100.1.1/metrics",
             [401, 401, 401, 401, 404, 404, 200, 200, 200],
@@ -108,9 +113,12 @@ async fn every_route_answers_each_kind_of_caller_as_it_should() {
     for path in meterflow_sink::api::paths() {
         let concrete = path
             .replace("{tenant}", "acme")
-            .replace("{lease}", "100.1.1");
+            .replace("{lease}", "100.1.1")
+            .replace("{dseq}/{gseq}/{oseq}", "100/1/1");
         assert!(
-            routes.iter().any(|(r, _)| *r == concrete),
+            routes
+                .iter()
+                .any(|(r, _)| r.split('?').next() == Some(concrete.as_str())),
             "route {path} is not in the authorization matrix"
         );
     }

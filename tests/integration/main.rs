@@ -1,6 +1,7 @@
 //! Integration tests: the real binary and library entry points against the embedded broker
 //! over TCP, real RocksDB in temporary directories, real HTTP on loopback.
 
+mod aep43;
 mod agent;
 mod auth;
 mod backpressure;

@@ -48,6 +48,7 @@ pub fn sink_config(brokers: String, data: &tempfile::TempDir, limits: Limits) ->
             Auth::hs256(SECRET),
             Auth::public_key_pem(ED25519_PUBLIC, "fixture").expect("the fixture key"),
         ]),
+        provider: meterflow_ingest::simulator::PROVIDER.to_string(),
     }
 }
 
