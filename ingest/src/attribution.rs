@@ -19,6 +19,12 @@
 //! is unresolved is not attributed at all (its readings are counted and dropped, never billed
 //! to an empty tenant). GPU price classes come from the model name through a table of
 //! substrings (first match wins).
+//!
+//! Namespaces are metered unless excluded: by default the cluster's own (`kube-system`,
+//! `kube-public`, `kube-node-lease`, `openshift`, `openshift-*`), whose pods are no tenant's;
+//! `exclude_namespaces` replaces that list and `include_namespaces`, when given, meters only
+//! the namespaces it names. A pod of a namespace left out is not attributed, without a
+//! warning and without counting as unattributed.
 
 use serde::Deserialize;
 
@@ -39,7 +45,23 @@ pub struct AttributionConfig {
     /// row matches is priced under its own name, lower-cased with spaces as dashes.
     #[serde(default)]
     pub gpu_classes: Vec<(String, String)>,
+    /// Namespaces never metered: names, or patterns with `*` (`openshift-*`). Default
+    /// [`SYSTEM_NAMESPACES`]; `[]` meters every namespace.
+    pub exclude_namespaces: Option<Vec<String>>,
+    /// When not empty, only these namespaces (names or patterns) are metered.
+    #[serde(default)]
+    pub include_namespaces: Vec<String>,
 }
+
+/// The namespaces left out unless `exclude_namespaces` says otherwise: Kubernetes' and
+/// OpenShift's own, whose pods are no tenant's.
+pub const SYSTEM_NAMESPACES: [&str; 5] = [
+    "kube-system",
+    "kube-public",
+    "kube-node-lease",
+    "openshift",
+    "openshift-*",
+];
 
 fn default_preset() -> String {
     "namespace".into()
@@ -54,6 +76,8 @@ impl Default for AttributionConfig {
             service: None,
             replica: None,
             gpu_classes: Vec::new(),
+            exclude_namespaces: None,
+            include_namespaces: Vec::new(),
         }
     }
 }
@@ -238,6 +262,28 @@ pub struct Attribution {
     service: Template,
     replica: Template,
     gpu_classes: Vec<(String, String)>,
+    exclude_namespaces: Vec<String>,
+    include_namespaces: Vec<String>,
+}
+
+/// Whether `name` matches `pattern`, where `*` stands for any run of characters.
+fn matches(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 /// The Akash provider labels the tenant's namespace with the lease id and writes it into every
@@ -269,19 +315,54 @@ impl Attribution {
         let field = |key: &str, given: &Option<String>, default: &str| {
             Template::parse(key, given.as_deref().unwrap_or(default))
         };
+        let exclude_namespaces = config
+            .exclude_namespaces
+            .clone()
+            .unwrap_or_else(|| SYSTEM_NAMESPACES.map(String::from).to_vec());
+        for (key, patterns) in [
+            ("exclude_namespaces", &exclude_namespaces),
+            ("include_namespaces", &config.include_namespaces),
+        ] {
+            if patterns.iter().any(|p| p.trim().is_empty()) {
+                return Err(TemplateError {
+                    key: key.into(),
+                    why: "an empty pattern; give namespace names, or patterns such as openshift-*"
+                        .into(),
+                });
+            }
+        }
         Ok(Attribution {
             tenant: field("tenant", &config.tenant, preset[0])?,
             lease: field("lease", &config.lease, preset[1])?,
             service: field("service", &config.service, preset[2])?,
             replica: field("replica", &config.replica, preset[3])?,
             gpu_classes: config.gpu_classes.clone(),
+            exclude_namespaces,
+            include_namespaces: config.include_namespaces.clone(),
         })
+    }
+
+    /// Whether the pods of `namespace` are metered: not excluded, and included when
+    /// `include_namespaces` is given.
+    pub fn meters(&self, namespace: &str) -> bool {
+        !self
+            .exclude_namespaces
+            .iter()
+            .any(|p| matches(p, namespace))
+            && (self.include_namespaces.is_empty()
+                || self
+                    .include_namespaces
+                    .iter()
+                    .any(|p| matches(p, namespace)))
     }
 
     /// The identity of `container` in `pod`; `None` when its tenant or lease is unresolved or
     /// empty ([`Attribution::why_unattributed`] says which). An unresolved service or replica is
     /// empty.
     pub fn identify(&self, pod: &Pod, container: &str) -> Option<Identity> {
+        if !self.meters(&pod.namespace) {
+            return None;
+        }
         let tenant = self
             .tenant
             .render(pod, container)
@@ -303,6 +384,12 @@ impl Attribution {
     /// Why `container` of `pod` has no identity (`tenant: {env:AKASH_OWNER} did not
     /// resolve`), or `None` when it has one.
     pub fn why_unattributed(&self, pod: &Pod, container: &str) -> Option<String> {
+        if !self.meters(&pod.namespace) {
+            return Some(format!(
+                "namespace {} is not metered (exclude_namespaces, include_namespaces)",
+                pod.namespace
+            ));
+        }
         [("tenant", &self.tenant), ("lease", &self.lease)]
             .into_iter()
             .find_map(|(field, template)| match template.render(pod, container) {
@@ -445,6 +532,57 @@ mod tests {
         assert_eq!(
             r.identify(&pods[2], "main").expect("no owner").lease,
             "lonely"
+        );
+    }
+
+    #[test]
+    fn system_namespaces_are_left_out_unless_the_config_says_otherwise() {
+        for name in [
+            "kube-system",
+            "openshift",
+            "openshift-monitoring",
+            "openshift-",
+        ] {
+            assert!(!rules("namespace").meters(name), "{name}");
+        }
+        for name in ["research", "openshiftx", "my-openshift-app", "kube-systems"] {
+            assert!(rules("namespace").meters(name), "{name}");
+        }
+        let mut pod = pods().remove(1);
+        pod.namespace = "openshift-monitoring".into();
+        assert_eq!(rules("namespace").identify(&pod, "trainer"), None);
+        assert!(
+            rules("namespace")
+                .why_unattributed(&pod, "trainer")
+                .is_some_and(|why| why.contains("not metered"))
+        );
+        let configured = |exclude: Option<&[&str]>, include: &[&str]| {
+            Attribution::new(&AttributionConfig {
+                exclude_namespaces: exclude.map(|e| e.iter().map(|s| s.to_string()).collect()),
+                include_namespaces: include.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            })
+        };
+        // `[]` meters every namespace; a list replaces the default; include narrows.
+        let all = configured(Some(&[]), &[]).expect("valid");
+        assert!(all.identify(&pod, "trainer").is_some());
+        let own = configured(Some(&["*-sandbox", "ci"]), &[]).expect("valid");
+        assert!(own.meters("openshift-monitoring"));
+        assert!(!own.meters("team-a-sandbox") && !own.meters("ci"));
+        let only = configured(None, &["team-*", "research"]).expect("valid");
+        assert!(only.meters("team-a") && only.meters("research"));
+        assert!(!only.meters("default") && !only.meters("kube-system"));
+        assert_eq!(
+            configured(Some(&[" "]), &[]).map(|_| ()).unwrap_err().key,
+            "exclude_namespaces"
+        );
+        // Patterns: `*` anywhere, any run of characters (none included).
+        assert!(matches("a*b*c", "abc") && matches("a*b*c", "a-b-b-c") && !matches("a*b*c", "acb"));
+        assert!(
+            matches("*", "")
+                && matches("x", "x")
+                && !matches("x", "xy")
+                && !matches("ab*ba", "aba")
         );
     }
 

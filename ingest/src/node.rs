@@ -417,7 +417,8 @@ impl NodeCollector {
                 .iter()
                 .filter(|c| c.current.is_some())
                 .peekable();
-            if started.peek().is_none() {
+            // A namespace left out of metering (the cluster's own) is no one's: not a warning.
+            if started.peek().is_none() || !self.attribution.meters(&pod.namespace) {
                 continue;
             }
             let mut missing = None;
