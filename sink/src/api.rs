@@ -1314,28 +1314,34 @@ fn fixed(t: i64, len: i64) -> (i64, i64) {
     (start, start + len)
 }
 
+/// Version, features and how far the data reaches; for an operator also how far behind the
+/// sink is and what it consumed (a tenant sees neither: AEP-43 keeps lag and internal ids from
+/// tenants).
 async fn status(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(denied) = authorize(&state, &headers, "/v1/status", Need::Any) {
-        return *denied;
-    }
+    let claims = match authorize(&state, &headers, "/v1/status", Need::Any) {
+        Ok(claims) => claims,
+        Err(denied) => return *denied,
+    };
     let watermark = state.store.watermark_ms().ok().flatten();
-    let offsets = state.store.offsets(topics::USAGE).unwrap_or_default();
-    count(&state, "/v1/status", StatusCode::OK);
-    Json(json!({
+    let mut answer = json!({
         "service": "meterflow-sink",
         "version": env!("CARGO_PKG_VERSION"),
-        "features": ["usage", "burn-rate", "metrics", "live", "fleet", "feeds"],
+        "features": ["usage", "burn-rate", "metrics", "live", "fleet", "feeds", "aep-43"],
         "watermark": watermark.map(format_rfc3339),
         "watermark_ms": watermark,
+    });
+    if claims.has_scope("operator") {
+        let offsets = state.store.offsets(topics::USAGE).unwrap_or_default();
         // How far behind: records not yet stored, and the data's age by the wall clock (never
         // negative: a watermark ahead of this clock, an agent's clock running fast, is age 0).
-        "lag": {
+        answer["lag"] = json!({
             "records": Some(state.metrics.consumer_lag.get()).filter(|l| *l >= 0),
             "seconds": watermark.map(|w| ((state.now_ms)() - w).max(0) as f64 / 1000.0),
-        },
-        "consumed_offsets": { topics::USAGE: offsets },
-    }))
-    .into_response()
+        });
+        answer["consumed_offsets"] = json!({ topics::USAGE: offsets });
+    }
+    count(&state, "/v1/status", StatusCode::OK);
+    Json(answer).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

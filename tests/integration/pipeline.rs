@@ -682,10 +682,23 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
         }])
     );
 
-    // Status and metrics tell the operator where the sink is.
-    let status = poll_json(
+    // Status and metrics tell the operator where the sink is; a tenant sees how far the data
+    // reaches, not the sink's lag or offsets.
+    let tenant_status = poll_json(
         &pipeline.url("/v1/status"),
         &acme_token,
+        Duration::from_secs(10),
+        |v| v["watermark"].is_string(),
+    )
+    .await;
+    assert_eq!(tenant_status["watermark"], "2026-11-23T00:03:00.000Z");
+    assert!(
+        tenant_status.get("lag").is_none() && tenant_status.get("consumed_offsets").is_none(),
+        "{tenant_status}"
+    );
+    let status = poll_json(
+        &pipeline.url("/v1/status"),
+        &token(""),
         Duration::from_secs(10),
         // Everything the processor wrote is stored: no records of lag.
         |v| v["lag"]["records"].as_i64() == Some(0),
