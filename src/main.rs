@@ -60,9 +60,12 @@ enum Command {
     LeaseMetrics {
         #[command(flatten)]
         request: meterflow::client::LeaseMetricsRequest,
-        /// Print the sink's JSON answer instead of a table.
+        /// Print the sink's JSON answer instead of a table (the same as --output json).
         #[arg(long)]
         json: bool,
+        /// `table` or `json`.
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
     },
     /// The Avro schemas: list them, print one, check compatibility between versions,
     /// register them in a Confluent Schema Registry.
@@ -754,10 +757,16 @@ async fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::LeaseMetrics { request, json } => {
+        Command::LeaseMetrics {
+            request,
+            json,
+            output,
+        } => {
             let answer = meterflow::client::fetch_lease_metrics(&request).await?;
-            if json {
+            if json || output == "json" {
                 println!("{answer:#}");
+            } else if request.dseq.is_some() {
+                print!("{}", meterflow::client::aep_table(&answer));
             } else {
                 print!("{}", meterflow::client::table(&answer));
             }

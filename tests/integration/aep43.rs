@@ -98,6 +98,45 @@ async fn the_lease_metrics_route_answers_the_aep_43_table_from_the_scenarios_rea
         );
     }
 
+    // The same through `meterflow lease-metrics --dseq`, as JSON and as a person reads it.
+    let cli = |output: &'static str| {
+        let (url, bearer) = (pipeline.url(""), acme.clone());
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_meterflow"))
+                .args(["lease-metrics", "--url", &url, "--token", &bearer])
+                .args(["--dseq", "100", "--metric", "cpu,mem", "--step", "3m"])
+                .args([
+                    "--from",
+                    &T0_S.to_string(),
+                    "--to",
+                    &(T0_S + 180).to_string(),
+                ])
+                .args(["--provider", "akash1simprovider", "--output", output])
+                .output()
+                .expect("meterflow lease-metrics runs");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    let printed: Value = serde_json::from_str(&cli("json").await.expect("join")).expect("JSON");
+    assert_eq!(printed["series"], answer["series"]);
+    let table = cli("table").await.expect("join");
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        lines[0],
+        "lease acme/100/1/1 on akash1simprovider, 2026-11-23T00:00:00.000Z to 2026-11-23T00:03:00.000Z, step 180s",
+        "{table}"
+    );
+    assert!(
+        lines[1].contains("cpu_usage_cores{svc}") && lines[2].contains("0.416667"),
+        "{table}"
+    );
+    assert!(lines.iter().any(|l| l.starts_with("warning: ")), "{table}");
+
     // Per minute, the counter's increase sits in the minute of the reading that shows it: the
     // bound of a counter read every 60 s. 10, 60 and 5 core-seconds.
     let minutes = poll_json(
