@@ -573,7 +573,10 @@ mod tests {
         assert!(only.meters("team-a") && only.meters("research"));
         assert!(!only.meters("default") && !only.meters("kube-system"));
         assert_eq!(
-            configured(Some(&[" "]), &[]).map(|_| ()).unwrap_err().key,
+            configured(Some(&[" "]), &[])
+                .map(|_| ())
+                .expect_err("an empty pattern")
+                .key,
             "exclude_namespaces"
         );
         // Patterns: `*` anywhere, any run of characters (none included).
