@@ -12,14 +12,14 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use meterflow_schemas::{UsageUpdate, topics};
+use meterflow_schemas::{Alert, UsageUpdate, topics};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::auth::{Auth, Claims};
 use crate::metrics::Metrics;
 use crate::store::{Cell, HOUR_MS, Hourly, Store, is_usage};
-use crate::time::{format_rfc3339, month_start, next_month_start, parse_time};
+use crate::time::{format_rfc3339, month_name, month_start, next_month_start, parse_time};
 use meterflow_guard::params::{self, over_ms, parse_duration_ms, time_range};
 
 mod aep43;
@@ -200,6 +200,7 @@ fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<AppState>)> {
         ("/", get(index)),
         ("/v1/tenants/{tenant}/usage", get(tenant_usage)),
         ("/v1/tenants/{tenant}/burn-rate", get(burn_rate)),
+        ("/v1/tenants/{tenant}/alerts", get(tenant_alerts)),
         ("/v1/leases/{lease}/metrics", get(lease_metrics)),
         ("/v1/leases/{lease}/live", get(lease_live)),
         (
@@ -207,6 +208,7 @@ fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<AppState>)> {
             get(aep43::lease_metrics),
         ),
         ("/v1/fleet/hourly", get(fleet_hourly)),
+        ("/v1/fleet/alerts", get(fleet_alerts)),
         ("/v1/feeds/tenants/{tenant}", get(tenant_feed)),
         ("/v1/feeds/leases/{lease}", get(lease_feed)),
         ("/v1/status", get(status)),
@@ -747,6 +749,16 @@ fn burn_rate_json(
             json!({"lease": lease, "service": service, "burn_rate": per_hour(*micros)})
         })
         .collect();
+    // The month's budget alerts, as the processor raised them: what the feed pushes and the
+    // dashboard shows.
+    let period_name = month_name(month);
+    let alerts: Vec<Value> = state
+        .store
+        .alerts(tenant)?
+        .iter()
+        .filter(|a| a.period == period_name)
+        .map(alert_json)
+        .collect();
     let answer = json!({
         "tenant": tenant,
         "as_of": format_rfc3339(as_of),
@@ -762,8 +774,133 @@ fn burn_rate_json(
             "projection": projection,
         },
         "budget": budget,
+        "alerts": alerts,
     });
     Ok((answer, as_of))
+}
+
+/// Query of `GET /v1/tenants/{tenant}/alerts` and `GET /v1/fleet/alerts`.
+#[derive(Debug, Deserialize)]
+pub struct AlertsQuery {
+    /// `YYYY-MM`: that calendar month's alerts only. Default: every one.
+    pub period: Option<String>,
+}
+
+/// An alert as the API answers it.
+fn alert_json(a: &Alert) -> Value {
+    json!({
+        "id": a.id,
+        "tenant": a.tenant,
+        "kind": a.kind,
+        "period": a.period,
+        "threshold_percent": a.threshold_percent,
+        "budget": money(i128::from(a.budget_micros)),
+        "spent": money(i128::from(a.spent_micros)),
+        "raised_at": format_rfc3339(a.raised_at_ms),
+        "message": a.message,
+    })
+}
+
+/// `period` checked (`YYYY-MM`), or the 400 that says how to write it.
+fn alert_period<'a>(
+    state: &AppState,
+    route: &str,
+    q: &'a AlertsQuery,
+) -> Result<Option<&'a str>, Denied> {
+    match q.period.as_deref() {
+        None => Ok(None),
+        Some(p)
+            if p.len() == 7
+                && p.as_bytes()[4] == b'-'
+                && p.bytes()
+                    .enumerate()
+                    .all(|(i, b)| i == 4 || b.is_ascii_digit())
+                && matches!(
+                    &p[5..],
+                    "01" | "02"
+                        | "03"
+                        | "04"
+                        | "05"
+                        | "06"
+                        | "07"
+                        | "08"
+                        | "09"
+                        | "10"
+                        | "11"
+                        | "12"
+                ) =>
+        {
+            Ok(Some(p))
+        }
+        Some(p) => Err(Box::new(error(
+            state,
+            route,
+            StatusCode::BAD_REQUEST,
+            format!("period={p:?} is not a calendar month"),
+            "write it as YYYY-MM (2026-11)",
+        ))),
+    }
+}
+
+/// A tenant's budget alerts (each threshold once per month, as the processor raised it),
+/// oldest first.
+async fn tenant_alerts(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    Params(q): Params<AlertsQuery>,
+) -> Response {
+    const ROUTE: &str = "/v1/tenants/{tenant}/alerts";
+    if let Err(denied) = authorize(&state, &headers, ROUTE, Need::Tenant(&tenant)) {
+        return *denied;
+    }
+    if let Err(denied) = check_name(&state, ROUTE, "tenant", &tenant) {
+        return *denied;
+    }
+    let period = match alert_period(&state, ROUTE, &q) {
+        Ok(period) => period,
+        Err(denied) => return *denied,
+    };
+    match state.store.alerts(&tenant) {
+        Ok(alerts) => {
+            let alerts: Vec<Value> = alerts
+                .iter()
+                .filter(|a| period.is_none_or(|p| a.period == p))
+                .map(alert_json)
+                .collect();
+            count(&state, ROUTE, StatusCode::OK);
+            Json(json!({"tenant": tenant, "alerts": alerts})).into_response()
+        }
+        Err(e) => internal(&state, ROUTE, e),
+    }
+}
+
+/// Every tenant's budget alerts, oldest first: the operator's view.
+async fn fleet_alerts(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Params(q): Params<AlertsQuery>,
+) -> Response {
+    const ROUTE: &str = "/v1/fleet/alerts";
+    if let Err(denied) = authorize(&state, &headers, ROUTE, Need::Operator) {
+        return *denied;
+    }
+    let period = match alert_period(&state, ROUTE, &q) {
+        Ok(period) => period,
+        Err(denied) => return *denied,
+    };
+    match state.store.all_alerts() {
+        Ok(alerts) => {
+            let alerts: Vec<Value> = alerts
+                .iter()
+                .filter(|a| period.is_none_or(|p| a.period == p))
+                .map(alert_json)
+                .collect();
+            count(&state, ROUTE, StatusCode::OK);
+            Json(json!({"alerts": alerts})).into_response()
+        }
+        Err(e) => internal(&state, ROUTE, e),
+    }
 }
 
 /// Query of the lease routes: the tenant, for an operator when a lease id is used by several.

@@ -1,4 +1,5 @@
-//! Consumes `meterflow.usage` and `meterflow.billing` into the [`Store`], resuming from the offsets stored with the data.
+//! Consumes `meterflow.usage`, `meterflow.billing` and `meterflow.alerts` into the [`Store`],
+//! resuming from the offsets stored with the data.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +30,8 @@ pub enum ConsumeError {
 /// Most records applied in one RocksDB write.
 const MAX_BATCH: usize = 1_000;
 
-/// Reads usage updates and billing records and applies them until `shutdown` is cancelled.
+/// Reads usage updates, billing records and alerts and applies them until `shutdown` is
+/// cancelled.
 pub async fn consume(
     brokers: String,
     store: Arc<Store>,
@@ -56,8 +58,18 @@ pub async fn consume(
         (&brokers, &store, &metrics, &updated),
         &shutdown,
     );
-    let (usage, billing) = tokio::join!(usage, billing);
-    usage.and(billing)
+    // Budget alerts, for the tenant's routes, feed and dashboard.
+    let alerts = consume_topic(
+        Topic {
+            name: topics::ALERTS,
+            apply: Store::apply_alerts,
+            watch_lag: false,
+        },
+        (&brokers, &store, &metrics, &updated),
+        &shutdown,
+    );
+    let (usage, billing, alerts) = tokio::join!(usage, billing, alerts);
+    usage.and(billing).and(alerts)
 }
 
 /// A topic the sink consumes: its records and how they are stored.

@@ -26,6 +26,9 @@
 //!   charges and adjustments (`period.billed`; windows still open are not in it).
 //! - `r` 0x00 tenant 0x00 lease 0x00 item 0x00 window_start → the latest revision of that
 //!   billing key applied, so that a billing record applied again changes nothing.
+//! - `a` 0x00 tenant 0x00 id → an [`Alert`] from `meterflow.alerts` (Avro), the first one
+//!   applied of that id: the processor raises each (tenant, budget, threshold, period) once,
+//!   and one it sends again after a crash (the same id) changes nothing.
 //!
 //! Data and the offsets that produced it are written in one `WriteBatch`: after a crash the
 //! sink resumes exactly after the last update it stored.
@@ -34,7 +37,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use meterflow_schemas::time::month_start;
-use meterflow_schemas::{BillingRecord, Record, UsageUpdate};
+use meterflow_schemas::{Alert, BillingRecord, Record, UsageUpdate};
 use rocksdb::{DB, Direction, IteratorMode, Options, WriteBatch};
 
 /// A failure of the view store.
@@ -234,6 +237,13 @@ fn revision_key(b: &BillingRecord) -> Vec<u8> {
         k.push(0);
     }
     k.extend_from_slice(&sortable(b.window_start_ms));
+    k
+}
+
+fn alert_prefix(tenant: &str) -> Vec<u8> {
+    let mut k = b"a\0".to_vec();
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
     k
 }
 
@@ -469,6 +479,66 @@ impl Store {
         }
         self.db.write(batch)?;
         Ok(())
+    }
+
+    /// Stores the alerts of `consumed` not stored before (by id), with the offsets after them,
+    /// in one write.
+    pub fn apply_alerts(&self, consumed: &[Consumed<Alert>]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+        let mut new: BTreeMap<Vec<u8>, &Alert> = BTreeMap::new();
+        for c in consumed {
+            let e = next.entry((&c.topic, c.partition)).or_insert(c.offset + 1);
+            *e = (*e).max(c.offset + 1);
+            let mut key = alert_prefix(&c.update.tenant);
+            key.extend_from_slice(c.update.id.as_bytes());
+            if !new.contains_key(&key) && self.db.get(&key)?.is_none() {
+                new.insert(key, &c.update);
+            }
+        }
+        for (key, alert) in new {
+            batch.put(key, alert.encode()?);
+        }
+        for ((topic, partition), offset) in next {
+            batch.put(offset_key(topic, partition), offset.to_be_bytes());
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// A tenant's alerts, oldest first (by the time raised, then id).
+    pub fn alerts(&self, tenant: &str) -> Result<Vec<Alert>, StoreError> {
+        let prefix = alert_prefix(tenant);
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&prefix, Direction::Forward))
+        {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push(Alert::decode(&v)?);
+        }
+        out.sort_by(|a, b| (a.raised_at_ms, &a.id).cmp(&(b.raised_at_ms, &b.id)));
+        Ok(out)
+    }
+
+    /// Every tenant's alerts, oldest first.
+    pub fn all_alerts(&self) -> Result<Vec<Alert>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(b"a\0", Direction::Forward))
+        {
+            let (k, v) = item?;
+            if !k.starts_with(b"a\0") {
+                break;
+            }
+            out.push(Alert::decode(&v)?);
+        }
+        out.sort_by(|a, b| (a.raised_at_ms, &a.id).cmp(&(b.raised_at_ms, &b.id)));
+        Ok(out)
     }
 
     /// What `meterflow.billing` has billed `tenant` for windows in the calendar month starting
@@ -775,6 +845,56 @@ mod tests {
             BTreeMap::from([(1, 5)])
         );
         assert!(store.offsets("meterflow.usage").expect("reads").is_empty());
+    }
+
+    #[test]
+    fn alerts_are_kept_once_per_id_per_tenant_with_their_offsets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let alert = |tenant: &str, id: &str, at: i64| Consumed {
+            topic: "meterflow.alerts".into(),
+            partition: 0,
+            offset: at,
+            update: Alert {
+                id: id.into(),
+                tenant: tenant.into(),
+                kind: "budget_threshold".into(),
+                period: "2026-11".into(),
+                threshold_percent: 50,
+                budget_micros: 300_000,
+                spent_micros: 150_001,
+                raised_at_ms: at,
+                message: format!("{tenant} {id}"),
+            },
+        };
+        store
+            .apply_alerts(&[
+                alert("acme", "x", 2),
+                alert("acme", "y", 1),
+                alert("globex", "x", 3),
+            ])
+            .expect("applied");
+        // The same id again (a processor that crashed before it knew the first was sent): the
+        // first stays.
+        store
+            .apply_alerts(&[alert("acme", "x", 9)])
+            .expect("applied");
+        let acme = store.alerts("acme").expect("read");
+        assert_eq!(
+            acme.iter()
+                .map(|a| (a.id.as_str(), a.raised_at_ms))
+                .collect::<Vec<_>>(),
+            [("y", 1), ("x", 2)]
+        );
+        assert_eq!(store.alerts("globex").expect("read").len(), 1);
+        assert!(
+            store.alerts("acm").expect("read").is_empty(),
+            "a prefix of a name is another tenant"
+        );
+        assert_eq!(
+            store.offsets("meterflow.alerts").expect("offsets").get(&0),
+            Some(&10)
+        );
     }
 
     #[test]

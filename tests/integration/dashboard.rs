@@ -120,6 +120,14 @@ async fn the_dashboard_shows_a_tenant_its_spend_and_the_operator_its_fleet_in_a_
         |v| v["period"]["to_date"].as_f64() == Some(0.173_697),
     )
     .await;
+    // The scenario's budget alert (50 % of acme's 0.30) has reached the sink.
+    poll_json(
+        &pipeline.url("/v1/tenants/acme/alerts"),
+        &acme,
+        Duration::from_secs(30),
+        |v| v["alerts"].as_array().is_some_and(|a| a.len() == 1),
+    )
+    .await;
     let operator = token("");
     poll_json(
         &pipeline.url("/v1/fleet/hourly?from=2026-11-23T00:00:00Z&to=2026-11-23T01:00:00Z"),
@@ -159,6 +167,16 @@ async fn the_dashboard_shows_a_tenant_its_spend_and_the_operator_its_fleet_in_a_
         daily.contains("<title>2026-11-23: 0.173697</title>"),
         "{daily}"
     );
+    // The budget alert, where the tenant sees it first (raised at the processor's clock).
+    let alerts = element(dom, "alerts", "ul");
+    assert!(
+        alerts.contains("50 % of the budget reached, ") && alerts.contains(" of 0.30"),
+        "{alerts}"
+    );
+    assert!(
+        !dom.contains("id=\"alerts_box\" hidden"),
+        "the alerts are shown"
+    );
     let leases = element(dom, "leases", "tbody");
     // 241 and 120 GPU-seconds: 0.07 and 0.03 GPU-hours.
     assert!(
@@ -179,6 +197,12 @@ async fn the_dashboard_shows_a_tenant_its_spend_and_the_operator_its_fleet_in_a_
     assert!(
         fleet.contains("<td>2026-11-23T00:00:00.000Z</td><td>1</td>"),
         "{fleet}"
+    );
+    // The month's budget alerts, every tenant's.
+    let fleet_alerts = element(dom, "fleet_alerts", "tbody");
+    assert!(
+        fleet_alerts.contains("<td>acme</td><td>50 %</td>"),
+        "{fleet_alerts}"
     );
     // 24 hourly bars ending at the data's hour; the last holds the 4 GPUs.
     let chart = element(dom, "fleet_chart", "svg");

@@ -467,6 +467,70 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
     assert_eq!(burn["period"]["billed"].as_f64(), Some(0.0), "{burn}");
     let pending = burn["period"]["pending"].as_f64().unwrap_or(0.0);
     assert!((pending - 0.173_697).abs() < 1e-5, "{burn}");
+    // The alert reaches the tenant: in the burn-rate answer (what its feed and dashboard
+    // show), on its own route by month, and on the operator's fleet route; no one else's.
+    let alerted = poll_json(
+        &pipeline.url("/v1/tenants/acme/burn-rate?over=1m"),
+        &acme_token,
+        Duration::from_secs(30),
+        |v| v["alerts"].as_array().is_some_and(|a| !a.is_empty()),
+    )
+    .await;
+    let alert = &alerted["alerts"][0];
+    assert_eq!(
+        alerted["alerts"].as_array().map(Vec::len),
+        Some(1),
+        "{alerted}"
+    );
+    assert_eq!(
+        (
+            alert["kind"].as_str(),
+            alert["period"].as_str(),
+            alert["threshold_percent"].as_i64(),
+            alert["budget"].as_f64()
+        ),
+        (
+            Some("budget_threshold"),
+            Some("2026-11"),
+            Some(50),
+            Some(0.30)
+        ),
+        "{alert}"
+    );
+    assert!(
+        alert["spent"].as_f64().is_some_and(|s| s >= 0.15),
+        "{alert}"
+    );
+    assert_eq!(alert["id"].as_str(), Some(alerts[0].id.as_str()));
+    for (query, n) in [("", 1), ("?period=2026-11", 1), ("?period=2026-10", 0)] {
+        let (status, body) = get_as(
+            &pipeline.url(&format!("/v1/tenants/acme/alerts{query}")),
+            &acme_token,
+        )
+        .await;
+        let v: Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(
+            (status, v["alerts"].as_array().map(Vec::len)),
+            (200, Some(n)),
+            "{query}: {body}"
+        );
+    }
+    let (status, body) = get_as(
+        &pipeline.url("/v1/tenants/acme/alerts?period=2026-13"),
+        &acme_token,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let (_, body) = get_as(&pipeline.url("/v1/tenants/globex/alerts"), &token("globex")).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).expect("JSON")["alerts"],
+        serde_json::json!([])
+    );
+    let (_, body) = get_as(&pipeline.url("/v1/fleet/alerts?period=2026-11"), &token("")).await;
+    let fleet: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(fleet["alerts"][0]["tenant"], "acme", "{fleet}");
+    assert_eq!(fleet["alerts"][0]["id"], alert["id"]);
+
     // Five minutes back from 00:03 holds every minute: 12 x the whole cost.
     let burn5 = poll_json(
         &pipeline.url("/v1/tenants/acme/burn-rate"),
