@@ -668,8 +668,8 @@ fn money(micros: i128) -> f64 {
     micros as f64 / 1e6
 }
 
-/// Cost per hour now (over the last `over` before the watermark), per lease and service and in
-/// total; the month's cost to date, what is billed of it and what is pending, its projection to the month's end at
+/// Cost per hour now (over the last `over` of complete base windows before the watermark), per
+/// lease and service and in total; the month's cost to date, what is billed of it and what is pending, its projection to the month's end at
 /// the current rate, and the budget used.
 async fn burn_rate(
     State(state): State<AppState>,
@@ -712,9 +712,24 @@ fn burn_rate_json(
         .watermark_ms()?
         .unwrap_or_else(|| (state.now_ms)());
     let (month, month_end) = (month_start(as_of - 1), next_month_start(as_of - 1));
-    let recent = state.store.usage(tenant, as_of - over_ms, as_of)?;
+    // The rate is taken over complete base windows: the one ending at the watermark is still
+    // filling (the processor writes a window as its data comes), and a rate that counted it
+    // would climb through each window and drop at its end.
+    let mut recent = state.store.usage(tenant, as_of - over_ms, as_of)?;
+    let base = recent
+        .iter()
+        .filter(|u| crate::store::is_window_cost(u))
+        .map(|u| u.window_end_ms - u.window_start_ms)
+        .max()
+        .unwrap_or(60_000)
+        .max(1);
+    let rate_end = (as_of - 1).div_euclid(base) * base;
+    let rate_start = rate_end - over_ms;
+    recent.extend(state.store.usage(tenant, rate_start, as_of - over_ms)?);
     let mut by_lease: BTreeMap<(String, String), i128> = BTreeMap::new();
-    for u in recent.iter().filter(|u| crate::store::is_window_cost(u)) {
+    for u in recent.iter().filter(|u| {
+        crate::store::is_window_cost(u) && (rate_start..rate_end).contains(&u.window_start_ms)
+    }) {
         *by_lease
             .entry((u.lease.clone(), u.service.clone()))
             .or_default() += i128::from(u.amount);
@@ -764,6 +779,7 @@ fn burn_rate_json(
         "as_of": format_rfc3339(as_of),
         "over_seconds": over_ms / 1000,
         "burn_rate": rate,
+        "rate_window": {"start": format_rfc3339(rate_start), "end": format_rfc3339(rate_end)},
         "leases": leases,
         "period": {
             "start": format_rfc3339(month),

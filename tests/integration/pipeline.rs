@@ -438,12 +438,16 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
     );
     assert!(alerts[0].spent_micros >= 150_000, "{alerts:?}");
 
-    // Burn rate, as of the watermark (00:03): over the last minute, minute 2 cost h100 7,608 +
-    // CPU 56 (lease 100.1.1) and MIG 2,048 (100.1.2) micros, so 60 x 9,712 = 0.58272 an hour;
-    // the month to date is every minute's cost; at that rate the 191.95 hours left in November
-    // add 111.853104.
+    // Burn rate, as of the watermark (00:03), over complete minutes: the last one before the
+    // watermark (minute 2) could still be filling in live operation, so two minutes back from
+    // it are minutes 0 and 1. Minute 2 cost h100 7,608 + CPU 56 (lease 100.1.1) and MIG 2,048
+    // (100.1.2: 40 of its 120 GPU-seconds, 51.2 micros each, 6,144 in all) micros; the month
+    // to date is every minute's cost, 173,697 micros. So minutes 0 and 1: 163,985 micros in
+    // 2 minutes, 30 x that an hour = 4.91955; 100.1.1: 173,697 - 6,144 - 7,664 = 159,889
+    // (4.79667 an hour), 100.1.2: 6,144 - 2,048 = 4,096 (0.12288 an hour). At that rate the
+    // 191.95 hours left in November add 944.3...
     let burn = poll_json(
-        &pipeline.url("/v1/tenants/acme/burn-rate?over=1m"),
+        &pipeline.url("/v1/tenants/acme/burn-rate?over=2m"),
         &acme_token,
         Duration::from_secs(10),
         |v| v["period"]["to_date"].as_f64() == Some(0.173_697),
@@ -454,12 +458,19 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
         assert!((got - want).abs() < 1e-9, "{got} != {want}: {burn}");
     };
     assert_eq!(burn["as_of"], "2026-11-23T00:03:00.000Z", "{burn}");
-    near(&burn["burn_rate"], 0.582_72);
+    assert_eq!(
+        burn["rate_window"],
+        serde_json::json!({"start": "2026-11-23T00:00:00.000Z", "end": "2026-11-23T00:02:00.000Z"})
+    );
+    near(&burn["burn_rate"], 30.0 * 0.163_985);
     assert_eq!(burn["leases"].as_array().map(Vec::len), Some(2), "{burn}");
-    near(&burn["leases"][0]["burn_rate"], 0.459_84);
-    near(&burn["leases"][1]["burn_rate"], 0.122_88);
+    near(&burn["leases"][0]["burn_rate"], 30.0 * 0.159_889);
+    near(&burn["leases"][1]["burn_rate"], 30.0 * 0.004_096);
     assert_eq!(burn["period"]["end"], "2026-12-01T00:00:00.000Z");
-    near(&burn["period"]["projection"], 0.173_697 + 0.582_72 * 191.95);
+    near(
+        &burn["period"]["projection"],
+        0.173_697 + 30.0 * 0.163_985 * 191.95,
+    );
     near(&burn["budget"]["monthly"], 0.30);
     near(&burn["budget"]["used"], 0.173_697 / 0.30);
     // Nothing is billed yet: the hour is open (an hour's billing window, 10 minutes' lateness).
@@ -531,7 +542,7 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
     assert_eq!(fleet["alerts"][0]["tenant"], "acme", "{fleet}");
     assert_eq!(fleet["alerts"][0]["id"], alert["id"]);
 
-    // Five minutes back from 00:03 holds every minute: 12 x the whole cost.
+    // Five minutes back from 00:02 hold minutes 0 and 1: 12 x their cost.
     let burn5 = poll_json(
         &pipeline.url("/v1/tenants/acme/burn-rate"),
         &acme_token,
@@ -539,7 +550,7 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
         |_| true,
     )
     .await;
-    near(&burn5["burn_rate"], 12.0 * 0.173_697);
+    near(&burn5["burn_rate"], 12.0 * 0.163_985);
     let wrong = reqwest::Client::new()
         .get(pipeline.url("/v1/tenants/acme/burn-rate?over=5x"))
         .bearer_auth(&acme_token)
