@@ -249,6 +249,7 @@ fn main() {
                     burst: 1e9,
                     series_per_s: 1e12,
                     series_burst: 1e12,
+                    max_series_per_query: usize::MAX,
                 },
                 keep_alive: Duration::from_secs(15),
                 provider: String::new(),

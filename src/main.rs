@@ -273,6 +273,10 @@ struct SinkArgs {
     /// (429, Retry-After) until the bucket is full again.
     #[arg(long, default_value_t = 20_000.0)]
     series_burst: f64,
+    /// The most series one answer may hold (AEP-43's 5,000): a larger one is refused (400) with
+    /// a hint to narrow it.
+    #[arg(long, default_value_t = 5_000)]
+    max_series_per_query: usize,
     /// How often an idle Server-Sent Events feed sends a keep-alive comment.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     keep_alive: Duration,
@@ -1000,6 +1004,7 @@ impl SinkArgs {
             burst,
             series_per_s: series,
             series_burst,
+            max_series_per_query: self.max_series_per_query.max(1),
         })
     }
 

@@ -45,6 +45,8 @@ pub struct AppState {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// The provider this sink serves: the `provider` of AEP-43's lease metrics answers.
     pub provider: String,
+    /// The most series one answer may hold.
+    pub max_series_per_query: usize,
 }
 
 /// The answer to a caller who may not have what it asked for.
@@ -171,13 +173,24 @@ fn too_many(
 }
 
 /// Takes an answer's series from the caller's series bucket (SPEC: series-cardinality limits):
-/// a caller may read `--series-limit` series per second, `--series-burst` at once.
+/// a caller may read `--series-limit` series per second, `--series-burst` at once, and no
+/// answer holds more than `--max-series-per-query` (400).
 fn take_series(
     state: &AppState,
     route: &str,
     claims: &Claims,
     series: usize,
 ) -> Result<(), Denied> {
+    let max = state.max_series_per_query;
+    if series > max {
+        return Err(Box::new(error(
+            state,
+            route,
+            StatusCode::BAD_REQUEST,
+            format!("this answer would hold {series} series; one query answers at most {max}"),
+            "narrow it: fewer leases, services or metrics, a coarser group_by, or a shorter range",
+        )));
+    }
     state
         .series_limiter
         .take(&caller(claims), series as u64, std::time::Instant::now())

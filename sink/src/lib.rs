@@ -105,6 +105,7 @@ pub async fn start(
         keep_alive: config.keep_alive,
         shutdown: shutdown.clone(),
         provider: config.provider.clone(),
+        max_series_per_query: config.limits.max_series_per_query,
     };
     let consuming = {
         let shutdown = shutdown.clone();

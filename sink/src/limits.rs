@@ -1,6 +1,7 @@
 //! Per-tenant limits (SPEC: HTTP API): token buckets per caller — the tenant of a tenant token,
 //! the subject of an operator token — one for requests, one for series read
-//! (series-cardinality). An empty bucket answers 429 with `Retry-After`.
+//! (series-cardinality). An empty bucket answers 429 with `Retry-After`; an answer of more
+//! series than `max_series_per_query` is refused (400) whatever the bucket holds.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -18,6 +19,9 @@ pub struct Limits {
     pub series_per_s: f64,
     /// Series allowed at once after a quiet period; a larger answer waits for a full bucket.
     pub series_burst: f64,
+    /// The most series one answer may hold (AEP-43: 5,000): a larger one is refused (400),
+    /// whatever the bucket holds.
+    pub max_series_per_query: usize,
 }
 
 impl Default for Limits {
@@ -27,6 +31,7 @@ impl Default for Limits {
             burst: 100.0,
             series_per_s: 2_000.0,
             series_burst: 20_000.0,
+            max_series_per_query: 5_000,
         }
     }
 }

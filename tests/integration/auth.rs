@@ -277,6 +277,52 @@ async fn a_tenant_reading_too_many_series_gets_429_with_retry_after() {
     pipeline.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_over_the_series_cap_is_refused_whatever_the_bucket_holds() {
+    // A bucket far larger than any answer, and a cap of one series per answer.
+    let pipeline = Pipeline::start_limited(
+        1,
+        1,
+        meterflow_sink::limits::Limits {
+            series_burst: 1e9,
+            max_series_per_query: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let publisher = Publisher::new(&pipeline.broker.bootstrap()).expect("producer");
+    for b in &crate::pipeline::batches() {
+        publisher.publish(b).await.expect("batch delivered");
+    }
+    let acme = crate::common::token("acme");
+    poll_json(
+        &pipeline.url("/v1/tenants/acme/burn-rate"),
+        &acme,
+        Duration::from_secs(60),
+        |v| v["period"]["to_date"].as_f64() == Some(0.173_697),
+    )
+    .await;
+    let hour = "from=2026-11-23T00:00:00Z&to=2026-11-23T01:00:00Z";
+    // Grouped by lease: two series, one over the cap; summed: one.
+    let (status, body) = get_as(
+        &pipeline.url(&format!("/v1/tenants/acme/usage?{hour}&group_by=lease")),
+        &acme,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("2 series") && body.contains("at most 1") && body.contains("narrow"),
+        "{body}"
+    );
+    let (status, body) = get_as(
+        &pipeline.url(&format!("/v1/tenants/acme/usage?{hour}&group_by=none")),
+        &acme,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    pipeline.stop().await;
+}
+
 /// A sink started with `--jwt-audience` takes the tokens `meterflow token --audience` mints for
 /// it and refuses the same operator's token minted for no audience or for another service.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
