@@ -8,15 +8,18 @@
 //! 3. This binary runs again as a client process: CONCURRENCY connections ask, for a random
 //!    tenant each time, for its usage over the 30 days at hourly resolution, for SECONDS
 //!    seconds: summed over the tenant (`group_by=none`) over one connection, then over
-//!    CONCURRENCY, then per lease (`group_by=lease`). Reported: requests per second and
-//!    latency percentiles.
+//!    CONCURRENCY, then per lease (`group_by=lease`); then, for a random lease each time, its
+//!    30 days through `/v1/leases/{lease}/metrics` (Meterflow's series, 1-hour steps) and
+//!    through AEP-43's `/lease/{dseq}/{gseq}/{oseq}/metrics` (`metric=all`, 1-hour steps).
+//!    Reported: requests per second and latency percentiles.
 //!
 //! `cargo bench --bench sink_load -- [LEASES] [TENANTS] [CONCURRENCY] [SECONDS] [--json]`
 //! (defaults 10000 100 8 20). Both processes share the machine's cores. Also printed: the
 //! store's disk and the sink process's resident memory per lease-hour, and the size of each
 //! answer. With `--json` the last line is one JSON object with `apply_records_per_s`,
 //! `none_rps_1`, `none_p99_ms_1`, `none_rps_8`, `none_p99_ms_8`, `lease_rps_8`,
-//! `lease_p99_ms_8` (the 8 standing for CONCURRENCY), `disk_bytes_per_lease_hour`,
+//! `lease_p99_ms_8`, `v1lease_rps_8`, `v1lease_p99_ms_8`, `aep_rps_8`, `aep_p99_ms_8` (the 8
+//! standing for CONCURRENCY), `disk_bytes_per_lease_hour`,
 //! `resident_bytes_per_lease_hour` and the answers' bytes.
 
 use std::time::{Duration, Instant};
@@ -117,31 +120,43 @@ fn fill(store: &Store, leases: u64, tenants: u64) -> u64 {
 }
 
 /// The client process: asks, prints one line `requests errors seconds p50 p90 p99 max` (ms)
-/// and the mean answer's bytes.
+/// and the mean answer's bytes. `mode`: a `group_by` of the tenant usage route (a random one of
+/// `of` tenants), or `v1lease` / `aep` for a lease's series (a random one of `of` leases).
 async fn client(
     base: String,
     token: String,
-    tenants: u64,
+    of: u64,
     concurrency: u64,
     seconds: u64,
-    group_by: String,
+    mode: String,
 ) {
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
     for worker in 0..concurrency {
-        let (http, base, token, group_by) =
-            (http.clone(), base.clone(), token.clone(), group_by.clone());
+        let (http, base, token, mode) = (http.clone(), base.clone(), token.clone(), mode.clone());
         tasks.push(tokio::spawn(async move {
             let (mut latencies, mut errors, mut bytes) = (Vec::new(), 0u64, 0u64);
             let mut n = worker;
             while Instant::now() < deadline {
                 n = n.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-                let tenant = (n >> 33) % tenants;
-                let url = format!(
-                    "{base}/v1/tenants/tenant-{tenant}/usage?from={T0}&to={}&window=hour&group_by={group_by}",
-                    T0 + DAYS * 24 * HOUR_MS
-                );
+                let pick = (n >> 33) % of;
+                let end = T0 + DAYS * 24 * HOUR_MS;
+                let url = match mode.as_str() {
+                    "v1lease" => format!(
+                        "{base}/v1/leases/{}.1.1/metrics?start={T0}&end={end}&step=1h",
+                        100_000 + pick
+                    ),
+                    "aep" => format!(
+                        "{base}/lease/{}/1/1/metrics?metric=all&start={}&end={}&step=1h&aggregation=sum",
+                        100_000 + pick,
+                        T0 / 1_000,
+                        end / 1_000
+                    ),
+                    group_by => format!(
+                        "{base}/v1/tenants/tenant-{pick}/usage?from={T0}&to={end}&window=hour&group_by={group_by}"
+                    ),
+                };
                 let started = Instant::now();
                 let body = match http.get(&url).bearer_auth(&token).send().await {
                     Ok(r) if r.status().is_success() => r.bytes().await.ok(),
@@ -278,10 +293,21 @@ fn main() {
         apply_records_per_s.round().into(),
     );
     // One connection: latency unloaded; then CONCURRENCY connections: throughput.
-    for (group_by, concurrency) in [("none", 1), ("none", concurrency), ("lease", concurrency)] {
+    for (group_by, concurrency) in [
+        ("none", 1),
+        ("none", concurrency),
+        ("lease", concurrency),
+        ("v1lease", concurrency),
+        ("aep", concurrency),
+    ] {
+        let of = if matches!(group_by, "v1lease" | "aep") {
+            leases
+        } else {
+            tenants
+        };
         let out = std::process::Command::new(&exe)
             .args(["--client", &base, &token])
-            .args([tenants, concurrency, seconds].map(|n| n.to_string()))
+            .args([of, concurrency, seconds].map(|n| n.to_string()))
             .arg(group_by)
             .output()
             .expect("client process runs");
@@ -298,9 +324,21 @@ fn main() {
         let [requests, errors, secs, p50, p90, p99, max, answer_bytes] = f[..] else {
             panic!("client printed {line:?}");
         };
+        let what = match group_by {
+            "v1lease" => {
+                "a lease's series (/v1/leases/{lease}/metrics), 30 days hourly".to_string()
+            }
+            "aep" => {
+                "a lease's AEP-43 metrics (/lease/{dseq}/{gseq}/{oseq}/metrics), 30 days hourly"
+                    .to_string()
+            }
+            _ => format!(
+                "tenant usage, {DAYS} days hourly, group_by={group_by} ({} leases per tenant)",
+                leases / tenants
+            ),
+        };
         println!(
-            "tenant usage, {DAYS} days hourly, group_by={group_by} ({} leases per tenant): {:.0} requests/s, latency p50 {p50:.2} ms, p90 {p90:.2} ms, p99 {p99:.2} ms, max {max:.2} ms ({requests} requests, {errors} errors, {concurrency} connections, {secs} s; {answer_bytes:.0} bytes an answer)",
-            leases / tenants,
+            "{what}: {:.0} requests/s, latency p50 {p50:.2} ms, p90 {p90:.2} ms, p99 {p99:.2} ms, max {max:.2} ms ({requests} requests, {errors} errors, {concurrency} connections, {secs} s; {answer_bytes:.0} bytes an answer)",
             requests / secs,
         );
         assert_eq!(errors, 0.0, "every request answered");

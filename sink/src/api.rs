@@ -47,6 +47,8 @@ pub struct AppState {
     pub provider: String,
     /// The most series one answer may hold.
     pub max_series_per_query: usize,
+    /// The key of feed tickets (a browser's way into a feed).
+    pub tickets: crate::tickets::Tickets,
 }
 
 /// The answer to a caller who may not have what it asked for.
@@ -73,14 +75,32 @@ fn authorize(
     route: &str,
     need: Need<'_>,
 ) -> Result<Claims, Denied> {
+    let claims = authenticate(state, headers, None, route)?;
+    permit(state, route, claims, need)
+}
+
+/// The claims of the caller's bearer token, or of its feed `ticket` where a feed takes one
+/// (see [`crate::tickets`]); 401 otherwise.
+fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    ticket: Option<&str>,
+    route: &str,
+) -> Result<Claims, Denied> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let Some(claims) = token.and_then(|t| state.auth.check(t)) else {
+    let claims = match ticket {
+        Some(ticket) => state.tickets.check(ticket),
+        None => token.and_then(|t| state.auth.check(t)),
+    };
+    let Some(claims) = claims else {
         count(state, route, StatusCode::UNAUTHORIZED);
-        let message = if token.is_some() {
+        let message = if ticket.is_some() {
+            "the feed ticket is not valid: expired (a ticket opens a feed within a minute), from another sink, or malformed"
+        } else if token.is_some() {
             "the bearer token is not valid: expired, not signed with a key this sink trusts, or malformed"
         } else {
             "this route needs a bearer token"
@@ -91,12 +111,18 @@ fn authorize(
             [(header::WWW_AUTHENTICATE, "Bearer")],
             Json(json!({
                 "error": message,
-                "hint": "send Authorization: Bearer <token>; `meterflow token` mints one from the sink's key",
+                "hint": "send Authorization: Bearer <token>; `meterflow token` mints one from the sink's key; a browser opens a feed with a fresh ticket from /v1/feeds/ticket",
             })),
         )
             .into_response(),
         ));
     };
+    Ok(claims)
+}
+
+/// `claims` when the caller is within its request rate and the claims are enough for `need`;
+/// otherwise the answer (429, 404, 403), as [`authorize`] says.
+fn permit(state: &AppState, route: &str, claims: Claims, need: Need<'_>) -> Result<Claims, Denied> {
     if let Err(wait) = state
         .limiter
         .take(&caller(&claims), 1, std::time::Instant::now())
@@ -224,6 +250,7 @@ fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<AppState>)> {
         ("/v1/fleet/alerts", get(fleet_alerts)),
         ("/v1/feeds/tenants/{tenant}", get(tenant_feed)),
         ("/v1/feeds/leases/{lease}", get(lease_feed)),
+        ("/v1/feeds/ticket", get(feed_ticket)),
         ("/v1/status", get(status)),
         ("/metrics", get(metrics)),
         ("/healthz", get(|| async { "ok\n" })),
@@ -932,6 +959,41 @@ async fn fleet_alerts(
     }
 }
 
+/// Query of `GET /v1/feeds/leases/{lease}`: [`LeaseQuery`]'s, and a feed ticket.
+#[derive(Debug, Deserialize)]
+pub struct LeaseFeedQuery {
+    pub tenant: Option<String>,
+    /// A ticket from `/v1/feeds/ticket`, for a browser's `EventSource` (no header).
+    pub ticket: Option<String>,
+}
+
+/// A feed ticket: what a browser opens a feed with, since `EventSource` sends no
+/// `Authorization` header (see [`crate::tickets`]).
+async fn feed_ticket(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    const ROUTE: &str = "/v1/feeds/ticket";
+    let claims = match authorize(&state, &headers, ROUTE, Need::Any) {
+        Ok(claims) => claims,
+        Err(denied) => return *denied,
+    };
+    let now_s = ((state.now_ms)() / 1_000).max(0) as u64;
+    let Some(ticket) = state.tickets.mint(&claims, now_s) else {
+        return error(
+            &state,
+            ROUTE,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot sign a ticket".into(),
+            "see the sink's log",
+        );
+    };
+    count(&state, ROUTE, StatusCode::OK);
+    Json(json!({
+        "ticket": ticket,
+        "expires_in": crate::tickets::TICKET_TTL_S,
+        "hint": "open /v1/feeds/tenants/{tenant} or /v1/feeds/leases/{lease} with ?ticket=<ticket> within a minute; the feed then stays open",
+    }))
+    .into_response()
+}
+
 /// Query of the lease routes: the tenant, for an operator when a lease id is used by several.
 #[derive(Debug, Deserialize)]
 pub struct LeaseQuery {
@@ -981,6 +1043,16 @@ fn lease_owner(
     (lease, tenant, param): (&str, Option<&str>, &str),
 ) -> Result<(String, Claims), Denied> {
     let claims = authorize(state, headers, route, need)?;
+    owner_of(state, route, claims, (lease, tenant, param))
+}
+
+/// [`lease_owner`] for a caller whose claims are known.
+fn owner_of(
+    state: &AppState,
+    route: &str,
+    claims: Claims,
+    (lease, tenant, param): (&str, Option<&str>, &str),
+) -> Result<(String, Claims), Denied> {
     check_name(state, route, "lease", lease)?;
     let tenants = state
         .store
@@ -1229,6 +1301,8 @@ fn live_json(
 pub struct TenantFeedQuery {
     /// As for the burn-rate route: how far back the rate looks. Default 5m.
     pub over: Option<String>,
+    /// A ticket from `/v1/feeds/ticket`, for a browser's `EventSource` (no header).
+    pub ticket: Option<String>,
 }
 
 /// A tenant's burn rate and budget as Server-Sent Events: the burn-rate answer now, then again
@@ -1242,7 +1316,9 @@ async fn tenant_feed(
     Params(q): Params<TenantFeedQuery>,
 ) -> Response {
     const ROUTE: &str = "/v1/feeds/tenants/{tenant}";
-    if let Err(denied) = authorize(&state, &headers, ROUTE, Need::Tenant(&tenant)) {
+    if let Err(denied) = authenticate(&state, &headers, q.ticket.as_deref(), ROUTE)
+        .and_then(|claims| permit(&state, ROUTE, claims, Need::Tenant(&tenant)))
+    {
         return *denied;
     }
     if let Err(denied) = check_name(&state, ROUTE, "tenant", &tenant) {
@@ -1268,16 +1344,20 @@ async fn lease_feed(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(lease): Path<String>,
-    Params(q): Params<LeaseQuery>,
+    Params(q): Params<LeaseFeedQuery>,
 ) -> Response {
     const ROUTE: &str = "/v1/feeds/leases/{lease}";
-    let (tenant, _) = match lease_owner(
-        &state,
-        &headers,
-        ROUTE,
-        Need::Any,
-        (&lease, q.tenant.as_deref(), "tenant"),
-    ) {
+    let owner = authenticate(&state, &headers, q.ticket.as_deref(), ROUTE)
+        .and_then(|claims| permit(&state, ROUTE, claims, Need::Any))
+        .and_then(|claims| {
+            owner_of(
+                &state,
+                ROUTE,
+                claims,
+                (&lease, q.tenant.as_deref(), "tenant"),
+            )
+        });
+    let (tenant, _) = match owner {
         Ok(owner) => owner,
         Err(denied) => return *denied,
     };

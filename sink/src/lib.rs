@@ -17,6 +17,7 @@ pub mod consumer;
 pub mod limits;
 pub mod metrics;
 pub mod store;
+pub mod tickets;
 pub use meterflow_guard::auth;
 pub use meterflow_schemas::time;
 
@@ -66,6 +67,8 @@ pub enum SinkError {
     },
     #[error("HTTP server: {0}")]
     Serve(std::io::Error),
+    #[error("cannot draw the feed tickets' key from /dev/urandom: {0}")]
+    TicketKey(std::io::Error),
 }
 
 /// A started sink: where it listens, and the task that ends when it stops.
@@ -106,6 +109,7 @@ pub async fn start(
         shutdown: shutdown.clone(),
         provider: config.provider.clone(),
         max_series_per_query: config.limits.max_series_per_query,
+        tickets: tickets::Tickets::new().map_err(SinkError::TicketKey)?,
     };
     let consuming = {
         let shutdown = shutdown.clone();

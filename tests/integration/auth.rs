@@ -61,7 +61,7 @@ async fn every_route_answers_each_kind_of_caller_as_it_should() {
         ),
     ];
     // Expected status per caller, in the order above.
-    let routes: [(&str, [u16; 9]); 17] = [
+    let routes: [(&str, [u16; 9]); 18] = [
         ("/openapi.json", [200; 9]),
         // AEP-43's route: a token without the metrics scope is told so (403).
         (
@@ -105,6 +105,11 @@ async fn every_route_answers_each_kind_of_caller_as_it_should() {
         (
             "/v1/feeds/leases/100.1.1",
             [401, 401, 401, 401, 404, 404, 200, 200, 200],
+        ),
+        // A ticket carries what the bearer reaches: any valid token gets one.
+        (
+            "/v1/feeds/ticket",
+            [401, 401, 401, 401, 200, 200, 200, 200, 200],
         ),
         (
             "/v1/fleet/hourly",

@@ -138,7 +138,9 @@ async fn the_dashboard_shows_a_tenant_its_spend_and_the_operator_its_fleet_in_a_
     .await;
 
     let profile = tempfile::tempdir().expect("browser profile");
-    let tenant_url = pipeline.url(&format!("/#token={acme}"));
+    // `once`: the page ends its live feed after the first event, or headless Chromium (which
+    // waits for every open request before it dumps the page) would wait for ever.
+    let tenant_url = pipeline.url(&format!("/#token={acme}&once"));
     let operator_url = pipeline.url(&format!("/#token={operator}"));
     let (tenant_dom, operator_dom, tenant_png, operator_png) =
         tokio::task::spawn_blocking(move || {
@@ -159,6 +161,8 @@ async fn the_dashboard_shows_a_tenant_its_spend_and_the_operator_its_fleet_in_a_
     assert_eq!(text_of(dom, "who"), "Tenant acme");
     assert_eq!(text_of(dom, "to_date"), "0.17");
     assert_eq!(text_of(dom, "as_of"), "2026-11-23T00:03:00.000Z");
+    // It follows the tenant feed (opened with a ticket: EventSource sends no header).
+    assert_eq!(text_of(dom, "live"), "live");
     let daily = element(dom, "daily", "svg");
     // November has 30 days; the day the data reached is marked.
     assert_eq!(daily.matches("<rect").count(), 30, "{daily}");

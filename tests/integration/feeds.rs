@@ -1,5 +1,6 @@
 //! The Server-Sent Events feeds: a tenant's burn rate as it changes, a lease's utilization for
-//! autoscalers, keep-alives while idle, and resumption with `Last-Event-ID`.
+//! autoscalers, keep-alives while idle, resumption with `Last-Event-ID`, and the tickets a
+//! browser opens them with.
 
 use std::time::Duration;
 
@@ -132,4 +133,80 @@ async fn a_tenant_feed_follows_the_burn_rate_keeps_alive_and_resumes() {
         open.next(Duration::from_secs(5)).await.is_none(),
         "the feed ended"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_opens_a_feed_with_a_ticket_and_no_other_route_takes_one() {
+    let pipeline = Pipeline::start(1, 1).await;
+    let publisher = Publisher::new(&pipeline.broker.bootstrap()).expect("producer");
+    for b in &crate::pipeline::batches() {
+        publisher.publish(b).await.expect("batch delivered");
+    }
+    let acme = token("acme");
+    // The lease is stored (its feed answers 404 before).
+    crate::common::poll_json(
+        &pipeline.url("/v1/leases/100.1.1/live"),
+        &acme,
+        Duration::from_secs(60),
+        |v| v["metrics"]["memory_working_set_bytes"]["gauge"].is_number(),
+    )
+    .await;
+    let (status, body) = get_as(&pipeline.url("/v1/feeds/ticket"), &acme).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let ticket = answer["ticket"].as_str().expect("a ticket").to_string();
+    assert_eq!(answer["expires_in"], 60);
+    assert_ne!(ticket, acme, "a ticket is not the bearer token");
+
+    // No header, the ticket in the URL, as an EventSource opens it: both of acme's feeds.
+    let mut feed = Feed::open(
+        &pipeline.url(&format!("/v1/feeds/tenants/acme?ticket={ticket}")),
+        "",
+        None,
+    )
+    .await;
+    let (event, _) = feed
+        .event_until(Duration::from_secs(30), |f| f.event == "burn-rate")
+        .await;
+    assert_eq!(event.json()["tenant"], "acme");
+    let mut lease = Feed::open(
+        &pipeline.url(&format!("/v1/feeds/leases/100.1.1?ticket={ticket}")),
+        "",
+        None,
+    )
+    .await;
+    lease
+        .event_until(Duration::from_secs(30), |f| f.event == "utilization")
+        .await;
+
+    // It reaches what the bearer reaches, no more; it opens nothing but feeds; and only this
+    // sink's own ticket key takes it.
+    let (status, _) = get_as(
+        &pipeline.url(&format!("/v1/feeds/tenants/globex?ticket={ticket}")),
+        "",
+    )
+    .await;
+    assert_eq!(status, 404);
+    for route in ["/v1/tenants/acme/burn-rate", "/v1/status"] {
+        let (status, body) = get_as(&pipeline.url(&format!("{route}?ticket={ticket}")), "").await;
+        assert_eq!(status, 401, "{route} with a ticket: {body}");
+        let (status, body) = get_as(&pipeline.url(route), &ticket).await;
+        assert_eq!(status, 401, "{route} with a ticket as the bearer: {body}");
+    }
+    let (status, body) = get_as(
+        &pipeline.url("/v1/feeds/tenants/acme?ticket=not.a.ticket"),
+        "",
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("feed ticket is not valid"), "{body}");
+    // A bearer token is not a ticket either: the sink's token keys do not sign tickets.
+    let (status, _) = get_as(
+        &pipeline.url(&format!("/v1/feeds/tenants/acme?ticket={acme}")),
+        "",
+    )
+    .await;
+    assert_eq!(status, 401);
+    drop((feed, lease));
+    pipeline.stop().await;
 }

@@ -246,10 +246,13 @@ impl Frame {
 }
 
 impl Feed {
-    /// Opens `url` with `token` (and `Last-Event-ID` when given); panics unless it answers 200
-    /// with an event stream.
+    /// Opens `url` with `token` (none when empty; and `Last-Event-ID` when given); panics unless
+    /// it answers 200 with an event stream.
     pub async fn open(url: &str, token: &str, last_event_id: Option<&str>) -> Self {
-        let mut request = reqwest::Client::new().get(url).bearer_auth(token);
+        let mut request = reqwest::Client::new().get(url);
+        if !token.is_empty() {
+            request = request.bearer_auth(token);
+        }
         if let Some(id) = last_event_id {
             request = request.header("Last-Event-ID", id);
         }
