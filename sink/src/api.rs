@@ -248,6 +248,7 @@ fn routes() -> Vec<(&'static str, axum::routing::MethodRouter<AppState>)> {
         ),
         ("/v1/fleet/hourly", get(fleet_hourly)),
         ("/v1/fleet/alerts", get(fleet_alerts)),
+        ("/v1/fleet/usage", get(fleet_usage)),
         ("/v1/feeds/tenants/{tenant}", get(tenant_feed)),
         ("/v1/feeds/leases/{lease}", get(lease_feed)),
         ("/v1/feeds/ticket", get(feed_ticket)),
@@ -556,6 +557,8 @@ impl serde::Serialize for Row<'_> {
 /// The answer of `GET /v1/tenants/{tenant}/usage`.
 #[derive(serde::Serialize)]
 struct UsageAnswer<'a> {
+    /// Empty (and left out) in the fleet's answer.
+    #[serde(skip_serializing_if = "str::is_empty")]
     tenant: &'a str,
     from: String,
     to: String,
@@ -929,6 +932,129 @@ async fn tenant_alerts(
         }
         Err(e) => internal(&state, ROUTE, e),
     }
+}
+
+/// Query of `GET /v1/fleet/usage`.
+#[derive(Debug, Deserialize)]
+pub struct FleetUsageQuery {
+    /// Start (inclusive): RFC 3339 or milliseconds since the epoch. Default: start of this month.
+    pub from: Option<String>,
+    /// End (exclusive). Default: now.
+    pub to: Option<String>,
+    /// Comma-separated: tenant, gpu_class, mig_profile; `none` for one row. Default: tenant.
+    pub group_by: Option<String>,
+}
+
+const FLEET_GROUPS: [&str; 3] = ["tenant", "gpu_class", "mig_profile"];
+
+/// Every tenant's usage and cost over a range, summed per tenant, GPU class or MIG profile:
+/// what the fleet was used for, and by whom (operator). Whole hours come from each tenant's
+/// hour cells, the partial hours at either end from its base windows, as for a tenant's usage.
+async fn fleet_usage(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Params(q): Params<FleetUsageQuery>,
+) -> Response {
+    const ROUTE: &str = "/v1/fleet/usage";
+    let claims = match authorize(&state, &headers, ROUTE, Need::Operator) {
+        Ok(claims) => claims,
+        Err(denied) => return *denied,
+    };
+    let bad = |msg: String, hint: &str| error(&state, ROUTE, StatusCode::BAD_REQUEST, msg, hint);
+    let now = (state.now_ms)();
+    let (from, to) = match time_range(&q.from, &q.to, month_start(now), now) {
+        Ok(range) => range,
+        Err((message, hint)) => return bad(message, hint),
+    };
+    let group_by: Vec<&str> = match q.group_by.as_deref().unwrap_or("tenant") {
+        "" | "none" => Vec::new(),
+        list => list.split(',').map(str::trim).collect(),
+    };
+    if let Some(g) = group_by.iter().find(|g| !FLEET_GROUPS.contains(g)) {
+        return bad(
+            format!("group_by={g:?} is not one of {}", FLEET_GROUPS.join(", ")),
+            "or use group_by=none",
+        );
+    }
+    let (first_hour, last_hour) = (
+        (from + HOUR_MS - 1).div_euclid(HOUR_MS) * HOUR_MS,
+        to.div_euclid(HOUR_MS) * HOUR_MS,
+    );
+    let tenants = match state.store.tenants() {
+        Ok(t) => t,
+        Err(e) => return internal(&state, ROUTE, e),
+    };
+    let key = |tenant: &str, class: &str, mig: &str| -> Vec<String> {
+        group_by
+            .iter()
+            .map(|g| match *g {
+                "tenant" => tenant,
+                "gpu_class" => class,
+                _ => mig,
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    let mut rows: BTreeMap<Vec<String>, Sums> = BTreeMap::new();
+    let mut totals = Sums::default();
+    for tenant in &tenants {
+        let (cells, base_ranges) = if first_hour < last_hour {
+            match state
+                .store
+                .hourly(Hourly::Tenant, tenant, first_hour, last_hour)
+            {
+                Ok(cells) => (cells, vec![(from, first_hour), (last_hour, to)]),
+                Err(e) => return internal(&state, ROUTE, e),
+            }
+        } else {
+            (Vec::new(), vec![(from, to)])
+        };
+        for c in &cells {
+            let k = key(tenant, &c.gpu_class, &c.mig_profile);
+            rows.entry(k).or_default().add_cell(c);
+            totals.add_cell(c);
+        }
+        for (start, end) in base_ranges.into_iter().filter(|(s, e)| s < e) {
+            let updates = match state.store.usage(tenant, start, end) {
+                Ok(u) => u,
+                Err(e) => return internal(&state, ROUTE, e),
+            };
+            for u in updates.iter().filter(|u| is_usage(u)) {
+                rows.entry(key(tenant, &u.gpu_class, &u.mig_profile))
+                    .or_default()
+                    .add(u);
+                totals.add(u);
+            }
+        }
+    }
+    if let Err(denied) = take_series(&state, ROUTE, &claims, rows.len()) {
+        return *denied;
+    }
+    let keys: Vec<Vec<&str>> = rows
+        .keys()
+        .map(|k| k.iter().map(String::as_str).collect())
+        .collect();
+    let answer = UsageAnswer {
+        tenant: "",
+        from: format_rfc3339(from),
+        to: format_rfc3339(to),
+        window: "total",
+        group_by: &group_by,
+        rows: rows
+            .values()
+            .zip(&keys)
+            .map(|(sums, key)| Row {
+                start: from,
+                end: to,
+                group_by: &group_by,
+                key,
+                sums,
+            })
+            .collect(),
+        totals: Fields(&totals),
+    };
+    count(&state, ROUTE, StatusCode::OK);
+    Json(answer).into_response()
 }
 
 /// Every tenant's budget alerts, oldest first: the operator's view.

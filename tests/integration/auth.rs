@@ -61,7 +61,7 @@ async fn every_route_answers_each_kind_of_caller_as_it_should() {
         ),
     ];
     // Expected status per caller, in the order above.
-    let routes: [(&str, [u16; 9]); 18] = [
+    let routes: [(&str, [u16; 9]); 19] = [
         ("/openapi.json", [200; 9]),
         // AEP-43's route: a token without the metrics scope is told so (403).
         (
@@ -92,6 +92,10 @@ async fn every_route_answers_each_kind_of_caller_as_it_should() {
         (
             "/v1/tenants/acme/alerts",
             [401, 401, 401, 401, 404, 404, 200, 200, 200],
+        ),
+        (
+            "/v1/fleet/usage",
+            [401, 401, 401, 401, 403, 403, 403, 200, 200],
         ),
         (
             "/v1/fleet/alerts",

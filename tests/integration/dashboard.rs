@@ -202,6 +202,20 @@ async fn the_dashboard_shows_a_tenant_its_spend_and_the_operator_its_fleet_in_a_
         fleet.contains("<td>2026-11-23T00:00:00.000Z</td><td>1</td>"),
         "{fleet}"
     );
+    // The month by tenant and by GPU class: acme's 361 GPU-seconds (0.10 h), globex's 2.5;
+    // the H100s' 241 (0.07 h) and the 1g.10gb slice's 120 (0.03 h).
+    let tenants = element(dom, "fleet_tenants", "tbody");
+    assert!(
+        tenants.contains("<td>acme</td><td>0.10</td><td>0.02</td><td>0.17</td>")
+            && tenants.contains("<td>globex</td><td>0.00</td>"),
+        "{tenants}"
+    );
+    let classes = element(dom, "fleet_classes", "tbody");
+    assert!(
+        classes.contains("<td>h100</td><td>whole GPU</td><td>0.07</td>")
+            && classes.contains("<td>a100</td><td>1g.10gb</td><td>0.03</td>"),
+        "{classes}"
+    );
     // The month's budget alerts, every tenant's.
     let fleet_alerts = element(dom, "fleet_alerts", "tbody");
     assert!(

@@ -537,6 +537,47 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
         serde_json::from_str::<Value>(&body).expect("JSON")["alerts"],
         serde_json::json!([])
     );
+    // The fleet's usage by tenant and by GPU class, as the operator reads it: acme's 241 +
+    // 120 GPU-seconds and globex's 2.5 (its A100 container lived 61 s -> 63.5 s); by class,
+    // the H100s' 241, the whole A100's 2.5 and the 1g.10gb slice's 120.
+    let fleet_usage = |group_by: &'static str| {
+        let url = pipeline.url(&format!(
+            "/v1/fleet/usage?from={from}&to={to}&group_by={group_by}"
+        ));
+        async move {
+            let (status, body) = get_as(&url, &token("")).await;
+            assert_eq!(status, 200, "{body}");
+            let v: Value = serde_json::from_str(&body).expect("JSON");
+            v["rows"]
+                .as_array()
+                .expect("rows")
+                .iter()
+                .filter(|r| r["gpu_seconds"].as_f64() > Some(0.0))
+                .map(|r| {
+                    let key = ["tenant", "gpu_class", "mig_profile"]
+                        .iter()
+                        .filter_map(|g| r[*g].as_str())
+                        .collect::<Vec<_>>()
+                        .join("/");
+                    (key, r["gpu_seconds"].as_f64().unwrap_or(f64::NAN))
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        fleet_usage("tenant").await,
+        vec![("acme".to_string(), 361.0), ("globex".to_string(), 2.5)]
+    );
+    assert_eq!(
+        fleet_usage("gpu_class,mig_profile").await,
+        vec![
+            ("a100/".to_string(), 2.5),
+            ("a100/1g.10gb".to_string(), 120.0),
+            ("h100/".to_string(), 241.0)
+        ]
+    );
+    let (status, _) = get_as(&pipeline.url("/v1/fleet/usage"), &acme_token).await;
+    assert_eq!(status, 403, "the fleet is the operator's");
     let (_, body) = get_as(&pipeline.url("/v1/fleet/alerts?period=2026-11"), &token("")).await;
     let fleet: Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(fleet["alerts"][0]["tenant"], "acme", "{fleet}");
