@@ -834,6 +834,8 @@ fn burn_rate_json(
         },
         "budget": budget,
         "alerts": alerts,
+        // The price book's, from the billing stream (null until a window is billed).
+        "currency": state.store.currency()?,
     });
     Ok((answer, as_of))
 }

@@ -26,6 +26,8 @@
 //!   charges and adjustments (`period.billed`; windows still open are not in it).
 //! - `r` 0x00 tenant 0x00 lease 0x00 item 0x00 window_start → the latest revision of that
 //!   billing key applied, so that a billing record applied again changes nothing.
+//! - `m` 0x00 `currency` → the currency of the latest billing record applied (the price
+//!   book's: usage records carry amounts without it).
 //! - `a` 0x00 tenant 0x00 id → an [`Alert`] from `meterflow.alerts` (Avro), the first one
 //!   applied of that id: the processor raises each (tenant, budget, threshold, period) once,
 //!   and one it sends again after a crash (the same id) changes nothing.
@@ -261,6 +263,7 @@ fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
 }
 
 const WATERMARK_KEY: &[u8] = b"m\0watermark";
+const CURRENCY_KEY: &[u8] = b"m\0currency";
 /// Present once the hour views (`h`, `g`) hold every stored record: a store written before
 /// they existed gets them built from its records when opened.
 const HOUR_VIEWS_KEY: &[u8] = b"m\0hour-views";
@@ -461,6 +464,9 @@ impl Store {
                 continue;
             }
             revisions.insert(key, b.revision);
+            if !b.currency.is_empty() {
+                batch.put(CURRENCY_KEY, b.currency.as_bytes());
+            }
             let month = billed_key(&b.tenant, month_start(b.window_start_ms));
             let sum = match billed.get(&month) {
                 Some(sum) => *sum,
@@ -504,6 +510,15 @@ impl Store {
         }
         self.db.write(batch)?;
         Ok(())
+    }
+
+    /// The price book's currency, as the latest billing record applied says (`None` before the
+    /// first: billing follows a window's close).
+    pub fn currency(&self) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .db
+            .get(CURRENCY_KEY)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     /// A tenant's alerts, oldest first (by the time raised, then id).

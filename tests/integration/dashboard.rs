@@ -188,6 +188,14 @@ async fn the_dashboard_shows_a_tenant_its_spend_and_the_operator_its_fleet_in_a_
         "{leases}"
     );
     assert!(leases.contains("<td>100.1.2</td><td>0.03</td>"), "{leases}");
+    // The first lease's CPU over the last 24 hours, per 15 minutes, from AEP-43's route: the
+    // step from 00:00 holds its 75 core-seconds, over the 180 s the data reaches (00:03).
+    let chart = element(dom, "lease_chart", "svg");
+    assert!(
+        chart.contains("<title>2026-11-23T00:00:00.000Z: 0.4166666666666667</title>"),
+        "{chart}"
+    );
+    assert!(chart.matches("<rect").count() >= 96, "{chart}");
     assert!(
         !dom.contains("id=\"tenant\" hidden"),
         "the tenant view is shown"

@@ -861,6 +861,8 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
     );
     assert!((on_topic as f64 / 1e6 - 0.173_697).abs() < 1e-5, "{billed}");
     assert_eq!(billed["as_of"], "2026-11-23T00:03:00.000Z", "{billed}");
+    // The billing stream says the currency (the price book's), which usage records do not.
+    assert_eq!(billed["currency"], "USD", "{billed}");
 
     // A restarted sink serves the same answer from RocksDB and resumes after the offsets it
     // stored with the data: nothing is consumed twice.
