@@ -568,6 +568,39 @@ struct UsageAnswer<'a> {
     totals: Fields<'a>,
 }
 
+/// A tenant's usage over `[from, to)`: the whole hours as its hour cells of `view` (when
+/// `by_cells`), the partial hours at either end (or all of it) as base windows ([`is_usage`]
+/// records). Summed, the two are what the records alone sum to, to the millisecond.
+fn usage_parts(
+    store: &Store,
+    tenant: &str,
+    (view, by_cells): (Hourly, bool),
+    (from, to): (i64, i64),
+) -> Result<(Vec<Cell>, Vec<UsageUpdate>), crate::store::StoreError> {
+    let (first_hour, last_hour) = (
+        (from + HOUR_MS - 1).div_euclid(HOUR_MS) * HOUR_MS,
+        to.div_euclid(HOUR_MS) * HOUR_MS,
+    );
+    let (cells, base_ranges) = if by_cells && first_hour < last_hour {
+        (
+            store.hourly(view, tenant, first_hour, last_hour)?,
+            vec![(from, first_hour), (last_hour, to)],
+        )
+    } else {
+        (Vec::new(), vec![(from, to)])
+    };
+    let mut updates = Vec::new();
+    for (start, end) in base_ranges.into_iter().filter(|(s, e)| s < e) {
+        updates.extend(
+            store
+                .usage(tenant, start, end)?
+                .into_iter()
+                .filter(is_usage),
+        );
+    }
+    Ok((cells, updates))
+}
+
 async fn tenant_usage(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -622,25 +655,10 @@ async fn tenant_usage(
     } else {
         Hourly::Tenant
     };
-    let (first_hour, last_hour) = (
-        (from + HOUR_MS - 1).div_euclid(HOUR_MS) * HOUR_MS,
-        to.div_euclid(HOUR_MS) * HOUR_MS,
-    );
-    let (cells, base_ranges) = if by_cells && first_hour < last_hour {
-        match state.store.hourly(view, &tenant, first_hour, last_hour) {
-            Ok(cells) => (cells, vec![(from, first_hour), (last_hour, to)]),
-            Err(e) => return internal(&state, ROUTE, e),
-        }
-    } else {
-        (Vec::new(), vec![(from, to)])
+    let (cells, updates) = match usage_parts(&state.store, &tenant, (view, by_cells), (from, to)) {
+        Ok(parts) => parts,
+        Err(e) => return internal(&state, ROUTE, e),
     };
-    let mut updates = Vec::new();
-    for (start, end) in base_ranges.into_iter().filter(|(s, e)| s < e) {
-        match state.store.usage(&tenant, start, end) {
-            Ok(u) => updates.extend(u.into_iter().filter(is_usage)),
-            Err(e) => return internal(&state, ROUTE, e),
-        }
-    }
     let mut rows: BTreeMap<(i64, i64, Vec<&str>), Sums> = BTreeMap::new();
     let mut totals = Sums::default();
     for u in &updates {
@@ -978,10 +996,6 @@ async fn fleet_usage(
             "or use group_by=none",
         );
     }
-    let (first_hour, last_hour) = (
-        (from + HOUR_MS - 1).div_euclid(HOUR_MS) * HOUR_MS,
-        to.div_euclid(HOUR_MS) * HOUR_MS,
-    );
     let tenants = match state.store.tenants() {
         Ok(t) => t,
         Err(e) => return internal(&state, ROUTE, e),
@@ -1000,33 +1014,21 @@ async fn fleet_usage(
     let mut rows: BTreeMap<Vec<String>, Sums> = BTreeMap::new();
     let mut totals = Sums::default();
     for tenant in &tenants {
-        let (cells, base_ranges) = if first_hour < last_hour {
-            match state
-                .store
-                .hourly(Hourly::Tenant, tenant, first_hour, last_hour)
-            {
-                Ok(cells) => (cells, vec![(from, first_hour), (last_hour, to)]),
+        let (cells, updates) =
+            match usage_parts(&state.store, tenant, (Hourly::Tenant, true), (from, to)) {
+                Ok(parts) => parts,
                 Err(e) => return internal(&state, ROUTE, e),
-            }
-        } else {
-            (Vec::new(), vec![(from, to)])
-        };
+            };
         for c in &cells {
             let k = key(tenant, &c.gpu_class, &c.mig_profile);
             rows.entry(k).or_default().add_cell(c);
             totals.add_cell(c);
         }
-        for (start, end) in base_ranges.into_iter().filter(|(s, e)| s < e) {
-            let updates = match state.store.usage(tenant, start, end) {
-                Ok(u) => u,
-                Err(e) => return internal(&state, ROUTE, e),
-            };
-            for u in updates.iter().filter(|u| is_usage(u)) {
-                rows.entry(key(tenant, &u.gpu_class, &u.mig_profile))
-                    .or_default()
-                    .add(u);
-                totals.add(u);
-            }
+        for u in &updates {
+            rows.entry(key(tenant, &u.gpu_class, &u.mig_profile))
+                .or_default()
+                .add(u);
+            totals.add(u);
         }
     }
     if let Err(denied) = take_series(&state, ROUTE, &claims, rows.len()) {

@@ -523,31 +523,23 @@ impl Store {
 
     /// A tenant's alerts, oldest first (by the time raised, then id).
     pub fn alerts(&self, tenant: &str) -> Result<Vec<Alert>, StoreError> {
-        let prefix = alert_prefix(tenant);
-        let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator(IteratorMode::From(&prefix, Direction::Forward))
-        {
-            let (k, v) = item?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            out.push(Alert::decode(&v)?);
-        }
-        out.sort_by(|a, b| (a.raised_at_ms, &a.id).cmp(&(b.raised_at_ms, &b.id)));
-        Ok(out)
+        self.alerts_under(&alert_prefix(tenant))
     }
 
     /// Every tenant's alerts, oldest first.
     pub fn all_alerts(&self) -> Result<Vec<Alert>, StoreError> {
+        self.alerts_under(b"a\0")
+    }
+
+    /// The alerts whose keys start with `prefix`, oldest first (by the time raised, then id).
+    fn alerts_under(&self, prefix: &[u8]) -> Result<Vec<Alert>, StoreError> {
         let mut out = Vec::new();
         for item in self
             .db
-            .iterator(IteratorMode::From(b"a\0", Direction::Forward))
+            .iterator(IteratorMode::From(prefix, Direction::Forward))
         {
             let (k, v) = item?;
-            if !k.starts_with(b"a\0") {
+            if !k.starts_with(prefix) {
                 break;
             }
             out.push(Alert::decode(&v)?);

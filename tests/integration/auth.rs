@@ -217,31 +217,33 @@ async fn a_tenant_over_its_rate_gets_429_with_retry_after_and_others_do_not() {
     pipeline.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tenant_reading_too_many_series_gets_429_with_retry_after() {
-    let pipeline = Pipeline::start_limited(
-        1,
-        1,
-        meterflow_sink::limits::Limits {
-            series_per_s: 0.5,
-            series_burst: 3.0,
-            ..Default::default()
-        },
-    )
-    .await;
+/// A pipeline with the sink's `limits` and the pipeline scenario stored. The burn-rate route
+/// has no series to count: it is waited on for the whole scenario.
+async fn scenario(limits: meterflow_sink::limits::Limits) -> Pipeline {
+    let pipeline = Pipeline::start_limited(1, 1, limits).await;
     let publisher = Publisher::new(&pipeline.broker.bootstrap()).expect("producer");
     for b in &crate::pipeline::batches() {
         publisher.publish(b).await.expect("batch delivered");
     }
-    let acme = crate::common::token("acme");
-    // The burn-rate route has no series to count: wait on it for the whole scenario.
     poll_json(
         &pipeline.url("/v1/tenants/acme/burn-rate"),
-        &acme,
+        &crate::common::token("acme"),
         Duration::from_secs(60),
         |v| v["period"]["to_date"].as_f64() == Some(0.173_697),
     )
     .await;
+    pipeline
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_reading_too_many_series_gets_429_with_retry_after() {
+    let pipeline = scenario(meterflow_sink::limits::Limits {
+        series_per_s: 0.5,
+        series_burst: 3.0,
+        ..Default::default()
+    })
+    .await;
+    let acme = crate::common::token("acme");
     // Grouped by lease, acme's hour has two series: the first answer takes 2 of 3, the second
     // needs 2 with 1 left, and waits 2 s at 0.5 series per second.
     let url =
@@ -289,28 +291,13 @@ async fn a_tenant_reading_too_many_series_gets_429_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_over_the_series_cap_is_refused_whatever_the_bucket_holds() {
     // A bucket far larger than any answer, and a cap of one series per answer.
-    let pipeline = Pipeline::start_limited(
-        1,
-        1,
-        meterflow_sink::limits::Limits {
-            series_burst: 1e9,
-            max_series_per_query: 1,
-            ..Default::default()
-        },
-    )
+    let pipeline = scenario(meterflow_sink::limits::Limits {
+        series_burst: 1e9,
+        max_series_per_query: 1,
+        ..Default::default()
+    })
     .await;
-    let publisher = Publisher::new(&pipeline.broker.bootstrap()).expect("producer");
-    for b in &crate::pipeline::batches() {
-        publisher.publish(b).await.expect("batch delivered");
-    }
     let acme = crate::common::token("acme");
-    poll_json(
-        &pipeline.url("/v1/tenants/acme/burn-rate"),
-        &acme,
-        Duration::from_secs(60),
-        |v| v["period"]["to_date"].as_f64() == Some(0.173_697),
-    )
-    .await;
     let hour = "from=2026-11-23T00:00:00Z&to=2026-11-23T01:00:00Z";
     // Grouped by lease: two series, one over the cap; summed: one.
     let (status, body) = get_as(
