@@ -827,14 +827,7 @@ fn burn_rate_json(
         .collect();
     // The month's budget alerts, as the processor raised them: what the feed pushes and the
     // dashboard shows.
-    let period_name = month_name(month);
-    let alerts: Vec<Value> = state
-        .store
-        .alerts(tenant)?
-        .iter()
-        .filter(|a| a.period == period_name)
-        .map(alert_json)
-        .collect();
+    let alerts = alerts_in(&state.store.alerts(tenant)?, Some(&month_name(month)));
     let answer = json!({
         "tenant": tenant,
         "as_of": format_rfc3339(as_of),
@@ -878,6 +871,16 @@ fn alert_json(a: &Alert) -> Value {
         "raised_at": format_rfc3339(a.raised_at_ms),
         "message": a.message,
     })
+}
+
+/// The alerts of calendar month `period` (`YYYY-MM`; every one when `None`), as the API answers
+/// them.
+fn alerts_in(alerts: &[Alert], period: Option<&str>) -> Vec<Value> {
+    alerts
+        .iter()
+        .filter(|a| period.is_none_or(|p| a.period == p))
+        .map(alert_json)
+        .collect()
 }
 
 /// `period` checked (`YYYY-MM`), or the 400 that says how to write it.
@@ -942,13 +945,8 @@ async fn tenant_alerts(
     };
     match state.store.alerts(&tenant) {
         Ok(alerts) => {
-            let alerts: Vec<Value> = alerts
-                .iter()
-                .filter(|a| period.is_none_or(|p| a.period == p))
-                .map(alert_json)
-                .collect();
             count(&state, ROUTE, StatusCode::OK);
-            Json(json!({"tenant": tenant, "alerts": alerts})).into_response()
+            Json(json!({"tenant": tenant, "alerts": alerts_in(&alerts, period)})).into_response()
         }
         Err(e) => internal(&state, ROUTE, e),
     }
@@ -1077,13 +1075,8 @@ async fn fleet_alerts(
     };
     match state.store.all_alerts() {
         Ok(alerts) => {
-            let alerts: Vec<Value> = alerts
-                .iter()
-                .filter(|a| period.is_none_or(|p| a.period == p))
-                .map(alert_json)
-                .collect();
             count(&state, ROUTE, StatusCode::OK);
-            Json(json!({"alerts": alerts})).into_response()
+            Json(json!({"alerts": alerts_in(&alerts, period)})).into_response()
         }
         Err(e) => internal(&state, ROUTE, e),
     }
