@@ -1692,10 +1692,25 @@ async fn status(State(state): State<AppState>, headers: HeaderMap) -> Response {
         Err(denied) => return *denied,
     };
     let watermark = state.store.watermark_ms().ok().flatten();
+    // AEP-43's discovery of the lease metrics route: the finest step is the base window (or
+    // the AEP's 15 s, whichever is coarser); nothing is deleted, so no retention limit.
+    let min_step_s = state
+        .store
+        .base_window_ms()
+        .ok()
+        .flatten()
+        .map(|ms| (ms / 1_000).max(15));
     let mut answer = json!({
         "service": "meterflow-sink",
         "version": env!("CARGO_PKG_VERSION"),
         "features": ["usage", "burn-rate", "metrics", "live", "fleet", "feeds", "aep-43"],
+        "metrics": {
+            "enabled": true,
+            "route": "/lease/{dseq}/{gseq}/{oseq}/metrics",
+            "retention_days": null,
+            "min_step": min_step_s.map(|s| format!("{s}s")),
+            "gpu_metrics": true,
+        },
         "watermark": watermark.map(format_rfc3339),
         "watermark_ms": watermark,
     });

@@ -512,6 +512,26 @@ impl Store {
         Ok(())
     }
 
+    /// The length of the base windows the processor writes (its `--window`), read from the
+    /// first lease records stored; `None` before any.
+    pub fn base_window_ms(&self) -> Result<Option<i64>, StoreError> {
+        for item in self
+            .db
+            .iterator(IteratorMode::From(b"l\0", Direction::Forward))
+            .take(1_000)
+        {
+            let (k, v) = item?;
+            if !k.starts_with(b"l\0") {
+                break;
+            }
+            let u = UsageUpdate::decode(&v)?;
+            if !u.metric.starts_with("live.") {
+                return Ok(Some(u.window_end_ms - u.window_start_ms));
+            }
+        }
+        Ok(None)
+    }
+
     /// The price book's currency, as the latest billing record applied says (`None` before the
     /// first: billing follows a window's close).
     pub fn currency(&self) -> Result<Option<String>, StoreError> {

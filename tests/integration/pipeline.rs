@@ -808,6 +808,12 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
     )
     .await;
     assert_eq!(tenant_status["watermark"], "2026-11-23T00:03:00.000Z");
+    // AEP-43's discovery: the route, and its finest step, the processor's 1-minute windows.
+    assert_eq!(
+        tenant_status["metrics"]["min_step"], "60s",
+        "{tenant_status}"
+    );
+    assert_eq!(tenant_status["metrics"]["enabled"], true);
     assert!(
         tenant_status.get("lag").is_none() && tenant_status.get("consumed_offsets").is_none(),
         "{tenant_status}"
