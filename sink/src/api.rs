@@ -785,7 +785,8 @@ fn burn_rate_json(
         .unwrap_or(60_000)
         .max(1);
     let rate_end = (as_of - 1).div_euclid(base) * base;
-    let rate_start = rate_end - over_ms;
+    // At least one whole window, or a rate over windows longer than `over` would find none.
+    let rate_start = rate_end - over_ms.max(base);
     recent.extend(state.store.usage(tenant, rate_start, as_of - over_ms)?);
     let mut by_lease: BTreeMap<(String, String), i128> = BTreeMap::new();
     for u in recent.iter().filter(|u| {
@@ -795,7 +796,7 @@ fn burn_rate_json(
             .entry((u.lease.clone(), u.service.clone()))
             .or_default() += i128::from(u.amount);
     }
-    let per_hour = |micros: i128| money(micros) * HOUR / over_ms as f64;
+    let per_hour = |micros: i128| money(micros) * HOUR / (rate_end - rate_start) as f64;
     let total_recent: i128 = by_lease.values().sum();
     let to_date = i128::from(state.store.month_cost(tenant, month)?);
     let period = state.store.usage(tenant, month, month + 1)?;

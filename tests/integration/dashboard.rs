@@ -213,7 +213,11 @@ async fn the_dashboard_shows_a_tenant_its_spend_and_the_operator_its_fleet_in_a_
     // The pipeline's health: everything the processor wrote is stored; the scenario's data
     // (2026-11-23) is days older than this clock.
     assert_eq!(text_of(dom, "sink_lag"), "0");
-    assert!(text_of(dom, "data_age").ends_with(" h"), "{}", text_of(dom, "data_age"));
+    assert!(
+        text_of(dom, "data_age").ends_with(" h"),
+        "{}",
+        text_of(dom, "data_age")
+    );
     // The month by tenant and by GPU class: acme's 361 GPU-seconds (0.10 h), globex's 2.5;
     // the H100s' 241 (0.07 h) and the 1g.10gb slice's 120 (0.03 h).
     let tenants = element(dom, "fleet_tenants", "tbody");

@@ -572,7 +572,7 @@ pub(super) async fn lease_metrics(
     // a rate over complete data, not one that climbs through the step.
     let watermark = state.store.watermark_ms().ok().flatten().unwrap_or(to);
     let open_from = watermark.div_euclid(step) * step;
-    if watermark < to && open_from < watermark {
+    if from < watermark && watermark < to && open_from < watermark {
         warnings.push(format!(
             "the step from {} is not complete (data up to {}): its values are over its first {}s",
             format_rfc3339(open_from),
