@@ -392,6 +392,10 @@ pub struct UsageQuery {
     /// Comma-separated: lease, service, gpu_class, mig_profile; `none` for one row per bucket.
     /// Default: lease.
     pub group_by: Option<String>,
+    /// `rows` (a row per bucket and group) or `series` (per group, an array of each metric's
+    /// values over the buckets: a tenth of the bytes for a month of hours per lease).
+    /// Default: rows.
+    pub format: Option<String>,
 }
 
 const GROUPS: [&str; 4] = ["lease", "service", "gpu_class", "mig_profile"];
@@ -645,6 +649,16 @@ async fn tenant_usage(
             "or use group_by=none",
         );
     }
+    let as_series = match q.format.as_deref().unwrap_or("rows") {
+        "rows" => false,
+        "series" => true,
+        other => {
+            return bad(
+                format!("format={other:?} is not rows or series"),
+                "use format=rows (a row per bucket and group) or format=series (arrays per group)",
+            );
+        }
+    };
 
     // Whole hours come from the tenant's hour cells when the buckets are hours or longer (per
     // lease and service when the grouping needs them); the partial hours at either end, and
@@ -683,6 +697,15 @@ async fn tenant_usage(
     if let Err(denied) = take_series(&state, ROUTE, &claims, series.len()) {
         return *denied;
     }
+    if as_series {
+        count(&state, ROUTE, StatusCode::OK);
+        return Json(series_answer(
+            (&tenant, from, to, window, &group_by),
+            &rows,
+            &totals,
+        ))
+        .into_response();
+    }
     let answer = UsageAnswer {
         tenant: &tenant,
         from: format_rfc3339(from),
@@ -703,6 +726,64 @@ async fn tenant_usage(
     };
     count(&state, ROUTE, StatusCode::OK);
     Json(answer).into_response()
+}
+
+/// One group's series in a `format=series` usage answer: its group's values, and per metric
+/// its amount in each bucket (`null` where the group had no record of it there).
+#[derive(serde::Serialize)]
+struct GroupSeries<'a> {
+    group: BTreeMap<&'a str, &'a str>,
+    values: BTreeMap<&'a str, Vec<Option<f64>>>,
+}
+
+/// The usage answer with `format=series`: the buckets' starts once, then per group an array of
+/// each metric's values over them; `totals` as in the rows answer (with coverage).
+#[derive(serde::Serialize)]
+struct SeriesAnswer<'a> {
+    tenant: &'a str,
+    from: String,
+    to: String,
+    window: &'a str,
+    group_by: &'a [&'a str],
+    buckets: Vec<String>,
+    series: Vec<GroupSeries<'a>>,
+    totals: Fields<'a>,
+}
+
+/// `rows` (bucket start, end and group → sums) as a [`SeriesAnswer`].
+fn series_answer<'a>(
+    (tenant, from, to, window, group_by): (&'a str, i64, i64, &'a str, &'a [&'a str]),
+    rows: &'a BTreeMap<(i64, i64, Vec<&'a str>), Sums>,
+    totals: &'a Sums,
+) -> SeriesAnswer<'a> {
+    let starts: std::collections::BTreeSet<i64> = rows.keys().map(|(start, _, _)| *start).collect();
+    let at: BTreeMap<i64, usize> = starts.iter().enumerate().map(|(i, s)| (*s, i)).collect();
+    let mut groups: BTreeMap<&Vec<&str>, BTreeMap<&str, Vec<Option<f64>>>> = BTreeMap::new();
+    for ((start, _, key), sums) in rows {
+        let values = groups.entry(key).or_default();
+        for sum in &sums.metrics {
+            values
+                .entry(sum.metric.as_str())
+                .or_insert_with(|| vec![None; starts.len()])[at[start]] =
+                Some(sum.amount as f64 / 10f64.powi(sum.scale));
+        }
+    }
+    SeriesAnswer {
+        tenant,
+        from: format_rfc3339(from),
+        to: format_rfc3339(to),
+        window,
+        group_by,
+        buckets: starts.iter().map(|s| format_rfc3339(*s)).collect(),
+        series: groups
+            .into_iter()
+            .map(|(key, values)| GroupSeries {
+                group: group_by.iter().copied().zip(key.iter().copied()).collect(),
+                values,
+            })
+            .collect(),
+        totals: Fields(totals),
+    }
 }
 
 /// A row's group: for each of `group_by`, its value among (lease, service, gpu_class,

@@ -348,6 +348,51 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
             ("2026-11-23T00:02:00.000Z".into(), 11.0),
         ]
     );
+    // The same minutes per lease as series (`format=series`): the buckets once, then per lease
+    // an array per metric. The MIG lease: c2 from 30 s to its last sight at 90 s, c3 from
+    // 100 s to 160 s: 30, 30 + 20, 40 GPU-seconds; the first lease's CPU counter: 10, 60, 5.
+    let series = poll_json(
+        &pipeline.url(&format!(
+            "/v1/tenants/acme/usage?from=2026-11-23T00:00:00Z&to={to}&window=minute&group_by=lease&format=series"
+        )),
+        &acme_token,
+        Duration::from_secs(10),
+        |v| v["series"].is_array(),
+    )
+    .await;
+    assert_eq!(
+        series["buckets"],
+        serde_json::json!([
+            "2026-11-23T00:00:00.000Z",
+            "2026-11-23T00:01:00.000Z",
+            "2026-11-23T00:02:00.000Z"
+        ])
+    );
+    let of = |lease: &str, metric: &str| {
+        series["series"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["group"]["lease"] == lease)
+            .map(|s| s["values"][metric].clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        of("100.1.1", "gpu_seconds"),
+        serde_json::json!([110.0, 120.0, 11.0]),
+        "{series}"
+    );
+    assert_eq!(
+        of("100.1.2", "gpu_seconds"),
+        serde_json::json!([30.0, 50.0, 40.0]),
+        "{series}"
+    );
+    assert_eq!(
+        of("100.1.1", "cpu_core_seconds"),
+        serde_json::json!([10.0, 60.0, 5.0]),
+        "{series}"
+    );
+    assert_eq!(series["totals"], minutes["totals"]);
 
     let globex = poll_json(
         &pipeline.url(&format!(
