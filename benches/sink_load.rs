@@ -8,7 +8,8 @@
 //! 3. This binary runs again as a client process: CONCURRENCY connections ask, for a random
 //!    tenant each time, for its usage over the 30 days at hourly resolution, for SECONDS
 //!    seconds: summed over the tenant (`group_by=none`) over one connection, then over
-//!    CONCURRENCY, then per lease (`group_by=lease`); then, for a random lease each time, its
+//!    CONCURRENCY, then per lease (`group_by=lease`), the same as series (`format=series`,
+//!    `lease_series`); then, for a random lease each time, its
 //!    30 days through `/v1/leases/{lease}/metrics` (Meterflow's series, 1-hour steps) and
 //!    through AEP-43's `/lease/{dseq}/{gseq}/{oseq}/metrics` (`metric=all`, 1-hour steps).
 //!    Reported: requests per second and latency percentiles.
@@ -18,7 +19,7 @@
 //! store's disk and the sink process's resident memory per lease-hour, and the size of each
 //! answer. With `--json` the last line is one JSON object with `apply_records_per_s`,
 //! `none_rps_1`, `none_p99_ms_1`, `none_rps_8`, `none_p99_ms_8`, `lease_rps_8`,
-//! `lease_p99_ms_8`, `v1lease_rps_8`, `v1lease_p99_ms_8`, `aep_rps_8`, `aep_p99_ms_8` (the 8
+//! `lease_p99_ms_8`, `lease_series_rps_8`, `lease_series_p99_ms_8`, `v1lease_rps_8`, `v1lease_p99_ms_8`, `aep_rps_8`, `aep_p99_ms_8` (the 8
 //! standing for CONCURRENCY), `disk_bytes_per_lease_hour`,
 //! `resident_bytes_per_lease_hour` and the answers' bytes.
 
@@ -152,6 +153,9 @@ async fn client(
                         100_000 + pick,
                         T0 / 1_000,
                         end / 1_000
+                    ),
+                    "lease_series" => format!(
+                        "{base}/v1/tenants/tenant-{pick}/usage?from={T0}&to={end}&window=hour&group_by=lease&format=series"
                     ),
                     group_by => format!(
                         "{base}/v1/tenants/tenant-{pick}/usage?from={T0}&to={end}&window=hour&group_by={group_by}"
@@ -297,6 +301,7 @@ fn main() {
         ("none", 1),
         ("none", concurrency),
         ("lease", concurrency),
+        ("lease_series", concurrency),
         ("v1lease", concurrency),
         ("aep", concurrency),
     ] {
@@ -332,6 +337,10 @@ fn main() {
                 "a lease's AEP-43 metrics (/lease/{dseq}/{gseq}/{oseq}/metrics), 30 days hourly"
                     .to_string()
             }
+            "lease_series" => format!(
+                "tenant usage, {DAYS} days hourly, group_by=lease&format=series ({} leases per tenant)",
+                leases / tenants
+            ),
             _ => format!(
                 "tenant usage, {DAYS} days hourly, group_by={group_by} ({} leases per tenant)",
                 leases / tenants
