@@ -60,10 +60,15 @@ async fn the_lease_metrics_route_answers_the_aep_43_table_from_the_scenarios_rea
         "metric=all&start={T0_S}&end={}&step=3m&aggregation=sum",
         T0_S + 180
     );
+    // Waited for until both series say it: the processor corrects a window as later readings
+    // of it arrive, and the sink applies each correction.
     let answer = poll_json(&route(&query), &acme, Duration::from_secs(90), |v| {
         samples(v, "akash_lease_cpu_usage_cores")
             .first()
             .is_some_and(|(_, cores)| (cores - 75.0 / 180.0).abs() < 1e-12)
+            && samples(v, "akash_lease_memory_working_set_bytes")
+                .first()
+                .is_some_and(|(_, bytes)| (bytes / GIB - 115.0 / 180.0).abs() < 1e-9)
             && !warned(v, "not complete")
     })
     .await;

@@ -33,6 +33,8 @@ async fn a_tenant_feed_follows_the_burn_rate_keeps_alive_and_resumes() {
         .event_until(Duration::from_secs(90), |f| {
             f.json()["period"]["to_date"].as_f64() == Some(0.173_697)
                 && f.json()["as_of"] == "2026-11-23T00:03:00.000Z"
+                // The budget alert (its own topic, its own consumer) has arrived too.
+                && f.json()["alerts"].as_array().is_some_and(|a| a.len() == 1)
         })
         .await;
     let mut ids: Vec<&str> = std::iter::once(first.id.as_str())
