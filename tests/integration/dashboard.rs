@@ -129,6 +129,15 @@ async fn the_dashboard_shows_a_tenant_its_spend_and_the_operator_its_fleet_in_a_
     )
     .await;
     let operator = token("");
+    // Everything the processor wrote is stored, as the sink's lag gauge (measured every 2 s)
+    // says, before the operator's page shows it.
+    poll_json(
+        &pipeline.url("/v1/status"),
+        &operator,
+        Duration::from_secs(30),
+        |v| v["lag"]["records"].as_i64() == Some(0),
+    )
+    .await;
     poll_json(
         &pipeline.url("/v1/fleet/hourly?from=2026-11-23T00:00:00Z&to=2026-11-23T01:00:00Z"),
         &operator,
