@@ -786,6 +786,15 @@ fn series_answer<'a>(
     }
 }
 
+/// The items of a comma-separated query value, trimmed, empty ones left out.
+fn comma_list(value: &str) -> Vec<&str> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .collect()
+}
+
 /// A row's group: for each of `group_by`, its value among (lease, service, gpu_class,
 /// mig_profile), in the order of [`GROUPS`].
 fn group_key<'a>(group_by: &[&str], values: [&'a String; 4]) -> Vec<&'a str> {
@@ -1362,12 +1371,7 @@ async fn lease_metrics(
             }
         },
     };
-    let wanted: Option<Vec<&str>> = q.metric.as_deref().map(|m| {
-        m.split(',')
-            .map(str::trim)
-            .filter(|m| !m.is_empty())
-            .collect()
-    });
+    let wanted: Option<Vec<&str>> = q.metric.as_deref().map(comma_list);
     // metric → step start → sums
     let mut series: BTreeMap<String, BTreeMap<i64, Sums>> = BTreeMap::new();
     for u in updates.iter().filter(|u| {

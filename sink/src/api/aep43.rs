@@ -25,7 +25,7 @@ use meterflow_schemas::UsageUpdate;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{AppState, Need, Params, count, error, lease_owner, take_series};
+use super::{AppState, Need, Params, comma_list, count, error, lease_owner, take_series};
 use crate::time::format_rfc3339;
 
 /// Query of `GET /lease/{dseq}/{gseq}/{oseq}/metrics`.
@@ -155,7 +155,7 @@ pub fn resolution(range_ms: i64) -> Option<(i64, i64)> {
 fn wanted(metric: &str) -> Result<(Vec<&'static Entry>, Vec<&'static str>), String> {
     let mut entries: Vec<&'static Entry> = Vec::new();
     let mut missing = Vec::new();
-    for name in metric.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+    for name in comma_list(metric) {
         if name == "all" {
             entries.extend(CATALOG.iter());
         } else if let Some(entry) = CATALOG.iter().find(|e| e.name == name) {
@@ -521,12 +521,7 @@ pub(super) async fn lease_metrics(
             );
         }
     };
-    let services: Option<Vec<&str>> = q.service.as_deref().map(|s| {
-        s.split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect()
-    });
+    let services: Option<Vec<&str>> = q.service.as_deref().map(comma_list);
     // Steps nest the base windows: a multiple of the base window, aligned to the epoch as the
     // windows are. The base window is read from the records (the processor's `--window`); the
     // windows of a first step that starts before `start` are read after.
