@@ -3,7 +3,7 @@
 //! The routes are the table in `routes()`; `/openapi.json` documents them (a test keeps the two
 //! equal). Every `/v1` route checks the caller's bearer token first (see [`crate::auth`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, MatchedPath, Path, Query, State};
@@ -18,7 +18,7 @@ use serde_json::{Map, Value, json};
 
 use crate::auth::{Auth, Claims};
 use crate::metrics::Metrics;
-use crate::store::{Cell, HOUR_MS, Hourly, Store, is_usage};
+use crate::store::{HOUR_MS, HourCell, Hourly, Store, is_usage};
 use crate::time::{format_rfc3339, month_name, month_start, next_month_start, parse_time};
 use meterflow_guard::params::{self, over_ms, parse_duration_ms, time_range};
 
@@ -400,9 +400,50 @@ pub struct UsageQuery {
 
 const GROUPS: [&str; 4] = ["lease", "service", "gpu_class", "mig_profile"];
 
+/// FxHash (rustc's): a rotate, xor and multiply per word. The maps it serves hold one answer's
+/// groups and buckets, read from the store, where SipHash's defence against chosen keys buys
+/// nothing and its cost is paid for each of a month's 216,000 cells.
+#[derive(Default, Clone, Copy)]
+struct Fx(u64);
+
+impl std::hash::Hasher for Fx {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FxMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fx>>;
+
+/// The names of one answer, each allocated once however many cells repeat it.
+#[derive(Default)]
+struct Names(std::collections::HashSet<Arc<str>, std::hash::BuildHasherDefault<Fx>>);
+
+impl Names {
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(known) = self.0.get(name) {
+            return known.clone();
+        }
+        let new: Arc<str> = name.into();
+        self.0.insert(new.clone());
+        new
+    }
+}
+
 /// What one metric added up to.
 struct Sum {
-    metric: String,
+    metric: Arc<str>,
     amount: i128,
     scale: i32,
     /// Milliseconds observed and present, summed over windows and series.
@@ -416,12 +457,13 @@ struct Sum {
 struct Sums {
     metrics: Vec<Sum>,
     /// (gpu_class, mig_profile, GPU milliseconds)
-    gpu_ms: Vec<(String, String, i128)>,
+    gpu_ms: Vec<(Arc<str>, Arc<str>, i128)>,
 }
 
 impl Sums {
-    fn add(&mut self, u: &UsageUpdate) {
+    fn add(&mut self, names: &mut Names, u: &UsageUpdate) {
         self.add_parts(
+            names,
             (&u.metric, &u.gpu_class, &u.mig_profile),
             u.amount,
             u.scale,
@@ -429,9 +471,10 @@ impl Sums {
         );
     }
 
-    fn add_cell(&mut self, c: &Cell) {
+    fn add_cell(&mut self, names: &mut Names, c: &HourCell<'_>) {
         self.add_parts(
-            (&c.metric, &c.gpu_class, &c.mig_profile),
+            names,
+            (c.metric, c.gpu_class, c.mig_profile),
             c.amount,
             c.scale,
             (c.coverage_ms, c.present_ms),
@@ -440,16 +483,17 @@ impl Sums {
 
     fn add_parts(
         &mut self,
+        names: &mut Names,
         (metric, gpu_class, mig_profile): (&str, &str, &str),
         amount: i64,
         scale: i32,
         (observed_ms, present_ms): (i64, i64),
     ) {
-        let at = match self.metrics.iter().position(|s| s.metric == metric) {
+        let at = match self.metrics.iter().position(|s| &*s.metric == metric) {
             Some(at) => at,
             None => {
                 self.metrics.push(Sum {
-                    metric: metric.to_string(),
+                    metric: names.get(metric),
                     amount: 0,
                     scale,
                     observed_ms: 0,
@@ -466,12 +510,12 @@ impl Sums {
             match self
                 .gpu_ms
                 .iter_mut()
-                .find(|(c, m, _)| c == gpu_class && m == mig_profile)
+                .find(|(c, m, _)| &**c == gpu_class && &**m == mig_profile)
             {
                 Some((_, _, ms)) => *ms += i128::from(amount),
                 None => self.gpu_ms.push((
-                    gpu_class.to_string(),
-                    mig_profile.to_string(),
+                    names.get(gpu_class),
+                    names.get(mig_profile),
                     i128::from(amount),
                 )),
             }
@@ -482,7 +526,7 @@ impl Sums {
     fn value(&self, metric: &str) -> f64 {
         self.metrics
             .iter()
-            .find(|s| s.metric == metric)
+            .find(|s| &*s.metric == metric)
             .map_or(0.0, |s| s.amount as f64 / 10f64.powi(s.scale))
     }
 
@@ -491,7 +535,7 @@ impl Sums {
     fn coverage(&self, metric: &str) -> Option<f64> {
         self.metrics
             .iter()
-            .find(|s| s.metric == metric && s.present_ms > 0)
+            .find(|s| &*s.metric == metric && s.present_ms > 0)
             .map(|s| s.observed_ms as f64 / s.present_ms as f64)
     }
 
@@ -499,24 +543,24 @@ impl Sums {
     /// `gpu` (GPU-seconds per class and MIG profile) and `coverage` per metric.
     fn serialize_fields<M: serde::ser::SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
         for metric in ["gpu_seconds", "cpu_core_seconds"] {
-            if !self.metrics.iter().any(|s| s.metric == metric) {
+            if !self.metrics.iter().any(|s| &*s.metric == metric) {
                 map.serialize_entry(metric, &0.0)?;
             }
         }
         for s in &self.metrics {
-            map.serialize_entry(&s.metric, &(s.amount as f64 / 10f64.powi(s.scale)))?;
+            map.serialize_entry(&*s.metric, &(s.amount as f64 / 10f64.powi(s.scale)))?;
         }
-        let mut gpu: Vec<&(String, String, i128)> = self.gpu_ms.iter().collect();
+        let mut gpu: Vec<&(Arc<str>, Arc<str>, i128)> = self.gpu_ms.iter().collect();
         gpu.sort();
         let gpu: Vec<Value> = gpu
             .into_iter()
-            .map(|(class, mig, ms)| json!({"gpu_class": class, "mig_profile": mig, "gpu_seconds": *ms as f64 / 1000.0}))
+            .map(|(class, mig, ms)| json!({"gpu_class": &**class, "mig_profile": &**mig, "gpu_seconds": *ms as f64 / 1000.0}))
             .collect();
         map.serialize_entry("gpu", &gpu)?;
         let coverage: BTreeMap<&str, f64> = self
             .metrics
             .iter()
-            .filter_map(|s| Some((s.metric.as_str(), self.coverage(&s.metric)?)))
+            .filter_map(|s| Some((&*s.metric, self.coverage(&s.metric)?)))
             .collect();
         map.serialize_entry("coverage", &coverage)
     }
@@ -540,7 +584,7 @@ struct Row<'a> {
     start: i64,
     end: i64,
     group_by: &'a [&'a str],
-    key: &'a [&'a str],
+    key: &'a [String],
     sums: &'a Sums,
 }
 
@@ -573,25 +617,25 @@ struct UsageAnswer<'a> {
 }
 
 /// A tenant's usage over `[from, to)`: the whole hours as its hour cells of `view` (when
-/// `by_cells`), the partial hours at either end (or all of it) as base windows ([`is_usage`]
-/// records). Summed, the two are what the records alone sum to, to the millisecond.
+/// `by_cells`), each passed to `cell`, and the partial hours at either end (or all of it) as
+/// base windows ([`is_usage`] records), returned. Summed, the two are what the records alone
+/// sum to, to the millisecond.
 fn usage_parts(
     store: &Store,
     tenant: &str,
     (view, by_cells): (Hourly, bool),
     (from, to): (i64, i64),
-) -> Result<(Vec<Cell>, Vec<UsageUpdate>), crate::store::StoreError> {
+    cell: impl FnMut(&HourCell<'_>),
+) -> Result<Vec<UsageUpdate>, crate::store::StoreError> {
     let (first_hour, last_hour) = (
         (from + HOUR_MS - 1).div_euclid(HOUR_MS) * HOUR_MS,
         to.div_euclid(HOUR_MS) * HOUR_MS,
     );
-    let (cells, base_ranges) = if by_cells && first_hour < last_hour {
-        (
-            store.hourly(view, tenant, first_hour, last_hour)?,
-            vec![(from, first_hour), (last_hour, to)],
-        )
+    let base_ranges = if by_cells && first_hour < last_hour {
+        store.each_hourly(view, tenant, first_hour, last_hour, cell)?;
+        vec![(from, first_hour), (last_hour, to)]
     } else {
-        (Vec::new(), vec![(from, to)])
+        vec![(from, to)]
     };
     let mut updates = Vec::new();
     for (start, end) in base_ranges.into_iter().filter(|(s, e)| s < e) {
@@ -602,7 +646,160 @@ fn usage_parts(
                 .filter(is_usage),
         );
     }
-    Ok((cells, updates))
+    Ok(updates)
+}
+
+/// The rows of a usage answer while they are summed: one per bucket and group. Cells come in
+/// key order, so most share the previous one's group and bucket: those are found without
+/// hashing, and none allocates once its group, bucket and names were seen.
+struct Tally<'q> {
+    group_by: &'q [&'q str],
+    names: Names,
+    /// A group's values joined by NUL → its id; id → its values.
+    ids: FxMap<String, u32>,
+    groups: Vec<Vec<String>>,
+    /// The group of the latest cell: its joined values and id.
+    scratch: String,
+    last_group: Option<(String, u32)>,
+    /// (bucket start, bucket end, group id, sums), and (bucket start, group id) → its row.
+    rows: Vec<(i64, i64, u32, Sums)>,
+    at: FxMap<(i64, u32), usize>,
+    last_row: Option<(i64, u32, usize)>,
+    totals: Sums,
+}
+
+impl<'q> Tally<'q> {
+    fn new(group_by: &'q [&'q str]) -> Self {
+        Self {
+            group_by,
+            names: Names::default(),
+            ids: FxMap::default(),
+            groups: Vec::new(),
+            scratch: String::new(),
+            last_group: None,
+            rows: Vec::new(),
+            at: FxMap::default(),
+            last_row: None,
+            totals: Sums::default(),
+        }
+    }
+
+    /// The id of the group of `values` (lease, service, gpu_class, mig_profile).
+    fn group(&mut self, values: [&str; 4]) -> u32 {
+        self.scratch.clear();
+        for g in self.group_by {
+            let at = GROUPS.iter().position(|known| known == g).unwrap_or(3);
+            self.scratch.push_str(values[at]);
+            self.scratch.push('\0');
+        }
+        if let Some((joined, id)) = &self.last_group
+            && *joined == self.scratch
+        {
+            return *id;
+        }
+        let id = match self.ids.get(self.scratch.as_str()) {
+            Some(id) => *id,
+            None => {
+                let id = self.groups.len() as u32;
+                self.groups.push(
+                    self.group_by
+                        .iter()
+                        .map(|g| {
+                            let at = GROUPS.iter().position(|known| known == g).unwrap_or(3);
+                            values[at].to_string()
+                        })
+                        .collect(),
+                );
+                self.ids.insert(self.scratch.clone(), id);
+                id
+            }
+        };
+        match &mut self.last_group {
+            Some((joined, last)) => {
+                joined.clone_from(&self.scratch);
+                *last = id;
+            }
+            None => self.last_group = Some((self.scratch.clone(), id)),
+        }
+        id
+    }
+
+    /// The index of the row of `bucket` and `group`, added when new.
+    fn row(&mut self, (start, end): (i64, i64), group: u32) -> usize {
+        if let Some((s, g, at)) = self.last_row
+            && s == start
+            && g == group
+        {
+            return at;
+        }
+        let rows = &mut self.rows;
+        let at = *self.at.entry((start, group)).or_insert_with(|| {
+            rows.push((start, end, group, Sums::default()));
+            rows.len() - 1
+        });
+        self.last_row = Some((start, group, at));
+        at
+    }
+
+    fn add(&mut self, bucket: (i64, i64), u: &UsageUpdate) {
+        let group = self.group([&u.lease, &u.service, &u.gpu_class, &u.mig_profile]);
+        let at = self.row(bucket, group);
+        self.rows[at].3.add(&mut self.names, u);
+        self.totals.add(&mut self.names, u);
+    }
+
+    fn add_cell(&mut self, bucket: (i64, i64), c: &HourCell<'_>) {
+        let group = self.group([c.lease, c.service, c.gpu_class, c.mig_profile]);
+        let at = self.row(bucket, group);
+        self.rows[at].3.add_cell(&mut self.names, c);
+        self.totals.add_cell(&mut self.names, c);
+    }
+
+    /// The rows in answer order (bucket start and end, then group values).
+    fn finish(self) -> Summed {
+        let mut order: Vec<usize> = (0..self.groups.len()).collect();
+        order.sort_by(|a, b| self.groups[*a].cmp(&self.groups[*b]));
+        let mut rank = vec![0; order.len()];
+        for (r, id) in order.iter().enumerate() {
+            rank[*id] = r;
+        }
+        let mut groups: Vec<Option<Vec<String>>> = self.groups.into_iter().map(Some).collect();
+        let groups: Vec<Vec<String>> = order
+            .iter()
+            .map(|id| groups[*id].take().unwrap_or_default())
+            .collect();
+        let mut rows: Vec<SummedRow> = self
+            .rows
+            .into_iter()
+            .map(|(start, end, id, sums)| SummedRow {
+                start,
+                end,
+                group: rank[id as usize],
+                sums,
+            })
+            .collect();
+        rows.sort_unstable_by_key(|r| (r.start, r.end, r.group));
+        Summed {
+            groups,
+            rows,
+            totals: self.totals,
+        }
+    }
+}
+
+/// A usage answer's sums: the groups' values in order, the rows in order, the totals.
+struct Summed {
+    groups: Vec<Vec<String>>,
+    rows: Vec<SummedRow>,
+    totals: Sums,
+}
+
+/// One bucket of one group (an index into [`Summed::groups`]).
+struct SummedRow {
+    start: i64,
+    end: i64,
+    group: usize,
+    sums: Sums,
 }
 
 async fn tenant_usage(
@@ -669,40 +866,25 @@ async fn tenant_usage(
     } else {
         Hourly::Tenant
     };
-    let (cells, updates) = match usage_parts(&state.store, &tenant, (view, by_cells), (from, to)) {
-        Ok(parts) => parts,
+    let mut tally = Tally::new(&group_by);
+    let updates = match usage_parts(&state.store, &tenant, (view, by_cells), (from, to), |c| {
+        tally.add_cell(bucket(c.hour_start_ms), c)
+    }) {
+        Ok(updates) => updates,
         Err(e) => return internal(&state, ROUTE, e),
     };
-    let mut rows: BTreeMap<(i64, i64, Vec<&str>), Sums> = BTreeMap::new();
-    let mut totals = Sums::default();
     for u in &updates {
-        let (start, end) = bucket(u.window_start_ms);
-        let key = group_key(
-            &group_by,
-            [&u.lease, &u.service, &u.gpu_class, &u.mig_profile],
-        );
-        rows.entry((start, end, key)).or_default().add(u);
-        totals.add(u);
+        tally.add(bucket(u.window_start_ms), u);
     }
-    for c in &cells {
-        let (start, end) = bucket(c.hour_start_ms);
-        let key = group_key(
-            &group_by,
-            [&c.lease, &c.service, &c.gpu_class, &c.mig_profile],
-        );
-        rows.entry((start, end, key)).or_default().add_cell(c);
-        totals.add_cell(c);
-    }
-    let series: std::collections::BTreeSet<&Vec<&str>> = rows.keys().map(|(_, _, k)| k).collect();
-    if let Err(denied) = take_series(&state, ROUTE, &claims, series.len()) {
+    let summed = tally.finish();
+    if let Err(denied) = take_series(&state, ROUTE, &claims, summed.groups.len()) {
         return *denied;
     }
     if as_series {
         count(&state, ROUTE, StatusCode::OK);
         return Json(series_answer(
             (&tenant, from, to, window, &group_by),
-            &rows,
-            &totals,
+            &summed,
         ))
         .into_response();
     }
@@ -712,17 +894,18 @@ async fn tenant_usage(
         to: format_rfc3339(to),
         window,
         group_by: &group_by,
-        rows: rows
+        rows: summed
+            .rows
             .iter()
-            .map(|((start, end, key), sums)| Row {
-                start: *start,
-                end: *end,
+            .map(|r| Row {
+                start: r.start,
+                end: r.end,
                 group_by: &group_by,
-                key,
-                sums,
+                key: &summed.groups[r.group],
+                sums: &r.sums,
             })
             .collect(),
-        totals: Fields(&totals),
+        totals: Fields(&summed.totals),
     };
     count(&state, ROUTE, StatusCode::OK);
     Json(answer).into_response()
@@ -750,21 +933,29 @@ struct SeriesAnswer<'a> {
     totals: Fields<'a>,
 }
 
-/// `rows` (bucket start, end and group → sums) as a [`SeriesAnswer`].
+/// `summed` as a [`SeriesAnswer`].
 fn series_answer<'a>(
     (tenant, from, to, window, group_by): (&'a str, i64, i64, &'a str, &'a [&'a str]),
-    rows: &'a BTreeMap<(i64, i64, Vec<&'a str>), Sums>,
-    totals: &'a Sums,
+    summed: &'a Summed,
 ) -> SeriesAnswer<'a> {
-    let starts: std::collections::BTreeSet<i64> = rows.keys().map(|(start, _, _)| *start).collect();
-    let at: BTreeMap<i64, usize> = starts.iter().enumerate().map(|(i, s)| (*s, i)).collect();
-    let mut groups: BTreeMap<&Vec<&str>, BTreeMap<&str, Vec<Option<f64>>>> = BTreeMap::new();
-    for ((start, _, key), sums) in rows {
-        let values = groups.entry(key).or_default();
-        for sum in &sums.metrics {
-            values
-                .entry(sum.metric.as_str())
-                .or_insert_with(|| vec![None; starts.len()])[at[start]] =
+    let Summed {
+        groups,
+        rows,
+        totals,
+    } = summed;
+    let mut starts: Vec<i64> = rows.iter().map(|r| r.start).collect();
+    starts.dedup();
+    let mut values: Vec<BTreeMap<&str, Vec<Option<f64>>>> = vec![BTreeMap::new(); groups.len()];
+    let mut at = 0;
+    for r in rows {
+        // Rows are in bucket order: a row's bucket is the current one or a later one.
+        while starts[at] != r.start {
+            at += 1;
+        }
+        for sum in &r.sums.metrics {
+            values[r.group]
+                .entry(&*sum.metric)
+                .or_insert_with(|| vec![None; starts.len()])[at] =
                 Some(sum.amount as f64 / 10f64.powi(sum.scale));
         }
     }
@@ -776,9 +967,14 @@ fn series_answer<'a>(
         group_by,
         buckets: starts.iter().map(|s| format_rfc3339(*s)).collect(),
         series: groups
-            .into_iter()
+            .iter()
+            .zip(values)
             .map(|(key, values)| GroupSeries {
-                group: group_by.iter().copied().zip(key.iter().copied()).collect(),
+                group: group_by
+                    .iter()
+                    .copied()
+                    .zip(key.iter().map(String::as_str))
+                    .collect(),
                 values,
             })
             .collect(),
@@ -792,18 +988,6 @@ fn comma_list(value: &str) -> Vec<&str> {
         .split(',')
         .map(str::trim)
         .filter(|item| !item.is_empty())
-        .collect()
-}
-
-/// A row's group: for each of `group_by`, its value among (lease, service, gpu_class,
-/// mig_profile), in the order of [`GROUPS`].
-fn group_key<'a>(group_by: &[&str], values: [&'a String; 4]) -> Vec<&'a str> {
-    group_by
-        .iter()
-        .map(|g| {
-            let at = GROUPS.iter().position(|known| known == g).unwrap_or(3);
-            values[at].as_str()
-        })
         .collect()
 }
 
@@ -1102,31 +1286,33 @@ async fn fleet_usage(
     };
     let mut rows: BTreeMap<Vec<String>, Sums> = BTreeMap::new();
     let mut totals = Sums::default();
+    let mut names = Names::default();
     for tenant in &tenants {
-        let (cells, updates) =
-            match usage_parts(&state.store, tenant, (Hourly::Tenant, true), (from, to)) {
-                Ok(parts) => parts,
-                Err(e) => return internal(&state, ROUTE, e),
-            };
-        for c in &cells {
-            let k = key(tenant, &c.gpu_class, &c.mig_profile);
-            rows.entry(k).or_default().add_cell(c);
-            totals.add_cell(c);
-        }
+        let updates = match usage_parts(
+            &state.store,
+            tenant,
+            (Hourly::Tenant, true),
+            (from, to),
+            |c| {
+                rows.entry(key(tenant, c.gpu_class, c.mig_profile))
+                    .or_default()
+                    .add_cell(&mut names, c);
+                totals.add_cell(&mut names, c);
+            },
+        ) {
+            Ok(updates) => updates,
+            Err(e) => return internal(&state, ROUTE, e),
+        };
         for u in &updates {
             rows.entry(key(tenant, &u.gpu_class, &u.mig_profile))
                 .or_default()
-                .add(u);
-            totals.add(u);
+                .add(&mut names, u);
+            totals.add(&mut names, u);
         }
     }
     if let Err(denied) = take_series(&state, ROUTE, &claims, rows.len()) {
         return *denied;
     }
-    let keys: Vec<Vec<&str>> = rows
-        .keys()
-        .map(|k| k.iter().map(String::as_str).collect())
-        .collect();
     let answer = UsageAnswer {
         tenant: "",
         from: format_rfc3339(from),
@@ -1134,9 +1320,8 @@ async fn fleet_usage(
         window: "total",
         group_by: &group_by,
         rows: rows
-            .values()
-            .zip(&keys)
-            .map(|(sums, key)| Row {
+            .iter()
+            .map(|(key, sums)| Row {
                 start: from,
                 end: to,
                 group_by: &group_by,
@@ -1374,6 +1559,7 @@ async fn lease_metrics(
     let wanted: Option<Vec<&str>> = q.metric.as_deref().map(comma_list);
     // metric → step start → sums
     let mut series: BTreeMap<String, BTreeMap<i64, Sums>> = BTreeMap::new();
+    let mut names = Names::default();
     for u in updates.iter().filter(|u| {
         !u.metric.starts_with("live.")
             && wanted
@@ -1386,7 +1572,7 @@ async fn lease_metrics(
             .or_default()
             .entry(at)
             .or_default()
-            .add(u);
+            .add(&mut names, u);
     }
     if let Err(denied) = take_series(&state, ROUTE, &claims, series.len()) {
         return *denied;
@@ -1869,5 +2055,61 @@ mod tests {
         assert_eq!(finest_step_ms(60 * M + 1), Some(M));
         assert_eq!(finest_step_ms(30 * 24 * 60 * M), Some(15 * M));
         assert_eq!(finest_step_ms(30 * 24 * 60 * M + 1), None);
+    }
+
+    fn cell<'a>(hour: i64, lease: &'a str, metric: &'a str, amount: i64) -> HourCell<'a> {
+        HourCell {
+            hour_start_ms: hour * HOUR_MS,
+            lease,
+            service: "web",
+            metric,
+            gpu_class: if metric == "gpu_seconds" { "a100" } else { "" },
+            mig_profile: "",
+            amount,
+            scale: 3,
+            coverage_ms: HOUR_MS,
+            present_ms: HOUR_MS,
+        }
+    }
+
+    #[test]
+    fn a_tally_orders_rows_by_bucket_then_group_whatever_order_cells_come_in() {
+        let group_by = ["lease"];
+        let mut tally = Tally::new(&group_by);
+        // Lease b is seen before lease a; hours 0 and 1 fall in day 0, hour 24 in day 1.
+        for c in [
+            cell(0, "b", "gpu_seconds", 1_000),
+            cell(0, "b", "cpu_core_seconds", 2_000),
+            cell(1, "a", "gpu_seconds", 3_000),
+            cell(1, "b", "gpu_seconds", 4_000),
+            cell(24, "a", "cpu_core_seconds", 5_000),
+        ] {
+            tally.add_cell(fixed(c.hour_start_ms, 86_400_000), &c);
+        }
+        let summed = tally.finish();
+        assert_eq!(
+            summed.groups,
+            [vec!["a".to_string()], vec!["b".to_string()]]
+        );
+        let rows: Vec<(i64, &str, f64, f64)> = summed
+            .rows
+            .iter()
+            .map(|r| {
+                (
+                    r.start / 86_400_000,
+                    summed.groups[r.group][0].as_str(),
+                    r.sums.value("gpu_seconds"),
+                    r.sums.value("cpu_core_seconds"),
+                )
+            })
+            .collect();
+        // Day 0: a has 3 GPU-seconds; b has 1 + 4 GPU-seconds and 2 core-seconds. Day 1: a 5.
+        assert_eq!(
+            rows,
+            [(0, "a", 3.0, 0.0), (0, "b", 5.0, 2.0), (1, "a", 0.0, 5.0)]
+        );
+        assert_eq!(summed.totals.value("gpu_seconds"), 8.0);
+        assert_eq!(summed.totals.value("cpu_core_seconds"), 7.0);
+        assert_eq!(summed.totals.gpu_ms, [("a100".into(), "".into(), 8_000)]);
     }
 }
