@@ -393,6 +393,9 @@ impl Store {
         let mut latest: HashMap<Vec<u8>, (i64, i64, i64)> = HashMap::new();
         let mut month_costs: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
         let mut cells: BTreeMap<Vec<u8>, (i64, i32, i64, i64)> = BTreeMap::new();
+        // The (lease, tenant) pairs indexed in this batch: a lease's every record names its
+        // tenant, and one entry is enough.
+        let mut indexed: std::collections::HashSet<(&str, &str)> = Default::default();
         for c in consumed {
             let u = &c.update;
             let key = usage_key(u);
@@ -440,9 +443,11 @@ impl Store {
             let encoded = u.encode()?;
             if indexed_by_lease(u) {
                 batch.put(lease_key(u), &encoded);
-                let mut tenant = lease_tenants_prefix(&u.lease);
-                tenant.extend_from_slice(u.tenant.as_bytes());
-                batch.put(tenant, b"");
+                if indexed.insert((&u.lease, &u.tenant)) {
+                    let mut tenant = lease_tenants_prefix(&u.lease);
+                    tenant.extend_from_slice(u.tenant.as_bytes());
+                    batch.put(tenant, b"");
+                }
             }
             batch.put(key, encoded);
             let e = next.entry((&c.topic, c.partition)).or_insert(c.offset + 1);
