@@ -11,15 +11,19 @@
 //!    CONCURRENCY, then per lease (`group_by=lease`), the same as series (`format=series`,
 //!    `lease_series`); then, for a random lease each time, its
 //!    30 days through `/v1/leases/{lease}/metrics` (Meterflow's series, 1-hour steps) and
-//!    through AEP-43's `/lease/{dseq}/{gseq}/{oseq}/metrics` (`metric=all`, 1-hour steps).
+//!    through AEP-43's `/lease/{dseq}/{gseq}/{oseq}/metrics` (`metric=all`, 1-hour steps);
+//!    then the same two routes for a lease of MINUTE_LEASES more (tenant `minutes`, default 10,
+//!    `--minute-leases=N`), whose 30 days are stored in one-minute windows as the processor
+//!    writes them by default: 43,200 windows per metric (`v1lease_minutes` in 1-hour steps,
+//!    `aep_minutes` at AEP-43's default step for 30 days, 15 minutes).
 //!    Reported: requests per second and latency percentiles.
 //!
-//! `cargo bench --bench sink_load -- [LEASES] [TENANTS] [CONCURRENCY] [SECONDS] [--json]`
+//! `cargo bench --bench sink_load -- [LEASES] [TENANTS] [CONCURRENCY] [SECONDS] [--minute-leases=N] [--json]`
 //! (defaults 10000 100 8 20). Both processes share the machine's cores. Also printed: the
 //! store's disk and the sink process's resident memory per lease-hour, and the size of each
 //! answer. With `--json` the last line is one JSON object with `apply_records_per_s`,
 //! `none_rps_1`, `none_p99_ms_1`, `none_rps_8`, `none_p99_ms_8`, `lease_rps_8`,
-//! `lease_p99_ms_8`, `lease_series_rps_8`, `lease_series_p99_ms_8`, `v1lease_rps_8`, `v1lease_p99_ms_8`, `aep_rps_8`, `aep_p99_ms_8` (the 8
+//! `lease_p99_ms_8`, `lease_series_rps_8`, `lease_series_p99_ms_8`, `v1lease_rps_8`, `v1lease_p99_ms_8`, `aep_rps_8`, `aep_p99_ms_8`, `v1lease_minutes_*` and `aep_minutes_*` likewise (the 8
 //! standing for CONCURRENCY), `disk_bytes_per_lease_hour`,
 //! `resident_bytes_per_lease_hour` and the answers' bytes.
 
@@ -57,12 +61,12 @@ fn record(
     tenant: &str,
     lease: &str,
     metric: &str,
-    hour: i64,
+    (start, len): (i64, i64),
     amount: i64,
     scale: i32,
 ) -> UsageUpdate {
     UsageUpdate {
-        id: format!("{tenant}/{lease}/{metric}/{hour}"),
+        id: format!("{tenant}/{lease}/{metric}/{start}"),
         tenant: tenant.into(),
         lease: lease.into(),
         service: "web".into(),
@@ -74,13 +78,13 @@ fn record(
             String::new()
         },
         mig_profile: String::new(),
-        window_start_ms: hour,
-        window_end_ms: hour + HOUR_MS,
+        window_start_ms: start,
+        window_end_ms: start + len,
         resolution: String::new(),
         amount,
         scale,
-        coverage_ms: HOUR_MS,
-        present_ms: HOUR_MS,
+        coverage_ms: len,
+        present_ms: len,
     }
 }
 
@@ -103,7 +107,7 @@ fn fill(store: &Store, leases: u64, tenants: u64) -> u64 {
                     topic: "meterflow.usage".into(),
                     partition: (lease % 4) as i32,
                     offset,
-                    update: record(&tenant, &lease_id, metric, hour, amount, scale),
+                    update: record(&tenant, &lease_id, metric, (hour, HOUR_MS), amount, scale),
                 });
                 offset += 1;
                 if batch.len() == 1_000 {
@@ -112,6 +116,52 @@ fn fill(store: &Store, leases: u64, tenants: u64) -> u64 {
                     if offset % 2_000_000 == 0 {
                         eprintln!("fill: {offset} records");
                     }
+                }
+            }
+        }
+    }
+    store.apply(&batch).expect("store applies");
+    offset as u64
+}
+
+/// The tenant whose leases report in the processor's default base windows of a minute.
+const MINUTE_TENANT: &str = "minutes";
+/// Its leases' first id (`900000.1.1`, `900001.1.1`, ...).
+const MINUTE_LEASE0: u64 = 900_000;
+
+/// Fills `leases` more leases of [`MINUTE_TENANT`] with 30 days of one-minute windows, the
+/// same three metrics at the same rates as [`fill`]'s: a lease's month is 43,200 windows per
+/// metric, as the processor writes them by default. Returns the records applied.
+fn fill_minutes(store: &Store, leases: u64) -> u64 {
+    const MINUTE_MS: i64 = 60_000;
+    let mut batch = Vec::with_capacity(1_000);
+    let mut offset = 0i64;
+    for lease in 0..leases {
+        let lease_id = format!("{}.1.1", MINUTE_LEASE0 + lease);
+        for m in 0..DAYS * 24 * 60 {
+            let minute = T0 + m * MINUTE_MS;
+            for (metric, amount, scale) in [
+                ("gpu_seconds", 45_000, 3),
+                ("cpu_core_seconds", 120_000, 3),
+                ("cost", 31_250, 6),
+            ] {
+                batch.push(Consumed {
+                    topic: "meterflow.usage".into(),
+                    partition: 4,
+                    offset,
+                    update: record(
+                        MINUTE_TENANT,
+                        &lease_id,
+                        metric,
+                        (minute, MINUTE_MS),
+                        amount,
+                        scale,
+                    ),
+                });
+                offset += 1;
+                if batch.len() == 1_000 {
+                    store.apply(&batch).expect("store applies");
+                    batch.clear();
                 }
             }
         }
@@ -153,6 +203,17 @@ async fn client(
                         100_000 + pick,
                         T0 / 1_000,
                         end / 1_000
+                    ),
+                    // A minute lease's month at AEP-43's default step for 30 days (15 m).
+                    "aep_minutes" => format!(
+                        "{base}/lease/{}/1/1/metrics?metric=all&start={}&end={}&aggregation=sum",
+                        MINUTE_LEASE0 + pick,
+                        T0 / 1_000,
+                        end / 1_000
+                    ),
+                    "v1lease_minutes" => format!(
+                        "{base}/v1/leases/{}.1.1/metrics?start={T0}&end={end}&step=1h",
+                        MINUTE_LEASE0 + pick
                     ),
                     "lease_series" => format!(
                         "{base}/v1/tenants/tenant-{pick}/usage?from={T0}&to={end}&window=hour&group_by=lease&format=series"
@@ -230,6 +291,15 @@ fn main() {
     println!(
         "fill: {records} records ({leases} leases x {tenants} tenants x {DAYS} days hourly x 3 metrics) in {fill_s:.1} s: {apply_records_per_s:.0} records/s through Store::apply"
     );
+    let minute_leases: u64 = std::env::args()
+        .find_map(|a| a.strip_prefix("--minute-leases=").map(str::to_string))
+        .map_or(10, |n| n.parse().expect("--minute-leases=N: a number"));
+    let started = Instant::now();
+    let minute_records = fill_minutes(&store, minute_leases);
+    println!(
+        "fill: {minute_records} records more ({minute_leases} leases of tenant {MINUTE_TENANT} x {DAYS} days in one-minute windows x 3 metrics, the processor's default) in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     // The queries meet the store settled, as a sink that has held its data a while: RocksDB
     // done flushing and compacting what the fill wrote (its compaction would otherwise share
     // the two cores with them, by how far it fell behind the fill).
@@ -242,7 +312,7 @@ fn main() {
         "settled: RocksDB finished its flushes and compactions {:.1} s after the fill",
         settling.elapsed().as_secs_f64()
     );
-    let lease_hours = (leases * DAYS as u64 * 24).max(1);
+    let lease_hours = ((leases + minute_leases) * DAYS as u64 * 24).max(1);
 
     let shutdown = CancellationToken::new();
     let (broker, sink) = runtime.block_on(async {
@@ -304,12 +374,17 @@ fn main() {
         ("lease_series", concurrency),
         ("v1lease", concurrency),
         ("aep", concurrency),
+        ("v1lease_minutes", concurrency),
+        ("aep_minutes", concurrency),
     ] {
-        let of = if matches!(group_by, "v1lease" | "aep") {
-            leases
-        } else {
-            tenants
+        let of = match group_by {
+            "v1lease" | "aep" => leases,
+            "v1lease_minutes" | "aep_minutes" => minute_leases,
+            _ => tenants,
         };
+        if of == 0 {
+            continue;
+        }
         let out = std::process::Command::new(&exe)
             .args(["--client", &base, &token])
             .args([of, concurrency, seconds].map(|n| n.to_string()))
@@ -337,6 +412,12 @@ fn main() {
                 "a lease's AEP-43 metrics (/lease/{dseq}/{gseq}/{oseq}/metrics), 30 days hourly"
                     .to_string()
             }
+            "v1lease_minutes" => format!(
+                "a lease's series (/v1/leases/{{lease}}/metrics), {DAYS} days in 1-hour steps of one-minute windows"
+            ),
+            "aep_minutes" => format!(
+                "a lease's AEP-43 metrics, {DAYS} days at the default step (15 m) of one-minute windows"
+            ),
             "lease_series" => format!(
                 "tenant usage, {DAYS} days hourly, group_by=lease&format=series ({} leases per tenant)",
                 leases / tenants
@@ -361,8 +442,9 @@ fn main() {
     let disk = common::dir_bytes(&dir.path().join("sink"));
     let resident = common::resident_bytes();
     println!(
-        "store on disk: {:.1} MiB, {:.1} bytes per lease-hour; this process (fill, then the sink) resident: {:.1} MiB, {:.1} bytes per lease-hour",
+        "store on disk: {:.1} MiB, {:.1} bytes per record, {:.1} per lease-hour (the minute leases' records counted as the hours they fill); this process (fill, then the sink) resident: {:.1} MiB, {:.1} bytes per lease-hour",
         disk as f64 / 1048576.0,
+        disk as f64 / (records + minute_records).max(1) as f64,
         disk as f64 / lease_hours as f64,
         resident as f64 / 1048576.0,
         resident as f64 / lease_hours as f64
