@@ -93,6 +93,35 @@ async fn the_lease_metrics_route_answers_the_aep_43_table_from_the_scenarios_rea
         warned(&answer, "observed in part (coverage 0.17"),
         "{answer:#}"
     );
+    // Steps of whole 5-minute lease cells are summed from the cells, not the windows: the
+    // same readings give the same values. The lease has nothing after 130 s and the data
+    // reaches 180 s (the end of the last window with a reading), so a 5- or 15-minute step
+    // from T0 is taken over its first 180 s: 75 core-seconds / 180 s, and 115/180 GiB.
+    for (step, seconds) in [("5m", 300), ("15m", 900)] {
+        let query = format!(
+            "metric=akash_lease_cpu_usage_cores,akash_lease_memory_working_set_bytes&start={T0_S}&end={}&step={step}&aggregation=sum",
+            T0_S + seconds
+        );
+        let (status, body) = get_as(&route(&query), &acme).await;
+        assert_eq!(status, 200, "{body}");
+        let cells: Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(cells["range"]["step"], format!("{seconds}s"), "{cells:#}");
+        let cores = samples(&cells, "akash_lease_cpu_usage_cores");
+        assert_eq!(cores.len(), 1, "{cells:#}");
+        assert_eq!(cores[0].0, T0_S);
+        assert!((cores[0].1 - 75.0 / 180.0).abs() < 1e-12, "{cells:#}");
+        let memory = samples(&cells, "akash_lease_memory_working_set_bytes");
+        assert!(
+            (memory[0].1 / GIB - 115.0 / 180.0).abs() < 1e-9,
+            "{cells:#}"
+        );
+        assert!(warned(&cells, "not complete"), "{cells:#}");
+        assert!(
+            warned(&cells, "observed in part (coverage 0.17"),
+            "{cells:#}"
+        );
+    }
+
     // Series only for what the lease has: CPU and memory, of its one service, labelled.
     let series = answer["series"].as_array().expect("series");
     assert_eq!(series.len(), 2, "{answer:#}");

@@ -26,6 +26,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{AppState, Need, Params, comma_list, count, error, lease_owner, take_series};
+use crate::store::{LEASE_CELL_MS, LeaseCell};
 use crate::time::format_rfc3339;
 
 /// Query of `GET /lease/{dseq}/{gseq}/{oseq}/metrics`.
@@ -191,98 +192,191 @@ pub struct Series {
     pub samples: Vec<(i64, f64)>,
 }
 
-/// The series of `entries` from a lease's base-window records, over the steps
+/// One base window's sums, or a lease cell's (the sums of the windows that start in it).
+#[derive(Debug, Clone, Copy)]
+pub struct Window<'a> {
+    pub start_ms: i64,
+    pub service: &'a str,
+    pub metric: &'a str,
+    pub amount: i64,
+    pub scale: i32,
+    pub observed_ms: i64,
+    pub present_ms: i64,
+}
+
+impl<'a> From<&'a UsageUpdate> for Window<'a> {
+    fn from(u: &'a UsageUpdate) -> Self {
+        Self {
+            start_ms: u.window_start_ms,
+            service: &u.service,
+            metric: &u.metric,
+            amount: u.amount,
+            scale: u.scale,
+            observed_ms: u.coverage_ms,
+            present_ms: u.present_ms,
+        }
+    }
+}
+
+impl<'a> From<&LeaseCell<'a>> for Window<'a> {
+    fn from(c: &LeaseCell<'a>) -> Self {
+        Self {
+            start_ms: c.start_ms,
+            service: c.service,
+            metric: c.metric,
+            amount: c.amount,
+            scale: c.scale,
+            observed_ms: c.coverage_ms,
+            present_ms: c.present_ms,
+        }
+    }
+}
+
+/// A series' catalog metric and service.
+type SeriesKey = (&'static str, String);
+
+/// A lease's windows summed per catalog metric, service and step
 /// `[start + k·step, start + (k+1)·step)` before `end` (both multiples of `step`), per service
-/// (only `services` when given); and what a caller should know about them. A step that ends
-/// after `data_to` (the end of the data so far) is taken over its part before it.
-pub fn build(
+/// (only `services` when given), as they are read. A window is in the step its start is in,
+/// so a lease cell summed into a step whose edges are cell edges adds what its windows would.
+pub struct Steps<'q> {
+    entries: &'q [&'static Entry],
+    services: Option<&'q [&'q str]>,
+    start: i64,
+    end: i64,
+    step: i64,
+    /// (metric, service) → step index → sums; few series per lease, searched in order.
+    sums: Vec<(SeriesKey, BTreeMap<i64, StepSums>)>,
+}
+
+impl<'q> Steps<'q> {
+    pub fn new(
+        entries: &'q [&'static Entry],
+        services: Option<&'q [&'q str]>,
+        (start, end, step): (i64, i64, i64),
+    ) -> Self {
+        Self {
+            entries,
+            services,
+            start,
+            end,
+            step,
+            sums: Vec::new(),
+        }
+    }
+
+    pub fn add(&mut self, w: Window<'_>) {
+        if w.start_ms < self.start || w.start_ms >= self.end {
+            return;
+        }
+        let Some(entry) = self.entries.iter().find(|e| e.from == w.metric) else {
+            return;
+        };
+        if self.services.is_some_and(|s| !s.contains(&w.service)) {
+            return;
+        }
+        let at = (w.start_ms - self.start).div_euclid(self.step);
+        let steps = match self
+            .sums
+            .iter_mut()
+            .position(|((name, service), _)| *name == entry.name && service == w.service)
+        {
+            Some(i) => &mut self.sums[i].1,
+            None => {
+                self.sums
+                    .push(((entry.name, w.service.to_string()), BTreeMap::new()));
+                &mut self.sums.last_mut().expect("pushed").1
+            }
+        };
+        let step_sums = steps.entry(at).or_default();
+        step_sums.amount += i128::from(w.amount);
+        step_sums.scale = w.scale;
+        step_sums.observed_ms += i128::from(w.observed_ms);
+        step_sums.present_ms += i128::from(w.present_ms);
+    }
+
+    /// The series, in metric and service order, and what a caller should know about them. A
+    /// step that ends after `data_to` (the end of the data so far) is taken over its part
+    /// before it.
+    pub fn finish(mut self, data_to: i64) -> (Vec<Series>, Vec<String>) {
+        let (start, step) = (self.start, self.step);
+        self.sums.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut warnings = Vec::new();
+        let mut series = Vec::new();
+        for ((name, service), steps) in self.sums {
+            let derive = self
+                .entries
+                .iter()
+                .find(|e| e.name == name)
+                .map_or(Derive::PerSecond, |e| e.derive);
+            let mut samples = Vec::with_capacity(steps.len());
+            let (mut total, mut unobserved, mut partial, mut worst) = (0f64, 0, 0, 1f64);
+            for (&at, s) in &steps {
+                let step_start = start + at * step;
+                let step_s = step.min(data_to - step_start).max(1) as f64 / 1_000.0;
+                let amount = s.amount as f64 / 10f64.powi(s.scale);
+                let value = match derive {
+                    Derive::PerSecond => amount / step_s,
+                    Derive::Total => {
+                        total += amount;
+                        total
+                    }
+                    Derive::Level(factor) => {
+                        if s.observed_ms <= 0 {
+                            unobserved += 1;
+                            continue;
+                        }
+                        if s.observed_ms < s.present_ms {
+                            partial += 1;
+                            worst = worst.min(s.observed_ms as f64 / s.present_ms as f64);
+                        }
+                        amount * (s.present_ms as f64 / s.observed_ms as f64) / step_s * factor
+                    }
+                };
+                samples.push((step_start, value));
+            }
+            let label = format!("{name}{{service={service:?}}}");
+            if let (Some(first), Some(last)) = (steps.keys().next(), steps.keys().last()) {
+                let gaps = (last - first + 1) as usize - steps.len();
+                if gaps > 0 {
+                    warnings.push(format!(
+                        "{label}: no data for {gaps} step(s) between its first and last sample: nothing of the lease ran or was read then"
+                    ));
+                }
+            }
+            if unobserved > 0 {
+                warnings.push(format!(
+                    "{label}: {unobserved} step(s) had the lease's containers running but no reading: left out, never filled"
+                ));
+            }
+            if partial > 0 {
+                warnings.push(format!(
+                    "{label}: {partial} step(s) observed in part (coverage {worst:.2} at worst): a container's unread time holds its mean over the read time"
+                ));
+            }
+            series.push(Series {
+                metric: name,
+                service,
+                samples,
+            });
+        }
+        (series, warnings)
+    }
+}
+
+/// The series of `entries` from a lease's base-window records ([`Steps`]).
+#[cfg(test)]
+fn build(
     updates: &[UsageUpdate],
     entries: &[&'static Entry],
     services: Option<&[&str]>,
     (start, end, step, data_to): (i64, i64, i64, i64),
 ) -> (Vec<Series>, Vec<String>) {
-    // (metric, service) → step index → sums
-    let mut sums: BTreeMap<(&'static str, &str), BTreeMap<i64, StepSums>> = BTreeMap::new();
+    let mut steps = Steps::new(entries, services, (start, end, step));
     for u in updates {
-        if u.window_start_ms < start || u.window_start_ms >= end {
-            continue;
-        }
-        let Some(entry) = entries.iter().find(|e| e.from == u.metric) else {
-            continue;
-        };
-        if services.is_some_and(|s| !s.contains(&u.service.as_str())) {
-            continue;
-        }
-        let at = (u.window_start_ms - start).div_euclid(step);
-        let step_sums = sums
-            .entry((entry.name, u.service.as_str()))
-            .or_default()
-            .entry(at)
-            .or_default();
-        step_sums.amount += i128::from(u.amount);
-        step_sums.scale = u.scale;
-        step_sums.observed_ms += i128::from(u.coverage_ms);
-        step_sums.present_ms += i128::from(u.present_ms);
+        steps.add(u.into());
     }
-    let mut warnings = Vec::new();
-    let mut series = Vec::new();
-    for ((name, service), steps) in sums {
-        let derive = entries
-            .iter()
-            .find(|e| e.name == name)
-            .map_or(Derive::PerSecond, |e| e.derive);
-        let mut samples = Vec::with_capacity(steps.len());
-        let (mut total, mut unobserved, mut partial, mut worst) = (0f64, 0, 0, 1f64);
-        for (&at, s) in &steps {
-            let step_start = start + at * step;
-            let step_s = step.min(data_to - step_start).max(1) as f64 / 1_000.0;
-            let amount = s.amount as f64 / 10f64.powi(s.scale);
-            let value = match derive {
-                Derive::PerSecond => amount / step_s,
-                Derive::Total => {
-                    total += amount;
-                    total
-                }
-                Derive::Level(factor) => {
-                    if s.observed_ms <= 0 {
-                        unobserved += 1;
-                        continue;
-                    }
-                    if s.observed_ms < s.present_ms {
-                        partial += 1;
-                        worst = worst.min(s.observed_ms as f64 / s.present_ms as f64);
-                    }
-                    amount * (s.present_ms as f64 / s.observed_ms as f64) / step_s * factor
-                }
-            };
-            samples.push((step_start, value));
-        }
-        let label = format!("{name}{{service={service:?}}}");
-        if let (Some(first), Some(last)) = (steps.keys().next(), steps.keys().last()) {
-            let gaps = (last - first + 1) as usize - steps.len();
-            if gaps > 0 {
-                warnings.push(format!(
-                    "{label}: no data for {gaps} step(s) between its first and last sample: nothing of the lease ran or was read then"
-                ));
-            }
-        }
-        if unobserved > 0 {
-            warnings.push(format!(
-                "{label}: {unobserved} step(s) had the lease's containers running but no reading: left out, never filled"
-            ));
-        }
-        if partial > 0 {
-            warnings.push(format!(
-                "{label}: {partial} step(s) observed in part (coverage {worst:.2} at worst): a container's unread time holds its mean over the read time"
-            ));
-        }
-        series.push(Series {
-            metric: name,
-            service: service.to_string(),
-            samples,
-        });
-    }
-    (series, warnings)
+    steps.finish(data_to)
 }
 
 /// The lease's identity, as the answer and every series' labels carry it.
@@ -534,17 +628,10 @@ pub(super) async fn lease_metrics(
             "the sink's store failed; retry, and see the sink's log",
         )
     };
-    let mut updates = match state.store.lease_usage(&owner, &lease, start, end) {
-        Ok(u) => u,
+    let base = match state.store.lease_window_ms(&owner, &lease, start, end) {
+        Ok(base) => base.unwrap_or(1).max(1),
         Err(e) => return unavailable(e),
     };
-    let base = updates
-        .iter()
-        .filter(|u| !u.metric.starts_with("live."))
-        .map(|u| u.window_end_ms - u.window_start_ms)
-        .max()
-        .unwrap_or(1)
-        .max(1);
     let step = round_up(asked, base);
     if step != asked {
         warnings.push(format!(
@@ -555,13 +642,21 @@ pub(super) async fn lease_metrics(
         ));
     }
     let (from, to) = (start.div_euclid(step) * step, round_up(end, step));
-    for (a, b) in [(from, start), (end, to)] {
-        if a < b {
-            match state.store.lease_usage(&owner, &lease, a, b) {
-                Ok(more) => updates.extend(more),
-                Err(e) => return unavailable(e),
-            }
-        }
+    // Steps of whole lease cells (5 minutes and more: the default from 24 hours on) are summed
+    // from the cells, twelve minute windows a read; finer ones from the windows themselves.
+    let mut steps = Steps::new(&entries, services.as_deref(), (from, to, step));
+    let read = if step % LEASE_CELL_MS == 0 {
+        state
+            .store
+            .each_lease_cell(&owner, &lease, from, to, |c| steps.add(c.into()))
+    } else {
+        state
+            .store
+            .lease_usage(&owner, &lease, from, to)
+            .map(|updates| updates.iter().for_each(|u| steps.add(u.into())))
+    };
+    if let Err(e) = read {
+        return unavailable(e);
     }
     // The last step, when the data does not reach its end yet, is taken over its part so far:
     // a rate over complete data, not one that climbs through the step.
@@ -578,12 +673,7 @@ pub(super) async fn lease_metrics(
     for name in &not_collected {
         warnings.push(format!("{name} is not collected by this provider"));
     }
-    let (series, mut more) = build(
-        &updates,
-        &entries,
-        services.as_deref(),
-        (from, to, step, watermark),
-    );
+    let (series, mut more) = steps.finish(watermark);
     warnings.append(&mut more);
     if let Err(denied) = take_series(&state, ROUTE, &claims, series.len()) {
         return *denied;
