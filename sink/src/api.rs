@@ -18,8 +18,9 @@ use serde_json::{Map, Value, json};
 
 use crate::auth::{Auth, Claims};
 use crate::metrics::Metrics;
-use crate::store::{HOUR_MS, HourCell, Hourly, Store, is_usage};
+use crate::store::{HOUR_MS, HourCell, Hourly, LEASE_CELL_MS, Store, is_usage};
 use crate::time::{format_rfc3339, month_name, month_start, next_month_start, parse_time};
+use aep43::Window;
 use meterflow_guard::params::{self, over_ms, parse_duration_ms, time_range};
 
 mod aep43;
@@ -1523,17 +1524,11 @@ async fn lease_metrics(
             "narrow it, or use /v1/tenants/{tenant}/usage?window=day",
         );
     };
-    let updates = match state.store.lease_usage(&tenant, &lease, start, end) {
-        Ok(u) => u,
+    // Series come in base windows: no step is finer than one.
+    let base = match state.store.lease_window_ms(&tenant, &lease, start, end) {
+        Ok(base) => base.unwrap_or(0),
         Err(e) => return internal(&state, ROUTE, e),
     };
-    // Series come in base windows: no step is finer than one.
-    let base = updates
-        .iter()
-        .filter(|u| !u.metric.starts_with("live."))
-        .map(|u| u.window_end_ms - u.window_start_ms)
-        .max()
-        .unwrap_or(0);
     let allowed = finest.max(base);
     let step = match q.step.as_deref() {
         None => allowed,
@@ -1560,19 +1555,44 @@ async fn lease_metrics(
     // metric → step start → sums
     let mut series: BTreeMap<String, BTreeMap<i64, Sums>> = BTreeMap::new();
     let mut names = Names::default();
-    for u in updates.iter().filter(|u| {
-        !u.metric.starts_with("live.")
-            && wanted
-                .as_ref()
-                .is_none_or(|w| w.contains(&u.metric.as_str()))
-    }) {
-        let at = start + (u.window_start_ms - start).div_euclid(step) * step;
-        series
-            .entry(u.metric.clone())
-            .or_default()
-            .entry(at)
-            .or_default()
-            .add(&mut names, u);
+    // A window counts in the step its start is in: where the steps' edges and the range's are
+    // edges of the lease's 5-minute cells, the cells (their windows summed) count the same.
+    let mut add = |window: Window<'_>, parts: (&str, &str, &str)| {
+        let metric = parts.0;
+        if metric.starts_with("live.") || wanted.as_ref().is_some_and(|w| !w.contains(&metric)) {
+            return;
+        }
+        let at = start + (window.start_ms - start).div_euclid(step) * step;
+        let steps = match series.get_mut(metric) {
+            Some(steps) => steps,
+            None => series.entry(metric.to_string()).or_default(),
+        };
+        steps.entry(at).or_default().add_parts(
+            &mut names,
+            parts,
+            window.amount,
+            window.scale,
+            (window.observed_ms, window.present_ms),
+        );
+    };
+    let read = if [start, end, step].iter().all(|t| t % LEASE_CELL_MS == 0) {
+        state
+            .store
+            .each_lease_cell(&tenant, &lease, start, end, |c| {
+                add(c.into(), (c.metric, c.gpu_class, c.mig_profile))
+            })
+    } else {
+        state
+            .store
+            .lease_usage(&tenant, &lease, start, end)
+            .map(|updates| {
+                for u in &updates {
+                    add(u.into(), (&u.metric, &u.gpu_class, &u.mig_profile));
+                }
+            })
+    };
+    if let Err(e) = read {
+        return internal(&state, ROUTE, e);
     }
     if let Err(denied) = take_series(&state, ROUTE, &claims, series.len()) {
         return *denied;
