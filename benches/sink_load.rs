@@ -339,6 +339,7 @@ fn main() {
                     series_per_s: 1e12,
                     series_burst: 1e12,
                     max_series_per_query: usize::MAX,
+                    max_open_feeds: usize::MAX,
                 },
                 keep_alive: Duration::from_secs(15),
                 provider: String::new(),

@@ -277,6 +277,10 @@ struct SinkArgs {
     /// a hint to narrow it.
     #[arg(long, default_value_t = 5_000)]
     max_series_per_query: usize,
+    /// The most Server-Sent Events feeds one tenant (or operator) may hold open at once
+    /// (AEP-43's 20 concurrent queries): another is refused (429) until one closes.
+    #[arg(long, default_value_t = 20)]
+    max_open_feeds: usize,
     /// How often an idle Server-Sent Events feed sends a keep-alive comment.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     keep_alive: Duration,
@@ -1005,6 +1009,7 @@ impl SinkArgs {
             series_per_s: series,
             series_burst,
             max_series_per_query: self.max_series_per_query.max(1),
+            max_open_feeds: self.max_open_feeds.max(1),
         })
     }
 

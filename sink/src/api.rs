@@ -48,6 +48,8 @@ pub struct AppState {
     pub provider: String,
     /// The most series one answer may hold.
     pub max_series_per_query: usize,
+    /// The feeds each caller holds open, and how many it may.
+    pub open_feeds: Arc<crate::limits::OpenFeeds>,
     /// The key of feed tickets (a browser's way into a feed).
     pub tickets: crate::tickets::Tickets,
 }
@@ -1731,11 +1733,12 @@ async fn tenant_feed(
     Params(q): Params<TenantFeedQuery>,
 ) -> Response {
     const ROUTE: &str = "/v1/feeds/tenants/{tenant}";
-    if let Err(denied) = authenticate(&state, &headers, q.ticket.as_deref(), ROUTE)
+    let claims = match authenticate(&state, &headers, q.ticket.as_deref(), ROUTE)
         .and_then(|claims| permit(&state, ROUTE, claims, Need::Tenant(&tenant)))
     {
-        return *denied;
-    }
+        Ok(claims) => claims,
+        Err(denied) => return *denied,
+    };
     if let Err(denied) = check_name(&state, ROUTE, "tenant", &tenant) {
         return *denied;
     }
@@ -1746,10 +1749,18 @@ async fn tenant_feed(
             return error(&state, ROUTE, StatusCode::BAD_REQUEST, message, hint);
         }
     };
+    let held = match hold_feed(&state, ROUTE, &claims) {
+        Ok(held) => held,
+        Err(denied) => return *denied,
+    };
     count(&state, ROUTE, StatusCode::OK);
-    feed(&state, &headers, "tenant", "burn-rate", move |state| {
-        burn_rate_json(state, &tenant, over_ms).map(Some)
-    })
+    feed(
+        &state,
+        &headers,
+        ("tenant", held),
+        "burn-rate",
+        move |state| burn_rate_json(state, &tenant, over_ms).map(Some),
+    )
 }
 
 /// A lease's live values as Server-Sent Events, for autoscalers: the live answer now, then
@@ -1772,15 +1783,25 @@ async fn lease_feed(
                 (&lease, q.tenant.as_deref(), "tenant"),
             )
         });
-    let (tenant, _) = match owner {
+    let (tenant, claims) = match owner {
         Ok(owner) => owner,
         Err(denied) => return *denied,
     };
+    let held = match hold_feed(&state, ROUTE, &claims) {
+        Ok(held) => held,
+        Err(denied) => return *denied,
+    };
     count(&state, ROUTE, StatusCode::OK);
-    feed(&state, &headers, "lease", "utilization", move |state| {
-        // Nothing to say until the lease has a reading.
-        live_json(state, &tenant, &lease).map(|(answer, at)| at.map(|at| (answer, at)))
-    })
+    feed(
+        &state,
+        &headers,
+        ("lease", held),
+        "utilization",
+        move |state| {
+            // Nothing to say until the lease has a reading.
+            live_json(state, &tenant, &lease).map(|(answer, at)| at.map(|at| (answer, at)))
+        },
+    )
 }
 
 /// The shortest time between two looks of a feed at the store.
@@ -1794,19 +1815,51 @@ fn event_id(at_ms: i64, body: &str) -> String {
     format!("{at_ms}-{hash:016x}")
 }
 
-/// Counts a feed while it is open.
-struct OpenFeed(prometheus::IntGauge);
+/// A place for one more feed of the caller (`--max-open-feeds`), or 429: a feed is a query
+/// that stays open, and AEP-43 allows a tenant 20 at once. Retry-After is the keep-alive
+/// interval: a feed whose client went is noticed, and its place freed, when its next
+/// keep-alive cannot be written.
+fn hold_feed(
+    state: &AppState,
+    route: &str,
+    claims: &Claims,
+) -> Result<crate::limits::FeedPermit, Denied> {
+    let who = caller(claims);
+    state.open_feeds.open(&who).ok_or_else(|| {
+        let retry = state.keep_alive.as_secs().max(1);
+        let mut answer = error(
+            state,
+            route,
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{who} has {} feeds open, the most one caller may hold",
+                state.open_feeds.max()
+            ),
+            "close one first (each browser tab or autoscaler connection holds one), or follow several leases through the tenant feed",
+        );
+        if let Ok(value) = header::HeaderValue::from_str(&retry.to_string()) {
+            answer.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        Box::new(answer)
+    })
+}
+
+/// Counts a feed while it is open, and holds its caller's place (given back when dropped).
+struct OpenFeed {
+    gauge: prometheus::IntGauge,
+    _held: crate::limits::FeedPermit,
+}
 
 impl OpenFeed {
-    fn new(gauge: prometheus::IntGauge) -> Self {
+    fn new(gauge: prometheus::IntGauge, held: crate::limits::FeedPermit) -> Self {
         gauge.inc();
-        Self(gauge)
+        Self { gauge, _held: held }
     }
 }
 
 impl Drop for OpenFeed {
     fn drop(&mut self) {
-        self.0.dec();
+        self.gauge.dec();
     }
 }
 
@@ -1816,7 +1869,7 @@ impl Drop for OpenFeed {
 fn feed<F>(
     state: &AppState,
     headers: &HeaderMap,
-    kind: &'static str,
+    (kind, held): (&'static str, crate::limits::FeedPermit),
     event: &'static str,
     answer: F,
 ) -> Response
@@ -1830,7 +1883,7 @@ where
     let mut updates = state.updates.clone();
     // The first turn answers at once.
     updates.mark_changed();
-    let open = OpenFeed::new(state.metrics.feeds_open.with_label_values(&[kind]));
+    let open = OpenFeed::new(state.metrics.feeds_open.with_label_values(&[kind]), held);
     let start = (
         state.clone(),
         updates,

@@ -109,6 +109,7 @@ pub async fn start(
         shutdown: shutdown.clone(),
         provider: config.provider.clone(),
         max_series_per_query: config.limits.max_series_per_query,
+        open_feeds: limits::OpenFeeds::new(config.limits.max_open_feeds.max(1)),
         tickets: tickets::Tickets::new().map_err(SinkError::TicketKey)?,
     };
     let consuming = {

@@ -1,10 +1,11 @@
 //! Per-tenant limits (SPEC: HTTP API): token buckets per caller — the tenant of a tenant token,
 //! the subject of an operator token — one for requests, one for series read
 //! (series-cardinality). An empty bucket answers 429 with `Retry-After`; an answer of more
-//! series than `max_series_per_query` is refused (400) whatever the bucket holds.
+//! series than `max_series_per_query` is refused (400) whatever the bucket holds; a caller
+//! with `max_open_feeds` feeds open gets 429 for another until one closes.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How much a caller may ask for.
@@ -22,6 +23,9 @@ pub struct Limits {
     /// The most series one answer may hold (AEP-43: 5,000): a larger one is refused (400),
     /// whatever the bucket holds.
     pub max_series_per_query: usize,
+    /// The most Server-Sent Events feeds one caller may hold open at once (AEP-43: 20
+    /// concurrent queries per tenant; a feed is a query that stays open).
+    pub max_open_feeds: usize,
 }
 
 impl Default for Limits {
@@ -32,6 +36,7 @@ impl Default for Limits {
             series_per_s: 2_000.0,
             series_burst: 20_000.0,
             max_series_per_query: 5_000,
+            max_open_feeds: 20,
         }
     }
 }
@@ -90,6 +95,78 @@ impl RateLimiter {
     }
 }
 
+/// The feeds each caller holds open, at most `max` each.
+#[derive(Debug)]
+pub struct OpenFeeds {
+    max: usize,
+    open: Mutex<HashMap<String, usize>>,
+}
+
+/// One open feed of a caller: counted until dropped (the feed's stream ends or its client goes).
+#[derive(Debug)]
+pub struct FeedPermit {
+    feeds: Arc<OpenFeeds>,
+    caller: String,
+}
+
+impl OpenFeeds {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            open: Mutex::default(),
+        })
+    }
+
+    /// The most feeds a caller may hold open.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// A permit for one more feed of `caller`; `None` when it holds `max` already.
+    pub fn open(self: &Arc<Self>, caller: &str) -> Option<FeedPermit> {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let n = open.entry(caller.to_string()).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(FeedPermit {
+            feeds: self.clone(),
+            caller: caller.to_string(),
+        })
+    }
+
+    /// How many feeds `caller` holds open.
+    pub fn held(&self, caller: &str) -> usize {
+        self.open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(caller)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for FeedPermit {
+    fn drop(&mut self) {
+        let mut open = self
+            .feeds
+            .open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(n) = open.get_mut(&self.caller) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                // Callers come and go: the map keeps only those with a feed open.
+                open.remove(&self.caller);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +186,25 @@ mod tests {
         let later = t0 + Duration::from_millis(500);
         assert!(limiter.take("acme", 1, later).is_ok());
         assert!(limiter.take("acme", 1, later).is_err());
+    }
+
+    #[test]
+    fn a_caller_holds_at_most_its_feeds_and_a_closed_one_frees_its_place() {
+        let feeds = OpenFeeds::new(2);
+        let first = feeds.open("acme").expect("first");
+        let _second = feeds.open("acme").expect("second");
+        assert!(feeds.open("acme").is_none(), "a third is refused");
+        // Another caller has places of its own.
+        let globex = feeds.open("globex").expect("globex's first");
+        drop(first);
+        assert_eq!(feeds.held("acme"), 1);
+        let _third = feeds.open("acme").expect("a place came free");
+        drop(globex);
+        assert_eq!(feeds.held("globex"), 0);
+        assert!(
+            !feeds.open.lock().expect("lock").contains_key("globex"),
+            "a caller with no feed open is forgotten"
+        );
     }
 
     #[test]

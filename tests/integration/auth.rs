@@ -8,7 +8,7 @@ use std::time::Duration;
 use meterflow_ingest::Publisher;
 use meterflow_sink::auth::SigningKey;
 
-use crate::common::{ED25519_PRIVATE, Pipeline, SECRET, get_as, poll_json, token_with};
+use crate::common::{ED25519_PRIVATE, Feed, Pipeline, SECRET, get_as, poll_json, token_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_answers_each_kind_of_caller_as_it_should() {
@@ -233,6 +233,65 @@ async fn scenario(limits: meterflow_sink::limits::Limits) -> Pipeline {
     )
     .await;
     pipeline
+}
+
+/// A feed is a query that stays open (AEP-43: 20 concurrent queries per tenant): a tenant
+/// holding its most gets 429 with Retry-After for another, of either kind, until one closes;
+/// another tenant's places are its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_holding_its_most_feeds_gets_429_until_one_closes() {
+    let pipeline = scenario(meterflow_sink::limits::Limits {
+        max_open_feeds: 2,
+        ..Default::default()
+    })
+    .await;
+    let acme = crate::common::token("acme");
+    let tenant_feed = pipeline.url("/v1/feeds/tenants/acme");
+    let lease_feed = pipeline.url("/v1/feeds/leases/100.1.1");
+    let ask = |url: String| {
+        let acme = acme.clone();
+        async move {
+            reqwest::Client::new()
+                .get(&url)
+                .bearer_auth(&acme)
+                .send()
+                .await
+                .expect("sink answers")
+        }
+    };
+    let first = Feed::open(&tenant_feed, &acme, None).await;
+    let second = Feed::open(&lease_feed, &acme, None).await;
+    for url in [&tenant_feed, &lease_feed] {
+        let r = ask(url.clone()).await;
+        assert_eq!(r.status(), 429, "{url}");
+        // The tests' sinks keep feeds alive every second: a gone client's place is free by then.
+        assert_eq!(
+            r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+            Some("1")
+        );
+        let body = r.text().await.expect("body");
+        assert!(body.contains("acme has 2 feeds open"), "{body}");
+    }
+    let globex = crate::common::token("globex");
+    let _theirs = Feed::open(&pipeline.url("/v1/feeds/tenants/globex"), &globex, None).await;
+    // One closed: its place is free once the sink notices, at the latest when its next
+    // keep-alive finds no one to write to.
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = ask(tenant_feed.clone()).await;
+        if r.status() == 200 {
+            break;
+        }
+        assert_eq!(r.status(), 429);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed feed's place never came free"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(second);
+    pipeline.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

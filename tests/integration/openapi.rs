@@ -31,6 +31,7 @@ async fn schemathesis_finds_no_server_error_and_no_answer_the_document_does_not_
         series_per_s: 1e9,
         series_burst: 1e9,
         max_series_per_query: usize::MAX,
+        max_open_feeds: usize::MAX,
     };
     let (pipeline, _) = crate::deploy::components_after_work(unlimited).await;
     let url = pipeline.url("/openapi.json");
