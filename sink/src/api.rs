@@ -4,6 +4,7 @@
 //! equal). Every `/v1` route checks the caller's bearer token first (see [`crate::auth`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, MatchedPath, Path, Query, State};
@@ -204,21 +205,27 @@ fn too_many(
 /// Takes an answer's series from the caller's series bucket (SPEC: series-cardinality limits):
 /// a caller may read `--series-limit` series per second, `--series-burst` at once, and no
 /// answer holds more than `--max-series-per-query` (400).
+/// 400 for an answer of `series` (a count, or "at least" one) series, more than one query may
+/// hold.
+fn over_cap(state: &AppState, route: &str, series: String) -> Denied {
+    let max = state.max_series_per_query;
+    Box::new(error(
+        state,
+        route,
+        StatusCode::BAD_REQUEST,
+        format!("this answer would hold {series} series; one query answers at most {max}"),
+        "narrow it: fewer leases, services or metrics, a coarser group_by, or a shorter range",
+    ))
+}
+
 fn take_series(
     state: &AppState,
     route: &str,
     claims: &Claims,
     series: usize,
 ) -> Result<(), Denied> {
-    let max = state.max_series_per_query;
-    if series > max {
-        return Err(Box::new(error(
-            state,
-            route,
-            StatusCode::BAD_REQUEST,
-            format!("this answer would hold {series} series; one query answers at most {max}"),
-            "narrow it: fewer leases, services or metrics, a coarser group_by, or a shorter range",
-        )));
+    if series > state.max_series_per_query {
+        return Err(over_cap(state, route, series.to_string()));
     }
     state
         .series_limiter
@@ -620,15 +627,15 @@ struct UsageAnswer<'a> {
 }
 
 /// A tenant's usage over `[from, to)`: the whole hours as its hour cells of `view` (when
-/// `by_cells`), each passed to `cell`, and the partial hours at either end (or all of it) as
-/// base windows ([`is_usage`] records), returned. Summed, the two are what the records alone
+/// `by_cells`), each passed to `cell` until it says to stop, and the partial hours at either
+/// end (or all of it) as base windows ([`is_usage`] records), returned. Summed, the two are what the records alone
 /// sum to, to the millisecond.
 fn usage_parts(
     store: &Store,
     tenant: &str,
     (view, by_cells): (Hourly, bool),
     (from, to): (i64, i64),
-    cell: impl FnMut(&HourCell<'_>),
+    cell: impl FnMut(&HourCell<'_>) -> ControlFlow<()>,
 ) -> Result<Vec<UsageUpdate>, crate::store::StoreError> {
     let (first_hour, last_hour) = (
         (from + HOUR_MS - 1).div_euclid(HOUR_MS) * HOUR_MS,
@@ -657,6 +664,8 @@ fn usage_parts(
 /// hashing, and none allocates once its group, bucket and names were seen.
 struct Tally<'q> {
     group_by: &'q [&'q str],
+    /// The most groups an answer may hold: summing stops at the first one past it.
+    max_groups: usize,
     names: Names,
     /// A group's values joined by NUL → its id; id → its values.
     ids: FxMap<String, u32>,
@@ -672,9 +681,10 @@ struct Tally<'q> {
 }
 
 impl<'q> Tally<'q> {
-    fn new(group_by: &'q [&'q str]) -> Self {
+    fn new(group_by: &'q [&'q str], max_groups: usize) -> Self {
         Self {
             group_by,
+            max_groups,
             names: Names::default(),
             ids: FxMap::default(),
             groups: Vec::new(),
@@ -751,11 +761,22 @@ impl<'q> Tally<'q> {
         self.totals.add(&mut self.names, u);
     }
 
-    fn add_cell(&mut self, bucket: (i64, i64), c: &HourCell<'_>) {
+    /// Adds a cell; says to stop once the answer has more groups than it may hold (it will be
+    /// refused: reading the rest would be work for nothing).
+    fn add_cell(&mut self, bucket: (i64, i64), c: &HourCell<'_>) -> ControlFlow<()> {
         let group = self.group([c.lease, c.service, c.gpu_class, c.mig_profile]);
+        if self.over() {
+            return ControlFlow::Break(());
+        }
         let at = self.row(bucket, group);
         self.rows[at].3.add_cell(&mut self.names, c);
         self.totals.add_cell(&mut self.names, c);
+        ControlFlow::Continue(())
+    }
+
+    /// Whether summing stopped at a group past the most an answer may hold.
+    fn over(&self) -> bool {
+        self.groups.len() > self.max_groups
     }
 
     /// The rows in answer order (bucket start and end, then group values).
@@ -869,13 +890,16 @@ async fn tenant_usage(
     } else {
         Hourly::Tenant
     };
-    let mut tally = Tally::new(&group_by);
+    let mut tally = Tally::new(&group_by, state.max_series_per_query);
     let updates = match usage_parts(&state.store, &tenant, (view, by_cells), (from, to), |c| {
         tally.add_cell(bucket(c.hour_start_ms), c)
     }) {
         Ok(updates) => updates,
         Err(e) => return internal(&state, ROUTE, e),
     };
+    if tally.over() {
+        return *over_cap(&state, ROUTE, format!("at least {}", tally.groups.len()));
+    }
     for u in &updates {
         tally.add(bucket(u.window_start_ms), u);
     }
@@ -1301,6 +1325,7 @@ async fn fleet_usage(
                     .or_default()
                     .add_cell(&mut names, c);
                 totals.add_cell(&mut names, c);
+                ControlFlow::Continue(())
             },
         ) {
             Ok(updates) => updates,
@@ -2148,7 +2173,7 @@ mod tests {
     #[test]
     fn a_tally_orders_rows_by_bucket_then_group_whatever_order_cells_come_in() {
         let group_by = ["lease"];
-        let mut tally = Tally::new(&group_by);
+        let mut tally = Tally::new(&group_by, usize::MAX);
         // Lease b is seen before lease a; hours 0 and 1 fall in day 0, hour 24 in day 1.
         for c in [
             cell(0, "b", "gpu_seconds", 1_000),
@@ -2157,7 +2182,7 @@ mod tests {
             cell(1, "b", "gpu_seconds", 4_000),
             cell(24, "a", "cpu_core_seconds", 5_000),
         ] {
-            tally.add_cell(fixed(c.hour_start_ms, 86_400_000), &c);
+            let _ = tally.add_cell(fixed(c.hour_start_ms, 86_400_000), &c);
         }
         let summed = tally.finish();
         assert_eq!(

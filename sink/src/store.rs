@@ -708,20 +708,23 @@ impl Store {
         to_ms: i64,
     ) -> Result<Vec<Cell>, StoreError> {
         let mut out = Vec::new();
-        self.each_hourly(view, tenant, from_ms, to_ms, |c| out.push(c.to_cell()))?;
+        self.each_hourly(view, tenant, from_ms, to_ms, |c| {
+            out.push(c.to_cell());
+            ControlFlow::Continue(())
+        })?;
         Ok(out)
     }
 
     /// Calls `each` with every hour cell [`Store::hourly`] would return, in the same order,
-    /// its names borrowed from the stored key: a month of a hundred leases is 216,000 cells,
-    /// read without allocating one of them.
+    /// its names borrowed from the stored key (a month of a hundred leases is 216,000 cells,
+    /// read without allocating one of them), until it says to stop.
     pub fn each_hourly(
         &self,
         view: Hourly,
         tenant: &str,
         from_ms: i64,
         to_ms: i64,
-        mut each: impl FnMut(&HourCell<'_>),
+        mut each: impl FnMut(&HourCell<'_>) -> ControlFlow<()>,
     ) -> Result<(), StoreError> {
         self.scan(hour_prefix(view, tenant), from_ms, to_ms, |rest, v| {
             let (Some(hour), Some((amount, scale, coverage_ms, present_ms))) = (
@@ -742,7 +745,7 @@ impl Store {
                 Hourly::Tenant => ("", ""),
                 Hourly::Lease => (next(), next()),
             };
-            each(&HourCell {
+            Ok(each(&HourCell {
                 hour_start_ms: hour,
                 lease,
                 service,
@@ -753,8 +756,7 @@ impl Store {
                 scale,
                 coverage_ms,
                 present_ms,
-            });
-            Ok(ControlFlow::Continue(()))
+            }))
         })
     }
 
