@@ -19,7 +19,7 @@ use serde_json::{Map, Value, json};
 
 use crate::auth::{Auth, Claims};
 use crate::metrics::Metrics;
-use crate::store::{HOUR_MS, HourCell, Hourly, LEASE_CELL_MS, Store, is_usage};
+use crate::store::{CellRef, HOUR_MS, Hourly, LEASE_CELL_MS, Store, is_usage};
 use crate::time::{format_rfc3339, month_name, month_start, next_month_start, parse_time};
 use aep43::Window;
 use meterflow_guard::params::{self, over_ms, parse_duration_ms, time_range};
@@ -481,7 +481,7 @@ impl Sums {
         );
     }
 
-    fn add_cell(&mut self, names: &mut Names, c: &HourCell<'_>) {
+    fn add_cell(&mut self, names: &mut Names, c: &CellRef<'_>) {
         self.add_parts(
             names,
             (c.metric, c.gpu_class, c.mig_profile),
@@ -635,7 +635,7 @@ fn usage_parts(
     tenant: &str,
     (view, by_cells): (Hourly, bool),
     (from, to): (i64, i64),
-    cell: impl FnMut(&HourCell<'_>) -> ControlFlow<()>,
+    cell: impl FnMut(&CellRef<'_>) -> ControlFlow<()>,
 ) -> Result<Vec<UsageUpdate>, crate::store::StoreError> {
     let (first_hour, last_hour) = (
         (from + HOUR_MS - 1).div_euclid(HOUR_MS) * HOUR_MS,
@@ -763,7 +763,7 @@ impl<'q> Tally<'q> {
 
     /// Adds a cell; says to stop once the answer has more groups than it may hold (it will be
     /// refused: reading the rest would be work for nothing).
-    fn add_cell(&mut self, bucket: (i64, i64), c: &HourCell<'_>) -> ControlFlow<()> {
+    fn add_cell(&mut self, bucket: (i64, i64), c: &CellRef<'_>) -> ControlFlow<()> {
         let group = self.group([c.lease, c.service, c.gpu_class, c.mig_profile]);
         if self.over() {
             return ControlFlow::Break(());
@@ -892,7 +892,7 @@ async fn tenant_usage(
     };
     let mut tally = Tally::new(&group_by, state.max_series_per_query);
     let updates = match usage_parts(&state.store, &tenant, (view, by_cells), (from, to), |c| {
-        tally.add_cell(bucket(c.hour_start_ms), c)
+        tally.add_cell(bucket(c.start_ms), c)
     }) {
         Ok(updates) => updates,
         Err(e) => return internal(&state, ROUTE, e),
@@ -2155,9 +2155,9 @@ mod tests {
         assert_eq!(finest_step_ms(30 * 24 * 60 * M + 1), None);
     }
 
-    fn cell<'a>(hour: i64, lease: &'a str, metric: &'a str, amount: i64) -> HourCell<'a> {
-        HourCell {
-            hour_start_ms: hour * HOUR_MS,
+    fn cell<'a>(hour: i64, lease: &'a str, metric: &'a str, amount: i64) -> CellRef<'a> {
+        CellRef {
+            start_ms: hour * HOUR_MS,
             lease,
             service: "web",
             metric,
@@ -2182,7 +2182,7 @@ mod tests {
             cell(1, "b", "gpu_seconds", 4_000),
             cell(24, "a", "cpu_core_seconds", 5_000),
         ] {
-            let _ = tally.add_cell(fixed(c.hour_start_ms, 86_400_000), &c);
+            let _ = tally.add_cell(fixed(c.start_ms, 86_400_000), &c);
         }
         let summed = tally.finish();
         assert_eq!(

@@ -170,10 +170,12 @@ pub struct Cell {
     pub present_ms: i64,
 }
 
-/// A [`Cell`] whose names are borrowed from the store's key ([`Store::each_hourly`]).
+/// A cell of an hour view ([`Store::each_hourly`]) or a lease cell ([`Store::each_lease_cell`])
+/// as it is read: its names borrowed from the store's key, `lease` and `service` empty in a
+/// tenant's hour view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HourCell<'a> {
-    pub hour_start_ms: i64,
+pub struct CellRef<'a> {
+    pub start_ms: i64,
     pub lease: &'a str,
     pub service: &'a str,
     pub metric: &'a str,
@@ -185,10 +187,10 @@ pub struct HourCell<'a> {
     pub present_ms: i64,
 }
 
-impl HourCell<'_> {
+impl CellRef<'_> {
     pub fn to_cell(&self) -> Cell {
         Cell {
-            hour_start_ms: self.hour_start_ms,
+            hour_start_ms: self.start_ms,
             lease: self.lease.to_string(),
             service: self.service.to_string(),
             metric: self.metric.to_string(),
@@ -257,18 +259,26 @@ fn add_cells(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> 
     Some(encode_cell(sum.0, sum.1, sum.2, sum.3))
 }
 
-/// One lease cell ([`Store::each_lease_cell`]): its start, service and aggregate, and sums.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LeaseCell<'a> {
-    pub start_ms: i64,
-    pub service: &'a str,
-    pub metric: &'a str,
-    pub gpu_class: &'a str,
-    pub mig_profile: &'a str,
-    pub amount: i64,
-    pub scale: i32,
-    pub coverage_ms: i64,
-    pub present_ms: i64,
+/// A cell's sums: amount, scale, coverage, present.
+type CellSums = (i64, i32, i64, i64);
+
+/// A cell's entry under its view's prefix (`rest`: its start, then its names, each ended by a
+/// NUL) and its value: the start, the names in key order, the sums.
+fn read_cell<'k>(
+    rest: &'k [u8],
+    value: &[u8],
+) -> Option<(i64, impl Iterator<Item = &'k str>, CellSums)> {
+    let start = rest
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(|b| (u64::from_be_bytes(b) ^ (1 << 63)) as i64)?;
+    let sums = decode_cell(value)?;
+    // Keys are written from strings: a part that is not UTF-8 is a corrupt key, read as empty
+    // rather than failing the answer.
+    let names = rest[8..]
+        .split(|b| *b == 0)
+        .map(|p| std::str::from_utf8(p).unwrap_or_default());
+    Some((start, names, sums))
 }
 
 /// The two hour views: summed over leases (`h`), or per lease and service (`g`).
@@ -724,29 +734,21 @@ impl Store {
         tenant: &str,
         from_ms: i64,
         to_ms: i64,
-        mut each: impl FnMut(&HourCell<'_>) -> ControlFlow<()>,
+        mut each: impl FnMut(&CellRef<'_>) -> ControlFlow<()>,
     ) -> Result<(), StoreError> {
         self.scan(hour_prefix(view, tenant), from_ms, to_ms, |rest, v| {
-            let (Some(hour), Some((amount, scale, coverage_ms, present_ms))) = (
-                rest.get(..8)
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(|b| (u64::from_be_bytes(b) ^ (1 << 63)) as i64),
-                decode_cell(v),
-            ) else {
+            let Some((start_ms, mut names, (amount, scale, coverage_ms, present_ms))) =
+                read_cell(rest, v)
+            else {
                 return Ok(ControlFlow::Continue(()));
             };
-            // Keys are written from strings: a part that is not UTF-8 is a corrupt key, read
-            // as empty rather than failing the answer.
-            let mut parts = rest[8..]
-                .split(|b| *b == 0)
-                .map(|p| std::str::from_utf8(p).unwrap_or_default());
-            let mut next = || parts.next().unwrap_or_default();
+            let mut next = || names.next().unwrap_or_default();
             let (lease, service) = match view {
                 Hourly::Tenant => ("", ""),
                 Hourly::Lease => (next(), next()),
             };
-            Ok(each(&HourCell {
-                hour_start_ms: hour,
+            Ok(each(&CellRef {
+                start_ms,
                 lease,
                 service,
                 metric: next(),
@@ -768,36 +770,30 @@ impl Store {
         lease: &str,
         from_ms: i64,
         to_ms: i64,
-        mut each: impl FnMut(&LeaseCell<'_>),
+        mut each: impl FnMut(&CellRef<'_>),
     ) -> Result<(), StoreError> {
         self.scan(
             lease_cells_prefix(tenant, lease),
             from_ms,
             to_ms,
             |rest, v| {
-                let (Some(start_ms), Some((amount, scale, coverage_ms, present_ms))) = (
-                    rest.get(..8)
-                        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                        .map(|b| (u64::from_be_bytes(b) ^ (1 << 63)) as i64),
-                    decode_cell(v),
-                ) else {
-                    return Ok(ControlFlow::Continue(()));
-                };
-                let mut parts = rest[8..]
-                    .split(|b| *b == 0)
-                    .map(|p| std::str::from_utf8(p).unwrap_or_default());
-                let mut next = || parts.next().unwrap_or_default();
-                each(&LeaseCell {
-                    start_ms,
-                    service: next(),
-                    metric: next(),
-                    gpu_class: next(),
-                    mig_profile: next(),
-                    amount,
-                    scale,
-                    coverage_ms,
-                    present_ms,
-                });
+                if let Some((start_ms, mut names, (amount, scale, coverage_ms, present_ms))) =
+                    read_cell(rest, v)
+                {
+                    let mut next = || names.next().unwrap_or_default();
+                    each(&CellRef {
+                        start_ms,
+                        lease,
+                        service: next(),
+                        metric: next(),
+                        gpu_class: next(),
+                        mig_profile: next(),
+                        amount,
+                        scale,
+                        coverage_ms,
+                        present_ms,
+                    });
+                }
                 Ok(ControlFlow::Continue(()))
             },
         )

@@ -26,7 +26,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{AppState, Need, Params, comma_list, count, error, lease_owner, take_series};
-use crate::store::{LEASE_CELL_MS, LeaseCell};
+use crate::store::{CellRef, LEASE_CELL_MS};
 use crate::time::format_rfc3339;
 
 /// Query of `GET /lease/{dseq}/{gseq}/{oseq}/metrics`.
@@ -218,8 +218,8 @@ impl<'a> From<&'a UsageUpdate> for Window<'a> {
     }
 }
 
-impl<'a> From<&LeaseCell<'a>> for Window<'a> {
-    fn from(c: &LeaseCell<'a>) -> Self {
+impl<'a> From<&CellRef<'a>> for Window<'a> {
+    fn from(c: &CellRef<'a>) -> Self {
         Self {
             start_ms: c.start_ms,
             service: c.service,
