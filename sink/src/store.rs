@@ -259,26 +259,48 @@ fn add_cells(_key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> 
     Some(encode_cell(sum.0, sum.1, sum.2, sum.3))
 }
 
-/// A cell's sums: amount, scale, coverage, present.
-type CellSums = (i64, i32, i64, i64);
+/// What a cell key names between its start and its aggregate.
+#[derive(Clone, Copy)]
+enum KeyNames<'k> {
+    /// Nothing: a tenant's hour (`h`).
+    Neither,
+    /// The lease and the service: a lease's hour (`g`).
+    LeaseAndService,
+    /// The service, of a lease the prefix named: a lease cell (`p`).
+    ServiceOf(&'k str),
+}
 
 /// A cell's entry under its view's prefix (`rest`: its start, then its names, each ended by a
-/// NUL) and its value: the start, the names in key order, the sums.
-fn read_cell<'k>(
-    rest: &'k [u8],
-    value: &[u8],
-) -> Option<(i64, impl Iterator<Item = &'k str>, CellSums)> {
-    let start = rest
+/// NUL) and its value, as a [`CellRef`].
+fn read_cell<'k>(rest: &'k [u8], value: &[u8], key: KeyNames<'k>) -> Option<CellRef<'k>> {
+    let start_ms = rest
         .get(..8)
         .and_then(|b| <[u8; 8]>::try_from(b).ok())
         .map(|b| (u64::from_be_bytes(b) ^ (1 << 63)) as i64)?;
-    let sums = decode_cell(value)?;
+    let (amount, scale, coverage_ms, present_ms) = decode_cell(value)?;
     // Keys are written from strings: a part that is not UTF-8 is a corrupt key, read as empty
     // rather than failing the answer.
-    let names = rest[8..]
+    let mut names = rest[8..]
         .split(|b| *b == 0)
         .map(|p| std::str::from_utf8(p).unwrap_or_default());
-    Some((start, names, sums))
+    let mut next = || names.next().unwrap_or_default();
+    let (lease, service) = match key {
+        KeyNames::Neither => ("", ""),
+        KeyNames::LeaseAndService => (next(), next()),
+        KeyNames::ServiceOf(lease) => (lease, next()),
+    };
+    Some(CellRef {
+        start_ms,
+        lease,
+        service,
+        metric: next(),
+        gpu_class: next(),
+        mig_profile: next(),
+        amount,
+        scale,
+        coverage_ms,
+        present_ms,
+    })
 }
 
 /// The two hour views: summed over leases (`h`), or per lease and service (`g`).
@@ -736,29 +758,12 @@ impl Store {
         to_ms: i64,
         mut each: impl FnMut(&CellRef<'_>) -> ControlFlow<()>,
     ) -> Result<(), StoreError> {
+        let key = match view {
+            Hourly::Tenant => KeyNames::Neither,
+            Hourly::Lease => KeyNames::LeaseAndService,
+        };
         self.scan(hour_prefix(view, tenant), from_ms, to_ms, |rest, v| {
-            let Some((start_ms, mut names, (amount, scale, coverage_ms, present_ms))) =
-                read_cell(rest, v)
-            else {
-                return Ok(ControlFlow::Continue(()));
-            };
-            let mut next = || names.next().unwrap_or_default();
-            let (lease, service) = match view {
-                Hourly::Tenant => ("", ""),
-                Hourly::Lease => (next(), next()),
-            };
-            Ok(each(&CellRef {
-                start_ms,
-                lease,
-                service,
-                metric: next(),
-                gpu_class: next(),
-                mig_profile: next(),
-                amount,
-                scale,
-                coverage_ms,
-                present_ms,
-            }))
+            Ok(read_cell(rest, v, key).map_or(ControlFlow::Continue(()), |c| each(&c)))
         })
     }
 
@@ -777,22 +782,8 @@ impl Store {
             from_ms,
             to_ms,
             |rest, v| {
-                if let Some((start_ms, mut names, (amount, scale, coverage_ms, present_ms))) =
-                    read_cell(rest, v)
-                {
-                    let mut next = || names.next().unwrap_or_default();
-                    each(&CellRef {
-                        start_ms,
-                        lease,
-                        service: next(),
-                        metric: next(),
-                        gpu_class: next(),
-                        mig_profile: next(),
-                        amount,
-                        scale,
-                        coverage_ms,
-                        present_ms,
-                    });
+                if let Some(c) = read_cell(rest, v, KeyNames::ServiceOf(lease)) {
+                    each(&c);
                 }
                 Ok(ControlFlow::Continue(()))
             },
