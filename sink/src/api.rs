@@ -410,35 +410,9 @@ pub struct UsageQuery {
 
 const GROUPS: [&str; 4] = ["lease", "service", "gpu_class", "mig_profile"];
 
-/// FxHash (rustc's): a rotate, xor and multiply per word. The maps it serves hold one answer's
-/// groups and buckets, read from the store, where SipHash's defence against chosen keys buys
-/// nothing and its cost is paid for each of a month's 216,000 cells.
-#[derive(Default, Clone, Copy)]
-struct Fx(u64);
-
-impl std::hash::Hasher for Fx {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.write_u64(u64::from_le_bytes(word));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-type FxMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fx>>;
-
 /// The names of one answer, each allocated once however many cells repeat it.
 #[derive(Default)]
-struct Names(std::collections::HashSet<Arc<str>, std::hash::BuildHasherDefault<Fx>>);
+struct Names(std::collections::HashSet<Arc<str>>);
 
 impl Names {
     fn get(&mut self, name: &str) -> Arc<str> {
@@ -628,8 +602,8 @@ struct UsageAnswer<'a> {
 
 /// A tenant's usage over `[from, to)`: the whole hours as its hour cells of `view` (when
 /// `by_cells`), each passed to `cell` until it says to stop, and the partial hours at either
-/// end (or all of it) as base windows ([`is_usage`] records), returned. Summed, the two are what the records alone
-/// sum to, to the millisecond.
+/// end (or all of it) as base windows ([`is_usage`] records), returned. Summed, the two are
+/// what the records alone sum to, to the millisecond.
 fn usage_parts(
     store: &Store,
     tenant: &str,
@@ -668,14 +642,14 @@ struct Tally<'q> {
     max_groups: usize,
     names: Names,
     /// A group's values joined by NUL → its id; id → its values.
-    ids: FxMap<String, u32>,
+    ids: HashMap<String, u32>,
     groups: Vec<Vec<String>>,
     /// The group of the latest cell: its joined values and id.
     scratch: String,
     last_group: Option<(String, u32)>,
     /// (bucket start, bucket end, group id, sums), and (bucket start, group id) → its row.
     rows: Vec<(i64, i64, u32, Sums)>,
-    at: FxMap<(i64, u32), usize>,
+    at: HashMap<(i64, u32), usize>,
     last_row: Option<(i64, u32, usize)>,
     totals: Sums,
 }
@@ -686,12 +660,12 @@ impl<'q> Tally<'q> {
             group_by,
             max_groups,
             names: Names::default(),
-            ids: FxMap::default(),
+            ids: HashMap::new(),
             groups: Vec::new(),
             scratch: String::new(),
             last_group: None,
             rows: Vec::new(),
-            at: FxMap::default(),
+            at: HashMap::new(),
             last_row: None,
             totals: Sums::default(),
         }
