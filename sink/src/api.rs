@@ -21,7 +21,6 @@ use crate::auth::{Auth, Claims};
 use crate::metrics::Metrics;
 use crate::store::{CellRef, HOUR_MS, Hourly, LEASE_CELL_MS, Store, is_usage};
 use crate::time::{format_rfc3339, month_name, month_start, next_month_start, parse_time};
-use aep43::Window;
 use meterflow_guard::params::{self, over_ms, parse_duration_ms, time_range};
 
 mod aep43;
@@ -1558,8 +1557,8 @@ async fn lease_metrics(
     let mut names = Names::default();
     // A window counts in the step its start is in: where the steps' edges and the range's are
     // edges of the lease's 5-minute cells, the cells (their windows summed) count the same.
-    let mut add = |window: Window<'_>, parts: (&str, &str, &str)| {
-        let metric = parts.0;
+    let mut add = |window: &CellRef<'_>| {
+        let metric = window.metric;
         if metric.starts_with("live.") || wanted.as_ref().is_some_and(|w| !w.contains(&metric)) {
             return;
         }
@@ -1570,25 +1569,23 @@ async fn lease_metrics(
         };
         steps.entry(at).or_default().add_parts(
             &mut names,
-            parts,
+            (window.metric, window.gpu_class, window.mig_profile),
             window.amount,
             window.scale,
-            (window.observed_ms, window.present_ms),
+            (window.coverage_ms, window.present_ms),
         );
     };
     let read = if [start, end, step].iter().all(|t| t % LEASE_CELL_MS == 0) {
         state
             .store
-            .each_lease_cell(&tenant, &lease, start, end, |c| {
-                add(c.into(), (c.metric, c.gpu_class, c.mig_profile))
-            })
+            .each_lease_cell(&tenant, &lease, start, end, |c| add(c))
     } else {
         state
             .store
             .lease_usage(&tenant, &lease, start, end)
             .map(|updates| {
                 for u in &updates {
-                    add(u.into(), (&u.metric, &u.gpu_class, &u.mig_profile));
+                    add(&u.into());
                 }
             })
     };

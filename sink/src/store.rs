@@ -187,6 +187,24 @@ pub struct CellRef<'a> {
     pub present_ms: i64,
 }
 
+impl<'a> From<&'a UsageUpdate> for CellRef<'a> {
+    /// A base window's record as the cell of its window alone.
+    fn from(u: &'a UsageUpdate) -> Self {
+        Self {
+            start_ms: u.window_start_ms,
+            lease: &u.lease,
+            service: &u.service,
+            metric: &u.metric,
+            gpu_class: &u.gpu_class,
+            mig_profile: &u.mig_profile,
+            amount: u.amount,
+            scale: u.scale,
+            coverage_ms: u.coverage_ms,
+            present_ms: u.present_ms,
+        }
+    }
+}
+
 impl CellRef<'_> {
     pub fn to_cell(&self) -> Cell {
         Cell {

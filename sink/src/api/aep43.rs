@@ -21,6 +21,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use meterflow_guard::params::{parse_duration_ms, unix_seconds_or_rfc3339};
+#[cfg(test)]
 use meterflow_schemas::UsageUpdate;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -192,46 +193,6 @@ pub struct Series {
     pub samples: Vec<(i64, f64)>,
 }
 
-/// One base window's sums, or a lease cell's (the sums of the windows that start in it).
-#[derive(Debug, Clone, Copy)]
-pub struct Window<'a> {
-    pub start_ms: i64,
-    pub service: &'a str,
-    pub metric: &'a str,
-    pub amount: i64,
-    pub scale: i32,
-    pub observed_ms: i64,
-    pub present_ms: i64,
-}
-
-impl<'a> From<&'a UsageUpdate> for Window<'a> {
-    fn from(u: &'a UsageUpdate) -> Self {
-        Self {
-            start_ms: u.window_start_ms,
-            service: &u.service,
-            metric: &u.metric,
-            amount: u.amount,
-            scale: u.scale,
-            observed_ms: u.coverage_ms,
-            present_ms: u.present_ms,
-        }
-    }
-}
-
-impl<'a> From<&CellRef<'a>> for Window<'a> {
-    fn from(c: &CellRef<'a>) -> Self {
-        Self {
-            start_ms: c.start_ms,
-            service: c.service,
-            metric: c.metric,
-            amount: c.amount,
-            scale: c.scale,
-            observed_ms: c.coverage_ms,
-            present_ms: c.present_ms,
-        }
-    }
-}
-
 /// A series' catalog metric and service.
 type SeriesKey = (&'static str, String);
 
@@ -265,7 +226,8 @@ impl<'q> Steps<'q> {
         }
     }
 
-    pub fn add(&mut self, w: Window<'_>) {
+    /// Adds a base window, or a lease cell (the sums of the windows that start in it).
+    pub fn add(&mut self, w: &CellRef<'_>) {
         if w.start_ms < self.start || w.start_ms >= self.end {
             return;
         }
@@ -291,7 +253,7 @@ impl<'q> Steps<'q> {
         let step_sums = steps.entry(at).or_default();
         step_sums.amount += i128::from(w.amount);
         step_sums.scale = w.scale;
-        step_sums.observed_ms += i128::from(w.observed_ms);
+        step_sums.observed_ms += i128::from(w.coverage_ms);
         step_sums.present_ms += i128::from(w.present_ms);
     }
 
@@ -374,7 +336,7 @@ fn build(
 ) -> (Vec<Series>, Vec<String>) {
     let mut steps = Steps::new(entries, services, (start, end, step));
     for u in updates {
-        steps.add(u.into());
+        steps.add(&u.into());
     }
     steps.finish(data_to)
 }
@@ -648,12 +610,12 @@ pub(super) async fn lease_metrics(
     let read = if step % LEASE_CELL_MS == 0 {
         state
             .store
-            .each_lease_cell(&owner, &lease, from, to, |c| steps.add(c.into()))
+            .each_lease_cell(&owner, &lease, from, to, |c| steps.add(c))
     } else {
         state
             .store
             .lease_usage(&owner, &lease, from, to)
-            .map(|updates| updates.iter().for_each(|u| steps.add(u.into())))
+            .map(|updates| updates.iter().for_each(|u| steps.add(&u.into())))
     };
     if let Err(e) = read {
         return unavailable(e);
