@@ -6,11 +6,13 @@
 //!
 //! The same simulated fleet goes to Meterflow (agent spool and producer → embedded broker →
 //! processor → sink, each its own process, read back over the HTTP API) and to Prometheus
-//! twice, both real processes on loopback: a server that scrapes the nodes (through its
+//! three times, all real processes on loopback: a server that scrapes the nodes (through its
 //! remote-write receiver, as its scrape loop would have stored it: what runs at each scrape
-//! instant, staleness markers for what is gone or not scraped) and, as its best operators
-//! run it, an agent per node with its write-ahead log remote-writing to a server that is down
-//! for a while (every reading arrives, retried). It reads per tenant and hour GPU-hours by
+//! instant, staleness markers for what is gone or not scraped); as its best operators run it,
+//! an agent per node with its write-ahead log remote-writing to a server that is down for a
+//! while (every reading arrives, retried); and a server scraping kube-state-metrics (the
+//! containers' requests and start and exit times as the API server holds them). Each server
+//! evaluates the recording rules of a chargeback operator (backfilled by promtool). It reads per tenant and hour GPU-hours by
 //! class, billed GPU-hours with MIG fractions, energy, CPU core-hours, memory GiB-hours and
 //! per node and hour the most GPUs allocated, and compares each system with the physical truth
 //! and with the bound its way of reading the nodes allows. Then throughput, CPU-seconds per
@@ -182,14 +184,17 @@ fn quantile(values: &[f64], q: f64) -> f64 {
 type Cells = BTreeMap<String, f64>;
 
 /// The systems side by side, in the order of [`Quantity::sides`].
-const SYSTEMS: [&str; 3] = [
+const SYSTEMS: [&str; 4] = [
     "Meterflow",
     "Prometheus server, scraping",
     "Prometheus agent, WAL + remote write",
+    "Prometheus server, kube-state-metrics",
 ];
 const MF: usize = 0;
 const SERVER: usize = 1;
 const AGENT: usize = 2;
+/// GPU time from the API server's container times and requests; no energy, CPU or memory.
+const KSM: usize = 3;
 
 struct Quantity {
     name: String,
@@ -198,10 +203,23 @@ struct Quantity {
     scale: f64,
     truth: Cells,
     /// Each system's cells, as [`SYSTEMS`].
-    sides: [Cells; 3],
+    sides: [Cells; 4],
     /// How far each system's summed error may be from the truth (in the exact unit), from
     /// what its way of reading the nodes cannot show; none where no bound is stated.
-    bounds: [Option<f64>; 3],
+    bounds: [Option<f64>; 4],
+    /// Whether each system reads the quantity at all (kube-state-metrics has no usage).
+    read: [bool; 4],
+}
+
+impl Quantity {
+    /// The systems that read this quantity, with their indices.
+    fn systems(&self) -> impl Iterator<Item = (usize, &'static str)> + '_ {
+        SYSTEMS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.read[*i])
+            .map(|(i, s)| (i, *s))
+    }
 }
 
 /// How one system did on one quantity.
@@ -305,6 +323,7 @@ async fn run(args: Args) -> Result<bool> {
     // back at the same shifted instants.
     let agent_shift_ms = (hours + 2) * HOUR_MS;
     let agent_requests = prom::requests(&scenario, Collector::Agent, agent_shift_ms);
+    let ksm_requests = prom::ksm_requests(&scenario);
     println!(
         "scenario: {nodes} nodes, {hours} h from {}, {} tenants, {} containers ({} shorter than a scrape interval), {} samples; Prometheus: {} samples in {} remote writes scraped by the server, {} by node agents",
         humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(t0 as u64)),
@@ -385,7 +404,7 @@ async fn run(args: Args) -> Result<bool> {
     // Prometheus as a server scraping the nodes: the same fleet through its remote-write receiver.
     let prom_dir = dir.path().join("prometheus");
     std::fs::create_dir_all(&prom_dir)?;
-    let prom = Prometheus::start(&prometheus_bin, &prom_dir, proc::free_port()?).await?;
+    let mut prom = Prometheus::start(&prometheus_bin, &prom_dir, proc::free_port()?).await?;
     let prom_cpu_idle = prom.child.cpu_seconds();
     let prom_samples = server_requests.samples;
     let t = Instant::now();
@@ -393,13 +412,13 @@ async fn run(args: Args) -> Result<bool> {
         prom.write(r).await?;
     }
     let write_s = t.elapsed().as_secs_f64();
-    let prom_cpu = prom.child.cpu_seconds() - prom_cpu_idle;
+    let mut prom_cpu = prom.child.cpu_seconds() - prom_cpu_idle;
     println!(
         "prometheus server: {prom_samples} samples written in {write_s:.1} s ({:.0} samples/s)",
         prom_samples as f64 / write_s
     );
     // Prometheus as its best operators run it: an agent per node, its WAL, remote write.
-    let agent = through_agent(&prometheus_bin, dir.path(), agent_requests.bodies).await?;
+    let mut agent = through_agent(&prometheus_bin, dir.path(), agent_requests.bodies).await?;
     println!(
         "prometheus agent: {} samples; its server was down for the first {} of {} remote writes, {:.0} samples were retried from the WAL; all sent {:.1} s after the first write",
         agent_requests.samples,
@@ -408,6 +427,42 @@ async fn run(args: Args) -> Result<bool> {
         agent.retried,
         agent.delivered_s
     );
+
+    // Prometheus with kube-state-metrics: the API server's container times and GPU requests,
+    // scraped by a server of its own (its cost apart from the other two).
+    let ksm_dir = dir.path().join("prometheus-ksm");
+    std::fs::create_dir_all(&ksm_dir)?;
+    let mut ksm = Prometheus::start(&prometheus_bin, &ksm_dir, proc::free_port()?).await?;
+    let ksm_cpu_idle = ksm.child.cpu_seconds();
+    for r in ksm_requests.bodies {
+        ksm.write(r).await?;
+    }
+    let mut ksm_cpu = ksm.child.cpu_seconds() - ksm_cpu_idle;
+    println!(
+        "prometheus server with kube-state-metrics: {} samples written",
+        ksm_requests.samples
+    );
+
+    // The recording rules, evaluated on each server over the scenario's steps (the agent's
+    // server holds its readings shifted); each server is started again to load them, so its
+    // resident memory is also taken before (the larger peak is reported). The servers' CPU
+    // includes the evaluation.
+    let rules = promql::recording_rules();
+    // The last scrape's evaluation comes after it, within the interval.
+    let (start, end) = (scenario.t0, scenario.end_ms() + scenario::INTERVAL_MS);
+    let mem_before = (
+        prom.child.memory_mib(),
+        agent.server.child.memory_mib(),
+        ksm.child.memory_mib(),
+    );
+    prom_cpu += prom.backfill_rules(&rules, start, end).await?;
+    agent.cpu.1 += agent
+        .server
+        .backfill_rules(&rules, start + agent_shift_ms, end + agent_shift_ms)
+        .await?;
+    ksm_cpu += ksm.backfill_rules(&rules, start, end).await?;
+    let peak = |before: (f64, f64), after: (f64, f64)| (after.0, before.1.max(after.1));
+    println!("prometheus: the recording rules were evaluated over the scenario on each server");
 
     // Each quantity, per tenant and hour (per node and hour for the GPU maxima).
     let bounds = &scenario.truth.bounds;
@@ -422,18 +477,21 @@ async fn run(args: Args) -> Result<bool> {
             kind_ms(&bounds.gpu_ms, class, profile),
             sampled + kind_ms(&server_requests.hidden_gpu_ms, class, profile),
             sampled + kind_ms(&agent_requests.hidden_gpu_ms, class, profile),
+            kind_ms(&ksm_requests.hidden_gpu_ms, class, profile),
         ]
     };
     let mut quantities: Vec<Quantity> = Vec::new();
-    let new_q = |name: &str, unit: &'static str, scale: f64, bounds: [Option<f64>; 3]| Quantity {
+    let new_q = |name: &str, unit: &'static str, scale: f64, bounds: [Option<f64>; 4]| Quantity {
         name: name.to_string(),
         unit,
         scale,
         truth: Cells::new(),
         sides: Default::default(),
+        // kube-state-metrics reads GPU time alone: its bound says it reads the quantity.
+        read: [true, true, true, bounds[KSM].is_some()],
         bounds,
     };
-    let mut billed_bounds = [0.0; 3];
+    let mut billed_bounds = [0.0; 4];
     for (class, profile, name) in GPU_KINDS {
         let b = side_bounds(class, profile);
         for (total, b) in billed_bounds.iter_mut().zip(b) {
@@ -451,21 +509,23 @@ async fn run(args: Args) -> Result<bool> {
         "energy",
         "kWh",
         1.0 / 3.6e9,
-        [Some(bounds.energy_mj as f64), None, None],
+        [Some(bounds.energy_mj as f64), None, None, None],
     ));
-    quantities.push(new_q("CPU core-hours", "core-h", 1.0 / 3.6e9, [None; 3]));
+    quantities.push(new_q("CPU core-hours", "core-h", 1.0 / 3.6e9, [None; 4]));
     quantities.push(new_q(
         "memory GiB-hours",
         "GiB-h",
         1.0 / (3.6e6 * 1_073_741_824.0),
-        [None; 3],
+        [None; 4],
     ));
-    quantities.push(new_q(
+    let mut max_gpus = new_q(
         "max GPUs allocated, summed over node-hours",
         "GPUs",
         1.0,
-        [None; 3],
-    ));
+        [None; 4],
+    );
+    max_gpus.read[KSM] = true;
+    quantities.push(max_gpus);
     for ((tenant, hour), c) in &scenario.truth.tenants {
         let amounts = (c.energy_mj, c.cpu_us, c.memory_byte_ms as f64);
         put(
@@ -496,9 +556,9 @@ async fn run(args: Args) -> Result<bool> {
         }
     }
     let t = Instant::now();
-    read_prometheus(&prom, &scenario, 0, SERVER, &mut quantities).await?;
+    let server_rules = read_prometheus(&prom, &scenario, 0, SERVER, &mut quantities).await?;
     let prom_eval_s = t.elapsed().as_secs_f64();
-    read_prometheus(
+    let agent_rules = read_prometheus(
         &agent.server,
         &scenario,
         agent_shift_ms,
@@ -506,6 +566,8 @@ async fn run(args: Args) -> Result<bool> {
         &mut quantities,
     )
     .await?;
+    let ksm_rules = read_ksm(&ksm, &scenario, &mut quantities).await?;
+    let ksm_mem = peak(mem_before.2, ksm.child.memory_mib());
 
     // A tenant's 30 days, hour by hour: the busiest tenant.
     let busiest = scenario
@@ -530,7 +592,7 @@ async fn run(args: Args) -> Result<bool> {
     let agent_probes = args.probes.min(AGENT_PROBES);
     let agent_fresh =
         prom_freshness(&agent.agent, &agent.server, agent_probes, agent_shift_ms).await?;
-    let prom_mem = prom.child.memory_mib();
+    let prom_mem = peak(mem_before.0, prom.child.memory_mib());
     // Meterflow's billed GPU-hours are what its billing stream charged (the probes' newer
     // samples closed the scenario's billing windows), not its GPU-hours times a fraction here.
     let charged: Vec<(String, i64)> = scenario
@@ -554,7 +616,7 @@ async fn run(args: Args) -> Result<bool> {
     );
     let agent_mem = (
         agent.agent.child.memory_mib(),
-        agent.server.child.memory_mib(),
+        peak(mem_before.1, agent.server.child.memory_mib()),
     );
 
     // The processor's throughput: a second one reads every batch again as a backlog.
@@ -583,6 +645,7 @@ async fn run(args: Args) -> Result<bool> {
         prom_cpu,
         prom_mem,
         agent_mem,
+        ksm: (ksm_requests.samples, ksm_cpu, ksm_mem),
         fresh: (mf_fresh, prom_fresh, agent_fresh),
         latency,
         probes: args.probes,
@@ -590,7 +653,7 @@ async fn run(args: Args) -> Result<bool> {
     let perf = cost_table(&costs, &agent)?;
     println!("\n{table}\n{perf}");
     println!(
-        "Prometheus evaluated the hourly PromQL in {prom_eval_s:.2} s; the whole run took {:.0} s.",
+        "The Prometheus server answered the hourly PromQL (and its check against subqueries) in {prom_eval_s:.2} s; the whole run took {:.0} s.",
         started.elapsed().as_secs_f64()
     );
     if args.results.as_os_str() != "-" {
@@ -608,12 +671,13 @@ async fn run(args: Args) -> Result<bool> {
         println!("wrote {}", args.results.display());
     }
     if let Some(path) = &args.json {
-        write_scores(path, &quantities, &billing, &agent, &scenario)?;
+        let rules = [&server_rules, &agent_rules, &ksm_rules];
+        write_scores(path, &quantities, &billing, &agent, &scenario, rules)?;
     }
     // Where a system is further from the truth than its bound, say so; where Meterflow differs
     // from the truth, the first few cells of each quantity.
     for q in &quantities {
-        for (i, system) in SYSTEMS.iter().enumerate() {
+        for (i, system) in q.systems() {
             if !within(q, i) {
                 eprintln!(
                     "  {}: {system} is further from the truth than its bound",
@@ -703,6 +767,31 @@ fn put(
     }
 }
 
+/// The proof that a server's hourly GPU-hours came from its recorded rule: the cells read, and
+/// how many differ from the rule's expression evaluated as a subquery at the same steps.
+#[derive(Debug, Default)]
+struct RuleCheck {
+    cells: usize,
+    differing: usize,
+}
+
+impl RuleCheck {
+    /// One hour's answers: from the recorded rule, and from the subquery.
+    fn compare(
+        &mut self,
+        recorded: &[(BTreeMap<String, String>, f64)],
+        computed: Vec<(BTreeMap<String, String>, f64)>,
+    ) {
+        let computed: BTreeMap<_, f64> = computed.into_iter().collect();
+        self.cells += recorded.len();
+        self.differing += recorded
+            .iter()
+            .filter(|(labels, v)| computed.get(labels).is_none_or(|c| (c - v).abs() > 1e-9))
+            .count()
+            + computed.len().saturating_sub(recorded.len());
+    }
+}
+
 /// Each hour's PromQL at its end (shifted by `shift_ms` where the samples were) into `side`.
 async fn read_prometheus(
     prom: &Prometheus,
@@ -710,10 +799,15 @@ async fn read_prometheus(
     shift_ms: i64,
     side: usize,
     quantities: &mut [Quantity],
-) -> Result<()> {
+) -> Result<RuleCheck> {
+    let mut check = RuleCheck::default();
     for (hour, at) in prom::hours(scenario) {
         let at = at + shift_ms;
-        for (labels, v) in prom.query(&promql::gpu_hours(), at).await? {
+        let rules_at = at + prom::RULES_AFTER_MS;
+        let recorded = prom.query(&promql::gpu_hours(), rules_at).await?;
+        let computed = prom.query(&promql::gpu_hours_subquery(), rules_at).await?;
+        check.compare(&recorded, computed);
+        for (labels, v) in recorded {
             let class = class_of(labels.get("modelName").map_or("", String::as_str));
             let profile = labels.get("GPU_I_PROFILE").cloned().unwrap_or_default();
             let key = cell_key(labels.get("namespace").map_or("", String::as_str), hour);
@@ -725,11 +819,13 @@ async fn read_prometheus(
             }
             *quantities[Q_BILLED].sides[side].entry(key).or_default() += billed(&profile, ms);
         }
-        for (q, factor, target) in [
-            (promql::energy_joules(), 1e3, Q_ENERGY),
-            (promql::cpu_core_hours(), 3.6e9, Q_CPU),
+        // Counters' increases at the hour's end; the recorded memory after it.
+        for (q, at, factor, target) in [
+            (promql::energy_joules(), at, 1e3, Q_ENERGY),
+            (promql::cpu_core_hours(), at, 3.6e9, Q_CPU),
             (
                 promql::memory_gib_hours(),
+                rules_at,
                 3.6e6 * 1_073_741_824.0,
                 Q_MEMORY,
             ),
@@ -739,24 +835,61 @@ async fn read_prometheus(
                 *quantities[target].sides[side].entry(key).or_default() += v * factor;
             }
         }
-        for (labels, v) in prom.query(&promql::node_max_gpus(), at).await? {
+        for (labels, v) in prom.query(&promql::node_max_gpus(), rules_at).await? {
             let key = cell_key(labels.get("Hostname").map_or("", String::as_str), hour);
             quantities[Q_MAX_GPUS].sides[side].insert(key, v);
         }
     }
-    Ok(())
+    Ok(check)
+}
+
+/// Each hour's kube-state-metrics PromQL at its end into [`KSM`].
+async fn read_ksm(
+    prom: &Prometheus,
+    scenario: &Scenario,
+    quantities: &mut [Quantity],
+) -> Result<RuleCheck> {
+    let mut check = RuleCheck::default();
+    for (hour, at) in prom::hours(scenario) {
+        let at = at + prom::RULES_AFTER_MS;
+        let recorded = prom.query(&promql::ksm_gpu_hours(), at).await?;
+        let computed = prom.query(&promql::ksm_gpu_hours_subquery(), at).await?;
+        check.compare(&recorded, computed);
+        for (labels, v) in recorded {
+            let get = |name: &str| labels.get(name).map_or("", String::as_str);
+            let class = class_of(get("label_nvidia_com_gpu_product"));
+            // The device plugin's resource as KSM writes it: `nvidia_com_mig_1g_10gb`.
+            let profile = get("resource")
+                .strip_prefix("nvidia_com_mig_")
+                .map(|p| p.replace('_', "."))
+                .unwrap_or_default();
+            let key = cell_key(get("namespace"), hour);
+            let ms = v * 3.6e6;
+            for (i, (c, p, _)) in GPU_KINDS.iter().enumerate() {
+                if *c == class && *p == profile {
+                    *quantities[i].sides[KSM].entry(key.clone()).or_default() += ms;
+                }
+            }
+            *quantities[Q_BILLED].sides[KSM].entry(key).or_default() += billed(&profile, ms);
+        }
+        for (labels, v) in prom.query(&promql::ksm_node_max_gpus(), at).await? {
+            let key = cell_key(labels.get("node").map_or("", String::as_str), hour);
+            quantities[Q_MAX_GPUS].sides[KSM].insert(key, v);
+        }
+    }
+    Ok(check)
 }
 
 /// Why each quantity comes out as it does, in the order of the quantities.
 const WHY: [&str; 8] = [
-    "Meterflow bills the container runtime's start and finish times (off by the kubelet's whole seconds); Prometheus counts the GPUs each scrape shows × 15 s (off by up to an interval per run and hour), and the server also loses every failed scrape",
+    "Meterflow bills the container runtime's start and finish times (off by the kubelet's whole seconds); Prometheus counts the GPUs each scrape shows × 15 s (off by up to an interval per run and hour), and the server also loses every failed scrape; kube-state-metrics' rule counts the kubelet's start and exit times as the API server holds them (whole seconds), and while a node's updates are late or cut off the API server's stale view of its pods, up to 15 s a scrape",
     "as for H100",
     "as for H100",
     "Meterflow's figure is its billing stream, adjustments included; the others apply the MIG fraction to their GPU-hours",
     "Prometheus's `increase` extrapolates each board's counter over the hour; Meterflow bills a holder only the energy between two readings inside its run and leaves the board's energy before the first and after the last to the operator, so it is short by up to an interval at each end of a run (its bound)",
     "Meterflow differences cgroup counters between readings and has none at a container's exit, so each run's last interval is missing; `increase` extrapolates it",
     "both hold each reading until the next and have none at a container's exit; the scraping server also loses failed scrapes",
-    "each counts the GPUs held at once: Meterflow from the runtime's intervals, Prometheus from each scrape's series",
+    "each counts the GPUs held at once: Meterflow from the runtime's intervals, Prometheus from each scrape's series (kube-state-metrics: the requests of the containers running at each scrape)",
 ];
 
 /// In plain words, per quantity: the systems from closest to furthest, and why.
@@ -764,10 +897,9 @@ fn verdict(quantities: &[Quantity]) -> Result<String> {
     let mut out = String::new();
     for (q, why) in quantities.iter().zip(WHY) {
         let truth = score(&q.truth, &q.truth).sum;
-        let mut ranked: Vec<(f64, &str)> = SYSTEMS
-            .iter()
-            .enumerate()
-            .map(|(i, system)| (score(&q.truth, &q.sides[i]).abs_error, *system))
+        let mut ranked: Vec<(f64, &str)> = q
+            .systems()
+            .map(|(i, system)| (score(&q.truth, &q.sides[i]).abs_error, system))
             .collect();
         ranked.sort_by(|a, b| a.0.total_cmp(&b.0));
         let order: Vec<String> = ranked
@@ -801,7 +933,7 @@ fn accuracy_table(quantities: &[Quantity]) -> Result<String> {
     writeln!(table, "|---|---:|---|---:|---:|---:|---:|---:|")?;
     for q in quantities {
         let truth = score(&q.truth, &q.truth).sum;
-        for (i, system) in SYSTEMS.iter().enumerate() {
+        for (i, system) in q.systems() {
             let s = score(&q.truth, &q.sides[i]);
             let pct = if truth > 0.0 {
                 100.0 * s.abs_error / truth
@@ -957,6 +1089,7 @@ fn write_scores(
     billing: &meter::BilledGpu,
     agent: &AgentRun,
     scenario: &Scenario,
+    rules: [&RuleCheck; 3],
 ) -> Result<()> {
     let side = |q: &Quantity, i: usize| {
         let s = score(&q.truth, &q.sides[i]);
@@ -981,9 +1114,22 @@ fn write_scores(
                 "meterflow": side(q, MF),
                 "prometheus": side(q, SERVER),
                 "prometheus_agent": side(q, AGENT),
+                "prometheus_ksm": if q.read[KSM] { side(q, KSM) } else { serde_json::Value::Null },
             })
         })
         .collect();
+    let recorded: serde_json::Map<String, serde_json::Value> =
+        ["prometheus", "prometheus_agent", "prometheus_ksm"]
+            .iter()
+            .zip(rules)
+            .map(|(server, r)| {
+                let check = serde_json::json!({
+                    "cells": r.cells,
+                    "differing_from_subquery": r.differing,
+                });
+                (server.to_string(), check)
+            })
+            .collect();
     let doc = serde_json::json!({
         "quantities": scores,
         "meterflow_billing": {
@@ -993,6 +1139,9 @@ fn write_scores(
         "faults": {
             "board_counter_resets_seen": scenario.counter_resets_seen,
         },
+        // Per server, the hourly GPU-hours read from its recorded rule, and how many differ
+        // from the rule's expression as a subquery.
+        "recording_rules": recorded,
         "agent": {
             "writes": agent.writes,
             "writes_while_server_down": agent.writes_while_down,
@@ -1073,6 +1222,8 @@ struct Costs {
     prom_mem: (f64, f64),
     /// The Prometheus agent's and its server's resident MiB.
     agent_mem: ((f64, f64), (f64, f64)),
+    /// The kube-state-metrics server: samples, CPU-seconds taking them, resident MiB.
+    ksm: (u64, f64, (f64, f64)),
     /// Milliseconds from a sample to the API showing it: Meterflow's, the Prometheus server's,
     /// through the Prometheus agent.
     fresh: (Vec<f64>, Vec<f64>, Vec<f64>),
@@ -1171,6 +1322,14 @@ fn cost_table(c: &Costs, agent: &AgentRun) -> Result<String> {
         c.agent_mem.0.1,
         c.agent_mem.1.0,
         c.agent_mem.1.1
+    )?;
+    let (ksm_samples, ksm_cpu, ksm_mem) = c.ksm;
+    writeln!(
+        perf,
+        "\nThe Prometheus server reading kube-state-metrics took {ksm_samples} samples ({:.2} CPU-seconds per million; {:.0} / {:.0} MiB resident now / at the peak).",
+        per_million(ksm_cpu, ksm_samples),
+        ksm_mem.0,
+        ksm_mem.1
     )?;
     Ok(perf)
 }
@@ -1328,24 +1487,58 @@ const METHOD: &str = r#"
   the readings as out of bounds, an artefact of the replay's speed. The agent forwards only
   samples newer than its start (its WAL watcher skips older ones), so its readings are stamped
   whole hours ahead and read back at the same shifted instants.
-- **The PromQL** for both, evaluated at each hour's end: GPU-hours
-  `sum_over_time((count by (namespace, modelName, GPU_I_PROFILE) (DCGM_FI_DEV_GPU_UTIL))[59m59s999ms:15s]) * 15 / 3600`,
-  energy `increase(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{namespace!=""}[1h])` (a board's
-  series carries the holding pod's labels; an idle or MIG-split board's has none and is the
-  node's), CPU `increase(container_cpu_usage_seconds_total[1h])`, memory
-  `sum_over_time((sum by (namespace) (container_memory_working_set_bytes))[59m59s999ms:15s]) * 15 / 3600`,
-  per node `max_over_time((count by (Hostname) (DCGM_FI_DEV_GPU_UTIL))[59m59s999ms:15s])`.
-  A subquery at 15-s steps stands for a recording rule evaluated every 15 s (the rule manager
-  evaluates at the same steps); it reaches back 59m59.999s because Prometheus 2's ranges
-  include both ends, and `[1h:15s]` would count the step on the hour in two hours. For the
-  30-day query latency it makes Prometheus compute what a stored rule would have kept, so
-  that figure is the worst case for Prometheus.
+- **Prometheus server, kube-state-metrics** (the chargeback tools' way, OpenCost's among
+  them: GPU time from what the Kubernetes API says each container requested and when it ran,
+  not from the exporters): a server of its own scrapes kube-state-metrics at each tick, which
+  shows each GPU pod's container as the API server holds it, the kubelet's status in whole
+  seconds: `kube_pod_container_status_running`, the running run's
+  `kube_pod_container_state_started`, the last exited run's
+  `kube_pod_container_status_last_terminated_timestamp`, its
+  `kube_pod_container_resource_requests` of `nvidia_com_gpu` or `nvidia_com_mig_1g_10gb`, and
+  the node's GPU product through `kube_node_labels` (GPU feature discovery's label). The API
+  server hears from a node's kubelet over the node's link: a dropped exchange leaves it with
+  the node's state of the tick before, the partition with the state from before it until it
+  heals; the agent's outage leaves the kubelet running. Its rule counts, per container and
+  scrape, the seconds of the 15-s interval before the scrape that its GPUs were held: the
+  running run since its start (the interval at most) and a run that exited in the interval up
+  to its exit, so an hour's sum is each run from its start to its exit to the kubelet's second,
+  where a sampler counts 15 s per scrape that sees it. It reads no usage (energy, CPU, memory).
+- **Recording rules, evaluated by Prometheus**: every server here keeps the rules a
+  chargeback operator would (`promql::recording_rules` in `benches/compare/prom.rs`: GPUs held
+  per tenant, model and MIG profile and per node, memory per tenant, the kube-state-metrics
+  GPU-seconds per tenant, product and resource, GPUs requested by running containers per
+  node), in one group evaluated every 15 s. The rule manager evaluates only at the present and
+  the scenario is replayed in seconds, so promtool's backfiller (`promtool tsdb
+  create-blocks-from rules`, which loads the file as the rule manager does, at the group's own
+  offset into each interval) evaluates them over the scenario through each server's query API;
+  its blocks join a snapshot of the server's TSDB and the server is started again on them.
+  The hourly figures read the recorded series: GPU-hours
+  `sum_over_time(namespace_model_profile:dcgm_gpus:count[59m59s999ms]) * 15 / 3600`, memory
+  `sum_over_time(namespace:container_memory_working_set_bytes:sum[59m59s999ms]) * 15 / 3600`,
+  per node `max_over_time(hostname:dcgm_gpus:count[59m59s999ms])`, and for
+  kube-state-metrics `sum_over_time(namespace_resource_product:kube_gpu_seconds:step15s[59m59s999ms]) / 3600`
+  and `max_over_time(node:kube_gpus_running:sum[59m59s999ms])`, each 15 s less a millisecond
+  after the hour's end, so that its evaluations are those of the hour's scrapes whatever the
+  group's offset; a range reaches back 59m59.999s because Prometheus 2's ranges include both
+  ends. Energy `increase(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{namespace!=""}[1h])` (a
+  board's series carries the holding pod's labels; an idle or MIG-split board's has none and
+  is the node's) and CPU `increase(container_cpu_usage_seconds_total[1h])` are read at the
+  hour's end. Each hour's GPU-hours are also asked as a subquery of the rule's expression at
+  the scrapes' own steps (`scores.json`'s `recording_rules`): the server's and
+  kube-state-metrics' are the same to the last digit; the agent's server differs in the cells
+  of the agent's outage, where a series last written before it fades when the 5-min lookback
+  passes its last sample, which the rule's offset moves by a step. The 30-day query latency
+  reads the recorded rule, as a dashboard would.
 - **Bounds**, each computed from the physical runs, never from a system's readings:
   Meterflow's is what the node's sources cannot show (below). A 15-s sampler's
   (`count` × 15 s) is one interval per GPU for each hour a run touches, plus one per
   reading not taken while the run was up or within the 5-min lookback after it (the
-  outage); the server's adds 15 s per GPU series each failed scrape would have shown. No
-  bound is stated for energy, CPU and memory of Prometheus (`increase` extrapolates).
+  outage); the server's adds 15 s per GPU series each failed scrape would have shown.
+  kube-state-metrics' is, per GPU, 2 s per run (a start and an exit in whole seconds), 15 s
+  for a run no scrape saw running (its start is never shown, and the interval of its exit is
+  counted whole), and 15 s for each scrape at which the API server's view of the run's pod was
+  stale and not what ran. No bound is stated for energy, CPU and memory of Prometheus
+  (`increase` extrapolates).
 - **Ground truth**: the simulator's physical record of each run (see
   `benches/compare/scenario.rs`), never either system's readings: GPU time is each run's
   overlap with the hour to the millisecond, energy 300 W per whole GPU held and CPU the
@@ -1360,7 +1553,8 @@ const METHOD: &str = r#"
   beginning by a second processor (one worker, a state of its own) once every answer was read
   and the sink stopped, from the first message to the last. The live processor's CPU is
   counted from its start until the API settled. CPU-seconds come from `/proc/PID/stat` of each process;
-  Prometheus's are counted from its first write to its last.
+  Prometheus's are counted from its first write to its last, and the servers' evaluations of
+  the recording rules are added.
 - **Freshness**: one live batch (a new lease on a GPU) at a time, timed from the producer's
   send to the first `usage` answer that shows it; for Prometheus, one remote-written sample
   to the first instant query that returns it, written to the server itself or to the agent

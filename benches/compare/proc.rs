@@ -34,6 +34,12 @@ impl Child {
         })
     }
 
+    /// Kills the process and waits for it to exit.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -152,6 +152,9 @@ pub struct Scenario {
     /// The faults as injected, for the report.
     pub faults: Vec<String>,
     pub samples: u64,
+    /// Every container run, as physically run (what kube-state-metrics' view is built from,
+    /// see `prom::ksm_requests`).
+    pub runs: Vec<ContainerTruth>,
     pub containers: usize,
     pub short_containers: usize,
     /// Times a board's energy counter, as every collector reads it, was lower than at the
@@ -270,17 +273,17 @@ impl Scenario {
         };
         let mut faults = vec![
             format!(
-                "dropped: {dropped} node-ticks of {} (10 %): failed scrapes for the Prometheus server (lost); for Meterflow's agent and the Prometheus agent a failed delivery, spooled or kept in the WAL and sent again",
+                "dropped: {dropped} node-ticks of {} (10 %): failed scrapes for the Prometheus server (lost); for Meterflow's agent and the Prometheus agent a failed delivery, spooled or kept in the WAL and sent again; for kube-state-metrics the node's status update arriving at the API server a tick late",
                 total_ticks * nodes as i64
             ),
             format!("duplicated: {duplicated} node-ticks (5 %) delivered twice"),
             format!(
-                "agent outage: node-{outage_node:03} from {} to {} (6 min, across an hour boundary): no reading taken by any collector; Meterflow's agent reads the kubelet's records of what ran when it is back",
+                "agent outage: node-{outage_node:03} from {} to {} (6 min, across an hour boundary): no reading taken by any node collector; Meterflow's agent reads the kubelet's records of what ran when it is back (the kubelet itself runs: the API server, and kube-state-metrics, keep hearing from it)",
                 clock(outage.start),
                 clock(outage.end)
             ),
             format!(
-                "partition: node-{late_node:03} cut off from {} to {} (16 min, across an hour boundary, past the 10-min lateness: Meterflow bills the hour before it heals); Meterflow's agent and the Prometheus agent deliver what they collected when it heals, the Prometheus server's scrapes fail",
+                "partition: node-{late_node:03} cut off from {} to {} (16 min, across an hour boundary, past the 10-min lateness: Meterflow bills the hour before it heals); Meterflow's agent and the Prometheus agent deliver what they collected when it heals, the Prometheus server's scrapes fail, the API server (and kube-state-metrics) holds the node's pods as they were until it heals",
                 clock(late.start),
                 clock(late.end)
             ),
@@ -302,6 +305,7 @@ impl Scenario {
             faults,
             samples,
             containers: containers.len(),
+            runs: containers,
             short_containers,
             counter_resets_seen,
         }

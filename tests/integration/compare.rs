@@ -5,7 +5,8 @@
 //! runs never listed, a board's energy outside its holder's readings), a Prometheus server
 //! within a 15-s sampler's bound plus what its failed scrapes hid, a Prometheus agent (WAL,
 //! remote write) within the sampler's bound alone, after its server was really down and it
-//! really retried; Meterflow's billed GPU-hours read from its billing stream, corrected by
+//! really retried; a Prometheus server reading kube-state-metrics within the kubelet's whole
+//! seconds plus what the API server's stale views of late or partitioned nodes hid; Meterflow's billed GPU-hours read from its billing stream, corrected by
 //! adjustments after a partition healed past the hour's billing. Needs the `prometheus` binary (`make test` installs Debian's package; the
 //! harness installs it itself when run as root).
 
@@ -64,13 +65,43 @@ fn each_system_stays_within_its_bound_under_the_faults() {
             .count()
     };
     assert!(
-        bounded("meterflow") >= 5 && bounded("prometheus") >= 4 && bounded("prometheus_agent") >= 4,
+        bounded("meterflow") >= 5
+            && bounded("prometheus") >= 4
+            && bounded("prometheus_agent") >= 4
+            && bounded("prometheus_ksm") >= 4,
         "GPU-hours by kind, billed (and Meterflow's energy) are checked: {scores:?}"
     );
+    // Every server's hourly GPU-hours came from its recorded rule, evaluated by promtool's
+    // backfiller: the server's and kube-state-metrics' equal the rule's expression as a
+    // subquery at the scrapes' steps (the agent's server differs where the node outage's
+    // series fade at the lookback's edge, which the rule group's offset moves by a step).
+    let rules = &doc["recording_rules"];
+    for server in ["prometheus", "prometheus_agent", "prometheus_ksm"] {
+        assert!(
+            rules[server]["cells"].as_u64().expect("cells") > 0,
+            "{server} read its recorded rule: {rules}"
+        );
+    }
+    for server in ["prometheus", "prometheus_ksm"] {
+        assert_eq!(
+            rules[server]["differing_from_subquery"].as_u64(),
+            Some(0),
+            "{server}'s recorded rule is its expression at every scrape: {rules}"
+        );
+    }
     for q in scores {
         assert!(q["truth"].as_f64().expect("truth") > 0.0, "{q}");
-        for side in ["meterflow", "prometheus", "prometheus_agent"] {
+        // kube-state-metrics reads GPU time alone.
+        for side in [
+            "meterflow",
+            "prometheus",
+            "prometheus_agent",
+            "prometheus_ksm",
+        ] {
             let s = &q[side];
+            if side == "prometheus_ksm" && s.is_null() {
+                continue;
+            }
             assert!(
                 s["sum"].as_f64().expect("sum") > 0.0,
                 "{side} answered: {q}"
