@@ -317,12 +317,13 @@ async fn run(args: Args) -> Result<bool> {
     // The scenario ends an hour before now: every timestamp is in the past for both systems.
     let t0 = (now_ms().div_euclid(HOUR_MS) - hours - 1) * HOUR_MS;
     let mut scenario = Scenario::generate(nodes, hours, args.seed, t0);
-    let server_requests = prom::requests(&scenario, Collector::Server, 0);
+    let server_requests = prom::requests(&scenario, Collector::Server, 0, prom::SHARDS);
     // A Prometheus agent forwards only what it appends after it started (its WAL watcher
     // skips older samples): its readings are shifted whole hours into the future, and read
     // back at the same shifted instants.
     let agent_shift_ms = (hours + 2) * HOUR_MS;
-    let agent_requests = prom::requests(&scenario, Collector::Agent, agent_shift_ms);
+    // One shard: see `Prometheus::start_agent`.
+    let agent_requests = prom::requests(&scenario, Collector::Agent, agent_shift_ms, 1);
     let ksm_requests = prom::ksm_requests(&scenario);
     println!(
         "scenario: {nodes} nodes, {hours} h from {}, {} tenants, {} containers ({} shorter than a scrape interval), {} samples; Prometheus: {} samples in {} remote writes scraped by the server, {} by node agents",
@@ -409,7 +410,7 @@ async fn run(args: Args) -> Result<bool> {
     let prom_samples = server_requests.samples;
     let t = Instant::now();
     for r in server_requests.bodies {
-        prom.write(r).await?;
+        prom.write_shards(r).await?;
     }
     let write_s = t.elapsed().as_secs_f64();
     let mut prom_cpu = prom.child.cpu_seconds() - prom_cpu_idle;
@@ -418,7 +419,8 @@ async fn run(args: Args) -> Result<bool> {
         prom_samples as f64 / write_s
     );
     // Prometheus as its best operators run it: an agent per node, its WAL, remote write.
-    let mut agent = through_agent(&prometheus_bin, dir.path(), agent_requests.bodies).await?;
+    let agent_bodies = agent_requests.bodies.into_iter().flatten().collect();
+    let mut agent = through_agent(&prometheus_bin, dir.path(), agent_bodies).await?;
     println!(
         "prometheus agent: {} samples; its server was down for the first {} of {} remote writes, {:.0} samples were retried from the WAL; all sent {:.1} s after the first write",
         agent_requests.samples,
@@ -435,7 +437,7 @@ async fn run(args: Args) -> Result<bool> {
     let mut ksm = Prometheus::start(&prometheus_bin, &ksm_dir, proc::free_port()?).await?;
     let ksm_cpu_idle = ksm.child.cpu_seconds();
     for r in ksm_requests.bodies {
-        ksm.write(r).await?;
+        ksm.write_shards(r).await?;
     }
     let mut ksm_cpu = ksm.child.cpu_seconds() - ksm_cpu_idle;
     println!(
@@ -1259,10 +1261,11 @@ fn cost_table(c: &Costs, agent: &AgentRun) -> Result<String> {
     )?;
     writeln!(
         perf,
-        "| throughput | processor, one worker: {:.0} samples/s ({:.2} s for the backlog); agent spool + producer: {:.0} samples/s | remote-write receiver: {:.0} samples/s ({:.1} s) | agent's receiver and WAL: {:.0} samples/s; forwarded to the server {:.1} s after the first write, its first {} writes while the server was down |",
+        "| throughput | processor, one worker: {:.0} samples/s ({:.2} s for the backlog); agent spool + producer: {:.0} samples/s | remote-write receiver, {} shards at once: {:.0} samples/s ({:.1} s) | agent's receiver and WAL: {:.0} samples/s; forwarded to the server {:.1} s after the first write, its first {} writes while the server was down |",
         c.samples as f64 / c.backlog.0,
         c.backlog.0,
         c.samples as f64 / c.publish_s,
+        prom::SHARDS,
         c.prom_samples as f64 / c.write_s,
         c.write_s,
         c.agent_samples as f64 / agent.write_s,
@@ -1296,7 +1299,7 @@ fn cost_table(c: &Costs, agent: &AgentRun) -> Result<String> {
     )?;
     writeln!(
         perf,
-        "| a tenant's 30 days hourly ({} runs) | p50 {:.1} ms, p99 {:.1} ms (`/v1/tenants/{{tenant}}/usage?window=hour`, every metric, {} rows) | GPU-hours: p50 {:.1} ms, p99 {:.1} ms; energy: p50 {:.1} ms, p99 {:.1} ms ({} points) | the same server |",
+        "| a tenant's 30 days hourly ({} runs) | p50 {:.1} ms, p99 {:.1} ms (`/v1/tenants/{{tenant}}/usage?window=hour`, every metric, {} rows) | GPU-hours (its recorded rule): p50 {:.1} ms, p99 {:.1} ms; energy: p50 {:.1} ms, p99 {:.1} ms ({} points) | the same server |",
         l.runs,
         quantile(&l.meterflow, 0.5),
         quantile(&l.meterflow, 0.99),
@@ -1357,7 +1360,7 @@ fn results_doc(
     )?;
     writeln!(
         doc,
-        "Input: {} simulated nodes (H100 and A100, one A100 per odd node split into seven `1g.10gb` MIG slices) for {} hours at a 15 s collection interval: {} tenants, {} containers ({} of them shorter than a scrape interval), {} samples for Meterflow, {} for the Prometheus server, {} for the Prometheus agents. Prometheus {}. All read each node as its real sources show it (`ingest/src/sources/simulator.rs`): the Akash provider's pods, the kubelet's whole-second times and `lastState`, board energy counters since the driver loaded, cgroup readings at ticks and never at a container's exit; the truth is the simulator's physical record of each run.\n",
+        "Input: {} simulated nodes (H100 and A100, one A100 per odd node split into seven `1g.10gb` MIG slices) for {} hours at a 15 s collection interval: {} tenants, {} containers ({} of them shorter than a scrape interval), {} samples for Meterflow, {} for the Prometheus server, {} for the Prometheus agents, {} from kube-state-metrics. Prometheus {}. All read each node as its real sources show it (`ingest/src/sources/simulator.rs`): the Akash provider's pods, the kubelet's whole-second times and `lastState`, board energy counters since the driver loaded, cgroup readings at ticks and never at a container's exit; the truth is the simulator's physical record of each run.\n",
         scenario.nodes,
         scenario.hours,
         scenario.tenants.len(),
@@ -1366,6 +1369,7 @@ fn results_doc(
         scenario.samples,
         costs.prom_samples,
         costs.agent_samples,
+        costs.ksm.0,
         prometheus
     )?;
     writeln!(doc, "Faults injected (the same for every system):\n")?;
@@ -1389,11 +1393,12 @@ fn results_doc(
     )?;
     writeln!(
         doc,
-        "Cost: Meterflow takes {:.1} CPU-seconds per million of its samples live (processor, sink and broker; it reads every sample kind, {:.1} times as many samples as the Prometheus agents), the Prometheus agent and its server {:.1} per million of theirs, the scraping server alone {:.1}.\n",
+        "Cost: Meterflow takes {:.1} CPU-seconds per million of its samples live (processor, sink and broker; it reads every sample kind, {:.1} times as many samples as the Prometheus agents), the Prometheus agent and its server {:.1} per million of theirs, the scraping server alone {:.1}, the server reading kube-state-metrics {:.1}.\n",
         costs.meterflow_per_million(),
         scenario.samples as f64 / costs.agent_samples as f64,
         per_million(agent.cpu.0 + agent.cpu.1, costs.agent_samples),
-        per_million(costs.prom_cpu, costs.prom_samples)
+        per_million(costs.prom_cpu, costs.prom_samples),
+        per_million(costs.ksm.1, costs.ksm.0)
     )?;
     writeln!(doc, "## Cost and speed\n\n{perf}")?;
     doc.push_str(METHOD);
@@ -1471,7 +1476,9 @@ const METHOD: &str = r#"
   per GPU board with the pod's namespace and name) and cAdvisor
   (`container_cpu_usage_seconds_total`, `container_memory_working_set_bytes`) expose it; a
   failed scrape or a series gone gets a staleness marker, as the scrape loop writes. These
-  samples go through the remote-write receiver; a scrape across the partition fails.
+  samples go through the remote-write receiver, a tick at a time, its series spread over four
+  requests sent at once as remote write's shards would (each series in order); a scrape
+  across the partition fails.
 - **Prometheus agent, WAL + remote write** (as its best operators run it on a fleet): a
   Prometheus in agent mode (`--enable-feature=agent`) per node scrapes its exporters locally,
   so a failed exchange with the central server is a failed delivery that its write-ahead log

@@ -114,8 +114,8 @@ pub enum Collector {
 
 /// The remote-write requests of one way of collecting, and what they carry.
 pub struct Requests {
-    /// Encoded and compressed, in the order they are sent.
-    pub bodies: Vec<Vec<u8>>,
+    /// Encoded and compressed, in the order they are sent, each in its shards.
+    pub bodies: Vec<Vec<Vec<u8>>>,
     pub samples: u64,
     /// GPU-ms per (class, MIG profile) that failed scrapes hid: 15 s per GPU series a failed
     /// scrape would have shown (the collector's own loss, beside the sampling bound).
@@ -123,8 +123,13 @@ pub struct Requests {
 }
 
 /// One remote-write request per tick (for the server, plus the duplicates), each sample
-/// stamped `shift_ms` after its reading.
-pub fn requests(scenario: &Scenario, collector: Collector, shift_ms: i64) -> Requests {
+/// stamped `shift_ms` after its reading, in `shards`.
+pub fn requests(
+    scenario: &Scenario,
+    collector: Collector,
+    shift_ms: i64,
+    shards: usize,
+) -> Requests {
     // Per node: the series its last successful scrape showed (a scrape loop marks the rest stale).
     let mut shown: Vec<HashSet<Series>> = vec![HashSet::new(); scenario.nodes];
     let mut hidden_gpu_ms: BTreeMap<(String, String), i64> = BTreeMap::new();
@@ -216,9 +221,9 @@ pub fn requests(scenario: &Scenario, collector: Collector, shift_ms: i64) -> Req
             request.extend(samples);
         }
         total += request.len() as u64;
-        out.push(encode(request));
+        out.push(encode(request, shards));
         if !duplicates.is_empty() {
-            out.push(encode(duplicates));
+            out.push(encode(duplicates, shards));
         }
     }
     Requests {
@@ -396,7 +401,7 @@ pub fn ksm_requests(scenario: &Scenario) -> Requests {
             shown[n] = now_shown;
         }
         total += request.len() as u64;
-        out.push(encode(request));
+        out.push(encode(request, SHARDS));
     }
     Requests {
         bodies: out,
@@ -412,20 +417,34 @@ fn node_index(name: &str) -> usize {
         .expect("simulated nodes are named node-NNN")
 }
 
-fn encode(samples: Vec<(Series, PromSample)>) -> Vec<u8> {
-    let mut by_series: BTreeMap<Series, Vec<PromSample>> = BTreeMap::new();
+/// The remote-write shards a server's samples are sent in at once (remote write's queue
+/// spreads series over its shards by a hash, each shard sending its series in order).
+pub const SHARDS: usize = 4;
+
+/// One request's samples, encoded and compressed, split over `shards` by series.
+fn encode(samples: Vec<(Series, PromSample)>, shards: usize) -> Vec<Vec<u8>> {
+    let mut by_series: Vec<BTreeMap<Series, Vec<PromSample>>> = vec![BTreeMap::new(); shards];
     for (series, sample) in samples {
-        by_series.entry(series).or_default().push(sample);
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&series, &mut hasher);
+        let shard = std::hash::Hasher::finish(&hasher) as usize % shards;
+        by_series[shard].entry(series).or_default().push(sample);
     }
-    let request = WriteRequest {
-        timeseries: by_series
-            .into_iter()
-            .map(|(labels, samples)| TimeSeries { labels, samples })
-            .collect(),
-    };
-    snap::raw::Encoder::new()
-        .compress_vec(&request.encode_to_vec())
-        .expect("snappy compresses any input")
+    by_series
+        .into_iter()
+        .filter(|series| shards == 1 || !series.is_empty())
+        .map(|series| {
+            let request = WriteRequest {
+                timeseries: series
+                    .into_iter()
+                    .map(|(labels, samples)| TimeSeries { labels, samples })
+                    .collect(),
+            };
+            snap::raw::Encoder::new()
+                .compress_vec(&request.encode_to_vec())
+                .expect("snappy compresses any input")
+        })
+        .collect()
 }
 
 /// A Prometheus server on loopback with its remote-write receiver on.
@@ -606,26 +625,43 @@ impl Prometheus {
     }
 
     pub async fn write(&self, body: Vec<u8>) -> Result<()> {
-        let r = self
-            .http
-            .post(format!("{}/api/v1/write", self.url))
-            .header("Content-Encoding", "snappy")
-            .header("Content-Type", "application/x-protobuf")
-            .header("X-Prometheus-Remote-Write-Version", "0.1.0")
-            .body(body)
-            .send()
-            .await
-            .context("remote write")?;
-        if !r.status().is_success() {
-            bail!(
-                "remote write answered {}: {}",
-                r.status(),
-                r.text().await.unwrap_or_default()
-            );
-        }
-        Ok(())
+        send(&self.http, &self.url, body).await
     }
 
+    /// One request's shards at once, as remote write's shards send theirs (each shard's
+    /// series in order).
+    pub async fn write_shards(&self, shards: Vec<Vec<u8>>) -> Result<()> {
+        let mut sending = tokio::task::JoinSet::new();
+        for body in shards {
+            let (http, url) = (self.http.clone(), self.url.clone());
+            sending.spawn(async move { send(&http, &url, body).await });
+        }
+        sending.join_all().await.into_iter().collect()
+    }
+}
+
+/// One remote-write request to the server at `url`.
+async fn send(http: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<()> {
+    let r = http
+        .post(format!("{url}/api/v1/write"))
+        .header("Content-Encoding", "snappy")
+        .header("Content-Type", "application/x-protobuf")
+        .header("X-Prometheus-Remote-Write-Version", "0.1.0")
+        .body(body)
+        .send()
+        .await
+        .context("remote write")?;
+    if !r.status().is_success() {
+        bail!(
+            "remote write answered {}: {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+impl Prometheus {
     async fn get(&self, path: &str, params: &[(&str, String)]) -> Result<Value> {
         let r = self
             .http
@@ -841,11 +877,15 @@ pub fn hours(scenario: &Scenario) -> impl Iterator<Item = (i64, i64)> + '_ {
 /// A freshness probe: one new series, one sample at `now_ms`.
 pub fn probe(i: usize, now_ms: i64) -> Vec<u8> {
     let probe = i.to_string();
-    encode(vec![(
-        labels(&[("__name__", "meterflow_compare_probe"), ("probe", &probe)]),
-        PromSample {
-            value: 1.0,
-            timestamp: now_ms,
-        },
-    )])
+    let mut shards = encode(
+        vec![(
+            labels(&[("__name__", "meterflow_compare_probe"), ("probe", &probe)]),
+            PromSample {
+                value: 1.0,
+                timestamp: now_ms,
+            },
+        )],
+        1,
+    );
+    shards.pop().expect("one series, one shard")
 }
