@@ -1400,6 +1400,15 @@ fn results_doc(
         per_million(costs.prom_cpu, costs.prom_samples),
         per_million(costs.ksm.1, costs.ksm.0)
     )?;
+    let l = &costs.latency;
+    writeln!(
+        doc,
+        "Query: a tenant's 30 days hour by hour takes Meterflow p50 {:.1} ms, p99 {:.1} ms, and Prometheus, reading its recorded rule, p50 {:.1} ms, p99 {:.1} ms.\n",
+        quantile(&l.meterflow, 0.5),
+        quantile(&l.meterflow, 0.99),
+        quantile(&l.prom_gpu, 0.5),
+        quantile(&l.prom_gpu, 0.99)
+    )?;
     writeln!(doc, "## Cost and speed\n\n{perf}")?;
     doc.push_str(METHOD);
     Ok(doc)
