@@ -1,12 +1,17 @@
 //! The dashboard in a real browser: headless Chromium loads `/` from a running sink with a
 //! token in the URL's fragment, runs the page's script against the API, and what it shows is
-//! checked in the rendered DOM; a screenshot of each view is saved for people to look at.
+//! checked in the rendered DOM; a screenshot of each view is saved for people to look at. Then
+//! a person's way through it, driven over the DevTools protocol (`cdp.rs`): a click in the
+//! token field, the token typed, Enter, and the lease chart's metric changed with the keyboard.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use meterflow_ingest::Publisher;
+use serde_json::Value;
+
+use crate::cdp::Browser;
 
 use crate::common::{Pipeline, poll_json, token};
 
@@ -255,5 +260,69 @@ async fn the_dashboard_shows_a_tenant_its_spend_and_the_operator_its_fleet_in_a_
         "{chart}"
     );
     assert!(tenant_png.exists() && operator_png.exists());
+
+    // Then as a person uses it: the page opened without a token, the token typed into its
+    // field after a click and Enter pressed, the chart's metric changed with the keyboard.
+    let base = pipeline.url("/");
+    let (cpu_step, memory_step, png) = tokio::task::spawn_blocking(move || {
+        let profile = tempfile::tempdir().expect("browser profile");
+        let mut page = Browser::start(&chromium(), profile.path());
+        page.navigate(&base);
+        page.wait_for(
+            "document.getElementById('token') !== null && document.readyState",
+            Duration::from_secs(30),
+            |v| v == "complete",
+        );
+        assert_eq!(
+            page.eval("document.getElementById('tenant').hidden"),
+            true,
+            "nothing is shown before a token"
+        );
+        page.click("#token");
+        page.type_text(&acme);
+        page.press("Enter", 13);
+        let spent = "document.getElementById('to_date').textContent";
+        page.wait_for(spent, Duration::from_secs(60), |v| v == "0.17");
+        assert_eq!(
+            page.eval("document.getElementById('who').textContent"),
+            "Tenant acme"
+        );
+        let step = "[...document.querySelectorAll('#lease_chart title')].map((t) => t.textContent).find((t) => t.startsWith('2026-11-23T00:00:00.000Z: ')) ?? null";
+        let cpu_step = page.wait_for(step, Duration::from_secs(30), Value::is_string);
+        page.click("#metric_pick");
+        page.press("Escape", 27);
+        page.press("ArrowDown", 40);
+        page.wait_for(
+            "document.getElementById('lease_chart_note').textContent",
+            Duration::from_secs(30),
+            |v| v.as_str().is_some_and(|n| n.starts_with("memory working set, GiB")),
+        );
+        let memory_step = page.wait_for(step, Duration::from_secs(30), |v| {
+            v.is_string() && *v != cpu_step
+        });
+        (cpu_step, memory_step, page.screenshot())
+    })
+    .await
+    .expect("browser task");
+    // The lease's CPU first, as above; then its working set over the same step, by the SPEC's
+    // gauge rule (a reading held until the next within `max_staleness`, 30 s; a container's
+    // unread time holds its mean over its read time): c1 read 1 GiB at 15 s, 2 GiB at 35 s
+    // and 75 s, 3 GiB at 130 s. Only 15 → 35 s is read (20 GiB-seconds, a mean of 1 GiB); the
+    // gaps after it are 40 and 55 s. The readings span 15 → 130 s: 115 s at 1 GiB over the
+    // 180 s the data reaches.
+    assert_eq!(cpu_step, "2026-11-23T00:00:00.000Z: 0.4166666666666667");
+    let gib: f64 = memory_step
+        .as_str()
+        .and_then(|t| t.rsplit(": ").next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("a level: {memory_step}"));
+    assert!(
+        (gib - 115.0 / 180.0).abs() < 1e-9,
+        "the working set's level over the step: {gib} GiB"
+    );
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-tenant-clicked.png");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000);
+    std::fs::write(&path, &png).expect("screenshot written");
+    println!("dashboard screenshot: {}", path.display());
     pipeline.stop().await;
 }

@@ -5,6 +5,7 @@ mod aep43;
 mod agent;
 mod auth;
 mod backpressure;
+mod cdp;
 mod cli;
 mod cluster;
 mod common;
