@@ -11,6 +11,17 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+/// How the tests run Chromium: headless, at one window size.
+pub const HEADLESS: [&str; 6] = [
+    "--headless",
+    // Tests often run as root in a container, where Chromium's sandbox cannot start.
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--window-size=1100,1300",
+];
+
 /// A headless browser with one page, killed when dropped.
 pub struct Browser {
     child: Child,
@@ -30,14 +41,8 @@ impl Browser {
     /// first page.
     pub fn start(chromium: &Path, profile: &Path) -> Self {
         let mut child = Command::new(chromium)
+            .args(HEADLESS)
             .args([
-                "--headless",
-                // Tests often run as root in a container, where Chromium's sandbox cannot start.
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--hide-scrollbars",
-                "--window-size=1100,1300",
                 "--remote-debugging-address=127.0.0.1",
                 "--remote-debugging-port=0",
             ])

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use meterflow_ingest::Publisher;
 use serde_json::Value;
 
-use crate::cdp::Browser;
+use crate::cdp::{Browser, HEADLESS};
 
 use crate::common::{Pipeline, poll_json, token};
 
@@ -37,17 +37,9 @@ fn chromium() -> PathBuf {
 /// returns its standard output.
 fn browse(profile: &Path, action: &str, url: &str) -> String {
     let mut child = Command::new(chromium())
-        .args([
-            "--headless",
-            // Tests often run as root in a container, where Chromium's sandbox cannot start.
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--hide-scrollbars",
-            "--window-size=1100,1300",
-            // Run the page's timers and fetches to completion (virtual time waits for the network).
-            "--virtual-time-budget=15000",
-        ])
+        .args(HEADLESS)
+        // Run the page's timers and fetches to completion (virtual time waits for the network).
+        .arg("--virtual-time-budget=15000")
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg(action)
         .arg(url)
