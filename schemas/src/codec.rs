@@ -346,44 +346,26 @@ fn get_string(body: &mut &[u8]) -> Result<String, String> {
 /// record it consumes and every one a lease's series reads back). A test checks both readers
 /// agree on valid and on damaged bytes.
 fn read_usage(body: &mut &[u8]) -> Result<UsageUpdate, String> {
-    let mut strings: [String; 8] = Default::default();
-    for s in &mut strings {
-        *s = get_string(body)?;
-    }
-    let [
-        id,
-        tenant,
-        lease,
-        service,
-        node,
-        metric,
-        gpu_class,
-        mig_profile,
-    ] = strings;
-    let window_start_ms = get_long(body)?;
-    let window_end_ms = get_long(body)?;
-    let resolution = get_string(body)?;
-    let amount = get_long(body)?;
-    let scale = get_long(body)?;
-    let scale = i32::try_from(scale).map_err(|_| format!("scale {scale} is not an int"))?;
-    let coverage_ms = get_long(body)?;
-    let present_ms = get_long(body)?;
+    // A struct expression evaluates its fields in the order written: the schema's.
     Ok(UsageUpdate {
-        id,
-        tenant,
-        lease,
-        service,
-        node,
-        metric,
-        gpu_class,
-        mig_profile,
-        window_start_ms,
-        window_end_ms,
-        resolution,
-        amount,
-        scale,
-        coverage_ms,
-        present_ms,
+        id: get_string(body)?,
+        tenant: get_string(body)?,
+        lease: get_string(body)?,
+        service: get_string(body)?,
+        node: get_string(body)?,
+        metric: get_string(body)?,
+        gpu_class: get_string(body)?,
+        mig_profile: get_string(body)?,
+        window_start_ms: get_long(body)?,
+        window_end_ms: get_long(body)?,
+        resolution: get_string(body)?,
+        amount: get_long(body)?,
+        scale: {
+            let scale = get_long(body)?;
+            i32::try_from(scale).map_err(|_| format!("scale {scale} is not an int"))?
+        },
+        coverage_ms: get_long(body)?,
+        present_ms: get_long(body)?,
     })
 }
 
