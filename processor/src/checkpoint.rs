@@ -21,6 +21,9 @@
 //! n P T node     → (empty): the node sent a sample in the hour starting at T
 //! b key          → Billed (JSON)
 //! k W P          → billing topic offset below which this worker's records are all in `b`
+//! r key level    → a total retired from the dataflow (JSON of its usage key and roll-up, `null`
+//!                  for a base window): total, observed ms, present ms as in `w`
+//! x owner T      → a base window's cost retired from the dataflow (JSON), in micros (i64 LE)
 //! ```
 
 use std::collections::BTreeMap;
@@ -32,7 +35,9 @@ use serde::de::DeserializeOwned;
 
 use crate::agents::AgentState;
 use crate::billing::Billed;
-use crate::model::{AllocationKey, AllocationObs, BillingKey, ReadingKey};
+use crate::dataflow::{CostIdx, LevelIdx, Measured, Resolution};
+use crate::model::{AllocationKey, AllocationObs, BillingKey, Owner, ReadingKey, UsageKey};
+use crate::names::Names;
 use crate::series::{Dirty, Parts, Readings};
 
 /// Why the state store failed.
@@ -90,7 +95,17 @@ pub struct Checkpoint {
     pub billed: Vec<(BillingKey, Billed)>,
     /// `(billing partition, end offset)` after this worker's records were acknowledged.
     pub billing_offsets: Vec<(i32, i64)>,
+    /// Totals taken out of the dataflow since the previous checkpoint (see
+    /// [`crate::windows`]), named.
+    pub retired_totals: Vec<(RetiredTotal, Measured)>,
+    pub retired_costs: Vec<(RetiredCost, i64)>,
 }
+
+/// A retired total's key in the store: its usage key, and its roll-up (`None`: base window).
+pub type RetiredTotal = (UsageKey, Option<Resolution>);
+
+/// A retired cost's key in the store: its owner and base window start.
+pub type RetiredCost = (Owner, i64);
 
 /// The processor's RocksDB, shared by the workers of one process.
 ///
@@ -303,6 +318,27 @@ impl Store {
         self.get_json(&key(b'c', partition, &json(series)))
     }
 
+    /// A retired total's value, as checkpointed.
+    pub fn retired_total(&self, key: &RetiredTotal) -> Result<Option<Measured>, StoreError> {
+        let k = [&[b'r'][..], &json(key)].concat();
+        Ok(self.with_db(|db| Ok(db.get(&k)?))?.map(|v| {
+            let [total, observed_ms, present_ms] = read_parts(&v);
+            Measured {
+                total,
+                observed_ms,
+                present_ms,
+            }
+        }))
+    }
+
+    /// A retired window cost, as checkpointed.
+    pub fn retired_cost(&self, key: &RetiredCost) -> Result<Option<i64>, StoreError> {
+        let k = [&[b'x'][..], &json(key)].concat();
+        Ok(self
+            .with_db(|db| Ok(db.get(&k)?))?
+            .map(|v| read_parts(&v)[0]))
+    }
+
     /// What was billed for `key`, as of the checkpoints and the records read back since.
     pub fn billed(&self, key: &BillingKey) -> Result<Option<Billed>, StoreError> {
         self.get_json(&[&[b'b'][..], &json(key)].concat())
@@ -403,6 +439,38 @@ impl Store {
             k.extend_from_slice(&p.to_be_bytes());
             batch.put(k, offset.to_be_bytes());
         }
+        // A retired value brought back since is spent: deleted (see `windows::NOTHING`).
+        for (k, m) in &cp.retired_totals {
+            let key = [&[b'r'][..], &json(k)].concat();
+            match *m {
+                crate::windows::NOTHING => batch.delete(key),
+                m => batch.put(key, write_parts([m.total, m.observed_ms, m.present_ms])),
+            }
+        }
+        for (k, micros) in &cp.retired_costs {
+            let key = [&[b'x'][..], &json(k)].concat();
+            match micros {
+                0 => batch.delete(key),
+                m => batch.put(key, m.to_le_bytes()),
+            }
+        }
+    }
+}
+
+/// The store, read with the names of the process's ids: where retired totals are found again.
+pub struct NamedStore<'a> {
+    pub store: &'a Store,
+    pub names: &'a Names,
+}
+
+impl crate::windows::RetiredTotals for NamedStore<'_> {
+    type Error = StoreError;
+    fn total(&self, (k, level): &LevelIdx) -> Result<Option<Measured>, StoreError> {
+        self.store.retired_total(&(self.names.usage_key(k), *level))
+    }
+    fn cost(&self, (owner, _, start): &CostIdx) -> Result<Option<i64>, StoreError> {
+        self.store
+            .retired_cost(&(self.names.owner_named(*owner), *start))
     }
 }
 
@@ -465,6 +533,7 @@ mod tests {
             },
             billed: vec![],
             billing_offsets: vec![(0, offset * 10)],
+            ..Checkpoint::default()
         };
         let first = || {
             checkpoint(
@@ -526,6 +595,63 @@ mod tests {
             BTreeMap::from([(0, 50)]),
             "the lowest any worker stored"
         );
+    }
+
+    #[test]
+    fn retired_totals_and_costs_read_back_by_their_names() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("open");
+        let usage = UsageKey {
+            owner: counter_key().owner,
+            metric: Aggregate::MemoryByteSeconds,
+            gpu_class: String::new(),
+            mig_profile: String::new(),
+            window_start_ms: 60_000,
+        };
+        let (base, hour, day) = (
+            (usage.clone(), None),
+            (usage.clone(), Some(Resolution::Hour)),
+            (usage.clone(), Some(Resolution::Day)),
+        );
+        let (cost, no_cost) = ((usage.owner.clone(), 60_000), (usage.owner.clone(), 0));
+        let total = |k: &RetiredTotal| store.retired_total(k).expect("readable");
+        let micros = |k: &RetiredCost| store.retired_cost(k).expect("readable");
+        let gauge = Measured {
+            total: 7,
+            observed_ms: 0,
+            present_ms: 60_000,
+        };
+        let hourly = Measured {
+            total: -3,
+            observed_ms: 5,
+            present_ms: 0,
+        };
+        let write = |totals, costs| {
+            store
+                .write(&[Checkpoint {
+                    retired_totals: totals,
+                    retired_costs: costs,
+                    ..Checkpoint::default()
+                }])
+                .expect("write")
+        };
+        write(
+            vec![(base.clone(), gauge), (hour.clone(), hourly)],
+            vec![(cost.clone(), -42)],
+        );
+        assert_eq!(total(&base), Some(gauge));
+        assert_eq!(total(&hour), Some(hourly));
+        assert_eq!(total(&day), None);
+        assert_eq!(micros(&cost), Some(-42));
+        assert_eq!(micros(&no_cost), None);
+        // Brought back since (spent): deleted.
+        write(
+            vec![(base.clone(), crate::windows::NOTHING)],
+            vec![(cost.clone(), 0)],
+        );
+        assert_eq!(total(&base), None);
+        assert_eq!(total(&hour), Some(hourly));
+        assert_eq!(micros(&cost), None);
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //!
 //! ```text
 //! summaries ─┬─ amounts (allocation pieces and reading pairs, summed per epoch by the feeder)
+//!            ├─ levels, costs carried (closed totals taken out or brought back: crate::windows)
 //!            ├─ GPU pieces per hour ▸ max_gpus_allocated ─┐
 //!            └─ node hours                               ─┴▸ fleet_hourly (per node and per fleet, hourly → meterflow.usage)
 //! amounts ─┬─ window_totals ▸ measured (per lease, service, item and base window → meterflow.usage)
+//!          ├─ roll_up                  (per hour, day and month, each from the amounts → meterflow.usage)
 //!          └─ billing_totals           (per lease, item and billing window       → meterflow.billing)
 //! measured    ▸ window_costs  (per lease and service and base window, for burn rates → meterflow.usage)
 //! billing     ▸ period_costs  (per tenant and month, for budgets → meterflow.usage, meterflow.alerts)
@@ -46,7 +48,7 @@ pub struct Costing {
 
 impl Costing {
     /// A pricer for one worker's operators, remembering each item's rate.
-    fn pricer(&self) -> impl Fn(ItemId, i64) -> i64 + 'static {
+    pub fn pricer(&self) -> impl Fn(ItemId, i64) -> i64 + 'static {
         let (names, prices) = (self.names.clone(), self.prices.clone());
         let rates: RefCell<HashMap<ItemId, Rate>> = RefCell::default();
         move |item, quantity| {
@@ -93,19 +95,34 @@ pub enum FleetIdx {
     FleetMaxGpus(i64),
 }
 
-/// The usage amounts per (owner, item, base window) and part (carried in the multiplicities,
-/// so that every sum downstream is a plain addition), the GPU pieces per hour and the
-/// node-hours in the input.
-#[allow(clippy::type_complexity)]
-fn split<'s>(
-    summaries: Coll<'s, Summary>,
-) -> (
-    Coll<'s, (UsageIdx, Part)>,
-    Coll<'s, (NodeId, Interval)>,
-    Coll<'s, (NodeId, i64)>,
-) {
+/// A usage total at one level: its key, with `None` for its base window or the resolution of
+/// its roll-up.
+pub type LevelIdx = (UsageIdx, Option<Resolution>);
+
+/// The dataflow's input by what each kind of it feeds. Amounts (in the multiplicities, so that
+/// every sum downstream is a plain addition) feed every level of usage and billing; a level's
+/// own amounts and the costs carried only the one total they name.
+struct Inputs<'s> {
+    /// Per (owner, item, base window) and part.
+    amounts: Coll<'s, (UsageIdx, Part)>,
+    levels: Coll<'s, (LevelIdx, Part)>,
+    carried: Coll<'s, CostIdx>,
+    /// GPU pieces per hour.
+    gpus: Coll<'s, (NodeId, Interval)>,
+    node_hours: Coll<'s, (NodeId, i64)>,
+}
+
+fn split<'s>(summaries: Coll<'s, Summary>) -> Inputs<'s> {
     let amounts = summaries.clone().flat_map(|s| match s {
         Summary::Amount(k, part) => Some((k, part)),
+        _ => None,
+    });
+    let levels = summaries.clone().flat_map(|s| match s {
+        Summary::Level(k, part) => Some((k, part)),
+        _ => None,
+    });
+    let carried = summaries.clone().flat_map(|s| match s {
+        Summary::CostCarried(k) => Some(k),
         _ => None,
     });
     let gpus = summaries.clone().flat_map(|s| match s {
@@ -116,7 +133,21 @@ fn split<'s>(
         Summary::NodeHour(n, h) => Some((n, h)),
         _ => None,
     });
-    (amounts, gpus, node_hours)
+    Inputs {
+        amounts,
+        levels,
+        carried,
+        gpus,
+        node_hours,
+    }
+}
+
+/// A level's own amounts: `None` for base windows, else the roll-up's resolution.
+fn level_amounts<'s>(
+    levels: Coll<'s, (LevelIdx, Part)>,
+    level: Option<Resolution>,
+) -> Coll<'s, (UsageIdx, Part)> {
+    levels.flat_map(move |((k, l), part)| (l == level).then_some((k, part)))
 }
 
 /// Changes of a collection of `(key, value)`, with their time and diff, as captured from the
@@ -177,7 +208,8 @@ pub struct Installed {
 
 /// Builds the dataflow in `worker`: base windows of `window_ms`, billing windows of
 /// `billing_window_ms` (a multiple of the base window), costs from `costing`, roll-ups to
-/// `rollups` (finest first, each counted from the one before).
+/// `rollups` (each counted from the amounts, so that each level's totals can leave the
+/// dataflow on their own: see [`crate::windows`]).
 pub fn install(
     worker: &mut timely::worker::Worker,
     window_ms: i64,
@@ -208,25 +240,32 @@ pub fn install(
             .probe_with(&probe);
         let (input, summaries) = scope.new_collection::<Summary, isize>();
         let (progress_in, progress) = scope.new_collection::<(usize, Progress), isize>();
-        let (amounts, gpus, node_hours) = split(summaries);
-        let totals = window_totals(amounts.clone());
-        let measured = measured(totals.clone(), window_ms);
+        let inputs = split(summaries);
+        let amounts = inputs.amounts;
+        let totals = window_totals(
+            amounts
+                .clone()
+                .concat(level_amounts(inputs.levels.clone(), None)),
+        );
+        let measured = measured(totals, window_ms);
         measured
             .clone()
             .inspect(move |update| usage_out.borrow_mut().push(*update))
             .probe_with(&probe);
         let rollups_out = rollups.clone();
-        let mut finer = totals;
         for to in levels {
-            let coarser = roll_up(finer, to);
+            let coarser = roll_up(
+                amounts.clone(),
+                level_amounts(inputs.levels.clone(), Some(to)),
+                to,
+            );
             let out = rollups_out.clone();
-            measured_by(coarser.clone(), move |start| to.end(start) - start)
+            measured_by(coarser, move |start| to.end(start) - start)
                 .map(move |(k, m)| ((k, to), m))
                 .inspect(move |update| out.borrow_mut().push(*update))
                 .probe_with(&probe);
-            finer = coarser;
         }
-        window_costs(measured, costing.clone())
+        window_costs(measured, inputs.carried, costing.clone())
             .inspect(move |update| costs_out.borrow_mut().push(*update))
             .probe_with(&probe);
         let billed = billing_totals(amounts, billing_window_ms);
@@ -249,7 +288,7 @@ pub fn install(
                 }
             })
             .probe_with(&probe);
-        fleet_hourly(node_hours, max_gpus_allocated(gpus))
+        fleet_hourly(inputs.node_hours, max_gpus_allocated(inputs.gpus))
             .inspect(move |update| fleet_out.borrow_mut().push(*update))
             .probe_with(&probe);
         (input, names_in, progress_in, probe)
@@ -315,24 +354,23 @@ impl Resolution {
     }
 }
 
-/// Totals by part in finer windows → totals by part in the windows of `to`.
+/// Amounts in base windows, and the level's own → totals by part in the windows of `to`.
 pub fn roll_up<'s>(
-    totals: Coll<'s, ((UsageIdx, Part), isize)>,
+    amounts: Coll<'s, (UsageIdx, Part)>,
+    own: Coll<'s, (UsageIdx, Part)>,
     to: Resolution,
 ) -> Coll<'s, ((UsageIdx, Part), isize)> {
-    totals
-        .explode(move |((k, part), total)| {
-            Some((
-                (
-                    UsageIdx {
-                        window_start_ms: to.start(k.window_start_ms),
-                        ..k
-                    },
-                    part,
-                ),
-                total,
-            ))
+    amounts
+        .map(move |(k, part)| {
+            (
+                UsageIdx {
+                    window_start_ms: to.start(k.window_start_ms),
+                    ..k
+                },
+                part,
+            )
         })
+        .concat(own)
         .count()
 }
 
@@ -355,10 +393,12 @@ pub fn cluster_progress<'s>(progress: Coll<'s, (usize, Progress)>) -> Coll<'s, (
         })
 }
 
-/// Windowed totals → cost in micros per (owner, lease, base window): what burn rates are made
-/// of. Each total is priced on its own, rounded to the micro.
+/// Windowed totals, and the costs carried for totals no longer in the dataflow → cost in
+/// micros per (owner, lease, base window): what burn rates are made of. Each total is priced
+/// on its own, rounded to the micro.
 pub fn window_costs<'s>(
     measured: Coll<'s, (UsageIdx, Measured)>,
+    carried: Coll<'s, CostIdx>,
     costing: Costing,
 ) -> Coll<'s, (CostIdx, isize)> {
     let cost_of = costing.pricer();
@@ -367,6 +407,7 @@ pub fn window_costs<'s>(
             let cost = cost_of(k.item, m.total);
             (cost != 0).then_some(((k.owner, k.lease, k.window_start_ms), cost as isize))
         })
+        .concat(carried)
         .count()
 }
 
@@ -572,17 +613,99 @@ mod tests {
     /// and every series is retired from memory, so each observation after the first epoch
     /// brings its series back from the store.
     fn run_retiring(epochs: Vec<Vec<Observation>>, retire: bool) -> Outcome {
-        let (outcome, refused) = run_named(epochs, retire, Names::default);
+        let (outcome, refused, _) = run_named(epochs, (retire, false), Names::default);
         assert_eq!(refused, Vec::new(), "nothing refused");
         outcome
     }
 
-    /// [`run_retiring`] with the names `names` makes; also returns the refused observations.
+    /// [`run_all`], with every total of every window taken out of the dataflow after every
+    /// epoch (as if the closing frontier had passed them all, see [`crate::windows`]): each
+    /// later change brings its totals back. Usage, roll-ups and costs are the values sent
+    /// (the last sent per key, as a sink keeps them); also returns how many totals were
+    /// retired and brought back.
+    fn run_retiring_windows(epochs: Vec<Vec<Observation>>) -> (Outcome, (u64, u64)) {
+        let (outcome, refused, counts) = run_named(epochs, (false, true), Names::default);
+        assert_eq!(refused, Vec::new(), "nothing refused");
+        (outcome, counts)
+    }
+
+    /// Where two outcomes differ, key by key.
+    fn differences(a: &Outcome, b: &Outcome) -> String {
+        fn diff<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
+            what: &str,
+            a: &BTreeMap<K, V>,
+            b: &BTreeMap<K, V>,
+            out: &mut String,
+        ) {
+            for (k, v) in a {
+                if b.get(k) != Some(v) {
+                    out.push_str(&format!("{what} {k:?}: {v:?} against {:?}\n", b.get(k)));
+                }
+            }
+            for (k, v) in b {
+                if !a.contains_key(k) {
+                    out.push_str(&format!("{what} {k:?}: none against {v:?}\n"));
+                }
+            }
+        }
+        let mut out = String::new();
+        diff("usage", &a.0, &b.0, &mut out);
+        diff("billing", &a.1, &b.1, &mut out);
+        diff("fleet", &a.2, &b.2, &mut out);
+        diff("cost", &a.3, &b.3, &mut out);
+        diff("period", &a.4, &b.4, &mut out);
+        diff("roll-up", &a.5, &b.5, &mut out);
+        out
+    }
+
+    /// Retired totals kept in memory, for tests: what checkpoints would write.
+    #[derive(Default)]
+    struct MemoryTotals {
+        totals: HashMap<LevelIdx, Measured>,
+        costs: HashMap<CostIdx, i64>,
+    }
+
+    impl crate::windows::RetiredTotals for MemoryTotals {
+        type Error = std::convert::Infallible;
+        fn total(&self, key: &LevelIdx) -> Result<Option<Measured>, Self::Error> {
+            Ok(self.totals.get(key).copied())
+        }
+        fn cost(&self, key: &CostIdx) -> Result<Option<i64>, Self::Error> {
+            Ok(self.costs.get(key).copied())
+        }
+    }
+
+    /// The values sent of usage, roll-ups and costs, the last per key (as a sink keeps them).
+    #[derive(Default)]
+    struct Sent {
+        usage: BTreeMap<UsageIdx, Measured>,
+        rollups: BTreeMap<RollupIdx, Measured>,
+        costs: BTreeMap<CostIdx, isize>,
+    }
+
+    impl Sent {
+        fn keep(&mut self, (usage, rollups, costs): crate::windows::Sifted) {
+            fn apply<K: Ord, V>(to: &mut BTreeMap<K, V>, from: BTreeMap<K, Option<V>>) {
+                for (k, v) in from {
+                    match v {
+                        Some(v) => to.insert(k, v),
+                        None => to.remove(&k),
+                    };
+                }
+            }
+            apply(&mut self.usage, usage);
+            apply(&mut self.rollups, rollups);
+            apply(&mut self.costs, costs);
+        }
+    }
+
+    /// [`run_retiring`] with the names `names` makes, retiring `(series, windows)`; also
+    /// returns the refused observations, and how many totals were retired and brought back.
     fn run_named(
         epochs: Vec<Vec<Observation>>,
-        retire: bool,
+        (retire, retire_windows): (bool, bool),
         names: fn() -> Names,
-    ) -> (Outcome, Vec<crate::series::Refused>) {
+    ) -> (Outcome, Vec<crate::series::Refused>, (u64, u64)) {
         timely::execute_directly(move |worker| {
             let names = Arc::new(names());
             let Installed {
@@ -596,21 +719,34 @@ mod tests {
                 periods,
                 // The names and progress inputs are closed: one process needs neither.
                 ..
-            } = install(
-                worker,
-                MIN,
-                HOUR,
-                Costing {
-                    names: names.clone(),
-                    prices: Arc::new(PriceBook::default()),
-                },
-                &Resolution::ALL,
-            );
+            } = install(worker, MIN, HOUR, costing(&names), &Resolution::ALL);
             let mut feeder = Feeder::new(rules(), names.clone(), 0);
             let mut stored = crate::series::MemoryStore::default();
+            let mut open = crate::windows::OpenTotals::new(MIN, &costing(&names));
+            let (mut retired, mut sent) = (MemoryTotals::default(), Sent::default());
             let mut refused = Vec::new();
-            for (epoch, observations) in epochs.into_iter().enumerate() {
-                feeder.advance(&mut input, epoch as Time);
+            let mut epoch: Time = 0;
+            // One epoch through the dataflow, its totals sifted (as a worker does).
+            let mut step = |epoch: Time,
+                            input: &mut InputSession<Time, Summary, isize>,
+                            feeder: &mut Feeder,
+                            open: &mut crate::windows::OpenTotals,
+                            retired: &MemoryTotals| {
+                feeder.advance(input, epoch);
+                input.flush();
+                worker.step_while(|| probe.less_than(input.time()));
+                let changes = (
+                    usage.borrow_mut().drain(..).collect(),
+                    rollups.borrow_mut().drain(..).collect(),
+                    costs.borrow_mut().drain(..).collect(),
+                );
+                match open.sift(changes, input, retired) {
+                    Ok(sifted) => sent.keep(sifted),
+                    Err(never) => match never {},
+                }
+            };
+            for observations in epochs {
+                feeder.advance(&mut input, epoch);
                 for o in observations {
                     let fed = match feeder.feed_from(&mut input, 0, o.as_ref(), i64::MIN, &stored) {
                         Ok(fed) => fed,
@@ -623,12 +759,36 @@ mod tests {
                     feeder.retire(i64::MAX);
                     assert_eq!(feeder.series(), (0, 0), "every series retired");
                 }
+                epoch += 1;
+                step(epoch, &mut input, &mut feeder, &mut open, &retired);
+                if retire_windows {
+                    open.retire(i64::MAX, &mut input);
+                    let written = open.take_unwritten();
+                    retired.totals.extend(written.totals);
+                    retired.costs.extend(written.costs);
+                    open.written();
+                }
+            }
+            // The last retirement goes through, and what it brought back is sent.
+            epoch += 1;
+            step(epoch, &mut input, &mut feeder, &mut open, &retired);
+            while !open.settled() {
+                epoch += 1;
+                step(epoch, &mut input, &mut feeder, &mut open, &retired);
             }
             feeder.advance(&mut input, u64::MAX - 1);
             input.flush();
             worker.step_while(|| probe.less_than(input.time()));
+            let costs_sent: BTreeMap<(Owner, i64), i64> = sent
+                .costs
+                .iter()
+                .map(|((o, _, w), c)| ((names.owner_named(*o), *w), *c as i64))
+                .collect();
             let outcome = (
-                totals(&usage, |k| names.usage_key(k), |m| m),
+                sent.usage
+                    .iter()
+                    .map(|(k, m)| (names.usage_key(k), *m))
+                    .collect(),
                 totals(&billing, |k| names.billing_key(k), |v| v as i64),
                 totals(
                     &fleet,
@@ -640,19 +800,18 @@ mod tests {
                     },
                     |v| v as i64,
                 ),
-                totals(
-                    &costs,
-                    |(o, _, w)| (names.owner_named(*o), *w),
-                    |v| v as i64,
-                ),
+                costs_sent,
                 totals(
                     &periods,
                     |(t, month)| (names.tenant_name(*t), *month),
                     |v| v as i64,
                 ),
-                totals(&rollups, |(k, r)| (names.usage_key(k), *r), |m| m),
+                sent.rollups
+                    .iter()
+                    .map(|((k, r), m)| ((names.usage_key(k), *r), *m))
+                    .collect(),
             );
-            (outcome, refused)
+            (outcome, refused, open.take_counts())
         })
     }
 
@@ -679,7 +838,7 @@ mod tests {
                 .collect()
         };
         // Apart, as they are with the real ids: a minute each.
-        let (apart, refused) = run_named(epochs(), false, Names::default);
+        let (apart, refused, _) = run_named(epochs(), (false, false), Names::default);
         assert!(refused.is_empty());
         assert_eq!(
             gpu_seconds(&apart),
@@ -687,7 +846,7 @@ mod tests {
         );
         // Forced to collide: globex's sample is refused, acme keeps exactly its own minute
         // (merged, acme would show two), and globex is billed nothing under acme's name.
-        let (forced, refused) = run_named(epochs(), false, || {
+        let (forced, refused, _) = run_named(epochs(), (false, false), || {
             Names::with_hash(|domain, fields| {
                 if domain == "owner" {
                     7
@@ -712,6 +871,13 @@ mod tests {
             .map(|(k, v)| (k.tenant.clone(), *v))
             .collect();
         assert_eq!(billed, vec![("acme".to_string(), MIN)]);
+    }
+
+    fn costing(names: &Arc<Names>) -> Costing {
+        Costing {
+            names: names.clone(),
+            prices: Arc::new(PriceBook::default()),
+        }
     }
 
     fn rules() -> Rules {
@@ -859,6 +1025,48 @@ mod tests {
             split_by_window(-1_000, 500, MIN).collect::<Vec<_>>(),
             vec![(-60_000, 1_000), (0, 500)]
         );
+    }
+
+    #[test]
+    fn a_change_reaching_a_retired_window_brings_its_totals_back_and_the_sum_is_sent() {
+        // Lease l's minute 0: c1 held an H100 all of it. Every total is then taken out of the
+        // dataflow; c2 is first seen after, having held another H100 from 30 s to the end.
+        let (out, (retired, revived)) = run_retiring_windows(vec![
+            vec![alloc("l", "c1", "g1", 0, Some(MIN), MIN)],
+            vec![alloc("l", "c2", "g2", 30_000, Some(MIN), MIN)],
+        ]);
+        // Taken out after the first epoch: the minute, its hour, day and month, and its cost;
+        // all five brought back by c2 (and not taken out again: nothing came after).
+        assert_eq!((retired, revived), (5, 5));
+        // What is sent last is the sum, 60 s + 30 s of GPU time at every level, and its cost:
+        // $2.49 an H100-hour for 90 s is 62,250 micros.
+        let whole = |len| Measured {
+            total: 90_000,
+            observed_ms: len,
+            present_ms: len,
+        };
+        let gpu: BTreeMap<UsageKey, Measured> = out
+            .0
+            .into_iter()
+            .filter(|(k, _)| k.metric == Aggregate::GpuSeconds)
+            .collect();
+        assert_eq!(gpu, BTreeMap::from([(gpu_key("l", 0), whole(MIN))]));
+        let rollups: Vec<(Resolution, Measured)> = out
+            .5
+            .into_iter()
+            .filter(|((k, _), _)| k.metric == Aggregate::GpuSeconds)
+            .map(|((_, r), m)| (r, m))
+            .collect();
+        assert_eq!(
+            rollups,
+            vec![
+                (Resolution::Hour, whole(HOUR)),
+                (Resolution::Day, whole(24 * HOUR)),
+                // January 1970: 31 days.
+                (Resolution::Month, whole(31 * 24 * HOUR)),
+            ]
+        );
+        assert_eq!(out.3, BTreeMap::from([((owner("l"), 0), 62_250)]));
     }
 
     #[test]
@@ -1425,7 +1633,11 @@ mod tests {
             let outcome = run_all(epochs.clone());
             // Every series retired after every epoch and brought back from the store when it
             // reports again: the same totals.
-            prop_assert_eq!(&run_retiring(epochs, true), &outcome);
+            prop_assert_eq!(&run_retiring(epochs.clone(), true), &outcome);
+            // Every total of every window taken out of the dataflow after every epoch, and
+            // brought back when a change reaches it: the same totals sent.
+            let (retiring, _) = run_retiring_windows(epochs);
+            prop_assert!(retiring == outcome, "{}", differences(&retiring, &outcome));
             let (usage, billing, fleet, costs, periods, rollups) = outcome;
             // Roll-ups: the base windows summed into hours, days and months.
             let mut expected_rollups: BTreeMap<(UsageKey, Resolution), Measured> = BTreeMap::new();

@@ -14,6 +14,8 @@
 //!   small collections): allocation intervals → GPU-milliseconds per window; counter and
 //!   gauge usage per window (gauges with observed and present time, for coverage); totals per
 //!   base window and per billing window.
+//! - [`windows`]: closed windows' totals taken out of the dataflow, and brought back if a late
+//!   change reaches them.
 //! - [`billing`]: the ledger of what was billed, charges and adjustments (pure).
 //! - [`prices`]: the versioned price book (TOML) and costs on integers (pure).
 //! - [`budgets`]: budgets per tenant (TOML), the alerts they raise, calendar months (pure).
@@ -34,6 +36,7 @@ pub mod names;
 pub mod prices;
 pub mod runner;
 pub mod series;
+pub mod windows;
 mod worker;
 
 pub use prices::PriceBook;

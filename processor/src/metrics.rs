@@ -95,6 +95,10 @@ pub struct Metrics {
     pub series_retired: IntCounter,
     /// Retired series that reported again and were brought back from the store.
     pub series_revived: IntCounter,
+    /// Totals of closed windows taken out of the dataflow (kept in the store).
+    pub totals_retired: IntCounter,
+    /// Retired totals a late change reached, brought back into the dataflow.
+    pub totals_revived: IntCounter,
     /// 1 for each GPU class with GPU time and no price in the price book (billed at 0).
     pub unpriced_gpu_classes: IntGaugeVec,
     /// The newest agent watermark of the cluster, in event time (Unix seconds).
@@ -253,6 +257,16 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &registry,
             "meterflow_processor_series_revived_total",
             "Retired series that reported again, brought back from the store",
+        ),
+        totals_retired: counter(
+            &registry,
+            "meterflow_processor_totals_retired_total",
+            "Totals of closed windows (base, roll-ups, costs) taken out of the dataflow; the store keeps them",
+        ),
+        totals_revived: counter(
+            &registry,
+            "meterflow_processor_totals_revived_total",
+            "Retired totals a late change reached (a replayed spool, a gap), brought back into the dataflow",
         ),
         dead_letters,
         registry,

@@ -677,6 +677,13 @@ pub enum Summary {
     GpusHeld(NodeId, Interval),
     /// A node sent at least one sample in the hour starting at the given millisecond.
     NodeHour(NodeId, i64),
+    /// An amount given to one total at one level alone (a base window, or one roll-up): a
+    /// closed total taken out of the dataflow (its value negated) or brought back (its value
+    /// again), see [`crate::windows`].
+    Level(crate::dataflow::LevelIdx, Part),
+    /// Cost in micros given to one window's cost alone: what a retired base total's cost
+    /// carries into it, so that taking the total out leaves the cost as it was.
+    CostCarried(crate::dataflow::CostIdx),
 }
 
 /// The key of one windowed aggregate.

@@ -621,10 +621,9 @@ pub(crate) fn latest_values<K: Ord, V>(
 pub(crate) fn emit_usage(
     producer: &OutputProducer,
     names: &Names,
-    changes: Vec<((UsageIdx, Measured), Time, isize)>,
+    latest: BTreeMap<UsageIdx, Option<Measured>>,
     window_ms: i64,
 ) -> usize {
-    let latest = latest_values(changes);
     let sent = latest.len();
     for (key, value) in latest {
         // Retracted: nothing is left of it in the window. An exact aggregate still covers the
@@ -698,10 +697,9 @@ pub(crate) fn emit_live(producer: &OutputProducer, names: &Names, live: &[LiveVa
 pub(crate) fn emit_costs(
     producer: &OutputProducer,
     names: &Names,
-    changes: Vec<((CostIdx, isize), Time, isize)>,
+    latest: BTreeMap<CostIdx, Option<isize>>,
     window_ms: i64,
 ) -> usize {
-    let latest = latest_values(changes);
     let sent = latest.len();
     for ((owner, _, window_start_ms), value) in latest {
         let owner = names.owner_named(owner);
@@ -843,9 +841,8 @@ fn read_alert_ids(
 pub(crate) fn emit_rollups(
     producer: &OutputProducer,
     names: &Names,
-    changes: Vec<((RollupIdx, Measured), Time, isize)>,
+    latest: BTreeMap<RollupIdx, Option<Measured>>,
 ) -> usize {
-    let latest = latest_values(changes);
     let sent = latest.len();
     for ((key, resolution), value) in latest {
         let end = resolution.end(key.window_start_ms);

@@ -45,8 +45,8 @@ use crate::names::{IdCollision, Item, Names, NodeId, OwnerId, UsageIdx};
 /// The hasher of the feeder's maps, which every sample looks up several times: foldhash,
 /// seeded at random per map (the keys hold names tenants choose, so a fixed seed could be aimed
 /// at), several times faster than `std`'s SipHash on these short keys.
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
+pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+pub(crate) type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
 /// Length of the node and fleet windows (SPEC: per node and hour).
 pub const HOUR_MS: i64 = 3_600_000;

@@ -26,7 +26,7 @@ use tracing::{debug, error, info, warn};
 use crate::agents::AgentState;
 use crate::billing::{Ledger, partition_key};
 use crate::budgets::month_start_ms;
-use crate::checkpoint::{Checkpoint, Store};
+use crate::checkpoint::{Checkpoint, NamedStore, Store};
 use crate::dataflow::{ClusterProgress, Costing, Installed, Progress, Time, install};
 use crate::metrics::{METRICS, Stage, StageClock, USAGE_RECORD_KINDS};
 use crate::model::{Summary, observe_ref};
@@ -37,6 +37,7 @@ use crate::runner::{
     latest_values, restore_partition, send, topic_partitions,
 };
 use crate::series::{Feeder, Rules};
+use crate::windows::{OpenTotals, TotalChanges};
 
 /// A worker's Kafka clients.
 struct Clients {
@@ -133,6 +134,8 @@ struct Worker<'a> {
     names: &'a Names,
     shared: &'a Shared,
     feeder: Feeder,
+    /// The totals this worker's dataflow holds; with a store, closed ones leave it.
+    open: OpenTotals,
     agents: HashMap<String, (i32, AgentState)>,
     dirty_agents: HashSet<String>,
     inputs: Inputs,
@@ -173,6 +176,10 @@ pub(crate) fn run_worker(
 ) -> Result<(), ProcessorError> {
     let index = worker.index();
     let peers = worker.peers();
+    let costing = Costing {
+        names: names.clone(),
+        prices: Arc::new(config.prices.clone()),
+    };
     let Installed {
         mut input,
         names: mut names_in,
@@ -189,10 +196,7 @@ pub(crate) fn run_worker(
         worker,
         config.window_ms,
         config.billing_window_ms,
-        Costing {
-            names: names.clone(),
-            prices: Arc::new(config.prices.clone()),
-        },
+        costing.clone(),
         &config.rollups,
     );
     let clients = Clients::connect(&config.brokers)?;
@@ -200,7 +204,7 @@ pub(crate) fn run_worker(
         (index, peers),
         config,
         store,
-        (shared, names),
+        (shared, names, &costing),
         billing_reflected,
         (&clients.consumer, &clients.producer),
         &mut input,
@@ -235,10 +239,12 @@ pub(crate) fn run_worker(
         };
     advance(epoch, worker, (&mut input, &mut w.feeder), &mut progress_in);
     w.close_through(w.frontier_ms(*progress.borrow()));
-    usage.borrow_mut().clear();
-    rollups.borrow_mut().clear();
+    w.open.restored((
+        usage.borrow_mut().drain(..).collect(),
+        rollups.borrow_mut().drain(..).collect(),
+        costs.borrow_mut().drain(..).collect(),
+    ));
     fleet.borrow_mut().clear();
-    costs.borrow_mut().clear();
     // The restored spend per month is what the alerts are checked against.
     w.note_spent(latest_values(periods.borrow_mut().drain(..).collect()));
     w.clock.lap(Stage::Dataflow);
@@ -286,11 +292,15 @@ pub(crate) fn run_worker(
             (
                 usage.borrow_mut().drain(..).collect(),
                 rollups.borrow_mut().drain(..).collect(),
-                fleet.borrow_mut().drain(..).collect(),
                 costs.borrow_mut().drain(..).collect(),
+            ),
+            (
+                fleet.borrow_mut().drain(..).collect(),
                 periods.borrow_mut().drain(..).collect(),
             ),
-        );
+            &mut input,
+        )?;
+        w.retire_windows(cluster, &mut input);
         w.clock.lap(Stage::Emit);
         w.take_billing_totals(billing.borrow_mut().drain(..).collect())?;
         let billed = if cluster.caught_up >= peers {
@@ -322,20 +332,10 @@ pub(crate) fn run_worker(
     Ok(())
 }
 
-/// One epoch's changes of the usage outputs: usage, roll-ups, fleet, costs and period costs.
-type UsageChanges = (
-    Vec<(
-        (crate::names::UsageIdx, crate::dataflow::Measured),
-        Time,
-        isize,
-    )>,
-    Vec<(
-        (crate::dataflow::RollupIdx, crate::dataflow::Measured),
-        Time,
-        isize,
-    )>,
+/// One epoch's changes of the usage outputs that are not totals of windows: fleet and period
+/// costs.
+type OtherChanges = (
     Vec<((crate::dataflow::FleetIdx, isize), Time, isize)>,
-    Vec<((crate::dataflow::CostIdx, isize), Time, isize)>,
     Vec<(((TenantId, i64), isize), Time, isize)>,
 );
 
@@ -347,7 +347,7 @@ impl<'a> Worker<'a> {
         (index, peers): (usize, usize),
         config: &'a ProcessorConfig,
         store: Option<&'a Store>,
-        (shared, names): (&'a Shared, &'a Arc<Names>),
+        (shared, names, costing): (&'a Shared, &'a Arc<Names>, &Costing),
         billing_reflected: BTreeMap<i32, i64>,
         (consumer, producer): (&BaseConsumer, &OutputProducer),
         input: &mut InputSession<Time, Summary, isize>,
@@ -421,6 +421,7 @@ impl<'a> Worker<'a> {
             names,
             shared,
             feeder,
+            open: OpenTotals::new(config.window_ms, costing),
             agents,
             dirty_agents: HashSet::new(),
             inputs,
@@ -656,9 +657,26 @@ impl<'a> Worker<'a> {
     }
 
     /// Sends one epoch's usage outputs and live values; returns how many records were sent.
-    fn emit(&mut self, producer: &OutputProducer, changes: UsageChanges) -> usize {
-        let (usage, rollups, fleet, costs, periods) = changes;
+    /// With a store, the totals are sifted first: a retired total's retraction is not sent, and
+    /// one a late change reached is brought back (fed to `input`) and sent the next epoch.
+    fn emit(
+        &mut self,
+        producer: &OutputProducer,
+        totals: TotalChanges,
+        (fleet, periods): OtherChanges,
+        input: &mut InputSession<Time, Summary, isize>,
+    ) -> Result<usize, ProcessorError> {
         let (names, window_ms) = (self.names, self.config.window_ms);
+        let (usage, rollups, costs) = match self.store {
+            Some(store) => self
+                .open
+                .sift(totals, input, &NamedStore { store, names })?,
+            None => (
+                latest_values(totals.0),
+                latest_values(totals.1),
+                latest_values(totals.2),
+            ),
+        };
         let live = self.feeder.take_live();
         let periods = latest_values(periods);
         // In the order of `USAGE_RECORD_KINDS`.
@@ -677,7 +695,23 @@ impl<'a> Worker<'a> {
                 .with_label_values(&[kind])
                 .inc_by(n as u64);
         }
-        sent.iter().sum()
+        Ok(sent.iter().sum())
+    }
+
+    /// With a store, takes the totals of windows the closing frontier has passed out of the
+    /// dataflow (see [`crate::windows`]).
+    fn retire_windows(
+        &mut self,
+        cluster: ClusterProgress,
+        input: &mut InputSession<Time, Summary, isize>,
+    ) {
+        if self.store.is_none() || cluster.watermark_ms == i64::MIN {
+            return;
+        }
+        self.open.retire(self.frontier_ms(cluster), input);
+        let (retired, revived) = self.open.take_counts();
+        METRICS.totals_retired.inc_by(retired);
+        METRICS.totals_revived.inc_by(revived);
     }
 
     /// Gives the ledger one epoch's changed billing totals, with what the store says was
@@ -841,7 +875,10 @@ impl<'a> Worker<'a> {
         cluster: ClusterProgress,
     ) -> Result<(), ProcessorError> {
         let config = self.config;
+        // Not while a total brought back is still to be sent: a restart sends nothing of the
+        // state it restores.
         let due = self.checkpoints.changed
+            && self.open.settled()
             && (stopping || self.checkpoints.last.elapsed() >= config.checkpoint_interval);
         if stopping || (self.store.is_some() && due) {
             // Outputs are not awaited epoch by epoch; a checkpoint (or a stop) waits until
@@ -884,6 +921,7 @@ impl<'a> Worker<'a> {
                 Some((p, a, state))
             })
             .collect();
+        let retired = self.retired_named();
         self.checkpoints.unwritten.push(Checkpoint {
             worker: self.index as u32,
             offsets: self.inputs.next.iter().map(|(p, o)| (*p, *o)).collect(),
@@ -891,6 +929,7 @@ impl<'a> Worker<'a> {
             series: self.feeder.take_dirty(),
             billed: self.ledger.take_dirty(),
             billing_offsets,
+            ..retired
         });
         self.checkpoints.last = Instant::now();
         match store.write(&self.checkpoints.unwritten) {
@@ -899,6 +938,7 @@ impl<'a> Worker<'a> {
                     info!(worker = self.index, "checkpoints are written again");
                 }
                 self.checkpoints.unwritten.clear();
+                self.open.written();
                 METRICS.checkpoints.inc();
                 self.checkpoints.changed = false;
                 crate::metrics::set_checkpoint_error(self.index, None);
@@ -919,6 +959,24 @@ impl<'a> Worker<'a> {
                 Ok(())
             }
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The totals retired since the last checkpoint, named for the store.
+    fn retired_named(&mut self) -> Checkpoint {
+        let retired = self.open.take_unwritten();
+        Checkpoint {
+            retired_totals: retired
+                .totals
+                .into_iter()
+                .map(|((k, level), m)| ((self.names.usage_key(&k), level), m))
+                .collect(),
+            retired_costs: retired
+                .costs
+                .into_iter()
+                .map(|((owner, _, start), c)| ((self.names.owner_named(owner), start), c))
+                .collect(),
+            ..Checkpoint::default()
         }
     }
 
