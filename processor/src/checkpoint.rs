@@ -24,6 +24,7 @@
 //! r key level    → a total retired from the dataflow (JSON of its usage key and roll-up, `null`
 //!                  for a base window): total, observed ms, present ms as in `w`
 //! x owner T      → a base window's cost retired from the dataflow (JSON), in micros (i64 LE)
+//! q key          → a billing total retired from the dataflow (JSON of its billing key), i64 LE
 //! ```
 
 use std::collections::BTreeMap;
@@ -37,7 +38,7 @@ use crate::agents::AgentState;
 use crate::billing::Billed;
 use crate::dataflow::{CostIdx, LevelIdx, Measured, Resolution};
 use crate::model::{AllocationKey, AllocationObs, BillingKey, Owner, ReadingKey, UsageKey};
-use crate::names::Names;
+use crate::names::{BillingIdx, Names};
 use crate::series::{Dirty, Parts, Readings};
 
 /// Why the state store failed.
@@ -99,6 +100,7 @@ pub struct Checkpoint {
     /// [`crate::windows`]), named.
     pub retired_totals: Vec<(RetiredTotal, Measured)>,
     pub retired_costs: Vec<(RetiredCost, i64)>,
+    pub retired_billing: Vec<(BillingKey, i64)>,
 }
 
 /// A retired total's key in the store: its usage key, and its roll-up (`None`: base window).
@@ -339,6 +341,14 @@ impl Store {
             .map(|v| read_parts(&v)[0]))
     }
 
+    /// A retired billing total, as checkpointed.
+    pub fn retired_billing(&self, key: &BillingKey) -> Result<Option<i64>, StoreError> {
+        let k = [&[b'q'][..], &json(key)].concat();
+        Ok(self
+            .with_db(|db| Ok(db.get(&k)?))?
+            .map(|v| read_parts(&v)[0]))
+    }
+
     /// What was billed for `key`, as of the checkpoints and the records read back since.
     pub fn billed(&self, key: &BillingKey) -> Result<Option<Billed>, StoreError> {
         self.get_json(&[&[b'b'][..], &json(key)].concat())
@@ -447,11 +457,14 @@ impl Store {
                 m => batch.put(key, write_parts([m.total, m.observed_ms, m.present_ms])),
             }
         }
-        for (k, micros) in &cp.retired_costs {
-            let key = [&[b'x'][..], &json(k)].concat();
-            match micros {
+        let amounts = (cp.retired_costs.iter())
+            .map(|(k, a)| (b'x', json(k), *a))
+            .chain(cp.retired_billing.iter().map(|(k, a)| (b'q', json(k), *a)));
+        for (tag, k, amount) in amounts {
+            let key = [&[tag][..], &k].concat();
+            match amount {
                 0 => batch.delete(key),
-                m => batch.put(key, m.to_le_bytes()),
+                a => batch.put(key, a.to_le_bytes()),
             }
         }
     }
@@ -471,6 +484,9 @@ impl crate::windows::RetiredTotals for NamedStore<'_> {
     fn cost(&self, (owner, _, start): &CostIdx) -> Result<Option<i64>, StoreError> {
         self.store
             .retired_cost(&(self.names.owner_named(*owner), *start))
+    }
+    fn billed(&self, key: &BillingIdx) -> Result<Option<i64>, StoreError> {
+        self.store.retired_billing(&self.names.billing_key(key))
     }
 }
 

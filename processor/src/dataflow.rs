@@ -107,6 +107,8 @@ struct Inputs<'s> {
     amounts: Coll<'s, (UsageIdx, Part)>,
     levels: Coll<'s, (LevelIdx, Part)>,
     carried: Coll<'s, CostIdx>,
+    billed: Coll<'s, BillingIdx>,
+    periods_carried: Coll<'s, (TenantId, i64)>,
     /// GPU pieces per hour.
     gpus: Coll<'s, (NodeId, Interval)>,
     node_hours: Coll<'s, (NodeId, i64)>,
@@ -125,6 +127,14 @@ fn split<'s>(summaries: Coll<'s, Summary>) -> Inputs<'s> {
         Summary::CostCarried(k) => Some(k),
         _ => None,
     });
+    let billed = summaries.clone().flat_map(|s| match s {
+        Summary::Billed(k) => Some(k),
+        _ => None,
+    });
+    let periods_carried = summaries.clone().flat_map(|s| match s {
+        Summary::PeriodCarried(k) => Some(k),
+        _ => None,
+    });
     let gpus = summaries.clone().flat_map(|s| match s {
         Summary::GpusHeld(node, piece) => Some((node, piece)),
         _ => None,
@@ -137,6 +147,8 @@ fn split<'s>(summaries: Coll<'s, Summary>) -> Inputs<'s> {
         amounts,
         levels,
         carried,
+        billed,
+        periods_carried,
         gpus,
         node_hours,
     }
@@ -268,12 +280,12 @@ pub fn install(
         window_costs(measured, inputs.carried, costing.clone())
             .inspect(move |update| costs_out.borrow_mut().push(*update))
             .probe_with(&probe);
-        let billed = billing_totals(amounts, billing_window_ms);
+        let billed = billing_totals(amounts, inputs.billed, billing_window_ms);
         billed
             .clone()
             .inspect(move |update| billing_out.borrow_mut().push(*update))
             .probe_with(&probe);
-        period_costs(billed, costing)
+        period_costs(billed, inputs.periods_carried, costing)
             .inspect(move |update| periods_out.borrow_mut().push(*update))
             .probe_with(&probe);
         cluster_progress(progress)
@@ -411,10 +423,12 @@ pub fn window_costs<'s>(
         .count()
 }
 
-/// Billing totals → what each tenant has spent per calendar month, in micros: the sum of the
-/// costs its billing records carry once every window is billed.
+/// Billing totals, and the costs carried for totals no longer in the dataflow → what each
+/// tenant has spent per calendar month, in micros: the sum of the costs its billing records
+/// carry once every window is billed.
 pub fn period_costs<'s>(
     billed: Coll<'s, (BillingIdx, isize)>,
+    carried: Coll<'s, (TenantId, i64)>,
     costing: Costing,
 ) -> Coll<'s, ((TenantId, i64), isize)> {
     let cost_of = costing.pricer();
@@ -424,6 +438,7 @@ pub fn period_costs<'s>(
             let tenant = costing.names.tenant_of(b.lease);
             (cost != 0).then_some(((tenant, month_start_ms(b.window_start_ms)), cost as isize))
         })
+        .concat(carried)
         .count()
 }
 
@@ -559,15 +574,17 @@ pub fn fleet_hourly<'s>(
     active.concat(maxima).concat(active_nodes).concat(fleet_max)
 }
 
-/// Amounts → one `(key, total)` record per lease, item and billing window (services summed),
-/// for the aggregates that are billed.
+/// Amounts, and the billing level's own → one `(key, total)` record per lease, item and
+/// billing window (services summed), for the aggregates that are billed.
 pub fn billing_totals<'s>(
     amounts: Coll<'s, (UsageIdx, Part)>,
+    own: Coll<'s, BillingIdx>,
     billing_window_ms: i64,
 ) -> Coll<'s, (BillingIdx, isize)> {
     amounts
         .filter(|(k, part)| *part == Part::Total && k.metric.billed())
         .map(move |(k, _)| BillingIdx::of(&k, billing_window_ms))
+        .concat(own)
         .count()
 }
 
@@ -663,6 +680,7 @@ mod tests {
     struct MemoryTotals {
         totals: HashMap<LevelIdx, Measured>,
         costs: HashMap<CostIdx, i64>,
+        billing: HashMap<BillingIdx, i64>,
     }
 
     impl crate::windows::RetiredTotals for MemoryTotals {
@@ -673,18 +691,23 @@ mod tests {
         fn cost(&self, key: &CostIdx) -> Result<Option<i64>, Self::Error> {
             Ok(self.costs.get(key).copied())
         }
+        fn billed(&self, key: &BillingIdx) -> Result<Option<i64>, Self::Error> {
+            Ok(self.billing.get(key).copied())
+        }
     }
 
-    /// The values sent of usage, roll-ups and costs, the last per key (as a sink keeps them).
+    /// The values sent of usage, roll-ups and costs, the last per key (as a sink keeps them),
+    /// and the billing totals the ledger was given.
     #[derive(Default)]
     struct Sent {
         usage: BTreeMap<UsageIdx, Measured>,
         rollups: BTreeMap<RollupIdx, Measured>,
         costs: BTreeMap<CostIdx, isize>,
+        billing: BTreeMap<BillingIdx, isize>,
     }
 
     impl Sent {
-        fn keep(&mut self, (usage, rollups, costs): crate::windows::Sifted) {
+        fn keep(&mut self, (usage, rollups, costs, billing): crate::windows::Sifted) {
             fn apply<K: Ord, V>(to: &mut BTreeMap<K, V>, from: BTreeMap<K, Option<V>>) {
                 for (k, v) in from {
                     match v {
@@ -696,6 +719,7 @@ mod tests {
             apply(&mut self.usage, usage);
             apply(&mut self.rollups, rollups);
             apply(&mut self.costs, costs);
+            apply(&mut self.billing, billing);
         }
     }
 
@@ -722,7 +746,7 @@ mod tests {
             } = install(worker, MIN, HOUR, costing(&names), &Resolution::ALL);
             let mut feeder = Feeder::new(rules(), names.clone(), 0);
             let mut stored = crate::series::MemoryStore::default();
-            let mut open = crate::windows::OpenTotals::new(MIN, &costing(&names));
+            let mut open = crate::windows::OpenTotals::new(MIN, HOUR, &costing(&names));
             let (mut retired, mut sent) = (MemoryTotals::default(), Sent::default());
             let mut refused = Vec::new();
             let mut epoch: Time = 0;
@@ -739,6 +763,7 @@ mod tests {
                     usage.borrow_mut().drain(..).collect(),
                     rollups.borrow_mut().drain(..).collect(),
                     costs.borrow_mut().drain(..).collect(),
+                    billing.borrow_mut().drain(..).collect(),
                 );
                 match open.sift(changes, input, retired) {
                     Ok(sifted) => sent.keep(sifted),
@@ -766,6 +791,7 @@ mod tests {
                     let written = open.take_unwritten();
                     retired.totals.extend(written.totals);
                     retired.costs.extend(written.costs);
+                    retired.billing.extend(written.billing);
                     open.written();
                 }
             }
@@ -789,7 +815,10 @@ mod tests {
                     .iter()
                     .map(|(k, m)| (names.usage_key(k), *m))
                     .collect(),
-                totals(&billing, |k| names.billing_key(k), |v| v as i64),
+                sent.billing
+                    .iter()
+                    .map(|(k, q)| (names.billing_key(k), *q as i64))
+                    .collect(),
                 totals(
                     &fleet,
                     |k| match *k {
@@ -1035,9 +1064,10 @@ mod tests {
             vec![alloc("l", "c1", "g1", 0, Some(MIN), MIN)],
             vec![alloc("l", "c2", "g2", 30_000, Some(MIN), MIN)],
         ]);
-        // Taken out after the first epoch: the minute, its hour, day and month, and its cost;
-        // all five brought back by c2 (and not taken out again: nothing came after).
-        assert_eq!((retired, revived), (5, 5));
+        // Taken out after the first epoch: the minute, its hour, day and month, its cost and the
+        // lease's billing total of the hour; all six brought back by c2 (and not taken out
+        // again: nothing came after).
+        assert_eq!((retired, revived), (6, 6));
         // What is sent last is the sum, 60 s + 30 s of GPU time at every level, and its cost:
         // $2.49 an H100-hour for 90 s is 62,250 micros.
         let whole = |len| Measured {
@@ -1067,6 +1097,15 @@ mod tests {
             ]
         );
         assert_eq!(out.3, BTreeMap::from([((owner("l"), 0), 62_250)]));
+        // The ledger is given the hour's 90 s, and the tenant's January costs the same.
+        let billed: Vec<i64> = out
+            .1
+            .iter()
+            .filter(|(k, _)| k.metric == Aggregate::GpuSeconds)
+            .map(|(_, q)| *q)
+            .collect();
+        assert_eq!(billed, vec![90_000]);
+        assert_eq!(out.4, BTreeMap::from([(("t".to_string(), 0), 62_250)]));
     }
 
     #[test]

@@ -684,6 +684,11 @@ pub enum Summary {
     /// Cost in micros given to one window's cost alone: what a retired base total's cost
     /// carries into it, so that taking the total out leaves the cost as it was.
     CostCarried(crate::dataflow::CostIdx),
+    /// An amount given to one billing total alone: a closed one taken out or brought back.
+    Billed(crate::names::BillingIdx),
+    /// Cost in micros given to one tenant's month alone: what a retired billing total's cost
+    /// carries into it.
+    PeriodCarried((crate::names::TenantId, i64)),
 }
 
 /// The key of one windowed aggregate.

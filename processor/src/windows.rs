@@ -1,14 +1,16 @@
 //! Closed windows leave the dataflow.
 //!
-//! Every total the dataflow holds (per base window, per hour, day and month roll-up, and the
-//! cost of each base window) stays in its arrangements while it can still change. Once the
-//! closing frontier (the cluster's newest agent watermark less the allowed lateness, never ahead
-//! of the clock) has passed the end of a total's window, [`OpenTotals::retire`] takes it out:
-//! its value, negated, is fed to its own level alone ([`Summary::Level`],
-//! [`Summary::CostCarried`]), so the arrangements consolidate it away; the retraction that
-//! follows is not sent (the value stays where it went: the usage topic, the sinks), and the
-//! value goes to the checkpoint store. A base total's cost is carried into its window's cost as
-//! the total leaves, so that cost does not move until it leaves itself.
+//! Every total the dataflow holds (per base window, per hour, day and month roll-up, the cost
+//! of each base window, and per lease, item and billing window) stays in its arrangements while
+//! it can still change. Once the closing frontier (the cluster's newest agent watermark less
+//! the allowed lateness, never ahead of the clock) has passed the end of a total's window,
+//! [`OpenTotals::retire`] takes it out: its value, negated, is fed to its own level alone
+//! ([`Summary::Level`], [`Summary::CostCarried`], [`Summary::Billed`]), so the arrangements
+//! consolidate it away; the retraction that follows is not sent (the value stays where it went:
+//! the usage topic and the sinks, the ledger), and the value goes to the checkpoint store. What
+//! a total adds to a total downstream is carried into it as the total leaves (a base total's
+//! cost into its window's cost, a billing total's cost into its tenant's month), so that one
+//! does not move.
 //!
 //! A change can still reach a retired total: an agent replaying its spool after an outage is
 //! judged by its own watermark, not the cluster's; a gauge reading after a gap holds the level
@@ -16,7 +18,7 @@
 //! then reappears in the dataflow holding the change alone. [`OpenTotals::sift`] sees a changed
 //! total it does not hold whose window has closed, finds its retired value (not yet
 //! checkpointed, or in the store) and brings it back: the value is fed to its level again and
-//! its carried cost withdrawn; that epoch's value is not sent, the next epoch's (retired value
+//! what it carried withdrawn; that epoch's value is not sent, the next epoch's (retired value
 //! and change) is. Nothing is lost or counted twice: the property test in [`crate::dataflow`]
 //! retires every total after every epoch and still gets the oracle's totals.
 //!
@@ -24,12 +26,14 @@
 //! their window, so a retirement takes whole buckets.
 
 use std::collections::BTreeMap;
+use std::hash::Hash;
 
 use differential_dataflow::input::InputSession;
 
+use crate::budgets::month_start_ms;
 use crate::dataflow::{CostIdx, Costing, LevelIdx, Measured, RollupIdx, Time};
 use crate::model::{Kind, Part, Summary};
-use crate::names::{ItemId, UsageIdx};
+use crate::names::{BillingIdx, ItemId, Names, UsageIdx};
 use crate::series::{FastMap, FastSet};
 
 /// Where retired totals are found again: the checkpoint store.
@@ -39,6 +43,8 @@ pub trait RetiredTotals {
     fn total(&self, key: &LevelIdx) -> Result<Option<Measured>, Self::Error>;
     /// The cost a window had when it was retired.
     fn cost(&self, key: &CostIdx) -> Result<Option<i64>, Self::Error>;
+    /// The billing total a key had when it was retired.
+    fn billed(&self, key: &BillingIdx) -> Result<Option<i64>, Self::Error>;
 }
 
 /// Totals retired since the last checkpoint was written, for the next one.
@@ -46,14 +52,16 @@ pub trait RetiredTotals {
 pub struct Retired {
     pub totals: Vec<(LevelIdx, Measured)>,
     pub costs: Vec<(CostIdx, i64)>,
+    pub billing: Vec<(BillingIdx, i64)>,
 }
 
-/// One epoch's values to send: per base window, per roll-up and per window's cost (`None`: the
-/// value is gone from the window).
+/// One epoch's values to send: per base window, per roll-up, per window's cost and per billing
+/// key (`None`: the value is gone from the window).
 pub type Sifted = (
     BTreeMap<UsageIdx, Option<Measured>>,
     BTreeMap<RollupIdx, Option<Measured>>,
     BTreeMap<CostIdx, Option<isize>>,
+    BTreeMap<BillingIdx, Option<isize>>,
 );
 
 /// One epoch's changes of the totals, as the dataflow output them.
@@ -61,32 +69,8 @@ pub type TotalChanges = (
     Vec<((UsageIdx, Measured), Time, isize)>,
     Vec<((RollupIdx, Measured), Time, isize)>,
     Vec<((CostIdx, isize), Time, isize)>,
+    Vec<((BillingIdx, isize), Time, isize)>,
 );
-
-/// The totals one worker's dataflow holds, and those it took out (see the module's doc).
-pub struct OpenTotals {
-    window_ms: i64,
-    cost_of: Box<dyn Fn(ItemId, i64) -> i64>,
-    /// Open totals and costs by the end of their window.
-    totals: BTreeMap<i64, FastMap<LevelIdx, Measured>>,
-    costs: BTreeMap<i64, FastMap<CostIdx, i64>>,
-    /// Negated at the last retirement, with the value they had: their retraction is not sent.
-    retiring: FastMap<LevelIdx, Measured>,
-    retiring_costs: FastMap<CostIdx, i64>,
-    /// Brought back this epoch: sent the next, and not retired before.
-    reviving: FastSet<LevelIdx>,
-    reviving_costs: FastSet<CostIdx>,
-    /// Retired and not yet in a checkpoint; then in one being written.
-    unwritten_totals: FastMap<LevelIdx, Measured>,
-    unwritten_costs: FastMap<CostIdx, i64>,
-    writing_totals: FastMap<LevelIdx, Measured>,
-    writing_costs: FastMap<CostIdx, i64>,
-    /// The frontier of the latest retirement: a total not held whose window ends by it may
-    /// have been retired.
-    retired_through_ms: i64,
-    retired: u64,
-    revived: u64,
-}
 
 /// A retired value that is spent (brought back since): written to the store as a deletion.
 pub const NOTHING: Measured = Measured {
@@ -94,6 +78,164 @@ pub const NOTHING: Measured = Measured {
     observed_ms: 0,
     present_ms: 0,
 };
+
+/// A total's value, with the one that stands for a spent retired value.
+trait Value: Copy + PartialEq {
+    const SPENT: Self;
+}
+
+impl Value for Measured {
+    const SPENT: Self = NOTHING;
+}
+
+impl Value for i64 {
+    const SPENT: Self = 0;
+}
+
+/// What becomes of one changed total.
+enum Sift<V> {
+    /// Its value is sent.
+    Send,
+    /// Its retraction was its retirement: nothing is sent.
+    Retired,
+    /// A change reached it once retired: `was` goes back in, and the dataflow now holds `now`.
+    Revive { was: V, now: V },
+}
+
+/// The totals of one kind a worker holds, and those it took out.
+struct Kept<K, V> {
+    /// Held totals by the end of their window.
+    held: BTreeMap<i64, FastMap<K, V>>,
+    /// Negated at the last retirement, with the value they had: their retraction is not sent.
+    retiring: FastMap<K, V>,
+    /// Brought back this epoch: sent the next, and not retired before.
+    reviving: FastSet<K>,
+    /// Retired and not yet in a checkpoint; then in one being written.
+    unwritten: FastMap<K, V>,
+    writing: FastMap<K, V>,
+}
+
+impl<K: Copy + Eq + Hash, V: Value> Kept<K, V> {
+    fn new() -> Self {
+        Self {
+            held: BTreeMap::new(),
+            retiring: FastMap::default(),
+            reviving: FastSet::default(),
+            unwritten: FastMap::default(),
+            writing: FastMap::default(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.held.values().map(FastMap::len).sum()
+    }
+
+    fn hold(&mut self, end: i64, key: K, value: V) {
+        self.held.entry(end).or_default().insert(key, value);
+    }
+
+    fn held(&self, end: i64, key: &K) -> Option<V> {
+        self.held.get(&end).and_then(|b| b.get(key)).copied()
+    }
+
+    /// What becomes of `key` (its window ending at `end`) changed to `value`; `stored` finds
+    /// a value retired before the last checkpoint.
+    fn sift<E>(
+        &mut self,
+        key: K,
+        end: i64,
+        value: Option<V>,
+        retired_through_ms: i64,
+        stored: impl FnOnce(&K) -> Result<Option<V>, E>,
+    ) -> Result<Sift<V>, E> {
+        if let Some(was) = self.retiring.remove(&key) {
+            // Taken out: the value sent stands. Changed as it was taken out: brought back.
+            return Ok(match value {
+                None => Sift::Retired,
+                Some(now) => Sift::Revive { was, now },
+            });
+        }
+        if let Some(bucket) = self.held.get_mut(&end)
+            && let Some(held) = bucket.get_mut(&key)
+        {
+            match value {
+                Some(v) => *held = v,
+                None => {
+                    bucket.remove(&key);
+                }
+            }
+            return Ok(Sift::Send);
+        }
+        if let Some(now) = value {
+            if end <= retired_through_ms {
+                let was = match self.unwritten.get(&key).or_else(|| self.writing.get(&key)) {
+                    Some(was) => Some(*was),
+                    None => stored(&key)?,
+                };
+                if let Some(was) = was.filter(|was| *was != V::SPENT) {
+                    return Ok(Sift::Revive { was, now });
+                }
+            }
+            self.hold(end, key, now);
+        }
+        Ok(Sift::Send)
+    }
+
+    /// `key` is brought back: held at `now` (what the dataflow holds before its retired value is
+    /// added; the next epoch shows the sum, and if it shows no change, `now` is the value:
+    /// what else came cancelled the retired one), sent the next epoch.
+    fn revived(&mut self, end: i64, key: K, now: V) {
+        // What the store holds of it is spent: should the total leave the dataflow by going to
+        // nothing (no retirement writes it then), a later change must not bring it back again.
+        self.unwritten.insert(key, V::SPENT);
+        self.hold(end, key, now);
+        self.reviving.insert(key);
+    }
+
+    /// Those brought back last epoch, with their value now.
+    fn due(&mut self, end: impl Fn(&K) -> i64) -> Vec<(K, Option<V>)> {
+        std::mem::take(&mut self.reviving)
+            .into_iter()
+            .map(|k| (k, self.held(end(&k), &k)))
+            .collect()
+    }
+
+    /// Those taken out at the last retirement whose value showed no change: a change as large
+    /// as the value reached each in the same epoch, and the dataflow holds it.
+    fn unchanged(&mut self) -> Vec<(K, V)> {
+        self.retiring.drain().collect()
+    }
+
+    /// Takes the held totals whose window ends by `frontier_ms`, except those brought back this
+    /// epoch and not yet sent, as retiring and to be written.
+    fn take_closed(&mut self, frontier_ms: i64) -> Vec<(K, V)> {
+        let ends: Vec<i64> = self.held.range(..=frontier_ms).map(|(e, _)| *e).collect();
+        let mut closed = Vec::new();
+        for end in ends {
+            let mut bucket = self.held.remove(&end).unwrap_or_default();
+            if !self.reviving.is_empty() {
+                let kept: FastMap<K, V> = bucket
+                    .extract_if(|k, _| self.reviving.contains(k))
+                    .collect();
+                if !kept.is_empty() {
+                    self.held.insert(end, kept);
+                }
+            }
+            for (key, value) in bucket {
+                self.retiring.insert(key, value);
+                self.unwritten.insert(key, value);
+                closed.push((key, value));
+            }
+        }
+        closed
+    }
+
+    fn take_unwritten(&mut self) -> Vec<(K, V)> {
+        let taken: Vec<(K, V)> = self.unwritten.drain().collect();
+        self.writing.extend(taken.iter().copied());
+        taken
+    }
+}
 
 /// The parts a total is fed as: an exact total's amount, or a gauge's three.
 fn parts((k, _): &LevelIdx, m: Measured) -> impl Iterator<Item = (Part, i64)> {
@@ -107,47 +249,67 @@ fn parts((k, _): &LevelIdx, m: Measured) -> impl Iterator<Item = (Part, i64)> {
     .filter(|(_, amount)| *amount != 0)
 }
 
+/// The end of a total's window, for base windows of `window_ms`.
+fn level_end(window_ms: i64, (k, level): &LevelIdx) -> i64 {
+    match level {
+        None => k.window_start_ms + window_ms,
+        Some(r) => r.end(k.window_start_ms),
+    }
+}
+
 fn cost_key((k, _): &LevelIdx) -> CostIdx {
     (k.owner, k.lease, k.window_start_ms)
 }
 
+/// The totals one worker's dataflow holds, and those it took out (see the module's doc).
+pub struct OpenTotals {
+    window_ms: i64,
+    billing_window_ms: i64,
+    names: std::sync::Arc<Names>,
+    cost_of: Box<dyn Fn(ItemId, i64) -> i64>,
+    totals: Kept<LevelIdx, Measured>,
+    costs: Kept<CostIdx, i64>,
+    billing: Kept<BillingIdx, i64>,
+    /// The frontier of the latest retirement: a total not held whose window ends by it may
+    /// have been retired.
+    retired_through_ms: i64,
+    retired: u64,
+    revived: u64,
+}
+
 impl OpenTotals {
-    /// Totals of base windows of `window_ms`, costs priced by `costing` (as the dataflow's).
-    pub fn new(window_ms: i64, costing: &Costing) -> Self {
+    /// Totals of base windows of `window_ms` and billing windows of `billing_window_ms`, costs
+    /// priced by `costing` (as the dataflow's).
+    pub fn new(window_ms: i64, billing_window_ms: i64, costing: &Costing) -> Self {
         Self {
             window_ms,
+            billing_window_ms,
+            names: costing.names.clone(),
             cost_of: Box::new(costing.pricer()),
-            totals: BTreeMap::new(),
-            costs: BTreeMap::new(),
-            retiring: FastMap::default(),
-            retiring_costs: FastMap::default(),
-            reviving: FastSet::default(),
-            reviving_costs: FastSet::default(),
-            unwritten_totals: FastMap::default(),
-            unwritten_costs: FastMap::default(),
-            writing_totals: FastMap::default(),
-            writing_costs: FastMap::default(),
+            totals: Kept::new(),
+            costs: Kept::new(),
+            billing: Kept::new(),
             retired_through_ms: i64::MIN,
             retired: 0,
             revived: 0,
         }
     }
 
-    fn end(&self, (k, level): &LevelIdx) -> i64 {
-        match level {
-            None => k.window_start_ms + self.window_ms,
-            Some(r) => r.end(k.window_start_ms),
-        }
+    fn end(&self, key: &LevelIdx) -> i64 {
+        level_end(self.window_ms, key)
     }
 
     fn cost_end(&self, (_, _, start): &CostIdx) -> i64 {
         start + self.window_ms
     }
 
-    /// How many totals are held, and how many the dataflow does not hold any more.
+    fn billing_end(&self, key: &BillingIdx) -> i64 {
+        key.window_start_ms + self.billing_window_ms
+    }
+
+    /// How many totals are held.
     pub fn held(&self) -> usize {
-        self.totals.values().map(FastMap::len).sum::<usize>()
-            + self.costs.values().map(FastMap::len).sum::<usize>()
+        self.totals.len() + self.costs.len() + self.billing.len()
     }
 
     /// Totals retired and brought back since the last look.
@@ -161,220 +323,191 @@ impl OpenTotals {
     /// Whether every total brought back has been sent: a checkpoint written before would let a
     /// restart (which sends nothing of its restored state) lose its value.
     pub fn settled(&self) -> bool {
-        self.reviving.is_empty() && self.reviving_costs.is_empty()
+        self.totals.reviving.is_empty()
+            && self.costs.reviving.is_empty()
+            && self.billing.reviving.is_empty()
     }
 
     /// Holds the restored state's totals (the first epoch, whose values were sent before the
-    /// checkpoint was written), without sending them.
-    pub fn restored(&mut self, (usage, rollups, costs): TotalChanges) {
+    /// checkpoint was written, and whose billing totals the ledger gets with the next epoch's),
+    /// without sending them; returns the billing totals.
+    pub fn restored(&mut self, changes: TotalChanges) -> BTreeMap<BillingIdx, Option<isize>> {
         use crate::runner::latest_values;
+        let (usage, rollups, costs, billing) = changes;
         for (k, m) in latest_values(usage) {
             if let Some(m) = m {
-                self.hold((k, None), m);
+                self.totals.hold(self.end(&(k, None)), (k, None), m);
             }
         }
         for ((k, r), m) in latest_values(rollups) {
             if let Some(m) = m {
-                self.hold((k, Some(r)), m);
+                self.totals.hold(self.end(&(k, Some(r))), (k, Some(r)), m);
             }
         }
         for (k, c) in latest_values(costs) {
             if let Some(c) = c {
-                self.hold_cost(k, c as i64);
+                self.costs.hold(self.cost_end(&k), k, c as i64);
             }
         }
-    }
-
-    fn hold(&mut self, key: LevelIdx, m: Measured) {
-        let end = self.end(&key);
-        self.totals.entry(end).or_default().insert(key, m);
-    }
-
-    fn hold_cost(&mut self, key: CostIdx, c: i64) {
-        let end = self.cost_end(&key);
-        self.costs.entry(end).or_default().insert(key, c);
+        let billing = latest_values(billing);
+        for (k, q) in &billing {
+            if let Some(q) = q {
+                self.billing.hold(self.billing_end(k), *k, *q as i64);
+            }
+        }
+        billing
     }
 
     /// One epoch's changed totals → the values to send (see the module's doc); totals brought
     /// back are fed to `input`.
     pub fn sift<R: RetiredTotals>(
         &mut self,
-        (usage, rollups, costs): TotalChanges,
+        (usage, rollups, costs, billing): TotalChanges,
         input: &mut InputSession<Time, Summary, isize>,
         retired: &R,
     ) -> Result<Sifted, R::Error> {
         use crate::runner::latest_values;
-        let due = std::mem::take(&mut self.reviving);
-        let due_costs = std::mem::take(&mut self.reviving_costs);
+        let (through, window_ms, billing_window_ms) = (
+            self.retired_through_ms,
+            self.window_ms,
+            self.billing_window_ms,
+        );
+        let due = (
+            self.totals.due(|k| level_end(window_ms, k)),
+            self.costs.due(|(_, _, start)| start + window_ms),
+            self.billing.due(|k| k.window_start_ms + billing_window_ms),
+        );
         let mut sent: Sifted = Default::default();
-        for (k, m) in latest_values(usage) {
-            if self.sift_total((k, None), m, input, retired)? {
-                sent.0.insert(k, m);
+        let totals = latest_values(usage)
+            .into_iter()
+            .map(|(k, m)| ((k, None), m))
+            .chain(
+                latest_values(rollups)
+                    .into_iter()
+                    .map(|((k, r), m)| ((k, Some(r)), m)),
+            );
+        for (key, m) in totals {
+            let end = self.end(&key);
+            match self
+                .totals
+                .sift(key, end, m, through, |k| retired.total(k))?
+            {
+                Sift::Send => match key {
+                    (k, None) => sent.0.insert(k, m),
+                    (k, Some(r)) => sent.1.insert((k, r), m),
+                },
+                Sift::Retired => None,
+                Sift::Revive { was, now } => {
+                    self.revive_total(key, was, now, input);
+                    None
+                }
+            };
+        }
+        for (key, c) in latest_values(costs) {
+            let end = self.cost_end(&key);
+            let value = c.map(|c| c as i64);
+            match self
+                .costs
+                .sift(key, end, value, through, |k| retired.cost(k))?
+            {
+                Sift::Send => {
+                    sent.2.insert(key, c);
+                }
+                Sift::Retired => {}
+                Sift::Revive { was, now } => self.revive_cost(key, was, now, input),
             }
         }
-        for ((k, r), m) in latest_values(rollups) {
-            if self.sift_total((k, Some(r)), m, input, retired)? {
-                sent.1.insert((k, r), m);
-            }
-        }
-        for (k, c) in latest_values(costs) {
-            if self.sift_cost(k, c, input, retired)? {
-                sent.2.insert(k, c);
+        for (key, q) in latest_values(billing) {
+            let end = self.billing_end(&key);
+            let value = q.map(|q| q as i64);
+            match self
+                .billing
+                .sift(key, end, value, through, |k| retired.billed(k))?
+            {
+                Sift::Send => {
+                    sent.3.insert(key, q);
+                }
+                Sift::Retired => {}
+                Sift::Revive { was, now } => self.revive_billing(key, was, now, input),
             }
         }
         // Those brought back last epoch are sent now, changed again or not.
-        for key in due {
-            let held = self
-                .totals
-                .get(&self.end(&key))
-                .and_then(|b| b.get(&key))
-                .copied();
+        for (key, m) in due.0 {
             match key {
-                (k, None) => sent.0.entry(k).or_insert(held),
-                (k, Some(r)) => sent.1.entry((k, r)).or_insert(held),
+                (k, None) => sent.0.entry(k).or_insert(m),
+                (k, Some(r)) => sent.1.entry((k, r)).or_insert(m),
             };
         }
-        for key in due_costs {
-            let held = self
-                .costs
-                .get(&self.cost_end(&key))
-                .and_then(|b| b.get(&key))
-                .map(|c| *c as isize);
-            sent.2.entry(key).or_insert(held);
+        for (key, c) in due.1 {
+            sent.2.entry(key).or_insert(c.map(|c| c as isize));
         }
-        // A total taken out shows no change only if a change as large as its value reached it
-        // in the same epoch: the dataflow holds that change, to be added to the value taken out.
-        for (key, was) in std::mem::take(&mut self.retiring) {
-            self.revive(key, was, was, input);
+        for (key, q) in due.2 {
+            sent.3.entry(key).or_insert(q.map(|q| q as isize));
         }
-        for (key, was) in std::mem::take(&mut self.retiring_costs) {
+        for (key, was) in self.totals.unchanged() {
+            self.revive_total(key, was, was, input);
+        }
+        for (key, was) in self.costs.unchanged() {
             self.revive_cost(key, was, was, input);
+        }
+        for (key, was) in self.billing.unchanged() {
+            self.revive_billing(key, was, was, input);
         }
         Ok(sent)
     }
 
-    /// Whether `key`'s change to `value` is sent.
-    fn sift_total<R: RetiredTotals>(
-        &mut self,
+    /// Feeds `value` (times `sign`) to the total's level alone, and what its cost carries the
+    /// other way.
+    fn feed_total(
+        &self,
         key: LevelIdx,
-        value: Option<Measured>,
+        value: Measured,
+        sign: isize,
         input: &mut InputSession<Time, Summary, isize>,
-        retired: &R,
-    ) -> Result<bool, R::Error> {
-        if let Some(was) = self.retiring.remove(&key) {
-            // Taken out: the value sent stands. Changed as it was taken out: brought back.
-            if let Some(change) = value {
-                self.revive(key, was, change, input);
-            }
-            return Ok(false);
+    ) {
+        for (part, amount) in parts(&key, value) {
+            input.update(Summary::Level(key, part), sign * amount as isize);
         }
-        let end = self.end(&key);
-        if let Some(bucket) = self.totals.get_mut(&end)
-            && let Some(held) = bucket.get_mut(&key)
-        {
-            match value {
-                Some(m) => *held = m,
-                None => {
-                    bucket.remove(&key);
-                }
+        if key.1.is_none() {
+            let cost = (self.cost_of)(key.0.item, value.total);
+            if cost != 0 {
+                input.update(Summary::CostCarried(cost_key(&key)), -sign * cost as isize);
             }
-            return Ok(true);
         }
-        if let Some(change) = value {
-            if end <= self.retired_through_ms {
-                let was = match self
-                    .unwritten_totals
-                    .get(&key)
-                    .or_else(|| self.writing_totals.get(&key))
-                {
-                    Some(was) => Some(*was),
-                    None => retired.total(&key)?,
-                };
-                if let Some(was) = was.filter(|was| *was != NOTHING) {
-                    self.revive(key, was, change, input);
-                    return Ok(false);
-                }
-            }
-            self.hold(key, change);
-        }
-        Ok(true)
     }
 
-    /// Feeds a retired total's value `was` back to its level and withdraws the cost it
-    /// carried. Held at `now`, what the dataflow holds before `was` is added: the next epoch
-    /// shows the total's value with it, and if it shows no change, `now` is that value (what
-    /// else came cancelled `was`).
-    fn revive(
+    /// [`OpenTotals::feed_total`] for a billing total, whose cost is carried into its tenant's
+    /// month.
+    fn feed_billing(
+        &self,
+        key: BillingIdx,
+        quantity: i64,
+        sign: isize,
+        input: &mut InputSession<Time, Summary, isize>,
+    ) {
+        input.update(Summary::Billed(key), sign * quantity as isize);
+        let cost = (self.cost_of)(key.item, quantity);
+        if cost != 0 {
+            let month = (
+                self.names.tenant_of(key.lease),
+                month_start_ms(key.window_start_ms),
+            );
+            input.update(Summary::PeriodCarried(month), -sign * cost as isize);
+        }
+    }
+
+    fn revive_total(
         &mut self,
         key: LevelIdx,
         was: Measured,
         now: Measured,
         input: &mut InputSession<Time, Summary, isize>,
     ) {
-        for (part, amount) in parts(&key, was) {
-            input.update(Summary::Level(key, part), amount as isize);
-        }
-        if key.1.is_none() {
-            let cost = (self.cost_of)(key.0.item, was.total);
-            if cost != 0 {
-                input.update(Summary::CostCarried(cost_key(&key)), -cost as isize);
-            }
-        }
-        // What the store holds of it is spent: should the total leave the dataflow by going to
-        // nothing (no retirement writes it then), a later change must not bring it back again.
-        self.unwritten_totals.insert(key, NOTHING);
-        self.hold(key, now);
-        self.reviving.insert(key);
+        self.feed_total(key, was, 1, input);
+        self.totals.revived(self.end(&key), key, now);
         self.revived += 1;
     }
 
-    /// Whether a window cost's change to `value` is sent.
-    fn sift_cost<R: RetiredTotals>(
-        &mut self,
-        key: CostIdx,
-        value: Option<isize>,
-        input: &mut InputSession<Time, Summary, isize>,
-        retired: &R,
-    ) -> Result<bool, R::Error> {
-        if let Some(was) = self.retiring_costs.remove(&key) {
-            if let Some(change) = value {
-                self.revive_cost(key, was, change as i64, input);
-            }
-            return Ok(false);
-        }
-        let end = self.cost_end(&key);
-        if let Some(bucket) = self.costs.get_mut(&end)
-            && let Some(held) = bucket.get_mut(&key)
-        {
-            match value {
-                Some(c) => *held = c as i64,
-                None => {
-                    bucket.remove(&key);
-                }
-            }
-            return Ok(true);
-        }
-        if let Some(change) = value {
-            if end <= self.retired_through_ms {
-                let was = match self
-                    .unwritten_costs
-                    .get(&key)
-                    .or_else(|| self.writing_costs.get(&key))
-                {
-                    Some(was) => Some(*was),
-                    None => retired.cost(&key)?,
-                };
-                if let Some(was) = was.filter(|was| *was != 0) {
-                    self.revive_cost(key, was, change as i64, input);
-                    return Ok(false);
-                }
-            }
-            self.hold_cost(key, change as i64);
-        }
-        Ok(true)
-    }
-
-    /// [`OpenTotals::revive`] for a window's cost.
     fn revive_cost(
         &mut self,
         key: CostIdx,
@@ -383,9 +516,19 @@ impl OpenTotals {
         input: &mut InputSession<Time, Summary, isize>,
     ) {
         input.update(Summary::CostCarried(key), was as isize);
-        self.unwritten_costs.insert(key, 0);
-        self.hold_cost(key, now);
-        self.reviving_costs.insert(key);
+        self.costs.revived(self.cost_end(&key), key, now);
+        self.revived += 1;
+    }
+
+    fn revive_billing(
+        &mut self,
+        key: BillingIdx,
+        was: i64,
+        now: i64,
+        input: &mut InputSession<Time, Summary, isize>,
+    ) {
+        self.feed_billing(key, was, 1, input);
+        self.billing.revived(self.billing_end(&key), key, now);
         self.revived += 1;
     }
 
@@ -393,65 +536,34 @@ impl OpenTotals {
     /// `input` for the next epoch), except those brought back this epoch and not yet sent.
     pub fn retire(&mut self, frontier_ms: i64, input: &mut InputSession<Time, Summary, isize>) {
         self.retired_through_ms = self.retired_through_ms.max(frontier_ms);
-        let ends: Vec<i64> = self.totals.range(..=frontier_ms).map(|(e, _)| *e).collect();
-        for end in ends {
-            let bucket = self.totals.remove(&end).unwrap_or_default();
-            let mut kept = FastMap::default();
-            for (key, m) in bucket {
-                if self.reviving.contains(&key) {
-                    kept.insert(key, m);
-                    continue;
-                }
-                for (part, amount) in parts(&key, m) {
-                    input.update(Summary::Level(key, part), -amount as isize);
-                }
-                if key.1.is_none() {
-                    let cost = (self.cost_of)(key.0.item, m.total);
-                    if cost != 0 {
-                        input.update(Summary::CostCarried(cost_key(&key)), cost as isize);
-                    }
-                }
-                self.retiring.insert(key, m);
-                self.unwritten_totals.insert(key, m);
-                self.retired += 1;
-            }
-            if !kept.is_empty() {
-                self.totals.insert(end, kept);
-            }
+        for (key, value) in self.totals.take_closed(frontier_ms) {
+            self.feed_total(key, value, -1, input);
+            self.retired += 1;
         }
-        let ends: Vec<i64> = self.costs.range(..=frontier_ms).map(|(e, _)| *e).collect();
-        for end in ends {
-            let bucket = self.costs.remove(&end).unwrap_or_default();
-            let mut kept = FastMap::default();
-            for (key, c) in bucket {
-                if self.reviving_costs.contains(&key) {
-                    kept.insert(key, c);
-                    continue;
-                }
-                input.update(Summary::CostCarried(key), -c as isize);
-                self.retiring_costs.insert(key, c);
-                self.unwritten_costs.insert(key, c);
-                self.retired += 1;
-            }
-            if !kept.is_empty() {
-                self.costs.insert(end, kept);
-            }
+        for (key, value) in self.costs.take_closed(frontier_ms) {
+            input.update(Summary::CostCarried(key), -value as isize);
+            self.retired += 1;
+        }
+        for (key, value) in self.billing.take_closed(frontier_ms) {
+            self.feed_billing(key, value, -1, input);
+            self.retired += 1;
         }
     }
 
     /// The totals retired since the last call, for a checkpoint; they are still found here
     /// until [`OpenTotals::written`] says the checkpoint is in the store.
     pub fn take_unwritten(&mut self) -> Retired {
-        let totals: Vec<(LevelIdx, Measured)> = self.unwritten_totals.drain().collect();
-        let costs: Vec<(CostIdx, i64)> = self.unwritten_costs.drain().collect();
-        self.writing_totals.extend(totals.iter().copied());
-        self.writing_costs.extend(costs.iter().copied());
-        Retired { totals, costs }
+        Retired {
+            totals: self.totals.take_unwritten(),
+            costs: self.costs.take_unwritten(),
+            billing: self.billing.take_unwritten(),
+        }
     }
 
     /// Every checkpoint taken so far is in the store.
     pub fn written(&mut self) {
-        self.writing_totals.clear();
-        self.writing_costs.clear();
+        self.totals.writing.clear();
+        self.costs.writing.clear();
+        self.billing.writing.clear();
     }
 }

@@ -37,7 +37,7 @@ use crate::runner::{
     latest_values, restore_partition, send, topic_partitions,
 };
 use crate::series::{Feeder, Rules};
-use crate::windows::{OpenTotals, TotalChanges};
+use crate::windows::{OpenTotals, Sifted, TotalChanges};
 
 /// A worker's Kafka clients.
 struct Clients {
@@ -220,7 +220,7 @@ pub(crate) fn run_worker(
     progress_in.insert((index, told));
 
     // The restored state is the dataflow's first epoch. Its usage updates were sent before the
-    // checkpoint was written; its billing totals go to the ledger with the next epoch's.
+    // checkpoint was written; its billing totals go to the ledger.
     let mut epoch: Time = 1;
     let mut advance =
         |epoch: Time,
@@ -239,11 +239,13 @@ pub(crate) fn run_worker(
         };
     advance(epoch, worker, (&mut input, &mut w.feeder), &mut progress_in);
     w.close_through(w.frontier_ms(*progress.borrow()));
-    w.open.restored((
+    let restored_billing = w.open.restored((
         usage.borrow_mut().drain(..).collect(),
         rollups.borrow_mut().drain(..).collect(),
         costs.borrow_mut().drain(..).collect(),
+        billing.borrow_mut().drain(..).collect(),
     ));
+    w.take_billing_totals(restored_billing)?;
     fleet.borrow_mut().clear();
     // The restored spend per month is what the alerts are checked against.
     w.note_spent(latest_values(periods.borrow_mut().drain(..).collect()));
@@ -287,22 +289,26 @@ pub(crate) fn run_worker(
         w.tell_metrics(cluster);
         w.clock.lap(Stage::Dataflow);
 
-        let sent = w.emit(
-            &clients.producer,
+        let (usage, rollups, costs, billing) = w.sift(
             (
                 usage.borrow_mut().drain(..).collect(),
                 rollups.borrow_mut().drain(..).collect(),
                 costs.borrow_mut().drain(..).collect(),
+                billing.borrow_mut().drain(..).collect(),
             ),
+            &mut input,
+        )?;
+        let sent = w.emit(
+            &clients.producer,
+            (usage, rollups, costs),
             (
                 fleet.borrow_mut().drain(..).collect(),
                 periods.borrow_mut().drain(..).collect(),
             ),
-            &mut input,
-        )?;
+        );
         w.retire_windows(cluster, &mut input);
         w.clock.lap(Stage::Emit);
-        w.take_billing_totals(billing.borrow_mut().drain(..).collect())?;
+        w.take_billing_totals(billing)?;
         let billed = if cluster.caught_up >= peers {
             // Alerts, like billing, wait until the backlog is read: a threshold is judged on
             // the whole of what was spent.
@@ -320,7 +326,9 @@ pub(crate) fn run_worker(
         w.checkpoint(&clients, stopping, cluster)?;
         w.clock.lap(Stage::Checkpoint);
         w.clock.publish();
-        if stopping {
+        // A total brought back this epoch is sent with the next: one more epoch, reading
+        // nothing, before stopping (a restart would not send it: see `OpenTotals::settled`).
+        if stopping && w.open.settled() {
             break;
         }
     }
@@ -331,6 +339,13 @@ pub(crate) fn run_worker(
     );
     Ok(())
 }
+
+/// One epoch's usage, roll-ups and costs to send (see [`Sifted`]).
+type UsageSent = (
+    BTreeMap<crate::names::UsageIdx, Option<crate::dataflow::Measured>>,
+    BTreeMap<crate::dataflow::RollupIdx, Option<crate::dataflow::Measured>>,
+    BTreeMap<crate::dataflow::CostIdx, Option<isize>>,
+);
 
 /// One epoch's changes of the usage outputs that are not totals of windows: fleet and period
 /// costs.
@@ -421,7 +436,7 @@ impl<'a> Worker<'a> {
             names,
             shared,
             feeder,
-            open: OpenTotals::new(config.window_ms, costing),
+            open: OpenTotals::new(config.window_ms, config.billing_window_ms, costing),
             agents,
             dirty_agents: HashSet::new(),
             inputs,
@@ -656,27 +671,37 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Sends one epoch's usage outputs and live values; returns how many records were sent.
-    /// With a store, the totals are sifted first: a retired total's retraction is not sent, and
-    /// one a late change reached is brought back (fed to `input`) and sent the next epoch.
-    fn emit(
+    /// One epoch's changed totals → what to send of them and give the ledger. With a store, a
+    /// retired total's retraction is left out, and one a late change reached is brought back
+    /// (fed to `input`) and sent the next epoch (see [`crate::windows`]).
+    fn sift(
         &mut self,
-        producer: &OutputProducer,
         totals: TotalChanges,
-        (fleet, periods): OtherChanges,
         input: &mut InputSession<Time, Summary, isize>,
-    ) -> Result<usize, ProcessorError> {
-        let (names, window_ms) = (self.names, self.config.window_ms);
-        let (usage, rollups, costs) = match self.store {
-            Some(store) => self
-                .open
-                .sift(totals, input, &NamedStore { store, names })?,
+    ) -> Result<Sifted, ProcessorError> {
+        Ok(match self.store {
+            Some(store) => {
+                let names = self.names;
+                self.open
+                    .sift(totals, input, &NamedStore { store, names })?
+            }
             None => (
                 latest_values(totals.0),
                 latest_values(totals.1),
                 latest_values(totals.2),
+                latest_values(totals.3),
             ),
-        };
+        })
+    }
+
+    /// Sends one epoch's usage outputs and live values; returns how many records were sent.
+    fn emit(
+        &mut self,
+        producer: &OutputProducer,
+        (usage, rollups, costs): UsageSent,
+        (fleet, periods): OtherChanges,
+    ) -> usize {
+        let (names, window_ms) = (self.names, self.config.window_ms);
         let live = self.feeder.take_live();
         let periods = latest_values(periods);
         // In the order of `USAGE_RECORD_KINDS`.
@@ -695,7 +720,7 @@ impl<'a> Worker<'a> {
                 .with_label_values(&[kind])
                 .inc_by(n as u64);
         }
-        Ok(sent.iter().sum())
+        sent.iter().sum()
     }
 
     /// With a store, takes the totals of windows the closing frontier has passed out of the
@@ -718,9 +743,9 @@ impl<'a> Worker<'a> {
     /// billed of each key it has not seen yet.
     fn take_billing_totals(
         &mut self,
-        changes: Vec<((crate::names::BillingIdx, isize), Time, isize)>,
+        changes: BTreeMap<crate::names::BillingIdx, Option<isize>>,
     ) -> Result<(), ProcessorError> {
-        for (key, total) in latest_values(changes) {
+        for (key, total) in changes {
             let total = total.unwrap_or(0) as i64;
             let key = self.names.billing_key(&key);
             let known = if self.ledger.knows(&key) {
@@ -966,6 +991,11 @@ impl<'a> Worker<'a> {
     fn retired_named(&mut self) -> Checkpoint {
         let retired = self.open.take_unwritten();
         Checkpoint {
+            retired_billing: retired
+                .billing
+                .into_iter()
+                .map(|(k, q)| (self.names.billing_key(&k), q))
+                .collect(),
             retired_totals: retired
                 .totals
                 .into_iter()

@@ -137,6 +137,17 @@ async fn two_processes_give_the_same_results_as_one() {
     let (usage_two, billed_two) = outputs(&two.bootstrap(), PARTITIONS);
     assert!(usage_one.len() > 100, "{} usage records", usage_one.len());
     assert!(!billed_one.is_empty(), "closed windows were billed");
+    for (id, value) in &usage_one {
+        if usage_two.get(id) != Some(value) {
+            eprintln!(
+                "{id}: {value:?} in one process, {:?} in two",
+                usage_two.get(id)
+            );
+        }
+    }
+    for id in usage_two.keys().filter(|id| !usage_one.contains_key(*id)) {
+        eprintln!("{id}: only in two processes, {:?}", usage_two[id]);
+    }
     assert_eq!(usage_one, usage_two, "the same final usage per record id");
     assert_eq!(
         billed_one, billed_two,
