@@ -320,6 +320,20 @@ impl Store {
         self.get_json(&key(b'c', partition, &json(series)))
     }
 
+    /// Forgets every retired total. A run restores every window from the series' state and
+    /// retires the closed ones again, so it needs none of a previous run's; and one could be
+    /// wrong for it: a worker's retired value can hold input that another worker of the
+    /// process had not checkpointed yet, which the new run reads again.
+    pub fn clear_retired(&self) -> Result<(), StoreError> {
+        self.with_db(|db| {
+            let mut batch = WriteBatch::default();
+            for tag in [b'r', b'x', b'q'] {
+                batch.delete_range([tag], [tag + 1]);
+            }
+            Ok(db.write(batch)?)
+        })
+    }
+
     /// A retired total's value, as checkpointed.
     pub fn retired_total(&self, key: &RetiredTotal) -> Result<Option<Measured>, StoreError> {
         let k = [&[b'r'][..], &json(key)].concat();

@@ -335,7 +335,12 @@ fn run_once(
     shutdown: &CancellationToken,
 ) -> Result<(), ProcessorError> {
     let reflected = match &store {
-        Some(s) => read_back_billing(&config.brokers, s, config.restart_grace, shutdown)?,
+        Some(s) => {
+            // The restore feeds every window again; what a previous run retired is stale (see
+            // `Store::clear_retired`).
+            s.clear_retired()?;
+            read_back_billing(&config.brokers, s, config.restart_grace, shutdown)?
+        }
         None => BTreeMap::new(),
     };
     let raised = if config.budgets.tenants.is_empty() {

@@ -18,9 +18,11 @@
 //! then reappears in the dataflow holding the change alone. [`OpenTotals::sift`] sees a changed
 //! total it does not hold whose window has closed, finds its retired value (not yet
 //! checkpointed, or in the store) and brings it back: the value is fed to its level again and
-//! what it carried withdrawn; that epoch's value is not sent, the next epoch's (retired value
-//! and change) is. Nothing is lost or counted twice: the property test in [`crate::dataflow`]
-//! retires every total after every epoch and still gets the oracle's totals.
+//! what it carried withdrawn, and the sum of the retired value and the change is sent at once
+//! (a window's cost, which depends on the base totals brought back with it, the next epoch).
+//! Nothing is lost or counted twice: the property test in [`crate::dataflow`] retires every
+//! total after every epoch and still gets the oracle's totals. Retired values serve the run
+//! that retired them: a new run restores every window and retires the closed ones again.
 //!
 //! Each worker keeps the totals its dataflow outputs (the keys its operators own), by the end of
 //! their window, so a retirement takes whole buckets.
@@ -34,7 +36,7 @@ use crate::budgets::month_start_ms;
 use crate::dataflow::{CostIdx, Costing, LevelIdx, Measured, RollupIdx, Time};
 use crate::model::{Kind, Part, Summary};
 use crate::names::{BillingIdx, ItemId, Names, UsageIdx};
-use crate::series::{FastMap, FastSet};
+use crate::series::FastMap;
 
 /// Where retired totals are found again: the checkpoint store.
 pub trait RetiredTotals {
@@ -108,8 +110,9 @@ struct Kept<K, V> {
     held: BTreeMap<i64, FastMap<K, V>>,
     /// Negated at the last retirement, with the value they had: their retraction is not sent.
     retiring: FastMap<K, V>,
-    /// Brought back this epoch: sent the next, and not retired before.
-    reviving: FastSet<K>,
+    /// Brought back this epoch, with what the dataflow held before the retired value went back
+    /// in: not retired before the next epoch, which shows their value.
+    reviving: FastMap<K, V>,
     /// Retired and not yet in a checkpoint; then in one being written.
     unwritten: FastMap<K, V>,
     writing: FastMap<K, V>,
@@ -120,7 +123,7 @@ impl<K: Copy + Eq + Hash, V: Value> Kept<K, V> {
         Self {
             held: BTreeMap::new(),
             retiring: FastMap::default(),
-            reviving: FastSet::default(),
+            reviving: FastMap::default(),
             unwritten: FastMap::default(),
             writing: FastMap::default(),
         }
@@ -132,10 +135,6 @@ impl<K: Copy + Eq + Hash, V: Value> Kept<K, V> {
 
     fn hold(&mut self, end: i64, key: K, value: V) {
         self.held.entry(end).or_default().insert(key, value);
-    }
-
-    fn held(&self, end: i64, key: &K) -> Option<V> {
-        self.held.get(&end).and_then(|b| b.get(key)).copied()
     }
 
     /// What becomes of `key` (its window ending at `end`) changed to `value`; `stored` finds
@@ -181,23 +180,28 @@ impl<K: Copy + Eq + Hash, V: Value> Kept<K, V> {
         Ok(Sift::Send)
     }
 
-    /// `key` is brought back: held at `now` (what the dataflow holds before its retired value is
-    /// added; the next epoch shows the sum, and if it shows no change, `now` is the value:
-    /// what else came cancelled the retired one), sent the next epoch.
-    fn revived(&mut self, end: i64, key: K, now: V) {
+    /// `key` is brought back, held at `value` (the sum, sent now, or for a cost what the
+    /// dataflow holds, `now`, sent the next epoch).
+    fn revived(&mut self, end: i64, key: K, value: V, now: V) {
         // What the store holds of it is spent: should the total leave the dataflow by going to
         // nothing (no retirement writes it then), a later change must not bring it back again.
         self.unwritten.insert(key, V::SPENT);
-        self.hold(end, key, now);
-        self.reviving.insert(key);
+        self.hold(end, key, value);
+        self.reviving.insert(key, now);
     }
 
-    /// Those brought back last epoch, with their value now.
-    fn due(&mut self, end: impl Fn(&K) -> i64) -> Vec<(K, Option<V>)> {
-        std::mem::take(&mut self.reviving)
-            .into_iter()
-            .map(|k| (k, self.held(end(&k), &k)))
-            .collect()
+    /// Those brought back last epoch: the next epoch shows their value with the retired one
+    /// added, and if it shows no change, what else came cancelled the retired value and the
+    /// dataflow holds what it held then. Returns those, held at that value.
+    fn due(&mut self, end: impl Fn(&K) -> i64, changed: impl Fn(&K) -> bool) -> Vec<(K, V)> {
+        let mut due = Vec::new();
+        for (key, now) in std::mem::take(&mut self.reviving) {
+            if !changed(&key) {
+                self.hold(end(&key), key, now);
+                due.push((key, now));
+            }
+        }
+        due
     }
 
     /// Those taken out at the last retirement whose value showed no change: a change as large
@@ -215,7 +219,7 @@ impl<K: Copy + Eq + Hash, V: Value> Kept<K, V> {
             let mut bucket = self.held.remove(&end).unwrap_or_default();
             if !self.reviving.is_empty() {
                 let kept: FastMap<K, V> = bucket
-                    .extract_if(|k, _| self.reviving.contains(k))
+                    .extract_if(|k, _| self.reviving.contains_key(k))
                     .collect();
                 if !kept.is_empty() {
                     self.held.insert(end, kept);
@@ -255,6 +259,14 @@ fn level_end(window_ms: i64, (k, level): &LevelIdx) -> i64 {
         None => k.window_start_ms + window_ms,
         Some(r) => r.end(k.window_start_ms),
     }
+}
+
+/// Puts a base or roll-up total's value among those to send.
+fn send_total(sent: &mut Sifted, key: LevelIdx, value: Option<Measured>) {
+    match key {
+        (k, None) => sent.0.insert(k, value),
+        (k, Some(r)) => sent.1.insert((k, r), value),
+    };
 }
 
 fn cost_key((k, _): &LevelIdx) -> CostIdx {
@@ -320,8 +332,11 @@ impl OpenTotals {
         )
     }
 
-    /// Whether every total brought back has been sent: a checkpoint written before would let a
-    /// restart (which sends nothing of its restored state) lose its value.
+    /// Whether every total brought back has shown its value in the dataflow (a cost's is sent
+    /// only then): a checkpoint written before could let a restart, which sends nothing of the
+    /// state it restores, lose it. (A worker knows only its own: another worker of the process
+    /// may checkpoint the input that changed it; a cost then keeps its value before the change
+    /// until it changes again. Totals and billing totals are sent as they come back.)
     pub fn settled(&self) -> bool {
         self.totals.reviving.is_empty()
             && self.costs.reviving.is_empty()
@@ -329,8 +344,8 @@ impl OpenTotals {
     }
 
     /// Holds the restored state's totals (the first epoch, whose values were sent before the
-    /// checkpoint was written, and whose billing totals the ledger gets with the next epoch's),
-    /// without sending them; returns the billing totals.
+    /// checkpoint was written), without sending them; returns the billing totals, for the
+    /// ledger.
     pub fn restored(&mut self, changes: TotalChanges) -> BTreeMap<BillingIdx, Option<isize>> {
         use crate::runner::latest_values;
         let (usage, rollups, costs, billing) = changes;
@@ -372,38 +387,43 @@ impl OpenTotals {
             self.window_ms,
             self.billing_window_ms,
         );
+        let (usage, rollups, costs, billing) = (
+            latest_values(usage),
+            latest_values(rollups),
+            latest_values(costs),
+            latest_values(billing),
+        );
         let due = (
-            self.totals.due(|k| level_end(window_ms, k)),
-            self.costs.due(|(_, _, start)| start + window_ms),
-            self.billing.due(|k| k.window_start_ms + billing_window_ms),
+            self.totals.due(
+                |k| level_end(window_ms, k),
+                |k| match k {
+                    (k, None) => usage.contains_key(k),
+                    (k, Some(r)) => rollups.contains_key(&(*k, *r)),
+                },
+            ),
+            self.costs
+                .due(|(_, _, start)| start + window_ms, |k| costs.contains_key(k)),
+            self.billing.due(
+                |k| k.window_start_ms + billing_window_ms,
+                |k| billing.contains_key(k),
+            ),
         );
         let mut sent: Sifted = Default::default();
-        let totals = latest_values(usage)
-            .into_iter()
-            .map(|(k, m)| ((k, None), m))
-            .chain(
-                latest_values(rollups)
-                    .into_iter()
-                    .map(|((k, r), m)| ((k, Some(r)), m)),
-            );
+        let totals = (usage.into_iter().map(|(k, m)| ((k, None), m)))
+            .chain(rollups.into_iter().map(|((k, r), m)| ((k, Some(r)), m)));
         for (key, m) in totals {
             let end = self.end(&key);
-            match self
+            let value = match self
                 .totals
                 .sift(key, end, m, through, |k| retired.total(k))?
             {
-                Sift::Send => match key {
-                    (k, None) => sent.0.insert(k, m),
-                    (k, Some(r)) => sent.1.insert((k, r), m),
-                },
-                Sift::Retired => None,
-                Sift::Revive { was, now } => {
-                    self.revive_total(key, was, now, input);
-                    None
-                }
+                Sift::Send => m,
+                Sift::Retired => continue,
+                Sift::Revive { was, now } => Some(self.revive_total(key, was, now, input)),
             };
+            send_total(&mut sent, key, value);
         }
-        for (key, c) in latest_values(costs) {
+        for (key, c) in costs {
             let end = self.cost_end(&key);
             let value = c.map(|c| c as i64);
             match self
@@ -417,41 +437,42 @@ impl OpenTotals {
                 Sift::Revive { was, now } => self.revive_cost(key, was, now, input),
             }
         }
-        for (key, q) in latest_values(billing) {
+        for (key, q) in billing {
             let end = self.billing_end(&key);
             let value = q.map(|q| q as i64);
-            match self
+            let value = match self
                 .billing
                 .sift(key, end, value, through, |k| retired.billed(k))?
             {
-                Sift::Send => {
-                    sent.3.insert(key, q);
+                Sift::Send => q,
+                Sift::Retired => continue,
+                Sift::Revive { was, now } => {
+                    Some(self.revive_billing(key, was, now, input) as isize)
                 }
-                Sift::Retired => {}
-                Sift::Revive { was, now } => self.revive_billing(key, was, now, input),
-            }
-        }
-        // Those brought back last epoch are sent now, changed again or not.
-        for (key, m) in due.0 {
-            match key {
-                (k, None) => sent.0.entry(k).or_insert(m),
-                (k, Some(r)) => sent.1.entry((k, r)).or_insert(m),
             };
+            sent.3.insert(key, value);
+        }
+        // Brought back last epoch and not changed since: what else came cancelled the retired
+        // value (or, for a cost, its value is known only now).
+        for (key, m) in due.0 {
+            send_total(&mut sent, key, Some(m));
         }
         for (key, c) in due.1 {
-            sent.2.entry(key).or_insert(c.map(|c| c as isize));
+            sent.2.insert(key, Some(c as isize));
         }
         for (key, q) in due.2 {
-            sent.3.entry(key).or_insert(q.map(|q| q as isize));
+            sent.3.insert(key, Some(q as isize));
         }
         for (key, was) in self.totals.unchanged() {
-            self.revive_total(key, was, was, input);
+            let sum = self.revive_total(key, was, was, input);
+            send_total(&mut sent, key, Some(sum));
         }
         for (key, was) in self.costs.unchanged() {
             self.revive_cost(key, was, was, input);
         }
         for (key, was) in self.billing.unchanged() {
-            self.revive_billing(key, was, was, input);
+            let sum = self.revive_billing(key, was, was, input);
+            sent.3.insert(key, Some(sum as isize));
         }
         Ok(sent)
     }
@@ -496,18 +517,36 @@ impl OpenTotals {
         }
     }
 
+    /// Brings a retired total back: its value `was` fed to its level again; returns its value
+    /// now, `was` and what the dataflow holds (`now`) added, to send.
     fn revive_total(
         &mut self,
         key: LevelIdx,
         was: Measured,
         now: Measured,
         input: &mut InputSession<Time, Summary, isize>,
-    ) {
+    ) -> Measured {
         self.feed_total(key, was, 1, input);
-        self.totals.revived(self.end(&key), key, now);
+        let sum = if key.0.metric.kind() == Kind::Gauge {
+            Measured {
+                total: was.total + now.total,
+                observed_ms: was.observed_ms + now.observed_ms,
+                present_ms: was.present_ms + now.present_ms,
+            }
+        } else {
+            // An exact total covers its whole window either way.
+            Measured {
+                total: was.total + now.total,
+                ..was
+            }
+        };
+        self.totals.revived(self.end(&key), key, sum, now);
         self.revived += 1;
+        sum
     }
 
+    /// Brings a window's cost back. Its value depends on the base totals brought back with
+    /// it, whose carried costs go back in with them: it is sent the next epoch.
     fn revive_cost(
         &mut self,
         key: CostIdx,
@@ -516,20 +555,23 @@ impl OpenTotals {
         input: &mut InputSession<Time, Summary, isize>,
     ) {
         input.update(Summary::CostCarried(key), was as isize);
-        self.costs.revived(self.cost_end(&key), key, now);
+        self.costs.revived(self.cost_end(&key), key, now, now);
         self.revived += 1;
     }
 
+    /// [`OpenTotals::revive_total`] for a billing total.
     fn revive_billing(
         &mut self,
         key: BillingIdx,
         was: i64,
         now: i64,
         input: &mut InputSession<Time, Summary, isize>,
-    ) {
+    ) -> i64 {
         self.feed_billing(key, was, 1, input);
-        self.billing.revived(self.billing_end(&key), key, now);
+        self.billing
+            .revived(self.billing_end(&key), key, was + now, now);
         self.revived += 1;
+        was + now
     }
 
     /// Takes every held total whose window ends by `frontier_ms` out of the dataflow (fed to

@@ -91,7 +91,14 @@ pub(crate) fn billed(brokers: &str) -> (GpuMs, Vec<Found>) {
 /// base windows).
 fn used_gpu_ms(brokers: &str) -> BTreeMap<String, GpuMs> {
     let mut last: BTreeMap<String, UsageUpdate> = BTreeMap::new();
-    for bytes in crate::common::read_topic(brokers, names::USAGE, PARTITIONS, 0) {
+    let started = Instant::now();
+    let records = crate::common::read_topic(brokers, names::USAGE, PARTITIONS, 0);
+    println!(
+        "{} usage records read in {:.1} s",
+        records.len(),
+        started.elapsed().as_secs_f64()
+    );
+    for bytes in records {
         let u = UsageUpdate::decode(&bytes).expect("usage records decode");
         last.insert(u.id.clone(), u);
     }
@@ -265,6 +272,13 @@ async fn billing_is_exactly_once_across_twenty_sigkills() {
     child.kill().expect("SIGKILL");
     child.wait().expect("reaped");
     let usage = used_gpu_ms(&brokers);
+    for (k, t) in &truth {
+        let used = usage.get("").and_then(|m| m.get(k)).copied().unwrap_or(0);
+        let billed = gpu_ms.get(k).copied().unwrap_or(0);
+        if used != *t || billed != *t {
+            eprintln!("{k:?}: truth {t} ms, used {used}, billed {billed}");
+        }
+    }
     broker.stop();
 
     // Usage as the sinks keep it (the last record per id) says the same: the base windows'
