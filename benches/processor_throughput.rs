@@ -24,17 +24,25 @@
 //! as long instead of the simulator's 20 s to 5 min, as long-lived leases do). With `--json`
 //! the last line is one JSON object of the figures. With `--state-only` it stops after the
 //! dataflow-only runs: what a heap profiler (`heaptrack`) then sees is the state per series;
-//! with `--live-only` it runs the live mode alone (for a profiler).
+//! with `--live-only` it runs the live mode alone (for a profiler). With `--retire-windows` the
+//! dataflow-only runs take closed windows' totals out as the processor does (10 minutes of
+//! lateness behind each tick; the retired values are dropped, not stored, and nothing late
+//! comes to bring one back); run it beside a run without, each in a process of its own, for
+//! what the retirement saves.
 
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use meterflow_ingest::{Fleet, FleetConfig};
-use meterflow_processor::dataflow::{Costing, Installed, Resolution, install};
+use meterflow_processor::dataflow::{
+    CostIdx, Costing, Installed, LevelIdx, Measured, Resolution, install,
+};
 use meterflow_processor::metrics::{self, METRICS, Stage};
 use meterflow_processor::model::observe_ref;
+use meterflow_processor::names::BillingIdx;
 use meterflow_processor::names::Names;
 use meterflow_processor::series::{Feeder, Rules};
+use meterflow_processor::windows::{OpenTotals, RetiredTotals, TotalChanges};
 use meterflow_processor::{PriceBook, ProcessorConfig, run};
 use meterflow_schemas::{Record, SampleBatch, topics as names};
 use serde_json::json;
@@ -102,6 +110,7 @@ fn main() {
     let json_wanted = std::env::args().any(|a| a == "--json");
     let state_only = std::env::args().any(|a| a == "--state-only");
     let live_only = std::env::args().any(|a| a == "--live-only");
+    let retire = std::env::args().any(|a| a == "--retire-windows");
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
@@ -137,7 +146,7 @@ fn main() {
 
     let mut dataflow = Vec::new();
     for workers in [1usize, 2].into_iter().filter(|_| !live_only) {
-        let r = dataflow_only(input.clone(), workers, &rollups);
+        let r = dataflow_only(input.clone(), workers, &rollups, retire);
         println!(
             "dataflow only, {workers} worker(s)  : {:>10.0} samples/s ({:.3} s, {} output changes = {:.2} per sample)",
             r.samples_per_s,
@@ -146,8 +155,16 @@ fn main() {
             r.changes as f64 / input.samples as f64
         );
         println!(
-            "  state: {} series; resident memory grew {} bytes = {:.0} bytes per active series (feeder, interner and arrangements, all windows kept)",
-            r.series, r.resident_growth, r.bytes_per_series
+            "  state: {} series; resident memory grew {} bytes = {:.0} bytes per active series (feeder, interner and arrangements, {}); {} totals held at the end",
+            r.series,
+            r.resident_growth,
+            r.bytes_per_series,
+            if retire {
+                "closed windows retired"
+            } else {
+                "all windows kept"
+            },
+            r.held
         );
         dataflow.push(r);
     }
@@ -226,6 +243,8 @@ fn decode_only(input: &Input) -> f64 {
 
 /// A dataflow-only run's figures.
 struct DataflowRun {
+    /// Totals held by the retirement's bookkeeping at the end (0 when nothing retires).
+    held: usize,
     samples_per_s: f64,
     secs: f64,
     changes: usize,
@@ -234,13 +253,39 @@ struct DataflowRun {
     bytes_per_series: f64,
 }
 
+/// Nowhere: the bench drops what it retires, and nothing late comes to bring it back.
+struct Dropped;
+
+impl RetiredTotals for Dropped {
+    type Error = std::convert::Infallible;
+    fn total(&self, _: &LevelIdx) -> Result<Option<Measured>, Self::Error> {
+        Ok(None)
+    }
+    fn cost(&self, _: &CostIdx) -> Result<Option<i64>, Self::Error> {
+        Ok(None)
+    }
+    fn billed(&self, _: &BillingIdx) -> Result<Option<i64>, Self::Error> {
+        Ok(None)
+    }
+}
+
 /// Decodes, validates and feeds the input to the dataflow in this process, one epoch per
-/// tick, as the processor's workers do but without Kafka, outputs or checkpoints.
-fn dataflow_only(data: Arc<Input>, workers: usize, rollups: &[Resolution]) -> DataflowRun {
+/// tick, as the processor's workers do but without Kafka, outputs or checkpoints; with
+/// `retire`, closed windows' totals leave the dataflow as in the processor.
+fn dataflow_only(
+    data: Arc<Input>,
+    workers: usize,
+    rollups: &[Resolution],
+    retire: bool,
+) -> DataflowRun {
     let rollups = rollups.to_vec();
     let samples = data.samples;
     // One interner for the process, as in the processor.
     let names = Arc::new(Names::default());
+    let costing = Costing {
+        names: names.clone(),
+        prices: Arc::new(PriceBook::default()),
+    };
     let before = resident_bytes();
     // All workers hold their state until worker 0 has measured it.
     let barrier = Arc::new(Barrier::new(workers));
@@ -258,16 +303,8 @@ fn dataflow_only(data: Arc<Input>, workers: usize, rollups: &[Resolution]) -> Da
             periods,
             // The names and progress inputs are closed: one process needs neither.
             ..
-        } = install(
-            worker,
-            60_000,
-            3_600_000,
-            Costing {
-                names: names.clone(),
-                prices: Arc::new(PriceBook::default()),
-            },
-            &rollups,
-        );
+        } = install(worker, 60_000, 3_600_000, costing.clone(), &rollups);
+        let mut open = OpenTotals::new(60_000, 3_600_000, &costing);
         let mut feeder = Feeder::new(Rules::new(60_000), names.clone(), index);
         let mut changes = 0usize;
         for (epoch, batches) in data.ticks.iter().enumerate() {
@@ -287,19 +324,29 @@ fn dataflow_only(data: Arc<Input>, workers: usize, rollups: &[Resolution]) -> Da
             feeder.advance(&mut input, epoch as u64 + 1);
             input.flush();
             worker.step_while(|| probe.less_than(input.time()));
-            changes += usage.borrow_mut().drain(..).count();
-            changes += billing.borrow_mut().drain(..).count();
+            let totals: TotalChanges = (
+                usage.borrow_mut().drain(..).collect(),
+                rolled.borrow_mut().drain(..).collect(),
+                costs.borrow_mut().drain(..).collect(),
+                billing.borrow_mut().drain(..).collect(),
+            );
+            changes += totals.0.len() + totals.1.len() + totals.2.len() + totals.3.len();
             changes += fleet.borrow_mut().drain(..).count();
-            changes += rolled.borrow_mut().drain(..).count();
-            changes += costs.borrow_mut().drain(..).count();
             changes += periods.borrow_mut().drain(..).count();
+            if retire {
+                let Ok(_) = open.sift(totals, &mut input, &Dropped);
+                open.retire(tick_ms - 600_000, &mut input);
+                open.take_unwritten();
+                open.written();
+            }
         }
+        let held = open.held();
         let elapsed = start.elapsed();
         let (allocations, readings) = feeder.series();
         barrier.wait();
         let resident = (worker.index() == 0).then(resident_bytes);
         barrier.wait();
-        (changes, allocations + readings, resident, elapsed)
+        (changes, allocations + readings, resident, elapsed, held)
     })
     .expect("timely starts");
     let results: Vec<_> = guards
@@ -316,6 +363,7 @@ fn dataflow_only(data: Arc<Input>, workers: usize, rollups: &[Resolution]) -> Da
         .fold(0.0, f64::max);
     let resident_growth = resident.saturating_sub(before);
     DataflowRun {
+        held: results.iter().map(|r| r.4).sum(),
         samples_per_s: samples as f64 / secs,
         secs,
         changes,
