@@ -332,11 +332,13 @@ impl OpenTotals {
         )
     }
 
-    /// Whether every total brought back has shown its value in the dataflow (a cost's is sent
-    /// only then): a checkpoint written before could let a restart, which sends nothing of the
-    /// state it restores, lose it. (A worker knows only its own: another worker of the process
-    /// may checkpoint the input that changed it; a cost then keeps its value before the change
-    /// until it changes again. Totals and billing totals are sent as they come back.)
+    /// Whether every total brought back has shown its value in the dataflow: a worker that
+    /// stops waits for it. Checkpoints do not (late input arriving epoch after epoch would hold
+    /// them back for as long): a process killed in that one epoch leaves the sinks a window's
+    /// cost brought back as it was before the change, or a total whose next change cancelled
+    /// the value brought back at the sum sent, until the window changes again; its restored
+    /// state holds the right value, and billing and the other totals are sent as they come
+    /// back.
     pub fn settled(&self) -> bool {
         self.totals.reviving.is_empty()
             && self.costs.reviving.is_empty()

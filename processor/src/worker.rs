@@ -900,10 +900,7 @@ impl<'a> Worker<'a> {
         cluster: ClusterProgress,
     ) -> Result<(), ProcessorError> {
         let config = self.config;
-        // Not while a total brought back is still to be sent: a restart sends nothing of the
-        // state it restores.
         let due = self.checkpoints.changed
-            && self.open.settled()
             && (stopping || self.checkpoints.last.elapsed() >= config.checkpoint_interval);
         if stopping || (self.store.is_some() && due) {
             // Outputs are not awaited epoch by epoch; a checkpoint (or a stop) waits until
