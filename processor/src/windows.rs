@@ -211,7 +211,7 @@ impl<K: Copy + Eq + Hash, V: Value> Kept<K, V> {
     }
 
     /// Takes the held totals whose window ends by `frontier_ms`, except those brought back this
-    /// epoch and not yet sent, as retiring and to be written.
+    /// epoch (the dataflow does not hold their value yet), as retiring and to be written.
     fn take_closed(&mut self, frontier_ms: i64) -> Vec<(K, V)> {
         let ends: Vec<i64> = self.held.range(..=frontier_ms).map(|(e, _)| *e).collect();
         let mut closed = Vec::new();
@@ -577,7 +577,8 @@ impl OpenTotals {
     }
 
     /// Takes every held total whose window ends by `frontier_ms` out of the dataflow (fed to
-    /// `input` for the next epoch), except those brought back this epoch and not yet sent.
+    /// `input` for the next epoch), except those brought back this epoch, whose value the
+    /// dataflow does not hold yet.
     pub fn retire(&mut self, frontier_ms: i64, input: &mut InputSession<Time, Summary, isize>) {
         self.retired_through_ms = self.retired_through_ms.max(frontier_ms);
         for (key, value) in self.totals.take_closed(frontier_ms) {
