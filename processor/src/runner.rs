@@ -7,8 +7,9 @@
 //! them at the next epoch, steps the dataflow until that epoch is complete, and then:
 //! - sends one [`UsageUpdate`] per aggregate that changed, keyed by its stable id;
 //! - sends the [`meterflow_schemas::BillingRecord`]s its [`Ledger`] says are due;
-//! - once the broker has acknowledged them, and at most every `checkpoint_interval`, writes a
-//!   [`Checkpoint`] of its input offsets and changed state.
+//! - at most every `checkpoint_interval`, takes a [`Checkpoint`] of its input offsets and
+//!   changed state, and writes it once every worker has had the broker acknowledge what it
+//!   sent up to then.
 //!
 //! Exactly once without Kafka transactions: on start, the billing records written after the
 //! last checkpoint are read back from `meterflow.billing` into the store ([`read_back_billing`]);
