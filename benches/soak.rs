@@ -147,6 +147,8 @@ async fn main() {
     let (mut window_samples, mut window_start) = (0u64, started);
     // (first, peak, last) RSS and fds per process.
     let mut seen: Vec<Option<[(f64, usize); 3]>> = vec![None; 3];
+    // (minutes since start, RSS MiB) per process, for the slope after warm-up.
+    let mut series: Vec<Vec<(f64, f64)>> = vec![Vec::new(); 3];
     let mut behind_last = 0u64;
     // Ctrl-C ends the soak early, with its summary, and stops the processes it started.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -182,6 +184,7 @@ async fn main() {
                 let s = seen[i].get_or_insert([(rss, f); 3]);
                 s[1] = (s[1].0.max(rss), s[1].1.max(f));
                 s[2] = (rss, f);
+                series[i].push((started.elapsed().as_secs_f64() / 60.0, rss));
                 cells.push(format!("{rss:>8.0} / {f:<5}"));
             }
             println!(
@@ -201,12 +204,35 @@ async fn main() {
         secs / 60.0,
         samples as f64 / secs
     );
-    println!("process     RSS MiB first / peak / last     open fds first / peak / last");
+    // Warm-up: the first third of the run, at least five minutes (the first hours of data
+    // fill every open window before any closes).
+    let warm_min = (secs / 60.0 / 3.0).max(5.0);
+    println!(
+        "process     RSS MiB first / peak / last     open fds first / peak / last     RSS slope after minute {warm_min:.0}"
+    );
     for (i, (name, _)) in procs.iter().enumerate() {
         if let Some([(r0, f0), (rp, fp), (r1, f1)]) = seen[i] {
+            let slope = slope(series[i].iter().filter(|(m, _)| *m >= warm_min))
+                .map_or("too few samples".to_string(), |s| {
+                    format!("{s:+.2} MiB/min")
+                });
             println!(
-                "{name:<10} {r0:>8.0} / {rp:>6.0} / {r1:>6.0}     {f0:>8} / {fp:>4} / {f1:>4}"
+                "{name:<10} {r0:>8.0} / {rp:>6.0} / {r1:>6.0}     {f0:>8} / {fp:>4} / {f1:>4}     {slope}"
             );
         }
     }
+}
+
+/// The least-squares slope of `(x, y)` points; `None` for fewer than three.
+fn slope<'a>(points: impl Iterator<Item = &'a (f64, f64)>) -> Option<f64> {
+    let points: Vec<(f64, f64)> = points.copied().collect();
+    if points.len() < 3 {
+        return None;
+    }
+    let n = points.len() as f64;
+    let mean_x = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let mean_y = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mean_x).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mean_x) * (p.1 - mean_y)).sum();
+    (sxx > 0.0).then(|| sxy / sxx)
 }

@@ -174,6 +174,9 @@ pub(crate) fn kafka(context: &'static str) -> impl FnOnce(KafkaError) -> Process
 pub(crate) struct Shared {
     /// Ids of the alerts on the alerts topic or sent since start-up.
     pub(crate) raised: std::sync::Mutex<HashSet<String>>,
+    /// Whether a worker of this process stopped with an error: the others then stop without
+    /// waiting for its acknowledgements, and leave their last checkpoint unwritten.
+    pub(crate) failed: std::sync::atomic::AtomicBool,
 }
 
 /// Counts the output records the broker did not acknowledge, and notes the offset of the last
@@ -351,6 +354,7 @@ fn run_once(
     };
     let shared = Arc::new(Shared {
         raised: std::sync::Mutex::new(raised),
+        failed: std::sync::atomic::AtomicBool::new(false),
     });
     let names = Arc::new(Names::default());
     // A worker that fails stops the others.
@@ -379,6 +383,7 @@ fn run_once(
             &stop,
         );
         if result.is_err() {
+            shared.failed.store(true, Ordering::SeqCst);
             stop.cancel();
         }
         result

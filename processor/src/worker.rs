@@ -372,6 +372,16 @@ pub(crate) fn run_worker(
             if w.open.settled() && !unwritten {
                 break;
             }
+            if shared.failed.load(Ordering::SeqCst) {
+                // Its records may be lost: a checkpoint covering what it had not had
+                // acknowledged must not be written.
+                warn!(
+                    worker = index,
+                    unwritten,
+                    "another worker failed; stopping without writing the last checkpoint taken"
+                );
+                break;
+            }
             if since.elapsed() >= STOP_WAIT {
                 warn!(
                     worker = index,
