@@ -185,6 +185,9 @@ pub struct Progress {
     pub watermark_ms: i64,
     /// Whether the worker has read what its partitions held when it started.
     pub caught_up: bool,
+    /// The epoch through which the broker has acknowledged every record the worker sent
+    /// ([`Time::MAX`] once it sends no more).
+    pub acked: Time,
 }
 
 /// The progress of every worker of every process, as of the last completed epoch.
@@ -194,6 +197,9 @@ pub struct ClusterProgress {
     pub watermark_ms: i64,
     /// How many workers have caught up.
     pub caught_up: usize,
+    /// The epoch through which every worker's records are acknowledged: a checkpoint covering
+    /// input up to it cannot hold a total whose record may still be lost.
+    pub acked: Time,
 }
 
 /// One worker's installed dataflow: its inputs, a probe to know when an epoch is done, and the
@@ -291,14 +297,17 @@ pub fn install(
         cluster_progress(progress)
             .inner
             .broadcast()
-            .inspect(move |((_, (watermark_ms, caught_up)), _time, diff)| {
-                if *diff > 0 {
-                    *progress_out.borrow_mut() = ClusterProgress {
-                        watermark_ms: *watermark_ms,
-                        caught_up: *caught_up as usize,
-                    };
-                }
-            })
+            .inspect(
+                move |((_, (watermark_ms, caught_up, acked)), _time, diff)| {
+                    if *diff > 0 {
+                        *progress_out.borrow_mut() = ClusterProgress {
+                            watermark_ms: *watermark_ms,
+                            caught_up: *caught_up as usize,
+                            acked: *acked,
+                        };
+                    }
+                },
+            )
             .probe_with(&probe);
         fleet_hourly(inputs.node_hours, max_gpus_allocated(inputs.gpus))
             .inspect(move |update| fleet_out.borrow_mut().push(*update))
@@ -386,8 +395,11 @@ pub fn roll_up<'s>(
         .count()
 }
 
-/// Every worker's progress → the latest watermark of any, and how many have caught up.
-pub fn cluster_progress<'s>(progress: Coll<'s, (usize, Progress)>) -> Coll<'s, ((), (i64, i64))> {
+/// Every worker's progress → the latest watermark of any, how many have caught up, and the
+/// epoch through which all have their records acknowledged.
+pub fn cluster_progress<'s>(
+    progress: Coll<'s, (usize, Progress)>,
+) -> Coll<'s, ((), (i64, i64, Time))> {
     progress
         .map(|(_, p)| ((), p))
         .reduce_named("ClusterProgress", |_key, input, output| {
@@ -401,7 +413,8 @@ pub fn cluster_progress<'s>(progress: Coll<'s, (usize, Progress)>) -> Coll<'s, (
                 .filter(|(p, _)| p.caught_up)
                 .map(|(_, diff)| *diff)
                 .sum();
-            output.push(((watermark_ms, caught_up as i64), 1));
+            let acked = input.iter().map(|(p, _)| p.acked).min().unwrap_or(0);
+            output.push(((watermark_ms, caught_up as i64, acked), 1));
         })
 }
 

@@ -7,8 +7,9 @@
 //! them at the next epoch, steps the dataflow until that epoch is complete, and then:
 //! - sends one [`UsageUpdate`] per aggregate that changed, keyed by its stable id;
 //! - sends the [`meterflow_schemas::BillingRecord`]s its [`Ledger`] says are due;
-//! - once the broker has acknowledged them, and at most every `checkpoint_interval`, writes a
-//!   [`Checkpoint`] of its input offsets and changed state.
+//! - at most every `checkpoint_interval`, takes a [`Checkpoint`] of its input offsets and
+//!   changed state, and writes it once every worker has had the broker acknowledge what it
+//!   sent up to then.
 //!
 //! Exactly once without Kafka transactions: on start, the billing records written after the
 //! last checkpoint are read back from `meterflow.billing` into the store ([`read_back_billing`]);
@@ -173,6 +174,9 @@ pub(crate) fn kafka(context: &'static str) -> impl FnOnce(KafkaError) -> Process
 pub(crate) struct Shared {
     /// Ids of the alerts on the alerts topic or sent since start-up.
     pub(crate) raised: std::sync::Mutex<HashSet<String>>,
+    /// Whether a worker of this process stopped with an error: the others then stop without
+    /// waiting for its acknowledgements, and leave their last checkpoint unwritten.
+    pub(crate) failed: std::sync::atomic::AtomicBool,
 }
 
 /// Counts the output records the broker did not acknowledge, and notes the offset of the last
@@ -350,6 +354,7 @@ fn run_once(
     };
     let shared = Arc::new(Shared {
         raised: std::sync::Mutex::new(raised),
+        failed: std::sync::atomic::AtomicBool::new(false),
     });
     let names = Arc::new(Names::default());
     // A worker that fails stops the others.
@@ -378,6 +383,7 @@ fn run_once(
             &stop,
         );
         if result.is_err() {
+            shared.failed.store(true, Ordering::SeqCst);
             stop.cancel();
         }
         result

@@ -6,8 +6,11 @@
 //!    period costs to `meterflow.usage` ([`Worker::emit`]);
 //! 3. **bill**: the ledger's due charges and adjustments to `meterflow.billing`, and budget
 //!    alerts, once every worker has caught up ([`Worker::bill`], [`Worker::raise_alerts`]);
-//! 4. **checkpoint**: offsets, changed state and the ledger, once the broker has acknowledged
-//!    the outputs they produced ([`Worker::checkpoint`]).
+//! 4. **acknowledge**: at most every `checkpoint_interval`, waits for the broker to have
+//!    every record sent so far, and tells every worker the epoch that covers
+//!    ([`Worker::acknowledge`]);
+//! 5. **checkpoint**: offsets, changed state and the ledger, written once every worker's
+//!    records up to the epoch they were taken at are acknowledged ([`Worker::checkpoint`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -107,15 +110,39 @@ impl Clients {
         }
         self.refused()
     }
+
+    /// Whether the broker has acknowledged (or refused) every record sent so far, asked without
+    /// waiting.
+    fn all_acknowledged(&self) -> bool {
+        self.producer.in_flight_count() == 0 && self.billing.in_flight_count() == 0
+    }
 }
 
-/// When the worker last wrote a checkpoint, and what is waiting for the next.
+/// When the worker last took a checkpoint, and what is waiting to be written.
+///
+/// A checkpoint must not cover input whose records another worker has not had acknowledged:
+/// a restart does not send the state it restores, so such a record would be lost for good (a
+/// lease's usage staying at an older value). A checkpoint is therefore taken at an epoch and
+/// written once every worker of every process has said (through the dataflow's progress
+/// records) that the broker acknowledged everything it sent up to that epoch.
 struct Checkpoints {
+    /// When the last checkpoint was taken, or its write last failed.
     last: Instant,
-    /// Whether input was fed or records billed since the last checkpoint.
+    /// Whether input was fed or records billed since the last checkpoint was taken.
     changed: bool,
-    /// Checkpoints not written yet (a failed write), oldest first.
+    /// The checkpoint taken and not written yet: waiting for acknowledgements or, after a
+    /// failed write (a full disk), to be tried again. Oldest first.
     unwritten: Vec<Checkpoint>,
+    /// The epoch the unwritten checkpoint was taken at: every worker's records up to it (the
+    /// costs of totals brought back that epoch, sent with the next, included) must be
+    /// acknowledged before it is written.
+    taken_at: Time,
+    /// Whether writing the unwritten checkpoint failed.
+    failed: bool,
+    /// The epoch through which the broker has acknowledged this worker's records.
+    acked: Time,
+    /// When this worker last waited for the broker's acknowledgements.
+    flushed: Instant,
     /// The horizon idle series were last retired before.
     retired_through_ms: i64,
 }
@@ -125,6 +152,10 @@ struct Checkpoints {
 /// of samples (10,000 catch-up messages of a node with 50 containers and 8 GPUs would be
 /// millions).
 const EPOCH_SAMPLES: usize = 1_000_000;
+
+/// The longest a stopping worker waits for the other workers' acknowledgements before it
+/// leaves its last checkpoint unwritten.
+const STOP_WAIT: Duration = Duration::from_secs(30);
 
 /// What one worker keeps between epochs.
 struct Worker<'a> {
@@ -216,6 +247,7 @@ pub(crate) fn run_worker(
     let mut told = Progress {
         watermark_ms: w.watermark_ms,
         caught_up: w.inputs.catching_up.is_empty(),
+        acked: w.checkpoints.acked,
     };
     progress_in.insert((index, told));
 
@@ -251,6 +283,7 @@ pub(crate) fn run_worker(
     w.note_spent(latest_values(periods.borrow_mut().drain(..).collect()));
     w.clock.lap(Stage::Dataflow);
 
+    let mut stopped_at: Option<Instant> = None;
     loop {
         let stopping = shutdown.is_cancelled()
             || (config.exit_when_caught_up && progress.borrow().caught_up >= peers);
@@ -273,6 +306,7 @@ pub(crate) fn run_worker(
         let now = Progress {
             watermark_ms: w.watermark_ms,
             caught_up: w.caught_up,
+            acked: w.checkpoints.acked,
         };
         if now != told {
             progress_in.remove((index, told));
@@ -323,15 +357,51 @@ pub(crate) fn run_worker(
         w.checkpoints.changed |= billed > 0;
         w.clock.lap(Stage::Bill);
         clients.refused()?;
-        w.checkpoint(&clients, stopping, cluster)?;
+        w.acknowledge(&clients, epoch, stopping)?;
+        w.checkpoint(&clients, stopping, cluster, epoch)?;
         w.clock.lap(Stage::Checkpoint);
         w.clock.publish();
-        // A total brought back this epoch is sent with the next: one more epoch, reading
-        // nothing, before stopping (a restart would not send it: see `OpenTotals::settled`).
-        if stopping && w.open.settled() {
-            break;
+        if stopping {
+            // A total brought back this epoch is sent with the next: one more epoch, reading
+            // nothing, before stopping (a restart would not send it: see
+            // `OpenTotals::settled`). The last checkpoint waits for every worker's
+            // acknowledgements; a worker that failed sends none, and a restart then starts from
+            // the checkpoint before.
+            let since = *stopped_at.get_or_insert_with(Instant::now);
+            let unwritten = !w.checkpoints.unwritten.is_empty();
+            if w.open.settled() && !unwritten {
+                break;
+            }
+            if shared.failed.load(Ordering::SeqCst) {
+                // Its records may be lost: a checkpoint covering what it had not had
+                // acknowledged must not be written.
+                warn!(
+                    worker = index,
+                    unwritten,
+                    "another worker failed; stopping without writing the last checkpoint taken"
+                );
+                break;
+            }
+            if since.elapsed() >= STOP_WAIT {
+                warn!(
+                    worker = index,
+                    unwritten,
+                    "stopping without waiting any longer for the other workers' acknowledgements; a restart reads again from the checkpoint before"
+                );
+                break;
+            }
         }
     }
+    // This worker sends nothing more: the others' checkpoints need not wait for it.
+    progress_in.remove((index, told));
+    progress_in.insert((
+        index,
+        Progress {
+            acked: Time::MAX,
+            ..told
+        },
+    ));
+    progress_in.flush();
     info!(
         worker = index,
         unbilled = w.ledger.pending(),
@@ -453,6 +523,10 @@ impl<'a> Worker<'a> {
                 last: Instant::now(),
                 changed: false,
                 unwritten: Vec::new(),
+                taken_at: 0,
+                failed: false,
+                acked: 0,
+                flushed: Instant::now(),
                 retired_through_ms: i64::MIN,
             },
             clock: StageClock::new(),
@@ -890,35 +964,71 @@ impl<'a> Worker<'a> {
         billed
     }
 
-    /// Writes a checkpoint when one is due (something changed, and the interval passed or the
-    /// worker stops), once every output sent so far is acknowledged; then lets idle series
-    /// and long-billed windows leave memory.
+    /// At most every `checkpoint_interval` (every epoch while stopping), waits until the broker
+    /// has acknowledged every record this worker sent, which covers the epochs before `epoch`;
+    /// without waiting when nothing is in flight.
+    fn acknowledge(
+        &mut self,
+        clients: &Clients,
+        epoch: Time,
+        stopping: bool,
+    ) -> Result<(), ProcessorError> {
+        // The records of the epochs before `epoch` are all sent by now.
+        let through = epoch - 1;
+        if self.checkpoints.acked >= through {
+            return Ok(());
+        }
+        if clients.all_acknowledged() {
+            clients.refused()?;
+            self.checkpoints.acked = through;
+        } else if stopping
+            || (self.store.is_some()
+                && self.checkpoints.flushed.elapsed() >= self.config.checkpoint_interval)
+        {
+            self.clock.lap(Stage::Bill);
+            clients.flush()?;
+            self.clock.lap(Stage::Ack);
+            self.checkpoints.flushed = Instant::now();
+            self.checkpoints.acked = through;
+        }
+        Ok(())
+    }
+
+    /// Writes the checkpoint taken earlier once every worker's records up to the epoch it was
+    /// taken at are acknowledged (the cluster's `acked`), then lets idle series and long-billed
+    /// windows leave memory; takes the next, of `epoch`, when one is due: something changed,
+    /// and the interval passed or the worker stops.
     fn checkpoint(
         &mut self,
         clients: &Clients,
         stopping: bool,
         cluster: ClusterProgress,
+        epoch: Time,
     ) -> Result<(), ProcessorError> {
-        let config = self.config;
-        let due = self.checkpoints.changed
-            && (stopping || self.checkpoints.last.elapsed() >= config.checkpoint_interval);
-        if stopping || (self.store.is_some() && due) {
-            // Outputs are not awaited epoch by epoch; a checkpoint (or a stop) waits until
-            // everything sent so far is acknowledged, so its offsets never run ahead of them.
-            self.clock.lap(Stage::Bill);
-            clients.flush()?;
-            self.clock.lap(Stage::Ack);
-        }
         let Some(store) = self.store else {
             return Ok(());
         };
-        if !due {
-            return Ok(());
+        let interval = self.config.checkpoint_interval;
+        let c = &self.checkpoints;
+        if !c.unwritten.is_empty()
+            && cluster.acked >= c.taken_at
+            && (!c.failed || stopping || c.last.elapsed() >= interval)
+        {
+            self.write(store, stopping, cluster)?;
         }
-        // Every record this worker sent is acknowledged and in its ledger, so none of its later
-        // records can land below the offset after its last acknowledged one. (Asking the broker
-        // for the partitions' ends instead would queue behind the consumer's long-polling
-        // fetch.)
+        let c = &self.checkpoints;
+        if c.changed && c.unwritten.is_empty() && (stopping || c.last.elapsed() >= interval) {
+            self.take(clients, epoch);
+        }
+        Ok(())
+    }
+
+    /// Takes the checkpoint of `epoch`: offsets, changed state and the ledger.
+    fn take(&mut self, clients: &Clients, epoch: Time) {
+        // Every record this worker sent is in its ledger, so none of its later records can land
+        // below the offset after its last acknowledged one; one sent and not acknowledged yet
+        // lands at or above it, where a restart reads it back. (Asking the broker for the
+        // partitions' ends instead would queue behind the consumer's long-polling fetch.)
         for (p, last) in clients
             .billing
             .context()
@@ -944,7 +1054,8 @@ impl<'a> Worker<'a> {
             })
             .collect();
         let retired = self.retired_named();
-        self.checkpoints.unwritten.push(Checkpoint {
+        let c = &mut self.checkpoints;
+        c.unwritten.push(Checkpoint {
             worker: self.index as u32,
             offsets: self.inputs.next.iter().map(|(p, o)| (*p, *o)).collect(),
             agents,
@@ -953,16 +1064,27 @@ impl<'a> Worker<'a> {
             billing_offsets,
             ..retired
         });
-        self.checkpoints.last = Instant::now();
+        c.taken_at = epoch;
+        c.changed = false;
+        c.last = Instant::now();
+    }
+
+    /// Writes the checkpoint taken; on a full disk, says so and keeps it to try again.
+    fn write(
+        &mut self,
+        store: &Store,
+        stopping: bool,
+        cluster: ClusterProgress,
+    ) -> Result<(), ProcessorError> {
         match store.write(&self.checkpoints.unwritten) {
             Ok(()) => {
-                if self.checkpoints.unwritten.len() > 1 {
+                if self.checkpoints.failed {
                     info!(worker = self.index, "checkpoints are written again");
                 }
                 self.checkpoints.unwritten.clear();
+                self.checkpoints.failed = false;
                 self.open.written();
                 METRICS.checkpoints.inc();
-                self.checkpoints.changed = false;
                 crate::metrics::set_checkpoint_error(self.index, None);
                 crate::metrics::set_resuming(None);
                 debug!(worker = self.index, "checkpoint written");
@@ -970,12 +1092,14 @@ impl<'a> Worker<'a> {
                 Ok(())
             }
             // A full disk: processing goes on (its outputs are acknowledged; a restart would
-            // resume from the last checkpoint written), health says so, and the next checkpoint
-            // writes this one's changes with its own.
+            // resume from the last checkpoint written), health says so, and the write is tried
+            // again every interval; the changes since wait for the next checkpoint.
             Err(e) if !stopping => {
-                if self.checkpoints.unwritten.len() == 1 {
-                    error!(worker = self.index, error = %e, state_dir = ?config.state_dir, "checkpoint failed; retried every --checkpoint-interval, and health says unhealthy until one is written (is the disk full?)");
+                if !self.checkpoints.failed {
+                    error!(worker = self.index, error = %e, state_dir = ?self.config.state_dir, "checkpoint failed; retried every --checkpoint-interval, and health says unhealthy until one is written (is the disk full?)");
                 }
+                self.checkpoints.failed = true;
+                self.checkpoints.last = Instant::now();
                 METRICS.checkpoint_failures.inc();
                 crate::metrics::set_checkpoint_error(self.index, Some(e.to_string()));
                 Ok(())

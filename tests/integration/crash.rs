@@ -117,6 +117,25 @@ fn used_gpu_ms(brokers: &str) -> BTreeMap<String, GpuMs> {
     used
 }
 
+/// Reads the usage topic every 2 s until its GPU-ms in base windows and hours equal `truth`
+/// or `limit` passes; returns the last reading.
+async fn used_within(brokers: &str, truth: &GpuMs, limit: Duration) -> BTreeMap<String, GpuMs> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let used = tokio::task::spawn_blocking({
+            let brokers = brokers.to_string();
+            move || used_gpu_ms(&brokers)
+        })
+        .await
+        .expect("reader");
+        let done = ["", "hour"].iter().all(|l| used.get(*l) == Some(truth));
+        if done || Instant::now() >= deadline {
+            return used;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
 /// Reads the billing topic once a second until its billed GPU-ms equal `truth` or `limit`
 /// passes; returns the last reading (for the caller's assertions).
 pub(crate) async fn billed_within(
@@ -271,13 +290,7 @@ async fn billing_is_exactly_once_across_twenty_sigkills() {
     let (gpu_ms, found) = billed_within(&brokers, &truth, Duration::from_secs(60)).await;
     // Usage goes out through a producer of its own: its last records may land after the
     // billing records that matched.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let usage = tokio::task::spawn_blocking({
-        let brokers = brokers.clone();
-        move || used_gpu_ms(&brokers)
-    })
-    .await
-    .expect("reader");
+    let usage = used_within(&brokers, &truth, Duration::from_secs(20)).await;
     child.kill().expect("SIGKILL");
     child.wait().expect("reaped");
     for (k, t) in &truth {
@@ -296,15 +309,15 @@ async fn billing_is_exactly_once_across_twenty_sigkills() {
         retired > 0.0 && revived > 0.0,
         "closed windows left the dataflow ({retired}) and late changes brought some back ({revived})"
     );
-    // Usage as the sinks keep it (the last record per id) is not asserted equal to the truth:
-    // with two workers, one worker's checkpoint can cover input whose usage records another
-    // worker had not had acknowledged when the process was killed, and a restart does not send
-    // the state it restores, so such a record is lost (billing is re-derived from the restored
-    // totals by the ledger and is not). Found with this check; printed, not yet fixed.
+    // Usage as the sinks keep it (the last record per id), in base windows and rolled up to
+    // hours, equals the truth too: no checkpoint covered input whose records any worker had
+    // not had acknowledged, so no kill lost one (a restart does not send the state it restores).
     for level in ["", "hour"] {
-        if usage.get(level) != Some(&truth) {
-            println!("usage over the {level:?} windows differs from the truth (see above)");
-        }
+        assert_eq!(
+            usage.get(level),
+            Some(&truth),
+            "GPU-ms per tenant, lease, class and MIG profile on the usage topic, over the {level:?} windows, equal the ground truth"
+        );
     }
 
     let records: Vec<&BillingRecord> = found.iter().map(|(_, _, r)| r).collect();
