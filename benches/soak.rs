@@ -149,6 +149,8 @@ async fn main() {
     let mut seen: Vec<Option<[(f64, usize); 3]>> = vec![None; 3];
     // (minutes since start, RSS MiB) per process, for the slope after warm-up.
     let mut series: Vec<Vec<(f64, f64)>> = vec![Vec::new(); 3];
+    // (minutes since start, entries) per kind of what the processor holds.
+    let mut state: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
     let mut behind_last = 0u64;
     // Ctrl-C ends the soak early, with its summary, and stops the processes it started.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -175,6 +177,13 @@ async fn main() {
                 .await
                 .unwrap_or(0);
             behind_last = batches.saturating_sub(read);
+            let minute = started.elapsed().as_secs_f64() / 60.0;
+            for (kind, entries) in proc::processor_state(&http, &metrics_url)
+                .await
+                .unwrap_or_default()
+            {
+                state.entry(kind).or_default().push((minute, entries));
+            }
             let rate = window_samples as f64 / window_start.elapsed().as_secs_f64();
             (window_samples, window_start) = (0, Instant::now());
             let mut cells = Vec::new();
@@ -218,6 +227,23 @@ async fn main() {
                 });
             println!(
                 "{name:<10} {r0:>8.0} / {rp:>6.0} / {r1:>6.0}     {f0:>8} / {fp:>4} / {f1:>4}     {slope}"
+            );
+        }
+    }
+    // Which of the processor's state grows: entries at the first sample after warm-up and at
+    // the end, and the slope in between.
+    println!(
+        "processor state          entries after warm-up / last     slope after minute {warm_min:.0}"
+    );
+    for (kind, points) in &state {
+        let after: Vec<&(f64, f64)> = points.iter().filter(|(m, _)| *m >= warm_min).collect();
+        if let (Some(first), Some(last)) = (after.first(), after.last()) {
+            let slope = slope(after.iter().copied()).map_or("too few samples".to_string(), |s| {
+                format!("{s:+.0} entries/min")
+            });
+            println!(
+                "{kind:<22} {:>14.0} / {:<12.0}     {slope}",
+                first.1, last.1
             );
         }
     }

@@ -138,3 +138,30 @@ pub async fn processor_input(http: &reqwest::Client, url: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map(|v| v as u64)
 }
+
+/// What the processor says it holds in memory (`meterflow_processor_state_entries`), summed
+/// over its workers, by kind.
+#[allow(dead_code, reason = "the soak's, not the comparison's")]
+pub async fn processor_state(
+    http: &reqwest::Client,
+    url: &str,
+) -> Option<std::collections::BTreeMap<String, f64>> {
+    let text = http.get(url).send().await.ok()?.text().await.ok()?;
+    let mut held = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("meterflow_processor_state_entries{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let kind = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix("kind=\""))
+            .map(|k| k.trim_end_matches('"'));
+        if let (Some(kind), Ok(value)) = (kind, value.trim().parse::<f64>()) {
+            *held.entry(kind.to_string()).or_insert(0.0) += value;
+        }
+    }
+    Some(held)
+}

@@ -239,6 +239,11 @@ impl Ledger {
             .collect()
     }
 
+    /// Keys whose billed amount is in memory.
+    pub fn known(&self) -> usize {
+        self.billed.len()
+    }
+
     /// Keys whose total is not billed yet.
     pub fn pending(&self) -> usize {
         self.unbilled.len()

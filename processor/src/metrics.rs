@@ -112,6 +112,8 @@ pub struct Metrics {
     /// Records sent to `meterflow.usage`, by kind: `usage` (base windows), `live`, `rollup`,
     /// `fleet`, `cost`, `period`.
     pub usage_records: IntCounterVec,
+    /// What the workers hold in memory, by worker and kind (see [`set_state`]).
+    pub state_entries: IntGaugeVec,
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
@@ -188,9 +190,21 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry
         .register(Box::new(usage_records.clone()))
         .expect("registered once");
+    let state_entries = IntGaugeVec::new(
+        Opts::new(
+            "meterflow_processor_state_entries",
+            "What each worker holds in memory, by kind: allocation_series and reading_series (series in memory), node_hours (hours a node was active, in the feeder), gpu_pieces (GPU allocation pieces per hour in the dataflow), open_totals, open_costs and open_billing_totals (totals of windows not retired), ledger_keys (billing keys whose billed amount is in memory); names (interned names, shared by the process's workers: worker=\"process\")",
+        ),
+        &["worker", "kind"],
+    )
+    .expect("a valid gauge");
+    registry
+        .register(Box::new(state_entries.clone()))
+        .expect("registered once");
     Metrics {
         stage_seconds,
         usage_records,
+        state_entries,
         watermark_seconds: gauge(
             &registry,
             "meterflow_processor_watermark_seconds",
@@ -405,4 +419,12 @@ pub fn dead_letters_total() -> u64 {
         .flat_map(|family| family.get_metric())
         .map(|m| m.get_counter().get_value() as u64)
         .sum()
+}
+
+/// Sets what `worker` (or `"process"`) holds of `kind`.
+pub fn set_state(worker: &str, kind: &str, entries: i64) {
+    METRICS
+        .state_entries
+        .with_label_values(&[worker, kind])
+        .set(entries);
 }

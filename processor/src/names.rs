@@ -174,6 +174,12 @@ fn insert<K: std::hash::Hash + Eq + Copy, V: PartialEq + Clone + std::fmt::Debug
 }
 
 impl Names {
+    /// How many names are interned (owners, leases, tenants, items, nodes), for `/metrics`.
+    pub fn count(&self) -> usize {
+        let t = self.tables.read().unwrap_or_else(|p| p.into_inner());
+        t.owners.len() + t.leases.len() + t.tenants.len() + t.items.len() + t.nodes.len()
+    }
+
     /// Names whose ids `hash` makes (tests force collisions with it).
     pub fn with_hash(hash: IdHash) -> Self {
         Self {

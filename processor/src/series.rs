@@ -368,13 +368,17 @@ struct AllocationState {
 /// the dataflow sees them (see [`Feeder::advance`]): one update per changed total, not one per
 /// sample and series.
 #[derive(Debug, Default)]
-struct Pending(FastMap<(UsageIdx, Part), i64>);
+struct Pending {
+    amounts: FastMap<(UsageIdx, Part), i64>,
+    /// GPU pieces this feeder holds in the dataflow (fed less taken back), for `/metrics`.
+    gpu_pieces: i64,
+}
 
 impl Pending {
     fn add(&mut self, series: &SeriesRef, window_start_ms: i64, part: Part, amount: i64) {
         if amount != 0 {
             *self
-                .0
+                .amounts
                 .entry((UsageIdx::of(series, window_start_ms), part))
                 .or_insert(0) += amount;
         }
@@ -410,6 +414,7 @@ fn held(
     }
     if series.metric == Aggregate::GpuSeconds {
         let (removed, added) = held_changes(old, new, HOUR_MS);
+        pending.gpu_pieces += added.len() as i64 - removed.len() as i64;
         for piece in removed {
             input.remove(Summary::GpusHeld(series.node, piece));
         }
@@ -1032,6 +1037,17 @@ impl Feeder {
         (allocations.len(), readings.len())
     }
 
+    /// How much this feeder holds, for `/metrics`: series in memory (allocations, counters
+    /// and gauges), node-hours seen, and GPU pieces in the dataflow.
+    pub fn sizes(&self) -> [(&'static str, i64); 4] {
+        [
+            ("allocation_series", self.allocations.len() as i64),
+            ("reading_series", self.readings.len() as i64),
+            ("node_hours", self.node_hours.len() as i64),
+            ("gpu_pieces", self.pending.gpu_pieces),
+        ]
+    }
+
     /// Series brought back from the store since the last call.
     pub fn take_revived(&mut self) -> u64 {
         std::mem::take(&mut self.revived)
@@ -1085,7 +1101,7 @@ impl Feeder {
     /// `epoch`. Call it instead of `input.advance_to`: amounts not handed over would count in
     /// a later epoch.
     pub fn advance(&mut self, input: &mut InputSession<Time, Summary, isize>, epoch: Time) {
-        for ((key, part), amount) in self.pending.0.drain() {
+        for ((key, part), amount) in self.pending.amounts.drain() {
             if amount != 0 {
                 input.update(Summary::Amount(key, part), amount as isize);
             }

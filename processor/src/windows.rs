@@ -119,6 +119,11 @@ struct Kept<K, V> {
 }
 
 impl<K: Copy + Eq + Hash, V: Value> Kept<K, V> {
+    /// How many totals are held.
+    fn count(&self) -> usize {
+        self.held.values().map(|bucket| bucket.len()).sum()
+    }
+
     fn new() -> Self {
         Self {
             held: BTreeMap::new(),
@@ -290,6 +295,16 @@ pub struct OpenTotals {
 }
 
 impl OpenTotals {
+    /// How many totals of open windows are held (usage totals and roll-ups, costs, billing
+    /// totals), for `/metrics`.
+    pub fn count(&self) -> [(&'static str, i64); 3] {
+        [
+            ("open_totals", self.totals.count() as i64),
+            ("open_costs", self.costs.count() as i64),
+            ("open_billing_totals", self.billing.count() as i64),
+        ]
+    }
+
     /// Totals of base windows of `window_ms` and billing windows of `billing_window_ms`, costs
     /// priced by `costing` (as the dataflow's).
     pub fn new(window_ms: i64, billing_window_ms: i64, costing: &Costing) -> Self {

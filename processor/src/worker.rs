@@ -885,6 +885,14 @@ impl<'a> Worker<'a> {
     /// measured from them), the cluster's watermark and the billing frontier.
     fn tell_metrics(&self, cluster: ClusterProgress) {
         crate::metrics::set_next_offsets(&self.inputs.next);
+        let worker = self.index.to_string();
+        let held = self.feeder.sizes().into_iter().chain(self.open.count());
+        for (kind, entries) in held.chain([("ledger_keys", self.ledger.known() as i64)]) {
+            crate::metrics::set_state(&worker, kind, entries);
+        }
+        if self.index == 0 {
+            crate::metrics::set_state("process", "names", self.names.count() as i64);
+        }
         if cluster.watermark_ms > i64::MIN {
             METRICS
                 .watermark_seconds

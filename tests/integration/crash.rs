@@ -236,6 +236,8 @@ async fn billing_is_exactly_once_across_twenty_sigkills() {
     // Totals of closed windows taken out of the dataflow, and brought back by a late change
     // (node-000 lags the fleet by more than the lateness), summed over the runs.
     let (mut retired, mut revived) = (0.0, 0.0);
+    // The kinds of state the processor said it held (`meterflow_processor_state_entries`).
+    let mut held: BTreeSet<String> = BTreeSet::new();
     for kill in 0..KILLS {
         let metrics = crate::common::free_addr();
         let metrics_flag = metrics.to_string();
@@ -253,19 +255,30 @@ async fn billing_is_exactly_once_across_twenty_sigkills() {
         let read = tokio::task::spawn_blocking(move || {
             crate::common::http_get(metrics, "/metrics").map(|(_, body)| {
                 let value = |series| crate::common::metric_value(&body, series);
+                // The kinds of state the workers said they held some of.
+                let held: BTreeSet<String> = body
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("meterflow_processor_state_entries{"))
+                    .filter_map(|l| l.split_once("} "))
+                    .filter(|(_, v)| v.trim().parse::<f64>().is_ok_and(|v| v > 0.0))
+                    .filter_map(|(labels, _)| labels.split("kind=\"").nth(1))
+                    .filter_map(|k| k.split('"').next().map(String::from))
+                    .collect();
                 (
                     value("meterflow_processor_input_messages_total"),
                     value("meterflow_processor_totals_retired_total").unwrap_or(0.0),
                     value("meterflow_processor_totals_revived_total").unwrap_or(0.0),
+                    held,
                 )
             })
         })
         .await
         .expect("metrics read");
-        let consumed = read.and_then(|r| r.0);
-        if let Some((_, r, v)) = read {
+        let consumed = read.as_ref().and_then(|r| r.0);
+        if let Some((_, r, v, kinds)) = read {
             retired += r;
             revived += v;
+            held.extend(kinds);
         }
         let publishing = !publisher.is_finished();
         child.kill().expect("SIGKILL");
@@ -275,6 +288,19 @@ async fn billing_is_exactly_once_across_twenty_sigkills() {
         }
     }
     println!("{mid_work} of {KILLS} kills landed mid-work");
+    for kind in [
+        "allocation_series",
+        "reading_series",
+        "node_hours",
+        "gpu_pieces",
+        "open_totals",
+        "names",
+    ] {
+        assert!(
+            held.contains(kind),
+            "the processor's /metrics says how much {kind} it holds (saw {held:?})"
+        );
+    }
     assert!(
         mid_work * 2 > KILLS,
         "most kills must land mid-work, {mid_work} of {KILLS} did"
