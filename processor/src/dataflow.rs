@@ -3,8 +3,8 @@
 //! ```text
 //! summaries ─┬─ amounts (allocation pieces and reading pairs, summed per epoch by the feeder)
 //!            ├─ levels, costs carried (closed totals taken out or brought back: crate::windows)
-//!            ├─ GPU pieces per hour ▸ max_gpus_allocated ─┐
-//!            └─ node hours                               ─┴▸ fleet_hourly (per node and per fleet, hourly → meterflow.usage)
+//!            ├─ most GPUs per node-hour (swept by the feeder) ▸ count ─┐
+//!            └─ node hours                                             ─┴▸ fleet_hourly (per node and per fleet, hourly → meterflow.usage)
 //! amounts ─┬─ window_totals ▸ measured (per lease, service, item and base window → meterflow.usage)
 //!          ├─ roll_up                  (per hour, day and month, each from the amounts → meterflow.usage)
 //!          └─ billing_totals           (per lease, item and billing window       → meterflow.billing)
@@ -109,8 +109,8 @@ struct Inputs<'s> {
     carried: Coll<'s, CostIdx>,
     billed: Coll<'s, BillingIdx>,
     periods_carried: Coll<'s, (TenantId, i64)>,
-    /// GPU pieces per hour.
-    gpus: Coll<'s, (NodeId, Interval)>,
+    /// The most GPUs each node held at once per hour, in the multiplicities.
+    node_max: Coll<'s, (NodeId, i64)>,
     node_hours: Coll<'s, (NodeId, i64)>,
 }
 
@@ -135,8 +135,8 @@ fn split<'s>(summaries: Coll<'s, Summary>) -> Inputs<'s> {
         Summary::PeriodCarried(k) => Some(k),
         _ => None,
     });
-    let gpus = summaries.clone().flat_map(|s| match s {
-        Summary::GpusHeld(node, piece) => Some((node, piece)),
+    let node_max = summaries.clone().flat_map(|s| match s {
+        Summary::NodeMaxGpus(node, hour) => Some((node, hour)),
         _ => None,
     });
     let node_hours = summaries.flat_map(|s| match s {
@@ -149,7 +149,7 @@ fn split<'s>(summaries: Coll<'s, Summary>) -> Inputs<'s> {
         carried,
         billed,
         periods_carried,
-        gpus,
+        node_max,
         node_hours,
     }
 }
@@ -309,7 +309,7 @@ pub fn install(
                 },
             )
             .probe_with(&probe);
-        fleet_hourly(inputs.node_hours, max_gpus_allocated(inputs.gpus))
+        fleet_hourly(inputs.node_hours, inputs.node_max.count())
             .inspect(move |update| fleet_out.borrow_mut().push(*update))
             .probe_with(&probe);
         (input, names_in, progress_in, probe)
@@ -526,45 +526,6 @@ pub fn measured_by<'s>(
     exact.concat(gauges)
 }
 
-/// GPU allocation pieces → per node and hour, the most GPUs held at any instant: a sweep over
-/// the pieces' starts and ends within the hour (an end sorts before a start at the same
-/// millisecond, so neither a container replaced by another nor one series' consecutive pieces
-/// are counted twice).
-pub fn max_gpus_allocated<'s>(
-    pieces: Coll<'s, (NodeId, Interval)>,
-) -> Coll<'s, ((NodeId, i64), isize)> {
-    pieces
-        .flat_map(|(node, iv)| {
-            split_by_window(iv.start_ms, iv.end_ms, HOUR_MS)
-                .map(|(hour, _)| {
-                    (
-                        (node, hour),
-                        (
-                            iv.start_ms.max(hour),
-                            iv.end_ms.min(hour + HOUR_MS),
-                            iv.count,
-                        ),
-                    )
-                })
-                .collect::<Vec<_>>()
-        })
-        .reduce_named("MaxGpusAllocated", |_key, input, output| {
-            let mut events: Vec<(i64, i64)> = Vec::with_capacity(2 * input.len());
-            for ((start, end, count), diff) in input {
-                let held = *count * *diff as i64;
-                events.push((*start, held));
-                events.push((*end, -held));
-            }
-            events.sort_unstable();
-            let (mut now, mut most) = (0i64, 0i64);
-            for (_, change) in events {
-                now += change;
-                most = most.max(now);
-            }
-            output.push((most as isize, 1));
-        })
-}
-
 /// Node-hours and per-node maxima → the node and fleet aggregates per hour.
 pub fn fleet_hourly<'s>(
     node_hours: Coll<'s, (NodeId, i64)>,
@@ -643,7 +604,7 @@ mod tests {
     /// and every series is retired from memory, so each observation after the first epoch
     /// brings its series back from the store.
     fn run_retiring(epochs: Vec<Vec<Observation>>, retire: bool) -> Outcome {
-        let (outcome, refused, _) = run_named(epochs, (retire, false), Names::default);
+        let (outcome, refused, _) = run_named(epochs, (retire, false, None), Names::default);
         assert_eq!(refused, Vec::new(), "nothing refused");
         outcome
     }
@@ -654,7 +615,7 @@ mod tests {
     /// (the last sent per key, as a sink keeps them); also returns how many totals were
     /// retired and brought back.
     fn run_retiring_windows(epochs: Vec<Vec<Observation>>) -> (Outcome, (u64, u64)) {
-        let (outcome, refused, counts) = run_named(epochs, (false, true), Names::default);
+        let (outcome, refused, counts) = run_named(epochs, (false, true, None), Names::default);
         assert_eq!(refused, Vec::new(), "nothing refused");
         (outcome, counts)
     }
@@ -736,11 +697,12 @@ mod tests {
         }
     }
 
-    /// [`run_retiring`] with the names `names` makes, retiring `(series, windows)`; also
-    /// returns the refused observations, and how many totals were retired and brought back.
+    /// [`run_retiring`] with the names `names` makes, retiring `(series, windows)` and closing
+    /// node-hours after the lateness given; also returns the refused observations, and how
+    /// many totals were retired and brought back.
     fn run_named(
         epochs: Vec<Vec<Observation>>,
-        (retire, retire_windows): (bool, bool),
+        (retire, retire_windows, closing): (bool, bool, Option<i64>),
         names: fn() -> Names,
     ) -> (Outcome, Vec<crate::series::Refused>, (u64, u64)) {
         timely::execute_directly(move |worker| {
@@ -758,6 +720,9 @@ mod tests {
                 ..
             } = install(worker, MIN, HOUR, costing(&names), &Resolution::ALL);
             let mut feeder = Feeder::new(rules(), names.clone(), 0);
+            if let Some(lateness_ms) = closing {
+                feeder = feeder.closing_node_hours(lateness_ms);
+            }
             let mut stored = crate::series::MemoryStore::default();
             let mut open = crate::windows::OpenTotals::new(MIN, HOUR, &costing(&names));
             let (mut retired, mut sent) = (MemoryTotals::default(), Sent::default());
@@ -880,7 +845,7 @@ mod tests {
                 .collect()
         };
         // Apart, as they are with the real ids: a minute each.
-        let (apart, refused, _) = run_named(epochs(), (false, false), Names::default);
+        let (apart, refused, _) = run_named(epochs(), (false, false, None), Names::default);
         assert!(refused.is_empty());
         assert_eq!(
             gpu_seconds(&apart),
@@ -888,7 +853,7 @@ mod tests {
         );
         // Forced to collide: globex's sample is refused, acme keeps exactly its own minute
         // (merged, acme would show two), and globex is billed nothing under acme's name.
-        let (forced, refused, _) = run_named(epochs(), (false, false), || {
+        let (forced, refused, _) = run_named(epochs(), (false, false, None), || {
             Names::with_hash(|domain, fields| {
                 if domain == "owner" {
                     7
@@ -1316,6 +1281,39 @@ mod tests {
                 (("node_active", n("n2"), HOUR), 1),
             ])
         );
+    }
+
+    /// A node's hour closes once its end is the lateness behind the node's newest sample: its
+    /// maximum stays as it was, and an allocation first seen afterwards with a start inside it
+    /// does not change it (it is billed all the same); the open hour after it counts it.
+    #[test]
+    fn a_nodes_closed_hour_keeps_its_most_gpus_and_a_late_piece_does_not_change_it() {
+        let epochs = || {
+            vec![
+                // c1 from 0, seen at 30 min: one GPU in hour 0.
+                vec![alloc("l", "c1", "g1", 0, None, 30 * MIN)],
+                // c1 seen at 80 min: hour 0 ends 20 min behind the node's newest sample.
+                vec![alloc("l", "c1", "g1", 0, None, 80 * MIN)],
+                // c2, first seen at 85 min, started at 10 min: both held in hours 0 and 1.
+                vec![alloc("l", "c2", "g2", 10 * MIN, None, 85 * MIN)],
+            ]
+        };
+        let max = |fleet: &BTreeMap<FleetKey, i64>, hour| {
+            fleet.get(&("max_gpus", "n".to_string(), hour)).copied()
+        };
+        let (open, _, _) = run_named(epochs(), (false, false, None), Names::default);
+        assert_eq!((max(&open.2, 0), max(&open.2, HOUR)), (Some(2), Some(2)));
+        let (closing, refused, _) =
+            run_named(epochs(), (false, false, Some(10 * MIN)), Names::default);
+        assert!(refused.is_empty());
+        assert_eq!(
+            (max(&closing.2, 0), max(&closing.2, HOUR)),
+            (Some(1), Some(2)),
+            "hour 0 closed with one GPU; hour 1 counts both"
+        );
+        // GPU time is billed as it happened either way.
+        assert_eq!(closing.1, open.1);
+        assert_eq!(closing.0, open.0);
     }
 
     /// The obviously-correct oracle: per series, sort and fold the plain list.

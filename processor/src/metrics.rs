@@ -114,6 +114,8 @@ pub struct Metrics {
     pub usage_records: IntCounterVec,
     /// What the workers hold in memory, by worker and kind (see [`set_state`]).
     pub state_entries: IntGaugeVec,
+    /// GPU allocation pieces that reached a node's hour after it closed: not in its maximum.
+    pub fleet_late_pieces: IntCounter,
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
@@ -193,7 +195,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let state_entries = IntGaugeVec::new(
         Opts::new(
             "meterflow_processor_state_entries",
-            "What each worker holds in memory, by kind: allocation_series and reading_series (series in memory), node_hours (hours a node was active, in the feeder), gpu_pieces (GPU allocation pieces per hour in the dataflow), open_totals, open_costs and open_billing_totals (totals of windows not retired), ledger_keys (billing keys whose billed amount is in memory); names (interned names, shared by the process's workers: worker=\"process\")",
+            "What each worker holds in memory, by kind: allocation_series and reading_series (series in memory), node_hours (hours a node was active, in the feeder), gpu_pieces (GPU allocation pieces of the hours still open on their node), open_totals, open_costs and open_billing_totals (totals of windows not retired), ledger_keys (billing keys whose billed amount is in memory); names (interned names, shared by the process's workers: worker=\"process\")",
         ),
         &["worker", "kind"],
     )
@@ -205,6 +207,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         stage_seconds,
         usage_records,
         state_entries,
+        fleet_late_pieces: counter(
+            &registry,
+            "meterflow_processor_fleet_late_pieces_total",
+            "GPU allocation pieces that reached a node's hour after it closed (its end --lateness behind the node's newest sample): not in the node's max_gpus_allocated for it (billed as always)",
+        ),
         watermark_seconds: gauge(
             &registry,
             "meterflow_processor_watermark_seconds",

@@ -575,7 +575,7 @@ pub(crate) fn restore_partition(
         agents.insert(agent, (partition, s));
     }
     for (key, obs) in state.allocations {
-        feeder.restore_allocation(input, partition, key, obs, retire_before_ms);
+        feeder.restore_allocation(partition, key, obs, retire_before_ms);
     }
     for (key, readings) in state.readings {
         feeder.restore_readings(partition, key, readings, retire_before_ms);

@@ -370,8 +370,122 @@ struct AllocationState {
 #[derive(Debug, Default)]
 struct Pending {
     amounts: FastMap<(UsageIdx, Part), i64>,
-    /// GPU pieces this feeder holds in the dataflow (fed less taken back), for `/metrics`.
-    gpu_pieces: i64,
+    /// GPU allocation pieces per node and open hour, and the maxima fed.
+    gpus: NodeGpus,
+}
+
+/// One allocation piece inside an hour: `(start_ms, end_ms, GPUs)`.
+type Held = (i64, i64, i64);
+
+/// GPU allocation pieces per node and hour, for the hours still open on their node: the most
+/// GPUs a node held at once in an hour is swept from them here, and only that maximum goes to
+/// the dataflow ([`Summary::NodeMaxGpus`], its value in the multiplicity). A node's samples
+/// all come to one worker (the agents key their batches by node), so one feeder sees all of a
+/// node's pieces.
+///
+/// An hour closes once its end is `lateness_ms` behind the newest sample of its node: its
+/// pieces leave memory and its maximum stays in the dataflow as it was. A piece that reaches a
+/// closed hour afterwards (an allocation first seen with a start long past) changes no report:
+/// it is counted in [`NodeGpus::too_late`]. Before, every piece of every hour stayed in the
+/// dataflow for the life of the process (the soak's processor memory grew with them).
+#[derive(Debug, Default)]
+struct NodeGpus {
+    /// `(start, end, count)` of each piece, a multiset, per node and hour start.
+    pieces: FastMap<(NodeId, i64), Vec<Held>>,
+    /// Pieces held, summed over the node-hours.
+    held: i64,
+    /// The maximum last fed to the dataflow, per node-hour held.
+    fed: FastMap<(NodeId, i64), i64>,
+    dirty: FastSet<(NodeId, i64)>,
+    /// The newest sample time seen from each node.
+    newest: FastMap<NodeId, i64>,
+    /// `None`: hours never close.
+    lateness_ms: Option<i64>,
+    /// Piece changes that reached a closed hour, since [`Feeder::take_late_gpu_pieces`].
+    too_late: u64,
+}
+
+impl NodeGpus {
+    fn closed(&self, node: NodeId, hour: i64) -> bool {
+        self.lateness_ms.is_some_and(|lateness| {
+            self.newest
+                .get(&node)
+                .is_some_and(|newest| hour + HOUR_MS <= newest.saturating_sub(lateness))
+        })
+    }
+
+    /// A piece (inside one hour) added (`sign` 1) or taken back (-1).
+    fn change(&mut self, node: NodeId, piece: Interval, sign: i64) {
+        let hour = piece.start_ms.div_euclid(HOUR_MS) * HOUR_MS;
+        if self.closed(node, hour) {
+            self.too_late += 1;
+            return;
+        }
+        let held = (piece.start_ms, piece.end_ms, piece.count);
+        let pieces = self.pieces.entry((node, hour)).or_default();
+        if sign > 0 {
+            pieces.push(held);
+            self.held += 1;
+        } else if let Some(at) = pieces.iter().position(|p| *p == held) {
+            pieces.swap_remove(at);
+            self.held -= 1;
+        }
+        self.dirty.insert((node, hour));
+    }
+
+    fn seen(&mut self, node: NodeId, at_ms: i64) {
+        let newest = self.newest.entry(node).or_insert(at_ms);
+        *newest = (*newest).max(at_ms);
+    }
+
+    /// Feeds the changed maxima, then lets the closed hours' pieces go.
+    fn feed(&mut self, input: &mut InputSession<Time, Summary, isize>) {
+        for key in self.dirty.drain() {
+            let most = self.pieces.get(&key).map_or(0, |p| most_held(p));
+            let fed = self.fed.get(&key).copied().unwrap_or(0);
+            if most != fed {
+                input.update(Summary::NodeMaxGpus(key.0, key.1), (most - fed) as isize);
+            }
+            if self.pieces.get(&key).is_some_and(|p| !p.is_empty()) {
+                self.fed.insert(key, most);
+            } else {
+                self.pieces.remove(&key);
+                self.fed.remove(&key);
+            }
+        }
+        if self.lateness_ms.is_some() {
+            let closed: Vec<(NodeId, i64)> = self
+                .pieces
+                .keys()
+                .filter(|(node, hour)| self.closed(*node, *hour))
+                .copied()
+                .collect();
+            for key in closed {
+                if let Some(p) = self.pieces.remove(&key) {
+                    self.held -= p.len() as i64;
+                }
+                self.fed.remove(&key);
+            }
+        }
+    }
+}
+
+/// The most GPUs held at any instant by `pieces`: a sweep over their starts and ends (an end
+/// sorts before a start at the same millisecond, so neither a container replaced by another
+/// nor one series' consecutive pieces are counted twice).
+fn most_held(pieces: &[Held]) -> i64 {
+    let mut events: Vec<(i64, i64)> = Vec::with_capacity(2 * pieces.len());
+    for (start, end, count) in pieces {
+        events.push((*start, *count));
+        events.push((*end, -*count));
+    }
+    events.sort_unstable();
+    let (mut now, mut most) = (0i64, 0i64);
+    for (_, change) in events {
+        now += change;
+        most = most.max(now);
+    }
+    most
 }
 
 impl Pending {
@@ -396,13 +510,12 @@ impl Pending {
 }
 
 /// Where an allocation series' interval went from `old` to `new`: its held amounts per base
-/// window into `pending`, and for GPUs its pieces per hour into `input` (for the most GPUs a
-/// node held at once).
+/// window into `pending`, and for GPUs its pieces per hour (for the most GPUs a node held at
+/// once).
 fn held(
     series: &SeriesRef,
     (old, new): (Option<Interval>, Option<Interval>),
     window_ms: i64,
-    input: &mut InputSession<Time, Summary, isize>,
     pending: &mut Pending,
 ) {
     let (removed, added) = held_changes(old, new, window_ms);
@@ -414,12 +527,11 @@ fn held(
     }
     if series.metric == Aggregate::GpuSeconds {
         let (removed, added) = held_changes(old, new, HOUR_MS);
-        pending.gpu_pieces += added.len() as i64 - removed.len() as i64;
         for piece in removed {
-            input.remove(Summary::GpusHeld(series.node, piece));
+            pending.gpus.change(series.node, piece, -1);
         }
         for piece in added {
-            input.insert(Summary::GpusHeld(series.node, piece));
+            pending.gpus.change(series.node, piece, 1);
         }
     }
 }
@@ -430,7 +542,7 @@ fn merge_allocation(
     state: &mut AllocationState,
     obs: AllocationObs,
     window_ms: i64,
-    (input, pending): (&mut InputSession<Time, Summary, isize>, &mut Pending),
+    pending: &mut Pending,
     dirty: &mut FastSet<u64>,
 ) -> NodeId {
     let merged = state.summary.merge(obs);
@@ -440,7 +552,7 @@ fn merge_allocation(
             .map(|flag| (flag, unfinished(state.summary), unfinished(merged)));
         let interval = (state.series, state.summary.interval(), merged.interval());
         for (series, old, new) in std::iter::once(interval).chain(flag) {
-            held(&series, (old, new), window_ms, input, pending);
+            held(&series, (old, new), window_ms, pending);
         }
         state.summary = merged;
         dirty.insert(state.series.series);
@@ -678,6 +790,19 @@ impl Feeder {
         }
     }
 
+    /// The same feeder, letting a node's hour close (its GPU pieces leave memory, its maximum
+    /// stays as fed) once the hour's end is `lateness_ms` behind the node's newest sample.
+    pub fn closing_node_hours(mut self, lateness_ms: i64) -> Self {
+        self.pending.gpus.lateness_ms = Some(lateness_ms);
+        self
+    }
+
+    /// GPU allocation pieces that reached a node's closed hour since the last call (not in the
+    /// node's maximum for it).
+    pub fn take_late_gpu_pieces(&mut self) -> u64 {
+        std::mem::take(&mut self.pending.gpus.too_late)
+    }
+
     /// The same feeder, opening at most `per_tenant_hour` new series per tenant and hour.
     pub fn with_series_limit(mut self, per_tenant_hour: usize) -> Self {
         self.limit = SeriesLimit::new(per_tenant_hour);
@@ -697,6 +822,7 @@ impl Feeder {
             input.insert(Summary::NodeHour(node, hour));
             self.dirty_node_hours.push((partition, node, hour));
         }
+        self.pending.gpus.seen(node, timestamp_ms);
     }
 
     /// Restores an hour in which a node was active from a checkpoint and feeds it.
@@ -713,6 +839,8 @@ impl Feeder {
         if self.node_hours.insert((node, hour_start_ms)) {
             input.insert(Summary::NodeHour(node, hour_start_ms));
         }
+        // The node sent a sample at or after the hour's start: its older hours may be closed.
+        self.pending.gpus.seen(node, hour_start_ms);
     }
 
     fn series_ref(
@@ -852,7 +980,7 @@ impl Feeder {
         match observation {
             ObservationRef::Allocation(key, obs) => {
                 key.write_identity(&mut self.scratch);
-                let node = match self.merge_known(input, obs) {
+                let node = match self.merge_known(obs) {
                     Some(node) => node,
                     // Not in memory: retired (brought back, then merged) or new.
                     None => {
@@ -864,7 +992,7 @@ impl Feeder {
                                     return Ok(Err(collision.into()));
                                 }
                                 self.revived += 1;
-                                self.merge_known(input, obs).expect("inserted just above")
+                                self.merge_known(obs).expect("inserted just above")
                             }
                             None => {
                                 if let Err(limited) =
@@ -876,7 +1004,7 @@ impl Feeder {
                                     Ok(series) => series,
                                     Err(collision) => return Ok(Err(collision.into())),
                                 };
-                                self.hold(input, obs);
+                                self.hold(obs);
                                 self.dirty_allocations.insert(series.series);
                                 series.node
                             }
@@ -961,7 +1089,6 @@ impl Feeder {
     /// back from the store if it is observed again).
     pub fn restore_allocation(
         &mut self,
-        input: &mut InputSession<Time, Summary, isize>,
         partition: i32,
         key: AllocationKey,
         obs: AllocationObs,
@@ -969,7 +1096,7 @@ impl Feeder {
     ) {
         if allocation_seen_ms(obs) >= retire_before_ms {
             match self.new_allocation(partition, &key, obs) {
-                Ok(_) => self.hold(input, obs),
+                Ok(_) => self.hold(obs),
                 Err(collision) => restored_collision(&collision),
             }
             return;
@@ -979,7 +1106,7 @@ impl Feeder {
             Ok(refs) => refs,
             Err(collision) => return restored_collision(&collision),
         };
-        self.hold_pieces(input, series, unfinished, obs);
+        self.hold_pieces(series, unfinished, obs);
     }
 
     /// Retires from memory the series last observed before `before_ms` whose state the store
@@ -1044,7 +1171,7 @@ impl Feeder {
             ("allocation_series", self.allocations.len() as i64),
             ("reading_series", self.readings.len() as i64),
             ("node_hours", self.node_hours.len() as i64),
-            ("gpu_pieces", self.pending.gpu_pieces),
+            ("gpu_pieces", self.pending.gpus.held),
         ]
     }
 
@@ -1055,32 +1182,27 @@ impl Feeder {
 
     /// Merges `obs` into the allocation series in memory whose identity is in `scratch`;
     /// returns its node, or `None` if it is not in memory.
-    fn merge_known(
-        &mut self,
-        input: &mut InputSession<Time, Summary, isize>,
-        obs: AllocationObs,
-    ) -> Option<NodeId> {
+    fn merge_known(&mut self, obs: AllocationObs) -> Option<NodeId> {
         let state = self.allocations.get_mut(&self.scratch[..])?;
         Some(merge_allocation(
             state,
             obs,
             self.rules.window_ms,
-            (input, &mut self.pending),
+            &mut self.pending,
             &mut self.dirty_allocations,
         ))
     }
 
     /// Feeds every piece of the interval of the new allocation series whose identity is in
     /// `scratch` (and flags them while its end is not seen).
-    fn hold(&mut self, input: &mut InputSession<Time, Summary, isize>, obs: AllocationObs) {
+    fn hold(&mut self, obs: AllocationObs) {
         let state = &self.allocations[&self.scratch[..]];
         let (series, unfinished) = (state.series, state.unfinished);
-        self.hold_pieces(input, series, unfinished, obs);
+        self.hold_pieces(series, unfinished, obs);
     }
 
     fn hold_pieces(
         &mut self,
-        input: &mut InputSession<Time, Summary, isize>,
         series: SeriesRef,
         unfinished_series: Option<SeriesRef>,
         obs: AllocationObs,
@@ -1091,7 +1213,6 @@ impl Feeder {
                 &series,
                 (None, interval),
                 self.rules.window_ms,
-                input,
                 &mut self.pending,
             );
         }
@@ -1106,6 +1227,7 @@ impl Feeder {
                 input.update(Summary::Amount(key, part), amount as isize);
             }
         }
+        self.pending.gpus.feed(input);
         input.advance_to(epoch);
     }
 
@@ -1265,6 +1387,48 @@ mod tests {
     use crate::model::Observation;
 
     const MIN: i64 = 60_000;
+
+    /// A node's hour whose end falls the lateness behind the node's newest sample lets its
+    /// GPU pieces go (the dataflow keeps its maximum); a piece reaching it afterwards is
+    /// counted as late and held nowhere.
+    #[test]
+    fn a_closed_node_hour_lets_its_gpu_pieces_go() {
+        let mut gpus = NodeGpus {
+            lateness_ms: Some(10 * MIN),
+            ..NodeGpus::default()
+        };
+        let mut input = InputSession::new();
+        let node = NodeId(1);
+        let piece = |start_ms, end_ms| Interval {
+            start_ms,
+            end_ms,
+            count: 1,
+        };
+        gpus.seen(node, 30 * MIN);
+        gpus.change(node, piece(0, 30 * MIN), 1);
+        gpus.change(node, piece(20 * MIN, 30 * MIN), 1);
+        gpus.change(node, piece(60 * MIN, 65 * MIN), 1);
+        gpus.feed(&mut input);
+        assert_eq!((gpus.held, gpus.pieces.len()), (3, 2));
+        assert_eq!(gpus.fed.get(&(node, 0)), Some(&2));
+        // Hour 0 ends 10 min behind the newest sample: closed at the next feed.
+        gpus.seen(node, 70 * MIN);
+        gpus.feed(&mut input);
+        assert_eq!(
+            (gpus.held, gpus.pieces.len()),
+            (1, 1),
+            "hour 0's pieces left"
+        );
+        assert_eq!(gpus.fed.get(&(node, 0)), None);
+        gpus.change(node, piece(5 * MIN, 10 * MIN), 1);
+        gpus.change(node, piece(0, 30 * MIN), -1);
+        gpus.feed(&mut input);
+        assert_eq!((gpus.too_late, gpus.held), (2, 1));
+        // Hour 1 is still open: its pieces change as they come.
+        gpus.change(node, piece(60 * MIN, 65 * MIN), -1);
+        gpus.feed(&mut input);
+        assert_eq!((gpus.held, gpus.pieces.len()), (0, 0));
+    }
 
     fn rules() -> Rules {
         Rules {

@@ -449,7 +449,8 @@ impl<'a> Worker<'a> {
             ..Rules::new(config.window_ms)
         };
         let mut feeder = Feeder::new(rules, names.clone(), index)
-            .with_series_limit(config.max_new_series_per_tenant_hour);
+            .with_series_limit(config.max_new_series_per_tenant_hour)
+            .closing_node_hours(config.allowed_lateness_ms);
         // A series silent for this long behind its worker's newest data leaves memory after
         // the next checkpoint (the store keeps it, and brings it back if it reports again). The
         // default makes that rare: past the lateness no reading lands before its last, and past
@@ -883,8 +884,11 @@ impl<'a> Worker<'a> {
 
     /// Where this worker is, for `/metrics`: its partitions' next offsets (the input lag is
     /// measured from them), the cluster's watermark and the billing frontier.
-    fn tell_metrics(&self, cluster: ClusterProgress) {
+    fn tell_metrics(&mut self, cluster: ClusterProgress) {
         crate::metrics::set_next_offsets(&self.inputs.next);
+        METRICS
+            .fleet_late_pieces
+            .inc_by(self.feeder.take_late_gpu_pieces());
         let worker = self.index.to_string();
         let held = self.feeder.sizes().into_iter().chain(self.open.count());
         for (kind, entries) in held.chain([("ledger_keys", self.ledger.known() as i64)]) {
