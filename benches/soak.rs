@@ -233,14 +233,13 @@ async fn main() {
     // Which of the processor's state grows: entries at the first sample after warm-up and at
     // the end, and the slope in between.
     println!(
-        "processor state          entries after warm-up / last     slope after minute {warm_min:.0}"
+        "processor state          after warm-up / last       slope after minute {warm_min:.0}"
     );
     for (kind, points) in &state {
         let after: Vec<&(f64, f64)> = points.iter().filter(|(m, _)| *m >= warm_min).collect();
         if let (Some(first), Some(last)) = (after.first(), after.last()) {
-            let slope = slope(after.iter().copied()).map_or("too few samples".to_string(), |s| {
-                format!("{s:+.0} entries/min")
-            });
+            let slope = slope(after.iter().copied())
+                .map_or("too few samples".to_string(), |s| format!("{s:+.0}/min"));
             println!(
                 "{kind:<22} {:>14.0} / {:<12.0}     {slope}",
                 first.1, last.1

@@ -139,8 +139,8 @@ pub async fn processor_input(http: &reqwest::Client, url: &str) -> Option<u64> {
         .map(|v| v as u64)
 }
 
-/// What the processor says it holds in memory (`meterflow_processor_state_entries`), summed
-/// over its workers, by kind.
+/// What the processor says it holds in memory (`meterflow_processor_state_entries`, summed
+/// over its workers, and `meterflow_processor_store_memory_bytes`), by kind.
 #[allow(dead_code, reason = "the soak's, not the comparison's")]
 pub async fn processor_state(
     http: &reqwest::Client,
@@ -149,8 +149,13 @@ pub async fn processor_state(
     let text = http.get(url).send().await.ok()?.text().await.ok()?;
     let mut held = std::collections::BTreeMap::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("meterflow_processor_state_entries{") else {
-            continue;
+        // Entries by kind, and the store's bytes in memory as `store_<kind>_bytes`.
+        let (rest, store) = match line.strip_prefix("meterflow_processor_state_entries{") {
+            Some(rest) => (rest, false),
+            None => match line.strip_prefix("meterflow_processor_store_memory_bytes{") {
+                Some(rest) => (rest, true),
+                None => continue,
+            },
         };
         let Some((labels, value)) = rest.split_once("} ") else {
             continue;
@@ -160,7 +165,12 @@ pub async fn processor_state(
             .find_map(|l| l.strip_prefix("kind=\""))
             .map(|k| k.trim_end_matches('"'));
         if let (Some(kind), Ok(value)) = (kind, value.trim().parse::<f64>()) {
-            *held.entry(kind.to_string()).or_insert(0.0) += value;
+            let kind = if store {
+                format!("store_{kind}_bytes")
+            } else {
+                kind.to_string()
+            };
+            *held.entry(kind).or_insert(0.0) += value;
         }
     }
     Some(held)

@@ -376,6 +376,26 @@ impl Store {
 
     /// Per billing partition, the offset from which records may be missing from `b`: the
     /// lowest that any worker stored.
+    /// What RocksDB holds in memory, in bytes: its memtables, its block cache, and its table
+    /// readers' indexes and filters (for `/metrics`; a property it cannot tell is left out).
+    pub fn memory(&self) -> Vec<(&'static str, i64)> {
+        let properties = [
+            ("memtables", "rocksdb.cur-size-all-mem-tables"),
+            ("block_cache", "rocksdb.block-cache-usage"),
+            ("table_readers", "rocksdb.estimate-table-readers-mem"),
+        ];
+        self.with_db(|db| {
+            Ok(properties
+                .iter()
+                .filter_map(|(kind, property)| {
+                    let bytes = db.property_int_value(*property).ok().flatten()?;
+                    Some((*kind, i64::try_from(bytes).unwrap_or(i64::MAX)))
+                })
+                .collect())
+        })
+        .unwrap_or_default()
+    }
+
     pub fn billing_offsets(&self) -> Result<BTreeMap<i32, i64>, StoreError> {
         let mut out: BTreeMap<i32, i64> = BTreeMap::new();
         self.scan(b"k", |k, v| {

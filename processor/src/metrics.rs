@@ -116,6 +116,8 @@ pub struct Metrics {
     pub state_entries: IntGaugeVec,
     /// GPU allocation pieces that reached a node's hour after it closed: not in its maximum.
     pub fleet_late_pieces: IntCounter,
+    /// What the checkpoint store (RocksDB) holds in memory, by kind.
+    pub store_memory_bytes: IntGaugeVec,
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
@@ -203,7 +205,19 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry
         .register(Box::new(state_entries.clone()))
         .expect("registered once");
+    let store_memory_bytes = IntGaugeVec::new(
+        Opts::new(
+            "meterflow_processor_store_memory_bytes",
+            "What the checkpoint store (RocksDB) holds in memory, by kind: memtables, block_cache, table_readers (indexes and filters)",
+        ),
+        &["kind"],
+    )
+    .expect("a valid gauge");
+    registry
+        .register(Box::new(store_memory_bytes.clone()))
+        .expect("registered once");
     Metrics {
+        store_memory_bytes,
         stage_seconds,
         usage_records,
         state_entries,

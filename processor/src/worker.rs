@@ -896,6 +896,12 @@ impl<'a> Worker<'a> {
         }
         if self.index == 0 {
             crate::metrics::set_state("process", "names", self.names.count() as i64);
+            for (kind, bytes) in self.store.map(Store::memory).unwrap_or_default() {
+                METRICS
+                    .store_memory_bytes
+                    .with_label_values(&[kind])
+                    .set(bytes);
+            }
         }
         if cluster.watermark_ms > i64::MIN {
             METRICS
