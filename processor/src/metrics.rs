@@ -128,6 +128,14 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
     g
 }
 
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("a valid gauge");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("registered once");
+    g
+}
+
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("a valid counter");
     registry
@@ -150,17 +158,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry
         .register(Box::new(dead_letters.clone()))
         .expect("registered once");
-    let unpriced_gpu_classes = IntGaugeVec::new(
-        Opts::new(
-            "meterflow_processor_unpriced_gpu_class",
-            "1 for a GPU class with GPU time and no price in the price book: billed at 0",
-        ),
+    let unpriced_gpu_classes = gauge_vec(
+        &registry,
+        "meterflow_processor_unpriced_gpu_class",
+        "1 for a GPU class with GPU time and no price in the price book: billed at 0",
         &["gpu_class"],
-    )
-    .expect("a valid gauge");
-    registry
-        .register(Box::new(unpriced_gpu_classes.clone()))
-        .expect("registered once");
+    );
     meterflow_schemas::process_metrics::register(&registry, "processor");
     let input_lag_records =
         IntGauge::new(
@@ -194,28 +197,18 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry
         .register(Box::new(usage_records.clone()))
         .expect("registered once");
-    let state_entries = IntGaugeVec::new(
-        Opts::new(
-            "meterflow_processor_state_entries",
-            "What each worker holds in memory, by kind: allocation_series and reading_series (series in memory), node_hours (hours a node was active, in the feeder), gpu_pieces (GPU allocation pieces of the hours still open on their node), open_totals, open_costs and open_billing_totals (totals of windows not retired), ledger_keys (billing keys whose billed amount is in memory); names (interned names, shared by the process's workers: worker=\"process\")",
-        ),
+    let state_entries = gauge_vec(
+        &registry,
+        "meterflow_processor_state_entries",
+        "What each worker holds in memory, by kind: allocation_series and reading_series (series in memory), node_hours (hours a node was active, in the feeder), gpu_pieces (GPU allocation pieces of the hours still open on their node), open_totals, open_costs and open_billing_totals (totals of windows not retired), ledger_keys (billing keys whose billed amount is in memory); names (interned names, shared by the process's workers: worker=\"process\")",
         &["worker", "kind"],
-    )
-    .expect("a valid gauge");
-    registry
-        .register(Box::new(state_entries.clone()))
-        .expect("registered once");
-    let store_memory_bytes = IntGaugeVec::new(
-        Opts::new(
-            "meterflow_processor_store_memory_bytes",
-            "What the checkpoint store (RocksDB) holds in memory, by kind: memtables, block_cache, table_readers (indexes and filters)",
-        ),
+    );
+    let store_memory_bytes = gauge_vec(
+        &registry,
+        "meterflow_processor_store_memory_bytes",
+        "What the checkpoint store (RocksDB) holds in memory, by kind: memtables, block_cache, table_readers (indexes and filters)",
         &["kind"],
-    )
-    .expect("a valid gauge");
-    registry
-        .register(Box::new(store_memory_bytes.clone()))
-        .expect("registered once");
+    );
     Metrics {
         store_memory_bytes,
         stage_seconds,
