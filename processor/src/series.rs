@@ -364,11 +364,13 @@ struct AllocationState {
     summary: AllocationObs,
 }
 
-/// What an epoch's observations add to each usage total, summed per total and part before
-/// the dataflow sees them (see [`Feeder::advance`]): one update per changed total, not one per
-/// sample and series.
+/// What the observations change before the dataflow sees them (see [`Feeder::advance`]): an
+/// epoch's amounts, summed per usage total and part (one update per changed total, not one per
+/// sample and series), and the GPU pieces of each node's open hours, kept across epochs, whose
+/// changed maxima go in at each advance.
 #[derive(Debug, Default)]
 struct Pending {
+    /// This epoch's amounts, drained at each advance.
     amounts: FastMap<(UsageIdx, Part), i64>,
     /// GPU allocation pieces per node and open hour, and the maxima fed.
     gpus: NodeGpus,
