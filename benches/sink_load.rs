@@ -357,6 +357,7 @@ fn main() {
             tenant: String::new(),
             scope: "operator".into(),
             exp: now_s() + 3_600,
+            ..Claims::default()
         },
     )
     .expect("token");

@@ -140,6 +140,7 @@ async fn run_in(config: &DemoConfig, data_dir: &Path, shutdown: CancellationToke
                 tenant: tenant.into(),
                 scope: scope.into(),
                 exp: now_s() + 7 * 24 * 3600,
+                ..Claims::default()
             },
         )
     };

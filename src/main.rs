@@ -259,6 +259,11 @@ struct SinkArgs {
     /// tokens for several services); without it `aud` is not checked.
     #[arg(long)]
     jwt_audience: Option<String>,
+    /// File of lease owners' account public keys, one a line (base64, as `akash query auth
+    /// account` shows it): their own AEP-64 tokens (ES256K) are accepted, signed with them.
+    /// Read again when it changes.
+    #[arg(long, value_name = "FILE")]
+    lease_owner_keys: Option<PathBuf>,
     /// Requests per second each tenant (or operator) may make, sustained.
     #[arg(long, default_value_t = 20.0)]
     rate_limit: f64,
@@ -309,19 +314,29 @@ struct TokenArgs {
     /// The tenant whose data the token reaches (scope `metrics`).
     #[arg(
         long,
-        conflicts_with = "operator",
-        required_unless_present = "operator"
+        conflicts_with_all = ["operator", "lease_owner"],
+        required_unless_present_any = ["operator", "lease_owner"]
     )]
     tenant: Option<String>,
     /// An operator token: the fleet and every tenant (scope `operator`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "lease_owner")]
     operator: bool,
+    /// A lease owner's token as AEP-64 has them (`iss` this Akash account, `iat`, `version`
+    /// v1, a `leases` claim): what an owner's client signs, here signed with the sink's key.
+    #[arg(long, value_name = "ACCOUNT")]
+    lease_owner: Option<String>,
+    /// With --lease-owner: the `leases` claim, in JSON, e.g.
+    /// '{"access":"granular","permissions":[{"provider":"akash1…","access":"granular","deployments":[{"dseq":1000,"scope":["metrics"]}]}]}'.
+    /// Without it: `{"access":"full"}`.
+    #[arg(long)]
+    leases: Option<String>,
     /// Who the token is for (the `sub` claim).
     #[arg(long, default_value = "meterflow-cli")]
     sub: String,
-    /// How long the token is valid.
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
-    ttl: Duration,
+    /// How long the token is valid: 24h by default, 15m for a lease owner's (AEP-64's
+    /// recommended longest).
+    #[arg(long, value_parser = parse_duration)]
+    ttl: Option<Duration>,
     /// The `aud` claim, for a sink started with --jwt-audience.
     #[arg(long)]
     audience: Option<String>,
@@ -1030,7 +1045,15 @@ impl SinkArgs {
                  or --jwt-public-key PEM; then mint tokens with `meterflow token`"
             );
         }
-        Ok(Auth::new(keys).with_audience(self.jwt_audience.as_deref()))
+        let auth = Auth::new(keys).with_audience(self.jwt_audience.as_deref());
+        Ok(match &self.lease_owner_keys {
+            Some(path) => {
+                let owners = meterflow_sink::owner_keys::OwnerKeys::open(path)?;
+                tracing::info!(owners = owners.len(), file = %path.display(), "lease owners' keys read");
+                auth.with_owner_keys(owners)
+            }
+            None => auth,
+        })
     }
 
     async fn run(self, shutdown: CancellationToken) -> Result<()> {
@@ -1072,12 +1095,42 @@ impl TokenArgs {
             ),
             (None, None) => anyhow::bail!("give --secret-file or --private-key"),
         };
-        let claims = Claims {
-            sub: self.sub,
-            scope: if self.operator { "operator" } else { "metrics" }.into(),
-            tenant: self.tenant.unwrap_or_default(),
-            exp: now_s() + self.ttl.as_secs(),
+        anyhow::ensure!(
+            self.leases.is_none() || self.lease_owner.is_some(),
+            "--leases is a lease owner's claim: give --lease-owner ACCOUNT with it"
+        );
+        let claims = match self.lease_owner {
+            Some(owner) => {
+                anyhow::ensure!(
+                    meterflow_sink::leases::is_account(&owner),
+                    "--lease-owner {owner:?} is not an Akash account (akash1 and 38 more letters and digits)"
+                );
+                let leases = self.leases.as_deref().unwrap_or(r#"{"access":"full"}"#);
+                let leases = serde_json::from_str(leases)
+                    .with_context(|| format!("--leases {leases:?} is not a leases claim"))?;
+                let ttl = self.ttl.unwrap_or(Duration::from_secs(15 * 60));
+                Claims {
+                    exp: now_s() + ttl.as_secs(),
+                    iss: Some(owner),
+                    iat: Some(now_s()),
+                    version: Some("v1".into()),
+                    leases: Some(leases),
+                    ..Claims::default()
+                }
+            }
+            None => Claims {
+                sub: self.sub,
+                scope: if self.operator { "operator" } else { "metrics" }.into(),
+                tenant: self.tenant.unwrap_or_default(),
+                exp: now_s() + self.ttl.unwrap_or(Duration::from_secs(24 * 3600)).as_secs(),
+                ..Claims::default()
+            },
         };
+        if let Some(leases) = &claims.leases {
+            leases
+                .validate()
+                .map_err(|why| anyhow::anyhow!("--leases: {why}"))?;
+        }
         println!("{}", mint_for(&key, &claims, self.audience.as_deref())?);
         Ok(())
     }

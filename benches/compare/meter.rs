@@ -67,6 +67,7 @@ fn token(tenant: &str, scope: &str) -> String {
             tenant: tenant.into(),
             scope: scope.into(),
             exp,
+            ..Claims::default()
         },
     )
     .expect("a token is minted")

@@ -3,6 +3,11 @@
 //! (space-separated: `metrics` for a tenant's data, `operator` for the fleet and every
 //! tenant) and `exp`.
 //!
+//! A lease owner's token (AEP-64, see [`crate::leases`]) carries instead `iss` (the owner's
+//! Akash account), `iat`, `version: v1` and a `leases` claim, and reaches that owner's leases as
+//! the claim says; a token is one or the other (one with `leases` and a `tenant` or `scope` is
+//! refused).
+//!
 //! Checked: the signature against every configured key of the token's algorithm, `exp` and
 //! `nbf` when present (with a leeway for clock skew), `aud` when the sink is given an audience
 //! (`--jwt-audience`: tokens of an identity provider that serves several services), and that
@@ -14,21 +19,38 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+use crate::leases::{Grant, LeaseId, Leases, is_account};
+use crate::owner_keys::OwnerKeys;
+
 /// Clock skew tolerated on `exp` and `nbf`, in seconds.
 pub const LEEWAY_S: u64 = 30;
 
-/// The claims of a Meterflow token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The claims of a Meterflow token, or of a lease owner's (AEP-64).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
-    /// Who the token was given to (a person, a service).
+    /// Who the token was given to (a person, a service); required but in a lease owner's.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sub: String,
     /// The tenant whose data a `metrics` token reaches; empty for an operator token.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tenant: String,
-    /// Space-separated scopes: `metrics`, `operator`.
+    /// Space-separated scopes: `metrics`, `operator` (none: the token reaches nothing).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub scope: String,
     /// Expiry, in seconds since the epoch.
     pub exp: u64,
+    /// A lease owner's token: the owner's Akash account, which is the tenant it reaches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// A lease owner's token: when it was issued, in seconds since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    /// A lease owner's token: `v1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// A lease owner's token: which leases, at which providers, for which scopes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leases: Option<Leases>,
 }
 
 impl Claims {
@@ -37,11 +59,76 @@ impl Claims {
         self.scope.split_whitespace().any(|s| s == scope)
     }
 
-    /// Whether the token reaches `tenant`'s data: an operator reaches every tenant; a tenant
-    /// token with the `metrics` scope reaches its own.
-    pub fn reaches(&self, tenant: &str) -> bool {
-        self.has_scope("operator")
-            || (self.has_scope("metrics") && !self.tenant.is_empty() && self.tenant == tenant)
+    /// The lease owner whose token this is, with its `leases` claim (AEP-64).
+    pub fn lease_owner(&self) -> Option<(&str, &Leases)> {
+        Some((self.iss.as_deref()?, self.leases.as_ref()?))
+    }
+
+    /// The tenant a tenant's token is for (a lease owner's: its account); empty for an
+    /// operator's.
+    pub fn own_tenant(&self) -> &str {
+        self.lease_owner().map_or(&self.tenant, |(owner, _)| owner)
+    }
+
+    /// Whether the token reaches all of `tenant`'s data at `provider` (the sink's): an
+    /// operator reaches every tenant; a tenant token with the `metrics` scope its own; a lease
+    /// owner's its owner's when its `leases` claim reaches every lease there.
+    pub fn reaches(&self, tenant: &str, provider: &str) -> bool {
+        match self.lease_owner() {
+            Some((owner, leases)) => owner == tenant && leases.reaches_all(provider),
+            None => {
+                self.has_scope("operator")
+                    || (self.has_scope("metrics")
+                        && !self.tenant.is_empty()
+                        && self.tenant == tenant)
+            }
+        }
+    }
+
+    /// What the token reaches of `tenant`'s lease `lease` at `provider`.
+    pub fn reaches_lease(&self, tenant: &str, lease: &str, provider: &str) -> Grant {
+        match self.lease_owner() {
+            Some((owner, leases)) if owner == tenant => {
+                leases.grant(provider, LeaseId::parse(lease))
+            }
+            Some(_) => Grant::Nothing,
+            None if self.reaches(tenant, provider) => Grant::Lease,
+            None => Grant::Nothing,
+        }
+    }
+
+    /// Whether the token may read metrics at all: the `metrics` or `operator` scope, or a
+    /// lease owner's token reaching some lease's metrics at `provider`.
+    pub fn reads_metrics(&self, provider: &str) -> bool {
+        match self.lease_owner() {
+            Some((_, leases)) => leases.reaches_any(provider),
+            None => self.has_scope("metrics") || self.has_scope("operator"),
+        }
+    }
+
+    /// The checks beyond the signature and the times: a Meterflow token names its subject
+    /// (one without a scope is valid and reaches nothing); a lease owner's is AEP-64's (an Akash account as `iss`, `iat`, `v1`, a
+    /// `leases` claim the provider accepts) and is nothing else.
+    fn validate(&self) -> Result<(), String> {
+        let Some(leases) = &self.leases else {
+            if self.sub.is_empty() {
+                return Err("a token needs sub (or, a lease owner's, leases)".into());
+            }
+            return Ok(());
+        };
+        if !self.tenant.is_empty() || !self.scope.is_empty() {
+            return Err("a lease owner's token has no tenant or scope claim".into());
+        }
+        if !self.iss.as_deref().is_some_and(is_account) {
+            return Err("a lease owner's token is issued by an Akash account (iss)".into());
+        }
+        if self.iat.is_none() {
+            return Err("a lease owner's token says when it was issued (iat)".into());
+        }
+        if self.version.as_deref() != Some("v1") {
+            return Err("a lease owner's token is version v1".into());
+        }
+        leases.validate()
     }
 }
 
@@ -87,18 +174,27 @@ pub enum AuthError {
     },
     #[error("the HS256 secret in {path} is {len} bytes; use at least 32 random bytes")]
     ShortSecret { path: String, len: usize },
+    #[error(
+        "{path}: {why} (one lease owner's public key a line, base64 as `akash query auth account` shows it)"
+    )]
+    OwnerKeys { path: String, why: String },
 }
 
 /// How the sink checks tokens.
 #[derive(Clone, Default)]
 pub struct Auth {
     keys: Vec<VerifyingKey>,
+    /// Lease owners' account keys, for their own `ES256K` tokens.
+    owners: Option<std::sync::Arc<OwnerKeys>>,
 }
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let algorithms: Vec<_> = self.keys.iter().map(|k| k.algorithm).collect();
-        f.debug_struct("Auth").field("keys", &algorithms).finish()
+        f.debug_struct("Auth")
+            .field("keys", &algorithms)
+            .field("owners", &self.owners)
+            .finish()
     }
 }
 
@@ -109,7 +205,15 @@ impl Auth {
     /// Tokens signed with any of `keys` are accepted. With no keys, every request that needs a
     /// token is refused (use [`Auth::hs256`] or a public key).
     pub fn new(keys: Vec<VerifyingKey>) -> Self {
-        Self { keys }
+        Self { keys, owners: None }
+    }
+
+    /// The same checks, and lease owners' tokens signed with their own account keys
+    /// (`ES256K`, see [`crate::owner_keys`]). The audience is not asked of those: AEP-64's
+    /// tokens have none.
+    pub fn with_owner_keys(mut self, owners: OwnerKeys) -> Self {
+        self.owners = Some(std::sync::Arc::new(owners));
+        self
     }
 
     /// Accepts HS256 tokens made with `secret`.
@@ -173,15 +277,20 @@ impl Auth {
     /// The claims of a valid token; `None` for a missing, malformed, expired, wrongly signed
     /// or otherwise refused one.
     pub fn check(&self, token: &str) -> Option<Claims> {
-        let header = jsonwebtoken::decode_header(token).ok()?;
-        self.keys
-            .iter()
-            .filter(|k| k.algorithm == header.alg)
-            .find_map(|k| {
-                jsonwebtoken::decode::<Claims>(token, &k.key, &k.validation)
-                    .ok()
-                    .map(|data| data.claims)
-            })
+        let claims = match jsonwebtoken::decode_header(token) {
+            Ok(header) => self
+                .keys
+                .iter()
+                .filter(|k| k.algorithm == header.alg)
+                .find_map(|k| {
+                    jsonwebtoken::decode::<Claims>(token, &k.key, &k.validation)
+                        .ok()
+                        .map(|data| data.claims)
+                }),
+            // An algorithm jsonwebtoken does not know: a lease owner's ES256K, if any.
+            Err(_) => self.owners.as_ref().and_then(|o| o.check(token)),
+        };
+        claims.filter(|claims| claims.validate().is_ok())
     }
 }
 
@@ -245,6 +354,7 @@ mod tests {
             tenant: tenant.into(),
             scope: scope.into(),
             exp,
+            ..Claims::default()
         }
     }
 
@@ -328,13 +438,118 @@ mod tests {
 
     #[test]
     fn scopes_decide_which_tenants_a_token_reaches() {
+        let p = "akash1provider000000000000000000000000000000";
         let t = claims("acme", "metrics", 0);
-        assert!(t.reaches("acme"));
-        assert!(!t.reaches("globex"));
-        assert!(!claims("acme", "other", 0).reaches("acme"));
-        assert!(!claims("", "metrics", 0).reaches(""));
-        assert!(claims("", "operator", 0).reaches("globex"));
+        assert!(t.reaches("acme", p));
+        assert!(!t.reaches("globex", p));
+        assert!(!claims("acme", "other", 0).reaches("acme", p));
+        assert!(!claims("", "metrics", 0).reaches("", p));
+        assert!(claims("", "operator", 0).reaches("globex", p));
         assert!(claims("", "metrics operator", 0).has_scope("operator"));
+        assert_eq!(t.reaches_lease("acme", "web-1", p), Grant::Lease);
+        assert_eq!(t.reaches_lease("globex", "web-1", p), Grant::Nothing);
+    }
+
+    const OWNER: &str = "akash1owner000000000000000000000000000000000";
+    const PROVIDER: &str = "akash1provider000000000000000000000000000000";
+
+    /// A lease owner's claims as AEP-64 has them, with `leases` as given.
+    fn owners(leases: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({"iss": OWNER, "iat": now_s(), "exp": now_s() + 900,
+            "version": "v1", "leases": leases})
+    }
+
+    #[test]
+    fn a_lease_owners_token_reaches_the_owners_leases_as_its_leases_claim_says() {
+        let auth = Auth::new(vec![Auth::hs256(SECRET)]);
+        let full = auth
+            .check(&signed(owners(serde_json::json!({"access": "full"}))))
+            .expect("a lease owner's token with full access");
+        assert_eq!(full.own_tenant(), OWNER);
+        assert!(full.reaches(OWNER, PROVIDER) && full.reads_metrics(PROVIDER));
+        assert!(!full.reaches("akash1someoneelse000000000000000000000000000", PROVIDER));
+        assert_eq!(
+            full.reaches_lease(OWNER, "1000.1.1", PROVIDER),
+            Grant::Lease
+        );
+        // Granular: one deployment's web service at this provider.
+        let web = auth
+            .check(&signed(owners(serde_json::json!({"access": "granular",
+                "permissions": [{"provider": PROVIDER, "access": "granular",
+                    "deployments": [{"dseq": 1000, "scope": ["metrics"], "services": ["web"]}]}]}))))
+            .expect("a granular token");
+        assert!(web.reads_metrics(PROVIDER) && !web.reaches(OWNER, PROVIDER));
+        assert_eq!(
+            web.reaches_lease(OWNER, "1000.1.1", PROVIDER),
+            Grant::Services(vec!["web".into()])
+        );
+        assert_eq!(
+            web.reaches_lease(OWNER, "1001.1.1", PROVIDER),
+            Grant::Nothing
+        );
+        // Logs only: valid, and reaches no metrics.
+        let logs = auth
+            .check(&signed(owners(
+                serde_json::json!({"access": "scoped", "scope": ["logs"]}),
+            )))
+            .expect("a scoped token");
+        assert!(!logs.reads_metrics(PROVIDER));
+        // A ticket-style copy keeps what it reaches.
+        let copy = Claims {
+            exp: now_s() + 60,
+            ..web.clone()
+        };
+        assert_eq!(
+            copy.reaches_lease(OWNER, "1000.1.1", PROVIDER),
+            web.reaches_lease(OWNER, "1000.1.1", PROVIDER)
+        );
+    }
+
+    #[test]
+    fn lease_owner_tokens_the_provider_would_refuse_are_refused() {
+        let auth = Auth::new(vec![Auth::hs256(SECRET)]);
+        let full = || owners(serde_json::json!({"access": "full"}));
+        let with = |key: &str, value: serde_json::Value| {
+            let mut claims = full();
+            claims[key] = value;
+            signed(claims)
+        };
+        let without = |key: &str| {
+            let mut claims = full();
+            claims.as_object_mut().expect("an object").remove(key);
+            signed(claims)
+        };
+        assert!(
+            auth.check(&signed(full())).is_some(),
+            "the token itself is good"
+        );
+        for (token, why) in [
+            (
+                with("iss", "acme".into()),
+                "an issuer that is not an Akash account",
+            ),
+            (without("iss"), "no issuer"),
+            (without("iat"), "no issue time"),
+            (with("version", "v2".into()), "another version"),
+            (with("tenant", "acme".into()), "a tenant beside the leases"),
+            (
+                with("scope", "operator".into()),
+                "a scope beside the leases",
+            ),
+            (
+                with("leases", serde_json::json!({"access": "scoped"})),
+                "a leases claim the provider refuses",
+            ),
+        ] {
+            assert_eq!(auth.check(&token), None, "{why}");
+        }
+        // A Meterflow token needs its subject; one without a scope is valid and reaches nothing.
+        let no_sub =
+            serde_json::json!({"tenant": "acme", "scope": "metrics", "exp": now_s() + 600});
+        assert_eq!(auth.check(&signed(no_sub)), None);
+        let no_scope = serde_json::json!({"sub": "s", "tenant": "acme", "exp": now_s() + 600});
+        let no_scope = auth.check(&signed(no_scope)).expect("valid");
+        assert!(!no_scope.reaches("acme", PROVIDER) && !no_scope.reads_metrics(PROVIDER));
     }
 
     #[test]

@@ -4,6 +4,10 @@
 //!
 //! - [`auth`]: bearer tokens (JWT): which keys, algorithms, expiry and audience are accepted,
 //!   and what a token's claims reach.
+//! - [`leases`]: the `leases` claim of an Akash lease owner's token (AEP-64): which leases,
+//!   providers and scopes it reaches.
+//! - [`owner_keys`]: lease owners' account keys, which their own `ES256K` tokens are checked
+//!   with.
 //! - [`params`]: the sink API's path identifiers (tenants, leases) and query parameters (times,
 //!   durations).
 //! - [`exposition`]: the Prometheus text exposition format the agent scrapes (dcgm-exporter,
@@ -13,5 +17,7 @@
 
 pub mod auth;
 pub mod exposition;
+pub mod leases;
+pub mod owner_keys;
 pub mod params;
 pub mod quantity;

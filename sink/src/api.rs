@@ -13,6 +13,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use meterflow_guard::leases::Grant;
 use meterflow_schemas::{Alert, UsageUpdate, topics};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -141,7 +142,7 @@ fn permit(state: &AppState, route: &str, claims: Claims, need: Need<'_>) -> Resu
     }
     match need {
         Need::Any => Ok(claims),
-        Need::Tenant(tenant) if claims.reaches(tenant) => Ok(claims),
+        Need::Tenant(tenant) if claims.reaches(tenant, &state.provider) => Ok(claims),
         Need::Tenant(tenant) => Err(Box::new(error(
             state,
             route,
@@ -149,13 +150,13 @@ fn permit(state: &AppState, route: &str, claims: Claims, need: Need<'_>) -> Resu
             format!("no tenant {tenant:?} for this token"),
             "a tenant token reaches its own tenant only",
         ))),
-        Need::Metrics if claims.has_scope("metrics") || claims.has_scope("operator") => Ok(claims),
+        Need::Metrics if claims.reads_metrics(&state.provider) => Ok(claims),
         Need::Metrics => Err(Box::new(error(
             state,
             route,
             StatusCode::FORBIDDEN,
             "this route needs the metrics scope".into(),
-            "ask the provider for a token with scope \"metrics\"",
+            "ask the provider for a token with scope \"metrics\"; a lease owner's token (AEP-64) needs \"metrics\" in its leases claim's scope for this provider",
         ))),
         Need::Operator if claims.has_scope("operator") => Ok(claims),
         Need::Operator => Err(Box::new(error(
@@ -171,10 +172,9 @@ fn permit(state: &AppState, route: &str, claims: Claims, need: Need<'_>) -> Resu
 /// Whose buckets a request draws from: the tenant's for a tenant token, the subject's for an
 /// operator's.
 fn caller(claims: &Claims) -> String {
-    if claims.tenant.is_empty() {
-        format!("sub:{}", claims.sub)
-    } else {
-        format!("tenant:{}", claims.tenant)
+    match claims.own_tenant() {
+        "" => format!("sub:{}", claims.sub),
+        tenant => format!("tenant:{tenant}"),
     }
 }
 
@@ -1434,16 +1434,17 @@ pub fn finest_step_ms(range_ms: i64) -> Option<i64> {
 /// The tenant whose lease `lease` the caller asks for, or the answer: what [`authorize`] says
 /// of the token for `need`, 404 when the caller reaches no tenant with that lease (the same
 /// answer whether it exists or not), 400 when an operator must say which of several tenants
-/// (with the query parameter `param`).
+/// (with the query parameter `param`), 403 when the token reaches only some of the lease's
+/// services (a lease owner's, AEP-64: only the lease metrics route filters by service).
 fn lease_owner(
     state: &AppState,
     headers: &HeaderMap,
     route: &str,
     need: Need<'_>,
-    (lease, tenant, param): (&str, Option<&str>, &str),
+    which: (&str, Option<&str>, &str),
 ) -> Result<(String, Claims), Denied> {
     let claims = authorize(state, headers, route, need)?;
-    owner_of(state, route, claims, (lease, tenant, param))
+    owner_of(state, route, claims, which)
 }
 
 /// [`lease_owner`] for a caller whose claims are known.
@@ -1451,19 +1452,45 @@ fn owner_of(
     state: &AppState,
     route: &str,
     claims: Claims,
-    (lease, tenant, param): (&str, Option<&str>, &str),
+    which: (&str, Option<&str>, &str),
 ) -> Result<(String, Claims), Denied> {
+    match owner_and_grant(state, route, claims, which)? {
+        (_, _, Grant::Services(services)) => Err(Box::new(error(
+            state,
+            route,
+            StatusCode::FORBIDDEN,
+            format!(
+                "this token reaches only the services {} of lease {:?}",
+                services.join(", "),
+                which.0
+            ),
+            "ask /lease/{dseq}/{gseq}/{oseq}/metrics, which answers the services a token reaches, or for a token that reaches the whole lease",
+        ))),
+        (tenant, claims, _) => Ok((tenant, claims)),
+    }
+}
+
+/// [`owner_of`], and what the token reaches of the lease: the whole lease, or some of its
+/// services.
+fn owner_and_grant(
+    state: &AppState,
+    route: &str,
+    claims: Claims,
+    (lease, tenant, param): (&str, Option<&str>, &str),
+) -> Result<(String, Claims, Grant), Denied> {
     check_name(state, route, "lease", lease)?;
     let tenants = state
         .store
         .lease_tenants(lease)
         .map_err(|e| Box::new(internal(state, route, e)))?;
-    let reachable: Vec<&String> = tenants
+    let reachable: Vec<(&String, Grant)> = tenants
         .iter()
-        .filter(|t| claims.reaches(t) && tenant.is_none_or(|want| want == t.as_str()))
+        .filter(|t| tenant.is_none_or(|want| want == t.as_str()))
+        .map(|t| (t, claims.reaches_lease(t, lease, &state.provider)))
+        .filter(|(_, grant)| *grant != Grant::Nothing)
         .collect();
     match reachable.as_slice() {
-        [one] => Ok(((*one).clone(), claims)),
+        [(one, grant)] => Ok(((*one).clone(), claims, grant.clone())),
         [] => Err(Box::new(error(
             state,
             route,
@@ -1480,7 +1507,7 @@ fn owner_of(
                 several.len(),
                 several
                     .iter()
-                    .map(|t| t.as_str())
+                    .map(|(t, _)| t.as_str())
                     .collect::<Vec<_>>()
                     .join(", ")
             ),

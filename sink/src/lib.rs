@@ -19,6 +19,8 @@ pub mod metrics;
 pub mod store;
 pub mod tickets;
 pub use meterflow_guard::auth;
+pub use meterflow_guard::leases;
+pub use meterflow_guard::owner_keys;
 pub use meterflow_schemas::time;
 
 use std::net::SocketAddr;

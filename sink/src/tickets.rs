@@ -1,7 +1,7 @@
 //! Feed tickets: how a browser opens a feed. `EventSource` cannot send an `Authorization`
 //! header, so a page asks `GET /v1/feeds/ticket` with its bearer token and opens the feed with
 //! `?ticket=…`. A ticket is a token this sink signs with a key it draws at start (never
-//! written anywhere), carrying the bearer's tenant and scopes for [`TICKET_TTL_S`] seconds: it
+//! written anywhere), carrying the bearer's claims (its tenant and scopes, or a lease owner's leases) for [`TICKET_TTL_S`] seconds: it
 //! opens feeds only (no other route takes it; the sink's token keys do not check it), it is
 //! checked when the feed connects, and the sink never logs a request's URL. A ticket that
 //! leaks from a proxy's log is of use for a minute, to read a feed the bearer could read.
@@ -37,10 +37,8 @@ impl Tickets {
     /// A ticket for what `claims` reach, valid from `now_s` for [`TICKET_TTL_S`].
     pub fn mint(&self, claims: &Claims, now_s: u64) -> Option<String> {
         let ticket = Claims {
-            sub: claims.sub.clone(),
-            tenant: claims.tenant.clone(),
-            scope: claims.scope.clone(),
             exp: now_s + TICKET_TTL_S,
+            ..claims.clone()
         };
         mint(&SigningKey::Hs256(self.secret.clone()), &ticket).ok()
     }
@@ -64,6 +62,7 @@ mod tests {
             tenant: "acme".into(),
             scope: "metrics".into(),
             exp: now_s() + 86_400,
+            ..Claims::default()
         };
         let ticket = tickets.mint(&bearer, now_s()).expect("minted");
         let claims = tickets.check(&ticket).expect("valid");

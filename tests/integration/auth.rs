@@ -442,3 +442,219 @@ async fn a_sink_given_an_audience_accepts_only_tokens_for_it() {
     assert_eq!(get_as(&url, &plain).await.0, 401, "a token for no audience");
     broker.stop();
 }
+
+/// A lease owner's token (AEP-64) signed with the sink's key: `iss`, `iat`, `version`, and
+/// `leases` as given.
+fn owners_token(iss: &str, leases: serde_json::Value) -> String {
+    use meterflow_sink::auth::{Claims, mint, now_s};
+    mint(
+        &SigningKey::Hs256(crate::common::SECRET.to_vec()),
+        &Claims {
+            exp: now_s() + 900,
+            iss: Some(iss.into()),
+            iat: Some(now_s()),
+            version: Some("v1".into()),
+            leases: Some(serde_json::from_value(leases).expect("a leases claim")),
+            ..Claims::default()
+        },
+    )
+    .expect("a token is minted")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_owners_token_reaches_the_leases_and_services_its_leases_claim_names() {
+    let pipeline = Pipeline::start(1, 1).await;
+    // The pipeline scenario, its tenant `acme` an Akash account (the one whose key the sink
+    // is given): leases 100.1.1 and 100.1.2 (service `svc`) are the owner's, 200.1.1 another
+    // tenant's.
+    let owner = crate::common::owner_account();
+    let owner = owner.as_str();
+    let publisher = Publisher::new(&pipeline.broker.bootstrap()).expect("producer");
+    for mut b in crate::pipeline::batches() {
+        for s in &mut b.samples {
+            if s.series.tenant == "acme" {
+                s.series.tenant = owner.into();
+            }
+        }
+        publisher.publish(&b).await.expect("batch delivered");
+    }
+    let provider = meterflow_ingest::simulator::PROVIDER;
+    let at_provider = |deployments: serde_json::Value| {
+        serde_json::json!({"access": "granular", "permissions": [
+            {"provider": provider, "access": "granular", "deployments": deployments}]})
+    };
+    let own = |iss: &str| {
+        crate::common::owner_signed(&serde_json::json!({"iss": iss,
+            "iat": meterflow_sink::auth::now_s(), "exp": meterflow_sink::auth::now_s() + 900,
+            "version": "v1", "leases": {"access": "full"}}))
+    };
+    let callers: [(&str, String); 10] = [
+        (
+            "full",
+            owners_token(owner, serde_json::json!({"access": "full"})),
+        ),
+        (
+            "scoped metrics",
+            owners_token(
+                owner,
+                serde_json::json!({"access": "scoped", "scope": ["logs", "metrics"]}),
+            ),
+        ),
+        (
+            "scoped logs",
+            owners_token(
+                owner,
+                serde_json::json!({"access": "scoped", "scope": ["logs"]}),
+            ),
+        ),
+        (
+            "lease 100.1.2",
+            owners_token(
+                owner,
+                at_provider(
+                    serde_json::json!([{"dseq": 100, "gseq": 1, "oseq": 2, "scope": ["metrics"]}]),
+                ),
+            ),
+        ),
+        (
+            "deployment 100, svc",
+            owners_token(
+                owner,
+                at_provider(
+                    serde_json::json!([{"dseq": 100, "scope": ["metrics"], "services": ["svc"]}]),
+                ),
+            ),
+        ),
+        (
+            "deployment 100, web",
+            owners_token(
+                owner,
+                at_provider(
+                    serde_json::json!([{"dseq": 100, "scope": ["metrics"], "services": ["web"]}]),
+                ),
+            ),
+        ),
+        (
+            "another provider",
+            owners_token(
+                owner,
+                serde_json::json!({"access": "granular", "permissions": [
+                    {"provider": "akash1another0000000000000000000000000000000", "access": "full"}]}),
+            ),
+        ),
+        (
+            "another owner",
+            owners_token(
+                "akash1someoneelse000000000000000000000000000",
+                serde_json::json!({"access": "full"}),
+            ),
+        ),
+        // Signed by the owner's own account key (ES256K), as an owner's client signs.
+        ("own key", own(owner)),
+        // The owner's key signing for another account: not that account's key.
+        (
+            "own key, another issuer",
+            own("akash1someoneelse000000000000000000000000000"),
+        ),
+    ];
+    let range = "metric=all&start=1795392000&end=1795395600";
+    let lease = |l: &str| format!("/lease/{l}/metrics?{range}");
+    // Waited for: the owner's lease has its series.
+    poll_json(
+        &pipeline.url(&lease("100/1/1")),
+        &callers[0].1,
+        Duration::from_secs(60),
+        |v| v["series"].as_array().is_some_and(|s| !s.is_empty()),
+    )
+    .await;
+    let tenant_usage = format!("/v1/tenants/{owner}/usage");
+    // Expected status per caller, in the order above. A token that reaches no metrics at this
+    // provider is told so (403); a lease it does not reach is not found, as another tenant's
+    // (404); a Meterflow route a token reaches only some services of answers 403.
+    let routes: [(String, [u16; 10]); 6] = [
+        (
+            lease("100/1/1"),
+            [200, 200, 403, 404, 200, 200, 403, 404, 200, 401],
+        ),
+        (
+            lease("100/1/2"),
+            [200, 200, 403, 200, 200, 200, 403, 404, 200, 401],
+        ),
+        (
+            lease("200/1/1"),
+            [404, 404, 403, 404, 404, 404, 403, 404, 404, 401],
+        ),
+        (
+            "/v1/leases/100.1.1/metrics".into(),
+            [200, 200, 404, 404, 403, 403, 404, 404, 200, 401],
+        ),
+        (
+            tenant_usage,
+            [200, 200, 404, 404, 404, 404, 404, 404, 200, 401],
+        ),
+        (
+            "/v1/fleet/usage".into(),
+            [403, 403, 403, 403, 403, 403, 403, 403, 403, 401],
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (route, expected) in &routes {
+        for ((caller, token), want) in callers.iter().zip(expected) {
+            let (status, body) = get_as(&pipeline.url(route), token).await;
+            if status != *want {
+                wrong.push(format!(
+                    "{route} as {caller}: {status}, expected {want}: {body}"
+                ));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    // The services a token names are the services answered: `svc` is the lease's one.
+    let services = |token: &str, query: &str| {
+        let url = pipeline.url(&format!("{}{query}", lease("100/1/1")));
+        let token = token.to_string();
+        async move {
+            let (status, body) = get_as(&url, &token).await;
+            assert_eq!(status, 200, "{body}");
+            let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+            let mut names: Vec<String> = answer["series"]
+                .as_array()
+                .expect("series")
+                .iter()
+                .map(|s| {
+                    s["labels"]["service"]
+                        .as_str()
+                        .expect("a service")
+                        .to_string()
+                })
+                .collect();
+            names.dedup();
+            names
+        }
+    };
+    assert_eq!(services(&callers[0].1, "").await, ["svc"]);
+    assert_eq!(services(&callers[4].1, "").await, ["svc"]);
+    assert_eq!(
+        services(&callers[5].1, "").await,
+        Vec::<String>::new(),
+        "a token for service web reads nothing of svc"
+    );
+    // Asking for a service the token does not name is refused, and says which it names.
+    let (status, body) = get_as(
+        &pipeline.url(&format!("{}&service=svc", lease("100/1/1"))),
+        &callers[5].1,
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("it reaches web"), "{body}");
+    // The answer names the owner as the lease's owner.
+    let answer = poll_json(
+        &pipeline.url(&lease("100/1/1")),
+        &callers[1].1,
+        Duration::from_secs(5),
+        |v| v["lease"]["owner"].is_string(),
+    )
+    .await;
+    assert_eq!(answer["lease"]["owner"], owner);
+    pipeline.stop().await;
+}

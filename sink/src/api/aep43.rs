@@ -20,13 +20,16 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use meterflow_guard::leases::Grant;
 use meterflow_guard::params::{parse_duration_ms, unix_seconds_or_rfc3339};
 #[cfg(test)]
 use meterflow_schemas::UsageUpdate;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{AppState, Need, Params, comma_list, count, error, lease_owner, take_series};
+use super::{
+    AppState, Need, Params, authorize, comma_list, count, error, owner_and_grant, take_series,
+};
 use crate::store::{CellRef, LEASE_CELL_MS};
 use crate::time::format_rfc3339;
 
@@ -455,13 +458,11 @@ pub(super) async fn lease_metrics(
         );
     }
     let lease = format!("{dseq}.{gseq}.{oseq}");
-    let (owner, claims) = match lease_owner(
-        &state,
-        &headers,
-        ROUTE,
-        Need::Metrics,
-        (&lease, q.owner.as_deref(), "owner"),
-    ) {
+    // A lease owner's token (AEP-64) may reach only some of the lease's services.
+    let found = authorize(&state, &headers, ROUTE, Need::Metrics).and_then(|claims| {
+        owner_and_grant(&state, ROUTE, claims, (&lease, q.owner.as_deref(), "owner"))
+    });
+    let (owner, claims, grant) = match found {
         Ok(found) => found,
         Err(denied) => return *denied,
     };
@@ -577,7 +578,23 @@ pub(super) async fn lease_metrics(
             );
         }
     };
-    let services: Option<Vec<&str>> = q.service.as_deref().map(comma_list);
+    let wanted_services: Option<Vec<&str>> = q.service.as_deref().map(comma_list);
+    let services: Option<Vec<&str>> = match (&grant, wanted_services) {
+        (Grant::Services(granted), None) => Some(granted.iter().map(String::as_str).collect()),
+        (Grant::Services(granted), Some(named)) => {
+            if let Some(other) = named.iter().find(|a| !granted.iter().any(|g| g == *a)) {
+                return error(
+                    &state,
+                    ROUTE,
+                    StatusCode::FORBIDDEN,
+                    format!("this token does not reach service {other:?} of this lease"),
+                    &format!("it reaches {}", granted.join(", ")),
+                );
+            }
+            Some(named)
+        }
+        (_, named) => named,
+    };
     // Steps nest the base windows: a multiple of the base window, aligned to the epoch as the
     // windows are. The base window is read from the records (the processor's `--window`); the
     // windows of a first step that starts before `start` are read after.

@@ -48,9 +48,51 @@ pub fn sink_config(brokers: String, data: &tempfile::TempDir, limits: Limits) ->
         auth: Auth::new(vec![
             Auth::hs256(SECRET),
             Auth::public_key_pem(ED25519_PUBLIC, "fixture").expect("the fixture key"),
-        ]),
+        ])
+        .with_owner_keys(owner_keys(data.path())),
         provider: meterflow_ingest::simulator::PROVIDER.to_string(),
     }
+}
+
+/// The account key of a lease owner (AEP-64), the one whose key the sink is given.
+pub fn owner_key() -> k256::ecdsa::SigningKey {
+    k256::ecdsa::SigningKey::from_slice(&[7u8; 32]).expect("a secp256k1 key")
+}
+
+/// [`owner_key`]'s account, as the chain derives it.
+pub fn owner_account() -> String {
+    let public = owner_key().verifying_key().to_encoded_point(true);
+    meterflow_sink::owner_keys::account("akash", public.as_bytes())
+}
+
+/// The sink's lease owners' key file, written in `dir` as a provider writes it (the key in
+/// base64, as `akash query auth account` shows it), and read.
+fn owner_keys(dir: &std::path::Path) -> meterflow_sink::owner_keys::OwnerKeys {
+    use base64::Engine;
+    let public = owner_key().verifying_key().to_encoded_point(true);
+    let key = base64::engine::general_purpose::STANDARD.encode(public.as_bytes());
+    let path = dir.join("owners.keys");
+    std::fs::write(
+        &path,
+        format!("# lease owners\n{} {key}\n", owner_account()),
+    )
+    .expect("key file written");
+    meterflow_sink::owner_keys::OwnerKeys::open(&path).expect("the key file reads")
+}
+
+/// A token `claims` signed by the owner's own key (`alg: ES256K`), as an owner's client makes
+/// it.
+pub fn owner_signed(claims: &serde_json::Value) -> String {
+    use base64::Engine;
+    use k256::ecdsa::signature::Signer;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let input = format!(
+        "{}.{}",
+        b64(br#"{"alg":"ES256K","typ":"JWT"}"#),
+        b64(claims.to_string().as_bytes())
+    );
+    let signature: k256::ecdsa::Signature = owner_key().sign(input.as_bytes());
+    format!("{input}.{}", b64(&signature.to_bytes()))
 }
 
 /// A token for `tenant` with `scope`, valid for `ttl_s` seconds from now (negative: expired).
@@ -62,6 +104,7 @@ pub fn token_with(key: &SigningKey, tenant: &str, scope: &str, ttl_s: i64) -> St
             tenant: tenant.into(),
             scope: scope.into(),
             exp: now_s().saturating_add_signed(ttl_s),
+            ..Claims::default()
         },
     )
     .expect("a token is minted")
