@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -84,6 +84,8 @@ struct Loaded {
 /// The lease owners' public keys the sink checks `ES256K` tokens with.
 pub struct OwnerKeys {
     path: PathBuf,
+    /// How often, at most, the file is looked at for a change.
+    reload: Duration,
     loaded: Mutex<Loaded>,
 }
 
@@ -112,9 +114,15 @@ impl OwnerKeys {
     /// Reads the key file; an unreadable file or a bad line is an error (at start, the sink
     /// refuses to run with it).
     pub fn open(path: &Path) -> Result<Self, AuthError> {
+        Self::open_reloading(path, Duration::from_secs(RELOAD_S))
+    }
+
+    /// [`OwnerKeys::open`], the file looked at for a change every `reload` at most.
+    pub fn open_reloading(path: &Path, reload: Duration) -> Result<Self, AuthError> {
         let (modified, keys) = read(path)?;
         Ok(Self {
             path: path.to_path_buf(),
+            reload,
             loaded: Mutex::new(Loaded {
                 checked: Instant::now(),
                 modified,
@@ -127,6 +135,7 @@ impl OwnerKeys {
     pub fn from_keys(keys: HashMap<String, VerifyingKey>) -> Self {
         Self {
             path: PathBuf::new(),
+            reload: Duration::MAX,
             loaded: Mutex::new(Loaded {
                 checked: Instant::now(),
                 modified: None,
@@ -149,7 +158,7 @@ impl OwnerKeys {
     /// the keys read before (and says so in the log).
     fn key(&self, account: &str) -> Option<VerifyingKey> {
         let mut loaded = self.loaded.lock().ok()?;
-        if !self.path.as_os_str().is_empty() && loaded.checked.elapsed().as_secs() >= RELOAD_S {
+        if !self.path.as_os_str().is_empty() && loaded.checked.elapsed() >= self.reload {
             loaded.checked = Instant::now();
             let modified = std::fs::metadata(&self.path)
                 .and_then(|m| m.modified())
@@ -287,6 +296,45 @@ mod tests {
         );
         let signature: Signature = key.sign(input.as_bytes());
         format!("{input}.{}", b64(&signature.to_bytes()))
+    }
+
+    #[test]
+    fn a_key_added_to_the_file_is_taken_and_a_file_gone_bad_keeps_the_keys_before() {
+        let dir = std::env::temp_dir().join(format!("owner-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("owners.keys");
+        let first = SigningKey::from_slice(&[3u8; 32]).expect("a key");
+        let second = SigningKey::from_slice(&[4u8; 32]).expect("a key");
+        let line = |k: &SigningKey| {
+            STANDARD.encode(k.verifying_key().to_encoded_point(true).as_bytes()) + "\n"
+        };
+        let account_of =
+            |k: &SigningKey| account("akash", k.verifying_key().to_encoded_point(true).as_bytes());
+        // Each write gets a later modification time, whatever the file system's resolution.
+        let write = |text: String, second_of: u64| {
+            std::fs::write(&path, text).expect("written");
+            let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + second_of);
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_modified(at))
+                .expect("mtime set");
+        };
+        write(line(&first), 0);
+        let keys = OwnerKeys::open_reloading(&path, Duration::ZERO).expect("reads");
+        assert!(keys.key(&account_of(&first)).is_some());
+        assert!(keys.key(&account_of(&second)).is_none());
+        write(line(&first) + &line(&second), 1);
+        assert!(
+            keys.key(&account_of(&second)).is_some(),
+            "the added key is taken"
+        );
+        write("not a key\n".into(), 2);
+        assert!(
+            keys.key(&account_of(&first)).is_some() && keys.key(&account_of(&second)).is_some(),
+            "a bad file keeps the keys read before"
+        );
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
