@@ -12,6 +12,12 @@ use meterflow::{broker, demo};
 use meterflow::{config, parse_duration, registry, replay, topics};
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc, for every allocation of the process (its `malloc` replaces the C library's, so
+/// RocksDB's and librdkafka's go there too): glibc's arenas kept the processor's freed memory
+/// and its resident size kept rising where the state it holds did not (benches/SOAK.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "meterflow",
