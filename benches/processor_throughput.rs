@@ -38,6 +38,10 @@ use meterflow_processor::dataflow::{
     CostIdx, Costing, Installed, LevelIdx, Measured, Resolution, install,
 };
 use meterflow_processor::metrics::{self, METRICS, Stage};
+
+/// The allocator the `meterflow` binary runs the processor with (see `src/main.rs`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use meterflow_processor::model::observe_ref;
 use meterflow_processor::names::BillingIdx;
 use meterflow_processor::names::Names;
