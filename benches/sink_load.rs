@@ -39,6 +39,10 @@ use meterflow_sink::store::{Consumed, Store};
 use meterflow_sink::{SinkConfig, limits::Limits};
 use tokio_util::sync::CancellationToken;
 
+/// The allocator the `meterflow` binary runs the sink with (see `src/main.rs`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 const HOUR_MS: i64 = 3_600_000;
 const DAYS: i64 = 30;
 /// 2026-10-01T00:00:00Z.
