@@ -1056,6 +1056,11 @@ impl SinkArgs {
             Some(path) => {
                 let owners = meterflow_sink::owner_keys::OwnerKeys::open(path)?;
                 tracing::info!(owners = owners.len(), file = %path.display(), "lease owners' keys read");
+                if self.provider.is_empty() {
+                    tracing::warn!(
+                        "--lease-owner-keys without --provider: an owner's granular token names the providers it reaches and reaches nothing here; give --provider akash1<this provider>"
+                    );
+                }
                 auth.with_owner_keys(owners)
             }
             None => auth,

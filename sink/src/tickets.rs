@@ -1,10 +1,11 @@
 //! Feed tickets: how a browser opens a feed. `EventSource` cannot send an `Authorization`
 //! header, so a page asks `GET /v1/feeds/ticket` with its bearer token and opens the feed with
 //! `?ticket=…`. A ticket is a token this sink signs with a key it draws at start (never
-//! written anywhere), carrying the bearer's claims (its tenant and scopes, or a lease owner's leases) for [`TICKET_TTL_S`] seconds: it
-//! opens feeds only (no other route takes it; the sink's token keys do not check it), it is
-//! checked when the feed connects, and the sink never logs a request's URL. A ticket that
-//! leaks from a proxy's log is of use for a minute, to read a feed the bearer could read.
+//! written anywhere), carrying the bearer's claims (its tenant and scopes, or a lease owner's
+//! leases) for [`TICKET_TTL_S`] seconds: it opens feeds only (no other route takes it; the
+//! sink's token keys do not check it), it is checked when the feed connects, and the sink never
+//! logs a request's URL. A ticket that leaks from a proxy's log is of use for a minute, to read
+//! a feed the bearer could read.
 
 use meterflow_guard::auth::{Auth, Claims, SigningKey, mint};
 

@@ -10,6 +10,33 @@ use meterflow_sink::auth::SigningKey;
 
 use crate::common::{ED25519_PRIVATE, Feed, Pipeline, SECRET, get_as, poll_json, token_with};
 
+/// Each route as each caller: a line for each answer whose status is not the one expected (the
+/// `N` statuses of a route are the callers', in order). A 401 must say what to do and leak
+/// nothing of the tenant's data.
+async fn wrong_answers<const N: usize>(
+    pipeline: &Pipeline,
+    routes: &[(impl AsRef<str>, [u16; N])],
+    callers: &[(&str, String); N],
+) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for (route, expected) in routes {
+        let route = route.as_ref();
+        for ((caller, token), want) in callers.iter().zip(expected) {
+            let (status, body) = get_as(&pipeline.url(route), token).await;
+            if status != *want {
+                wrong.push(format!(
+                    "{route} as {caller}: {status}, expected {want}: {body}"
+                ));
+            }
+            if status == 401 {
+                assert!(body.contains("meterflow token"), "{body}");
+                assert!(!body.contains("gpu_seconds"), "{body}");
+            }
+        }
+    }
+    wrong
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_answers_each_kind_of_caller_as_it_should() {
     let pipeline = Pipeline::start(1, 1).await;
@@ -146,22 +173,7 @@ async fn every_route_answers_each_kind_of_caller_as_it_should() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let mut wrong = Vec::new();
-    for (route, expected) in &routes {
-        for ((caller, token), want) in callers.iter().zip(expected) {
-            let (status, body) = get_as(&pipeline.url(route), token).await;
-            if status != *want {
-                wrong.push(format!(
-                    "{route} as {caller}: {status}, expected {want}: {body}"
-                ));
-            }
-            if status == 401 {
-                // A refusal says what to do and leaks nothing of the tenant's data.
-                assert!(body.contains("meterflow token"), "{body}");
-                assert!(!body.contains("gpu_seconds"), "{body}");
-            }
-        }
-    }
+    let wrong = wrong_answers(&pipeline, &routes, &callers).await;
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 
     // A 401 names the scheme, as RFC 6750 asks.
@@ -597,17 +609,7 @@ async fn a_lease_owners_token_reaches_the_leases_and_services_its_leases_claim_n
             [403, 403, 403, 403, 403, 403, 403, 403, 403, 401],
         ),
     ];
-    let mut wrong = Vec::new();
-    for (route, expected) in &routes {
-        for ((caller, token), want) in callers.iter().zip(expected) {
-            let (status, body) = get_as(&pipeline.url(route), token).await;
-            if status != *want {
-                wrong.push(format!(
-                    "{route} as {caller}: {status}, expected {want}: {body}"
-                ));
-            }
-        }
-    }
+    let wrong = wrong_answers(&pipeline, &routes, &callers).await;
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     // The services a token names are the services answered: `svc` is the lease's one.
     let services = |token: &str, query: &str| {
