@@ -203,7 +203,8 @@ impl OwnerKeys {
             // A high `s`: the Cosmos SDK refuses it (the same signature, malleated).
             return None;
         }
-        let input = &token[..header_and_payload_len(token)?];
+        // What the signature covers: `header.payload`.
+        let input = &token[..token.rfind('.')?];
         key.verify(input.as_bytes(), &signature).ok()?;
         let now = now_s();
         let early = match not_before {
@@ -216,11 +217,6 @@ impl OwnerKeys {
         }
         Some(claims)
     }
-}
-
-/// The length of `header.payload`, what the signature covers.
-fn header_and_payload_len(token: &str) -> Option<usize> {
-    token.rfind('.')
 }
 
 #[cfg(test)]

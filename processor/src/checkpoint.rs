@@ -374,8 +374,6 @@ impl Store {
         self.with_db(|db| Ok(db.put(k, json(&billed))?))
     }
 
-    /// Per billing partition, the offset from which records may be missing from `b`: the
-    /// lowest that any worker stored.
     /// What RocksDB holds in memory, in bytes: its memtables, its block cache, and its table
     /// readers' indexes and filters (for `/metrics`; a property it cannot tell is left out).
     pub fn memory(&self) -> Vec<(&'static str, i64)> {
@@ -396,6 +394,8 @@ impl Store {
         .unwrap_or_default()
     }
 
+    /// Per billing partition, the offset from which records may be missing from `b`: the
+    /// lowest that any worker stored.
     pub fn billing_offsets(&self) -> Result<BTreeMap<i32, i64>, StoreError> {
         let mut out: BTreeMap<i32, i64> = BTreeMap::new();
         self.scan(b"k", |k, v| {
