@@ -347,8 +347,8 @@ impl NodeCollector {
         }
     }
 
-    /// The cores and memory every container run the kubelet lists requested, as allocations
-    /// from the run's start to its finish (SPEC: allocation; the kubelet's times, whole
+    /// The cores and memory every container run the kubelet lists requested, and those it is
+    /// limited to, as allocations from the run's start to its finish (SPEC: allocation; the kubelet's times, whole
     /// seconds). Only from a pod list read this tick: a stale one would stretch a run that may
     /// have ended since, while the next fresh list extends a run still open over the gap (an
     /// interval runs from its start to its latest observation), so a kubelet outage loses
@@ -368,6 +368,8 @@ impl NodeCollector {
                 let requested = [
                     (m::CPU_REQUEST, c.requests.cpu_millicores, 1_000.0),
                     (m::MEMORY_REQUEST, c.requests.memory_bytes, 1.0),
+                    (m::CPU_LIMIT, c.limited.cpu_millicores, 1_000.0),
+                    (m::MEMORY_LIMIT, c.limited.memory_bytes, 1.0),
                 ];
                 let requested: Vec<(&str, f64)> = requested
                     .into_iter()
@@ -991,7 +993,8 @@ mod tests {
             .filter(|s| s.kind == SampleKind::Allocation && s.metric == m::GPU)
             .collect();
         // What the web container's spec requests (8 cores, 32 GiB), reserved by both its runs
-        // over the same intervals as their GPUs; the trainer, no lease, reserves nothing here.
+        // over the same intervals as their GPUs, and its limits (the same in this pod's
+        // spec), over them too; the trainer, no lease, reserves nothing here.
         // (metric, amount, container id's first characters, start, finish)
         type Reserved<'a> = (&'a str, f64, &'a str, Option<i64>, Option<i64>);
         let mut reserved: Vec<Reserved> = batch
@@ -1019,8 +1022,18 @@ mod tests {
         assert_eq!(
             reserved,
             vec![
+                ("cpu_limit_cores", 8.0, "aaaa", Some(started), None),
+                ("cpu_limit_cores", 8.0, "bbbb", before.0, before.1),
                 ("cpu_request_cores", 8.0, "aaaa", Some(started), None),
                 ("cpu_request_cores", 8.0, "bbbb", before.0, before.1),
+                (
+                    "memory_limit_bytes",
+                    32.0 * gib,
+                    "aaaa",
+                    Some(started),
+                    None
+                ),
+                ("memory_limit_bytes", 32.0 * gib, "bbbb", before.0, before.1),
                 (
                     "memory_request_bytes",
                     32.0 * gib,

@@ -64,6 +64,24 @@ pub mod metrics {
     pub const VRAM_BYTES: &str = "gpu_memory_used_bytes";
     /// Gauge: GPU engine-active ratio, 0..1, per GPU or MIG instance.
     pub const GPU_UTILIZATION: &str = "gpu_utilization";
+    /// Allocation: the CPU limit of a container run (its spec's `resources.limits.cpu`, in
+    /// cores, to the millicore), from its start to its finish; none for a container without one.
+    pub const CPU_LIMIT: &str = "cpu_limit_cores";
+    /// Allocation: the memory limit of a container run (`resources.limits.memory`, in bytes).
+    pub const MEMORY_LIMIT: &str = "memory_limit_bytes";
+    /// Counter: time the container's CPU quota held it back, in seconds (cgroup `cpu.stat`
+    /// `throttled_usec` / 1e6).
+    pub const CPU_THROTTLED_SECONDS: &str = "cpu_throttled_seconds_total";
+    /// Gauge: anonymous memory in bytes (cgroup `memory.stat` `anon`: what cAdvisor and the
+    /// kubelet report as RSS on cgroup v2).
+    pub const MEMORY_RSS: &str = "memory_rss_bytes";
+    /// Counter: processes of the pod the OOM killer killed (the pod cgroup's `memory.events`
+    /// `oom_kill`, which counts its containers' kills and outlives them).
+    pub const OOM_KILLS: &str = "memory_oom_kills_total";
+    /// Counter: receive errors of the pod's network namespace (`/proc/PID/net/dev` `errs`).
+    pub const NETWORK_RECEIVE_ERRORS: &str = "network_receive_errors_total";
+    /// Counter: transmit errors of the pod's network namespace.
+    pub const NETWORK_TRANSMIT_ERRORS: &str = "network_transmit_errors_total";
 }
 
 /// Names of the Kafka topics the pipeline reads and writes.

@@ -40,13 +40,17 @@ async fn a_node_agent_from_its_config_file_sends_attributed_batches() {
         ("kubepods-pod7f1c2a3b_1111.slice", WEB, 42_000_000u64),
         ("kubepods-pod00000000_9999.slice", STRANGER, 1_000_000),
     ] {
-        let c = root
-            .join("kubepods.slice")
-            .join(pod)
-            .join(format!("cri-containerd-{id}.scope"));
+        let pod = root.join("kubepods.slice").join(pod);
+        // Two OOM kills before the agent started, in a pod older than the agent.
+        write(
+            &pod,
+            "memory.events",
+            "low 0\nhigh 0\nmax 3\noom 2\noom_kill 2\noom_group_kill 0\n",
+        );
+        let c = pod.join(format!("cri-containerd-{id}.scope"));
         write(&c, "cpu.stat", &format!("usage_usec {usec}\n"));
         write(&c, "memory.current", "5000\n");
-        write(&c, "memory.stat", "inactive_file 1000\n");
+        write(&c, "memory.stat", "anon 3000\ninactive_file 1000\n");
         write(&c, "io.stat", "259:0 rbytes=100 wbytes=200\n");
     }
     let metrics = crate::common::free_addr();
@@ -192,10 +196,10 @@ library = "/nonexistent/libnvidia-ml.so.1"
             (b.node.as_str(), b.agent_id.as_str()),
             ("gpu-node-7", "gpu-node-7")
         );
-        // Exactly the web container's four cgroup readings, and what its spec requests (8
-        // cores, 32 GiB) reserved by its current run and the one before its restart; the
-        // stranger's readings are not sent.
-        assert_eq!(b.samples.len(), 8, "{:#?}", b.samples);
+        // Exactly the web container's five cgroup readings and its pod's OOM kills, and what
+        // its spec requests and limits it to (8 cores, 32 GiB each) over its current run and
+        // the one before its restart; the stranger's readings are not sent.
+        assert_eq!(b.samples.len(), 14, "{:#?}", b.samples);
         for s in &b.samples {
             assert_eq!(
                 s.series.tenant,
@@ -219,12 +223,23 @@ library = "/nonexistent/libnvidia-ml.so.1"
         assert_eq!(
             reserved,
             [
+                ("cpu_limit_cores", 8.0, "aaaa"),
+                ("cpu_limit_cores", 8.0, "bbbb"),
                 ("cpu_request_cores", 8.0, "aaaa"),
                 ("cpu_request_cores", 8.0, "bbbb"),
+                ("memory_limit_bytes", 32.0 * gib, "aaaa"),
+                ("memory_limit_bytes", 32.0 * gib, "bbbb"),
                 ("memory_request_bytes", 32.0 * gib, "aaaa"),
                 ("memory_request_bytes", 32.0 * gib, "bbbb"),
             ]
         );
+        let value = |metric: &str| {
+            let s = b.samples.iter().find(|s| s.metric == metric).expect(metric);
+            (s.kind, s.value)
+        };
+        assert_eq!(value(m::MEMORY_RSS), (SampleKind::Gauge, 3000.0));
+        // The kills counted before the agent's first tick are a baseline, no one's.
+        assert_eq!(value(m::OOM_KILLS), (SampleKind::Counter, 0.0));
         let cpu = b
             .samples
             .iter()

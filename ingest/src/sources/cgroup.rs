@@ -3,14 +3,24 @@
 //!
 //! [`scan`] walks the hierarchy under a root (`/sys/fs/cgroup` on a cgroup v2 node) and reads,
 //! for every container cgroup below a pod cgroup:
-//! - `cpu.stat` `usage_usec` → `cpu_usage_seconds_total` (counter);
+//! - `cpu.stat` `usage_usec` → `cpu_usage_seconds_total` (counter), and `throttled_usec` →
+//!   `cpu_throttled_seconds_total` (counter; only where the cpu controller is enabled, which
+//!   is where a CPU limit can throttle);
 //! - `memory.current` less `memory.stat` `inactive_file` → `memory_working_set_bytes` (gauge,
-//!   the kubelet's definition);
+//!   the kubelet's definition), and `memory.stat` `anon` → `memory_rss_bytes` (gauge, what
+//!   cAdvisor reports as RSS on cgroup v2);
 //! - `io.stat` `rbytes`/`wbytes` summed over devices → `fs_read_bytes_total` /
 //!   `fs_write_bytes_total` (counters);
+//! - the pod cgroup's `memory.events` `oom_kill` → `memory_oom_kills_total` (counter), once
+//!   per pod: a container the OOM killer ends takes its own cgroup with it, usually before the
+//!   next reading, while the pod's counts its containers' kills and outlives them;
 //! - with the host's `/proc`, the pod's network namespace (`/proc/PID/net/dev`, all interfaces
-//!   but `lo`) → `network_receive_bytes_total` / `network_transmit_bytes_total` (counters),
-//!   once per pod ([`add_network`]).
+//!   but `lo`) → `network_receive_bytes_total` / `network_transmit_bytes_total` and
+//!   `network_receive_errors_total` / `network_transmit_errors_total` (counters), once per pod
+//!   ([`add_network`]).
+//!
+//! A pod's counters (network, OOM kills) are given to its first container by id, and count
+//! from the pod's start.
 //!
 //! Both layouts of the kubelet are understood: the systemd driver
 //! (`kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice/cri-containerd-<id>.scope`)
@@ -36,12 +46,25 @@ pub struct ContainerReading {
     /// The cgroup directory read.
     pub path: PathBuf,
     pub cpu_usage_seconds: Option<f64>,
+    pub cpu_throttled_seconds: Option<f64>,
     pub memory_working_set_bytes: Option<f64>,
+    pub memory_rss_bytes: Option<f64>,
     pub fs_read_bytes: Option<f64>,
     pub fs_write_bytes: Option<f64>,
-    /// Bytes of the pod's network namespace, on one container of the pod ([`add_network`]).
-    pub network_receive_bytes: Option<f64>,
-    pub network_transmit_bytes: Option<f64>,
+    /// The pod's OOM kills, on its first container.
+    pub oom_kills: Option<f64>,
+    /// Bytes and errors of the pod's network namespace, on one container of the pod
+    /// ([`add_network`]).
+    pub network: Option<NetDev>,
+}
+
+/// A network namespace's totals over its interfaces but `lo`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct NetDev {
+    pub receive_bytes: f64,
+    pub transmit_bytes: f64,
+    pub receive_errors: f64,
+    pub transmit_errors: f64,
 }
 
 /// What one walk found.
@@ -135,7 +158,10 @@ fn walk(dir: &Path, pod: Option<&str>, out: &mut Scan, depth: usize) {
             .unwrap_or_default();
         match (pod, pod_uid(&name), container_id(&name)) {
             (Some(pod), _, Some(id)) => {
-                let reading = read_container(&child, pod, id, out);
+                let mut reading = read_container(&child, pod, id, out);
+                if out.containers.last().is_none_or(|c| c.pod_uid != pod) {
+                    reading.oom_kills = oom_kills(dir, out);
+                }
                 out.containers.push(reading);
             }
             (None, Some(uid), _) => walk(&child, Some(&uid), out, depth + 1),
@@ -148,21 +174,24 @@ fn walk(dir: &Path, pod: Option<&str>, out: &mut Scan, depth: usize) {
 
 fn read_container(dir: &Path, pod: &str, id: String, out: &mut Scan) -> ContainerReading {
     let mut problem = |file: &str, why: String| out.problems.push((dir.join(file), why));
-    let cpu = match read(dir, "cpu.stat") {
-        Ok(text) => field(&text, "usage_usec")
-            .map(|usec| usec / 1e6)
-            .or_else(|| {
+    let (cpu, throttled) = match read(dir, "cpu.stat") {
+        Ok(text) => {
+            let cpu = field(&text, "usage_usec").map(|usec| usec / 1e6);
+            if cpu.is_none() {
                 problem("cpu.stat", "no usage_usec".into());
-                None
-            }),
+            }
+            // Absent where the cpu controller is not enabled: nothing can throttle there.
+            (cpu, field(&text, "throttled_usec").map(|usec| usec / 1e6))
+        }
         Err(why) => {
             problem("cpu.stat", why);
-            None
+            (None, None)
         }
     };
-    let memory = match (read(dir, "memory.current"), read(dir, "memory.stat")) {
+    let stat = read(dir, "memory.stat");
+    let memory = match (read(dir, "memory.current").as_ref(), stat.as_ref()) {
         (Ok(current), Ok(stat)) => {
-            match (current.trim().parse::<f64>(), field(&stat, "inactive_file")) {
+            match (current.trim().parse::<f64>(), field(stat, "inactive_file")) {
                 (Ok(current), Some(inactive)) => Some((current - inactive).max(0.0)),
                 _ => {
                     problem(
@@ -174,10 +203,11 @@ fn read_container(dir: &Path, pod: &str, id: String, out: &mut Scan) -> Containe
             }
         }
         (Err(why), _) | (_, Err(why)) => {
-            problem("memory.current", why);
+            problem("memory.current", why.clone());
             None
         }
     };
+    let rss = stat.as_deref().ok().and_then(|stat| field(stat, "anon"));
     let (read_bytes, write_bytes) = match read(dir, "io.stat") {
         Ok(text) => {
             let sum = |key: &str| {
@@ -198,11 +228,29 @@ fn read_container(dir: &Path, pod: &str, id: String, out: &mut Scan) -> Containe
         container_id: id,
         path: dir.to_path_buf(),
         cpu_usage_seconds: cpu,
+        cpu_throttled_seconds: throttled,
         memory_working_set_bytes: memory,
+        memory_rss_bytes: rss,
         fs_read_bytes: read_bytes,
         fs_write_bytes: write_bytes,
-        network_receive_bytes: None,
-        network_transmit_bytes: None,
+        oom_kills: None,
+        network: None,
+    }
+}
+
+/// The OOM kills a pod cgroup's `memory.events` counts (hierarchically: its containers'
+/// too, unless the hierarchy is mounted with `memory_localevents`).
+fn oom_kills(pod_dir: &Path, out: &mut Scan) -> Option<f64> {
+    match read(pod_dir, "memory.events") {
+        Ok(text) => field(&text, "oom_kill").or_else(|| {
+            out.problems
+                .push((pod_dir.join("memory.events"), "no oom_kill".into()));
+            None
+        }),
+        Err(why) => {
+            out.problems.push((pod_dir.join("memory.events"), why));
+            None
+        }
     }
 }
 
@@ -221,13 +269,20 @@ fn field(text: &str, key: &str) -> Option<f64> {
 impl ContainerReading {
     /// The readings of this container: counters and a gauge, only for what was read.
     pub fn readings(&self) -> Vec<Reading> {
+        let net = |f: fn(&NetDev) -> f64| self.network.as_ref().map(f);
         [
             (SampleKind::Counter, m::CPU_SECONDS, self.cpu_usage_seconds),
+            (
+                SampleKind::Counter,
+                m::CPU_THROTTLED_SECONDS,
+                self.cpu_throttled_seconds,
+            ),
             (
                 SampleKind::Gauge,
                 m::MEMORY_BYTES,
                 self.memory_working_set_bytes,
             ),
+            (SampleKind::Gauge, m::MEMORY_RSS, self.memory_rss_bytes),
             (
                 SampleKind::Counter,
                 m::STORAGE_READ_BYTES,
@@ -238,22 +293,33 @@ impl ContainerReading {
                 m::STORAGE_WRITE_BYTES,
                 self.fs_write_bytes,
             ),
+            (SampleKind::Counter, m::OOM_KILLS, self.oom_kills),
             (
                 SampleKind::Counter,
                 m::NETWORK_RECEIVE_BYTES,
-                self.network_receive_bytes,
+                net(|n| n.receive_bytes),
             ),
             (
                 SampleKind::Counter,
                 m::NETWORK_TRANSMIT_BYTES,
-                self.network_transmit_bytes,
+                net(|n| n.transmit_bytes),
+            ),
+            (
+                SampleKind::Counter,
+                m::NETWORK_RECEIVE_ERRORS,
+                net(|n| n.receive_errors),
+            ),
+            (
+                SampleKind::Counter,
+                m::NETWORK_TRANSMIT_ERRORS,
+                net(|n| n.transmit_errors),
             ),
         ]
         .into_iter()
         .filter_map(|(kind, metric, value)| {
-            // The pod's network namespace counts from the pod's start, not the container's.
-            let scope = if metric == m::NETWORK_RECEIVE_BYTES || metric == m::NETWORK_TRANSMIT_BYTES
-            {
+            // The pod's network namespace and its cgroup's OOM kills count from the pod's
+            // start, not the container's.
+            let scope = if POD_METRICS.contains(&metric) {
                 super::Scope::Pod(self.pod_uid.clone())
             } else {
                 super::Scope::Container
@@ -271,9 +337,19 @@ impl ContainerReading {
     }
 }
 
-/// Bytes received and sent on every interface but `lo` in a `/proc/PID/net/dev` text.
-pub fn net_dev(text: &str) -> Option<(f64, f64)> {
-    let mut sums = None;
+/// The readings a pod has once, given to its first container.
+const POD_METRICS: [&str; 5] = [
+    m::OOM_KILLS,
+    m::NETWORK_RECEIVE_BYTES,
+    m::NETWORK_TRANSMIT_BYTES,
+    m::NETWORK_RECEIVE_ERRORS,
+    m::NETWORK_TRANSMIT_ERRORS,
+];
+
+/// Bytes and errors received and sent on every interface but `lo` in a `/proc/PID/net/dev`
+/// text.
+pub fn net_dev(text: &str) -> Option<NetDev> {
+    let mut sums = NetDev::default();
     for line in text.lines().skip(2) {
         let (name, counters) = line.split_once(':')?;
         if name.trim() == "lo" {
@@ -283,16 +359,17 @@ pub fn net_dev(text: &str) -> Option<(f64, f64)> {
             .split_whitespace()
             .map(|f| f.parse().ok())
             .collect::<Option<_>>()?;
-        // receive: bytes packets errs drop fifo frame compressed multicast; transmit: bytes …
-        let (rx, tx) = (*fields.first()?, *fields.get(8)?);
-        let (r, t) = sums.get_or_insert((0.0, 0.0));
-        *r += rx;
-        *t += tx;
+        // receive: bytes packets errs drop fifo frame compressed multicast;
+        // transmit: bytes packets errs drop fifo colls carrier compressed.
+        sums.receive_bytes += *fields.first()?;
+        sums.receive_errors += *fields.get(2)?;
+        sums.transmit_bytes += *fields.get(8)?;
+        sums.transmit_errors += *fields.get(10)?;
     }
-    Some(sums.unwrap_or((0.0, 0.0)))
+    Some(sums)
 }
 
-/// Adds network bytes to the containers of `scan`: each pod's network namespace is read once,
+/// Adds network bytes and errors to the containers of `scan`: each pod's network namespace is read once,
 /// through the first process of its first container (by id), and given to that container; a
 /// container in the host's network namespace (`hostNetwork`) gets none — the node's traffic is
 /// not a tenant's. Needs the host's `/proc` (`hostPID`).
@@ -317,10 +394,7 @@ pub fn add_network(scan: &mut Scan, proc_root: &Path) {
         }
         match std::fs::read_to_string(proc_root.join(&pid).join("net/dev")) {
             Ok(text) => match net_dev(&text) {
-                Some((rx, tx)) => {
-                    c.network_receive_bytes = Some(rx);
-                    c.network_transmit_bytes = Some(tx);
-                }
+                Some(totals) => c.network = Some(totals),
                 None => scan
                     .problems
                     .push((proc_root.join(&pid).join("net/dev"), "unparseable".into())),
@@ -357,13 +431,18 @@ impl Default for CgroupConfig {
 }
 
 /// Every metric this source can yield.
-pub const METRICS: [&str; 6] = [
+pub const METRICS: [&str; 11] = [
     m::CPU_SECONDS,
+    m::CPU_THROTTLED_SECONDS,
     m::MEMORY_BYTES,
+    m::MEMORY_RSS,
     m::STORAGE_READ_BYTES,
     m::STORAGE_WRITE_BYTES,
+    m::OOM_KILLS,
     m::NETWORK_RECEIVE_BYTES,
     m::NETWORK_TRANSMIT_BYTES,
+    m::NETWORK_RECEIVE_ERRORS,
+    m::NETWORK_TRANSMIT_ERRORS,
 ];
 
 /// The cgroup source.
@@ -437,11 +516,15 @@ mod tests {
         std::fs::write(path.join(file), text).expect("fixture file");
     }
 
+    /// A container's files as a 6.x kernel writes them; `cpu.stat` without the cpu
+    /// controller's lines (nothing to throttle).
     fn container(dir: &Path, cpu_usec: u64, current: u64, inactive: u64) {
         write(
             dir,
             "cpu.stat",
-            &format!("usage_usec {cpu_usec}\nuser_usec 1\nsystem_usec 2\n"),
+            &format!(
+                "usage_usec {cpu_usec}\nuser_usec 1\nsystem_usec 2\ncore_sched.force_idle_usec 0\n"
+            ),
         );
         write(dir, "memory.current", &format!("{current}\n"));
         write(
@@ -453,6 +536,17 @@ mod tests {
             dir,
             "io.stat",
             "8:0 rbytes=1000 wbytes=24 rios=3 wios=1 dbytes=0 dios=0\n259:0 rbytes=500 wbytes=6 rios=1 wios=1\n",
+        );
+    }
+
+    /// A pod cgroup's `memory.events`.
+    fn pod_events(dir: &Path, oom_kill: u64) {
+        write(
+            dir,
+            "memory.events",
+            &format!(
+                "low 0\nhigh 0\nmax 14\noom {oom_kill}\noom_kill {oom_kill}\noom_group_kill 0\n"
+            ),
         );
     }
 
@@ -506,8 +600,10 @@ mod tests {
             "cpu.stat",
             "usage_usec 1\n",
         );
+        pod_events(&pod, 0);
         let cgroupfs = r.join("kubepods/besteffort/podbbbb2222-3333");
         container(&cgroupfs.join(ID_B), 7_000_000, 1000, 5000);
+        pod_events(&cgroupfs, 2);
         // A cgroup outside kubepods with a container-like name: no pod above it, not read.
         container(
             &r.join("system.slice").join(format!("docker-{ID_A}.scope")),
@@ -529,6 +625,8 @@ mod tests {
                     c.memory_working_set_bytes,
                     c.fs_read_bytes,
                     c.fs_write_bytes,
+                    c.memory_rss_bytes,
+                    c.oom_kills,
                 )
             })
             .collect();
@@ -541,7 +639,9 @@ mod tests {
                     Some(2.5),
                     Some(3072.0),
                     Some(1500.0),
-                    Some(30.0)
+                    Some(30.0),
+                    Some(5.0),
+                    Some(0.0)
                 ),
                 // Inactive file pages above the usage: a working set of zero, not negative.
                 (
@@ -550,10 +650,86 @@ mod tests {
                     Some(7.0),
                     Some(0.0),
                     Some(1500.0),
-                    Some(30.0)
+                    Some(30.0),
+                    Some(5.0),
+                    Some(2.0)
                 ),
             ]
         );
+        // Without the cpu controller's lines, no throttling is read (not a zero).
+        assert!(
+            scan.containers
+                .iter()
+                .all(|c| c.cpu_throttled_seconds.is_none())
+        );
+    }
+
+    /// What a limited container and its pod add: the cpu controller's throttling, and the
+    /// OOM kills the pod counts once, on its first container, for the container whose cgroup
+    /// the kill removed as well.
+    #[test]
+    fn throttling_rss_and_a_pods_oom_kills_are_read() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let r = root.path();
+        write(r, "cgroup.controllers", "cpuset cpu io memory pids\n");
+        let pod = r.join("kubepods/burstable/poddddd4444-5555");
+        for id in [ID_A, ID_B] {
+            let dir = pod.join(id);
+            container(&dir, 9_000_000, 8_192_000, 0);
+            write(
+                &dir,
+                "cpu.stat",
+                "usage_usec 9000000\nuser_usec 8000000\nsystem_usec 1000000\ncore_sched.force_idle_usec 0\nnr_periods 400\nnr_throttled 37\nthrottled_usec 1850000\nnr_bursts 0\nburst_usec 0\n",
+            );
+            write(
+                &dir,
+                "memory.stat",
+                "anon 6291456\nfile 1048576\nkernel 180224\nkernel_stack 16384\nsock 0\nshmem 0\nfile_mapped 0\ninactive_anon 6291456\nactive_anon 0\ninactive_file 1048576\nactive_file 0\n",
+            );
+        }
+        pod_events(&pod, 3);
+        let scan = scan(r).expect("a v2 root");
+        assert!(scan.problems.is_empty(), "{:?}", scan.problems);
+        let got: Vec<_> = scan
+            .containers
+            .iter()
+            .map(|c| {
+                (
+                    c.cpu_throttled_seconds,
+                    c.memory_rss_bytes,
+                    c.memory_working_set_bytes,
+                    c.oom_kills,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some(1.85), Some(6_291_456.0), Some(7_143_424.0), Some(3.0)),
+                (Some(1.85), Some(6_291_456.0), Some(7_143_424.0), None),
+            ]
+        );
+        let readings = scan.containers[0].readings();
+        let kills: Vec<_> = readings
+            .iter()
+            .filter(|r| r.metric == m::OOM_KILLS)
+            .map(|r| (r.kind, r.value, &r.scope))
+            .collect();
+        assert_eq!(
+            kills,
+            [(
+                SampleKind::Counter,
+                3.0,
+                &super::super::Scope::Pod("dddd4444-5555".into())
+            )]
+        );
+        // A pod cgroup without memory.events (no memory controller there): no kills read,
+        // and the file is named.
+        std::fs::remove_file(pod.join("memory.events")).expect("remove");
+        let again = super::scan(r).expect("a v2 root");
+        assert_eq!(again.containers[0].oom_kills, None);
+        assert_eq!(again.problems.len(), 1);
+        assert!(again.problems[0].0.ends_with("memory.events"));
     }
 
     #[test]
@@ -563,6 +739,7 @@ mod tests {
         write(r, "cgroup.controllers", "cpu memory\n");
         let dir = r.join("kubepods/podcccc3333/").join(ID_A);
         container(&dir, 1_000_000, 10, 1);
+        pod_events(&r.join("kubepods/podcccc3333"), 0);
         std::fs::remove_file(dir.join("io.stat")).expect("remove");
         write(&dir, "memory.stat", "anon 5\n");
         let scan = scan(r).expect("a v2 root");
@@ -584,7 +761,14 @@ mod tests {
         // Absent readings are no samples at all, never zeros.
         let readings = c.readings();
         let metrics: Vec<&str> = readings.iter().map(|s| s.metric.as_str()).collect();
-        assert_eq!(metrics, vec!["cpu_usage_seconds_total"]);
+        assert_eq!(
+            metrics,
+            vec![
+                "cpu_usage_seconds_total",
+                "memory_rss_bytes",
+                "memory_oom_kills_total"
+            ]
+        );
         assert_eq!(
             (readings[0].kind, readings[0].value),
             (SampleKind::Counter, 1.0)
@@ -593,14 +777,22 @@ mod tests {
 
     const NET_DEV: &str = "Inter-|   Receive                                                |  Transmit
  face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
-    lo: 999999     100    0    0    0     0          0         0   999999     100    0    0    0     0       0          0
-  eth0: 6000        50    0    0    0     0          0         0     3000      40    0    0    0     0       0          0
-  net1: 1000        10    0    0    0     0          0         0      500       5    0    0    0     0       0          0
+    lo: 999999     100    9    0    0     0          0         0   999999     100    9    0    0     0       0          0
+  eth0: 6000        50    2    1    0     0          0         0     3000      40    1    0    0     0       0          0
+  net1: 1000        10    1    0    0     0          0         0      500       5    0    3    0     0       0          0
 ";
 
     #[test]
     fn net_dev_sums_every_interface_but_loopback() {
-        assert_eq!(net_dev(NET_DEV), Some((7000.0, 3500.0)));
+        assert_eq!(
+            net_dev(NET_DEV),
+            Some(NetDev {
+                receive_bytes: 7000.0,
+                transmit_bytes: 3500.0,
+                receive_errors: 3.0,
+                transmit_errors: 1.0,
+            })
+        );
         assert_eq!(net_dev("a\nb\n  eth0: 1 2 x\n"), None);
     }
 
@@ -641,17 +833,16 @@ mod tests {
             .map(|c| {
                 (
                     &c.container_id[..4],
-                    c.network_receive_bytes,
-                    c.network_transmit_bytes,
+                    c.network.map(|n| (n.receive_bytes, n.transmit_bytes)),
                 )
             })
             .collect();
         assert_eq!(
             net,
             vec![
-                ("0123", Some(7000.0), Some(3500.0)),
-                ("fedc", None, None),
-                ("cccc", None, None),
+                ("0123", Some((7000.0, 3500.0))),
+                ("fedc", None),
+                ("cccc", None),
             ]
         );
         let mut source = CgroupSource::new(CgroupConfig {

@@ -112,12 +112,16 @@ pub struct Container {
     pub limits: BTreeMap<String, i64>,
     /// The cores and memory the container's spec requests.
     pub requests: Requests,
+    /// The cores and memory the container's spec limits it to (`resources.limits` alone: no
+    /// limit is no limit).
+    pub limited: Requests,
 }
 
-/// What a container's spec requests (`resources.requests`), as the scheduler reserves it: a
-/// request left out where a limit is set is the limit (the API server's defaulting, which the
-/// kubelet's answer already shows; applied here again for a static pod's spec). `None` where
-/// neither is set, or the quantity cannot be read (a warning says which).
+/// The cores and memory of a container's spec. As its requests (`resources.requests`), what the
+/// scheduler reserves: a request left out where a limit is set is the limit (the API server's
+/// defaulting, which the kubelet's answer already shows; applied here again for a static pod's
+/// spec). As its limits, `resources.limits`. `None` where not set, or the quantity cannot be
+/// read (a warning says which).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Requests {
     /// Millicores (`"500m"`, `"2"`), rounded up to the millicore as Kubernetes does.
@@ -545,10 +549,28 @@ mod wire {
     impl Resources {
         /// The requested cores and memory (a limit where no request is set).
         pub fn requests(&self, pod: &str, container: &str) -> super::Requests {
+            self.quantities(pod, container, Some(&self.requests))
+        }
+
+        /// The cores and memory the container is limited to.
+        pub fn limited(&self, pod: &str, container: &str) -> super::Requests {
+            self.quantities(pod, container, None)
+        }
+
+        /// The limits' cores and memory, under `requests` where given.
+        fn quantities(
+            &self,
+            pod: &str,
+            container: &str,
+            requests: Option<&BTreeMap<String, serde_json::Value>>,
+        ) -> super::Requests {
+            let what = match requests {
+                Some(_) => "a request the agent cannot read is not billed as reserved",
+                None => "a limit the agent cannot read is not reported",
+            };
             let read = |resource: &str, parse: fn(&str) -> Result<i64, _>| {
-                let quantity = self
-                    .requests
-                    .get(resource)
+                let quantity = requests
+                    .and_then(|r| r.get(resource))
                     .or_else(|| self.limits.get(resource))?;
                 let text = match quantity {
                     serde_json::Value::String(q) => q.clone(),
@@ -556,8 +578,7 @@ mod wire {
                 };
                 parse(&text)
                     .map_err(|e: meterflow_guard::quantity::QuantityError| {
-                        tracing::warn!(%pod, %container, resource, error = %e,
-                            "a request the agent cannot read is not billed as reserved");
+                        tracing::warn!(%pod, %container, resource, error = %e, "{what}");
                     })
                     .ok()
             };
@@ -744,10 +765,12 @@ mod wire {
                 .find(|o| o.controller)
                 .or(m.owner_references.first())
                 .map(|o| (o.kind.clone(), o.name.clone()));
-            /// A container's literal env, whole-number limits and requests, by its name.
+            /// A container's literal env, whole-number limits, requests and CPU and memory
+            /// limits, by its name.
             type Spec = (
                 BTreeMap<String, String>,
                 BTreeMap<String, i64>,
+                super::Requests,
                 super::Requests,
             );
             let pod_name = format!("{}/{}", m.namespace, m.name);
@@ -762,6 +785,7 @@ mod wire {
                         .filter_map(|v| Some((v.name, v.value?)))
                         .collect();
                     let requests = c.resources.requests(&pod_name, &c.name);
+                    let limited = c.resources.limited(&pod_name, &c.name);
                     let limits = c
                         .resources
                         .limits
@@ -775,7 +799,7 @@ mod wire {
                             Some((resource, whole?))
                         })
                         .collect();
-                    (c.name, (vars, limits, requests))
+                    (c.name, (vars, limits, requests, limited))
                 })
                 .collect();
             let containers = self
@@ -783,7 +807,7 @@ mod wire {
                 .container_statuses
                 .into_iter()
                 .map(|c| {
-                    let (env, limits, requests) = spec.remove(&c.name).unwrap_or_default();
+                    let (env, limits, requests, limited) = spec.remove(&c.name).unwrap_or_default();
                     super::Container {
                         current: c.state.run(&c.container_id),
                         // The previous run's id is only in its own terminated state.
@@ -791,6 +815,7 @@ mod wire {
                         env,
                         limits,
                         requests,
+                        limited,
                         name: c.name,
                         restarts: c.restart_count,
                     }
@@ -848,6 +873,22 @@ mod tests {
                     cpu_millicores: None,
                     memory_bytes: Some(1 << 30)
                 },
+            ]
+        );
+        // Limits are the spec's limits alone: none where only requests are set.
+        let limited: Vec<Requests> = pods[0].containers.iter().map(|c| c.limited).collect();
+        assert_eq!(
+            limited,
+            vec![
+                Requests {
+                    cpu_millicores: Some(4_000),
+                    memory_bytes: Some(16 << 30)
+                },
+                Requests {
+                    cpu_millicores: Some(1_000),
+                    memory_bytes: Some(1 << 30)
+                },
+                Requests::default(),
             ]
         );
     }

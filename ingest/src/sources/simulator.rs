@@ -343,6 +343,7 @@ fn akash_pod(owner: &str, dseq: i64, gseq: i64, oseq: i64, service: &str, create
             env: map(&env),
             limits: BTreeMap::new(),
             requests: Default::default(),
+            limited: Default::default(),
         }],
     }
 }
