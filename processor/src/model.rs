@@ -461,11 +461,29 @@ pub enum Aggregate {
     /// Memory reserved: a container run's requested bytes from its start to its finish, in
     /// byte-seconds, from `memory_request_bytes` allocations.
     MemoryRequestByteSeconds,
+    /// CPU limit: a container run's limit in cores from its start to its finish, in
+    /// millicore-milliseconds (core-seconds at scale 6), from `cpu_limit_cores` allocations.
+    /// This and the five after it come after the others, so that checkpoints written before
+    /// them read the same.
+    CpuLimitSeconds,
+    /// Memory limit: a container run's limit in bytes from its start to its finish, in
+    /// byte-seconds, from `memory_limit_bytes` allocations.
+    MemoryLimitByteSeconds,
+    /// CPU time the quota held the container back, from `cpu_throttled_seconds_total`, in
+    /// microseconds.
+    CpuThrottledSeconds,
+    /// Anonymous memory (RSS) held over time, in byte-seconds.
+    MemoryRssByteSeconds,
+    /// Processes killed by the OOM killer, from `memory_oom_kills_total`.
+    OomKills,
+    /// Network errors, from their counters.
+    NetworkReceiveErrors,
+    NetworkTransmitErrors,
 }
 
 impl Aggregate {
     /// Every aggregate, in order.
-    pub const ALL: [Aggregate; 14] = [
+    pub const ALL: [Aggregate; 21] = [
         Aggregate::GpuSeconds,
         Aggregate::GpuSecondsUnfinished,
         Aggregate::CpuCoreSeconds,
@@ -480,6 +498,13 @@ impl Aggregate {
         Aggregate::HostEnergyJoules,
         Aggregate::CpuRequestSeconds,
         Aggregate::MemoryRequestByteSeconds,
+        Aggregate::CpuLimitSeconds,
+        Aggregate::MemoryLimitByteSeconds,
+        Aggregate::CpuThrottledSeconds,
+        Aggregate::MemoryRssByteSeconds,
+        Aggregate::OomKills,
+        Aggregate::NetworkReceiveErrors,
+        Aggregate::NetworkTransmitErrors,
     ];
 
     fn gpu_seconds() -> Self {
@@ -507,6 +532,13 @@ impl Aggregate {
             Aggregate::HostEnergyJoules => "host_energy_joules",
             Aggregate::CpuRequestSeconds => "cpu_request_core_seconds",
             Aggregate::MemoryRequestByteSeconds => "memory_request_byte_seconds",
+            Aggregate::CpuLimitSeconds => "cpu_limit_core_seconds",
+            Aggregate::MemoryLimitByteSeconds => "memory_limit_byte_seconds",
+            Aggregate::CpuThrottledSeconds => "cpu_throttled_seconds",
+            Aggregate::MemoryRssByteSeconds => "memory_rss_byte_seconds",
+            Aggregate::OomKills => "oom_kills",
+            Aggregate::NetworkReceiveErrors => "network_receive_errors",
+            Aggregate::NetworkTransmitErrors => "network_transmit_errors",
         }
     }
 
@@ -517,6 +549,13 @@ impl Aggregate {
             (SampleKind::Allocation, m::GPU) => Aggregate::GpuSeconds,
             (SampleKind::Allocation, m::CPU_REQUEST) => Aggregate::CpuRequestSeconds,
             (SampleKind::Allocation, m::MEMORY_REQUEST) => Aggregate::MemoryRequestByteSeconds,
+            (SampleKind::Allocation, m::CPU_LIMIT) => Aggregate::CpuLimitSeconds,
+            (SampleKind::Allocation, m::MEMORY_LIMIT) => Aggregate::MemoryLimitByteSeconds,
+            (SampleKind::Counter, m::CPU_THROTTLED_SECONDS) => Aggregate::CpuThrottledSeconds,
+            (SampleKind::Counter, m::OOM_KILLS) => Aggregate::OomKills,
+            (SampleKind::Counter, m::NETWORK_RECEIVE_ERRORS) => Aggregate::NetworkReceiveErrors,
+            (SampleKind::Counter, m::NETWORK_TRANSMIT_ERRORS) => Aggregate::NetworkTransmitErrors,
+            (SampleKind::Gauge, m::MEMORY_RSS) => Aggregate::MemoryRssByteSeconds,
             (SampleKind::Counter, m::CPU_SECONDS) => Aggregate::CpuCoreSeconds,
             (SampleKind::Counter, m::ENERGY_JOULES) => Aggregate::EnergyJoules,
             (SampleKind::Counter, m::HOST_ENERGY_JOULES) => Aggregate::HostEnergyJoules,
@@ -537,8 +576,11 @@ impl Aggregate {
             Aggregate::GpuSeconds
             | Aggregate::GpuSecondsUnfinished
             | Aggregate::CpuRequestSeconds
-            | Aggregate::MemoryRequestByteSeconds => Kind::Allocation,
+            | Aggregate::MemoryRequestByteSeconds
+            | Aggregate::CpuLimitSeconds
+            | Aggregate::MemoryLimitByteSeconds => Kind::Allocation,
             Aggregate::MemoryByteSeconds
+            | Aggregate::MemoryRssByteSeconds
             | Aggregate::VramByteSeconds
             | Aggregate::GpuUtilizationSeconds => Kind::Gauge,
             _ => Kind::Counter,
@@ -552,7 +594,10 @@ impl Aggregate {
             | Aggregate::GpuSecondsUnfinished
             | Aggregate::EnergyJoules
             | Aggregate::HostEnergyJoules => 3,
-            Aggregate::CpuCoreSeconds | Aggregate::CpuRequestSeconds => 6,
+            Aggregate::CpuCoreSeconds
+            | Aggregate::CpuRequestSeconds
+            | Aggregate::CpuLimitSeconds
+            | Aggregate::CpuThrottledSeconds => 6,
             Aggregate::GpuUtilizationSeconds => 3,
             _ => 0,
         }
@@ -564,8 +609,8 @@ impl Aggregate {
     pub fn reading_units(self) -> f64 {
         match self {
             Aggregate::GpuSeconds | Aggregate::GpuSecondsUnfinished => 1.0,
-            Aggregate::CpuRequestSeconds => 1e3,
-            Aggregate::MemoryRequestByteSeconds => 1.0,
+            Aggregate::CpuRequestSeconds | Aggregate::CpuLimitSeconds => 1e3,
+            Aggregate::MemoryRequestByteSeconds | Aggregate::MemoryLimitByteSeconds => 1.0,
             Aggregate::GpuUtilizationSeconds => 1e6,
             a if a.kind() == Kind::Counter => 10f64.powi(a.scale()),
             _ => 1.0,
@@ -586,7 +631,7 @@ impl Aggregate {
     /// byte-ms / 1000 = byte-seconds.
     pub fn held_divisor(self) -> i64 {
         match self {
-            Aggregate::MemoryRequestByteSeconds => 1_000,
+            Aggregate::MemoryRequestByteSeconds | Aggregate::MemoryLimitByteSeconds => 1_000,
             _ => 1,
         }
     }
@@ -608,6 +653,13 @@ impl Aggregate {
             Aggregate::MemoryByteSeconds => m::MEMORY_BYTES,
             Aggregate::VramByteSeconds => m::VRAM_BYTES,
             Aggregate::GpuUtilizationSeconds => m::GPU_UTILIZATION,
+            Aggregate::CpuLimitSeconds => m::CPU_LIMIT,
+            Aggregate::MemoryLimitByteSeconds => m::MEMORY_LIMIT,
+            Aggregate::CpuThrottledSeconds => m::CPU_THROTTLED_SECONDS,
+            Aggregate::MemoryRssByteSeconds => m::MEMORY_RSS,
+            Aggregate::OomKills => m::OOM_KILLS,
+            Aggregate::NetworkReceiveErrors => m::NETWORK_RECEIVE_ERRORS,
+            Aggregate::NetworkTransmitErrors => m::NETWORK_TRANSMIT_ERRORS,
         }
     }
 
@@ -786,10 +838,12 @@ pub const MAX_LABEL_BYTES: usize = 256;
 /// The most one allocation series may hold: 2^20 GPUs, 2^30 millicores (a million cores), 2^44
 /// bytes (16 TiB). Amounts are multiplied by up to a window's milliseconds; beyond these a
 /// month's total would leave `i64`.
-const MAX_HELD: [(Aggregate, i64); 3] = [
+const MAX_HELD: [(Aggregate, i64); 5] = [
     (Aggregate::GpuSeconds, 1 << 20),
     (Aggregate::CpuRequestSeconds, 1 << 30),
     (Aggregate::MemoryRequestByteSeconds, 1 << 44),
+    (Aggregate::CpuLimitSeconds, 1 << 30),
+    (Aggregate::MemoryLimitByteSeconds, 1 << 44),
 ];
 
 /// An allocation sample's value as the integer amount held: whole GPUs, millicores (a
@@ -804,6 +858,8 @@ fn held_count(metric: Aggregate, value: f64) -> Result<i64, (&'static str, Strin
     let (reason, what) = match metric {
         Aggregate::GpuSeconds => ("bad_gpu_count", "a whole number of GPUs"),
         Aggregate::CpuRequestSeconds => ("bad_cpu_request", "a whole number of millicores"),
+        Aggregate::CpuLimitSeconds => ("bad_cpu_limit", "a whole number of millicores"),
+        Aggregate::MemoryLimitByteSeconds => ("bad_memory_limit", "a whole number of bytes"),
         _ => ("bad_memory_request", "a whole number of bytes"),
     };
     // A millicore count sent as cores (0.1 × 1000 = 100.00000000000001) is whole to within
@@ -1083,7 +1139,7 @@ mod tests {
     }
 
     #[test]
-    fn requests_are_held_in_millicores_and_bytes_and_bad_amounts_refused() {
+    fn requests_and_limits_are_held_in_millicores_and_bytes_and_bad_amounts_refused() {
         let held = |metric: &str, value: f64| {
             let s = sample(SampleKind::Allocation, metric, value);
             match observe(&s) {
@@ -1113,6 +1169,17 @@ mod tests {
             Err("bad_memory_request")
         );
         assert_eq!(held("gpu", 2.0e6), Err("bad_gpu_count"));
+        // Limits alike, refused under their own names.
+        assert_eq!(
+            held("cpu_limit_cores", 0.25),
+            Ok((Aggregate::CpuLimitSeconds, 250))
+        );
+        assert_eq!(
+            held("memory_limit_bytes", 512.0 * (1u64 << 20) as f64),
+            Ok((Aggregate::MemoryLimitByteSeconds, 512 << 20))
+        );
+        assert_eq!(held("cpu_limit_cores", 0.0005), Err("bad_cpu_limit"));
+        assert_eq!(held("memory_limit_bytes", 1e15), Err("bad_memory_limit"));
         // A request's series carries no GPU identity, whatever the sample says.
         let mut s = sample(SampleKind::Allocation, "cpu_request_cores", 2.0);
         s.series.gpu_uuid = "GPU-1".into();
@@ -1147,6 +1214,13 @@ mod tests {
             "host_energy_joules_total",
             "cpu_request_cores",
             "memory_request_bytes",
+            "cpu_limit_cores",
+            "memory_limit_bytes",
+            "cpu_throttled_seconds_total",
+            "memory_rss_bytes",
+            "memory_oom_kills_total",
+            "network_receive_errors_total",
+            "network_transmit_errors_total",
         ];
         let found: BTreeSet<_> = kinds
             .iter()
