@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use meterflow_ingest::Publisher;
+use meterflow_schemas::{Sample, SampleBatch, SampleKind, SeriesId};
 use meterflow_sink::auth::SigningKey;
 use serde_json::Value;
 
@@ -364,4 +365,172 @@ async fn the_lease_metrics_route_answers_the_aep_43_table_from_the_scenarios_rea
     .await;
     assert_eq!(got, 400, "{body}");
     pipeline.stop().await;
+}
+
+/// A sample of lease acme/300.1.1's one service `api`, by its container, `at` seconds after T0.
+fn api(container: &str, kind: SampleKind, metric: &str, at: i64, value: f64) -> Sample {
+    Sample {
+        series: SeriesId {
+            tenant: "acme".into(),
+            lease: "300.1.1".into(),
+            service: "api".into(),
+            replica: "0".into(),
+            node: "node-b".into(),
+            provider: "prov".into(),
+            container_id: container.into(),
+            ..Default::default()
+        },
+        kind,
+        metric: metric.into(),
+        value,
+        timestamp_ms: (T0_S + at) * 1_000,
+        started_at_ms: None,
+        finished_at_ms: None,
+    }
+}
+
+/// The catalog's limits, throttling, RSS, OOM kills and network errors, from what happened
+/// to one pod, as its agent reads it every 15 s: container c7, limited to 0.5 cores and
+/// 256 MiB, starts at 10 s and is OOM-killed at 70 s; the kubelet restarts it as c8 at 72 s,
+/// running past the last reading at 135 s. Every expected value is arithmetic on that story.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_throttling_rss_oom_kills_and_network_errors_are_answered_as_they_happened() {
+    use SampleKind::{Allocation, Counter, Gauge};
+    const MIB: f64 = (1u64 << 20) as f64;
+    let pipeline = Pipeline::start(1, 1).await;
+    let publisher = Publisher::new(&pipeline.broker.bootstrap()).expect("producer");
+    let mut batches = Vec::new();
+    for (i, at) in (15..=135).step_by(15).enumerate() {
+        let mut samples = Vec::new();
+        // The kubelet's runs: c7 from 10 s (ended at 70 s, then listed as the last state),
+        // c8 from 72 s. Each limit is an allocation over its run.
+        let mut runs = vec![("c7", 10, (at > 70).then_some(70))];
+        if at > 72 {
+            runs.push(("c8", 72, None));
+        }
+        for (c, started, finished) in runs {
+            for (metric, value) in [
+                ("cpu_limit_cores", 0.5),
+                ("memory_limit_bytes", 256.0 * MIB),
+            ] {
+                let mut s = api(c, Allocation, metric, at, value);
+                s.started_at_ms = Some((T0_S + started) * 1_000);
+                s.finished_at_ms = finished.map(|f| (T0_S + f) * 1_000);
+                samples.push(s);
+            }
+        }
+        // The living container's cgroup: throttled seconds, RSS; the pod's OOM kills and
+        // network errors, given to its first container (c7, then c8, which carries on from
+        // the pod's totals: 1 kill and 2 receive errors by 75 s, 5 by 90 s, 1 transmit error
+        // at 120 s).
+        let (c, throttled, rss, kills, rx_errors, tx_errors) = match at {
+            15 => ("c7", 0.4, 96.0, 0.0, 0.0, 0.0),
+            30 => ("c7", 0.9, 96.0, 0.0, 0.0, 0.0),
+            45 => ("c7", 1.3, 96.0, 0.0, 2.0, 0.0),
+            60 => ("c7", 1.6, 96.0, 0.0, 2.0, 0.0),
+            75 => ("c8", 0.0, 64.0, 1.0, 0.0, 0.0),
+            90 => ("c8", 0.3, 64.0, 1.0, 3.0, 0.0),
+            105 => ("c8", 0.5, 64.0, 1.0, 3.0, 0.0),
+            120 => ("c8", 0.6, 64.0, 1.0, 3.0, 1.0),
+            _ => ("c8", 0.9, 64.0, 1.0, 3.0, 1.0),
+        };
+        samples.extend([
+            api(c, Counter, "cpu_throttled_seconds_total", at, throttled),
+            api(c, Gauge, "memory_rss_bytes", at, rss * MIB),
+            api(c, Counter, "memory_oom_kills_total", at, kills),
+            api(c, Counter, "network_receive_errors_total", at, rx_errors),
+            api(c, Counter, "network_transmit_errors_total", at, tx_errors),
+        ]);
+        batches.push(SampleBatch {
+            node: "node-b".into(),
+            agent_id: "agent-node-b".into(),
+            sequence: i as i64 + 1,
+            collected_at_ms: (T0_S + at) * 1_000,
+            agent_version: "test".into(),
+            samples,
+        });
+    }
+    for b in &batches {
+        publisher.publish(b).await.expect("batch delivered");
+    }
+    let acme = token("acme");
+    let route = |query: &str| pipeline.url(&format!("/lease/300/1/1/metrics?{query}"));
+
+    // Over one 3-minute step (the data reaches 180 s, the end of the window of the last
+    // reading):
+    // - CPU limit: c7 0.5 cores for 60 s (10 → 70) and c8 for 63 s (72 → 135, its last
+    //   observation) = 61.5 core-seconds / 180 s; memory alike, 123 s × 256 MiB / 180 s.
+    // - Throttled: c7's counter from zero to 1.6 s, c8's to 0.9 s: 2.5 s.
+    // - RSS: 96 MiB held from c7's first reading to its last (15 → 60, 45 s), 64 MiB over
+    //   c8's (75 → 135, 60 s), read throughout: 8,160 MiB·s over 180 s.
+    // - OOM kills 1, receive errors 2 + 3 = 5, transmit errors 1.
+    let query = format!(
+        "metric=all&start={T0_S}&end={}&step=3m&aggregation=sum",
+        T0_S + 180
+    );
+    let value = |v: &Value, metric: &str| samples(v, metric).first().map(|(_, x)| *x);
+    let close =
+        |got: Option<f64>, want: f64| got.is_some_and(|g| (g - want).abs() < 1e-9 * want.max(1.0));
+    let answer = poll_json(&route(&query), &acme, Duration::from_secs(90), |v| {
+        close(value(v, "akash_lease_cpu_limit_cores"), 61.5 / 180.0)
+            && close(value(v, "akash_lease_memory_oom_kills_total"), 1.0)
+            && close(value(v, "akash_lease_network_rx_errors_total"), 5.0)
+            && !warned(v, "not complete")
+    })
+    .await;
+    let want = [
+        ("akash_lease_cpu_limit_cores", 61.5 / 180.0),
+        (
+            "akash_lease_memory_limit_bytes",
+            123.0 * 256.0 * MIB / 180.0,
+        ),
+        ("akash_lease_cpu_throttled_seconds", 2.5),
+        ("akash_lease_memory_rss_bytes", 8_160.0 * MIB / 180.0),
+        ("akash_lease_memory_oom_kills_total", 1.0),
+        ("akash_lease_network_rx_errors_total", 5.0),
+        ("akash_lease_network_tx_errors_total", 1.0),
+    ];
+    for (metric, expected) in want {
+        let got = value(&answer, metric);
+        assert!(
+            close(got, expected),
+            "{metric}: {got:?}, not {expected}\n{answer:#}"
+        );
+    }
+    let series = answer["series"].as_array().expect("series");
+    assert_eq!(series.len(), want.len(), "{answer:#}");
+    for s in series {
+        assert_eq!(
+            s["labels"],
+            serde_json::json!({"owner": "acme", "dseq": "300", "gseq": "1", "oseq": "1", "provider": "akash1simprovider", "service": "api"})
+        );
+    }
+
+    // Per minute, each lands where it happened: the kill in minute 1 (read at 75 s, its
+    // bound: the reading interval), the limits by the time each run held them: 10 → 60 s at 0.5 cores, then 60 → 70 and
+    // 72 → 120 (29 core-seconds), then 120 → 135 (7.5).
+    let minutes = poll_json(
+        &route(&format!(
+            "metric=akash_lease_memory_oom_kills_total,akash_lease_cpu_limit_cores&start={T0_S}&end={}&step=1m&aggregation=sum",
+            T0_S + 180
+        )),
+        &acme,
+        Duration::from_secs(10),
+        |v| v["series"].is_array(),
+    )
+    .await;
+    // A counter's minute without an increase has no total (the processor keeps no zero
+    // totals): the kill is the one sample.
+    let kills = samples(&minutes, "akash_lease_memory_oom_kills_total");
+    assert_eq!(kills, [(T0_S + 60, 1.0)], "{minutes:#}");
+    let limits = samples(&minutes, "akash_lease_cpu_limit_cores");
+    let expected = [25.0 / 60.0, 29.0 / 60.0, 7.5 / 60.0];
+    assert_eq!(limits.len(), 3, "{minutes:#}");
+    for ((t, got), (i, want)) in limits.iter().zip(expected.into_iter().enumerate()) {
+        assert_eq!(*t, T0_S + 60 * i as i64);
+        assert!(
+            (got - want).abs() < 1e-12,
+            "minute {i}: {got} cores, not {want}"
+        );
+    }
 }

@@ -78,7 +78,7 @@ pub struct Entry {
 }
 
 /// The AEP-43 catalog metrics Meterflow's aggregates give.
-pub const CATALOG: [Entry; 7] = [
+pub const CATALOG: [Entry; 14] = [
     Entry {
         name: "akash_lease_cpu_usage_cores",
         from: "cpu_core_seconds",
@@ -114,21 +114,49 @@ pub const CATALOG: [Entry; 7] = [
         from: "energy_joules",
         derive: Derive::PerSecond,
     },
+    Entry {
+        name: "akash_lease_cpu_throttled_seconds",
+        from: "cpu_throttled_seconds",
+        derive: Derive::Total,
+    },
+    Entry {
+        name: "akash_lease_cpu_limit_cores",
+        from: "cpu_limit_core_seconds",
+        derive: Derive::PerSecond,
+    },
+    Entry {
+        name: "akash_lease_memory_rss_bytes",
+        from: "memory_rss_byte_seconds",
+        derive: Derive::Level(1.0),
+    },
+    Entry {
+        name: "akash_lease_memory_limit_bytes",
+        from: "memory_limit_byte_seconds",
+        derive: Derive::PerSecond,
+    },
+    Entry {
+        name: "akash_lease_memory_oom_kills_total",
+        from: "oom_kills",
+        derive: Derive::Total,
+    },
+    Entry {
+        name: "akash_lease_network_rx_errors_total",
+        from: "network_receive_errors",
+        derive: Derive::Total,
+    },
+    Entry {
+        name: "akash_lease_network_tx_errors_total",
+        from: "network_transmit_errors",
+        derive: Derive::Total,
+    },
 ];
 
 /// The AEP-43 catalog metrics the agent does not collect: asked for, they are named in the
 /// answer's warnings.
-pub const NOT_COLLECTED: [&str; 14] = [
-    "akash_lease_cpu_throttled_seconds",
-    "akash_lease_cpu_limit_cores",
-    "akash_lease_memory_rss_bytes",
-    "akash_lease_memory_limit_bytes",
-    "akash_lease_memory_oom_kills_total",
+pub const NOT_COLLECTED: [&str; 7] = [
     "akash_lease_filesystem_usage_bytes",
     "akash_lease_filesystem_capacity_bytes",
     "akash_lease_filesystem_inodes_used",
-    "akash_lease_network_rx_errors_total",
-    "akash_lease_network_tx_errors_total",
     "akash_lease_gpu_memory_total_bytes",
     "akash_lease_gpu_memory_copy_utilization_percent",
     "akash_lease_gpu_temperature_celsius",
@@ -828,6 +856,84 @@ mod tests {
             (t0, t0 + 2 * M, 2 * M, t0 + M),
         );
         assert_eq!(series[0].samples, [(t0, 0.75)]);
+    }
+
+    #[test]
+    fn limits_throttling_rss_oom_kills_and_errors_come_from_their_aggregates_by_hand() {
+        let t0 = 1_795_428_000_000; // 2026-11-23T10:00:00Z
+        const MIB: i64 = 1 << 20;
+        // One container limited to 0.5 cores and 512 MiB for the first minute, then replaced
+        // after 45 s of the second by one limited to 1 core and 1 GiB for its last 15 s:
+        // 30 core-seconds, then 0.5·45 + 1·15 = 37.5 (scale 6); byte-seconds alike.
+        // Throttled 1.25 s then 0.5 s (scale 6); RSS 200 MiB held the first minute; one OOM
+        // kill in the second; 3 receive errors, then none; 2 transmit errors.
+        let updates = vec![
+            window("cpu_limit_core_seconds", "web", t0, 30_000_000, 6, M, M),
+            window("cpu_limit_core_seconds", "web", t0 + M, 37_500_000, 6, M, M),
+            window(
+                "memory_limit_byte_seconds",
+                "web",
+                t0,
+                512 * MIB * 60,
+                0,
+                M,
+                M,
+            ),
+            window(
+                "memory_limit_byte_seconds",
+                "web",
+                t0 + M,
+                512 * MIB * 45 + 1024 * MIB * 15,
+                0,
+                M,
+                M,
+            ),
+            window("cpu_throttled_seconds", "web", t0, 1_250_000, 6, M, M),
+            window("cpu_throttled_seconds", "web", t0 + M, 500_000, 6, M, M),
+            window(
+                "memory_rss_byte_seconds",
+                "web",
+                t0,
+                200 * MIB * 60,
+                0,
+                M,
+                M,
+            ),
+            window("oom_kills", "web", t0 + M, 1, 0, M, M),
+            window("network_receive_errors", "web", t0, 3, 0, M, M),
+            window("network_transmit_errors", "web", t0 + M, 2, 0, M, M),
+        ];
+        let entries: Vec<&Entry> = CATALOG.iter().collect();
+        let (series, warnings) = build(&updates, &entries, None, (t0, t0 + 2 * M, M, t0 + 2 * M));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let get = |name: &str| {
+            series
+                .iter()
+                .find(|s| s.metric == name)
+                .expect(name)
+                .samples
+                .clone()
+        };
+        assert_eq!(
+            get("akash_lease_cpu_limit_cores"),
+            [(t0, 0.5), (t0 + M, 0.625)]
+        );
+        assert_eq!(
+            get("akash_lease_memory_limit_bytes"),
+            [(t0, 512.0 * MIB as f64), (t0 + M, 640.0 * MIB as f64)]
+        );
+        assert_eq!(
+            get("akash_lease_cpu_throttled_seconds"),
+            [(t0, 1.25), (t0 + M, 1.75)]
+        );
+        assert_eq!(
+            get("akash_lease_memory_rss_bytes"),
+            [(t0, 200.0 * MIB as f64)]
+        );
+        assert_eq!(get("akash_lease_memory_oom_kills_total"), [(t0 + M, 1.0)]);
+        assert_eq!(get("akash_lease_network_rx_errors_total"), [(t0, 3.0)]);
+        assert_eq!(get("akash_lease_network_tx_errors_total"), [(t0 + M, 2.0)]);
+        assert_eq!(series.len(), 7);
     }
 
     #[test]
