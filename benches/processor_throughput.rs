@@ -301,7 +301,6 @@ fn dataflow_only(
             probe,
             usage,
             billing,
-            fleet,
             rollups: rolled,
             costs,
             periods,
@@ -309,7 +308,9 @@ fn dataflow_only(
             ..
         } = install(worker, 60_000, 3_600_000, costing.clone(), &rollups);
         let mut open = OpenTotals::new(60_000, 3_600_000, &costing);
-        let mut feeder = Feeder::new(Rules::new(60_000), names.clone(), index);
+        // As the processor: a node's hour closes 10 minutes of lateness behind its newest sample.
+        let mut feeder =
+            Feeder::new(Rules::new(60_000), names.clone(), index).closing_node_hours(600_000);
         let mut changes = 0usize;
         for (epoch, batches) in data.ticks.iter().enumerate() {
             let tick_ms = START + (epoch as i64 + 1) * TICK_MS;
@@ -320,7 +321,7 @@ fn dataflow_only(
                         // As the processor: readings older than 10 minutes of lateness
                         // behind the tick are folded away.
                         feeder
-                            .feed(&mut input, 0, o, tick_ms - 600_000)
+                            .feed(0, o, tick_ms - 600_000)
                             .expect("no series limit");
                     }
                 }
@@ -335,7 +336,7 @@ fn dataflow_only(
                 billing.borrow_mut().drain(..).collect(),
             );
             changes += totals.0.len() + totals.1.len() + totals.2.len() + totals.3.len();
-            changes += fleet.borrow_mut().drain(..).count();
+            changes += feeder.take_fleet().len();
             changes += periods.borrow_mut().drain(..).count();
             if retire {
                 let Ok(_) = open.sift(totals, &mut input, &Dropped);

@@ -18,7 +18,8 @@
 //! w P series T   → parts of the series' usage in the window starting at T: total, observed ms,
 //!                  present ms (i64 LE each, trailing zeros left out; merged by element-wise
 //!                  addition; T big-endian with the sign bit flipped)
-//! n P T node     → (empty): the node sent a sample in the hour starting at T
+//! n P T node     → (empty): the node sent a sample in the hour starting at T, while the hour
+//!                  is open (deleted once it closes)
 //! b key          → Billed (JSON)
 //! k W P          → billing topic offset below which this worker's records are all in `b`
 //! r key level    → a total retired from the dataflow (JSON of its usage key and roll-up, `null`
@@ -469,10 +470,13 @@ impl Store {
             rest.extend_from_slice(&window_bytes(*window));
             batch.merge(key(b'w', *p, &rest), write_parts(*change));
         }
-        for (p, node, hour) in &cp.series.node_hours {
+        for (p, node, hour, open) in &cp.series.node_hours {
             let mut rest = window_bytes(*hour).to_vec();
             rest.extend_from_slice(node.as_bytes());
-            batch.put(key(b'n', *p, &rest), []);
+            match open {
+                true => batch.put(key(b'n', *p, &rest), []),
+                false => batch.delete(key(b'n', *p, &rest)),
+            }
         }
         for (k, billed) in &cp.billed {
             batch.put([&[b'b'][..], &json(k)].concat(), json(billed));
@@ -572,13 +576,20 @@ mod tests {
         let store = Store::open(dir.path()).expect("open");
         let mut agent = AgentState::new();
         agent.first_time(3);
+        // Node-a active in hours 0 and 1; hour 0 closes by the second checkpoint.
         let checkpoint = |windows: Vec<(i32, ReadingKey, i64, Parts)>, offset| Checkpoint {
             worker: 0,
             offsets: vec![(2, offset)],
             agents: vec![(2, "agent-a".into(), agent.clone())],
             series: Dirty {
                 windows,
-                node_hours: vec![(2, "node-a".into(), 3_600_000)],
+                node_hours: match offset {
+                    10 => vec![
+                        (2, "node-a".into(), 0, true),
+                        (2, "node-a".into(), 3_600_000, true),
+                    ],
+                    _ => vec![(2, "node-a".into(), 0, false)],
+                },
                 ..Dirty::default()
             },
             billed: vec![],

@@ -2,9 +2,7 @@
 //!
 //! ```text
 //! summaries ─┬─ amounts (allocation pieces and reading pairs, summed per epoch by the feeder)
-//!            ├─ levels, costs carried (closed totals taken out or brought back: crate::windows)
-//!            ├─ most GPUs per node-hour (swept by the feeder) ▸ count ─┐
-//!            └─ node hours                                             ─┴▸ fleet_hourly (per node and per fleet, hourly → meterflow.usage)
+//!            └─ levels, costs carried (closed totals taken out or brought back: crate::windows)
 //! amounts ─┬─ window_totals ▸ measured (per lease, service, item and base window → meterflow.usage)
 //!          ├─ roll_up                  (per hour, day and month, each from the amounts → meterflow.usage)
 //!          └─ billing_totals           (per lease, item and billing window       → meterflow.billing)
@@ -18,6 +16,11 @@
 //! happens before the dataflow, in [`crate::runner`], where one agent's batches arrive on one
 //! worker; there a [`crate::series::Feeder`] also reduces each series' samples to what the
 //! dataflow needs, so its state grows per series and window rather than per sample.
+//!
+//! The node aggregates (active, most GPUs held at once, per node and hour) are not in the
+//! dataflow: a node's samples all reach one worker, whose feeder has them whole and sends them
+//! itself, and forgets a node's hour once it closes ([`FleetIdx`]). The fleet's per hour are
+//! their sums, which the sink adds up when asked.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -79,8 +82,10 @@ pub struct Measured {
     pub present_ms: i64,
 }
 
-/// The key of one node or fleet aggregate per hour (SPEC: per node and hour, per fleet and
-/// hour); its value travels with it as an `isize`.
+/// The key of one node aggregate per hour (SPEC: per node and hour), kept and sent by the
+/// feeder of the worker the node's samples reach ([`crate::series::Feeder::take_fleet`]). The
+/// fleet's per hour (active nodes, the sum of the nodes' maxima) are summed from these by the
+/// sink.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
@@ -89,10 +94,6 @@ pub enum FleetIdx {
     NodeActive(NodeId, i64),
     /// The most GPUs (or MIG instances) allocated on the node at any instant of the hour.
     NodeMaxGpus(NodeId, i64),
-    /// Nodes active in the hour.
-    ActiveNodes(i64),
-    /// The per-node maxima of the hour, summed over the fleet.
-    FleetMaxGpus(i64),
 }
 
 /// A usage total at one level: its key, with `None` for its base window or the resolution of
@@ -109,9 +110,6 @@ struct Inputs<'s> {
     carried: Coll<'s, CostIdx>,
     billed: Coll<'s, BillingIdx>,
     periods_carried: Coll<'s, (TenantId, i64)>,
-    /// The most GPUs each node held at once per hour, in the multiplicities.
-    node_max: Coll<'s, (NodeId, i64)>,
-    node_hours: Coll<'s, (NodeId, i64)>,
 }
 
 fn split<'s>(summaries: Coll<'s, Summary>) -> Inputs<'s> {
@@ -131,16 +129,8 @@ fn split<'s>(summaries: Coll<'s, Summary>) -> Inputs<'s> {
         Summary::Billed(k) => Some(k),
         _ => None,
     });
-    let periods_carried = summaries.clone().flat_map(|s| match s {
+    let periods_carried = summaries.flat_map(|s| match s {
         Summary::PeriodCarried(k) => Some(k),
-        _ => None,
-    });
-    let node_max = summaries.clone().flat_map(|s| match s {
-        Summary::NodeMaxGpus(node, hour) => Some((node, hour)),
-        _ => None,
-    });
-    let node_hours = summaries.flat_map(|s| match s {
-        Summary::NodeHour(n, h) => Some((n, h)),
         _ => None,
     });
     Inputs {
@@ -149,8 +139,6 @@ fn split<'s>(summaries: Coll<'s, Summary>) -> Inputs<'s> {
         carried,
         billed,
         periods_carried,
-        node_max,
-        node_hours,
     }
 }
 
@@ -203,7 +191,7 @@ pub struct ClusterProgress {
 }
 
 /// One worker's installed dataflow: its inputs, a probe to know when an epoch is done, and the
-/// changes of the usage, billing and fleet aggregates captured for the caller.
+/// changes of the usage and billing aggregates captured for the caller.
 pub struct Installed {
     pub input: InputSession<Time, Summary, isize>,
     /// Names first seen in this process, for every worker of every process to learn.
@@ -215,7 +203,6 @@ pub struct Installed {
     pub probe: ProbeHandle<Time>,
     pub usage: Changes<UsageIdx, Measured>,
     pub billing: Changes<BillingIdx, isize>,
-    pub fleet: Changes<FleetIdx, isize>,
     /// Roll-ups of the usage totals to hours, days and months.
     pub rollups: Changes<RollupIdx, Measured>,
     /// Cost in micros per (owner, lease, base window).
@@ -238,8 +225,7 @@ pub fn install(
     let levels = rollups.to_vec();
     let usage: Changes<UsageIdx, Measured> = Rc::default();
     let billing: Changes<BillingIdx, isize> = Rc::default();
-    let fleet: Changes<FleetIdx, isize> = Rc::default();
-    let (usage_out, billing_out, fleet_out) = (usage.clone(), billing.clone(), fleet.clone());
+    let (usage_out, billing_out) = (usage.clone(), billing.clone());
     let costs: Changes<CostIdx, isize> = Rc::default();
     let rollups: Changes<RollupIdx, Measured> = Rc::default();
     let periods: Changes<(TenantId, i64), isize> = Rc::default();
@@ -309,9 +295,6 @@ pub fn install(
                 },
             )
             .probe_with(&probe);
-        fleet_hourly(inputs.node_hours, inputs.node_max.count())
-            .inspect(move |update| fleet_out.borrow_mut().push(*update))
-            .probe_with(&probe);
         (input, names_in, progress_in, probe)
     });
     Installed {
@@ -322,7 +305,6 @@ pub fn install(
         probe,
         usage,
         billing,
-        fleet,
         rollups,
         costs,
         periods,
@@ -526,28 +508,6 @@ pub fn measured_by<'s>(
     exact.concat(gauges)
 }
 
-/// Node-hours and per-node maxima → the node and fleet aggregates per hour.
-pub fn fleet_hourly<'s>(
-    node_hours: Coll<'s, (NodeId, i64)>,
-    node_max: Coll<'s, ((NodeId, i64), isize)>,
-) -> Coll<'s, (FleetIdx, isize)> {
-    let active = node_hours
-        .clone()
-        .map(|(n, h)| (FleetIdx::NodeActive(n, h), 1));
-    let maxima = node_max
-        .clone()
-        .map(|((n, h), most)| (FleetIdx::NodeMaxGpus(n, h), most));
-    let active_nodes = node_hours
-        .map(|(_, h)| h)
-        .count()
-        .map(|(h, n)| (FleetIdx::ActiveNodes(h), n));
-    let fleet_max = node_max
-        .explode(|((_, h), most)| Some((h, most)))
-        .count()
-        .map(|(h, sum)| (FleetIdx::FleetMaxGpus(h), sum));
-    active.concat(maxima).concat(active_nodes).concat(fleet_max)
-}
-
 /// Amounts, and the billing level's own → one `(key, total)` record per lease, item and
 /// billing window (services summed), for the aggregates that are billed.
 pub fn billing_totals<'s>(
@@ -581,7 +541,7 @@ mod tests {
     const MIN: i64 = 60_000;
     const HOUR: i64 = 3_600_000;
 
-    /// A node or fleet aggregate, named: `(metric, node, hour)`.
+    /// A node aggregate, named: `(metric, node, hour)`.
     type FleetKey = (&'static str, String, i64);
 
     /// Runs the dataflow over epochs of observations fed through a [`Feeder`], as the
@@ -712,7 +672,6 @@ mod tests {
                 probe,
                 usage,
                 billing,
-                fleet,
                 rollups,
                 costs,
                 periods,
@@ -726,6 +685,8 @@ mod tests {
             let mut stored = crate::series::MemoryStore::default();
             let mut open = crate::windows::OpenTotals::new(MIN, HOUR, &costing(&names));
             let (mut retired, mut sent) = (MemoryTotals::default(), Sent::default());
+            // The node aggregates' latest values, as the feeder sends them.
+            let mut fleet: BTreeMap<FleetIdx, i64> = BTreeMap::new();
             let mut refused = Vec::new();
             let mut epoch: Time = 0;
             // One epoch through the dataflow, its totals sifted (as a worker does).
@@ -735,6 +696,7 @@ mod tests {
                             open: &mut crate::windows::OpenTotals,
                             retired: &MemoryTotals| {
                 feeder.advance(input, epoch);
+                fleet.extend(feeder.take_fleet());
                 input.flush();
                 worker.step_while(|| probe.less_than(input.time()));
                 let changes = (
@@ -751,7 +713,7 @@ mod tests {
             for observations in epochs {
                 feeder.advance(&mut input, epoch);
                 for o in observations {
-                    let fed = match feeder.feed_from(&mut input, 0, o.as_ref(), i64::MIN, &stored) {
+                    let fed = match feeder.feed_from(0, o.as_ref(), i64::MIN, &stored) {
                         Ok(fed) => fed,
                         Err(never) => match never {},
                     };
@@ -797,16 +759,14 @@ mod tests {
                     .iter()
                     .map(|(k, q)| (names.billing_key(k), *q as i64))
                     .collect(),
-                totals(
-                    &fleet,
-                    |k| match *k {
-                        FleetIdx::NodeActive(n, h) => ("node_active", names.node_name(n), h),
-                        FleetIdx::NodeMaxGpus(n, h) => ("max_gpus", names.node_name(n), h),
-                        FleetIdx::ActiveNodes(h) => ("active_nodes", String::new(), h),
-                        FleetIdx::FleetMaxGpus(h) => ("max_gpus", String::new(), h),
-                    },
-                    |v| v as i64,
-                ),
+                fleet
+                    .iter()
+                    .filter(|(_, v)| **v != 0)
+                    .map(|(k, v)| match *k {
+                        FleetIdx::NodeActive(n, h) => (("node_active", names.node_name(n), h), *v),
+                        FleetIdx::NodeMaxGpus(n, h) => (("max_gpus", names.node_name(n), h), *v),
+                    })
+                    .collect(),
                 costs_sent,
                 totals(
                     &periods,
@@ -1242,7 +1202,7 @@ mod tests {
     }
 
     #[test]
-    fn nodes_report_their_most_gpus_held_at_once_and_the_fleet_sums_them() {
+    fn nodes_report_their_most_gpus_held_at_once() {
         let on = |node: &str, o: Observation| match o {
             Observation::Allocation(mut k, v) => {
                 k.node = node.into();
@@ -1270,10 +1230,6 @@ mod tests {
         assert_eq!(
             fleet,
             BTreeMap::from([
-                (("active_nodes", n(""), 0), 1),
-                (("active_nodes", n(""), HOUR), 1),
-                (("max_gpus", n(""), 0), 3),
-                (("max_gpus", n(""), HOUR), 1),
                 (("max_gpus", n("n1"), 0), 2),
                 (("max_gpus", n("n2"), 0), 1),
                 (("max_gpus", n("n2"), HOUR), 1),
@@ -1499,7 +1455,7 @@ mod tests {
         }
     }
 
-    /// The node and fleet oracle: a node is active in every hour it has an observation in; its
+    /// The node oracle: a node is active in every hour it has an observation in; its
     /// GPUs held at an instant are the allocations whose interval contains it, tried at every
     /// interval start (where the count can rise).
     fn fleet_oracle(obs: &[Observation]) -> BTreeMap<FleetKey, i64> {
@@ -1548,20 +1504,8 @@ mod tests {
                 hour += HOUR;
             }
         }
-        let mut fleet_active: BTreeMap<i64, i64> = BTreeMap::new();
-        for (_, _, h) in out.keys() {
-            *fleet_active.entry(*h).or_default() += 1;
-        }
-        let mut fleet_max: BTreeMap<i64, i64> = BTreeMap::new();
         for ((node, h), m) in node_max {
-            *fleet_max.entry(h).or_default() += m;
             out.insert(("max_gpus", node, h), m);
-        }
-        for (h, n) in fleet_active {
-            out.insert(("active_nodes", String::new(), h), n);
-        }
-        for (h, m) in fleet_max {
-            out.insert(("max_gpus", String::new(), h), m);
         }
         out
     }

@@ -200,7 +200,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let state_entries = gauge_vec(
         &registry,
         "meterflow_processor_state_entries",
-        "What each worker holds in memory, by kind: allocation_series and reading_series (series in memory), node_hours (hours a node was active, in the feeder), gpu_pieces (GPU allocation pieces of the hours still open on their node), open_totals, open_costs and open_billing_totals (totals of windows not retired), ledger_keys (billing keys whose billed amount is in memory); names (interned names, shared by the process's workers: worker=\"process\")",
+        "What each worker holds in memory, by kind: allocation_series and reading_series (series in memory), node_hours (open hours a node was active in, in the feeder), gpu_pieces (GPU allocation pieces of the hours still open on their node), open_totals, open_costs and open_billing_totals (totals of windows not retired), ledger_keys (billing keys whose billed amount is in memory); names (interned names, shared by the process's workers: worker=\"process\")",
         &["worker", "kind"],
     );
     let store_memory_bytes = gauge_vec(

@@ -724,12 +724,6 @@ pub enum Summary {
     /// in the update's multiplicity): what an epoch's allocation pieces and reading pairs
     /// changed, summed over the total's series.
     Amount(UsageIdx, Part),
-    /// The most GPUs (or MIG instances) a node held at once in the hour starting at the given
-    /// millisecond (the value travels in the multiplicity), swept by the feeder from its GPU
-    /// allocations' pieces in that hour.
-    NodeMaxGpus(NodeId, i64),
-    /// A node sent at least one sample in the hour starting at the given millisecond.
-    NodeHour(NodeId, i64),
     /// An amount given to one total at one level alone (a base window, or one roll-up): a
     /// closed total taken out of the dataflow (its value negated) or brought back (its value
     /// again), see [`crate::windows`].

@@ -40,7 +40,7 @@ use crate::budgets::{Budgets, next_month_start_ms};
 use crate::checkpoint::{Store, StoreError};
 use crate::dataflow::{CostIdx, FleetIdx, Measured, Resolution, RollupIdx, Time};
 use crate::metrics::METRICS;
-use crate::model::{BillingKey, Kind, Owner, Summary, UsageKey};
+use crate::model::{BillingKey, Kind, Owner, UsageKey};
 use crate::names::{Names, TenantId, UsageIdx};
 use crate::prices::PriceBook;
 use crate::series::{Feeder, HOUR_MS, LiveValue};
@@ -552,11 +552,11 @@ pub(crate) struct Inputs {
     pub(crate) catching_up: BTreeMap<i32, i64>,
 }
 
-/// Feeds a partition's checkpoint into the dataflow's first epoch; returns its next offset.
+/// Gives a partition's checkpoint to the feeder, for the dataflow's first epoch; returns its
+/// next offset.
 pub(crate) fn restore_partition(
     store: &Store,
     partition: i32,
-    input: &mut differential_dataflow::input::InputSession<Time, Summary, isize>,
     feeder: &mut Feeder,
     agents: &mut HashMap<String, (i32, AgentState)>,
     idle_ms: i64,
@@ -584,7 +584,7 @@ pub(crate) fn restore_partition(
         feeder.restore_window(key, window, parts);
     }
     for (node, hour) in state.node_hours {
-        feeder.restore_node_hour(input, &node, hour);
+        feeder.restore_node_hour(partition, &node, hour);
     }
     Ok(state.offset)
 }
@@ -871,16 +871,15 @@ pub(crate) fn emit_rollups(
     sent
 }
 
-/// Sends the latest value of every node and fleet aggregate that changed; returns how many.
+/// Sends the latest value of every node aggregate that changed; returns how many.
 pub(crate) fn emit_fleet(
     producer: &OutputProducer,
     names: &Names,
-    changes: Vec<((FleetIdx, isize), Time, isize)>,
+    latest: Vec<(FleetIdx, i64)>,
 ) -> usize {
-    let latest = latest_values(changes);
     let sent = latest.len();
     for (key, value) in latest {
-        let update = fleet_update(names, key, value.unwrap_or(0) as i64);
+        let update = fleet_update(names, key, value);
         match update.encode() {
             Ok(bytes) => send_usage(producer, &update, &bytes),
             Err(e) => warn!(error = %e, "fleet update not encodable"),
@@ -889,13 +888,11 @@ pub(crate) fn emit_fleet(
     sent
 }
 
-/// The wire record of one node or fleet aggregate per hour.
+/// The wire record of one node aggregate per hour.
 pub fn fleet_update(names: &Names, key: FleetIdx, amount: i64) -> UsageUpdate {
     let (node, metric, hour) = match key {
         FleetIdx::NodeActive(n, h) => (names.node_name(n), "node_active", h),
         FleetIdx::NodeMaxGpus(n, h) => (names.node_name(n), "max_gpus_allocated", h),
-        FleetIdx::ActiveNodes(h) => (String::new(), "active_nodes", h),
-        FleetIdx::FleetMaxGpus(h) => (String::new(), "max_gpus_allocated", h),
     };
     UsageUpdate {
         id: StableId::new("fleet")

@@ -34,7 +34,7 @@ use std::sync::Arc;
 use differential_dataflow::input::InputSession;
 use serde::{Deserialize, Serialize};
 
-use crate::dataflow::{Time, split_by_window};
+use crate::dataflow::{FleetIdx, Time, split_by_window};
 use crate::model::Interval;
 use crate::model::{
     Aggregate, AllocationKey, AllocationObs, Identity, Kind, ObservationRef, Owner, Part,
@@ -349,8 +349,9 @@ pub struct Dirty {
     pub readings: Vec<(i32, ReadingKey, Readings)>,
     /// `(partition, series, window_start_ms, change)`: to be added to the stored window parts.
     pub windows: Vec<(i32, ReadingKey, i64, Parts)>,
-    /// `(partition, node, hour_start_ms)`: hours in which a node was first seen.
-    pub node_hours: Vec<(i32, String, i64)>,
+    /// `(partition, node, hour_start_ms, open)`, in order: hours in which a node was first
+    /// seen (`true`), and hours that closed (`false`: forgotten, their entries deleted).
+    pub node_hours: Vec<(i32, String, i64, bool)>,
 }
 
 /// One allocation series' state.
@@ -379,26 +380,36 @@ struct Pending {
 /// One allocation piece inside an hour: `(start_ms, end_ms, GPUs)`.
 type Held = (i64, i64, i64);
 
-/// GPU allocation pieces per node and hour, for the hours still open on their node: the most
-/// GPUs a node held at once in an hour is swept from them here, and only that maximum goes to
-/// the dataflow ([`Summary::NodeMaxGpus`], its value in the multiplicity). A node's samples
-/// all come to one worker (the agents key their batches by node), so one feeder sees all of a
-/// node's pieces.
+/// The node aggregates per hour, for the hours still open on their node: whether the node sent
+/// a sample, and the GPU allocation pieces from which the most GPUs it held at once is swept.
+/// A node's samples all come to one worker (the agents key their batches by node), so one
+/// feeder sees all of a node's samples, and its values are whole here: each change goes
+/// straight out ([`Feeder::take_fleet`]), not through the dataflow.
 ///
 /// An hour closes once its end is `lateness_ms` behind the newest sample of its node: its
-/// pieces leave memory and its maximum stays in the dataflow as it was. A piece that reaches a
-/// closed hour afterwards (an allocation first seen with a start long past) changes no report:
-/// it is counted in [`NodeGpus::too_late`]. Before, every piece of every hour stayed in the
-/// dataflow for the life of the process (the soak's processor memory grew with them).
+/// pieces and its node-hour leave memory (and the checkpoint) and its values stay as sent. A
+/// piece that reaches a closed hour afterwards (an allocation first seen with a start long
+/// past) changes no report: it is counted in [`NodeGpus::too_late`]; a sample in a closed hour
+/// opens it again, and its activity is sent again (the same value). Before, every piece of
+/// every hour stayed in the dataflow for the life of the process (the soak's processor memory
+/// grew with them), and then every node-hour did.
 #[derive(Debug, Default)]
 struct NodeGpus {
     /// `(start, end, count)` of each piece, a multiset, per node and hour start.
     pieces: FastMap<(NodeId, i64), Vec<Held>>,
     /// Pieces held, summed over the node-hours.
     held: i64,
-    /// The maximum last fed to the dataflow, per node-hour held.
+    /// The maximum last sent, per node-hour held.
     fed: FastMap<(NodeId, i64), i64>,
     dirty: FastSet<(NodeId, i64)>,
+    /// The hours still open in which a node sent a sample, with the input partition its
+    /// samples come from (where its checkpoint entry is).
+    active: FastMap<(NodeId, i64), i32>,
+    /// Node-hours opened and closed since the last checkpoint, in order (see
+    /// [`Dirty::node_hours`]).
+    hours_changed: Vec<(i32, NodeId, i64, bool)>,
+    /// The node aggregates changed since [`Feeder::take_fleet`], by their latest value.
+    fleet: std::collections::BTreeMap<FleetIdx, i64>,
     /// The newest sample time seen from each node.
     newest: FastMap<NodeId, i64>,
     /// `None`: hours never close.
@@ -440,13 +451,23 @@ impl NodeGpus {
         *newest = (*newest).max(at_ms);
     }
 
-    /// Feeds the changed maxima, then lets the closed hours' pieces go.
-    fn feed(&mut self, input: &mut InputSession<Time, Summary, isize>) {
+    /// Notes that `node`, whose samples come from `partition`, was active in the hour starting
+    /// at `hour`; `true` the first time while the hour is open (its activity is then sent).
+    fn activate(&mut self, partition: i32, node: NodeId, hour: i64) -> bool {
+        if self.active.insert((node, hour), partition).is_some() {
+            return false;
+        }
+        self.fleet.insert(FleetIdx::NodeActive(node, hour), 1);
+        true
+    }
+
+    /// Sends the changed maxima, then lets the closed hours go.
+    fn feed(&mut self) {
         for key in self.dirty.drain() {
             let most = self.pieces.get(&key).map_or(0, |p| most_held(p));
             let fed = self.fed.get(&key).copied().unwrap_or(0);
             if most != fed {
-                input.update(Summary::NodeMaxGpus(key.0, key.1), (most - fed) as isize);
+                self.fleet.insert(FleetIdx::NodeMaxGpus(key.0, key.1), most);
             }
             if self.pieces.get(&key).is_some_and(|p| !p.is_empty()) {
                 self.fed.insert(key, most);
@@ -467,6 +488,16 @@ impl NodeGpus {
                     self.held -= p.len() as i64;
                 }
                 self.fed.remove(&key);
+            }
+            let closed: Vec<((NodeId, i64), i32)> = self
+                .active
+                .iter()
+                .filter(|((node, hour), _)| self.closed(*node, *hour))
+                .map(|(key, partition)| (*key, *partition))
+                .collect();
+            for ((node, hour), partition) in closed {
+                self.active.remove(&(node, hour));
+                self.hours_changed.push((partition, node, hour, false));
             }
         }
     }
@@ -753,9 +784,6 @@ pub struct Feeder {
     dirty_allocations: FastSet<u64>,
     dirty_readings: FastSet<u64>,
     dirty_windows: FastMap<(u64, i64), Parts>,
-    /// Hours in which each node has sent a sample.
-    node_hours: FastSet<(NodeId, i64)>,
-    dirty_node_hours: Vec<(i32, NodeId, i64)>,
     limit: SeriesLimit,
     /// Series brought back from the store since [`Feeder::take_revived`].
     revived: u64,
@@ -780,8 +808,6 @@ impl Feeder {
             dirty_allocations: FastSet::default(),
             dirty_readings: FastSet::default(),
             dirty_windows: FastMap::default(),
-            node_hours: FastSet::default(),
-            dirty_node_hours: Vec::new(),
             live_groups: FastMap::default(),
             live_dirty: FastSet::default(),
             limit: SeriesLimit::default(),
@@ -792,8 +818,9 @@ impl Feeder {
         }
     }
 
-    /// The same feeder, letting a node's hour close (its GPU pieces leave memory, its maximum
-    /// stays as fed) once the hour's end is `lateness_ms` behind the node's newest sample.
+    /// The same feeder, letting a node's hour close (its GPU pieces and its activity leave
+    /// memory, its values stay as sent) once the hour's end is `lateness_ms` behind the node's
+    /// newest sample.
     pub fn closing_node_hours(mut self, lateness_ms: i64) -> Self {
         self.pending.gpus.lateness_ms = Some(lateness_ms);
         self
@@ -811,38 +838,39 @@ impl Feeder {
         self
     }
 
-    /// Marks `node` active in the hour of `timestamp_ms`; feeds the node-hour the first time.
-    fn active(
-        &mut self,
-        input: &mut InputSession<Time, Summary, isize>,
-        partition: i32,
-        node: NodeId,
-        timestamp_ms: i64,
-    ) {
+    /// Marks `node` active in the hour of `timestamp_ms`; sends and checkpoints the node-hour
+    /// the first time.
+    fn active(&mut self, partition: i32, node: NodeId, timestamp_ms: i64) {
         let hour = timestamp_ms.div_euclid(HOUR_MS) * HOUR_MS;
-        if self.node_hours.insert((node, hour)) {
-            input.insert(Summary::NodeHour(node, hour));
-            self.dirty_node_hours.push((partition, node, hour));
+        let gpus = &mut self.pending.gpus;
+        if gpus.activate(partition, node, hour) {
+            gpus.hours_changed.push((partition, node, hour, true));
         }
-        self.pending.gpus.seen(node, timestamp_ms);
+        gpus.seen(node, timestamp_ms);
     }
 
-    /// Restores an hour in which a node was active from a checkpoint and feeds it.
-    pub fn restore_node_hour(
-        &mut self,
-        input: &mut InputSession<Time, Summary, isize>,
-        node: &str,
-        hour_start_ms: i64,
-    ) {
+    /// Restores an open hour in which a node was active from a checkpoint of `partition`. Its
+    /// activity was sent before the checkpoint was written: it is not sent again.
+    pub fn restore_node_hour(&mut self, partition: i32, node: &str, hour_start_ms: i64) {
         let node = match self.names.node(node) {
             Ok(node) => node,
             Err(collision) => return restored_collision(&collision),
         };
-        if self.node_hours.insert((node, hour_start_ms)) {
-            input.insert(Summary::NodeHour(node, hour_start_ms));
+        let gpus = &mut self.pending.gpus;
+        if gpus.activate(partition, node, hour_start_ms) {
+            gpus.fleet
+                .remove(&FleetIdx::NodeActive(node, hour_start_ms));
         }
         // The node sent a sample at or after the hour's start: its older hours may be closed.
-        self.pending.gpus.seen(node, hour_start_ms);
+        gpus.seen(node, hour_start_ms);
+    }
+
+    /// The node aggregates changed since the last call, by their latest value: a node's
+    /// activity (1) and the most GPUs it held at once, per hour.
+    pub fn take_fleet(&mut self) -> Vec<(FleetIdx, i64)> {
+        std::mem::take(&mut self.pending.gpus.fleet)
+            .into_iter()
+            .collect()
     }
 
     fn series_ref(
@@ -958,12 +986,11 @@ impl Feeder {
     /// names, changes nothing and is refused.
     pub fn feed(
         &mut self,
-        input: &mut InputSession<Time, Summary, isize>,
         partition: i32,
         observation: ObservationRef<'_>,
         horizon_ms: i64,
     ) -> Result<(), Refused> {
-        match self.feed_from(input, partition, observation, horizon_ms, &NothingRetired) {
+        match self.feed_from(partition, observation, horizon_ms, &NothingRetired) {
             Ok(fed) => fed,
             Err(never) => match never {},
         }
@@ -973,7 +1000,6 @@ impl Feeder {
     /// windows are still in the dataflow; only its state left memory).
     pub fn feed_from<R: Retired>(
         &mut self,
-        input: &mut InputSession<Time, Summary, isize>,
         partition: i32,
         observation: ObservationRef<'_>,
         horizon_ms: i64,
@@ -1013,7 +1039,7 @@ impl Feeder {
                         }
                     }
                 };
-                self.active(input, partition, node, obs.observed_at_ms);
+                self.active(partition, node, obs.observed_at_ms);
             }
             ObservationRef::Reading(
                 key,
@@ -1080,7 +1106,7 @@ impl Feeder {
                     self.live_dirty
                         .insert((series.owner, series.node, series.metric));
                 }
-                self.active(input, partition, series.node, timestamp_ms);
+                self.active(partition, series.node, timestamp_ms);
             }
         }
         Ok(Ok(()))
@@ -1172,7 +1198,7 @@ impl Feeder {
         [
             ("allocation_series", self.allocations.len() as i64),
             ("reading_series", self.readings.len() as i64),
-            ("node_hours", self.node_hours.len() as i64),
+            ("node_hours", self.pending.gpus.active.len() as i64),
             ("gpu_pieces", self.pending.gpus.held),
         ]
     }
@@ -1229,7 +1255,7 @@ impl Feeder {
                 input.update(Summary::Amount(key, part), amount as isize);
             }
         }
-        self.pending.gpus.feed(input);
+        self.pending.gpus.feed();
         input.advance_to(epoch);
     }
 
@@ -1368,9 +1394,11 @@ impl Feeder {
             })
             .collect();
         let node_hours = self
-            .dirty_node_hours
+            .pending
+            .gpus
+            .hours_changed
             .drain(..)
-            .map(|(p, node, hour)| (p, self.names.node_name(node), hour))
+            .map(|(p, node, hour, open)| (p, self.names.node_name(node), hour, open))
             .collect();
         Dirty {
             allocations,
@@ -1391,45 +1419,64 @@ mod tests {
     const MIN: i64 = 60_000;
 
     /// A node's hour whose end falls the lateness behind the node's newest sample lets its
-    /// GPU pieces go (the dataflow keeps its maximum); a piece reaching it afterwards is
-    /// counted as late and held nowhere.
+    /// GPU pieces and its activity go (their values stay as sent); a piece reaching it
+    /// afterwards is counted as late and held nowhere.
     #[test]
-    fn a_closed_node_hour_lets_its_gpu_pieces_go() {
+    fn a_closed_node_hour_lets_its_gpu_pieces_and_activity_go() {
         let mut gpus = NodeGpus {
             lateness_ms: Some(10 * MIN),
             ..NodeGpus::default()
         };
-        let mut input = InputSession::new();
         let node = NodeId(1);
         let piece = |start_ms, end_ms| Interval {
             start_ms,
             end_ms,
             count: 1,
         };
+        let sent = |gpus: &mut NodeGpus| -> Vec<(FleetIdx, i64)> {
+            std::mem::take(&mut gpus.fleet).into_iter().collect()
+        };
         gpus.seen(node, 30 * MIN);
+        assert!(gpus.activate(7, node, 0));
+        assert!(!gpus.activate(7, node, 0), "once per node-hour");
         gpus.change(node, piece(0, 30 * MIN), 1);
         gpus.change(node, piece(20 * MIN, 30 * MIN), 1);
         gpus.change(node, piece(60 * MIN, 65 * MIN), 1);
-        gpus.feed(&mut input);
+        gpus.feed();
         assert_eq!((gpus.held, gpus.pieces.len()), (3, 2));
         assert_eq!(gpus.fed.get(&(node, 0)), Some(&2));
-        // Hour 0 ends 10 min behind the newest sample: closed at the next feed.
+        assert_eq!(
+            sent(&mut gpus),
+            [
+                (FleetIdx::NodeActive(node, 0), 1),
+                (FleetIdx::NodeMaxGpus(node, 0), 2),
+                (FleetIdx::NodeMaxGpus(node, HOUR_MS), 1),
+            ]
+        );
+        // Hour 0 ends 10 min behind the newest sample: closed at the next feed, its
+        // activity's entry deleted at the next checkpoint; nothing is sent.
         gpus.seen(node, 70 * MIN);
-        gpus.feed(&mut input);
+        assert!(gpus.activate(7, node, HOUR_MS));
+        gpus.feed();
         assert_eq!(
             (gpus.held, gpus.pieces.len()),
             (1, 1),
             "hour 0's pieces left"
         );
         assert_eq!(gpus.fed.get(&(node, 0)), None);
+        assert_eq!(gpus.active.len(), 1, "hour 0's activity left");
+        assert_eq!(gpus.hours_changed, [(7, node, 0, false)]);
+        assert_eq!(sent(&mut gpus), [(FleetIdx::NodeActive(node, HOUR_MS), 1)]);
         gpus.change(node, piece(5 * MIN, 10 * MIN), 1);
         gpus.change(node, piece(0, 30 * MIN), -1);
-        gpus.feed(&mut input);
+        gpus.feed();
         assert_eq!((gpus.too_late, gpus.held), (2, 1));
-        // Hour 1 is still open: its pieces change as they come.
+        assert!(sent(&mut gpus).is_empty(), "a closed hour's maximum stays");
+        // Hour 1 is still open: its pieces change as they come, down to none.
         gpus.change(node, piece(60 * MIN, 65 * MIN), -1);
-        gpus.feed(&mut input);
+        gpus.feed();
         assert_eq!((gpus.held, gpus.pieces.len()), (0, 0));
+        assert_eq!(sent(&mut gpus), [(FleetIdx::NodeMaxGpus(node, HOUR_MS), 0)]);
     }
 
     fn rules() -> Rules {
@@ -1595,10 +1642,8 @@ mod tests {
     /// the series already open are unaffected.
     #[test]
     fn a_million_series_from_one_tenant_stop_at_its_hourly_limit() {
-        use differential_dataflow::input::InputSession;
         let names = Arc::new(Names::default());
         let mut feeder = Feeder::new(rules(), names, 0).with_series_limit(1_000);
-        let mut input: InputSession<Time, Summary, isize> = InputSession::new();
         let reading = |tenant: &str, container: String, t: i64| {
             Observation::Reading(
                 ReadingKey {
@@ -1622,12 +1667,7 @@ mod tests {
         };
         let (mut opened, mut refused) = (0, 0);
         for i in 0..1_000_000 {
-            match feeder.feed(
-                &mut input,
-                0,
-                reading("noisy", format!("c{i}"), 1_000).as_ref(),
-                0,
-            ) {
+            match feeder.feed(0, reading("noisy", format!("c{i}"), 1_000).as_ref(), 0) {
                 Ok(()) => opened += 1,
                 Err(Refused::SeriesLimit(e)) => {
                     assert_eq!(
@@ -1647,37 +1687,20 @@ mod tests {
         );
         // An open series takes readings; another tenant and the next hour have room.
         feeder
-            .feed(
-                &mut input,
-                0,
-                reading("noisy", "c7".into(), 2_000).as_ref(),
-                0,
-            )
+            .feed(0, reading("noisy", "c7".into(), 2_000).as_ref(), 0)
             .expect("an open series");
         feeder
-            .feed(
-                &mut input,
-                0,
-                reading("quiet", "q".into(), 2_000).as_ref(),
-                0,
-            )
+            .feed(0, reading("quiet", "q".into(), 2_000).as_ref(), 0)
             .expect("another tenant");
         feeder
-            .feed(
-                &mut input,
-                0,
-                reading("noisy", "next".into(), HOUR_MS).as_ref(),
-                0,
-            )
+            .feed(0, reading("noisy", "next".into(), HOUR_MS).as_ref(), 0)
             .expect("the next hour");
     }
 
     #[test]
     fn live_values_sum_the_latest_readings_and_drop_a_container_gone_quiet() {
-        use differential_dataflow::input::InputSession;
         let names = Arc::new(Names::default());
         let mut feeder = Feeder::new(rules(), names, 0);
-        let mut input: InputSession<Time, Summary, isize> = InputSession::new();
         let key = |container: &str, metric| ReadingKey {
             owner: Owner {
                 tenant: "t".into(),
@@ -1691,14 +1714,9 @@ mod tests {
             gpu_class: String::new(),
             mig_profile: String::new(),
         };
-        let feed = |feeder: &mut Feeder,
-                    input: &mut InputSession<Time, Summary, isize>,
-                    container: &str,
-                    t: i64,
-                    units: i64| {
+        let feed = |feeder: &mut Feeder, container: &str, t: i64, units: i64| {
             feeder
                 .feed(
-                    input,
                     0,
                     Observation::Reading(
                         key(container, Aggregate::CpuCoreSeconds),
@@ -1713,10 +1731,10 @@ mod tests {
                 .expect("no series limit");
         };
         // Two containers' CPU counters (microseconds), 15 s apart.
-        feed(&mut feeder, &mut input, "a", 0, 1_000_000);
-        feed(&mut feeder, &mut input, "b", 0, 0);
-        feed(&mut feeder, &mut input, "a", 15_000, 16_000_000);
-        feed(&mut feeder, &mut input, "b", 15_000, 7_500_000);
+        feed(&mut feeder, "a", 0, 1_000_000);
+        feed(&mut feeder, "b", 0, 0);
+        feed(&mut feeder, "a", 15_000, 16_000_000);
+        feed(&mut feeder, "b", 15_000, 7_500_000);
         let live = feeder.take_live();
         assert_eq!(live.len(), 1, "{live:?}");
         // 1 + 0.5 cores busy.
@@ -1731,7 +1749,7 @@ mod tests {
         );
         assert!(feeder.take_live().is_empty(), "nothing new");
         // Container a finished; b goes on for a minute: a drops out.
-        feed(&mut feeder, &mut input, "b", 75_000, 37_500_000);
+        feed(&mut feeder, "b", 75_000, 37_500_000);
         let live = feeder.take_live();
         assert_eq!(
             (
@@ -1743,7 +1761,7 @@ mod tests {
             (37_500_000, 30_000_000, 500_000, 1)
         );
         // An older reading arriving late changes no live value.
-        feed(&mut feeder, &mut input, "b", 30_000, 15_000_000);
+        feed(&mut feeder, "b", 30_000, 15_000_000);
         assert!(feeder.take_live().is_empty());
     }
 
@@ -1767,9 +1785,7 @@ mod tests {
 
     #[test]
     fn a_retired_series_reporting_again_goes_on_from_its_stored_state() {
-        use differential_dataflow::input::InputSession;
         let mut feeder = Feeder::new(rules(), Arc::new(Names::default()), 0);
-        let mut input: InputSession<Time, Summary, isize> = InputSession::new();
         let key = ReadingKey {
             owner: Owner {
                 tenant: "t".into(),
@@ -1795,7 +1811,7 @@ mod tests {
         let mut store = MemoryStore::default();
         for (t, units) in [(0, 1_000), (15_000, 2_000)] {
             feeder
-                .feed(&mut input, 0, reading(t, units).as_ref(), i64::MIN)
+                .feed(0, reading(t, units).as_ref(), i64::MIN)
                 .expect("no limit");
         }
         // Not yet checkpointed: it stays.
@@ -1810,13 +1826,7 @@ mod tests {
         assert_eq!(feeder.series(), (0, 0));
         // Two hours on, the same container's counter: the difference from its last reading,
         // as if it had never left memory (counted from zero it would be 5,000).
-        let fed = feeder.feed_from(
-            &mut input,
-            0,
-            reading(2 * HOUR_MS, 5_000).as_ref(),
-            i64::MIN,
-            &store,
-        );
+        let fed = feeder.feed_from(0, reading(2 * HOUR_MS, 5_000).as_ref(), i64::MIN, &store);
         assert_eq!(fed, Ok(Ok(())));
         assert_eq!(feeder.take_revived(), 1);
         let windows: Vec<(i64, Parts)> = feeder

@@ -219,7 +219,6 @@ pub(crate) fn run_worker(
         probe,
         usage,
         billing,
-        fleet,
         rollups,
         costs,
         periods,
@@ -238,7 +237,6 @@ pub(crate) fn run_worker(
         (shared, names, &costing),
         billing_reflected,
         (&clients.consumer, &clients.producer),
-        &mut input,
         shutdown,
     )?;
 
@@ -278,7 +276,8 @@ pub(crate) fn run_worker(
         billing.borrow_mut().drain(..).collect(),
     ));
     w.take_billing_totals(restored_billing)?;
-    fleet.borrow_mut().clear();
+    // The node aggregates restored were sent before the checkpoint.
+    w.feeder.take_fleet();
     // The restored spend per month is what the alerts are checked against.
     w.note_spent(latest_values(periods.borrow_mut().drain(..).collect()));
     w.clock.lap(Stage::Dataflow);
@@ -287,11 +286,7 @@ pub(crate) fn run_worker(
     loop {
         let stopping = shutdown.is_cancelled()
             || (config.exit_when_caught_up && progress.borrow().caught_up >= peers);
-        let fed = if stopping {
-            0
-        } else {
-            w.read_input(&clients, &mut input)?
-        };
+        let fed = if stopping { 0 } else { w.read_input(&clients)? };
         w.checkpoints.changed |= fed > 0;
         // A run that stops once caught up also waits for an epoch that found nothing more: a
         // broker can report an end short of its last message (tansu does, by one), and the
@@ -335,10 +330,7 @@ pub(crate) fn run_worker(
         let sent = w.emit(
             &clients.producer,
             (usage, rollups, costs),
-            (
-                fleet.borrow_mut().drain(..).collect(),
-                periods.borrow_mut().drain(..).collect(),
-            ),
+            periods.borrow_mut().drain(..).collect(),
         );
         w.retire_windows(cluster, &mut input);
         w.clock.lap(Stage::Emit);
@@ -417,12 +409,8 @@ type UsageSent = (
     BTreeMap<crate::dataflow::CostIdx, Option<isize>>,
 );
 
-/// One epoch's changes of the usage outputs that are not totals of windows: fleet and period
-/// costs.
-type OtherChanges = (
-    Vec<((crate::dataflow::FleetIdx, isize), Time, isize)>,
-    Vec<(((TenantId, i64), isize), Time, isize)>,
-);
+/// One epoch's changes of the period costs.
+type PeriodChanges = Vec<(((TenantId, i64), isize), Time, isize)>;
 
 impl<'a> Worker<'a> {
     /// Restores the worker's partitions from the checkpoint into the dataflow's first epoch
@@ -435,7 +423,6 @@ impl<'a> Worker<'a> {
         (shared, names, costing): (&'a Shared, &'a Arc<Names>, &Costing),
         billing_reflected: BTreeMap<i32, i64>,
         (consumer, producer): (&BaseConsumer, &OutputProducer),
-        input: &mut InputSession<Time, Summary, isize>,
         shutdown: &CancellationToken,
     ) -> Result<Self, ProcessorError> {
         let partitions = topic_partitions(consumer, topics::SAMPLES, shutdown)?;
@@ -466,7 +453,7 @@ impl<'a> Worker<'a> {
         let mut assignment = TopicPartitionList::new();
         for p in (0..partitions).filter(|p| *p as usize % peers == index) {
             let restored = match store {
-                Some(s) => restore_partition(s, p, input, &mut feeder, &mut agents, idle_ms)?,
+                Some(s) => restore_partition(s, p, &mut feeder, &mut agents, idle_ms)?,
                 None => None,
             };
             let (low, high) = consumer
@@ -537,11 +524,7 @@ impl<'a> Worker<'a> {
     /// Reads up to `max_batch` messages of the worker's partitions (`max_catch_up_batch` while
     /// it reads a backlog) and no more once [`EPOCH_SAMPLES`] samples are in, waiting a little
     /// for the first, and feeds them; returns how many were read.
-    fn read_input(
-        &mut self,
-        clients: &Clients,
-        input: &mut InputSession<Time, Summary, isize>,
-    ) -> Result<usize, ProcessorError> {
+    fn read_input(&mut self, clients: &Clients) -> Result<usize, ProcessorError> {
         let (mut fed, mut samples) = (0usize, 0usize);
         let mut timeout = Duration::from_millis(50);
         let most = if self.inputs.catching_up.is_empty() {
@@ -591,7 +574,7 @@ impl<'a> Worker<'a> {
             match decoded {
                 Ok(batch) => {
                     samples += batch.samples.len();
-                    self.feed_batch(&clients.producer, input, (partition, offset), batch)?
+                    self.feed_batch(&clients.producer, (partition, offset), batch)?
                 }
                 Err(e) => dead_letter(
                     &clients.producer,
@@ -612,7 +595,6 @@ impl<'a> Worker<'a> {
     fn feed_batch(
         &mut self,
         producer: &OutputProducer,
-        input: &mut InputSession<Time, Summary, isize>,
         (partition, offset): (i32, i64),
         batch: SampleBatch,
     ) -> Result<(), ProcessorError> {
@@ -667,7 +649,7 @@ impl<'a> Worker<'a> {
                     ),
                 ))
             } else {
-                match self.feed_sample(input, partition, (&batch.agent_id, sample), horizon_ms)? {
+                match self.feed_sample(partition, (&batch.agent_id, sample), horizon_ms)? {
                     Ok(fed) => {
                         if fed {
                             watermark_ms = watermark_ms.max(sample.timestamp_ms);
@@ -705,7 +687,6 @@ impl<'a> Worker<'a> {
     /// its refusal.
     fn feed_sample(
         &mut self,
-        input: &mut InputSession<Time, Summary, isize>,
         partition: i32,
         (agent, sample): (&str, &meterflow_schemas::Sample),
         horizon_ms: i64,
@@ -729,8 +710,8 @@ impl<'a> Worker<'a> {
         let fed = match self.store {
             Some(s) => self
                 .feeder
-                .feed_from(input, partition, observation, horizon_ms, s)?,
-            None => self.feeder.feed(input, partition, observation, horizon_ms),
+                .feed_from(partition, observation, horizon_ms, s)?,
+            None => self.feeder.feed(partition, observation, horizon_ms),
         };
         Ok(match fed {
             Ok(()) => Ok(true),
@@ -774,10 +755,11 @@ impl<'a> Worker<'a> {
         &mut self,
         producer: &OutputProducer,
         (usage, rollups, costs): UsageSent,
-        (fleet, periods): OtherChanges,
+        periods: PeriodChanges,
     ) -> usize {
         let (names, window_ms) = (self.names, self.config.window_ms);
         let live = self.feeder.take_live();
+        let fleet = self.feeder.take_fleet();
         let periods = latest_values(periods);
         // In the order of `USAGE_RECORD_KINDS`.
         let sent = [

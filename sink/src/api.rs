@@ -1990,35 +1990,31 @@ async fn fleet_hourly(
             return error(&state, ROUTE, StatusCode::BAD_REQUEST, message, hint);
         }
     };
-    // Node and fleet records are stored under the empty tenant.
+    // Node records are stored under the empty tenant. The fleet's per hour are their sums,
+    // added up here (the processor sends each node's from the worker its samples reach; fleet
+    // records an older processor sent are left aside).
     let updates = match state.store.usage("", from.div_euclid(HOUR) * HOUR, to) {
         Ok(u) => u,
         Err(e) => return internal(&state, ROUTE, e),
     };
-    // hour → (fleet metric → amount, node → metric → amount)
-    type Hour = (
-        BTreeMap<String, i64>,
-        BTreeMap<String, BTreeMap<String, i64>>,
-    );
-    let mut hours: BTreeMap<i64, Hour> = BTreeMap::new();
-    for u in updates {
-        let (fleet, nodes) = hours.entry(u.window_start_ms).or_default();
-        if u.node.is_empty() {
-            fleet.insert(u.metric, u.amount);
-        } else {
-            nodes.entry(u.node).or_default().insert(u.metric, u.amount);
-        }
+    // hour → node → metric → amount
+    let mut hours: BTreeMap<i64, BTreeMap<String, BTreeMap<String, i64>>> = BTreeMap::new();
+    for u in updates.into_iter().filter(|u| !u.node.is_empty()) {
+        let nodes = hours.entry(u.window_start_ms).or_default();
+        nodes.entry(u.node).or_default().insert(u.metric, u.amount);
     }
     // A series per node, and the fleet's.
     let nodes: std::collections::BTreeSet<&String> =
-        hours.values().flat_map(|(_, nodes)| nodes.keys()).collect();
+        hours.values().flat_map(|nodes| nodes.keys()).collect();
     if let Err(denied) = take_series(&state, ROUTE, &claims, nodes.len() + 1) {
         return *denied;
     }
     let rows: Vec<Value> = hours
         .iter()
-        .map(|(hour, (fleet, nodes))| {
+        .map(|(hour, nodes)| {
             let get = |m: &BTreeMap<String, i64>, k: &str| m.get(k).copied().unwrap_or(0);
+            let active_nodes = nodes.values().filter(|m| get(m, "node_active") > 0).count();
+            let max_gpus: i64 = nodes.values().map(|m| get(m, "max_gpus_allocated")).sum();
             let nodes: Vec<Value> = nodes
                 .iter()
                 .map(|(node, m)| {
@@ -2031,8 +2027,8 @@ async fn fleet_hourly(
                 .collect();
             json!({
                 "hour": format_rfc3339(*hour),
-                "active_nodes": get(fleet, "active_nodes"),
-                "max_gpus_allocated": get(fleet, "max_gpus_allocated"),
+                "active_nodes": active_nodes,
+                "max_gpus_allocated": max_gpus,
                 "nodes": nodes,
             })
         })

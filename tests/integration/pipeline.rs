@@ -809,8 +809,8 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
         "{table}"
     );
 
-    // Per node and per fleet and hour: node-a held at most 4 GPUs at once (at 61-63.5 s: two
-    // H100s of c1, the MIG slice of c2 and the short A100), and was the fleet's one node.
+    // Per node and hour: node-a held at most 4 GPUs at once (at 61-63.5 s: two H100s of c1,
+    // the MIG slice of c2 and the short A100). The fleet's per hour are the sink's sums.
     let mut fleet: std::collections::BTreeMap<(String, String), i64> = Default::default();
     for bytes in read_topic(&brokers, topics::USAGE, 2, 1) {
         let u = UsageUpdate::decode(&bytes).expect("usage updates decode");
@@ -822,8 +822,7 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
     let f = |node: &str, metric: &str| fleet.get(&(node.to_string(), metric.to_string())).copied();
     assert_eq!(f("node-a", "max_gpus_allocated"), Some(4), "{fleet:?}");
     assert_eq!(f("node-a", "node_active"), Some(1), "{fleet:?}");
-    assert_eq!(f("", "active_nodes"), Some(1), "{fleet:?}");
-    assert_eq!(f("", "max_gpus_allocated"), Some(4), "{fleet:?}");
+    assert_eq!(fleet.len(), 2, "node records only: {fleet:?}");
 
     // The operator's view of the same hour, through the API.
     let hourly = poll_json(
@@ -984,4 +983,91 @@ async fn gpu_seconds_known_by_construction_come_out_of_the_api_exactly() {
     }
 
     pipeline.stop().await;
+}
+
+/// The fleet's hour is its nodes' sum, whichever worker each node's samples reach: node-x
+/// holds two H100s from 10 s to 100 s, node-y one A100 from 30 s to 90 s (at most three GPUs
+/// at once in the fleet: each node's most, summed), node-z only reports its CPU (active, no
+/// GPU). An hour later node-x alone is active, with one GPU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleets_hour_is_the_sum_of_its_nodes() {
+    let pipeline = Pipeline::start(2, 2).await;
+    let publisher = Publisher::new(&pipeline.broker.bootstrap()).expect("producer");
+    let on = |node: &str, s: Sample| Sample {
+        series: SeriesId {
+            node: node.into(),
+            ..s.series
+        },
+        ..s
+    };
+    let x = |g: &str| series("acme", "100.1.1", "cx", g, "h100", "");
+    let y = series("acme", "100.1.2", "cy", "GPU-Y", "a100", "");
+    let batch = |node: &str, sequence: i64, samples: Vec<Sample>| SampleBatch {
+        node: node.into(),
+        agent_id: format!("agent-{node}"),
+        sequence,
+        collected_at_ms: samples.iter().map(|s| s.timestamp_ms).max().unwrap_or(T0),
+        agent_version: "test".into(),
+        samples: samples.into_iter().map(|s| on(node, s)).collect(),
+    };
+    let batches = [
+        batch(
+            "node-x",
+            1,
+            vec![
+                gpu(x("GPU-1"), 15_000, 10_000, None),
+                gpu(x("GPU-2"), 15_000, 10_000, None),
+            ],
+        ),
+        batch(
+            "node-y",
+            1,
+            vec![gpu(y.clone(), 45_000, 30_000, Some(90_000))],
+        ),
+        batch("node-z", 1, vec![cpu(x(""), 45_000, 3.0)]),
+        batch(
+            "node-x",
+            2,
+            vec![
+                gpu(x("GPU-1"), 105_000, 10_000, Some(100_000)),
+                gpu(x("GPU-2"), 105_000, 10_000, Some(100_000)),
+            ],
+        ),
+        batch(
+            "node-x",
+            3,
+            vec![gpu(x("GPU-3"), 3_615_000, 3_605_000, None)],
+        ),
+    ];
+    for b in &batches {
+        publisher.publish(b).await.expect("batch delivered");
+    }
+    let hourly = poll_json(
+        &pipeline.url("/v1/fleet/hourly?from=2026-11-23T00:00:00Z&to=2026-11-23T02:00:00Z"),
+        &token(""),
+        Duration::from_secs(60),
+        |v| v["hours"][0]["max_gpus_allocated"] == 3 && v["hours"][1]["active_nodes"] == 1,
+    )
+    .await;
+    assert_eq!(
+        hourly["hours"],
+        serde_json::json!([
+            {
+                "hour": "2026-11-23T00:00:00.000Z",
+                "active_nodes": 3,
+                "max_gpus_allocated": 3,
+                "nodes": [
+                    {"node": "node-x", "active": true, "max_gpus_allocated": 2},
+                    {"node": "node-y", "active": true, "max_gpus_allocated": 1},
+                    {"node": "node-z", "active": true, "max_gpus_allocated": 0},
+                ],
+            },
+            {
+                "hour": "2026-11-23T01:00:00.000Z",
+                "active_nodes": 1,
+                "max_gpus_allocated": 1,
+                "nodes": [{"node": "node-x", "active": true, "max_gpus_allocated": 1}],
+            },
+        ])
+    );
 }
