@@ -479,11 +479,18 @@ pub enum Aggregate {
     /// Network errors, from their counters.
     NetworkReceiveErrors,
     NetworkTransmitErrors,
+    /// Persistent volumes' bytes used, capacity and inodes used, held over time, from their
+    /// gauges. The bytes are read to the kilobyte and kept in kilobyte-seconds (scale -3: the
+    /// amount × 1000 is byte-seconds), so that a lease's month stays exact to 3.5 PB held all
+    /// month, not 3.5 TB; inodes in inode-seconds.
+    FilesystemUsageByteSeconds,
+    FilesystemCapacityByteSeconds,
+    FilesystemInodeSeconds,
 }
 
 impl Aggregate {
     /// Every aggregate, in order.
-    pub const ALL: [Aggregate; 21] = [
+    pub const ALL: [Aggregate; 24] = [
         Aggregate::GpuSeconds,
         Aggregate::GpuSecondsUnfinished,
         Aggregate::CpuCoreSeconds,
@@ -505,6 +512,9 @@ impl Aggregate {
         Aggregate::OomKills,
         Aggregate::NetworkReceiveErrors,
         Aggregate::NetworkTransmitErrors,
+        Aggregate::FilesystemUsageByteSeconds,
+        Aggregate::FilesystemCapacityByteSeconds,
+        Aggregate::FilesystemInodeSeconds,
     ];
 
     fn gpu_seconds() -> Self {
@@ -539,6 +549,9 @@ impl Aggregate {
             Aggregate::OomKills => "oom_kills",
             Aggregate::NetworkReceiveErrors => "network_receive_errors",
             Aggregate::NetworkTransmitErrors => "network_transmit_errors",
+            Aggregate::FilesystemUsageByteSeconds => "filesystem_usage_byte_seconds",
+            Aggregate::FilesystemCapacityByteSeconds => "filesystem_capacity_byte_seconds",
+            Aggregate::FilesystemInodeSeconds => "filesystem_inode_seconds",
         }
     }
 
@@ -556,6 +569,9 @@ impl Aggregate {
             (SampleKind::Counter, m::NETWORK_RECEIVE_ERRORS) => Aggregate::NetworkReceiveErrors,
             (SampleKind::Counter, m::NETWORK_TRANSMIT_ERRORS) => Aggregate::NetworkTransmitErrors,
             (SampleKind::Gauge, m::MEMORY_RSS) => Aggregate::MemoryRssByteSeconds,
+            (SampleKind::Gauge, m::FILESYSTEM_USAGE) => Aggregate::FilesystemUsageByteSeconds,
+            (SampleKind::Gauge, m::FILESYSTEM_CAPACITY) => Aggregate::FilesystemCapacityByteSeconds,
+            (SampleKind::Gauge, m::FILESYSTEM_INODES_USED) => Aggregate::FilesystemInodeSeconds,
             (SampleKind::Counter, m::CPU_SECONDS) => Aggregate::CpuCoreSeconds,
             (SampleKind::Counter, m::ENERGY_JOULES) => Aggregate::EnergyJoules,
             (SampleKind::Counter, m::HOST_ENERGY_JOULES) => Aggregate::HostEnergyJoules,
@@ -581,13 +597,16 @@ impl Aggregate {
             | Aggregate::MemoryLimitByteSeconds => Kind::Allocation,
             Aggregate::MemoryByteSeconds
             | Aggregate::MemoryRssByteSeconds
+            | Aggregate::FilesystemUsageByteSeconds
+            | Aggregate::FilesystemCapacityByteSeconds
+            | Aggregate::FilesystemInodeSeconds
             | Aggregate::VramByteSeconds
             | Aggregate::GpuUtilizationSeconds => Kind::Gauge,
             _ => Kind::Counter,
         }
     }
 
-    /// Decimal places of the integer amount.
+    /// Decimal places of the integer amount (negative: the amount counts thousands).
     pub fn scale(self) -> i32 {
         match self {
             Aggregate::GpuSeconds
@@ -599,19 +618,23 @@ impl Aggregate {
             | Aggregate::CpuLimitSeconds
             | Aggregate::CpuThrottledSeconds => 6,
             Aggregate::GpuUtilizationSeconds => 3,
+            Aggregate::FilesystemUsageByteSeconds | Aggregate::FilesystemCapacityByteSeconds => -3,
             _ => 0,
         }
     }
 
     /// Integer units per unit of a sample's value: a counter's reading at the aggregate's
-    /// scale; a gauge's level in bytes, or in millionths for a ratio; an allocation's amount
-    /// held in GPUs, millicores or bytes.
+    /// scale; a gauge's level in bytes (kilobytes for a volume's), or in millionths for a
+    /// ratio; an allocation's amount held in GPUs, millicores or bytes.
     pub fn reading_units(self) -> f64 {
         match self {
             Aggregate::GpuSeconds | Aggregate::GpuSecondsUnfinished => 1.0,
             Aggregate::CpuRequestSeconds | Aggregate::CpuLimitSeconds => 1e3,
             Aggregate::MemoryRequestByteSeconds | Aggregate::MemoryLimitByteSeconds => 1.0,
             Aggregate::GpuUtilizationSeconds => 1e6,
+            Aggregate::FilesystemUsageByteSeconds | Aggregate::FilesystemCapacityByteSeconds => {
+                1e-3
+            }
             a if a.kind() == Kind::Counter => 10f64.powi(a.scale()),
             _ => 1.0,
         }
@@ -660,6 +683,9 @@ impl Aggregate {
             Aggregate::OomKills => m::OOM_KILLS,
             Aggregate::NetworkReceiveErrors => m::NETWORK_RECEIVE_ERRORS,
             Aggregate::NetworkTransmitErrors => m::NETWORK_TRANSMIT_ERRORS,
+            Aggregate::FilesystemUsageByteSeconds => m::FILESYSTEM_USAGE,
+            Aggregate::FilesystemCapacityByteSeconds => m::FILESYSTEM_CAPACITY,
+            Aggregate::FilesystemInodeSeconds => m::FILESYSTEM_INODES_USED,
         }
     }
 
@@ -1215,6 +1241,9 @@ mod tests {
             "memory_oom_kills_total",
             "network_receive_errors_total",
             "network_transmit_errors_total",
+            "filesystem_usage_bytes",
+            "filesystem_capacity_bytes",
+            "filesystem_inodes_used",
         ];
         let found: BTreeSet<_> = kinds
             .iter()
@@ -1223,6 +1252,28 @@ mod tests {
         // Every aggregate but the unfinished-GPU flag comes from a sample metric.
         assert_eq!(found.len(), Aggregate::ALL.len() - 1);
         assert_eq!(Aggregate::of_metric(SampleKind::Gauge, "gpu"), None);
+    }
+
+    /// A volume's bytes are kept in kilobytes: the amount's scale is -3, and a reading's
+    /// rounding is half a kilobyte at most.
+    #[test]
+    fn volume_bytes_are_read_to_the_kilobyte() {
+        let o = observe(&sample(
+            SampleKind::Gauge,
+            "filesystem_capacity_bytes",
+            107_374_182_400.0,
+        ))
+        .expect("valid")
+        .expect("aggregated");
+        let Observation::Reading(key, obs) = o else {
+            panic!("a gauge")
+        };
+        assert_eq!(key.metric, Aggregate::FilesystemCapacityByteSeconds);
+        assert_eq!(obs.units, 107_374_182);
+        assert_eq!(key.metric.scale(), -3);
+        assert_eq!(key.metric.reading_scale(), -3);
+        // Inodes are whole.
+        assert_eq!(Aggregate::FilesystemInodeSeconds.reading_units(), 1.0);
     }
 
     #[test]

@@ -82,6 +82,13 @@ pub mod metrics {
     pub const NETWORK_RECEIVE_ERRORS: &str = "network_receive_errors_total";
     /// Counter: transmit errors of the pod's network namespace.
     pub const NETWORK_TRANSMIT_ERRORS: &str = "network_transmit_errors_total";
+    /// Gauge: bytes used on the pod's persistent volumes (the kubelet's stats summary,
+    /// `usedBytes` of each volume with a `pvcRef`, summed).
+    pub const FILESYSTEM_USAGE: &str = "filesystem_usage_bytes";
+    /// Gauge: the capacity in bytes of the pod's persistent volumes.
+    pub const FILESYSTEM_CAPACITY: &str = "filesystem_capacity_bytes";
+    /// Gauge: inodes used on the pod's persistent volumes.
+    pub const FILESYSTEM_INODES_USED: &str = "filesystem_inodes_used";
 }
 
 /// Names of the Kafka topics the pipeline reads and writes.

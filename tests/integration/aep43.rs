@@ -389,12 +389,13 @@ fn api(container: &str, kind: SampleKind, metric: &str, at: i64, value: f64) -> 
     }
 }
 
-/// The catalog's limits, throttling, RSS, OOM kills and network errors, from what happened
-/// to one pod, as its agent reads it every 15 s: container c7, limited to 0.5 cores and
-/// 256 MiB, starts at 10 s and is OOM-killed at 70 s; the kubelet restarts it as c8 at 72 s,
-/// running past the last reading at 135 s. Every expected value is arithmetic on that story.
+/// The catalog's limits, throttling, RSS, OOM kills, network errors and volumes, from what
+/// happened to one pod, as its agent reads it every 15 s: container c7, limited to 0.5 cores
+/// and 256 MiB, starts at 10 s and is OOM-killed at 70 s; the kubelet restarts it as c8 at
+/// 72 s, running past the last reading at 135 s. Every expected value is arithmetic on that
+/// story.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn limits_throttling_rss_oom_kills_and_network_errors_are_answered_as_they_happened() {
+async fn limits_throttling_rss_oom_kills_errors_and_volumes_are_answered_as_they_happened() {
     use SampleKind::{Allocation, Counter, Gauge};
     const MIB: f64 = (1u64 << 20) as f64;
     let pipeline = Pipeline::start(1, 1).await;
@@ -440,6 +441,11 @@ async fn limits_throttling_rss_oom_kills_and_network_errors_are_answered_as_they
             api(c, Counter, "memory_oom_kills_total", at, kills),
             api(c, Counter, "network_receive_errors_total", at, rx_errors),
             api(c, Counter, "network_transmit_errors_total", at, tx_errors),
+            // The pod's persistent volume (the kubelet's stats summary), on its first
+            // container: 10 GB used of 100 GB, 5,000 inodes, throughout.
+            api(c, Gauge, "filesystem_usage_bytes", at, 10e9),
+            api(c, Gauge, "filesystem_capacity_bytes", at, 100e9),
+            api(c, Gauge, "filesystem_inodes_used", at, 5_000.0),
         ]);
         batches.push(SampleBatch {
             node: "node-b".into(),
@@ -464,6 +470,7 @@ async fn limits_throttling_rss_oom_kills_and_network_errors_are_answered_as_they
     // - RSS: 96 MiB held from c7's first reading to its last (15 → 60, 45 s), 64 MiB over
     //   c8's (75 → 135, 60 s), read throughout: 8,160 MiB·s over 180 s.
     // - OOM kills 1, receive errors 2 + 3 = 5, transmit errors 1.
+    // - The volume's figures, held as RSS is (105 s of 180): 10 GB × 105/180, and so on.
     let query = format!(
         "metric=all&start={T0_S}&end={}&step=3m&aggregation=sum",
         T0_S + 180
@@ -489,6 +496,15 @@ async fn limits_throttling_rss_oom_kills_and_network_errors_are_answered_as_they
         ("akash_lease_memory_oom_kills_total", 1.0),
         ("akash_lease_network_rx_errors_total", 5.0),
         ("akash_lease_network_tx_errors_total", 1.0),
+        ("akash_lease_filesystem_usage_bytes", 10e9 * 105.0 / 180.0),
+        (
+            "akash_lease_filesystem_capacity_bytes",
+            100e9 * 105.0 / 180.0,
+        ),
+        (
+            "akash_lease_filesystem_inodes_used",
+            5_000.0 * 105.0 / 180.0,
+        ),
     ];
     for (metric, expected) in want {
         let got = value(&answer, metric);

@@ -1,5 +1,6 @@
 //! The node agent as a provider runs it: `meterflow agent --config FILE` with the kubelet
-//! source (a kubelet's `/pods` answer served over HTTP on loopback), the cgroup source (a
+//! source (a kubelet's `/pods` and `/stats/summary` answers served over HTTP on loopback),
+//! the cgroup source (a
 //! kubepods tree in a temporary directory) and NVML switched on where no NVIDIA library
 //! exists, started before its broker is up. It spools from its first tick; once the broker
 //! comes up every batch reaches it, in order, attributed to the Akash lease of the pod (found
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use meterflow_schemas::{Record, SampleBatch, SampleKind, metrics as m, topics as names};
 
 const PODS: &str = include_str!("../../ingest/src/sources/fixtures/kubelet-pods.json");
+const SUMMARY: &str = include_str!("../../ingest/src/sources/fixtures/kubelet-summary.json");
 const WEB: &str = "aaaa456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const STRANGER: &str = "eeee456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -29,7 +31,9 @@ async fn a_node_agent_from_its_config_file_sends_attributed_batches() {
         .await
         .expect("bind");
     let kubelet = listener.local_addr().expect("addr");
-    let app = axum::Router::new().route("/pods", axum::routing::get(|| async { PODS }));
+    let app = axum::Router::new()
+        .route("/pods", axum::routing::get(|| async { PODS }))
+        .route("/stats/summary", axum::routing::get(|| async { SUMMARY }));
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     // The node's cgroups: the web pod's running container and one no pod lists.
@@ -75,6 +79,7 @@ preset = "akash"
 [agent.sources.kubelet]
 enabled = true
 pods_url = "http://{kubelet}/pods"
+summary_url = "http://{kubelet}/stats/summary"
 
 [agent.sources.cgroup]
 enabled = true
@@ -196,10 +201,11 @@ library = "/nonexistent/libnvidia-ml.so.1"
             (b.node.as_str(), b.agent_id.as_str()),
             ("gpu-node-7", "gpu-node-7")
         );
-        // Exactly the web container's five cgroup readings and its pod's OOM kills, and what
-        // its spec requests and limits it to (8 cores, 32 GiB each) over its current run and
-        // the one before its restart; the stranger's readings are not sent.
-        assert_eq!(b.samples.len(), 14, "{:#?}", b.samples);
+        // Exactly the web container's five cgroup readings, its pod's OOM kills and its
+        // persistent volumes' three figures, and what its spec requests and limits it to (8
+        // cores, 32 GiB each) over its current run and the one before its restart; the
+        // stranger's readings are not sent.
+        assert_eq!(b.samples.len(), 17, "{:#?}", b.samples);
         for s in &b.samples {
             assert_eq!(
                 s.series.tenant,
@@ -240,6 +246,17 @@ library = "/nonexistent/libnvidia-ml.so.1"
         assert_eq!(value(m::MEMORY_RSS), (SampleKind::Gauge, 3000.0));
         // The kills counted before the agent's first tick are a baseline, no one's.
         assert_eq!(value(m::OOM_KILLS), (SampleKind::Counter, 0.0));
+        // The pod's two persistent volumes (the summary's `web-data` and `web-cache`).
+        assert_eq!(
+            value(m::FILESYSTEM_CAPACITY),
+            (SampleKind::Gauge, 118_111_600_640.0)
+        );
+        let volume = b
+            .samples
+            .iter()
+            .find(|s| s.metric == m::FILESYSTEM_USAGE)
+            .expect("usage");
+        assert_eq!(volume.series.container_id, WEB, "the pod's first container");
         let cpu = b
             .samples
             .iter()

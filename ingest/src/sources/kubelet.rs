@@ -14,7 +14,9 @@
 //! read again every `api_refresh`, and at once (at most once a second) when a pod's
 //! namespace is not in it yet; while the API server fails, the last list stays in use. Where
 //! `resource_slices_url` is set, the node's DRA ResourceSlices are read the same way: they say
-//! what each device a DRA claim names is (UUID, model, MIG profile).
+//! what each device a DRA claim names is (UUID, model, MIG profile). Where `summary_url` is
+//! set, the kubelet's stats summary gives each pod's persistent volumes' usage, capacity and
+//! inodes (see [`parse_summary`]); when it fails, the pods are read all the same.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -22,7 +24,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{DraDevice, GpuInfo, SourceError};
+use meterflow_schemas::SampleKind;
+use meterflow_schemas::metrics as m;
+
+use super::{DraDevice, GpuInfo, Reading, Scope, SourceError, Target};
 
 /// Where and how the kubelet is reached.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -52,6 +57,11 @@ pub struct KubeletConfig {
     /// (`https://${KUBERNETES_SERVICE_HOST}:${KUBERNETES_SERVICE_PORT}/apis/resource.k8s.io/v1/resourceslices?fieldSelector=spec.nodeName=${NODE_NAME}`;
     /// needs `list` on `resourceslices`). Unset: DRA devices are not resolved, and not billed.
     pub resource_slices_url: Option<String>,
+    /// The kubelet's stats summary (`https://127.0.0.1:10250/stats/summary`; the service
+    /// account needs `get` on `nodes/stats`), for each pod's persistent volumes:
+    /// `filesystem_usage_bytes`, `filesystem_capacity_bytes`, `filesystem_inodes_used`. Unset:
+    /// not read. Read with `ca_file`, `insecure_skip_tls_verify` and `token_file`, as the pods.
+    pub summary_url: Option<String>,
     /// A PEM file of the CA that signed the API server's certificate (for `namespaces_url` and
     /// `resource_slices_url`).
     pub api_ca_file: Option<PathBuf>,
@@ -71,6 +81,7 @@ impl Default for KubeletConfig {
             max_stale: Duration::from_secs(600),
             namespaces_url: None,
             resource_slices_url: None,
+            summary_url: None,
             api_ca_file: Some("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt".into()),
             api_refresh: Duration::from_secs(60),
         }
@@ -317,6 +328,56 @@ pub fn parse_resource_slices(json: &[u8]) -> Result<Vec<DraDevice>, String> {
     Ok(out)
 }
 
+/// The metrics of the stats summary.
+pub const SUMMARY_METRICS: [&str; 3] = [
+    m::FILESYSTEM_USAGE,
+    m::FILESYSTEM_CAPACITY,
+    m::FILESYSTEM_INODES_USED,
+];
+
+/// Each pod's persistent volumes (those with a `pvcRef`) in the kubelet's stats summary
+/// (`/stats/summary`, `k8s.io/kubelet/pkg/apis/stats/v1alpha1`), summed per pod: bytes used,
+/// capacity in bytes and inodes used, as gauges of the pod (given to its first container).
+/// The pod's other volumes are left out: configMaps, secrets and service-account tokens are
+/// not the tenant's storage, and an `emptyDir` is on the node's own filesystem, whose capacity
+/// the kubelet reports for it. A figure the kubelet leaves out (a volume not measured yet) is
+/// absent for the pod, never zero.
+pub fn parse_summary(json: &[u8]) -> Result<Vec<Reading>, String> {
+    let summary: wire::Summary =
+        serde_json::from_slice(json).map_err(|e| format!("not a stats summary: {e}"))?;
+    let mut readings = Vec::new();
+    for pod in summary.pods {
+        let persistent: Vec<&wire::VolumeStats> =
+            pod.volume.iter().filter(|v| v.pvc_ref.is_some()).collect();
+        if persistent.is_empty() {
+            continue;
+        }
+        // In the order of SUMMARY_METRICS.
+        let figures = |v: &wire::VolumeStats| [v.used_bytes, v.capacity_bytes, v.inodes_used];
+        for (i, metric) in SUMMARY_METRICS.into_iter().enumerate() {
+            let Some(sum) = persistent
+                .iter()
+                .map(|v| figures(v)[i])
+                .sum::<Option<u64>>()
+            else {
+                continue;
+            };
+            readings.push(Reading {
+                target: Target::Pod {
+                    namespace: pod.pod_ref.namespace.clone(),
+                    pod: pod.pod_ref.name.clone(),
+                },
+                gpu: None,
+                kind: SampleKind::Gauge,
+                metric: metric.to_string(),
+                value: sum as f64,
+                scope: Scope::Container,
+            });
+        }
+    }
+    Ok(readings)
+}
+
 /// Reads the pod list from the kubelet.
 pub struct KubeletClient {
     pods: Endpoint,
@@ -425,6 +486,8 @@ impl<T> ApiList<T> {
 /// The kubelet as a source: yields the pods (with their namespaces' labels) and the node's DRA
 /// devices, no readings.
 pub struct KubeletSource {
+    /// The stats summary, where configured, and whether its last read failed (said once).
+    summary: Option<(Endpoint, bool)>,
     client: KubeletClient,
     refresh: Duration,
     namespaces: ApiList<BTreeMap<String, BTreeMap<String, String>>>,
@@ -433,7 +496,21 @@ pub struct KubeletSource {
 
 impl KubeletSource {
     pub fn new(config: &KubeletConfig) -> Result<Self, SourceError> {
+        let summary = match &config.summary_url {
+            Some(url) => Some((
+                Endpoint::new(
+                    "sources.kubelet.ca_file",
+                    url,
+                    config.ca_file.as_ref(),
+                    config.insecure_skip_tls_verify,
+                    config.token_file.clone(),
+                )?,
+                false,
+            )),
+            None => None,
+        };
         Ok(KubeletSource {
+            summary,
             client: KubeletClient::new(config)?,
             refresh: config.api_refresh,
             namespaces: ApiList::new(
@@ -452,6 +529,32 @@ impl KubeletSource {
                 parse_resource_slices,
             )?,
         })
+    }
+
+    /// The pods' persistent volumes from the stats summary, where configured; none while it
+    /// fails (said once, and again once it answers).
+    async fn volumes(&mut self) -> Vec<Reading> {
+        let Some((endpoint, failing)) = &mut self.summary else {
+            return Vec::new();
+        };
+        let read = match endpoint.get("get on nodes/stats").await {
+            Ok(body) => parse_summary(&body).map_err(|e| format!("{}: {e}", endpoint.url)),
+            Err(e) => Err(e.to_string()),
+        };
+        match read {
+            Ok(readings) => {
+                if std::mem::take(failing) {
+                    tracing::info!(url = %endpoint.url, "the kubelet's stats summary answers again");
+                }
+                readings
+            }
+            Err(error) => {
+                if !std::mem::replace(failing, true) {
+                    tracing::warn!(%error, "the kubelet's stats summary cannot be read: no volume figures until it can (the pods are read all the same)");
+                }
+                Vec::new()
+            }
+        }
     }
 
     /// Gives each pod its namespace's labels, reading the namespaces again when the list is
@@ -483,7 +586,10 @@ impl super::Source for KubeletSource {
     }
 
     fn metrics(&self) -> Vec<String> {
-        Vec::new()
+        match self.summary {
+            Some(_) => SUMMARY_METRICS.iter().map(|m| m.to_string()).collect(),
+            None => Vec::new(),
+        }
     }
 
     fn collect(&mut self) -> super::BoxFuture<'_, Result<super::Collected, SourceError>> {
@@ -495,6 +601,7 @@ impl super::Source for KubeletSource {
             Ok(super::Collected {
                 pods: Some(pods),
                 dra_devices: self.slices.last.clone(),
+                readings: self.volumes().await,
                 ..Default::default()
             })
         })
@@ -506,6 +613,39 @@ mod wire {
     use std::collections::BTreeMap;
 
     use serde::Deserialize;
+
+    /// The kubelet's stats summary, only what is read of it.
+    #[derive(Deserialize)]
+    pub struct Summary {
+        #[serde(default)]
+        pub pods: Vec<PodStats>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct PodStats {
+        #[serde(rename = "podRef")]
+        pub pod_ref: PodRef,
+        #[serde(default)]
+        pub volume: Vec<VolumeStats>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct PodRef {
+        pub name: String,
+        pub namespace: String,
+    }
+
+    #[derive(Deserialize)]
+    pub struct VolumeStats {
+        #[serde(rename = "usedBytes")]
+        pub used_bytes: Option<u64>,
+        #[serde(rename = "capacityBytes")]
+        pub capacity_bytes: Option<u64>,
+        #[serde(rename = "inodesUsed")]
+        pub inodes_used: Option<u64>,
+        #[serde(rename = "pvcRef")]
+        pub pvc_ref: Option<serde_json::Value>,
+    }
 
     #[derive(Deserialize)]
     pub struct PodList {
@@ -891,6 +1031,49 @@ mod tests {
                 Requests::default(),
             ]
         );
+    }
+
+    pub const SUMMARY: &str = include_str!("fixtures/kubelet-summary.json");
+
+    /// The web pod's two persistent volumes, summed; its service-account token and `shm`
+    /// volumes, and its ephemeral storage, left out; the trainer's volume, not measured yet,
+    /// gives nothing (not a zero); a pod without volumes, nothing.
+    #[test]
+    fn a_pods_persistent_volumes_come_from_the_stats_summary() {
+        let readings = parse_summary(SUMMARY.as_bytes()).expect("fixture parses");
+        let got: Vec<(&str, &str, f64)> = readings
+            .iter()
+            .map(|r| {
+                assert_eq!(r.kind, SampleKind::Gauge);
+                let Target::Pod { pod, .. } = &r.target else {
+                    panic!("a pod's reading: {r:?}")
+                };
+                (pod.as_str(), r.metric.as_str(), r.value)
+            })
+            .collect();
+        let web = "web-6d4cf56db6-x7k2p";
+        assert_eq!(
+            got,
+            [
+                (
+                    web,
+                    "filesystem_usage_bytes",
+                    (75_161_927_680u64 + 536_870_912) as f64
+                ),
+                (
+                    web,
+                    "filesystem_capacity_bytes",
+                    (107_374_182_400u64 + 10_737_418_240) as f64
+                ),
+                (web, "filesystem_inodes_used", (51_488 + 80) as f64),
+            ]
+        );
+        assert!(
+            parse_summary(br#"{"items": []}"#)
+                .expect("no pods")
+                .is_empty()
+        );
+        assert!(parse_summary(b"<html>").is_err());
     }
 
     #[test]

@@ -78,7 +78,7 @@ pub struct Entry {
 }
 
 /// The AEP-43 catalog metrics Meterflow's aggregates give.
-pub const CATALOG: [Entry; 14] = [
+pub const CATALOG: [Entry; 17] = [
     Entry {
         name: "akash_lease_cpu_usage_cores",
         from: "cpu_core_seconds",
@@ -149,14 +149,26 @@ pub const CATALOG: [Entry; 14] = [
         from: "network_transmit_errors",
         derive: Derive::Total,
     },
+    Entry {
+        name: "akash_lease_filesystem_usage_bytes",
+        from: "filesystem_usage_byte_seconds",
+        derive: Derive::Level(1.0),
+    },
+    Entry {
+        name: "akash_lease_filesystem_capacity_bytes",
+        from: "filesystem_capacity_byte_seconds",
+        derive: Derive::Level(1.0),
+    },
+    Entry {
+        name: "akash_lease_filesystem_inodes_used",
+        from: "filesystem_inode_seconds",
+        derive: Derive::Level(1.0),
+    },
 ];
 
 /// The AEP-43 catalog metrics the agent does not collect: asked for, they are named in the
 /// answer's warnings.
-pub const NOT_COLLECTED: [&str; 7] = [
-    "akash_lease_filesystem_usage_bytes",
-    "akash_lease_filesystem_capacity_bytes",
-    "akash_lease_filesystem_inodes_used",
+pub const NOT_COLLECTED: [&str; 4] = [
     "akash_lease_gpu_memory_total_bytes",
     "akash_lease_gpu_memory_copy_utilization_percent",
     "akash_lease_gpu_temperature_celsius",
