@@ -1270,6 +1270,45 @@ mod tests {
         );
     }
 
+    /// A stats summary the agent may not read (no `nodes/stats`) costs the volume figures
+    /// only: the pods come all the same, and the figures once it answers.
+    #[tokio::test]
+    async fn a_stats_summary_refused_leaves_the_pods_and_comes_back() {
+        use super::super::testing::{answering, serve};
+        let summary = std::sync::Arc::new(std::sync::Mutex::new((403u16, "forbidden".into())));
+        let addr = serve(
+            axum::Router::new()
+                .route("/pods", axum::routing::get(|| async { PODS }))
+                .route("/stats/summary", answering(summary.clone())),
+        )
+        .await;
+        let mut source = KubeletSource::new(&KubeletConfig {
+            enabled: true,
+            pods_url: format!("http://{addr}/pods"),
+            summary_url: Some(format!("http://{addr}/stats/summary")),
+            token_file: None,
+            api_ca_file: None,
+            ..Default::default()
+        })
+        .expect("source");
+        use super::super::Source;
+        assert_eq!(source.metrics(), SUMMARY_METRICS);
+        let refused = source.collect().await.expect("the pods come");
+        assert_eq!(refused.pods.expect("pods").len(), 3);
+        assert!(refused.readings.is_empty());
+        assert!(source.summary.as_ref().is_some_and(|(_, failing)| *failing));
+        *summary.lock().expect("lock") = (200, SUMMARY.to_string());
+        let answered = source.collect().await.expect("collects");
+        assert_eq!(answered.pods.expect("pods").len(), 3);
+        assert_eq!(answered.readings.len(), 3, "{:?}", answered.readings);
+        assert!(
+            source
+                .summary
+                .as_ref()
+                .is_some_and(|(_, failing)| !*failing)
+        );
+    }
+
     #[test]
     fn a_body_that_is_not_a_pod_list_is_an_error_not_an_empty_node() {
         assert!(parse_pods(b"<html>").is_err());
