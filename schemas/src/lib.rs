@@ -82,6 +82,15 @@ pub mod metrics {
     pub const NETWORK_RECEIVE_ERRORS: &str = "network_receive_errors_total";
     /// Counter: transmit errors of the pod's network namespace.
     pub const NETWORK_TRANSMIT_ERRORS: &str = "network_transmit_errors_total";
+    /// Gauge: GPU memory in bytes, used or not, per GPU or MIG instance.
+    pub const VRAM_TOTAL: &str = "gpu_memory_total_bytes";
+    /// Gauge: the memory copy engine's busy ratio, 0..1, per GPU (NVML's memory utilization,
+    /// dcgm's `DCGM_FI_DEV_MEM_COPY_UTIL` / 100).
+    pub const GPU_COPY_UTILIZATION: &str = "gpu_memory_copy_utilization";
+    /// Gauge: a GPU's temperature in degrees Celsius (whole GPUs; a split GPU's is its board's).
+    pub const GPU_TEMPERATURE: &str = "gpu_temperature_celsius";
+    /// Gauge: a GPU's streaming-multiprocessor clock in MHz.
+    pub const GPU_SM_CLOCK: &str = "gpu_sm_clock_mhz";
     /// Gauge: bytes used on the pod's persistent volumes (the kubelet's stats summary,
     /// `usedBytes` of each volume with a `pvcRef`, summed).
     pub const FILESYSTEM_USAGE: &str = "filesystem_usage_bytes";

@@ -1,12 +1,14 @@
-//! The NVML source: per GPU and per MIG instance the engine-active ratio, memory used, power
-//! and the board's total-energy counter, and which containers run processes on each — through
-//! NVIDIA's management library, loaded at run time (`libnvidia-ml.so.1`).
+//! The NVML source: per GPU and per MIG instance the engine-active ratio, memory used and
+//! total, the copy engine's busy ratio, temperature and SM clock, power and the board's
+//! total-energy counter, and which containers run processes on each — through NVIDIA's
+//! management library, loaded at run time (`libnvidia-ml.so.1`).
 //!
 //! Where the library or the driver is missing the source says so once and stays off; the
 //! agent runs on. A reading NVML does not support on a device (utilization of a MIG instance
 //! on most drivers) is absent, never zero. Energy and power are board-level: read on the
 //! physical GPU, never on or summed across its MIG instances; on a GPU split into instances
-//! they stay with the board (unattributed) rather than being given to each instance.
+//! they stay with the board (unattributed) rather than being given to each instance; so do the
+//! temperature and the SM clock, which are the chip's.
 //!
 //! The pure parts — turning device snapshots into readings, a process's cgroup into its
 //! container — are tested on fixtures; the NVML calls need a GPU (checked on one by hand, see
@@ -46,9 +48,13 @@ impl Default for NvmlConfig {
 }
 
 /// Every metric this source can yield.
-pub const METRICS: [&str; 4] = [
+pub const METRICS: [&str; 8] = [
     m::GPU_UTILIZATION,
     m::VRAM_BYTES,
+    m::VRAM_TOTAL,
+    m::GPU_COPY_UTILIZATION,
+    m::GPU_TEMPERATURE,
+    m::GPU_SM_CLOCK,
     "gpu_power_watts",
     m::ENERGY_JOULES,
 ];
@@ -63,6 +69,11 @@ pub struct Snapshot {
     pub mig_enabled: bool,
     pub utilization: Option<f64>,
     pub memory_used_bytes: Option<f64>,
+    pub memory_total_bytes: Option<f64>,
+    /// The copy engine's busy ratio, 0..1.
+    pub copy_utilization: Option<f64>,
+    pub temperature_celsius: Option<f64>,
+    pub sm_clock_mhz: Option<f64>,
     pub power_watts: Option<f64>,
     pub energy_joules: Option<f64>,
     /// Processes using it.
@@ -87,8 +98,33 @@ pub fn readings(snapshots: &[Snapshot], allowed: &[String]) -> Vec<Reading> {
                 s.memory_used_bytes,
                 !board_only,
             ),
-            // Power and energy exist for physical GPUs only; on a split GPU they are the
-            // board's and stay unattributed (no holder holds the board's UUID).
+            (
+                SampleKind::Gauge,
+                m::VRAM_TOTAL,
+                s.memory_total_bytes,
+                !board_only,
+            ),
+            (
+                SampleKind::Gauge,
+                m::GPU_COPY_UTILIZATION,
+                s.copy_utilization,
+                !board_only,
+            ),
+            // Temperature, clock, power and energy exist for physical GPUs only; on a split
+            // GPU they are the board's and stay unattributed (no holder holds the board's
+            // UUID).
+            (
+                SampleKind::Gauge,
+                m::GPU_TEMPERATURE,
+                s.temperature_celsius,
+                s.parent_uuid.is_empty(),
+            ),
+            (
+                SampleKind::Gauge,
+                m::GPU_SM_CLOCK,
+                s.sm_clock_mhz,
+                s.parent_uuid.is_empty(),
+            ),
             (
                 SampleKind::Gauge,
                 "gpu_power_watts",
@@ -199,6 +235,8 @@ impl NvmlSource {
             let uuid = device.uuid().map_err(|e| failed("uuid", e))?;
             let model = device.name().unwrap_or_default();
             let mig_enabled = device.mig_mode().is_ok_and(|mode| mode.current == 1);
+            let utilization = device.utilization_rates().ok();
+            let memory = device.memory_info().ok();
             let pids = |d: &nvml_wrapper::Device| {
                 d.running_compute_processes()
                     .map(|ps| ps.iter().map(|p| p.pid).collect())
@@ -212,11 +250,18 @@ impl NvmlSource {
                 },
                 parent_uuid: String::new(),
                 mig_enabled,
-                utilization: device
-                    .utilization_rates()
+                utilization: utilization.as_ref().map(|u| f64::from(u.gpu) / 100.0),
+                memory_used_bytes: memory.as_ref().map(|mem| mem.used as f64),
+                memory_total_bytes: memory.as_ref().map(|mem| mem.total as f64),
+                copy_utilization: utilization.as_ref().map(|u| f64::from(u.memory) / 100.0),
+                temperature_celsius: device
+                    .temperature(nvml_wrapper::enum_wrappers::device::TemperatureSensor::Gpu)
                     .ok()
-                    .map(|u| f64::from(u.gpu) / 100.0),
-                memory_used_bytes: device.memory_info().ok().map(|mem| mem.used as f64),
+                    .map(f64::from),
+                sm_clock_mhz: device
+                    .clock_info(nvml_wrapper::enum_wrappers::device::Clock::SM)
+                    .ok()
+                    .map(f64::from),
                 power_watts: device.power_usage().ok().map(|mw| f64::from(mw) / 1000.0),
                 energy_joules: device
                     .total_energy_consumption()
@@ -253,6 +298,10 @@ impl NvmlSource {
                         .ok()
                         .map(|u| f64::from(u.gpu) / 100.0),
                     memory_used_bytes: instance.memory_info().ok().map(|mem| mem.used as f64),
+                    memory_total_bytes: instance.memory_info().ok().map(|mem| mem.total as f64),
+                    copy_utilization: None,
+                    temperature_celsius: None,
+                    sm_clock_mhz: None,
                     power_watts: None,
                     energy_joules: None,
                     pids: pids(&instance),
@@ -311,6 +360,10 @@ mod tests {
             },
             utilization: Some(0.93),
             memory_used_bytes: Some(40e9),
+            memory_total_bytes: Some(85_520_809_984.0),
+            copy_utilization: Some(0.41),
+            temperature_celsius: Some(64.0),
+            sm_clock_mhz: Some(1_980.0),
             power_watts: Some(612.5),
             energy_joules: Some(123_456.789),
             ..Default::default()
@@ -318,9 +371,9 @@ mod tests {
     }
 
     #[test]
-    fn a_whole_gpu_yields_all_four_readings_on_its_uuid() {
+    fn a_whole_gpu_yields_all_eight_readings_on_its_uuid() {
         let r = readings(&[h100("GPU-1")], &[]);
-        assert_eq!(r.len(), 4);
+        assert_eq!(r.len(), 8);
         assert!(r.iter().all(|r| r.target == Target::Gpu("GPU-1".into())));
         let energy = r
             .iter()
@@ -349,6 +402,7 @@ mod tests {
             parent_uuid: "GPU-1".into(),
             utilization: None,
             memory_used_bytes: Some(5e9),
+            memory_total_bytes: Some(10_200_547_328.0),
             ..Default::default()
         };
         let r = readings(&[board, instance("MIG-a"), instance("MIG-b")], &[]);
@@ -367,6 +421,23 @@ mod tests {
         );
         // Utilization NVML did not give is absent, not zero.
         assert!(!r.iter().any(|r| r.metric == m::GPU_UTILIZATION));
+        // Each instance has its own memory; the chip's temperature and clock stay the
+        // board's.
+        let total: Vec<&Target> = r
+            .iter()
+            .filter(|r| r.metric == m::VRAM_TOTAL)
+            .map(|r| &r.target)
+            .collect();
+        assert_eq!(
+            total,
+            [&Target::Gpu("MIG-a".into()), &Target::Gpu("MIG-b".into())]
+        );
+        let chip: Vec<&Target> = r
+            .iter()
+            .filter(|r| r.metric == m::GPU_TEMPERATURE || r.metric == m::GPU_SM_CLOCK)
+            .map(|r| &r.target)
+            .collect();
+        assert_eq!(chip, [&Target::Gpu("GPU-1".into()); 2]);
     }
 
     #[test]

@@ -136,6 +136,22 @@ pub fn preset(name: &str) -> Option<(Vec<MapRow>, LabelNames)> {
                     1.0,
                     false,
                 ),
+                // In percent.
+                row(
+                    "DCGM_FI_DEV_MEM_COPY_UTIL",
+                    m::GPU_COPY_UTILIZATION,
+                    Gauge,
+                    0.01,
+                    false,
+                ),
+                row(
+                    "DCGM_FI_DEV_GPU_TEMP",
+                    m::GPU_TEMPERATURE,
+                    Gauge,
+                    1.0,
+                    false,
+                ),
+                row("DCGM_FI_DEV_SM_CLOCK", m::GPU_SM_CLOCK, Gauge, 1.0, false),
                 row(
                     "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
                     m::ENERGY_JOULES,
@@ -452,8 +468,24 @@ mod tests {
             container: "web".into(),
         };
         let held: Vec<&Reading> = readings.iter().filter(|r| r.target == web).collect();
-        // Two GPUs, four metrics each.
-        assert_eq!(held.len(), 8);
+        // Two GPUs, seven metrics each.
+        assert_eq!(held.len(), 14);
+        // Temperature and SM clock as they are; the copy engine's percent as a ratio.
+        let of_gpu0 = |metric: &str| {
+            held.iter()
+                .find(|r| {
+                    r.metric == metric
+                        && r.gpu
+                            .as_ref()
+                            .is_some_and(|g| g.uuid == "GPU-11111111-aaaa")
+                })
+                .map(|r| (r.kind, r.value))
+        };
+        assert_eq!(of_gpu0(m::GPU_TEMPERATURE), Some((SampleKind::Gauge, 64.0)));
+        assert_eq!(of_gpu0(m::GPU_SM_CLOCK), Some((SampleKind::Gauge, 1_980.0)));
+        let copy = of_gpu0(m::GPU_COPY_UTILIZATION).expect("copy engine");
+        assert_eq!(copy.0, SampleKind::Gauge);
+        assert!((copy.1 - 0.41).abs() < 1e-12, "{copy:?}");
         let gpu0 = held
             .iter()
             .find(|r| {
