@@ -486,11 +486,21 @@ pub enum Aggregate {
     FilesystemUsageByteSeconds,
     FilesystemCapacityByteSeconds,
     FilesystemInodeSeconds,
+    /// A GPU's (or MIG instance's) memory, used or not, held over time, to the kilobyte
+    /// (kilobyte-seconds, scale -3, as the volumes').
+    VramTotalByteSeconds,
+    /// The copy engine's busy ratio integrated over time, in milliseconds of full activity,
+    /// as [`Aggregate::GpuUtilizationSeconds`].
+    GpuCopyUtilizationSeconds,
+    /// A GPU's temperature held over time (°C·s) and its SM clock (MHz·s): their mean is
+    /// this over the observed time.
+    GpuTemperatureSeconds,
+    GpuSmClockSeconds,
 }
 
 impl Aggregate {
     /// Every aggregate, in order.
-    pub const ALL: [Aggregate; 24] = [
+    pub const ALL: [Aggregate; 28] = [
         Aggregate::GpuSeconds,
         Aggregate::GpuSecondsUnfinished,
         Aggregate::CpuCoreSeconds,
@@ -515,6 +525,10 @@ impl Aggregate {
         Aggregate::FilesystemUsageByteSeconds,
         Aggregate::FilesystemCapacityByteSeconds,
         Aggregate::FilesystemInodeSeconds,
+        Aggregate::VramTotalByteSeconds,
+        Aggregate::GpuCopyUtilizationSeconds,
+        Aggregate::GpuTemperatureSeconds,
+        Aggregate::GpuSmClockSeconds,
     ];
 
     fn gpu_seconds() -> Self {
@@ -552,6 +566,10 @@ impl Aggregate {
             Aggregate::FilesystemUsageByteSeconds => "filesystem_usage_byte_seconds",
             Aggregate::FilesystemCapacityByteSeconds => "filesystem_capacity_byte_seconds",
             Aggregate::FilesystemInodeSeconds => "filesystem_inode_seconds",
+            Aggregate::VramTotalByteSeconds => "vram_total_byte_seconds",
+            Aggregate::GpuCopyUtilizationSeconds => "gpu_copy_utilization_seconds",
+            Aggregate::GpuTemperatureSeconds => "gpu_temperature_celsius_seconds",
+            Aggregate::GpuSmClockSeconds => "gpu_sm_clock_mhz_seconds",
         }
     }
 
@@ -572,6 +590,10 @@ impl Aggregate {
             (SampleKind::Gauge, m::FILESYSTEM_USAGE) => Aggregate::FilesystemUsageByteSeconds,
             (SampleKind::Gauge, m::FILESYSTEM_CAPACITY) => Aggregate::FilesystemCapacityByteSeconds,
             (SampleKind::Gauge, m::FILESYSTEM_INODES_USED) => Aggregate::FilesystemInodeSeconds,
+            (SampleKind::Gauge, m::VRAM_TOTAL) => Aggregate::VramTotalByteSeconds,
+            (SampleKind::Gauge, m::GPU_COPY_UTILIZATION) => Aggregate::GpuCopyUtilizationSeconds,
+            (SampleKind::Gauge, m::GPU_TEMPERATURE) => Aggregate::GpuTemperatureSeconds,
+            (SampleKind::Gauge, m::GPU_SM_CLOCK) => Aggregate::GpuSmClockSeconds,
             (SampleKind::Counter, m::CPU_SECONDS) => Aggregate::CpuCoreSeconds,
             (SampleKind::Counter, m::ENERGY_JOULES) => Aggregate::EnergyJoules,
             (SampleKind::Counter, m::HOST_ENERGY_JOULES) => Aggregate::HostEnergyJoules,
@@ -600,6 +622,10 @@ impl Aggregate {
             | Aggregate::FilesystemUsageByteSeconds
             | Aggregate::FilesystemCapacityByteSeconds
             | Aggregate::FilesystemInodeSeconds
+            | Aggregate::VramTotalByteSeconds
+            | Aggregate::GpuCopyUtilizationSeconds
+            | Aggregate::GpuTemperatureSeconds
+            | Aggregate::GpuSmClockSeconds
             | Aggregate::VramByteSeconds
             | Aggregate::GpuUtilizationSeconds => Kind::Gauge,
             _ => Kind::Counter,
@@ -617,8 +643,10 @@ impl Aggregate {
             | Aggregate::CpuRequestSeconds
             | Aggregate::CpuLimitSeconds
             | Aggregate::CpuThrottledSeconds => 6,
-            Aggregate::GpuUtilizationSeconds => 3,
-            Aggregate::FilesystemUsageByteSeconds | Aggregate::FilesystemCapacityByteSeconds => -3,
+            Aggregate::GpuUtilizationSeconds | Aggregate::GpuCopyUtilizationSeconds => 3,
+            Aggregate::FilesystemUsageByteSeconds
+            | Aggregate::FilesystemCapacityByteSeconds
+            | Aggregate::VramTotalByteSeconds => -3,
             _ => 0,
         }
     }
@@ -631,10 +659,10 @@ impl Aggregate {
             Aggregate::GpuSeconds | Aggregate::GpuSecondsUnfinished => 1.0,
             Aggregate::CpuRequestSeconds | Aggregate::CpuLimitSeconds => 1e3,
             Aggregate::MemoryRequestByteSeconds | Aggregate::MemoryLimitByteSeconds => 1.0,
-            Aggregate::GpuUtilizationSeconds => 1e6,
-            Aggregate::FilesystemUsageByteSeconds | Aggregate::FilesystemCapacityByteSeconds => {
-                1e-3
-            }
+            Aggregate::GpuUtilizationSeconds | Aggregate::GpuCopyUtilizationSeconds => 1e6,
+            Aggregate::FilesystemUsageByteSeconds
+            | Aggregate::FilesystemCapacityByteSeconds
+            | Aggregate::VramTotalByteSeconds => 1e-3,
             a if a.kind() == Kind::Counter => 10f64.powi(a.scale()),
             _ => 1.0,
         }
@@ -644,7 +672,7 @@ impl Aggregate {
     /// bytes × ms / 1000 = byte-seconds; millionths × ms / 1e6 = milliseconds of activity.
     pub fn gauge_divisor(self) -> i64 {
         match self {
-            Aggregate::GpuUtilizationSeconds => 1_000_000,
+            Aggregate::GpuUtilizationSeconds | Aggregate::GpuCopyUtilizationSeconds => 1_000_000,
             _ => 1_000,
         }
     }
@@ -686,6 +714,10 @@ impl Aggregate {
             Aggregate::FilesystemUsageByteSeconds => m::FILESYSTEM_USAGE,
             Aggregate::FilesystemCapacityByteSeconds => m::FILESYSTEM_CAPACITY,
             Aggregate::FilesystemInodeSeconds => m::FILESYSTEM_INODES_USED,
+            Aggregate::VramTotalByteSeconds => m::VRAM_TOTAL,
+            Aggregate::GpuCopyUtilizationSeconds => m::GPU_COPY_UTILIZATION,
+            Aggregate::GpuTemperatureSeconds => m::GPU_TEMPERATURE,
+            Aggregate::GpuSmClockSeconds => m::GPU_SM_CLOCK,
         }
     }
 
@@ -716,6 +748,10 @@ impl Aggregate {
                 | Aggregate::GpuSecondsUnfinished
                 | Aggregate::VramByteSeconds
                 | Aggregate::GpuUtilizationSeconds
+                | Aggregate::VramTotalByteSeconds
+                | Aggregate::GpuCopyUtilizationSeconds
+                | Aggregate::GpuTemperatureSeconds
+                | Aggregate::GpuSmClockSeconds
         )
     }
 }
@@ -1008,7 +1044,11 @@ pub fn observe_ref<'s>(s: &'s Sample) -> Result<Option<ObservationRef<'s>>, Reje
                 };
                 return reject(what, format!("{} = {} is negative", s.metric, s.value));
             }
-            if metric == Aggregate::GpuUtilizationSeconds && s.value > 1.0 {
+            let ratio = [
+                Aggregate::GpuUtilizationSeconds,
+                Aggregate::GpuCopyUtilizationSeconds,
+            ];
+            if ratio.contains(&metric) && s.value > 1.0 {
                 return reject(
                     "ratio_out_of_range",
                     format!("{} = {} is not a ratio in 0..1", s.metric, s.value),
@@ -1143,6 +1183,14 @@ mod tests {
             "ratio_out_of_range"
         );
         assert_eq!(
+            r(sample(
+                SampleKind::Gauge,
+                "gpu_memory_copy_utilization",
+                1.5
+            )),
+            "ratio_out_of_range"
+        );
+        assert_eq!(
             r(sample(SampleKind::Gauge, "memory_working_set_bytes", 1e300)),
             "value_too_large"
         );
@@ -1244,6 +1292,10 @@ mod tests {
             "filesystem_usage_bytes",
             "filesystem_capacity_bytes",
             "filesystem_inodes_used",
+            "gpu_memory_total_bytes",
+            "gpu_memory_copy_utilization",
+            "gpu_temperature_celsius",
+            "gpu_sm_clock_mhz",
         ];
         let found: BTreeSet<_> = kinds
             .iter()
