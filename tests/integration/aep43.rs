@@ -240,7 +240,8 @@ async fn the_lease_metrics_route_answers_the_aep_43_table_from_the_scenarios_rea
         "{text}"
     );
 
-    // Catalog names not collected are warnings; names outside the catalog are refused.
+    // A catalog metric the lease has no data of (no clock was read) is no series; names
+    // outside the catalog are refused.
     let partial = poll_json(
         &route(&format!(
             "metric=akash_lease_cpu_usage_cores,akash_lease_gpu_sm_clock_mhz&start={T0_S}&end={}&aggregation=sum",
@@ -251,8 +252,14 @@ async fn the_lease_metrics_route_answers_the_aep_43_table_from_the_scenarios_rea
         |v| v["series"].is_array(),
     )
     .await;
+    // Three minutes at the default step (15 s, answered per minute).
+    assert_eq!(
+        samples(&partial, "akash_lease_cpu_usage_cores").len(),
+        3,
+        "{partial:#}"
+    );
     assert!(
-        warned(&partial, "akash_lease_gpu_sm_clock_mhz is not collected"),
+        samples(&partial, "akash_lease_gpu_sm_clock_mhz").is_empty(),
         "{partial:#}"
     );
 
@@ -389,13 +396,13 @@ fn api(container: &str, kind: SampleKind, metric: &str, at: i64, value: f64) -> 
     }
 }
 
-/// The catalog's limits, throttling, RSS, OOM kills, network errors and volumes, from what
-/// happened to one pod, as its agent reads it every 15 s: container c7, limited to 0.5 cores
+/// The catalog's limits, throttling, RSS, OOM kills, network errors, volumes and GPU memory
+/// and temperature, from what happened to one pod, as its agent reads it every 15 s: container c7, limited to 0.5 cores
 /// and 256 MiB, starts at 10 s and is OOM-killed at 70 s; the kubelet restarts it as c8 at
 /// 72 s, running past the last reading at 135 s. Every expected value is arithmetic on that
 /// story.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn limits_throttling_rss_oom_kills_errors_and_volumes_are_answered_as_they_happened() {
+async fn a_pods_limits_throttling_kills_errors_volumes_and_gpus_are_answered_as_they_happened() {
     use SampleKind::{Allocation, Counter, Gauge};
     const MIB: f64 = (1u64 << 20) as f64;
     let pipeline = Pipeline::start(1, 1).await;
@@ -447,6 +454,22 @@ async fn limits_throttling_rss_oom_kills_errors_and_volumes_are_answered_as_they
             api(c, Gauge, "filesystem_capacity_bytes", at, 100e9),
             api(c, Gauge, "filesystem_inodes_used", at, 5_000.0),
         ]);
+        // Its two GPUs (NVML): 80 GB each, one at 60 °C, the other at 70 °C.
+        for (uuid, celsius) in [("GPU-1", 60.0), ("GPU-2", 70.0)] {
+            let on_gpu = |mut s: Sample| {
+                s.series.gpu_uuid = uuid.into();
+                s.series.gpu_class = "h100".into();
+                s
+            };
+            samples.push(on_gpu(api(c, Gauge, "gpu_memory_total_bytes", at, 80e9)));
+            samples.push(on_gpu(api(
+                c,
+                Gauge,
+                "gpu_temperature_celsius",
+                at,
+                celsius,
+            )));
+        }
         batches.push(SampleBatch {
             node: "node-b".into(),
             agent_id: "agent-node-b".into(),
@@ -470,7 +493,8 @@ async fn limits_throttling_rss_oom_kills_errors_and_volumes_are_answered_as_they
     // - RSS: 96 MiB held from c7's first reading to its last (15 → 60, 45 s), 64 MiB over
     //   c8's (75 → 135, 60 s), read throughout: 8,160 MiB·s over 180 s.
     // - OOM kills 1, receive errors 2 + 3 = 5, transmit errors 1.
-    // - The volume's figures, held as RSS is (105 s of 180): 10 GB × 105/180, and so on.
+    // - The volume's figures, held as RSS is (105 s of 180): 10 GB × 105/180, and so on; the
+    //   GPUs' memory alike, summed (2 × 80 GB × 105/180); their temperature, a mean: 65 °C.
     let query = format!(
         "metric=all&start={T0_S}&end={}&step=3m&aggregation=sum",
         T0_S + 180
@@ -505,6 +529,8 @@ async fn limits_throttling_rss_oom_kills_errors_and_volumes_are_answered_as_they
             "akash_lease_filesystem_inodes_used",
             5_000.0 * 105.0 / 180.0,
         ),
+        ("akash_lease_gpu_memory_total_bytes", 160e9 * 105.0 / 180.0),
+        ("akash_lease_gpu_temperature_celsius", 65.0),
     ];
     for (metric, expected) in want {
         let got = value(&answer, metric);

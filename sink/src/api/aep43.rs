@@ -66,6 +66,9 @@ pub enum Derive {
     Level(f64),
     /// A counter's total from the range's start to the step's end.
     Total,
+    /// A gauge's mean over the time it was read, whatever the number of series read: the
+    /// mean temperature or clock of a service's GPUs, not their sum.
+    Mean,
 }
 
 /// One metric of the catalog this route serves.
@@ -78,7 +81,7 @@ pub struct Entry {
 }
 
 /// The AEP-43 catalog metrics Meterflow's aggregates give.
-pub const CATALOG: [Entry; 17] = [
+pub const CATALOG: [Entry; 21] = [
     Entry {
         name: "akash_lease_cpu_usage_cores",
         from: "cpu_core_seconds",
@@ -164,15 +167,26 @@ pub const CATALOG: [Entry; 17] = [
         from: "filesystem_inode_seconds",
         derive: Derive::Level(1.0),
     },
-];
-
-/// The AEP-43 catalog metrics the agent does not collect: asked for, they are named in the
-/// answer's warnings.
-pub const NOT_COLLECTED: [&str; 4] = [
-    "akash_lease_gpu_memory_total_bytes",
-    "akash_lease_gpu_memory_copy_utilization_percent",
-    "akash_lease_gpu_temperature_celsius",
-    "akash_lease_gpu_sm_clock_mhz",
+    Entry {
+        name: "akash_lease_gpu_memory_total_bytes",
+        from: "vram_total_byte_seconds",
+        derive: Derive::Level(1.0),
+    },
+    Entry {
+        name: "akash_lease_gpu_memory_copy_utilization_percent",
+        from: "gpu_copy_utilization_seconds",
+        derive: Derive::Level(100.0),
+    },
+    Entry {
+        name: "akash_lease_gpu_temperature_celsius",
+        from: "gpu_temperature_celsius_seconds",
+        derive: Derive::Mean,
+    },
+    Entry {
+        name: "akash_lease_gpu_sm_clock_mhz",
+        from: "gpu_sm_clock_mhz_seconds",
+        derive: Derive::Mean,
+    },
 ];
 
 /// The longest range the resolution table covers: 30 days.
@@ -195,27 +209,21 @@ pub fn resolution(range_ms: i64) -> Option<(i64, i64)> {
     .map(|(_, default, finest)| (default, finest))
 }
 
-/// The metrics a `metric` parameter names: catalog entries, and the catalog names not
-/// collected; `Err` names what is not in the catalog at all.
-fn wanted(metric: &str) -> Result<(Vec<&'static Entry>, Vec<&'static str>), String> {
+/// The catalog entries a `metric` parameter names; `Err` names what is not in the catalog.
+fn wanted(metric: &str) -> Result<Vec<&'static Entry>, String> {
     let mut entries: Vec<&'static Entry> = Vec::new();
-    let mut missing = Vec::new();
     for name in comma_list(metric) {
         if name == "all" {
             entries.extend(CATALOG.iter());
         } else if let Some(entry) = CATALOG.iter().find(|e| e.name == name) {
             entries.push(entry);
-        } else if let Some(name) = NOT_COLLECTED.iter().find(|n| **n == name) {
-            missing.push(*name);
         } else {
             return Err(name.to_string());
         }
     }
     entries.sort_by_key(|e| e.name);
     entries.dedup_by_key(|e| e.name);
-    missing.sort_unstable();
-    missing.dedup();
-    Ok((entries, missing))
+    Ok(entries)
 }
 
 /// One step's sums of an aggregate.
@@ -336,6 +344,14 @@ impl<'q> Steps<'q> {
                             worst = worst.min(s.observed_ms as f64 / s.present_ms as f64);
                         }
                         amount * (s.present_ms as f64 / s.observed_ms as f64) / step_s * factor
+                    }
+                    // Over the time read, summed over the series: no coverage to speak of.
+                    Derive::Mean => {
+                        if s.observed_ms <= 0 {
+                            unobserved += 1;
+                            continue;
+                        }
+                        amount / (s.observed_ms as f64 / 1_000.0)
                     }
                 };
                 samples.push((step_start, value));
@@ -506,7 +522,7 @@ pub(super) async fn lease_metrics(
         Ok(found) => found,
         Err(denied) => return *denied,
     };
-    let (entries, not_collected) = match q.metric.as_deref() {
+    let entries = match q.metric.as_deref() {
         None => {
             return bad(
                 "metric is required".into(),
@@ -523,7 +539,6 @@ pub(super) async fn lease_metrics(
                         CATALOG
                             .iter()
                             .map(|e| e.name)
-                            .chain(NOT_COLLECTED)
                             .collect::<Vec<_>>()
                             .join(", ")
                     ),
@@ -689,9 +704,6 @@ pub(super) async fn lease_metrics(
             (watermark - open_from) / 1_000,
         ));
     }
-    for name in &not_collected {
-        warnings.push(format!("{name} is not collected by this provider"));
-    }
     let (series, mut more) = steps.finish(watermark);
     warnings.append(&mut more);
     if let Err(denied) = take_series(&state, ROUTE, &claims, series.len()) {
@@ -761,18 +773,21 @@ mod tests {
 
     #[test]
     fn metric_names_are_the_catalogs_or_all() {
-        let (entries, missing) = wanted("all").expect("all");
+        let entries = wanted("all").expect("all");
         assert_eq!(entries.len(), CATALOG.len());
-        assert!(missing.is_empty());
-        let (entries, missing) = wanted(
+        // AEP-43's 21 metrics, each once.
+        assert_eq!(CATALOG.len(), 21);
+        let entries = wanted(
             "akash_lease_gpu_power_watts, akash_lease_gpu_sm_clock_mhz,akash_lease_gpu_power_watts",
         )
         .expect("known names");
         assert_eq!(
             entries.iter().map(|e| e.name).collect::<Vec<_>>(),
-            ["akash_lease_gpu_power_watts"]
+            [
+                "akash_lease_gpu_power_watts",
+                "akash_lease_gpu_sm_clock_mhz"
+            ]
         );
-        assert_eq!(missing, ["akash_lease_gpu_sm_clock_mhz"]);
         assert_eq!(
             wanted("cpu_core_seconds").err().as_deref(),
             Some("cpu_core_seconds")
@@ -946,6 +961,83 @@ mod tests {
         assert_eq!(get("akash_lease_network_rx_errors_total"), [(t0, 3.0)]);
         assert_eq!(get("akash_lease_network_tx_errors_total"), [(t0 + M, 2.0)]);
         assert_eq!(series.len(), 7);
+    }
+
+    /// A service's two GPUs at 60 °C and 70 °C for a minute: a mean of 65 °C, not a sum of
+    /// 130; the next minute the second is read for 30 s at 80 °C and the first not at all:
+    /// 80 °C. Their memory and copy engine are summed, as their utilization is.
+    #[test]
+    fn temperature_and_clock_are_means_over_the_gpus_read_memory_and_copy_engine_sums() {
+        let t0 = 1_795_428_000_000;
+        let updates = vec![
+            window(
+                "gpu_temperature_celsius_seconds",
+                "llm",
+                t0,
+                60 * 60 + 70 * 60,
+                0,
+                2 * M,
+                2 * M,
+            ),
+            window(
+                "gpu_temperature_celsius_seconds",
+                "llm",
+                t0 + M,
+                80 * 30,
+                0,
+                M / 2,
+                2 * M,
+            ),
+            window(
+                "gpu_sm_clock_mhz_seconds",
+                "llm",
+                t0,
+                1_980 * 60 + 1_410 * 60,
+                0,
+                2 * M,
+                2 * M,
+            ),
+            // 80 GB each (kilobyte-seconds, scale -3).
+            window(
+                "vram_total_byte_seconds",
+                "llm",
+                t0,
+                2 * 80_000_000 * 60,
+                -3,
+                2 * M,
+                2 * M,
+            ),
+            // 0.25 and 0.5 busy: 45 s of full activity (milliseconds, scale 3).
+            window(
+                "gpu_copy_utilization_seconds",
+                "llm",
+                t0,
+                45_000,
+                3,
+                2 * M,
+                2 * M,
+            ),
+        ];
+        let entries: Vec<&Entry> = CATALOG.iter().collect();
+        let (series, _) = build(&updates, &entries, None, (t0, t0 + 2 * M, M, t0 + 2 * M));
+        let get = |name: &str| {
+            series
+                .iter()
+                .find(|s| s.metric == name)
+                .expect(name)
+                .samples
+                .clone()
+        };
+        assert_eq!(
+            get("akash_lease_gpu_temperature_celsius"),
+            [(t0, 65.0), (t0 + M, 80.0)]
+        );
+        assert_eq!(get("akash_lease_gpu_sm_clock_mhz"), [(t0, 1_695.0)]);
+        assert_eq!(get("akash_lease_gpu_memory_total_bytes"), [(t0, 160e9)]);
+        assert_eq!(
+            get("akash_lease_gpu_memory_copy_utilization_percent"),
+            [(t0, 75.0)]
+        );
     }
 
     #[test]
