@@ -367,14 +367,14 @@ struct AllocationState {
 
 /// What the observations change before the dataflow sees them (see [`Feeder::advance`]): an
 /// epoch's amounts, summed per usage total and part (one update per changed total, not one per
-/// sample and series), and the GPU pieces of each node's open hours, kept across epochs, whose
-/// changed maxima go in at each advance.
+/// sample and series), and each node's open hours (its activity and GPU pieces), kept across
+/// epochs, whose changed values are sent at each advance.
 #[derive(Debug, Default)]
 struct Pending {
     /// This epoch's amounts, drained at each advance.
     amounts: FastMap<(UsageIdx, Part), i64>,
-    /// GPU allocation pieces per node and open hour, and the maxima fed.
-    gpus: NodeGpus,
+    /// Each node's open hours: its activity, GPU allocation pieces and the maxima sent.
+    nodes: NodeHours,
 }
 
 /// One allocation piece inside an hour: `(start_ms, end_ms, GPUs)`.
@@ -389,12 +389,12 @@ type Held = (i64, i64, i64);
 /// An hour closes once its end is `lateness_ms` behind the newest sample of its node: its
 /// pieces and its node-hour leave memory (and the checkpoint) and its values stay as sent. A
 /// piece that reaches a closed hour afterwards (an allocation first seen with a start long
-/// past) changes no report: it is counted in [`NodeGpus::too_late`]; a sample in a closed hour
+/// past) changes no report: it is counted in [`NodeHours::too_late`]; a sample in a closed hour
 /// opens it again, and its activity is sent again (the same value). Before, every piece of
 /// every hour stayed in the dataflow for the life of the process (the soak's processor memory
 /// grew with them), and then every node-hour did.
 #[derive(Debug, Default)]
-struct NodeGpus {
+struct NodeHours {
     /// `(start, end, count)` of each piece, a multiset, per node and hour start.
     pieces: FastMap<(NodeId, i64), Vec<Held>>,
     /// Pieces held, summed over the node-hours.
@@ -418,7 +418,7 @@ struct NodeGpus {
     too_late: u64,
 }
 
-impl NodeGpus {
+impl NodeHours {
     fn closed(&self, node: NodeId, hour: i64) -> bool {
         self.lateness_ms.is_some_and(|lateness| {
             self.newest
@@ -561,10 +561,10 @@ fn held(
     if series.metric == Aggregate::GpuSeconds {
         let (removed, added) = held_changes(old, new, HOUR_MS);
         for piece in removed {
-            pending.gpus.change(series.node, piece, -1);
+            pending.nodes.change(series.node, piece, -1);
         }
         for piece in added {
-            pending.gpus.change(series.node, piece, 1);
+            pending.nodes.change(series.node, piece, 1);
         }
     }
 }
@@ -822,14 +822,14 @@ impl Feeder {
     /// memory, its values stay as sent) once the hour's end is `lateness_ms` behind the node's
     /// newest sample.
     pub fn closing_node_hours(mut self, lateness_ms: i64) -> Self {
-        self.pending.gpus.lateness_ms = Some(lateness_ms);
+        self.pending.nodes.lateness_ms = Some(lateness_ms);
         self
     }
 
     /// GPU allocation pieces that reached a node's closed hour since the last call (not in the
     /// node's maximum for it).
     pub fn take_late_gpu_pieces(&mut self) -> u64 {
-        std::mem::take(&mut self.pending.gpus.too_late)
+        std::mem::take(&mut self.pending.nodes.too_late)
     }
 
     /// The same feeder, opening at most `per_tenant_hour` new series per tenant and hour.
@@ -842,11 +842,11 @@ impl Feeder {
     /// the first time.
     fn active(&mut self, partition: i32, node: NodeId, timestamp_ms: i64) {
         let hour = timestamp_ms.div_euclid(HOUR_MS) * HOUR_MS;
-        let gpus = &mut self.pending.gpus;
-        if gpus.activate(partition, node, hour) {
-            gpus.hours_changed.push((partition, node, hour, true));
+        let nodes = &mut self.pending.nodes;
+        if nodes.activate(partition, node, hour) {
+            nodes.hours_changed.push((partition, node, hour, true));
         }
-        gpus.seen(node, timestamp_ms);
+        nodes.seen(node, timestamp_ms);
     }
 
     /// Restores an open hour in which a node was active from a checkpoint of `partition`. Its
@@ -856,19 +856,16 @@ impl Feeder {
             Ok(node) => node,
             Err(collision) => return restored_collision(&collision),
         };
-        let gpus = &mut self.pending.gpus;
-        if gpus.activate(partition, node, hour_start_ms) {
-            gpus.fleet
-                .remove(&FleetIdx::NodeActive(node, hour_start_ms));
-        }
+        let nodes = &mut self.pending.nodes;
+        nodes.active.insert((node, hour_start_ms), partition);
         // The node sent a sample at or after the hour's start: its older hours may be closed.
-        gpus.seen(node, hour_start_ms);
+        nodes.seen(node, hour_start_ms);
     }
 
     /// The node aggregates changed since the last call, by their latest value: a node's
     /// activity (1) and the most GPUs it held at once, per hour.
     pub fn take_fleet(&mut self) -> Vec<(FleetIdx, i64)> {
-        std::mem::take(&mut self.pending.gpus.fleet)
+        std::mem::take(&mut self.pending.nodes.fleet)
             .into_iter()
             .collect()
     }
@@ -1198,8 +1195,8 @@ impl Feeder {
         [
             ("allocation_series", self.allocations.len() as i64),
             ("reading_series", self.readings.len() as i64),
-            ("node_hours", self.pending.gpus.active.len() as i64),
-            ("gpu_pieces", self.pending.gpus.held),
+            ("node_hours", self.pending.nodes.active.len() as i64),
+            ("gpu_pieces", self.pending.nodes.held),
         ]
     }
 
@@ -1255,7 +1252,7 @@ impl Feeder {
                 input.update(Summary::Amount(key, part), amount as isize);
             }
         }
-        self.pending.gpus.feed();
+        self.pending.nodes.feed();
         input.advance_to(epoch);
     }
 
@@ -1395,7 +1392,7 @@ impl Feeder {
             .collect();
         let node_hours = self
             .pending
-            .gpus
+            .nodes
             .hours_changed
             .drain(..)
             .map(|(p, node, hour, open)| (p, self.names.node_name(node), hour, open))
@@ -1423,9 +1420,9 @@ mod tests {
     /// afterwards is counted as late and held nowhere.
     #[test]
     fn a_closed_node_hour_lets_its_gpu_pieces_and_activity_go() {
-        let mut gpus = NodeGpus {
+        let mut hours = NodeHours {
             lateness_ms: Some(10 * MIN),
-            ..NodeGpus::default()
+            ..NodeHours::default()
         };
         let node = NodeId(1);
         let piece = |start_ms, end_ms| Interval {
@@ -1433,20 +1430,20 @@ mod tests {
             end_ms,
             count: 1,
         };
-        let sent = |gpus: &mut NodeGpus| -> Vec<(FleetIdx, i64)> {
-            std::mem::take(&mut gpus.fleet).into_iter().collect()
+        let sent = |hours: &mut NodeHours| -> Vec<(FleetIdx, i64)> {
+            std::mem::take(&mut hours.fleet).into_iter().collect()
         };
-        gpus.seen(node, 30 * MIN);
-        assert!(gpus.activate(7, node, 0));
-        assert!(!gpus.activate(7, node, 0), "once per node-hour");
-        gpus.change(node, piece(0, 30 * MIN), 1);
-        gpus.change(node, piece(20 * MIN, 30 * MIN), 1);
-        gpus.change(node, piece(60 * MIN, 65 * MIN), 1);
-        gpus.feed();
-        assert_eq!((gpus.held, gpus.pieces.len()), (3, 2));
-        assert_eq!(gpus.fed.get(&(node, 0)), Some(&2));
+        hours.seen(node, 30 * MIN);
+        assert!(hours.activate(7, node, 0));
+        assert!(!hours.activate(7, node, 0), "once per node-hour");
+        hours.change(node, piece(0, 30 * MIN), 1);
+        hours.change(node, piece(20 * MIN, 30 * MIN), 1);
+        hours.change(node, piece(60 * MIN, 65 * MIN), 1);
+        hours.feed();
+        assert_eq!((hours.held, hours.pieces.len()), (3, 2));
+        assert_eq!(hours.fed.get(&(node, 0)), Some(&2));
         assert_eq!(
-            sent(&mut gpus),
+            sent(&mut hours),
             [
                 (FleetIdx::NodeActive(node, 0), 1),
                 (FleetIdx::NodeMaxGpus(node, 0), 2),
@@ -1455,28 +1452,31 @@ mod tests {
         );
         // Hour 0 ends 10 min behind the newest sample: closed at the next feed, its
         // activity's entry deleted at the next checkpoint; nothing is sent.
-        gpus.seen(node, 70 * MIN);
-        assert!(gpus.activate(7, node, HOUR_MS));
-        gpus.feed();
+        hours.seen(node, 70 * MIN);
+        assert!(hours.activate(7, node, HOUR_MS));
+        hours.feed();
         assert_eq!(
-            (gpus.held, gpus.pieces.len()),
+            (hours.held, hours.pieces.len()),
             (1, 1),
             "hour 0's pieces left"
         );
-        assert_eq!(gpus.fed.get(&(node, 0)), None);
-        assert_eq!(gpus.active.len(), 1, "hour 0's activity left");
-        assert_eq!(gpus.hours_changed, [(7, node, 0, false)]);
-        assert_eq!(sent(&mut gpus), [(FleetIdx::NodeActive(node, HOUR_MS), 1)]);
-        gpus.change(node, piece(5 * MIN, 10 * MIN), 1);
-        gpus.change(node, piece(0, 30 * MIN), -1);
-        gpus.feed();
-        assert_eq!((gpus.too_late, gpus.held), (2, 1));
-        assert!(sent(&mut gpus).is_empty(), "a closed hour's maximum stays");
+        assert_eq!(hours.fed.get(&(node, 0)), None);
+        assert_eq!(hours.active.len(), 1, "hour 0's activity left");
+        assert_eq!(hours.hours_changed, [(7, node, 0, false)]);
+        assert_eq!(sent(&mut hours), [(FleetIdx::NodeActive(node, HOUR_MS), 1)]);
+        hours.change(node, piece(5 * MIN, 10 * MIN), 1);
+        hours.change(node, piece(0, 30 * MIN), -1);
+        hours.feed();
+        assert_eq!((hours.too_late, hours.held), (2, 1));
+        assert!(sent(&mut hours).is_empty(), "a closed hour's maximum stays");
         // Hour 1 is still open: its pieces change as they come, down to none.
-        gpus.change(node, piece(60 * MIN, 65 * MIN), -1);
-        gpus.feed();
-        assert_eq!((gpus.held, gpus.pieces.len()), (0, 0));
-        assert_eq!(sent(&mut gpus), [(FleetIdx::NodeMaxGpus(node, HOUR_MS), 0)]);
+        hours.change(node, piece(60 * MIN, 65 * MIN), -1);
+        hours.feed();
+        assert_eq!((hours.held, hours.pieces.len()), (0, 0));
+        assert_eq!(
+            sent(&mut hours),
+            [(FleetIdx::NodeMaxGpus(node, HOUR_MS), 0)]
+        );
     }
 
     fn rules() -> Rules {

@@ -760,6 +760,15 @@ mod tests {
         }
     }
 
+    /// The samples of `name`'s series.
+    fn samples_of<'a>(series: &'a [Series], name: &str) -> &'a [(i64, f64)] {
+        &series
+            .iter()
+            .find(|s| s.metric == name)
+            .expect(name)
+            .samples
+    }
+
     #[test]
     fn the_resolution_table_is_the_aeps() {
         const S: i64 = 1_000;
@@ -827,13 +836,7 @@ mod tests {
             Some(&["web"]),
             (t0, t0 + 2 * M, M, t0 + 2 * M),
         );
-        let get = |name: &str| {
-            &series
-                .iter()
-                .find(|s| s.metric == name)
-                .expect(name)
-                .samples
-        };
+        let get = |name: &str| samples_of(&series, name);
         assert_eq!(series.len(), 3, "cpu, memory and rx of web; db left out");
         assert_eq!(
             get("akash_lease_cpu_usage_cores"),
@@ -860,13 +863,7 @@ mod tests {
             Some(&["web"]),
             (t0, t0 + 2 * M, 2 * M, t0 + 2 * M),
         );
-        let get = |name: &str| {
-            &series
-                .iter()
-                .find(|s| s.metric == name)
-                .expect(name)
-                .samples
-        };
+        let get = |name: &str| samples_of(&series, name);
         assert_eq!(get("akash_lease_cpu_usage_cores"), &[(t0, 0.75)]);
         // (4 GiB·60 s + 1 GiB·30 s) over the observed 150 of 180 present seconds, as a level
         // over 120 s: (270 GiB·s × 180/150) / 120 s = 2.7 GiB.
@@ -933,14 +930,7 @@ mod tests {
         let entries: Vec<&Entry> = CATALOG.iter().collect();
         let (series, warnings) = build(&updates, &entries, None, (t0, t0 + 2 * M, M, t0 + 2 * M));
         assert!(warnings.is_empty(), "{warnings:?}");
-        let get = |name: &str| {
-            series
-                .iter()
-                .find(|s| s.metric == name)
-                .expect(name)
-                .samples
-                .clone()
-        };
+        let get = |name: &str| samples_of(&series, name);
         assert_eq!(
             get("akash_lease_cpu_limit_cores"),
             [(t0, 0.5), (t0 + M, 0.625)]
@@ -1020,14 +1010,7 @@ mod tests {
         ];
         let entries: Vec<&Entry> = CATALOG.iter().collect();
         let (series, _) = build(&updates, &entries, None, (t0, t0 + 2 * M, M, t0 + 2 * M));
-        let get = |name: &str| {
-            series
-                .iter()
-                .find(|s| s.metric == name)
-                .expect(name)
-                .samples
-                .clone()
-        };
+        let get = |name: &str| samples_of(&series, name);
         assert_eq!(
             get("akash_lease_gpu_temperature_celsius"),
             [(t0, 65.0), (t0 + M, 80.0)]
