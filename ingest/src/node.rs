@@ -531,6 +531,7 @@ impl NodeCollector {
         let mut by_name: BTreeMap<(&str, &str, &str), (&Pod, &Run)> = BTreeMap::new();
         let mut previous_by_name: BTreeMap<(&str, &str, &str), (&Pod, &Run)> = BTreeMap::new();
         let mut first: BTreeMap<(&str, &str), (&str, &Run)> = BTreeMap::new();
+        let mut uids: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
         for pod in pods {
             let mut names: Vec<&str> = Vec::new();
             for c in &pod.containers {
@@ -552,6 +553,7 @@ impl NodeCollector {
             {
                 first.insert((&pod.namespace, &pod.name), (name, run));
             }
+            uids.insert(&pod.uid, (&pod.namespace, &pod.name));
         }
         let resolved = |pod: &'_ Pod, container: &str, run: &Run| -> Option<(Identity, String)> {
             let id = self.attribution.identify(pod, container)?;
@@ -755,6 +757,16 @@ impl NodeCollector {
             self.held.remove(&id);
         }
 
+        // A pod's own readings go to its first container.
+        let first_of = |namespace: &str, pod: &str| {
+            let &(name, run) = first.get(&(namespace, pod))?;
+            let (pod, _) = by_name.get(&(namespace, pod, name))?;
+            Some(Resolved {
+                pod,
+                container: name.to_string(),
+                container_id: run.container_id.clone(),
+            })
+        };
         for (source, r) in readings {
             let target: Option<Resolved> = match &r.target {
                 Target::Container(id) => by_id.get(id.as_str()).map(|&(pod, name, run)| Resolved {
@@ -773,16 +785,10 @@ impl NodeCollector {
                         container: container.clone(),
                         container_id: run.container_id.clone(),
                     }),
-                Target::Pod { namespace, pod } => first
-                    .get(&(namespace.as_str(), pod.as_str()))
-                    .and_then(|&(name, run)| {
-                        let (pod, _) = by_name.get(&(namespace.as_str(), pod.as_str(), name))?;
-                        Some(Resolved {
-                            pod,
-                            container: name.to_string(),
-                            container_id: run.container_id.clone(),
-                        })
-                    }),
+                Target::Pod { namespace, pod } => first_of(namespace, pod),
+                Target::PodUid(uid) => uids
+                    .get(uid.as_str())
+                    .and_then(|(namespace, pod)| first_of(namespace, pod)),
                 Target::Gpu(uuid) => holder.get(uuid).map(|(pod, name, run)| Resolved {
                     pod,
                     container: name.clone(),

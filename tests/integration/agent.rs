@@ -41,7 +41,11 @@ async fn a_node_agent_from_its_config_file_sends_attributed_batches() {
     let root = dir.path().join("cgroup");
     write(&root, "cgroup.controllers", "cpu memory io\n");
     for (pod, id, usec) in [
-        ("kubepods-pod7f1c2a3b_1111.slice", WEB, 42_000_000u64),
+        (
+            "kubepods-pod7f1c2a3b_1111_4c5d_9e8f_0123456789ab.slice",
+            WEB,
+            42_000_000u64,
+        ),
         ("kubepods-pod00000000_9999.slice", STRANGER, 1_000_000),
     ] {
         let pod = root.join("kubepods.slice").join(pod);

@@ -289,14 +289,20 @@ fn write_node(root: &std::path::Path, proc_root: &std::path::Path, t: i64) {
                 uid.replace('-', "_")
             ))
     };
-    let mut containers = vec![(OPERATOR_POD_UID, container_id('f'), 1000)];
+    // (pod, container id, its process, the process whose network namespace it is in). Each
+    // pod also has containerd's sandbox (the pause container): its own scope in the pod's
+    // slice, an id the kubelet does not list (here one that sorts first), in the pod's
+    // network namespace.
+    let mut containers = vec![(OPERATOR_POD_UID, container_id('f'), 1000, 1000)];
     if web_running(t) {
-        containers.push((WEB_POD_UID, web_id, 4242));
+        containers.push((WEB_POD_UID, container_id('0'), 4200, 4242));
+        containers.push((WEB_POD_UID, web_id, 4242, 4242));
     }
     if t >= BATCH_START {
-        containers.push((BATCH_POD_UID, container_id('b'), 5353));
+        containers.push((BATCH_POD_UID, container_id('1'), 5300, 5353));
+        containers.push((BATCH_POD_UID, container_id('b'), 5353, 5353));
     }
-    for (uid, id, pid) in containers {
+    for (uid, id, pid, ns_pid) in containers {
         let dir = pod_dir(uid).join(format!("cri-containerd-{id}.scope"));
         write(
             dir.join("cpu.stat"),
@@ -313,7 +319,7 @@ fn write_node(root: &std::path::Path, proc_root: &std::path::Path, t: i64) {
         let netns = if pid == 1000 {
             "net:[4026531840]".to_string()
         } else {
-            format!("net:[40265320{}]", pid % 100)
+            format!("net:[40265320{}]", ns_pid % 100)
         };
         std::os::unix::fs::symlink(netns, ns.join("net")).expect("symlink");
         let rx = if uid == WEB_POD_UID {

@@ -19,8 +19,10 @@
 //!   `network_receive_errors_total` / `network_transmit_errors_total` (counters), once per pod
 //!   ([`add_network`]).
 //!
-//! A pod's counters (network, OOM kills) are given to its first container by id, and count
-//! from the pod's start.
+//! A pod's counters (network, OOM kills) are the pod's ([`PodReading`]): the node gives them to
+//! the pod's first container as the kubelet lists it, never to a cgroup the kubelet does not
+//! list (containerd's sandbox, the pause container, has its own scope in the pod's slice), and
+//! they count from the pod's start.
 //!
 //! Both layouts of the kubelet are understood: the systemd driver
 //! (`kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice/cri-containerd-<id>.scope`)
@@ -51,10 +53,15 @@ pub struct ContainerReading {
     pub memory_rss_bytes: Option<f64>,
     pub fs_read_bytes: Option<f64>,
     pub fs_write_bytes: Option<f64>,
-    /// The pod's OOM kills, on its first container.
+}
+
+/// A pod's own readings, by its UID; `None` where not read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PodReading {
+    pub pod_uid: String,
+    /// The OOM kills its cgroup's `memory.events` counts.
     pub oom_kills: Option<f64>,
-    /// Bytes and errors of the pod's network namespace, on one container of the pod
-    /// ([`add_network`]).
+    /// Bytes and errors of its network namespace ([`add_network`]).
     pub network: Option<NetDev>,
 }
 
@@ -71,6 +78,8 @@ pub struct NetDev {
 #[derive(Debug, Default)]
 pub struct Scan {
     pub containers: Vec<ContainerReading>,
+    /// The pods with at least one container read.
+    pub pods: Vec<PodReading>,
     /// Files that could not be read or parsed: path and why.
     pub problems: Vec<(PathBuf, String)>,
 }
@@ -125,6 +134,7 @@ pub fn scan(root: &Path) -> Result<Scan, CgroupError> {
     walk(root, None, &mut out, 0);
     out.containers
         .sort_by(|a, b| (&a.pod_uid, &a.container_id).cmp(&(&b.pod_uid, &b.container_id)));
+    out.pods.sort_by(|a, b| a.pod_uid.cmp(&b.pod_uid));
     Ok(out)
 }
 
@@ -158,13 +168,21 @@ fn walk(dir: &Path, pod: Option<&str>, out: &mut Scan, depth: usize) {
             .unwrap_or_default();
         match (pod, pod_uid(&name), container_id(&name)) {
             (Some(pod), _, Some(id)) => {
-                let mut reading = read_container(&child, pod, id, out);
-                if out.containers.last().is_none_or(|c| c.pod_uid != pod) {
-                    reading.oom_kills = oom_kills(dir, out);
-                }
+                let reading = read_container(&child, pod, id, out);
                 out.containers.push(reading);
             }
-            (None, Some(uid), _) => walk(&child, Some(&uid), out, depth + 1),
+            (None, Some(uid), _) => {
+                let before = out.containers.len();
+                walk(&child, Some(&uid), out, depth + 1);
+                if out.containers.len() > before {
+                    let oom_kills = oom_kills(&child, out);
+                    out.pods.push(PodReading {
+                        pod_uid: uid,
+                        oom_kills,
+                        network: None,
+                    });
+                }
+            }
             (None, None, _) => walk(&child, None, out, depth + 1),
             // Inside a pod, what is not a container (the systemd driver's helpers) is skipped.
             (Some(_), _, None) => {}
@@ -233,8 +251,6 @@ fn read_container(dir: &Path, pod: &str, id: String, out: &mut Scan) -> Containe
         memory_rss_bytes: rss,
         fs_read_bytes: read_bytes,
         fs_write_bytes: write_bytes,
-        oom_kills: None,
-        network: None,
     }
 }
 
@@ -269,7 +285,6 @@ fn field(text: &str, key: &str) -> Option<f64> {
 impl ContainerReading {
     /// The readings of this container: counters and a gauge, only for what was read.
     pub fn readings(&self) -> Vec<Reading> {
-        let net = |f: fn(&NetDev) -> f64| self.network.as_ref().map(f);
         [
             (SampleKind::Counter, m::CPU_SECONDS, self.cpu_usage_seconds),
             (
@@ -293,58 +308,48 @@ impl ContainerReading {
                 m::STORAGE_WRITE_BYTES,
                 self.fs_write_bytes,
             ),
-            (SampleKind::Counter, m::OOM_KILLS, self.oom_kills),
-            (
-                SampleKind::Counter,
-                m::NETWORK_RECEIVE_BYTES,
-                net(|n| n.receive_bytes),
-            ),
-            (
-                SampleKind::Counter,
-                m::NETWORK_TRANSMIT_BYTES,
-                net(|n| n.transmit_bytes),
-            ),
-            (
-                SampleKind::Counter,
-                m::NETWORK_RECEIVE_ERRORS,
-                net(|n| n.receive_errors),
-            ),
-            (
-                SampleKind::Counter,
-                m::NETWORK_TRANSMIT_ERRORS,
-                net(|n| n.transmit_errors),
-            ),
         ]
         .into_iter()
         .filter_map(|(kind, metric, value)| {
-            // The pod's network namespace and its cgroup's OOM kills count from the pod's
-            // start, not the container's.
-            let scope = if POD_METRICS.contains(&metric) {
-                super::Scope::Pod(self.pod_uid.clone())
-            } else {
-                super::Scope::Container
-            };
             Some(Reading {
                 target: Target::Container(self.container_id.clone()),
                 gpu: None,
                 kind,
                 metric: metric.to_string(),
                 value: value?,
-                scope,
+                scope: super::Scope::Container,
             })
         })
         .collect()
     }
 }
 
-/// The readings a pod has once, given to its first container.
-const POD_METRICS: [&str; 5] = [
-    m::OOM_KILLS,
-    m::NETWORK_RECEIVE_BYTES,
-    m::NETWORK_TRANSMIT_BYTES,
-    m::NETWORK_RECEIVE_ERRORS,
-    m::NETWORK_TRANSMIT_ERRORS,
-];
+impl PodReading {
+    /// The pod's counters, only for what was read: the pod's (given to its first container),
+    /// counting from the pod's start, not a container's.
+    pub fn readings(&self) -> Vec<Reading> {
+        let net = |f: fn(&NetDev) -> f64| self.network.as_ref().map(f);
+        [
+            (m::OOM_KILLS, self.oom_kills),
+            (m::NETWORK_RECEIVE_BYTES, net(|n| n.receive_bytes)),
+            (m::NETWORK_TRANSMIT_BYTES, net(|n| n.transmit_bytes)),
+            (m::NETWORK_RECEIVE_ERRORS, net(|n| n.receive_errors)),
+            (m::NETWORK_TRANSMIT_ERRORS, net(|n| n.transmit_errors)),
+        ]
+        .into_iter()
+        .filter_map(|(metric, value)| {
+            Some(Reading {
+                target: Target::PodUid(self.pod_uid.clone()),
+                gpu: None,
+                kind: SampleKind::Counter,
+                metric: metric.to_string(),
+                value: value?,
+                scope: super::Scope::Pod(self.pod_uid.clone()),
+            })
+        })
+        .collect()
+    }
+}
 
 /// Bytes and errors received and sent on every interface but `lo` in a `/proc/PID/net/dev`
 /// text.
@@ -369,10 +374,10 @@ pub fn net_dev(text: &str) -> Option<NetDev> {
     Some(sums)
 }
 
-/// Adds network bytes and errors to the containers of `scan`: each pod's network namespace is read once,
-/// through the first process of its first container (by id), and given to that container; a
-/// container in the host's network namespace (`hostNetwork`) gets none — the node's traffic is
-/// not a tenant's. Needs the host's `/proc` (`hostPID`).
+/// Adds network bytes and errors to the pods of `scan`: each pod's network namespace is read
+/// once, through the first process of one of its containers (any: they all share it, the
+/// sandbox's too); a pod in the host's network namespace (`hostNetwork`) gets none — the
+/// node's traffic is not a tenant's. Needs the host's `/proc` (`hostPID`).
 pub fn add_network(scan: &mut Scan, proc_root: &Path) {
     let netns = |pid: &str| {
         std::fs::read_link(proc_root.join(pid).join("ns/net"))
@@ -380,28 +385,30 @@ pub fn add_network(scan: &mut Scan, proc_root: &Path) {
             .map(|l| l.to_string_lossy().into_owned())
     };
     let host = netns("1");
-    let mut seen = std::collections::BTreeSet::new();
-    for c in &mut scan.containers {
-        let Some(pid) = std::fs::read_to_string(c.path.join("cgroup.procs"))
-            .ok()
-            .and_then(|procs| procs.lines().next().map(str::to_string))
-        else {
+    for pod in &mut scan.pods {
+        let first_process = scan
+            .containers
+            .iter()
+            .filter(|c| c.pod_uid == pod.pod_uid)
+            .find_map(|c| {
+                let procs = std::fs::read_to_string(c.path.join("cgroup.procs")).ok()?;
+                let pid = procs.lines().next()?.to_string();
+                let ns = netns(&pid)?;
+                Some((pid, ns))
+            });
+        let Some((pid, ns)) = first_process else {
             continue;
         };
-        let Some(ns) = netns(&pid) else { continue };
-        if Some(&ns) == host.as_ref() || !seen.insert(ns) {
+        if Some(&ns) == host.as_ref() {
             continue;
         }
-        match std::fs::read_to_string(proc_root.join(&pid).join("net/dev")) {
+        let path = proc_root.join(&pid).join("net/dev");
+        match std::fs::read_to_string(&path) {
             Ok(text) => match net_dev(&text) {
-                Some(totals) => c.network = Some(totals),
-                None => scan
-                    .problems
-                    .push((proc_root.join(&pid).join("net/dev"), "unparseable".into())),
+                Some(totals) => pod.network = Some(totals),
+                None => scan.problems.push((path, "unparseable".into())),
             },
-            Err(e) => scan
-                .problems
-                .push((proc_root.join(&pid).join("net/dev"), e.to_string())),
+            Err(e) => scan.problems.push((path, e.to_string())),
         }
     }
 }
@@ -476,10 +483,9 @@ impl CgroupSource {
                 tracing::warn!(path = %path.display(), why, "a cgroup file could not be read; that reading is absent");
             }
         }
-        let readings = scan
-            .containers
-            .iter()
+        let readings = (scan.containers.iter())
             .flat_map(ContainerReading::readings)
+            .chain(scan.pods.iter().flat_map(PodReading::readings))
             .filter(|r| super::allows(&self.config.metrics, &r.metric))
             .collect();
         Ok(Collected {
@@ -626,7 +632,6 @@ mod tests {
                     c.fs_read_bytes,
                     c.fs_write_bytes,
                     c.memory_rss_bytes,
-                    c.oom_kills,
                 )
             })
             .collect();
@@ -641,7 +646,6 @@ mod tests {
                     Some(1500.0),
                     Some(30.0),
                     Some(5.0),
-                    Some(0.0)
                 ),
                 // Inactive file pages above the usage: a working set of zero, not negative.
                 (
@@ -652,9 +656,15 @@ mod tests {
                     Some(1500.0),
                     Some(30.0),
                     Some(5.0),
-                    Some(2.0)
                 ),
             ]
+        );
+        let kills: Vec<_> = (scan.pods.iter())
+            .map(|p| (p.pod_uid.as_str(), p.oom_kills))
+            .collect();
+        assert_eq!(
+            kills,
+            [("aaaa1111-2222", Some(0.0)), ("bbbb2222-3333", Some(2.0))]
         );
         // Without the cpu controller's lines, no throttling is read (not a zero).
         assert!(
@@ -665,8 +675,8 @@ mod tests {
     }
 
     /// What a limited container and its pod add: the cpu controller's throttling, and the
-    /// OOM kills the pod counts once, on its first container, for the container whose cgroup
-    /// the kill removed as well.
+    /// OOM kills the pod counts once, the pod's (for the container whose cgroup the kill
+    /// removed as well).
     #[test]
     fn throttling_rss_and_a_pods_oom_kills_are_read() {
         let root = tempfile::tempdir().expect("temp dir");
@@ -698,27 +708,28 @@ mod tests {
                     c.cpu_throttled_seconds,
                     c.memory_rss_bytes,
                     c.memory_working_set_bytes,
-                    c.oom_kills,
                 )
             })
             .collect();
         assert_eq!(
             got,
             [
-                (Some(1.85), Some(6_291_456.0), Some(7_143_424.0), Some(3.0)),
-                (Some(1.85), Some(6_291_456.0), Some(7_143_424.0), None),
+                (Some(1.85), Some(6_291_456.0), Some(7_143_424.0)),
+                (Some(1.85), Some(6_291_456.0), Some(7_143_424.0)),
             ]
         );
-        let readings = scan.containers[0].readings();
+        assert_eq!(scan.pods.len(), 1);
+        let readings = scan.pods[0].readings();
         let kills: Vec<_> = readings
             .iter()
-            .filter(|r| r.metric == m::OOM_KILLS)
-            .map(|r| (r.kind, r.value, &r.scope))
+            .map(|r| (&r.target, r.kind, r.metric.as_str(), r.value, &r.scope))
             .collect();
         assert_eq!(
             kills,
             [(
+                &Target::PodUid("dddd4444-5555".into()),
                 SampleKind::Counter,
+                m::OOM_KILLS,
                 3.0,
                 &super::super::Scope::Pod("dddd4444-5555".into())
             )]
@@ -727,7 +738,7 @@ mod tests {
         // and the file is named.
         std::fs::remove_file(pod.join("memory.events")).expect("remove");
         let again = super::scan(r).expect("a v2 root");
-        assert_eq!(again.containers[0].oom_kills, None);
+        assert_eq!(again.pods[0].oom_kills, None);
         assert_eq!(again.problems.len(), 1);
         assert!(again.problems[0].0.ends_with("memory.events"));
     }
@@ -761,14 +772,7 @@ mod tests {
         // Absent readings are no samples at all, never zeros.
         let readings = c.readings();
         let metrics: Vec<&str> = readings.iter().map(|s| s.metric.as_str()).collect();
-        assert_eq!(
-            metrics,
-            vec![
-                "cpu_usage_seconds_total",
-                "memory_rss_bytes",
-                "memory_oom_kills_total"
-            ]
-        );
+        assert_eq!(metrics, vec!["cpu_usage_seconds_total", "memory_rss_bytes"]);
         assert_eq!(
             (readings[0].kind, readings[0].value),
             (SampleKind::Counter, 1.0)
@@ -796,6 +800,10 @@ mod tests {
         assert_eq!(net_dev("a\nb\n  eth0: 1 2 x\n"), None);
     }
 
+    /// The pod's network, the pod's: read through any of its containers and given to none
+    /// of them by id (the node gives it to the pod's first container as the kubelet lists
+    /// it), so containerd's sandbox (the pause container, its own scope in the pod, in the
+    /// pod's namespace, an id the kubelet does not list) does not take it.
     #[test]
     fn network_is_read_once_per_pod_and_never_for_the_hosts_namespace() {
         let root = tempfile::tempdir().expect("temp dir");
@@ -803,10 +811,12 @@ mod tests {
         let proc_root = root.path().join("proc");
         write(&r, "cgroup.controllers", "cpu memory io\n");
         let pod = r.join("kubepods/burstable/podaaaa1111-2222");
-        // Two containers of one pod (one network namespace), one hostNetwork pod.
+        // Two containers of one pod and its sandbox (one network namespace), one hostNetwork
+        // pod.
         let host_pod = r.join("kubepods/burstable/podcccc3333-4444");
-        let id_c = "c".repeat(64);
+        let (id_c, sandbox) = ("c".repeat(64), "0".repeat(64));
         for (dir, pid) in [
+            (pod.join(&sandbox), "90"),
             (pod.join(ID_A), "100"),
             (pod.join(ID_B), "200"),
             (host_pod.join(&id_c), "300"),
@@ -816,6 +826,7 @@ mod tests {
         }
         for (pid, ns) in [
             ("1", "net:[1]"),
+            ("90", "net:[7]"),
             ("100", "net:[7]"),
             ("200", "net:[7]"),
             ("300", "net:[1]"),
@@ -828,21 +839,20 @@ mod tests {
         let mut scan = scan(&r).expect("v2");
         add_network(&mut scan, &proc_root);
         let net: Vec<_> = scan
-            .containers
+            .pods
             .iter()
-            .map(|c| {
+            .map(|p| {
                 (
-                    &c.container_id[..4],
-                    c.network.map(|n| (n.receive_bytes, n.transmit_bytes)),
+                    p.pod_uid.as_str(),
+                    p.network.map(|n| (n.receive_bytes, n.transmit_bytes)),
                 )
             })
             .collect();
         assert_eq!(
             net,
             vec![
-                ("0123", Some((7000.0, 3500.0))),
-                ("fedc", None),
-                ("cccc", None),
+                ("aaaa1111-2222", Some((7000.0, 3500.0))),
+                ("cccc3333-4444", None),
             ]
         );
         let mut source = CgroupSource::new(CgroupConfig {
@@ -857,16 +867,20 @@ mod tests {
             .expect("runtime")
             .block_on(source.collect())
             .expect("read");
-        // Three CPU counters and one network counter; the allow-list left out the rest.
-        assert_eq!(collected.readings.len(), 4);
+        // Four CPU counters (the sandbox's too: the node finds no container of it) and one
+        // network counter, the pod's; the allow-list left out the rest.
+        assert_eq!(collected.readings.len(), 5);
         assert_eq!(
             collected
                 .readings
                 .iter()
                 .filter(|r| r.metric == m::NETWORK_RECEIVE_BYTES)
-                .map(|r| &r.target)
+                .map(|r| (&r.target, &r.scope))
                 .collect::<Vec<_>>(),
-            [&Target::Container(ID_A.into())]
+            [(
+                &Target::PodUid("aaaa1111-2222".into()),
+                &super::super::Scope::Pod("aaaa1111-2222".into())
+            )]
         );
         let e = CgroupSource::new(CgroupConfig {
             metrics: vec!["gpu_utilization".into()],

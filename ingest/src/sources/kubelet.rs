@@ -483,8 +483,8 @@ impl<T> ApiList<T> {
     }
 }
 
-/// The kubelet as a source: yields the pods (with their namespaces' labels) and the node's DRA
-/// devices, no readings.
+/// The kubelet as a source: yields the pods (with their namespaces' labels), the node's DRA
+/// devices and, where the stats summary is read, the pods' persistent volumes' figures.
 pub struct KubeletSource {
     /// The stats summary, where configured, and whether its last read failed (said once).
     summary: Option<(Endpoint, bool)>,

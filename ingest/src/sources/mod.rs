@@ -38,6 +38,9 @@ pub enum Target {
     },
     /// A pod as a whole (its network namespace): given to its first container.
     Pod { namespace: String, pod: String },
+    /// A pod as a whole by its UID (cgroup: its network namespace, its OOM kills): given to its
+    /// first container, as [`Target::Pod`].
+    PodUid(String),
     /// A GPU or MIG instance by UUID: given to the container that holds it.
     Gpu(String),
 }
